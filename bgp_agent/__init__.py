@@ -1,0 +1,1 @@
+"""Pipit bgp_agent."""

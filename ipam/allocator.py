@@ -1,0 +1,428 @@
+"""The allocator: hands out and takes back a node's addresses, batching concurrent requests.
+
+Requests for one node go through that node's queue. A worker takes everything waiting (up to
+`batch_limit`), decides all of it against a cached view of the node's blocks, and commits the
+result as ONE etcd transaction that compares the mod_revision of every block, handle, pool
+and setting the decision read. Many pods starting at once therefore cost one transaction, not
+a storm of compare-and-swap conflicts; and if anything moved underneath (another process
+borrowing from our block, a pool being disabled), the transaction fails, hands back the
+current values, and the batch is decided again.
+
+New blocks are claimed (two-phase, see claim.py) when the node's blocks are full and it holds
+fewer than maxBlocksPerHost; past that, and unless strictAffinity is set, free addresses are
+borrowed from other nodes' blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+
+from ipam import block as blocks
+from ipam import handle as handles
+from ipam import keys
+from ipam.block import Block
+from ipam.claim import BlockClaim, settle_affinity
+from ipam.config import IPAMConfig, config_from_spec
+from ipam.errors import Conflict, InvalidResource, NotFound, PipitError, PoolExhausted
+from ipam.handle import Handle, check_handle_id
+from ipam.pool import IPPool, pool_from_document, unclaimed_blocks
+from ipam.release import stage_block, stage_handle
+from ipam.store import Entry, Store
+from ipam.txn import MAX_ATTEMPTS, Changes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AssignRequest:
+    handle_id: str
+    count: int = 1
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    pools: tuple[str, ...] = ()  # by name; empty: every enabled pool that selects the node
+
+
+@dataclass(frozen=True)
+class ReleaseRequest:
+    handle_id: str
+
+
+Request = AssignRequest | ReleaseRequest
+
+
+@dataclass
+class NodeView:
+    """What one node's allocator believes etcd holds, each value with its mod_revision."""
+    node: str
+    pools: dict[str, tuple[IPPool, int]] = field(default_factory=dict)
+    config: IPAMConfig = IPAMConfig()
+    config_revision: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+    blocks: dict[IPv4Network, tuple[Block, int]] = field(default_factory=dict)  # confirmed, ours
+    handles: dict[str, tuple[Handle, int]] = field(default_factory=dict)
+    loaded_at: float = 0.0
+
+    def eligible_pools(self, names: Sequence[str]) -> list[IPPool]:
+        """The pools a request may use, or one sentence saying why there are none."""
+        if names:
+            chosen = []
+            for name in names:
+                if name not in self.pools:
+                    raise NotFound(f"IP pool {name!r} does not exist.")
+                pool = self.pools[name][0]
+                if pool.disabled:
+                    raise PoolExhausted(f"IP pool {name!r} is disabled.")
+                if not pool.selects(self.labels):
+                    raise PoolExhausted(f"IP pool {name!r} does not select node {self.node} "
+                                        f"(nodeSelector {pool.node_selector}).")
+                chosen.append(pool)
+            return chosen
+        chosen = sorted((p for p, _ in self.pools.values()
+                         if not p.disabled and p.selects(self.labels)), key=lambda p: p.name)
+        if not chosen:
+            raise NotFound(f"no enabled IP pool selects node {self.node}; create one with "
+                           "`pipitctl apply`.")
+        return chosen
+
+
+class _Plan:
+    """One batch's working copies of blocks and handles, on top of the node's view."""
+
+    def __init__(self, view: NodeView):
+        self.view = view
+        self.revisions: dict[str, int] = {}  # every key the decisions read, at its revision
+        self.blocks: dict[IPv4Network, Block] = {}  # changed blocks
+        self.handles: dict[str, Handle] = {}  # changed handles
+        # Other nodes' (or unowned) blocks read for releases and borrowing.
+        self.foreign: dict[IPv4Network, tuple[Block, int]] = {}
+        self.listed_all = False
+
+    def read_block(self, cidr: IPv4Network, source: Mapping | None = None) -> Block | None:
+        if cidr in self.blocks:
+            return self.blocks[cidr]
+        found = (source or self.view.blocks).get(cidr)
+        if found is None:
+            return None
+        self.revisions.setdefault(keys.block_key(cidr), found[1])
+        return found[0]
+
+    def read_handle(self, handle_id: str) -> Handle:
+        if handle_id in self.handles:
+            return self.handles[handle_id]
+        handle, revision = self.view.handles.get(handle_id, (Handle(handle_id), 0))
+        self.revisions.setdefault(keys.handle_key(handle_id), revision)
+        return handle
+
+    def stage(self, changes: Changes) -> None:
+        for key, revision in self.revisions.items():
+            changes.saw(key, revision)
+        for block in self.blocks.values():
+            stage_block(changes, block)
+        for handle in self.handles.values():
+            stage_handle(changes, handle)
+
+
+class IPAM:
+    """Address management for any number of nodes over one etcd connection."""
+
+    def __init__(self, store: Store, batch_limit: int = 50, refresh_seconds: float = 10.0):
+        self.store = store
+        self.batch_limit = batch_limit
+        self.refresh_seconds = refresh_seconds
+        self._views: dict[str, NodeView] = {}
+        self._queues: dict[str, list[tuple[Request, asyncio.Future]]] = {}
+        self._workers: dict[str, asyncio.Task] = {}
+        self.transactions = 0  # committed batch transactions, for tests and benchmarks
+
+    # -- the public operations -------------------------------------------------------------
+
+    async def assign(self, node: str, handle_id: str, count: int = 1,
+                     attributes: Mapping[str, str] | None = None,
+                     pools: Iterable[str] = ()) -> list[IPv4Address]:
+        """Allocate `count` addresses for the handle on this node; all or nothing."""
+        check_handle_id(handle_id)
+        if not isinstance(count, int) or count < 1:
+            raise InvalidResource(f"the number of addresses must be 1 or more, not {count!r}.")
+        attrs = {"node": node, **(attributes or {})}
+        return await self._submit(node, AssignRequest(handle_id, count, attrs, tuple(pools)))
+
+    async def release(self, node: str, handle_id: str) -> list[IPv4Address]:
+        """Free every address of the handle (batched with the node's other requests)."""
+        check_handle_id(handle_id)
+        return await self._submit(node, ReleaseRequest(handle_id))
+
+    async def addresses(self, handle_id: str) -> list[IPv4Address]:
+        """The addresses a handle holds now (empty if the handle is unknown)."""
+        entry = await self.store.get(keys.handle_key(check_handle_id(handle_id)))
+        if entry is None:
+            return []
+        handle = handles.from_json(entry.value)
+        found = await self.store.get_many(keys.block_key(IPv4Network(c)) for c in handle.blocks)
+        return sorted(a for e in found.values() if e is not None
+                      for a in blocks.addresses_of(blocks.from_json(e.value), handle_id))
+
+    # -- batching ------------------------------------------------------------------------
+
+    async def _submit(self, node: str, request: Request):
+        future = asyncio.get_running_loop().create_future()
+        self._queues.setdefault(node, []).append((request, future))
+        worker = self._workers.get(node)
+        if worker is None or worker.done():
+            self._workers[node] = asyncio.create_task(self._drain(node))
+        return await future
+
+    async def _drain(self, node: str) -> None:
+        queue = self._queues[node]
+        while queue:
+            batch = queue[:self.batch_limit]
+            del queue[:self.batch_limit]
+            try:
+                outcomes = await self._serve(node, [r for r, _ in batch])
+            except Exception as error:  # etcd unavailable, conflicts: every request fails alike
+                outcomes = [error] * len(batch)
+            for (_, future), outcome in zip(batch, outcomes):
+                if future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+
+    async def _serve(self, node: str, requests: list[Request]) -> list:
+        for _ in range(MAX_ATTEMPTS):
+            view = await self._view(node)
+            plan = _Plan(view)
+            await self._prefetch_releases(plan, requests)
+            outcomes: list = []
+            for request in requests:
+                try:
+                    if isinstance(request, AssignRequest):
+                        outcomes.append(await self._plan_assign(plan, request))
+                    else:
+                        outcomes.append(self._plan_release(plan, request))
+                except PipitError as error:
+                    outcomes.append(error)
+            changes = Changes(self.store)
+            plan.stage(changes)
+            for pool in {p for r in requests if isinstance(r, AssignRequest)
+                         for p in self._pool_names(view, r)}:
+                changes.saw(keys.pool_key(pool), view.pools[pool][1])
+            if changes.empty:
+                return outcomes
+            changes.saw(keys.IPAM_CONFIG, view.config_revision)
+            result = await changes.commit()
+            if result.succeeded:
+                self.transactions += 1
+                self._remember(view, plan, result.revision)
+                return outcomes
+            self._absorb(view, result.current)
+        raise Conflict(f"allocation on node {node} kept colliding with concurrent changes after "
+                       f"{MAX_ATTEMPTS} attempts; try again.")
+
+    @staticmethod
+    def _pool_names(view: NodeView, request: AssignRequest) -> list[str]:
+        try:
+            return [p.name for p in view.eligible_pools(request.pools)]
+        except PipitError:
+            return []
+
+    # -- deciding ------------------------------------------------------------------------
+
+    async def _plan_assign(self, plan: _Plan, request: AssignRequest) -> list[IPv4Address]:
+        view = plan.view
+        pools = view.eligible_pools(request.pools)
+        taken: dict[IPv4Network, Block] = {}  # this request's changes, merged only if complete
+        got: list[IPv4Address] = []
+
+        def take(cidr: IPv4Network, block: Block) -> None:
+            updated, addresses = blocks.assign(block, request.count - len(got), request.handle_id,
+                                               request.attributes)
+            if addresses:
+                taken[cidr] = updated
+                got.extend(addresses)
+
+        def in_pools(cidr: IPv4Network) -> bool:
+            return any(cidr.subnet_of(p.cidr) for p in pools)
+
+        for cidr in sorted(view.blocks):
+            if len(got) == request.count:
+                break
+            if in_pools(cidr):
+                block = plan.read_block(cidr)
+                if block is not None and block.free:
+                    take(cidr, block)
+        while len(got) < request.count and len(view.blocks) < view.config.block_limit:
+            claimed = await self._claim(view, pools)
+            if claimed is None:
+                break
+            take(claimed, plan.read_block(claimed))
+        if len(got) < request.count and not view.config.strict_affinity:
+            for cidr in sorted(await self._borrowable(plan)):
+                if len(got) == request.count:
+                    break
+                block = plan.read_block(cidr, plan.foreign)
+                if in_pools(cidr) and block.free:
+                    take(cidr, block)
+        if len(got) < request.count:
+            raise PoolExhausted(self._exhausted(view, pools, request.count))
+        plan.blocks.update(taken)
+        handle = plan.read_handle(request.handle_id)
+        for cidr, block in taken.items():
+            added = sum(1 for a in got if a in cidr)
+            handle = handles.add(handle, str(cidr), added)
+        plan.handles[request.handle_id] = handle
+        return got
+
+    @staticmethod
+    def _exhausted(view: NodeView, pools: list[IPPool], count: int) -> str:
+        names = ", ".join(repr(p.name) for p in pools)
+        held = len(view.blocks)
+        why = (f"node {view.node} holds {held} blocks (maxBlocksPerHost "
+               f"{view.config.block_limit})")
+        if view.config.strict_affinity:
+            why += " and strictAffinity forbids borrowing"
+        else:
+            why += " and no other block has a free address"
+        return f"IP pool {names} cannot provide {count} more address(es): {why}."
+
+    async def _claim(self, view: NodeView, pools: list[IPPool]) -> IPv4Network | None:
+        existing = {keys.block_cidr(k) for k in await self.store.list_keys(keys.BLOCKS)}
+        for pool in pools:
+            for attempt, cidr in enumerate(unclaimed_blocks(pool, view.node, existing)):
+                if attempt >= 16:  # heavy contention: let the caller retry on fresh data
+                    break
+                claim = BlockClaim(self.store, view.node, pool, view.pools[pool.name][1], cidr)
+                claimed = await claim.run()
+                if claimed is not None:
+                    view.blocks[cidr] = claimed
+                    log.info("node %s claimed block %s in pool %s", view.node, cidr, pool.name)
+                    return cidr
+        return None
+
+    async def _borrowable(self, plan: _Plan) -> list[IPv4Network]:
+        """Blocks of other nodes (or of none) that have free addresses."""
+        if not plan.listed_all:
+            plan.listed_all = True
+            for entry in await self.store.list(keys.BLOCKS):
+                block = blocks.from_json(entry.value)
+                if block.node != plan.view.node:
+                    plan.foreign.setdefault(block.cidr, (block, entry.mod_revision))
+        return [c for c, (b, _) in plan.foreign.items() if b.free]
+
+    async def _prefetch_releases(self, plan: _Plan, requests: list[Request]) -> None:
+        """Read the handles (and foreign blocks) that release requests need, in one trip each."""
+        view = plan.view
+        wanted = [keys.handle_key(r.handle_id) for r in requests
+                  if isinstance(r, ReleaseRequest) and r.handle_id not in view.handles]
+        for key, entry in (await self.store.get_many(wanted)).items():
+            if entry is not None:
+                handle = handles.from_json(entry.value)
+                view.handles[handle.handle_id] = (handle, entry.mod_revision)
+        foreign = {IPv4Network(c) for r in requests if isinstance(r, ReleaseRequest)
+                   for c in view.handles.get(r.handle_id, (Handle(""), 0))[0].blocks}
+        foreign -= set(view.blocks)
+        for key, entry in (await self.store.get_many(keys.block_key(c) for c in foreign)).items():
+            if entry is not None:
+                plan.foreign[keys.block_cidr(key)] = (blocks.from_json(entry.value),
+                                                      entry.mod_revision)
+            else:
+                plan.revisions.setdefault(key, 0)
+
+    def _plan_release(self, plan: _Plan, request: ReleaseRequest) -> list[IPv4Address]:
+        if request.handle_id not in plan.view.handles and request.handle_id not in plan.handles:
+            plan.revisions.setdefault(keys.handle_key(request.handle_id), 0)
+            return []  # unknown handle: nothing to free (the caller's DEL is idempotent)
+        handle = plan.read_handle(request.handle_id)
+        freed: list[IPv4Address] = []
+        for cidr_text in list(handle.blocks):
+            cidr = IPv4Network(cidr_text)
+            block = plan.read_block(cidr) or plan.read_block(cidr, plan.foreign)
+            handle = handles.remove(handle, cidr_text, handle.blocks[cidr_text])
+            if block is None:
+                continue
+            updated, done = blocks.release_handle(block, request.handle_id)
+            if done:
+                plan.blocks[cidr] = updated
+                freed += done
+        plan.handles[request.handle_id] = handle
+        return freed
+
+    # -- the cached view -----------------------------------------------------------------
+
+    async def _view(self, node: str) -> NodeView:
+        view = self._views.get(node)
+        if view is None or time.monotonic() - view.loaded_at > self.refresh_seconds:
+            view = await self._load(node, view)
+            self._views[node] = view
+        return view
+
+    async def _load(self, node: str, previous: NodeView | None) -> NodeView:
+        view = NodeView(node, handles=previous.handles if previous else {})
+        for entry in await self.store.list(keys.POOLS):
+            try:
+                pool = pool_from_document(entry.value)
+            except PipitError as error:
+                log.warning("ignoring invalid pool at %s: %s", entry.key, error)
+                continue
+            view.pools[pool.name] = (pool, entry.mod_revision)
+        config = await self.store.get(keys.IPAM_CONFIG)
+        if config is not None:
+            view.config = config_from_spec(config.value.get("spec") or {})
+            view.config_revision = config.mod_revision
+        record = await self.store.get(keys.node_key(node))
+        if record is not None:
+            view.labels = dict((record.value.get("metadata") or {}).get("labels") or {})
+        affinities = await self.store.list(keys.affinity_prefix(node))
+        found = await self.store.get_many(keys.block_key(keys.affinity_parts(a.key)[1])
+                                          for a in affinities)
+        for affinity in affinities:
+            cidr = keys.affinity_parts(affinity.key)[1]
+            entry = await settle_affinity(self.store, node, affinity, found[keys.block_key(cidr)])
+            if entry is not None:
+                view.blocks[cidr] = (blocks.from_json(entry.value), entry.mod_revision)
+        view.loaded_at = time.monotonic()
+        return view
+
+    def _remember(self, view: NodeView, plan: _Plan, revision: int) -> None:
+        for cidr, block in plan.blocks.items():
+            if block.node == view.node:
+                view.blocks[cidr] = (block, revision)
+            else:
+                view.blocks.pop(cidr, None)
+        for handle_id, handle in plan.handles.items():
+            if handle.total:
+                view.handles[handle_id] = (handle, revision)
+            else:
+                view.handles.pop(handle_id, None)
+
+    def _absorb(self, view: NodeView, current: Mapping[str, Entry | None]) -> None:
+        """Take in the fresh values a failed transaction handed back."""
+        for key, entry in current.items():
+            if key.startswith(keys.BLOCKS):
+                cidr = keys.block_cidr(key)
+                block = blocks.from_json(entry.value) if entry else None
+                if block is not None and block.node == view.node:
+                    view.blocks[cidr] = (block, entry.mod_revision)
+                else:
+                    view.blocks.pop(cidr, None)
+            elif key.startswith(keys.HANDLES):
+                handle_id = key.removeprefix(keys.HANDLES)
+                if entry is not None:
+                    view.handles[handle_id] = (handles.from_json(entry.value), entry.mod_revision)
+                else:
+                    view.handles.pop(handle_id, None)
+            elif view.loaded_at and (entry.mod_revision if entry else 0) != self._seen(view, key):
+                view.loaded_at = 0.0  # a pool or the settings changed: reload everything
+
+    @staticmethod
+    def _seen(view: NodeView, key: str) -> int:
+        if key == keys.IPAM_CONFIG:
+            return view.config_revision
+        for pool, revision in view.pools.values():
+            if keys.pool_key(pool.name) == key:
+                return revision
+        return -1

@@ -1,0 +1,196 @@
+"""An allocation block: the pure logic of handing out and taking back addresses in one CIDR.
+
+Calico's block model: every address of the block has an ordinal; `allocations[ordinal]` is
+None (free) or an index into `attributes` (who holds it); `unallocated` is the queue of free
+ordinals, taken from the front and returned to the back, so the address freed longest ago is
+reused first. Each allocation records the block's running sequence number, and a release that
+names a sequence number frees the address only if it is still that same allocation.
+
+Functions never mutate their argument: they return a new Block.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Address, IPv4Network
+
+
+@dataclass(frozen=True)
+class Attribute:
+    handle_id: str
+    secondary: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Block:
+    cidr: IPv4Network
+    affinity: str | None  # "host:<node>" or None
+    allocations: tuple[int | None, ...]
+    unallocated: tuple[int, ...]
+    attributes: tuple[Attribute, ...] = ()
+    sequence_number: int = 0
+    seq_for_allocation: Mapping[int, int] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return len(self.allocations)
+
+    @property
+    def free(self) -> int:
+        return len(self.unallocated)
+
+    @property
+    def used(self) -> int:
+        return self.size - self.free
+
+    @property
+    def empty(self) -> bool:
+        return self.free == self.size
+
+    @property
+    def node(self) -> str | None:
+        """The node this block is affine to, if any."""
+        if self.affinity and self.affinity.startswith("host:"):
+            return self.affinity[5:]
+        return None
+
+    def address(self, ordinal: int) -> IPv4Address:
+        return self.cidr.network_address + ordinal
+
+    def ordinal(self, address: IPv4Address) -> int:
+        if address not in self.cidr:
+            raise ValueError(f"{address} is not in block {self.cidr}")
+        return int(address) - int(self.cidr.network_address)
+
+    def holder(self, address: IPv4Address) -> Attribute | None:
+        index = self.allocations[self.ordinal(address)]
+        return None if index is None else self.attributes[index]
+
+    def sequence_of(self, address: IPv4Address) -> int | None:
+        return self.seq_for_allocation.get(self.ordinal(address))
+
+    def handle_counts(self) -> Counter[str]:
+        """How many addresses each handle holds in this block."""
+        return Counter(self.attributes[i].handle_id for i in self.allocations if i is not None)
+
+
+def affinity_for(node: str) -> str:
+    return f"host:{node}"
+
+
+def new_block(cidr: IPv4Network, node: str | None) -> Block:
+    size = cidr.num_addresses
+    return Block(cidr=cidr, affinity=affinity_for(node) if node else None,
+                 allocations=(None,) * size, unallocated=tuple(range(size)))
+
+
+def assign(block: Block, count: int, handle_id: str,
+           secondary: Mapping[str, str] | None = None) -> tuple[Block, list[IPv4Address]]:
+    """Take up to `count` free addresses, oldest-freed first, for one handle."""
+    take = block.unallocated[:count]
+    if not take:
+        return block, []
+    attributes = block.attributes + (Attribute(handle_id, dict(secondary or {})),)
+    index = len(attributes) - 1
+    allocations = list(block.allocations)
+    seqs = dict(block.seq_for_allocation)
+    seq = block.sequence_number
+    for ordinal in take:
+        allocations[ordinal] = index
+        seqs[ordinal] = seq
+        seq += 1
+    updated = replace(block, allocations=tuple(allocations), unallocated=block.unallocated[count:],
+                      attributes=attributes, sequence_number=seq, seq_for_allocation=seqs)
+    return updated, [block.address(o) for o in take]
+
+
+@dataclass(frozen=True)
+class Release:
+    """One address to free; the release is refused (frees nothing) if `sequence` or `handle_id`
+    is given and no longer matches the allocation."""
+    address: IPv4Address
+    sequence: int | None = None
+    handle_id: str | None = None
+
+
+def release(block: Block, releases: Iterable[Release]) -> tuple[Block, list[IPv4Address],
+                                                                 Counter[str]]:
+    """Free the addresses that are allocated and match; returns (block, freed, freed per handle)."""
+    allocations = list(block.allocations)
+    seqs = dict(block.seq_for_allocation)
+    unallocated = list(block.unallocated)
+    freed: list[IPv4Address] = []
+    per_handle: Counter[str] = Counter()
+    for r in releases:
+        ordinal = block.ordinal(r.address)
+        index = allocations[ordinal]
+        if index is None:
+            continue
+        holder = block.attributes[index].handle_id
+        if r.sequence is not None and seqs.get(ordinal) != r.sequence:
+            continue
+        if r.handle_id is not None and holder != r.handle_id:
+            continue
+        allocations[ordinal] = None
+        seqs.pop(ordinal, None)
+        unallocated.append(ordinal)
+        freed.append(r.address)
+        per_handle[holder] += 1
+    if not freed:
+        return block, [], per_handle
+    return _compact(replace(block, allocations=tuple(allocations), unallocated=tuple(unallocated),
+                            seq_for_allocation=seqs)), freed, per_handle
+
+
+def release_handle(block: Block, handle_id: str) -> tuple[Block, list[IPv4Address]]:
+    """Free every address the handle holds in this block."""
+    held = [Release(block.address(o), handle_id=handle_id)
+            for o, i in enumerate(block.allocations)
+            if i is not None and block.attributes[i].handle_id == handle_id]
+    updated, freed, _ = release(block, held)
+    return updated, freed
+
+
+def addresses_of(block: Block, handle_id: str) -> list[IPv4Address]:
+    return [block.address(o) for o, i in enumerate(block.allocations)
+            if i is not None and block.attributes[i].handle_id == handle_id]
+
+
+def _compact(block: Block) -> Block:
+    """Drop attributes no allocation refers to any more, renumbering the rest."""
+    in_use = sorted({i for i in block.allocations if i is not None})
+    if len(in_use) == len(block.attributes):
+        return block
+    renumber = {old: new for new, old in enumerate(in_use)}
+    return replace(block,
+                   allocations=tuple(None if i is None else renumber[i] for i in block.allocations),
+                   attributes=tuple(block.attributes[i] for i in in_use))
+
+
+def to_json(block: Block) -> dict:
+    return {
+        "cidr": str(block.cidr),
+        "affinity": block.affinity,
+        "allocations": list(block.allocations),
+        "unallocated": list(block.unallocated),
+        "attributes": [{"handle_id": a.handle_id, "secondary": dict(a.secondary)}
+                       for a in block.attributes],
+        "sequenceNumber": block.sequence_number,
+        "sequenceNumberForAllocation": {str(k): v for k, v in block.seq_for_allocation.items()},
+    }
+
+
+def from_json(value: Mapping) -> Block:
+    return Block(
+        cidr=IPv4Network(value["cidr"]),
+        affinity=value.get("affinity"),
+        allocations=tuple(value["allocations"]),
+        unallocated=tuple(value["unallocated"]),
+        attributes=tuple(Attribute(a["handle_id"], a.get("secondary") or {})
+                         for a in value.get("attributes", ())),
+        sequence_number=value.get("sequenceNumber", 0),
+        seq_for_allocation={int(k): v for k, v in
+                            (value.get("sequenceNumberForAllocation") or {}).items()},
+    )

@@ -1,0 +1,38 @@
+"""Cluster-wide IPAM settings (the IPAMConfiguration resource, name "default")."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ipam.errors import InvalidResource
+from ipam.resource import SpecReader, make_document
+
+KIND = "IPAMConfiguration"
+# maxBlocksPerHost 0 means this many (Calico reads 0 as "no limit"; Pipit keeps a ceiling so
+# that one node cannot drain a pool by accident).
+DEFAULT_MAX_BLOCKS_PER_HOST = 20
+
+
+@dataclass(frozen=True)
+class IPAMConfig:
+    strict_affinity: bool = False
+    max_blocks_per_host: int = 0
+
+    @property
+    def block_limit(self) -> int:
+        return self.max_blocks_per_host or DEFAULT_MAX_BLOCKS_PER_HOST
+
+
+def config_from_spec(spec: Mapping) -> IPAMConfig:
+    read = SpecReader(KIND, "default", spec, {"strictAffinity", "maxBlocksPerHost"})
+    limit = read.integer("maxBlocksPerHost", 0)
+    if limit < 0:
+        raise InvalidResource(f"maxBlocksPerHost must be 0 (meaning "
+                              f"{DEFAULT_MAX_BLOCKS_PER_HOST}) or more, not {limit}.")
+    return IPAMConfig(read.boolean("strictAffinity"), limit)
+
+
+def config_to_document(config: IPAMConfig) -> dict:
+    return make_document(KIND, "default", {"strictAffinity": config.strict_affinity,
+                                           "maxBlocksPerHost": config.max_blocks_per_host})

@@ -1,0 +1,37 @@
+"""Errors a user or operator can cause.
+
+Every error here carries one sentence that says what is wrong and, where it helps, what to
+do; the CLI prints it as is and exits non-zero, the CNI plugin maps it to an error code.
+"""
+
+
+class PipitError(Exception):
+    """Base class: str(error) is one sentence fit to show a person."""
+
+
+class InvalidResource(PipitError):
+    """A resource (pool, peer, configuration, selector...) is not valid; nothing was written."""
+
+
+class NotFound(PipitError):
+    """The named resource or address does not exist."""
+
+
+class AlreadyExists(PipitError):
+    """Create was asked for something that is already there."""
+
+
+class InUse(PipitError):
+    """The operation would remove something that is still in use."""
+
+
+class PoolExhausted(PipitError):
+    """No pool that may serve the request has a free address for this node."""
+
+
+class Conflict(PipitError):
+    """Concurrent writers kept changing the same keys; the operation gave up retrying."""
+
+
+class DatastoreUnavailable(PipitError):
+    """etcd could not be reached or did not answer in time."""

@@ -1,0 +1,165 @@
+"""IP pools: the resource, its validation, and how a pool divides into blocks."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, ip_network
+
+from ipam.errors import InvalidResource
+from ipam.resource import SpecReader, make_document
+from ipam.selector import parse_selector
+
+KIND = "IPPool"
+MODES = ("Never", "Always", "CrossSubnet")
+DEFAULT_BLOCK_SIZE = 26
+MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 20, 32
+
+# Ranges that can never hold pod addresses, with the word a person would use for them.
+_RESERVED = (
+    (IPv4Network("0.0.0.0/8"), "the 'this network' range"),
+    (IPv4Network("127.0.0.0/8"), "loopback"),
+    (IPv4Network("169.254.0.0/16"), "link-local"),
+    (IPv4Network("224.0.0.0/4"), "multicast"),
+    (IPv4Network("240.0.0.0/4"), "reserved (class E)"),
+)
+
+_FIELDS = {"cidr", "blockSize", "ipipMode", "vxlanMode", "natOutgoing", "disabled",
+           "nodeSelector", "disableBGPExport"}
+
+
+@dataclass(frozen=True)
+class IPPool:
+    name: str
+    cidr: IPv4Network
+    block_size: int = DEFAULT_BLOCK_SIZE
+    ipip_mode: str = "Never"
+    vxlan_mode: str = "Never"
+    nat_outgoing: bool = False
+    disabled: bool = False
+    node_selector: str = "all()"
+    disable_bgp_export: bool = False
+
+    @property
+    def block_count(self) -> int:
+        return 1 << (self.block_size - self.cidr.prefixlen)
+
+    def block(self, index: int) -> IPv4Network:
+        size = 1 << (32 - self.block_size)
+        return IPv4Network((int(self.cidr.network_address) + index * size, self.block_size))
+
+    def block_containing(self, address: IPv4Address) -> IPv4Network:
+        return IPv4Network((address, self.block_size), strict=False)
+
+    def selects(self, labels: Mapping[str, str]) -> bool:
+        return parse_selector(self.node_selector).matches(labels)
+
+
+def pool_from_spec(name: str, spec: Mapping) -> IPPool:
+    """Build a pool from its resource spec; any problem is one InvalidResource sentence."""
+    read = SpecReader(KIND, name, spec, _FIELDS)
+    text = read.string("cidr")
+    if not text:
+        raise read.fail("spec.cidr is required (for example 10.244.0.0/16).")
+    cidr = _parse_cidr(text, read)
+    for reserved, what in _RESERVED:
+        if cidr.overlaps(reserved):
+            raise read.fail(f"cidr {cidr} overlaps {reserved}, which is {what} and cannot hold "
+                            "pod addresses.")
+    block_size = read.integer("blockSize", DEFAULT_BLOCK_SIZE)
+    if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
+        raise read.fail(f"blockSize {block_size} is outside {MIN_BLOCK_SIZE}-{MAX_BLOCK_SIZE} "
+                        "(IPv4).")
+    if block_size < cidr.prefixlen:
+        raise read.fail(f"blockSize /{block_size} is larger than the pool {cidr} itself; use a "
+                        f"blockSize of at least {cidr.prefixlen}.")
+    ipip = read.choice("ipipMode", "Never", MODES)
+    vxlan = read.choice("vxlanMode", "Never", MODES)
+    if ipip != "Never" and vxlan != "Never":
+        raise read.fail("ipipMode and vxlanMode cannot both be enabled; choose one encapsulation.")
+    selector = read.string("nodeSelector", "all()") or "all()"
+    try:
+        parse_selector(selector)
+    except InvalidResource as error:
+        raise read.fail(str(error)) from None
+    return IPPool(name=name, cidr=cidr, block_size=block_size, ipip_mode=ipip, vxlan_mode=vxlan,
+                  nat_outgoing=read.boolean("natOutgoing"), disabled=read.boolean("disabled"),
+                  node_selector=selector, disable_bgp_export=read.boolean("disableBGPExport"))
+
+
+def _parse_cidr(text: str, read: SpecReader) -> IPv4Network:
+    text = text.strip()
+    address, slash, length = text.partition("/")
+    example = "such as 10.244.0.0/16"
+    if not slash:
+        raise read.fail(f"cidr {text!r} needs a prefix length, {example}.")
+    try:
+        network = ip_network(text, strict=False)
+    except ValueError:
+        raise read.fail(f"cidr {text!r} is not an IP network {example}.") from None
+    if network.version != 4:
+        raise read.fail(f"cidr {text} is IPv6; Pipit pools are IPv4 only for now.")
+    if network.network_address != IPv4Address(address):
+        raise read.fail(f"cidr {text} has host bits set; did you mean {network}?")
+    return network
+
+
+def pool_to_spec(pool: IPPool) -> dict:
+    return {
+        "cidr": str(pool.cidr),
+        "blockSize": pool.block_size,
+        "ipipMode": pool.ipip_mode,
+        "vxlanMode": pool.vxlan_mode,
+        "natOutgoing": pool.nat_outgoing,
+        "disabled": pool.disabled,
+        "nodeSelector": pool.node_selector,
+        "disableBGPExport": pool.disable_bgp_export,
+    }
+
+
+def pool_to_document(pool: IPPool) -> dict:
+    return make_document(KIND, pool.name, pool_to_spec(pool))
+
+
+def pool_from_document(doc: Mapping) -> IPPool:
+    return pool_from_spec(doc["metadata"]["name"], doc.get("spec") or {})
+
+
+def check_pool_fits(pool: IPPool, existing: Iterable[IPPool]) -> None:
+    """Refuse a pool that overlaps another, or changes what cannot change once blocks exist."""
+    for other in existing:
+        if other.name == pool.name:
+            if other.cidr != pool.cidr:
+                raise InvalidResource(
+                    f"IPPool {pool.name!r}: cidr cannot change from {other.cidr} to {pool.cidr}; "
+                    "create a new pool and delete this one.")
+            if other.block_size != pool.block_size:
+                raise InvalidResource(
+                    f"IPPool {pool.name!r}: blockSize cannot change from {other.block_size} to "
+                    f"{pool.block_size}; create a new pool and delete this one.")
+        elif other.cidr.overlaps(pool.cidr):
+            raise InvalidResource(f"IPPool {pool.name!r}: cidr {pool.cidr} overlaps pool "
+                                  f"{other.name!r} ({other.cidr}).")
+
+
+def search_start(pool: IPPool, node: str) -> int:
+    """Where this node starts looking for a free block: spread by a hash of its name."""
+    digest = hashlib.sha256(f"{node}/{pool.cidr}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % pool.block_count
+
+
+def unclaimed_blocks(pool: IPPool, node: str, existing: set[IPv4Network]) -> Iterator[IPv4Network]:
+    """The pool's blocks that do not exist yet, in this node's search order."""
+    start = search_start(pool, node)
+    count = pool.block_count
+    if sum(1 for cidr in existing if cidr.subnet_of(pool.cidr)) >= count:
+        return
+    for step in range(count):
+        cidr = pool.block((start + step) % count)
+        if cidr not in existing:
+            yield cidr
+
+
+def pool_of(pools: Iterable[IPPool], address: IPv4Address) -> IPPool | None:
+    return next((p for p in pools if address in p.cidr), None)

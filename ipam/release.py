@@ -1,0 +1,148 @@
+"""Giving addresses and blocks back: by address, by handle, and a node's block affinities.
+
+Each change to a block and to the handles that held its addresses is one transaction, so an
+address is never free in the block while its handle still counts it (or the reverse).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+
+from ipam import block as blocks
+from ipam import handle as handles
+from ipam import keys
+from ipam.block import Block, Release
+from ipam.errors import InUse
+from ipam.handle import Handle
+from ipam.store import Store
+from ipam.txn import Changes, transact
+
+
+def stage_block(changes: Changes, block: Block) -> None:
+    """Write the block back; an empty block with no owner is deleted instead."""
+    key = keys.block_key(block.cidr)
+    if block.empty and block.node is None:
+        changes.delete(key)
+    else:
+        changes.put(key, blocks.to_json(block))
+
+
+def stage_handle(changes: Changes, handle: Handle) -> None:
+    key = keys.handle_key(handle.handle_id)
+    if handle.total:
+        changes.put(key, handles.to_json(handle))
+    else:
+        changes.delete(key)
+
+
+async def _block_cidr_of(store: Store, address: IPv4Address) -> IPv4Network | None:
+    for key in await store.list_keys(keys.BLOCKS):
+        cidr = keys.block_cidr(key)
+        if address in cidr:
+            return cidr
+    return None
+
+
+async def release_addresses(store: Store, releases: Iterable[Release]) -> list[IPv4Address]:
+    """Free the given addresses (those that are allocated and still match); returns the freed."""
+    by_block: dict[IPv4Network, list[Release]] = defaultdict(list)
+    for r in releases:
+        cidr = await _block_cidr_of(store, r.address)
+        if cidr is not None:
+            by_block[cidr].append(r)
+    freed: list[IPv4Address] = []
+    for cidr, group in by_block.items():
+        async def decide(changes: Changes, cidr=cidr, group=group) -> list[IPv4Address]:
+            entry = await changes.get(keys.block_key(cidr))
+            if entry is None:
+                return []
+            updated, done, per_handle = blocks.release(blocks.from_json(entry.value), group)
+            if not done:
+                return []
+            stage_block(changes, updated)
+            await _stage_handle_counts(changes, cidr, per_handle)
+            return done
+        freed += await transact(store, decide, f"releasing addresses in {cidr}")
+    return freed
+
+
+async def _stage_handle_counts(changes: Changes, cidr: IPv4Network, per_handle) -> None:
+    entries = await changes.get_many(keys.handle_key(h) for h in per_handle)
+    for handle_id, count in per_handle.items():
+        entry = entries[keys.handle_key(handle_id)]
+        if entry is not None:
+            stage_handle(changes, handles.remove(handles.from_json(entry.value), str(cidr), count))
+
+
+async def release_handle(store: Store, handle_id: str) -> list[IPv4Address]:
+    """Free every address a handle holds; an unknown handle frees nothing."""
+    async def decide(changes: Changes) -> list[IPv4Address]:
+        entry = await changes.get(keys.handle_key(handle_id))
+        if entry is None:
+            return []
+        handle = handles.from_json(entry.value)
+        block_keys = [keys.block_key(IPv4Network(c)) for c in handle.blocks]
+        freed: list[IPv4Address] = []
+        for key, block_entry in (await changes.get_many(block_keys)).items():
+            cidr = keys.block_cidr(key)
+            handle = handles.remove(handle, str(cidr), handle.blocks.get(str(cidr), 0))
+            if block_entry is None:
+                continue
+            updated, done = blocks.release_handle(blocks.from_json(block_entry.value), handle_id)
+            if done:
+                stage_block(changes, updated)
+                freed += done
+        stage_handle(changes, handle)
+        return freed
+    return await transact(store, decide, f"releasing handle {handle_id}")
+
+
+@dataclass
+class AffinityRelease:
+    released: list[IPv4Network] = field(default_factory=list)  # block gone with the affinity
+    kept_in_use: list[IPv4Network] = field(default_factory=list)  # block stays, unowned
+
+
+async def release_affinity(store: Store, node: str, cidr: IPv4Network,
+                           require_empty: bool) -> AffinityRelease:
+    """Drop a node's claim on a block: an empty block is deleted with it; a block still in use
+    keeps its addresses without an owner (others may then use its free slots), unless
+    require_empty, which refuses."""
+    async def decide(changes: Changes) -> AffinityRelease:
+        outcome = AffinityRelease()
+        affinity_key = keys.affinity_key(node, cidr)
+        found = await changes.get_many([affinity_key, keys.block_key(cidr)])
+        block_entry = found[keys.block_key(cidr)]
+        if found[affinity_key] is not None:
+            changes.delete(affinity_key)
+        if block_entry is None:
+            return outcome
+        block = blocks.from_json(block_entry.value)
+        if block.node != node:
+            return outcome
+        if block.empty:
+            changes.delete(keys.block_key(cidr))
+            outcome.released.append(cidr)
+        elif require_empty:
+            raise InUse(f"block {cidr} of node {node} still has {block.used} addresses in use.")
+        else:
+            changes.put(keys.block_key(cidr), blocks.to_json(
+                Block(**{**block.__dict__, "affinity": None})))
+            outcome.kept_in_use.append(cidr)
+        return outcome
+    return await transact(store, decide, f"releasing block {cidr} of node {node}")
+
+
+async def release_host_affinities(store: Store, node: str,
+                                  require_empty: bool = False) -> AffinityRelease:
+    """Release every block affinity of a node (for a node that leaves the cluster)."""
+    total = AffinityRelease()
+    for key in await store.list_keys(keys.affinity_prefix(node)):
+        _, cidr = keys.affinity_parts(key)
+        one = await release_affinity(store, node, cidr, require_empty)
+        total.released += one.released
+        total.kept_in_use += one.kept_in_use
+    return total

@@ -1,0 +1,263 @@
+"""The etcd edge: JSON values, compare-and-swap transactions, one clear error when etcd is away.
+
+Everything above this module sees `Entry` (key, decoded JSON value, mod_revision) and
+`Store.txn(expect=..., put=..., delete=...)`, where `expect` maps each key the decision was
+based on to the mod_revision it had (0: the key must not exist). A failed transaction hands
+back the current entries of the expected keys from the same round trip, so a retry loop
+never needs a separate read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import aetcd
+import grpc
+from aetcd import rpc
+
+from ipam.errors import DatastoreUnavailable, InvalidResource
+
+DEFAULT_ENDPOINTS = "http://127.0.0.1:2379"
+ENV_ENDPOINTS = "PIPIT_ETCD_ENDPOINTS"
+ENV_CA, ENV_CERT, ENV_KEY = "PIPIT_ETCD_CA_CERT_FILE", "PIPIT_ETCD_CERT_FILE", "PIPIT_ETCD_KEY_FILE"
+
+
+@dataclass(frozen=True)
+class EtcdConfig:
+    endpoints: tuple[str, ...] = (DEFAULT_ENDPOINTS,)
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    timeout: float = 5.0
+
+    @classmethod
+    def from_options(cls, endpoints: str | None = None, ca_file: str | None = None,
+                     cert_file: str | None = None, key_file: str | None = None,
+                     timeout: float = 5.0) -> EtcdConfig:
+        """Command-line values, else PIPIT_ETCD_* environment variables, else the default."""
+        env = os.environ
+        text = endpoints or env.get(ENV_ENDPOINTS) or DEFAULT_ENDPOINTS
+        config = cls(
+            endpoints=tuple(e.strip() for e in text.split(",") if e.strip()),
+            ca_file=ca_file or env.get(ENV_CA) or None,
+            cert_file=cert_file or env.get(ENV_CERT) or None,
+            key_file=key_file or env.get(ENV_KEY) or None,
+            timeout=timeout,
+        )
+        config.check()
+        return config
+
+    @property
+    def uses_tls(self) -> bool:
+        return bool(self.ca_file or self.cert_file) or any(
+            e.startswith("https://") for e in self.endpoints)
+
+    def check(self) -> None:
+        if not self.endpoints:
+            raise InvalidResource("no etcd endpoint given; pass --etcd-endpoints or set "
+                                  f"{ENV_ENDPOINTS}.")
+        for endpoint in self.endpoints:
+            _host_port(endpoint)
+        if bool(self.cert_file) != bool(self.key_file):
+            raise InvalidResource("an etcd client certificate needs both --etcd-cert and "
+                                  "--etcd-key.")
+        for path in (self.ca_file, self.cert_file, self.key_file):
+            if path and not os.path.isfile(path):
+                raise InvalidResource(f"etcd TLS file {path} does not exist.")
+
+    def describe(self) -> str:
+        return ",".join(self.endpoints)
+
+
+def _host_port(endpoint: str) -> tuple[str, int]:
+    parts = urlsplit(endpoint if "://" in endpoint else "http://" + endpoint)
+    try:
+        port = parts.port or 2379
+    except ValueError:
+        port = None
+    if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
+        raise InvalidResource(f"etcd endpoint {endpoint!r} is not of the form "
+                              "http(s)://HOST:PORT.")
+    return parts.hostname, port
+
+
+class _Client(aetcd.Client):
+    """aetcd's client with what it lacks: TLS and several endpoints (gRPC picks a live one)."""
+
+    def __init__(self, config: EtcdConfig):
+        super().__init__(timeout=config.timeout)
+        self._config = config
+
+    async def connect(self) -> None:  # replaces aetcd's insecure-only channel set-up
+        if self._connected.is_set():
+            return
+        config = self._config
+        addresses, names = [], []
+        for endpoint in config.endpoints:
+            host, port = _host_port(endpoint)
+            names.append(host)
+            try:
+                infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
+            except socket.gaierror as error:
+                raise DatastoreUnavailable(
+                    f"cannot resolve etcd endpoint {endpoint}: {error.strerror}.") from None
+            addresses.extend(f"{info[4][0]}:{port}" for info in infos[:1])
+        target = "ipv4:" + ",".join(addresses)
+        options = [("grpc.max_receive_message_length", 64 << 20)]
+        if config.uses_tls:
+            def read(path):
+                with open(path, "rb") as f:
+                    return f.read()
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=read(config.ca_file) if config.ca_file else None,
+                private_key=read(config.key_file) if config.key_file else None,
+                certificate_chain=read(config.cert_file) if config.cert_file else None,
+            )
+            options.append(("grpc.ssl_target_name_override", names[0]))
+            self.channel = rpc.secure_channel(target, credentials, options=options)
+        else:
+            self.channel = rpc.insecure_channel(target, options=options)
+        self.kvstub = rpc.KVStub(self.channel)
+        self.clusterstub = rpc.ClusterStub(self.channel)
+        self.leasestub = rpc.LeaseStub(self.channel)
+        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+        from aetcd import watcher
+        self._watcher = watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout,
+                                        metadata=self.metadata)
+        self._connected.set()
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    value: dict
+    mod_revision: int
+
+
+@dataclass
+class TxnResult:
+    succeeded: bool
+    revision: int
+    # On failure: the current entry (or None) of every expected key.
+    current: dict[str, Entry | None] = field(default_factory=dict)
+
+
+def _entry(kv) -> Entry:
+    return Entry(kv.key.decode(), json.loads(kv.value), kv.mod_revision)
+
+
+def encode(value: Mapping) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _range_end(prefix: bytes) -> bytes:
+    return aetcd.utils.prefix_range_end(prefix)
+
+
+class Store:
+    """A connection to etcd. Use `async with Store(config) as store:`."""
+
+    def __init__(self, config: EtcdConfig):
+        self.config = config
+        self._client = _Client(config)
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        try:
+            await self._client.close()
+        except Exception:  # closing a channel that never connected
+            pass
+
+    async def _call(self, method: str, request):
+        await self._client.connect()
+        try:
+            return await getattr(self._client.kvstub, method)(
+                request, timeout=self.config.timeout)
+        except grpc.aio.AioRpcError as error:
+            raise self._unavailable(error) from None
+        except asyncio.TimeoutError:
+            raise DatastoreUnavailable(
+                f"etcd at {self.config.describe()} did not answer within "
+                f"{self.config.timeout:g} s.") from None
+
+    def _unavailable(self, error: grpc.aio.AioRpcError) -> DatastoreUnavailable:
+        where = self.config.describe()
+        code = error.code()
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return DatastoreUnavailable(
+                f"etcd at {where} did not answer within {self.config.timeout:g} s.")
+        if code == grpc.StatusCode.UNAVAILABLE:
+            detail = (error.details() or "").rsplit(": ", 1)[-1] or "unreachable"
+            return DatastoreUnavailable(f"cannot reach etcd at {where}: {detail}.")
+        return DatastoreUnavailable(
+            f"etcd at {where} refused the request: {error.details() or code.name}.")
+
+    async def get(self, key: str) -> Entry | None:
+        response = await self._call("Range", rpc.RangeRequest(key=key.encode()))
+        return _entry(response.kvs[0]) if response.kvs else None
+
+    async def get_many(self, keys: Iterable[str]) -> dict[str, Entry | None]:
+        """Several keys in one round trip (a read-only transaction)."""
+        keys = list(dict.fromkeys(keys))
+        if not keys:
+            return {}
+        result: dict[str, Entry | None] = {}
+        for start in range(0, len(keys), 100):
+            chunk = keys[start:start + 100]
+            ops = [rpc.RequestOp(request_range=rpc.RangeRequest(key=k.encode())) for k in chunk]
+            response = await self._call("Txn", rpc.TxnRequest(success=ops))
+            for key, op in zip(chunk, response.responses):
+                kvs = op.response_range.kvs
+                result[key] = _entry(kvs[0]) if kvs else None
+        return result
+
+    async def list(self, prefix: str) -> list[Entry]:
+        raw = prefix.encode()
+        response = await self._call("Range", rpc.RangeRequest(key=raw, range_end=_range_end(raw)))
+        return [_entry(kv) for kv in response.kvs]
+
+    async def list_keys(self, prefix: str) -> list[str]:
+        raw = prefix.encode()
+        response = await self._call(
+            "Range", rpc.RangeRequest(key=raw, range_end=_range_end(raw), keys_only=True))
+        return [kv.key.decode() for kv in response.kvs]
+
+    async def txn(self, expect: Mapping[str, int], put: Mapping[str, Mapping] = {},
+                  delete: Iterable[str] = ()) -> TxnResult:
+        """Apply all puts and deletes if every key in `expect` still has that mod_revision."""
+        compare = [rpc.Compare(key=k.encode(), target=rpc.Compare.MOD,
+                               result=rpc.Compare.EQUAL, mod_revision=rev)
+                   for k, rev in expect.items()]
+        success = [rpc.RequestOp(request_put=rpc.PutRequest(key=k.encode(), value=encode(v)))
+                   for k, v in put.items()]
+        success += [rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=k.encode()))
+                    for k in delete]
+        failure = [rpc.RequestOp(request_range=rpc.RangeRequest(key=k.encode())) for k in expect]
+        response = await self._call(
+            "Txn", rpc.TxnRequest(compare=compare, success=success, failure=failure))
+        result = TxnResult(response.succeeded, response.header.revision)
+        if not response.succeeded:
+            for key, op in zip(expect, response.responses):
+                kvs = op.response_range.kvs
+                result.current[key] = _entry(kvs[0]) if kvs else None
+        return result
+
+    async def put(self, key: str, value: Mapping) -> int:
+        """Unconditional write, for tests and tools only; returns the new mod_revision."""
+        response = await self._call("Put", rpc.PutRequest(key=key.encode(), value=encode(value)))
+        return response.header.revision
+
+    async def snapshot(self, prefix: str = "/pipit/") -> dict[str, dict]:
+        """Every key and value under prefix (for checks and tests)."""
+        return {e.key: e.value for e in await self.list(prefix)}

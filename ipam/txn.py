@@ -1,0 +1,64 @@
+"""A change set: the entries a decision was based on and the writes it led to, committed as one
+etcd transaction that succeeds only if none of those entries moved in the meantime."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from ipam.errors import Conflict
+from ipam.store import Entry, Store, TxnResult
+
+T = TypeVar("T")
+MAX_ATTEMPTS = 50
+
+
+class Changes:
+    def __init__(self, store: Store):
+        self.store = store
+        self.expect: dict[str, int] = {}
+        self.puts: dict[str, dict] = {}
+        self.deletes: set[str] = set()
+
+    def saw(self, key: str, revision: int) -> None:
+        """Record that the decision depends on `key` being at `revision` (0: absent)."""
+        self.expect.setdefault(key, revision)
+
+    async def get(self, key: str) -> Entry | None:
+        entry = await self.store.get(key)
+        self.saw(key, entry.mod_revision if entry else 0)
+        return entry
+
+    async def get_many(self, keys) -> dict[str, Entry | None]:
+        entries = await self.store.get_many(keys)
+        for key, entry in entries.items():
+            self.saw(key, entry.mod_revision if entry else 0)
+        return entries
+
+    def put(self, key: str, value: dict) -> None:
+        self.deletes.discard(key)
+        self.puts[key] = value
+
+    def delete(self, key: str) -> None:
+        self.puts.pop(key, None)
+        self.deletes.add(key)
+
+    @property
+    def empty(self) -> bool:
+        return not self.puts and not self.deletes
+
+    async def commit(self) -> TxnResult:
+        for key in self.puts:
+            self.expect.setdefault(key, 0)  # a put of a key not read means "create it"
+        return await self.store.txn(self.expect, self.puts, self.deletes)
+
+
+async def transact(store: Store, decide: Callable[[Changes], Awaitable[T]], what: str) -> T:
+    """Run `decide` on fresh reads and commit its changes; start over while others interfere."""
+    for _ in range(MAX_ATTEMPTS):
+        changes = Changes(store)
+        outcome = await decide(changes)
+        if changes.empty or (await changes.commit()).succeeded:
+            return outcome
+    raise Conflict(f"{what} kept colliding with concurrent changes after {MAX_ATTEMPTS} attempts; "
+                   "try again.")

@@ -1,0 +1,3 @@
+from pipitctl.cli import main
+
+main()

@@ -1,0 +1,40 @@
+"""Rendering for the terminal: aligned tables, usage bars, YAML and JSON documents."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import yaml
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Columns aligned on the widest cell, kubectl/calicoctl style (no borders)."""
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["   ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def bar(fraction: float, width: int = 20) -> str:
+    """[#####---------------] for a fraction in 0..1 (any use shows at least one mark)."""
+    marks = round(max(0.0, min(1.0, fraction)) * width)
+    if fraction > 0 and marks == 0:
+        marks = 1
+    return "[" + "#" * marks + "-" * (width - marks) + "]"
+
+
+def yes_no(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def documents_yaml(documents: Sequence[dict]) -> str:
+    """A YAML stream that `pipitctl apply -f` reads back."""
+    return yaml.safe_dump_all(documents, sort_keys=False, default_flow_style=False).rstrip()
+
+
+def documents_json(documents: Sequence[dict], single: bool) -> str:
+    if single:
+        return json.dumps(documents[0], indent=2)
+    return json.dumps({"apiVersion": "pipit.dev/v1", "kind": "List", "items": list(documents)},
+                      indent=2)

@@ -1,0 +1,1 @@
+"""Pipit route_reflector."""

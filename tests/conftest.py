@@ -1,0 +1,41 @@
+"""Shared fixtures: a real etcd server (Debian etcd-server) on a free loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from ipam import keys
+from ipam.store import EtcdConfig, Store
+from lab.etcd import EtcdServer
+
+
+@pytest.fixture(scope="session")
+def etcd_server():
+    with EtcdServer() as server:
+        yield server
+
+
+async def _wipe(config: EtcdConfig) -> None:
+    async with Store(config) as store:
+        for key in await store.list_keys(keys.ROOT):
+            await store.txn({}, delete=[key])
+
+
+@pytest.fixture
+def etcd(etcd_server) -> EtcdConfig:
+    """Connection settings for an etcd that holds no Pipit data; wiped again afterwards."""
+    config = EtcdConfig(endpoints=(etcd_server.endpoint,))
+    asyncio.run(_wipe(config))
+    yield config
+    asyncio.run(_wipe(config))
+
+
+@pytest.fixture
+def own_etcd(tmp_path):
+    """A private etcd server the test may stop and restart."""
+    server = EtcdServer(data_dir=tmp_path / "etcd")
+    server.start()
+    yield server
+    server.destroy()

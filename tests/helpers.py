@@ -1,0 +1,27 @@
+"""Small helpers shared by the tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from ipam import keys
+from ipam.pool import pool_from_spec, pool_to_document
+from ipam.store import EtcdConfig, Store
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def add_pool(store: Store, name: str, cidr: str, **spec) -> None:
+    pool = pool_from_spec(name, {"cidr": cidr, **spec})
+    await store.put(keys.pool_key(name), pool_to_document(pool))
+
+
+def with_store(config: EtcdConfig, scenario: Callable[[Store], Awaitable]):
+    """Run `scenario(store)` on a fresh connection in a fresh event loop."""
+    async def main():
+        async with Store(config) as store:
+            return await scenario(store)
+    return asyncio.run(main())
