@@ -37,6 +37,9 @@ from ipam.txn import MAX_ATTEMPTS, Changes
 
 log = logging.getLogger(__name__)
 
+# etcd refuses transactions with more than 128 compares or operations (--max-txn-ops).
+TXN_KEY_BUDGET = 110
+
 
 @dataclass(frozen=True)
 class AssignRequest:
@@ -65,6 +68,16 @@ class NodeView:
     blocks: dict[IPv4Network, tuple[Block, int]] = field(default_factory=dict)  # confirmed, ours
     handles: dict[str, tuple[Handle, int]] = field(default_factory=dict)
     loaded_at: float = 0.0
+    stale: bool = False  # a pool or the settings changed: reload before deciding again
+    _block_pools: dict[IPv4Network, str | None] = field(default_factory=dict)
+
+    def pool_of(self, cidr: IPv4Network) -> str | None:
+        """The name of the pool a block lies in (cached: blocks do not move)."""
+        name = self._block_pools.get(cidr)
+        if name is None:
+            name = next((p.name for p, _ in self.pools.values() if cidr.subnet_of(p.cidr)), None)
+            self._block_pools[cidr] = name
+        return name
 
     def eligible_pools(self, names: Sequence[str]) -> list[IPPool]:
         """The pools a request may use, or one sentence saying why there are none."""
@@ -100,6 +113,13 @@ class _Plan:
         # Other nodes' (or unowned) blocks read for releases and borrowing.
         self.foreign: dict[IPv4Network, tuple[Block, int]] = {}
         self.listed_all = False
+
+    def peek_block(self, cidr: IPv4Network, source: Mapping | None = None) -> Block | None:
+        """The working copy of a block, without making the decision depend on it."""
+        if cidr in self.blocks:
+            return self.blocks[cidr]
+        found = (source or self.view.blocks).get(cidr)
+        return None if found is None else found[0]
 
     def read_block(self, cidr: IPv4Network, source: Mapping | None = None) -> Block | None:
         if cidr in self.blocks:
@@ -184,6 +204,7 @@ class IPAM:
                 outcomes = await self._serve(node, [r for r, _ in batch])
             except Exception as error:  # etcd unavailable, conflicts: every request fails alike
                 outcomes = [error] * len(batch)
+            queue[:0] = batch[len(outcomes):]  # what did not fit in one transaction goes next
             for (_, future), outcome in zip(batch, outcomes):
                 if future.done():
                     continue
@@ -193,12 +214,16 @@ class IPAM:
                     future.set_result(outcome)
 
     async def _serve(self, node: str, requests: list[Request]) -> list:
+        """Decide and commit the requests (a prefix of them if they would not fit in one etcd
+        transaction); returns one outcome, an address list or an error, per request served."""
         for _ in range(MAX_ATTEMPTS):
             view = await self._view(node)
             plan = _Plan(view)
             await self._prefetch_releases(plan, requests)
             outcomes: list = []
             for request in requests:
+                if outcomes and len(plan.revisions) + len(view.pools) >= TXN_KEY_BUDGET:
+                    break
                 try:
                     if isinstance(request, AssignRequest):
                         outcomes.append(await self._plan_assign(plan, request))
@@ -208,7 +233,7 @@ class IPAM:
                     outcomes.append(error)
             changes = Changes(self.store)
             plan.stage(changes)
-            for pool in {p for r in requests if isinstance(r, AssignRequest)
+            for pool in {p for r in requests[:len(outcomes)] if isinstance(r, AssignRequest)
                          for p in self._pool_names(view, r)}:
                 changes.saw(keys.pool_key(pool), view.pools[pool][1])
             if changes.empty:
@@ -245,16 +270,18 @@ class IPAM:
                 taken[cidr] = updated
                 got.extend(addresses)
 
+        names = {p.name for p in pools}
+
         def in_pools(cidr: IPv4Network) -> bool:
-            return any(cidr.subnet_of(p.cidr) for p in pools)
+            return view.pool_of(cidr) in names
 
         for cidr in sorted(view.blocks):
             if len(got) == request.count:
                 break
-            if in_pools(cidr):
-                block = plan.read_block(cidr)
-                if block is not None and block.free:
-                    take(cidr, block)
+            # Skipping a full block needs no check that it is still full: only blocks we
+            # take from are compared in the transaction.
+            if in_pools(cidr) and plan.peek_block(cidr).free:
+                take(cidr, plan.read_block(cidr))
         while len(got) < request.count and len(view.blocks) < view.config.block_limit:
             claimed = await self._claim(view, pools)
             if claimed is None:
@@ -264,9 +291,8 @@ class IPAM:
             for cidr in sorted(await self._borrowable(plan)):
                 if len(got) == request.count:
                     break
-                block = plan.read_block(cidr, plan.foreign)
-                if in_pools(cidr) and block.free:
-                    take(cidr, block)
+                if in_pools(cidr) and plan.peek_block(cidr, plan.foreign).free:
+                    take(cidr, plan.read_block(cidr, plan.foreign))
         if len(got) < request.count:
             raise PoolExhausted(self._exhausted(view, pools, request.count))
         plan.blocks.update(taken)
@@ -355,7 +381,7 @@ class IPAM:
 
     async def _view(self, node: str) -> NodeView:
         view = self._views.get(node)
-        if view is None or time.monotonic() - view.loaded_at > self.refresh_seconds:
+        if view is None or view.stale or time.monotonic() - view.loaded_at > self.refresh_seconds:
             view = await self._load(node, view)
             self._views[node] = view
         return view
@@ -415,8 +441,8 @@ class IPAM:
                     view.handles[handle_id] = (handles.from_json(entry.value), entry.mod_revision)
                 else:
                     view.handles.pop(handle_id, None)
-            elif view.loaded_at and (entry.mod_revision if entry else 0) != self._seen(view, key):
-                view.loaded_at = 0.0  # a pool or the settings changed: reload everything
+            elif (entry.mod_revision if entry else 0) != self._seen(view, key):
+                view.stale = True
 
     @staticmethod
     def _seen(view: NodeView, key: str) -> int:

@@ -35,6 +35,7 @@ class BlockClaim:
     pool_revision: int
     cidr: IPv4Network
     affinity_revision: int = 0
+    block_revision: int = 0
 
     @property
     def affinity_key(self) -> str:
@@ -59,6 +60,7 @@ class BlockClaim:
              keys.pool_key(self.pool.name): self.pool_revision},
             {self.block_key: new})
         if result.succeeded:
+            self.block_revision = result.revision
             return True
         existing = result.current.get(self.block_key)
         if existing and blocks.from_json(existing.value).node == self.node:
@@ -67,7 +69,8 @@ class BlockClaim:
         return False
 
     async def confirm(self) -> int | None:
-        return await confirm_affinity(self.store, self.node, self.cidr, self.affinity_revision)
+        return await confirm_affinity(self.store, self.node, self.cidr, self.affinity_revision,
+                                      self.block_revision)
 
     async def roll_back(self) -> None:
         await self.store.txn({self.affinity_key: self.affinity_revision}, {},
@@ -85,17 +88,23 @@ class BlockClaim:
         return blocks.new_block(self.cidr, self.node), revision
 
 
-async def confirm_affinity(store: Store, node: str, cidr: IPv4Network,
-                           affinity_revision: int) -> int | None:
-    """Flip a pending affinity to confirmed; the block's mod_revision if the node owns it now."""
-    affinity_key = keys.affinity_key(node, cidr)
-    result = await store.txn({affinity_key: affinity_revision},
-                             {affinity_key: {"state": CONFIRMED}})
+async def confirm_affinity(store: Store, node: str, cidr: IPv4Network, affinity_revision: int,
+                           block_revision: int = 0) -> int | None:
+    """Flip a pending affinity to confirmed; the block's mod_revision if the node owns it now.
+    With `block_revision` (the block as this process just created it) the confirmation also
+    checks the block is untouched, and needs no extra read."""
+    affinity_key, block_key = keys.affinity_key(node, cidr), keys.block_key(cidr)
+    expect = {affinity_key: affinity_revision}
+    if block_revision:
+        expect[block_key] = block_revision
+    result = await store.txn(expect, {affinity_key: {"state": CONFIRMED}})
+    if result.succeeded and block_revision:
+        return block_revision
     if not result.succeeded:
         current = result.current[affinity_key]
         if not current or current.value.get("state") != CONFIRMED:
             return None
-    entry = await store.get(keys.block_key(cidr))
+    entry = await store.get(block_key)
     if entry is None or blocks.from_json(entry.value).node != node:
         return None
     return entry.mod_revision

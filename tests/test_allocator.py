@@ -1,0 +1,263 @@
+"""The allocator against a real etcd: what a node gets, borrowing, limits, releases, pools."""
+
+import asyncio
+from ipaddress import IPv4Network
+
+import pytest
+
+from ipam import block as blocks
+from ipam import keys
+from ipam.allocator import IPAM
+from ipam.config import IPAMConfig, config_to_document
+from ipam.errors import InUse, NotFound, PoolExhausted
+from ipam.pool import pool_from_spec, search_start
+from ipam.pools import delete_pool
+from ipam.release import release_addresses, release_host_affinities
+from ipam.block import Release
+from ipam.snapshot import check, load_snapshot
+from ipam.store import Store
+from tests.helpers import add_pool, with_store
+
+
+async def configure(store: Store, **settings) -> None:
+    await store.put(keys.IPAM_CONFIG, config_to_document(IPAMConfig(**settings)))
+
+
+async def register_node(store: Store, node: str, labels: dict) -> None:
+    await store.put(keys.node_key(node), {"apiVersion": "pipit.dev/v1", "kind": "Node",
+                                          "metadata": {"name": node, "labels": labels},
+                                          "spec": {}})
+
+
+async def assert_consistent(store: Store) -> None:
+    problems = check(await load_snapshot(store))
+    assert problems == [], problems
+
+
+def test_assign_records_block_affinity_handle_and_attributes(etcd):
+    async def scenario(store):
+        await add_pool(store, "p", "10.10.0.0/24", blockSize=28)
+        ipam = IPAM(store)
+        got = await ipam.assign("n1", "pod-a", 2, {"namespace": "ns", "pod": "a"})
+        assert len(set(got)) == 2 and all(a in IPv4Network("10.10.0.0/24") for a in got)
+        snap = await load_snapshot(store)
+        [(cidr, block)] = snap.blocks.items()
+        assert block.node == "n1" and snap.affinities[("n1", cidr)] == "confirmed"
+        # The node's search starts where its name points, so nodes spread over the pool.
+        pool = pool_from_spec("p", {"cidr": "10.10.0.0/24", "blockSize": 28})
+        assert cidr == pool.block(search_start(pool, "n1"))
+        assert snap.handles["pod-a"].blocks == {str(cidr): 2}
+        holder = block.holder(got[0])
+        assert holder.handle_id == "pod-a"
+        assert dict(holder.secondary) == {"node": "n1", "namespace": "ns", "pod": "a"}
+        assert await ipam.addresses("pod-a") == sorted(got)
+        await assert_consistent(store)
+    with_store(etcd, scenario)
+
+
+def test_concurrent_requests_on_one_node_are_batched(etcd):
+    async def scenario(store):
+        await add_pool(store, "p", "10.11.0.0/22", blockSize=26)
+        ipam = IPAM(store)
+        results = await asyncio.gather(*(ipam.assign("n1", f"pod-{i}") for i in range(100)))
+        addresses = [a for r in results for a in r]
+        assert len(addresses) == len(set(addresses)) == 100
+        # 100 requests cost a handful of transactions, not 100 (batches of up to 50).
+        assert ipam.transactions <= 4
+        freed = await asyncio.gather(*(ipam.release("n1", f"pod-{i}") for i in range(100)))
+        assert sorted(a for f in freed for a in f) == sorted(addresses)
+        snap = await load_snapshot(store)
+        assert snap.handles == {} and all(b.empty for b in snap.blocks.values())
+        await assert_consistent(store)
+    with_store(etcd, scenario)
+
+
+def test_release_of_unknown_handle_frees_nothing_and_succeeds(etcd):
+    async def scenario(store):
+        await add_pool(store, "p", "10.12.0.0/24")
+        ipam = IPAM(store)
+        kept = await ipam.assign("n1", "keep")
+        assert await ipam.release("n1", "never-assigned") == []
+        assert await ipam.addresses("keep") == kept
+    with_store(etcd, scenario)
+
+
+def test_borrows_from_other_nodes_blocks_unless_strict(etcd):
+    async def scenario(store):
+        await add_pool(store, "p", "10.13.0.0/29", blockSize=30)  # two blocks of 4
+        await configure(store, max_blocks_per_host=1)
+        ipam = IPAM(store)
+        own = await ipam.assign("n1", "a", 4)
+        other = await ipam.assign("n2", "b", 1)  # n2 claims the second block
+        borrowed = await ipam.assign("n1", "c", 2)
+        n2_block = IPv4Network((other[0], 30), strict=False)
+        assert all(a in n2_block for a in borrowed) and not set(borrowed) & set(own + other)
+        snap = await load_snapshot(store)
+        assert snap.blocks[n2_block].node == "n2"  # borrowing does not change the owner
+        assert snap.handles["c"].blocks == {str(n2_block): 2}
+        await configure(store, max_blocks_per_host=1, strict_affinity=True)
+        strict = IPAM(store)
+        with pytest.raises(PoolExhausted, match="strictAffinity"):
+            await strict.assign("n1", "d")
+        assert "d" not in (await load_snapshot(store)).handles
+        await assert_consistent(store)
+    with_store(etcd, scenario)
+
+
+def test_max_blocks_per_host_zero_means_twenty(etcd):
+    async def scenario(store):
+        await add_pool(store, "p", "10.14.0.0/24", blockSize=32)  # one address per block
+        await configure(store, strict_affinity=True, max_blocks_per_host=0)
+        ipam = IPAM(store)
+        got = await ipam.assign("n1", "twenty", 20)
+        assert len(got) == 20
+        with pytest.raises(PoolExhausted, match=r"holds 20 blocks \(maxBlocksPerHost 20\)"):
+            await ipam.assign("n1", "one-more")
+    with_store(etcd, scenario)
+
+
+def test_request_larger_than_what_is_left_takes_nothing(etcd):
+    async def scenario(store):
+        await add_pool(store, "p", "10.15.0.0/28", blockSize=28)
+        ipam = IPAM(store)
+        await ipam.assign("n1", "first", 10)
+        before = await load_snapshot(store)
+        with pytest.raises(PoolExhausted):
+            await ipam.assign("n1", "too-many", 7)
+        after = await load_snapshot(store)
+        assert after.blocks == before.blocks and after.handles == before.handles
+        assert len(await ipam.assign("n1", "fits", 6)) == 6
+    with_store(etcd, scenario)
+
+
+def test_pool_choice_follows_node_selector_and_names(etcd):
+    async def scenario(store):
+        await add_pool(store, "rack-a", "10.16.0.0/24", nodeSelector="rack == 'a'")
+        await add_pool(store, "rack-b", "10.16.1.0/24", nodeSelector="rack == 'b'")
+        await register_node(store, "na", {"rack": "a"})
+        await register_node(store, "nb", {"rack": "b"})
+        ipam = IPAM(store)
+        [a] = await ipam.assign("na", "pa")
+        [b] = await ipam.assign("nb", "pb")
+        assert a in IPv4Network("10.16.0.0/24") and b in IPv4Network("10.16.1.0/24")
+        with pytest.raises(PoolExhausted, match="does not select node na"):
+            await ipam.assign("na", "px", pools=["rack-b"])
+        with pytest.raises(NotFound, match="'nope' does not exist"):
+            await ipam.assign("na", "py", pools=["nope"])
+        with pytest.raises(NotFound, match="no enabled IP pool selects node nc"):
+            await ipam.assign("nc", "pz")
+    with_store(etcd, scenario)
+
+
+def test_disabling_a_pool_stops_allocation_even_with_a_warm_cache(etcd):
+    async def scenario(store):
+        await add_pool(store, "p", "10.17.0.0/24")
+        ipam = IPAM(store, refresh_seconds=3600)
+        await ipam.assign("n1", "before")
+        await add_pool(store, "p", "10.17.0.0/24", disabled=True)
+        with pytest.raises(NotFound, match="no enabled IP pool"):
+            await ipam.assign("n1", "after")
+        assert "after" not in (await load_snapshot(store)).handles
+    with_store(etcd, scenario)
+
+
+def test_two_allocators_sharing_blocks_never_hand_out_an_address_twice(etcd):
+    async def scenario(store):
+        await add_pool(store, "p", "10.18.0.0/28", blockSize=28)
+        mine = IPAM(store, refresh_seconds=3600)
+        first = await mine.assign("n1", "a", 4)  # warms mine's cache of the block
+        other = IPAM(store)
+        await configure(store, max_blocks_per_host=1)
+        borrowed = await other.assign("n2", "b", 4)  # n2 borrows from n1's cached block
+        more = await mine.assign("n1", "c", 4)  # mine's cached block is stale: must not reuse
+        everything = first + borrowed + more
+        assert len(set(everything)) == 12
+        await assert_consistent(store)
+    with_store(etcd, scenario)
+
+
+def test_release_by_address_updates_the_handle_and_honours_sequence(etcd):
+    async def scenario(store):
+        await add_pool(store, "p", "10.19.0.0/24")
+        ipam = IPAM(store)
+        a, b = await ipam.assign("n1", "pod", 2)
+        snap = await load_snapshot(store)
+        block = next(iter(snap.blocks.values()))
+        stale = block.sequence_of(a) + 1000
+        assert await release_addresses(store, [Release(a, sequence=stale)]) == []
+        assert await release_addresses(store, [Release(a, sequence=block.sequence_of(a))]) == [a]
+        assert await ipam.addresses("pod") == [b]
+        assert (await load_snapshot(store)).handles["pod"].total == 1
+        await assert_consistent(store)
+        # The allocator's cached view is now stale; its next request must still be right.
+        [c] = await ipam.assign("n1", "next")
+        assert c != b  # b is still held
+        await assert_consistent(store)
+    with_store(etcd, scenario)
+
+
+def test_releasing_a_nodes_affinities(etcd):
+    async def scenario(store):
+        await add_pool(store, "p", "10.20.0.0/26", blockSize=28)
+        ipam = IPAM(store)
+        await ipam.assign("gone", "h1", 20)  # two blocks: one full, one with 4 in use
+        await ipam.release("gone", "h1")
+        [kept] = await ipam.assign("gone", "h2")
+        with pytest.raises(InUse):
+            await release_host_affinities(store, "gone", require_empty=True)
+        result = await release_host_affinities(store, "gone")
+        assert len(result.released) == 1 and len(result.kept_in_use) == 1
+        snap = await load_snapshot(store)
+        assert not any(node == "gone" for node, _ in snap.affinities)
+        [block] = snap.blocks.values()
+        assert block.node is None and block.holder(kept).handle_id == "h2"
+        await assert_consistent(store)
+        # The unowned block's free addresses can be borrowed; when it empties, it goes away.
+        await configure(store, max_blocks_per_host=1)
+        await IPAM(store).release("other", "h2")
+        assert (await load_snapshot(store)).blocks == {}
+    with_store(etcd, scenario)
+
+
+def test_delete_pool_refuses_while_in_use_and_force_cleans_up(etcd):
+    async def scenario(store):
+        await add_pool(store, "p", "10.21.0.0/24", blockSize=28)
+        await add_pool(store, "q", "10.22.0.0/24", blockSize=28)
+        ipam = IPAM(store)
+        await ipam.assign("n1", "in-p", 3, pools=["p"])
+        [in_q] = await ipam.assign("n1", "in-q", pools=["q"])
+        before = await store.snapshot()
+        with pytest.raises(InUse, match="3 address"):
+            await delete_pool(store, "p")
+        assert await store.snapshot() == before
+        result = await delete_pool(store, "p", force=True)
+        assert result.addresses_released == 3
+        snap = await load_snapshot(store)
+        assert [p.name for p in snap.pools] == ["q"]
+        assert "in-p" not in snap.handles and await ipam.addresses("in-q") == [in_q]
+        assert all(cidr.subnet_of(IPv4Network("10.22.0.0/24")) for _, cidr in snap.affinities)
+        await assert_consistent(store)
+    with_store(etcd, scenario)
+
+
+def test_delete_of_an_unused_pool_releases_its_empty_blocks(etcd):
+    async def scenario(store):
+        await add_pool(store, "p", "10.23.0.0/24", blockSize=28)
+        ipam = IPAM(store)
+        await ipam.assign("n1", "h", 1)
+        await ipam.release("n1", "h")
+        await delete_pool(store, "p")
+        assert await store.snapshot() == {}
+    with_store(etcd, scenario)
+
+
+def test_stored_block_json_matches_the_block_model(etcd):
+    async def scenario(store):
+        await add_pool(store, "p", "10.24.0.0/24", blockSize=29)
+        [a] = await IPAM(store).assign("n1", "h")
+        [entry] = await store.list(keys.BLOCKS)
+        block = blocks.from_json(entry.value)
+        assert entry.value["affinity"] == "host:n1" and block.holder(a).handle_id == "h"
+        assert block.ordinal(a) not in entry.value["unallocated"]
+        assert entry.value["sequenceNumberForAllocation"] == {str(block.ordinal(a)): 0}
+    with_store(etcd, scenario)

@@ -1,0 +1,128 @@
+"""The block logic on its own: properties that must hold for any sequence of operations."""
+
+from ipaddress import IPv4Address, IPv4Network
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from ipam import block as blocks
+from ipam.block import Release
+
+CIDR = IPv4Network("10.1.2.0/28")
+
+
+def test_assign_takes_oldest_freed_first():
+    block = blocks.new_block(CIDR, "n1")
+    block, first = blocks.assign(block, 3, "a")
+    assert first == [IPv4Address("10.1.2.0"), IPv4Address("10.1.2.1"), IPv4Address("10.1.2.2")]
+    block, _, _ = blocks.release(block, [Release(first[1])])
+    block, _, _ = blocks.release(block, [Release(first[0])])
+    # Never-used addresses come first (they were freed "longest ago"), then .1, then .0.
+    block, rest = blocks.assign(block, CIDR.num_addresses - 1, "b")
+    assert rest[-2:] == [first[1], first[0]]
+
+
+def test_stale_sequence_number_frees_nothing():
+    block = blocks.new_block(CIDR, "n1")
+    block, [address] = blocks.assign(block, 1, "pod-a")
+    old_sequence = block.sequence_of(address)
+    block, freed, _ = blocks.release(block, [Release(address, sequence=old_sequence)])
+    assert freed == [address]
+    # The address goes to the back of the queue: drain the block until it is handed out again.
+    holder = None
+    while holder != "pod-b":
+        block, [again] = blocks.assign(block, 1, "pod-b")
+        holder = block.holder(address).handle_id if block.holder(address) else None
+    assert block.sequence_of(address) != old_sequence
+    block, freed, _ = blocks.release(block, [Release(address, sequence=old_sequence)])
+    assert freed == [] and block.holder(address).handle_id == "pod-b"
+
+
+def test_release_with_another_handle_frees_nothing():
+    block, [address] = blocks.assign(blocks.new_block(CIDR, None), 1, "pod-a")
+    block, freed, _ = blocks.release(block, [Release(address, handle_id="pod-b")])
+    assert freed == [] and not block.empty
+
+
+def test_json_round_trip_keeps_everything():
+    block = blocks.new_block(CIDR, "n1")
+    block, _ = blocks.assign(block, 5, "a", {"pod": "web", "namespace": "default"})
+    block, freed, _ = blocks.release(block, [Release(IPv4Address("10.1.2.1"))])
+    assert blocks.from_json(blocks.to_json(block)) == block
+
+
+class BlockMachine(RuleBasedStateMachine):
+    """Random interleavings of assign / release (by address, handle, stale sequence)."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = blocks.new_block(CIDR, "n1")
+        self.held: dict[IPv4Address, tuple[str, int]] = {}  # model: address -> (handle, seq)
+        self.retired: list[tuple[IPv4Address, int]] = []  # (address, sequence) released before
+        self.counter = 0
+
+    @rule(count=st.integers(1, 5))
+    def assign(self, count):
+        self.counter += 1
+        handle = f"h{self.counter}"
+        free_before = self.block.free
+        self.block, got = blocks.assign(self.block, count, handle)
+        assert len(got) == min(count, free_before)
+        for address in got:
+            assert address not in self.held, "address handed out twice"
+            self.held[address] = (handle, self.block.sequence_of(address))
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data())
+    def release_address(self, data):
+        address = data.draw(st.sampled_from(sorted(self.held)))
+        self.block, freed, per_handle = blocks.release(self.block, [Release(address)])
+        handle, sequence = self.held.pop(address)
+        assert freed == [address] and per_handle == {handle: 1}
+        self.retired.append((address, sequence))
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data())
+    def release_handle(self, data):
+        handle = data.draw(st.sampled_from(sorted({h for h, _ in self.held.values()})))
+        self.block, freed = blocks.release_handle(self.block, handle)
+        expected = sorted(a for a, (h, _) in self.held.items() if h == handle)
+        assert sorted(freed) == expected
+        for address in expected:
+            self.retired.append((address, self.held.pop(address)[1]))
+
+    @precondition(lambda self: self.retired)
+    @rule(data=st.data())
+    def stale_release(self, data):
+        address, sequence = data.draw(st.sampled_from(self.retired))
+        before = self.block
+        self.block, freed, _ = blocks.release(self.block, [Release(address, sequence=sequence)])
+        assert freed == [] and self.block == before, "a stale release freed something"
+
+    @invariant()
+    def capacity_is_conserved(self):
+        assert self.block.used == len(self.held)
+        assert self.block.free + self.block.used == CIDR.num_addresses
+        assert sorted(self.block.unallocated) == sorted(
+            o for o, i in enumerate(self.block.allocations) if i is None)
+
+    @invariant()
+    def holders_match_the_model(self):
+        for address, (handle, sequence) in self.held.items():
+            assert self.block.holder(address).handle_id == handle
+            assert self.block.sequence_of(address) == sequence
+
+
+TestBlockMachine = BlockMachine.TestCase
+TestBlockMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+@given(st.lists(st.integers(1, 20), min_size=1, max_size=30))
+def test_releasing_everything_restores_full_capacity(counts):
+    block = blocks.new_block(IPv4Network("10.9.0.0/26"), None)
+    for i, count in enumerate(counts):
+        block, _ = blocks.assign(block, count, f"h{i}")
+    for i in range(len(counts)):
+        block, _ = blocks.release_handle(block, f"h{i}")
+    assert block.empty and block.attributes == ()

@@ -1,0 +1,97 @@
+"""Crash safety of the two-phase block claim: a claim cut short after the pending affinity, or
+after the block write, is finished or rolled back by the node's next request."""
+
+from ipaddress import IPv4Network
+
+from ipam import keys
+from ipam.allocator import IPAM
+from ipam.claim import BlockClaim
+from ipam.pool import pool_from_document
+from ipam.snapshot import check, load_snapshot
+from tests.helpers import add_pool, with_store
+
+CIDR = IPv4Network("10.30.0.64/28")
+
+
+async def interrupted_claim(store, node: str, steps: int) -> None:
+    """Run the first `steps` steps of a real claim of CIDR for `node`, then stop (as if the
+    process died there)."""
+    entry = await store.get(keys.pool_key("p"))
+    claim = BlockClaim(store, node, pool_from_document(entry.value), entry.mod_revision, CIDR)
+    assert await claim.write_pending()
+    if steps >= 2:
+        assert await claim.write_block()
+
+
+async def owners(store) -> dict:
+    snap = await load_snapshot(store)
+    assert check(snap) == [], check(snap)
+    return {cidr: (block.node, snap.affinities.get((block.node, cidr)))
+            for cidr, block in snap.blocks.items()}
+
+
+def test_claim_cut_after_pending_affinity_is_completed(etcd):
+    async def scenario(store):
+        await add_pool(store, "p", "10.30.0.0/24", blockSize=28)
+        await interrupted_claim(store, "n1", steps=1)
+        snap = await load_snapshot(store)
+        assert snap.affinities == {("n1", CIDR): "pending"} and snap.blocks == {}
+        [address] = await IPAM(store).assign("n1", "pod")
+        assert address in CIDR  # the finished claim is the node's block and serves it
+        assert (await owners(store)) == {CIDR: ("n1", "confirmed")}
+    with_store(etcd, scenario)
+
+
+def test_claim_cut_after_block_write_is_confirmed(etcd):
+    async def scenario(store):
+        await add_pool(store, "p", "10.30.0.0/24", blockSize=28)
+        await interrupted_claim(store, "n1", steps=2)
+        snap = await load_snapshot(store)
+        assert snap.affinities == {("n1", CIDR): "pending"} and snap.blocks[CIDR].node == "n1"
+        [address] = await IPAM(store).assign("n1", "pod")
+        assert address in CIDR
+        assert (await owners(store)) == {CIDR: ("n1", "confirmed")}
+    with_store(etcd, scenario)
+
+
+def test_pending_claim_that_lost_the_block_is_rolled_back(etcd):
+    async def scenario(store):
+        await add_pool(store, "p", "10.30.0.0/24", blockSize=28)
+        await interrupted_claim(store, "n1", steps=1)
+        # Meanwhile n2 claims the very same block, completely.
+        entry = await store.get(keys.pool_key("p"))
+        won = await BlockClaim(store, "n2", pool_from_document(entry.value), entry.mod_revision,
+                               CIDR).run()
+        assert won is not None
+        [address] = await IPAM(store).assign("n1", "pod")
+        assert address not in CIDR
+        result = await owners(store)
+        assert result[CIDR] == ("n2", "confirmed")
+        assert ("n1", CIDR) not in (await load_snapshot(store)).affinities
+    with_store(etcd, scenario)
+
+
+def test_pending_claim_in_a_disabled_pool_is_rolled_back(etcd):
+    async def scenario(store):
+        await add_pool(store, "p", "10.30.0.0/24", blockSize=28)
+        await add_pool(store, "q", "10.31.0.0/24", blockSize=28)
+        await interrupted_claim(store, "n1", steps=1)
+        await add_pool(store, "p", "10.30.0.0/24", blockSize=28, disabled=True)
+        [address] = await IPAM(store).assign("n1", "pod")
+        assert address in IPv4Network("10.31.0.0/24")
+        snap = await load_snapshot(store)
+        assert ("n1", CIDR) not in snap.affinities and CIDR not in snap.blocks
+        assert check(snap) == []
+    with_store(etcd, scenario)
+
+
+def test_block_write_refuses_after_the_pool_changed(etcd):
+    async def scenario(store):
+        await add_pool(store, "p", "10.30.0.0/24", blockSize=28)
+        entry = await store.get(keys.pool_key("p"))
+        claim = BlockClaim(store, "n1", pool_from_document(entry.value), entry.mod_revision, CIDR)
+        assert await claim.write_pending()
+        await add_pool(store, "p", "10.30.0.0/24", blockSize=28, disabled=True)
+        assert not await claim.write_block()
+        assert await store.snapshot(keys.HOSTS) == {} and await store.snapshot(keys.BLOCKS) == {}
+    with_store(etcd, scenario)
