@@ -1,0 +1,363 @@
+"""Tests for bgp_agent.kernel_routes: the pure route data, diff and netlink encoding, and
+KernelRoutes against the real kernel inside network namespaces the tests create and remove."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import uuid
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bgp_agent.kernel_routes import (
+    NLM_F_CREATE,
+    NLM_F_REPLACE,
+    RT_SCOPE_NOWHERE,
+    RTM_DELROUTE,
+    RTPROT_PIPIT,
+    KernelRoutes,
+    NextHop,
+    Route,
+    decode_route,
+    diff,
+    encode_delroute,
+    encode_newroute,
+)
+
+A = IPv4Address
+N = IPv4Network
+GW1, GW2, GW3 = A("192.168.0.2"), A("192.168.0.3"), A("192.168.0.4")
+
+
+def via(dst: str, *gateways: IPv4Address, ifindex: int | None = None, onlink: bool = False,
+        table: int = 254) -> Route:
+    return Route(N(dst), tuple(NextHop(gw, ifindex, onlink) for gw in gateways), table=table)
+
+
+def blackhole(dst: str) -> Route:
+    return Route(N(dst), blackhole=True)
+
+
+def by_dst(*routes: Route) -> dict[IPv4Network, Route]:
+    return {route.dst: route for route in routes}
+
+
+# --------------------------------------------------------------------------------------------
+# Pure: route data and diff
+
+def test_nexthops_are_kept_in_canonical_order():
+    one = Route(N("10.1.0.0/26"), (NextHop(GW2), NextHop(GW1)))
+    other = Route(N("10.1.0.0/26"), [NextHop(GW1), NextHop(GW2)])
+    assert one == other and hash(one) == hash(other)
+    assert one.nexthops == (NextHop(GW1), NextHop(GW2))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: Route(N("10.1.0.0/26")),
+    lambda: Route(N("10.1.0.0/26"), (NextHop(GW1),), blackhole=True),
+    lambda: NextHop(GW1, onlink=True),
+])
+def test_invalid_routes_are_refused(make):
+    with pytest.raises(ValueError):
+        make()
+
+
+def test_diff_replaces_missing_and_changed_and_deletes_stale():
+    keep, change, gone = via("10.1.0.0/26", GW1), via("10.1.1.0/26", GW1), via("10.1.2.0/26", GW1)
+    new = blackhole("10.1.3.0/26")
+    changed = via("10.1.1.0/26", GW1, GW2)
+    to_replace, to_delete = diff(by_dst(keep, changed, new), by_dst(keep, change, gone))
+    assert to_replace == [changed, new]
+    assert to_delete == [gone]
+
+
+def test_diff_of_equal_tables_is_empty():
+    routes = by_dst(via("10.1.0.0/26", GW1), blackhole("10.1.1.0/26"), via("10.1.2.0/26", GW2, GW1))
+    assert diff(routes, dict(routes)) == ([], [])
+    assert diff({}, {}) == ([], [])
+
+
+def test_diff_wanted_nexthop_without_device_matches_any_device():
+    # The kernel reports the device it picked; a desired route without one still matches.
+    kernel = via("10.1.0.0/26", GW1, ifindex=7)
+    assert diff(by_dst(via("10.1.0.0/26", GW1)), by_dst(kernel)) == ([], [])
+    wrong_device = via("10.1.0.0/26", GW1, ifindex=8)
+    assert diff(by_dst(wrong_device), by_dst(kernel)) == ([wrong_device], [])
+    onlink = via("10.1.0.0/26", GW1, ifindex=7, onlink=True)
+    assert diff(by_dst(onlink), by_dst(kernel)) == ([onlink], [])
+
+
+def test_diff_blackhole_versus_via_is_a_change():
+    assert diff(by_dst(blackhole("10.1.0.0/26")), by_dst(via("10.1.0.0/26", GW1))) == (
+        [blackhole("10.1.0.0/26")], [])
+
+
+# --------------------------------------------------------------------------------------------
+# Pure: netlink encoding
+
+gateways = st.integers(1, 2**32 - 2).map(IPv4Address)
+nexthops = st.builds(
+    lambda gw, ifindex, onlink: NextHop(gw, ifindex, onlink and ifindex is not None),
+    gateways, st.none() | st.integers(1, 2**31 - 1), st.booleans())
+networks = st.builds(lambda addr, plen: IPv4Network((addr, plen), strict=False),
+                     st.integers(0, 2**32 - 1), st.integers(0, 32))
+routes = st.one_of(
+    st.builds(Route, networks, st.lists(nexthops, min_size=1, max_size=4).map(tuple),
+              st.just(False), st.sampled_from([254, 100, 1000, 2**31])),
+    st.builds(Route, networks, st.just(()), st.just(True), st.sampled_from([254, 1000])),
+)
+
+
+@given(routes)
+def test_encoded_route_decodes_to_itself(route):
+    message = encode_newroute(route, NLM_F_CREATE | NLM_F_REPLACE, 1)
+    assert len(message) % 4 == 0
+    assert decode_route(message, 0, len(message), route.table) == route
+
+
+def test_delete_request_matches_only_pipit_routes_of_any_scope():
+    message = encode_delroute(via("10.1.0.0/26", GW1), 0, 9)
+    assert int.from_bytes(message[4:6], "little") == RTM_DELROUTE
+    family, dst_len, _, _, table, protocol, scope, rtm_type = message[16:24]
+    assert (dst_len, table, protocol, scope, rtm_type) == (
+        26, 254, RTPROT_PIPIT, RT_SCOPE_NOWHERE, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Real kernel, in network namespaces
+
+def sh(*args: str) -> str:
+    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
+
+
+@dataclass
+class Node:
+    """A node's network namespace: v0 (192.168.0.1/24) towards a peer namespace holding
+    192.168.0.2-4, and tun0, an unaddressed device standing in for tunl0 / vxlan.pipit."""
+
+    netns: str
+    v0: int
+    tun0: int
+
+    def ip(self, *args: str) -> str:
+        return sh("ip", "-n", self.netns, *args)
+
+    def routes(self, *selector: str) -> list[dict]:
+        return json.loads(self.ip("-j", "route", "show", *selector) or "[]")
+
+    def pipit_routes(self) -> dict[str, dict]:
+        return {r["dst"]: r for r in self.routes("table", "all", "proto", str(RTPROT_PIPIT))}
+
+    def foreign_routes(self) -> list[dict]:
+        """Everything in every table that is not Pipit's, IPv4 and IPv6."""
+        return [r for r in self.routes("table", "all") if r.get("protocol") != str(RTPROT_PIPIT)]
+
+
+@pytest.fixture
+def node():
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+    name = f"pipit-t-{uuid.uuid4().hex[:8]}"
+    peer = f"{name}-peer"
+    created = []
+    try:
+        for ns in (name, peer):
+            sh("ip", "netns", "add", ns)
+            created.append(ns)
+        for dev, peer_dev in (("v0", "p0"), ("tun0", "p1")):
+            sh("ip", "-n", name, "link", "add", dev, "type", "veth",
+               "peer", "name", peer_dev, "netns", peer)
+            sh("ip", "-n", name, "link", "set", dev, "up")
+            sh("ip", "-n", peer, "link", "set", peer_dev, "up")
+        sh("ip", "-n", name, "addr", "add", "192.168.0.1/24", "dev", "v0")
+        for address in ("192.168.0.2/24", "192.168.0.3/24", "192.168.0.4/24"):
+            sh("ip", "-n", peer, "addr", "add", address, "dev", "p0")
+        links = {link["ifname"]: link["ifindex"]
+                 for link in json.loads(sh("ip", "-n", name, "-j", "link", "show"))}
+        yield Node(name, links["v0"], links["tun0"])
+    finally:
+        for ns in reversed(created):
+            subprocess.run(["ip", "netns", "delete", ns], check=False)
+
+
+@pytest.fixture
+def kernel(node):
+    with KernelRoutes(node.netns) as kernel:
+        yield kernel
+
+
+def add_foreign_routes(node: Node) -> None:
+    node.ip("route", "add", "10.9.0.0/24", "via", "192.168.0.2", "proto", "static")
+    node.ip("route", "add", "10.9.1.0/24", "via", "192.168.0.3", "proto", "bird")  # 12
+    node.ip("route", "add", "blackhole", "10.9.2.0/24", "proto", "static")
+    node.ip("route", "add", "10.9.3.0/24", "via", "192.168.0.2", "proto", "static", "table", "1000")
+
+
+def test_install_via_route(node, kernel):
+    assert kernel.apply([via("10.1.0.0/26", GW1)]) == []
+    assert node.routes("proto", "91") == [
+        {"dst": "10.1.0.0/26", "gateway": "192.168.0.2", "dev": "v0", "flags": []}]
+    assert node.routes("10.1.0.0/26")[0]["protocol"] == "91"
+
+
+def test_ecmp_route_has_both_nexthops(node, kernel):
+    assert kernel.apply([via("10.1.0.0/26", GW2, GW1)]) == []
+    [route] = node.routes("proto", "91")
+    assert [(hop["gateway"], hop["dev"]) for hop in route["nexthops"]] == [
+        ("192.168.0.2", "v0"), ("192.168.0.3", "v0")]
+
+
+def test_blackhole(node, kernel):
+    assert kernel.apply([blackhole("10.1.0.0/26")]) == []
+    assert node.routes("proto", "91") == [{"type": "blackhole", "dst": "10.1.0.0/26", "flags": []}]
+
+
+def test_onlink_via_device(node, kernel):
+    # tun0 has no address in 172.16/12: without onlink the kernel would refuse this gateway.
+    onlink = [via("10.1.0.0/26", A("172.16.0.1"), ifindex=node.tun0, onlink=True),
+              via("10.1.1.0/26", A("172.16.0.1"), A("172.16.0.2"), ifindex=node.tun0, onlink=True)]
+    assert kernel.apply(onlink) == []
+    routes = node.pipit_routes()
+    assert routes["10.1.0.0/26"] == {
+        "dst": "10.1.0.0/26", "gateway": "172.16.0.1", "dev": "tun0", "flags": ["onlink"]}
+    hops = routes["10.1.1.0/26"]["nexthops"]
+    assert [(hop["gateway"], hop["dev"], hop["flags"]) for hop in hops] == [
+        ("172.16.0.1", "tun0", ["onlink"]), ("172.16.0.2", "tun0", ["onlink"])]
+    assert kernel.dump() == by_dst(*onlink)
+
+
+def test_replace_changes_a_route_in_place(node, kernel):
+    assert kernel.apply([via("10.1.0.0/26", GW1), via("10.1.1.0/26", GW1)]) == []
+    assert kernel.apply([via("10.1.0.0/26", GW2), blackhole("10.1.1.0/26")]) == []
+    routes = node.pipit_routes()
+    assert routes["10.1.0.0/26"]["gateway"] == "192.168.0.3"
+    assert routes["10.1.1.0/26"]["type"] == "blackhole"
+    assert len(node.routes("10.1.0.0/26")) == 1
+
+
+def test_dump_after_apply_equals_desired(node, kernel):
+    desired = by_dst(
+        via("10.1.0.0/26", GW1, ifindex=node.v0),
+        via("10.1.1.0/26", GW1, GW2, GW3, ifindex=node.v0),
+        via("10.1.2.0/26", A("172.16.0.9"), ifindex=node.tun0, onlink=True),
+        blackhole("10.1.3.0/26"),
+        blackhole("10.2.0.0/16"),
+        via("10.1.4.0/32", GW1, ifindex=node.v0),
+    )
+    assert kernel.apply(desired.values()) == []
+    assert kernel.dump() == desired
+    # Without devices the routes differ from the dump, but diff sees nothing to do.
+    no_devices = by_dst(via("10.1.0.0/26", GW1), via("10.1.1.0/26", GW3, GW2, GW1))
+    assert kernel.reconcile(no_devices).replaced == 0
+    assert diff(no_devices, kernel.dump()) == ([], [])
+
+
+def test_dump_reads_other_tables_and_reuses_given_networks(node, kernel):
+    in_table = via("10.1.0.0/26", GW1, ifindex=node.v0, table=1000)
+    assert kernel.apply([in_table, via("10.1.1.0/26", GW1)]) == []
+    assert kernel.dump(1000) == by_dst(in_table)
+    assert kernel.dump(2000) == {}  # no such table
+    prefix = N("10.1.1.0/26")
+    [dumped] = kernel.dump(reuse=[prefix])
+    assert dumped is prefix
+
+
+def test_reconcile_adds_replaces_and_removes_stale_routes(node, kernel):
+    assert kernel.apply([via("10.1.0.0/26", GW1), via("10.1.1.0/26", GW1),
+                         via("10.1.2.0/26", GW1)]) == []
+    desired = by_dst(via("10.1.0.0/26", GW1), via("10.1.1.0/26", GW2), blackhole("10.1.3.0/26"))
+    stats = kernel.reconcile(desired)
+    assert (stats.found, stats.added, stats.replaced, stats.deleted) == (3, 1, 1, 1)
+    assert stats.errors == []
+    assert sorted(node.pipit_routes()) == ["10.1.0.0/26", "10.1.1.0/26", "10.1.3.0/26"]
+    assert diff(desired, kernel.dump()) == ([], [])
+    again = kernel.reconcile(desired)
+    assert (again.added, again.replaced, again.deleted) == (0, 0, 0)
+
+
+def test_other_protocols_routes_are_never_touched(node, kernel):
+    add_foreign_routes(node)
+    before = node.foreign_routes()
+    assert {r["dst"]: r["protocol"] for r in before if r["dst"].startswith("10.9.")} == {
+        "10.9.0.0/24": "static", "10.9.1.0/24": "bird",
+        "10.9.2.0/24": "static", "10.9.3.0/24": "static"}
+
+    assert kernel.dump() == {}
+    assert kernel.dump(1000) == {}
+    assert kernel.apply([via("10.1.0.0/26", GW1), blackhole("10.1.1.0/26")]) == []
+    assert kernel.reconcile(by_dst(via("10.1.0.0/26", GW2))).errors == []
+    # Deleting a prefix another protocol holds: nothing of ours there, so nothing happens.
+    foreign = [via("10.9.0.0/24", GW1), via("10.9.1.0/24", GW2), blackhole("10.9.2.0/24"),
+               via("10.9.3.0/24", GW1, table=1000)]
+    assert kernel.apply(delete=foreign) == []
+    assert kernel.reconcile({}).deleted == 1
+    assert kernel.reconcile({}, table=1000).deleted == 0
+    assert node.foreign_routes() == before
+    assert node.pipit_routes() == {}
+
+
+def test_reconcile_does_not_overwrite_another_protocols_route_for_the_same_prefix(node, kernel):
+    add_foreign_routes(node)
+    before = node.foreign_routes()
+    desired = by_dst(via("10.9.0.0/24", GW3), via("10.9.1.0/24", GW3), via("10.1.0.0/26", GW1))
+    stats = kernel.reconcile(desired)
+    assert sorted((str(e.route.dst), e.op, e.errno) for e in stats.errors) == [
+        ("10.9.0.0/24", "add", errno.EEXIST), ("10.9.1.0/24", "add", errno.EEXIST)]
+    assert node.foreign_routes() == before
+    assert sorted(node.pipit_routes()) == ["10.1.0.0/26"]
+
+
+def test_a_refused_route_is_reported_and_the_rest_applied(node, kernel):
+    unreachable = via("10.1.1.0/26", A("172.16.0.1"))  # not on any link, and not onlink
+    missing_device = via("10.1.3.0/26", GW1, ifindex=999)
+    routes = [via("10.1.0.0/26", GW1), unreachable, via("10.1.2.0/26", GW2), missing_device]
+    errors = kernel.apply(routes)
+    assert [(e.route, e.op, e.errno) for e in errors] == [
+        (unreachable, "replace", errno.ENETUNREACH), (missing_device, "replace", errno.ENETUNREACH)]
+    assert errors[0].message  # the kernel's reason, via extended ACK
+    assert "10.1.1.0/26" in str(errors[0])
+    assert sorted(node.pipit_routes()) == ["10.1.0.0/26", "10.1.2.0/26"]
+
+
+def test_errors_across_many_batches_are_all_reported(node):
+    good = [Route(N((0x0A000000 + i * 64, 26)), (NextHop(GW1),)) for i in range(300)]
+    bad = [Route(N((0x0B000000 + i * 64, 26)), (NextHop(A("172.16.0.1")),)) for i in range(300)]
+    mixed = [route for pair in zip(good, bad) for route in pair]  # every batch ends with a failure
+    with KernelRoutes(node.netns, batch=16) as kernel:
+        errors = kernel.apply(mixed)
+        assert [e.route for e in errors] == bad
+        assert set(kernel.dump()) == {r.dst for r in good}
+    with KernelRoutes(node.netns) as kernel:  # full default-size batches of nothing but errors
+        assert [e.route for e in kernel.apply(bad * 10)] == bad * 10
+
+
+def test_many_routes_round_trip(node, kernel):
+    desired = by_dst(*(Route(N((0x0A000000 + i * 64, 26)), (NextHop((GW1, GW2)[i % 2]),))
+                       for i in range(5000)))
+    stats = kernel.reconcile(desired)
+    assert (stats.added, stats.errors) == (5000, [])
+    assert diff(desired, kernel.dump()) == ([], [])
+    assert len(node.routes("proto", "91")) == 5000
+    assert kernel.reconcile({}).deleted == 5000
+    assert node.pipit_routes() == {}
+
+
+def test_routes_go_to_the_named_namespace_only(node, kernel):
+    def in_root_namespace():
+        return sh("ip", "route", "show", "table", "all", "10.254.77.0/26")
+
+    before = in_root_namespace()
+    assert kernel.apply([via("10.254.77.0/26", GW1)]) == []
+    assert in_root_namespace() == before
+    assert list(node.pipit_routes()) == ["10.254.77.0/26"]
+
+
+def test_unknown_namespace_is_a_clear_error():
+    with pytest.raises(FileNotFoundError, match="network namespace 'pipit-t-none' does not exist"):
+        KernelRoutes("pipit-t-none")
