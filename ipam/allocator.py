@@ -47,6 +47,7 @@ class AssignRequest:
     count: int = 1
     attributes: Mapping[str, str] = field(default_factory=dict)
     pools: tuple[str, ...] = ()  # by name; empty: every enabled pool that selects the node
+    reuse: bool = False  # if the handle already holds addresses, answer with those (idempotent)
 
 
 @dataclass(frozen=True)
@@ -162,13 +163,15 @@ class IPAM:
 
     async def assign(self, node: str, handle_id: str, count: int = 1,
                      attributes: Mapping[str, str] | None = None,
-                     pools: Iterable[str] = ()) -> list[IPv4Address]:
-        """Allocate `count` addresses for the handle on this node; all or nothing."""
+                     pools: Iterable[str] = (), reuse: bool = False) -> list[IPv4Address]:
+        """Allocate `count` addresses for the handle on this node; all or nothing. With
+        `reuse`, a handle that already holds addresses gets those back instead."""
         check_handle_id(handle_id)
         if not isinstance(count, int) or count < 1:
             raise InvalidResource(f"the number of addresses must be 1 or more, not {count!r}.")
         attrs = {"node": node, **(attributes or {})}
-        return await self._submit(node, AssignRequest(handle_id, count, attrs, tuple(pools)))
+        return await self._submit(node, AssignRequest(handle_id, count, attrs, tuple(pools),
+                                                      reuse))
 
     async def release(self, node: str, handle_id: str) -> list[IPv4Address]:
         """Free every address of the handle (batched with the node's other requests)."""
@@ -219,7 +222,7 @@ class IPAM:
         for _ in range(MAX_ATTEMPTS):
             view = await self._view(node)
             plan = _Plan(view)
-            await self._prefetch_releases(plan, requests)
+            await self._prefetch_handles(plan, requests)
             outcomes: list = []
             for request in requests:
                 if outcomes and len(plan.revisions) + len(view.pools) >= TXN_KEY_BUDGET:
@@ -259,6 +262,10 @@ class IPAM:
 
     async def _plan_assign(self, plan: _Plan, request: AssignRequest) -> list[IPv4Address]:
         view = plan.view
+        if request.reuse:
+            held = self._held(plan, request.handle_id)
+            if held:
+                return held
         pools = view.eligible_pools(request.pools)
         taken: dict[IPv4Network, Block] = {}  # this request's changes, merged only if complete
         got: list[IPv4Address] = []
@@ -339,24 +346,44 @@ class IPAM:
                     plan.foreign.setdefault(block.cidr, (block, entry.mod_revision))
         return [c for c, (b, _) in plan.foreign.items() if b.free]
 
-    async def _prefetch_releases(self, plan: _Plan, requests: list[Request]) -> None:
-        """Read the handles (and foreign blocks) that release requests need, in one trip each."""
+    async def _prefetch_handles(self, plan: _Plan, requests: list[Request]) -> None:
+        """Read the handles (and other nodes' blocks) that releases and idempotent assigns
+        need: one round trip for all handles, one for all blocks."""
         view = plan.view
-        wanted = [keys.handle_key(r.handle_id) for r in requests
-                  if isinstance(r, ReleaseRequest) and r.handle_id not in view.handles]
-        for key, entry in (await self.store.get_many(wanted)).items():
+        # A handle cached from our own writes is good enough to release (the transaction
+        # checks it); answering "you already have these" must not rest on a cache.
+        wanted = [r.handle_id for r in requests
+                  if isinstance(r, AssignRequest) and r.reuse
+                  or isinstance(r, ReleaseRequest) and r.handle_id not in view.handles]
+        found = await self.store.get_many(keys.handle_key(h) for h in wanted)
+        for handle_id in wanted:
+            entry = found[keys.handle_key(handle_id)]
             if entry is not None:
-                handle = handles.from_json(entry.value)
-                view.handles[handle.handle_id] = (handle, entry.mod_revision)
-        foreign = {IPv4Network(c) for r in requests if isinstance(r, ReleaseRequest)
-                   for c in view.handles.get(r.handle_id, (Handle(""), 0))[0].blocks}
-        foreign -= set(view.blocks)
+                view.handles[handle_id] = (handles.from_json(entry.value), entry.mod_revision)
+            else:
+                view.handles.pop(handle_id, None)
+        foreign = {IPv4Network(c) for r in requests if r.handle_id in view.handles
+                   for c in view.handles[r.handle_id][0].blocks} - set(view.blocks)
         for key, entry in (await self.store.get_many(keys.block_key(c) for c in foreign)).items():
             if entry is not None:
                 plan.foreign[keys.block_cidr(key)] = (blocks.from_json(entry.value),
                                                       entry.mod_revision)
             else:
                 plan.revisions.setdefault(key, 0)
+
+    @staticmethod
+    def _held(plan: _Plan, handle_id: str) -> list[IPv4Address]:
+        """The addresses a handle holds as this batch sees them."""
+        if handle_id not in plan.handles and handle_id not in plan.view.handles:
+            return []
+        handle = plan.read_handle(handle_id)
+        held: list[IPv4Address] = []
+        for cidr_text in handle.blocks:
+            cidr = IPv4Network(cidr_text)
+            block = plan.read_block(cidr) or plan.read_block(cidr, plan.foreign)
+            if block is not None:
+                held += blocks.addresses_of(block, handle_id)
+        return sorted(held)
 
     def _plan_release(self, plan: _Plan, request: ReleaseRequest) -> list[IPv4Address]:
         if request.handle_id not in plan.view.handles and request.handle_id not in plan.handles:

@@ -6,6 +6,10 @@ ordinals, taken from the front and returned to the back, so the address freed lo
 reused first. Each allocation records the block's running sequence number, and a release that
 names a sequence number frees the address only if it is still that same allocation.
 
+The first address of a block of four or more is its gateway: never queued for allocation,
+it is what pods with addresses in the block route through (the reference CNI plugins `ptp`
+and `bridge` put it on the host side), as host-local keeps a subnet's first address.
+
 Functions never mutate their argument: they return a new Block.
 """
 
@@ -43,11 +47,22 @@ class Block:
 
     @property
     def used(self) -> int:
-        return self.size - self.free
+        return sum(1 for i in self.allocations if i is not None)
+
+    @property
+    def capacity(self) -> int:
+        return self.free + self.used
 
     @property
     def empty(self) -> bool:
-        return self.free == self.size
+        return all(i is None for i in self.allocations)
+
+    @property
+    def gateway(self) -> IPv4Address | None:
+        """The reserved first address, if this block has one."""
+        if self.allocations[0] is None and 0 not in self.unallocated:
+            return self.cidr.network_address
+        return None
 
     @property
     def node(self) -> str | None:
@@ -80,10 +95,18 @@ def affinity_for(node: str) -> str:
     return f"host:{node}"
 
 
+GATEWAY_MIN_SIZE = 4  # blocks of /30 or larger keep their first address as the gateway
+
+
+def block_capacity(size: int) -> int:
+    return size - 1 if size >= GATEWAY_MIN_SIZE else size
+
+
 def new_block(cidr: IPv4Network, node: str | None) -> Block:
     size = cidr.num_addresses
+    first = size - block_capacity(size)
     return Block(cidr=cidr, affinity=affinity_for(node) if node else None,
-                 allocations=(None,) * size, unallocated=tuple(range(size)))
+                 allocations=(None,) * size, unallocated=tuple(range(first, size)))
 
 
 def assign(block: Block, count: int, handle_id: str,

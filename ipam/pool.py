@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, ip_network
 
+from ipam.block import block_capacity
 from ipam.errors import InvalidResource
 from ipam.resource import SpecReader, make_document
 from ipam.selector import parse_selector
@@ -44,6 +45,11 @@ class IPPool:
     @property
     def block_count(self) -> int:
         return 1 << (self.block_size - self.cidr.prefixlen)
+
+    @property
+    def capacity(self) -> int:
+        """Addresses pods can get: all but each block's gateway."""
+        return self.block_count * block_capacity(1 << (32 - self.block_size))
 
     def block(self, index: int) -> IPv4Network:
         size = 1 << (32 - self.block_size)
@@ -92,16 +98,16 @@ def _parse_cidr(text: str, read: SpecReader) -> IPv4Network:
     text = text.strip()
     address, slash, length = text.partition("/")
     example = "such as 10.244.0.0/16"
-    if not slash:
-        raise read.fail(f"cidr {text!r} needs a prefix length, {example}.")
     try:
         network = ip_network(text, strict=False)
     except ValueError:
-        raise read.fail(f"cidr {text!r} is not an IP network {example}.") from None
+        raise read.fail(f"cidr {text!r} is not an IP network in CIDR form, {example}.") from None
+    if not slash:
+        raise read.fail(f"cidr {text!r} needs a prefix length, {example}.")
     if network.version != 4:
         raise read.fail(f"cidr {text} is IPv6; Pipit pools are IPv4 only for now.")
     if network.network_address != IPv4Address(address):
-        raise read.fail(f"cidr {text} has host bits set; did you mean {network}?")
+        raise read.fail(f"cidr {text} has host bits set; write it as {network}.")
     return network
 
 

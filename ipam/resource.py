@@ -47,6 +47,8 @@ def parse_documents(text: str) -> list[dict]:
 
 
 def check_name(kind: str, name: object) -> str:
+    if name is None or name == "":
+        raise InvalidResource(f"{kind} has no metadata.name; give it one, such as 'default'.")
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise InvalidResource(
             f"{kind} name {name!r} is not valid: use lower-case letters, digits, '-' and '.', "

@@ -68,7 +68,7 @@ class Usage:
 
 def pool_usage(snap: Snapshot, pool: IPPool) -> Usage:
     used = sum(b.used for c, b in snap.blocks.items() if c.subnet_of(pool.cidr))
-    return Usage(pool.cidr.num_addresses, used)
+    return Usage(pool.capacity, used)
 
 
 def blocks_of(snap: Snapshot, pool: IPPool) -> list[Block]:

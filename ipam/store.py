@@ -13,7 +13,7 @@ import asyncio
 import json
 import os
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -75,6 +75,17 @@ class EtcdConfig:
         return ",".join(self.endpoints)
 
 
+# gRPC's words (any case) for a failed TLS set-up in its error details -> what to check.
+_TLS_FAILURES = (
+    ("CERTIFICATE_VERIFY_FAILED", "its TLS certificate is not trusted (check --etcd-ca-cert)"),
+    ("security handshaker", "the TLS set-up failed (are --etcd-ca-cert, --etcd-cert and "
+                            "--etcd-key PEM files, and the key the certificate's?)"),
+    ("TSI_DATA_CORRUPTED", "it refused the TLS connection (it may require a client certificate: "
+                           "--etcd-cert and --etcd-key)"),
+    ("handshake", "the TLS handshake failed (check --etcd-ca-cert, --etcd-cert and --etcd-key)"),
+)
+
+
 def _host_port(endpoint: str) -> tuple[str, int]:
     parts = urlsplit(endpoint if "://" in endpoint else "http://" + endpoint)
     try:
@@ -109,7 +120,14 @@ class _Client(aetcd.Client):
                     f"cannot resolve etcd endpoint {endpoint}: {error.strerror}.") from None
             addresses.extend(f"{info[4][0]}:{port}" for info in infos[:1])
         target = "ipv4:" + ",".join(addresses)
-        options = [("grpc.max_receive_message_length", 64 << 20)]
+        options = [
+            ("grpc.max_receive_message_length", 64 << 20),
+            # After etcd restarts, be back within a second or two, not gRPC's default of
+            # up to two minutes of back-off (calls fail fast meanwhile).
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+        ]
         if config.uses_tls:
             def read(path):
                 with open(path, "rb") as f:
@@ -198,7 +216,11 @@ class Store:
             return DatastoreUnavailable(
                 f"etcd at {where} did not answer within {self.config.timeout:g} s.")
         if code == grpc.StatusCode.UNAVAILABLE:
-            detail = (error.details() or "").rsplit(": ", 1)[-1] or "unreachable"
+            details = error.details() or ""
+            detail = next((what for marker, what in _TLS_FAILURES
+                           if marker.lower() in details.lower()), None)
+            if detail is None:
+                detail = details.rsplit(": ", 1)[-1].rstrip(".") or "unreachable"
             return DatastoreUnavailable(f"cannot reach etcd at {where}: {detail}.")
         return DatastoreUnavailable(
             f"etcd at {where} refused the request: {error.details() or code.name}.")
@@ -223,9 +245,47 @@ class Store:
         return result
 
     async def list(self, prefix: str) -> list[Entry]:
+        return (await self.list_with_revision(prefix))[0]
+
+    async def list_with_revision(self, prefix: str) -> tuple[list[Entry], int]:
+        """Every entry under prefix, and the store revision they were read at."""
         raw = prefix.encode()
         response = await self._call("Range", rpc.RangeRequest(key=raw, range_end=_range_end(raw)))
-        return [_entry(kv) for kv in response.kvs]
+        return [_entry(kv) for kv in response.kvs], response.header.revision
+
+    async def watch(self, prefix: str, start_revision: int
+                    ) -> AsyncIterator[list[tuple[str, Entry | None]]]:
+        """Changes under prefix from start_revision on, one list per etcd revision: (key,
+        new entry) or (key, None) for a deletion. Ends with DatastoreUnavailable when the
+        stream breaks (etcd restarted, revision compacted): list again and resume."""
+        await self._client.connect()
+        raw = prefix.encode()
+        create = rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+            key=raw, range_end=_range_end(raw), start_revision=start_revision))
+        closed = asyncio.Event()
+
+        async def requests():
+            yield create
+            await closed.wait()  # half-closing the stream would end the watch
+
+        call = rpc.WatchStub(self._client.channel).Watch(requests())
+        try:
+            async for response in call:
+                if response.compact_revision:
+                    raise DatastoreUnavailable(f"the etcd history before revision "
+                                               f"{response.compact_revision} is compacted.")
+                if response.canceled:
+                    raise DatastoreUnavailable(f"etcd canceled the watch of {prefix}: "
+                                               f"{response.cancel_reason or 'no reason given'}.")
+                if response.events:
+                    yield [(e.kv.key.decode(),
+                            _entry(e.kv) if e.type == rpc.Event.PUT else None)
+                           for e in response.events]
+        except grpc.aio.AioRpcError as error:
+            raise self._unavailable(error) from None
+        finally:
+            closed.set()
+            call.cancel()
 
     async def list_keys(self, prefix: str) -> list[str]:
         raw = prefix.encode()

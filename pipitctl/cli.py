@@ -155,7 +155,7 @@ async def show(store: Store, show_blocks: bool, address: str | None) -> None:
     for pool in snap.pools:
         usage = pool_usage(snap, pool)
         rows.append((pool.name, pool.cidr, usage.total, usage.used, usage.free,
-                     f"{output.bar(usage.used / usage.total)} {usage.percent:5.1f}%"))
+                     f"{output.bar(usage.used / usage.total)} {output.percent(usage.percent)}"))
     click.echo(output.table(("POOL", "CIDR", "TOTAL", "IN USE", "FREE", "USED"), rows))
     if show_blocks:
         block_rows = [(pool.name, b.cidr, b.node or "(none)", b.used, b.free)
@@ -178,6 +178,8 @@ def describe_address(snap, address: IPv4Address) -> str:
     if info.block is None:
         return f"{address} is free: it is in pool {info.pool.name!r}, in no block yet."
     where = f"block {info.block.cidr} (node {info.block.node or 'none'})"
+    if info.block.gateway == address:
+        return f"{address} is reserved as the gateway of {where}."
     if info.holder is None:
         return f"{address} is free, in {where}."
     attrs = " ".join(f"{k}={v}" for k, v in sorted(info.holder.secondary.items()))
@@ -211,28 +213,35 @@ async def release_command(store: Store, addresses: tuple[str, ...]) -> None:
     wanted = [parse_address(a) for a in addresses]
     freed = set(await release_addresses(store, [Release(a) for a in wanted]))
     for address in wanted:
-        click.echo(f"released {address}" if address in freed else
-                   f"{address} was not in use; nothing released")
+        if address in freed:
+            click.echo(f"released {address}")
+        else:
+            click.echo(f"Error: {address} was not in use; nothing released.", err=True)
     if len(freed) < len(set(wanted)):
         raise SystemExit(1)
 
 
 @ipam.command()
-@click.option("--strict-affinity", type=click.BOOL, metavar="true|false",
+@click.option("--strict-affinity", type=click.Choice(["true", "false"]), metavar="true|false",
               help="Only use the node's own blocks; never borrow from other nodes' blocks.")
-@click.option("--max-blocks-per-host", type=click.IntRange(min=0), metavar="N",
+@click.option("--max-blocks-per-host", type=int, metavar="N",
               help=f"Blocks one node may claim (0 means {DEFAULT_MAX_BLOCKS_PER_HOST}).")
 @etcd_options
-async def configure(store: Store, strict_affinity: bool | None,
+async def configure(store: Store, strict_affinity: str | None,
                     max_blocks_per_host: int | None) -> None:
     """Show or change the IPAM settings."""
+    if max_blocks_per_host is not None:
+        config_from_spec({"maxBlocksPerHost": max_blocks_per_host})  # the same check as stored
+    if strict_affinity is not None:
+        strict_affinity = strict_affinity == "true"
+
     async def decide(changes: Changes) -> IPAMConfig:
         entry = await changes.get(keys.IPAM_CONFIG)
         config = config_from_spec(entry.value.get("spec") or {}) if entry else IPAMConfig()
         new = IPAMConfig(
             config.strict_affinity if strict_affinity is None else strict_affinity,
             config.max_blocks_per_host if max_blocks_per_host is None else max_blocks_per_host)
-        if new != config or entry is None:
+        if new != config:  # showing the settings writes nothing
             changes.put(keys.IPAM_CONFIG, config_to_document(new))
         return new
     config = await transact(store, decide, "changing the IPAM settings")
@@ -242,13 +251,22 @@ async def configure(store: Store, strict_affinity: bool | None,
                                                else ""))
 
 
+# click 8.2+ raises this for a bare `pipitctl` (or `pipitctl ipam`); older versions print the
+# help themselves.
+_HELP_NOT_ERROR = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
         sys.exit(130)
-    except click.ClickException as error:
+    except _HELP_NOT_ERROR as error:  # bare `pipitctl`: the help
         error.show()
+        sys.exit(error.exit_code)
+    except click.ClickException as error:  # usage errors too: one line, not the usage text
+        message = error.format_message().rstrip()
+        click.echo(f"Error: {message}" + ("" if message.endswith(".") else "."), err=True)
         sys.exit(error.exit_code)
     except PipitError as error:
         click.echo(f"Error: {error}", err=True)

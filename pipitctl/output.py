@@ -24,6 +24,11 @@ def bar(fraction: float, width: int = 20) -> str:
     return "[" + "#" * marks + "-" * (width - marks) + "]"
 
 
+def percent(value: float) -> str:
+    """' 25.0%', and '<0.1%' rather than ' 0.0%' when something is in use."""
+    return f"{'<0.1':>5}%" if 0 < value < 0.05 else f"{value:5.1f}%"
+
+
 def yes_no(value: bool) -> str:
     return "true" if value else "false"
 

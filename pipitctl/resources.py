@@ -127,15 +127,19 @@ async def apply_objects(store: Store, objects: Sequence[tuple[Kind, Any]],
     async def decide(changes: Changes) -> list[str]:
         stored: dict[Kind, dict[str, Any]] = {}
         lines = []
-        for kind, obj in objects:
+        for number, (kind, obj) in enumerate(objects, 1):
             current = stored.get(kind)
             if current is None:
                 current = stored[kind] = await _stored(changes, kind)
             name = _name_of(obj)
+            prefix = f"document {number}: " if len(objects) > 1 else ""
             if create_only and name in current:
-                raise AlreadyExists(f"{kind.word} {name!r} already exists; use `pipitctl apply` "
-                                    "to change it.")
-            kind.check(obj, list(current.values()))
+                raise AlreadyExists(f"{prefix}{kind.word} {name!r} already exists; use "
+                                    "`pipitctl apply` to change it.")
+            try:
+                kind.check(obj, list(current.values()))
+            except InvalidResource as error:
+                raise InvalidResource(f"{prefix}{error}") from None
             if name not in current:
                 action = "created"
             elif current[name] == obj:

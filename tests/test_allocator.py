@@ -84,10 +84,10 @@ def test_release_of_unknown_handle_frees_nothing_and_succeeds(etcd):
 
 def test_borrows_from_other_nodes_blocks_unless_strict(etcd):
     async def scenario(store):
-        await add_pool(store, "p", "10.13.0.0/29", blockSize=30)  # two blocks of 4
+        await add_pool(store, "p", "10.13.0.0/29", blockSize=30)  # two blocks of 3 (+gateway)
         await configure(store, max_blocks_per_host=1)
         ipam = IPAM(store)
-        own = await ipam.assign("n1", "a", 4)
+        own = await ipam.assign("n1", "a", 3)
         other = await ipam.assign("n2", "b", 1)  # n2 claims the second block
         borrowed = await ipam.assign("n1", "c", 2)
         n2_block = IPv4Network((other[0], 30), strict=False)
@@ -120,13 +120,13 @@ def test_request_larger_than_what_is_left_takes_nothing(etcd):
     async def scenario(store):
         await add_pool(store, "p", "10.15.0.0/28", blockSize=28)
         ipam = IPAM(store)
-        await ipam.assign("n1", "first", 10)
+        await ipam.assign("n1", "first", 10)  # of 15: the block's first address is its gateway
         before = await load_snapshot(store)
         with pytest.raises(PoolExhausted):
-            await ipam.assign("n1", "too-many", 7)
+            await ipam.assign("n1", "too-many", 6)
         after = await load_snapshot(store)
         assert after.blocks == before.blocks and after.handles == before.handles
-        assert len(await ipam.assign("n1", "fits", 6)) == 6
+        assert len(await ipam.assign("n1", "fits", 5)) == 5
     with_store(etcd, scenario)
 
 
@@ -200,7 +200,7 @@ def test_releasing_a_nodes_affinities(etcd):
     async def scenario(store):
         await add_pool(store, "p", "10.20.0.0/26", blockSize=28)
         ipam = IPAM(store)
-        await ipam.assign("gone", "h1", 20)  # two blocks: one full, one with 4 in use
+        await ipam.assign("gone", "h1", 20)  # two blocks: one full, one with 5 in use
         await ipam.release("gone", "h1")
         [kept] = await ipam.assign("gone", "h2")
         with pytest.raises(InUse):
@@ -260,4 +260,23 @@ def test_stored_block_json_matches_the_block_model(etcd):
         assert entry.value["affinity"] == "host:n1" and block.holder(a).handle_id == "h"
         assert block.ordinal(a) not in entry.value["unallocated"]
         assert entry.value["sequenceNumberForAllocation"] == {str(block.ordinal(a)): 0}
+    with_store(etcd, scenario)
+
+
+def test_reuse_answers_with_the_addresses_a_handle_already_holds(etcd):
+    async def scenario(store):
+        await add_pool(store, "p", "10.25.0.0/24")
+        ipam = IPAM(store)
+        first = await ipam.assign("n1", "pod", reuse=True)
+        assert await ipam.assign("n1", "pod", reuse=True) == first
+        # Concurrent repeats in one batch, and a fresh allocator (agent restarted), agree.
+        again = await asyncio.gather(*(ipam.assign("n1", "pod", reuse=True) for _ in range(5)))
+        assert all(a == first for a in again)
+        assert await IPAM(store).assign("n1", "pod", reuse=True) == first
+        assert (await load_snapshot(store)).handles["pod"].total == 1
+        fresh = await asyncio.gather(*(ipam.assign("n1", "new", reuse=True) for _ in range(5)))
+        assert all(a == fresh[0] for a in fresh)
+        assert (await load_snapshot(store)).handles["new"].total == 1
+        await ipam.release("n1", "pod")
+        assert await ipam.assign("n1", "pod", reuse=True) != []
     with_store(etcd, scenario)

@@ -15,12 +15,23 @@ CIDR = IPv4Network("10.1.2.0/28")
 def test_assign_takes_oldest_freed_first():
     block = blocks.new_block(CIDR, "n1")
     block, first = blocks.assign(block, 3, "a")
-    assert first == [IPv4Address("10.1.2.0"), IPv4Address("10.1.2.1"), IPv4Address("10.1.2.2")]
+    assert first == [IPv4Address("10.1.2.1"), IPv4Address("10.1.2.2"), IPv4Address("10.1.2.3")]
     block, _, _ = blocks.release(block, [Release(first[1])])
     block, _, _ = blocks.release(block, [Release(first[0])])
-    # Never-used addresses come first (they were freed "longest ago"), then .1, then .0.
-    block, rest = blocks.assign(block, CIDR.num_addresses - 1, "b")
+    # Never-used addresses come first (they were freed "longest ago"), then .2, then .1.
+    block, rest = blocks.assign(block, block.free, "b")
     assert rest[-2:] == [first[1], first[0]]
+
+
+def test_first_address_is_the_gateway_and_never_handed_out():
+    block = blocks.new_block(CIDR, "n1")
+    assert block.gateway == CIDR.network_address and block.capacity == 15
+    block, got = blocks.assign(block, 100, "all")
+    assert len(got) == 15 and CIDR.network_address not in got
+    assert block.gateway == CIDR.network_address and block.free == 0
+    # Blocks too small for a gateway use every address.
+    tiny = blocks.new_block(IPv4Network("10.1.3.0/31"), "n1")
+    assert tiny.gateway is None and tiny.capacity == 2
 
 
 def test_stale_sequence_number_frees_nothing():
@@ -103,9 +114,10 @@ class BlockMachine(RuleBasedStateMachine):
     @invariant()
     def capacity_is_conserved(self):
         assert self.block.used == len(self.held)
-        assert self.block.free + self.block.used == CIDR.num_addresses
+        assert self.block.free + self.block.used == CIDR.num_addresses - 1  # minus the gateway
         assert sorted(self.block.unallocated) == sorted(
-            o for o, i in enumerate(self.block.allocations) if i is None)
+            o for o, i in enumerate(self.block.allocations) if i is None and o != 0)
+        assert self.block.gateway == CIDR.network_address
 
     @invariant()
     def holders_match_the_model(self):

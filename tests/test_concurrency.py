@@ -4,42 +4,50 @@ block owned exactly as its affinity says."""
 import asyncio
 import multiprocessing
 
+import pytest
+
 from ipam.allocator import IPAM
 from ipam.snapshot import check, load_snapshot
 from ipam.store import EtcdConfig, Store
 from tests.helpers import add_pool, with_store
-
-import pytest
 
 NODES = 4
 IN_FLIGHT = 8  # concurrent requests per node process, like pods starting together
 
 
 def node_process(endpoint: str, node: str, per_node: int, start, results) -> None:
-    async def main():
-        async with Store(EtcdConfig(endpoints=(endpoint,))) as store:
-            ipam = IPAM(store)
-            start.wait()
-            got = []
-            for first in range(0, per_node, IN_FLIGHT):
-                handles = [f"{node}-pod-{i}" for i in range(first, min(first + IN_FLIGHT,
-                                                                         per_node))]
-                for addresses in await asyncio.gather(*(ipam.assign(node, h) for h in handles)):
-                    got.extend(str(a) for a in addresses)
-            results.put((node, got))
-            start.wait()  # everyone has allocated: now release it all, racing again
-            for first in range(0, per_node, IN_FLIGHT):
-                await asyncio.gather(*(ipam.release(node, f"{node}-pod-{i}")
-                                       for i in range(first, min(first + IN_FLIGHT, per_node))))
-    asyncio.run(main())
+    try:
+        asyncio.run(allocate_then_release(endpoint, node, per_node, start, results))
+    except BaseException as error:
+        results.put((node, error))  # report, and break the barrier so nobody waits for us
+        start.abort()
+        raise
+
+
+async def allocate_then_release(endpoint: str, node: str, per_node: int, start, results):
+    async with Store(EtcdConfig(endpoints=(endpoint,))) as store:
+        ipam = IPAM(store)
+        start.wait()
+        got = []
+        for first in range(0, per_node, IN_FLIGHT):
+            handles = [f"{node}-pod-{i}" for i in range(first, min(first + IN_FLIGHT,
+                                                                     per_node))]
+            for addresses in await asyncio.gather(*(ipam.assign(node, h) for h in handles)):
+                got.extend(str(a) for a in addresses)
+        results.put((node, got))
+        start.wait()  # everyone has allocated: now release it all, racing again
+        for first in range(0, per_node, IN_FLIGHT):
+            await asyncio.gather(*(ipam.release(node, f"{node}-pod-{i}")
+                                   for i in range(first, min(first + IN_FLIGHT, per_node))))
 
 
 @pytest.mark.parametrize("cidr, block_size, per_node", [
-    # 64 blocks of 32 = 2048 addresses for 2000 pods: blocks are fought over until none is left.
-    ("10.40.0.0/21", 27, 500),
+    # 32 blocks of 63 (+ gateway) = 2016 addresses for 2000 pods: blocks are fought over
+    # until none is left, then the last addresses come from whichever block has room.
+    ("10.40.0.0/21", 26, 500),
     # One block for everyone: one node owns it, the others borrow; all write the same key.
     ("10.41.0.0/24", 24, 60),
-], ids=["2000-pods-in-2048", "one-shared-block"])
+], ids=["2000-pods-in-2016", "one-shared-block"])
 def test_node_processes_racing_on_one_small_pool(etcd, cidr, block_size, per_node):
     with_store(etcd, lambda store: add_pool(store, "small", cidr, blockSize=block_size))
     context = multiprocessing.get_context("spawn")
@@ -53,6 +61,8 @@ def test_node_processes_racing_on_one_small_pool(etcd, cidr, block_size, per_nod
     try:
         start.wait(timeout=60)
         allocated = dict(results.get(timeout=300) for _ in processes)
+        failed = {node: got for node, got in allocated.items() if isinstance(got, BaseException)}
+        assert not failed, failed
 
         async def inspect(store):
             return await load_snapshot(store)

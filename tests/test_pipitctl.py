@@ -1,0 +1,569 @@
+"""pipitctl as users run it: the real console script in a subprocess against a real etcd.
+
+Every refusal must be ONE sentence on stderr (`Error: ... .`), a non-zero exit, no traceback,
+and etcd left exactly as it was (every key under /pipit/ with the same value and the same
+mod_revision, so not even an identical rewrite slipped through).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ipam import block as blocks
+from ipam import handle as handles
+from ipam import keys
+from ipam.allocator import IPAM
+from ipam.store import ENV_CA, ENV_CERT, ENV_ENDPOINTS, ENV_KEY, EtcdConfig, Store
+from lab.etcd import EtcdServer, free_port, make_tls_files
+from tests.helpers import add_pool, with_store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+def pipitctl(*args: str, input: str | None = None, endpoints: str | None = None,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m pipitctl ARGS` with only the etcd settings given here."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PIPIT_ETCD_")}
+    if endpoints:
+        environ[ENV_ENDPOINTS] = endpoints
+    environ.update(env or {})
+    return subprocess.run([sys.executable, "-m", "pipitctl", *args], input=input, env=environ,
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def ok(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
+    assert result.stderr == "", result.stderr
+    return result.stdout
+
+
+def one_sentence(result: subprocess.CompletedProcess, *facts: str) -> str:
+    """The command failed with a single `Error: ... .` line holding every fact."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    line = lines[0]
+    assert line.startswith("Error: ") and line.endswith("."), line
+    assert not re.search(r"[.!?]\s+[A-Z]", line), f"more than one sentence: {line}"
+    for fact in facts:
+        assert fact in line, (fact, line)
+    return line
+
+
+def snapshot(config: EtcdConfig) -> dict[str, tuple[int, dict]]:
+    """Every key under /pipit/ -> (mod_revision, value)."""
+    async def read(store: Store):
+        return {e.key: (e.mod_revision, e.value) for e in await store.list(keys.ROOT)}
+    return with_store(config, read)
+
+
+def put(config: EtcdConfig, *items: tuple[str, dict]) -> None:
+    async def write(store: Store):
+        for key, value in items:
+            await store.put(key, value)
+    with_store(config, write)
+
+
+def assign(config: EtcdConfig, *requests: tuple) -> list[list[IPv4Address]]:
+    """(node, handle, count, attributes[, pools]) each, through the real allocator."""
+    async def run(store: Store):
+        ipam = IPAM(store)
+        return [await ipam.assign(*r) for r in requests]
+    return with_store(config, run)
+
+
+def pool_yaml(name: str = "new", **spec) -> str:
+    return yaml.safe_dump({"apiVersion": "pipit.dev/v1", "kind": "IPPool",
+                           "metadata": {"name": name}, "spec": spec}, sort_keys=False)
+
+
+def stream(*documents: str) -> str:
+    return "---\n".join(documents)
+
+
+@pytest.fixture
+def ctl(etcd):
+    """pipitctl bound to the test's etcd (through PIPIT_ETCD_ENDPOINTS)."""
+    def run(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
+        return pipitctl(*args, input=input, endpoints=etcd.endpoints[0])
+    return run
+
+
+@pytest.fixture
+def existing(etcd) -> EtcdConfig:
+    """etcd holding one pool, 'existing', 10.244.0.0/16 with blockSize 26."""
+    with_store(etcd, lambda store: add_pool(store, "existing", "10.244.0.0/16"))
+    return etcd
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Every IPPool rejection: one sentence, non-zero exit, etcd unchanged
+
+ENVELOPE = "apiVersion: pipit.dev/v1\nkind: IPPool\nmetadata: {name: new}\n"
+
+REJECTIONS = [
+    ("host-bits", pool_yaml(cidr="10.245.0.1/16"),
+     ["'new'", "10.245.0.1/16", "host bits", "10.245.0.0/16"]),
+    ("overlap", pool_yaml(cidr="10.244.128.0/17"),
+     ["10.244.128.0/17", "overlaps pool 'existing'", "10.244.0.0/16"]),
+    ("overlap-superset", pool_yaml(cidr="10.0.0.0/8"), ["overlaps pool 'existing'"]),
+    ("link-local", pool_yaml(cidr="169.254.0.0/16"), ["169.254.0.0/16", "link-local"]),
+    ("link-local-inside", pool_yaml(cidr="169.254.64.0/20"), ["link-local"]),
+    ("loopback", pool_yaml(cidr="127.0.0.0/16"), ["127.0.0.0/16", "loopback"]),
+    ("multicast", pool_yaml(cidr="239.1.0.0/16"), ["239.1.0.0/16", "multicast"]),
+    ("block-larger-than-pool", pool_yaml(cidr="10.50.0.0/24", blockSize=22),
+     ["blockSize /22", "10.50.0.0/24", "at least 24"]),
+    ("block-size-19", pool_yaml(cidr="10.50.0.0/16", blockSize=19), ["blockSize 19", "20-32"]),
+    ("block-size-33", pool_yaml(cidr="10.50.0.0/16", blockSize=33), ["blockSize 33", "20-32"]),
+    ("ipip-mode", pool_yaml(cidr="10.50.0.0/16", ipipMode="always"),
+     ["ipipMode 'always'", "Never, Always, CrossSubnet"]),
+    ("vxlan-mode", pool_yaml(cidr="10.50.0.0/16", vxlanMode="Sometimes"),
+     ["vxlanMode 'Sometimes'", "Never, Always, CrossSubnet"]),
+    ("both-encapsulations", pool_yaml(cidr="10.50.0.0/16", ipipMode="CrossSubnet",
+                                      vxlanMode="Always"),
+     ["ipipMode and vxlanMode", "choose one"]),
+    ("unknown-field", pool_yaml(cidr="10.50.0.0/16", natOutgoin=True),
+     ["unknown spec field 'natOutgoin'", "natOutgoing"]),
+    ("block-size-string", pool_yaml(cidr="10.50.0.0/16", blockSize="26"),
+     ["blockSize must be a whole number", "'26'"]),
+    ("nat-outgoing-string", pool_yaml(cidr="10.50.0.0/16", natOutgoing="yes"),
+     ["natOutgoing must be true or false", "'yes'"]),
+    ("ipv6", pool_yaml(cidr="fd00:10::/64"), ["fd00:10::/64", "IPv6"]),
+    ("missing-cidr", pool_yaml(blockSize=26), ["'new'", "spec.cidr is required"]),
+    ("no-prefix-length", pool_yaml(cidr="10.50.0.0"), ["'10.50.0.0'", "prefix length"]),
+    ("not-a-network", pool_yaml(cidr="ten.fifty/16"), ["'ten.fifty/16'", "not an IP network"]),
+    ("bad-name", pool_yaml("Pool_A", cidr="10.50.0.0/16"), ["'Pool_A'", "lower-case"]),
+    ("no-name", "apiVersion: pipit.dev/v1\nkind: IPPool\nspec: {cidr: 10.50.0.0/16}\n",
+     ["no metadata.name"]),
+    ("api-version", ENVELOPE.replace("pipit.dev/v1", "projectcalico.org/v3")
+     + "spec: {cidr: 10.50.0.0/16}\n", ["'projectcalico.org/v3'", "'pipit.dev/v1'"]),
+    ("unknown-kind", ENVELOPE.replace("IPPool", "NetworkPolicy") + "spec: {}\n",
+     ["'NetworkPolicy'", "ippools"]),
+    ("invalid-yaml", ENVELOPE + "spec: {cidr: 10.50.0.0/16\n", ["not valid YAML", "line"]),
+    ("not-a-mapping", "- cidr: 10.50.0.0/16\n", ["not a mapping"]),
+    ("empty-input", "# nothing here\n", ["no resources"]),
+    ("bad-selector", pool_yaml(cidr="10.50.0.0/16", nodeSelector="rack == "),
+     ["'new'", "selector", "rack =="]),
+    ("change-cidr", pool_yaml("existing", cidr="10.248.0.0/16"),
+     ["'existing'", "cidr cannot change from 10.244.0.0/16 to 10.248.0.0/16"]),
+    ("change-block-size", pool_yaml("existing", cidr="10.244.0.0/16", blockSize=24),
+     ["'existing'", "blockSize cannot change from 26 to 24"]),
+]
+
+
+@pytest.mark.parametrize("text, facts", [r[1:] for r in REJECTIONS], ids=[r[0] for r in REJECTIONS])
+def test_invalid_pool_is_refused_in_one_sentence_and_nothing_is_written(existing, ctl, text,
+                                                                       facts):
+    before = snapshot(existing)
+    result = ctl("apply", "-f", "-", input=text)
+    one_sentence(result, *facts)
+    assert result.stdout == ""
+    assert snapshot(existing) == before
+
+
+@pytest.mark.parametrize("name", ["host-bits", "overlap", "unknown-field", "invalid-yaml"])
+def test_create_refuses_the_same_way(existing, ctl, name):
+    [(text, facts)] = [r[1:] for r in REJECTIONS if r[0] == name]
+    before = snapshot(existing)
+    result = ctl("create", "-f", "-", input=text)
+    one_sentence(result, *facts)
+    assert result.stdout == ""
+    assert snapshot(existing) == before
+
+
+@pytest.mark.parametrize("second, facts", [
+    (pool_yaml("second", cidr="10.61.0.0/16", blockSize=2), ["blockSize 2"]),
+    (pool_yaml("second", cidr="10.60.16.0/20"), ["overlaps pool 'first'"]),
+    (pool_yaml("existing", cidr="10.9.0.0/16"), ["'existing'", "cidr cannot change"]),
+    ("apiVersion: v1\nkind: IPPool\nmetadata: {name: second}\n", ["apiVersion 'v1'"]),
+], ids=["invalid-spec", "overlaps-the-first", "changes-a-stored-pool", "bad-envelope"])
+def test_a_bad_second_document_writes_nothing_not_even_the_first(existing, ctl, tmp_path,
+                                                                 second, facts):
+    path = tmp_path / "pools.yaml"
+    path.write_text(stream(pool_yaml("first", cidr="10.60.0.0/16"), second))
+    before = snapshot(existing)
+    result = ctl("apply", "-f", str(path))
+    one_sentence(result, "document 2", *facts)
+    assert snapshot(existing) == before
+    assert keys.pool_key("first") not in before
+
+
+def test_an_unreadable_file_is_one_sentence(ctl, tmp_path):
+    one_sentence(ctl("apply", "-f", str(tmp_path / "missing.yaml")), "missing.yaml",
+                 "No such file")
+
+
+# --------------------------------------------------------------------------------------------
+# 2. apply / create / get / delete
+
+
+def test_create_then_create_again_fails(etcd, ctl, tmp_path):
+    path = tmp_path / "pool.yaml"
+    path.write_text(pool_yaml("web", cidr="10.70.0.0/16"))
+    assert ok(ctl("create", "-f", str(path))) == "ippool 'web' created\n"
+    before = snapshot(etcd)
+    one_sentence(ctl("create", "-f", str(path)), "ippool 'web' already exists", "pipitctl apply")
+    assert snapshot(etcd) == before
+    # Nor does a file that also holds a new pool write that one.
+    path.write_text(stream(pool_yaml("api", cidr="10.71.0.0/16"),
+                           pool_yaml("web", cidr="10.70.0.0/16")))
+    one_sentence(ctl("create", "-f", str(path)), "document 2", "'web' already exists")
+    assert snapshot(etcd) == before
+
+
+def test_apply_reports_created_unchanged_configured(etcd, ctl, tmp_path):
+    path = tmp_path / "pools.yaml"
+    documents = [pool_yaml("a", cidr="10.80.0.0/16"), pool_yaml("b", cidr="10.81.0.0/24",
+                                                                 blockSize=28)]
+    path.write_text(stream(*documents))
+    assert ok(ctl("apply", "-f", str(path))) == "ippool 'a' created\nippool 'b' created\n"
+    before = snapshot(etcd)
+    assert ok(ctl("apply", "-f", str(path))) == "ippool 'a' unchanged\nippool 'b' unchanged\n"
+    assert snapshot(etcd) == before  # "unchanged" really wrote nothing
+
+    # Spelling out the defaults changes nothing either.
+    spelled = pool_yaml("a", cidr="10.80.0.0/16", blockSize=26, ipipMode="Never",
+                        natOutgoing=False, nodeSelector="all()")
+    assert ok(ctl("apply", "-f", "-", input=spelled)) == "ippool 'a' unchanged\n"
+
+    changed = pool_yaml("a", cidr="10.80.0.0/16", ipipMode="CrossSubnet", natOutgoing=True,
+                        nodeSelector="rack == 'r1'")
+    assert ok(ctl("apply", "-f", "-", input=changed)) == "ippool 'a' configured\n"
+    after = snapshot(etcd)
+    assert after[keys.pool_key("b")] == before[keys.pool_key("b")]
+    spec = after[keys.pool_key("a")][1]["spec"]
+    assert (spec["ipipMode"], spec["natOutgoing"], spec["nodeSelector"]) == (
+        "CrossSubnet", True, "rack == 'r1'")
+
+
+def test_get_table_wide_yaml_json_and_the_output_applies_back_unchanged(etcd, ctl):
+    ok(ctl("apply", "-f", "-", input=stream(
+        pool_yaml("zeta", cidr="10.90.0.0/16", ipipMode="Always", natOutgoing=True),
+        pool_yaml("alpha", cidr="10.91.0.0/24", blockSize=28, vxlanMode="CrossSubnet",
+                  disabled=True, nodeSelector="has(edge)", disableBGPExport=True))))
+
+    table = ok(ctl("get", "ippools")).splitlines()
+    assert [line.split() for line in table] == [
+        ["NAME", "CIDR", "SELECTOR"],
+        ["alpha", "10.91.0.0/24", "has(edge)"],
+        ["zeta", "10.90.0.0/16", "all()"],
+    ]
+    assert table[1].index("10.91") == table[0].index("CIDR")  # aligned columns
+
+    wide = ok(ctl("get", "ippools", "-o", "wide")).splitlines()
+    assert [line.split() for line in wide] == [
+        ["NAME", "CIDR", "BLOCKSIZE", "NAT", "IPIPMODE", "VXLANMODE", "DISABLED",
+         "DISABLEBGPEXPORT", "SELECTOR"],
+        ["alpha", "10.91.0.0/24", "28", "false", "Never", "CrossSubnet", "true", "true",
+         "has(edge)"],
+        ["zeta", "10.90.0.0/16", "26", "true", "Always", "Never", "false", "false", "all()"],
+    ]
+
+    as_yaml = ok(ctl("get", "ippools", "-o", "yaml"))
+    documents = list(yaml.safe_load_all(as_yaml))
+    assert [d["metadata"]["name"] for d in documents] == ["alpha", "zeta"]
+    assert documents[0]["spec"] == {
+        "cidr": "10.91.0.0/24", "blockSize": 28, "ipipMode": "Never",
+        "vxlanMode": "CrossSubnet", "natOutgoing": False, "disabled": True,
+        "nodeSelector": "has(edge)", "disableBGPExport": True}
+
+    as_json = json.loads(ok(ctl("get", "ippools", "-o", "json")))
+    assert as_json["kind"] == "List" and as_json["items"] == documents
+    one = json.loads(ok(ctl("get", "ippool", "zeta", "-o", "json")))
+    assert one == documents[1]
+
+    before = snapshot(etcd)
+    for text in (as_yaml, json.dumps(as_json), json.dumps(one)):
+        out = ok(ctl("apply", "-f", "-", input=text))
+        assert out.splitlines() and all(line.endswith(" unchanged")
+                                        for line in out.splitlines()), out
+    assert snapshot(etcd) == before
+
+
+def test_get_of_a_missing_pool_or_unknown_kind_is_one_sentence(ctl):
+    one_sentence(ctl("get", "ippools", "nope"), "'nope'", "not found")
+    one_sentence(ctl("get", "widgets"), "'widgets'", "ippools")
+    one_sentence(ctl("get", "ippools", "-o", "xml"), "'xml'")
+
+
+def test_every_alias_names_ip_pools(existing, ctl):
+    for alias in ("ippool", "ippools", "ipp", "pool", "IPPool"):
+        out = ok(ctl("get", alias, "existing"))
+        assert out.splitlines()[1].split() == ["existing", "10.244.0.0/16", "all()"], alias
+
+
+def test_delete_by_name_and_by_file(etcd, ctl, tmp_path):
+    path = tmp_path / "pools.yaml"
+    path.write_text(stream(pool_yaml("a", cidr="10.80.0.0/16"),
+                           pool_yaml("b", cidr="10.81.0.0/16"),
+                           pool_yaml("c", cidr="10.82.0.0/16")))
+    ok(ctl("apply", "-f", str(path)))
+
+    assert ok(ctl("delete", "ipp", "b")) == "ippool 'b' deleted\n"
+    assert sorted(snapshot(etcd)) == [keys.pool_key("a"), keys.pool_key("c")]
+
+    path.write_text(stream(pool_yaml("a", cidr="10.80.0.0/16"),
+                           pool_yaml("c", cidr="10.82.0.0/16")))
+    assert ok(ctl("delete", "-f", str(path))) == "ippool 'a' deleted\nippool 'c' deleted\n"
+    assert snapshot(etcd) == {}
+    assert ok(ctl("get", "ippools")) == "NAME   CIDR   SELECTOR\n"
+
+    one_sentence(ctl("delete", "ippool", "a"), "'a'", "does not exist")
+    one_sentence(ctl("delete"), "pipitctl delete ippool NAME")
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Deleting a pool whose addresses are in use
+
+
+def test_delete_refuses_a_pool_in_use_unless_forced(etcd, ctl):
+    with_store(etcd, lambda s: add_pool(s, "doomed", "10.1.0.0/24", blockSize=28))
+    with_store(etcd, lambda s: add_pool(s, "kept", "10.2.0.0/24", blockSize=28))
+    assign(etcd,
+           ("node-1", "pod-a", 2, {"pod": "a"}, ["doomed"]),
+           ("node-2", "pod-b", 1, {"pod": "b"}, ["doomed"]),
+           ("node-1", "pod-both", 1, {"pod": "both"}, ["doomed"]),
+           ("node-1", "pod-both", 1, {"pod": "both"}, ["kept"]))
+    before = snapshot(etcd)
+
+    one_sentence(ctl("delete", "ippool", "doomed"), "'doomed'", "4 address(es) in use",
+                 "--force")
+    assert snapshot(etcd) == before
+
+    assert ok(ctl("delete", "ippool", "doomed", "--force")) == "ippool 'doomed' deleted\n"
+    after = snapshot(etcd)
+    doomed = IPv4Network("10.1.0.0/24")
+    assert keys.pool_key("doomed") not in after
+    assert not [k for k in after if k.startswith(keys.BLOCKS)
+                and keys.block_cidr(k).subnet_of(doomed)]
+    assert not [k for k in after if k.startswith(keys.HOSTS)
+                and keys.affinity_parts(k)[1].subnet_of(doomed)]
+    assert keys.handle_key("pod-a") not in after and keys.handle_key("pod-b") not in after
+    # The handle with an address in the other pool keeps that one, and only that one; the other
+    # pool is untouched.
+    both = handles.from_json(after[keys.handle_key("pod-both")][1])
+    assert both.total == 1 and all(IPv4Network(c).subnet_of(IPv4Network("10.2.0.0/24"))
+                                   for c in both.blocks)
+    assert {k: v for k, v in after.items() if "10.2.0." in k or k == keys.pool_key("kept")} == \
+        {k: v for k, v in before.items() if "10.2.0." in k or k == keys.pool_key("kept")}
+    assert "no problems found" in ok(ctl("ipam", "check"))
+
+
+# --------------------------------------------------------------------------------------------
+# 4. ipam show / release / configure
+
+
+def test_ipam_show_totals_bar_blocks_and_addresses(etcd, ctl):
+    # Each /26 block keeps its first address as the gateway: 63 for pods, 4 x 63 in the /24.
+    with_store(etcd, lambda s: add_pool(s, "small", "10.3.0.0/24", blockSize=26))
+    with_store(etcd, lambda s: add_pool(s, "big", "10.4.0.0/16"))
+    [pods] = assign(etcd, ("node-1", "web", 63, {"namespace": "prod", "pod": "web-1"},
+                           ["small"]))
+    assign(etcd, ("node-2", "db", 1, {"namespace": "prod", "pod": "db-0"}, ["small"]),
+           ("node-2", "tiny", 1, {"pod": "tiny"}, ["big"]))
+
+    rows = [line.split() for line in ok(ctl("ipam", "show")).splitlines()]
+    assert rows == [
+        ["POOL", "CIDR", "TOTAL", "IN", "USE", "FREE", "USED"],
+        ["big", "10.4.0.0/16", "64512", "1", "64511", "[#-------------------]", "<0.1%"],
+        ["small", "10.3.0.0/24", "252", "64", "188", "[#####---------------]", "25.4%"],
+    ]
+
+    out = ok(ctl("ipam", "show", "--show-blocks")).split("\n\n")
+    assert len(out) == 2 and out[0] == ok(ctl("ipam", "show")).rstrip("\n")
+    block_rows = [line.split() for line in out[1].splitlines()]
+    assert block_rows[0] == ["POOL", "BLOCK", "NODE", "IN", "USE", "FREE"]
+    web_block = str(IPv4Network((pods[0], 26), strict=False))
+    by_pool_and_node = sorted((row[0], row[2], row[3], row[4]) for row in block_rows[1:])
+    assert by_pool_and_node == [("big", "node-2", "1", "62"), ("small", "node-1", "63", "0"),
+                                ("small", "node-2", "1", "62")]
+    assert ["small", web_block, "node-1", "63", "0"] in block_rows
+    node_2_block = next(row for row in block_rows if row[:3:2] == ["small", "node-2"])
+
+    held = ok(ctl("ipam", "show", "--ip", str(pods[5])))
+    for fact in (str(pods[5]), "in use", "handle web", "pod=web-1", "namespace=prod",
+                 "node node-1"):
+        assert fact in held, (fact, held)
+    unused = IPv4Network(node_2_block[1]).network_address + 10
+    assert ok(ctl("ipam", "show", "--ip", str(unused))) == (
+        f"{unused} is free, in block {node_2_block[1]} (node node-2).\n")
+    assert ok(ctl("ipam", "show", "--ip", "192.0.2.1")) == "192.0.2.1 is not in any IP pool.\n"
+    one_sentence(ctl("ipam", "show", "--ip", "10.3.0.999"), "'10.3.0.999'", "IPv4 address")
+
+
+def test_ipam_release_frees_an_address_once(etcd, ctl):
+    with_store(etcd, lambda s: add_pool(s, "p", "10.5.0.0/24"))
+    [[address, other]] = assign(etcd, ("node-1", "pod-x", 2, {"pod": "x"}))
+
+    assert ok(ctl("ipam", "release", "--ip", str(address))) == f"released {address}\n"
+    assert f"{address} is free" in ok(ctl("ipam", "show", "--ip", str(address)))
+    assert "in use by handle pod-x" in ok(ctl("ipam", "show", "--ip", str(other)))
+    handle = handles.from_json(snapshot(etcd)[keys.handle_key("pod-x")][1])
+    assert handle.total == 1
+    assert "no problems found" in ok(ctl("ipam", "check"))
+
+    before = snapshot(etcd)
+    again = ctl("ipam", "release", "--ip", str(address))
+    one_sentence(again, str(address), "not in use")
+    assert snapshot(etcd) == before
+    one_sentence(ctl("ipam", "release", "--ip", "192.0.2.7"), "192.0.2.7", "not in use")
+
+
+def test_ipam_configure_shows_and_changes_the_settings(etcd, ctl):
+    shown = ok(ctl("ipam", "configure"))
+    assert shown == "strictAffinity: false\nmaxBlocksPerHost: 0 (means 20)\n"
+    assert snapshot(etcd) == {}  # showing writes nothing
+
+    ok(ctl("ipam", "configure", "--strict-affinity", "true", "--max-blocks-per-host", "3"))
+    assert ok(ctl("ipam", "configure")) == "strictAffinity: true\nmaxBlocksPerHost: 3\n"
+    stored = snapshot(etcd)[keys.IPAM_CONFIG][1]["spec"]
+    assert stored == {"strictAffinity": True, "maxBlocksPerHost": 3}
+
+    before = snapshot(etcd)
+    one_sentence(ctl("ipam", "configure", "--max-blocks-per-host", "-1"), "maxBlocksPerHost",
+                 "-1")
+    one_sentence(ctl("ipam", "configure", "--strict-affinity", "maybe"), "'maybe'")
+    assert snapshot(etcd) == before
+    ok(ctl("ipam", "configure", "--strict-affinity", "false"))
+    assert ok(ctl("ipam", "configure")) == "strictAffinity: false\nmaxBlocksPerHost: 3\n"
+
+
+# --------------------------------------------------------------------------------------------
+# 5. ipam check
+
+BLOCK = IPv4Network("10.6.0.0/26")
+
+
+def consistent_state(config: EtcdConfig) -> None:
+    """A pool, one block of node-1 (confirmed) with one address held by handle pod-a."""
+    block, _ = blocks.assign(blocks.new_block(BLOCK, "node-1"), 1, "pod-a", {"pod": "a"})
+    with_store(config, lambda s: add_pool(s, "p", "10.6.0.0/24"))
+    put(config,
+        (keys.block_key(BLOCK), blocks.to_json(block)),
+        (keys.affinity_key("node-1", BLOCK), {"state": "confirmed"}),
+        (keys.handle_key("pod-a"), handles.to_json(handles.Handle("pod-a", {str(BLOCK): 1}))))
+
+
+def leak(config):
+    entry = snapshot(config)[keys.block_key(BLOCK)][1]
+    block, _ = blocks.assign(blocks.from_json(entry), 2, "ghost", {"pod": "gone"})
+    put(config, (keys.block_key(BLOCK), blocks.to_json(block)))
+
+
+def orphan_handle(config):
+    put(config, (keys.handle_key("pod-b"),
+                 handles.to_json(handles.Handle("pod-b", {str(BLOCK): 2}))))
+
+
+def affinity_without_block(config):
+    put(config, (keys.affinity_key("node-2", IPv4Network("10.6.0.128/26")),
+                 {"state": "confirmed"}))
+
+
+def block_without_affinity(config):
+    put(config, (keys.block_key(IPv4Network("10.6.0.64/26")),
+                 blocks.to_json(blocks.new_block(IPv4Network("10.6.0.64/26"), "node-1"))))
+
+
+@pytest.mark.parametrize("damage, kind, subject, detail", [
+    (leak, "leaked-address", "ghost", "2 address(es) in 10.6.0.0/26"),
+    (orphan_handle, "orphan-handle", "pod-b", "counts 2 address(es) in 10.6.0.0/26"),
+    (affinity_without_block, "affinity-without-block", "node-2/10.6.0.128/26", "no block"),
+    (block_without_affinity, "block-without-affinity", "10.6.0.64/26", "missing"),
+])
+def test_ipam_check_finds_each_inconsistency(etcd, ctl, damage, kind, subject, detail):
+    consistent_state(etcd)
+    assert ok(ctl("ipam", "check")) == (
+        "checked 1 blocks, 1 handles and 1 affinities: no problems found.\n")
+    damage(etcd)
+    result = ctl("ipam", "check")
+    assert result.returncode == 1 and result.stderr == "", result
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["PROBLEM", "SUBJECT", "DETAIL"]
+    assert [line.split()[:2] for line in lines[1:-1]] == [[kind, subject]], result.stdout
+    assert detail in lines[1]
+    assert lines[-1].endswith(": 1 problem(s) found.")
+
+
+# --------------------------------------------------------------------------------------------
+# 6. etcd away, and TLS
+
+
+def test_unreachable_etcd_is_one_sentence_naming_the_endpoint(tmp_path):
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    one_sentence(pipitctl("get", "ippools", endpoints=endpoint), "cannot reach etcd", endpoint)
+    path = tmp_path / "pool.yaml"
+    path.write_text(pool_yaml("a", cidr="10.7.0.0/16"))
+    one_sentence(pipitctl("apply", "-f", str(path), "--etcd-endpoints", endpoint), endpoint)
+    one_sentence(pipitctl("get", "ippools", "--etcd-endpoints", "ftp://x"), "'ftp://x'",
+                 "http(s)://HOST:PORT")
+
+
+def test_etcd_stopping_midway_is_one_sentence_and_loses_nothing(own_etcd):
+    endpoint = own_etcd.endpoint
+    ok(pipitctl("apply", "-f", "-", input=pool_yaml("a", cidr="10.7.0.0/16"), endpoints=endpoint))
+    own_etcd.stop()
+    for args in (["get", "ippools"], ["ipam", "show"], ["delete", "ippool", "a"]):
+        one_sentence(pipitctl(*args, endpoints=endpoint), "cannot reach etcd", endpoint)
+    own_etcd.start()
+    assert "10.7.0.0/16" in ok(pipitctl("get", "ippools", endpoints=endpoint))
+
+
+@pytest.fixture(scope="module")
+def tls_etcd(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tls")
+    tls = make_tls_files(directory / "certs")
+    with EtcdServer(data_dir=directory / "etcd", tls=tls) as server:
+        yield server
+
+
+def test_tls_needs_the_client_certificate(tls_etcd):
+    tls, endpoint = tls_etcd.tls, tls_etcd.endpoint
+    flags = ["--etcd-ca-cert", tls.ca, "--etcd-cert", tls.client_cert,
+             "--etcd-key", tls.client_key]
+    out = ok(pipitctl("apply", "-f", "-", *flags, input=pool_yaml("tls", cidr="10.8.0.0/16"),
+                      endpoints=endpoint))
+    assert out == "ippool 'tls' created\n"
+    env = {ENV_CA: tls.ca, ENV_CERT: tls.client_cert, ENV_KEY: tls.client_key}
+    assert "10.8.0.0/16" in ok(pipitctl("get", "ippools", endpoints=endpoint, env=env))
+
+    one_sentence(pipitctl("get", "ippools", "--etcd-ca-cert", tls.ca, endpoints=endpoint),
+                 "cannot reach etcd", endpoint)
+    one_sentence(pipitctl("get", "ippools", endpoints=endpoint), endpoint, "--etcd-ca-cert")
+    one_sentence(pipitctl("get", "ippools", "--etcd-cert", tls.client_cert, endpoints=endpoint),
+                 "--etcd-cert and --etcd-key")
+    mismatched = ["--etcd-ca-cert", tls.ca, "--etcd-cert", tls.client_cert,
+                  "--etcd-key", tls.server_key]
+    one_sentence(pipitctl("get", "ippools", *mismatched, endpoints=endpoint), endpoint, "TLS")
+
+
+# --------------------------------------------------------------------------------------------
+# 7. Where --etcd-endpoints may go
+
+
+def test_etcd_endpoints_option_before_or_after_the_subcommand(existing):
+    endpoint = existing.endpoints[0]
+    closed = f"http://127.0.0.1:{free_port()}"
+    before = ok(pipitctl("--etcd-endpoints", endpoint, "get", "ippools"))
+    after = ok(pipitctl("get", "ippools", "--etcd-endpoints", endpoint))
+    nested = ok(pipitctl("--etcd-endpoints", endpoint, "ipam", "show"))
+    assert "existing" in before and before == after
+    assert "10.244.0.0/16" in nested
+    # The option wins over the environment, and the one after the subcommand wins over both.
+    assert ok(pipitctl("get", "ippools", "--etcd-endpoints", endpoint, endpoints=closed)) == after
+    assert ok(pipitctl("--etcd-endpoints", closed, "get", "ippools", "--etcd-endpoints",
+                       endpoint)) == after

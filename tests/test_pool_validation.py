@@ -1,0 +1,222 @@
+"""Pure tests of ipam.pool and ipam.resource: pool validation, the document envelope, and how a
+pool divides into blocks. No etcd; the same rules seen through `pipitctl` are in
+test_pipitctl.py."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ipam.errors import InvalidResource
+from ipam.pool import (
+    IPPool,
+    check_pool_fits,
+    pool_from_document,
+    pool_from_spec,
+    pool_of,
+    pool_to_document,
+    search_start,
+    unclaimed_blocks,
+)
+from ipam.resource import parse_documents, read_document
+
+DOC = {"apiVersion": "pipit.dev/v1", "kind": "IPPool", "metadata": {"name": "p"},
+       "spec": {"cidr": "10.0.0.0/16"}}
+
+
+def rejected(spec: dict, *facts: str) -> str:
+    with pytest.raises(InvalidResource) as caught:
+        pool_from_spec("p", spec)
+    message = str(caught.value)
+    assert message.startswith("IPPool 'p': ") and message.endswith("."), message
+    assert "\n" not in message
+    for fact in facts:
+        assert fact in message, (fact, message)
+    return message
+
+
+def test_defaults_are_calicos():
+    pool = pool_from_spec("p", {"cidr": "10.244.0.0/16"})
+    assert pool == IPPool("p", IPv4Network("10.244.0.0/16"), block_size=26, ipip_mode="Never",
+                          vxlan_mode="Never", nat_outgoing=False, disabled=False,
+                          node_selector="all()", disable_bgp_export=False)
+    assert pool.block_count == 1024
+
+
+def test_every_field_is_read():
+    spec = {"cidr": " 10.1.0.0/20 ", "blockSize": 28, "ipipMode": "CrossSubnet",
+            "natOutgoing": True, "disabled": True, "nodeSelector": "rack == 'a'",
+            "disableBGPExport": True}
+    pool = pool_from_spec("p", spec)
+    assert (pool.cidr, pool.block_size, pool.ipip_mode, pool.vxlan_mode) == (
+        IPv4Network("10.1.0.0/20"), 28, "CrossSubnet", "Never")
+    assert pool.nat_outgoing and pool.disabled and pool.disable_bgp_export
+    assert pool.selects({"rack": "a"}) and not pool.selects({"rack": "b"})
+
+
+@pytest.mark.parametrize("spec, facts", [
+    ({"cidr": "10.0.0.1/16"}, ["host bits", "10.0.0.0/16"]),
+    ({"cidr": "10.0.0.0"}, ["'10.0.0.0'", "prefix length"]),
+    ({"cidr": "banana"}, ["'banana'", "not an IP network"]),
+    ({"cidr": "10.0.0.0/33"}, ["not an IP network"]),
+    ({"cidr": "fd00::/64"}, ["fd00::/64", "IPv6"]),
+    ({"cidr": 10}, ["cidr must be a string"]),
+    ({}, ["spec.cidr is required"]),
+    ({"cidr": ""}, ["spec.cidr is required"]),
+    ({"cidr": "0.0.0.0/0"}, ["0.0.0.0/8"]),
+    ({"cidr": "127.1.0.0/16"}, ["loopback"]),
+    ({"cidr": "169.254.1.0/24"}, ["link-local"]),
+    ({"cidr": "224.0.0.0/3"}, ["multicast"]),
+    ({"cidr": "240.0.0.0/8"}, ["reserved"]),
+    ({"cidr": "10.0.0.0/16", "blockSize": 19}, ["blockSize 19", "20-32"]),
+    ({"cidr": "10.0.0.0/16", "blockSize": 33}, ["blockSize 33", "20-32"]),
+    ({"cidr": "10.0.0.0/28", "blockSize": 26}, ["/26", "larger than the pool", "at least 28"]),
+    ({"cidr": "10.0.0.0/16", "blockSize": "26"}, ["blockSize", "whole number", "'26'"]),
+    ({"cidr": "10.0.0.0/16", "blockSize": True}, ["blockSize", "whole number"]),
+    ({"cidr": "10.0.0.0/16", "blockSize": 26.0}, ["blockSize", "whole number"]),
+    ({"cidr": "10.0.0.0/16", "natOutgoing": "yes"}, ["natOutgoing", "true or false", "'yes'"]),
+    ({"cidr": "10.0.0.0/16", "disabled": 1}, ["disabled", "true or false"]),
+    ({"cidr": "10.0.0.0/16", "ipipMode": "always"}, ["ipipMode 'always'", "CrossSubnet"]),
+    ({"cidr": "10.0.0.0/16", "vxlanMode": "On"}, ["vxlanMode 'On'", "CrossSubnet"]),
+    ({"cidr": "10.0.0.0/16", "ipipMode": "Always", "vxlanMode": "CrossSubnet"},
+     ["ipipMode and vxlanMode", "choose one"]),
+    ({"cidr": "10.0.0.0/16", "natOutgoin": True}, ["unknown spec field 'natOutgoin'",
+                                                   "natOutgoing"]),
+    ({"cidr": "10.0.0.0/16", "nodeSelector": "rack == "}, ["selector", "rack =="]),
+    ({"cidr": "10.0.0.0/16", "nodeSelector": ["a"]}, ["nodeSelector must be a string"]),
+])
+def test_invalid_specs_are_one_sentence(spec, facts):
+    rejected(spec, *facts)
+
+
+def test_nothing_between_prefix_length_and_block_size_is_refused():
+    for length in range(20, 33):
+        pool = pool_from_spec("p", {"cidr": f"10.0.0.0/{length}", "blockSize": 32})
+        assert pool.block_count == 1 << (32 - length)
+    assert pool_from_spec("p", {"cidr": "10.0.0.0/8", "blockSize": 20}).block_count == 4096
+
+
+def test_a_pool_may_not_overlap_another_or_change_its_shape():
+    a = pool_from_spec("a", {"cidr": "10.0.0.0/16"})
+    check_pool_fits(pool_from_spec("b", {"cidr": "10.1.0.0/16"}), [a])
+    check_pool_fits(pool_from_spec("a", {"cidr": "10.0.0.0/16", "natOutgoing": True}), [a])
+    cases = [
+        (pool_from_spec("b", {"cidr": "10.0.128.0/17"}), "overlaps pool 'a' (10.0.0.0/16)"),
+        (pool_from_spec("b", {"cidr": "10.0.0.0/8"}), "overlaps pool 'a' (10.0.0.0/16)"),
+        (pool_from_spec("a", {"cidr": "10.9.0.0/16"}),
+         "cidr cannot change from 10.0.0.0/16 to 10.9.0.0/16"),
+        (pool_from_spec("a", {"cidr": "10.0.0.0/16", "blockSize": 24}),
+         "blockSize cannot change from 26 to 24"),
+    ]
+    for pool, fact in cases:
+        with pytest.raises(InvalidResource, match=fact.replace("(", r"\(").replace(")", r"\)")):
+            check_pool_fits(pool, [a])
+
+
+@given(st.integers(0, (1 << 32) - 1), st.integers(8, 32), st.integers(20, 32),
+       st.sampled_from([("Never", "Never"), ("Always", "Never"), ("CrossSubnet", "Never"),
+                        ("Never", "Always"), ("Never", "CrossSubnet")]), st.booleans())
+def test_a_valid_pool_survives_its_document(address, length, block_size, modes, nat):
+    cidr = IPv4Network((address, length), strict=False)
+    spec = {"cidr": str(cidr), "blockSize": max(block_size, length), "ipipMode": modes[0],
+            "vxlanMode": modes[1], "natOutgoing": nat}
+    try:
+        pool = pool_from_spec("p", spec)
+    except InvalidResource as error:  # only the reserved ranges may refuse a well-formed spec
+        assert "cannot hold pod addresses" in str(error)
+        return
+    assert pool_from_document(pool_to_document(pool)) == pool
+    assert read_document(pool_to_document(pool)).name == "p"
+
+
+@given(st.integers(0, (1 << 32) - 1), st.integers(8, 31))
+def test_host_bits_suggest_the_network(address, length):
+    network = IPv4Network((address, length), strict=False)
+    if int(network.network_address) == address:
+        return
+    text = f"{IPv4Address(address)}/{length}"
+    try:
+        pool_from_spec("p", {"cidr": text})
+    except InvalidResource as error:
+        assert f"write it as {network}." in str(error) or "cannot hold pod" in str(error)
+    else:
+        pytest.fail(f"{text} was accepted")
+
+
+def test_blocks_cover_the_pool_once_in_a_node_specific_order():
+    pool = pool_from_spec("p", {"cidr": "10.0.0.0/22", "blockSize": 26})
+    order_a = list(unclaimed_blocks(pool, "node-a", set()))
+    order_b = list(unclaimed_blocks(pool, "node-b", set()))
+    assert sorted(order_a) == sorted(order_b) == [pool.block(i) for i in range(16)]
+    assert order_a[0] == pool.block(search_start(pool, "node-a"))
+    assert order_a != order_b  # different nodes start in different places (for these names)
+    taken = set(order_a[:15])
+    assert list(unclaimed_blocks(pool, "node-a", taken)) == order_a[15:]
+    assert list(unclaimed_blocks(pool, "node-a", set(order_a))) == []
+
+
+def test_pool_of_and_block_containing():
+    a = pool_from_spec("a", {"cidr": "10.0.0.0/16", "blockSize": 24})
+    b = pool_from_spec("b", {"cidr": "10.1.0.0/16"})
+    assert pool_of([a, b], IPv4Address("10.1.2.3")) is b
+    assert pool_of([a, b], IPv4Address("10.2.0.0")) is None
+    assert a.block_containing(IPv4Address("10.0.7.9")) == IPv4Network("10.0.7.0/24")
+
+
+# --------------------------------------------------------------------------------------------
+# The document envelope
+
+
+@pytest.mark.parametrize("change, facts", [
+    ({"apiVersion": "projectcalico.org/v3"}, ["'projectcalico.org/v3'", "'pipit.dev/v1'"]),
+    ({"apiVersion": None}, ["apiVersion None"]),
+    ({"kind": None}, ["no kind"]),
+    ({"metadata": {"name": "Pool_A"}}, ["'Pool_A'", "lower-case"]),
+    ({"metadata": {"name": "-a"}}, ["'-a'"]),
+    ({"metadata": {"name": "a" * 254}}, ["is not valid"]),
+    ({"metadata": {"name": 7}}, ["7 is not valid"]),
+    ({"metadata": {}}, ["no metadata.name"]),
+    ({"metadata": None}, ["no metadata.name"]),
+    ({"metadata": "p"}, ["metadata must be a mapping"]),
+    ({"metadata": {"name": "p", "labels": {"a": 1}}}, ["labels must map strings to strings"]),
+    ({"spec": ["cidr"]}, ["spec must be a mapping"]),
+    ({"status": {}}, ["unknown top-level field 'status'"]),
+])
+def test_invalid_envelopes_are_one_sentence(change, facts):
+    with pytest.raises(InvalidResource) as caught:
+        read_document({**DOC, **change})
+    message = str(caught.value)
+    assert message.endswith(".") and "\n" not in message, message
+    for fact in facts:
+        assert fact in message, (fact, message)
+
+
+def test_names_may_use_dots_and_dashes_and_labels_are_read():
+    document = read_document({**DOC, "metadata": {"name": "pool-1.rack-a",
+                                                  "labels": {"tier": "edge"}}})
+    assert (document.name, dict(document.labels)) == ("pool-1.rack-a", {"tier": "edge"})
+    assert read_document({**DOC, "spec": None}).spec == {}
+
+
+def test_parse_documents_skips_empty_documents_and_reads_json():
+    assert parse_documents("---\n---\na: 1\n---\n") == [{"a": 1}]
+    assert parse_documents('{"a": [1, 2]}') == [{"a": [1, 2]}]
+    assert parse_documents("") == []
+
+
+@pytest.mark.parametrize("text, facts", [
+    ("a: {b: 1\nc: 2\n", ["not valid YAML", "line 2"]),
+    ("a: 1\n  b: 2\n", ["not valid YAML", "line 2"]),
+    ("a: 1\n---\n- x\n", ["document 2 is not a mapping"]),
+    ("just words", ["document 1 is not a mapping"]),
+])
+def test_parse_documents_errors_are_one_sentence(text, facts):
+    with pytest.raises(InvalidResource) as caught:
+        parse_documents(text)
+    message = str(caught.value)
+    assert message.endswith(".") and "\n" not in message, message
+    for fact in facts:
+        assert fact in message, (fact, message)
