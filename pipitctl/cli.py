@@ -18,7 +18,10 @@ from ipam.release import release_addresses
 from ipam.snapshot import blocks_of, check, load_snapshot, lookup, pool_usage
 from ipam.store import ENV_CA, ENV_CERT, ENV_ENDPOINTS, ENV_KEY, EtcdConfig, Store
 from ipam.txn import Changes, transact
+from bgp_agent.status import DEFAULT_STATUS_SOCKET
 from pipitctl import output
+from pipitctl.node_status import read_status
+from pipitctl.node_status import render as render_status
 from pipitctl.resources import apply_objects, delete_object, get_objects, kind_named, read_objects
 
 
@@ -254,6 +257,19 @@ async def configure(store: Store, strict_affinity: str | None,
 # click 8.2+ raises this for a bare `pipitctl` (or `pipitctl ipam`); older versions print the
 # help themselves.
 _HELP_NOT_ERROR = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+@cli.group()
+def node() -> None:
+    """This node's agent: BGP sessions and routes."""
+
+
+@node.command(name="status")
+@click.option("--socket", "path", default=DEFAULT_STATUS_SOCKET, show_default=True,
+              metavar="PATH", help="The agent's status socket.")
+def node_status(path: str) -> None:
+    """BGP sessions of the agent on this node (peers, state, routes received and exported)."""
+    click.echo(render_status(read_status(path)))
 
 
 def main() -> None:

@@ -10,13 +10,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 from ipam import keys
 from ipam.errors import AlreadyExists, InvalidResource, NotFound, PipitError
 from ipam.pool import check_pool_fits, pool_from_spec, pool_to_document
 from ipam.pools import delete_pool
-from ipam.resource import parse_documents, read_document
+from bgp_agent.bgp_config import config_from_spec as bgp_config_from_spec
+from bgp_agent.bgp_config import config_to_document as bgp_config_to_document
+from bgp_agent.node import node_from_document, node_to_document
+from ipam.release import release_host_affinities
+from ipam.resource import Document, make_document, parse_documents, read_document
 from ipam.store import Store
 from ipam.txn import Changes, transact
 from pipitctl.output import yes_no
@@ -27,9 +32,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Kind:
     name: str  # as in documents: IPPool
-    plural: str  # key segment and CLI word: ippools
+    plural: str  # CLI word: ippools
     aliases: tuple[str, ...]
-    parse: Callable[[str, dict], Any]  # (name, spec) -> validated object
+    parse: Callable[[Document], Any]  # -> validated object
     to_document: Callable[[Any], dict]
     check: Callable[[Any, list[Any]], None]  # against the stored objects of this kind
     columns: tuple[str, ...]
@@ -37,13 +42,15 @@ class Kind:
     wide_columns: tuple[str, ...]
     wide_row: Callable[[Any], tuple]
     delete: Callable[[Store, str, bool], Awaitable[object]] | None = None
+    segment: str = ""  # key segment under /pipit/resources/, if not the plural
+    name_of: Callable[[Any], str] = attrgetter("name")
 
     def key(self, name: str) -> str:
-        return keys.resource_key(self.plural, name)
+        return keys.resource_key(self.segment or self.plural, name)
 
     @property
     def prefix(self) -> str:
-        return keys.resource_prefix(self.plural)
+        return keys.resource_prefix(self.segment or self.plural)
 
     @property
     def word(self) -> str:
@@ -52,7 +59,8 @@ class Kind:
 
 IPPOOL = Kind(
     name="IPPool", plural="ippools", aliases=("ippool", "ipp", "pool", "pools"),
-    parse=pool_from_spec, to_document=pool_to_document, check=check_pool_fits,
+    parse=lambda d: pool_from_spec(d.name, dict(d.spec)), to_document=pool_to_document,
+    check=check_pool_fits,
     columns=("NAME", "CIDR", "SELECTOR"),
     row=lambda p: (p.name, p.cidr, p.node_selector),
     wide_columns=("NAME", "CIDR", "BLOCKSIZE", "NAT", "IPIPMODE", "VXLANMODE", "DISABLED",
@@ -63,7 +71,47 @@ IPPOOL = Kind(
     delete=delete_pool,
 )
 
-KINDS: tuple[Kind, ...] = (IPPOOL,)
+
+def _no_check(obj: Any, stored: list[Any]) -> None:
+    pass
+
+
+async def delete_node(store: Store, name: str, force: bool) -> None:
+    """Remove a node's record and its claims on blocks (blocks still in use stay, unowned)."""
+    entry = await store.get(keys.node_key(name))
+    if entry is None:
+        raise NotFound(f"node {name!r} not found.")
+    await store.txn({entry.key: entry.mod_revision}, delete=[entry.key])
+    await release_host_affinities(store, name)
+
+
+NODE = Kind(
+    name="Node", plural="nodes", aliases=("node", "no"),
+    parse=lambda d: node_from_document(make_document("Node", d.name, d.spec, d.labels)),
+    to_document=node_to_document, check=_no_check,
+    columns=("NAME", "ADDRESS", "AS"),
+    row=lambda n: (n.name, n.address or "-", n.as_number or "(cluster)"),
+    wide_columns=("NAME", "ADDRESS", "AS", "LABELS"),
+    wide_row=lambda n: (n.name, n.address or "-", n.as_number or "(cluster)",
+                        ",".join(f"{k}={v}" for k, v in sorted(n.labels.items())) or "-"),
+    delete=delete_node,
+)
+
+BGP_CONFIGURATION = Kind(
+    name="BGPConfiguration", plural="bgpconfigurations",
+    aliases=("bgpconfiguration", "bgpconfig", "bgpconfigs"), segment="bgpconfig",
+    parse=lambda d: bgp_config_from_spec(d.name, dict(d.spec)),
+    to_document=bgp_config_to_document, check=_no_check, name_of=lambda c: "default",
+    columns=("NAME", "ASNUMBER", "MESH"),
+    row=lambda c: ("default", c.as_number, yes_no(c.node_to_node_mesh)),
+    wide_columns=("NAME", "ASNUMBER", "MESH", "LISTENPORT", "COMMUNITIES", "MESHHOLDTIME",
+                  "MESHRESTARTTIME"),
+    wide_row=lambda c: ("default", c.as_number, yes_no(c.node_to_node_mesh), c.listen_port,
+                        ",".join(f"{a}:{b}" for a, b in c.communities) or "-",
+                        c.node_mesh_hold_time, c.node_mesh_restart_time),
+)
+
+KINDS: tuple[Kind, ...] = (IPPOOL, BGP_CONFIGURATION, NODE)
 
 
 def kind_named(word: str) -> Kind:
@@ -74,10 +122,6 @@ def kind_named(word: str) -> Kind:
             return kind
     known = ", ".join(k.plural for k in KINDS)
     raise InvalidResource(f"unknown resource type {word!r}; Pipit knows: {known}.")
-
-
-def _name_of(obj: Any) -> str:
-    return obj.name
 
 
 def read_objects(text: str) -> list[tuple[Kind, Any]]:
@@ -101,7 +145,7 @@ def read_objects(text: str) -> list[tuple[Kind, Any]]:
             kind = kind_named(document.kind)
             if document.kind != kind.name:
                 raise InvalidResource(f"kind {document.kind!r} should be written {kind.name!r}.")
-            objects.append((kind, kind.parse(document.name, dict(document.spec))))
+            objects.append((kind, kind.parse(document)))
         except InvalidResource as error:
             prefix = f"document {number}: " if len(flat) > 1 else ""
             raise InvalidResource(f"{prefix}{error}") from None
@@ -115,7 +159,7 @@ async def _stored(changes: Changes, kind: Kind) -> dict[str, Any]:
         changes.saw(entry.key, entry.mod_revision)
         try:
             document = read_document(entry.value)
-            found[document.name] = kind.parse(document.name, dict(document.spec))
+            found[document.name] = kind.parse(document)
         except PipitError as error:
             log.warning("ignoring invalid stored %s at %s: %s", kind.name, entry.key, error)
     return found
@@ -131,7 +175,7 @@ async def apply_objects(store: Store, objects: Sequence[tuple[Kind, Any]],
             current = stored.get(kind)
             if current is None:
                 current = stored[kind] = await _stored(changes, kind)
-            name = _name_of(obj)
+            name = kind.name_of(obj)
             prefix = f"document {number}: " if len(objects) > 1 else ""
             if create_only and name in current:
                 raise AlreadyExists(f"{prefix}{kind.word} {name!r} already exists; use "

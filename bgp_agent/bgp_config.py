@@ -1,0 +1,89 @@
+"""The cluster's BGP settings: the BGPConfiguration resource named "default"."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from bgp_agent.model import DEFAULT_AS, DEFAULT_HOLD_TIME, DEFAULT_RESTART_TIME
+from ipam.errors import InvalidResource
+from ipam.resource import SpecReader, make_document
+
+KIND = "BGPConfiguration"
+NAME = "default"
+_FIELDS = {"asNumber", "nodeToNodeMeshEnabled", "listenPort", "communities",
+           "nodeMeshHoldTime", "nodeMeshMaxRestartTime"}
+_COMMUNITY = re.compile(r"(\d+):(\d+)")
+
+
+def check_as_number(value: int, where: str) -> int:
+    """One sentence for an AS number BGP cannot use."""
+    if not 1 <= value <= 4294967294:
+        raise InvalidResource(f"{where}: AS number {value} is outside 1-4294967294.")
+    if value == 23456:
+        raise InvalidResource(f"{where}: AS number 23456 is AS_TRANS (RFC 6793), reserved.")
+    if value == 65535 or 65552 <= value <= 131071:
+        raise InvalidResource(f"{where}: AS number {value} is reserved by IANA.")
+    return value
+
+
+def parse_community(text: str, where: str) -> tuple[int, int]:
+    match = _COMMUNITY.fullmatch(str(text).strip())
+    if not match or int(match[1]) > 65535 or int(match[2]) > 65535:
+        raise InvalidResource(f"{where}: community {text!r} is not of the form AS:VALUE with "
+                              "both parts 0-65535.")
+    return int(match[1]), int(match[2])
+
+
+def check_hold_time(value: int, where: str) -> int:
+    if value != 0 and not 3 <= value <= 65535:
+        raise InvalidResource(f"{where}: hold time {value} must be 0 or 3-65535 seconds.")
+    return value
+
+
+@dataclass(frozen=True)
+class BGPConfig:
+    as_number: int = DEFAULT_AS
+    node_to_node_mesh: bool = True
+    listen_port: int = 179
+    communities: tuple[tuple[int, int], ...] = ()
+    node_mesh_hold_time: int = DEFAULT_HOLD_TIME
+    node_mesh_restart_time: int = DEFAULT_RESTART_TIME
+
+
+def config_from_spec(name: str, spec: Mapping) -> BGPConfig:
+    read = SpecReader(KIND, name, spec, _FIELDS)
+    if name != NAME:
+        raise read.fail(f"Pipit reads only the BGPConfiguration named {NAME!r}.")
+    where = f"{KIND} {name!r}"
+    as_number = check_as_number(read.integer("asNumber", DEFAULT_AS), where)
+    port = read.integer("listenPort", 179)
+    if not 1 <= port <= 65535:
+        raise read.fail(f"listenPort {port} is outside 1-65535.")
+    communities = spec.get("communities") or []
+    if not isinstance(communities, list):
+        raise read.fail("communities must be a list such as ['64512:100'].")
+    restart = read.integer("nodeMeshMaxRestartTime", DEFAULT_RESTART_TIME)
+    if not 0 <= restart <= 4095:
+        raise read.fail(f"nodeMeshMaxRestartTime {restart} is outside 0-4095 seconds.")
+    return BGPConfig(
+        as_number=as_number,
+        node_to_node_mesh=read.boolean("nodeToNodeMeshEnabled", True),
+        listen_port=port,
+        communities=tuple(parse_community(c, where) for c in communities),
+        node_mesh_hold_time=check_hold_time(read.integer("nodeMeshHoldTime",
+                                                         DEFAULT_HOLD_TIME), where),
+        node_mesh_restart_time=restart,
+    )
+
+
+def config_to_document(config: BGPConfig) -> dict:
+    return make_document(KIND, NAME, {
+        "asNumber": config.as_number,
+        "nodeToNodeMeshEnabled": config.node_to_node_mesh,
+        "listenPort": config.listen_port,
+        "communities": [f"{a}:{b}" for a, b in config.communities],
+        "nodeMeshHoldTime": config.node_mesh_hold_time,
+        "nodeMeshMaxRestartTime": config.node_mesh_restart_time,
+    })

@@ -1,0 +1,69 @@
+"""The vocabulary the agent and its BGP speaker share: neighbours, received paths, the routes
+this node announces, and a peer's session state. Plain frozen data, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+
+DEFAULT_AS = 64512
+DEFAULT_HOLD_TIME = 90
+DEFAULT_RESTART_TIME = 120
+
+
+@dataclass(frozen=True)
+class Neighbor:
+    """One BGP session this node should have."""
+    address: IPv4Address
+    peer_as: int
+    local_address: IPv4Address
+    local_as: int
+    kind: str = "mesh"  # mesh | global | node | reflector (how the peer was chosen)
+    name: str = ""  # the node name or BGPPeer resource behind it
+    hold_time: int = DEFAULT_HOLD_TIME
+    password: str | None = None  # TCP MD5
+    restart_time: int = DEFAULT_RESTART_TIME  # graceful restart; 0 disables it
+
+    @property
+    def external(self) -> bool:
+        return self.peer_as != self.local_as
+
+
+@dataclass(frozen=True)
+class Path:
+    """A route received from a peer."""
+    prefix: IPv4Network
+    next_hop: IPv4Address
+    as_path: tuple[int, ...] = ()
+    communities: tuple[tuple[int, int], ...] = ()
+    local_pref: int | None = None
+    med: int | None = None
+    origin: str = "igp"
+    originator_id: IPv4Address | None = None
+    cluster_list: tuple[IPv4Address, ...] = ()
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """A route this node sends to one neighbour. next_hop None means "self"."""
+    prefix: IPv4Network
+    next_hop: IPv4Address | None = None
+    communities: tuple[tuple[int, int], ...] = ()
+    as_path: tuple[int, ...] = ()
+    local_pref: int | None = None
+    med: int | None = None
+    originator_id: IPv4Address | None = None
+    cluster_list: tuple[IPv4Address, ...] = ()
+
+
+@dataclass
+class PeerState:
+    address: IPv4Address
+    state: str = "idle"  # idle | connected | up | down (ExaBGP's words; only "up" is Established)
+    since: float = 0.0  # time.time() of the last state change
+    reason: str = ""  # why the session went down, as ExaBGP said
+    graceful_restart: bool = False  # negotiated in the last OPEN exchange
+    restart_time: int = 0  # the peer's advertised restart time
+    router_id: IPv4Address | None = None
+    end_of_rib: bool = False  # the peer finished its initial table since the session came up
+    extra: dict = field(default_factory=dict)

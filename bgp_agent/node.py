@@ -1,0 +1,196 @@
+"""A node's identity: its name, BGP address and AS number, how the address is found (Calico's
+autodetection methods), and its record in etcd (/pipit/resources/nodes/<node>)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_interface
+
+from ipam import keys
+from ipam.errors import InvalidResource, PipitError
+from ipam.resource import SpecReader, check_name, make_document, read_document
+from ipam.store import Store
+from ipam.txn import Changes, transact
+
+log = logging.getLogger(__name__)
+
+KIND = "Node"
+# Interfaces that never carry the node's address (Calico's list, plus Pipit's own devices).
+EXCLUDED_INTERFACES = re.compile(
+    r"^(lo|docker.*|cbr.*|dummy.*|virbr.*|lxcbr.*|veth.*|cali.*|tunl.*|flannel.*|kube-ipvs.*|"
+    r"cni.*|vxlan.*|wireguard.*|wg-.*|nodelocaldns.*|pipit.*)$")
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    name: str
+    address: IPv4Interface | None = None  # BGP address with its subnet, e.g. 10.0.0.11/24
+    as_number: int | None = None  # None: the cluster's (BGPConfiguration asNumber)
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+def node_from_document(doc: Mapping) -> NodeRecord:
+    document = read_document(doc)
+    read = SpecReader(KIND, document.name, document.spec, {"bgp"})
+    bgp = document.spec.get("bgp") or {}
+    if not isinstance(bgp, dict):
+        raise read.fail("spec.bgp must be a mapping.")
+    bgp_read = SpecReader(KIND, document.name, bgp, {"ipv4Address", "asNumber"})
+    text = bgp_read.string("ipv4Address")
+    address = None
+    if text:
+        try:
+            address = ip_interface(text)
+        except ValueError:
+            raise read.fail(f"ipv4Address {text!r} is not an address with a prefix length, such "
+                            "as 10.0.0.11/24.") from None
+        if address.version != 4:
+            raise read.fail(f"ipv4Address {text} is not IPv4.")
+    as_number = bgp_read.integer("asNumber")
+    return NodeRecord(document.name, address, as_number, dict(document.labels))
+
+
+def node_to_document(node: NodeRecord) -> dict:
+    bgp: dict = {}
+    if node.address is not None:
+        bgp["ipv4Address"] = str(node.address)
+    if node.as_number is not None:
+        bgp["asNumber"] = node.as_number
+    return make_document(KIND, node.name, {"bgp": bgp}, node.labels)
+
+
+# -- address autodetection ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class InterfaceAddress:
+    interface: str
+    address: IPv4Interface
+
+
+def choose_address(method: str, candidates: Iterable[InterfaceAddress],
+                   route_source: IPv4Address | None = None) -> IPv4Interface:
+    """Pick the node's address the way Calico's IP_AUTODETECTION_METHOD does:
+    first-found | interface=REGEX | skip-interface=REGEX | cidr=CIDR[,CIDR] | can-reach=IP
+    (for can-reach, pass the source address the kernel would use as `route_source`)."""
+    candidates = [c for c in candidates if not c.address.ip.is_loopback
+                  and not c.address.ip.is_link_local]
+    kind, _, argument = method.partition("=")
+    if kind == "first-found":
+        usable = [c for c in candidates if not EXCLUDED_INTERFACES.match(c.interface)]
+    elif kind in ("interface", "skip-interface"):
+        try:
+            pattern = re.compile(argument)
+        except re.error as error:
+            raise InvalidResource(f"{method!r}: {argument!r} is not a regular expression "
+                                  f"({error}).") from None
+        keep = kind == "interface"
+        usable = [c for c in candidates if bool(pattern.fullmatch(c.interface)) == keep]
+    elif kind == "cidr":
+        networks = [_network(text, method) for text in argument.split(",")]
+        usable = [c for c in candidates if any(c.address.ip in n for n in networks)]
+    elif kind == "can-reach":
+        _address(argument, method)
+        usable = [c for c in candidates if c.address.ip == route_source]
+    else:
+        raise InvalidResource(f"unknown address autodetection method {method!r}; use "
+                              "first-found, interface=REGEX, skip-interface=REGEX, cidr=CIDR "
+                              "or can-reach=IP.")
+    if not usable:
+        raise InvalidResource(f"no IPv4 address on this node matches {method!r} (have: "
+                              f"{', '.join(f'{c.interface} {c.address}' for c in candidates) or 'none'}).")
+    return usable[0].address
+
+
+def _network(text: str, method: str) -> IPv4Network:
+    try:
+        return IPv4Network(text.strip(), strict=False)
+    except ValueError:
+        raise InvalidResource(f"{method!r}: {text!r} is not an IPv4 network.") from None
+
+
+def _address(text: str, method: str) -> IPv4Address:
+    try:
+        return IPv4Address(text.strip())
+    except ValueError:
+        raise InvalidResource(f"{method!r}: {text!r} is not an IPv4 address.") from None
+
+
+def local_addresses() -> list[InterfaceAddress]:
+    """Global IPv4 addresses on this network namespace's interfaces, in interface order."""
+    from pyroute2 import IPRoute  # heavy import, only for the agent
+    with IPRoute() as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        found = []
+        for addr in ipr.get_addr(family=socket.AF_INET):
+            ip = addr.get_attr("IFA_LOCAL") or addr.get_attr("IFA_ADDRESS")
+            found.append((addr["index"], InterfaceAddress(
+                names.get(addr["index"], "?"), IPv4Interface(f"{ip}/{addr['prefixlen']}"))))
+    return [a for _, a in sorted(found, key=lambda pair: pair[0])]
+
+
+def route_source_for(destination: IPv4Address) -> IPv4Address:
+    """The source address the kernel picks to reach `destination` (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((str(destination), 9))
+        except OSError as error:
+            raise InvalidResource(f"this node has no route to {destination} ({error.strerror})."
+                                  ) from None
+        return IPv4Address(probe.getsockname()[0])
+
+
+def detect_address(method: str) -> IPv4Interface:
+    route_source = None
+    if method.startswith("can-reach="):
+        route_source = route_source_for(_address(method.partition("=")[2], method))
+    return choose_address(method, local_addresses(), route_source)
+
+
+def parse_explicit_address(text: str) -> IPv4Interface:
+    try:
+        address = ip_interface(text)
+    except ValueError:
+        address = None
+    if address is None or address.version != 4 or "/" not in text:
+        raise InvalidResource(f"--ip {text!r} must be an IPv4 address with its prefix length, "
+                              "such as 10.0.0.11/24.")
+    return address
+
+
+# -- registration -----------------------------------------------------------------------------
+
+async def register(store: Store, node: NodeRecord) -> NodeRecord:
+    """Create or update this node's record with its current address (labels and AS already
+    stored are kept unless given). Refuses an address another node's record holds."""
+    check_name(KIND, node.name)
+
+    async def decide(changes: Changes) -> NodeRecord:
+        stored: NodeRecord | None = None
+        for entry in await changes.store.list(keys.NODES):
+            try:
+                other = node_from_document(entry.value)
+            except PipitError:
+                continue
+            if other.name == node.name:
+                changes.saw(entry.key, entry.mod_revision)
+                stored = other
+            elif node.address and other.address and other.address.ip == node.address.ip:
+                raise InvalidResource(
+                    f"node {other.name} already has the address {node.address.ip}; if that node "
+                    f"is gone, remove its record with `pipitctl delete node {other.name}`.")
+        changes.saw(keys.node_key(node.name), changes.expect.get(keys.node_key(node.name), 0))
+        merged = replace(node,
+                         as_number=node.as_number if node.as_number is not None
+                         else stored.as_number if stored else None,
+                         labels={**(stored.labels if stored else {}), **node.labels})
+        if stored != merged:
+            if stored and stored.address != merged.address:
+                log.warning("node %s: address changed from %s to %s", node.name, stored.address,
+                            merged.address)
+            changes.put(keys.node_key(node.name), node_to_document(merged))
+        return merged
+    return await transact(store, decide, f"registering node {node.name}")

@@ -1,0 +1,46 @@
+"""The agent's status socket: one JSON document per connection, read by `pipitctl node status`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable
+
+DEFAULT_STATUS_SOCKET = "/run/pipit/status.sock"
+
+
+class StatusServer:
+    def __init__(self, path: str, snapshot: Callable[[], dict]):
+        self.path = path
+        self.snapshot = snapshot
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> None:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        old_umask = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, self.path)
+        finally:
+            os.umask(old_umask)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            document = {"now": time.time(), **self.snapshot()}
+            writer.write(json.dumps(document).encode() + b"\n")
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
