@@ -42,6 +42,12 @@ class EtcdServer:
     process: subprocess.Popen | None = None
     _own_dir: bool = field(default=False, repr=False)
     log_path: Path | None = None
+    unix_socket: bool = False  # also listen on a unix socket (for nodes in other netns)
+
+    @property
+    def unix_endpoint(self) -> str:
+        # etcd names a unix listener "host:port" and creates it in its working directory.
+        return f"unix://{self.data_dir}/etcd.sock:0"
 
     @property
     def endpoint(self) -> str:
@@ -52,13 +58,15 @@ class EtcdServer:
         if self.data_dir is None:
             self.data_dir = Path(tempfile.mkdtemp(prefix="pipit-etcd-"))
             self._own_dir = True
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         self.client_port = self.client_port or free_port(self.host)
         self.peer_port = self.peer_port or free_port(self.host)
         self.log_path = self.data_dir.with_suffix(".log")
         peer = f"http://{self.host}:{self.peer_port}"
+        listen = self.endpoint + (",unix://etcd.sock:0" if self.unix_socket else "")
         cmd = [
             ETCD, "--name", "pipit", "--data-dir", str(self.data_dir / "data"),
-            "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
+            "--listen-client-urls", listen, "--advertise-client-urls", self.endpoint,
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
             "--initial-cluster", f"pipit={peer}", "--log-level", "error", "--logger", "zap",
         ]
@@ -66,7 +74,8 @@ class EtcdServer:
             cmd += ["--cert-file", self.tls.server_cert, "--key-file", self.tls.server_key,
                     "--trusted-ca-file", self.tls.ca, "--client-cert-auth"]
         log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+        self.process = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True,
+                                        cwd=self.data_dir)
         log.close()
         self._wait_ready(timeout)
         return self

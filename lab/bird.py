@@ -1,0 +1,279 @@
+"""A real BIRD 2 instance for tests, the lab and the top-of-rack: its own configuration, control
+socket, pid file and log in a private directory, optionally inside a network namespace, with
+small parsers for the `birdc` output the tests look at (protocol state and since-time, routes
+with next hop and AS path).
+
+    with Bird("tor", bgp_config(...), netns="pipit-t-1234-tor") as bird:
+        bird.wait(lambda: bird.protocol("node1").established)
+        bird.routes(protocol="node1")
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+BIRD = shutil.which("bird") or "/usr/sbin/bird"
+BIRDC = shutil.which("birdc") or "/usr/sbin/birdc"
+
+
+@dataclass(frozen=True)
+class BirdPeer:
+    """One `protocol bgp` block."""
+    name: str
+    address: IPv4Address
+    peer_as: int
+    password: str | None = None
+    hold_time: int = 90
+    graceful_restart: bool = True
+    passive: bool = False
+    export: str = "all"  # a BIRD filter expression: all | none | where ...
+    import_: str = "all"
+
+
+@dataclass(frozen=True)
+class ProtocolInfo:
+    name: str
+    proto: str
+    state: str  # up | down | start ...
+    since: str  # as BIRD prints it (timeformat protocol iso long ms: exact enough to compare)
+    info: str  # Established | Active | Connect ...
+
+    @property
+    def established(self) -> bool:
+        return self.state == "up" and self.info.startswith("Established")
+
+
+@dataclass(frozen=True)
+class BirdRoute:
+    prefix: IPv4Network
+    via: IPv4Address | None
+    protocol: str
+    since: str = ""  # when BIRD last got this route (a withdrawn and re-sent route is newer)
+    as_path: tuple[int, ...] = ()
+    communities: tuple[tuple[int, int], ...] = ()
+
+
+def bgp_config(router_id: IPv4Address, local_address: IPv4Address, local_as: int,
+               peers: Iterable[BirdPeer], static_routes: Iterable[IPv4Network] = (),
+               log_path: Path | None = None) -> str:
+    """A BIRD 2 configuration: static routes (blackholes) exported to BGP peers, everything
+    received kept in BIRD's table only (no kernel protocol: the namespace's table is left alone)."""
+    lines = [f"router id {router_id};", "timeformat protocol iso long ms;",
+             "timeformat route iso long ms;"]
+    if log_path:
+        lines.append(f'log "{log_path}" all;')
+    lines += ["protocol device {}", "protocol static originated {", "  ipv4;"]
+    lines += [f"  route {prefix} blackhole;" for prefix in static_routes]
+    lines.append("}")
+    for peer in peers:
+        lines += [
+            f"protocol bgp {peer.name} {{",
+            f"  local {local_address} as {local_as};",
+            f"  neighbor {peer.address} as {peer.peer_as};",
+            f"  hold time {peer.hold_time};",
+            f"  graceful restart {'on' if peer.graceful_restart else 'off'};",
+            "  direct;",  # iBGP: next hops on the shared link, no recursive lookup
+        ]
+        if peer.password:
+            lines.append(f'  password "{peer.password}";')
+        if peer.passive:
+            lines.append("  passive on;")
+        lines += [f"  ipv4 {{ import {_filter(peer.import_)}; export {_filter(peer.export)}; }};",
+                  "}"]
+    return "\n".join(lines) + "\n"
+
+
+def _filter(expression: str) -> str:
+    return expression if expression in ("all", "none") or expression.startswith("where") \
+        else f"filter {expression}"
+
+
+def parse_protocols(text: str) -> dict[str, ProtocolInfo]:
+    """`birdc show protocols` → by name. Columns: Name Proto Table State Since Info, where
+    Since may hold a space (iso long: date and time)."""
+    found = {}
+    for line in text.splitlines():
+        match = re.match(r"^(\S+)\s+(\S+)\s+(\S+)\s+(up|down|start|stop|flush)\s+"
+                         r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?|\S+)\s*(.*)$", line)
+        if match:
+            name, proto, _table, state, since, info = match.groups()
+            found[name] = ProtocolInfo(name, proto, state, since, info.strip())
+    return found
+
+
+def parse_routes(text: str) -> dict[IPv4Network, BirdRoute]:
+    """`birdc show route all ...` → best route per prefix (the first listed)."""
+    routes: dict[IPv4Network, BirdRoute] = {}
+    current: dict | None = None
+
+    def flush():
+        if current and current["prefix"] not in routes:
+            routes[current["prefix"]] = BirdRoute(**current)
+
+    prefix = None
+    for line in text.splitlines():
+        # "10.1.0.0/26  unicast [node1 2026-01-01 10:00:00.123 from 10.0.0.2] * (100) [AS65001i]"
+        # or, for an alternative route to the same prefix, the same without the prefix
+        head = re.match(r"^(?P<prefix>\d+\.\d+\.\d+\.\d+/\d+)?\s+(?:\w+\s+)?"
+                        r"\[(?P<proto>\S+) (?P<since>[^\]]*?)(?: from [^\]]*)?\]", line)
+        if head:
+            flush()
+            if head.group("prefix"):
+                prefix = IPv4Network(head.group("prefix"))
+            current = {"prefix": prefix, "via": None, "protocol": head.group("proto"),
+                       "since": head.group("since")}
+            continue
+        if current is None:
+            continue
+        via = re.match(r"^\s+via (\d+\.\d+\.\d+\.\d+)", line)
+        if via:
+            current["via"] = IPv4Address(via.group(1))
+        as_path = re.match(r"^\s+BGP\.as_path:(.*)$", line)
+        if as_path:
+            current["as_path"] = tuple(int(a) for a in re.findall(r"\d+", as_path.group(1)))
+        community = re.match(r"^\s+BGP\.community:(.*)$", line)
+        if community:
+            current["communities"] = tuple(
+                (int(a), int(b)) for a, b in re.findall(r"\((\d+),\s*(\d+)\)", community.group(1)))
+    flush()
+    return routes
+
+
+@dataclass
+class Bird:
+    name: str
+    config: str
+    netns: str | None = None
+    directory: Path | None = None
+    process: subprocess.Popen | None = None
+    _own_dir: bool = field(default=False, repr=False)
+
+    @property
+    def socket(self) -> Path:
+        return self.directory / "bird.ctl"
+
+    @property
+    def config_path(self) -> Path:
+        return self.directory / "bird.conf"
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / "bird.log"
+
+    def _in_netns(self, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.netns, *argv] if self.netns else argv
+
+    def start(self, timeout: float = 10.0) -> Bird:
+        if self.directory is None:
+            self.directory = Path(tempfile.mkdtemp(prefix=f"pipit-bird-{self.name}-"))
+            self._own_dir = True
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(self.config)
+        output = open(self.directory / "bird.out", "ab")
+        self.process = subprocess.Popen(
+            self._in_netns([BIRD, "-f", "-c", str(self.config_path), "-s", str(self.socket),
+                            "-P", str(self.directory / "bird.pid")]),
+            stdout=output, stderr=output, start_new_session=True)
+        output.close()
+        self.wait(self._answers, timeout, "BIRD to answer on its control socket")
+        return self
+
+    def _answers(self) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"bird {self.name} exited with {self.process.returncode}; see "
+                               f"{self.directory / 'bird.out'}")
+        return self.socket.exists() and subprocess.run(
+            [BIRDC, "-s", str(self.socket), "show", "status"], capture_output=True).returncode == 0
+
+    def birdc(self, *command: str) -> str:
+        result = subprocess.run([BIRDC, "-s", str(self.socket), *command],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"birdc {' '.join(command)}: {result.stderr or result.stdout}")
+        return result.stdout
+
+    def configure(self, config: str) -> None:
+        """Switch to a new configuration (BIRD keeps sessions whose protocol did not change)."""
+        self.config = config
+        self.config_path.write_text(config)
+        output = self.birdc("configure")
+        if "Reconfigured" not in output and "Reconfiguration in progress" not in output:
+            raise RuntimeError(f"bird {self.name} refused the configuration: {output}")
+
+    def protocols(self) -> dict[str, ProtocolInfo]:
+        return parse_protocols(self.birdc("show", "protocols"))
+
+    def protocol(self, name: str) -> ProtocolInfo:
+        return self.protocols()[name]
+
+    def routes(self, protocol: str | None = None, export: str | None = None
+               ) -> dict[IPv4Network, BirdRoute]:
+        """Routes BIRD learnt from `protocol`, or would send to `export` (all by default)."""
+        selector = ["protocol", protocol] if protocol else ["export", export] if export else []
+        return parse_routes(self.birdc("show", "route", *selector, "all"))
+
+    def route_count(self, protocol: str) -> int:
+        """Cheap for large tables: BIRD counts, nothing is parsed per route."""
+        output = self.birdc("show", "route", "protocol", protocol, "count")
+        match = re.search(r"(\d+) of \d+ routes|(\d+) routes", output)
+        return int(match.group(1) or match.group(2)) if match else 0
+
+    def route_stats(self, protocol: str) -> dict[str, dict[str, int]]:
+        """The channel's "Route change stats" from `show protocols all`, e.g.
+        stats["Import withdraws"]["received"]; counted since the protocol last started."""
+        output = self.birdc("show", "protocols", "all", protocol)
+        columns, stats = [], {}
+        for line in output.splitlines():
+            if "Route change stats:" in line:
+                columns = line.split(":", 1)[1].split()
+                continue
+            match = re.match(r"^\s+(Import updates|Import withdraws|Export updates|"
+                             r"Export withdraws):\s+(.*)$", line)
+            if match and columns:
+                values = match.group(2).split()
+                stats[match.group(1)] = {c: int(v) for c, v in zip(columns, values) if v.isdigit()}
+        return stats
+
+    @staticmethod
+    def wait(condition: Callable[[], object], timeout: float = 30.0, what: str = "condition",
+             interval: float = 0.02):
+        """Poll `condition` until it returns something truthy (returned) or the deadline passes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = condition()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+            time.sleep(interval)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.process = None
+
+    def destroy(self) -> None:
+        self.stop()
+        if self._own_dir and self.directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> Bird:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.destroy()

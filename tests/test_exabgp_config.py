@@ -1,0 +1,360 @@
+"""ExaBGP's text formats, without running a BGP session: the rendered configuration and
+environment (checked by ExaBGP's own parser), the API commands the bridge writes, the JSON
+events it reads (samples captured from ExaBGP 5.0.15 talking to BIRD 2), and the bridge's
+state machine and its messages to the agent."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path as FilePath
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bgp_agent.exabgp_bridge import (
+    BridgeState,
+    OpenEvent,
+    ShutdownEvent,
+    StateEvent,
+    UpdateEvent,
+    announce_commands,
+    announcement_from_json,
+    announcement_to_json,
+    parse_configured,
+    parse_event,
+    path_from_json,
+    path_to_json,
+    peer_from_json,
+    peer_to_json,
+    withdraw_commands,
+)
+from bgp_agent.exabgp_config import (
+    digest_of,
+    environment_file,
+    exabgp_environment,
+    render,
+)
+from bgp_agent.model import Announcement, Neighbor, Path, PeerState
+from bgp_agent.speaker import _Tables, apply_message
+
+A, N = IPv4Address, IPv4Network
+EXABGP = str(FilePath(sys.executable).parent / "exabgp")
+ME = A("10.0.0.1")
+BRIDGE = [str(FilePath(sys.executable).parent / "pipit-exabgp-bridge"), "--socket", "/run/x.sock"]
+
+
+def blocks(count: int, second_octet: int = 1) -> list[IPv4Network]:
+    """`count` distinct /26s inside 10.<second_octet>.0.0/16."""
+    return [N((0x0A000000 + (second_octet << 16) + 64 * i, 26)) for i in range(count)]
+
+
+def neighbor(address: str, peer_as: int = 64512, **kw) -> Neighbor:
+    return Neighbor(A(address), peer_as, ME, 64512, **kw)
+
+
+def validate(tmp_path, text: str) -> subprocess.CompletedProcess:
+    path = tmp_path / "exabgp.conf"
+    path.write_text(text)
+    return subprocess.run([EXABGP, "validate", str(path)], capture_output=True, text=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+
+SEVERAL = [
+    neighbor("10.0.0.2"),
+    neighbor("10.0.0.3", 65003, password="s3cret-key", hold_time=30),
+    neighbor("10.0.0.4", 65004, restart_time=0, kind="global", name="tor"),
+    Neighbor(A("10.0.1.9"), 64512, A("10.0.1.1"), 65000, kind="reflector"),
+]
+
+
+@pytest.mark.parametrize("neighbors", [[], SEVERAL[:1], SEVERAL], ids=["none", "one", "several"])
+def test_exabgp_accepts_the_rendered_configuration(tmp_path, neighbors):
+    result = validate(tmp_path, render(ME, ME, 64512, neighbors, BRIDGE))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_validation_is_real(tmp_path):
+    broken = render(ME, ME, 64512, SEVERAL, BRIDGE).replace("encoder json;", "")
+    assert validate(tmp_path, broken).returncode != 0
+
+
+def test_configuration_carries_each_neighbour_setting():
+    text = render(ME, ME, 64512, SEVERAL, BRIDGE)
+    blocks = {block.split(" {")[0]: block for block in text.split("\nneighbor ")[1:]}
+    assert 'md5-password "s3cret-key";' in blocks["10.0.0.3"]
+    assert "hold-time 30;" in blocks["10.0.0.3"] and "peer-as 65003;" in blocks["10.0.0.3"]
+    assert "graceful-restart 120;" in blocks["10.0.0.2"]
+    assert "graceful-restart" not in blocks["10.0.0.4"]  # restart_time 0 disables it
+    assert "local-address 10.0.1.1;" in blocks["10.0.1.9"] and "local-as 65000;" in blocks["10.0.1.9"]
+    assert all("listen 179;" in block for block in blocks.values())
+    assert "encoder json;" in text and "family { ipv4 unicast; }" in text
+    assert f"run {' '.join(BRIDGE)};" in text
+
+
+def test_rendering_is_deterministic_and_the_digest_follows_the_content():
+    one = render(ME, ME, 64512, SEVERAL, BRIDGE)
+    assert render(ME, ME, 64512, list(reversed(SEVERAL)), BRIDGE) == one
+    other = render(ME, ME, 64512, SEVERAL[:2], BRIDGE)
+    assert digest_of(one) and digest_of(other) and digest_of(one) != digest_of(other)
+    assert one.count(f'description "pipit:{digest_of(one)}";') == len(SEVERAL)
+    assert digest_of(render(ME, ME, 64512, [], BRIDGE))
+
+
+@pytest.mark.parametrize("neighbors, command", [
+    ([neighbor("10.0.0.2", password='a"b')], BRIDGE),
+    ([neighbor("10.0.0.2", password="x" * 81)], BRIDGE),
+    ([neighbor("10.0.0.2", hold_time=2)], BRIDGE),
+    ([neighbor("10.0.0.2"), neighbor("10.0.0.2", 65002)], BRIDGE),
+    ([], ["/path with space/bridge"]),
+    ([], ["/bin/bridge", "--x;y"]),
+])
+def test_unrenderable_values_are_refused(neighbors, command):
+    with pytest.raises(ValueError):
+        render(ME, ME, 64512, neighbors, command)
+
+
+def test_environment_avoids_the_traps_and_exabgp_reads_the_file(tmp_path):
+    env = exabgp_environment({"exabgp_tcp_attempts": "3"})
+    assert env["exabgp_daemon_user"] == "root" and env["exabgp_api_cli"] == "false"
+    assert env["exabgp_tcp_attempts"] == "3"
+    path = tmp_path / "exabgp.env"
+    path.write_text(environment_file(env))
+    shown = subprocess.run([EXABGP, "--env-file", str(path), "env"], capture_output=True,
+                           text=True, check=True, env={"PATH": "/usr/bin:/bin"}).stdout
+    sections, current = {}, None
+    for line in shown.splitlines():
+        if line.startswith("["):
+            current = line.strip("[]")
+        elif " = " in line:
+            key, value = line.split(" = ", 1)
+            sections[f"{current}.{key}"] = value.strip("'")
+    assert sections["exabgp.daemon.user"] == "root"
+    assert sections["exabgp.daemon.drop"] == "false"
+    assert sections["exabgp.log.level"] == "WARNING"
+    assert sections["exabgp.api.cli"] == "false"
+    assert sections["exabgp.reactor.speed"] == "0.1"
+    assert sections["exabgp.tcp.attempts"] == "3"
+
+
+def test_environment_file_refuses_foreign_names():
+    with pytest.raises(ValueError):
+        environment_file({"PATH": "/bin"})
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+
+def test_announcements_are_batched_per_attribute_set():
+    plain = [Announcement(p) for p in blocks(2500)]
+    tagged = Announcement(N("10.9.0.0/26"), next_hop=A("10.0.0.9"), communities=((64512, 100),),
+                          as_path=(64512, 65010), local_pref=200, med=5,
+                          originator_id=A("10.9.9.9"), cluster_list=(A("10.0.0.1"),))
+    commands = announce_commands(A("10.0.0.2"), [*plain, tagged], batch=1000)
+    assert [len(part) for _, part in commands] == [1000, 1000, 500, 1]
+    line, part = commands[0]
+    assert line.startswith("neighbor 10.0.0.2 announce attributes next-hop self nlri 10.1.0.0/26 ")
+    assert part == plain[:1000]
+    assert commands[3][0] == (
+        "neighbor 10.0.0.2 announce attributes next-hop 10.0.0.9 as-path [ 64512 65010 ] "
+        "local-preference 200 med 5 community [ 64512:100 ] originator-id 10.9.9.9 "
+        "cluster-list [ 10.0.0.1 ] nlri 10.9.0.0/26")
+
+
+def test_withdrawals_are_batched():
+    prefixes = [N(f"10.1.{i}.0/24") for i in range(3)]
+    assert withdraw_commands(A("10.0.0.2"), prefixes, batch=2) == [
+        ("neighbor 10.0.0.2 withdraw attributes nlri 10.1.0.0/24 10.1.1.0/24", prefixes[:2]),
+        ("neighbor 10.0.0.2 withdraw attributes nlri 10.1.2.0/24", prefixes[2:]),
+    ]
+
+
+def test_configured_neighbours_are_read_from_show_neighbor_configuration():
+    output = ["neighbor 10.0.0.2 {", '\tdescription "pipit:abc123";', "\trouter-id 10.0.0.1;",
+              "}", "neighbor 10.0.0.3 {", '\tdescription "";', "}"]
+    assert parse_configured(output) == {A("10.0.0.2"): "abc123", A("10.0.0.3"): None}
+
+
+# --------------------------------------------------------------------------------------------
+# Events (captured from ExaBGP 5.0.15 against BIRD 2.0.12)
+
+HEAD = ('{ "exabgp": "5.0.0", "time": 1795308932.98, "host" : "vm", "pid" : 10549, "ppid" : 1, '
+        '"counter": 1, ')
+NEIGHBOR = ('"neighbor": { "address": { "local": "10.99.0.1", "peer": "10.99.0.2" }, '
+            '"asn": { "local": 64512, "peer": 65002 }, "router-id": "10.99.0.1" ')
+UP = HEAD + '"type": "state", ' + NEIGHBOR + ', "state": "up" } }'
+CONNECTED = HEAD + '"type": "state", ' + NEIGHBOR + ', "state": "connected" } }'
+DOWN = HEAD + '"type": "state", ' + NEIGHBOR + ', "state": "down", "reason": "notification received (6,2)" } }'
+OPEN_RECEIVED = HEAD + '"type": "open", ' + NEIGHBOR + (
+    ', "direction": "receive", "open": { "version": 4, "asn": 65002, "hold_time": 30, '
+    '"router_id": "10.99.0.2", "capabilities": { "1": { "name": "multiprotocol", "families": '
+    '[ "ipv4/unicast" ] }, "2": { "name": "route-refresh", "variant": "RFC" }, "64": { "name": '
+    '"graceful restart", "time": 120, "address-family-flags": { "ipv4/unicast": [ ] }, '
+    '"restart-flags": [ ]  }, "65": { "name": "asn4", "asn4": 65002 } } } } }')
+OPEN_SENT = HEAD + '"type": "open", ' + NEIGHBOR + (
+    ', "direction": "send", "open": { "version": 4, "asn": 64512, "hold_time": 30, '
+    '"router_id": "10.99.0.1", "capabilities": { "multiprotocol": { "name": "multiprotocol", '
+    '"families": [ "ipv4/unicast" ] }, "graceful-restart": { "name": "graceful restart", '
+    '"time": 120, "address-family-flags": { "ipv4/unicast": [ "restart" ] }, '
+    '"restart-flags": [ ]  } } } } }')
+ANNOUNCE = HEAD + '"type": "update", ' + NEIGHBOR + (
+    ', "direction": "receive", "message": { "update": { "attribute": { "origin": "igp", '
+    '"med": 7, "local-preference": 100, "as-path": {"0": {"element": "as-sequence", "value": '
+    '[65002, 65009]}}, "community": [[65002, 12]], "originator-id": "10.9.9.9", '
+    '"cluster-list": [ "10.0.0.5" ] }, "announce": { "ipv4 unicast": { "10.99.0.2": '
+    '[ { "nlri": "10.50.1.0/24" }, { "nlri": "10.50.0.0/24" } ] } } } } } }')
+WITHDRAW = HEAD + '"type": "update", ' + NEIGHBOR + (
+    ', "direction": "receive", "message": { "update": { "withdraw": { "ipv4 unicast": '
+    '[ { "nlri": "10.50.1.0/24" } ] } } } } }')
+SENT_WITHDRAW = WITHDRAW.replace('"receive"', '"send"')
+EOR = HEAD + '"type": "update", ' + NEIGHBOR + (
+    ', "direction": "receive", "message": { "eor": { "afi" : "ipv4", "safi" : "unicast" } } } }')
+SHUTDOWN = HEAD + '"type": "notification", "notification": "shutdown" }'
+
+PEER = A("10.99.0.2")
+
+
+def event(line: str):
+    return parse_event(json.loads(line))
+
+
+def test_events_are_parsed():
+    up = event(UP)
+    assert isinstance(up, StateEvent) and (up.peer, up.state) == (PEER, "up")
+    assert up.local == {"local_address": "10.99.0.1", "local_as": 64512, "peer_as": 65002,
+                        "local_router_id": "10.99.0.1"}
+    assert event(DOWN).reason == "notification received (6,2)"
+    # received capabilities are keyed by code, sent ones by name
+    assert event(OPEN_RECEIVED) == OpenEvent(PEER, "receive", True, 120, A("10.99.0.2"))
+    assert event(OPEN_SENT) == OpenEvent(PEER, "send", True, 120, A("10.99.0.1"))
+    update = event(ANNOUNCE)
+    assert isinstance(update, UpdateEvent) and update.withdraw == ()
+    assert update.announce[0] == Path(
+        N("10.50.1.0/24"), PEER, as_path=(65002, 65009), communities=((65002, 12),),
+        local_pref=100, med=7, origin="igp", originator_id=A("10.9.9.9"),
+        cluster_list=(A("10.0.0.5"),))
+    assert [p.prefix for p in update.announce] == [N("10.50.1.0/24"), N("10.50.0.0/24")]
+    assert event(WITHDRAW).withdraw == (N("10.50.1.0/24"),)
+    assert event(SENT_WITHDRAW).direction == "send"
+    assert event(EOR).end_of_rib
+    assert isinstance(event(SHUTDOWN), ShutdownEvent)
+
+
+def test_compact_nlri_are_understood():
+    compact = ANNOUNCE.replace('{ "nlri": "10.50.1.0/24" }', '"10.50.1.0/24"')
+    assert event(compact).announce[0].prefix == N("10.50.1.0/24")
+
+
+def feed(state: BridgeState, *lines: str) -> list[dict]:
+    return [message for line in lines for message in state.on_event(event(line))]
+
+
+def test_a_session_coming_up_reports_graceful_restart_from_both_opens():
+    state = BridgeState()
+    messages = feed(state, OPEN_SENT, OPEN_RECEIVED, CONNECTED, UP)
+    assert [m["type"] for m in messages] == ["peer"]  # "connected" is noise (trap 5)
+    peer = peer_from_json(messages[0])
+    assert (peer.state, peer.graceful_restart, peer.restart_time, peer.router_id) == (
+        "up", True, 120, A("10.99.0.2"))
+    assert not feed(BridgeState(), OPEN_RECEIVED, UP)[0]["graceful_restart"]  # we did not offer it
+
+
+def test_received_routes_follow_updates_and_end_of_rib_is_reported():
+    state = BridgeState()
+    feed(state, UP)
+    messages = feed(state, ANNOUNCE, WITHDRAW, EOR, EOR)
+    assert [m["type"] for m in messages] == ["received", "received", "peer"]
+    assert list(state.received[PEER]) == [N("10.50.0.0/24")]
+    assert state.peers[PEER].end_of_rib
+
+
+def test_a_peer_going_down_drops_its_routes_and_repeats_are_quiet():
+    state = BridgeState()
+    feed(state, OPEN_SENT, OPEN_RECEIVED, UP, ANNOUNCE)
+    messages = feed(state, DOWN, CONNECTED, DOWN)
+    assert len(messages) == 1
+    down = peer_from_json(messages[0])
+    assert (down.state, down.reason) == ("down", "notification received (6,2)")
+    assert down.graceful_restart and down.restart_time == 120  # for the agent's stale-route call
+    assert PEER not in state.received
+
+
+def test_unconfigured_peers_are_forgotten_and_ignored():
+    state = BridgeState()
+    feed(state, UP, ANNOUNCE)
+    state.record_announced(PEER, [Announcement(N("10.1.0.0/26"))])
+    assert state.set_configured({A("10.99.0.3")}, "d1") == [{"type": "forget", "peer": str(PEER)}]
+    assert not state.peers and not state.received and not state.announced
+    assert feed(state, DOWN) == []
+
+
+def test_sent_withdrawals_count_down_a_retirement():
+    state = BridgeState()
+    feed(state, UP)
+    state.retiring = {PEER: {N("10.50.1.0/24"), N("10.50.2.0/24")}}
+    feed(state, SENT_WITHDRAW)
+    assert state.retiring == {PEER: {N("10.50.2.0/24")}}
+    feed(state, DOWN)
+    assert state.retiring == {}
+
+
+def test_the_snapshot_rebuilds_the_agents_tables():
+    state = BridgeState()
+    feed(state, OPEN_SENT, OPEN_RECEIVED, UP, ANNOUNCE, EOR)
+    state.record_announced(PEER, [Announcement(p) for p in blocks(2500)])
+    state.record_withdrawn(PEER, blocks(1))
+    messages = list(state.snapshot(exabgp_pid=42))
+    assert messages[0]["type"] == "hello" and messages[0]["exabgp_pid"] == 42
+    tables = _Tables()
+    for message in messages[2:-1]:
+        apply_message(tables, json.loads(json.dumps(message)))
+    assert tables.peers == state.peers
+    assert tables.received == state.received
+    assert tables.announced == state.announced and len(tables.announced[PEER]) == 2499
+
+
+def test_live_messages_keep_the_agents_tables_equal_to_the_bridges():
+    state, tables = BridgeState(), _Tables()
+    for line in (OPEN_SENT, OPEN_RECEIVED, UP, ANNOUNCE, WITHDRAW, EOR, DOWN, UP, ANNOUNCE):
+        for message in state.on_event(event(line)):
+            apply_message(tables, message)
+    assert tables.peers == state.peers and tables.received == state.received
+    assert list(tables.received[PEER]) == [N("10.50.1.0/24"), N("10.50.0.0/24")]
+
+
+# --------------------------------------------------------------------------------------------
+# JSON forms of the model types
+
+addresses = st.integers(0, 2**32 - 1).map(A)
+prefixes = st.tuples(addresses, st.integers(8, 32)).map(lambda t: N((int(t[0]), t[1]), strict=False))
+asns = st.integers(1, 2**32 - 1)
+communities = st.tuples(st.integers(0, 65535), st.integers(0, 65535))
+optional = st.one_of(st.none(), st.integers(0, 2**32 - 1))
+
+
+@given(st.builds(Path, prefix=prefixes, next_hop=addresses, as_path=st.tuples(asns, asns),
+                 communities=st.lists(communities, max_size=3).map(tuple), local_pref=optional,
+                 med=optional, origin=st.sampled_from(["igp", "egp", "incomplete"]),
+                 originator_id=st.one_of(st.none(), addresses),
+                 cluster_list=st.lists(addresses, max_size=2).map(tuple)))
+def test_paths_survive_json(path):
+    assert path_from_json(json.loads(json.dumps(path_to_json(path)))) == path
+
+
+@given(st.builds(Announcement, prefix=prefixes, next_hop=st.one_of(st.none(), addresses),
+                 communities=st.lists(communities, max_size=3).map(tuple),
+                 as_path=st.lists(asns, max_size=3).map(tuple), local_pref=optional, med=optional,
+                 originator_id=st.one_of(st.none(), addresses),
+                 cluster_list=st.lists(addresses, max_size=2).map(tuple)))
+def test_announcements_survive_json(route):
+    assert announcement_from_json(json.loads(json.dumps(announcement_to_json(route)))) == route
+
+
+def test_peer_state_survives_json():
+    peer = PeerState(PEER, "down", 12.5, "closing", True, 120, A("10.99.0.2"), True, {"a": 1})
+    assert peer_from_json(json.loads(json.dumps(peer_to_json(peer)))) == peer

@@ -1,0 +1,702 @@
+"""The speaker end to end: a real ExaBGP 5.0 (spawned by the Speaker or run as a sidecar) with
+pipit-exabgp-bridge, against real BIRD 2 peers, in network namespaces the tests create and
+remove. Plus the bridge alone against a scripted ExaBGP (bad input, reconnects, errors).
+
+Run as a script (`python -m tests.test_speaker agent ...`) this module is the agent process
+the restart test SIGKILLs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+import pytest
+
+from bgp_agent.model import Announcement, Neighbor
+from bgp_agent.speaker import Speaker, SpeakerError, sidecar_command
+from lab.bird import Bird, BirdPeer, bgp_config
+
+A, N = IPv4Address, IPv4Network
+ROOT = Path(__file__).resolve().parents[1]
+NODE_AS = 64512
+BRIDGE = str(Path(sys.executable).parent / "pipit-exabgp-bridge")
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+
+
+def blocks(count: int, second_octet: int = 1) -> list[IPv4Network]:
+    """`count` distinct /26s inside 10.<second_octet>.0.0/16 (up to 1024)."""
+    return [N((0x0A000000 + (second_octet << 16) + 64 * i, 26)) for i in range(count)]
+
+
+def many_blocks(count: int, first: int = 20) -> list[IPv4Network]:
+    """`count` distinct /26s from 10.<first>.0.0 on, for counts beyond 1024."""
+    return [N((0x0A000000 + (first << 16) + 64 * i, 26)) for i in range(count)]
+
+
+# --------------------------------------------------------------------------------------------
+# Network namespaces: the node, and one namespace per peer on its own link 10.99.<k>.0/24
+
+def sh(*args: str) -> str:
+    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
+
+
+@dataclass
+class Net:
+    node: str
+    peers: list[str]
+
+    @staticmethod
+    def node_address(k: int) -> IPv4Address:
+        return A(f"10.99.{k}.1")
+
+    @staticmethod
+    def peer_address(k: int) -> IPv4Address:
+        return A(f"10.99.{k}.2")
+
+
+@contextmanager
+def network(peers: int):
+    name = f"pipit-t-{uuid.uuid4().hex[:8]}"
+    created = []
+    try:
+        sh("ip", "netns", "add", name)
+        created.append(name)
+        sh("ip", "-n", name, "link", "set", "lo", "up")
+        for k in range(1, peers + 1):
+            peer = f"{name}-p{k}"
+            sh("ip", "netns", "add", peer)
+            created.append(peer)
+            sh("ip", "-n", name, "link", "add", f"v{k}", "type", "veth", "peer", "name", "v0",
+               "netns", peer)
+            sh("ip", "-n", name, "addr", "add", f"{Net.node_address(k)}/24", "dev", f"v{k}")
+            sh("ip", "-n", peer, "addr", "add", f"{Net.peer_address(k)}/24", "dev", "v0")
+            for ns, dev in ((name, f"v{k}"), (peer, "v0"), (peer, "lo")):
+                sh("ip", "-n", ns, "link", "set", dev, "up")
+        yield Net(name, created[1:])
+    finally:
+        for ns in reversed(created):
+            subprocess.run(["ip", "netns", "delete", ns], check=False)
+
+
+@pytest.fixture
+def net1():
+    with network(1) as net:
+        yield net
+
+
+@pytest.fixture
+def net2():
+    with network(2) as net:
+        yield net
+
+
+@pytest.fixture
+def state_dir(tmp_path):
+    """The Speaker's directory; any ExaBGP still recorded in it is killed afterwards."""
+    yield tmp_path / "state"
+    kill_exabgp(tmp_path / "state")
+
+
+def kill_exabgp(state: Path) -> None:
+    try:
+        pid = int((state / "exabgp.pid").read_text())
+        if b"exabgp" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            os.kill(pid, signal.SIGKILL)
+    except (OSError, ValueError):
+        pass
+
+
+def bird_peer(net: Net, k: int, routes=(), **options) -> Bird:
+    """BIRD in peer namespace k, AS 65000+k, one session ("node") to the node, exporting
+    `routes` as blackholes."""
+    config = bgp_config(net.peer_address(k), net.peer_address(k), 65000 + k,
+                        [BirdPeer("node", net.node_address(k), NODE_AS, **options)], routes)
+    return Bird(f"p{k}", config, netns=net.peers[k - 1])
+
+
+def neighbor(k: int, **options) -> Neighbor:
+    return Neighbor(Net.peer_address(k), 65000 + k, Net.node_address(k), NODE_AS, kind="global",
+                    **options)
+
+
+def make_speaker(state: Path, net: Net, mode: str = "spawn") -> Speaker:
+    return Speaker(state, state / "bridge.sock", mode, Net.node_address(1), Net.node_address(1),
+                   NODE_AS, netns=net.node)
+
+
+@asynccontextmanager
+async def running(speaker: Speaker):
+    await speaker.start()
+    try:
+        yield speaker
+    finally:
+        await speaker.stop(stop_exabgp=True)
+
+
+async def eventually(condition, timeout: float = 30.0, what: str = "condition"):
+    """Poll `condition` (sync) until it returns something truthy, or fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def established(speaker: Speaker, address: IPv4Address) -> bool:
+    peer = speaker.peers.get(address)
+    return bool(speaker.connected and peer and peer.state == "up" and peer.end_of_rib)
+
+
+def bird_count(bird: Bird, expected: int):
+    return lambda: bird.route_count("node") == expected
+
+
+# --------------------------------------------------------------------------------------------
+# Sessions and routes
+
+@needs_root
+def test_routes_flow_both_ways_with_bird(net1, state_dir):
+    """Over a TCP-MD5 session."""
+    own = [N("10.50.0.0/24"), N("10.50.1.0/24"), N("10.50.2.0/24")]
+    ours = blocks(500)
+    tagged = Announcement(ours[-1], communities=((NODE_AS, 100),), med=5)
+
+    async def scenario():
+        with bird_peer(net1, 1, own, password="pipit-md5") as bird:
+            async with running(make_speaker(state_dir, net1)) as speaker:
+                await speaker.set_neighbors([neighbor(1, password="pipit-md5")])
+                await eventually(lambda: established(speaker, net1.peer_address(1)), what="up")
+                received = speaker.received[net1.peer_address(1)]
+                assert set(received) == set(own)
+                assert all(p.next_hop == net1.peer_address(1) and p.as_path == (65001,)
+                           for p in received.values())
+
+                await speaker.announce(net1.peer_address(1),
+                                       [Announcement(p) for p in ours[:-1]] + [tagged])
+                assert len(speaker.announced[net1.peer_address(1)]) == 500
+                await eventually(bird_count(bird, 500), what="500 routes in BIRD")
+                seen = bird.routes(protocol="node")
+                assert seen[ours[0]].via == net1.node_address(1) and seen[ours[0]].as_path == (NODE_AS,)
+                assert seen[tagged.prefix].communities == ((NODE_AS, 100),)
+
+                await speaker.withdraw(net1.peer_address(1), ours[:250])
+                assert set(speaker.announced[net1.peer_address(1)]) == set(ours[250:])
+                await eventually(bird_count(bird, 250), what="250 withdrawn from BIRD")
+                assert set(bird.routes(protocol="node")) == set(ours[250:])
+
+                bird.configure(bgp_config(
+                    net1.peer_address(1), net1.peer_address(1), 65001,
+                    [BirdPeer("node", net1.node_address(1), NODE_AS, password="pipit-md5")],
+                    own[1:]))
+                await eventually(lambda: set(speaker.received[net1.peer_address(1)]) == set(own[1:]),
+                                 what="BIRD's withdrawal to arrive")
+
+    asyncio.run(scenario())
+
+
+@needs_root
+def test_a_peer_going_down_is_reported_and_its_routes_dropped(net1, state_dir):
+    async def scenario():
+        bird = bird_peer(net1, 1, [N("10.50.0.0/24")]).start()
+        try:
+            async with running(make_speaker(state_dir, net1)) as speaker:
+                await speaker.set_neighbors([neighbor(1)])
+                address = net1.peer_address(1)
+                await eventually(lambda: established(speaker, address), what="up")
+                assert speaker.received[address]
+                up = speaker.peers[address]
+                assert up.graceful_restart and up.restart_time == 120
+                assert up.router_id == address
+                bird.stop()
+                down = await eventually(lambda: speaker.peers[address].state == "down"
+                                        and speaker.peers[address], what="down")
+                assert down.reason  # as ExaBGP said it, e.g. "notification received (6,0)"
+                assert down.since > up.since
+                assert down.graceful_restart and down.restart_time == 120  # for the agent
+                assert address not in speaker.received
+        finally:
+            bird.destroy()
+
+    asyncio.run(scenario())
+
+
+@needs_root
+def test_changing_the_neighbour_set_keeps_the_other_sessions(net2, state_dir):
+    first, second = net2.peer_address(1), net2.peer_address(2)
+    ours = many_blocks(5000)
+
+    async def scenario():
+        with bird_peer(net2, 1) as bird1, bird_peer(net2, 2) as bird2:
+            async with running(make_speaker(state_dir, net2)) as speaker:
+                await speaker.set_neighbors([neighbor(1)])
+                await eventually(lambda: established(speaker, first), what="first up")
+                before_bird = bird1.protocol("node").since
+                before_exabgp = speaker.peers[first].since
+
+                # while routes are on their way to the first peer
+                await speaker.announce(first, [Announcement(p) for p in ours])
+                await speaker.set_neighbors([neighbor(1), neighbor(2)])
+                await eventually(lambda: established(speaker, second), what="second up")
+                await speaker.announce(second, [Announcement(p) for p in blocks(10)])
+                await eventually(bird_count(bird2, 10), what="routes at the second peer")
+                await eventually(bird_count(bird1, 5000), what="routes at the first peer")
+
+                await speaker.set_neighbors([neighbor(1)])
+                await eventually(lambda: not bird2.protocol("node").established, what="second gone")
+                await eventually(lambda: second not in speaker.peers
+                                 and second not in speaker.announced, what="second forgotten")
+
+                assert bird1.protocol("node").since == before_bird
+                assert speaker.peers[first].since == before_exabgp
+                assert bird1.route_stats("node")["Import withdraws"]["accepted"] == 0
+                assert bird1.route_count("node") == 5000
+
+    asyncio.run(scenario())
+
+
+@needs_root
+def test_retire_withdraws_everything_before_returning(net1, state_dir):
+    address = net1.peer_address(1)
+
+    async def scenario():
+        with bird_peer(net1, 1) as bird:
+            async with running(make_speaker(state_dir, net1)) as speaker:
+                await speaker.set_neighbors([neighbor(1)])
+                await eventually(lambda: established(speaker, address), what="up")
+                await speaker.announce(address, [Announcement(p) for p in blocks(800)])
+                await eventually(bird_count(bird, 800), what="800 routes in BIRD")
+                await speaker.retire()
+                assert not speaker.announced
+                # sent before retire() returned; BIRD may still be reading them
+                await eventually(bird_count(bird, 0), what="BIRD to drop our routes")
+                assert bird.protocol("node").established
+
+    asyncio.run(scenario())
+
+
+@needs_root
+def test_a_refused_command_is_an_error_and_changes_nothing(net1, state_dir):
+    async def scenario():
+        async with running(make_speaker(state_dir, net1)) as speaker:
+            await speaker.set_neighbors([neighbor(1)])
+            await eventually(lambda: speaker.connected, what="bridge")
+            with pytest.raises(SpeakerError, match="ExaBGP refused"):
+                await speaker.announce(A("10.99.9.9"), [Announcement(N("10.1.0.0/26"))])
+            assert not speaker.announced
+            assert "10.99.1.2" in "\n".join(await speaker.command("show neighbor summary"))
+
+    asyncio.run(scenario())
+
+
+# --------------------------------------------------------------------------------------------
+# ExaBGP's life: sidecar, supervision, adoption, an absent agent
+
+@needs_root
+def test_sidecar_mode_reloads_through_the_api(net1, state_dir):
+    address = net1.peer_address(1)
+
+    async def scenario():
+        with bird_peer(net1, 1) as bird:
+            speaker = make_speaker(state_dir, net1, mode="sidecar")
+            await speaker.start()
+            exabgp = subprocess.Popen(["ip", "netns", "exec", net1.node, *sidecar_command(state_dir)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      start_new_session=True)
+            try:
+                await eventually(lambda: speaker.connected, what="the sidecar's bridge")
+                assert not speaker.peers
+                await speaker.set_neighbors([neighbor(1)])
+                await eventually(lambda: established(speaker, address), what="up")
+                await speaker.announce(address, [Announcement(p) for p in blocks(20)])
+                await eventually(bird_count(bird, 20), what="routes in BIRD")
+                await speaker.stop(stop_exabgp=True)  # asks ExaBGP to shut down
+                await eventually(lambda: exabgp.poll() is not None, what="ExaBGP to exit")
+            finally:
+                if exabgp.poll() is None:
+                    exabgp.kill()
+                exabgp.wait()
+
+    asyncio.run(scenario())
+
+
+@needs_root
+def test_a_dead_exabgp_is_restarted(net1, state_dir):
+    address = net1.peer_address(1)
+
+    async def scenario():
+        with bird_peer(net1, 1):
+            async with running(make_speaker(state_dir, net1)) as speaker:
+                await speaker.set_neighbors([neighbor(1)])
+                await eventually(lambda: established(speaker, address), what="up")
+                first = speaker.exabgp_pid
+                os.kill(first, signal.SIGKILL)
+                await eventually(lambda: speaker.exabgp_pid != first and established(speaker, address),
+                                 what="a new ExaBGP with the session back")
+                assert int((state_dir / "exabgp.pid").read_text()) == speaker.exabgp_pid
+
+    asyncio.run(scenario())
+
+
+@needs_root
+def test_a_killed_agent_is_replaced_without_a_flap(net1, state_dir):
+    address = net1.peer_address(1)
+    ours = blocks(300)
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "tests.test_speaker", "agent", str(state_dir), net1.node, "300"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        with bird_peer(net1, 1, [N("10.50.0.0/24")]) as bird:
+            ready = json.loads(read_line(agent, timeout=60))
+            Bird.wait(bird_count(bird, 300), what="the agent's routes in BIRD")
+            since, routes_before = bird.protocol("node").since, bird.routes(protocol="node")
+            agent.send_signal(signal.SIGKILL)
+            agent.wait()
+
+            async def scenario():
+                speaker = make_speaker(state_dir, net1)
+                await speaker.start()
+                try:
+                    await eventually(lambda: speaker.connected, what="the bridge to reconnect")
+                    assert speaker.exabgp_pid == ready["exabgp_pid"]  # adopted, not restarted
+                    assert set(speaker.announced[address]) == set(ours)
+                    assert set(speaker.received[address]) == {N("10.50.0.0/24")}
+                    assert speaker.peers[address].since == ready["since"]
+                    await speaker.set_neighbors([neighbor(1)])  # the same: nothing to do
+                    await speaker.announce(address, [Announcement(p) for p in ours])
+                    assert speaker.peers[address].since == ready["since"]
+                    assert bird.protocol("node").since == since
+                    assert bird.routes(protocol="node") == routes_before  # same routes, same times
+                    assert bird.route_stats("node")["Import withdraws"]["accepted"] == 0
+                finally:
+                    await speaker.stop(stop_exabgp=True)
+
+            asyncio.run(scenario())
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        agent.wait()
+
+
+def read_line(process: subprocess.Popen, timeout: float) -> str:
+    ready, _, _ = select.select([process.stdout], [], [], timeout)
+    if not ready:
+        raise AssertionError(f"no line from the agent within {timeout:g} s")
+    line = process.stdout.readline()
+    if not line:
+        raise AssertionError(f"the agent exited with {process.wait()}")
+    return line
+
+
+def agent_main(state: str, netns: str, count: str) -> None:
+    """The agent process of the restart test: brings a session up, announces, says so, waits."""
+    async def main():
+        net = Net(netns, [])
+        speaker = make_speaker(Path(state), net)
+        await speaker.start()
+        await speaker.set_neighbors([neighbor(1)])
+        address = net.peer_address(1)
+        await eventually(lambda: established(speaker, address), what="up")
+        await speaker.announce(address, [Announcement(p) for p in blocks(int(count))])
+        print(json.dumps({"since": speaker.peers[address].since,
+                          "exabgp_pid": speaker.exabgp_pid}), flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+@needs_root
+def test_the_bridge_keeps_exabgp_alive_while_no_agent_listens(net1, state_dir):
+    """With no agent, ExaBGP still writes events to the bridge: here 20k routes announced,
+    withdrawn and announced again, well over 1.5 MB of JSON: about 25 times the 64 KiB pipe
+    buffer that 13k unread acks fill (trap 2). A bridge that stopped reading would freeze
+    ExaBGP (no keepalives: the session dies) and could not hand over the routes afterwards."""
+    address = net1.peer_address(1)
+    flood = many_blocks(20000)
+
+    def export(bird: Bird, routes) -> None:
+        bird.configure(bgp_config(net1.peer_address(1), net1.peer_address(1), 65001,
+                                  [BirdPeer("node", net1.node_address(1), NODE_AS)], routes))
+
+    def sent(bird: Bird) -> tuple[int, int]:
+        stats = bird.route_stats("node")
+        return stats["Export updates"]["accepted"], stats["Export withdraws"]["accepted"]
+
+    async def scenario():
+        with bird_peer(net1, 1) as bird:
+            speaker = make_speaker(state_dir, net1)
+            await speaker.start()
+            await speaker.set_neighbors([neighbor(1)])
+            await eventually(lambda: established(speaker, address), what="up")
+            await speaker.announce(address, [Announcement(p) for p in blocks(10)])
+            since = bird.protocol("node").since
+            await speaker.stop(stop_exabgp=False)  # the agent is gone; ExaBGP and bridge stay
+
+            updates, withdraws = sent(bird)
+            for routes, more_updates, more_withdraws in ((flood, 20000, 0), ([], 0, 20000),
+                                                         (flood, 20000, 0)):
+                export(bird, routes)
+                updates, withdraws = updates + more_updates, withdraws + more_withdraws
+                await eventually(lambda: sent(bird) == (updates, withdraws), timeout=60,
+                                 what="BIRD to send its routes")
+            speaker = make_speaker(state_dir, net1)
+            await speaker.start()
+            try:
+                await eventually(lambda: speaker.connected and len(speaker.received.get(address, ()))
+                                 == len(flood), what="the snapshot with every route", timeout=60)
+                assert bird.protocol("node").since == since
+                assert len(speaker.announced[address]) == 10
+            finally:
+                await speaker.stop(stop_exabgp=True)
+
+    asyncio.run(scenario())
+
+
+# --------------------------------------------------------------------------------------------
+# Measurements (printed, not asserted)
+
+@needs_root
+@pytest.mark.slow
+def test_measure_announcement_speed(net1, state_dir):
+    address = net1.peer_address(1)
+
+    async def scenario():
+        with bird_peer(net1, 1) as bird:
+            async with running(make_speaker(state_dir, net1)) as speaker:
+                await speaker.set_neighbors([neighbor(1)])
+                await eventually(lambda: established(speaker, address), what="up")
+                for count, first in ((1000, 20), (10000, 40)):
+                    routes = [Announcement(p) for p in many_blocks(count, first)]
+                    start = time.monotonic()
+                    await speaker.announce(address, routes)
+                    accepted = time.monotonic() - start
+                    await eventually(bird_count(bird, count), what=f"{count} in BIRD", timeout=120)
+                    arrived = time.monotonic() - start
+                    await speaker.withdraw(address, [r.prefix for r in routes])
+                    await eventually(bird_count(bird, 0), what="withdrawn", timeout=120)
+                    gone = time.monotonic() - start - arrived
+                    print(f"\n{count} announcements: accepted by ExaBGP in {accepted:.2f} s, "
+                          f"all in BIRD after {arrived:.2f} s; withdrawn from BIRD in {gone:.2f} s")
+
+    asyncio.run(scenario())
+
+
+# --------------------------------------------------------------------------------------------
+# The bridge alone, against a scripted ExaBGP (no root, no BGP)
+
+UP = ('{ "exabgp": "5.0.0", "time": 100.5, "type": "state", "neighbor": { "address": '
+      '{ "local": "10.0.0.1", "peer": "10.0.0.2" }, "asn": { "local": 64512, "peer": 64512 }, '
+      '"router-id": "10.0.0.1", "state": "up" } }')
+ROUTE = ('{ "exabgp": "5.0.0", "time": 101.0, "type": "update", "neighbor": { "address": '
+         '{ "local": "10.0.0.1", "peer": "10.0.0.2" }, "asn": { "local": 64512, "peer": 64512 }, '
+         '"direction": "receive", "message": { "update": { "attribute": { "origin": "igp" }, '
+         '"announce": { "ipv4 unicast": { "10.0.0.2": [ { "nlri": "%s" } ] } } } } } }')
+
+
+class ScriptedExaBGP:
+    """Plays ExaBGP to a real bridge process: writes events to its stdin, reads its commands."""
+
+    def __init__(self, socket_path: Path):
+        self.process = subprocess.Popen([BRIDGE, "--socket", str(socket_path)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE)
+
+    def send(self, *lines: str) -> None:
+        self.process.stdin.write("".join(line + "\n" for line in lines).encode())
+        self.process.stdin.flush()
+
+    def command(self, timeout: float = 10) -> str:
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        assert ready, "the bridge sent no command"
+        return self.process.stdout.readline().decode().rstrip("\n")
+
+    def close(self) -> str:
+        self.process.stdin.close()
+        self.process.wait(10)
+        return self.process.stderr.read().decode()
+
+
+class FakeAgent:
+    def __init__(self, path: Path):
+        self.path = path
+        self.connections: asyncio.Queue = asyncio.Queue()
+
+    async def start(self):
+        self.server = await asyncio.start_unix_server(
+            lambda r, w: self.connections.put_nowait((r, w)), str(self.path))
+
+    async def accept(self):
+        return await asyncio.wait_for(self.connections.get(), 10)
+
+    async def close(self):
+        self.server.close()
+        self.path.unlink(missing_ok=True)
+
+
+async def receive(reader, until: str, timeout: float = 10) -> list[dict]:
+    messages = []
+    while True:
+        line = await asyncio.wait_for(reader.readline(), timeout)
+        assert line, "the bridge closed the connection"
+        messages.append(json.loads(line))
+        if messages[-1]["type"] == until:
+            return messages
+
+
+def test_bridge_survives_bad_input_and_the_agent_coming_and_going(tmp_path):
+    socket_path = tmp_path / "bridge.sock"
+    exabgp = ScriptedExaBGP(socket_path)
+
+    async def scenario():
+        # no agent yet: garbage and real events are read all the same, and a lot of them
+        exabgp.send("not json", '{"exabgp": "5.0.0", "type": "state"}', '{"exabgp": "5.0", "ty',
+                    UP.replace('"10.0.0.2"', '"10.0.0.300"'), "{" * 100, "done", UP)
+        exabgp.send(*(ROUTE % N((0x0A010000 + 64 * i, 26)) for i in range(5000)))  # ~1.5 MB
+        agent = FakeAgent(socket_path)
+        await agent.start()
+        reader, writer = await agent.accept()
+        snapshot = await receive(reader, "snapshot-end")
+        assert snapshot[0]["type"] == "hello" and snapshot[0]["digest"] is None
+        routes = sum(len(m["announce"]) for m in snapshot if m["type"] == "received")
+        while routes < 5000:  # the rest, live, if the bridge had not read them all yet
+            message = (await receive(reader, "received"))[-1]
+            routes += len(message["announce"])
+        assert routes == 5000
+
+        writer.write(b"garbage\n[1, 2]\n" + json.dumps({"id": 1, "op": "nonsense"}).encode()
+                     + b"\n" + json.dumps({"id": 2, "op": "announce", "neighbor": "10.0.0.2",
+                                           "routes": [{"prefix": "10.9.0.0/26"}]}).encode() + b"\n")
+        await writer.drain()
+        assert (await receive(reader, "error"))[-1]["id"] == 1
+        assert exabgp.command() == ("neighbor 10.0.0.2 announce attributes next-hop self "
+                                    "nlri 10.9.0.0/26")
+        exabgp.send("error")  # ExaBGP's whole word on the matter
+        reply = (await receive(reader, "error"))[-1]
+        assert reply["id"] == 2 and "ExaBGP refused" in reply["message"]
+
+        writer.write(json.dumps({"id": 3, "op": "announce", "neighbor": "10.0.0.2",
+                                 "routes": [{"prefix": "10.9.0.0/26"}]}).encode() + b"\n")
+        await writer.drain()
+        assert "announce attributes" in exabgp.command()
+        exabgp.send("done")
+        messages = await receive(reader, "done")
+        assert [m["type"] for m in messages] == ["announced", "done"]
+
+        # the agent goes away and comes back: a fresh snapshot, with the announcement
+        writer.close()
+        reader, writer = await agent.accept()
+        snapshot = await receive(reader, "snapshot-end")
+        announced = [r for m in snapshot if m["type"] == "announced" for r in m["routes"]]
+        assert announced == [{"prefix": "10.9.0.0/26"}]
+        writer.close()
+        await agent.close()
+
+    try:
+        asyncio.run(scenario())
+        assert exabgp.process.poll() is None  # alive through all of it
+    finally:
+        log = exabgp.close()
+    assert "could not handle a line from ExaBGP" in log and "bad request from the agent" in log
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["agent"]:
+        agent_main(*sys.argv[2:])
+
+
+def request(writer, **fields) -> None:
+    writer.write(json.dumps(fields).encode() + b"\n")
+
+
+def test_bridge_asks_again_until_exabgp_shows_the_reload_applied(tmp_path):
+    """ExaBGP drops a reload that arrives while routes are queued for a peer, and says nothing:
+    the bridge only answers once `show neighbor configuration` carries the new digest, and then
+    tells the agent to forget the peers that are no longer configured."""
+    socket_path = tmp_path / "bridge.sock"
+    exabgp = ScriptedExaBGP(socket_path)
+
+    def configuration(digest: str) -> list[str]:
+        return ["neighbor 10.0.0.2 {", f'\tdescription "pipit:{digest}";', "}", "done"]
+
+    async def scenario():
+        agent = FakeAgent(socket_path)
+        await agent.start()
+        exabgp.send(UP, UP.replace("10.0.0.2", "10.0.0.3"))
+        reader, writer = await agent.accept()
+        snapshot = await receive(reader, "snapshot-end")
+        while sum(m["type"] == "peer" for m in snapshot) < 2:
+            snapshot += await receive(reader, "peer")
+        request(writer, id=1, op="reload", digest="bbbb", neighbors=["10.0.0.2"])
+        for answer in (configuration("aaaa"), configuration("bbbb")):
+            assert exabgp.command() == "reload"
+            exabgp.send("reload in progress", "done")
+            assert exabgp.command() == "show neighbor configuration"
+            exabgp.send(*answer)
+        messages = await receive(reader, "done")
+        assert messages == [{"type": "forget", "peer": "10.0.0.3"},
+                            {"type": "done", "id": 1, "output": []}]
+        writer.close()
+        reader, writer = await agent.accept()
+        hello = (await receive(reader, "snapshot-end"))[0]
+        assert hello["digest"] == "bbbb"
+        writer.close()
+        await agent.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        exabgp.close()
+
+
+def test_bridge_retires_once_the_withdrawals_were_sent(tmp_path):
+    socket_path = tmp_path / "bridge.sock"
+    exabgp = ScriptedExaBGP(socket_path)
+    sent = ROUTE.replace('"receive"', '"send"').replace('"announce"', '"withdraw"')
+    sent_withdraw = sent.replace('{ "10.0.0.2": [ { "nlri": "%s" } ] }', '[ { "nlri": "%s" } ]')
+
+    async def scenario():
+        agent = FakeAgent(socket_path)
+        await agent.start()
+        exabgp.send(UP)
+        reader, writer = await agent.accept()
+        snapshot = await receive(reader, "snapshot-end")
+        if not any(m["type"] == "peer" for m in snapshot):
+            await receive(reader, "peer")
+        request(writer, id=1, op="announce", neighbor="10.0.0.2",
+                routes=[{"prefix": "10.9.0.0/26"}, {"prefix": "10.9.0.64/26"}])
+        exabgp.command()
+        exabgp.send("done")
+        await receive(reader, "done")
+
+        request(writer, id=2, op="retire", timeout=10)
+        assert exabgp.command() == "clear adj-rib out"
+        exabgp.send(sent_withdraw % "10.9.0.0/26", "done")  # a withdrawal may leave first
+        messages = await receive(reader, "withdrawn")
+        assert messages[-1]["prefixes"] == ["10.9.0.0/26", "10.9.0.64/26"]
+        # one withdrawal is still to leave: an answer now would come before this "received"
+        exabgp.send(ROUTE % "10.7.0.0/24")
+        assert [m["type"] for m in await receive(reader, "received")] == ["received"]
+        exabgp.send(sent_withdraw % "10.9.0.64/26")
+        assert await receive(reader, "done") == [{"type": "done", "id": 2, "output": []}]
+        writer.close()
+        await agent.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        exabgp.close()
