@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import sys
+from pathlib import Path
 from collections.abc import Callable
 from ipaddress import IPv4Address
 
@@ -270,6 +271,44 @@ def node() -> None:
 def node_status(path: str) -> None:
     """BGP sessions of the agent on this node (peers, state, routes received and exported)."""
     click.echo(render_status(read_status(path)))
+
+
+@cli.group()
+def lab() -> None:
+    """A whole cluster on this machine: etcd, nodes and pods in network namespaces."""
+
+
+lab_dir = click.option("--dir", "directory", default="/tmp/pipit-lab", show_default=True,
+                       type=click.Path(file_okay=False), help="The lab's state directory.")
+
+
+@lab.command(name="up")
+@click.option("--nodes", default=3, show_default=True, type=click.IntRange(1, 50))
+@click.option("--pods-per-node", default=2, show_default=True, type=click.IntRange(0, 50))
+@lab_dir
+def lab_up(nodes: int, pods_per_node: int, directory: str) -> None:
+    """Start (or complete) the lab; print node status and a pod-to-pod ping matrix."""
+    from lab.cluster import Lab
+    if not Lab(Path(directory)).up(nodes, pods_per_node):
+        raise SystemExit(1)
+
+
+@lab.command(name="status")
+@lab_dir
+def lab_status(directory: str) -> None:
+    """Node status of every lab node and the ping matrix."""
+    from lab.cluster import Lab
+    if not Lab(Path(directory)).report():
+        raise SystemExit(1)
+
+
+@lab.command(name="down")
+@lab_dir
+def lab_down(directory: str) -> None:
+    """Remove every namespace, process and file of the lab (also after a crash)."""
+    from lab.cluster import Lab
+    Lab(Path(directory)).down()
+    click.echo("lab removed")
 
 
 def main() -> None:

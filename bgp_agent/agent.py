@@ -1,0 +1,163 @@
+"""pipit-agent: the long-running process on every node.
+
+It serves the local IPAM service the CNI plugin talks to, registers the node, and routes:
+announces the node's blocks over BGP through an ExaBGP sidecar and installs the routes it
+learns into the kernel.
+
+Signals: SIGTERM / SIGINT retire the node from routing (its routes are withdrawn from every
+peer, ExaBGP stops if the agent started it), then exit. SIGUSR1 exits without touching
+anything: ExaBGP keeps its sessions, the kernel keeps its routes, and the next agent adopts
+them (for upgrades). SIGKILL has the same effect as SIGUSR1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from bgp_agent.bgp_config import check_as_number
+from bgp_agent.node import NodeRecord, detect_address, parse_explicit_address, register
+from bgp_agent.status import DEFAULT_STATUS_SOCKET, StatusServer
+from ipam.allocator import IPAM
+from ipam.errors import InvalidResource, PipitError
+from ipam.service import DEFAULT_SOCKET, IPAMService
+from ipam.store import ENV_CA, ENV_CERT, ENV_ENDPOINTS, ENV_KEY, EtcdConfig, Store
+
+log = logging.getLogger("pipit-agent")
+DEFAULT_STATE_DIR = "/run/pipit"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="pipit-agent", description=__doc__.splitlines()[0])
+    parser.add_argument("--node", required=True, help="This node's name (as in Kubernetes).")
+    parser.add_argument("--ipam-socket", default=DEFAULT_SOCKET, metavar="PATH",
+                        help=f"Unix socket of the local IPAM service (default {DEFAULT_SOCKET}).")
+    parser.add_argument("--no-bgp", action="store_true",
+                        help="Run the IPAM service alone, without routing.")
+    address = parser.add_mutually_exclusive_group()
+    address.add_argument("--ip", metavar="ADDR/PREFIX",
+                         help="This node's BGP address, e.g. 10.0.0.11/24 (default: detected).")
+    address.add_argument("--ip-autodetection-method", default="first-found", metavar="METHOD",
+                         help="first-found | interface=REGEX | skip-interface=REGEX | cidr=CIDR "
+                              "| can-reach=IP (default first-found).")
+    parser.add_argument("--as", dest="as_number", type=int, metavar="N",
+                        help="This node's AS number (default: the cluster's, 64512).")
+    parser.add_argument("--labels", default="", metavar="K=V,...",
+                        help="Labels for this node's record (pools and peers select on them).")
+    parser.add_argument("--exabgp", choices=["spawn", "sidecar"], default="spawn",
+                        help="Start and supervise ExaBGP (spawn), or expect one started "
+                             "beside the agent with the rendered configuration (sidecar).")
+    parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR",
+                        help=f"Where ExaBGP's configuration and sockets live "
+                             f"(default {DEFAULT_STATE_DIR}).")
+    parser.add_argument("--status-socket", default=DEFAULT_STATUS_SOCKET, metavar="PATH",
+                        help=f"Status socket for `pipitctl node status` "
+                             f"(default {DEFAULT_STATUS_SOCKET}).")
+    parser.add_argument("--etcd-endpoints", metavar="URLS",
+                        help=f"Comma-separated etcd URLs [env {ENV_ENDPOINTS}].")
+    parser.add_argument("--etcd-ca-cert", metavar="FILE", help=f"[env {ENV_CA}]")
+    parser.add_argument("--etcd-cert", metavar="FILE", help=f"[env {ENV_CERT}]")
+    parser.add_argument("--etcd-key", metavar="FILE", help=f"[env {ENV_KEY}]")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser.parse_args(argv)
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    labels = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidResource(f"--labels item {item!r} is not KEY=VALUE.")
+        labels[key] = value
+    return labels
+
+
+def node_identity(args: argparse.Namespace) -> NodeRecord:
+    address = (parse_explicit_address(args.ip) if args.ip
+               else detect_address(args.ip_autodetection_method))
+    if args.as_number is not None:
+        check_as_number(args.as_number, "--as")
+    return NodeRecord(args.node, address, args.as_number, parse_labels(args.labels))
+
+
+async def run(args: argparse.Namespace) -> None:
+    config = EtcdConfig.from_options(args.etcd_endpoints, args.etcd_ca_cert, args.etcd_cert,
+                                     args.etcd_key)
+    stop = asyncio.Event()
+    retire = True
+    loop = asyncio.get_running_loop()
+
+    def stop_and(retire_node: bool):
+        def handler():
+            nonlocal retire
+            retire = retire_node
+            stop.set()
+        return handler
+    loop.add_signal_handler(signal.SIGTERM, stop_and(True))
+    loop.add_signal_handler(signal.SIGINT, stop_and(True))
+    loop.add_signal_handler(signal.SIGUSR1, stop_and(False))
+
+    async with Store(config) as store:
+        service = IPAMService(IPAM(store), args.node, args.ipam_socket)
+        await service.start()
+        try:
+            if args.no_bgp:
+                await stop.wait()
+            else:
+                await route(store, args, stop, lambda: retire)
+            log.info("stopping")
+        finally:
+            await service.close()
+
+
+async def route(store: Store, args: argparse.Namespace, stop: asyncio.Event, retiring) -> None:
+    """Register the node, then run the BGP speaker and the routing loop until `stop`."""
+    from bgp_agent.kernel_routes import KernelRoutes
+    from bgp_agent.routing import Router
+    from bgp_agent.speaker import Speaker
+
+    me = await register(store, node_identity(args))
+    log.info("node %s registered with address %s", me.name, me.address)
+    state_dir = Path(args.state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    kernel = KernelRoutes()
+    speaker = Speaker(state_dir / "exabgp", state_dir / "exabgp.sock", args.exabgp,
+                      router_id=me.address.ip, local_address=me.address.ip,
+                      local_as=me.as_number or 64512)
+    router = Router(store, me, speaker, kernel)
+    speaker.on_change = router.changed.set
+    status = StatusServer(args.status_socket, router.status.to_json)
+    await speaker.start()
+    await status.start()
+    task = asyncio.create_task(router.run())
+    try:
+        await stop.wait()
+    finally:
+        task.cancel()
+        await status.close()
+        if retiring():
+            log.info("retiring: withdrawing this node's routes from every peer")
+            await speaker.retire()
+        await speaker.stop(stop_exabgp=retiring())
+        kernel.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format=f"%(asctime)s pipit-agent[{args.node}] %(levelname)s "
+                               "%(name)s: %(message)s")
+    try:
+        asyncio.run(run(args))
+    except PipitError as error:
+        log.error("%s", error)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
