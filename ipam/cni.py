@@ -1,0 +1,339 @@
+"""pipit-ipam: the CNI IPAM plugin (CNI spec 1.1 / 1.0, and the 0.3-0.4 result format).
+
+The reference plugins (`ptp`, `bridge`) call it with `"ipam": {"type": "pipit-ipam", ...}`;
+it asks the node's pipit-agent over a unix socket and prints the result. It imports only the
+standard library, so it starts in milliseconds and can be copied alone into a CNI bin
+directory (`python -m ipam.cni install DIR`).
+
+IPAM section:  {"type": "pipit-ipam", "socket": PATH, "pools": [NAMES], "routes": [...]}
+
+Start-up is most of a pod's ADD here, so the plugin imports only what the interpreter has
+loaded anyway plus the C halves of `os`, `json` and `socket`: `import json, socket, re` alone
+pulls in re, enum, functools, collections and selectors and costs ~20 ms per call, `os` ~2 ms
+(see bench/README.md).
+"""
+
+import posix
+import sys
+
+try:  # CPython's C parts of json and socket (the modules minus their imports)
+    import _socket
+    from _json import encode_basestring_ascii as _encode_string
+    from _json import make_encoder as _make_encoder
+    from _json import make_scanner as _make_scanner
+except ImportError:  # another Python: the plain modules
+    import socket as _socket
+    _make_scanner = None
+
+SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+DEFAULT_SOCKET = "/run/pipit/ipam.sock"
+TIMEOUT = 30.0
+IPAM_FIELDS = {"type", "socket", "pools", "routes"}
+
+# CNI error codes (spec "Error codes"); 100 and up are Pipit's own.
+INCOMPATIBLE_VERSION, UNSUPPORTED_FIELD, UNKNOWN_CONTAINER = 1, 2, 3
+INVALID_ENVIRONMENT, IO_FAILURE, DECODE_FAILURE, INVALID_CONFIG = 4, 5, 6, 7
+TRY_AGAIN_LATER, NOT_AVAILABLE = 11, 50
+POOL_EXHAUSTED, NO_SUCH_POOL, CHECK_MISMATCH = 100, 101, 102
+
+_AGENT_ERRORS = {  # the agent's error kinds -> CNI codes
+    "PoolExhausted": POOL_EXHAUSTED,
+    "NotFound": NO_SUCH_POOL,
+    "DatastoreUnavailable": TRY_AGAIN_LATER,
+    "Conflict": TRY_AGAIN_LATER,
+    "InvalidResource": INVALID_CONFIG,
+}
+
+
+if _make_scanner is not None:
+    class _Decoding:  # the settings _json's scanner reads from a json.JSONDecoder
+        strict = True
+        object_hook = object_pairs_hook = None
+        parse_float, parse_int = float, int
+
+        def __init__(self):
+            self.parse_constant = self._refuse
+
+        @staticmethod
+        def _refuse(name: str):
+            raise ValueError(f"{name} is not a JSON number")
+
+    _scan = _make_scanner(_Decoding())
+    _WHITESPACE = " \t\n\r"
+
+    def loads(text: str | bytes):
+        """json.loads for one document (without importing json)."""
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        start = len(text) - len(text.lstrip(_WHITESPACE))
+        try:
+            value, end = _scan(text, start)
+            if not text[end:].strip(_WHITESPACE):
+                return value
+        except (StopIteration, SystemError):  # (_json reports errors through json.decoder)
+            pass
+        import json  # malformed: the slow path, for json's own words on what is wrong
+        return json.loads(text)
+
+    def _unencodable(value):
+        raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+    _encode = _make_encoder(None, _unencodable, _encode_string, None, ": ", ", ", False, False,
+                            False)
+
+    def dumps(value) -> str:
+        """json.dumps (without importing json)."""
+        return "".join(_encode(value, 0))
+else:
+    from json import dumps, loads
+
+
+class CNIError(Exception):
+    def __init__(self, code: int, msg: str, details: str = ""):
+        super().__init__(msg)
+        self.code, self.msg, self.details = code, msg, details
+
+
+_HANDLE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+
+
+def handle_id(network: str, container_id: str, ifname: str) -> str:
+    """One handle per attachment (network, container, interface), as the spec keys them."""
+    def clean(part: str) -> str:
+        return "".join(c if c in _HANDLE_CHARS else "_" for c in part)
+    return f"{clean(network)}.{clean(container_id)}.{clean(ifname)}"[:253]
+
+
+def parse_cni_args(text: str) -> dict[str, str]:
+    pairs = (item.split("=", 1) for item in text.split(";") if "=" in item)
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def read_config(raw: str) -> dict:
+    try:
+        config = loads(raw)
+    except ValueError as error:
+        raise CNIError(DECODE_FAILURE, "the network configuration on stdin is not valid JSON.",
+                       str(error)) from None
+    if not isinstance(config, dict):
+        raise CNIError(DECODE_FAILURE, "the network configuration on stdin is not a JSON object.")
+    version = config.get("cniVersion")
+    if version not in SUPPORTED_VERSIONS:
+        raise CNIError(INCOMPATIBLE_VERSION,
+                       f"pipit-ipam does not support cniVersion {version!r}.",
+                       f"supported: {', '.join(SUPPORTED_VERSIONS)}")
+    ipam = config.get("ipam")
+    if not isinstance(ipam, dict):
+        raise CNIError(INVALID_CONFIG, "the network configuration has no ipam section.")
+    unknown = sorted(set(ipam) - IPAM_FIELDS)
+    if unknown:
+        raise CNIError(UNSUPPORTED_FIELD, f"pipit-ipam does not know the ipam field "
+                       f"{unknown[0]!r}.", f"known: {', '.join(sorted(IPAM_FIELDS))}")
+    pools = ipam.get("pools", [])
+    if not isinstance(pools, list) or not all(isinstance(p, str) and p for p in pools):
+        raise CNIError(INVALID_CONFIG, "ipam.pools must be a list of IP pool names.")
+    routes = ipam.get("routes", [{"dst": "0.0.0.0/0"}])
+    if not isinstance(routes, list) or not all(isinstance(r, dict) and "dst" in r
+                                               for r in routes):
+        raise CNIError(INVALID_CONFIG, 'ipam.routes must be a list of {"dst": CIDR} objects.')
+    if not isinstance(ipam.get("socket", DEFAULT_SOCKET), str):
+        raise CNIError(INVALID_CONFIG, "ipam.socket must be a path.")
+    return config
+
+
+def require_env(env: dict, *names: str) -> None:
+    missing = [n for n in names if not env.get(n)]
+    if missing:
+        raise CNIError(INVALID_ENVIRONMENT, f"the environment variable {missing[0]} is not set.",
+                       f"missing: {', '.join(missing)}")
+
+
+def ask_agent(path: str, request: dict) -> dict:
+    """One request to the node's pipit-agent; its errors become CNI errors."""
+    try:
+        conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        try:
+            conn.settimeout(TIMEOUT)
+            conn.connect(path)
+            conn.sendall(dumps(request).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        finally:
+            conn.close()
+    except TimeoutError:
+        raise CNIError(TRY_AGAIN_LATER, f"pipit-agent did not answer on {path} within "
+                       f"{TIMEOUT:g} s.") from None
+    except OSError as error:
+        reason = (error.strerror or str(error)).lower()
+        raise CNIError(TRY_AGAIN_LATER, f"pipit-agent is not reachable on {path} ({reason}); "
+                       "is it running on this node?") from None
+    if not data:  # it went away mid-request (stopped, crashed): the outcome is for a retry
+        raise CNIError(TRY_AGAIN_LATER, f"pipit-agent on {path} closed the connection without "
+                       "an answer (did it stop or restart?); try again.")
+    try:
+        reply = loads(data)
+        if not isinstance(reply, dict):
+            raise ValueError
+    except ValueError:
+        raise CNIError(IO_FAILURE, f"pipit-agent on {path} sent an answer that is not JSON.",
+                       data[:200].decode(errors="replace")) from None
+    error = reply.get("error")
+    if error:
+        raise CNIError(_AGENT_ERRORS.get(error.get("kind"), IO_FAILURE), error.get("msg", ""),
+                       error.get("kind", ""))
+    return reply
+
+
+def cni_result(version: str, ips: list[dict], routes: list[dict]) -> dict:
+    """The IPAM result in the format of the requested CNI version."""
+    entries = []
+    for ip in ips:
+        if ip.get("gateway") is None:
+            raise CNIError(INVALID_CONFIG,
+                           f"address {ip['address']} comes from a /{ip['prefix']} block, too "
+                           "small for a gateway; ptp and bridge need pools with a blockSize of "
+                           "30 or less.")
+        entry = {"address": f"{ip['address']}/{ip['prefix']}", "gateway": ip["gateway"]}
+        if version.startswith("0."):
+            entry["version"] = "4"
+        entries.append(entry)
+    return {"cniVersion": version, "ips": entries, "routes": routes, "dns": {}}
+
+
+def run(command: str, env: dict, stdin: str) -> dict | None:
+    if command == "VERSION":
+        return {"cniVersion": SUPPORTED_VERSIONS[-1], "supportedVersions": list(SUPPORTED_VERSIONS)}
+    if command not in ("ADD", "DEL", "CHECK", "STATUS", "GC"):
+        raise CNIError(INVALID_ENVIRONMENT, f"CNI_COMMAND {command!r} is not one of ADD, DEL, "
+                       "CHECK, STATUS, GC, VERSION." if command else
+                       "the environment variable CNI_COMMAND is not set.")
+    config = read_config(stdin)
+    version, ipam = config["cniVersion"], config["ipam"]
+    path = ipam.get("socket", DEFAULT_SOCKET)
+    network = str(config.get("name") or "")
+    if command == "STATUS":
+        try:
+            reply = ask_agent(path, {"command": "STATUS"})
+        except CNIError as error:
+            raise CNIError(NOT_AVAILABLE, error.msg, error.details) from None
+        if not reply.get("pools"):
+            raise CNIError(NOT_AVAILABLE, "no enabled IP pool exists yet.")
+        return None
+    if command == "GC":
+        # Without the list every attachment would look stale: refuse rather than release all.
+        # ("cni.dev/attachments" is the same list under the name an early 1.1 draft used.)
+        attachments = config.get("cni.dev/valid-attachments", config.get("cni.dev/attachments"))
+        if not isinstance(attachments, list) or not all(isinstance(a, dict)
+                                                        for a in attachments):
+            raise CNIError(INVALID_CONFIG, "GC needs cni.dev/valid-attachments, a list of "
+                           '{"containerID", "ifname"} objects; nothing was released.')
+        valid = [handle_id(network, str(a.get("containerID", "")), str(a.get("ifname", "")))
+                 for a in attachments]
+        ask_agent(path, {"command": "GC", "prefix": handle_id(network, "", "")[:-1],
+                         "network": network, "valid": valid})
+        return None
+    require_env(env, "CNI_CONTAINERID", "CNI_IFNAME",
+                *(("CNI_NETNS",) if command == "ADD" else ()))
+    handle = handle_id(network, env["CNI_CONTAINERID"], env["CNI_IFNAME"])
+    if command == "DEL":
+        ask_agent(path, {"command": "DEL", "handle": handle})
+        return None
+    if command == "CHECK":
+        held = ask_agent(path, {"command": "CHECK", "handle": handle})["ips"]
+        if not held:
+            raise CNIError(UNKNOWN_CONTAINER, f"container {env['CNI_CONTAINERID']} has no "
+                           "address from pipit-ipam.")
+        expected = {ip.get("address") for ip in (config.get("prevResult") or {}).get("ips", [])}
+        have = {f"{ip['address']}/{ip['prefix']}" for ip in held}
+        if expected and expected != have:
+            raise CNIError(CHECK_MISMATCH, f"container {env['CNI_CONTAINERID']} holds "
+                           f"{', '.join(sorted(have))}, not {', '.join(sorted(expected))}.")
+        return None
+    args = parse_cni_args(env.get("CNI_ARGS", ""))
+    attributes = {"containerID": env["CNI_CONTAINERID"], "ifname": env["CNI_IFNAME"]}
+    if args.get("K8S_POD_NAMESPACE"):
+        attributes["namespace"] = args["K8S_POD_NAMESPACE"]
+    if args.get("K8S_POD_NAME"):
+        attributes["pod"] = args["K8S_POD_NAME"]
+    reply = ask_agent(path, {"command": "ADD", "handle": handle, "pools": ipam.get("pools", []),
+                             "attributes": attributes})
+    return cni_result(version, reply["ips"], ipam.get("routes", [{"dst": "0.0.0.0/0"}]))
+
+
+def main() -> None:
+    env = {k.decode(errors="surrogateescape"): v.decode(errors="surrogateescape")
+           for k, v in posix.environ.items()}  # what os.environ holds
+    stdin = ("" if env.get("CNI_COMMAND") == "VERSION"
+             else sys.stdin.buffer.read().decode("utf-8", "replace"))  # bad bytes: a 6, later
+    try:
+        result = run(env.get("CNI_COMMAND", ""), env, stdin)
+    except CNIError as error:
+        version = _version_of(stdin)
+        out = {"cniVersion": version, "code": error.code, "msg": error.msg}
+        if error.details:
+            out["details"] = error.details
+        sys.stdout.write(dumps(out) + "\n")
+        sys.exit(1)
+    if result is not None:
+        sys.stdout.write(dumps(result) + "\n")
+
+
+def _version_of(stdin: str) -> str:
+    try:
+        version = loads(stdin).get("cniVersion")
+    except (ValueError, AttributeError):
+        version = None
+    return version if version in SUPPORTED_VERSIONS else SUPPORTED_VERSIONS[-1]
+
+
+def install(directory: str, python: str | None = None) -> str:
+    """Put the plugin, alone, into a CNI bin directory: one executable file, run by `python`
+    (default: this interpreter; another must be the same X.Y version) in isolated mode (-IS:
+    no site-packages or environment; it needs neither), holding this module compiled for that
+    interpreter (compiling the source again on every call would cost ~6 ms of each ADD)."""
+    import marshal
+    import os
+    import subprocess
+
+    target = os.path.join(directory, "pipit-ipam")
+    interpreter = os.path.realpath(python or sys.executable)
+    if python:
+        theirs = subprocess.run([interpreter, "-IS", "-c",
+                                 "import sys; print(*sys.version_info[:2])"],
+                                capture_output=True, text=True, check=True).stdout.split()
+        if tuple(map(int, theirs)) != tuple(sys.version_info[:2]):
+            raise ValueError(f"{python} is Python {'.'.join(theirs)}; install with it instead "
+                             f"({python} -m ipam.cni install {directory}).")
+    with open(__file__, encoding="utf-8") as source:
+        code = compile(source.read(), "ipam/cni.py (pipit-ipam)", "exec")
+    version = tuple(sys.version_info[:2])
+    mismatch = dumps({"cniVersion": SUPPORTED_VERSIONS[-1], "code": INVALID_ENVIRONMENT,
+                      "msg": f"pipit-ipam was installed for Python {version[0]}.{version[1]}; "
+                             "install it again (python -m ipam.cni install DIR)."})
+    launcher = (
+        f"#!{interpreter} -IS\n"
+        "# pipit-ipam, the CNI IPAM plugin of Pipit, as `python -m ipam.cni install` wrote it:\n"
+        "# the code of ipam/cni.py compiled for the interpreter above.\n"
+        "import marshal, sys\n"
+        f"if sys.version_info[:2] != {version!r}:\n"
+        f"    print({mismatch!r})\n"
+        "    sys.exit(1)\n"
+        f"exec(marshal.loads({marshal.dumps(code)!r}))\n")
+    tmp = target + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as out:
+        out.write(launcher)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, target)
+    return target
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["install"] and (len(sys.argv) == 3 or len(sys.argv) == 5
+                                         and sys.argv[3] == "--python"):
+        print(install(sys.argv[2], *sys.argv[4:]))
+    else:
+        main()

@@ -1,0 +1,221 @@
+"""The node agent's local IPAM service: a unix socket the CNI plugin (`pipit-ipam`) talks to.
+
+One request per connection, one JSON object per line each way:
+
+    -> {"command": "ADD", "handle": H, "pools": [names], "attributes": {...}}
+    <- {"ips": [{"address": "10.244.3.5", "prefix": 26, "gateway": "10.244.3.0",
+                 "pool": "default"}]}
+    -> {"command": "DEL", "handle": H}               <- {"released": ["10.244.3.5"]}
+    -> {"command": "CHECK", "handle": H}             <- {"ips": [...]} (empty: unknown)
+    -> {"command": "STATUS"}                         <- {"pools": ["default"]}
+    -> {"command": "GC", "prefix": P, "network": N, "valid": [H]}
+                                                     <- {"released": [handles]}
+    <- on failure: {"error": {"kind": "PoolExhausted", "msg": "one sentence"}}
+
+ADD is idempotent (a handle that holds addresses gets them back) and answers only after the
+allocation is committed to etcd. All requests for the node go through the allocator's batch
+queue, so a burst of pods costs a few etcd transactions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from ipaddress import IPv4Address, IPv4Network
+
+from ipam import keys
+from ipam.allocator import IPAM
+from ipam.block import block_capacity
+from ipam.cni import handle_id as cni_handle_id
+from ipam.errors import DatastoreUnavailable, InvalidResource, PipitError
+from ipam.pool import IPPool, pool_from_document, pool_of
+from ipam.snapshot import load_snapshot
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SOCKET = "/run/pipit/ipam.sock"
+MAX_REQUEST = 1 << 20
+REQUEST_TIMEOUT = 10.0
+POOLS_TTL = 5.0
+
+
+def describe(pools: list[IPPool], address: IPv4Address) -> dict:
+    """What the CNI result needs about one address: its block's prefix and gateway."""
+    pool = pool_of(pools, address)
+    if pool is None:
+        return {"address": str(address), "prefix": 32, "gateway": None, "pool": None}
+    block = IPv4Network((address, pool.block_size), strict=False)
+    has_gateway = block_capacity(block.num_addresses) < block.num_addresses
+    return {"address": str(address), "prefix": pool.block_size,
+            "gateway": str(block.network_address) if has_gateway else None, "pool": pool.name}
+
+
+class IPAMService:
+    def __init__(self, ipam: IPAM, node: str, path: str = DEFAULT_SOCKET):
+        self.ipam = ipam
+        self.node = node
+        self.path = path
+        self._server: asyncio.base_events.Server | None = None
+        self._known_pools: list[IPPool] = []  # for describing answers (see _describe)
+        self._pools_read = float("-inf")
+
+    async def start(self) -> None:
+        directory = os.path.dirname(self.path) or "."
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        _take_over_stale_socket(self.path)
+        old_umask = os.umask(0o177)  # the socket is created 0600: root only
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, self.path,
+                                                           limit=MAX_REQUEST)
+        finally:
+            os.umask(old_umask)
+        log.info("IPAM service listening on %s for node %s", self.path, self.node)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), REQUEST_TIMEOUT)
+            try:
+                request = json.loads(line)
+                if not isinstance(request, dict):
+                    raise ValueError
+            except ValueError:
+                reply = _error(InvalidResource("the request is not a JSON object."))
+            else:
+                reply = await self.handle(request)
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+        except (asyncio.TimeoutError, ConnectionError, asyncio.LimitOverrunError, ValueError):
+            pass  # the client went away or sent garbage: nothing to answer
+        finally:
+            writer.close()
+
+    async def handle(self, request: dict) -> dict:
+        command = request.get("command")
+        try:
+            if command == "ADD":
+                addresses = await self.ipam.assign(
+                    self.node, _handle(request), attributes=_attributes(request),
+                    pools=_names(request.get("pools")), reuse=True)
+                return {"ips": await self._describe(addresses)}
+            if command == "DEL":
+                released = await self.ipam.release(self.node, _handle(request))
+                return {"released": [str(a) for a in released]}
+            if command == "CHECK":
+                return {"ips": await self._describe(await self.ipam.addresses(_handle(request)))}
+            if command == "STATUS":
+                return {"pools": [p.name for p in await self._pools() if not p.disabled]}
+            if command == "GC":
+                return {"released": await self._collect(str(request.get("prefix") or ""),
+                                                        set(request.get("valid") or ()),
+                                                        request.get("network"))}
+            raise InvalidResource(f"unknown command {command!r}.")
+        except PipitError as error:
+            if not isinstance(error, InvalidResource):
+                log.warning("%s %s failed: %s", command, request.get("handle", ""), error)
+            return _error(error)
+        except Exception as error:  # a bug: say so instead of dropping the connection
+            log.exception("%s failed", command)
+            return _error(DatastoreUnavailable(f"pipit-agent failed: {error}."))
+
+    async def _pools(self) -> list[IPPool]:
+        pools = []
+        for entry in await self.ipam.store.list(keys.POOLS):
+            try:
+                pools.append(pool_from_document(entry.value))
+            except PipitError:
+                continue
+        self._known_pools, self._pools_read = pools, time.monotonic()
+        return pools
+
+    async def _describe(self, addresses: list[IPv4Address]) -> list[dict]:
+        """Prefix and gateway of each address, from the pools as last read (a pool's CIDR and
+        blockSize cannot change while it holds addresses); read again for an address that
+        lies in none of them, and at least every POOLS_TTL seconds."""
+        if not addresses:
+            return []
+        pools = self._known_pools
+        if (time.monotonic() - self._pools_read > POOLS_TTL
+                or any(pool_of(pools, a) is None for a in addresses)):
+            pools = await self._pools()
+        return [describe(pools, a) for a in addresses]
+
+    async def _collect(self, prefix: str, valid: set[str], network: str | None = None
+                       ) -> list[str]:
+        """Release this node's handles under `prefix` that the runtime no longer knows. With
+        `network`, only handles that are that network's by their recorded container and
+        interface: a prefix alone cannot tell network "net" from "net.blue" (names and
+        container IDs may contain dots)."""
+        if not prefix:
+            raise InvalidResource("GC needs the handle prefix of the network.")
+
+        def of_network(attribute) -> bool:
+            if network is None:
+                return True
+            recorded = attribute.secondary
+            return attribute.handle_id == cni_handle_id(str(network),
+                                                        recorded.get("containerID", ""),
+                                                        recorded.get("ifname", ""))
+
+        snap = await load_snapshot(self.ipam.store)
+        stale = sorted({a.handle_id for b in snap.blocks.values() for a in b.attributes
+                        if a.secondary.get("node") == self.node
+                        and a.handle_id.startswith(prefix) and a.handle_id not in valid
+                        and of_network(a)})
+        for handle_id in stale:
+            await self.ipam.release(self.node, handle_id)
+            log.info("GC released %s", handle_id)
+        return stale
+
+
+def _handle(request: dict) -> str:
+    handle = request.get("handle")
+    if not isinstance(handle, str) or not handle:
+        raise InvalidResource("the request has no handle.")
+    return handle
+
+
+def _names(value) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidResource("pools must be a list of pool names.")
+    return value
+
+
+def _attributes(request: dict) -> dict[str, str]:
+    attributes = request.get("attributes") or {}
+    if not isinstance(attributes, dict):
+        raise InvalidResource("attributes must be a mapping of strings.")
+    return {str(k): str(v) for k, v in attributes.items()}
+
+
+def _error(error: PipitError) -> dict:
+    return {"error": {"kind": type(error).__name__, "msg": str(error)}}
+
+
+def _take_over_stale_socket(path: str) -> None:
+    """Remove a socket left by a dead agent; refuse if a live one still answers on it."""
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise InvalidResource(f"another pipit-agent is already serving on {path}.")
