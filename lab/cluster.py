@@ -339,11 +339,16 @@ def _ip(*args: str) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Running (a zombie is not: reaped here if it is our child, else left to its parent)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
-    return True
 
 
 def _kill(pid: int) -> None:

@@ -1,0 +1,135 @@
+"""End to end: a lab cluster (etcd, nodes as namespaces running pipit-agent and ExaBGP, pods
+attached with the real ptp plugin) does what a user relies on. The tests share one lab and
+run in order: mesh, foreign routes, agent restart, a node joining, a node leaving."""
+
+import ipaddress
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from lab import netns
+from lab.cluster import Lab, wait
+
+pytestmark = pytest.mark.slow
+FOREIGN = ["192.0.2.0/24 via 10.99.0.254 proto static", "198.51.100.0/24 via 10.99.0.254 proto 12",
+           "blackhole 203.0.113.0/24"]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    cluster = Lab(directory=tmp_path_factory.mktemp("lab"), prefix=f"pipit-t-lab{os.getpid()}-",
+                  hold_time=6, restart_time=20, log=lambda *a: None)
+    try:
+        cluster.up(node_count=3, pods_per_node=2)
+        for node in cluster.nodes():  # routes of other daemons, which Pipit must never touch
+            for route in FOREIGN:
+                subprocess.run(["ip", "-n", cluster.node_ns(node), "route", "add", *route.split()],
+                               check=True)
+        yield cluster
+    finally:
+        cluster.down()
+
+
+def foreign_routes(lab: Lab, node: str) -> list[str]:
+    out = subprocess.run(["ip", "-n", lab.node_ns(node), "route", "show"], capture_output=True,
+                         text=True, check=True).stdout
+    foreign = {"192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24"}
+    return sorted(line.strip() for line in out.splitlines() if set(line.split()) & foreign)
+
+
+def pipit_routes(lab: Lab, node: str) -> dict[str, str]:
+    """prefix -> next hop (or 'blackhole') of the node's Pipit routes."""
+    return {r["dst"]: "blackhole" if r.get("type") == "blackhole" else r.get("gateway", "")
+            for r in lab.kernel_routes(node)}
+
+
+def own_blocks(lab: Lab, node: str) -> set[str]:
+    return {p for p, hop in pipit_routes(lab, node).items() if hop == "blackhole"}
+
+
+def assert_all_pods_reach_each_other(lab: Lab) -> None:
+    matrix = lab.ping_matrix(timeout=20)
+    failed = [pair for pair, ok in matrix.items() if not ok]
+    assert not failed, f"pods that cannot reach each other: {failed}"
+
+
+def peer_since(lab: Lab, node: str) -> dict[str, float]:
+    return {p["name"]: p["since"] for p in lab.status(node)["peers"]}
+
+
+def test_full_mesh_routes_every_pod_to_every_pod(lab):
+    assert_all_pods_reach_each_other(lab)
+    nodes = lab.nodes()
+    for node in nodes:
+        routes = pipit_routes(lab, node)
+        own = own_blocks(lab, node)
+        assert own, f"{node} has no blackhole for its own block"
+        for other in set(nodes) - {node}:
+            address = lab._state()["nodes"][other]["address"].split("/")[0]
+            for block in own_blocks(lab, other):
+                assert routes.get(block) == address, f"{node} lacks {block} via {other}"
+        for pod in lab.all_pods():  # every pod address is inside a block routed somewhere
+            assert any(ipaddress.ip_address(pod.address) in ipaddress.ip_network(p)
+                       for p in routes)
+
+
+EXPECTED_FOREIGN = ["192.0.2.0/24 via 10.99.0.254 dev eth0 proto static",
+                    "198.51.100.0/24 via 10.99.0.254 dev eth0 proto bird",
+                    "blackhole 203.0.113.0/24"]
+
+
+def test_routes_of_other_daemons_are_untouched(lab):
+    for node in lab.nodes():
+        assert foreign_routes(lab, node) == EXPECTED_FOREIGN
+
+
+def test_agent_sigkill_and_restart_changes_no_route_and_resets_no_session(lab):
+    node = "n1"
+    before_routes = {n: pipit_routes(lab, n) for n in lab.nodes()}
+    before_since = {n: peer_since(lab, n) for n in lab.nodes()}
+    lab.stop_agent(node, signal.SIGKILL)
+    # While the agent is away, forwarding goes on.
+    assert {n: pipit_routes(lab, n) for n in lab.nodes()} == before_routes
+    lab.start_agent(node)
+    wait(lambda: lab.status(node)["speakerConnected"], 30, "the restarted agent's speaker")
+    lab.wait_mesh()
+    assert {n: pipit_routes(lab, n) for n in lab.nodes()} == before_routes
+    # Same sessions: every peer's "up since" is what it was (no reset on either side).
+    assert {n: peer_since(lab, n) for n in lab.nodes()} == before_since
+    assert_all_pods_reach_each_other(lab)
+    for n in lab.nodes():
+        assert foreign_routes(lab, n) == EXPECTED_FOREIGN
+
+
+def test_a_fourth_node_joins_and_is_reachable_from_all_pods(lab):
+    lab.add_node("n4")
+    lab.wait_mesh()
+    pod = lab.add_pod("n4", "n4-p1")
+    [block] = own_blocks(lab, "n4")
+    assert ipaddress.ip_address(pod.address) in ipaddress.ip_network(block)
+    for node in ("n1", "n2", "n3"):
+        wait(lambda node=node: pipit_routes(lab, node).get(block) == "10.99.0.14", 20,
+             f"{node} to learn {block}")
+    assert_all_pods_reach_each_other(lab)
+
+
+def test_a_node_leaving_is_forgotten_by_the_others_within_the_hold_time(lab):
+    leaving = "n4"
+    [block] = own_blocks(lab, leaving)
+    lab.stop_agent(leaving, signal.SIGTERM)  # retires: withdraws, stops its ExaBGP
+    assert not [pid for pid in _netns_pids(lab.node_ns(leaving))], "processes left on the node"
+    started = time.monotonic()
+    for node in ("n1", "n2", "n3"):
+        wait(lambda node=node: block not in pipit_routes(lab, node), lab.hold_time + 2,
+             f"{node} to drop {block}")
+    assert time.monotonic() - started <= lab.hold_time + 2
+    for node in ("n1", "n2", "n3"):
+        assert foreign_routes(lab, node) == EXPECTED_FOREIGN
+
+
+def _netns_pids(ns: str) -> list[int]:
+    out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()] if netns.exists(ns) else []
