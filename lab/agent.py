@@ -1,0 +1,151 @@
+"""pipit-agent as a subprocess, for tests, benchmarks and the lab: started in its own process
+group with its log in a file, ready once its IPAM socket answers, stopped (SIGTERM), killed
+(SIGKILL) and restarted on demand.
+
+    with AgentProcess("node-1", socket_path, etcd.endpoint, log_path) as agent:
+        ...                    # the socket answers here
+        agent.kill()           # crash it
+        agent.start()          # and bring it back
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def ask(path: str | Path, request: dict, timeout: float = 5.0) -> dict:
+    """One request to an agent's IPAM socket (the protocol of ipam/service.py)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(timeout)
+        conn.connect(str(path))
+        conn.sendall(json.dumps(request).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data)
+
+
+class AgentProcess:
+    def __init__(self, node: str, socket_path: str | Path, etcd_endpoints: str | Sequence[str],
+                 log_path: str | Path, *, extra_args: Sequence[str] = (),
+                 python: str = sys.executable, log_level: str = "INFO"):
+        self.node = node
+        self.socket_path = Path(socket_path)
+        self.endpoints = (etcd_endpoints if isinstance(etcd_endpoints, str)
+                          else ",".join(etcd_endpoints))
+        self.log_path = Path(log_path)
+        self.extra_args = list(extra_args)
+        self.python = python
+        self.log_level = log_level
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def argv(self) -> list[str]:
+        return [self.python, "-m", "bgp_agent.agent", "--node", self.node, "--no-bgp",
+                "--ipam-socket", str(self.socket_path), "--etcd-endpoints", self.endpoints,
+                "--log-level", self.log_level, *self.extra_args]
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def start(self, timeout: float = 30.0) -> AgentProcess:
+        """Start it and wait until the socket answers a STATUS request."""
+        if self.running:
+            raise RuntimeError(f"pipit-agent for {self.node} is already running")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
+                                            stderr=log, cwd=ROOT, env=env,
+                                            start_new_session=True)
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def answers(self) -> bool:
+        """Whether the socket takes a request and sends back any JSON answer."""
+        try:
+            ask(self.socket_path, {"command": "STATUS"}, timeout=2.0)
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process is None or self.process.poll() is not None:
+                code = self.process.returncode if self.process else None
+                raise RuntimeError(f"pipit-agent for {self.node} exited with {code} before its "
+                                   f"socket answered:\n{self.log_tail()}")
+            if self.answers():
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"pipit-agent for {self.node} did not answer on "
+                                   f"{self.socket_path} within {timeout:g} s:\n{self.log_tail()}")
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL after `timeout`; returns the exit status."""
+        return self._end(signal.SIGTERM, timeout)
+
+    def kill(self) -> int | None:
+        """SIGKILL the whole process group at once (a crash: the socket file stays behind)."""
+        return self._end(signal.SIGKILL, 10.0)
+
+    def restart(self, *, kill: bool = False, timeout: float = 30.0) -> AgentProcess:
+        (self.kill if kill else self.stop)()
+        return self.start(timeout)
+
+    def _end(self, sig: int, timeout: float) -> int | None:
+        process = self.process
+        if process is None:
+            return None
+        if process.poll() is None:
+            _signal_group(process.pid, sig)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                _signal_group(process.pid, signal.SIGKILL)
+                process.wait()
+        return process.returncode
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def __enter__(self) -> AgentProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

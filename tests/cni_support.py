@@ -1,0 +1,185 @@
+"""Fixtures and helpers shared by the CNI tests (test_cni.py, test_cni_plugin.py): a CNI bin
+directory, a pipit-agent per test, node and pod namespaces, and ways to look at what etcd and
+`pipitctl` say about a container's addresses."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Interface
+from pathlib import Path
+
+import pytest
+
+from ipam.snapshot import Snapshot, load_snapshot, pool_usage
+from ipam.store import EtcdConfig
+from lab.agent import AgentProcess
+from lab.cni import Attachment, CNIRuntime, NetworkConfig, install_bin_dir, ipv4_only_iptables
+from lab.netns import Namespaces, path_of
+from tests.helpers import add_pool, with_store
+
+ROOT = Path(__file__).resolve().parent.parent
+NS_PREFIX = "pipit-t-"
+NODE = "node-1"
+DEFAULT_POOL = ("default", "10.244.0.0/22", {"blockSize": 26})  # four /26 blocks
+
+needs_root_and_plugins = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.access("/usr/lib/cni/ptp", os.X_OK),
+    reason="needs root and the CNI reference plugins in /usr/lib/cni")
+
+
+@pytest.fixture(scope="session")
+def cni_bin() -> Path:
+    """Symlinks to the reference plugins plus the standalone pipit-ipam."""
+    path = Path(tempfile.mkdtemp(prefix="pipit-t-cni-bin-"))
+    try:
+        yield install_bin_dir(path)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def short_dir():
+    """A temp dir with a short path (unix socket paths are limited to 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix=NS_PREFIX, dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def namespaces():
+    with Namespaces(NS_PREFIX) as ns:
+        yield ns
+
+
+def start_agent(etcd: EtcdConfig, directory: Path, node: str = NODE) -> AgentProcess:
+    return AgentProcess(node, directory / f"{node}.sock", etcd.endpoints,
+                        directory / f"{node}.log").start()
+
+
+def add_pools(etcd: EtcdConfig, *pools: tuple[str, str, dict]) -> None:
+    async def scenario(store):
+        for name, cidr, spec in pools:
+            await add_pool(store, name, cidr, **spec)
+    with_store(etcd, scenario)
+
+
+def snapshot(etcd: EtcdConfig) -> Snapshot:
+    return with_store(etcd, load_snapshot)
+
+
+def holdings(snap: Snapshot, container_id: str) -> list[str]:
+    """Everything in etcd that still refers to the container: handles and block entries."""
+    found = [f"handle {h}" for h in snap.handles if f".{container_id}." in h]
+    for block in snap.blocks.values():
+        for ordinal, index in enumerate(block.allocations):
+            if index is None:
+                continue
+            attribute = block.attributes[index]
+            if (attribute.secondary.get("containerID") == container_id
+                    or f".{container_id}." in attribute.handle_id):
+                found.append(f"{block.address(ordinal)} held by {attribute.handle_id}")
+    return found
+
+
+def used(snap: Snapshot, pool: str) -> int:
+    return next(pool_usage(snap, p).used for p in snap.pools if p.name == pool)
+
+
+def holder(snap: Snapshot, address: str | IPv4Address) -> str | None:
+    """The handle holding an address according to etcd (None: free)."""
+    address = IPv4Address(str(address).split("/")[0])
+    for cidr, block in snap.blocks.items():
+        if address in cidr:
+            attribute = block.holder(address)
+            return attribute.handle_id if attribute else None
+    return None
+
+
+def pipitctl_in_use(etcd: EtcdConfig, pool: str) -> int:
+    """IN USE of a pool as `pipitctl ipam show` prints it (the real CLI, in a subprocess)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPIT_ETCD_")}
+    out = subprocess.run([sys.executable, "-m", "pipitctl", "ipam", "show", "--etcd-endpoints",
+                          ",".join(etcd.endpoints)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    header = re.split(r"\s{2,}", lines[0].strip())
+    for line in lines[1:]:
+        cells = re.split(r"\s{2,}", line.strip())
+        if cells[0] == pool:
+            return int(cells[header.index("IN USE")])
+    raise AssertionError(f"pool {pool} is not in `pipitctl ipam show`:\n{out.stdout}")
+
+
+def assert_actionable(msg: str, *facts: str) -> None:
+    """One short sentence for a person, naming what is wrong (the facts)."""
+    assert msg and len(msg) < 300 and msg[-1] in ".?", msg
+    assert "Traceback" not in msg and "\n" not in msg, msg
+    for fact in facts:
+        assert fact in msg, (fact, msg)
+
+
+def new_container_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class Node:
+    """One node: its namespace, its agent, a CNI runtime that runs plugins inside it."""
+    etcd: EtcdConfig
+    netns: str
+    agent: AgentProcess
+    runtime: CNIRuntime
+    namespaces: Namespaces
+    pods: list[str] = field(default_factory=list)
+
+    @property
+    def socket(self) -> str:
+        return str(self.agent.socket_path)
+
+    def ipam(self, **extra) -> dict:
+        return {"type": "pipit-ipam", "socket": self.socket, **extra}
+
+    def network(self, plugin: str = "ptp", name: str = "pipit-net", version: str = "1.0.0",
+                ipam: dict | None = None, **fields) -> NetworkConfig:
+        return NetworkConfig.load({"cniVersion": version, "name": name, "plugins": [
+            {"type": plugin, "ipam": ipam or self.ipam(), **fields}]})
+
+    def new_pods(self, count: int) -> list[Attachment]:
+        names = self.namespaces.create_many("pod", count)
+        self.pods += names
+        return [Attachment(new_container_id(), path_of(n), "eth0",
+                           (("IgnoreUnknown", "1"), ("K8S_POD_NAMESPACE", "default"),
+                            ("K8S_POD_NAME", n))) for n in names]
+
+
+@pytest.fixture
+def node(etcd, cni_bin, namespaces, short_dir) -> Node:
+    """Node `node-1`: a namespace, a pipit-agent on the shared (wiped) etcd, a runtime."""
+    add_pools(etcd, DEFAULT_POOL)
+    netns = namespaces.create("node")
+    agent = start_agent(etcd, short_dir)
+    try:
+        runtime = CNIRuntime(cni_bin, netns=netns, cache_dir=short_dir / "cni",
+                             env=ipv4_only_iptables(short_dir / "shim"))
+        yield Node(etcd, netns, agent, runtime, namespaces)
+    finally:
+        agent.stop()
+
+
+def pod_name(attachment: Attachment) -> str:
+    return os.path.basename(attachment.netns)
+
+
+def ip_of(result: dict) -> IPv4Interface:
+    (ip,) = result["ips"]
+    return IPv4Interface(ip["address"])

@@ -1,0 +1,455 @@
+"""Pod addresses through CNI, end to end: the reference plugins (ptp, bridge, portmap) run by
+lab.cni inside a node namespace, pipit-ipam asking a real pipit-agent, the agent writing to a
+real etcd; pods are network namespaces. What etcd (and `pipitctl ipam show`) says is compared
+with what is configured inside the pods."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from ipaddress import IPv4Interface, IPv4Network
+
+import pytest
+
+from ipam.cni import handle_id
+from ipam.snapshot import check
+from ipam.store import EtcdConfig
+from lab.cni import Attachment, CNIError, CNIRuntime, NetworkConfig, ipv4_only_iptables
+from lab import netns
+from lab.netns import addresses, exec_prefix
+from tests.cni_support import (  # noqa: F401 (fixtures)
+    DEFAULT_POOL,
+    Node,
+    add_pools,
+    assert_actionable,
+    cni_bin,
+    holder,
+    holdings,
+    ip_of,
+    namespaces,
+    needs_root_and_plugins,
+    new_container_id,
+    node,
+    pipitctl_in_use,
+    pod_name,
+    short_dir,
+    snapshot,
+    start_agent,
+    used,
+)
+
+pytestmark = needs_root_and_plugins
+
+POOL = IPv4Network(DEFAULT_POOL[1])
+
+
+def ping(source_netns: str, address: IPv4Interface) -> subprocess.CompletedProcess:
+    return subprocess.run([*exec_prefix(source_netns), "ping", "-c", "1", "-W", "5",
+                           str(address.ip)], capture_output=True, text=True)
+
+
+def assert_pods_talk(a: Attachment, b: Attachment, ip_a: IPv4Interface, ip_b: IPv4Interface):
+    for source, target in ((a, ip_b), (b, ip_a)):
+        result = ping(pod_name(source), target)
+        assert result.returncode == 0, f"{pod_name(source)} cannot ping {target}: {result.stdout}"
+
+
+def assert_attached(node: Node, net: NetworkConfig, pod: Attachment,
+                    result: dict) -> IPv4Interface:
+    """The pod has the result's address on eth0; etcd says its handle holds it; the gateway
+    is its block's first address."""
+    ip = ip_of(result)
+    assert ip.ip in POOL, result
+    block = IPv4Network((ip.ip, DEFAULT_POOL[2]["blockSize"]), strict=False)
+    assert ip.network == block
+    assert result["ips"][0]["gateway"] == str(block.network_address)
+    assert addresses(pod_name(pod)) == [str(ip)]
+    assert holder(snapshot(node.etcd), ip) == handle_id(net.name, pod.container_id, pod.ifname)
+    return ip
+
+
+def assert_all_free(node: Node, pods: list[Attachment], pool: str = "default") -> None:
+    snap = snapshot(node.etcd)
+    for pod in pods:
+        assert holdings(snap, pod.container_id) == []
+    assert used(snap, pool) == 0
+    assert snap.handles == {}
+    assert check(snap) == []
+    assert pipitctl_in_use(node.etcd, pool) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Namespaces
+
+
+def test_leftover_namespaces_of_dead_runs_go_and_others_stay(namespaces):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    mine = namespaces.name("keep")  # this process's: alive
+    crashed = f"{netns.TEST_PREFIX}pid{dead.pid}-pod-1"
+    foreign = f"{netns.TEST_PREFIX}{dead.pid}-not-ours"  # same prefix, another tool's naming
+    try:
+        netns.create(mine, crashed, foreign)
+        assert netns.remove_leftovers() == [crashed]
+        assert netns.exists(mine) and netns.exists(foreign) and not netns.exists(crashed)
+    finally:
+        netns.delete(mine, crashed, foreign)
+
+
+# --------------------------------------------------------------------------------------------
+# ptp, bridge, portmap
+
+
+def test_ptp_pods_get_pool_addresses_talk_to_each_other_and_give_them_back(node):
+    net = node.network("ptp")
+    a, b = node.new_pods(2)
+    ip_a = assert_attached(node, net, a, node.runtime.add(net, a))
+    ip_b = assert_attached(node, net, b, node.runtime.add(net, b))
+    assert ip_a != ip_b
+    assert pipitctl_in_use(node.etcd, "default") == 2
+    assert_pods_talk(a, b, ip_a, ip_b)
+    node.runtime.check(net, a)
+    node.runtime.check(net, b)
+
+    node.runtime.delete(net, a)
+    node.runtime.delete(net, b)
+    assert addresses(pod_name(a)) == [] and addresses(pod_name(b)) == []
+    snap = snapshot(node.etcd)
+    assert holder(snap, ip_a) is None and holder(snap, ip_b) is None
+    assert_all_free(node, [a, b])
+
+
+def test_add_twice_for_one_container_gives_the_same_address(node):
+    net = node.network("ptp")
+    (pod,) = node.new_pods(1)
+    first = ip_of(node.runtime.add(net, pod))
+    # ptp delegates ADD to pipit-ipam; a repeated delegation (a retried ADD) for the same
+    # container and interface must answer with the address it already has, not a second one.
+    config = node.runtime.plugin_config(net, net.plugins[0], pod)
+    again = node.runtime.exec_plugin("pipit-ipam", "ADD", config, pod)
+    assert IPv4Interface(again["ips"][0]["address"]) == first
+    assert used(snapshot(node.etcd), "default") == 1
+    assert addresses(pod_name(pod)) == [str(first)]
+    node.runtime.check(net, pod)
+    node.runtime.delete(net, pod)
+    assert_all_free(node, [pod])
+
+
+def test_del_of_an_unknown_container_succeeds(node):
+    net = node.network("ptp")
+    (pod,) = node.new_pods(1)
+    node.runtime.delete(net, pod)  # never added: nothing cached, no veth, no handle
+    node.runtime.delete(net, Attachment(new_container_id(), "", "eth0"))  # netns gone too
+    assert_all_free(node, [pod])
+
+
+def test_bridge_pods_get_pool_addresses_and_talk_through_the_gateway_bridge(node):
+    bridge = f"pipit-br-{new_container_id()[:6]}"
+    net = node.network("bridge", bridge=bridge, isGateway=True)
+    a, b = node.new_pods(2)
+    ip_a = assert_attached(node, net, a, node.runtime.add(net, a))
+    ip_b = assert_attached(node, net, b, node.runtime.add(net, b))
+    gateway = IPv4Interface(f"{ip_a.network.network_address}/{ip_a.network.prefixlen}")
+    assert addresses(node.netns, bridge) == [str(gateway)]
+    assert_pods_talk(a, b, ip_a, ip_b)
+    assert ping(pod_name(a), gateway).returncode == 0  # the bridge is the pods' gateway
+    node.runtime.check(net, a)
+    node.runtime.check(net, b)
+    node.runtime.delete(net, b)
+    node.runtime.delete(net, a)
+    assert addresses(pod_name(a)) == [] and addresses(pod_name(b)) == []
+    assert_all_free(node, [a, b])
+
+
+SERVE = """
+import socket, sys
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("0.0.0.0", 80))
+server.listen()
+print("listening", flush=True)
+while True:
+    conn, _ = server.accept()
+    conn.sendall(sys.argv[1].encode())
+    conn.close()
+"""
+
+FETCH = """
+import socket, sys
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as conn:
+    print(conn.recv(100).decode())
+"""
+
+
+def test_conflist_ptp_and_portmap_maps_a_host_port_to_the_pod(node):
+    net = NetworkConfig.load({"cniVersion": "1.0.0", "name": "pipit-ports", "plugins": [
+        {"type": "ptp", "ipam": node.ipam()},
+        {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True},
+    ]})
+    web, client = node.new_pods(2)
+    web = Attachment(web.container_id, web.netns, web.ifname, web.args, {"portMappings": [
+        {"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}]})
+    result = node.runtime.add(net, web)
+    ip = assert_attached(node, net, web, result)
+    node.runtime.add(net, client)
+    node.runtime.check(net, web)
+    node.runtime.check(net, client)
+    rules = node.namespaces.run(node.netns, "iptables-save", "-t", "nat").stdout
+    assert f"--to-destination {ip.ip}:80" in rules
+
+    server = subprocess.Popen([*exec_prefix(pod_name(web)), sys.executable, "-c", SERVE,
+                               "hello from web"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "listening"
+        host = str(ip.network.network_address)  # a node address (ptp's host-side gateway)
+        for source in (node.netns, pod_name(client)):  # from the node and from another pod
+            got = subprocess.run([*exec_prefix(source), sys.executable, "-c", FETCH, host,
+                                  "8080"], capture_output=True, text=True, timeout=30)
+            assert got.stdout.strip() == "hello from web", (source, got.stderr)
+    finally:
+        server.kill()
+        server.wait()
+
+    node.runtime.delete(net, web)
+    node.runtime.delete(net, client)
+    rules = node.namespaces.run(node.netns, "iptables-save", "-t", "nat").stdout
+    assert str(ip.ip) not in rules
+    assert_all_free(node, [web, client], "default")
+
+
+# --------------------------------------------------------------------------------------------
+# Errors through ptp: the code of pipit-ipam reaches the runtime, nothing is left behind
+
+
+def host_veths(node: Node) -> list[str]:
+    out = node.namespaces.run(node.netns, "ip", "-o", "link", "show", "type", "veth").stdout
+    return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()]
+
+
+def assert_failed_cleanly(node: Node, net: NetworkConfig, pod: Attachment, code: int,
+                          *facts: str, etcd_up: bool = True) -> CNIError:
+    before = host_veths(node)
+    with pytest.raises(CNIError) as caught:
+        node.runtime.add(net, pod, cleanup_on_failure=False)  # the plugins alone must clean up
+    error = caught.value
+    assert error.code == code, error
+    assert_actionable(error.msg, *facts)
+    assert addresses(pod_name(pod)) == []
+    assert host_veths(node) == before
+    if etcd_up:  # (else the caller looks once etcd is back)
+        assert holdings(snapshot(node.etcd), pod.container_id) == []
+    return error
+
+
+def test_errors_through_ptp_carry_pipit_codes_and_leave_nothing(node, etcd):
+    add_pools(etcd, ("tiny", "10.245.0.0/30", {"blockSize": 30}))  # 3 usable addresses
+    pods = node.new_pods(6)
+
+    missing = node.network("ptp", ipam=node.ipam(pools=["nope"]))
+    assert_failed_cleanly(node, missing, pods[0], 101, "IP pool 'nope' does not exist")
+
+    unknown = node.network("ptp", ipam=node.ipam(subnet="10.0.0.0/8"))
+    assert_failed_cleanly(node, unknown, pods[0], 2, "'subnet'")
+
+    tiny = node.network("ptp", ipam=node.ipam(pools=["tiny"]))
+    for pod in pods[1:4]:
+        node.runtime.add(tiny, pod)
+    error = assert_failed_cleanly(node, tiny, pods[4], 100, "'tiny'")
+    assert "cannot provide" in error.msg
+
+    snap = snapshot(etcd)
+    assert used(snap, "tiny") == 3 and used(snap, "default") == 0
+    for pod in (pods[0], pods[4]):
+        assert holdings(snap, pod.container_id) == []
+    for pod in pods[1:4]:
+        node.runtime.delete(tiny, pod)
+
+    node.agent.stop()
+    error = assert_failed_cleanly(node, node.network("ptp"), pods[5], 11, "pipit-agent",
+                                  node.socket)
+    assert "is it running" in error.msg
+    node.agent.start()
+    assert_all_free(node, pods, "tiny")
+
+
+def test_etcd_down_means_try_again_and_the_agent_recovers_without_restart(
+        own_etcd, cni_bin, namespaces, short_dir):
+    etcd = EtcdConfig(endpoints=(own_etcd.endpoint,))
+    add_pools(etcd, DEFAULT_POOL)
+    netns = namespaces.create("node")
+    agent = start_agent(etcd, short_dir)
+    try:
+        runtime = CNIRuntime(cni_bin, netns=netns, env=ipv4_only_iptables(short_dir / "shim"))
+        node = Node(etcd, netns, agent, runtime, namespaces)
+        net = node.network("ptp")
+        warm, during, after = node.new_pods(3)
+        node.runtime.add(net, warm)  # the agent has its view of etcd cached
+
+        own_etcd.stop()
+        error = assert_failed_cleanly(node, net, during, 11, "etcd", own_etcd.endpoint,
+                                      etcd_up=False)
+        assert node.agent.running  # it reports the outage, it does not die of it
+
+        own_etcd.start()
+        assert holdings(snapshot(etcd), during.container_id) == []
+        # The same agent process serves again once its etcd connection is back.
+        result = retry_until_added(node, net, after, deadline=30.0)
+        assert_attached(node, net, after, result)
+        assert node.agent.pid == agent.pid
+        for pod in (warm, after):
+            node.runtime.delete(net, pod)
+        assert_all_free(node, [warm, during, after])
+    finally:
+        agent.stop()
+
+
+def retry_until_added(node: Node, net: NetworkConfig, pod: Attachment, deadline: float) -> dict:
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            return node.runtime.add(net, pod, cleanup_on_failure=False)
+        except CNIError as error:
+            if error.code != 11 or time.monotonic() > end:
+                raise
+            time.sleep(0.1)
+
+
+# --------------------------------------------------------------------------------------------
+# STATUS and GC through the runtime (CNI 1.1: the reference plugins 1.1.1 predate it, so the
+# 1.1.0 lists here run pipit-ipam itself, as a 1.1 main plugin would delegate to it)
+
+
+def ipam_list(node: Node, name: str = "pipit-net") -> NetworkConfig:
+    return NetworkConfig.load({"cniVersion": "1.1.0", "name": name, "plugins": [
+        {"type": "pipit-ipam", "ipam": node.ipam()}]})
+
+
+def test_status_is_ok_with_the_agent_up_and_50_without_it(node):
+    node.runtime.status(ipam_list(node))
+    node.agent.stop()
+    with pytest.raises(CNIError) as caught:
+        node.runtime.status(ipam_list(node))
+    assert caught.value.code == 50
+    assert "pipit-agent is not reachable" in caught.value.msg
+    node.runtime.status(node.network("ptp"))  # a 1.0.0 list has no STATUS: nothing to run
+
+
+def test_gc_releases_only_the_stale_attachments_of_that_network(node):
+    net_a, net_b = node.network("ptp", name="net-a"), node.network("ptp", name="net-b")
+    keep, stale, other = node.new_pods(3)
+    ips = {pod.container_id: ip_of(node.runtime.add(net, pod))
+           for net, pod in ((net_a, keep), (net_a, stale), (net_b, other))}
+
+    # Stage 1 (libcni): cached attachments of net-a missing from the valid list are DELeted.
+    node.runtime.gc(net_a, [keep])
+    assert addresses(pod_name(stale)) == []
+    assert addresses(pod_name(keep)) == [str(ips[keep.container_id])]
+    snap = snapshot(node.etcd)
+    assert holdings(snap, stale.container_id) == []
+    assert holder(snap, ips[keep.container_id]) is not None
+    assert holder(snap, ips[other.container_id]) is not None
+
+    # Stage 2 (GC command): a runtime that lost its cache (node reboot) still gets the
+    # addresses back from pipit-ipam, for its network only.
+    again = node.new_pods(1)[0]
+    ips[again.container_id] = ip_of(node.runtime.add(net_a, again))
+    node.runtime.cache.remove(net_a, again)
+    node.runtime.gc(ipam_list(node, "net-a"), [keep])
+    snap = snapshot(node.etcd)
+    assert holdings(snap, again.container_id) == []
+    assert holder(snap, ips[keep.container_id]) == handle_id("net-a", keep.container_id, "eth0")
+    assert holder(snap, ips[other.container_id]) == handle_id("net-b", other.container_id,
+                                                              "eth0")
+    node.runtime.delete(net_a, keep)
+    node.runtime.delete(net_b, other)
+    assert_all_free(node, [keep, stale, other, again])
+
+
+# --------------------------------------------------------------------------------------------
+# Many pods at once, and an agent crash in the middle of them
+
+
+def add_all(node: Node, net: NetworkConfig, pods: list[Attachment],
+            on_success=None) -> dict[str, dict | CNIError]:
+    def one(pod: Attachment):
+        try:
+            result = node.runtime.add(net, pod, cleanup_on_failure=False)
+        except CNIError as error:
+            return pod.container_id, error
+        if on_success:
+            on_success()
+        return pod.container_id, result
+    with ThreadPoolExecutor(len(pods)) as pool:
+        return dict(pool.map(one, pods))
+
+
+def test_a_burst_of_100_pods_gets_100_distinct_addresses_and_gives_them_all_back(node):
+    net = node.network("ptp")
+    pods = node.new_pods(100)
+    outcomes = add_all(node, net, pods)
+    failures = {c: o for c, o in outcomes.items() if isinstance(o, CNIError)}
+    assert failures == {}
+    ips = {c: ip_of(r) for c, r in outcomes.items()}
+    assert len(set(ips.values())) == 100
+    snap = snapshot(node.etcd)
+    assert used(snap, "default") == 100
+    for pod in pods:
+        assert addresses(pod_name(pod)) == [str(ips[pod.container_id])]
+        assert holder(snap, ips[pod.container_id]) == handle_id(net.name, pod.container_id,
+                                                                "eth0")
+    assert check(snap) == []
+
+    with ThreadPoolExecutor(len(pods)) as pool:
+        list(pool.map(lambda pod: node.runtime.delete(net, pod), pods))
+    assert_all_free(node, pods)
+
+
+def test_agent_killed_mid_burst_loses_no_address_and_the_failed_adds_succeed_after_restart(
+        node):
+    net = node.network("ptp")
+    pods = node.new_pods(100)
+    done = 0
+    lock = threading.Lock()
+
+    def count_and_crash():
+        nonlocal done
+        with lock:
+            done += 1
+            if done == 15:  # ~85 ADDs are in flight now
+                node.agent.kill()
+
+    outcomes = add_all(node, net, pods, on_success=count_and_crash)
+    failed = [p for p in pods if isinstance(outcomes[p.container_id], CNIError)]
+    succeeded = [p for p in pods if p not in failed]
+    assert len(succeeded) >= 15 and failed, "the agent was not killed mid-burst"
+    for pod in failed:
+        assert outcomes[pod.container_id].code == 11, outcomes[pod.container_id]
+
+    node.agent.start()
+    snap = snapshot(node.etcd)
+    assert check(snap) == []
+    for pod in succeeded:  # every success still holds its address
+        ip = ip_of(outcomes[pod.container_id])
+        assert addresses(pod_name(pod)) == [str(ip)]
+        assert holder(snap, ip) == handle_id(net.name, pod.container_id, "eth0")
+    for pod in failed:  # no pod uses an address etcd considers free (or someone else's)
+        for configured in addresses(pod_name(pod)):
+            assert holder(snap, configured) == handle_id(net.name, pod.container_id, "eth0")
+
+    retried = add_all(node, net, failed)
+    assert [o for o in retried.values() if isinstance(o, CNIError)] == []
+    outcomes.update(retried)
+    ips = {c: ip_of(r) for c, r in outcomes.items()}
+    assert len(set(ips.values())) == 100
+    snap = snapshot(node.etcd)
+    assert check(snap) == [] and used(snap, "default") == 100
+    for pod in pods:
+        assert addresses(pod_name(pod)) == [str(ips[pod.container_id])]
+        assert holder(snap, ips[pod.container_id]) == handle_id(net.name, pod.container_id,
+                                                                "eth0")
+    with ThreadPoolExecutor(len(pods)) as pool:
+        list(pool.map(lambda pod: node.runtime.delete(net, pod), pods))
+    assert_all_free(node, pods)
