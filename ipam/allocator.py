@@ -71,6 +71,9 @@ class NodeView:
     loaded_at: float = 0.0
     stale: bool = False  # a pool or the settings changed: reload before deciding again
     _block_pools: dict[IPv4Network, str | None] = field(default_factory=dict)
+    # Blocks known to exist (anyone's), for finding an unclaimed one without listing every
+    # block key per claim; a lost race adds to it, the periodic reload starts it afresh.
+    known_blocks: set[IPv4Network] | None = None
 
     def pool_of(self, cidr: IPv4Network) -> str | None:
         """The name of the pool a block lies in (cached: blocks do not move)."""
@@ -323,13 +326,18 @@ class IPAM:
         return f"IP pool {names} cannot provide {count} more address(es): {why}."
 
     async def _claim(self, view: NodeView, pools: list[IPPool]) -> IPv4Network | None:
-        existing = {keys.block_cidr(k) for k in await self.store.list_keys(keys.BLOCKS)}
+        if view.known_blocks is None:
+            view.known_blocks = {keys.block_cidr(k)
+                                 for k in await self.store.list_keys(keys.BLOCKS)}
+        existing = view.known_blocks
         for pool in pools:
             for attempt, cidr in enumerate(unclaimed_blocks(pool, view.node, existing)):
-                if attempt >= 16:  # heavy contention: let the caller retry on fresh data
+                if attempt >= 16:  # heavy contention: list again, let the caller retry
+                    view.known_blocks = None
                     break
                 claim = BlockClaim(self.store, view.node, pool, view.pools[pool.name][1], cidr)
                 claimed = await claim.run()
+                existing.add(cidr)  # ours now, or someone else's
                 if claimed is not None:
                     view.blocks[cidr] = claimed
                     log.info("node %s claimed block %s in pool %s", view.node, cidr, pool.name)
