@@ -285,12 +285,14 @@ class IPAM:
         def in_pools(cidr: IPv4Network) -> bool:
             return view.pool_of(cidr) in names
 
-        for cidr in sorted(view.blocks):
+        for cidr, (block, _) in view.blocks.items():
             if len(got) == request.count:
                 break
+            if plan.blocks:
+                block = plan.blocks.get(cidr, block)
             # Skipping a full block needs no check that it is still full: only blocks we
             # take from are compared in the transaction.
-            if in_pools(cidr) and plan.peek_block(cidr).free:
+            if block.free and in_pools(cidr):
                 take(cidr, plan.read_block(cidr))
         while len(got) < request.count and len(view.blocks) < view.config.block_limit:
             claimed = await self._claim(view, pools)

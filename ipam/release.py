@@ -138,10 +138,17 @@ async def release_affinity(store: Store, node: str, cidr: IPv4Network,
 
 async def release_host_affinities(store: Store, node: str,
                                   require_empty: bool = False) -> AffinityRelease:
-    """Release every block affinity of a node (for a node that leaves the cluster)."""
+    """Release every block affinity of a node (for a node that leaves the cluster). With
+    require_empty, a node with any address still in use keeps all its blocks."""
     total = AffinityRelease()
-    for key in await store.list_keys(keys.affinity_prefix(node)):
-        _, cidr = keys.affinity_parts(key)
+    cidrs = [keys.affinity_parts(k)[1] for k in await store.list_keys(keys.affinity_prefix(node))]
+    if require_empty:
+        found = await store.get_many(keys.block_key(c) for c in cidrs)
+        in_use = sum(blocks.from_json(e.value).used for e in found.values()
+                     if e and blocks.from_json(e.value).node == node)
+        if in_use:
+            raise InUse(f"node {node} still has {in_use} address(es) in use in its blocks.")
+    for cidr in cidrs:
         one = await release_affinity(store, node, cidr, require_empty)
         total.released += one.released
         total.kept_in_use += one.kept_in_use
