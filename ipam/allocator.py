@@ -159,7 +159,7 @@ class IPAM:
         self.refresh_seconds = refresh_seconds
         self._views: dict[str, NodeView] = {}
         self._queues: dict[str, list[tuple[Request, asyncio.Future]]] = {}
-        self._workers: dict[str, asyncio.Task] = {}
+        self._draining: set[str] = set()  # nodes whose queue someone is serving
         self.transactions = 0  # committed batch transactions, for tests and benchmarks
 
     # -- the public operations -------------------------------------------------------------
@@ -194,12 +194,27 @@ class IPAM:
     # -- batching ------------------------------------------------------------------------
 
     async def _submit(self, node: str, request: Request):
+        """Queue the request; if no one is serving this node's queue, serve it here (with
+        whatever else queues up meanwhile), saving a task switch per uncontended request."""
         future = asyncio.get_running_loop().create_future()
-        self._queues.setdefault(node, []).append((request, future))
-        worker = self._workers.get(node)
-        if worker is None or worker.done():
-            self._workers[node] = asyncio.create_task(self._drain(node))
+        queue = self._queues.setdefault(node, [])
+        queue.append((request, future))
+        if node not in self._draining:
+            self._draining.add(node)
+            try:
+                await self._drain(node)
+            finally:
+                self._draining.discard(node)
+                if queue:  # we were cancelled with requests still waiting: hand them on
+                    self._draining.add(node)
+                    asyncio.create_task(self._drain_then_release(node))
         return await future
+
+    async def _drain_then_release(self, node: str) -> None:
+        try:
+            await self._drain(node)
+        finally:
+            self._draining.discard(node)
 
     async def _drain(self, node: str) -> None:
         queue = self._queues[node]
@@ -208,6 +223,12 @@ class IPAM:
             del queue[:self.batch_limit]
             try:
                 outcomes = await self._serve(node, [r for r, _ in batch])
+            except asyncio.CancelledError:
+                for _, future in batch:  # their fate is unknown: they may retry
+                    if not future.done():
+                        future.set_exception(Conflict(
+                            f"the request on node {node} was interrupted; try again."))
+                raise
             except Exception as error:  # etcd unavailable, conflicts: every request fails alike
                 outcomes = [error] * len(batch)
             queue[:0] = batch[len(outcomes):]  # what did not fit in one transaction goes next
