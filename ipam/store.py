@@ -155,9 +155,6 @@ class _Client(aetcd.Client):
         self.clusterstub = rpc.ClusterStub(self.channel)
         self.leasestub = rpc.LeaseStub(self.channel)
         self.maintenancestub = rpc.MaintenanceStub(self.channel)
-        from aetcd import watcher
-        self._watcher = watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout,
-                                        metadata=self.metadata)
         self._connected.set()
 
 
