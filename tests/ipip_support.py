@@ -1,0 +1,198 @@
+"""Namespaces wired as an underlay with nodes and pods, packet captures and pings, for the
+encapsulation tests (test_ipip_*.py). Everything lives in namespaces made through a
+lab.netns.Namespaces, which removes them (and with them every device and process route) at the
+end of the test, also on failure.
+
+    underlay:  node A eth0 192.168.1.10/24 --- to-a [router] to-b --- eth0 192.168.2.10/24 node B
+    pods:      pod eth0 10.244.x.y/32, default via 169.254.1.1 onlink; the node side of the
+               veth holds 169.254.1.1/32 and a /32 route to the pod (Calico's shape)
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface
+from pathlib import Path
+
+from lab.netns import Namespaces
+
+POD_GATEWAY = "169.254.1.1"
+_TIMESTAMP = re.compile(r"\d\d:\d\d:\d\d\.\d+ ")
+
+
+def run(*argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: {result.stderr.strip()}")
+    return result
+
+
+def ip(ns: str, *args: str) -> str:
+    return run("ip", "-n", ns, *args).stdout
+
+
+def veth(ns_a: str, if_a: str, ns_b: str, if_b: str, mtu: int = 1500) -> None:
+    ip(ns_a, "link", "add", if_a, "mtu", str(mtu), "type", "veth", "peer", "name", if_b,
+       "netns", ns_b, "mtu", str(mtu))
+    ip(ns_a, "link", "set", if_a, "up")
+    ip(ns_b, "link", "set", if_b, "up")
+
+
+def forwarding(ns: str) -> None:
+    run("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+
+
+@dataclass
+class Node:
+    ns: str
+    address: IPv4Interface  # on eth0, the uplink
+
+    @property
+    def ip(self) -> IPv4Address:
+        return self.address.ip
+
+
+@dataclass
+class Pod:
+    ns: str
+    address: IPv4Address
+    node: Node
+
+
+class Underlay:
+    """Builds nodes, routers and pods inside `namespaces`."""
+
+    def __init__(self, namespaces: Namespaces):
+        self.namespaces = namespaces
+        self._pods = 0
+
+    def router(self, tag: str = "router") -> str:
+        ns = self.namespaces.create(tag)
+        forwarding(ns)
+        return ns
+
+    def node(self, tag: str, address: str, *, router: str | None = None,
+             router_if: str = "", mtu: int = 1500) -> Node:
+        """A node whose eth0 holds `address`; attached to `router` (which gets the subnet's
+        first address on `router_if`, and is the node's default gateway) when given."""
+        ns = self.namespaces.create(tag)
+        forwarding(ns)
+        node = Node(ns, IPv4Interface(address))
+        if router is not None:
+            gateway = next(node.address.network.hosts())
+            veth(router, router_if, ns, "eth0", mtu)
+            ip(router, "addr", "add", f"{gateway}/{node.address.network.prefixlen}", "dev",
+               router_if)
+            ip(ns, "addr", "add", address, "dev", "eth0")
+            ip(ns, "route", "add", "default", "via", str(gateway))
+        return node
+
+    def join(self, a: Node, b: Node, mtu: int = 1500) -> None:
+        """Connect two nodes' eth0 directly (one subnet, no router)."""
+        veth(a.ns, "eth0", b.ns, "eth0", mtu)
+        ip(a.ns, "addr", "add", str(a.address), "dev", "eth0")
+        ip(b.ns, "addr", "add", str(b.address), "dev", "eth0")
+
+    def pod(self, node: Node, address: str, mtu: int = 1500) -> Pod:
+        self._pods += 1
+        ns = self.namespaces.create("pod")
+        host_if = f"pod{self._pods}"
+        veth(node.ns, host_if, ns, "eth0", mtu)
+        ip(ns, "addr", "add", f"{address}/32", "dev", "eth0")
+        ip(ns, "route", "add", "default", "via", POD_GATEWAY, "dev", "eth0", "onlink")
+        ip(node.ns, "addr", "add", f"{POD_GATEWAY}/32", "dev", host_if)
+        ip(node.ns, "route", "add", f"{address}/32", "dev", host_if)
+        return Pod(ns, IPv4Address(address), node)
+
+
+def ping(source: Pod | str, target: IPv4Address | str, *, size: int | None = None,
+         df: bool = False, count: int = 1) -> subprocess.CompletedProcess:
+    ns = source.ns if isinstance(source, Pod) else source
+    argv = ["ip", "netns", "exec", ns, "ping", "-n", "-c", str(count), "-W", "2", "-i", "0.2"]
+    if size is not None:
+        argv += ["-s", str(size)]
+    if df:
+        argv += ["-M", "do"]
+    return run(*argv, str(target), check=False)
+
+
+def wait_ping(source: Pod | str, target: IPv4Address | str, timeout: float = 15) -> None:
+    """Ping until a reply comes (the first packets may wait for ARP), or fail at `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = ping(source, target)
+        if result.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no reply from {target} within {timeout:g} s:\n"
+                                 f"{result.stdout}{result.stderr}")
+
+
+class Capture:
+    """tcpdump on one interface of a namespace, written to a pcap file; `count()` reads it back
+    with a filter once the capture is stopped (leaving `with`)."""
+
+    def __init__(self, ns: str, ifname: str, directory: Path):
+        self.ns, self.ifname = ns, ifname
+        self.path = directory / f"{ns}-{ifname}.pcap"
+        self._log = directory / f"{ns}-{ifname}.log"
+        self._process: subprocess.Popen | None = None
+
+    def __enter__(self) -> Capture:
+        with open(self._log, "wb") as log:
+            self._process = subprocess.Popen(
+                ["ip", "netns", "exec", self.ns, "tcpdump", "-i", self.ifname, "-n", "-U",
+                 "--immediate-mode", "-Z", "root", "-w", str(self.path)],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while "listening on" not in self._log.read_text():
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"tcpdump on {self.ns}/{self.ifname} did not start: "
+                                   f"{self._log.read_text().strip()}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGINT)  # tcpdump flushes and closes the file
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def packets(self, bpf: str = "") -> list[str]:
+        """The packets matching a tcpdump filter, one string each (an encapsulated packet's
+        text includes the decoded inner packet)."""
+        assert self._process is None, "read a capture after stopping it"
+        argv = ["tcpdump", "-r", str(self.path), "-n"] + ([bpf] if bpf else [])
+        packets: list[str] = []
+        for line in run(*argv).stdout.splitlines():
+            if _TIMESTAMP.match(line):
+                packets.append(line)
+            elif packets and line.strip():
+                packets[-1] += " | " + line.strip()
+        return packets
+
+    def count(self, bpf: str = "") -> int:
+        return len(self.packets(bpf))
+
+
+def exists(ns: str, ifname: str) -> bool:
+    return run("ip", "-n", ns, "link", "show", ifname, check=False).returncode == 0
+
+
+def pipit_routes(ns: str) -> list[str]:
+    """`ip route show proto 91`: the routes Pipit owns in a namespace, as iproute2 prints them."""
+    return [" ".join(line.split()) for line in ip(ns, "route", "show", "proto", "91").splitlines()]
+

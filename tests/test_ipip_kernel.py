@@ -1,0 +1,200 @@
+"""The encapsulation dataplane's kernel edges on this machine's kernel, in namespaces the tests
+create: vxlan.pipit and its neighbour / FDB entries, uplink MTU detection, Pipit's nftables
+table, the capability probe, and prepare / retire. tunl0 needs the ipip module, which this
+kernel lacks: test_ipip_vm.py covers it, and here the missing module must be said clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+
+import pytest
+from pyroute2 import IPRoute
+
+from ipam.pool import IPPool
+from ipip import capability, dataplane, encap, links, nat, tunnel, vxlan
+from ipip.encap import IPIP, VXLAN, VXLAN_DEVICE, RemoteVTEP
+from ipip.mtu import uplink
+from lab.netns import Namespaces
+from tests.ipip_support import ip, run
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
+
+LOCAL = IPv4Interface("192.168.1.10/24")
+MAC = encap.vtep_mac("node-a")
+PEER_1 = RemoteVTEP(IPv4Address("192.168.1.11"), IPv4Address("10.244.2.1"), "02:00:00:00:00:01")
+PEER_2 = RemoteVTEP(IPv4Address("192.168.2.12"), IPv4Address("10.244.3.1"), "02:00:00:00:00:02")
+
+
+@pytest.fixture
+def node():
+    """A node namespace whose eth0 (MTU 9000) holds LOCAL."""
+    with Namespaces() as namespaces:
+        ns = namespaces.create("node")
+        ip(ns, "link", "add", "eth0", "mtu", "9000", "type", "veth", "peer", "name", "peer0")
+        ip(ns, "addr", "add", str(LOCAL), "dev", "eth0")
+        ip(ns, "link", "set", "eth0", "up")
+        yield ns
+
+
+def ipr_in(ns: str) -> IPRoute:
+    return IPRoute(netns=ns, flags=0)  # flags=0: never create the namespace
+
+
+def link_json(ns: str, name: str) -> dict:
+    return json.loads(ip(ns, "-j", "-d", "addr", "show", "dev", name))[0]
+
+
+def vxlan_device(**changes) -> vxlan.Device:
+    settings = dict(local=LOCAL.ip, vtep=IPv4Address("10.244.1.1"), mac=MAC, mtu=8950)
+    return vxlan.Device(**{**settings, **changes})
+
+
+def test_uplink_is_the_interface_holding_the_node_address(node):
+    with ipr_in(node) as ipr:
+        found = uplink(ipr, LOCAL.ip)
+        assert (found.name, found.mtu) == ("eth0", 9000)
+        with pytest.raises(LookupError, match="no interface holds the node address 10.9.9.9"):
+            uplink(ipr, IPv4Address("10.9.9.9"))
+
+
+def test_vxlan_device_is_created_as_asked_and_left_alone_when_right(node):
+    with ipr_in(node) as ipr:
+        index = vxlan.ensure(ipr, vxlan_device())
+        assert vxlan.ensure(ipr, vxlan_device()) == index
+    info = link_json(node, VXLAN_DEVICE)
+    data = info["linkinfo"]["info_data"]
+    assert (data["id"], data["port"], data["local"], data["learning"]) == \
+        (4096, 4789, "192.168.1.10", False)
+    assert (info["address"], info["mtu"], "UP" in info["flags"]) == (MAC, 8950, True)
+    assert [(a["local"], a["prefixlen"]) for a in info["addr_info"] if a["family"] == "inet"] \
+        == [("10.244.1.1", 32)]
+
+
+def test_vxlan_device_changes_in_place_or_is_recreated(node):
+    with ipr_in(node) as ipr:
+        index = vxlan.ensure(ipr, vxlan_device())
+        # MTU, MAC and VTEP address change in place ...
+        assert vxlan.ensure(ipr, vxlan_device(mtu=1400, mac="02:00:00:00:00:99",
+                                              vtep=IPv4Address("10.244.1.5"))) == index
+        ip(node, "addr", "add", "10.9.9.9/32", "dev", VXLAN_DEVICE)  # stale: removed
+        assert vxlan.ensure(ipr, vxlan_device(mtu=1400, mac="02:00:00:00:00:99",
+                                              vtep=IPv4Address("10.244.1.5"))) == index
+        info = link_json(node, VXLAN_DEVICE)
+        assert (info["mtu"], info["address"]) == (1400, "02:00:00:00:00:99")
+        assert [a["local"] for a in info["addr_info"] if a["family"] == "inet"] == ["10.244.1.5"]
+        # ... a new local address needs a new device.
+        ip(node, "addr", "add", "192.168.1.20/24", "dev", "eth0")
+        assert vxlan.ensure(ipr, vxlan_device(local=IPv4Address("192.168.1.20"))) != index
+    assert link_json(node, VXLAN_DEVICE)["linkinfo"]["info_data"]["local"] == "192.168.1.20"
+
+
+def neighbours(ns: str) -> set[tuple[str, str, str]]:
+    entries = json.loads(ip(ns, "-j", "neigh", "show", "dev", VXLAN_DEVICE))
+    return {(e["dst"], e["lladdr"], ",".join(e["state"])) for e in entries}
+
+
+def fdb(ns: str) -> set[tuple[str, str]]:
+    entries = json.loads(run("bridge", "-n", ns, "-j", "fdb", "show", "dev", VXLAN_DEVICE).stdout)
+    return {(e["mac"], e["dst"]) for e in entries if "dst" in e}
+
+
+def test_vtep_entries_are_exactly_the_wanted_set(node):
+    with ipr_in(node) as ipr:
+        index = vxlan.ensure(ipr, vxlan_device())
+        vxlan.set_vteps(ipr, index, [PEER_1, PEER_2])
+        assert neighbours(node) == {("10.244.2.1", "02:00:00:00:00:01", "PERMANENT"),
+                                    ("10.244.3.1", "02:00:00:00:00:02", "PERMANENT")}
+        assert fdb(node) == {("02:00:00:00:00:01", "192.168.1.11"),
+                             ("02:00:00:00:00:02", "192.168.2.12")}
+        # peer 2 leaves, peer 1 moves to a new node address, a stray entry appears
+        ip(node, "neigh", "add", "10.244.7.7", "lladdr", "02:00:00:00:00:77", "dev",
+           VXLAN_DEVICE)
+        moved = RemoteVTEP(IPv4Address("192.168.1.99"), PEER_1.address, PEER_1.mac)
+        vxlan.set_vteps(ipr, index, [moved])
+        assert neighbours(node) == {("10.244.2.1", "02:00:00:00:00:01", "PERMANENT")}
+        assert fdb(node) == {("02:00:00:00:00:01", "192.168.1.99")}
+        vxlan.set_vteps(ipr, index, [])
+        assert neighbours(node) == set() and fdb(node) == set()
+
+
+def test_prepare_and_retire_vxlan(node):
+    desired = dataplane.Desired(local=LOCAL, kinds=frozenset({VXLAN}),
+                                vtep_address=IPv4Address("10.244.1.1"), vtep_mac=MAC,
+                                vteps=(PEER_1,))
+    with ipr_in(node) as ipr:
+        prepared = dataplane.prepare(ipr, desired)
+        assert prepared.devices.tunl0 is None and prepared.devices.vxlan is not None
+        assert (prepared.uplink.name, prepared.pod_mtu) == ("eth0", 9000 - 50)
+        assert link_json(node, VXLAN_DEVICE)["mtu"] == 8950
+        dataplane.retire(ipr, desired)  # still wanted: kept
+        assert links.lookup(ipr, VXLAN_DEVICE) == prepared.devices.vxlan
+        dataplane.retire(ipr, dataplane.Desired(local=LOCAL))
+        assert links.lookup(ipr, VXLAN_DEVICE) is None
+        # nothing to encapsulate: pods get the uplink's MTU, or the override
+        assert dataplane.prepare(ipr, dataplane.Desired(local=LOCAL)).pod_mtu == 9000
+        assert dataplane.prepare(ipr, dataplane.Desired(
+            local=LOCAL, mtu_override=1400)).pod_mtu == 1400
+
+
+def nft_tables(ns: str) -> list[str]:
+    return run("ip", "netns", "exec", ns, "nft", "list", "tables").stdout.split("\n")[:-1]
+
+
+def nft_table(ns: str) -> str:
+    return run("ip", "netns", "exec", ns, "nft", "list", "table", "ip", "pipit-nat").stdout
+
+
+def test_nat_table_is_rewritten_whole_and_nothing_else_is_touched(node):
+    run("ip", "netns", "exec", node, "nft", "add table inet someone-else; "
+        "add chain inet someone-else c { type filter hook forward priority 0; }")
+    pools = [IPPool("a", IPv4Network("10.244.0.0/16"), nat_outgoing=True),
+             IPPool("b", IPv4Network("10.10.0.0/16"))]
+    nat.apply(pools, netns=node)
+    nat.apply(pools, netns=node)  # idempotent
+    assert "elements = { 10.244.0.0/16 }" in nft_table(node)
+    run("ip", "netns", "exec", node, "nft", "add rule ip pipit-nat postrouting counter")
+    nat.apply([IPPool("a", IPv4Network("10.244.0.0/16"), nat_outgoing=True)], netns=node)
+    table = nft_table(node)
+    assert "10.10.0.0/16" not in table and "counter" not in table  # rewritten whole
+    nat.apply(pools[1:], netns=node)  # no natOutgoing pool left: no table
+    assert nft_tables(node) == ["table inet someone-else"]
+    nat.remove(netns=node)  # already gone: fine
+    assert nft_tables(node) == ["table inet someone-else"]
+
+
+def test_vxlan_is_supported_by_this_kernel():
+    assert capability.kernel_supports(VXLAN)
+
+
+def test_probe_leaves_no_device_behind():
+    before = run("ip", "-o", "link").stdout
+    capability.kernel_supports(VXLAN)
+    capability.kernel_supports(IPIP)
+    assert run("ip", "-o", "link").stdout == before
+
+
+@pytest.mark.skipif(capability.kernel_supports(IPIP),
+                    reason="this kernel has ipip (test_ipip_vm.py covers IPIP)")
+def test_missing_ipip_is_said_in_one_sentence_at_start_up_and_by_tunl0(node):
+    pools = [IPPool("edge", IPv4Network("10.1.0.0/16"), ipip_mode="Always"),
+             IPPool("plain", IPv4Network("10.2.0.0/16"))]
+    assert capability.check(pools) == [capability.message(IPIP, ["edge"])]
+    with ipr_in(node) as ipr, pytest.raises(links.DataplaneError, match="ipip module"):
+        tunnel.ensure(ipr, IPv4Address("10.1.0.1"), 1480)
+    with ipr_in(node) as ipr:
+        tunnel.disable(ipr)  # nothing to disable: fine
+        # The agent's pass goes on without tunl0: VXLAN still set up, the error reported.
+        prepared = dataplane.prepare(ipr, dataplane.Desired(
+            local=LOCAL, kinds=frozenset({IPIP, VXLAN}), tunnel_address=IPv4Address("10.1.0.1"),
+            vtep_mac=MAC))
+    assert prepared.devices.tunl0 is None and prepared.devices.vxlan is not None
+    assert len(prepared.errors) == 1 and "ipip module" in prepared.errors[0]
+
+
+def test_tunl0_name_taken_by_another_kind_is_refused(node):
+    ip(node, "link", "add", "tunl0", "type", "veth", "peer", "name", "tunl0-peer")
+    with ipr_in(node) as ipr, pytest.raises(links.DataplaneError, match="not an ipip tunnel"):
+        tunnel.ensure(ipr, None, 1480)
+
