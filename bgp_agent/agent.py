@@ -57,6 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--status-socket", default=DEFAULT_STATUS_SOCKET, metavar="PATH",
                         help=f"Status socket for `pipitctl node status` "
                              f"(default {DEFAULT_STATUS_SOCKET}).")
+    parser.add_argument("--secrets-dir", metavar="DIR",
+                        help="Where BGPPeer passwords given as secretKeyRef are: "
+                             "DIR/<secret name>/<key>, as a mounted Kubernetes Secret volume "
+                             "lays them out.")
     parser.add_argument("--etcd-endpoints", metavar="URLS",
                         help=f"Comma-separated etcd URLs [env {ENV_ENDPOINTS}].")
     parser.add_argument("--etcd-ca-cert", metavar="FILE", help=f"[env {ENV_CA}]")
@@ -129,7 +133,7 @@ async def route(store: Store, args: argparse.Namespace, stop: asyncio.Event, ret
     speaker = Speaker(state_dir / "exabgp", state_dir / "exabgp.sock", args.exabgp,
                       router_id=me.address.ip, local_address=me.address.ip,
                       local_as=me.as_number or 64512)
-    router = Router(store, me, speaker, kernel)
+    router = Router(store, me, speaker, kernel, secrets_dir=args.secrets_dir)
     speaker.on_change = router.changed.set
     status = StatusServer(args.status_socket, router.status.to_json)
     await speaker.start()

@@ -88,6 +88,10 @@ def _render(router_id, local_address, local_as, neighbors, bridge_command, diges
         # ExaBGP does not listen unless told; `listen` binds local-address:179 with this
         # peer's MD5 key, so sessions come up whichever side connects first
         lines.append("    listen 179;")
+        # End-of-RIB only when the agent says (after it has announced): on its own ExaBGP
+        # sends it right after OPEN, before the agent's routes, and a graceful-restart helper
+        # then flushes our stale routes and briefly blackholes our pods
+        lines.append("    manual-eor true;")
         if n.password:
             if len(n.password) > MD5_MAX or re.search(r'["\\\n\r]', n.password):
                 raise ValueError(f"neighbour {n.address}: the MD5 password must be at most "

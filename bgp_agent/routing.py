@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,9 +20,11 @@ from ipaddress import IPv4Address, IPv4Network
 
 from bgp_agent import policy
 from bgp_agent.bgp_config import BGPConfig, config_from_spec
+from bgp_agent.bgp_peer import PasswordRef, peer_from_document, resolve_password
 from bgp_agent.kernel_routes import KernelRoutes, Route, RouteError, diff
-from bgp_agent.model import Neighbor, Path
+from bgp_agent.model import Neighbor, Path, PeerState
 from bgp_agent.node import NodeRecord, node_from_document
+from bgp_agent.speaker import SpeakerError
 from ipam import block as blocks
 from ipam import keys
 from ipam.mirror import Mirror
@@ -32,7 +35,12 @@ from ipam.store import Entry, Store
 log = logging.getLogger(__name__)
 
 BGP_CONFIG_PREFIX = keys.resource_prefix("bgpconfig")
+BGP_PEERS_PREFIX = keys.resource_prefix("bgppeers")
 RESYNC_SECONDS = 60.0  # full kernel dump-and-diff, to repair routes someone else removed
+DIAGNOSE_SECONDS = 3.0  # how often to look again at why a session is not up (MD5 counters)
+NETSTAT = "/proc/net/netstat"
+MD5_COUNTERS = ("TCPMD5Failure", "TCPMD5NotFound", "TCPMD5Unexpected")
+NOTIFICATION = re.compile(r"notification (sent|received) \(\d+,\d+\)")  # ExaBGP's words
 
 
 @dataclass(frozen=True)
@@ -60,7 +68,7 @@ def decode_bgp_config(entry: Entry) -> BGPConfig:
 @dataclass
 class PeerStatus:
     neighbor: Neighbor
-    state: str = "idle"
+    state: str = "idle"  # ExaBGP's up | down | idle, or skipped | disabled (Pipit's own)
     since: float = 0.0
     reason: str = ""
     received: int = 0
@@ -68,6 +76,7 @@ class PeerStatus:
     rejected: int = 0
     exported: int = 0
     stale: int = 0  # routes kept from a peer restarting gracefully
+    rejected_reasons: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -75,7 +84,7 @@ class Status:
     node: str
     address: str = ""
     as_number: int = 0
-    peers: dict[IPv4Address, PeerStatus] = field(default_factory=dict)
+    peers: list[PeerStatus] = field(default_factory=list)
     kernel_routes: int = 0
     blackholes: int = 0
     exported: int = 0
@@ -95,9 +104,36 @@ class Status:
                 "type": p.neighbor.kind, "name": p.neighbor.name, "state": p.state,
                 "since": p.since, "reason": p.reason, "received": p.received,
                 "accepted": p.accepted, "rejected": p.rejected, "exported": p.exported,
-                "stale": p.stale,
-            } for p in self.peers.values()],
+                "stale": p.stale, "rejectedReasons": p.rejected_reasons,
+                "maxPrefixes": p.neighbor.max_prefixes,
+                "password": p.neighbor.password is not None,
+            } for p in self.peers],
         }
+
+
+@dataclass(frozen=True)
+class _Disabled:
+    """A peer disconnected for sending more than maxPrefixes: kept out of ExaBGP's
+    configuration while its BGPPeer stays as it was (Calico/BIRD `receive limit ... action
+    disable`). Changing the BGPPeer, or restarting the agent, lets it try again."""
+    neighbor: Neighbor
+    reason: str
+    since: float
+    received: int
+
+
+def read_md5_counters(path: str = NETSTAT) -> dict[str, int]:
+    """The kernel's TCP MD5 counters of this network namespace (TcpExt in /proc/net/netstat):
+    segments dropped for a wrong signature, a missing one, or one nobody expected."""
+    try:
+        lines = open(path).read().splitlines()
+    except OSError:
+        return {}
+    for names, values in zip(lines, lines[1:]):
+        if names.startswith("TcpExt:") and values.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:]))
+            return {k: int(table[k]) for k in MD5_COUNTERS if k in table}
+    return {}
 
 
 @dataclass
@@ -110,7 +146,8 @@ class _Retained:
 
 class Router:
     def __init__(self, store: Store, me: NodeRecord, speaker, kernel: KernelRoutes,
-                 startup_grace: float = 120.0):
+                 startup_grace: float = 120.0, secrets_dir: str | None = None,
+                 md5_counters=read_md5_counters):
         self.store = store
         self.me = me
         self.speaker = speaker
@@ -122,10 +159,21 @@ class Router:
         self.pools = Mirror(store, keys.POOLS, lambda e: pool_from_document(e.value),
                             self.changed)
         self.bgp_config = Mirror(store, BGP_CONFIG_PREFIX, decode_bgp_config, self.changed)
+        self.bgp_peers = Mirror(store, BGP_PEERS_PREFIX, lambda e: peer_from_document(e.value),
+                                self.changed)
         self.affinities = Mirror(store, keys.affinity_prefix(me.name),
                                  lambda e: e.value.get("state"), self.changed)
         self.blocks = Mirror(store, keys.BLOCKS, summarize(me.name), self.changed)
-        self._mirrors = (self.nodes, self.pools, self.bgp_config, self.affinities, self.blocks)
+        self._mirrors = (self.nodes, self.pools, self.bgp_config, self.bgp_peers,
+                         self.affinities, self.blocks)
+        self.secrets_dir = secrets_dir
+        self.md5_counters = md5_counters
+        self._skipped: list[policy.Skipped] = []
+        self._disabled: dict[IPv4Address, _Disabled] = {}
+        self._last_state: dict[IPv4Address, PeerState] = {}
+        self._md5_base: dict[IPv4Address, tuple[Neighbor, dict[str, int]]] = {}
+        self._diagnose_at = 0.0
+        self._eor_sent: dict[IPv4Address, float] = {}  # peer -> session (since) it went to
         self._neighbors: list[Neighbor] | None = None
         self._last_received: dict[IPv4Address, dict[IPv4Network, Path]] = {}
         self._last_up: set[IPv4Address] = set()
@@ -179,10 +227,47 @@ class Router:
         delay = max(0.0, when - time.monotonic())
         asyncio.get_running_loop().call_later(delay, self.changed.set)
 
+    def _password(self, ref: PasswordRef) -> str:
+        return resolve_password(ref, self.secrets_dir)
+
+    def _select(self, me: NodeRecord, config: BGPConfig) -> list[Neighbor]:
+        """The neighbours ExaBGP should have: the selection, minus peers disabled for
+        exceeding maxPrefixes (a disabled peer whose BGPPeer changed may try again)."""
+        selection = policy.select_neighbors(me, self.nodes.items.values(), config,
+                                            self.bgp_peers.items.values(), self._password)
+        self._skipped = selection.skipped
+        wanted = {n.address: n for n in selection.neighbors}
+        for address, disabled in list(self._disabled.items()):
+            if wanted.get(address) != disabled.neighbor:
+                log.info("peer %s (%s) changed or left: no longer disabled", address,
+                         disabled.neighbor.name)
+                del self._disabled[address]
+        return [n for n in selection.neighbors if n.address not in self._disabled]
+
+    def _enforce_limits(self, neighbors: list[Neighbor]) -> bool:
+        """Disable every up peer that sent more prefixes than its maxPrefixes; True if any."""
+        tripped = False
+        for neighbor in neighbors:
+            state = self.speaker.peers.get(neighbor.address)
+            count = len(self.speaker.received.get(neighbor.address, {}))
+            reason = policy.over_limit(neighbor, count)
+            if reason and state is not None and state.state == "up":
+                log.warning("peer %s (%s): %s; disconnecting it. It stays down until its "
+                            "BGPPeer changes or the agent restarts", neighbor.address,
+                            neighbor.name, reason)
+                self._disabled[neighbor.address] = _Disabled(
+                    neighbor, f"disconnected: {reason}; it stays down until its BGPPeer "
+                              "changes", time.time(), count)
+                self._error(f"peer {neighbor.address} ({neighbor.name}) disconnected: {reason}")
+                tripped = True
+        return tripped
+
     async def reconcile(self) -> None:
         me, config, pools = self.node_record(), self.config(), list(self.pools.items.values())
         my_as = policy.local_as(me, config)
-        neighbors = policy.mesh_neighbors(me, self.nodes.items.values(), config)
+        neighbors = self._select(me, config)
+        if self.speaker.connected and self._enforce_limits(neighbors):
+            neighbors = [n for n in neighbors if n.address not in self._disabled]
         if neighbors != self._neighbors:
             await self.speaker.set_neighbors(neighbors)
             self._neighbors = neighbors
@@ -211,17 +296,18 @@ class Router:
         now = time.monotonic()
         peers = self.speaker.peers
         up = {a for a, p in peers.items() if p.state == "up"}
+        by_address = {n.address: n for n in neighbors}
         for address in self._last_up - up:  # went down since the last pass
-            state = peers.get(address)
-            if state is not None and state.graceful_restart and self._last_received.get(address):
-                hold = state.restart_time or 120
+            hold, why = self._retention(peers.get(address), self._last_state.get(address),
+                                        by_address.get(address))
+            if hold and self._last_received.get(address):
                 self._retained[address] = _Retained(dict(self._last_received[address]),
                                                     now + hold)
                 self._wake_at(now + hold)
                 log.info("peer %s down (%s); keeping its %d routes for up to %d s (graceful "
-                         "restart)", address, state.reason, len(self._last_received[address]),
-                         hold)
+                         "restart)", address, why, len(self._last_received[address]), hold)
         self._last_up = up
+        self._last_state = {a: p for a, p in peers.items()}
         received: dict[IPv4Address, dict[IPv4Network, Path]] = {}
         for neighbor in neighbors:
             address = neighbor.address
@@ -235,10 +321,34 @@ class Router:
                     fresh = {**retained.paths, **fresh}
             received[address] = fresh
             if address in up:
-                self._last_received[address] = dict(self.speaker.received.get(address, {}))
-        for address in set(self._retained) - {n.address for n in neighbors}:
+                # the speaker's own table, not a copy: it follows every update until the
+                # session drops (then the speaker lets go of it), so what is kept for a
+                # graceful restart is what the peer had when it went, even if its last
+                # withdrawals and the drop arrive between two passes
+                self._last_received[address] = self.speaker.received.get(address, {})
+        for address in set(self._retained) - set(by_address):
             del self._retained[address]  # no longer a neighbour at all
         return received
+
+    @staticmethod
+    def _retention(now: PeerState | None, before: PeerState | None,
+                   neighbor: Neighbor | None) -> tuple[int, str]:
+        """How long to keep a lost session's routes, and why. The peer went down after
+        negotiating graceful restart, without a NOTIFICATION: its restart time. Our own
+        ExaBGP restarted (the new one knows nothing of the old session): we are the
+        restarting speaker and keep forwarding for our own restart time, if the old session
+        had graceful restart."""
+        if neighbor is None:
+            return 0, "no longer a neighbour"
+        if now is not None and now.state == "down":
+            # a NOTIFICATION (hold timer expired, a reset, a refusal) ends graceful restart:
+            # only a session that just dropped is a peer restarting (RFC 4724)
+            if now.graceful_restart and not NOTIFICATION.search(now.reason):
+                return now.restart_time or neighbor.restart_time or 120, now.reason
+            return 0, now.reason
+        if before is not None and before.graceful_restart and neighbor.restart_time:
+            return neighbor.restart_time, "our ExaBGP restarted"
+        return 0, "session lost"
 
     async def _program_kernel(self, accepted: Mapping[IPv4Address, Mapping[IPv4Network, Path]],
                               own: set[IPv4Network], learned_known: bool) -> None:
@@ -249,7 +359,9 @@ class Router:
             self._wake_at(self._resync_at)
         desired = policy.kernel_routes(accepted, own)
         to_replace, to_delete = diff(desired, self._applied)
-        in_grace = now < self._grace_until and not self._all_peers_settled()
+        if now < self._grace_until and self._all_peers_settled():
+            self._grace_until = 0.0  # start-up is over: from now on a lost peer's routes go
+        in_grace = now < self._grace_until
         if not learned_known or in_grace:
             # Do not withdraw learned routes we cannot vouch for yet (agent just started,
             # speaker not connected): only blackholes of blocks we no longer own go.
@@ -299,24 +411,74 @@ class Router:
                 await self.speaker.announce(address, changed)
             if gone:
                 await self.speaker.withdraw(address, gone)
+            if self._eor_sent.get(address) != state.since:
+                # ExaBGP runs with manual-eor: End-of-RIB goes out after our table, so a peer
+                # keeping our routes through a graceful restart never flushes them early
+                try:
+                    await self.speaker.command(f"neighbor {address} announce eor ipv4 unicast")
+                    self._eor_sent[address] = state.since
+                except SpeakerError as error:  # the session went down meanwhile: next pass
+                    log.warning("could not send End-of-RIB to %s: %s", address, error)
+        for address in set(self._eor_sent) - set(exports):
+            del self._eor_sent[address]
+
+    def _md5_reason(self, neighbor: Neighbor, counters: dict[str, int]) -> str:
+        """Why a session that is not up may be failing, from the kernel's TCP MD5 counters
+        (they count for the whole network namespace, not per peer)."""
+        base = self._md5_base.get(neighbor.address)
+        if base is None or base[0] != neighbor:
+            self._md5_base[neighbor.address] = (neighbor, counters)
+            return ""
+        grown = {k: counters.get(k, 0) - base[1].get(k, 0) for k in MD5_COUNTERS}
+        return policy.md5_diagnosis(neighbor.password is not None, grown)
 
     def _update_status(self, neighbors: list[Neighbor], imports: Mapping, exports: Mapping
                        ) -> None:
-        peers = {}
+        peers = []
+        counters = self.md5_counters() if neighbors else {}
+        not_up = False
         for neighbor in neighbors:
             state = self.speaker.peers.get(neighbor.address)
             result = imports.get(neighbor.address)
             retained = self._retained.get(neighbor.address)
-            peers[neighbor.address] = PeerStatus(
+            reason = state.reason if state else ""
+            if state is not None and state.state == "up":
+                self._md5_base[neighbor.address] = (neighbor, counters)
+            else:
+                not_up = True
+                diagnosis = self._md5_reason(neighbor, counters)
+                if diagnosis:
+                    reason = diagnosis + (f" (the last session ended: {reason})" if reason
+                                          else "")
+            rejected_reasons: dict[str, int] = {}
+            for why in (result.rejected.values() if result else ()):
+                rejected_reasons[why] = rejected_reasons.get(why, 0) + 1
+            peers.append(PeerStatus(
                 neighbor=neighbor,
                 state=state.state if state else "idle",
                 since=state.since if state else 0.0,
-                reason=state.reason if state else "",
+                reason=reason,
                 received=len(self.speaker.received.get(neighbor.address, {})),
                 accepted=len(result.accepted) if result else 0,
                 rejected=len(result.rejected) if result else 0,
                 exported=len(self.speaker.announced.get(neighbor.address, {})),
                 stale=len(retained.paths) if retained else 0,
-            )
-        self.status.peers = peers
+                rejected_reasons=rejected_reasons,
+            ))
+        for disabled in self._disabled.values():
+            peers.append(PeerStatus(neighbor=disabled.neighbor, state="disabled",
+                                    since=disabled.since, reason=disabled.reason,
+                                    received=disabled.received))
+        for skipped in self._skipped:
+            peers.append(PeerStatus(
+                neighbor=Neighbor(skipped.address, skipped.peer_as,
+                                  self.me.address.ip if self.me.address else skipped.address,
+                                  0, kind=skipped.kind, name=skipped.name),
+                state="skipped", reason=skipped.reason))
+        for address in set(self._md5_base) - {n.address for n in neighbors}:
+            del self._md5_base[address]
+        self.status.peers = sorted(peers, key=lambda p: (p.neighbor.address, p.state))
         self.status.exported = len(next(iter(exports.values()), {})) if exports else 0
+        if not_up and time.monotonic() >= self._diagnose_at:
+            self._diagnose_at = time.monotonic() + DIAGNOSE_SECONDS
+            self._wake_at(self._diagnose_at)

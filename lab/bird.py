@@ -18,9 +18,11 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
+
+from lab.routers import RouterRoute, RouterSpec
 
 BIRD = shutil.which("bird") or "/usr/sbin/bird"
 BIRDC = shutil.which("birdc") or "/usr/sbin/birdc"
@@ -277,3 +279,72 @@ class Bird:
 
     def __exit__(self, *exc) -> None:
         self.destroy()
+
+
+# --------------------------------------------------------------------------------------------
+# BIRD as a top-of-rack router (lab.routers interface)
+
+def tor_config(spec: RouterSpec, log_path: Path | None = None) -> str:
+    """A router: its own routes (blackholes) announced to every peer, everything learned
+    passed on to every other peer and, with spec.kernel, into the namespace's kernel table."""
+    lines = [f"router id {spec.router_id};", "timeformat protocol iso long ms;",
+             "timeformat route iso long ms;"]
+    if log_path:
+        lines.append(f'log "{log_path}" all;')
+    lines += ["protocol device {}", "protocol static originated {", "  ipv4;"]
+    lines += [f"  route {prefix} blackhole;" for prefix in spec.originate]
+    lines.append("}")
+    if spec.kernel:
+        lines += ["protocol kernel {", "  ipv4 { import none; export where source = RTS_BGP; };",
+                  "}"]
+    for peer in spec.peers:
+        local = f"local {peer.local_address} " if peer.local_address else "local "
+        lines += [
+            f"protocol bgp {peer.name} {{",
+            f"  {local}as {spec.local_as};",
+            f"  neighbor {peer.address} as {peer.peer_as};",
+            f"  hold time {peer.hold_time};",
+            f"  graceful restart {'on' if peer.graceful_restart else 'off'};",
+            "  connect delay time 1;",  # a restarted peer is tried again soon
+            "  error wait time 1, 5;",  # (default 60-300 s of refusing everything after an error)
+        ]
+        if peer.password:
+            lines.append(f'  password "{peer.password}";')
+        lines += ["  ipv4 { import all; export all; };", "}"]
+    return "\n".join(lines) + "\n"
+
+
+class BirdRouter(Bird):
+    def __init__(self, spec: RouterSpec, netns: str | None, directory: Path):
+        super().__init__(spec.name, "", netns=netns, directory=Path(directory))
+        self.spec = spec
+        self.config = tor_config(spec, self.log_path)
+
+    def start(self, timeout: float = 20.0) -> BirdRouter:
+        super().start(timeout)
+        return self
+
+    def _protocol_of(self, address: IPv4Address) -> str:
+        for peer in self.spec.peers:
+            if peer.address == IPv4Address(address):
+                return peer.name
+        raise KeyError(f"{address} is not a peer of {self.name}")
+
+    def established(self, address: IPv4Address) -> bool:
+        info = self.protocols().get(self._protocol_of(address))
+        return bool(info and info.established)
+
+    def routes(self) -> dict[IPv4Network, RouterRoute]:
+        names = {p.name: p.address for p in self.spec.peers}
+        return {prefix: RouterRoute(prefix, r.via, r.as_path, r.communities, names[r.protocol])
+                for prefix, r in self.routes_of().items() if r.protocol in names}
+
+    def routes_of(self, protocol: str | None = None) -> dict[IPv4Network, BirdRoute]:
+        return Bird.routes(self, protocol=protocol)
+
+    def originate(self, prefixes: Iterable[IPv4Network]) -> None:
+        self.spec = replace(self.spec, originate=tuple(prefixes))
+        self.configure(tor_config(self.spec, self.log_path))
+
+    def pids(self) -> list[int]:
+        return [self.process.pid] if self.process and self.process.poll() is None else []

@@ -1,13 +1,26 @@
-"""A whole Pipit cluster on one machine: etcd, nodes as network namespaces on one bridge, each
-running pipit-agent with its ExaBGP, and pods attached with the real `ptp` CNI plugin and
-pipit-ipam. `pipitctl lab up | status | down` drives it; the end-to-end tests use it too.
+"""A whole Pipit cluster on one machine: etcd, nodes as network namespaces, each running
+pipit-agent with its ExaBGP, and pods attached with the real `ptp` CNI plugin and pipit-ipam.
+`pipitctl lab up | status | down` drives it; the end-to-end tests use it too.
 
-Layout (nothing is created in the machine's own network namespace):
+Two topologies (nothing is created in the machine's own network namespace):
+
+mesh (the default): every node on one bridge, a full iBGP node-to-node mesh.
 
     <prefix>fabric          a namespace holding bridge br0: the "switch" the nodes hang off
     <prefix>n1 .. nN        node namespaces, eth0 = 10.99.0.<10+i>/24 on the fabric
     <prefix>n1-p1 ..        pod namespaces, attached by ptp run inside their node
     <dir>/                  etcd data and unix socket, per-node agent state, logs, lab.json
+
+racks: the mesh is off; each rack's nodes hang off their top-of-rack router (BIRD, FRR or
+GoBGP: `router`), one AS per rack, eBGP between nodes and ToR (a BGPPeer per rack selecting
+its nodes by the label rack=r<r>, optionally with a TCP MD5 password from a secret), and the
+ToRs peer with each other over a core bridge.
+
+    <prefix>tor<r>          ToR r: bridge br0 = 10.99.<r>.1/24 for its nodes, up0 =
+                            10.98.0.<r>/24 to the core, loopback 192.0.2.<r>; AS 65100+r;
+                            announces a default route and its loopback
+    <prefix>core            bridge br0 joining the ToRs' up0
+    <prefix>n<i>            node i in rack r: eth0 = 10.99.<r>.<10+i>/24, AS 65000+r
 
 Every step is idempotent, so `up` on a running lab only adds what is missing; `down` finds
 what to remove by name and by the state directory, so it also cleans up after a crash.
@@ -24,18 +37,44 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from ipaddress import IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
+
+import yaml
 
 from lab import netns
 from lab.cni import Attachment, CNIRuntime, NetworkConfig, install_bin_dir
 from lab.etcd import EtcdServer
+from lab.routers import Router, RouterPeer, RouterSpec, make_router
 
 DEFAULT_DIR = Path("/tmp/pipit-lab")
 DEFAULT_PREFIX = "pipit-lab-"
 FABRIC = "10.99.0.0/24"
 POOL = "10.244.0.0/16"
 BIN = Path(sys.executable).parent  # the virtualenv's console scripts
+TOPOLOGIES = ("mesh", "racks")
+DEFAULT_ROUTE = IPv4Network("0.0.0.0/0")
+COMMUNITY = "64512:100"  # attached to every block the nodes export to their ToR
+
+
+def node_as(rack: int) -> int:
+    return 65000 + rack
+
+
+def tor_as(rack: int) -> int:
+    return 65100 + rack
+
+
+def tor_address(rack: int) -> IPv4Address:
+    return IPv4Address(f"10.99.{rack}.1")
+
+
+def tor_uplink(rack: int) -> IPv4Interface:
+    return IPv4Interface(f"10.98.0.{rack}/24")
+
+
+def tor_loopback(rack: int) -> IPv4Network:
+    return IPv4Network(f"192.0.2.{rack}/32")
 
 
 @dataclass
@@ -54,6 +93,16 @@ class Lab:
     restart_time: int = 30
     log: callable = print
     pods: list[Pod] = field(default_factory=list)
+    topology: str = "mesh"  # mesh | racks
+    router: str = "bird"  # racks: the ToRs' implementation, bird | frr | gobgp
+    racks: int = 2
+    nodes_per_rack: int = 2
+    password: str | None = None  # racks: TCP MD5 between nodes and ToRs, from a secret
+    routers: dict[int, Router] = field(default_factory=dict, repr=False)  # racks: rack -> ToR
+
+    def __post_init__(self) -> None:
+        if self.topology not in TOPOLOGIES:
+            raise ValueError(f"topology must be one of {', '.join(TOPOLOGIES)}")
 
     # -- names and places ----------------------------------------------------------------
 
@@ -68,7 +117,30 @@ class Lab:
         return self.directory / node
 
     def node_address(self, index: int) -> IPv4Interface:
+        if self.topology == "racks":
+            return IPv4Interface(f"10.99.{self.rack_of(index)}.{10 + index}/24")
         return IPv4Interface(f"10.99.0.{10 + index}/24")
+
+    def rack_of(self, index: int) -> int:
+        rack = (index - 1) // self.nodes_per_rack + 1
+        if rack > self.racks:
+            raise ValueError(f"node {index} does not fit: {self.racks} racks of "
+                             f"{self.nodes_per_rack} nodes hold {self.racks * self.nodes_per_rack}")
+        return rack
+
+    def node_rack(self, node: str) -> int:
+        return self.rack_of(self._state()["nodes"][node]["index"])
+
+    def tor_ns(self, rack: int) -> str:
+        return f"{self.prefix}tor{rack}"
+
+    @property
+    def core(self) -> str:
+        return f"{self.prefix}core"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.directory / "secrets"
 
     def status_socket(self, node: str) -> Path:
         return self.node_dir(node) / "status.sock"
@@ -104,9 +176,14 @@ class Lab:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.start_etcd()
         self.configure_cluster()
-        self.ensure_fabric()
+        if self.topology == "racks":
+            self.ensure_racks()
+        else:
+            self.ensure_fabric()
         for index in range(1, node_count + 1):
             self.add_node(f"n{index}", index)
+        if self.topology == "racks":
+            self.start_tors()
         self.wait_mesh()
         for node in self.nodes():
             for p in range(1, pods_per_node + 1):
@@ -134,6 +211,11 @@ apiVersion: pipit.dev/v1
 kind: IPPool
 metadata: {{name: default}}
 spec: {{cidr: {POOL}, blockSize: 26}}
+"""
+        if self.topology == "racks":
+            documents += self._racks_documents()
+        else:
+            documents += f"""\
 ---
 apiVersion: pipit.dev/v1
 kind: BGPConfiguration
@@ -143,6 +225,96 @@ spec: {{nodeMeshHoldTime: {self.hold_time}, nodeMeshMaxRestartTime: {self.restar
         result = self.pipitctl("apply", "-f", "-", input=documents)
         if result.returncode != 0:
             raise RuntimeError(f"configuring the lab failed: {result.stderr.strip()}")
+
+    def _racks_documents(self) -> str:
+        """Mesh off, communities on exported blocks, one BGPPeer per rack for its ToR."""
+        documents = f"""\
+---
+apiVersion: pipit.dev/v1
+kind: BGPConfiguration
+metadata: {{name: default}}
+spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
+"""
+        if self.password:
+            secret = self.secrets_dir / "tor"
+            secret.mkdir(parents=True, exist_ok=True)
+            (secret / "password").write_text(self.password + "\n")
+            os.chmod(secret / "password", 0o600)
+        for rack in range(1, self.racks + 1):
+            documents += self.tor_peer_document(rack)
+        return documents
+
+    def tor_peer_document(self, rack: int, **changes) -> str:
+        """The BGPPeer of rack r's ToR, as YAML (`changes`: spec fields to set or, with None,
+        to leave out)."""
+        spec = {"peerIP": str(tor_address(rack)), "asNumber": tor_as(rack),
+                "nodeSelector": f"rack == 'r{rack}'", "holdTime": self.hold_time,
+                "maxRestartTime": self.restart_time,
+                # the other nodes of the rack share our AS: their routes come back through
+                # the ToR with it in the AS path
+                "numAllowedLocalASNumbers": 1}
+        if self.password:
+            spec["password"] = {"secretKeyRef": {"name": "tor", "key": "password"}}
+        spec.update(changes)
+        spec = {k: v for k, v in spec.items() if v is not None}
+        return "---\n" + yaml.safe_dump({"apiVersion": "pipit.dev/v1", "kind": "BGPPeer",
+                                          "metadata": {"name": f"tor-r{rack}"}, "spec": spec},
+                                         sort_keys=False)
+
+    def ensure_racks(self) -> None:
+        """The ToR namespaces with their bridges, joined by a core bridge."""
+        if not netns.exists(self.core):
+            netns.create(self.core)
+            _ip("-n", self.core, "link", "add", "br0", "type", "bridge")
+            _ip("-n", self.core, "link", "set", "br0", "up")
+        for rack in range(1, self.racks + 1):
+            ns = self.tor_ns(rack)
+            if netns.exists(ns):
+                continue
+            netns.create(ns)
+            _ip("-n", ns, "link", "add", "br0", "type", "bridge")
+            _ip("-n", ns, "addr", "add", f"{tor_address(rack)}/24", "dev", "br0")
+            _ip("-n", ns, "link", "set", "br0", "up")
+            _ip("-n", ns, "addr", "add", str(tor_loopback(rack)), "dev", "lo")
+            port = f"tor{rack}"
+            _ip("-n", self.core, "link", "add", port, "type", "veth", "peer", "name", "up0",
+                "netns", ns)
+            _ip("-n", self.core, "link", "set", port, "master", "br0", "up")
+            _ip("-n", ns, "addr", "add", str(tor_uplink(rack)), "dev", "up0")
+            _ip("-n", ns, "link", "set", "up0", "up")
+            subprocess.run([*netns.exec_prefix(ns), "sysctl", "-qw", "net.ipv4.ip_forward=1"],
+                           check=True)
+
+    def tor_spec(self, rack: int) -> RouterSpec:
+        nodes = self._state().get("nodes", {})
+        peers = [RouterPeer(node, IPv4Interface(info["address"]).ip, node_as(rack),
+                            local_address=tor_address(rack), password=self.password,
+                            hold_time=self.hold_time)
+                 for node, info in sorted(nodes.items(), key=lambda kv: kv[1]["index"])
+                 if self.rack_of(info["index"]) == rack]
+        peers += [RouterPeer(f"tor{other}", tor_uplink(other).ip, tor_as(other),
+                             local_address=tor_uplink(rack).ip, hold_time=self.hold_time)
+                  for other in range(1, self.racks + 1) if other != rack]
+        return RouterSpec(f"tor{rack}", tor_address(rack), tor_as(rack), tuple(peers),
+                          originate=(DEFAULT_ROUTE, tor_loopback(rack)))
+
+    def start_tors(self) -> None:
+        """Start (or, after a node joined, restart) each rack's router."""
+        tors = self._state().get("tors", {})
+        for rack in range(1, self.racks + 1):
+            spec = self.tor_spec(rack)
+            router = self.routers.get(rack)
+            if router is not None and router.spec.peers == spec.peers and router.pids():
+                continue
+            if router is not None:
+                router.destroy()
+            router = make_router(self.router, spec, self.tor_ns(rack),
+                                 self.directory / f"tor{rack}").start()
+            self.routers[rack] = router
+            tors[str(rack)] = {"router": self.router, "netns": self.tor_ns(rack),
+                               "pids": router.pids()}
+            self.log(f"tor{rack}: {self.router} running (AS {tor_as(rack)})")
+        self._save(tors=tors, topology=self.topology)
 
     def ensure_fabric(self) -> None:
         if not netns.exists(self.fabric):
@@ -159,16 +331,20 @@ spec: {{nodeMeshHoldTime: {self.hold_time}, nodeMeshMaxRestartTime: {self.restar
         ns = self.node_ns(node)
         if not netns.exists(ns):
             netns.create(ns)
+            switch = (self.tor_ns(self.rack_of(index)) if self.topology == "racks"
+                      else self.fabric)
             port = f"{self.prefix[:6]}{node}"[-15:]  # interface names stop at 15 characters
-            _ip("-n", self.fabric, "link", "add", port, "type", "veth", "peer", "name", "eth0",
+            _ip("-n", switch, "link", "add", port, "type", "veth", "peer", "name", "eth0",
                 "netns", ns)
-            _ip("-n", self.fabric, "link", "set", port, "master", "br0", "up")
+            _ip("-n", switch, "link", "set", port, "master", "br0", "up")
             _ip("-n", ns, "addr", "add", str(address), "dev", "eth0")
             _ip("-n", ns, "link", "set", "eth0", "up")
         nodes[node] = {**nodes.get(node, {}), "index": index, "netns": ns,
                        "address": str(address)}
         self._save(nodes=nodes)
         self.start_agent(node)
+        if self.topology == "racks" and self.routers:
+            self.start_tors()  # a new node: its ToR needs a session to it
 
     def agent_argv(self, node: str) -> list[str]:
         info = self._state()["nodes"][node]
@@ -177,7 +353,14 @@ spec: {{nodeMeshHoldTime: {self.hold_time}, nodeMeshMaxRestartTime: {self.restar
                 "--ip", info["address"], "--etcd-endpoints", self.etcd_endpoint,
                 "--state-dir", str(state), "--ipam-socket", str(self.ipam_socket(node)),
                 "--status-socket", str(self.status_socket(node)), "--exabgp", "spawn",
-                "--labels", f"lab=pipit,node={node}"]
+                *self._node_options(node, info["index"])]
+
+    def _node_options(self, node: str, index: int) -> list[str]:
+        if self.topology != "racks":
+            return ["--labels", f"lab=pipit,node={node}"]
+        rack = self.rack_of(index)
+        return ["--labels", f"lab=pipit,node={node},rack=r{rack}", "--as", str(node_as(rack)),
+                "--secrets-dir", str(self.secrets_dir)]
 
     def start_agent(self, node: str, timeout: float = 60.0) -> None:
         info = self._state()["nodes"][node]
@@ -210,17 +393,23 @@ spec: {{nodeMeshHoldTime: {self.hold_time}, nodeMeshMaxRestartTime: {self.restar
         except Exception:
             return None
 
-    def wait_mesh(self, timeout: float = 60.0) -> None:
-        nodes = self.nodes()
+    def expected_peers(self, node: str) -> set[str]:
+        """Names of the sessions a node should have: every other node (mesh), or its ToR's
+        BGPPeer (racks)."""
+        if self.topology == "racks":
+            return {f"tor-r{self.node_rack(node)}"}
+        return set(self.nodes()) - {node}
 
-        def established() -> bool:
-            for node in nodes:
-                status = self.status(node)
-                peers = {p["name"]: p["state"] for p in (status or {}).get("peers", [])}
-                if set(peers) != set(nodes) - {node} or set(peers.values()) - {"up"}:
-                    return False
-            return True
-        wait(established, timeout, "the node-to-node mesh to establish")
+    def established(self, node: str) -> bool:
+        status = self.status(node)
+        peers = {p["name"]: p["state"] for p in (status or {}).get("peers", [])
+                 if p["state"] != "skipped"}
+        return set(peers) == self.expected_peers(node) and not set(peers.values()) - {"up"}
+
+    def wait_mesh(self, timeout: float = 60.0) -> None:
+        """Wait until every node has every session it should have up (mesh or ToR)."""
+        wait(lambda: all(self.established(n) for n in self.nodes()), timeout,
+             f"every node's BGP sessions ({self.topology}) to establish")
 
     def network(self, node: str) -> NetworkConfig:
         return NetworkConfig.load({

@@ -3,12 +3,42 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 
 from ipam.errors import DatastoreUnavailable
 from pipitctl.output import table
 
-STATE_WORDS = {"up": "Established", "connected": "Connect", "down": "Idle", "idle": "Idle"}
+STATE_WORDS = {"up": "Established", "connected": "Connect", "down": "Idle", "idle": "Idle",
+               "disabled": "Disabled", "skipped": "Not configured"}
+TYPE_WORDS = {"mesh": "node-to-node mesh", "global": "global", "node": "node specific",
+              "reflector": "route reflector"}
+
+
+# BGP NOTIFICATION codes (RFC 4271, 4486, 9234), as ExaBGP reports them: "(code,subcode)"
+NOTIFICATIONS = {
+    (1, 0): "message header error", (2, 0): "OPEN message error",
+    (2, 1): "unsupported version number", (2, 2): "the peer's AS number is not the expected one",
+    (2, 3): "bad BGP identifier", (2, 4): "unsupported optional parameter",
+    (2, 6): "unacceptable hold time", (2, 7): "unsupported capability",
+    (3, 0): "UPDATE message error", (4, 0): "hold timer expired",
+    (5, 0): "finite state machine error",
+    (6, 0): "cease", (6, 1): "maximum number of prefixes reached",
+    (6, 2): "administrative shutdown", (6, 3): "the peer has no session configured for us",
+    (6, 4): "administrative reset", (6, 5): "connection rejected",
+    (6, 6): "configuration change", (6, 7): "connection collision resolution",
+    (6, 8): "out of resources", (6, 9): "hard reset",
+}
+
+
+def explain(reason: str) -> str:
+    """ExaBGP's reason, with the meaning of a NOTIFICATION code it mentions."""
+    match = re.search(r"notification (received|sent) \((\d+),(\d+)\)", reason)
+    if not match:
+        return reason
+    code, subcode = int(match.group(2)), int(match.group(3))
+    meaning = NOTIFICATIONS.get((code, subcode)) or NOTIFICATIONS.get((code, 0))
+    return f"{reason}: {meaning}" if meaning else reason
 
 
 def read_status(path: str, timeout: float = 5.0) -> dict:
@@ -42,18 +72,25 @@ def render(status: dict) -> str:
     rows = []
     now = status.get("now", 0)
     for peer in status.get("peers", []):
+        up = peer["state"] == "up"
         since = duration(now - peer["since"]) if peer.get("since") else "-"
         info = STATE_WORDS.get(peer["state"], peer["state"])
-        if peer["state"] != "up" and peer.get("reason"):
-            info += f": {peer['reason']}"
+        if not up and peer.get("reason"):
+            info += f": {explain(peer['reason'])}"
         if peer.get("stale"):
             info += f" ({peer['stale']} routes kept while it restarts)"
-        rows.append((peer["address"], peer["type"], peer.get("name") or "-", peer["asNumber"],
-                     peer["state"], since, peer["received"], peer["accepted"], peer["rejected"],
-                     peer["exported"], info))
+        reasons = peer.get("rejectedReasons") or {}
+        if up and reasons:
+            info += " (" + "; ".join(f"{count} rejected: {why}" for why, count in
+                                     sorted(reasons.items())) + ")"
+        rows.append((peer["address"], TYPE_WORDS.get(peer["type"], peer["type"]),
+                     peer.get("name") or "-", peer["asNumber"] or "-", peer["state"],
+                     since if up else "-", since if not up else "-", peer["received"],
+                     peer["accepted"], peer["rejected"], peer["exported"], info))
     if rows:
-        lines.append(table(("PEER ADDRESS", "TYPE", "NAME", "AS", "STATE", "SINCE", "RECEIVED",
-                            "ACCEPTED", "REJECTED", "EXPORTED", "INFO"), rows))
+        lines.append(table(("PEER ADDRESS", "TYPE", "NAME", "AS", "STATE", "UPTIME",
+                            "DOWN FOR", "RECEIVED", "ACCEPTED", "REJECTED", "EXPORTED", "INFO"),
+                           rows))
     else:
         lines.append("No BGP peers yet.")
     lines += ["", f"Kernel: {status.get('kernelRoutes', 0)} routes learned, "

@@ -18,6 +18,7 @@ from ipam.errors import AlreadyExists, InvalidResource, NotFound, PipitError
 from ipam.pool import check_pool_fits, pool_from_spec, pool_to_document
 from ipam.pools import delete_pool
 from bgp_agent.bgp_config import config_from_spec as bgp_config_from_spec
+from bgp_agent.bgp_peer import check_peer, peer_from_spec, peer_to_document
 from bgp_agent.bgp_config import config_to_document as bgp_config_to_document
 from bgp_agent.node import node_from_document, node_to_document
 from ipam.release import release_host_affinities
@@ -44,6 +45,10 @@ class Kind:
     delete: Callable[[Store, str, bool], Awaitable[object]] | None = None
     segment: str = ""  # key segment under /pipit/resources/, if not the plural
     name_of: Callable[[Any], str] = attrgetter("name")
+    # checks against stored objects of other kinds too: check_with(obj, same kind, others)
+    # with others[plural] the stored objects of each kind in `needs`
+    needs: tuple[str, ...] = ()
+    check_with: Callable[[Any, list[Any], dict[str, list[Any]]], None] | None = None
 
     def key(self, name: str) -> str:
         return keys.resource_key(self.segment or self.plural, name)
@@ -111,7 +116,28 @@ BGP_CONFIGURATION = Kind(
                         c.node_mesh_hold_time, c.node_mesh_restart_time),
 )
 
-KINDS: tuple[Kind, ...] = (IPPOOL, BGP_CONFIGURATION, NODE)
+
+
+def _peer_scope(peer) -> str:
+    return peer.describe_scope()
+
+
+BGP_PEER = Kind(
+    name="BGPPeer", plural="bgppeers", aliases=("bgppeer", "peer", "peers"),
+    parse=lambda d: peer_from_spec(d.name, dict(d.spec)), to_document=peer_to_document,
+    check=_no_check, needs=("nodes",),
+    check_with=lambda peer, peers, others: check_peer(peer, peers, others["nodes"]),
+    columns=("NAME", "PEERIP", "NODE", "ASN"),
+    row=lambda p: (p.name, p.peer_ip, _peer_scope(p), p.as_number),
+    wide_columns=("NAME", "PEERIP", "NODE", "ASN", "PASSWORD", "HOLDTIME", "RESTARTTIME",
+                  "MAXPREFIXES", "KEEPNEXTHOP", "ALLOWPOOLPREFIXES", "ALLOWEDLOCALAS"),
+    wide_row=lambda p: (p.name, p.peer_ip, _peer_scope(p), p.as_number,
+                        str(p.password) if p.password else "-", p.hold_time, p.restart_time,
+                        p.max_prefixes or "-", yes_no(p.keep_original_next_hop),
+                        yes_no(p.allow_pool_prefixes), p.allowed_local_as),
+)
+
+KINDS: tuple[Kind, ...] = (IPPOOL, BGP_CONFIGURATION, BGP_PEER, NODE)
 
 
 def kind_named(word: str) -> Kind:
@@ -136,6 +162,7 @@ def read_objects(text: str) -> list[tuple[Kind, Any]]:
     if not flat:
         raise InvalidResource("the input holds no resources.")
     objects = []
+    seen: dict[tuple[str, str], int] = {}
     for number, doc in enumerate(flat, 1):
         try:
             if not isinstance(doc, dict):
@@ -145,7 +172,12 @@ def read_objects(text: str) -> list[tuple[Kind, Any]]:
             kind = kind_named(document.kind)
             if document.kind != kind.name:
                 raise InvalidResource(f"kind {document.kind!r} should be written {kind.name!r}.")
-            objects.append((kind, kind.parse(document)))
+            obj = kind.parse(document)
+            earlier = seen.setdefault((kind.name, kind.name_of(obj)), number)
+            if earlier != number:
+                raise InvalidResource(f"{kind.word} {kind.name_of(obj)!r} is also document "
+                                      f"{earlier}; give each resource once.")
+            objects.append((kind, obj))
         except InvalidResource as error:
             prefix = f"document {number}: " if len(flat) > 1 else ""
             raise InvalidResource(f"{prefix}{error}") from None
@@ -182,6 +214,14 @@ async def apply_objects(store: Store, objects: Sequence[tuple[Kind, Any]],
                                     "`pipitctl apply` to change it.")
             try:
                 kind.check(obj, list(current.values()))
+                if kind.check_with is not None:
+                    others = {}
+                    for plural in kind.needs:
+                        other = kind_named(plural)
+                        if other not in stored:
+                            stored[other] = await _stored(changes, other)
+                        others[plural] = list(stored[other].values())
+                    kind.check_with(obj, list(current.values()), others)
             except InvalidResource as error:
                 raise InvalidResource(f"{prefix}{error}") from None
             if name not in current:

@@ -5,6 +5,8 @@ with what is configured inside the pods."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -19,6 +21,7 @@ from ipam.snapshot import check
 from ipam.store import EtcdConfig
 from lab.cni import Attachment, CNIError, CNIRuntime, NetworkConfig, ipv4_only_iptables
 from lab import netns
+from lab.cluster import wait
 from lab.netns import addresses, exec_prefix
 from tests.cni_support import (  # noqa: F401 (fixtures)
     DEFAULT_POOL,
@@ -372,6 +375,18 @@ def test_gc_releases_only_the_stale_attachments_of_that_network(node):
 # Many pods at once, and an agent crash in the middle of them
 
 
+def plugin_processes() -> int:
+    """pipit-ipam processes running now."""
+    count = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                count += b"pipit-ipam" in f.read()
+        except OSError:
+            continue
+    return count
+
+
 def add_all(node: Node, net: NetworkConfig, pods: list[Attachment],
             on_success=None) -> dict[str, dict | CNIError]:
     def one(pod: Attachment):
@@ -411,20 +426,19 @@ def test_agent_killed_mid_burst_loses_no_address_and_the_failed_adds_succeed_aft
         node):
     net = node.network("ptp")
     pods = node.new_pods(100)
-    done = 0
-    lock = threading.Lock()
-
-    def count_and_crash():
-        nonlocal done
-        with lock:
-            done += 1
-            if done == 15:  # ~85 ADDs are in flight now
-                node.agent.kill()
-
-    outcomes = add_all(node, net, pods, on_success=count_and_crash)
+    outcomes = add_all(node, net, pods[:15])  # these complete before the crash
+    # Freeze the agent, start the other 85 ADDs, and kill it once they are all waiting on it:
+    # the crash lands with every one of them in flight, whatever the machine's speed.
+    os.kill(node.agent.pid, signal.SIGSTOP)
+    with ThreadPoolExecutor(1) as background:
+        rest = background.submit(add_all, node, net, pods[15:])
+        wait(lambda: plugin_processes() >= 85 or rest.done(), 60,
+                 "85 pipit-ipam calls waiting on the frozen agent")
+        node.agent.kill()
+        outcomes.update(rest.result())
     failed = [p for p in pods if isinstance(outcomes[p.container_id], CNIError)]
     succeeded = [p for p in pods if p not in failed]
-    assert len(succeeded) >= 15 and failed, "the agent was not killed mid-burst"
+    assert len(succeeded) == 15 and len(failed) == 85, "the agent was not killed mid-burst"
     for pod in failed:
         assert outcomes[pod.container_id].code == 11, outcomes[pod.container_id]
 

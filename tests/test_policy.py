@@ -4,6 +4,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 from bgp_agent import policy
 from bgp_agent.bgp_config import BGPConfig
+from bgp_agent.bgp_peer import BGPPeer, PasswordUnavailable, peer_from_spec
 from bgp_agent.kernel_routes import NextHop, Route
 from bgp_agent.model import Neighbor, Path
 from bgp_agent.node import NodeRecord
@@ -80,3 +81,101 @@ def test_exports_own_blocks_and_borrowed_addresses_with_communities_for_external
     assert {a.communities for a in exports[B].values()} == {()}
     assert {a.communities for a in exports[TOR.address].values()} == {((64512, 7),)}
     assert set(exports[TOR.address]) == prefixes
+
+
+# --------------------------------------------------------------------------------------------
+# Sessions: the mesh, BGPPeers, and which one wins
+
+def peer(name: str, address: str, as_number: int = 65101, **spec) -> BGPPeer:
+    return peer_from_spec(name, {"peerIP": address, "asNumber": as_number, **spec})
+
+
+def no_password(ref):
+    raise AssertionError(f"no password should be read, asked for {ref}")
+
+
+def test_peers_are_the_mesh_global_peers_and_the_ones_picking_this_node():
+    me = NodeRecord("a", IPv4Interface("10.0.0.1/24"), 65001, {"rack": "r1"})
+    nodes = [me, node("b", "10.0.0.2/24"), node("c", "10.0.0.3/24")]
+    peers = [peer("tor", "10.0.0.254", holdTime=9, maxPrefixes=50, allowPoolPrefixes=True,
+                  numAllowedLocalASNumbers=1),
+             peer("rack1", "10.0.1.254", nodeSelector="rack == 'r1'"),
+             peer("rack2", "10.0.2.254", nodeSelector="rack == 'r2'"),
+             peer("mine", "10.0.3.254", node="a"), peer("theirs", "10.0.4.254", node="b")]
+    selection = policy.select_neighbors(me, nodes, BGPConfig(), peers, no_password)
+    assert [(str(n.address), n.kind, n.name) for n in selection.neighbors] == [
+        ("10.0.0.2", "mesh", "b"), ("10.0.0.3", "mesh", "c"),
+        ("10.0.0.254", "global", "tor"), ("10.0.1.254", "node", "rack1"),
+        ("10.0.3.254", "node", "mine")]
+    tor = selection.neighbors[2]
+    assert (tor.local_as, tor.local_address, tor.peer_as) == (65001, A, 65101)
+    assert (tor.hold_time, tor.max_prefixes, tor.allow_pool_prefixes, tor.allowed_local_as) \
+        == (9, 50, True, 1)
+    assert selection.skipped == []
+    mesh_off = policy.select_neighbors(me, nodes, BGPConfig(node_to_node_mesh=False), peers,
+                                       no_password)
+    assert {n.kind for n in mesh_off.neighbors} == {"global", "node"}
+
+
+def test_an_explicit_peer_wins_over_the_mesh_and_the_most_specific_peer_wins():
+    me = node("a", "10.0.0.1/24")
+    nodes = [me, node("b", "10.0.0.2/24")]
+    peers = [peer("z-global", "10.0.0.2", 64512), peer("for-a", "10.0.0.2", 64512, node="a"),
+             peer("b-global", "10.0.0.9"), peer("a-global", "10.0.0.9")]
+    selection = policy.select_neighbors(me, nodes, BGPConfig(), peers, no_password)
+    assert [(str(n.address), n.name) for n in selection.neighbors] == [
+        ("10.0.0.2", "for-a"), ("10.0.0.9", "a-global")]
+    assert {(s.name, s.kind, s.reason) for s in selection.skipped} == {
+        ("z-global", "global", "BGPPeer 'for-a' already peers with this address"),
+        ("b-global", "global", "BGPPeer 'a-global' already peers with this address"),
+        ("b", "mesh", "node b is peered through BGPPeer 'for-a' instead")}
+
+
+def test_a_peer_at_this_nodes_own_address_or_without_its_password_is_skipped():
+    me = node("a", "10.0.0.1/24")
+    peers = [peer("rr", "10.0.0.1", 64512),  # the other nodes' reflector: this node itself
+             peer("tor", "10.0.0.254", password={"file": "/missing"}),
+             peer("ok", "10.0.0.253", password={"secretKeyRef": {"name": "s", "key": "k"}})]
+
+    def password(ref):
+        if ref.file:
+            raise PasswordUnavailable(f"the password ({ref}) cannot be read")
+        return "s3cret"
+    selection = policy.select_neighbors(me, [me], BGPConfig(), peers, password)
+    assert [(n.name, n.password) for n in selection.neighbors] == [("ok", "s3cret")]
+    assert [(s.name, s.reason) for s in selection.skipped] == [
+        ("rr", "its peerIP is this node's own address"),
+        ("tor", "the password (file:/missing) cannot be read")]
+    assert policy.select_neighbors(node("x", None), [], BGPConfig(), peers,
+                                   password).neighbors == []
+
+
+def test_our_own_as_may_come_back_as_often_as_the_peer_allows():
+    rack_tor = Neighbor(IPv4Address("10.0.0.254"), 65101, A, 65001, kind="node", name="tor",
+                        allowed_local_as=1, allow_pool_prefixes=True)
+    paths = {net("10.244.1.0/26"): Path(net("10.244.1.0/26"), B, as_path=(65101, 65001)),
+             net("10.244.2.0/26"): Path(net("10.244.2.0/26"), B,
+                                        as_path=(65101, 65001, 65001))}
+    result = policy.import_routes(rack_tor, paths, POOLS, set(), 65001)
+    assert set(result.accepted) == {net("10.244.1.0/26")}  # pool prefixes allowed by the peer
+    assert result.rejected == {net("10.244.2.0/26"): "our own AS is in its AS path (a loop)"}
+    strict = policy.import_routes(TOR, paths, POOLS, set(), 65001)
+    assert set(strict.rejected) == set(paths)
+
+
+def test_max_prefixes_counts_everything_received():
+    limited = Neighbor(IPv4Address("10.0.0.254"), 65101, A, 64512, max_prefixes=10)
+    assert policy.over_limit(limited, 10) == ""
+    assert policy.over_limit(limited, 11) == "it sent 11 prefixes, more than its maxPrefixes 10"
+    assert policy.over_limit(TOR, 100000) == ""  # 0: no limit
+
+
+def test_md5_counters_say_why_a_session_does_not_come_up():
+    nothing = {"TCPMD5Failure": 0, "TCPMD5NotFound": 0, "TCPMD5Unexpected": 0}
+    assert policy.md5_diagnosis(True, nothing) == ""
+    assert "passwords differ" in policy.md5_diagnosis(True, {**nothing, "TCPMD5Failure": 3})
+    assert "the peer sends no TCP MD5 signature" in policy.md5_diagnosis(
+        True, {**nothing, "TCPMD5NotFound": 1})
+    assert "no password is set here" in policy.md5_diagnosis(
+        False, {**nothing, "TCPMD5Unexpected": 2})
+    assert policy.md5_diagnosis(False, {**nothing, "TCPMD5Failure": 5}) == ""

@@ -1,0 +1,299 @@
+"""BGPPeer: a BGP session to a router outside the node-to-node mesh (a top-of-rack switch, a
+route reflector), for every node (global), for one node (`node`) or for the nodes a label
+selector picks (`nodeSelector`). Stored at /pipit/resources/bgppeers/<name>.
+
+    apiVersion: pipit.dev/v1
+    kind: BGPPeer
+    metadata: {name: rack-a-tor}
+    spec:
+      peerIP: 10.99.1.1
+      asNumber: 65101
+      nodeSelector: rack == 'a'        # or node: n1, or neither: every node
+      password: {file: /etc/pipit/tor.secret}   # or {secretKeyRef: {name: bgp, key: tor}}
+      holdTime: 90                     # seconds, 0 or 3-65535
+      maxRestartTime: 120              # graceful restart time we advertise, 0 turns it off
+      maxPrefixes: 1000                # more received prefixes disconnect the peer; 0: no limit
+      keepOriginalNextHop: false
+      allowPoolPrefixes: false         # accept routes inside IP pools from this peer
+      numAllowedLocalASNumbers: 0      # how often our AS may appear in a received AS path
+
+The password itself never appears in the resource (nor in etcd, nor in `get` output): only
+where to read it. The agent reads it whenever it recomputes its sessions (on any change, and
+at least once a minute), so a rotated password file or Secret is picked up by itself.
+
+maxPrefixes counts every prefix the peer sent, accepted or not; one more disconnects the peer
+(as BIRD's `receive limit N action disable`): it stays down, shown as disabled in `pipitctl
+node status`, until its BGPPeer changes (raise the limit, or touch any field) or the agent
+restarts. numAllowedLocalASNumbers is Calico's: with an AS per rack, routes of the other
+nodes of the rack come back through the ToR with our own AS in their path.
+keepOriginalNextHop is accepted for Calico compatibility; a node only announces its own
+blocks, whose next hop is the node itself either way.
+
+Pure parsing and validation here; checks against other resources (the node itself,
+duplicates) are in `check_peer`, over the stored peers and nodes it is given.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Address, ip_address
+from pathlib import Path
+
+from bgp_agent.bgp_config import check_as_number, check_hold_time
+from bgp_agent.exabgp_config import MD5_MAX
+from bgp_agent.model import DEFAULT_HOLD_TIME, DEFAULT_RESTART_TIME
+from bgp_agent.node import NodeRecord
+from ipam.errors import InvalidResource
+from ipam.resource import SpecReader, check_name, make_document
+from ipam.selector import parse_selector
+
+KIND = "BGPPeer"
+_FIELDS = {"peerIP", "asNumber", "node", "nodeSelector", "password", "holdTime",
+           "maxRestartTime", "maxPrefixes", "keepOriginalNextHop", "allowPoolPrefixes",
+           "numAllowedLocalASNumbers"}
+_SECRET_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+_SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]{1,253}")
+MAX_ALLOWED_LOCAL_AS = 10
+PASSWORD_HELP = ("write it into a file and give {file: /path/to/file}, or into a Kubernetes "
+                 "Secret and give {secretKeyRef: {name: SECRET, key: KEY}}")
+
+
+@dataclass(frozen=True)
+class PasswordRef:
+    """Where a peer's TCP MD5 password is: a file on the node, or a key of a Secret (mounted
+    into the agent as <secrets dir>/<name>/<key>, as a Secret volume provides it)."""
+    file: str | None = None
+    secret: str | None = None
+    key: str | None = None
+
+    def __str__(self) -> str:
+        return f"file:{self.file}" if self.file else f"secret:{self.secret}/{self.key}"
+
+    def to_spec(self) -> dict:
+        if self.file:
+            return {"file": self.file}
+        return {"secretKeyRef": {"name": self.secret, "key": self.key}}
+
+
+class PasswordUnavailable(Exception):
+    """The password a peer refers to cannot be read (one sentence)."""
+
+
+@dataclass(frozen=True)
+class BGPPeer:
+    name: str
+    peer_ip: IPv4Address
+    as_number: int
+    node: str | None = None
+    node_selector: str | None = None
+    password: PasswordRef | None = None
+    hold_time: int = DEFAULT_HOLD_TIME
+    restart_time: int = DEFAULT_RESTART_TIME
+    max_prefixes: int = 0  # 0: no limit
+    keep_original_next_hop: bool = False
+    allow_pool_prefixes: bool = False
+    allowed_local_as: int = 0  # numAllowedLocalASNumbers
+
+    @property
+    def scope(self) -> str:
+        """global (every node) | node (one node, or the nodes a selector picks)."""
+        return "global" if self.node is None and self.node_selector is None else "node"
+
+    @property
+    def rank(self) -> int:
+        """Which of two peers with the same address wins on a node: the more specific."""
+        return 0 if self.node is not None else 1 if self.node_selector is not None else 2
+
+    def applies_to(self, node: NodeRecord) -> bool:
+        if self.node is not None:
+            return node.name == self.node
+        if self.node_selector is not None:
+            return parse_selector(self.node_selector).matches(node.labels)
+        return True
+
+    def describe_scope(self) -> str:
+        if self.node is not None:
+            return self.node
+        if self.node_selector is not None:
+            return self.node_selector
+        return "(global)"
+
+
+def peer_from_spec(name: str, spec: Mapping) -> BGPPeer:
+    """Build a peer from its resource spec; any problem is one InvalidResource sentence."""
+    check_name(KIND, name)
+    read = SpecReader(KIND, name, spec, _FIELDS)
+    where = read.where
+    peer_ip = _peer_address(read)
+    if "asNumber" not in spec:
+        raise read.fail("spec.asNumber is required (the peer's AS number, such as 65001).")
+    as_number = check_as_number(read.integer("asNumber"), where)
+    node = read.string("node") or None
+    if node is not None:
+        try:
+            check_name("node", node)
+        except InvalidResource:
+            raise read.fail(f"node {node!r} is not a valid node name.") from None
+    selector = read.string("nodeSelector") or None
+    if node is not None and selector is not None:
+        raise read.fail("give either node or nodeSelector, not both.")
+    if selector is not None:
+        try:
+            parse_selector(selector)
+        except InvalidResource as error:
+            raise read.fail(f"nodeSelector: {error}") from None
+    restart = read.integer("maxRestartTime", DEFAULT_RESTART_TIME)
+    if not 0 <= restart <= 4095:
+        raise read.fail(f"maxRestartTime {restart} is outside 0-4095 seconds.")
+    max_prefixes = read.integer("maxPrefixes", 0)
+    if max_prefixes < 0:
+        raise read.fail(f"maxPrefixes {max_prefixes} must be 0 (no limit) or more.")
+    allowed = read.integer("numAllowedLocalASNumbers", 0)
+    if not 0 <= allowed <= MAX_ALLOWED_LOCAL_AS:
+        raise read.fail(f"numAllowedLocalASNumbers {allowed} is outside 0-"
+                        f"{MAX_ALLOWED_LOCAL_AS}.")
+    return BGPPeer(
+        name=name, peer_ip=peer_ip, as_number=as_number, node=node, node_selector=selector,
+        password=_password(read, spec.get("password")),
+        hold_time=check_hold_time(read.integer("holdTime", DEFAULT_HOLD_TIME), where),
+        restart_time=restart, max_prefixes=max_prefixes,
+        keep_original_next_hop=read.boolean("keepOriginalNextHop"),
+        allow_pool_prefixes=read.boolean("allowPoolPrefixes"),
+        allowed_local_as=allowed)
+
+
+def _peer_address(read: SpecReader) -> IPv4Address:
+    text = read.string("peerIP")
+    if not text:
+        raise read.fail("spec.peerIP is required (the router's address, such as 10.0.0.1).")
+    try:
+        address = ip_address(text.strip())
+    except ValueError:
+        raise read.fail(f"peerIP {text!r} is not an IP address (write one address, such as "
+                        "10.0.0.1, without a prefix length or port).") from None
+    if address.version != 4:
+        raise read.fail(f"peerIP {address} is IPv6; Pipit peers over IPv4 only for now.")
+    for bad, what in ((address.is_unspecified, "the unspecified address"),
+                      (address.is_loopback, "a loopback address"),
+                      (address.is_multicast, "a multicast address"),
+                      (address == IPv4Address("255.255.255.255"), "the broadcast address"),
+                      (address.is_reserved, "a reserved (class E) address")):
+        if bad:
+            raise read.fail(f"peerIP {address} is {what}, which no BGP router can have.")
+    return address
+
+
+def _password(read: SpecReader, value) -> PasswordRef | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        raise read.fail(f"password must not be written into the resource: {PASSWORD_HELP}.")
+    if not isinstance(value, dict) or len(value) != 1 or not set(value) <= {"file",
+                                                                            "secretKeyRef"}:
+        raise read.fail(f"password must say where the password is: {PASSWORD_HELP}.")
+    if "file" in value:
+        path = value["file"]
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise read.fail(f"password file {path!r} must be an absolute path.")
+        return PasswordRef(file=path)
+    ref = value["secretKeyRef"]
+    if not isinstance(ref, dict) or set(ref) != {"name", "key"}:
+        raise read.fail("password secretKeyRef must have exactly name and key.")
+    name, key = ref["name"], ref["key"]
+    if not isinstance(name, str) or not _SECRET_NAME.fullmatch(name):
+        raise read.fail(f"password secretKeyRef name {name!r} is not a valid Secret name.")
+    if not isinstance(key, str) or not _SECRET_KEY.fullmatch(key) or key in (".", ".."):
+        raise read.fail(f"password secretKeyRef key {key!r} is not a valid Secret key "
+                        "(letters, digits, '-', '_' and '.').")
+    return PasswordRef(secret=name, key=key)
+
+
+def peer_to_spec(peer: BGPPeer) -> dict:
+    spec: dict = {"peerIP": str(peer.peer_ip), "asNumber": peer.as_number}
+    if peer.node is not None:
+        spec["node"] = peer.node
+    if peer.node_selector is not None:
+        spec["nodeSelector"] = peer.node_selector
+    if peer.password is not None:
+        spec["password"] = peer.password.to_spec()
+    spec.update({
+        "holdTime": peer.hold_time, "maxRestartTime": peer.restart_time,
+        "maxPrefixes": peer.max_prefixes, "keepOriginalNextHop": peer.keep_original_next_hop,
+        "allowPoolPrefixes": peer.allow_pool_prefixes,
+        "numAllowedLocalASNumbers": peer.allowed_local_as,
+    })
+    return spec
+
+
+def peer_to_document(peer: BGPPeer) -> dict:
+    return make_document(KIND, peer.name, peer_to_spec(peer))
+
+
+def peer_from_document(doc: Mapping) -> BGPPeer:
+    return peer_from_spec(doc["metadata"]["name"], doc.get("spec") or {})
+
+
+# -- checks against the other resources ----------------------------------------------------
+
+def check_peer(peer: BGPPeer, peers: Iterable[BGPPeer], nodes: Iterable[NodeRecord]) -> None:
+    """Refuse a peer that is the node it applies to, or that a stored peer already covers
+    (same address for an overlapping set of nodes)."""
+    nodes = list(nodes)
+    where = f"{KIND} {peer.name!r}"
+    for node in nodes:
+        if node.address is not None and node.address.ip == peer.peer_ip and \
+                peer.node is not None and peer.applies_to(node):
+            raise InvalidResource(f"{where}: peerIP {peer.peer_ip} is the address of node "
+                                  f"{node.name} itself, which cannot peer with itself.")
+    for other in peers:
+        if other.name == peer.name or other.peer_ip != peer.peer_ip:
+            continue
+        shared = _overlap(peer, other, nodes)
+        if shared:
+            raise InvalidResource(f"{where}: BGPPeer {other.name!r} already peers with "
+                                  f"{peer.peer_ip} for {shared}; change that one instead.")
+
+
+def _overlap(a: BGPPeer, b: BGPPeer, nodes: list[NodeRecord]) -> str:
+    """Which nodes both peers apply to, in words ("" if none)."""
+    if a.scope == "global" and b.scope == "global":
+        return "every node"
+    if a.scope == "global" or b.scope == "global":
+        narrow = b if a.scope == "global" else a
+        return (f"node {narrow.node}" if narrow.node is not None
+                else f"the nodes {narrow.node_selector!r} selects")
+    if a.node is not None and b.node is not None:
+        return f"node {a.node}" if a.node == b.node else ""
+    if a.node_selector is not None and b.node_selector is not None and \
+            parse_selector(a.node_selector) == parse_selector(b.node_selector):
+        return f"the nodes {a.node_selector!r} selects"
+    both = sorted(n.name for n in nodes if a.applies_to(n) and b.applies_to(n))
+    return f"node {', '.join(both)}" if both else ""
+
+
+# -- the password, at the edge ---------------------------------------------------------------
+
+def resolve_password(ref: PasswordRef, secrets_dir: str | Path | None) -> str:
+    """Read the password a peer refers to (a trailing newline is not part of it)."""
+    if ref.file:
+        path = Path(ref.file)
+    elif secrets_dir is None:
+        raise PasswordUnavailable(f"the password is in Secret {ref.secret!r}, but the agent "
+                                  "was not given a secrets directory (--secrets-dir)")
+    else:
+        path = Path(secrets_dir) / ref.secret / ref.key
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise PasswordUnavailable(f"the password ({ref}) cannot be read from {path}: "
+                                  f"{(error.strerror or str(error)).lower()}") from None
+    password = text[:-1] if text.endswith("\n") else text
+    password = password[:-1] if password.endswith("\r") else password
+    if not password:
+        raise PasswordUnavailable(f"the password file {path} ({ref}) is empty")
+    if len(password) > MD5_MAX or re.search(r'["\\\n\r]', password):
+        raise PasswordUnavailable(f"the password in {path} ({ref}) must be at most {MD5_MAX} "
+                                  "characters without quotes, backslashes or line breaks")
+    return password

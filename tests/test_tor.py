@@ -1,0 +1,404 @@
+"""Peering with the fabric, end to end, against real routers in network namespaces.
+
+The lab's rack topology (lab/cluster.py): the node-to-node mesh is off; two racks, each with
+two nodes (AS 65000+r) and a top-of-rack router (AS 65100+r) that announces a default route
+and its loopback 192.0.2.<r>; the ToRs peer with each other. Every node peers eBGP with its
+rack's ToR through one BGPPeer per rack (nodeSelector rack == 'r<r>', TCP MD5 password from a
+mounted secret). Pod blocks are never accepted from a ToR (allowPoolPrefixes is off), so the
+nodes reach other racks' pods through the ToR's default route, and the ToRs route them with
+the blocks they learned from the nodes.
+
+One BIRD lab runs every scenario in order (topology, status, live peer changes, hijacks,
+maxPrefixes, MD5, graceful restart); FRR and GoBGP each get a lab of their own for the
+topology and the hijacks.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from contextlib import contextmanager
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+import yaml
+
+from lab import netns
+from lab.cluster import COMMUNITY, POOL, Lab, tor_address, tor_loopback, tor_uplink
+from lab.routers import wait  # returns what the condition returned
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")]
+
+PASSWORD = "s3cret-md5"
+N = IPv4Network
+TOR_ROUTES = {"default", "192.0.2.1", "192.0.2.2"}  # what a node should learn from its ToR
+
+
+@contextmanager
+def rack_lab(tmp_path_factory, router: str):
+    lab = Lab(directory=tmp_path_factory.mktemp(f"racks-{router}"),
+              prefix=f"pipit-t-{router[:2]}{os.getpid()}-", hold_time=6, restart_time=8,
+              log=lambda *a: None, topology="racks", router=router, password=PASSWORD)
+    try:
+        assert lab.up(node_count=4, pods_per_node=1), "the lab's pods cannot reach each other"
+        yield lab
+    finally:
+        lab.down()
+
+
+@pytest.fixture(scope="module")
+def bird_lab(tmp_path_factory):
+    with rack_lab(tmp_path_factory, "bird") as lab:
+        yield lab
+
+
+# --------------------------------------------------------------------------------------------
+# Looking at the lab
+
+def address(lab: Lab, node: str) -> IPv4Address:
+    return lab.node_address(lab._state()["nodes"][node]["index"]).ip
+
+
+def routes(lab: Lab, node: str) -> dict[str, str]:
+    """Pipit's kernel routes on a node: destination -> gateway, or 'blackhole'."""
+    return {r["dst"]: "blackhole" if r.get("type") == "blackhole" else r.get("gateway", "")
+            for r in lab.kernel_routes(node)}
+
+
+def block_of(lab: Lab, node: str) -> IPv4Network:
+    [block] = [N(dst) for dst, hop in routes(lab, node).items() if hop == "blackhole"]
+    return block
+
+
+def tor_peer(lab: Lab, node: str) -> dict:
+    [peer] = [p for p in lab.status(node)["peers"] if p["name"] == f"tor-r{lab.node_rack(node)}"]
+    return peer
+
+
+def settled_counts(lab: Lab, node: str) -> dict | None:
+    """The ToR peer's status once it accepted the ToR's three routes and every other
+    prefix it received counts as rejected."""
+    peer = tor_peer(lab, node)
+    return peer if peer["accepted"] == 3 and peer["received"] == 3 + peer["rejected"] else None
+
+
+def pod_of(lab: Lab, node: str):
+    return next(p for p in lab.all_pods() if p.node == node)
+
+
+def ping(lab: Lab, source_node: str, target: str) -> bool:
+    return subprocess.run([*netns.exec_prefix(pod_of(lab, source_node).netns), "ping", "-c",
+                           "1", "-W", "1", "-q", target], capture_output=True).returncode == 0
+
+
+def assert_pods_reach_each_other(lab: Lab) -> None:
+    matrix = lab.ping_matrix(timeout=20)
+    assert all(matrix.values()), [pair for pair, ok in matrix.items() if not ok]
+
+
+def node_sees_only_its_tor_routes(lab: Lab, node: str) -> bool:
+    tor = str(tor_address(lab.node_rack(node)))
+    want = {**{dst: tor for dst in TOR_ROUTES}, str(block_of(lab, node)): "blackhole"}
+    return routes(lab, node) == want
+
+
+# --------------------------------------------------------------------------------------------
+# Checks every router must pass
+
+def check_topology(lab: Lab) -> None:
+    nodes = lab.nodes()
+    blocks = {n: block_of(lab, n) for n in nodes}
+    # Each ToR learned every block: its own rack's from the nodes, the other rack's from the
+    # other ToR; the routes are in its kernel, so it forwards pod traffic.
+    for rack, router in lab.routers.items():
+        def learned(rack=rack, router=router) -> bool:
+            table = router.routes()
+            for n, block in blocks.items():
+                via = (address(lab, n) if lab.node_rack(n) == rack
+                       else tor_uplink(3 - rack).ip)
+                if block not in table or table[block].next_hop != via:
+                    return False
+            return True
+        wait(learned, 30, f"tor{rack} to learn every node's block")
+        kernel = subprocess.run(["ip", "-n", lab.tor_ns(rack), "route"], capture_output=True,
+                                text=True, check=True).stdout
+        for block in blocks.values():
+            assert str(block) in kernel, f"tor{rack}'s kernel lacks {block}"
+    # Each node's kernel holds what its ToR announced (default route, both loopbacks) and no
+    # pod route but its own blackhole: other nodes' blocks come inside the pool, refused.
+    for n in nodes:
+        wait(lambda n=n: node_sees_only_its_tor_routes(lab, n), 30,
+             f"{n} to hold exactly its ToR's routes")
+        peer = wait(lambda n=n: settled_counts(lab, n), 30,
+                    f"{n}'s status to count what its ToR sent")
+        assert (peer["type"], peer["state"], peer["asNumber"]) == (
+            "node", "up", 65100 + lab.node_rack(n))
+        assert set(peer["rejectedReasons"]) <= {
+            "it is inside an IP pool (only nodes announce pod addresses)",
+            "it is one of this node's own blocks"}  # FRR sends a node's own block back
+    assert_pods_reach_each_other(lab)
+    assert ping(lab, "n1", str(tor_loopback(2).network_address))  # the other ToR's loopback
+
+
+def check_hijacks(lab: Lab) -> None:
+    """tor1 announces the whole pool, a prefix inside it and a more-specific of n2's block:
+    no node installs any of them (each counts as rejected), and pods still reach each other.
+    (n2 is in tor1's rack: tor1 itself forwards by n2's real block, so the fabric stays
+    sound; a more-specific of another rack's block would hijack the other ToR, which trusts
+    tor1, and that is the fabric's business.)"""
+    tor = lab.routers[1]
+    n2_block = block_of(lab, "n2")
+    hijacks = [N(POOL), N("10.244.250.0/24"), N((n2_block.network_address, 28))]
+    before = {n: tor_peer(lab, n) for n in lab.nodes()}
+    tor.originate([*tor.spec.originate, *hijacks])
+    try:
+        for n in lab.nodes():
+            wait(lambda n=n: tor_peer(lab, n)["rejected"] == before[n]["rejected"] + 3, 30,
+                 f"{n} to receive and reject the hijacks")
+            peer = tor_peer(lab, n)
+            assert peer["accepted"] == 3 and peer["state"] == "up"
+            assert node_sees_only_its_tor_routes(lab, n)
+            assert not {str(h) for h in hijacks} & set(routes(lab, n))
+        assert_pods_reach_each_other(lab)
+    finally:
+        tor.originate([p for p in tor.spec.originate if p not in hijacks])
+    for n in lab.nodes():
+        wait(lambda n=n: tor_peer(lab, n)["rejected"] == before[n]["rejected"], 30,
+             f"{n} to see the hijacks withdrawn")
+
+
+# --------------------------------------------------------------------------------------------
+# BIRD: every scenario
+
+def test_bird_tors_route_pods_between_racks(bird_lab):
+    check_topology(bird_lab)
+    # the nodes' blocks reach the ToR with the configured community
+    tor1 = bird_lab.routers[1]
+    block = block_of(bird_lab, "n1")
+    community = tuple(int(x) for x in COMMUNITY.split(":"))
+    assert tor1.routes()[block].communities == (community,)
+    assert tor1.routes()[block].as_path == (65001,)
+
+
+def test_node_status_shows_every_peer_with_type_state_and_counts(bird_lab):
+    result = bird_lab.pipitctl("node", "status", "--socket",
+                               str(bird_lab.status_socket("n3")))
+    # (pipitctl reads the socket directly: no etcd involved)
+    assert result.returncode == 0, result.stderr
+    line = next(l for l in result.stdout.splitlines() if l.startswith("10.99.2.1 "))
+    peer = tor_peer(bird_lab, "n3")
+    assert re.search(rf"10\.99\.2\.1\s+node specific\s+tor-r2\s+65102\s+up\s+\d\d:\d\d:\d\d\s+-\s+"
+                     rf"{peer['received']}\s+3\s+{peer['rejected']}\s+1\s+Established", line), line
+    assert "rejected: it is inside an IP pool" in line
+
+
+def test_peers_are_followed_live_without_touching_the_other_sessions(bird_lab):
+    lab = bird_lab
+    since = {n: tor_peer(lab, n)["since"] for n in lab.nodes()}
+
+    def extra(**spec) -> str:
+        return yaml.safe_dump({"apiVersion": "pipit.dev/v1", "kind": "BGPPeer",
+                               "metadata": {"name": "extra"},
+                               "spec": {"peerIP": "10.99.1.250", "asNumber": 65200, **spec}})
+
+    def extra_on(n) -> dict | None:
+        return next((p for p in lab.status(n)["peers"] if p["name"] == "extra"), None)
+
+    assert lab.pipitctl("apply", "-f", "-", input=extra()).returncode == 0  # global
+    for n in lab.nodes():
+        wait(lambda n=n: extra_on(n) is not None, 20, f"{n} to add the global peer")
+        assert extra_on(n)["type"] == "global" and extra_on(n)["state"] != "up"
+    config = lab.node_dir("n1") / "exabgp" / "exabgp.conf"
+    assert "neighbor 10.99.1.250 {" in config.read_text()
+    assert lab.pipitctl("apply", "-f", "-", input=extra(holdTime=30, node="n1")).returncode == 0
+    wait(lambda: "hold-time 30;" in config.read_text(), 20, "n1 to reconfigure the peer")
+    for n in ("n2", "n3", "n4"):
+        wait(lambda n=n: extra_on(n) is None, 20, f"{n} to drop the now node-specific peer")
+    assert extra_on("n1")["type"] == "node"
+    # changing the ToR's BGPPeer in what only the agent uses resets nothing either
+    assert lab.pipitctl("apply", "-f", "-",
+                        input=lab.tor_peer_document(1, maxPrefixes=1000)).returncode == 0
+    assert lab.pipitctl("delete", "bgppeer", "extra").returncode == 0
+    wait(lambda: extra_on("n1") is None, 20, "n1 to drop the deleted peer")
+    assert "10.99.1.250" not in config.read_text()
+    assert {n: tor_peer(lab, n)["since"] for n in lab.nodes()} == since
+    assert all(tor_peer(lab, n)["state"] == "up" for n in lab.nodes())
+
+
+def test_bird_hijacks_never_reach_a_kernel(bird_lab):
+    check_hijacks(bird_lab)
+
+
+def test_allow_pool_prefixes_lets_nodes_learn_the_blocks_from_their_tor(bird_lab):
+    """The opt-in: with allowPoolPrefixes rack 1's nodes take the pod blocks from the ToR;
+    with an AS per rack, n2's block comes back with n1's own AS in its path, accepted only
+    with numAllowedLocalASNumbers. Neither setting touches the session."""
+    lab = bird_lab
+    since = tor_peer(lab, "n1")["since"]
+    blocks = {n: str(block_of(lab, n)) for n in lab.nodes()}
+    tor = str(tor_address(1))
+    try:
+        assert lab.pipitctl("apply", "-f", "-", input=lab.tor_peer_document(
+            1, allowPoolPrefixes=True, numAllowedLocalASNumbers=0)).returncode == 0
+        wait(lambda: routes(lab, "n1").get(blocks["n3"]) == tor, 30, "n1 to learn n3's block")
+        assert routes(lab, "n1").get(blocks["n4"]) == tor
+        assert blocks["n2"] not in routes(lab, "n1")
+        reasons = tor_peer(lab, "n1")["rejectedReasons"]
+        assert reasons == {"our own AS is in its AS path (a loop)": 1}
+        assert lab.pipitctl("apply", "-f", "-", input=lab.tor_peer_document(
+            1, allowPoolPrefixes=True)).returncode == 0  # numAllowedLocalASNumbers: 1
+        wait(lambda: blocks["n2"] in routes(lab, "n1"), 30, "n1 to learn n2's block")
+        assert tor_peer(lab, "n1")["rejected"] == 0
+        assert tor_peer(lab, "n1")["since"] == since
+        assert_pods_reach_each_other(lab)
+    finally:
+        assert lab.pipitctl("apply", "-f", "-", input=lab.tor_peer_document(1)).returncode == 0
+    wait(lambda: node_sees_only_its_tor_routes(lab, "n1"), 30, "n1 to forget the blocks")
+
+
+def test_a_tor_sending_more_than_max_prefixes_is_disconnected_and_stays_down(bird_lab):
+    lab, tor2 = bird_lab, bird_lab.routers[2]
+    received = tor_peer(lab, "n3")["received"]
+    assert lab.pipitctl("apply", "-f", "-", input=lab.tor_peer_document(
+        2, maxPrefixes=received + 2)).returncode == 0
+    flood = [N(f"198.18.{i}.0/24") for i in range(3)]
+    tor2.originate([*tor2.spec.originate, *flood])
+    try:
+        for n in ("n3", "n4"):
+            wait(lambda n=n: tor_peer(lab, n)["state"] == "disabled", 30,
+                 f"{n} to disconnect its ToR")
+            peer = tor_peer(lab, n)
+            assert peer["reason"] == (f"disconnected: it sent {received + 3} prefixes, more "
+                                      f"than its maxPrefixes {received + 2}; it stays down "
+                                      "until its BGPPeer changes")
+            log = (lab.node_dir(n) / "agent.log").read_text()
+            assert f"more than its maxPrefixes {received + 2}; disconnecting it" in log
+            # the ToR sees the session go and our routes withdrawn; nothing learned stays
+            wait(lambda n=n: not tor2.established(address(lab, n))
+                 and block_of(lab, n) not in tor2.routes(), 30, f"tor2 to lose {n}")
+            assert not {"default", "192.0.2.1", "192.0.2.2"} & set(routes(lab, n))
+        # BIRD keeps trying to connect; the node keeps refusing (bounded look)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            assert not tor2.established(address(lab, "n3"))
+            assert tor_peer(lab, "n3")["state"] == "disabled"
+            time.sleep(0.2)
+    finally:
+        tor2.originate([p for p in tor2.spec.originate if p not in flood])
+    # changing the BGPPeer lets it come back
+    assert lab.pipitctl("apply", "-f", "-", input=lab.tor_peer_document(2)).returncode == 0
+    lab.wait_mesh()
+    for n in ("n3", "n4"):
+        wait(lambda n=n: node_sees_only_its_tor_routes(lab, n), 30, f"{n}'s routes back")
+    assert_pods_reach_each_other(lab)
+
+
+def test_md5_wrong_or_missing_password_never_establishes_and_status_says_why(bird_lab):
+    lab = bird_lab
+    secret = lab.secrets_dir / "tor"
+    (secret / "wrong").write_text("not-the-password\n")
+    cases = [({"secretKeyRef": {"name": "tor", "key": "wrong"}}, "the passwords differ"),
+             (None, "the peer signs with TCP MD5 but no password is set here")]
+    try:
+        for password, why in cases:
+            assert lab.pipitctl("apply", "-f", "-", input=lab.tor_peer_document(
+                1, password=password)).returncode == 0
+            for n in ("n1", "n2"):
+                wait(lambda n=n: why in tor_peer(lab, n)["reason"], 30,
+                     f"{n}'s status to say why the session is down")
+            # bounded look: the session does not come up while the kernel keeps dropping
+            # the peer's segments
+            deadline = time.monotonic() + 4
+            while time.monotonic() < deadline:
+                for n in ("n1", "n2"):
+                    assert tor_peer(lab, n)["state"] != "up"
+                    assert not lab.routers[1].established(address(lab, n))
+                time.sleep(0.2)
+            out = lab.pipitctl("node", "status", "--socket", str(lab.status_socket("n1")))
+            assert why in out.stdout
+    finally:
+        assert lab.pipitctl("apply", "-f", "-", input=lab.tor_peer_document(1)).returncode == 0
+    lab.wait_mesh()  # the right password establishes again
+    for n in ("n1", "n2"):
+        wait(lambda n=n: node_sees_only_its_tor_routes(lab, n), 30, f"{n}'s routes back")
+        assert tor_peer(lab, n)["reason"] == ""
+
+
+def test_a_tor_gone_silent_is_dropped_when_the_hold_timer_expires(bird_lab):
+    lab, tor1 = bird_lab, bird_lab.routers[1]
+    os.kill(tor1.process.pid, signal.SIGSTOP)  # alive, connected, and saying nothing
+    try:
+        for n in ("n1", "n2"):
+            wait(lambda n=n: tor_peer(lab, n)["state"] == "down", lab.hold_time + 10,
+                 f"{n}'s hold timer to expire")
+            assert tor_peer(lab, n)["reason"] == "notification sent (4,0)"
+            # no graceful restart after a NOTIFICATION: what the ToR sent is gone at once
+            assert tor_peer(lab, n)["stale"] == 0
+            assert not TOR_ROUTES & set(routes(lab, n))
+        out = lab.pipitctl("node", "status", "--socket", str(lab.status_socket("n1"))).stdout
+        assert "Idle: notification sent (4,0): hold timer expired" in out
+    finally:
+        os.kill(tor1.process.pid, signal.SIGCONT)
+    lab.wait_mesh()
+    for n in ("n1", "n2"):
+        wait(lambda n=n: node_sees_only_its_tor_routes(lab, n), 30, f"{n}'s routes back")
+
+
+def test_graceful_restart_keeps_routes_while_exabgp_restarts(bird_lab):
+    lab, tor1 = bird_lab, bird_lab.routers[1]
+    n1, block = address(lab, "n1"), block_of(lab, "n1")
+    target = pod_of(lab, "n1").address
+    kernel_before = routes(lab, "n1")
+    wait(lambda: ping(lab, "n3", target), 10, "the first ping")
+    # a pod in the other rack pings n1's pod all along (6 s, more than the restart takes)
+    pinger = subprocess.Popen([*netns.exec_prefix(pod_of(lab, "n3").netns), "ping", "-i",
+                               "0.05", "-c", "120", "-W", "1", "-q", target],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int((lab.node_dir("n1") / "exabgp" / "exabgp.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        # BIRD notices the session gone and keeps n1's block as a graceful-restart helper
+        wait(lambda: not tor1.established(n1), 10, "tor1 to lose n1's session")
+        assert block in tor1.routes(), "tor1 dropped n1's block instead of keeping it"
+        assert routes(lab, "n1") == kernel_before  # n1 keeps what it learned, too
+        # the agent starts a new ExaBGP; the session comes back with the same routes
+        wait(lambda: tor1.established(n1) and tor_peer(lab, "n1")["state"] == "up", 30,
+             "n1's session to come back")
+        wait(lambda: tor_peer(lab, "n1")["stale"] == 0, 30, "n1 to drop its stale copy")
+        assert routes(lab, "n1") == kernel_before
+    finally:
+        output = pinger.communicate(timeout=30)[0]
+    assert " 120 received, 0% packet loss" in output, output  # not one packet lost
+    assert_pods_reach_each_other(lab)
+
+
+def test_graceful_restart_is_bounded_by_the_restart_time(bird_lab):
+    lab, tor1 = bird_lab, bird_lab.routers[1]
+    n2, block = address(lab, "n2"), block_of(lab, "n2")
+    pid = int((lab.node_dir("n2") / "exabgp" / "exabgp.pid").read_text())
+    lab.stop_agent("n2", signal.SIGKILL)  # no agent: nobody restarts ExaBGP
+    os.kill(pid, signal.SIGKILL)
+    wait(lambda: not tor1.established(n2), 10, "tor1 to lose n2's session")
+    assert block in tor1.routes()  # kept while n2 may come back...
+    wait(lambda: block not in tor1.routes(), lab.restart_time + 10,
+         "tor1 to drop n2's block once the restart time is over")  # ...but not for ever
+    assert str(block) not in subprocess.run(["ip", "-n", lab.tor_ns(1), "route"],
+                                            capture_output=True, text=True).stdout
+    lab.start_agent("n2")
+    lab.wait_mesh()
+    wait(lambda: block in tor1.routes(), 30, "n2's block to be back")
+    assert_pods_reach_each_other(lab)
+
+
+# --------------------------------------------------------------------------------------------
+# FRR and GoBGP as the ToR
+
+@pytest.mark.parametrize("router", ["frr", "gobgp"])
+def test_other_routers_as_the_tor(tmp_path_factory, router):
+    with rack_lab(tmp_path_factory, router) as lab:
+        check_topology(lab)
+        check_hijacks(lab)
