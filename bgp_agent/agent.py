@@ -57,6 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--status-socket", default=DEFAULT_STATUS_SOCKET, metavar="PATH",
                         help=f"Status socket for `pipitctl node status` "
                              f"(default {DEFAULT_STATUS_SOCKET}).")
+    parser.add_argument("--mtu", type=int, metavar="BYTES",
+                        help="Pod and tunnel MTU (default: the uplink's, less the "
+                             "encapsulation's overhead: IPIP 20, VXLAN 50). The pod MTU is "
+                             "published in STATE_DIR/pod-mtu for the CNI configuration.")
     parser.add_argument("--secrets-dir", metavar="DIR",
                         help="Where BGPPeer passwords given as secretKeyRef are: "
                              "DIR/<secret name>/<key>, as a mounted Kubernetes Secret volume "
@@ -107,25 +111,28 @@ async def run(args: argparse.Namespace) -> None:
     loop.add_signal_handler(signal.SIGUSR1, stop_and(False))
 
     async with Store(config) as store:
-        service = IPAMService(IPAM(store), args.node, args.ipam_socket)
+        ipam = IPAM(store)
+        service = IPAMService(ipam, args.node, args.ipam_socket)
         await service.start()
         try:
             if args.no_bgp:
                 await stop.wait()
             else:
-                await route(store, args, stop, lambda: retire)
+                await route(store, ipam, args, stop, lambda: retire)
             log.info("stopping")
         finally:
             await service.close()
 
 
-async def route(store: Store, args: argparse.Namespace, stop: asyncio.Event, retiring) -> None:
+async def route(store: Store, ipam: IPAM, args: argparse.Namespace, stop: asyncio.Event,
+                retiring) -> None:
     """Register the node, then run the BGP speaker and the routing loop until `stop`."""
+    from bgp_agent.encapsulation import Encapsulation
     from bgp_agent.kernel_routes import KernelRoutes
     from bgp_agent.routing import Router
     from bgp_agent.speaker import Speaker
 
-    me = await register(store, node_identity(args))
+    me = await register(store, await asyncio.to_thread(node_identity, args))  # pyroute2 inside
     log.info("node %s registered with address %s", me.name, me.address)
     state_dir = Path(args.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -133,7 +140,9 @@ async def route(store: Store, args: argparse.Namespace, stop: asyncio.Event, ret
     speaker = Speaker(state_dir / "exabgp", state_dir / "exabgp.sock", args.exabgp,
                       router_id=me.address.ip, local_address=me.address.ip,
                       local_as=me.as_number or 64512)
-    router = Router(store, me, speaker, kernel, secrets_dir=args.secrets_dir)
+    encapsulation = Encapsulation(store, ipam, state_dir / "pod-mtu", args.mtu)
+    router = Router(store, me, speaker, kernel, secrets_dir=args.secrets_dir,
+                    encapsulation=encapsulation)
     speaker.on_change = router.changed.set
     status = StatusServer(args.status_socket, router.status.to_json)
     await speaker.start()
@@ -149,6 +158,7 @@ async def route(store: Store, args: argparse.Namespace, stop: asyncio.Event, ret
             await speaker.retire()
         await speaker.stop(stop_exabgp=retiring())
         kernel.close()
+        encapsulation.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -317,6 +317,9 @@ class BridgeState:
     received: dict[IPv4Address, dict[IPv4Network, Path]] = field(default_factory=dict)
     announced: dict[IPv4Address, dict[IPv4Network, Announcement]] = field(default_factory=dict)
     configured: set[IPv4Address] | None = None  # None until the agent first says (accept all)
+    # The neighbours of a reload being applied: their sessions may come up before the bridge
+    # has seen the reload take effect, and those events must not be lost.
+    configuring: set[IPv4Address] = field(default_factory=set)
     digest: str | None = None
     sent_graceful_restart: dict[IPv4Address, bool] = field(default_factory=dict)
     received_open: dict[IPv4Address, OpenEvent] = field(default_factory=dict)
@@ -325,7 +328,8 @@ class BridgeState:
     def on_event(self, event: Event) -> list[dict]:
         if isinstance(event, ShutdownEvent):
             return [{"type": "exabgp-shutdown"}]
-        if self.configured is not None and event.peer not in self.configured:
+        if (self.configured is not None and event.peer not in self.configured
+                and event.peer not in self.configuring):
             return []  # e.g. the "down" of a neighbour a reload just removed
         if isinstance(event, StateEvent):
             return self._on_state(event)
@@ -637,19 +641,25 @@ class Bridge:
         queued to send, with no word: ask again until `show neighbor configuration` shows it."""
         deadline = time.monotonic() + timeout
         pause = 0.02
-        while True:
-            await self.command("reload")
-            configured = parse_configured(await self.command("show neighbor configuration"))
-            if set(configured) == neighbors and all(d == digest for d in configured.values()):
-                break
-            if time.monotonic() > deadline:
-                raise CommandFailed(
-                    f"ExaBGP did not apply the configuration within {timeout:g} s (still "
-                    f"{sorted(map(str, configured))}); an invalid file is only reported in "
-                    "ExaBGP's own log")
-            log.info("ExaBGP has not applied the reload yet (routes still queued?); asking again")
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.5)
+        self.state.configuring = set(neighbors)
+        try:
+            while True:
+                await self.command("reload")
+                configured = parse_configured(await self.command("show neighbor configuration"))
+                if set(configured) == neighbors and all(d == digest
+                                                        for d in configured.values()):
+                    break
+                if time.monotonic() > deadline:
+                    raise CommandFailed(
+                        f"ExaBGP did not apply the configuration within {timeout:g} s (still "
+                        f"{sorted(map(str, configured))}); an invalid file is only reported in "
+                        "ExaBGP's own log")
+                log.info("ExaBGP has not applied the reload yet (routes still queued?); "
+                         "asking again")
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.5)
+        finally:
+            self.state.configuring = set()
         for message in self.state.set_configured(neighbors, digest):
             self._send_agent(message)
         return []

@@ -31,15 +31,28 @@ class NodeRecord:
     address: IPv4Interface | None = None  # BGP address with its subnet, e.g. 10.0.0.11/24
     as_number: int | None = None  # None: the cluster's (BGPConfiguration asNumber)
     labels: Mapping[str, str] = field(default_factory=dict)
+    # Set by the node's agent when an IPIP / VXLAN pool selects it (Calico's field names):
+    ipip_tunnel_address: IPv4Address | None = None  # on tunl0
+    vxlan_tunnel_address: IPv4Address | None = None  # on vxlan.pipit (the VTEP)
+    vxlan_mac: str | None = None  # vxlan.pipit's MAC, for the other nodes' FDB
+
+    @property
+    def tunnel_fields(self) -> tuple:
+        return self.ipip_tunnel_address, self.vxlan_tunnel_address, self.vxlan_mac
+
+
+_MAC = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
 
 
 def node_from_document(doc: Mapping) -> NodeRecord:
     document = read_document(doc)
-    read = SpecReader(KIND, document.name, document.spec, {"bgp"})
+    read = SpecReader(KIND, document.name, document.spec,
+                      {"bgp", "ipv4VXLANTunnelAddr", "vxlanTunnelMACAddr"})
     bgp = document.spec.get("bgp") or {}
     if not isinstance(bgp, dict):
         raise read.fail("spec.bgp must be a mapping.")
-    bgp_read = SpecReader(KIND, document.name, bgp, {"ipv4Address", "asNumber"})
+    bgp_read = SpecReader(KIND, document.name, bgp,
+                          {"ipv4Address", "asNumber", "ipv4IPIPTunnelAddr"})
     text = bgp_read.string("ipv4Address")
     address = None
     if text:
@@ -50,8 +63,24 @@ def node_from_document(doc: Mapping) -> NodeRecord:
                             "as 10.0.0.11/24.") from None
         if address.version != 4:
             raise read.fail(f"ipv4Address {text} is not IPv4.")
-    as_number = bgp_read.integer("asNumber")
-    return NodeRecord(document.name, address, as_number, dict(document.labels))
+    mac = read.string("vxlanTunnelMACAddr")
+    if mac is not None and not _MAC.fullmatch(mac):
+        raise read.fail(f"vxlanTunnelMACAddr {mac!r} is not a MAC address like 02:5e:00:11:22:33.")
+    return NodeRecord(document.name, address, bgp_read.integer("asNumber"),
+                      dict(document.labels),
+                      ipip_tunnel_address=_optional_address(bgp_read, "ipv4IPIPTunnelAddr"),
+                      vxlan_tunnel_address=_optional_address(read, "ipv4VXLANTunnelAddr"),
+                      vxlan_mac=mac)
+
+
+def _optional_address(read: SpecReader, field_name: str) -> IPv4Address | None:
+    text = read.string(field_name)
+    if not text:
+        return None
+    try:
+        return IPv4Address(text)
+    except ValueError:
+        raise read.fail(f"{field_name} {text!r} is not an IPv4 address.") from None
 
 
 def node_to_document(node: NodeRecord) -> dict:
@@ -60,7 +89,14 @@ def node_to_document(node: NodeRecord) -> dict:
         bgp["ipv4Address"] = str(node.address)
     if node.as_number is not None:
         bgp["asNumber"] = node.as_number
-    return make_document(KIND, node.name, {"bgp": bgp}, node.labels)
+    if node.ipip_tunnel_address is not None:
+        bgp["ipv4IPIPTunnelAddr"] = str(node.ipip_tunnel_address)
+    spec: dict = {"bgp": bgp}
+    if node.vxlan_tunnel_address is not None:
+        spec["ipv4VXLANTunnelAddr"] = str(node.vxlan_tunnel_address)
+    if node.vxlan_mac is not None:
+        spec["vxlanTunnelMACAddr"] = node.vxlan_mac
+    return make_document(KIND, node.name, spec, node.labels)
 
 
 # -- address autodetection ------------------------------------------------------------------
@@ -187,6 +223,10 @@ async def register(store: Store, node: NodeRecord) -> NodeRecord:
                          as_number=node.as_number if node.as_number is not None
                          else stored.as_number if stored else None,
                          labels={**(stored.labels if stored else {}), **node.labels})
+        if stored is not None:  # the tunnel fields are the running agent's to change
+            merged = replace(merged, ipip_tunnel_address=stored.ipip_tunnel_address,
+                             vxlan_tunnel_address=stored.vxlan_tunnel_address,
+                             vxlan_mac=stored.vxlan_mac)
         if stored != merged:
             if stored and stored.address != merged.address:
                 log.warning("node %s: address changed from %s to %s", node.name, stored.address,
@@ -194,3 +234,18 @@ async def register(store: Store, node: NodeRecord) -> NodeRecord:
             changes.put(keys.node_key(node.name), node_to_document(merged))
         return merged
     return await transact(store, decide, f"registering node {node.name}")
+
+
+async def set_tunnel_fields(store: Store, name: str, ipip: IPv4Address | None,
+                            vxlan: IPv4Address | None, mac: str | None) -> None:
+    """Record this node's tunnel addresses (and VTEP MAC) on its record."""
+    async def decide(changes: Changes) -> None:
+        entry = await changes.get(keys.node_key(name))
+        if entry is None:
+            raise InvalidResource(f"node {name} has no record; it must register first.")
+        record = node_from_document(entry.value)
+        updated = replace(record, ipip_tunnel_address=ipip, vxlan_tunnel_address=vxlan,
+                          vxlan_mac=mac)
+        if updated != record:
+            changes.put(entry.key, node_to_document(updated))
+    await transact(store, decide, f"recording the tunnel addresses of node {name}")

@@ -14,14 +14,15 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
 from bgp_agent import policy
 from bgp_agent.bgp_config import BGPConfig, config_from_spec
 from bgp_agent.bgp_peer import PasswordRef, peer_from_document, resolve_password
-from bgp_agent.kernel_routes import KernelRoutes, Route, RouteError, diff
+from bgp_agent.encapsulation import Encapsulation, native
+from bgp_agent.kernel_routes import KernelRoutes, NextHop, Route, RouteError, diff
 from bgp_agent.model import Neighbor, Path, PeerState
 from bgp_agent.node import NodeRecord, node_from_document
 from bgp_agent.speaker import SpeakerError
@@ -91,6 +92,7 @@ class Status:
     last_error: str = ""
     last_error_at: float = 0.0
     speaker_connected: bool = False
+    dataplane: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -98,7 +100,7 @@ class Status:
             "speakerConnected": self.speaker_connected,
             "kernelRoutes": self.kernel_routes, "blackholes": self.blackholes,
             "exported": self.exported, "lastError": self.last_error,
-            "lastErrorAt": self.last_error_at,
+            "lastErrorAt": self.last_error_at, "dataplane": self.dataplane,
             "peers": [{
                 "address": str(p.neighbor.address), "asNumber": p.neighbor.peer_as,
                 "type": p.neighbor.kind, "name": p.neighbor.name, "state": p.state,
@@ -147,11 +149,12 @@ class _Retained:
 class Router:
     def __init__(self, store: Store, me: NodeRecord, speaker, kernel: KernelRoutes,
                  startup_grace: float = 120.0, secrets_dir: str | None = None,
-                 md5_counters=read_md5_counters):
+                 md5_counters=read_md5_counters, encapsulation: Encapsulation | None = None):
         self.store = store
         self.me = me
         self.speaker = speaker
         self.kernel = kernel
+        self.encapsulation = encapsulation
         self.changed = asyncio.Event()
         self.status = Status(node=me.name)
         self.nodes = Mirror(store, keys.NODES, lambda e: node_from_document(e.value),
@@ -285,11 +288,18 @@ class Router:
         imports = {n.address: policy.import_routes(n, received.get(n.address, {}), pools, own,
                                                    my_as) for n in neighbors}
         accepted = {address: result.accepted for address, result in imports.items()}
-        await self._program_kernel(accepted, own, learned_known=True)
+        next_hop = native
+        if self.encapsulation is not None:  # tunnel devices up before routes use them
+            next_hop = await self.encapsulation.prepare(me, pools, self.nodes.items.values())
+        await self._program_kernel(accepted, own, learned_known=True, next_hop=next_hop)
+        if self.encapsulation is not None:  # and devices no pool needs go after the routes
+            await self.encapsulation.retire()
         exports = policy.announcements(
             policy.exported_prefixes(own, self.borrowed(), pools), neighbors, config)
         await self._announce(exports)
         self._update_status(neighbors, imports, exports)
+        if self.encapsulation is not None:
+            self.status.dataplane = self.encapsulation.status.to_json()
 
     def _received_with_retention(self, neighbors: list[Neighbor]
                                  ) -> dict[IPv4Address, dict[IPv4Network, Path]]:
@@ -351,13 +361,14 @@ class Router:
         return 0, "session lost"
 
     async def _program_kernel(self, accepted: Mapping[IPv4Address, Mapping[IPv4Network, Path]],
-                              own: set[IPv4Network], learned_known: bool) -> None:
+                              own: set[IPv4Network], learned_known: bool,
+                              next_hop: Callable[[Path], NextHop] = native) -> None:
         now = time.monotonic()
         if self._applied is None or now >= self._resync_at:
             self._applied = await asyncio.to_thread(self.kernel.dump)
             self._resync_at = now + RESYNC_SECONDS
             self._wake_at(self._resync_at)
-        desired = policy.kernel_routes(accepted, own)
+        desired = policy.kernel_routes(accepted, own, next_hop)
         to_replace, to_delete = diff(desired, self._applied)
         if now < self._grace_until and self._all_peers_settled():
             self._grace_until = 0.0  # start-up is over: from now on a lost peer's routes go

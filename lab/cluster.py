@@ -386,6 +386,18 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
             os.kill(pid, sig)
             wait(lambda: not _alive(pid), timeout, f"agent of {node} to exit")
 
+    def remove_node(self, node: str) -> None:
+        """The node leaves: its agent retires (withdraws its routes, stops its ExaBGP), then
+        its pods' and its own namespaces go, and the lab forgets it. Its IPAM state stays in
+        etcd, as a real node's does until `pipitctl delete node`."""
+        self.stop_agent(node)
+        state = self._state()
+        gone = [name for name, pod in state.get("pods", {}).items() if pod["node"] == node]
+        netns.delete(*(state["pods"][name]["netns"] for name in gone),
+                     state["nodes"][node]["netns"])
+        self._save(pods={n: p for n, p in state.get("pods", {}).items() if n not in gone},
+                   nodes={n: i for n, i in state["nodes"].items() if n != node})
+
     def status(self, node: str) -> dict | None:
         from pipitctl.node_status import read_status
         try:
@@ -412,8 +424,14 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
              f"every node's BGP sessions ({self.topology}) to establish")
 
     def network(self, node: str) -> NetworkConfig:
+        """The node's CNI configuration, with the pod MTU its agent publishes (as the chart's
+        installer writes it on a real node)."""
+        try:
+            mtu = int((self.node_dir(node) / "pod-mtu").read_text())
+        except (FileNotFoundError, ValueError):
+            mtu = 1500
         return NetworkConfig.load({
-            "cniVersion": "1.0.0", "name": "pipit", "type": "ptp", "mtu": 1500,
+            "cniVersion": "1.0.0", "name": "pipit", "type": "ptp", "mtu": mtu,
             "ipam": {"type": "pipit-ipam", "socket": str(self.ipam_socket(node))}})
 
     def runtime(self, node: str) -> CNIRuntime:

@@ -96,7 +96,24 @@ def render(status: dict) -> str:
     lines += ["", f"Kernel: {status.get('kernelRoutes', 0)} routes learned, "
                   f"{status.get('blackholes', 0)} blackholes for own blocks; "
                   f"exporting {status.get('exported', 0)} prefixes."]
+    lines += describe_dataplane(status.get("dataplane") or {})
     if status.get("lastError"):
         lines.append(f"Last error ({duration(now - status['lastErrorAt'])} ago): "
                      f"{status['lastError']}")
     return "\n".join(lines)
+
+
+def describe_dataplane(dataplane: dict) -> list[str]:
+    """Encapsulation in use, tunnel addresses, pod MTU, and what keeps them from working."""
+    if not dataplane:
+        return []
+    tunnels = []
+    if "ipip" in dataplane.get("kinds", []):
+        tunnels.append(f"IPIP (tunl0 {dataplane.get('ipipTunnelAddress') or 'without address'})")
+    if "vxlan" in dataplane.get("kinds", []):
+        tunnels.append("VXLAN (vxlan.pipit "
+                       f"{dataplane.get('vxlanTunnelAddress') or 'without address'})")
+    lines = [f"Encapsulation: {', '.join(tunnels) or 'none'}; pod MTU "
+             f"{dataplane.get('podMTU') or '-'}."]
+    lines += [f"Dataplane problem: {problem}" for problem in dataplane.get("problems", [])]
+    return lines

@@ -293,6 +293,17 @@ def test_unconfigured_peers_are_forgotten_and_ignored():
     assert feed(state, DOWN) == []
 
 
+def test_a_re_added_peer_coming_up_before_its_reload_is_confirmed_is_not_lost():
+    state = BridgeState()
+    state.set_configured(set(), "without-the-peer")
+    state.configuring = {PEER}  # the reload that adds it is being applied
+    messages = feed(state, OPEN_SENT, OPEN_RECEIVED, UP)
+    assert [peer_from_json(m).state for m in messages] == ["up"]
+    state.configuring = set()
+    assert state.set_configured({PEER}, "with-the-peer") == []
+    assert state.peers[PEER].state == "up"
+
+
 def test_sent_withdrawals_count_down_a_retirement():
     state = BridgeState()
     feed(state, UP)

@@ -1,0 +1,146 @@
+"""The agent's side of encapsulation (IPIP, VXLAN), MTU and natOutgoing.
+
+Each routing pass asks `prepare()` for the next hop of every learned route. Before answering
+it makes this node match the pools: a tunnel address from an IPIP / VXLAN pool that selects
+the node (IPAM handle `ipip-tunnel-addr-<node>` / `vxlan-tunnel-addr-<node>`, recorded on the
+node record with the VTEP MAC, released when no such pool selects the node any more), the
+tunnel devices up with the right MTU and the other nodes' VTEPs, the natOutgoing table, and
+the pod MTU published for the CNI configuration. After the routes are in, `retire()` removes
+devices no pool needs (never before: routes through a vanished device are dropped silently).
+The kernel work is ipip/'s; this module decides and keeps etcd up to date.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from pathlib import Path
+
+from bgp_agent.kernel_routes import NextHop
+from bgp_agent.node import NodeRecord, set_tunnel_fields
+from ipam.allocator import IPAM
+from ipam.errors import PipitError
+from ipam.pool import IPPool
+from ipam.store import Store
+from ipip import capability, dataplane, encap, mtu, nat
+
+log = logging.getLogger(__name__)
+
+
+def native(path) -> NextHop:
+    return NextHop(path.next_hop)
+
+
+@dataclass
+class EncapStatus:
+    kinds: list[str] = field(default_factory=list)
+    ipip_tunnel_address: str = ""
+    vxlan_tunnel_address: str = ""
+    pod_mtu: int = 0
+    problems: list[str] = field(default_factory=list)  # missing modules, devices that failed
+
+    def to_json(self) -> dict:
+        return {"kinds": self.kinds, "ipipTunnelAddress": self.ipip_tunnel_address,
+                "vxlanTunnelAddress": self.vxlan_tunnel_address, "podMTU": self.pod_mtu,
+                "problems": self.problems}
+
+
+class Encapsulation:
+    def __init__(self, store: Store, ipam: IPAM, mtu_path: Path, mtu_override: int | None = None):
+        self.store = store
+        self.ipam = ipam
+        self.mtu_path = Path(mtu_path)
+        self.mtu_override = mtu_override
+        self.status = EncapStatus()
+        self._ipr = None
+        self._desired: dataplane.Desired | None = None
+        self._capability: tuple[frozenset[str], list[str]] = (frozenset(), [])
+        self._nat_pools: list[IPPool] | None = None
+
+    async def _netlink(self):
+        """pyroute2's IPRoute, made (and used) in worker threads: it runs an event loop of
+        its own, which cannot start inside the agent's."""
+        if self._ipr is None:
+            from pyroute2 import IPRoute  # heavy: only once a node routes
+            self._ipr = await asyncio.to_thread(IPRoute)
+        return self._ipr
+
+    def close(self) -> None:
+        if self._ipr is not None:
+            self._ipr.close()
+
+    async def prepare(self, me: NodeRecord, pools: list[IPPool],
+                      nodes: Iterable[NodeRecord]) -> Callable[[object], NextHop]:
+        if me.address is None:
+            return native
+        kinds = frozenset(encap.kinds_in_use(pools))
+        missing = await self._check_capability(kinds, pools)
+        ipip_address = await self._tunnel_address(me, pools, encap.IPIP)
+        vxlan_address = await self._tunnel_address(me, pools, encap.VXLAN)
+        mac = encap.vtep_mac(me.name) if vxlan_address else None
+        if (ipip_address, vxlan_address, mac) != me.tunnel_fields:
+            await set_tunnel_fields(self.store, me.name, ipip_address, vxlan_address, mac)
+        vteps = tuple(encap.RemoteVTEP(n.address.ip, n.vxlan_tunnel_address, n.vxlan_mac)
+                      for n in nodes if n.name != me.name and n.address is not None
+                      and n.vxlan_tunnel_address is not None and n.vxlan_mac)
+        self._desired = dataplane.Desired(
+            local=me.address, kinds=kinds, tunnel_address=ipip_address,
+            vtep_address=vxlan_address, vtep_mac=mac or "", vteps=vteps,
+            mtu_override=self.mtu_override)
+        prepared = await asyncio.to_thread(dataplane.prepare, await self._netlink(),
+                                           self._desired)
+        if pools != self._nat_pools:
+            await asyncio.to_thread(nat.apply, pools)
+            self._nat_pools = list(pools)
+        if prepared.pod_mtu != self.status.pod_mtu:
+            mtu.publish(self.mtu_path, prepared.pod_mtu)
+        for error in prepared.errors:
+            if error not in self.status.problems:
+                log.error("%s", error)
+        self.status = EncapStatus(sorted(kinds), str(ipip_address or ""),
+                                  str(vxlan_address or ""), prepared.pod_mtu,
+                                  [*missing, *prepared.errors])
+        return encap.route_next_hop(pools, me.address, prepared.devices, vteps)
+
+    async def retire(self) -> None:
+        if self._desired is not None:
+            await asyncio.to_thread(dataplane.retire, await self._netlink(), self._desired)
+
+    async def _check_capability(self, kinds: frozenset[str], pools: list[IPPool]) -> list[str]:
+        """One sentence per encapsulation a pool needs and this kernel lacks (probed once per
+        set of encapsulations in use)."""
+        checked, messages = self._capability
+        if kinds != checked:
+            messages = await asyncio.to_thread(capability.check, pools)
+            for message in messages:
+                log.error("%s", message)
+            self._capability = (kinds, messages)
+        return messages
+
+    async def _tunnel_address(self, me: NodeRecord, pools: list[IPPool],
+                              kind: str) -> IPv4Address | None:
+        """This node's tunnel address for `kind`: kept while a pool of that kind selects the
+        node and holds it, else allocated from the first such pool; released when none."""
+        wanted = encap.tunnel_pools(pools, me.labels, kind)
+        current = me.ipip_tunnel_address if kind == encap.IPIP else me.vxlan_tunnel_address
+        handle = encap.tunnel_handle(kind, me.name)
+        if current is not None and any(current in p.cidr for p in wanted):
+            return current
+        try:
+            if current is not None:
+                await self.ipam.release(me.name, handle)
+                log.info("released %s tunnel address %s", kind, current)
+            if not wanted:
+                return None
+            [address] = await self.ipam.assign(me.name, handle, pools=[wanted[0].name],
+                                               attributes={"type": f"{kind}-tunnel"},
+                                               reuse=True)
+        except PipitError as error:
+            self.status.problems.append(f"no {kind} tunnel address: {error}")
+            log.error("no %s tunnel address: %s", kind, error)
+            return None
+        log.info("%s tunnel address %s from pool %s", kind, address, wanted[0].name)
+        return address
