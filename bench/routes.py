@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
 
-from bgp_agent.kernel_routes import RTPROT_PIPIT, KernelRoutes, NextHop, Route, diff
+from ipip.kernel_routes import RTPROT_PIPIT, KernelRoutes, NextHop, Route, diff
 
 GATEWAY = IPv4Address("192.168.0.2")
 OTHER_GATEWAY = IPv4Address("192.168.0.3")

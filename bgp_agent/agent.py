@@ -128,7 +128,7 @@ async def route(store: Store, ipam: IPAM, args: argparse.Namespace, stop: asynci
                 retiring) -> None:
     """Register the node, then run the BGP speaker and the routing loop until `stop`."""
     from bgp_agent.encapsulation import Encapsulation
-    from bgp_agent.kernel_routes import KernelRoutes
+    from ipip.kernel_routes import KernelRoutes
     from bgp_agent.routing import Router
     from bgp_agent.speaker import Speaker
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
 
-from bgp_agent.kernel_routes import NextHop
+from ipip.kernel_routes import NextHop
 from bgp_agent.node import NodeRecord, set_tunnel_fields
 from ipam.allocator import IPAM
 from ipam.errors import PipitError

@@ -13,7 +13,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 from bgp_agent.bgp_config import BGPConfig
 from bgp_agent.bgp_peer import BGPPeer, PasswordRef, PasswordUnavailable
-from bgp_agent.kernel_routes import NextHop, Route
+from ipip.kernel_routes import NextHop, Route
 from bgp_agent.model import Announcement, Neighbor, Path
 from bgp_agent.node import NodeRecord
 from ipam.pool import IPPool

@@ -22,7 +22,7 @@ from bgp_agent import policy
 from bgp_agent.bgp_config import BGPConfig, config_from_spec
 from bgp_agent.bgp_peer import PasswordRef, peer_from_document, resolve_password
 from bgp_agent.encapsulation import Encapsulation, native
-from bgp_agent.kernel_routes import KernelRoutes, NextHop, Route, RouteError, diff
+from ipip.kernel_routes import KernelRoutes, NextHop, Route, RouteError, diff
 from bgp_agent.model import Neighbor, Path, PeerState
 from bgp_agent.node import NodeRecord, node_from_document
 from bgp_agent.speaker import SpeakerError

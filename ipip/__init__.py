@@ -1,7 +1,9 @@
-"""Pipit's encapsulation dataplane: IPIP (tunl0), VXLAN (vxlan.pipit), MTU and natOutgoing.
+"""Pipit's kernel dataplane: Pipit's routes (kernel_routes), and encapsulation: IPIP (tunl0),
+VXLAN (vxlan.pipit), MTU and natOutgoing.
 
 A library for the agent, which runs inside its node's network namespace; it knows nothing of
-etcd (the agent allocates tunnel addresses and reads and writes node records). Pure parts:
+etcd or BGP (the agent decides the routes, allocates tunnel addresses and reads and writes
+node records). Pure parts:
 
     encap       pool -> encapsulation, next hops (Never / Always / CrossSubnet), which pools
                 need devices and give tunnel addresses, IPAM handles, VTEP MACs
@@ -9,9 +11,10 @@ etcd (the agent allocates tunnel addresses and reads and writes node records). P
     nat         the nftables ruleset of table `ip pipit-nat` (+ applying it with nft -f)
     capability  the one-sentence message for a missing ipip / vxlan module (+ the probe)
 
-Kernel edges, each taking a pyroute2 IPRoute opened in the node's namespace: tunnel (tunl0),
+Kernel edges: kernel_routes (batched netlink for routes, stdlib only), and, each taking a
+pyroute2 IPRoute opened in the node's namespace: tunnel (tunl0),
 vxlan (vxlan.pipit, neighbour and FDB entries), and dataplane, which drives both. Routes are
-bgp_agent.kernel_routes's: `encap.route_next_hop` is the `next_hop` of policy.kernel_routes().
+ipip.kernel_routes's: `encap.route_next_hop` is the `next_hop` of policy.kernel_routes().
 
 The agent, at start-up:
     for sentence in capability.check(pools): log it (error) and show it in the node status

@@ -16,7 +16,7 @@ import pytest
 from pyroute2 import IPRoute
 
 from bgp_agent import policy
-from bgp_agent.kernel_routes import KernelRoutes
+from ipip.kernel_routes import KernelRoutes
 from bgp_agent.model import Path as BGPPath
 from ipam.pool import IPPool
 from ipip import dataplane, encap, nat

@@ -1,4 +1,4 @@
-"""Tests for bgp_agent.kernel_routes: the pure route data, diff and netlink encoding, and
+"""Tests for ipip.kernel_routes: the pure route data, diff and netlink encoding, and
 KernelRoutes against the real kernel inside network namespaces the tests create and remove."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bgp_agent.kernel_routes import (
+from ipip.kernel_routes import (
     NLM_F_CREATE,
     NLM_F_REPLACE,
     RT_SCOPE_NOWHERE,

@@ -5,7 +5,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from bgp_agent import policy
 from bgp_agent.bgp_config import BGPConfig
 from bgp_agent.bgp_peer import BGPPeer, PasswordUnavailable, peer_from_spec
-from bgp_agent.kernel_routes import NextHop, Route
+from ipip.kernel_routes import NextHop, Route
 from bgp_agent.model import Neighbor, Path
 from bgp_agent.node import NodeRecord
 from ipam.pool import pool_from_spec

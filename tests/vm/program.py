@@ -1,7 +1,7 @@
 """Inside the VM: program each node of the plan with Pipit's real dataplane code, the way the
 agent does from inside its node's network namespace. Python runs 50-100x slower under qemu's
 emulation, so this imports only what programming the kernel needs (pyroute2, ipip,
-bgp_agent.kernel_routes); the host computed the plan (which encapsulation each block's pool
+ipip.kernel_routes); the host computed the plan (which encapsulation each block's pool
 asks for) with the pure functions. Prints `RESULT key=value` lines.
 
 usage: python program.py PLAN.json
@@ -18,7 +18,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network  # noqa: E402
 
 from pyroute2 import IPRoute  # noqa: E402
 
-from bgp_agent.kernel_routes import KernelRoutes, Route  # noqa: E402
+from ipip.kernel_routes import KernelRoutes, Route  # noqa: E402
 from ipip import capability, dataplane, encap, links  # noqa: E402
 
 CLONE_NEWNET = 0x40000000
