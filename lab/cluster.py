@@ -167,6 +167,11 @@ class Lab:
         state = {**self._state(), **changes}
         (self.directory / "lab.json").write_text(json.dumps(state, indent=2))
 
+    def running_topology(self) -> str | None:
+        """The topology of the lab in this directory, if one is up."""
+        state = self._state()
+        return state.get("topology", "mesh") if state.get("nodes") else None
+
     def nodes(self) -> list[str]:
         return list(self._state().get("nodes", {}))
 
@@ -493,6 +498,8 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
     def report(self) -> bool:
         from pipitctl.node_status import render
         ok = True
+        self.log(f"etcd: {self.etcd_host_endpoint} (for pipitctl: export "
+                 f"PIPIT_ETCD_ENDPOINTS={self.etcd_host_endpoint})")
         for node in self.nodes():
             status = self.status(node)
             self.log(f"\n== {node}")

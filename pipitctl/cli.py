@@ -285,11 +285,20 @@ lab_dir = click.option("--dir", "directory", default="/tmp/pipit-lab", show_defa
 @lab.command(name="up")
 @click.option("--nodes", default=3, show_default=True, type=click.IntRange(1, 50))
 @click.option("--pods-per-node", default=2, show_default=True, type=click.IntRange(0, 50))
+@click.option("--topology", type=click.Choice(["mesh", "racks"]), default="mesh",
+              show_default=True, help="One bridge and a node-to-node mesh, or two racks whose "
+                                      "nodes peer eBGP with a top-of-rack router each.")
+@click.option("--router", type=click.Choice(["bird", "frr", "gobgp"]), default="bird",
+              show_default=True, help="racks: the top-of-rack routers' implementation.")
 @lab_dir
-def lab_up(nodes: int, pods_per_node: int, directory: str) -> None:
+def lab_up(nodes: int, pods_per_node: int, topology: str, router: str, directory: str) -> None:
     """Start (or complete) the lab; print node status and a pod-to-pod ping matrix."""
     from lab.cluster import Lab
-    if not Lab(Path(directory)).up(nodes, pods_per_node):
+    running = Lab(Path(directory)).running_topology()
+    if running and (running, topology) != ("mesh", "mesh"):
+        raise InvalidResource(f"a {running} lab is running in {directory}; re-running up "
+                              "completes only a mesh lab: `pipitctl lab down` first.")
+    if not Lab(Path(directory), topology=topology, router=router).up(nodes, pods_per_node):
         raise SystemExit(1)
 
 
