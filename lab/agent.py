@@ -20,6 +20,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from lab.process import stop_group
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -119,17 +121,7 @@ class AgentProcess:
         return self.start(timeout)
 
     def _end(self, sig: int, timeout: float) -> int | None:
-        process = self.process
-        if process is None:
-            return None
-        if process.poll() is None:
-            _signal_group(process.pid, sig)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                _signal_group(process.pid, signal.SIGKILL)
-                process.wait()
-        return process.returncode
+        return stop_group(self.process, sig, timeout)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -142,10 +134,3 @@ class AgentProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass

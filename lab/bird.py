@@ -4,24 +4,22 @@ small parsers for the `birdc` output the tests look at (protocol state and since
 with next hop and AS path).
 
     with Bird("tor", bgp_config(...), netns="pipit-t-1234-tor") as bird:
-        bird.wait(lambda: bird.protocol("node1").established)
+        wait(lambda: bird.protocol("node1").established)
         bird.routes(protocol="node1")
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
+from lab.process import stop_group, wait
 from lab.routers import RouterRoute, RouterSpec
 
 BIRD = shutil.which("bird") or "/usr/sbin/bird"
@@ -187,7 +185,7 @@ class Bird:
                             "-P", str(self.directory / "bird.pid")]),
             stdout=output, stderr=output, start_new_session=True)
         output.close()
-        self.wait(self._answers, timeout, "BIRD to answer on its control socket")
+        wait(self._answers, timeout, "BIRD to answer on its control socket")
         return self
 
     def _answers(self) -> bool:
@@ -246,27 +244,8 @@ class Bird:
                 stats[match.group(1)] = {c: int(v) for c, v in zip(columns, values) if v.isdigit()}
         return stats
 
-    @staticmethod
-    def wait(condition: Callable[[], object], timeout: float = 30.0, what: str = "condition",
-             interval: float = 0.02):
-        """Poll `condition` until it returns something truthy (returned) or the deadline passes."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = condition()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
-            time.sleep(interval)
-
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_group(self.process)
         self.process = None
 
     def destroy(self) -> None:

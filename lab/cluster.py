@@ -45,6 +45,7 @@ import yaml
 from lab import netns
 from lab.cni import Attachment, CNIRuntime, NetworkConfig, install_bin_dir
 from lab.etcd import EtcdServer
+from lab.process import wait
 from lab.routers import Router, RouterPeer, RouterSpec, make_router
 
 DEFAULT_DIR = Path("/tmp/pipit-lab")
@@ -536,14 +537,6 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
             _kill(etcd_pid)
         netns.delete(*lab_namespaces)
         shutil.rmtree(self.directory, ignore_errors=True)
-
-
-def wait(condition, timeout: float, what: str, interval: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 def _ip(*args: str) -> None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from lab.process import stop_group
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 
@@ -102,13 +103,7 @@ class EtcdServer:
 
     def stop(self) -> None:
         """Stop the server, keeping its data (start() again brings it back on the same port)."""
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_group(self.process)
         self.process = None
 
     def destroy(self) -> None:

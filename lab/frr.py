@@ -23,7 +23,8 @@ from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
-from lab.routers import RouterRoute, RouterSpec, wait
+from lab.process import wait
+from lab.routers import RouterRoute, RouterSpec
 
 FRR_DIR = Path("/usr/lib/frr")
 

@@ -24,7 +24,8 @@ from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
-from lab.routers import RouterRoute, RouterSpec, wait
+from lab.process import wait
+from lab.routers import RouterRoute, RouterSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 API_PORT = 50051

@@ -14,12 +14,12 @@ routes go into that namespace's kernel table (`kernel=True`), so it forwards lik
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Protocol
+
 
 ROUTER_KINDS = ("bird", "frr", "gobgp")
 
@@ -79,17 +79,3 @@ def make_router(kind: str, spec: RouterSpec, netns: str | None, directory: Path)
         from lab.gobgp import GoBGPRouter
         return GoBGPRouter(spec, netns, Path(directory))
     raise ValueError(f"unknown router {kind!r}; use one of {', '.join(ROUTER_KINDS)}")
-
-
-def wait(condition: Callable[[], object], timeout: float = 30.0, what: str = "condition",
-         interval: float = 0.05):
-    """Poll `condition` until it returns something truthy (returned) or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
-

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from ipaddress import IPv4Interface, IPv4Network
@@ -21,7 +20,7 @@ from ipam.snapshot import check
 from ipam.store import EtcdConfig
 from lab.cni import Attachment, CNIError, CNIRuntime, NetworkConfig, ipv4_only_iptables
 from lab import netns
-from lab.cluster import wait
+from lab.process import wait
 from lab.netns import addresses, exec_prefix
 from tests.cni_support import (  # noqa: F401 (fixtures)
     DEFAULT_POOL,
@@ -292,8 +291,8 @@ def test_etcd_down_means_try_again_and_the_agent_recovers_without_restart(
         node.runtime.add(net, warm)  # the agent has its view of etcd cached
 
         own_etcd.stop()
-        error = assert_failed_cleanly(node, net, during, 11, "etcd", own_etcd.endpoint,
-                                      etcd_up=False)
+        assert_failed_cleanly(node, net, during, 11, "etcd", own_etcd.endpoint,
+                              etcd_up=False)
         assert node.agent.running  # it reports the outage, it does not die of it
 
         own_etcd.start()

@@ -12,7 +12,8 @@ import time
 import pytest
 
 from lab import netns
-from lab.cluster import Lab, wait
+from lab.cluster import Lab
+from lab.process import wait
 
 pytestmark = pytest.mark.slow
 FOREIGN = ["192.0.2.0/24 via 10.99.0.254 proto static", "198.51.100.0/24 via 10.99.0.254 proto 12",

@@ -27,6 +27,7 @@ import pytest
 from bgp_agent.model import Announcement, Neighbor
 from bgp_agent.speaker import Speaker, SpeakerError, sidecar_command
 from lab.bird import Bird, BirdPeer, bgp_config
+from lab.process import wait
 
 A, N = IPv4Address, IPv4Network
 ROOT = Path(__file__).resolve().parents[1]
@@ -363,7 +364,7 @@ def test_a_killed_agent_is_replaced_without_a_flap(net1, state_dir):
     try:
         with bird_peer(net1, 1, [N("10.50.0.0/24")]) as bird:
             ready = json.loads(read_line(agent, timeout=60))
-            Bird.wait(bird_count(bird, 300), what="the agent's routes in BIRD")
+            wait(bird_count(bird, 300), what="the agent's routes in BIRD")
             since, routes_before = bird.protocol("node").since, bird.routes(protocol="node")
             agent.send_signal(signal.SIGKILL)
             agent.wait()

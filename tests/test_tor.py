@@ -28,7 +28,7 @@ import yaml
 
 from lab import netns
 from lab.cluster import COMMUNITY, POOL, Lab, tor_address, tor_loopback, tor_uplink
-from lab.routers import wait  # returns what the condition returned
+from lab.process import wait  # returns what the condition returned
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")]

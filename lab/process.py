@@ -1,0 +1,47 @@
+"""Helpers every lab part uses: waiting on a condition with a deadline (never a fixed sleep),
+and stopping a process group."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+
+
+def wait(condition: Callable[[], object], timeout: float = 30.0, what: str = "condition",
+         interval: float = 0.05):
+    """Poll `condition` until it returns something truthy (returned) or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def signal_group(pid: int, sig: int) -> None:
+    """Signal a process group (quietly: it may be gone already)."""
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_group(process: subprocess.Popen | None, sig: int = signal.SIGTERM,
+               timeout: float = 10.0) -> int | None:
+    """`sig` to the process's group (it was started with start_new_session), SIGKILL after
+    `timeout`; returns the exit status."""
+    if process is None:
+        return None
+    if process.poll() is None:
+        signal_group(process.pid, sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            signal_group(process.pid, signal.SIGKILL)
+            process.wait()
+    return process.returncode
