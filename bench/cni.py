@@ -35,7 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ipam.store import EtcdConfig
-from lab.agent import AgentProcess, ask
+from ipam.cni import ask_agent
+from lab.agent import AgentProcess
 from lab.cni import Attachment, CNIRuntime, NetworkConfig, install_bin_dir
 from lab.etcd import EtcdServer
 from lab.netns import Namespaces, path_of
@@ -119,7 +120,8 @@ class Bench:
         env = self.runtime.environment("ADD", pod)
         stdin = json.dumps(conf).encode()
         handle = f"bench-pipit.{pod.container_id}.eth0"
-        ask(self.agent.socket_path, {"command": "ADD", "handle": handle})
+        socket = str(self.agent.socket_path)
+        ask_agent(socket, {"command": "ADD", "handle": handle})
 
         def run(argv, **kw):
             subprocess.run(argv, capture_output=True, **kw)
@@ -134,13 +136,13 @@ class Bench:
                 [plugin], env={"CNI_COMMAND": "VERSION"}))),
             ("pipit-ipam ADD, repeated (whole plugin run)",
              median_of(lambda: run([plugin], input=stdin, env=env))),
-            ("agent ADD on its socket, repeated (reuse)", median_of(lambda: ask(
-                self.agent.socket_path, {"command": "ADD", "handle": handle}))),
+            ("agent ADD on its socket, repeated (reuse)", median_of(lambda: ask_agent(
+                socket, {"command": "ADD", "handle": handle}))),
             ("agent ADD+DEL on its socket (new address)", median_of(lambda: (
-                ask(self.agent.socket_path, {"command": "ADD", "handle": handle + "x"}),
-                ask(self.agent.socket_path, {"command": "DEL", "handle": handle + "x"})))),
+                ask_agent(socket, {"command": "ADD", "handle": handle + "x"}),
+                ask_agent(socket, {"command": "DEL", "handle": handle + "x"})))),
         ]
-        ask(self.agent.socket_path, {"command": "DEL", "handle": handle})
+        ask_agent(socket, {"command": "DEL", "handle": handle})
         self.ns.remove(os.path.basename(pod.netns))
         return rows
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import statistics
 import subprocess
@@ -121,7 +122,9 @@ def main() -> None:
     parser.add_argument("--claims", type=int, default=50)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="pipit-bench-") as tmp:
-        lab = Lab(directory=Path(tmp), prefix="pipit-bench-", log=lambda *a: None)
+        netns.remove_leftovers("pipit-bench-")  # of benches that died; never a running one's
+        lab = Lab(directory=Path(tmp), prefix=f"pipit-bench-pid{os.getpid()}-",
+                  log=lambda *a: None)
         monitors = []
         try:
             lab.up(node_count=3, pods_per_node=0)

@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--status-socket", default=DEFAULT_STATUS_SOCKET, metavar="PATH",
                         help=f"Status socket for `pipitctl node status` "
                              f"(default {DEFAULT_STATUS_SOCKET}).")
-    parser.add_argument("--mtu", type=int, metavar="BYTES",
+    parser.add_argument("--mtu", type=mtu_value, metavar="BYTES",
                         help="Pod and tunnel MTU (default: the uplink's, less the "
                              "encapsulation's overhead: IPIP 20, VXLAN 50). The pod MTU is "
                              "published in STATE_DIR/pod-mtu for the CNI configuration.")
@@ -73,6 +73,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser.parse_args(argv)
+
+
+def mtu_value(text: str) -> int:
+    """--mtu: a whole number no smaller than IPv4's minimum datagram (576)."""
+    if not text.isdigit() or not 576 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an MTU between 576 and 65535")
+    return int(text)
 
 
 def parse_labels(text: str) -> dict[str, str]:
@@ -130,7 +137,7 @@ async def route(store: Store, ipam: IPAM, args: argparse.Namespace, stop: asynci
     from bgp_agent.encapsulation import Encapsulation
     from ipip.kernel_routes import KernelRoutes
     from bgp_agent.routing import Router
-    from bgp_agent.speaker import Speaker
+    from bgp_agent.speaker import Speaker, SpeakerError
 
     me = await register(store, await asyncio.to_thread(node_identity, args))  # pyroute2 inside
     log.info("node %s registered with address %s", me.name, me.address)
@@ -148,18 +155,26 @@ async def route(store: Store, ipam: IPAM, args: argparse.Namespace, stop: asynci
     await speaker.start()
     await status.start()
     task = asyncio.create_task(router.run())
+    stopping = asyncio.create_task(stop.wait())
     try:
-        await stop.wait()
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():  # the routing loop ended by itself: a bug; say so and stop
+            task.result()
     finally:
+        stopping.cancel()
         task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
         await status.close()
-        if retiring():
-            log.info("retiring: withdrawing this node's routes from every peer")
-            await speaker.retire()
-        await speaker.stop(stop_exabgp=retiring())
-        kernel.close()
-        encapsulation.close()
-
+        try:
+            if retiring():
+                log.info("retiring: withdrawing this node's routes from every peer")
+                await speaker.retire()
+        except SpeakerError as error:  # ExaBGP away or slow: stop it all the same
+            log.error("could not withdraw this node's routes before stopping: %s", error)
+        finally:
+            await speaker.stop(stop_exabgp=retiring())
+            kernel.close()
+            encapsulation.close()
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
@@ -169,6 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         asyncio.run(run(args))
     except PipitError as error:
+        log.error("%s", error)
+        sys.exit(1)
+    except OSError as error:  # a missing exabgp, a socket path that cannot be made...
         log.error("%s", error)
         sys.exit(1)
 

@@ -42,11 +42,11 @@ from ipaddress import IPv4Address, ip_address
 from pathlib import Path
 
 from bgp_agent.bgp_config import check_as_number, check_hold_time
-from bgp_agent.exabgp_config import MD5_MAX
+from bgp_agent.exabgp_config import MD5_RULE, usable_md5_password
 from bgp_agent.model import DEFAULT_HOLD_TIME, DEFAULT_RESTART_TIME
 from bgp_agent.node import NodeRecord
 from ipam.errors import InvalidResource
-from ipam.resource import SpecReader, check_name, make_document
+from ipam.resource import SpecReader, check_name, make_document, read_document
 from ipam.selector import parse_selector
 
 KIND = "BGPPeer"
@@ -232,7 +232,8 @@ def peer_to_document(peer: BGPPeer) -> dict:
 
 
 def peer_from_document(doc: Mapping) -> BGPPeer:
-    return peer_from_spec(doc["metadata"]["name"], doc.get("spec") or {})
+    document = read_document(doc)
+    return peer_from_spec(document.name, dict(document.spec))
 
 
 # -- checks against the other resources ----------------------------------------------------
@@ -293,7 +294,6 @@ def resolve_password(ref: PasswordRef, secrets_dir: str | Path | None) -> str:
     password = password[:-1] if password.endswith("\r") else password
     if not password:
         raise PasswordUnavailable(f"the password file {path} ({ref}) is empty")
-    if len(password) > MD5_MAX or re.search(r'["\\\n\r]', password):
-        raise PasswordUnavailable(f"the password in {path} ({ref}) must be at most {MD5_MAX} "
-                                  "characters without quotes, backslashes or line breaks")
+    if not usable_md5_password(password):
+        raise PasswordUnavailable(f"the password in {path} ({ref}) must be {MD5_RULE}")
     return password

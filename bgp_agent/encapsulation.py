@@ -74,36 +74,60 @@ class Encapsulation:
 
     async def prepare(self, me: NodeRecord, pools: list[IPPool],
                       nodes: Iterable[NodeRecord]) -> Callable[[object], NextHop]:
+        """Make the node's encapsulation match the pools; the next hop of each learned route.
+        Whatever fails here (a missing module, no tunnel address, nft refusing the NAT table)
+        is reported in the status and never stops the routing pass: routes then go native."""
         if me.address is None:
             return native
+        problems: list[str] = []
         kinds = frozenset(encap.kinds_in_use(pools))
-        missing = await self._check_capability(kinds, pools)
-        ipip_address = await self._tunnel_address(me, pools, encap.IPIP)
-        vxlan_address = await self._tunnel_address(me, pools, encap.VXLAN)
-        mac = encap.vtep_mac(me.name) if vxlan_address else None
-        if (ipip_address, vxlan_address, mac) != me.tunnel_fields:
-            await set_tunnel_fields(self.store, me.name, ipip_address, vxlan_address, mac)
+        problems += await self._check_capability(kinds, pools)
+        ipip_address = await self._tunnel_address(me, pools, encap.IPIP, problems)
+        vxlan_address = await self._tunnel_address(me, pools, encap.VXLAN, problems)
+        # vxlan.pipit needs its MAC even on a node no VXLAN pool selects (it still reaches
+        # those pools' blocks); the record carries a MAC only beside a VTEP address.
+        mac = encap.vtep_mac(me.name) if encap.VXLAN in kinds else ""
+        recorded = (ipip_address, vxlan_address, mac if vxlan_address else None)
+        if recorded != me.tunnel_fields:
+            await set_tunnel_fields(self.store, me.name, *recorded)
         vteps = tuple(encap.RemoteVTEP(n.address.ip, n.vxlan_tunnel_address, n.vxlan_mac)
                       for n in nodes if n.name != me.name and n.address is not None
                       and n.vxlan_tunnel_address is not None and n.vxlan_mac)
         self._desired = dataplane.Desired(
             local=me.address, kinds=kinds, tunnel_address=ipip_address,
-            vtep_address=vxlan_address, vtep_mac=mac or "", vteps=vteps,
+            vtep_address=vxlan_address, vtep_mac=mac, vteps=vteps,
             mtu_override=self.mtu_override)
-        prepared = await asyncio.to_thread(dataplane.prepare, await self._netlink(),
-                                           self._desired)
-        if pools != self._nat_pools:
+        devices, pod_mtu = encap.Devices(), self.status.pod_mtu
+        try:
+            prepared = await asyncio.to_thread(dataplane.prepare, await self._netlink(),
+                                               self._desired)
+            devices, pod_mtu = prepared.devices, prepared.pod_mtu
+            problems += prepared.errors
+        except (LookupError, ValueError, OSError) as error:  # no uplink, an MTU too small
+            problems.append(f"the tunnel devices were not set up: {error}")
+        await self._apply_nat(pools, problems)
+        if pod_mtu and pod_mtu != self.status.pod_mtu:
+            mtu.publish(self.mtu_path, pod_mtu)
+        for problem in problems:
+            if problem not in self.status.problems:
+                log.error("%s", problem)
+        self.status = EncapStatus(sorted(kinds), str(ipip_address or ""),
+                                  str(vxlan_address or ""), pod_mtu, problems)
+        return encap.route_next_hop(pools, me.address, devices, vteps)
+
+    async def _apply_nat(self, pools: list[IPPool], problems: list[str]) -> None:
+        """Rewrite the natOutgoing table when the pools changed (nft is not needed at all
+        while no pool ever asked for it)."""
+        if pools == self._nat_pools:
+            return
+        if self._nat_pools is None and not any(p.nat_outgoing for p in pools):
+            self._nat_pools = list(pools)
+            return
+        try:
             await asyncio.to_thread(nat.apply, pools)
             self._nat_pools = list(pools)
-        if prepared.pod_mtu != self.status.pod_mtu:
-            mtu.publish(self.mtu_path, prepared.pod_mtu)
-        for error in prepared.errors:
-            if error not in self.status.problems:
-                log.error("%s", error)
-        self.status = EncapStatus(sorted(kinds), str(ipip_address or ""),
-                                  str(vxlan_address or ""), prepared.pod_mtu,
-                                  [*missing, *prepared.errors])
-        return encap.route_next_hop(pools, me.address, prepared.devices, vteps)
+        except (OSError, RuntimeError) as error:
+            problems.append(f"natOutgoing is not in place: {error}")
 
     async def retire(self) -> None:
         if self._desired is not None:
@@ -120,8 +144,8 @@ class Encapsulation:
             self._capability = (kinds, messages)
         return messages
 
-    async def _tunnel_address(self, me: NodeRecord, pools: list[IPPool],
-                              kind: str) -> IPv4Address | None:
+    async def _tunnel_address(self, me: NodeRecord, pools: list[IPPool], kind: str,
+                              problems: list[str]) -> IPv4Address | None:
         """This node's tunnel address for `kind`: kept while a pool of that kind selects the
         node and holds it, else allocated from the first such pool; released when none."""
         wanted = encap.tunnel_pools(pools, me.labels, kind)
@@ -139,8 +163,7 @@ class Encapsulation:
                                                attributes={"type": f"{kind}-tunnel"},
                                                reuse=True)
         except PipitError as error:
-            self.status.problems.append(f"no {kind} tunnel address: {error}")
-            log.error("no %s tunnel address: %s", kind, error)
+            problems.append(f"no {kind} tunnel address: {error}")
             return None
         log.info("%s tunnel address %s from pool %s", kind, address, wanted[0].name)
         return address

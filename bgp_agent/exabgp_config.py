@@ -21,6 +21,12 @@ PROCESS = "pipit"  # the process block's name (ExaBGP's "service" for our comman
 TEMPLATE = "pipit"
 DESCRIPTION_PREFIX = "pipit:"
 MD5_MAX = 80  # ExaBGP refuses longer keys (and so does the kernel)
+MD5_RULE = f"at most {MD5_MAX} characters without quotes, backslashes or line breaks"
+
+
+def usable_md5_password(password: str) -> bool:
+    """Whether ExaBGP's configuration can carry this TCP MD5 password (MD5_RULE)."""
+    return len(password) <= MD5_MAX and not re.search(r'["\\\n\r]', password)
 
 
 def render(router_id: IPv4Address, local_address: IPv4Address, local_as: int,
@@ -85,17 +91,18 @@ def _render(router_id, local_address, local_as, neighbors, bridge_command, diges
         if n.hold_time != 0 and n.hold_time < 3:
             raise ValueError(f"neighbour {n.address}: hold time must be 0 or at least 3 s")
         lines.append(f"    hold-time {n.hold_time};")
-        # ExaBGP does not listen unless told; `listen` binds local-address:179 with this
+        # ExaBGP does not listen unless told; `listen` binds local-address:port with this
         # peer's MD5 key, so sessions come up whichever side connects first
-        lines.append("    listen 179;")
+        lines.append(f"    listen {n.listen_port};")
+        if n.peer_port != 179:
+            lines.append(f"    connect {n.peer_port};")
         # End-of-RIB only when the agent says (after it has announced): on its own ExaBGP
         # sends it right after OPEN, before the agent's routes, and a graceful-restart helper
         # then flushes our stale routes and briefly blackholes our pods
         lines.append("    manual-eor true;")
         if n.password:
-            if len(n.password) > MD5_MAX or re.search(r'["\\\n\r]', n.password):
-                raise ValueError(f"neighbour {n.address}: the MD5 password must be at most "
-                                 f"{MD5_MAX} characters without quotes, backslashes or newlines")
+            if not usable_md5_password(n.password):
+                raise ValueError(f"neighbour {n.address}: the MD5 password must be {MD5_RULE}")
             lines.append(f'    md5-password "{n.password}";')
         capabilities = ["route-refresh;"]
         if n.restart_time > 0:

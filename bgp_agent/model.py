@@ -23,16 +23,14 @@ class Neighbor:
     hold_time: int = DEFAULT_HOLD_TIME
     password: str | None = None  # TCP MD5
     restart_time: int = DEFAULT_RESTART_TIME  # graceful restart; 0 disables it
+    listen_port: int = 179  # where this node accepts the session (BGPConfiguration listenPort)
+    peer_port: int = 179  # where the peer accepts it (another node: the same listenPort)
     # import policy for this peer (not part of ExaBGP's configuration: changing them does
     # not touch the session)
     max_prefixes: int = 0  # more received prefixes than this disconnect the peer; 0: no limit
     allow_pool_prefixes: bool = False  # accept routes equal to or inside an IP pool
     allowed_local_as: int = 0  # times our own AS may appear in a received AS path
     keep_original_next_hop: bool = False
-
-    @property
-    def external(self) -> bool:
-        return self.peer_as != self.local_as
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,8 @@ def mesh_neighbors(me: NodeRecord, nodes: Iterable[NodeRecord],
     return sorted((Neighbor(address=n.address.ip, peer_as=local_as(n, config),
                             local_address=me.address.ip, local_as=local_as(me, config),
                             kind="mesh", name=n.name, hold_time=config.node_mesh_hold_time,
-                            restart_time=config.node_mesh_restart_time)
+                            restart_time=config.node_mesh_restart_time,
+                            listen_port=config.listen_port, peer_port=config.listen_port)
                    for n in nodes if n.name != me.name and n.address is not None
                    and n.address.ip != me.address.ip),
                   key=lambda n: n.address)
@@ -92,6 +93,7 @@ def select_neighbors(me: NodeRecord, nodes: Iterable[NodeRecord], config: BGPCon
             address=peer.peer_ip, peer_as=peer.as_number, local_address=me.address.ip,
             local_as=local_as(me, config), kind=kind, name=peer.name,
             hold_time=peer.hold_time, password=secret, restart_time=peer.restart_time,
+            listen_port=config.listen_port,
             max_prefixes=peer.max_prefixes, allow_pool_prefixes=peer.allow_pool_prefixes,
             allowed_local_as=peer.allowed_local_as,
             keep_original_next_hop=peer.keep_original_next_hop))

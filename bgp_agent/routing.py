@@ -307,9 +307,13 @@ class Router:
         peers = self.speaker.peers
         up = {a for a, p in peers.items() if p.state == "up"}
         by_address = {n.address: n for n in neighbors}
-        for address in self._last_up - up:  # went down since the last pass
-            hold, why = self._retention(peers.get(address), self._last_state.get(address),
-                                        by_address.get(address))
+        # Sessions lost since the last pass: down now, or down and up again in between (a new
+        # "since"): the new session starts with an empty table either way.
+        reset = {a for a in up & self._last_up
+                 if a in self._last_state and peers[a].since != self._last_state[a].since}
+        for address in (self._last_up - up) | reset:
+            hold, why = self._retention(None if address in reset else peers.get(address),
+                                        self._last_state.get(address), by_address.get(address))
             if hold and self._last_received.get(address):
                 self._retained[address] = _Retained(dict(self._last_received[address]),
                                                     now + hold)
@@ -357,7 +361,8 @@ class Router:
                 return now.restart_time or neighbor.restart_time or 120, now.reason
             return 0, now.reason
         if before is not None and before.graceful_restart and neighbor.restart_time:
-            return neighbor.restart_time, "our ExaBGP restarted"
+            # no "down" to read: our ExaBGP restarted, or the session was reset and is back
+            return neighbor.restart_time, "the session was lost"
         return 0, "session lost"
 
     async def _program_kernel(self, accepted: Mapping[IPv4Address, Mapping[IPv4Network, Path]],

@@ -1,4 +1,5 @@
-"""The agent's status socket: one JSON document per connection, read by `pipitctl node status`."""
+"""The agent's status socket: one JSON document per connection; `read_status` is its client
+(for `pipitctl node status` and the lab)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import time
 from collections.abc import Callable
+
+from ipam.errors import DatastoreUnavailable
 
 DEFAULT_STATUS_SOCKET = "/run/pipit/status.sock"
 
@@ -44,3 +48,26 @@ class StatusServer:
             await self._server.wait_closed()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+
+
+def read_status(path: str, timeout: float = 5.0) -> dict:
+    """The status document of the agent serving on `path`."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(timeout)
+            conn.connect(path)
+            data = b""
+            while chunk := conn.recv(65536):
+                data += chunk
+    except OSError as error:
+        reason = (error.strerror or str(error)).lower()
+        raise DatastoreUnavailable(f"pipit-agent is not running on this node (nothing answers on "
+                                   f"{path}: {reason}).") from None
+    try:
+        status = json.loads(data)
+        if not isinstance(status, dict):
+            raise ValueError
+    except ValueError:
+        raise DatastoreUnavailable(f"pipit-agent on {path} closed the connection without a "
+                                   "status answer (did it stop or restart?); try again.") from None
+    return status

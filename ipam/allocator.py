@@ -26,11 +26,11 @@ from ipam import block as blocks
 from ipam import handle as handles
 from ipam import keys
 from ipam.block import Block
-from ipam.claim import BlockClaim, settle_affinity
+from ipam.claim import BlockClaim, PoolChanged, settle_affinity
 from ipam.config import IPAMConfig, config_from_spec
 from ipam.errors import Conflict, InvalidResource, NotFound, PipitError, PoolExhausted
 from ipam.handle import Handle, check_handle_id
-from ipam.pool import IPPool, pool_from_document, unclaimed_blocks
+from ipam.pool import IPPool, read_pools, unclaimed_blocks
 from ipam.release import stage_block, stage_handle
 from ipam.store import Entry, Store
 from ipam.txn import MAX_ATTEMPTS, Changes
@@ -160,6 +160,7 @@ class IPAM:
         self._views: dict[str, NodeView] = {}
         self._queues: dict[str, list[tuple[Request, asyncio.Future]]] = {}
         self._draining: set[str] = set()  # nodes whose queue someone is serving
+        self._handed_on: set[asyncio.Task] = set()
         self.transactions = 0  # committed batch transactions, for tests and benchmarks
 
     # -- the public operations -------------------------------------------------------------
@@ -207,7 +208,9 @@ class IPAM:
                 self._draining.discard(node)
                 if queue:  # we were cancelled with requests still waiting: hand them on
                     self._draining.add(node)
-                    asyncio.create_task(self._drain_then_release(node))
+                    task = asyncio.create_task(self._drain_then_release(node))
+                    self._handed_on.add(task)  # the loop keeps only a weak reference
+                    task.add_done_callback(self._handed_on.discard)
         return await future
 
     async def _drain_then_release(self, node: str) -> None:
@@ -258,6 +261,8 @@ class IPAM:
                         outcomes.append(self._plan_release(plan, request))
                 except PipitError as error:
                     outcomes.append(error)
+                except PoolChanged:
+                    break  # the batch is decided again on the fresh view
             changes = Changes(self.store)
             plan.stage(changes)
             for pool in {p for r in requests[:len(outcomes)] if isinstance(r, AssignRequest)
@@ -359,7 +364,11 @@ class IPAM:
                     view.known_blocks = None
                     break
                 claim = BlockClaim(self.store, view.node, pool, view.pools[pool.name][1], cidr)
-                claimed = await claim.run()
+                try:
+                    claimed = await claim.run()
+                except PoolChanged:
+                    view.stale = True  # decide again on the pool as it is now
+                    raise
                 existing.add(cidr)  # ours now, or someone else's
                 if claimed is not None:
                     view.blocks[cidr] = claimed
@@ -446,13 +455,8 @@ class IPAM:
 
     async def _load(self, node: str, previous: NodeView | None) -> NodeView:
         view = NodeView(node, handles=previous.handles if previous else {})
-        for entry in await self.store.list(keys.POOLS):
-            try:
-                pool = pool_from_document(entry.value)
-            except PipitError as error:
-                log.warning("ignoring invalid pool at %s: %s", entry.key, error)
-                continue
-            view.pools[pool.name] = (pool, entry.mod_revision)
+        for pool, revision in read_pools(await self.store.list(keys.POOLS)):
+            view.pools[pool.name] = (pool, revision)
         config = await self.store.get(keys.IPAM_CONFIG)
         if config is not None:
             view.config = config_from_spec(config.value.get("spec") or {})

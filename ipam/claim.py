@@ -18,13 +18,17 @@ from ipaddress import IPv4Network
 
 from ipam import block as blocks
 from ipam import keys
-from ipam.pool import IPPool, pool_from_document
+from ipam.pool import IPPool, read_pools
 from ipam.release import release_affinity
 from ipam.store import Entry, Store
 
 log = logging.getLogger(__name__)
 
 PENDING, CONFIRMED, PENDING_DELETION = "pending", "confirmed", "pendingDeletion"
+
+
+class PoolChanged(Exception):
+    """The pool changed since the claimer read it: nothing was claimed; read it again."""
 
 
 @dataclass
@@ -66,6 +70,9 @@ class BlockClaim:
         if existing and blocks.from_json(existing.value).node == self.node:
             return True  # finished by a concurrent settle of our own node
         await self.roll_back()
+        pool = result.current.get(keys.pool_key(self.pool.name))
+        if existing is None and (pool.mod_revision if pool else 0) != self.pool_revision:
+            raise PoolChanged(self.pool.name)
         return False
 
     async def confirm(self) -> int | None:
@@ -128,14 +135,13 @@ async def settle_affinity(store: Store, node: str, affinity: Entry,
 
     if state == PENDING:
         if block_entry is None:
-            pool_entry = await _pool_for_block(store, cidr)
-            if pool_entry is None:
+            found = await _pool_for_block(store, cidr)
+            if found is None:
                 log.info("node %s: rolling back claim of %s (its pool is gone or disabled)",
                          node, cidr)
                 await store.txn(*delete_affinity)
                 return None
-            claim = BlockClaim(store, node, pool_from_document(pool_entry.value),
-                               pool_entry.mod_revision, cidr, affinity.mod_revision)
+            claim = BlockClaim(store, node, *found, cidr, affinity.mod_revision)
             log.info("node %s: completing interrupted claim of %s", node, cidr)
             if not await claim.write_block():
                 return None
@@ -156,13 +162,9 @@ async def settle_affinity(store: Store, node: str, affinity: Entry,
     return None
 
 
-async def _pool_for_block(store: Store, cidr: IPv4Network) -> Entry | None:
-    """The enabled pool this block belongs to, if any."""
-    for entry in await store.list(keys.POOLS):
-        try:
-            pool = pool_from_document(entry.value)
-        except Exception:
-            continue
+async def _pool_for_block(store: Store, cidr: IPv4Network) -> tuple[IPPool, int] | None:
+    """The enabled pool this block belongs to, if any, with its mod_revision."""
+    for pool, revision in read_pools(await store.list(keys.POOLS)):
         if cidr.subnet_of(pool.cidr) and pool.block_size == cidr.prefixlen and not pool.disabled:
-            return entry
+            return pool, revision
     return None

@@ -148,12 +148,12 @@ def require_env(env: dict, *names: str) -> None:
                        f"missing: {', '.join(missing)}")
 
 
-def ask_agent(path: str, request: dict) -> dict:
+def ask_agent(path: str, request: dict, timeout: float = TIMEOUT) -> dict:
     """One request to the node's pipit-agent; its errors become CNI errors."""
     try:
         conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
-            conn.settimeout(TIMEOUT)
+            conn.settimeout(timeout)
             conn.connect(path)
             conn.sendall(dumps(request).encode() + b"\n")
             data = b""
@@ -166,7 +166,7 @@ def ask_agent(path: str, request: dict) -> dict:
             conn.close()
     except TimeoutError:
         raise CNIError(TRY_AGAIN_LATER, f"pipit-agent did not answer on {path} within "
-                       f"{TIMEOUT:g} s.") from None
+                       f"{timeout:g} s.") from None
     except OSError as error:
         reason = (error.strerror or str(error)).lower()
         raise CNIError(TRY_AGAIN_LATER, f"pipit-agent is not reachable on {path} ({reason}); "
@@ -299,12 +299,19 @@ def install(directory: str, python: str | None = None) -> str:
     import os
     import subprocess
 
+    if not os.path.isdir(directory):
+        raise ValueError(f"{directory} is not a directory; create it first.")
     target = os.path.join(directory, "pipit-ipam")
     interpreter = os.path.realpath(python or sys.executable)
     if python:
-        theirs = subprocess.run([interpreter, "-IS", "-c",
-                                 "import sys; print(*sys.version_info[:2])"],
-                                capture_output=True, text=True, check=True).stdout.split()
+        try:
+            theirs = subprocess.run([interpreter, "-IS", "-c",
+                                     "import sys; print(*sys.version_info[:2])"],
+                                    capture_output=True, text=True, check=True).stdout.split()
+            if len(theirs) != 2 or not all(part.isdigit() for part in theirs):
+                raise ValueError
+        except (OSError, subprocess.CalledProcessError, ValueError):
+            raise ValueError(f"{python} does not run as a Python interpreter.") from None
         if tuple(map(int, theirs)) != tuple(sys.version_info[:2]):
             raise ValueError(f"{python} is Python {'.'.join(theirs)}; install with it instead "
                              f"({python} -m ipam.cni install {directory}).")
@@ -331,9 +338,28 @@ def install(directory: str, python: str | None = None) -> str:
     return target
 
 
+def install_main(argv: list[str]) -> None:
+    """`python -m ipam.cni install DIR [--python PATH]` (argparse only here: the plugin's own
+    start-up never imports it)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m ipam.cni install",
+                                     description="Put pipit-ipam into a CNI bin directory.")
+    parser.add_argument("directory", metavar="DIR", help="the CNI bin directory")
+    parser.add_argument("--python", metavar="PATH",
+                        help="the interpreter to run it with (the same X.Y as this one)")
+    args = parser.parse_args(argv)
+    try:
+        print(install(args.directory, args.python))
+    except ValueError as error:
+        sys.exit(f"Error: {error}")
+    except OSError as error:
+        sys.exit(f"Error: cannot install into {args.directory}: "
+                 f"{(error.strerror or str(error)).lower()}.")
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["install"] and (len(sys.argv) == 3 or len(sys.argv) == 5
-                                         and sys.argv[3] == "--python"):
-        print(install(sys.argv[2], *sys.argv[4:]))
+    if sys.argv[1:2] == ["install"]:
+        install_main(sys.argv[2:])
     else:
         main()

@@ -39,6 +39,8 @@ class Mirror(Generic[T]):
                 value = self.decode(entry)
             except PipitError as error:
                 log.warning("ignoring %s: %s", key, error)
+            except Exception as error:  # malformed beyond what the decoder checks
+                log.warning("ignoring %s: cannot decode it (%r)", key, error)
         if value is None:
             self.items.pop(key, None)
         else:
@@ -63,4 +65,6 @@ class Mirror(Generic[T]):
                     self.changed.set()
             except PipitError as error:
                 log.warning("following %s: %s; retrying", self.prefix, error)
+            except Exception:  # a bug must not leave the copy frozen for good: say, retry
+                log.exception("following %s failed; retrying", self.prefix)
             await asyncio.sleep(self.retry_seconds)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, ip_network
 
 from ipam.block import block_capacity
-from ipam.errors import InvalidResource
-from ipam.resource import SpecReader, make_document
+from ipam.errors import InvalidResource, PipitError
+from ipam.resource import SpecReader, make_document, read_document
 from ipam.selector import parse_selector
 
+log = logging.getLogger(__name__)
 KIND = "IPPool"
 MODES = ("Never", "Always", "CrossSubnet")
 DEFAULT_BLOCK_SIZE = 26
@@ -54,9 +56,6 @@ class IPPool:
     def block(self, index: int) -> IPv4Network:
         size = 1 << (32 - self.block_size)
         return IPv4Network((int(self.cidr.network_address) + index * size, self.block_size))
-
-    def block_containing(self, address: IPv4Address) -> IPv4Network:
-        return IPv4Network((address, self.block_size), strict=False)
 
     def selects(self, labels: Mapping[str, str]) -> bool:
         return parse_selector(self.node_selector).matches(labels)
@@ -129,7 +128,22 @@ def pool_to_document(pool: IPPool) -> dict:
 
 
 def pool_from_document(doc: Mapping) -> IPPool:
-    return pool_from_spec(doc["metadata"]["name"], doc.get("spec") or {})
+    document = read_document(doc)
+    if document.kind != KIND:
+        raise InvalidResource(f"{document.kind} {document.name!r} is not an {KIND}.")
+    return pool_from_spec(document.name, dict(document.spec))
+
+
+def read_pools(entries) -> list[tuple[IPPool, int]]:
+    """The valid pools among stored entries, each with its mod_revision; an invalid one
+    (written by hand, by an older version) is logged and left out."""
+    pools = []
+    for entry in entries:
+        try:
+            pools.append((pool_from_document(entry.value), entry.mod_revision))
+        except PipitError as error:
+            log.warning("ignoring the pool at %s: %s", entry.key, error)
+    return pools
 
 
 def check_pool_fits(pool: IPPool, existing: Iterable[IPPool]) -> None:

@@ -33,7 +33,7 @@ from ipam.allocator import IPAM
 from ipam.block import block_capacity
 from ipam.cni import handle_id as cni_handle_id
 from ipam.errors import DatastoreUnavailable, InvalidResource, PipitError
-from ipam.pool import IPPool, pool_from_document, pool_of
+from ipam.pool import IPPool, pool_of, read_pools
 from ipam.snapshot import load_snapshot
 
 log = logging.getLogger(__name__)
@@ -131,12 +131,7 @@ class IPAMService:
             return _error(DatastoreUnavailable(f"pipit-agent failed: {error}."))
 
     async def _pools(self) -> list[IPPool]:
-        pools = []
-        for entry in await self.ipam.store.list(keys.POOLS):
-            try:
-                pools.append(pool_from_document(entry.value))
-            except PipitError:
-                continue
+        pools = [pool for pool, _ in read_pools(await self.ipam.store.list(keys.POOLS))]
         self._known_pools, self._pools_read = pools, time.monotonic()
         return pools
 

@@ -25,31 +25,36 @@ class Snapshot:
     handles: dict[str, Handle] = field(default_factory=dict)
     nodes: set[str] = field(default_factory=set)  # registered node records
     revision: int = 0
+    malformed: list[str] = field(default_factory=list)  # keys whose value cannot be read
 
 
 async def load_snapshot(store: Store) -> Snapshot:
     """Everything under /pipit/ in one range read (one etcd revision, so it is consistent)."""
     snap = Snapshot()
-    for entry in await store.list(keys.ROOT):
-        key, value = entry.key, entry.value
+    entries = await store.list(keys.ROOT)
+    for entry in entries:
         snap.revision = max(snap.revision, entry.mod_revision)
-        if key.startswith(keys.POOLS):
-            try:
-                snap.pools.append(pool_from_document(value))
-            except PipitError:
-                continue
-        elif key.startswith(keys.BLOCKS):
-            block = blocks.from_json(value)
-            snap.blocks[block.cidr] = block
-        elif key.startswith(keys.HOSTS):
-            snap.affinities[keys.affinity_parts(key)] = value.get("state", "")
-        elif key.startswith(keys.HANDLES):
-            handle = handles.from_json(value)
-            snap.handles[handle.handle_id] = handle
-        elif key.startswith(keys.NODES):
-            snap.nodes.add(key.removeprefix(keys.NODES))
+        try:
+            _add(snap, entry.key, entry.value)
+        except (PipitError, KeyError, TypeError, ValueError, AttributeError):
+            snap.malformed.append(entry.key)
     snap.pools.sort(key=lambda p: p.name)
     return snap
+
+
+def _add(snap: Snapshot, key: str, value) -> None:
+    if key.startswith(keys.POOLS):
+        snap.pools.append(pool_from_document(value))
+    elif key.startswith(keys.BLOCKS):
+        block = blocks.from_json(value)
+        snap.blocks[block.cidr] = block
+    elif key.startswith(keys.HOSTS):
+        snap.affinities[keys.affinity_parts(key)] = value["state"]
+    elif key.startswith(keys.HANDLES):
+        handle = handles.from_json(value)
+        snap.handles[handle.handle_id] = handle
+    elif key.startswith(keys.NODES):
+        snap.nodes.add(key.removeprefix(keys.NODES))
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,8 @@ def check(snap: Snapshot) -> list[Problem]:
     """Everything that is inconsistent between blocks, handles, affinities, pools and nodes."""
     problems: list[Problem] = []
     add = lambda kind, subject, detail: problems.append(Problem(kind, subject, detail))  # noqa: E731
+    for key in snap.malformed:
+        add("malformed", key, f"the value at {key} cannot be read; fix or delete it")
     # Addresses per handle and block as the blocks see them.
     held: dict[str, Counter[str]] = {}
     for cidr, block in sorted(snap.blocks.items()):

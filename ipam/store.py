@@ -121,11 +121,12 @@ class _Client(aetcd.Client):
             host, port = _host_port(endpoint)
             names.append(host)
             try:
-                infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
+                infos = await asyncio.get_running_loop().getaddrinfo(
+                    host, port, family=socket.AF_INET, type=socket.SOCK_STREAM)
             except socket.gaierror as error:
                 raise DatastoreUnavailable(
                     f"cannot resolve etcd endpoint {endpoint}: {error.strerror}.") from None
-            addresses.extend(f"{info[4][0]}:{port}" for info in infos[:1])
+            addresses.extend(dict.fromkeys(f"{info[4][0]}:{port}" for info in infos))
         if config.endpoints[0].startswith("unix://"):
             target = "unix:" + config.endpoints[0].removeprefix("unix://")
         else:
@@ -174,7 +175,13 @@ class TxnResult:
 
 
 def _entry(kv) -> Entry:
-    return Entry(kv.key.decode(), json.loads(kv.value), kv.mod_revision)
+    """An entry with its JSON value decoded; a value that is not JSON (written by something
+    else) comes as None, for the reader to refuse, instead of failing a whole listing."""
+    try:
+        value = json.loads(kv.value)
+    except ValueError:
+        value = None
+    return Entry(kv.key.decode(), value, kv.mod_revision)
 
 
 def encode(value: Mapping) -> bytes:

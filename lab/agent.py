@@ -10,34 +10,18 @@ group with its log in a file, ready once its IPAM socket answers, stopped (SIGTE
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from ipam.cni import CNIError, ask_agent
 from lab.process import stop_group
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def ask(path: str | Path, request: dict, timeout: float = 5.0) -> dict:
-    """One request to an agent's IPAM socket (the protocol of ipam/service.py)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-        conn.settimeout(timeout)
-        conn.connect(str(path))
-        conn.sendall(json.dumps(request).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = conn.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return json.loads(data)
 
 
 class AgentProcess:
@@ -87,11 +71,12 @@ class AgentProcess:
         return self
 
     def answers(self) -> bool:
-        """Whether the socket takes a request and sends back any JSON answer."""
+        """Whether the socket takes a request and sends back an answer (an error answer too:
+        its details name the agent's error kind)."""
         try:
-            ask(self.socket_path, {"command": "STATUS"}, timeout=2.0)
-        except (OSError, ValueError):
-            return False
+            ask_agent(str(self.socket_path), {"command": "STATUS"}, timeout=2.0)
+        except CNIError as error:
+            return bool(error.details)
         return True
 
     def wait_ready(self, timeout: float = 30.0) -> None:

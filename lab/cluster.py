@@ -29,23 +29,25 @@ what to remove by name and by the state directory, so it also cleans up after a 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
 import yaml
 
+from bgp_agent.status import read_status
 from lab import netns
 from lab.cni import Attachment, CNIRuntime, NetworkConfig, install_bin_dir
 from lab.etcd import EtcdServer
-from lab.process import wait
+from lab.process import alive, command_line, kill, wait
 from lab.routers import Router, RouterPeer, RouterSpec, make_router
 
 DEFAULT_DIR = Path("/tmp/pipit-lab")
@@ -76,6 +78,27 @@ def tor_uplink(rack: int) -> IPv4Interface:
 
 def tor_loopback(rack: int) -> IPv4Network:
     return IPv4Network(f"192.0.2.{rack}/32")
+
+
+def brief(status: dict) -> str:
+    """A node's status in one line (what `report` shows unless given a fuller renderer, such
+    as pipitctl's)."""
+    peers = [p for p in status.get("peers", []) if p["state"] != "skipped"]
+    up = sum(p["state"] == "up" for p in peers)
+    return f"agent of {status.get('node')} answering: {up}/{len(peers)} BGP sessions up"
+
+
+@contextlib.contextmanager
+def new_namespace(name: str) -> Iterator[None]:
+    """Create a namespace for the `with` block to set up; if that fails midway, delete it
+    again, so that the next `up` (which skips existing namespaces) redoes it."""
+    netns.create(name)
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(RuntimeError):
+            netns.delete(name)
+        raise
 
 
 @dataclass
@@ -161,7 +184,7 @@ class Lab:
     def _state(self) -> dict:
         try:
             return json.loads((self.directory / "lab.json").read_text())
-        except (FileNotFoundError, ValueError):
+        except (OSError, ValueError):  # no lab (or no directory) here
             return {}
 
     def _save(self, **changes) -> None:
@@ -178,7 +201,8 @@ class Lab:
 
     # -- up ------------------------------------------------------------------------------
 
-    def up(self, node_count: int = 3, pods_per_node: int = 2) -> bool:
+    def up(self, node_count: int = 3, pods_per_node: int = 2,
+           render: Callable[[dict], str] = brief) -> bool:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.start_etcd()
         self.configure_cluster()
@@ -194,11 +218,10 @@ class Lab:
         for node in self.nodes():
             for p in range(1, pods_per_node + 1):
                 self.add_pod(node, f"{node}-p{p}")
-        return self.report()
+        return self.report(render)
 
     def start_etcd(self) -> None:
-        state = self._state().get("etcd", {})
-        if state.get("pid") and _alive(state["pid"]):
+        if self._etcd_pid():
             return
         server = EtcdServer(data_dir=self.directory / "etcd", unix_socket=True)
         server.start()
@@ -270,26 +293,25 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
     def ensure_racks(self) -> None:
         """The ToR namespaces with their bridges, joined by a core bridge."""
         if not netns.exists(self.core):
-            netns.create(self.core)
-            _ip("-n", self.core, "link", "add", "br0", "type", "bridge")
-            _ip("-n", self.core, "link", "set", "br0", "up")
+            with new_namespace(self.core):
+                _ip("-n", self.core, "link", "add", "br0", "type", "bridge")
+                _ip("-n", self.core, "link", "set", "br0", "up")
         for rack in range(1, self.racks + 1):
             ns = self.tor_ns(rack)
             if netns.exists(ns):
                 continue
-            netns.create(ns)
-            _ip("-n", ns, "link", "add", "br0", "type", "bridge")
-            _ip("-n", ns, "addr", "add", f"{tor_address(rack)}/24", "dev", "br0")
-            _ip("-n", ns, "link", "set", "br0", "up")
-            _ip("-n", ns, "addr", "add", str(tor_loopback(rack)), "dev", "lo")
-            port = f"tor{rack}"
-            _ip("-n", self.core, "link", "add", port, "type", "veth", "peer", "name", "up0",
-                "netns", ns)
-            _ip("-n", self.core, "link", "set", port, "master", "br0", "up")
-            _ip("-n", ns, "addr", "add", str(tor_uplink(rack)), "dev", "up0")
-            _ip("-n", ns, "link", "set", "up0", "up")
-            subprocess.run([*netns.exec_prefix(ns), "sysctl", "-qw", "net.ipv4.ip_forward=1"],
-                           check=True)
+            with new_namespace(ns):  # deleting it also removes the core's end of its uplink
+                _ip("-n", ns, "link", "add", "br0", "type", "bridge")
+                _ip("-n", ns, "addr", "add", f"{tor_address(rack)}/24", "dev", "br0")
+                _ip("-n", ns, "link", "set", "br0", "up")
+                _ip("-n", ns, "addr", "add", str(tor_loopback(rack)), "dev", "lo")
+                port = f"tor{rack}"
+                _ip("-n", self.core, "link", "add", port, "type", "veth", "peer", "name", "up0",
+                    "netns", ns)
+                _ip("-n", self.core, "link", "set", port, "master", "br0", "up")
+                _ip("-n", ns, "addr", "add", str(tor_uplink(rack)), "dev", "up0")
+                _ip("-n", ns, "link", "set", "up0", "up")
+                _ip("netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
 
     def tor_spec(self, rack: int) -> RouterSpec:
         nodes = self._state().get("nodes", {})
@@ -324,9 +346,9 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
 
     def ensure_fabric(self) -> None:
         if not netns.exists(self.fabric):
-            netns.create(self.fabric)
-            _ip("-n", self.fabric, "link", "add", "br0", "type", "bridge")
-            _ip("-n", self.fabric, "link", "set", "br0", "up")
+            with new_namespace(self.fabric):
+                _ip("-n", self.fabric, "link", "add", "br0", "type", "bridge")
+                _ip("-n", self.fabric, "link", "set", "br0", "up")
 
     def add_node(self, node: str, index: int | None = None) -> None:
         """Create the node's namespace and uplink, and start its agent (if not running)."""
@@ -336,15 +358,15 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
         address = self.node_address(index)
         ns = self.node_ns(node)
         if not netns.exists(ns):
-            netns.create(ns)
             switch = (self.tor_ns(self.rack_of(index)) if self.topology == "racks"
                       else self.fabric)
             port = f"{self.prefix[:6]}{node}"[-15:]  # interface names stop at 15 characters
-            _ip("-n", switch, "link", "add", port, "type", "veth", "peer", "name", "eth0",
-                "netns", ns)
-            _ip("-n", switch, "link", "set", port, "master", "br0", "up")
-            _ip("-n", ns, "addr", "add", str(address), "dev", "eth0")
-            _ip("-n", ns, "link", "set", "eth0", "up")
+            with new_namespace(ns):  # deleting it also removes the switch's end of eth0
+                _ip("-n", switch, "link", "add", port, "type", "veth", "peer", "name", "eth0",
+                    "netns", ns)
+                _ip("-n", switch, "link", "set", port, "master", "br0", "up")
+                _ip("-n", ns, "addr", "add", str(address), "dev", "eth0")
+                _ip("-n", ns, "link", "set", "eth0", "up")
         nodes[node] = {**nodes.get(node, {}), "index": index, "netns": ns,
                        "address": str(address)}
         self._save(nodes=nodes)
@@ -370,7 +392,7 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
 
     def start_agent(self, node: str, timeout: float = 60.0) -> None:
         info = self._state()["nodes"][node]
-        if info.get("pid") and _alive(info["pid"]) and self.status(node) is not None:
+        if self._agent_pid(node) and self.status(node) is not None:
             return
         state = self.node_dir(node)
         state.mkdir(parents=True, exist_ok=True)
@@ -387,10 +409,27 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
         self.log(f"{node}: agent running ({info['address']})")
 
     def stop_agent(self, node: str, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
-        pid = self._state()["nodes"][node].get("pid")
-        if pid and _alive(pid):
+        pid = self._agent_pid(node)
+        if pid:
             os.kill(pid, sig)
-            wait(lambda: not _alive(pid), timeout, f"agent of {node} to exit")
+            wait(lambda: not alive(pid), timeout, f"agent of {node} to exit")
+
+    def _agent_pid(self, node: str) -> int | None:
+        """The pid lab.json has for the node's agent, if that process still is the agent we
+        started (a pid from an old lab.json may have been reused by anything)."""
+        pid = self._state().get("nodes", {}).get(node, {}).get("pid")
+        args = command_line(pid) if pid and alive(pid) else []
+        ours = (any(os.path.basename(a) == "pipit-agent" for a in args)
+                and str(self.status_socket(node)) in args)
+        return pid if ours else None
+
+    def _etcd_pid(self) -> int | None:
+        """The pid lab.json has for etcd, if that process still is the etcd we started."""
+        pid = self._state().get("etcd", {}).get("pid")
+        args = command_line(pid) if pid and alive(pid) else []
+        ours = (bool(args) and os.path.basename(args[0]) == "etcd"
+                and str(self.directory / "etcd" / "data") in args)
+        return pid if ours else None
 
     def remove_node(self, node: str) -> None:
         """The node leaves: its agent retires (withdraws its routes, stops its ExaBGP), then
@@ -405,7 +444,6 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
                    nodes={n: i for n, i in state["nodes"].items() if n != node})
 
     def status(self, node: str) -> dict | None:
-        from pipitctl.node_status import read_status
         try:
             return read_status(str(self.status_socket(node)), timeout=2.0)
         except Exception:
@@ -480,12 +518,11 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
         pairs = [(a, b) for a in pods for b in pods if a is not b]
 
         def attempt(pair) -> bool:
-            deadline = time.monotonic() + timeout
-            while True:
-                if self.ping(*pair):
-                    return True
-                if time.monotonic() > deadline:
-                    return False
+            try:
+                return wait(lambda: self.ping(*pair), timeout,
+                            f"{pair[0].name} to reach {pair[1].name}", interval=0.2)
+            except TimeoutError:
+                return False
         with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
             results = list(pool.map(attempt, pairs))
         return {(a.name, b.name): ok for (a, b), ok in zip(pairs, results)}
@@ -496,8 +533,9 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
                               "91"], capture_output=True, text=True, check=True).stdout
         return json.loads(out or "[]")
 
-    def report(self) -> bool:
-        from pipitctl.node_status import render
+    def report(self, render: Callable[[dict], str] = brief) -> bool:
+        """Show every node's status (through `render`) and the ping matrix; whether all is
+        well."""
         ok = True
         self.log(f"etcd: {self.etcd_host_endpoint} (for pipitctl: export "
                  f"PIPIT_ETCD_ENDPOINTS={self.etcd_host_endpoint})")
@@ -526,15 +564,12 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
         """Stop every process and remove every namespace and file the lab made."""
         lab_namespaces = netns.names(self.prefix)
         for ns in lab_namespaces:  # agents, ExaBGP, bridges: whatever runs in a lab netns
-            for pid in _netns_pids(ns):
-                _kill(pid)
-        state = self._state()
-        for info in state.get("nodes", {}).values():
-            if info.get("pid"):
-                _kill(info["pid"])
-        etcd_pid = state.get("etcd", {}).get("pid")
-        if etcd_pid:
-            _kill(etcd_pid)
+            for pid in netns.pids(ns):
+                kill(pid)
+        # lab.json's pids only while they are still our processes (not reused by others)
+        for pid in [*map(self._agent_pid, self.nodes()), self._etcd_pid()]:
+            if pid:
+                kill(pid)
         netns.delete(*lab_namespaces)
         shutil.rmtree(self.directory, ignore_errors=True)
 
@@ -543,30 +578,3 @@ def _ip(*args: str) -> None:
     result = subprocess.run(["ip", *args], capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"ip {' '.join(args)}: {result.stderr.strip()}")
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie is not: reaped here if it is our child, else left to its parent)."""
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-
-
-def _kill(pid: int) -> None:
-    """SIGKILL a process and, if it leads one, its process group."""
-    for kill in (os.killpg, os.kill):
-        try:
-            kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def _netns_pids(ns: str) -> list[int]:
-    out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]

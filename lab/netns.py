@@ -23,6 +23,8 @@ import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from lab.process import alive, kill
+
 NETNS_DIR = Path("/var/run/netns")
 TEST_PREFIX = "pipit-t-"
 
@@ -88,25 +90,27 @@ def delete(*names_: str) -> None:
 _OWNER = re.compile(r"pid(\d+)-")
 
 
+def pids(name: str) -> list[int]:
+    """Processes running inside a namespace ([] if there is no such namespace)."""
+    if not exists(name):
+        return []
+    out = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
 def remove_leftovers(prefix: str = TEST_PREFIX) -> list[str]:
-    """Delete namespaces named `<prefix>pid<pid>-...` whose creating process is gone."""
+    """Delete namespaces named `<prefix>pid<pid>-...` whose creating process is gone, with
+    whatever still runs inside them (a crashed run's agents, ExaBGP, BIRD...)."""
     stale = []
     for name in names(prefix):
         match = _OWNER.match(name[len(prefix):])
-        if match and not _alive(int(match.group(1))):
+        if match and not alive(int(match.group(1))):
             stale.append(name)
+    for name in stale:
+        for pid in pids(name):
+            kill(pid)
     delete(*stale)
     return stale
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Namespaces:

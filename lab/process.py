@@ -1,5 +1,5 @@
 """Helpers every lab part uses: waiting on a condition with a deadline (never a fixed sleep),
-and stopping a process group."""
+whether a process runs (and is the one we started), and stopping or killing a process group."""
 
 from __future__ import annotations
 
@@ -45,3 +45,34 @@ def stop_group(process: subprocess.Popen | None, sig: int = signal.SIGTERM,
             signal_group(process.pid, signal.SIGKILL)
             process.wait()
     return process.returncode
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie is not: reaped here if it is our child, else left to its parent)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def command_line(pid: int) -> list[str]:
+    """The arguments a process runs with ([] if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return [a.decode(errors="replace") for a in cmdline.read().split(b"\0") if a]
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+
+
+def kill(pid: int) -> None:
+    """SIGKILL a process and, if it leads one, its process group."""
+    for send in (os.killpg, os.kill):
+        try:
+            send(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import subprocess
 import sys
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address
 
 import click
@@ -19,9 +21,8 @@ from ipam.release import release_addresses
 from ipam.snapshot import blocks_of, check, load_snapshot, lookup, pool_usage
 from ipam.store import ENV_CA, ENV_CERT, ENV_ENDPOINTS, ENV_KEY, EtcdConfig, Store
 from ipam.txn import Changes, transact
-from bgp_agent.status import DEFAULT_STATUS_SOCKET
+from bgp_agent.status import DEFAULT_STATUS_SOCKET, read_status
 from pipitctl import output
-from pipitctl.node_status import read_status
 from pipitctl.node_status import render as render_status
 from pipitctl.resources import apply_objects, delete_object, get_objects, kind_named, read_objects
 
@@ -62,13 +63,16 @@ def etcd_options(command: Callable) -> Callable:
 
 
 def read_input(filename: str) -> str:
-    if filename == "-":
-        return sys.stdin.read()
     try:
+        if filename == "-":
+            return sys.stdin.read()
         with open(filename, encoding="utf-8") as f:
             return f.read()
     except OSError as error:
         raise InvalidResource(f"cannot read {filename}: {error.strerror}.") from None
+    except UnicodeDecodeError:
+        where = "stdin" if filename == "-" else filename
+        raise InvalidResource(f"cannot read {where}: it is not UTF-8 text.") from None
 
 
 file_option = click.option("-f", "--filename", required=True, metavar="FILE",
@@ -282,6 +286,21 @@ lab_dir = click.option("--dir", "directory", default="/tmp/pipit-lab", show_defa
                        type=click.Path(file_okay=False), help="The lab's state directory.")
 
 
+@contextlib.contextmanager
+def lab_errors() -> Iterator[None]:
+    """What goes wrong in the lab (a command that fails, a deadline that passes) as one
+    sentence, not a traceback."""
+    try:
+        yield
+    except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as error:
+        if isinstance(error, OSError) and error.strerror:  # the system's: reason and file
+            text = error.strerror + (f": {error.filename}" if error.filename else "")
+        else:
+            text = str(error)
+        text = " ".join(text.split()).rstrip(".")  # one line (ip's stderr may hold several)
+        raise click.ClickException(f"the lab failed: {text}") from None
+
+
 @lab.command(name="up")
 @click.option("--nodes", default=3, show_default=True, type=click.IntRange(1, 50))
 @click.option("--pods-per-node", default=2, show_default=True, type=click.IntRange(0, 50))
@@ -298,7 +317,10 @@ def lab_up(nodes: int, pods_per_node: int, topology: str, router: str, directory
     if running and (running, topology) != ("mesh", "mesh"):
         raise InvalidResource(f"a {running} lab is running in {directory}; re-running up "
                               "completes only a mesh lab: `pipitctl lab down` first.")
-    if not Lab(Path(directory), topology=topology, router=router).up(nodes, pods_per_node):
+    with lab_errors():
+        ok = Lab(Path(directory), topology=topology, router=router).up(nodes, pods_per_node,
+                                                                        render_status)
+    if not ok:
         raise SystemExit(1)
 
 
@@ -307,7 +329,12 @@ def lab_up(nodes: int, pods_per_node: int, topology: str, router: str, directory
 def lab_status(directory: str) -> None:
     """Node status of every lab node and the ping matrix."""
     from lab.cluster import Lab
-    if not Lab(Path(directory)).report():
+    lab = Lab(Path(directory))
+    if lab.running_topology() is None:
+        raise InvalidResource(f"no lab is running in {directory}.")
+    with lab_errors():
+        ok = lab.report(render_status)
+    if not ok:
         raise SystemExit(1)
 
 
@@ -316,7 +343,8 @@ def lab_status(directory: str) -> None:
 def lab_down(directory: str) -> None:
     """Remove every namespace, process and file of the lab (also after a crash)."""
     from lab.cluster import Lab
-    Lab(Path(directory)).down()
+    with lab_errors():
+        Lab(Path(directory)).down()
     click.echo("lab removed")
 
 

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import re
-import socket
 
-from ipam.errors import DatastoreUnavailable
 from pipitctl.output import table
 
 STATE_WORDS = {"up": "Established", "connected": "Connect", "down": "Idle", "idle": "Idle",
@@ -39,21 +36,6 @@ def explain(reason: str) -> str:
     code, subcode = int(match.group(2)), int(match.group(3))
     meaning = NOTIFICATIONS.get((code, subcode)) or NOTIFICATIONS.get((code, 0))
     return f"{reason}: {meaning}" if meaning else reason
-
-
-def read_status(path: str, timeout: float = 5.0) -> dict:
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.settimeout(timeout)
-            conn.connect(path)
-            data = b""
-            while chunk := conn.recv(65536):
-                data += chunk
-    except OSError as error:
-        reason = (error.strerror or str(error)).lower()
-        raise DatastoreUnavailable(f"pipit-agent is not running on this node (nothing answers on "
-                                   f"{path}: {reason}).") from None
-    return json.loads(data)
 
 
 def duration(seconds: float) -> str:

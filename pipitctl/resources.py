@@ -21,7 +21,7 @@ from bgp_agent.bgp_config import config_from_spec as bgp_config_from_spec
 from bgp_agent.bgp_peer import check_peer, peer_from_spec, peer_to_document
 from bgp_agent.bgp_config import config_to_document as bgp_config_to_document
 from bgp_agent.node import node_from_document, node_to_document
-from ipam.release import release_host_affinities
+from ipam.release import release_handle, release_host_affinities
 from ipam.resource import Document, make_document, parse_documents, read_document
 from ipam.store import Store
 from ipam.txn import Changes, transact
@@ -82,12 +82,27 @@ def _no_check(obj: Any, stored: list[Any]) -> None:
 
 
 async def delete_node(store: Store, name: str, force: bool) -> None:
-    """Remove a node's record and its claims on blocks (blocks still in use stay, unowned)."""
-    entry = await store.get(keys.node_key(name))
-    if entry is None:
+    """Remove a node: its tunnel addresses, its claims on blocks (blocks still in use stay,
+    unowned), then its record. The record goes last, so a delete that fails midway leaves the
+    node listed and running it again finishes the job."""
+    from ipip.encap import IPIP, VXLAN, tunnel_handle  # only here: it costs start-up time
+
+    if await store.get(keys.node_key(name)) is None:
         raise NotFound(f"node {name!r} not found.")
-    await store.txn({entry.key: entry.mod_revision}, delete=[entry.key])
+    for kind in (IPIP, VXLAN):
+        await release_handle(store, tunnel_handle(kind, name))
     await release_host_affinities(store, name)
+    await _delete_record(store, NODE, name)
+
+
+async def _delete_record(store: Store, kind: Kind, name: str) -> None:
+    """Delete one stored resource (retried while it changes under us)."""
+    async def decide(changes: Changes) -> None:
+        entry = await changes.get(kind.key(name))
+        if entry is None:
+            raise NotFound(f"{kind.word} {name!r} not found.")
+        changes.delete(entry.key)
+    await transact(store, decide, f"deleting {kind.word} {name!r}")
 
 
 NODE = Kind(
@@ -251,9 +266,6 @@ async def delete_object(store: Store, kind: Kind, name: str, force: bool = False
     if kind.delete is not None:
         await kind.delete(store, name, force)
     else:
-        entry = await store.get(kind.key(name))
-        if entry is None:
-            raise NotFound(f"{kind.word} {name!r} not found.")
-        await store.txn({entry.key: entry.mod_revision}, delete=[entry.key])
+        await _delete_record(store, kind, name)
     return f"{kind.word} {name!r} deleted"
 

@@ -1,14 +1,25 @@
-"""Shared fixtures: a real etcd server (Debian etcd-server) on a free loopback port."""
+"""Shared fixtures: a real etcd server (Debian etcd-server) on a free loopback port; the
+network namespaces (and what runs in them) of crashed earlier runs swept once."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 
 from ipam import keys
 from ipam.store import EtcdConfig, Store
+from lab import netns
 from lab.etcd import EtcdServer
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftovers_of_dead_runs():
+    """Test namespaces are named `pipit-t-pid<pid>-...`: those of runs that are gone go, with
+    the agents, ExaBGP and routers still running inside them."""
+    if os.geteuid() == 0:
+        netns.remove_leftovers(netns.TEST_PREFIX)
 
 
 @pytest.fixture(scope="session")

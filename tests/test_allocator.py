@@ -161,6 +161,18 @@ def test_disabling_a_pool_stops_allocation_even_with_a_warm_cache(etcd):
     with_store(etcd, scenario)
 
 
+def test_a_pool_edited_under_a_warm_cache_still_serves_new_blocks(etcd):
+    async def scenario(store):
+        await add_pool(store, "p", "10.17.0.0/24", blockSize=30)  # 3 addresses per block
+        ipam = IPAM(store, refresh_seconds=3600)
+        await ipam.assign("n1", "first", 3)  # fills the first block; the view is cached
+        await add_pool(store, "p", "10.17.0.0/24", blockSize=30, natOutgoing=True)
+        got = await ipam.assign("n1", "second", 3)  # needs a new block: the claim sees the
+        assert len(got) == 3                        # pool changed, and decides again
+        await assert_consistent(store)
+    with_store(etcd, scenario)
+
+
 def test_two_allocators_sharing_blocks_never_hand_out_an_address_twice(etcd):
     async def scenario(store):
         await add_pool(store, "p", "10.18.0.0/28", blockSize=28)

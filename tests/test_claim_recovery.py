@@ -3,9 +3,11 @@ after the block write, is finished or rolled back by the node's next request."""
 
 from ipaddress import IPv4Network
 
+import pytest
+
 from ipam import keys
 from ipam.allocator import IPAM
-from ipam.claim import BlockClaim
+from ipam.claim import BlockClaim, PoolChanged
 from ipam.pool import pool_from_document
 from ipam.snapshot import check, load_snapshot
 from tests.helpers import add_pool, with_store
@@ -92,6 +94,7 @@ def test_block_write_refuses_after_the_pool_changed(etcd):
         claim = BlockClaim(store, "n1", pool_from_document(entry.value), entry.mod_revision, CIDR)
         assert await claim.write_pending()
         await add_pool(store, "p", "10.30.0.0/24", blockSize=28, disabled=True)
-        assert not await claim.write_block()
+        with pytest.raises(PoolChanged):
+            await claim.write_block()
         assert await store.snapshot(keys.HOSTS) == {} and await store.snapshot(keys.BLOCKS) == {}
     with_store(etcd, scenario)

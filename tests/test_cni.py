@@ -93,11 +93,19 @@ def test_leftover_namespaces_of_dead_runs_go_and_others_stay(namespaces):
     mine = namespaces.name("keep")  # this process's: alive
     crashed = f"{netns.TEST_PREFIX}pid{dead.pid}-pod-1"
     foreign = f"{netns.TEST_PREFIX}{dead.pid}-not-ours"  # same prefix, another tool's naming
+    left_running = None
     try:
         netns.create(mine, crashed, foreign)
+        left_running = subprocess.Popen([*exec_prefix(crashed), "sleep", "600"],
+                                        start_new_session=True)
+        wait(lambda: netns.pids(crashed), 10, "sleep to run in the namespace")
         assert netns.remove_leftovers() == [crashed]
         assert netns.exists(mine) and netns.exists(foreign) and not netns.exists(crashed)
+        assert left_running.wait(10) == -signal.SIGKILL  # what ran inside went with it
     finally:
+        if left_running is not None and left_running.poll() is None:
+            left_running.kill()
+            left_running.wait()
         netns.delete(mine, crashed, foreign)
 
 

@@ -7,7 +7,10 @@ pipit-ipam touches no network namespace.)"""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -378,3 +381,31 @@ def test_gc_releases_only_this_nodes_stale_attachments_of_this_network(cni_bin, 
         one.stop()
         if two:
             two.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# python -m ipam.cni install
+
+
+def install_command(*args: str) -> subprocess.CompletedProcess:
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-m", "ipam.cni", "install", *args], cwd=root,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+
+
+def test_install_command_writes_the_plugin_and_refuses_in_one_sentence(tmp_path):
+    out = install_command(str(tmp_path))
+    assert out.returncode == 0 and out.stdout == f"{tmp_path / 'pipit-ipam'}\n", out.stderr
+    assert os.access(tmp_path / "pipit-ipam", os.X_OK)
+    old = tmp_path / "python2"
+    old.write_text("#!/bin/sh\necho 2 7\n")
+    old.chmod(0o755)
+    for args, fact in (([str(tmp_path / "missing")], "is not a directory"),
+                       ([str(tmp_path), "--python", str(old)], "is Python 2.7"),
+                       ([str(tmp_path), "--python", str(tmp_path / "none")],
+                        "does not run as a Python interpreter")):
+        out = install_command(*args)
+        assert out.returncode == 1 and out.stderr.startswith("Error: ") and fact in out.stderr
+        assert len(out.stderr.splitlines()) == 1 and "Traceback" not in out.stderr
+    out = install_command()  # no DIR: usage, never the plugin waiting on stdin
+    assert out.returncode == 2 and "DIR" in out.stderr

@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
@@ -205,6 +208,10 @@ def test_a_bad_second_document_writes_nothing_not_even_the_first(existing, ctl, 
 def test_an_unreadable_file_is_one_sentence(ctl, tmp_path):
     one_sentence(ctl("apply", "-f", str(tmp_path / "missing.yaml")), "missing.yaml",
                  "No such file")
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(ENVELOPE.replace("new", "caf\xe9").encode("latin-1")
+                       + b"spec: {cidr: 10.9.0.0/16}\n")
+    one_sentence(ctl("apply", "-f", str(latin1)), str(latin1), "not UTF-8")
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,6 +368,30 @@ def test_delete_refuses_a_pool_in_use_unless_forced(etcd, ctl):
     assert {k: v for k, v in after.items() if "10.2.0." in k or k == keys.pool_key("kept")} == \
         {k: v for k, v in before.items() if "10.2.0." in k or k == keys.pool_key("kept")}
     assert "no problems found" in ok(ctl("ipam", "check"))
+
+
+def node_yaml(name: str) -> str:
+    return yaml.safe_dump({"apiVersion": "pipit.dev/v1", "kind": "Node",
+                           "metadata": {"name": name},
+                           "spec": {"bgp": {"ipv4Address": "10.99.0.11/24"}}})
+
+
+def test_delete_node_releases_its_tunnel_addresses_and_block_claims(etcd, ctl):
+    with_store(etcd, lambda s: add_pool(s, "default", "10.3.0.0/24", blockSize=28))
+    ok(ctl("apply", "-f", "-", input=node_yaml("node-1")))
+    assign(etcd, ("node-1", "vxlan-tunnel-addr-node-1", 1, {"type": "vxlan-tunnel"}),
+           ("node-1", "ipip-tunnel-addr-node-1", 1, {"type": "ipip-tunnel"}),
+           ("node-1", "pod-a", 1, {"pod": "a"}))
+
+    assert ok(ctl("delete", "node", "node-1")) == "node 'node-1' deleted\n"
+    after = snapshot(etcd)
+    assert keys.node_key("node-1") not in after
+    assert sorted(k for k in after if k.startswith(keys.HANDLES)) == [keys.handle_key("pod-a")]
+    assert not [k for k in after if k.startswith(keys.HOSTS)]  # no affinity left behind
+    # the block with pod-a's address stays, owned by nobody
+    [block] = [blocks.from_json(v) for k, (_, v) in after.items() if k.startswith(keys.BLOCKS)]
+    assert block.node is None and block.used == 1
+    one_sentence(ctl("delete", "node", "node-1"), "'node-1'", "not found")
 
 
 # --------------------------------------------------------------------------------------------
@@ -567,3 +598,30 @@ def test_etcd_endpoints_option_before_or_after_the_subcommand(existing):
     assert ok(pipitctl("get", "ippools", "--etcd-endpoints", endpoint, endpoints=closed)) == after
     assert ok(pipitctl("--etcd-endpoints", closed, "get", "ippools", "--etcd-endpoints",
                        endpoint)) == after
+
+
+# --------------------------------------------------------------------------------------------
+# 8. node status and lab without what they talk to
+
+
+def test_node_status_of_an_agent_that_closes_without_answering_is_one_sentence():
+    with tempfile.TemporaryDirectory(dir="/tmp") as directory:  # a unix socket path is short
+        path = os.path.join(directory, "status.sock")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+            server.bind(path)
+            server.listen()
+            closer = threading.Thread(target=lambda: server.accept()[0].close())
+            closer.start()
+            result = pipitctl("node", "status", "--socket", path)
+            closer.join()
+    one_sentence(result, path, "closed the connection")
+    one_sentence(pipitctl("node", "status", "--socket", path), path, "not running")
+
+
+def test_lab_status_without_a_lab_and_a_lab_that_cannot_start_are_one_sentence(tmp_path):
+    one_sentence(pipitctl("lab", "status", "--dir", str(tmp_path / "none")),
+                 f"no lab is running in {tmp_path / 'none'}")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    one_sentence(pipitctl("lab", "up", "--dir", str(blocker / "lab")), "the lab failed",
+                 "Not a directory", str(blocker / "lab"))

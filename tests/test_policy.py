@@ -33,6 +33,9 @@ def test_mesh_is_every_other_node_with_an_address():
         (B, 65010, "b", 9), (C, 64512, "c", 9)]
     assert all(n.local_address == A and n.local_as == 64512 for n in neighbors)
     assert policy.mesh_neighbors(me, nodes, BGPConfig(node_to_node_mesh=False)) == []
+    # every node listens on the cluster's listenPort, so that is where mesh peers connect
+    moved = policy.mesh_neighbors(me, nodes, BGPConfig(listen_port=1179))
+    assert {(n.listen_port, n.peer_port) for n in moved} == {(1179, 1179)}
 
 
 def test_mesh_peers_may_only_announce_pod_addresses():

@@ -158,12 +158,11 @@ def test_blocks_cover_the_pool_once_in_a_node_specific_order():
     assert list(unclaimed_blocks(pool, "node-a", set(order_a))) == []
 
 
-def test_pool_of_and_block_containing():
+def test_pool_of():
     a = pool_from_spec("a", {"cidr": "10.0.0.0/16", "blockSize": 24})
     b = pool_from_spec("b", {"cidr": "10.1.0.0/16"})
     assert pool_of([a, b], IPv4Address("10.1.2.3")) is b
     assert pool_of([a, b], IPv4Address("10.2.0.0")) is None
-    assert a.block_containing(IPv4Address("10.0.7.9")) == IPv4Network("10.0.7.0/24")
 
 
 # --------------------------------------------------------------------------------------------

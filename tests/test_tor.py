@@ -41,8 +41,9 @@ TOR_ROUTES = {"default", "192.0.2.1", "192.0.2.2"}  # what a node should learn f
 @contextmanager
 def rack_lab(tmp_path_factory, router: str):
     lab = Lab(directory=tmp_path_factory.mktemp(f"racks-{router}"),
-              prefix=f"pipit-t-{router[:2]}{os.getpid()}-", hold_time=6, restart_time=8,
-              log=lambda *a: None, topology="racks", router=router, password=PASSWORD)
+              prefix=f"{netns.TEST_PREFIX}pid{os.getpid()}-{router}-", hold_time=6,
+              restart_time=8, log=lambda *a: None, topology="racks", router=router,
+              password=PASSWORD)
     try:
         assert lab.up(node_count=4, pods_per_node=1), "the lab's pods cannot reach each other"
         yield lab
