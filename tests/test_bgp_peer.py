@@ -24,7 +24,7 @@ from bgp_agent.bgp_peer import (
 from bgp_agent.node import NodeRecord, node_to_document
 from ipam import keys
 from ipam.errors import InvalidResource
-from tests.test_pipitctl import ok, one_sentence, put, snapshot
+from tests.test_pipitctl import ctl, ok, one_sentence, put, snapshot  # noqa: F401 (ctl: a fixture)
 
 TOR = {"peerIP": "10.99.1.1", "asNumber": 65101}
 
