@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
@@ -28,6 +29,7 @@ from ipam.store import Store
 from ipip import capability, dataplane, encap, mtu, nat
 
 log = logging.getLogger(__name__)
+RESYNC_SECONDS = 60.0  # look at the devices again even if nothing asked for a change
 
 
 def native(path) -> NextHop:
@@ -57,6 +59,9 @@ class Encapsulation:
         self.status = EncapStatus()
         self._ipr = None
         self._desired: dataplane.Desired | None = None
+        self._prepared: dataplane.Prepared | None = None
+        self._resync_at = 0.0
+        self._retired = False
         self._capability: tuple[frozenset[str], list[str]] = (frozenset(), [])
         self._nat_pools: list[IPPool] | None = None
 
@@ -93,14 +98,13 @@ class Encapsulation:
         vteps = tuple(encap.RemoteVTEP(n.address.ip, n.vxlan_tunnel_address, n.vxlan_mac)
                       for n in nodes if n.name != me.name and n.address is not None
                       and n.vxlan_tunnel_address is not None and n.vxlan_mac)
-        self._desired = dataplane.Desired(
+        desired = dataplane.Desired(
             local=me.address, kinds=kinds, tunnel_address=ipip_address,
             vtep_address=vxlan_address, vtep_mac=mac, vteps=vteps,
             mtu_override=self.mtu_override)
         devices, pod_mtu = encap.Devices(), self.status.pod_mtu
         try:
-            prepared = await asyncio.to_thread(dataplane.prepare, await self._netlink(),
-                                               self._desired)
+            prepared = await self._prepare_devices(desired)
             devices, pod_mtu = prepared.devices, prepared.pod_mtu
             problems += prepared.errors
         except (LookupError, ValueError, OSError) as error:  # no uplink, an MTU too small
@@ -129,9 +133,22 @@ class Encapsulation:
         except (OSError, RuntimeError) as error:
             problems.append(f"natOutgoing is not in place: {error}")
 
+    async def _prepare_devices(self, desired: dataplane.Desired) -> dataplane.Prepared:
+        """dataplane.prepare, when the wanted devices changed or a resync is due (someone may
+        have removed a device): most passes change only routes."""
+        now = time.monotonic()
+        if desired != self._desired or self._prepared is None or now >= self._resync_at:
+            self._desired, self._prepared = desired, None
+            self._prepared = await asyncio.to_thread(dataplane.prepare, await self._netlink(),
+                                                     desired)
+            self._resync_at, self._retired = now + RESYNC_SECONDS, False
+        return self._prepared
+
     async def retire(self) -> None:
-        if self._desired is not None:
+        """Remove the devices no pool needs, once per change of the wanted devices."""
+        if self._desired is not None and not self._retired:
             await asyncio.to_thread(dataplane.retire, await self._netlink(), self._desired)
+            self._retired = True
 
     async def _check_capability(self, kinds: frozenset[str], pools: list[IPPool]) -> list[str]:
         """One sentence per encapsulation a pool needs and this kernel lacks (probed once per

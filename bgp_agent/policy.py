@@ -182,6 +182,15 @@ def _segments(count: int) -> str:
     return f"{count} segment{'' if count == 1 else 's'}"
 
 
+def import_all(neighbors: Iterable[Neighbor],
+               received: Mapping[IPv4Address, Mapping[IPv4Network, Path]],
+               pools: list[IPPool], own_blocks: set[IPv4Network],
+               my_as: int) -> dict[IPv4Address, ImportResult]:
+    """import_routes for every neighbour."""
+    return {n.address: import_routes(n, received.get(n.address, {}), pools, own_blocks, my_as)
+            for n in neighbors}
+
+
 def _preference(path: Path) -> tuple:
     """BGP best-path order, reduced to what matters here: higher local-pref, shorter AS path,
     lower origin, lower MED. Equal tuples share the traffic (ECMP)."""

@@ -284,9 +284,11 @@ class Router:
             await self._program_kernel({}, own, learned_known=False)
             self._update_status(neighbors, {}, {})
             return
-        received = self._received_with_retention(neighbors)
-        imports = {n.address: policy.import_routes(n, received.get(n.address, {}), pools, own,
-                                                   my_as) for n in neighbors}
+        received = self._received_with_retention(neighbors)  # copies: safe in a thread
+        # The table-wide computations run in a worker thread: with many routes they take
+        # long enough (~1 s at 100k) to stall the agent's IPAM service and its BGP bridge.
+        imports = await asyncio.to_thread(policy.import_all, neighbors, received, pools, own,
+                                          my_as)
         accepted = {address: result.accepted for address, result in imports.items()}
         next_hop = native
         if self.encapsulation is not None:  # tunnel devices up before routes use them
@@ -373,8 +375,8 @@ class Router:
             self._applied = await asyncio.to_thread(self.kernel.dump)
             self._resync_at = now + RESYNC_SECONDS
             self._wake_at(self._resync_at)
-        desired = policy.kernel_routes(accepted, own, next_hop)
-        to_replace, to_delete = diff(desired, self._applied)
+        to_replace, to_delete = await asyncio.to_thread(
+            lambda: diff(policy.kernel_routes(accepted, own, next_hop), self._applied))
         if now < self._grace_until and self._all_peers_settled():
             self._grace_until = 0.0  # start-up is over: from now on a lost peer's routes go
         in_grace = now < self._grace_until
