@@ -14,17 +14,16 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ipip.encap import IPIP, VXLAN, VXLAN_PORT, kinds_in_use, pools_using
+from ipip.kernel_routes import CLONE_NEWNET, in_own_thread
 
 if TYPE_CHECKING:
     from ipam.pool import IPPool
 
-CLONE_NEWNET = 0x40000000
 MODULES = {IPIP: "ipip", VXLAN: "vxlan"}
 _FIELDS = {IPIP: "ipipMode", VXLAN: "vxlanMode"}
 _PROBE_ARGS = {IPIP: {}, VXLAN: {"vxlan_id": 1, "vxlan_port": VXLAN_PORT}}
@@ -61,35 +60,24 @@ def kernel_supports(kind: str) -> bool:
 
 
 def _probe(kind: str) -> bool:
-    outcome: list = []
+    def in_throwaway_namespace() -> bool:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(CLONE_NEWNET) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"unshare(CLONE_NEWNET): {os.strerror(code)}")
+        from pyroute2 import IPRoute, NetlinkError  # the socket opens in the new namespace
 
-    def in_throwaway_namespace() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.unshare(CLONE_NEWNET) != 0:
-                code = ctypes.get_errno()
-                raise OSError(code, f"unshare(CLONE_NEWNET): {os.strerror(code)}")
-            from pyroute2 import IPRoute, NetlinkError  # the socket opens in the new namespace
+        with IPRoute() as ipr:
+            try:
+                ipr.link("add", ifname="pipit-probe", kind=MODULES[kind], **_PROBE_ARGS[kind])
+                return True
+            except NetlinkError as error:
+                if error.code == errno.EEXIST:
+                    # The kernel knows the kind: an ipip probe without endpoints is the
+                    # fallback tunl0 the loaded module already made in this namespace.
+                    return True
+                if error.code == errno.EOPNOTSUPP:  # no such kind: module missing
+                    return False
+                raise
 
-            with IPRoute() as ipr:
-                try:
-                    ipr.link("add", ifname="pipit-probe", kind=MODULES[kind], **_PROBE_ARGS[kind])
-                    outcome.append(True)
-                except NetlinkError as error:
-                    if error.code == errno.EEXIST:
-                        # The kernel knows the kind: an ipip probe without endpoints is the
-                        # fallback tunl0 the loaded module already made in this namespace.
-                        outcome.append(True)
-                    elif error.code == errno.EOPNOTSUPP:  # no such kind: module missing
-                        outcome.append(False)
-                    else:
-                        raise
-        except BaseException as error:  # handed to the caller's thread
-            outcome.append(error)
-
-    thread = threading.Thread(target=in_throwaway_namespace, name=f"probe-{kind}")
-    thread.start()
-    thread.join()
-    if isinstance(outcome[0], BaseException):
-        raise outcome[0]
-    return outcome[0]
+    return in_own_thread(in_throwaway_namespace, f"probe-{kind}")

@@ -22,10 +22,12 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
+from typing import TypeVar
 
 # Pipit's routing protocol number (rtm_protocol). The kernel interprets only 0-4; 91 is in
 # none of linux/rtnetlink.h, iproute2's rt_protos (bird is 12: the lab's ToR BIRD) or FRR's
 # 186-197. `ip route show proto 91` lists Pipit's routes.
+T = TypeVar("T")
 RTPROT_PIPIT = 91
 
 MAIN_TABLE = 254
@@ -401,38 +403,46 @@ class DumpInterrupted(OSError):
     """The route table kept changing during every dump attempt."""
 
 
-def _open_socket(netns: str | None) -> socket.socket:
-    if netns is None:
-        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-    # setns() switches only the calling thread, and a socket stays in the namespace it was
-    # created in: so create it in a short-lived thread and leave this one where it is.
-    result: list[socket.socket | BaseException] = []
+def in_own_thread(function: Callable[[], T], name: str) -> T:
+    """function() in a short-lived thread, its result or exception handed back: for work
+    that moves its thread into another network namespace (setns, unshare switch only the
+    calling thread) and must leave the caller's where it is."""
+    result: list = []
 
-    def enter_and_open() -> None:
+    def run() -> None:
         try:
-            try:
-                fd = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                raise FileNotFoundError(
-                    errno_codes.ENOENT, f"network namespace {netns!r} does not exist") from None
-            try:
-                libc = ctypes.CDLL(None, use_errno=True)
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    code = ctypes.get_errno()
-                    raise OSError(
-                        code, f"setns to network namespace {netns!r}: {os.strerror(code)}")
-            finally:
-                os.close(fd)
-            result.append(socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE))
-        except BaseException as exc:  # handed to the caller's thread
+            result.append(function())
+        except BaseException as exc:
             result.append(exc)
 
-    thread = threading.Thread(target=enter_and_open, name=f"netns-{netns}")
+    thread = threading.Thread(target=run, name=name)
     thread.start()
     thread.join()
     if isinstance(result[0], BaseException):
         raise result[0]
     return result[0]
+
+
+def _open_socket(netns: str | None) -> socket.socket:
+    if netns is None:
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+
+    def enter_and_open() -> socket.socket:  # a socket stays in the namespace it was made in
+        try:
+            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                errno_codes.ENOENT, f"network namespace {netns!r} does not exist") from None
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                code = ctypes.get_errno()
+                raise OSError(code, f"setns to network namespace {netns!r}: {os.strerror(code)}")
+        finally:
+            os.close(fd)
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+
+    return in_own_thread(enter_and_open, f"netns-{netns}")
 
 
 def _set_buffer(sock: socket.socket, force: int, plain: int, size: int) -> None:
