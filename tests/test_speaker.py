@@ -473,7 +473,7 @@ def test_the_bridge_keeps_exabgp_alive_while_no_agent_listens(net1, state_dir):
 
 @needs_root
 @pytest.mark.slow
-def test_measure_announcement_speed(net1, state_dir):
+def test_ten_thousand_announcements_reach_bird_and_are_withdrawn(net1, state_dir):
     address = net1.peer_address(1)
 
     async def scenario():
@@ -483,16 +483,11 @@ def test_measure_announcement_speed(net1, state_dir):
                 await eventually(lambda: established(speaker, address), what="up")
                 for count, first in ((1000, 20), (10000, 40)):
                     routes = [Announcement(p) for p in many_blocks(count, first)]
-                    start = time.monotonic()
                     await speaker.announce(address, routes)
-                    accepted = time.monotonic() - start
                     await eventually(bird_count(bird, count), what=f"{count} in BIRD", timeout=120)
-                    arrived = time.monotonic() - start
                     await speaker.withdraw(address, [r.prefix for r in routes])
                     await eventually(bird_count(bird, 0), what="withdrawn", timeout=120)
-                    gone = time.monotonic() - start - arrived
-                    print(f"\n{count} announcements: accepted by ExaBGP in {accepted:.2f} s, "
-                          f"all in BIRD after {arrived:.2f} s; withdrawn from BIRD in {gone:.2f} s")
+                    assert not speaker.announced.get(address)
 
     asyncio.run(scenario())
 
