@@ -98,15 +98,17 @@ class BlockClaim:
 async def confirm_affinity(store: Store, node: str, cidr: IPv4Network, affinity_revision: int,
                            block_revision: int = 0) -> int | None:
     """Flip a pending affinity to confirmed; the block's mod_revision if the node owns it now.
-    With `block_revision` (the block as this process just created it) the confirmation also
-    checks the block is untouched, and needs no extra read."""
+    With `block_revision` (the block as this process just created it) a block nobody touched
+    since needs no extra read; one that changed meanwhile (another node borrowed from it) is
+    looked at again."""
     affinity_key, block_key = keys.affinity_key(node, cidr), keys.block_key(cidr)
-    expect = {affinity_key: affinity_revision}
+    confirmed = {affinity_key: {"state": CONFIRMED}}
     if block_revision:
-        expect[block_key] = block_revision
-    result = await store.txn(expect, {affinity_key: {"state": CONFIRMED}})
-    if result.succeeded and block_revision:
-        return block_revision
+        result = await store.txn({affinity_key: affinity_revision, block_key: block_revision},
+                                 confirmed)
+        if result.succeeded:
+            return block_revision
+    result = await store.txn({affinity_key: affinity_revision}, confirmed)
     if not result.succeeded:
         current = result.current[affinity_key]
         if not current or current.value.get("state") != CONFIRMED:

@@ -98,3 +98,19 @@ def test_block_write_refuses_after_the_pool_changed(etcd):
             await claim.write_block()
         assert await store.snapshot(keys.HOSTS) == {} and await store.snapshot(keys.BLOCKS) == {}
     with_store(etcd, scenario)
+
+
+def test_a_claim_is_confirmed_even_if_another_node_borrowed_from_the_new_block(etcd):
+    only = IPv4Network("10.31.0.0/28")  # a pool of one block: n2 can only borrow from it
+
+    async def scenario(store):
+        await add_pool(store, "one", str(only), blockSize=28)
+        entry = await store.get(keys.pool_key("one"))
+        claim = BlockClaim(store, "n1", pool_from_document(entry.value), entry.mod_revision, only)
+        assert await claim.write_pending() and await claim.write_block()
+        # Between the block write and the confirmation, another node borrows from the block.
+        [borrowed] = await IPAM(store).assign("n2", "borrower")
+        assert borrowed in only
+        assert await claim.confirm() is not None
+        assert (await owners(store)) == {only: ("n1", "confirmed")}
+    with_store(etcd, scenario)
