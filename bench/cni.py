@@ -7,8 +7,9 @@ Runs as root. Starts a private etcd, a pipit-agent (--no-bgp) and a node network
 error, Ctrl-C or SIGTERM. Every ADD and DEL goes through lab.cni's runtime: `ip netns exec
 NODE ptp` with the configuration on stdin, ptp delegating to the IPAM plugin.
 
-- latency: --rounds × --pods sequential ADDs per IPAM plugin, the two plugins taking turns
-  pod by pod (so drift hits both alike); then the DELs. p50 / p99 per plugin.
+- latency: --rounds × --pods sequential ADDs per IPAM plugin, the plugins taking turns pod by
+  pod (so drift hits all alike); then the DELs. p50 / p99 per plugin. The plugins: host-local,
+  pipit-ipam as installed (the native front) and pipit-ipam-python (the Python plugin alone).
 - burst: --burst ADDs started at once (one thread each), total time until the last one
   answered; then as many DELs at once. host-local is measured the same way.
 - where the time goes: the pieces of one pipit-ipam ADD measured alone (process start of
@@ -35,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ipam.store import EtcdConfig
-from ipam.cni import ask_agent
+from ipam.cni import PYTHON_PLUGIN, ask_agent
 from lab.agent import AgentProcess
 from lab.cni import Attachment, CNIRuntime, NetworkConfig, install_bin_dir
 from lab.etcd import EtcdServer
@@ -74,6 +75,10 @@ class Bench:
             "pipit-ipam": NetworkConfig.load({
                 "cniVersion": "1.0.0", "name": "bench-pipit", "type": "ptp",
                 "ipam": {"type": "pipit-ipam", "socket": str(agent.socket_path)}}),
+            # the Python plugin alone (what the native front falls back to)
+            PYTHON_PLUGIN: NetworkConfig.load({
+                "cniVersion": "1.0.0", "name": "bench-pipit-python", "type": "ptp",
+                "ipam": {"type": PYTHON_PLUGIN, "socket": str(agent.socket_path)}}),
         }
         self.counter = 0
 
@@ -116,7 +121,8 @@ class Bench:
         net = self.nets["pipit-ipam"]
         conf = self.runtime.plugin_config(net, net.plugins[0], pod)
         plugin = self.runtime.find("pipit-ipam")
-        interpreter = open(plugin).readline()[2:].split()
+        python_plugin = self.runtime.find(PYTHON_PLUGIN)
+        interpreter = open(python_plugin).readline()[2:].split()
         env = self.runtime.environment("ADD", pod)
         stdin = json.dumps(conf).encode()
         handle = f"bench-pipit.{pod.container_id}.eth0"
@@ -132,9 +138,11 @@ class Bench:
                 [self.runtime.find("ptp")], env={"CNI_COMMAND": "VERSION"}))),
             (f"{interpreter[0]} -IS -c pass (plugin's interpreter)",
              median_of(lambda: run([*interpreter, "-c", "pass"]))),
-            ("pipit-ipam VERSION (start + imports)", median_of(lambda: run(
-                [plugin], env={"CNI_COMMAND": "VERSION"}))),
-            ("pipit-ipam ADD, repeated (whole plugin run)",
+            (f"{PYTHON_PLUGIN} VERSION (start + imports)", median_of(lambda: run(
+                [python_plugin], env={"CNI_COMMAND": "VERSION"}))),
+            (f"{PYTHON_PLUGIN} ADD, repeated (whole plugin run)",
+             median_of(lambda: run([python_plugin], input=stdin, env=env))),
+            ("pipit-ipam (native front) ADD, repeated (whole plugin run)",
              median_of(lambda: run([plugin], input=stdin, env=env))),
             ("agent ADD on its socket, repeated (reuse)", median_of(lambda: ask_agent(
                 socket, {"command": "ADD", "handle": handle}))),
@@ -185,24 +193,26 @@ def main(argv: list[str] | None = None) -> int:
 
     n = args.pods * args.rounds
     print(f"ptp ADD / DEL latency, {n} pods per IPAM plugin (through `ip netns exec NODE ptp`):")
-    print(f"  {'IPAM':<12} {'op':<4} {'p50':>10} {'p99':>10} {'max':>10}")
+    print(f"  {'IPAM':<17} {'op':<4} {'p50':>10} {'p99':>10} {'max':>10}")
     for name, ops in samples.items():
         for op, values in ops.items():
-            print(f"  {name:<12} {op:<4} {ms(percentile(values, 50)):>10} "
+            print(f"  {name:<17} {op:<4} {ms(percentile(values, 50)):>10} "
                   f"{ms(percentile(values, 99)):>10} {ms(max(values)):>10}")
     p50 = {k: percentile(v["ADD"], 50) for k, v in samples.items()}
     p99 = {k: percentile(v["ADD"], 99) for k, v in samples.items()}
     ratio = p50["pipit-ipam"] / p50["host-local"]
-    print(f"  ratio pipit-ipam / host-local: ADD p50 {ratio:.2f}×,"
-          f" p99 {p99['pipit-ipam'] / p99['host-local']:.2f}×")
+    for name in (n for n in samples if n != "host-local"):
+        print(f"  ratio {name} / host-local: ADD p50 {p50[name] / p50['host-local']:.2f}×,"
+              f" p99 {p99[name] / p99['host-local']:.2f}×")
     print(f"burst of {args.burst} concurrent ADDs (then DELs), total time:")
     for name, (added, deleted) in bursts.items():
-        print(f"  {name:<12} ADD {added:6.3f} s   DEL {deleted:6.3f} s")
-    burst_ratio = bursts["pipit-ipam"][0] / bursts["host-local"][0]
-    print(f"  ratio pipit-ipam / host-local: ADD {burst_ratio:.2f}×")
+        print(f"  {name:<17} ADD {added:6.3f} s   DEL {deleted:6.3f} s")
+    for name in (n for n in bursts if n != "host-local"):
+        print(f"  ratio {name} / host-local: ADD "
+              f"{bursts[name][0] / bursts['host-local'][0]:.2f}×")
     print("where one pipit-ipam ADD's time goes (medians, each piece alone):")
     for label, seconds in pieces:
-        print(f"  {label:<64} {ms(seconds)}")
+        print(f"  {label:<66} {ms(seconds)}")
     burst = bursts["pipit-ipam"][0]
     print(f"goals: p50 ≤ 30 ms ({ms(p50['pipit-ipam']).strip()}: "
           f"{verdict(p50['pipit-ipam'] <= GOAL_P50)}), "

@@ -5,6 +5,12 @@ it asks the node's pipit-agent over a unix socket and prints the result. It impo
 standard library, so it starts in milliseconds and can be copied alone into a CNI bin
 directory (`python -m ipam.cni install DIR`).
 
+`install` puts two executables there: `pipit-ipam`, a small native front (cni_shim.c) that
+hands each call whole to the agent, which runs `plan` below around its own handler, and this
+module as `pipit-ipam-python`, which the front executes whenever it cannot do that (VERSION,
+input it cannot read, the agent unreachable), so every error is worded here. A runtime starts
+one plugin process per pod: the native front starts in well under 1 ms, an interpreter in ~8.
+
 IPAM section:  {"type": "pipit-ipam", "socket": PATH, "pools": [NAMES], "routes": [...]}
 
 Start-up is most of a pod's ADD here, so the plugin imports only what the interpreter has
@@ -150,6 +156,11 @@ def require_env(env: dict, *names: str) -> None:
 
 def ask_agent(path: str, request: dict, timeout: float = TIMEOUT) -> dict:
     """One request to the node's pipit-agent; its errors become CNI errors."""
+    return agent_reply(exchange(path, request, timeout), path)
+
+
+def exchange(path: str, request: dict, timeout: float = TIMEOUT) -> dict:
+    """One request to the node's pipit-agent and its answer as sent (errors included)."""
     try:
         conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
@@ -181,6 +192,11 @@ def ask_agent(path: str, request: dict, timeout: float = TIMEOUT) -> dict:
     except ValueError:
         raise CNIError(IO_FAILURE, f"pipit-agent on {path} sent an answer that is not JSON.",
                        data[:200].decode(errors="replace")) from None
+    return reply
+
+
+def agent_reply(reply: dict, path: str) -> dict:
+    """The agent's answer, or its error as a CNI error."""
     error = reply.get("error")
     if error:
         raise CNIError(_AGENT_ERRORS.get(error.get("kind"), IO_FAILURE), error.get("msg", ""),
@@ -204,9 +220,14 @@ def cni_result(version: str, ips: list[dict], routes: list[dict]) -> dict:
     return {"cniVersion": version, "ips": entries, "routes": routes, "dns": {}}
 
 
-def run(command: str, env: dict, stdin: str) -> dict | None:
+def plan(command: str, env: dict, stdin: str):
+    """One CNI call as (socket path, request for the agent or None, finish): `finish` takes
+    the agent's answer as sent (its errors included) and returns the result to print (None:
+    print nothing) or raises CNIError. No I/O: the plugin runs it around a socket exchange
+    (`run`), the agent around its own handler (the native plugin's calls)."""
     if command == "VERSION":
-        return {"cniVersion": SUPPORTED_VERSIONS[-1], "supportedVersions": list(SUPPORTED_VERSIONS)}
+        return DEFAULT_SOCKET, None, lambda _: {"cniVersion": SUPPORTED_VERSIONS[-1],
+                                                "supportedVersions": list(SUPPORTED_VERSIONS)}
     if command not in ("ADD", "DEL", "CHECK", "STATUS", "GC"):
         raise CNIError(INVALID_ENVIRONMENT, f"CNI_COMMAND {command!r} is not one of ADD, DEL, "
                        "CHECK, STATUS, GC, VERSION." if command else
@@ -215,14 +236,19 @@ def run(command: str, env: dict, stdin: str) -> dict | None:
     version, ipam = config["cniVersion"], config["ipam"]
     path = ipam.get("socket", DEFAULT_SOCKET)
     network = str(config.get("name") or "")
+
+    def nothing(reply: dict) -> None:
+        agent_reply(reply, path)
+
     if command == "STATUS":
-        try:
-            reply = ask_agent(path, {"command": "STATUS"})
-        except CNIError as error:
-            raise CNIError(NOT_AVAILABLE, error.msg, error.details) from None
-        if not reply.get("pools"):
-            raise CNIError(NOT_AVAILABLE, "no enabled IP pool exists yet.")
-        return None
+        def available(reply: dict) -> None:
+            try:
+                agent_reply(reply, path)
+            except CNIError as error:
+                raise CNIError(NOT_AVAILABLE, error.msg, error.details) from None
+            if not reply.get("pools"):
+                raise CNIError(NOT_AVAILABLE, "no enabled IP pool exists yet.")
+        return path, {"command": "STATUS"}, available
     if command == "GC":
         # Without the list every attachment would look stale: refuse rather than release all.
         # ("cni.dev/attachments" is the same list under the name an early 1.1 draft used.)
@@ -233,35 +259,60 @@ def run(command: str, env: dict, stdin: str) -> dict | None:
                            '{"containerID", "ifname"} objects; nothing was released.')
         valid = [handle_id(network, str(a.get("containerID", "")), str(a.get("ifname", "")))
                  for a in attachments]
-        ask_agent(path, {"command": "GC", "prefix": handle_id(network, "", "")[:-1],
-                         "network": network, "valid": valid})
-        return None
+        return path, {"command": "GC", "prefix": handle_id(network, "", "")[:-1],
+                      "network": network, "valid": valid}, nothing
     require_env(env, "CNI_CONTAINERID", "CNI_IFNAME",
                 *(("CNI_NETNS",) if command == "ADD" else ()))
     handle = handle_id(network, env["CNI_CONTAINERID"], env["CNI_IFNAME"])
     if command == "DEL":
-        ask_agent(path, {"command": "DEL", "handle": handle})
-        return None
+        return path, {"command": "DEL", "handle": handle}, nothing
     if command == "CHECK":
-        held = ask_agent(path, {"command": "CHECK", "handle": handle})["ips"]
-        if not held:
-            raise CNIError(UNKNOWN_CONTAINER, f"container {env['CNI_CONTAINERID']} has no "
-                           "address from pipit-ipam.")
-        expected = {ip.get("address") for ip in (config.get("prevResult") or {}).get("ips", [])}
-        have = {f"{ip['address']}/{ip['prefix']}" for ip in held}
-        if expected and expected != have:
-            raise CNIError(CHECK_MISMATCH, f"container {env['CNI_CONTAINERID']} holds "
-                           f"{', '.join(sorted(have))}, not {', '.join(sorted(expected))}.")
-        return None
+        def matches(reply: dict) -> None:
+            held = agent_reply(reply, path)["ips"]
+            if not held:
+                raise CNIError(UNKNOWN_CONTAINER, f"container {env['CNI_CONTAINERID']} has no "
+                               "address from pipit-ipam.")
+            expected = {ip.get("address")
+                        for ip in (config.get("prevResult") or {}).get("ips", [])}
+            have = {f"{ip['address']}/{ip['prefix']}" for ip in held}
+            if expected and expected != have:
+                raise CNIError(CHECK_MISMATCH, f"container {env['CNI_CONTAINERID']} holds "
+                               f"{', '.join(sorted(have))}, not {', '.join(sorted(expected))}.")
+        return path, {"command": "CHECK", "handle": handle}, matches
     args = parse_cni_args(env.get("CNI_ARGS", ""))
     attributes = {"containerID": env["CNI_CONTAINERID"], "ifname": env["CNI_IFNAME"]}
     if args.get("K8S_POD_NAMESPACE"):
         attributes["namespace"] = args["K8S_POD_NAMESPACE"]
     if args.get("K8S_POD_NAME"):
         attributes["pod"] = args["K8S_POD_NAME"]
-    reply = ask_agent(path, {"command": "ADD", "handle": handle, "pools": ipam.get("pools", []),
-                             "attributes": attributes})
-    return cni_result(version, reply["ips"], ipam.get("routes", [{"dst": "0.0.0.0/0"}]))
+
+    def result(reply: dict) -> dict:
+        return cni_result(version, agent_reply(reply, path)["ips"],
+                          ipam.get("routes", [{"dst": "0.0.0.0/0"}]))
+    return path, {"command": "ADD", "handle": handle, "pools": ipam.get("pools", []),
+                  "attributes": attributes}, result
+
+
+def run(command: str, env: dict, stdin: str) -> dict | None:
+    """One CNI call, asking the agent over its socket."""
+    path, request, finish = plan(command, env, stdin)
+    if request is None:
+        return finish({})
+    try:
+        reply = exchange(path, request)
+    except CNIError as error:  # STATUS: "not available" is the one answer for any failure
+        if command == "STATUS":
+            raise CNIError(NOT_AVAILABLE, error.msg, error.details) from None
+        raise
+    return finish(reply)
+
+
+def error_output(error: CNIError, stdin: str) -> dict:
+    """The spec's error JSON for `error`, in the cniVersion the caller asked for if known."""
+    out = {"cniVersion": _version_of(stdin), "code": error.code, "msg": error.msg}
+    if error.details:
+        out["details"] = error.details
+    return out
 
 
 def main() -> None:
@@ -272,11 +323,7 @@ def main() -> None:
     try:
         result = run(env.get("CNI_COMMAND", ""), env, stdin)
     except CNIError as error:
-        version = _version_of(stdin)
-        out = {"cniVersion": version, "code": error.code, "msg": error.msg}
-        if error.details:
-            out["details"] = error.details
-        sys.stdout.write(dumps(out) + "\n")
+        sys.stdout.write(dumps(error_output(error, stdin)) + "\n")
         sys.exit(1)
     if result is not None:
         sys.stdout.write(dumps(result) + "\n")
@@ -298,19 +345,39 @@ def _node_python() -> str | None:
     return candidate if os.access(candidate, os.X_OK) else None
 
 
-def install(directory: str, python: str | None = None) -> str:
-    """Put the plugin, alone, into a CNI bin directory: one executable file, run by `python`
-    (default: the system's python3.X of this X.Y, else this interpreter; another must be the
-    same X.Y version) in isolated mode (-IS:
-    no site-packages or environment; it needs neither), holding this module compiled for that
-    interpreter (compiling the source again on every call would cost ~6 ms of each ADD)."""
+NATIVE_SOURCE = "cni_shim.c"
+PYTHON_PLUGIN = "pipit-ipam-python"  # the name cni_shim.c falls back to
+
+
+def install(directory: str, python: str | None = None, native: bool = True) -> str:
+    """Put the plugin into a CNI bin directory; returns the path of `pipit-ipam`.
+
+    - `pipit-ipam-python`: this module alone, compiled (marshal) for `python` (default: the
+      system's python3.X of this X.Y, else this interpreter; another must be the same X.Y)
+      and run in isolated mode (-IS: no site-packages or environment; it needs neither).
+      Compiling the source on every call would cost ~6 ms of each ADD.
+    - `pipit-ipam`: the native front (cni_shim.c, built here with the C compiler) that hands
+      each call to the agent and falls back to `pipit-ipam-python`; without `native`, the
+      Python plugin itself. No C compiler, or one that fails: a ValueError says so."""
+    import os
+
+    if not os.path.isdir(directory):
+        raise ValueError(f"{directory} is not a directory; create it first.")
+    launcher = _python_launcher(python)
+    target = os.path.join(directory, "pipit-ipam")
+    _write_executable(os.path.join(directory, PYTHON_PLUGIN), launcher.encode())
+    if native:
+        _write_executable(target, _build_native())
+    else:
+        _write_executable(target, launcher.encode())
+    return target
+
+
+def _python_launcher(python: str | None) -> str:
     import marshal
     import os
     import subprocess
 
-    if not os.path.isdir(directory):
-        raise ValueError(f"{directory} is not a directory; create it first.")
-    target = os.path.join(directory, "pipit-ipam")
     python = python or _node_python()
     interpreter = os.path.realpath(python or sys.executable)
     if python:
@@ -324,14 +391,14 @@ def install(directory: str, python: str | None = None) -> str:
             raise ValueError(f"{python} does not run as a Python interpreter.") from None
         if tuple(map(int, theirs)) != tuple(sys.version_info[:2]):
             raise ValueError(f"{python} is Python {'.'.join(theirs)}; install with it instead "
-                             f"({python} -m ipam.cni install {directory}).")
+                             f"({python} -m ipam.cni install DIR).")
     with open(__file__, encoding="utf-8") as source:
         code = compile(source.read(), "ipam/cni.py (pipit-ipam)", "exec")
     version = tuple(sys.version_info[:2])
     mismatch = dumps({"cniVersion": SUPPORTED_VERSIONS[-1], "code": INVALID_ENVIRONMENT,
                       "msg": f"pipit-ipam was installed for Python {version[0]}.{version[1]}; "
                              "install it again (python -m ipam.cni install DIR)."})
-    launcher = (
+    return (
         f"#!{interpreter} -IS\n"
         "# pipit-ipam, the CNI IPAM plugin of Pipit, as `python -m ipam.cni install` wrote it:\n"
         "# the code of ipam/cni.py compiled for the interpreter above.\n"
@@ -340,17 +407,48 @@ def install(directory: str, python: str | None = None) -> str:
         f"    print({mismatch!r})\n"
         "    sys.exit(1)\n"
         f"exec(marshal.loads({marshal.dumps(code)!r}))\n")
-    tmp = target + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as out:
-        out.write(launcher)
+
+
+def _build_native() -> bytes:
+    """cni_shim.c compiled: static where the C library allows (a binary that runs on any
+    node), else linked dynamically."""
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise ValueError("no C compiler (cc) to build the native pipit-ipam; install gcc, or "
+                         "install the Python plugin alone (--no-native).")
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), NATIVE_SOURCE)
+    with tempfile.TemporaryDirectory(prefix="pipit-ipam-build-") as work:
+        output = os.path.join(work, "pipit-ipam")
+        for link in (["-static"], []):
+            built = subprocess.run([compiler, "-O2", *link, "-o", output, source],
+                                   capture_output=True, text=True)
+            if built.returncode == 0:
+                with open(output, "rb") as binary:
+                    return binary.read()
+    first = (built.stderr.strip().splitlines() or ["no message"])[0]
+    raise ValueError(f"{compiler} could not build {NATIVE_SOURCE} ({first}); install gcc and "
+                     "libc6-dev, or install the Python plugin alone (--no-native).")
+
+
+def _write_executable(path: str, content: bytes) -> None:
+    """Replace `path` at once: a runtime may be executing the old one right now."""
+    import os
+
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as out:
+        out.write(content)
     os.chmod(tmp, 0o755)
-    os.replace(tmp, target)
-    return target
+    os.replace(tmp, path)
 
 
 def install_main(argv: list[str]) -> None:
-    """`python -m ipam.cni install DIR [--python PATH]` (argparse only here: the plugin's own
-    start-up never imports it)."""
+    """`python -m ipam.cni install DIR [--python PATH] [--no-native]` (argparse only here:
+    the plugin's own start-up never imports it)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m ipam.cni install",
@@ -358,9 +456,12 @@ def install_main(argv: list[str]) -> None:
     parser.add_argument("directory", metavar="DIR", help="the CNI bin directory")
     parser.add_argument("--python", metavar="PATH",
                         help="the interpreter to run it with (the same X.Y as this one)")
+    parser.add_argument("--no-native", dest="native", action="store_false",
+                        help="install the Python plugin alone (no C compiler needed; each "
+                             "call then starts an interpreter, ~8 ms of CPU)")
     args = parser.parse_args(argv)
     try:
-        print(install(args.directory, args.python))
+        print(install(args.directory, args.python, args.native))
     except ValueError as error:
         sys.exit(f"Error: {error}")
     except OSError as error:

@@ -12,6 +12,12 @@ One request per connection, one JSON object per line each way:
                                                      <- {"released": [handles]}
     <- on failure: {"error": {"kind": "PoolExhausted", "msg": "one sentence"}}
 
+and a whole CNI call from the native plugin (ipam/cni_shim.c), run with the Python plugin's
+own code (`ipam.cni.plan`) around the handler above:
+
+    -> {"command": "CNI", "env": {"CNI_COMMAND": "ADD", ...}, "stdin": "{...}"}
+    <- EXIT-STATUS SP [the plugin's stdout: one line of JSON]
+
 ADD is idempotent (a handle that holds addresses gets them back) and answers only after the
 allocation is committed to etcd. All requests for the node go through the allocator's batch
 queue, so a burst of pods costs a few etcd transactions.
@@ -28,10 +34,9 @@ import socket
 import time
 from ipaddress import IPv4Address, IPv4Network
 
-from ipam import keys
+from ipam import cni, keys
 from ipam.allocator import IPAM
 from ipam.block import block_capacity
-from ipam.cni import handle_id as cni_handle_id
 from ipam.errors import DatastoreUnavailable, InvalidResource, PipitError
 from ipam.pool import IPPool, pool_of, read_pools
 from ipam.snapshot import load_snapshot
@@ -94,6 +99,10 @@ class IPAMService:
             except ValueError:
                 reply = _error(InvalidResource("the request is not a JSON object."))
             else:
+                if request.get("command") == "CNI":
+                    writer.write(await self.cni_call(request))
+                    await writer.drain()
+                    return
                 reply = await self.handle(request)
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
@@ -130,6 +139,20 @@ class IPAMService:
             log.exception("%s failed", command)
             return _error(DatastoreUnavailable(f"pipit-agent failed: {error}."))
 
+    async def cni_call(self, request: dict) -> bytes:
+        """A CNI call forwarded whole by the native plugin: the answer line it prints from
+        (exit status, then the result or error JSON), the same as the Python plugin's."""
+        env, stdin = request.get("env"), request.get("stdin")
+        try:
+            if not isinstance(env, dict) or not isinstance(stdin, str):
+                raise cni.CNIError(cni.DECODE_FAILURE, "the forwarded CNI call has no env "
+                                   "mapping or stdin text; install the plugin again.")
+            _, call, finish = cni.plan(str(env.get("CNI_COMMAND", "")), env, stdin)
+            result = finish(await self.handle(call) if call is not None else {})
+        except cni.CNIError as error:
+            return b"1 " + json.dumps(cni.error_output(error, stdin or "")).encode() + b"\n"
+        return b"0 " + (b"" if result is None else json.dumps(result).encode()) + b"\n"
+
     async def _pools(self) -> list[IPPool]:
         pools = [pool for pool, _ in read_pools(await self.ipam.store.list(keys.POOLS))]
         self._known_pools, self._pools_read = pools, time.monotonic()
@@ -160,7 +183,7 @@ class IPAMService:
             if network is None:
                 return True
             recorded = attribute.secondary
-            return attribute.handle_id == cni_handle_id(str(network),
+            return attribute.handle_id == cni.handle_id(str(network),
                                                         recorded.get("containerID", ""),
                                                         recorded.get("ifname", ""))
 

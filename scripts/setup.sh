@@ -10,6 +10,7 @@ PIPIT_APT_PACKAGES=(
     bird2 frr gobgpd                  # real BGP peers for the tests
     containernetworking-plugins       # ptp, bridge, host-local, portmap, loopback
     iproute2 nftables iputils-ping tcpdump tshark openssl
+    gcc libc6-dev                     # builds pipit-ipam's native front (ipam/cni_shim.c)
     qemu-system-x86 linux-image-amd64 busybox-static  # IPIP tests: Debian's kernel under virtme-ng
 )
 

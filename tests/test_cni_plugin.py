@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ipam import cni
@@ -43,12 +43,14 @@ from tests.cni_support import (  # noqa: F401 (fixtures)
 NET = "pipit-net"
 
 
-@pytest.fixture(scope="module")
-def cni_bin() -> Path:
-    """A CNI bin directory holding just the installed pipit-ipam."""
+@pytest.fixture(scope="module", params=["native", "python"])
+def cni_bin(request) -> Path:
+    """A CNI bin directory holding just the installed pipit-ipam: the native front with the
+    Python plugin beside it, or the Python plugin alone (--no-native). Every test runs with
+    both: they must give the same answers and the same errors."""
     directory = Path(tempfile.mkdtemp(prefix="pipit-t-ipam-bin-"))
     try:
-        install(str(directory))
+        install(str(directory), native=request.param == "native")
         yield directory
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -190,6 +192,16 @@ def test_add_is_idempotent_check_compares_and_del_releases(ipam, etcd):
     assert ipam("DEL", ipam.config(), "never-added") is None
     nothing_held(etcd, container)
     assert pipitctl_in_use(etcd, "default") == 0
+
+
+def test_a_configuration_larger_than_the_agent_takes_is_still_served(ipam, etcd):
+    """Over 1 MiB (a runtime's prevResult, say): the native front leaves it to the Python
+    plugin, which sends the agent only what it needs."""
+    container = new_container_id()
+    big = {**ipam.config(), "runtimeConfig": {"padding": "x" * (3 << 19)}}
+    assert ipam("ADD", big, container)["ips"]
+    assert ipam("DEL", big, container) is None
+    nothing_held(etcd, container)
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,13 +396,104 @@ def test_gc_releases_only_this_nodes_stale_attachments_of_this_network(cni_bin, 
 
 
 # --------------------------------------------------------------------------------------------
+# The native front alone: what it answers, the agent answered (no Python plugin beside it)
+
+
+@pytest.fixture(scope="module")
+def native_bin() -> Path:
+    directory = Path(tempfile.mkdtemp(prefix="pipit-t-ipam-native-"))
+    try:
+        install(str(directory))
+        (directory / cni.PYTHON_PLUGIN).unlink()
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def native(native_bin, agent) -> Plugin:
+    return Plugin(native_bin, agent)
+
+
+def test_the_native_front_serves_every_command_through_the_agent(native, etcd):
+    container = new_container_id()
+    old = native("ADD", native.config("0.4.0"), container)
+    assert old["ips"][0]["version"] == "4" and old["cniVersion"] == "0.4.0"
+    new = native("ADD", native.config("1.1.0"), container,
+                 CNI_ARGS="K8S_POD_NAMESPACE=web;K8S_POD_NAME=a")
+    assert [ip["address"] for ip in new["ips"]] == [ip["address"] for ip in old["ips"]]
+    assert holder(snapshot(etcd), new["ips"][0]["address"]) == handle_id(NET, container, "eth0")
+    assert native("CHECK", {**native.config(), "prevResult": new}, container) is None
+    fails(native.raw("CHECK", json.dumps(native.config()).encode(), "other"), 3, "other")
+    assert native("STATUS", native.config("1.1.0"), container_id=None) is None
+    fails(native.raw("ADD", json.dumps(native.config(pools=["nope"])).encode(), "c2"), 101,
+          "nope")
+    fails(native.raw("ADD", json.dumps(native.config(colour="red")).encode(), "c2"), 2,
+          "colour")
+    fails(native.raw("ADD", json.dumps(native.config("9.9.9")).encode(), "c2"), 1, "9.9.9")
+    fails(native.raw("ADD", json.dumps(native.config()).encode(), "c2", netns=None), 4,
+          "CNI_NETNS")
+    gc = {**native.config("1.1.0"), "cni.dev/valid-attachments": []}
+    assert native("GC", gc, container_id=None) is None  # the only attachment was stale
+    nothing_held(etcd, container, "c2")
+    assert native("DEL", native.config(), container) is None
+
+
+def test_the_native_front_without_its_python_plugin_says_to_install_again(native):
+    native.agent.stop()  # unreachable: the front hands the call to the missing Python plugin
+    for command, stdin in (("ADD", json.dumps(native.config()).encode()), ("VERSION", b"")):
+        fails(native.raw(command, stdin), 5, cni.PYTHON_PLUGIN, "install the plugin again")
+
+
+# Strings json.dumps writes without a \u escape (the front hands those to Python).
+PLAIN_TEXT = st.text(st.characters(blacklist_categories=("Cc", "Cs"))
+                     | st.sampled_from('"\\/\t\n'), max_size=8)
+
+
+def plain_containers(inner: st.SearchStrategy) -> st.SearchStrategy:
+    return st.lists(inner, max_size=3) | st.dictionaries(PLAIN_TEXT, inner, max_size=3)
+
+
+PLAIN_JSON = st.recursive(st.none() | st.booleans() | st.integers() | PLAIN_TEXT,
+                          plain_containers, max_leaves=8)
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(before=st.dictionaries(PLAIN_TEXT, PLAIN_JSON, max_size=3),
+       after=st.dictionaries(PLAIN_TEXT, PLAIN_JSON, max_size=3),
+       socket_first=st.booleans(), indent=st.sampled_from([None, 0, 2, "\t"]))
+def test_the_native_front_finds_the_socket_wherever_the_configuration_puts_it(
+        native, before, after, socket_first, indent):
+    ipam_section = ({"socket": str(native.agent.socket_path), "type": "pipit-ipam"}
+                    if socket_first else
+                    {"type": "pipit-ipam", "routes": [{"dst": "0.0.0.0/0"}],
+                     "socket": str(native.agent.socket_path)})
+    reserved = {"cniVersion", "ipam", "name"}
+    config = {**{k: v for k, v in before.items() if k not in reserved}, "cniVersion": "1.1.0",
+              "name": NET, "ipam": ipam_section,
+              **{k: v for k, v in after.items() if k not in reserved}}
+    stdin = json.dumps(config, indent=indent, ensure_ascii=False).encode()
+    run = native.raw("STATUS", stdin, container_id=None)
+    assert run.returncode == 0 and run.stdout == b"", (stdin, run)
+
+
+def test_the_native_front_takes_the_last_ipam_section_as_python_does(native):
+    stdin = ('{"cniVersion": "1.0.0", "name": "n", "ipam": {"socket": "/nonexistent"}, '
+             f'"ipam": {{"type": "pipit-ipam", "socket": "{native.agent.socket_path}"}}}}')
+    run = native.raw("STATUS", stdin.encode(), container_id=None)
+    assert run.returncode == 0, run
+
+
+# --------------------------------------------------------------------------------------------
 # python -m ipam.cni install
 
 
-def install_command(*args: str) -> subprocess.CompletedProcess:
+def install_command(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     root = Path(__file__).resolve().parents[1]
     return subprocess.run([sys.executable, "-m", "ipam.cni", "install", *args], cwd=root,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
+                          env={**os.environ, **(env or {})})
 
 
 def test_install_command_writes_the_plugin_and_refuses_in_one_sentence(tmp_path):
@@ -407,5 +510,10 @@ def test_install_command_writes_the_plugin_and_refuses_in_one_sentence(tmp_path)
         out = install_command(*args)
         assert out.returncode == 1 and out.stderr.startswith("Error: ") and fact in out.stderr
         assert len(out.stderr.splitlines()) == 1 and "Traceback" not in out.stderr
+    out = install_command(str(tmp_path), "--no-native")
+    assert out.returncode == 0
+    assert (tmp_path / "pipit-ipam").read_bytes() == (tmp_path / cni.PYTHON_PLUGIN).read_bytes()
+    out = install_command(str(tmp_path), env={"CC": "/bin/false"})
+    assert out.returncode == 1 and "could not build" in out.stderr and "--no-native" in out.stderr
     out = install_command()  # no DIR: usage, never the plugin waiting on stdin
     assert out.returncode == 2 and "DIR" in out.stderr
