@@ -495,9 +495,10 @@ def ipv4_only_iptables(directory: str | Path) -> dict[str, str]:
 
 def install_bin_dir(path: str | Path, plugin_dir: str | Path = PLUGIN_DIR,
                     python: str | None = None) -> Path:
-    """A CNI bin directory: symlinks to the reference plugins in `plugin_dir`, plus a
-    standalone copy of pipit-ipam (run by `python`, default this interpreter)."""
-    from ipam.cni import install  # the plugin's own installer (a copy run with -IS)
+    """A CNI bin directory: symlinks to the reference plugins in `plugin_dir`, plus pipit-ipam
+    as `python -m ipam.cni install` puts it there (the native front, and the Python plugin
+    run by `python` beside it)."""
+    from ipam.cni import install  # the plugin's own installer
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ needs_root_and_plugins = pytest.mark.skipif(
 
 @pytest.fixture(scope="session")
 def cni_bin() -> Path:
-    """Symlinks to the reference plugins plus the standalone pipit-ipam."""
+    """Symlinks to the reference plugins plus pipit-ipam as installed (native front)."""
     path = Path(tempfile.mkdtemp(prefix="pipit-t-cni-bin-"))
     try:
         yield install_bin_dir(path)
