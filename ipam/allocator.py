@@ -469,9 +469,10 @@ class IPAM:
                                           for a in affinities)
         for affinity in affinities:
             cidr = keys.affinity_parts(affinity.key)[1]
-            entry = await settle_affinity(self.store, node, affinity, found[keys.block_key(cidr)])
-            if entry is not None:
-                view.blocks[cidr] = (blocks.from_json(entry.value), entry.mod_revision)
+            settled = await settle_affinity(self.store, node, affinity,
+                                            found[keys.block_key(cidr)])
+            if settled is not None:
+                view.blocks[cidr] = settled
         view.loaded_at = time.monotonic()
         return view
 

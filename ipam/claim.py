@@ -75,7 +75,7 @@ class BlockClaim:
             raise PoolChanged(self.pool.name)
         return False
 
-    async def confirm(self) -> int | None:
+    async def confirm(self) -> tuple[blocks.Block, int] | None:
         return await confirm_affinity(self.store, self.node, self.cidr, self.affinity_revision,
                                       self.block_revision)
 
@@ -84,45 +84,42 @@ class BlockClaim:
                              [self.affinity_key])
 
     async def run(self) -> tuple[blocks.Block, int] | None:
-        """All three steps; the new empty block and its revision, or None if we lost the race."""
+        """All three steps; the block as it stands (empty, unless another node borrowed from
+        it meanwhile) and its revision, or None if we lost the race."""
         if not await self.write_pending():
             return None
         if not await self.write_block():
             return None
-        revision = await self.confirm()
-        if revision is None:
-            return None
-        return blocks.new_block(self.cidr, self.node), revision
+        return await self.confirm()
 
 
 async def confirm_affinity(store: Store, node: str, cidr: IPv4Network, affinity_revision: int,
-                           block_revision: int = 0) -> int | None:
-    """Flip a pending affinity to confirmed; the block's mod_revision if the node owns it now.
-    With `block_revision` (the block as this process just created it) a block nobody touched
-    since needs no extra read; one that changed meanwhile (another node borrowed from it) is
-    looked at again."""
+                           block_revision: int = 0) -> tuple[blocks.Block, int] | None:
+    """Flip a pending affinity to confirmed; the block and its mod_revision if the node owns
+    it now. With `block_revision` (the block as this process just created it) a block nobody
+    touched since needs no extra read; one that changed meanwhile (another node borrowed from
+    it) is read again, and that is the block returned: its allocations are not free."""
     affinity_key, block_key = keys.affinity_key(node, cidr), keys.block_key(cidr)
     confirmed = {affinity_key: {"state": CONFIRMED}}
     if block_revision:
         result = await store.txn({affinity_key: affinity_revision, block_key: block_revision},
                                  confirmed)
         if result.succeeded:
-            return block_revision
+            return blocks.new_block(cidr, node), block_revision
     result = await store.txn({affinity_key: affinity_revision}, confirmed)
     if not result.succeeded:
         current = result.current[affinity_key]
         if not current or current.value.get("state") != CONFIRMED:
             return None
     entry = await store.get(block_key)
-    if entry is None or blocks.from_json(entry.value).node != node:
-        return None
-    return entry.mod_revision
+    block = blocks.from_json(entry.value) if entry is not None else None
+    return (block, entry.mod_revision) if block is not None and block.node == node else None
 
 
 async def settle_affinity(store: Store, node: str, affinity: Entry,
-                          block_entry: Entry | None) -> Entry | None:
-    """Bring one of the node's affinities to a final state; returns the block entry if the node
-    owns the block afterwards (its affinity confirmed), else None."""
+                          block_entry: Entry | None) -> tuple[blocks.Block, int] | None:
+    """Bring one of the node's affinities to a final state; returns the block and its
+    mod_revision if the node owns it afterwards (its affinity confirmed), else None."""
     _, cidr = keys.affinity_parts(affinity.key)
     state = affinity.value.get("state")
     owner = blocks.from_json(block_entry.value).node if block_entry else None
@@ -130,7 +127,7 @@ async def settle_affinity(store: Store, node: str, affinity: Entry,
 
     if state == CONFIRMED:
         if owner == node:
-            return block_entry
+            return blocks.from_json(block_entry.value), block_entry.mod_revision
         log.warning("node %s: affinity for %s has no block of its own; removing it", node, cidr)
         await store.txn(*delete_affinity)
         return None
@@ -147,13 +144,12 @@ async def settle_affinity(store: Store, node: str, affinity: Entry,
             log.info("node %s: completing interrupted claim of %s", node, cidr)
             if not await claim.write_block():
                 return None
-        elif owner != node:
+            return await claim.confirm()
+        if owner != node:
             log.info("node %s: rolling back claim of %s (owned by %s)", node, cidr, owner)
             await store.txn(*delete_affinity)
             return None
-        if await confirm_affinity(store, node, cidr, affinity.mod_revision) is None:
-            return None
-        return await store.get(keys.block_key(cidr))
+        return await confirm_affinity(store, node, cidr, affinity.mod_revision)
 
     if state == PENDING_DELETION:
         # A release of this affinity was interrupted: finish it.

@@ -7,6 +7,7 @@ import pytest
 
 from ipam import keys
 from ipam.allocator import IPAM
+from ipam.block import addresses_of
 from ipam.claim import BlockClaim, PoolChanged
 from ipam.pool import pool_from_document
 from ipam.snapshot import check, load_snapshot
@@ -111,6 +112,37 @@ def test_a_claim_is_confirmed_even_if_another_node_borrowed_from_the_new_block(e
         # Between the block write and the confirmation, another node borrows from the block.
         [borrowed] = await IPAM(store).assign("n2", "borrower")
         assert borrowed in only
-        assert await claim.confirm() is not None
+        block, revision = await claim.confirm()
+        assert block.holder(borrowed).handle_id == "borrower"  # not handed out as free
+        assert revision == (await store.get(keys.block_key(only))).mod_revision
         assert (await owners(store)) == {only: ("n1", "confirmed")}
+    with_store(etcd, scenario)
+
+
+def test_a_claim_borrowed_from_before_its_confirmation_never_gives_the_address_again(
+        etcd, monkeypatch):
+    """The allocator's path through the same race: the claiming node then allocates from the
+    block it claimed, and must neither get nor overwrite the address the other node borrowed."""
+    only = IPv4Network("10.31.0.0/28")
+
+    async def scenario(store):
+        await add_pool(store, "one", str(only), blockSize=28)
+        write_block = BlockClaim.write_block
+
+        async def borrowed_meanwhile(claim):  # the real write, then another node borrows
+            written = await write_block(claim)
+            await IPAM(store).assign("n2", "borrower")
+            return written
+
+        monkeypatch.setattr(BlockClaim, "write_block", borrowed_meanwhile)
+        ipam = IPAM(store)
+        [first] = await ipam.assign("n1", "pod-1")
+        monkeypatch.setattr(BlockClaim, "write_block", write_block)
+        [second] = await ipam.assign("n1", "pod-2")
+        snap = await load_snapshot(store)
+        assert check(snap) == []
+        block = snap.blocks[only]
+        [borrowed] = addresses_of(block, "borrower")
+        assert addresses_of(block, "pod-1") == [first] and addresses_of(block, "pod-2") == [second]
+        assert len({borrowed, first, second}) == 3
     with_store(etcd, scenario)
