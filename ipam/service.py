@@ -97,14 +97,11 @@ class IPAMService:
                 if not isinstance(request, dict):
                     raise ValueError
             except ValueError:
-                reply = _error(InvalidResource("the request is not a JSON object."))
+                answer = _line(_error(InvalidResource("the request is not a JSON object.")))
             else:
-                if request.get("command") == "CNI":
-                    writer.write(await self.cni_call(request))
-                    await writer.drain()
-                    return
-                reply = await self.handle(request)
-            writer.write(json.dumps(reply).encode() + b"\n")
+                answer = (await self.cni_call(request) if request.get("command") == "CNI"
+                          else _line(await self.handle(request)))
+            writer.write(answer)
             await writer.drain()
         except (asyncio.TimeoutError, ConnectionError, asyncio.LimitOverrunError, ValueError):
             pass  # the client went away or sent garbage: nothing to answer
@@ -150,8 +147,8 @@ class IPAMService:
             _, call, finish = cni.plan(str(env.get("CNI_COMMAND", "")), env, stdin)
             result = finish(await self.handle(call) if call is not None else {})
         except cni.CNIError as error:
-            return b"1 " + json.dumps(cni.error_output(error, stdin or "")).encode() + b"\n"
-        return b"0 " + (b"" if result is None else json.dumps(result).encode()) + b"\n"
+            return b"1 " + _line(cni.error_output(error, stdin or ""))
+        return b"0 " + (b"\n" if result is None else _line(result))
 
     async def _pools(self) -> list[IPPool]:
         pools = [pool for pool, _ in read_pools(await self.ipam.store.list(keys.POOLS))]
@@ -218,6 +215,10 @@ def _attributes(request: dict) -> dict[str, str]:
     if not isinstance(attributes, dict):
         raise InvalidResource("attributes must be a mapping of strings.")
     return {str(k): str(v) for k, v in attributes.items()}
+
+
+def _line(answer: dict) -> bytes:
+    return json.dumps(answer).encode() + b"\n"
 
 
 def _error(error: PipitError) -> dict:
