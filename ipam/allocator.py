@@ -33,12 +33,10 @@ from ipam.handle import Handle, check_handle_id
 from ipam.pool import IPPool, read_pools, unclaimed_blocks
 from ipam.release import stage_block, stage_handle
 from ipam.store import Entry, Store
-from ipam.txn import MAX_ATTEMPTS, Changes
+from ipam.txn import MAX_ATTEMPTS, TXN_KEY_BUDGET, Changes
 
 log = logging.getLogger(__name__)
 
-# etcd refuses transactions with more than 128 compares or operations (--max-txn-ops).
-TXN_KEY_BUDGET = 110
 
 
 @dataclass(frozen=True)
@@ -252,7 +250,7 @@ class IPAM:
             await self._prefetch_handles(plan, requests)
             outcomes: list = []
             for request in requests:
-                if outcomes and len(plan.revisions) + len(view.pools) >= TXN_KEY_BUDGET:
+                if outcomes and len(plan.revisions) >= TXN_KEY_BUDGET:
                     break
                 try:
                     if isinstance(request, AssignRequest):
@@ -265,9 +263,6 @@ class IPAM:
                     break  # the batch is decided again on the fresh view
             changes = Changes(self.store)
             plan.stage(changes)
-            for pool in {p for r in requests[:len(outcomes)] if isinstance(r, AssignRequest)
-                         for p in self._pool_names(view, r)}:
-                changes.saw(keys.pool_key(pool), view.pools[pool][1])
             if changes.empty:
                 return outcomes
             changes.saw(keys.IPAM_CONFIG, view.config_revision)
@@ -280,13 +275,6 @@ class IPAM:
         raise Conflict(f"allocation on node {node} kept colliding with concurrent changes after "
                        f"{MAX_ATTEMPTS} attempts; try again.")
 
-    @staticmethod
-    def _pool_names(view: NodeView, request: AssignRequest) -> list[str]:
-        try:
-            return [p.name for p in view.eligible_pools(request.pools)]
-        except PipitError:
-            return []
-
     # -- deciding ------------------------------------------------------------------------
 
     async def _plan_assign(self, plan: _Plan, request: AssignRequest) -> list[IPv4Address]:
@@ -296,6 +284,8 @@ class IPAM:
             if held:
                 return held
         pools = view.eligible_pools(request.pools)
+        for pool in pools:  # the decision depends on each pool as the view read it
+            plan.revisions.setdefault(keys.pool_key(pool.name), view.pools[pool.name][1])
         taken: dict[IPv4Network, Block] = {}  # this request's changes, merged only if complete
         got: list[IPv4Address] = []
 
@@ -429,19 +419,17 @@ class IPAM:
         if request.handle_id not in plan.view.handles and request.handle_id not in plan.handles:
             plan.revisions.setdefault(keys.handle_key(request.handle_id), 0)
             return []  # unknown handle: nothing to free (the caller's DEL is idempotent)
-        handle = plan.read_handle(request.handle_id)
         freed: list[IPv4Address] = []
-        for cidr_text in list(handle.blocks):
+        for cidr_text in plan.read_handle(request.handle_id).blocks:
             cidr = IPv4Network(cidr_text)
             block = plan.read_block(cidr) or plan.read_block(cidr, plan.foreign)
-            handle = handles.remove(handle, cidr_text, handle.blocks[cidr_text])
             if block is None:
                 continue
             updated, done = blocks.release_handle(block, request.handle_id)
             if done:
                 plan.blocks[cidr] = updated
                 freed += done
-        plan.handles[request.handle_id] = handle
+        plan.handles[request.handle_id] = Handle(request.handle_id)  # holds nothing now
         return freed
 
     # -- the cached view -----------------------------------------------------------------
@@ -457,11 +445,11 @@ class IPAM:
         view = NodeView(node, handles=previous.handles if previous else {})
         for pool, revision in read_pools(await self.store.list(keys.POOLS)):
             view.pools[pool.name] = (pool, revision)
-        config = await self.store.get(keys.IPAM_CONFIG)
+        found = await self.store.get_many([keys.IPAM_CONFIG, keys.node_key(node)])
+        config, record = found[keys.IPAM_CONFIG], found[keys.node_key(node)]
         if config is not None:
             view.config = config_from_spec(config.value.get("spec") or {})
             view.config_revision = config.mod_revision
-        record = await self.store.get(keys.node_key(node))
         if record is not None:
             view.labels = dict((record.value.get("metadata") or {}).get("labels") or {})
         affinities = await self.store.list(keys.affinity_prefix(node))

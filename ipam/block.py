@@ -38,10 +38,6 @@ class Block:
     seq_for_allocation: Mapping[int, int] = field(default_factory=dict)
 
     @property
-    def size(self) -> int:
-        return len(self.allocations)
-
-    @property
     def free(self) -> int:
         return len(self.unallocated)
 

@@ -14,7 +14,7 @@ from ipam.errors import InUse, NotFound
 from ipam.pool import IPPool, pool_from_document, pool_to_document
 from ipam.release import stage_handle
 from ipam.store import Store
-from ipam.txn import Changes, transact
+from ipam.txn import TXN_KEY_BUDGET, Changes, transact
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,8 @@ async def delete_pool(store: Store, name: str, force: bool = False) -> PoolDelet
             store, lambda changes, cidr=cidr: _remove_block(changes, cidr, force),
             f"removing block {cidr}")
         outcome.blocks_removed += 1
-    for key in affinity_keys:
-        await store.txn({}, delete=[key])
+    for start in range(0, len(affinity_keys), TXN_KEY_BUDGET):  # etcd caps ops per txn
+        await store.txn({}, delete=affinity_keys[start:start + TXN_KEY_BUDGET])
     # 3. Delete the pool itself.
     result = await store.txn({entry.key: revision}, delete=[entry.key])
     if not result.succeeded:

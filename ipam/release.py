@@ -38,19 +38,12 @@ def stage_handle(changes: Changes, handle: Handle) -> None:
         changes.delete(key)
 
 
-async def _block_cidr_of(store: Store, address: IPv4Address) -> IPv4Network | None:
-    for key in await store.list_keys(keys.BLOCKS):
-        cidr = keys.block_cidr(key)
-        if address in cidr:
-            return cidr
-    return None
-
-
 async def release_addresses(store: Store, releases: Iterable[Release]) -> list[IPv4Address]:
     """Free the given addresses (those that are allocated and still match); returns the freed."""
+    cidrs = [keys.block_cidr(k) for k in await store.list_keys(keys.BLOCKS)]
     by_block: dict[IPv4Network, list[Release]] = defaultdict(list)
     for r in releases:
-        cidr = await _block_cidr_of(store, r.address)
+        cidr = next((c for c in cidrs if r.address in c), None)
         if cidr is not None:
             by_block[cidr].append(r)
     freed: list[IPv4Address] = []
@@ -83,19 +76,17 @@ async def release_handle(store: Store, handle_id: str) -> list[IPv4Address]:
         entry = await changes.get(keys.handle_key(handle_id))
         if entry is None:
             return []
-        handle = handles.from_json(entry.value)
-        block_keys = [keys.block_key(IPv4Network(c)) for c in handle.blocks]
+        held = handles.from_json(entry.value).blocks
+        block_keys = [keys.block_key(IPv4Network(c)) for c in held]
         freed: list[IPv4Address] = []
-        for key, block_entry in (await changes.get_many(block_keys)).items():
-            cidr = keys.block_cidr(key)
-            handle = handles.remove(handle, str(cidr), handle.blocks.get(str(cidr), 0))
+        for block_entry in (await changes.get_many(block_keys)).values():
             if block_entry is None:
                 continue
             updated, done = blocks.release_handle(blocks.from_json(block_entry.value), handle_id)
             if done:
                 stage_block(changes, updated)
                 freed += done
-        stage_handle(changes, handle)
+        changes.delete(keys.handle_key(handle_id))  # it holds nothing now
         return freed
     return await transact(store, decide, f"releasing handle {handle_id}")
 

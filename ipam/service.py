@@ -34,16 +34,16 @@ import socket
 import time
 from ipaddress import IPv4Address, IPv4Network
 
+from ipam import block as blocks
 from ipam import cni, keys
 from ipam.allocator import IPAM
 from ipam.block import block_capacity
 from ipam.errors import DatastoreUnavailable, InvalidResource, PipitError
 from ipam.pool import IPPool, pool_of, read_pools
-from ipam.snapshot import load_snapshot
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SOCKET = "/run/pipit/ipam.sock"
+DEFAULT_SOCKET = cni.DEFAULT_SOCKET
 MAX_REQUEST = 1 << 20
 REQUEST_TIMEOUT = 10.0
 POOLS_TTL = 5.0
@@ -184,13 +184,14 @@ class IPAMService:
                                                         recorded.get("containerID", ""),
                                                         recorded.get("ifname", ""))
 
-        snap = await load_snapshot(self.ipam.store)
-        stale = sorted({a.handle_id for b in snap.blocks.values() for a in b.attributes
+        found = [blocks.from_json(e.value) for e in await self.ipam.store.list(keys.BLOCKS)]
+        stale = sorted({a.handle_id for b in found for a in b.attributes
                         if a.secondary.get("node") == self.node
                         and a.handle_id.startswith(prefix) and a.handle_id not in valid
                         and of_network(a)})
+        # all at once: the allocator's queue releases them in a few transactions
+        await asyncio.gather(*(self.ipam.release(self.node, h) for h in stale))
         for handle_id in stale:
-            await self.ipam.release(self.node, handle_id)
             log.info("GC released %s", handle_id)
         return stale
 

@@ -11,6 +11,8 @@ from ipam.store import Entry, Store, TxnResult
 
 T = TypeVar("T")
 MAX_ATTEMPTS = 50
+# etcd refuses transactions with more than 128 compares or operations (--max-txn-ops).
+TXN_KEY_BUDGET = 110
 
 
 class Changes:
