@@ -6,7 +6,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from bgp_agent.model import DEFAULT_AS, DEFAULT_HOLD_TIME, DEFAULT_RESTART_TIME
+from bgp_agent.model import DEFAULT_AS, DEFAULT_HOLD_TIME, DEFAULT_RESTART_TIME, MAX_RESTART_TIME
 from ipam.errors import InvalidResource
 from ipam.resource import SpecReader, make_document
 
@@ -42,6 +42,14 @@ def check_hold_time(value: int, where: str) -> int:
     return value
 
 
+def check_restart_time(value: int, field: str, where: str) -> int:
+    """A graceful restart time (`field` names it in the message); 0 turns it off."""
+    if not 0 <= value <= MAX_RESTART_TIME:
+        raise InvalidResource(f"{where}: {field} {value} is outside 0-{MAX_RESTART_TIME} "
+                              "seconds.")
+    return value
+
+
 @dataclass(frozen=True)
 class BGPConfig:
     as_number: int = DEFAULT_AS
@@ -64,9 +72,8 @@ def config_from_spec(name: str, spec: Mapping) -> BGPConfig:
     communities = spec.get("communities") or []
     if not isinstance(communities, list):
         raise read.fail("communities must be a list such as ['64512:100'].")
-    restart = read.integer("nodeMeshMaxRestartTime", DEFAULT_RESTART_TIME)
-    if not 0 <= restart <= 4095:
-        raise read.fail(f"nodeMeshMaxRestartTime {restart} is outside 0-4095 seconds.")
+    restart = check_restart_time(read.integer("nodeMeshMaxRestartTime", DEFAULT_RESTART_TIME),
+                                 "nodeMeshMaxRestartTime", where)
     return BGPConfig(
         as_number=as_number,
         node_to_node_mesh=read.boolean("nodeToNodeMeshEnabled", True),

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, ip_address
 from pathlib import Path
 
-from bgp_agent.bgp_config import check_as_number, check_hold_time
+from bgp_agent.bgp_config import check_as_number, check_hold_time, check_restart_time
 from bgp_agent.exabgp_config import MD5_RULE, usable_md5_password
 from bgp_agent.model import DEFAULT_HOLD_TIME, DEFAULT_RESTART_TIME
 from bgp_agent.node import NodeRecord
@@ -144,9 +144,8 @@ def peer_from_spec(name: str, spec: Mapping) -> BGPPeer:
             parse_selector(selector)
         except InvalidResource as error:
             raise read.fail(f"nodeSelector: {error}") from None
-    restart = read.integer("maxRestartTime", DEFAULT_RESTART_TIME)
-    if not 0 <= restart <= 4095:
-        raise read.fail(f"maxRestartTime {restart} is outside 0-4095 seconds.")
+    restart = check_restart_time(read.integer("maxRestartTime", DEFAULT_RESTART_TIME),
+                                 "maxRestartTime", where)
     max_prefixes = read.integer("maxPrefixes", 0)
     if max_prefixes < 0:
         raise read.fail(f"maxPrefixes {max_prefixes} must be 0 (no limit) or more.")

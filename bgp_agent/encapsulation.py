@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ipip.kernel_routes import NextHop
 from bgp_agent.node import NodeRecord, set_tunnel_fields
+from bgp_agent.policy import native
 from ipam.allocator import IPAM
 from ipam.errors import PipitError
 from ipam.pool import IPPool
@@ -30,10 +31,6 @@ from ipip import capability, dataplane, encap, mtu, nat
 
 log = logging.getLogger(__name__)
 RESYNC_SECONDS = 60.0  # look at the devices again even if nothing asked for a change
-
-
-def native(path) -> NextHop:
-    return NextHop(path.next_hop)
 
 
 @dataclass
@@ -62,7 +59,8 @@ class Encapsulation:
         self._prepared: dataplane.Prepared | None = None
         self._resync_at = 0.0
         self._retired = False
-        self._capability: tuple[frozenset[str], list[str]] = (frozenset(), [])
+        self._capability_kinds: frozenset[str] = frozenset()  # as of the last pass
+        self._supported: dict[str, bool] = {}  # kernel probe per encapsulation in use
         self._nat_pools: list[IPPool] | None = None
 
     async def _netlink(self):
@@ -151,14 +149,18 @@ class Encapsulation:
             self._retired = True
 
     async def _check_capability(self, kinds: frozenset[str], pools: list[IPPool]) -> list[str]:
-        """One sentence per encapsulation a pool needs and this kernel lacks (probed once per
-        set of encapsulations in use)."""
-        checked, messages = self._capability
-        if kinds != checked:
-            messages = await asyncio.to_thread(capability.check, pools)
+        """One sentence per encapsulation a pool needs and this kernel lacks, naming the pools
+        of this pass (the kernel is probed again, and the sentences logged, only when the set
+        of encapsulations in use changes)."""
+        changed = kinds != self._capability_kinds
+        if changed:
+            self._supported = await asyncio.to_thread(
+                lambda: {kind: capability.kernel_supports(kind) for kind in kinds})
+            self._capability_kinds = kinds
+        messages = capability.check(pools, self._supported.__getitem__)
+        if changed:
             for message in messages:
                 log.error("%s", message)
-            self._capability = (kinds, messages)
         return messages
 
     async def _tunnel_address(self, me: NodeRecord, pools: list[IPPool], kind: str,

@@ -62,7 +62,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from ipaddress import IPv4Address, IPv4Network
 
@@ -436,6 +436,21 @@ class BridgeState:
 # --------------------------------------------------------------------------------------------
 # I/O
 
+async def read_lines(reader: asyncio.StreamReader, source: str,
+                     logger: logging.Logger = log) -> AsyncIterator[bytes]:
+    """The lines `reader` gives until EOF; a line longer than LINE_LIMIT (the readers' limit)
+    is logged, naming `source`, and skipped."""
+    while True:
+        try:
+            raw = await reader.readline()
+        except ValueError:
+            logger.error("skipped a line longer than %d bytes from %s", LINE_LIMIT, source)
+            continue
+        if not raw:
+            return
+        yield raw
+
+
 class CommandFailed(Exception):
     pass
 
@@ -467,19 +482,12 @@ class Bridge:
     # --- ExaBGP side -------------------------------------------------------------------------
 
     async def _read_exabgp(self, stdin: asyncio.StreamReader) -> None:
-        while True:
-            try:
-                raw = await stdin.readline()
-            except ValueError:
-                log.error("skipped a line longer than %d bytes from ExaBGP", LINE_LIMIT)
-                continue
-            if not raw:
-                log.info("ExaBGP closed our stdin; exiting")
-                return
+        async for raw in read_lines(stdin, "ExaBGP"):
             try:
                 self._on_exabgp_line(raw.decode(errors="replace").rstrip("\n"))
             except Exception:  # never die on input: ExaBGP gives up after 5 helper deaths
                 log.exception("could not handle a line from ExaBGP: %.300s", raw)
+        log.info("ExaBGP closed our stdin; exiting")
 
     def _on_exabgp_line(self, line: str) -> None:
         if line in ("done", "error"):
@@ -550,13 +558,8 @@ class Bridge:
             log.info("agent went away; reconnecting")
 
     async def _read_agent(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while not writer.is_closing():
-            try:
-                raw = await reader.readline()
-            except ValueError:
-                log.error("skipped a line longer than %d bytes from the agent", LINE_LIMIT)
-                continue
-            if not raw:
+        async for raw in read_lines(reader, "the agent"):
+            if writer.is_closing():  # dropped (_send_agent): nothing more from it
                 return
             try:
                 request = json.loads(raw)

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable, Mapping
 from ipaddress import IPv4Address
 
-from bgp_agent.model import Neighbor
+from bgp_agent.model import MAX_RESTART_TIME, Neighbor
 
 PROCESS = "pipit"  # the process block's name (ExaBGP's "service" for our commands)
 TEMPLATE = "pipit"
@@ -106,7 +106,7 @@ def _render(router_id, local_address, local_as, neighbors, bridge_command, diges
             lines.append(f'    md5-password "{n.password}";')
         capabilities = ["route-refresh;"]
         if n.restart_time > 0:
-            capabilities.insert(0, f"graceful-restart {min(n.restart_time, 4095)};")
+            capabilities.insert(0, f"graceful-restart {min(n.restart_time, MAX_RESTART_TIME)};")
         lines.append(f"    capability {{ {' '.join(capabilities)} }}")
         lines.append("}")
     return "\n".join(lines) + "\n"

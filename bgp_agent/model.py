@@ -9,6 +9,7 @@ from ipaddress import IPv4Address, IPv4Network
 DEFAULT_AS = 64512
 DEFAULT_HOLD_TIME = 90
 DEFAULT_RESTART_TIME = 120
+MAX_RESTART_TIME = 4095  # the graceful restart capability's 12-bit field (RFC 4724)
 
 
 @dataclass(frozen=True)

@@ -122,14 +122,13 @@ class ImportResult:
 
 def import_routes(neighbor: Neighbor, paths: Mapping[IPv4Network, Path],
                   pools: list[IPPool], own_blocks: set[IPv4Network],
-                  my_as: int, allow_pool_prefixes: bool = False) -> ImportResult:
+                  my_as: int) -> ImportResult:
     """Mesh and reflector peers may only tell us about pod addresses (inside a pool); external
-    peers (a ToR) may send anything except routes over pod addresses, unless allowed (by the
-    argument or the neighbour's allow_pool_prefixes). Our own AS may appear in an AS path as
-    often as the neighbour's allowed_local_as says (an AS per rack: routes of the other nodes
-    of our rack come back through the ToR with our AS in them)."""
+    peers (a ToR) may send anything except routes over pod addresses, unless the neighbour's
+    allow_pool_prefixes allows them. Our own AS may appear in an AS path as often as the
+    neighbour's allowed_local_as says (an AS per rack: routes of the other nodes of our rack
+    come back through the ToR with our AS in them)."""
     result = ImportResult()
-    allow_pool_prefixes = allow_pool_prefixes or neighbor.allow_pool_prefixes
     for prefix, path in paths.items():
         if path.as_path.count(my_as) > neighbor.allowed_local_as:
             why = "our own AS is in its AS path (a loop)"
@@ -137,7 +136,7 @@ def import_routes(neighbor: Neighbor, paths: Mapping[IPv4Network, Path],
             why = "it is one of this node's own blocks"
         elif neighbor.kind in INTERNAL_KINDS:
             why = "" if in_pools(prefix, pools) else "it is not inside an IP pool"
-        elif in_pools(prefix, pools) and not allow_pool_prefixes:
+        elif in_pools(prefix, pools) and not neighbor.allow_pool_prefixes:
             # Equal to or inside a pool would steal pod traffic; a covering route (a default
             # route, an aggregate) loses to the nodes' more specific blocks and is fine.
             why = "it is inside an IP pool (only nodes announce pod addresses)"
@@ -199,10 +198,15 @@ def _preference(path: Path) -> tuple:
             origin, path.med or 0)
 
 
+def native(path: Path) -> NextHop:
+    """A received path's next hop as it came, without encapsulation: kernel_routes' default
+    `next_hop`."""
+    return NextHop(path.next_hop)
+
+
 def kernel_routes(accepted: Mapping[IPv4Address, Mapping[IPv4Network, Path]],
                   own_blocks: Iterable[IPv4Network],
-                  next_hop: callable = lambda path: NextHop(path.next_hop)) -> dict[
-                      IPv4Network, Route]:
+                  next_hop: Callable[[Path], NextHop] = native) -> dict[IPv4Network, Route]:
     """The routes this node's kernel should hold: the best received path(s) for every prefix
     (several equal ones: ECMP), and a blackhole for each block the node owns, so traffic to
     its unused addresses stops here."""
@@ -212,8 +216,9 @@ def kernel_routes(accepted: Mapping[IPv4Address, Mapping[IPv4Network, Path]],
             candidates.setdefault(prefix, []).append(path)
     routes: dict[IPv4Network, Route] = {}
     for prefix, paths in candidates.items():
-        best = min(_preference(p) for p in paths)
-        hops = {next_hop(p) for p in paths if _preference(p) == best}
+        ranked = [(_preference(p), p) for p in paths]
+        best = min(preference for preference, _ in ranked)
+        hops = {next_hop(p) for preference, p in ranked if preference == best}
         routes[prefix] = Route(prefix, tuple(hops))
     for block in own_blocks:
         routes[block] = Route(block, blackhole=True)

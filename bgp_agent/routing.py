@@ -21,7 +21,7 @@ from ipaddress import IPv4Address, IPv4Network
 from bgp_agent import policy
 from bgp_agent.bgp_config import BGPConfig, config_from_spec
 from bgp_agent.bgp_peer import PasswordRef, peer_from_document, resolve_password
-from bgp_agent.encapsulation import Encapsulation, native
+from bgp_agent.encapsulation import Encapsulation
 from ipip.kernel_routes import KernelRoutes, NextHop, Route, RouteError, diff
 from bgp_agent.model import Neighbor, Path, PeerState
 from bgp_agent.node import NodeRecord, node_from_document
@@ -39,6 +39,7 @@ BGP_CONFIG_PREFIX = keys.resource_prefix("bgpconfig")
 BGP_PEERS_PREFIX = keys.resource_prefix("bgppeers")
 RESYNC_SECONDS = 60.0  # full kernel dump-and-diff, to repair routes someone else removed
 DIAGNOSE_SECONDS = 3.0  # how often to look again at why a session is not up (MD5 counters)
+STARTUP_GRACE_SECONDS = 120.0  # after a start, learned routes stay until every peer sent its table
 NETSTAT = "/proc/net/netstat"
 MD5_COUNTERS = ("TCPMD5Failure", "TCPMD5NotFound", "TCPMD5Unexpected")
 NOTIFICATION = re.compile(r"notification (sent|received) \(\d+,\d+\)")  # ExaBGP's words
@@ -148,8 +149,7 @@ class _Retained:
 
 class Router:
     def __init__(self, store: Store, me: NodeRecord, speaker, kernel: KernelRoutes,
-                 startup_grace: float = 120.0, secrets_dir: str | None = None,
-                 md5_counters=read_md5_counters, encapsulation: Encapsulation | None = None):
+                 secrets_dir: str | None = None, encapsulation: Encapsulation | None = None):
         self.store = store
         self.me = me
         self.speaker = speaker
@@ -170,7 +170,6 @@ class Router:
         self._mirrors = (self.nodes, self.pools, self.bgp_config, self.bgp_peers,
                          self.affinities, self.blocks)
         self.secrets_dir = secrets_dir
-        self.md5_counters = md5_counters
         self._skipped: list[policy.Skipped] = []
         self._disabled: dict[IPv4Address, _Disabled] = {}
         self._last_state: dict[IPv4Address, PeerState] = {}
@@ -183,7 +182,8 @@ class Router:
         self._retained: dict[IPv4Address, _Retained] = {}
         self._applied: dict[IPv4Network, Route] | None = None  # what the kernel holds of ours
         self._resync_at = 0.0
-        self._grace_until = time.monotonic() + startup_grace
+        self._grace_until = time.monotonic() + STARTUP_GRACE_SECONDS
+        self._grace_wake_set = False  # the pass at the end of the grace is scheduled
 
     # -- inputs ------------------------------------------------------------------------
 
@@ -290,7 +290,7 @@ class Router:
         imports = await asyncio.to_thread(policy.import_all, neighbors, received, pools, own,
                                           my_as)
         accepted = {address: result.accepted for address, result in imports.items()}
-        next_hop = native
+        next_hop = policy.native
         if self.encapsulation is not None:  # tunnel devices up before routes use them
             next_hop = await self.encapsulation.prepare(me, pools, self.nodes.items.values())
         await self._program_kernel(accepted, own, learned_known=True, next_hop=next_hop)
@@ -325,6 +325,7 @@ class Router:
         self._last_up = up
         self._last_state = {a: p for a, p in peers.items()}
         received: dict[IPv4Address, dict[IPv4Network, Path]] = {}
+        last_received: dict[IPv4Address, dict[IPv4Network, Path]] = {}  # current peers only
         for neighbor in neighbors:
             address = neighbor.address
             fresh = dict(self.speaker.received.get(address, {})) if address in up else {}
@@ -341,7 +342,10 @@ class Router:
                 # session drops (then the speaker lets go of it), so what is kept for a
                 # graceful restart is what the peer had when it went, even if its last
                 # withdrawals and the drop arrive between two passes
-                self._last_received[address] = self.speaker.received.get(address, {})
+                last_received[address] = self.speaker.received.get(address, {})
+            elif address in self._last_received:
+                last_received[address] = self._last_received[address]
+        self._last_received = last_received
         for address in set(self._retained) - set(by_address):
             del self._retained[address]  # no longer a neighbour at all
         return received
@@ -369,14 +373,20 @@ class Router:
 
     async def _program_kernel(self, accepted: Mapping[IPv4Address, Mapping[IPv4Network, Path]],
                               own: set[IPv4Network], learned_known: bool,
-                              next_hop: Callable[[Path], NextHop] = native) -> None:
+                              next_hop: Callable[[Path], NextHop] = policy.native) -> None:
         now = time.monotonic()
-        if self._applied is None or now >= self._resync_at:
-            self._applied = await asyncio.to_thread(self.kernel.dump)
+        resync = self._applied is None or now >= self._resync_at
+
+        def compute() -> tuple[dict[IPv4Network, Route], tuple[list[Route], list[Route]]]:
+            desired = policy.kernel_routes(accepted, own, next_hop)
+            # a resync dumps the kernel's table, reusing the desired prefixes' objects
+            actual = self.kernel.dump(reuse=desired.keys()) if resync else self._applied
+            return actual, diff(desired, actual)
+
+        self._applied, (to_replace, to_delete) = await asyncio.to_thread(compute)
+        if resync:
             self._resync_at = now + RESYNC_SECONDS
             self._wake_at(self._resync_at)
-        to_replace, to_delete = await asyncio.to_thread(
-            lambda: diff(policy.kernel_routes(accepted, own, next_hop), self._applied))
         if now < self._grace_until and self._all_peers_settled():
             self._grace_until = 0.0  # start-up is over: from now on a lost peer's routes go
         in_grace = now < self._grace_until
@@ -386,12 +396,12 @@ class Router:
             to_delete = [r for r in to_delete if r.blackhole]
             if not learned_known:
                 to_replace = [r for r in to_replace if r.blackhole]
-        if in_grace:
+        if in_grace and not self._grace_wake_set:  # one pass when the grace ends
             self._wake_at(self._grace_until)
+            self._grace_wake_set = True
         if to_replace or to_delete:
-            new = [r for r in to_replace if r.dst not in self._applied]
-            changed = [r for r in to_replace if r.dst in self._applied]
-            errors = await asyncio.to_thread(self.kernel.apply, changed, to_delete, add=new)
+            _, errors = await asyncio.to_thread(self.kernel.apply_diff, to_replace, to_delete,
+                                                self._applied)
             failed = {e.route.dst for e in errors}
             for route in to_delete:
                 if route.dst not in failed:
@@ -453,7 +463,7 @@ class Router:
     def _update_status(self, neighbors: list[Neighbor], imports: Mapping, exports: Mapping
                        ) -> None:
         peers = []
-        counters = self.md5_counters() if neighbors else {}
+        counters = read_md5_counters() if neighbors else {}
         not_up = False
         for neighbor in neighbors:
             state = self.speaker.peers.get(neighbor.address)

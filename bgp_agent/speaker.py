@@ -47,6 +47,7 @@ from bgp_agent.exabgp_bridge import (
     announcement_to_json,
     path_from_json,
     peer_from_json,
+    read_lines,
 )
 from bgp_agent.exabgp_config import digest_of, environment_file, exabgp_environment, render
 from bgp_agent.model import Announcement, Neighbor, Path as BGPPath, PeerState
@@ -55,6 +56,8 @@ log = logging.getLogger("pipit-agent.speaker")
 
 REQUEST_ROUTES = 5000  # routes per request to the bridge (it batches them for ExaBGP)
 LOG_ROTATE_BYTES = 10 * 2**20
+CONFIG_FILE = "exabgp.conf"  # ExaBGP's files in state_dir
+ENV_FILE = "exabgp.env"
 
 
 class SpeakerError(Exception):
@@ -68,8 +71,8 @@ class SpeakerUnavailable(SpeakerError, ConnectionError):
 def sidecar_command(state_dir: Path) -> list[str]:
     """How a sidecar runs ExaBGP on the files a Speaker writes into `state_dir`."""
     state_dir = Path(state_dir)
-    return [_tool("exabgp"), "--env-file", str(state_dir / "exabgp.env"), "server",
-            str(state_dir / "exabgp.conf")]
+    return [_tool("exabgp"), "--env-file", str(state_dir / ENV_FILE), "server",
+            str(state_dir / CONFIG_FILE)]
 
 
 def _tool(name: str) -> str:
@@ -137,11 +140,11 @@ class Speaker:
 
     @property
     def config_path(self) -> Path:
-        return self.state_dir / "exabgp.conf"
+        return self.state_dir / CONFIG_FILE
 
     @property
     def env_path(self) -> Path:
-        return self.state_dir / "exabgp.env"
+        return self.state_dir / ENV_FILE
 
     @property
     def pid_path(self) -> Path:
@@ -231,7 +234,7 @@ class Speaker:
         return None
 
     def _spawn(self) -> int:
-        argv = [_tool("exabgp"), "--env-file", str(self.env_path), "server", str(self.config_path)]
+        argv = sidecar_command(self.state_dir)  # the same files, started by us
         if self.netns:
             argv = ["ip", "netns", "exec", self.netns, *argv]
         if self.log_path.exists() and self.log_path.stat().st_size > LOG_ROTATE_BYTES:
@@ -310,14 +313,7 @@ class Speaker:
             self._disconnected(self._writer)
         self._writer = writer
         try:
-            while True:
-                try:
-                    raw = await reader.readline()
-                except ValueError:
-                    log.error("skipped an overlong line from the bridge")
-                    continue
-                if not raw:
-                    break
+            async for raw in read_lines(reader, "the bridge", log):
                 try:
                     self._on_message(json.loads(raw))
                 except Exception:

@@ -123,14 +123,15 @@ def route_next_hop(pools: Iterable[IPPool], local: IPv4Interface, devices: Devic
     `.prefix` and `.next_hop`) -> NextHop."""
     pools = list(pools)
     by_node = {vtep.node_address: vtep for vtep in vteps}
-    cache: dict[tuple[IPv4Network, IPv4Address], NextHop] = {}
+    # The answer depends only on the prefix's encapsulation and the BGP next hop (the rest
+    # is fixed here): few pools and nodes, so nearly every path is a hit.
+    cache: dict[tuple[Encap, IPv4Address], NextHop] = {}
 
     def choose(path) -> NextHop:
-        key = (path.prefix, path.next_hop)
+        key = (encapsulation_for(pools, path.prefix), path.next_hop)
         hop = cache.get(key)
         if hop is None:
-            hop = cache[key] = next_hop(encapsulation_for(pools, path.prefix), local,
-                                        path.next_hop, devices, by_node)
+            hop = cache[key] = next_hop(key[0], local, path.next_hop, devices, by_node)
         return hop
 
     return choose

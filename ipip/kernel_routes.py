@@ -19,7 +19,7 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import TypeVar
@@ -498,8 +498,8 @@ class KernelRoutes:
         a concurrent change (NLM_F_DUMP_INTR), because such a dump may miss routes.
 
         A route whose prefix equals one in `reuse` gets that very IPv4Network object: building
-        one costs ~2 µs, and a later dict lookup by it is an identity hit. reconcile() passes
-        the desired prefixes, which halves the time of a 100k-route resync."""
+        one costs ~2 µs, and a later dict lookup by it is an identity hit. reconcile() (and the
+        agent) pass the desired prefixes, which halves the time of a 100k-route resync."""
         known = {(network.network_address.packed, network.prefixlen): network for network in reuse}
         for _ in range(5):
             routes, interrupted = self._dump_once(table, known)
@@ -550,7 +550,7 @@ class KernelRoutes:
 
         Requests go many per send; a route the kernel refuses is reported and the rest still
         applied. `replace` overwrites another daemon's route for the same prefix and metric,
-        so reconcile() uses it only for prefixes where the kernel holds a Pipit route."""
+        so apply_diff() uses it only for prefixes where the kernel holds a Pipit route."""
         requests = itertools.chain(
             ((route, "delete", encode_delroute, 0) for route in delete),
             ((route, "replace", encode_newroute, NLM_F_CREATE | NLM_F_REPLACE)
@@ -603,10 +603,22 @@ class KernelRoutes:
                     f"route {route} is for table {route.table}, reconciling table {table}")
         actual = self.dump(table, reuse=desired.keys())
         to_replace, to_delete = diff(desired, actual)
+        added, errors = self.apply_diff(to_replace, to_delete, actual)
+        return ReconcileStats(
+            desired=len(desired), found=len(actual), added=added,
+            replaced=len(to_replace) - added, deleted=len(to_delete), errors=errors,
+        )
+
+    def apply_diff(
+        self,
+        to_replace: Sequence[Route],
+        to_delete: Iterable[Route],
+        actual: Mapping[IPv4Network, Route],
+    ) -> tuple[int, list[RouteError]]:
+        """Apply what diff() found against `actual`, the kernel's Pipit routes: a prefix is
+        replaced only where the kernel holds a Pipit route; any other is created exclusively,
+        so a route another daemon holds there is reported (EEXIST), never overwritten.
+        Returns (how many routes were new, the routes the kernel refused)."""
         new = [route for route in to_replace if route.dst not in actual]
         changed = [route for route in to_replace if route.dst in actual]
-        errors = self.apply(replace=changed, delete=to_delete, add=new)
-        return ReconcileStats(
-            desired=len(desired), found=len(actual), added=len(new), replaced=len(changed),
-            deleted=len(to_delete), errors=errors,
-        )
+        return len(new), self.apply(replace=changed, delete=to_delete, add=new)

@@ -1,5 +1,6 @@
 """Routing decisions as pure functions: peers, import policy, kernel routes, exports."""
 
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 from bgp_agent import policy
@@ -59,7 +60,8 @@ def test_a_tor_cannot_hijack_pod_addresses_unless_allowed():
     result = policy.import_routes(TOR, paths, POOLS, set(), 64512)
     assert set(result.accepted) == set(map(net, normal))
     assert set(result.rejected) == set(map(net, hijacks))
-    allowed = policy.import_routes(TOR, paths, POOLS, set(), 64512, allow_pool_prefixes=True)
+    allowed = policy.import_routes(replace(TOR, allow_pool_prefixes=True), paths, POOLS, set(),
+                                   64512)
     assert set(allowed.accepted) == set(paths)
 
 
