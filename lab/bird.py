@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
@@ -24,6 +25,34 @@ from lab.routers import RouterRoute, RouterSpec
 
 BIRD = shutil.which("bird") or "/usr/sbin/bird"
 BIRDC = shutil.which("birdc") or "/usr/sbin/birdc"
+
+
+@dataclass(frozen=True, eq=False)
+class BirdTime:
+    """A time as BIRD prints it (`timeformat ... iso long ms`). BIRD keeps times on its
+    monotonic clock and turns them into wall-clock time when it prints them, from two clock
+    readings, so one instant can print a millisecond apart from one `birdc` call to the next:
+    times within JITTER are the same instant. (A session reset or a re-sent route moves its
+    time by far more.)"""
+    JITTER = 0.005
+    text: str
+
+    @property
+    def seconds(self) -> float:
+        return datetime.fromisoformat(self.text).timestamp()
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, BirdTime):
+            return NotImplemented
+        return abs(self.seconds - other.seconds) <= self.JITTER
+
+    def __gt__(self, other: BirdTime) -> bool:
+        return self.seconds - other.seconds > self.JITTER
+
+    __hash__ = None  # equality within a tolerance cannot hash
+
+    def __str__(self) -> str:
+        return self.text
 
 
 @dataclass(frozen=True)
@@ -45,7 +74,7 @@ class ProtocolInfo:
     name: str
     proto: str
     state: str  # up | down | start ...
-    since: str  # as BIRD prints it (timeformat protocol iso long ms: exact enough to compare)
+    since: BirdTime  # when the protocol last changed state
     info: str  # Established | Active | Connect ...
 
     @property
@@ -58,7 +87,7 @@ class BirdRoute:
     prefix: IPv4Network
     via: IPv4Address | None
     protocol: str
-    since: str = ""  # when BIRD last got this route (a withdrawn and re-sent route is newer)
+    since: BirdTime | None = None  # when BIRD got this route (a withdrawn and re-sent one is newer)
     as_path: tuple[int, ...] = ()
     communities: tuple[tuple[int, int], ...] = ()
 
@@ -107,7 +136,7 @@ def parse_protocols(text: str) -> dict[str, ProtocolInfo]:
                          r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?|\S+)\s*(.*)$", line)
         if match:
             name, proto, _table, state, since, info = match.groups()
-            found[name] = ProtocolInfo(name, proto, state, since, info.strip())
+            found[name] = ProtocolInfo(name, proto, state, BirdTime(since), info.strip())
     return found
 
 
@@ -131,7 +160,7 @@ def parse_routes(text: str) -> dict[IPv4Network, BirdRoute]:
             if head.group("prefix"):
                 prefix = IPv4Network(head.group("prefix"))
             current = {"prefix": prefix, "via": None, "protocol": head.group("proto"),
-                       "since": head.group("since")}
+                       "since": BirdTime(head.group("since"))}
             continue
         if current is None:
             continue
