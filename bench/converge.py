@@ -29,6 +29,7 @@ from ipam.allocator import IPAM
 from ipam.store import EtcdConfig, Store
 from lab import netns
 from lab.cluster import Lab
+from lab.process import wait_async
 
 POOL = """\
 apiVersion: pipit.dev/v1
@@ -77,11 +78,8 @@ async def claims(lab: Lab, count: int, monitors: list[RouteMonitor]) -> list[flo
             [address] = await ipam.assign("n1", f"bench-{i}", pools=["bench"])
             start = time.time()
             prefix = f"{address}/32"
-            deadline = time.monotonic() + 10
-            while not all(prefix in m.seen for m in monitors):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{prefix} did not reach every node within 10 s")
-                await asyncio.sleep(0.002)
+            await wait_async(lambda: all(prefix in m.seen for m in monitors), 10,
+                             f"{prefix} to reach every node", interval=0.002)
             latencies.append(max(m.seen[prefix] for m in monitors) - start)
     return latencies
 
@@ -102,11 +100,15 @@ async def watch_reference(lab: Lab, count: int) -> list[float]:
         task = asyncio.create_task(follow())
         try:
             for i in range(count):
+                key = f"/bench/{i}"
                 start = time.time()
-                await store.put(f"/bench/{i}", {"i": i})
-                while f"/bench/{i}" not in seen:
-                    await asyncio.sleep(0.0005)
-                latencies.append(seen[f"/bench/{i}"] - start)
+                await store.put(key, {"i": i})
+                await wait_async(lambda: key in seen or task.done(), 10,
+                                 f"the watcher to see {key}", interval=0.0005)
+                if key not in seen:  # the watch ended
+                    task.result()  # its error, if it failed
+                    raise RuntimeError(f"the etcd watch ended before {key} arrived")
+                latencies.append(seen[key] - start)
         finally:
             task.cancel()
     return latencies

@@ -20,11 +20,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
 
 from ipip.kernel_routes import RTPROT_PIPIT, KernelRoutes, NextHop, Route, diff
+from lab.netns import Namespaces
 
 GATEWAY = IPv4Address("192.168.0.2")
 OTHER_GATEWAY = IPv4Address("192.168.0.3")
@@ -40,17 +40,14 @@ def ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True)
 
 
-def create_namespace() -> str:
-    name = f"pipit-bench-{uuid.uuid4().hex[:8]}"
-    ip("netns", "add", name)
-    try:
-        ip("-n", name, "link", "add", "v0", "type", "veth", "peer", "name", "v1")
-        ip("-n", name, "addr", "add", "192.168.0.1/24", "dev", "v0")
-        ip("-n", name, "link", "set", "v0", "up")
-        ip("-n", name, "link", "set", "v1", "up")
-    except BaseException:
-        ip("netns", "delete", name)
-        raise
+def create_namespace(namespaces: Namespaces) -> str:
+    """A namespace with a veth pair, v0 (192.168.0.1/24) and v1, both up; `namespaces` removes
+    it, also after a failure here."""
+    name = namespaces.create("routes")
+    ip("-n", name, "link", "add", "v0", "type", "veth", "peer", "name", "v1")
+    ip("-n", name, "addr", "add", "192.168.0.1/24", "dev", "v0")
+    ip("-n", name, "link", "set", "v0", "up")
+    ip("-n", name, "link", "set", "v1", "up")
     return name
 
 
@@ -157,10 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         print("bench.routes needs root (network namespaces)", file=sys.stderr)
         return 1
 
-    # SIGTERM should unwind through the finally below like Ctrl-C does.
+    # SIGTERM should unwind through the `with` below like Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    netns = create_namespace()
-    try:
+    with Namespaces("pipit-bench-") as namespaces:
+        netns = create_namespace(namespaces)
         with KernelRoutes(netns) as kernel:
             print(f"{'routes':>8} {'op':<8} {'ip -batch':>10} {'KernelRoutes':>13}"
                   f" {'ratio':>6} {'routes/s':>9}")
@@ -179,8 +176,6 @@ def main(argv: list[str] | None = None) -> int:
                   f" ip route show proto {RTPROT_PIPIT}: {resync['ip show']:.3f}s)")
             print(f"goals: ratio ≤ 0.80× (worst {worst:.2f}×),"
                   f" resync ≤ 1 s ({resync['total']:.3f}s)")
-    finally:
-        ip("netns", "delete", netns)
     return 0
 
 

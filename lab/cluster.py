@@ -174,6 +174,7 @@ class Lab:
 
     @property
     def etcd_endpoint(self) -> str:
+        # etcd names a unix listener "host:port" and creates it in its working directory.
         return f"unix://{self.directory / 'etcd'}/etcd.sock:0"
 
     @property
@@ -532,6 +533,11 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
         out = subprocess.run(["ip", "-n", self.node_ns(node), "-j", "route", "show", "proto",
                               "91"], capture_output=True, text=True, check=True).stdout
         return json.loads(out or "[]")
+
+    def pipit_routes(self, node: str) -> dict[str, str]:
+        """Pipit's kernel routes on a node: destination -> gateway, or 'blackhole'."""
+        return {r["dst"]: "blackhole" if r.get("type") == "blackhole" else r.get("gateway", "")
+                for r in self.kernel_routes(node)}
 
     def report(self, render: Callable[[dict], str] = brief) -> bool:
         """Show every node's status (through `render`) and the ping matrix; whether all is

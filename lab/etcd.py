@@ -46,11 +46,6 @@ class EtcdServer:
     unix_socket: bool = False  # also listen on a unix socket (for nodes in other netns)
 
     @property
-    def unix_endpoint(self) -> str:
-        # etcd names a unix listener "host:port" and creates it in its working directory.
-        return f"unix://{self.data_dir}/etcd.sock:0"
-
-    @property
     def endpoint(self) -> str:
         scheme = "https" if self.tls else "http"
         return f"{scheme}://{self.host}:{self.client_port}"

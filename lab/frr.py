@@ -23,7 +23,7 @@ from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
-from lab.process import wait
+from lab.process import alive, kill, stop_group, wait
 from lab.routers import RouterRoute, RouterSpec
 
 FRR_DIR = Path("/usr/lib/frr")
@@ -153,22 +153,17 @@ class FrrRouter:
         return [p for p in (self._pid("bgpd"), self._pid("zebra")) if p]
 
     def stop(self) -> None:
-        for pid in self.pids():
+        for pid in self.pids():  # reaches zebra even if bgpd, its group's leader, is gone
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        if self.process is not None:
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_group(self.process)  # the group (a second SIGTERM is harmless), SIGKILL after 10 s
         for pid in self.pids():  # zebra is no child of ours
             try:
-                wait(lambda pid=pid: not os.path.exists(f"/proc/{pid}"), 10, "FRR to exit")
+                wait(lambda pid=pid: not alive(pid), 10, "FRR to exit")
             except TimeoutError:
-                os.kill(pid, signal.SIGKILL)
+                kill(pid)
         self.process = None
 
     def destroy(self) -> None:

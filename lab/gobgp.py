@@ -24,7 +24,7 @@ from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
-from lab.process import wait
+from lab.process import stop_group, wait
 from lab.routers import RouterRoute, RouterSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,14 +165,7 @@ class GoBGPRouter:
 
     def stop(self) -> None:
         for process in (self.fib, self.process):
-            if process is None or process.poll() is not None:
-                continue
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            stop_group(process)
         self.process = self.fib = None
 
     def destroy(self) -> None:

@@ -20,7 +20,7 @@ import os
 import re
 import subprocess
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from lab.process import alive, kill
@@ -171,7 +171,3 @@ def addresses(name: str, ifname: str = "eth0") -> list[str]:
         return []
     return [f"{a['local']}/{a['prefixlen']}" for link in json.loads(out.stdout or "[]")
             for a in link.get("addr_info", [])]
-
-
-def all_addresses(names_: Iterable[str], ifname: str = "eth0") -> dict[str, list[str]]:
-    return {n: addresses(n, ifname) for n in names_}

@@ -3,6 +3,7 @@ whether a process runs (and is the one we started), and stopping or killing a pr
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -21,6 +22,20 @@ def wait(condition: Callable[[], object], timeout: float = 30.0, what: str = "co
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(interval)
+
+
+async def wait_async(condition: Callable[[], object], timeout: float = 30.0,
+                     what: str = "condition", interval: float = 0.05):
+    """`wait` for coroutines: polls `condition` (a plain function) with `asyncio.sleep` between
+    tries, so the event loop runs on meanwhile."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(interval)
 
 
 def signal_group(pid: int, sig: int) -> None:

@@ -3,7 +3,7 @@ interface, so that a test can run the same topology against each:
 
     router = make_router("frr", RouterSpec("tor1", router_id, 65101, peers, originate),
                          netns="pipit-t-...-tor1", directory=tmp / "tor1").start()
-    router.wait(lambda: router.established(node_address))
+    wait(lambda: router.established(node_address), 30, "the session")  # lab.process.wait
     router.routes()                      # best BGP-learned routes: prefix -> RouterRoute
     router.originate([default, hijack])  # replace what the router itself announces
     router.destroy()

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from ipam import keys
 from ipam.pool import pool_from_spec, pool_to_document
 from ipam.store import EtcdConfig, Store
+
+if TYPE_CHECKING:
+    from lab.cluster import Lab
 
 
 def run(coro):
@@ -25,3 +29,10 @@ def with_store(config: EtcdConfig, scenario: Callable[[Store], Awaitable]):
         async with Store(config) as store:
             return await scenario(store)
     return asyncio.run(main())
+
+
+def assert_pods_reach_each_other(lab: Lab) -> None:
+    """Every pod of a lab pings every other pod."""
+    matrix = lab.ping_matrix(timeout=20)
+    failed = [pair for pair, ok in matrix.items() if not ok]
+    assert not failed, f"pods that cannot reach each other: {failed}"

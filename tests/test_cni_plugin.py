@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from ipam.snapshot import check
 from ipam.store import EtcdConfig
 from lab.agent import AgentProcess
 from lab.cni import CNIRuntime, Invocation, parse_output
+from lab.process import wait
 from tests.cni_support import (  # noqa: F401 (fixtures)
     DEFAULT_POOL,
     add_pools,
@@ -327,14 +327,15 @@ def test_etcd_stopped_means_try_again_and_the_agent_serves_again_when_it_is_back
         snap = snapshot(etcd)
         assert holdings(snap, "during") == []
         assert holder(snap, kept) == handle_id(NET, "kept", "eth0")  # the failed DEL kept it
-        deadline = time.monotonic() + 30.0
-        while True:  # the same agent process, once its etcd connection is back
+
+        def added() -> subprocess.CompletedProcess | None:
             run = ipam.raw("ADD", json.dumps(config).encode(), "after")
-            if run.returncode == 0 or time.monotonic() > deadline:
-                break
-            assert json.loads(run.stdout)["code"] == 11
-            time.sleep(0.1)
-        assert run.returncode == 0, run.stdout
+            if run.returncode == 0:
+                return run
+            assert json.loads(run.stdout)["code"] == 11, run.stdout
+            return None
+
+        wait(added, 30.0, "the same agent process to serve once etcd is back", interval=0.1)
         assert agent.pid is not None and agent.running
         for container in ("kept", "after"):
             ipam("DEL", config, container)

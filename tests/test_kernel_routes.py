@@ -7,7 +7,6 @@ import errno
 import json
 import os
 import subprocess
-import uuid
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
@@ -29,6 +28,7 @@ from ipip.kernel_routes import (
     encode_delroute,
     encode_newroute,
 )
+from lab.netns import Namespaces
 
 A = IPv4Address
 N = IPv4Network
@@ -163,13 +163,8 @@ class Node:
 def node():
     if os.geteuid() != 0:
         pytest.skip("needs root for network namespaces")
-    name = f"pipit-t-{uuid.uuid4().hex[:8]}"
-    peer = f"{name}-peer"
-    created = []
-    try:
-        for ns in (name, peer):
-            sh("ip", "netns", "add", ns)
-            created.append(ns)
+    with Namespaces() as namespaces:
+        name, peer = namespaces.create("node"), namespaces.create("peer")
         for dev, peer_dev in (("v0", "p0"), ("tun0", "p1")):
             sh("ip", "-n", name, "link", "add", dev, "type", "veth",
                "peer", "name", peer_dev, "netns", peer)
@@ -181,9 +176,6 @@ def node():
         links = {link["ifname"]: link["ifindex"]
                  for link in json.loads(sh("ip", "-n", name, "-j", "link", "show"))}
         yield Node(name, links["v0"], links["tun0"])
-    finally:
-        for ns in reversed(created):
-            subprocess.run(["ip", "netns", "delete", ns], check=False)
 
 
 @pytest.fixture

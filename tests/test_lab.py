@@ -13,6 +13,7 @@ import pytest
 from lab import netns
 from lab.cluster import Lab
 from lab.process import wait
+from tests.helpers import assert_pods_reach_each_other
 
 pytestmark = pytest.mark.slow
 FOREIGN = ["192.0.2.0/24 via 10.99.0.254 proto static", "198.51.100.0/24 via 10.99.0.254 proto 12",
@@ -42,20 +43,8 @@ def foreign_routes(lab: Lab, node: str) -> list[str]:
     return sorted(line.strip() for line in out.splitlines() if set(line.split()) & foreign)
 
 
-def pipit_routes(lab: Lab, node: str) -> dict[str, str]:
-    """prefix -> next hop (or 'blackhole') of the node's Pipit routes."""
-    return {r["dst"]: "blackhole" if r.get("type") == "blackhole" else r.get("gateway", "")
-            for r in lab.kernel_routes(node)}
-
-
 def own_blocks(lab: Lab, node: str) -> set[str]:
-    return {p for p, hop in pipit_routes(lab, node).items() if hop == "blackhole"}
-
-
-def assert_all_pods_reach_each_other(lab: Lab) -> None:
-    matrix = lab.ping_matrix(timeout=20)
-    failed = [pair for pair, ok in matrix.items() if not ok]
-    assert not failed, f"pods that cannot reach each other: {failed}"
+    return {p for p, hop in lab.pipit_routes(node).items() if hop == "blackhole"}
 
 
 def peer_since(lab: Lab, node: str) -> dict[str, float]:
@@ -63,10 +52,10 @@ def peer_since(lab: Lab, node: str) -> dict[str, float]:
 
 
 def test_full_mesh_routes_every_pod_to_every_pod(lab):
-    assert_all_pods_reach_each_other(lab)
+    assert_pods_reach_each_other(lab)
     nodes = lab.nodes()
     for node in nodes:
-        routes = pipit_routes(lab, node)
+        routes = lab.pipit_routes(node)
         own = own_blocks(lab, node)
         assert own, f"{node} has no blackhole for its own block"
         for other in set(nodes) - {node}:
@@ -90,18 +79,18 @@ def test_routes_of_other_daemons_are_untouched(lab):
 
 def test_agent_sigkill_and_restart_changes_no_route_and_resets_no_session(lab):
     node = "n1"
-    before_routes = {n: pipit_routes(lab, n) for n in lab.nodes()}
+    before_routes = {n: lab.pipit_routes(n) for n in lab.nodes()}
     before_since = {n: peer_since(lab, n) for n in lab.nodes()}
     lab.stop_agent(node, signal.SIGKILL)
     # While the agent is away, forwarding goes on.
-    assert {n: pipit_routes(lab, n) for n in lab.nodes()} == before_routes
+    assert {n: lab.pipit_routes(n) for n in lab.nodes()} == before_routes
     lab.start_agent(node)
     wait(lambda: lab.status(node)["speakerConnected"], 30, "the restarted agent's speaker")
     lab.wait_mesh()
-    assert {n: pipit_routes(lab, n) for n in lab.nodes()} == before_routes
+    assert {n: lab.pipit_routes(n) for n in lab.nodes()} == before_routes
     # Same sessions: every peer's "up since" is what it was (no reset on either side).
     assert {n: peer_since(lab, n) for n in lab.nodes()} == before_since
-    assert_all_pods_reach_each_other(lab)
+    assert_pods_reach_each_other(lab)
     for n in lab.nodes():
         assert foreign_routes(lab, n) == EXPECTED_FOREIGN
 
@@ -113,9 +102,9 @@ def test_a_fourth_node_joins_and_is_reachable_from_all_pods(lab):
     [block] = own_blocks(lab, "n4")
     assert ipaddress.ip_address(pod.address) in ipaddress.ip_network(block)
     for node in ("n1", "n2", "n3"):
-        wait(lambda node=node: pipit_routes(lab, node).get(block) == "10.99.0.14", 20,
+        wait(lambda node=node: lab.pipit_routes(node).get(block) == "10.99.0.14", 20,
              f"{node} to learn {block}")
-    assert_all_pods_reach_each_other(lab)
+    assert_pods_reach_each_other(lab)
 
 
 def test_a_node_leaving_is_forgotten_by_the_others_within_the_hold_time(lab):
@@ -124,7 +113,7 @@ def test_a_node_leaving_is_forgotten_by_the_others_within_the_hold_time(lab):
     lab.stop_agent(leaving, signal.SIGTERM)  # retires: withdraws, stops its ExaBGP
     assert not netns.pids(lab.node_ns(leaving)), "processes left on the node"
     others = ("n1", "n2", "n3")  # one wait for all: its deadline is the check
-    wait(lambda: all(block not in pipit_routes(lab, node) for node in others),
+    wait(lambda: all(block not in lab.pipit_routes(node) for node in others),
          lab.hold_time + 2, f"n1, n2 and n3 to drop {block}")
     for node in others:
         assert foreign_routes(lab, node) == EXPECTED_FOREIGN
@@ -169,7 +158,7 @@ def test_switching_encapsulation_on_a_live_lab_keeps_pods_connected(lab):
         status = lab.status(node)["dataplane"]
         assert status["kinds"] == ["vxlan"] and status["vxlanTunnelAddress"]
         assert status["podMTU"] == 1450 and (lab.node_dir(node) / "pod-mtu").read_text() == "1450\n"
-    assert_all_pods_reach_each_other(lab)
+    assert_pods_reach_each_other(lab)
     a, b = next(p for p in pods if p.node == "n1"), next(p for p in pods if p.node == "n2")
     assert vxlan_packets_on_the_fabric(lab, a, b)
     # VXLAN -> Never: native again, the VTEP device gone and its address released.
@@ -183,7 +172,7 @@ def test_switching_encapsulation_on_a_live_lab_keeps_pods_connected(lab):
     shown = lab.pipitctl("get", "nodes", "-o", "yaml").stdout
     assert "ipv4VXLANTunnelAddr" not in shown
     assert "vxlan-tunnel-addr" not in lab.pipitctl("ipam", "check").stdout
-    assert_all_pods_reach_each_other(lab)
+    assert_pods_reach_each_other(lab)
     # IPIP: this machine's kernel has no ipip module, so the agents say so in one sentence
     # (the IPIP dataplane itself is proven in a VM: tests/test_ipip_vm.py) and keep routing.
     set_pool_mode(lab, ipipMode="Always")
@@ -192,12 +181,12 @@ def test_switching_encapsulation_on_a_live_lab_keeps_pods_connected(lab):
     problems = lab.status("n1")["dataplane"]["problems"]
     if problems:
         assert "cannot create ipip tunnels" in problems[0] and "'default'" in problems[0]
-    assert_all_pods_reach_each_other(lab)
+    assert_pods_reach_each_other(lab)
     set_pool_mode(lab, ipipMode="Never")
     for node in nodes:
         wait(lambda node=node: not lab.status(node)["dataplane"]["problems"], 30,
              f"{node} to forget ipip")
-    assert_all_pods_reach_each_other(lab)
+    assert_pods_reach_each_other(lab)
 
 
 EDGE_POOL = """\
@@ -224,7 +213,7 @@ def test_a_vxlan_pool_that_selects_no_node_stops_no_node_from_routing(lab):
             dataplane = wait(lambda node=node: took_up_edge(node), 30,
                              f"{node} to take up pool edge")
             assert not dataplane["problems"], f"{node}: {dataplane['problems']}"
-        assert_all_pods_reach_each_other(lab)
+        assert_pods_reach_each_other(lab)
     finally:
         result = lab.pipitctl("delete", "ippool", "edge")
         assert result.returncode == 0, result.stderr

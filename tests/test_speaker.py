@@ -15,8 +15,6 @@ import select
 import signal
 import subprocess
 import sys
-import time
-import uuid
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
@@ -27,7 +25,8 @@ import pytest
 from bgp_agent.model import Announcement, Neighbor
 from bgp_agent.speaker import Speaker, SpeakerError, sidecar_command
 from lab.bird import Bird, BirdPeer, bgp_config
-from lab.process import wait
+from lab.netns import Namespaces
+from lab.process import command_line, wait, wait_async
 
 A, N = IPv4Address, IPv4Network
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,26 +69,17 @@ class Net:
 
 @contextmanager
 def network(peers: int):
-    name = f"pipit-t-{uuid.uuid4().hex[:8]}"
-    created = []
-    try:
-        sh("ip", "netns", "add", name)
-        created.append(name)
-        sh("ip", "-n", name, "link", "set", "lo", "up")
-        for k in range(1, peers + 1):
-            peer = f"{name}-p{k}"
-            sh("ip", "netns", "add", peer)
-            created.append(peer)
-            sh("ip", "-n", name, "link", "add", f"v{k}", "type", "veth", "peer", "name", "v0",
+    with Namespaces() as namespaces:
+        node = namespaces.create("node")
+        peer_names = namespaces.create_many("peer", peers)
+        for k, peer in enumerate(peer_names, 1):
+            sh("ip", "-n", node, "link", "add", f"v{k}", "type", "veth", "peer", "name", "v0",
                "netns", peer)
-            sh("ip", "-n", name, "addr", "add", f"{Net.node_address(k)}/24", "dev", f"v{k}")
+            sh("ip", "-n", node, "addr", "add", f"{Net.node_address(k)}/24", "dev", f"v{k}")
             sh("ip", "-n", peer, "addr", "add", f"{Net.peer_address(k)}/24", "dev", "v0")
-            for ns, dev in ((name, f"v{k}"), (peer, "v0"), (peer, "lo")):
+            for ns, dev in ((node, f"v{k}"), (peer, "v0")):
                 sh("ip", "-n", ns, "link", "set", dev, "up")
-        yield Net(name, created[1:])
-    finally:
-        for ns in reversed(created):
-            subprocess.run(["ip", "netns", "delete", ns], check=False)
+        yield Net(node, peer_names)
 
 
 @pytest.fixture
@@ -114,7 +104,7 @@ def state_dir(tmp_path):
 def kill_exabgp(state: Path) -> None:
     try:
         pid = int((state / "exabgp.pid").read_text())
-        if b"exabgp" in Path(f"/proc/{pid}/cmdline").read_bytes():
+        if any("exabgp" in arg for arg in command_line(pid)):
             os.kill(pid, signal.SIGKILL)
     except (OSError, ValueError):
         pass
@@ -148,15 +138,9 @@ async def running(speaker: Speaker):
 
 
 async def eventually(condition, timeout: float = 30.0, what: str = "condition"):
-    """Poll `condition` (sync) until it returns something truthy, or fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        await asyncio.sleep(0.02)
+    """Poll `condition` (sync) every 20 ms until it returns something truthy (returned), or
+    raise TimeoutError at the deadline."""
+    return await wait_async(condition, timeout, what, interval=0.02)
 
 
 def established(speaker: Speaker, address: IPv4Address) -> bool:
@@ -469,7 +453,7 @@ def test_the_bridge_keeps_exabgp_alive_while_no_agent_listens(net1, state_dir):
 
 
 # --------------------------------------------------------------------------------------------
-# Measurements (printed, not asserted)
+# Volume: ten thousand routes announced and withdrawn (slow)
 
 @needs_root
 @pytest.mark.slow
@@ -610,11 +594,6 @@ def test_bridge_survives_bad_input_and_the_agent_coming_and_going(tmp_path):
     assert "could not handle a line from ExaBGP" in log and "bad request from the agent" in log
 
 
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["agent"]:
-        agent_main(*sys.argv[2:])
-
-
 def request(writer, **fields) -> None:
     writer.write(json.dumps(fields).encode() + b"\n")
 
@@ -696,3 +675,8 @@ def test_bridge_retires_once_the_withdrawals_were_sent(tmp_path):
         asyncio.run(scenario())
     finally:
         exabgp.close()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["agent"]:
+        agent_main(*sys.argv[2:])

@@ -29,6 +29,7 @@ import yaml
 from lab import netns
 from lab.cluster import COMMUNITY, POOL, Lab, tor_address, tor_loopback, tor_uplink
 from lab.process import wait  # returns what the condition returned
+from tests.helpers import assert_pods_reach_each_other
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")]
@@ -64,14 +65,8 @@ def address(lab: Lab, node: str) -> IPv4Address:
     return lab.node_address(lab._state()["nodes"][node]["index"]).ip
 
 
-def routes(lab: Lab, node: str) -> dict[str, str]:
-    """Pipit's kernel routes on a node: destination -> gateway, or 'blackhole'."""
-    return {r["dst"]: "blackhole" if r.get("type") == "blackhole" else r.get("gateway", "")
-            for r in lab.kernel_routes(node)}
-
-
 def block_of(lab: Lab, node: str) -> IPv4Network:
-    [block] = [N(dst) for dst, hop in routes(lab, node).items() if hop == "blackhole"]
+    [block] = [N(dst) for dst, hop in lab.pipit_routes(node).items() if hop == "blackhole"]
     return block
 
 
@@ -96,15 +91,10 @@ def ping(lab: Lab, source_node: str, target: str) -> bool:
                            "1", "-W", "1", "-q", target], capture_output=True).returncode == 0
 
 
-def assert_pods_reach_each_other(lab: Lab) -> None:
-    matrix = lab.ping_matrix(timeout=20)
-    assert all(matrix.values()), [pair for pair, ok in matrix.items() if not ok]
-
-
 def node_sees_only_its_tor_routes(lab: Lab, node: str) -> bool:
     tor = str(tor_address(lab.node_rack(node)))
     want = {**{dst: tor for dst in TOR_ROUTES}, str(block_of(lab, node)): "blackhole"}
-    return routes(lab, node) == want
+    return lab.pipit_routes(node) == want
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,7 +153,7 @@ def check_hijacks(lab: Lab) -> None:
             peer = tor_peer(lab, n)
             assert peer["accepted"] == 3 and peer["state"] == "up"
             assert node_sees_only_its_tor_routes(lab, n)
-            assert not {str(h) for h in hijacks} & set(routes(lab, n))
+            assert not {str(h) for h in hijacks} & set(lab.pipit_routes(n))
         assert_pods_reach_each_other(lab)
     finally:
         tor.originate([p for p in tor.spec.originate if p not in hijacks])
@@ -245,14 +235,14 @@ def test_allow_pool_prefixes_lets_nodes_learn_the_blocks_from_their_tor(bird_lab
     try:
         assert lab.pipitctl("apply", "-f", "-", input=lab.tor_peer_document(
             1, allowPoolPrefixes=True, numAllowedLocalASNumbers=0)).returncode == 0
-        wait(lambda: routes(lab, "n1").get(blocks["n3"]) == tor, 30, "n1 to learn n3's block")
-        assert routes(lab, "n1").get(blocks["n4"]) == tor
-        assert blocks["n2"] not in routes(lab, "n1")
+        wait(lambda: lab.pipit_routes("n1").get(blocks["n3"]) == tor, 30, "n1 to learn n3's block")
+        assert lab.pipit_routes("n1").get(blocks["n4"]) == tor
+        assert blocks["n2"] not in lab.pipit_routes("n1")
         reasons = tor_peer(lab, "n1")["rejectedReasons"]
         assert reasons == {"our own AS is in its AS path (a loop)": 1}
         assert lab.pipitctl("apply", "-f", "-", input=lab.tor_peer_document(
             1, allowPoolPrefixes=True)).returncode == 0  # numAllowedLocalASNumbers: 1
-        wait(lambda: blocks["n2"] in routes(lab, "n1"), 30, "n1 to learn n2's block")
+        wait(lambda: blocks["n2"] in lab.pipit_routes("n1"), 30, "n1 to learn n2's block")
         assert tor_peer(lab, "n1")["rejected"] == 0
         assert tor_peer(lab, "n1")["since"] == since
         assert_pods_reach_each_other(lab)
@@ -281,7 +271,7 @@ def test_a_tor_sending_more_than_max_prefixes_is_disconnected_and_stays_down(bir
             # the ToR sees the session go and our routes withdrawn; nothing learned stays
             wait(lambda n=n: not tor2.established(address(lab, n))
                  and block_of(lab, n) not in tor2.routes(), 30, f"tor2 to lose {n}")
-            assert not {"default", "192.0.2.1", "192.0.2.2"} & set(routes(lab, n))
+            assert not TOR_ROUTES & set(lab.pipit_routes(n))
         # BIRD keeps trying to connect; the node keeps refusing (bounded look)
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline:
@@ -339,7 +329,7 @@ def test_a_tor_gone_silent_is_dropped_when_the_hold_timer_expires(bird_lab):
             assert tor_peer(lab, n)["reason"] == "notification sent (4,0)"
             # no graceful restart after a NOTIFICATION: what the ToR sent is gone at once
             assert tor_peer(lab, n)["stale"] == 0
-            assert not TOR_ROUTES & set(routes(lab, n))
+            assert not TOR_ROUTES & set(lab.pipit_routes(n))
         out = lab.pipitctl("node", "status", "--socket", str(lab.status_socket("n1"))).stdout
         assert "Idle: notification sent (4,0): hold timer expired" in out
     finally:
@@ -353,7 +343,7 @@ def test_graceful_restart_keeps_routes_while_exabgp_restarts(bird_lab):
     lab, tor1 = bird_lab, bird_lab.routers[1]
     n1, block = address(lab, "n1"), block_of(lab, "n1")
     target = pod_of(lab, "n1").address
-    kernel_before = routes(lab, "n1")
+    kernel_before = lab.pipit_routes("n1")
     wait(lambda: ping(lab, "n3", target), 10, "the first ping")
     # a pod in the other rack pings n1's pod all along (6 s, more than the restart takes)
     pinger = subprocess.Popen([*netns.exec_prefix(pod_of(lab, "n3").netns), "ping", "-i",
@@ -365,12 +355,12 @@ def test_graceful_restart_keeps_routes_while_exabgp_restarts(bird_lab):
         # BIRD notices the session gone and keeps n1's block as a graceful-restart helper
         wait(lambda: not tor1.established(n1), 10, "tor1 to lose n1's session")
         assert block in tor1.routes(), "tor1 dropped n1's block instead of keeping it"
-        assert routes(lab, "n1") == kernel_before  # n1 keeps what it learned, too
+        assert lab.pipit_routes("n1") == kernel_before  # n1 keeps what it learned, too
         # the agent starts a new ExaBGP; the session comes back with the same routes
         wait(lambda: tor1.established(n1) and tor_peer(lab, "n1")["state"] == "up", 30,
              "n1's session to come back")
         wait(lambda: tor_peer(lab, "n1")["stale"] == 0, 30, "n1 to drop its stale copy")
-        assert routes(lab, "n1") == kernel_before
+        assert lab.pipit_routes("n1") == kernel_before
     finally:
         output = pinger.communicate(timeout=30)[0]
     assert " 120 received, 0% packet loss" in output, output  # not one packet lost
