@@ -100,14 +100,94 @@ class CNIError(Exception):
         self.code, self.msg, self.details = code, msg, details
 
 
-_HANDLE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+# What the spec allows in a network name and a container ID (libcni's ValidateNetworkName and
+# ValidateContainerID), as sets so that the plugin needs no `re`.
+_ALNUM = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+_ID_CHARS = _ALNUM | frozenset("_.-")
+_PLAIN = _ALNUM | frozenset("_-")  # kept as they are in a handle; anything else is escaped
+HANDLE_MAX = 253  # ipam.handle's bound on a handle's length
+_NETWORK_MAX = 64  # a longer network name is cut and hashed in handles
+_HASH_HEX = 32  # 128 bits of SHA-256 name what did not fit
+
+
+def _spec_id(value: str) -> bool:
+    return bool(value) and value[0] in _ALNUM and all(c in _ID_CHARS for c in value)
+
+
+def _escape(part: str) -> str:
+    """`part` with '.' (the handle's separator) and everything outside [A-Za-z0-9_-] written
+    as ':xx' per UTF-8 byte, so that no two parts escape alike and no escaped part holds a
+    '.'. Common names (pipit-net, 64 hex digits, eth0) stay as they are."""
+    return "".join(c if c in _PLAIN else "".join(f":{b:02x}" for b in c.encode())
+                   for c in part)
+
+
+def _digest(*parts: str) -> str:
+    import hashlib  # only for names too long to write out: not on the common path
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:_HASH_HEX]
+
+
+def handle_prefix(network: str) -> str:
+    """What every handle of `network` starts with, and no handle of another network: the
+    escaped name (cut and hashed past 64 characters) and a '.'."""
+    escaped = _escape(network)
+    if len(escaped) > _NETWORK_MAX:  # '::' never occurs in an escaped part
+        escaped = f"{_escape(network[:32])[:40]}::{_digest(network)}"
+    return escaped + "."
 
 
 def handle_id(network: str, container_id: str, ifname: str) -> str:
-    """One handle per attachment (network, container, interface), as the spec keys them."""
-    def clean(part: str) -> str:
-        return "".join(c if c in _HANDLE_CHARS else "_" for c in part)
-    return f"{clean(network)}.{clean(container_id)}.{clean(ifname)}"[:253]
+    """One handle per attachment (network, container, interface), as the spec keys them, and
+    a different handle for every different attachment: the parts escaped (`_escape`) and
+    joined with '.'; when that exceeds 253 characters, the container and interface are
+    written as a cut of the container ID and a hash of both."""
+    prefix = handle_prefix(network)
+    rest = f"{_escape(container_id)}.{_escape(ifname)}"
+    if len(prefix) + len(rest) > HANDLE_MAX:
+        rest = f"{_escape(container_id[:64])[:80]}::{_digest(container_id, ifname)}"
+    return prefix + rest
+
+
+def check_network(network: str) -> None:
+    if not _spec_id(network):
+        raise CNIError(INVALID_CONFIG, f"the network name {network!r} is not valid: it must "
+                       "start with a letter or digit, followed by letters, digits, '_', '.' "
+                       "or '-'.")
+
+
+def check_attachment(network: str, env: dict) -> None:
+    """Refuse what the spec forbids in the names a handle is made of, so that a runtime bug
+    gets an error rather than a guess."""
+    check_network(network)
+    container_id, ifname = env["CNI_CONTAINERID"], env["CNI_IFNAME"]
+    if not _spec_id(container_id):
+        raise CNIError(INVALID_ENVIRONMENT, f"CNI_CONTAINERID {container_id!r} is not a valid "
+                       "container ID: it must start with a letter or digit, followed by "
+                       "letters, digits, '_', '.' or '-'.")
+    if (len(ifname.encode()) > 15 or ifname in (".", "..")
+            or any(c == "/" or c == ":" or c.isspace() for c in ifname)):
+        raise CNIError(INVALID_ENVIRONMENT, f"CNI_IFNAME {ifname!r} is not a valid interface "
+                       "name: at most 15 bytes, not '.' or '..', without '/', ':' or spaces.")
+
+
+def _check_utf8(env: dict, stdin: str) -> None:
+    """Bytes that are not UTF-8 (decoded with surrogateescape) are refused, never folded:
+    folding would make two different names one."""
+    for name, value in env.items():
+        if name.startswith("CNI_") and not _encodable(value):
+            raise CNIError(INVALID_ENVIRONMENT, f"the environment variable {name} is not valid "
+                           "UTF-8.")
+    if not _encodable(stdin):
+        raise CNIError(DECODE_FAILURE, "the network configuration on stdin is not valid "
+                       "UTF-8.")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_cni_args(text: str) -> dict[str, str]:
@@ -232,6 +312,7 @@ def plan(command: str, env: dict, stdin: str):
         raise CNIError(INVALID_ENVIRONMENT, f"CNI_COMMAND {command!r} is not one of ADD, DEL, "
                        "CHECK, STATUS, GC, VERSION." if command else
                        "the environment variable CNI_COMMAND is not set.")
+    _check_utf8(env, stdin)
     config = read_config(stdin)
     version, ipam = config["cniVersion"], config["ipam"]
     path = ipam.get("socket", DEFAULT_SOCKET)
@@ -257,12 +338,13 @@ def plan(command: str, env: dict, stdin: str):
                                                         for a in attachments):
             raise CNIError(INVALID_CONFIG, "GC needs cni.dev/valid-attachments, a list of "
                            '{"containerID", "ifname"} objects; nothing was released.')
+        check_network(network)
         valid = [handle_id(network, str(a.get("containerID", "")), str(a.get("ifname", "")))
                  for a in attachments]
-        return path, {"command": "GC", "prefix": handle_id(network, "", "")[:-1],
-                      "network": network, "valid": valid}, nothing
+        return path, {"command": "GC", "prefix": handle_prefix(network), "valid": valid}, nothing
     require_env(env, "CNI_CONTAINERID", "CNI_IFNAME",
                 *(("CNI_NETNS",) if command == "ADD" else ()))
+    check_attachment(network, env)
     handle = handle_id(network, env["CNI_CONTAINERID"], env["CNI_IFNAME"])
     if command == "DEL":
         return path, {"command": "DEL", "handle": handle}, nothing
@@ -319,7 +401,7 @@ def main() -> None:
     env = {k.decode(errors="surrogateescape"): v.decode(errors="surrogateescape")
            for k, v in posix.environ.items()}  # what os.environ holds
     stdin = ("" if env.get("CNI_COMMAND") == "VERSION"
-             else sys.stdin.buffer.read().decode("utf-8", "replace"))  # bad bytes: a 6, later
+             else sys.stdin.buffer.read().decode("utf-8", "surrogateescape"))  # bad: a 6
     try:
         result = run(env.get("CNI_COMMAND", ""), env, stdin)
     except CNIError as error:

@@ -8,7 +8,7 @@ One request per connection, one JSON object per line each way:
     -> {"command": "DEL", "handle": H}               <- {"released": ["10.244.3.5"]}
     -> {"command": "CHECK", "handle": H}             <- {"ips": [...]} (empty: unknown)
     -> {"command": "STATUS"}                         <- {"pools": ["default"]}
-    -> {"command": "GC", "prefix": P, "network": N, "valid": [H]}
+    -> {"command": "GC", "prefix": P, "valid": [H]}   (P: ipam.cni.handle_prefix)
                                                      <- {"released": [handles]}
     <- on failure: {"error": {"kind": "PoolExhausted", "msg": "one sentence"}}
 
@@ -125,8 +125,7 @@ class IPAMService:
                 return {"pools": [p.name for p in await self._pools() if not p.disabled]}
             if command == "GC":
                 return {"released": await self._collect(str(request.get("prefix") or ""),
-                                                        set(request.get("valid") or ()),
-                                                        request.get("network"))}
+                                                        set(request.get("valid") or ()))}
             raise InvalidResource(f"unknown command {command!r}.")
         except PipitError as error:
             if not isinstance(error, InvalidResource):
@@ -167,28 +166,16 @@ class IPAMService:
             pools = await self._pools()
         return [describe(pools, a) for a in addresses]
 
-    async def _collect(self, prefix: str, valid: set[str], network: str | None = None
-                       ) -> list[str]:
-        """Release this node's handles under `prefix` that the runtime no longer knows. With
-        `network`, only handles that are that network's by their recorded container and
-        interface: a prefix alone cannot tell network "net" from "net.blue" (names and
-        container IDs may contain dots)."""
-        if not prefix:
-            raise InvalidResource("GC needs the handle prefix of the network.")
-
-        def of_network(attribute) -> bool:
-            if network is None:
-                return True
-            recorded = attribute.secondary
-            return attribute.handle_id == cni.handle_id(str(network),
-                                                        recorded.get("containerID", ""),
-                                                        recorded.get("ifname", ""))
-
+    async def _collect(self, prefix: str, valid: set[str]) -> list[str]:
+        """Release this node's handles under `prefix` that the runtime no longer knows. The
+        prefix ends in the handle's '.', which no escaped network name holds, so network
+        "net" never takes "net.blue"'s handles."""
+        if not prefix.endswith("."):
+            raise InvalidResource("GC needs the handle prefix of the network (ending in '.').")
         found = [blocks.from_json(e.value) for e in await self.ipam.store.list(keys.BLOCKS)]
         stale = sorted({a.handle_id for b in found for a in b.attributes
                         if a.secondary.get("node") == self.node
-                        and a.handle_id.startswith(prefix) and a.handle_id not in valid
-                        and of_network(a)})
+                        and a.handle_id.startswith(prefix) and a.handle_id not in valid})
         # all at once: the allocator's queue releases them in a few transactions
         await asyncio.gather(*(self.ipam.release(self.node, h) for h in stale))
         for handle_id in stale:

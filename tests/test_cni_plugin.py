@@ -146,6 +146,73 @@ def test_plugin_json_refuses_what_is_not_json(text):
 
 
 # --------------------------------------------------------------------------------------------
+# Handles: one per attachment, never shared by two
+
+SPEC_ID = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,300}", fullmatch=True)
+IFNAME = st.text(st.characters(blacklist_characters="/:", blacklist_categories=("Cs", "Zs")),
+                 min_size=1, max_size=15).filter(lambda n: len(n.encode()) <= 15
+                                                 and n not in (".", ".."))
+
+
+@settings(max_examples=400)
+@given(st.tuples(SPEC_ID, SPEC_ID, IFNAME), st.tuples(SPEC_ID, SPEC_ID, IFNAME))
+def test_two_attachments_never_share_a_handle(one, two):
+    """Injective in (network, container, interface); always a valid handle; and GC's prefix
+    of one network never takes another network's handles."""
+    from ipam.handle import check_handle_id
+    first, second = handle_id(*one), handle_id(*two)
+    assert check_handle_id(first) == first
+    assert (first == second) == (one == two)
+    assert first.startswith(cni.handle_prefix(one[0]))
+    assert second.startswith(cni.handle_prefix(one[0])) == (one[0] == two[0])
+
+
+@pytest.mark.parametrize("one,two", [
+    (("net", "coll-a_b", "eth0"), ("net", "coll-a.b", "eth0")),  # folded alike before
+    (("n.a", "b", "eth0"), ("n", "a.b", "eth0")),  # the separator inside a name
+    (("x" * 241, "c", "eth0"), ("x" * 241, "c", "net1")),  # cut to 253 alike before
+    (("net", "c" * 250, "eth0"), ("net", "c" * 250, "net1")),
+])
+def test_attachments_that_once_shared_a_handle_get_two_addresses(ipam, etcd, one, two):
+    results = [ipam("ADD", ipam.config(name=network), container, ifname)
+               for network, container, ifname in (one, two)]
+    addresses = {r["ips"][0]["address"] for r in results}
+    assert len(addresses) == 2, results
+    for (network, container, ifname), result in zip((one, two), results):
+        assert holder(snapshot(etcd), result["ips"][0]["address"]) == handle_id(
+            network, container, ifname)
+        assert ipam("DEL", ipam.config(name=network), container, ifname) is None
+    nothing_held(etcd, one[1], two[1])
+
+
+@pytest.mark.parametrize("variable,value,fact", [
+    ("CNI_CONTAINERID", "coll-a:b", "CNI_CONTAINERID"),
+    ("CNI_CONTAINERID", "-leading-dash", "CNI_CONTAINERID"),
+    ("CNI_CONTAINERID", "caf\udcc3", "CNI_CONTAINERID"),  # a byte that is not UTF-8
+    ("CNI_IFNAME", "eth0/1", "CNI_IFNAME"),
+    ("CNI_IFNAME", "a-name-of-16-chr", "CNI_IFNAME"),
+    ("CNI_ARGS", "K8S_POD_NAME=\udcff", "CNI_ARGS"),
+])
+def test_names_the_spec_forbids_are_an_invalid_environment(ipam, etcd, variable, value, fact):
+    for command in ("ADD", "DEL", "CHECK"):
+        fails(ipam.raw(command, json.dumps(ipam.config()).encode(), **{variable: value}), 4,
+              fact)
+    nothing_held(etcd, "c1", value)
+
+
+@pytest.mark.parametrize("name", ["", "-net", "my net", "caf\u00e9"])
+def test_a_network_name_the_spec_forbids_is_invalid_config(ipam, etcd, name):
+    fails(ipam.raw("ADD", json.dumps(ipam.config(name=name)).encode()), 7, "network name")
+    nothing_held(etcd, "c1")
+
+
+def test_a_configuration_that_is_not_utf8_is_a_decode_failure(ipam, etcd):
+    stdin = json.dumps(ipam.config(name="net-X")).encode().replace(b"X", b"\xe9")
+    fails(ipam.raw("ADD", stdin), 6, "UTF-8")
+    nothing_held(etcd, "c1")
+
+
+# --------------------------------------------------------------------------------------------
 # VERSION, results
 
 
