@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from bgp_agent.bgp_config import check_as_number
+from bgp_agent.model import DEFAULT_AS
 from bgp_agent.node import NodeRecord, detect_address, parse_explicit_address, register
 from bgp_agent.status import DEFAULT_STATUS_SOCKET, StatusServer
 from ipam.allocator import IPAM
@@ -45,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          help="first-found | interface=REGEX | skip-interface=REGEX | cidr=CIDR "
                               "| can-reach=IP (default first-found).")
     parser.add_argument("--as", dest="as_number", type=int, metavar="N",
-                        help="This node's AS number (default: the cluster's, 64512).")
+                        help=f"This node's AS number (default: the cluster's, {DEFAULT_AS}).")
     parser.add_argument("--labels", default="", metavar="K=V,...",
                         help="Labels for this node's record (pools and peers select on them).")
     parser.add_argument("--exabgp", choices=["spawn", "sidecar"], default="spawn",
@@ -134,22 +135,24 @@ async def run(args: argparse.Namespace) -> None:
 async def route(store: Store, ipam: IPAM, args: argparse.Namespace, stop: asyncio.Event,
                 retiring) -> None:
     """Register the node, then run the BGP speaker and the routing loop until `stop`."""
-    from bgp_agent.encapsulation import Encapsulation
-    from ipip.kernel_routes import KernelRoutes
+    from bgp_agent.node_dataplane import NodeDataplane
+    from bgp_agent.model import SpeakerError
     from bgp_agent.routing import Router
-    from bgp_agent.speaker import Speaker, SpeakerError
+    from bgp_agent.speaker import ExaBGPSpeaker
+    from ipip.kernel_routes import KernelRoutes
+    from ipip.route_table import RouteTable
 
     me = await register(store, await asyncio.to_thread(node_identity, args))  # pyroute2 inside
     log.info("node %s registered with address %s", me.name, me.address)
     state_dir = Path(args.state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     kernel = KernelRoutes()
-    speaker = Speaker(state_dir / "exabgp", state_dir / "exabgp.sock", args.exabgp,
-                      router_id=me.address.ip, local_address=me.address.ip,
-                      local_as=me.as_number or 64512)
-    encapsulation = Encapsulation(store, ipam, state_dir / "pod-mtu", args.mtu)
-    router = Router(store, me, speaker, kernel, secrets_dir=args.secrets_dir,
-                    encapsulation=encapsulation)
+    speaker = ExaBGPSpeaker(state_dir / "exabgp", state_dir / "exabgp.sock", args.exabgp,
+                            router_id=me.address.ip, local_address=me.address.ip,
+                            local_as=me.as_number or DEFAULT_AS)
+    dataplane = NodeDataplane(store, ipam, state_dir / "pod-mtu", args.mtu)
+    router = Router(store, me, speaker, RouteTable(kernel), secrets_dir=args.secrets_dir,
+                    dataplane=dataplane)
     speaker.on_change = router.changed.set
     status = StatusServer(args.status_socket, router.status.to_json)
     await speaker.start()
@@ -174,7 +177,8 @@ async def route(store: Store, ipam: IPAM, args: argparse.Namespace, stop: asynci
         finally:
             await speaker.stop(stop_exabgp=retiring())
             kernel.close()
-            encapsulation.close()
+            dataplane.close()
+
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)

@@ -13,7 +13,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 from bgp_agent.bgp_config import BGPConfig
 from bgp_agent.bgp_peer import BGPPeer, PasswordRef, PasswordUnavailable
-from ipip.kernel_routes import NextHop, Route
+from ipip.routes import NextHop, Route
 from bgp_agent.model import Announcement, Neighbor, Path
 from bgp_agent.node import NodeRecord
 from ipam.pool import IPPool
@@ -157,28 +157,6 @@ def over_limit(neighbor: Neighbor, received: int) -> str:
         return (f"it sent {received} prefixes, more than its maxPrefixes "
                 f"{neighbor.max_prefixes}")
     return ""
-
-
-def md5_diagnosis(password_set: bool, grown: Mapping[str, int]) -> str:
-    """What the kernel's TCP MD5 counters (their growth while a session is not up) say about
-    it: segments dropped for a wrong signature, for a missing one, or for an unexpected one."""
-    failure = grown.get("TCPMD5Failure", 0)
-    missing = grown.get("TCPMD5NotFound", 0)
-    unexpected = grown.get("TCPMD5Unexpected", 0)
-    if password_set and failure > 0:
-        return (f"TCP MD5 signatures do not match: the passwords differ (the kernel dropped "
-                f"{_segments(failure)} with a wrong signature)")
-    if password_set and missing > 0:
-        return (f"the peer sends no TCP MD5 signature but a password is set here: it has "
-                f"none (the kernel dropped {_segments(missing)} without one)")
-    if not password_set and unexpected > 0:
-        return (f"the peer signs with TCP MD5 but no password is set here (the kernel "
-                f"dropped {_segments(unexpected)} signed with one)")
-    return ""
-
-
-def _segments(count: int) -> str:
-    return f"{count} segment{'' if count == 1 else 's'}"
 
 
 def import_all(neighbors: Iterable[Neighbor],

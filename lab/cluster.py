@@ -48,7 +48,7 @@ from lab import netns
 from lab.cni import Attachment, CNIRuntime, NetworkConfig, install_bin_dir
 from lab.etcd import EtcdServer
 from lab.process import alive, command_line, kill, wait
-from lab.routers import Router, RouterPeer, RouterSpec, make_router
+from lab.routers import FabricRouter, RouterPeer, RouterSpec, make_router
 
 DEFAULT_DIR = Path("/tmp/pipit-lab")
 DEFAULT_PREFIX = "pipit-lab-"
@@ -122,7 +122,7 @@ class Lab:
     racks: int = 2
     nodes_per_rack: int = 2
     password: str | None = None  # racks: TCP MD5 between nodes and ToRs, from a secret
-    routers: dict[int, Router] = field(default_factory=dict, repr=False)  # racks: rack -> ToR
+    routers: dict[int, FabricRouter] = field(default_factory=dict, repr=False)  # racks: rack -> ToR
 
     def __post_init__(self) -> None:
         if self.topology not in TOPOLOGIES:

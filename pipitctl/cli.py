@@ -1,4 +1,5 @@
-"""pipitctl: the operator's command line (calicoctl-like) for pools, IPAM and, later, BGP."""
+"""pipitctl: the operator's command line (calicoctl-like): resources (IP pools, BGP peers and
+configuration, nodes), IPAM, node status and the lab."""
 
 from __future__ import annotations
 

@@ -20,23 +20,28 @@ import pytest
 from ipam.snapshot import Snapshot, load_snapshot, pool_usage
 from ipam.store import EtcdConfig
 from lab.agent import AgentProcess
-from lab.cni import Attachment, CNIRuntime, NetworkConfig, install_bin_dir, ipv4_only_iptables
+from lab.cni import (
+    PLUGIN_DIR,
+    Attachment,
+    CNIRuntime,
+    NetworkConfig,
+    install_bin_dir,
+    ipv4_only_iptables,
+)
 from lab.netns import Namespaces, path_of
-from tests.helpers import add_pool, with_store
+from tests.helpers import add_pool, require, with_store
 
 ROOT = Path(__file__).resolve().parent.parent
 NS_PREFIX = "pipit-t-"
 NODE = "node-1"
 DEFAULT_POOL = ("default", "10.244.0.0/22", {"blockSize": 26})  # four /26 blocks
 
-needs_root_and_plugins = pytest.mark.skipif(
-    os.geteuid() != 0 or not os.access("/usr/lib/cni/ptp", os.X_OK),
-    reason="needs root and the CNI reference plugins in /usr/lib/cni")
-
-
 @pytest.fixture(scope="session")
 def cni_bin() -> Path:
     """Symlinks to the reference plugins plus pipit-ipam as installed (native front)."""
+    require(os.access(Path(PLUGIN_DIR) / "ptp", os.X_OK),
+            f"needs the CNI reference plugins in {PLUGIN_DIR} (Debian "
+            "containernetworking-plugins): run scripts/setup.sh")
     path = Path(tempfile.mkdtemp(prefix="pipit-t-cni-bin-"))
     try:
         yield install_bin_dir(path)

@@ -15,6 +15,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bgp_agent.bridge_protocol import (
+    RouteTables,
+    announcement_from_json,
+    announcement_to_json,
+    decode,
+    path_from_json,
+    path_to_json,
+    peer_from_json,
+    peer_to_json,
+)
 from bgp_agent.exabgp_bridge import (
     BridgeState,
     OpenEvent,
@@ -22,14 +32,8 @@ from bgp_agent.exabgp_bridge import (
     StateEvent,
     UpdateEvent,
     announce_commands,
-    announcement_from_json,
-    announcement_to_json,
     parse_configured,
     parse_event,
-    path_from_json,
-    path_to_json,
-    peer_from_json,
-    peer_to_json,
     withdraw_commands,
 )
 from bgp_agent.exabgp_config import (
@@ -39,7 +43,6 @@ from bgp_agent.exabgp_config import (
     render,
 )
 from bgp_agent.model import Announcement, Neighbor, Path, PeerState
-from bgp_agent.speaker import _Tables, apply_message
 
 A, N = IPv4Address, IPv4Network
 EXABGP = str(FilePath(sys.executable).parent / "exabgp")
@@ -271,8 +274,8 @@ def test_received_routes_follow_updates_and_end_of_rib_is_reported():
     feed(state, UP)
     messages = feed(state, ANNOUNCE, WITHDRAW, EOR, EOR)
     assert [m["type"] for m in messages] == ["received", "received", "peer"]
-    assert list(state.received[PEER]) == [N("10.50.0.0/24")]
-    assert state.peers[PEER].end_of_rib
+    assert list(state.tables.received[PEER]) == [N("10.50.0.0/24")]
+    assert state.tables.peers[PEER].end_of_rib
 
 
 def test_a_peer_going_down_drops_its_routes_and_repeats_are_quiet():
@@ -282,8 +285,24 @@ def test_a_peer_going_down_drops_its_routes_and_repeats_are_quiet():
     assert len(messages) == 1
     down = peer_from_json(messages[0])
     assert (down.state, down.reason) == ("down", "notification received (6,2)")
+    assert down.notification  # ExaBGP's wording, read here: no graceful restart after it
     assert down.graceful_restart and down.restart_time == 120  # for the agent's stale-route call
-    assert PEER not in state.received
+    assert PEER not in state.tables.received
+
+
+@pytest.mark.parametrize("reason,notification", [
+    ("notification sent (4,0)", True),  # our hold timer expired
+    ("notification received (6,2)", True),
+    ("closing connection", False),  # the TCP connection dropped: graceful restart applies
+    ("peer reset, message [closing connection] error[...]", False),
+])
+def test_a_down_says_whether_a_notification_ended_the_session(reason, notification):
+    state = BridgeState()
+    feed(state, UP)
+    [message] = feed(state, DOWN.replace("notification received (6,2)", reason))
+    assert (message["reason"], message["notification"]) == (reason, notification)
+    again = feed(state, UP)
+    assert not peer_from_json(again[0]).notification  # a new session starts clean
 
 
 def test_unconfigured_peers_are_forgotten_and_ignored():
@@ -291,7 +310,7 @@ def test_unconfigured_peers_are_forgotten_and_ignored():
     feed(state, UP, ANNOUNCE)
     state.record_announced(PEER, [Announcement(N("10.1.0.0/26"))])
     assert state.set_configured({A("10.99.0.3")}, "d1") == [{"type": "forget", "peer": str(PEER)}]
-    assert not state.peers and not state.received and not state.announced
+    assert not state.tables.peers and not state.tables.received and not state.tables.announced
     assert feed(state, DOWN) == []
 
 
@@ -303,7 +322,7 @@ def test_a_re_added_peer_coming_up_before_its_reload_is_confirmed_is_not_lost():
     assert [peer_from_json(m).state for m in messages] == ["up"]
     state.configuring = set()
     assert state.set_configured({PEER}, "with-the-peer") == []
-    assert state.peers[PEER].state == "up"
+    assert state.tables.peers[PEER].state == "up"
 
 
 def test_sent_withdrawals_count_down_a_retirement():
@@ -323,20 +342,20 @@ def test_the_snapshot_rebuilds_the_agents_tables():
     state.record_withdrawn(PEER, blocks(1))
     messages = list(state.snapshot(exabgp_pid=42))
     assert messages[0]["type"] == "hello" and messages[0]["exabgp_pid"] == 42
-    tables = _Tables()
+    tables = RouteTables()
     for message in messages[2:-1]:
-        apply_message(tables, json.loads(json.dumps(message)))
-    assert tables.peers == state.peers
-    assert tables.received == state.received
-    assert tables.announced == state.announced and len(tables.announced[PEER]) == 2499
+        tables.apply(decode(json.loads(json.dumps(message))))
+    assert tables.peers == state.tables.peers
+    assert tables.received == state.tables.received
+    assert tables.announced == state.tables.announced and len(tables.announced[PEER]) == 2499
 
 
 def test_live_messages_keep_the_agents_tables_equal_to_the_bridges():
-    state, tables = BridgeState(), _Tables()
+    state, tables = BridgeState(), RouteTables()
     for line in (OPEN_SENT, OPEN_RECEIVED, UP, ANNOUNCE, WITHDRAW, EOR, DOWN, UP, ANNOUNCE):
         for message in state.on_event(event(line)):
-            apply_message(tables, message)
-    assert tables.peers == state.peers and tables.received == state.received
+            tables.apply(decode(json.loads(json.dumps(message))))
+    assert tables.peers == state.tables.peers and tables.received == state.tables.received
     assert list(tables.received[PEER]) == [N("10.50.1.0/24"), N("10.50.0.0/24")]
 
 
@@ -369,5 +388,7 @@ def test_announcements_survive_json(route):
 
 
 def test_peer_state_survives_json():
-    peer = PeerState(PEER, "down", 12.5, "closing", True, 120, A("10.99.0.2"), True, {"a": 1})
+    peer = PeerState(PEER, "down", 12.5, "notification sent (4,0)", notification=True,
+                     graceful_restart=True, restart_time=120, router_id=A("10.99.0.2"),
+                     end_of_rib=True, extra={"a": 1})
     assert peer_from_json(json.loads(json.dumps(peer_to_json(peer)))) == peer

@@ -4,9 +4,10 @@ from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 from bgp_agent import policy
+from bgp_agent.status import md5_diagnosis
 from bgp_agent.bgp_config import BGPConfig
 from bgp_agent.bgp_peer import BGPPeer, PasswordUnavailable, peer_from_spec
-from ipip.kernel_routes import NextHop, Route
+from ipip.routes import NextHop, Route
 from bgp_agent.model import Neighbor, Path
 from bgp_agent.node import NodeRecord
 from ipam.pool import pool_from_spec
@@ -177,10 +178,10 @@ def test_max_prefixes_counts_everything_received():
 
 def test_md5_counters_say_why_a_session_does_not_come_up():
     nothing = {"TCPMD5Failure": 0, "TCPMD5NotFound": 0, "TCPMD5Unexpected": 0}
-    assert policy.md5_diagnosis(True, nothing) == ""
-    assert "passwords differ" in policy.md5_diagnosis(True, {**nothing, "TCPMD5Failure": 3})
-    assert "the peer sends no TCP MD5 signature" in policy.md5_diagnosis(
+    assert md5_diagnosis(True, nothing) == ""
+    assert "passwords differ" in md5_diagnosis(True, {**nothing, "TCPMD5Failure": 3})
+    assert "the peer sends no TCP MD5 signature" in md5_diagnosis(
         True, {**nothing, "TCPMD5NotFound": 1})
-    assert "no password is set here" in policy.md5_diagnosis(
+    assert "no password is set here" in md5_diagnosis(
         False, {**nothing, "TCPMD5Unexpected": 2})
-    assert policy.md5_diagnosis(False, {**nothing, "TCPMD5Failure": 5}) == ""
+    assert md5_diagnosis(False, {**nothing, "TCPMD5Failure": 5}) == ""

@@ -23,7 +23,9 @@ from pathlib import Path
 import pytest
 
 from bgp_agent.model import Announcement, Neighbor
-from bgp_agent.speaker import Speaker, SpeakerError, sidecar_command
+from bgp_agent.exabgp_process import exabgp_command
+from bgp_agent.model import SpeakerError
+from bgp_agent.speaker import ExaBGPSpeaker
 from lab.bird import Bird, BirdPeer, bgp_config
 from lab.netns import Namespaces
 from lab.process import command_line, wait, wait_async
@@ -33,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NODE_AS = 64512
 BRIDGE = str(Path(sys.executable).parent / "pipit-exabgp-bridge")
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+needs_root = pytest.mark.netns  # real ExaBGP and BIRD in network namespaces
 
 
 def blocks(count: int, second_octet: int = 1) -> list[IPv4Network]:
@@ -123,13 +125,13 @@ def neighbor(k: int, **options) -> Neighbor:
                     **options)
 
 
-def make_speaker(state: Path, net: Net, mode: str = "spawn") -> Speaker:
-    return Speaker(state, state / "bridge.sock", mode, Net.node_address(1), Net.node_address(1),
-                   NODE_AS, netns=net.node)
+def make_speaker(state: Path, net: Net, mode: str = "spawn") -> ExaBGPSpeaker:
+    return ExaBGPSpeaker(state, state / "bridge.sock", mode, Net.node_address(1),
+                         Net.node_address(1), NODE_AS, netns=net.node)
 
 
 @asynccontextmanager
-async def running(speaker: Speaker):
+async def running(speaker: ExaBGPSpeaker):
     await speaker.start()
     try:
         yield speaker
@@ -143,7 +145,7 @@ async def eventually(condition, timeout: float = 30.0, what: str = "condition"):
     return await wait_async(condition, timeout, what, interval=0.02)
 
 
-def established(speaker: Speaker, address: IPv4Address) -> bool:
+def established(speaker: ExaBGPSpeaker, address: IPv4Address) -> bool:
     peer = speaker.peers.get(address)
     return bool(speaker.connected and peer and peer.state == "up" and peer.end_of_rib)
 
@@ -300,7 +302,7 @@ def test_sidecar_mode_reloads_through_the_api(net1, state_dir):
         with bird_peer(net1, 1) as bird:
             speaker = make_speaker(state_dir, net1, mode="sidecar")
             await speaker.start()
-            exabgp = subprocess.Popen(["ip", "netns", "exec", net1.node, *sidecar_command(state_dir)],
+            exabgp = subprocess.Popen(["ip", "netns", "exec", net1.node, *exabgp_command(state_dir)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                       start_new_session=True)
             try:
