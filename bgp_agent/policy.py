@@ -114,6 +114,34 @@ def in_pools(prefix: IPv4Network, pools: Iterable[IPPool]) -> bool:
     return any(prefix.subnet_of(p.cidr) for p in pools)
 
 
+@dataclass(frozen=True)
+class Ownership:
+    """Who may announce pod addresses, as etcd says: each block's owner and each borrowed
+    address's holder, as (node name, node address)."""
+    blocks: Mapping[IPv4Network, tuple[str, IPv4Address | None]] = field(default_factory=dict)
+    borrowed: Mapping[IPv4Address, tuple[str, IPv4Address | None]] = field(default_factory=dict)
+
+    def disagrees(self, path: Path) -> str:
+        """Why a route to pod addresses from a node or a reflector does not match etcd ("" if
+        it does): its next hop, and its ORIGINATOR_ID when reflected, must be the address of
+        the node that owns the block (or holds the borrowed address). Checked for iBGP, where
+        any same-AS speaker could otherwise announce (or reflect) a hijack."""
+        prefix = path.prefix
+        owner = self.borrowed.get(prefix.network_address) if prefix.prefixlen == 32 else None
+        owner = owner or self.blocks.get(prefix)
+        if owner is None:
+            return "no node owns it in etcd"
+        name, address = owner
+        if address is None:
+            return f"node {name}, which owns it in etcd, has no address"
+        if path.next_hop != address:
+            return f"its next hop {path.next_hop} is not node {name} ({address}), which owns it"
+        if path.originator_id is not None and path.originator_id != address:
+            return (f"its originator {path.originator_id} is not node {name} ({address}), "
+                    "which owns it")
+        return ""
+
+
 @dataclass
 class ImportResult:
     accepted: dict[IPv4Network, Path] = field(default_factory=dict)
@@ -122,26 +150,32 @@ class ImportResult:
 
 def import_routes(neighbor: Neighbor, paths: Mapping[IPv4Network, Path],
                   pools: list[IPPool], own_blocks: set[IPv4Network],
-                  my_as: int) -> ImportResult:
-    """Mesh and reflector peers may only tell us about pod addresses (inside a pool); external
-    peers (a ToR) may send anything except routes over pod addresses, unless the neighbour's
-    allow_pool_prefixes allows them. Our own AS may appear in an AS path as often as the
-    neighbour's allowed_local_as says (an AS per rack: routes of the other nodes of our rack
-    come back through the ToR with our AS in them)."""
+                  my_as: int, ownership: Ownership = Ownership()) -> ImportResult:
+    """Routes over pod addresses (equal to or inside a pool) are taken from nodes and
+    reflectors, the mesh and any same-AS peer (a BIRD or FRR route reflector), only where
+    they match etcd (Ownership); from an external peer (a ToR) never, unless the neighbour's
+    allow_pool_prefixes allows them. Mesh and reflector peers may tell us about nothing else;
+    other peers may send any other route (a covering route, a default route, loses to the
+    nodes' more specific blocks and is fine). Our own AS may appear in an AS path as often as
+    the neighbour's allowed_local_as says (an AS per rack: routes of the other nodes of our
+    rack come back through the ToR with our AS in them)."""
     result = ImportResult()
+    internal = neighbor.kind in INTERNAL_KINDS
+    ibgp = internal or neighbor.peer_as == my_as
     for prefix, path in paths.items():
+        pod_addresses = in_pools(prefix, pools)
         if path.as_path.count(my_as) > neighbor.allowed_local_as:
             why = "our own AS is in its AS path (a loop)"
         elif prefix in own_blocks:
             why = "it is one of this node's own blocks"
-        elif neighbor.kind in INTERNAL_KINDS:
-            why = "" if in_pools(prefix, pools) else "it is not inside an IP pool"
-        elif in_pools(prefix, pools) and not neighbor.allow_pool_prefixes:
-            # Equal to or inside a pool would steal pod traffic; a covering route (a default
-            # route, an aggregate) loses to the nodes' more specific blocks and is fine.
-            why = "it is inside an IP pool (only nodes announce pod addresses)"
-        else:
+        elif not pod_addresses:
+            why = "it is not inside an IP pool" if internal else ""
+        elif neighbor.allow_pool_prefixes:
             why = ""
+        elif ibgp:
+            why = ownership.disagrees(path)
+        else:
+            why = "it is inside an IP pool (only nodes announce pod addresses)"
         if why:
             result.rejected[prefix] = why
         else:
@@ -162,9 +196,10 @@ def over_limit(neighbor: Neighbor, received: int) -> str:
 def import_all(neighbors: Iterable[Neighbor],
                received: Mapping[IPv4Address, Mapping[IPv4Network, Path]],
                pools: list[IPPool], own_blocks: set[IPv4Network],
-               my_as: int) -> dict[IPv4Address, ImportResult]:
+               my_as: int, ownership: Ownership = Ownership()) -> dict[IPv4Address, ImportResult]:
     """import_routes for every neighbour."""
-    return {n.address: import_routes(n, received.get(n.address, {}), pools, own_blocks, my_as)
+    return {n.address: import_routes(n, received.get(n.address, {}), pools, own_blocks, my_as,
+                                     ownership)
             for n in neighbors}
 
 

@@ -45,19 +45,22 @@ STARTUP_GRACE_SECONDS = 120.0  # after a start, learned routes stay until every 
 
 @dataclass(frozen=True)
 class BlockSummary:
-    """What the agent needs of a block: its owner and the addresses this node holds in it."""
+    """What the agent needs of a block: its owner, and the addresses other nodes borrowed
+    from it (address -> the node holding it)."""
     cidr: IPv4Network
     node: str | None
-    mine: frozenset[IPv4Address]
+    borrowers: Mapping[IPv4Address, str]
 
 
-def summarize(node: str):
-    def decode(entry: Entry) -> BlockSummary:
-        block = blocks.from_json(entry.value)
-        mine = frozenset(block.address(o) for o, i in enumerate(block.allocations)
-                         if i is not None and block.attributes[i].secondary.get("node") == node)
-        return BlockSummary(block.cidr, block.node, mine)
-    return decode
+def summarize(entry: Entry) -> BlockSummary:
+    block = blocks.from_json(entry.value)
+    borrowers = {}
+    for ordinal, index in enumerate(block.allocations):
+        if index is not None:
+            holder = block.attributes[index].secondary.get("node")
+            if holder and holder != block.node:
+                borrowers[block.address(ordinal)] = holder
+    return BlockSummary(block.cidr, block.node, borrowers)
 
 
 def decode_bgp_config(entry: Entry) -> BGPConfig:
@@ -101,7 +104,7 @@ class Router:
                                 self.changed)
         self.affinities = Mirror(store, keys.affinity_prefix(me.name),
                                  lambda e: e.value.get("state"), self.changed)
-        self.blocks = Mirror(store, keys.BLOCKS, summarize(me.name), self.changed)
+        self.blocks = Mirror(store, keys.BLOCKS, summarize, self.changed)
         self.mirrors = (self.nodes, self.pools, self.bgp_config, self.bgp_peers,
                          self.affinities, self.blocks)
         self.secrets_dir = secrets_dir
@@ -131,7 +134,20 @@ class Router:
                 if b.node == self.me.name and b.cidr in confirmed}
 
     def borrowed(self) -> set[IPv4Address]:
-        return {a for b in self.blocks.items.values() if b.node != self.me.name for a in b.mine}
+        """Addresses this node holds in other nodes' blocks."""
+        return {a for b in self.blocks.items.values() for a, holder in b.borrowers.items()
+                if holder == self.me.name}
+
+    def ownership(self) -> policy.Ownership:
+        """Which node's address may announce each block and borrowed address (etcd's word)."""
+        address = {n.name: n.address.ip for n in self.nodes.items.values() if n.address}
+        owners, holders = {}, {}
+        for block in self.blocks.items.values():
+            if block.node is not None:
+                owners[block.cidr] = (block.node, address.get(block.node))
+            for borrowed, holder in block.borrowers.items():
+                holders[borrowed] = (holder, address.get(holder))
+        return policy.Ownership(owners, holders)
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -221,7 +237,7 @@ class Router:
         # The table-wide computations run in a worker thread: with many routes they take
         # long enough (~1 s at 100k) to stall the agent's IPAM service and its BGP bridge.
         imports = await asyncio.to_thread(policy.import_all, neighbors, received, pools, own,
-                                          my_as)
+                                          my_as, self.ownership())
         accepted = {address: result.accepted for address, result in imports.items()}
         next_hop = policy.native
         if self.dataplane is not None:  # tunnel devices up before routes use them

@@ -40,18 +40,55 @@ def test_mesh_is_every_other_node_with_an_address():
     assert {(n.listen_port, n.peer_port) for n in moved} == {(1179, 1179)}
 
 
-def test_mesh_peers_may_only_announce_pod_addresses():
+# etcd's word: b owns 10.244.1.0/26 and holds 10.244.9.7 (borrowed from c's block)
+OWNERSHIP = policy.Ownership(
+    blocks={net("10.244.1.0/26"): ("b", B), net("10.244.2.0/26"): ("b", B),
+            net("10.244.9.0/26"): ("c", C), net("10.244.3.0/26"): ("c", C)},
+    borrowed={IPv4Address("10.244.9.7"): ("b", B)})
+
+
+def test_mesh_peers_may_only_announce_pod_addresses_they_own():
     paths = {p: Path(p, B) for p in map(net, ["10.244.1.0/26", "10.244.9.7/32", "0.0.0.0/0",
-                                              "192.168.0.0/24", "10.244.0.0/26"])}
+                                              "192.168.0.0/24", "10.244.0.0/26",
+                                              "10.244.3.0/26", "10.244.5.0/26"])}
     paths[net("10.244.2.0/26")] = Path(net("10.244.2.0/26"), B, as_path=(64512,))
-    result = policy.import_routes(MESH, paths, POOLS, {net("10.244.0.0/26")}, 64512)
+    result = policy.import_routes(MESH, paths, POOLS, {net("10.244.0.0/26")}, 64512, OWNERSHIP)
     assert set(result.accepted) == {net("10.244.1.0/26"), net("10.244.9.7/32")}
     assert result.rejected == {
         net("0.0.0.0/0"): "it is not inside an IP pool",
         net("192.168.0.0/24"): "it is not inside an IP pool",
         net("10.244.0.0/26"): "it is one of this node's own blocks",
         net("10.244.2.0/26"): "our own AS is in its AS path (a loop)",
+        net("10.244.3.0/26"): "its next hop 10.0.0.2 is not node c (10.0.0.3), which owns it",
+        net("10.244.5.0/26"): "no node owns it in etcd",
     }
+
+
+def test_a_same_as_reflector_may_reflect_pod_routes_only_as_etcd_says():
+    """A BIRD or FRR route reflector in the cluster's AS needs no allowPoolPrefixes, and no
+    same-AS speaker can announce or reflect someone else's block."""
+    reflector = Neighbor(IPv4Address("10.0.0.250"), 64512, A, 64512, kind="global", name="rr")
+    reflected = dict(originator_id=B, cluster_list=(IPv4Address("244.0.0.1"),))
+    paths = {
+        net("10.244.1.0/26"): Path(net("10.244.1.0/26"), B, **reflected),  # b's, from b
+        net("10.244.9.7/32"): Path(net("10.244.9.7/32"), B, **reflected),  # b's borrowed one
+        net("10.244.3.0/26"): Path(net("10.244.3.0/26"), B, **reflected),  # c's block via b
+        net("10.244.2.0/26"): Path(net("10.244.2.0/26"), B, originator_id=C),  # c says b's
+        net("10.244.5.0/26"): Path(net("10.244.5.0/26"), reflector.address),  # nobody's
+        net("0.0.0.0/0"): Path(net("0.0.0.0/0"), reflector.address),  # a ToR's, reflected
+    }
+    result = policy.import_routes(reflector, paths, POOLS, set(), 64512, OWNERSHIP)
+    assert set(result.accepted) == {net("10.244.1.0/26"), net("10.244.9.7/32"),
+                                    net("0.0.0.0/0")}
+    assert result.rejected == {
+        net("10.244.3.0/26"): "its next hop 10.0.0.2 is not node c (10.0.0.3), which owns it",
+        net("10.244.2.0/26"): "its originator 10.0.0.3 is not node b (10.0.0.2), which owns it",
+        net("10.244.5.0/26"): "no node owns it in etcd",
+    }
+    # an eBGP peer still gets no pod routes at all, owner or not
+    external = replace(reflector, peer_as=65001)
+    assert set(policy.import_routes(external, paths, POOLS, set(), 64512, OWNERSHIP).accepted
+               ) == {net("0.0.0.0/0")}
 
 
 def test_a_tor_cannot_hijack_pod_addresses_unless_allowed():

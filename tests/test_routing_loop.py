@@ -50,6 +50,7 @@ class Cluster:
                               ("n3", "10.0.0.3/24")):
             self.add_node(name, address)
         self.claim(OWN_BLOCK)
+        self.claim(BLOCK2, "n2")
 
     def add_node(self, name: str, address: str) -> None:
         self.store.put(keys.node_key(name),
@@ -124,12 +125,18 @@ async def test_an_import_that_policy_rejects_is_not_installed_and_says_why():
         c.settle_peers(N2, N3)
         outside, own = Path(N("192.168.7.0/24"), N2), Path(OWN_BLOCK, N2)
         c.speaker.send(N2, outside, own, Path(BLOCK2, N2))
+        c.speaker.send(N3, Path(BLOCK3, N3))  # n3 announces a block etcd does not give it
         await c.sync()
         assert N("192.168.7.0/24") not in c.kernel.routes
         assert c.kernel.routes[OWN_BLOCK].blackhole  # our own block stays ours
+        assert BLOCK3 not in c.kernel.routes
         assert c.peer(N2)["rejectedReasons"] == {"it is not inside an IP pool": 1,
                                                   "it is one of this node's own blocks": 1}
         assert (c.peer(N2)["accepted"], c.peer(N2)["rejected"]) == (1, 2)
+        assert c.peer(N3)["rejectedReasons"] == {"no node owns it in etcd": 1}
+        c.claim(BLOCK3, "n3")  # etcd catches up: the next pass takes it
+        await c.sync()
+        assert c.kernel.routes[BLOCK3] == via(BLOCK3, N3)
 
 
 @run
