@@ -14,7 +14,9 @@ KIND = "BGPConfiguration"
 NAME = "default"
 _FIELDS = {"asNumber", "nodeToNodeMeshEnabled", "listenPort", "communities",
            "nodeMeshHoldTime", "nodeMeshMaxRestartTime"}
-_COMMUNITY = re.compile(r"(\d+):(\d+)")
+_COMMUNITY = re.compile(r"\d+(:\d+){1,2}")
+Community = tuple[int, int]  # RFC 1997: AS:VALUE, 16 bits each
+LargeCommunity = tuple[int, int, int]  # RFC 8092: AS:VALUE:VALUE, 32 bits each
 
 
 def check_as_number(value: int, where: str) -> int:
@@ -28,12 +30,17 @@ def check_as_number(value: int, where: str) -> int:
     return value
 
 
-def parse_community(text: str, where: str) -> tuple[int, int]:
-    match = _COMMUNITY.fullmatch(str(text).strip())
-    if not match or int(match[1]) > 65535 or int(match[2]) > 65535:
-        raise InvalidResource(f"{where}: community {text!r} is not of the form AS:VALUE with "
-                              "both parts 0-65535.")
-    return int(match[1]), int(match[2])
+def parse_community(text: object, where: str) -> Community | LargeCommunity:
+    """A standard community `aa:nn` (16-bit parts) or a large one `aa:nn:mm` (RFC 8092,
+    32-bit parts: a cluster on a 4-byte AS tags its routes with its own AS), as Calico reads
+    them."""
+    if isinstance(text, str) and _COMMUNITY.fullmatch(text.strip()):
+        parts = tuple(int(p) for p in text.strip().split(":"))
+        if all(p <= (65535 if len(parts) == 2 else 4294967295) for p in parts):
+            return parts
+    raise InvalidResource(f"{where}: community {text!r} is neither AS:VALUE with both parts "
+                          "0-65535 nor a large community AS:VALUE:VALUE with each part "
+                          "0-4294967295.")
 
 
 def check_hold_time(value: int, where: str) -> int:
@@ -55,7 +62,8 @@ class BGPConfig:
     as_number: int = DEFAULT_AS
     node_to_node_mesh: bool = True
     listen_port: int = 179
-    communities: tuple[tuple[int, int], ...] = ()
+    communities: tuple[Community, ...] = ()
+    large_communities: tuple[LargeCommunity, ...] = ()
     node_mesh_hold_time: int = DEFAULT_HOLD_TIME
     node_mesh_restart_time: int = DEFAULT_RESTART_TIME
 
@@ -71,18 +79,24 @@ def config_from_spec(name: str, spec: Mapping) -> BGPConfig:
         raise read.fail(f"listenPort {port} is outside 1-65535.")
     communities = spec.get("communities") or []
     if not isinstance(communities, list):
-        raise read.fail("communities must be a list such as ['64512:100'].")
+        raise read.fail("communities must be a list such as ['64512:100', '4200000000:1:2'].")
+    parsed = [parse_community(c, where) for c in communities]
     restart = check_restart_time(read.integer("nodeMeshMaxRestartTime", DEFAULT_RESTART_TIME),
                                  "nodeMeshMaxRestartTime", where)
     return BGPConfig(
         as_number=as_number,
         node_to_node_mesh=read.boolean("nodeToNodeMeshEnabled", True),
         listen_port=port,
-        communities=tuple(parse_community(c, where) for c in communities),
+        communities=tuple(c for c in parsed if len(c) == 2),
+        large_communities=tuple(c for c in parsed if len(c) == 3),
         node_mesh_hold_time=check_hold_time(read.integer("nodeMeshHoldTime",
                                                          DEFAULT_HOLD_TIME), where),
         node_mesh_restart_time=restart,
     )
+
+
+def community_texts(config: BGPConfig) -> list[str]:
+    return [":".join(map(str, c)) for c in (*config.communities, *config.large_communities)]
 
 
 def config_to_document(config: BGPConfig) -> dict:
@@ -90,7 +104,7 @@ def config_to_document(config: BGPConfig) -> dict:
         "asNumber": config.as_number,
         "nodeToNodeMeshEnabled": config.node_to_node_mesh,
         "listenPort": config.listen_port,
-        "communities": [f"{a}:{b}" for a, b in config.communities],
+        "communities": community_texts(config),
         "nodeMeshHoldTime": config.node_mesh_hold_time,
         "nodeMeshMaxRestartTime": config.node_mesh_restart_time,
     })

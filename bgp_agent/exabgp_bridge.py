@@ -123,7 +123,8 @@ def announcement_from_json(d: dict) -> Announcement:
         communities=tuple(map(tuple, d.get("communities", ()))), as_path=tuple(d.get("as_path", ())),
         local_pref=d.get("local_pref"), med=d.get("med"),
         originator_id=_address(d.get("originator_id")),
-        cluster_list=tuple(IPv4Address(a) for a in d.get("cluster_list", ())))
+        cluster_list=tuple(IPv4Address(a) for a in d.get("cluster_list", ())),
+        large_communities=tuple(map(tuple, d.get("large_communities", ()))))
 
 
 def peer_to_json(peer: PeerState) -> dict:
@@ -157,6 +158,9 @@ def _attributes(route: Announcement) -> str:
         words.append(f"med {route.med}")
     if route.communities:
         words.append(f"community [ {' '.join(f'{a}:{b}' for a, b in route.communities)} ]")
+    if route.large_communities:
+        large = " ".join(":".join(map(str, c)) for c in route.large_communities)
+        words.append(f"large-community [ {large} ]")
     if route.originator_id is not None:
         words.append(f"originator-id {route.originator_id}")
     if route.cluster_list:

@@ -242,7 +242,8 @@ def announcements(prefixes: Iterable[IPv4Network], neighbors: Iterable[Neighbor]
     prefixes = sorted(prefixes)
     result = {}
     for neighbor in neighbors:
-        communities = () if neighbor.kind in INTERNAL_KINDS else config.communities
-        result[neighbor.address] = {p: Announcement(p, communities=communities)
-                                    for p in prefixes}
+        internal = neighbor.kind in INTERNAL_KINDS
+        tags = {} if internal else {"communities": config.communities,
+                                    "large_communities": config.large_communities}
+        result[neighbor.address] = {p: Announcement(p, **tags) for p in prefixes}
     return result

@@ -90,6 +90,7 @@ class BirdRoute:
     since: BirdTime | None = None  # when BIRD got this route (a withdrawn and re-sent one is newer)
     as_path: tuple[int, ...] = ()
     communities: tuple[tuple[int, int], ...] = ()
+    large_communities: tuple[tuple[int, int, int], ...] = ()
 
 
 def bgp_config(router_id: IPv4Address, local_address: IPv4Address, local_as: int,
@@ -174,6 +175,11 @@ def parse_routes(text: str) -> dict[IPv4Network, BirdRoute]:
         if community:
             current["communities"] = tuple(
                 (int(a), int(b)) for a, b in re.findall(r"\((\d+),\s*(\d+)\)", community.group(1)))
+        large = re.match(r"^\s+BGP\.large_community:(.*)$", line)
+        if large:
+            current["large_communities"] = tuple(
+                tuple(map(int, c)) for c in re.findall(r"\((\d+),\s*(\d+),\s*(\d+)\)",
+                                                       large.group(1)))
     flush()
     return routes
 

@@ -19,7 +19,7 @@ from ipam.pool import check_pool_fits, pool_from_spec, pool_to_document
 from ipam.pools import delete_pool
 from bgp_agent.bgp_config import config_from_spec as bgp_config_from_spec
 from bgp_agent.bgp_peer import check_peer, peer_from_spec, peer_to_document
-from bgp_agent.bgp_config import config_to_document as bgp_config_to_document
+from bgp_agent.bgp_config import community_texts, config_to_document as bgp_config_to_document
 from bgp_agent.node import node_from_document, node_to_document
 from ipam.release import release_handle, release_host_affinities
 from ipam.resource import Document, make_document, parse_documents, read_document
@@ -127,7 +127,7 @@ BGP_CONFIGURATION = Kind(
     wide_columns=("NAME", "ASNUMBER", "MESH", "LISTENPORT", "COMMUNITIES", "MESHHOLDTIME",
                   "MESHRESTARTTIME"),
     wide_row=lambda c: ("default", c.as_number, yes_no(c.node_to_node_mesh), c.listen_port,
-                        ",".join(f"{a}:{b}" for a, b in c.communities) or "-",
+                        ",".join(community_texts(c)) or "-",
                         c.node_mesh_hold_time, c.node_mesh_restart_time),
 )
 

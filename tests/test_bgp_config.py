@@ -1,0 +1,63 @@
+"""BGPConfiguration: the resource (parsing, Calico's rules, one-sentence refusals) and what the
+agent makes of it. Pure: no etcd, no routers (the large community on the wire, to a real
+BIRD, is in test_speaker.py)."""
+
+from __future__ import annotations
+
+import re
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from bgp_agent import policy
+from bgp_agent.bgp_config import BGPConfig, config_from_spec, config_to_document
+from bgp_agent.exabgp_bridge import announce_commands
+from bgp_agent.model import Neighbor
+from ipam.errors import InvalidResource
+
+A = IPv4Address
+MESH = Neighbor(A("10.0.0.2"), 64512, A("10.0.0.1"), 64512, kind="mesh", name="b")
+TOR = Neighbor(A("10.0.0.254"), 65001, A("10.0.0.1"), 64512, kind="global", name="tor")
+
+
+def refused(spec: dict, *facts: str) -> str:
+    with pytest.raises(InvalidResource) as caught:
+        config_from_spec("default", spec)
+    text = str(caught.value)
+    assert text.startswith("BGPConfiguration 'default': ") and text.endswith("."), text
+    assert not re.search(r"[.!?]\s+[A-Z]", text), f"more than one sentence: {text}"
+    for fact in facts:
+        assert fact in text, (fact, text)
+    return text
+
+
+def round_trip(config: BGPConfig) -> BGPConfig:
+    document = config_to_document(config)
+    return config_from_spec(document["metadata"]["name"], document["spec"])
+
+
+# --------------------------------------------------------------------------------------------
+# Communities: standard (RFC 1997) and large (RFC 8092)
+
+def test_large_communities_carry_32_bit_parts_to_external_peers_only():
+    config = config_from_spec("default", {"asNumber": 4200000000, "communities": [
+        "64512:100", "4200000000:1:2", "4294967295:4294967295:0"]})
+    assert config.communities == ((64512, 100),)
+    assert config.large_communities == ((4200000000, 1, 2), (4294967295, 4294967295, 0))
+    assert round_trip(config) == config
+    prefix = IPv4Network("10.244.0.0/26")
+    exports = policy.announcements([prefix], [MESH, TOR], config)
+    assert exports[MESH.address][prefix].large_communities == ()
+    sent = exports[TOR.address][prefix]
+    assert sent.large_communities == config.large_communities
+    [(line, _)] = announce_commands(TOR.address, [sent])
+    assert "community [ 64512:100 ]" in line
+    assert "large-community [ 4200000000:1:2 4294967295:4294967295:0 ]" in line
+
+
+@pytest.mark.parametrize("community", [
+    "65536:1", "1:65536", "4294967296:1:1", "1:1:4294967296", "1", "1:2:3:4", "a:b", "1::2",
+    ":1", 64512, "-1:5",
+])
+def test_a_community_out_of_range_or_malformed_is_one_sentence(community):
+    refused({"communities": [community]}, repr(community), "0-65535", "0-4294967295")
