@@ -6,7 +6,7 @@ selector picks (`nodeSelector`). Stored at /pipit/resources/bgppeers/<name>.
     kind: BGPPeer
     metadata: {name: rack-a-tor}
     spec:
-      peerIP: 10.99.1.1
+      peerIP: 10.99.1.1                # or 10.99.1.1:1179: a peer that listens on another port
       asNumber: 65101
       nodeSelector: rack == 'a'        # or node: n1, or neither: every node
       password: {file: /etc/pipit/tor.secret}   # or {secretKeyRef: {name: bgp, key: tor}}
@@ -95,6 +95,12 @@ class BGPPeer:
     keep_original_next_hop: bool = False
     allow_pool_prefixes: bool = False
     allowed_local_as: int = 0  # numAllowedLocalASNumbers
+    peer_port: int = 179  # where the peer accepts the session (peerIP's optional :port)
+
+    @property
+    def endpoint(self) -> str:
+        """peerIP as written: the address, with the port when it is not BGP's own."""
+        return str(self.peer_ip) if self.peer_port == 179 else f"{self.peer_ip}:{self.peer_port}"
 
     @property
     def scope(self) -> str:
@@ -126,7 +132,7 @@ def peer_from_spec(name: str, spec: Mapping) -> BGPPeer:
     check_name(KIND, name)
     read = SpecReader(KIND, name, spec, _FIELDS)
     where = read.where
-    peer_ip = _peer_address(read)
+    peer_ip, peer_port = _peer_address(read)
     if "asNumber" not in spec:
         raise read.fail("spec.asNumber is required (the peer's AS number, such as 65001).")
     as_number = check_as_number(read.integer("asNumber"), where)
@@ -160,18 +166,35 @@ def peer_from_spec(name: str, spec: Mapping) -> BGPPeer:
         restart_time=restart, max_prefixes=max_prefixes,
         keep_original_next_hop=read.boolean("keepOriginalNextHop"),
         allow_pool_prefixes=read.boolean("allowPoolPrefixes"),
-        allowed_local_as=allowed)
+        allowed_local_as=allowed, peer_port=peer_port)
 
 
-def _peer_address(read: SpecReader) -> IPv4Address:
+_WITH_PORT = re.compile(r"(\d+\.\d+\.\d+\.\d+):(\d+)|\[([0-9a-fA-F:.]+)\]:(\d+)")
+
+
+def _peer_address(read: SpecReader) -> tuple[IPv4Address, int]:
+    """peerIP: an address, or address:port for a peer that listens elsewhere than 179 (a
+    reflector, a router with another daemon on 179), in Calico's forms 10.0.0.1:1179 and
+    [fd00::1]:1179."""
     text = read.string("peerIP")
     if not text:
         raise read.fail("spec.peerIP is required (the router's address, such as 10.0.0.1).")
+    text = text.strip()
+    port = 179
+    with_port = _WITH_PORT.fullmatch(text)
+    if with_port:
+        host = with_port[1] or with_port[3]
+        digits = with_port[2] or with_port[4]
+        port = int(digits)
+        if not 1 <= port <= 65535 or len(digits) > 5:
+            raise read.fail(f"peerIP {text!r} has port {digits}, outside 1-65535.")
+        text = host
     try:
-        address = ip_address(text.strip())
+        address = ip_address(text)
     except ValueError:
-        raise read.fail(f"peerIP {text!r} is not an IP address (write one address, such as "
-                        "10.0.0.1, without a prefix length or port).") from None
+        raise read.fail(f"peerIP {read.spec['peerIP']!r} is not an IP address (write one "
+                        "address, such as 10.0.0.1, or an address and port, such as "
+                        "10.0.0.1:1179, without a prefix length).") from None
     if address.version != 4:
         raise read.fail(f"peerIP {address} is IPv6; Pipit peers over IPv4 only for now.")
     for bad, what in ((address.is_unspecified, "the unspecified address"),
@@ -181,7 +204,7 @@ def _peer_address(read: SpecReader) -> IPv4Address:
                       (address.is_reserved, "a reserved (class E) address")):
         if bad:
             raise read.fail(f"peerIP {address} is {what}, which no BGP router can have.")
-    return address
+    return address, port
 
 
 def _password(read: SpecReader, value) -> PasswordRef | None:
@@ -210,7 +233,7 @@ def _password(read: SpecReader, value) -> PasswordRef | None:
 
 
 def peer_to_spec(peer: BGPPeer) -> dict:
-    spec: dict = {"peerIP": str(peer.peer_ip), "asNumber": peer.as_number}
+    spec: dict = {"peerIP": peer.endpoint, "asNumber": peer.as_number}
     if peer.node is not None:
         spec["node"] = peer.node
     if peer.node_selector is not None:

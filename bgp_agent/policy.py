@@ -93,7 +93,7 @@ def select_neighbors(me: NodeRecord, nodes: Iterable[NodeRecord], config: BGPCon
             address=peer.peer_ip, peer_as=peer.as_number, local_address=me.address.ip,
             local_as=local_as(me, config), kind=kind, name=peer.name,
             hold_time=peer.hold_time, password=secret, restart_time=peer.restart_time,
-            listen_port=config.listen_port,
+            listen_port=config.listen_port, peer_port=peer.peer_port,
             max_prefixes=peer.max_prefixes, allow_pool_prefixes=peer.allow_pool_prefixes,
             allowed_local_as=peer.allowed_local_as,
             keep_original_next_hop=peer.keep_original_next_hop))

@@ -67,6 +67,7 @@ class BirdPeer:
     passive: bool = False
     export: str = "all"  # a BIRD filter expression: all | none | where ...
     import_: str = "all"
+    local_port: int = 179  # where BIRD listens for (and connects from) this session
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,8 @@ def bgp_config(router_id: IPv4Address, local_address: IPv4Address, local_as: int
     for peer in peers:
         lines += [
             f"protocol bgp {peer.name} {{",
-            f"  local {local_address} as {local_as};",
+            f"  local {local_address}{'' if peer.local_port == 179 else f' port {peer.local_port}'}"
+            f" as {local_as};",
             f"  neighbor {peer.address} as {peer.peer_as};",
             f"  hold time {peer.hold_time};",
             f"  graceful restart {'on' if peer.graceful_restart else 'off'};",
