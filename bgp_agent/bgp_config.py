@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from bgp_agent.model import DEFAULT_AS, DEFAULT_HOLD_TIME, DEFAULT_RESTART_TIME, MAX_RESTART_TIME
 from ipam.errors import InvalidResource
-from ipam.resource import SpecReader, make_document
+from ipam.resource import SpecReader, make_document, shown
 
 KIND = "BGPConfiguration"
 NAME = "default"
@@ -22,12 +22,35 @@ LargeCommunity = tuple[int, int, int]  # RFC 8092: AS:VALUE:VALUE, 32 bits each
 def check_as_number(value: int, where: str) -> int:
     """One sentence for an AS number BGP cannot use."""
     if not 1 <= value <= 4294967294:
-        raise InvalidResource(f"{where}: AS number {value} is outside 1-4294967294.")
+        raise InvalidResource(f"{where}: AS number {shown(value)} is outside 1-4294967294.")
     if value == 23456:
         raise InvalidResource(f"{where}: AS number 23456 is AS_TRANS (RFC 6793), reserved.")
     if value == 65535 or 65552 <= value <= 131071:
         raise InvalidResource(f"{where}: AS number {value} is reserved by IANA.")
     return value
+
+
+_AS_PLAIN = re.compile(r"[0-9]{1,10}")
+_AS_DOT = re.compile(r"([0-9]{1,5})\.([0-9]{1,5})")
+
+
+def parse_as_number(value: object, where: str, field: str = "asNumber") -> int:
+    """An AS number as Calico reads it: a whole number, the same in quotes ("65001"), or
+    asdot (RFC 5396: "1.10" is 1 * 65536 + 10 = 65546); stored and shown as a number."""
+    number = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and _AS_PLAIN.fullmatch(value.strip()):
+        number = int(value)
+    elif isinstance(value, str) and (dot := _AS_DOT.fullmatch(value.strip())):
+        high, low = int(dot[1]), int(dot[2])
+        if high <= 65535 and low <= 65535:
+            number = (high << 16) + low
+    if number is None:
+        raise InvalidResource(f"{where}: {field} {shown(value)} is not an AS number (write a "
+                              "whole number such as 65001, or asdot such as '1.10' with both "
+                              "parts 0-65535).")
+    return check_as_number(number, where)
 
 
 def parse_community(text: object, where: str) -> Community | LargeCommunity:
@@ -38,7 +61,7 @@ def parse_community(text: object, where: str) -> Community | LargeCommunity:
         parts = tuple(int(p) for p in text.strip().split(":"))
         if all(p <= (65535 if len(parts) == 2 else 4294967295) for p in parts):
             return parts
-    raise InvalidResource(f"{where}: community {text!r} is neither AS:VALUE with both parts "
+    raise InvalidResource(f"{where}: community {shown(text)} is neither AS:VALUE with both parts "
                           "0-65535 nor a large community AS:VALUE:VALUE with each part "
                           "0-4294967295.")
 
@@ -73,7 +96,8 @@ def config_from_spec(name: str, spec: Mapping) -> BGPConfig:
     if name != NAME:
         raise read.fail(f"Pipit reads only the BGPConfiguration named {NAME!r}.")
     where = f"{KIND} {name!r}"
-    as_number = check_as_number(read.integer("asNumber", DEFAULT_AS), where)
+    given = spec.get("asNumber")
+    as_number = parse_as_number(DEFAULT_AS if given is None else given, where)
     port = read.integer("listenPort", 179)
     if not 1 <= port <= 65535:
         raise read.fail(f"listenPort {port} is outside 1-65535.")

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, ip_address
 from pathlib import Path
 
-from bgp_agent.bgp_config import check_as_number, check_hold_time, check_restart_time
+from bgp_agent.bgp_config import check_hold_time, check_restart_time, parse_as_number
 from bgp_agent.exabgp_config import MD5_RULE, usable_md5_password
 from bgp_agent.model import DEFAULT_HOLD_TIME, DEFAULT_RESTART_TIME
 from bgp_agent.node import NodeRecord
@@ -133,9 +133,9 @@ def peer_from_spec(name: str, spec: Mapping) -> BGPPeer:
     read = SpecReader(KIND, name, spec, _FIELDS)
     where = read.where
     peer_ip, peer_port = _peer_address(read)
-    if "asNumber" not in spec:
+    if spec.get("asNumber") is None:
         raise read.fail("spec.asNumber is required (the peer's AS number, such as 65001).")
-    as_number = check_as_number(read.integer("asNumber"), where)
+    as_number = parse_as_number(spec["asNumber"], where)
     node = read.string("node") or None
     if node is not None:
         try:

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_interface
 
+from bgp_agent.bgp_config import parse_as_number
 from ipam import keys
 from ipam.errors import InvalidResource, PipitError
 from ipam.resource import SpecReader, check_name, make_document, read_document
@@ -66,7 +67,10 @@ def node_from_document(doc: Mapping) -> NodeRecord:
     mac = read.string("vxlanTunnelMACAddr")
     if mac is not None and not _MAC.fullmatch(mac):
         raise read.fail(f"vxlanTunnelMACAddr {mac!r} is not a MAC address like 02:5e:00:11:22:33.")
-    return NodeRecord(document.name, address, bgp_read.integer("asNumber"),
+    as_number = bgp.get("asNumber")
+    if as_number is not None:
+        as_number = parse_as_number(as_number, read.where, "spec.bgp.asNumber")
+    return NodeRecord(document.name, address, as_number,
                       dict(document.labels),
                       ipip_tunnel_address=_optional_address(bgp_read, "ipv4IPIPTunnelAddr"),
                       vxlan_tunnel_address=_optional_address(read, "ipv4VXLANTunnelAddr"),

@@ -22,6 +22,14 @@ API_VERSION = "pipit.dev/v1"
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 
 
+def shown(value: object, limit: int = 60) -> str:
+    """A value as an error message quotes it: its repr, cut short when it is long."""
+    if isinstance(value, int) and value.bit_length() > 200:  # (repr fails past 4300 digits)
+        return f"a number of about {int(value.bit_length() * 0.30103) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 @dataclass(frozen=True)
 class Document:
     kind: str
@@ -111,7 +119,7 @@ class SpecReader:
             return default
         # bool is an int in Python; a count must not accept true/false.
         if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
-            raise self.fail(f"{field} must be {what}, not {value!r}.")
+            raise self.fail(f"{field} must be {what}, not {shown(value)}.")
         return value
 
     def string(self, field: str, default: str | None = None) -> str | None:
@@ -126,5 +134,5 @@ class SpecReader:
     def choice(self, field: str, default: str, choices: tuple[str, ...]) -> str:
         value = self.string(field, default)
         if value not in choices:
-            raise self.fail(f"{field} {value!r} is not one of {', '.join(choices)}.")
+            raise self.fail(f"{field} {shown(value)} is not one of {', '.join(choices)}.")
         return value

@@ -26,6 +26,7 @@ def refused(spec: dict, *facts: str) -> str:
     text = str(caught.value)
     assert text.startswith("BGPConfiguration 'default': ") and text.endswith("."), text
     assert not re.search(r"[.!?]\s+[A-Z]", text), f"more than one sentence: {text}"
+    assert len(text) < 300, text  # a long value is quoted cut short
     for fact in facts:
         assert fact in text, (fact, text)
     return text
@@ -61,3 +62,44 @@ def test_large_communities_carry_32_bit_parts_to_external_peers_only():
 ])
 def test_a_community_out_of_range_or_malformed_is_one_sentence(community):
     refused({"communities": [community]}, repr(community), "0-65535", "0-4294967295")
+
+
+# --------------------------------------------------------------------------------------------
+# AS numbers: a number, a quoted number, or asdot, on every kind that holds one
+
+@pytest.mark.parametrize("written, number", [
+    (65001, 65001), ("65001", 65001), ("1.10", 65546), ("0.65001", 65001),
+    ("4200000000", 4200000000), ("65535.65534", 4294967294), (" 1.0 ", 65536),
+])
+def test_as_numbers_in_every_form_calico_reads(written, number):
+    from bgp_agent.bgp_peer import peer_from_spec
+    from bgp_agent.node import node_from_document
+    assert config_from_spec("default", {"asNumber": written}).as_number == number
+    assert peer_from_spec("tor", {"peerIP": "10.0.0.9", "asNumber": written}).as_number == number
+    record = node_from_document({"apiVersion": "pipit.dev/v1", "kind": "Node",
+                                 "metadata": {"name": "n1"},
+                                 "spec": {"bgp": {"asNumber": written}}})
+    assert record.as_number == number
+    # stored and shown as the number
+    assert config_to_document(config_from_spec("default", {"asNumber": written})
+                              )["spec"]["asNumber"] == number
+
+
+@pytest.mark.parametrize("written, facts", [
+    ("1.65536", ["'1.65536' is not an AS number"]), ("1.2.3", ["'1.2.3'"]),
+    ("AS64512", ["'AS64512'"]), (1.5, ["1.5"]), (False, ["False"]), ("", ["''"]),
+    ("9" * 5000, ["is not an AS number"]), ("4294967295", ["4294967295", "1-4294967294"]),
+    ("0.23456", ["AS_TRANS"]),
+])
+def test_an_as_number_that_is_none_is_one_sentence(written, facts):
+    refused({"asNumber": written}, *facts)
+
+
+def test_the_agent_takes_asdot_too():
+    from argparse import Namespace
+    from bgp_agent.agent import node_identity
+    args = Namespace(node="n1", ip="10.0.0.11/24", ip_autodetection_method=None,
+                     as_number="1.10", labels="")
+    assert node_identity(args).as_number == 65546
+    with pytest.raises(InvalidResource, match=r"--as: the AS number '1\.x' is not an AS number"):
+        node_identity(Namespace(**{**vars(args), "as_number": "1.x"}))
