@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bgp_agent.model import DEFAULT_AS, DEFAULT_HOLD_TIME, DEFAULT_RESTART_TIME, MAX_RESTART_TIME
 from ipam.errors import InvalidResource
@@ -89,6 +89,8 @@ class BGPConfig:
     large_communities: tuple[LargeCommunity, ...] = ()
     node_mesh_hold_time: int = DEFAULT_HOLD_TIME
     node_mesh_restart_time: int = DEFAULT_RESTART_TIME
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False)
+    annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
 
 
 def config_from_spec(name: str, spec: Mapping) -> BGPConfig:
@@ -131,4 +133,4 @@ def config_to_document(config: BGPConfig) -> dict:
         "communities": community_texts(config),
         "nodeMeshHoldTime": config.node_mesh_hold_time,
         "nodeMeshMaxRestartTime": config.node_mesh_restart_time,
-    })
+    }, config.labels, config.annotations)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, ip_address
 from pathlib import Path
 
@@ -46,7 +46,7 @@ from bgp_agent.exabgp_config import MD5_RULE, usable_md5_password
 from bgp_agent.model import DEFAULT_HOLD_TIME, DEFAULT_RESTART_TIME
 from bgp_agent.node import NodeRecord
 from ipam.errors import InvalidResource
-from ipam.resource import SpecReader, check_name, make_document, read_document
+from ipam.resource import SpecReader, check_name, make_document, read_document, with_metadata
 from ipam.selector import parse_selector
 
 KIND = "BGPPeer"
@@ -96,6 +96,8 @@ class BGPPeer:
     allow_pool_prefixes: bool = False
     allowed_local_as: int = 0  # numAllowedLocalASNumbers
     peer_port: int = 179  # where the peer accepts the session (peerIP's optional :port)
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False)
+    annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     @property
     def endpoint(self) -> str:
@@ -250,12 +252,12 @@ def peer_to_spec(peer: BGPPeer) -> dict:
 
 
 def peer_to_document(peer: BGPPeer) -> dict:
-    return make_document(KIND, peer.name, peer_to_spec(peer))
+    return make_document(KIND, peer.name, peer_to_spec(peer), peer.labels, peer.annotations)
 
 
 def peer_from_document(doc: Mapping) -> BGPPeer:
     document = read_document(doc)
-    return peer_from_spec(document.name, dict(document.spec))
+    return with_metadata(peer_from_spec(document.name, dict(document.spec)), document)
 
 
 # -- checks against the other resources ----------------------------------------------------

@@ -5,12 +5,12 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, ip_network
 
 from ipam.block import block_capacity
 from ipam.errors import InvalidResource, PipitError
-from ipam.resource import SpecReader, make_document, read_document
+from ipam.resource import SpecReader, make_document, read_document, with_metadata
 from ipam.selector import parse_selector
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ class IPPool:
     disabled: bool = False
     node_selector: str = "all()"
     disable_bgp_export: bool = False
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False)
+    annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     @property
     def block_count(self) -> int:
@@ -124,14 +126,14 @@ def pool_to_spec(pool: IPPool) -> dict:
 
 
 def pool_to_document(pool: IPPool) -> dict:
-    return make_document(KIND, pool.name, pool_to_spec(pool))
+    return make_document(KIND, pool.name, pool_to_spec(pool), pool.labels, pool.annotations)
 
 
 def pool_from_document(doc: Mapping) -> IPPool:
     document = read_document(doc)
     if document.kind != KIND:
         raise InvalidResource(f"{document.kind} {document.name!r} is not an {KIND}.")
-    return pool_from_spec(document.name, dict(document.spec))
+    return with_metadata(pool_from_spec(document.name, dict(document.spec)), document)
 
 
 def read_pools(entries) -> list[tuple[IPPool, int]]:

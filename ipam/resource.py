@@ -2,17 +2,19 @@
 
     apiVersion: pipit.dev/v1
     kind: IPPool
-    metadata: {name: pool-a}
+    metadata: {name: pool-a, labels: {...}, annotations: {...}}
     spec: {...camelCase fields...}
 
-The same shape is what etcd stores under /pipit/resources/<plural>/<name>.
+The same shape is what etcd stores under /pipit/resources/<plural>/<name>. Labels and
+annotations follow Kubernetes' rules (`check_metadata`), checked where a resource comes in
+(pipitctl, the agent's own record); what is already stored is read as it is.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import yaml
 
@@ -20,6 +22,13 @@ from ipam.errors import InvalidResource
 
 API_VERSION = "pipit.dev/v1"
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+# Kubernetes: a qualified name is [DNS subdomain prefix/]name, the name at most 63 characters
+# of [A-Za-z0-9_.-] beginning and ending with a letter or digit; a label value is empty or the
+# same as such a name.
+_LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_DNS_SUBDOMAIN = re.compile(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*")
+MAX_ANNOTATIONS_SIZE = 256 * 1024  # bytes of keys and values together, as Kubernetes
 
 
 def shown(value: object, limit: int = 60) -> str:
@@ -36,6 +45,7 @@ class Document:
     name: str
     spec: Mapping
     labels: Mapping[str, str]
+    annotations: Mapping[str, str] = field(default_factory=dict)
 
 
 def parse_documents(text: str) -> list[dict]:
@@ -79,23 +89,84 @@ def read_document(doc: Mapping) -> Document:
     if not isinstance(metadata, dict):
         raise InvalidResource(f"{kind} metadata must be a mapping.")
     name = check_name(kind, metadata.get("name"))
-    labels = metadata.get("labels") or {}
-    if not isinstance(labels, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
-        raise InvalidResource(f"{kind} {name!r}: metadata.labels must map strings to strings.")
+    labels = _string_map(metadata, "labels", kind, name)
+    annotations = _string_map(metadata, "annotations", kind, name)
     spec = doc.get("spec")
     if spec is None:
         spec = {}
     if not isinstance(spec, dict):
         raise InvalidResource(f"{kind} {name!r}: spec must be a mapping.")
-    return Document(kind, name, spec, labels)
+    return Document(kind, name, spec, labels, annotations)
 
 
-def make_document(kind: str, name: str, spec: Mapping,
-                  labels: Mapping[str, str] | None = None) -> dict:
+def _string_map(metadata: Mapping, field_name: str, kind: str, name: str) -> dict[str, str]:
+    value = metadata.get(field_name) or {}
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise InvalidResource(f"{kind} {name!r}: metadata.{field_name} must map strings to "
+                              "strings (quote values such as 'true' or '1').")
+    return value
+
+
+def _qualified_name_problem(key: str) -> str | None:
+    """Why `key` is not a Kubernetes qualified name (None if it is one)."""
+    prefix, slash, rest = key.rpartition("/")
+    if slash and not prefix:
+        return "has an empty prefix before '/'"
+    if slash and (len(prefix) > 253 or not _DNS_SUBDOMAIN.fullmatch(prefix)):
+        return (f"has prefix {shown(prefix)}, which is not a DNS subdomain (lower-case letters, "
+                "digits, '-' and '.', at most 253 characters)")
+    if not _LABEL_NAME.fullmatch(rest):
+        return ("is not [PREFIX/]NAME with NAME at most 63 letters, digits, '-', '_' or '.', "
+                "beginning and ending with a letter or digit")
+    return None
+
+
+def check_labels(where: str, labels: Mapping[str, str], what: str = "label") -> None:
+    """Kubernetes' label rules (Calico applies them to every resource): one sentence naming
+    the first label that breaks them."""
+    for key, value in labels.items():
+        problem = _qualified_name_problem(key)
+        if problem:
+            raise InvalidResource(f"{where}: {what} key {shown(key)} {problem}.")
+        if value and not _LABEL_NAME.fullmatch(value):
+            raise InvalidResource(
+                f"{where}: {what} {key}={shown(value)}: a label value is empty or at most 63 "
+                "letters, digits, '-', '_' or '.', beginning and ending with a letter or digit.")
+
+
+def check_annotations(where: str, annotations: Mapping[str, str]) -> None:
+    """Kubernetes' annotation rules: qualified-name keys (any case, as Calico checks them),
+    any values, at most 256 KiB in all."""
+    size = 0
+    for key, value in annotations.items():
+        problem = _qualified_name_problem(key.lower())
+        if problem:
+            raise InvalidResource(f"{where}: annotation key {shown(key)} {problem}.")
+        size += len(key.encode()) + len(value.encode())
+    if size > MAX_ANNOTATIONS_SIZE:
+        raise InvalidResource(f"{where}: the annotations take {size} bytes, more than the "
+                              f"{MAX_ANNOTATIONS_SIZE} Kubernetes allows.")
+
+
+def check_metadata(document: Document) -> None:
+    where = f"{document.kind} {document.name!r}"
+    check_labels(where, document.labels)
+    check_annotations(where, document.annotations)
+
+
+def with_metadata(obj, document: Document):
+    """A resource's object (a dataclass with labels and annotations) carrying the document's."""
+    return replace(obj, labels=dict(document.labels), annotations=dict(document.annotations))
+
+
+def make_document(kind: str, name: str, spec: Mapping, labels: Mapping[str, str] | None = None,
+                  annotations: Mapping[str, str] | None = None) -> dict:
     metadata: dict = {"name": name}
     if labels:
         metadata["labels"] = dict(labels)
+    if annotations:
+        metadata["annotations"] = dict(annotations)
     return {"apiVersion": API_VERSION, "kind": kind, "metadata": metadata, "spec": dict(spec)}
 
 

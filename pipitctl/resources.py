@@ -22,7 +22,8 @@ from bgp_agent.bgp_peer import check_peer, peer_from_spec, peer_to_document
 from bgp_agent.bgp_config import community_texts, config_to_document as bgp_config_to_document
 from bgp_agent.node import node_from_document, node_to_document
 from ipam.release import release_handle, release_host_affinities
-from ipam.resource import Document, make_document, parse_documents, read_document
+from ipam.resource import (Document, check_metadata, make_document, parse_documents,
+                           read_document, with_metadata)
 from ipam.store import Store
 from ipam.txn import Changes, transact
 from pipitctl.output import yes_no
@@ -64,7 +65,8 @@ class Kind:
 
 IPPOOL = Kind(
     name="IPPool", plural="ippools", aliases=("ippool", "ipp", "pool", "pools"),
-    parse=lambda d: pool_from_spec(d.name, dict(d.spec)), to_document=pool_to_document,
+    parse=lambda d: with_metadata(pool_from_spec(d.name, dict(d.spec)), d),
+    to_document=pool_to_document,
     check=check_pool_fits,
     columns=("NAME", "CIDR", "SELECTOR"),
     row=lambda p: (p.name, p.cidr, p.node_selector),
@@ -107,7 +109,8 @@ async def _delete_record(store: Store, kind: Kind, name: str) -> None:
 
 NODE = Kind(
     name="Node", plural="nodes", aliases=("node", "no"),
-    parse=lambda d: node_from_document(make_document("Node", d.name, d.spec, d.labels)),
+    parse=lambda d: node_from_document(make_document("Node", d.name, d.spec, d.labels,
+                                                     d.annotations)),
     to_document=node_to_document, check=_no_check,
     columns=("NAME", "ADDRESS", "AS"),
     row=lambda n: (n.name, n.address or "-", n.as_number or "(cluster)"),
@@ -120,7 +123,7 @@ NODE = Kind(
 BGP_CONFIGURATION = Kind(
     name="BGPConfiguration", plural="bgpconfigurations",
     aliases=("bgpconfiguration", "bgpconfig", "bgpconfigs"), segment="bgpconfig",
-    parse=lambda d: bgp_config_from_spec(d.name, dict(d.spec)),
+    parse=lambda d: with_metadata(bgp_config_from_spec(d.name, dict(d.spec)), d),
     to_document=bgp_config_to_document, check=_no_check, name_of=lambda c: "default",
     columns=("NAME", "ASNUMBER", "MESH"),
     row=lambda c: ("default", c.as_number, yes_no(c.node_to_node_mesh)),
@@ -139,7 +142,8 @@ def _peer_scope(peer) -> str:
 
 BGP_PEER = Kind(
     name="BGPPeer", plural="bgppeers", aliases=("bgppeer", "peer", "peers"),
-    parse=lambda d: peer_from_spec(d.name, dict(d.spec)), to_document=peer_to_document,
+    parse=lambda d: with_metadata(peer_from_spec(d.name, dict(d.spec)), d),
+    to_document=peer_to_document,
     check=_no_check, needs=("nodes",),
     check_with=lambda peer, peers, others: check_peer(peer, peers, others["nodes"]),
     columns=("NAME", "PEERIP", "NODE", "ASN"),
@@ -184,6 +188,7 @@ def read_objects(text: str) -> list[tuple[Kind, Any]]:
                 raise InvalidResource("it is not a mapping with apiVersion, kind, metadata and "
                                       "spec.")
             document = read_document(doc)
+            check_metadata(document)
             kind = kind_named(document.kind)
             if document.kind != kind.name:
                 raise InvalidResource(f"kind {document.kind!r} should be written {kind.name!r}.")
