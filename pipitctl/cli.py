@@ -163,7 +163,7 @@ async def show(store: Store, show_blocks: bool, address: str | None) -> None:
     for pool in snap.pools:
         usage = pool_usage(snap, pool)
         rows.append((pool.name, pool.cidr, usage.total, usage.used, usage.free,
-                     f"{output.bar(usage.used / usage.total)} {output.percent(usage.percent)}"))
+                     f"{output.bar(usage.percent / 100)} {output.percent(usage.percent)}"))
     click.echo(output.table(("POOL", "CIDR", "TOTAL", "IN USE", "FREE", "USED"), rows))
     if show_blocks:
         block_rows = [(pool.name, b.cidr, b.node or "(none)", b.used, b.free)

@@ -625,3 +625,18 @@ def test_lab_status_without_a_lab_and_a_lab_that_cannot_start_are_one_sentence(t
     blocker.write_text("")
     one_sentence(pipitctl("lab", "up", "--dir", str(blocker / "lab")), "the lab failed",
                  "Not a directory", str(blocker / "lab"))
+
+
+# --------------------------------------------------------------------------------------------
+# 9. Calico's resource rules seen through pipitctl
+
+
+def test_a_disabled_pool_smaller_than_a_block_is_shown_and_stays_disabled(etcd, ctl):
+    tiny = pool_yaml("in-cluster", cidr="10.9.9.0/30", disabled=True)
+    assert ok(ctl("apply", "-f", "-", input=tiny)) == "ippool 'in-cluster' created\n"
+    rows = [line.split() for line in ok(ctl("ipam", "show")).splitlines()]
+    assert rows[1][:5] == ["in-cluster", "10.9.9.0/30", "0", "0", "0"]
+    before = snapshot(etcd)
+    one_sentence(ctl("apply", "-f", "-", input=pool_yaml("in-cluster", cidr="10.9.9.0/30")),
+                 "'in-cluster'", "blockSize /26", "disable the pool")
+    assert snapshot(etcd) == before
