@@ -203,7 +203,8 @@ class SpecReader:
         return self._typed(field, default, (int,), "a whole number")
 
     def choice(self, field: str, default: str, choices: tuple[str, ...]) -> str:
-        value = self.string(field, default)
+        """One of `choices`; "" means the default, as in Calico's enums (ipipMode: "")."""
+        value = self.string(field, default) or default
         if value not in choices:
             raise self.fail(f"{field} {shown(value)} is not one of {', '.join(choices)}.")
         return value

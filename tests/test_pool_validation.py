@@ -93,6 +93,13 @@ def test_invalid_specs_are_one_sentence(spec, facts):
     rejected(spec, *facts)
 
 
+def test_an_empty_encapsulation_mode_means_never():
+    pool = pool_from_spec("p", {"cidr": "10.0.0.0/16", "ipipMode": "", "vxlanMode": ""})
+    assert (pool.ipip_mode, pool.vxlan_mode) == ("Never", "Never")
+    assert pool_from_spec("p", {"cidr": "10.0.0.0/16", "ipipMode": "",
+                                "vxlanMode": "Always"}).vxlan_mode == "Always"
+
+
 def test_nothing_between_prefix_length_and_block_size_is_refused():
     for length in range(20, 33):
         pool = pool_from_spec("p", {"cidr": f"10.0.0.0/{length}", "blockSize": 32})
