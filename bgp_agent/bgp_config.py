@@ -107,7 +107,7 @@ def config_from_spec(name: str, spec: Mapping) -> BGPConfig:
     if not isinstance(communities, list):
         raise read.fail("communities must be a list such as ['64512:100', '4200000000:1:2'].")
     parsed = [parse_community(c, where) for c in communities]
-    restart = check_restart_time(read.integer("nodeMeshMaxRestartTime", DEFAULT_RESTART_TIME),
+    restart = check_restart_time(read.seconds("nodeMeshMaxRestartTime", DEFAULT_RESTART_TIME),
                                  "nodeMeshMaxRestartTime", where)
     return BGPConfig(
         as_number=as_number,
@@ -115,10 +115,23 @@ def config_from_spec(name: str, spec: Mapping) -> BGPConfig:
         listen_port=port,
         communities=tuple(c for c in parsed if len(c) == 2),
         large_communities=tuple(c for c in parsed if len(c) == 3),
-        node_mesh_hold_time=check_hold_time(read.integer("nodeMeshHoldTime",
+        node_mesh_hold_time=check_hold_time(read.seconds("nodeMeshHoldTime",
                                                          DEFAULT_HOLD_TIME), where),
         node_mesh_restart_time=restart,
     )
+
+
+_MESH_FIELDS = ("nodeMeshHoldTime", "nodeMeshMaxRestartTime")
+
+
+def check_config_input(spec: Mapping) -> None:
+    """What Calico refuses on input but an agent still reads when stored: a node-to-node mesh
+    setting while the mesh is off (it would do nothing)."""
+    if spec.get("nodeToNodeMeshEnabled") is False:
+        given = [f for f in _MESH_FIELDS if spec.get(f) is not None]
+        if given:
+            raise InvalidResource(f"{KIND} {NAME!r}: {given[0]} cannot be set when "
+                                  "nodeToNodeMeshEnabled is false (it would do nothing).")
 
 
 def community_texts(config: BGPConfig) -> list[str]:
@@ -126,11 +139,13 @@ def community_texts(config: BGPConfig) -> list[str]:
 
 
 def config_to_document(config: BGPConfig) -> dict:
-    return make_document(KIND, NAME, {
+    spec = {
         "asNumber": config.as_number,
         "nodeToNodeMeshEnabled": config.node_to_node_mesh,
         "listenPort": config.listen_port,
         "communities": community_texts(config),
-        "nodeMeshHoldTime": config.node_mesh_hold_time,
-        "nodeMeshMaxRestartTime": config.node_mesh_restart_time,
-    }, config.labels, config.annotations)
+    }
+    if config.node_to_node_mesh:
+        spec.update(zip(_MESH_FIELDS, (config.node_mesh_hold_time,
+                                       config.node_mesh_restart_time)))
+    return make_document(KIND, NAME, spec, config.labels, config.annotations)

@@ -152,7 +152,7 @@ def peer_from_spec(name: str, spec: Mapping) -> BGPPeer:
             parse_selector(selector)
         except InvalidResource as error:
             raise read.fail(f"nodeSelector: {error}") from None
-    restart = check_restart_time(read.integer("maxRestartTime", DEFAULT_RESTART_TIME),
+    restart = check_restart_time(read.seconds("maxRestartTime", DEFAULT_RESTART_TIME),
                                  "maxRestartTime", where)
     max_prefixes = read.integer("maxPrefixes", 0)
     if max_prefixes < 0:
@@ -164,7 +164,7 @@ def peer_from_spec(name: str, spec: Mapping) -> BGPPeer:
     return BGPPeer(
         name=name, peer_ip=peer_ip, as_number=as_number, node=node, node_selector=selector,
         password=_password(read, spec.get("password")),
-        hold_time=check_hold_time(read.integer("holdTime", DEFAULT_HOLD_TIME), where),
+        hold_time=check_hold_time(read.seconds("holdTime", DEFAULT_HOLD_TIME), where),
         restart_time=restart, max_prefixes=max_prefixes,
         keep_original_next_hop=read.boolean("keepOriginalNextHop"),
         allow_pool_prefixes=read.boolean("allowPoolPrefixes"),

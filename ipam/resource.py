@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from fractions import Fraction
 from dataclasses import dataclass, field, replace
 
 import yaml
@@ -29,6 +30,28 @@ _LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
 _DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 _DNS_SUBDOMAIN = re.compile(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*")
 MAX_ANNOTATIONS_SIZE = 256 * 1024  # bytes of keys and values together, as Kubernetes
+# A Go duration (Kubernetes' metav1.Duration, as Calico writes times): "90s", "2m", "1m30s".
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": Fraction(1, 10**9), "us": Fraction(1, 10**6), "µs": Fraction(1, 10**6),
+                 "μs": Fraction(1, 10**6), "ms": Fraction(1, 1000), "s": Fraction(1),
+                 "m": Fraction(60), "h": Fraction(3600)}
+
+
+def duration_seconds(text: str) -> Fraction | None:
+    """The seconds a Go duration string stands for (None if it is not one)."""
+    text = text.strip()
+    if text == "0":
+        return Fraction(0)
+    if not text or len(text) > 64:
+        return None
+    total, position = Fraction(0), 0
+    while position < len(text):
+        part = _DURATION_PART.match(text, position)
+        if part is None:
+            return None
+        total += Fraction(part[1]) * _UNIT_SECONDS[part[2]]
+        position = part.end()
+    return total
 
 
 def shown(value: object, limit: int = 60) -> str:
@@ -201,6 +224,22 @@ class SpecReader:
 
     def integer(self, field: str, default: int | None = None) -> int | None:
         return self._typed(field, default, (int,), "a whole number")
+
+    def seconds(self, field: str, default: int) -> int:
+        """A time in whole seconds: a number, or a duration as Calico writes it ("120s",
+        "2m", "1m30s")."""
+        value = self.spec.get(field)
+        if value is None:
+            return default
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        seconds = duration_seconds(value) if isinstance(value, str) else None
+        if seconds is None:
+            raise self.fail(f"{field} must be whole seconds or a duration such as '90s' or "
+                            f"'2m', not {shown(value)}.")
+        if seconds.denominator != 1:
+            raise self.fail(f"{field} {shown(value)} is not a whole number of seconds.")
+        return int(seconds)
 
     def choice(self, field: str, default: str, choices: tuple[str, ...]) -> str:
         """One of `choices`; "" means the default, as in Calico's enums (ipipMode: "")."""

@@ -19,7 +19,8 @@ from ipam.pool import check_pool_fits, pool_from_spec, pool_to_document
 from ipam.pools import delete_pool
 from bgp_agent.bgp_config import config_from_spec as bgp_config_from_spec
 from bgp_agent.bgp_peer import check_peer, peer_from_spec, peer_to_document
-from bgp_agent.bgp_config import community_texts, config_to_document as bgp_config_to_document
+from bgp_agent.bgp_config import check_config_input, community_texts
+from bgp_agent.bgp_config import config_to_document as bgp_config_to_document
 from bgp_agent.node import node_from_document, node_to_document
 from ipam.release import release_handle, release_host_affinities
 from ipam.resource import (Document, check_metadata, make_document, parse_documents,
@@ -50,6 +51,8 @@ class Kind:
     # with others[plural] the stored objects of each kind in `needs`
     needs: tuple[str, ...] = ()
     check_with: Callable[[Any, list[Any], dict[str, list[Any]]], None] | None = None
+    # rules for what comes in that stored documents need not meet (an agent still reads them)
+    check_input: Callable[[Document], None] | None = None
 
     def key(self, name: str) -> str:
         return keys.resource_key(self.segment or self.plural, name)
@@ -125,6 +128,7 @@ BGP_CONFIGURATION = Kind(
     aliases=("bgpconfiguration", "bgpconfig", "bgpconfigs"), segment="bgpconfig",
     parse=lambda d: with_metadata(bgp_config_from_spec(d.name, dict(d.spec)), d),
     to_document=bgp_config_to_document, check=_no_check, name_of=lambda c: "default",
+    check_input=lambda d: check_config_input(d.spec),
     columns=("NAME", "ASNUMBER", "MESH"),
     row=lambda c: ("default", c.as_number, yes_no(c.node_to_node_mesh)),
     wide_columns=("NAME", "ASNUMBER", "MESH", "LISTENPORT", "COMMUNITIES", "MESHHOLDTIME",
@@ -193,6 +197,8 @@ def read_objects(text: str) -> list[tuple[Kind, Any]]:
             if document.kind != kind.name:
                 raise InvalidResource(f"kind {document.kind!r} should be written {kind.name!r}.")
             obj = kind.parse(document)
+            if kind.check_input is not None:
+                kind.check_input(document)
             earlier = seen.setdefault((kind.name, kind.name_of(obj)), number)
             if earlier != number:
                 raise InvalidResource(f"{kind.word} {kind.name_of(obj)!r} is also document "

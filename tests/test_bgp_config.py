@@ -103,3 +103,55 @@ def test_the_agent_takes_asdot_too():
     assert node_identity(args).as_number == 65546
     with pytest.raises(InvalidResource, match=r"--as: the AS number '1\.x' is not an AS number"):
         node_identity(Namespace(**{**vars(args), "as_number": "1.x"}))
+
+
+# --------------------------------------------------------------------------------------------
+# Times: whole seconds, or durations as Calico writes them
+
+@pytest.mark.parametrize("written, seconds", [
+    (90, 90), ("90s", 90), ("2m", 120), ("1m30s", 90), ("0", 0), ("0s", 0), ("1h", 3600),
+    ("1500ms", None), ("4095s", 4095), (".5m", 30),
+])
+def test_times_take_seconds_or_durations(written, seconds):
+    from bgp_agent.bgp_peer import peer_from_spec
+    fields = {"nodeMeshMaxRestartTime": written}
+    if seconds is None:  # not whole seconds
+        refused(fields, "nodeMeshMaxRestartTime '1500ms' is not a whole number of seconds")
+        return
+    assert config_from_spec("default", fields).node_mesh_restart_time == seconds
+    if seconds == 0 or seconds >= 3:
+        assert config_from_spec("default", {"nodeMeshHoldTime": written}
+                                ).node_mesh_hold_time == seconds
+        peer = peer_from_spec("tor", {"peerIP": "10.0.0.9", "asNumber": 65001,
+                                      "holdTime": written, "maxRestartTime": written})
+        assert (peer.hold_time, peer.restart_time) == (seconds, seconds)
+
+
+@pytest.mark.parametrize("written, facts", [
+    ("90", ["'90'", "whole seconds or a duration such as '90s'"]), ("-5s", ["'-5s'"]),
+    ("5 s", ["'5 s'"]), ("1d", ["'1d'"]), (1.5, ["1.5"]), (True, ["True"]),
+    ("1.5s", ["not a whole number of seconds"]), ("2h", ["7200", "0-4095"]),
+])
+def test_a_time_that_is_none_is_one_sentence(written, facts):
+    refused({"nodeMeshMaxRestartTime": written}, *facts)
+
+
+# --------------------------------------------------------------------------------------------
+# Mesh settings without a mesh
+
+def test_mesh_settings_while_the_mesh_is_off_are_refused_on_input_only():
+    from bgp_agent.bgp_config import check_config_input
+    for field in ("nodeMeshMaxRestartTime", "nodeMeshHoldTime"):
+        spec = {"nodeToNodeMeshEnabled": False, field: "60s"}
+        with pytest.raises(InvalidResource, match=f"{field} cannot be set when "
+                                                  "nodeToNodeMeshEnabled is false"):
+            check_config_input(spec)
+        # an agent still reads such a stored configuration (an older pipitctl wrote them)
+        assert config_from_spec("default", spec).node_to_node_mesh is False
+    check_config_input({"nodeToNodeMeshEnabled": True, "nodeMeshMaxRestartTime": 60})
+    check_config_input({"nodeMeshMaxRestartTime": 60})
+    # what pipitctl writes and shows passes its own rule
+    off = config_from_spec("default", {"nodeToNodeMeshEnabled": False})
+    document = config_to_document(off)
+    check_config_input(document["spec"])
+    assert round_trip(off) == off

@@ -640,3 +640,24 @@ def test_a_disabled_pool_smaller_than_a_block_is_shown_and_stays_disabled(etcd, 
     one_sentence(ctl("apply", "-f", "-", input=pool_yaml("in-cluster", cidr="10.9.9.0/30")),
                  "'in-cluster'", "blockSize /26", "disable the pool")
     assert snapshot(etcd) == before
+
+
+def bgp_config_yaml(**spec) -> str:
+    return yaml.safe_dump({"apiVersion": "pipit.dev/v1", "kind": "BGPConfiguration",
+                           "metadata": {"name": "default"}, "spec": spec}, sort_keys=False)
+
+
+def test_mesh_settings_without_a_mesh_are_refused_and_durations_read(etcd, ctl):
+    before = snapshot(etcd)
+    one_sentence(ctl("apply", "-f", "-", input=bgp_config_yaml(
+        nodeToNodeMeshEnabled=False, nodeMeshMaxRestartTime="120s")),
+        "nodeMeshMaxRestartTime cannot be set when nodeToNodeMeshEnabled is false")
+    assert snapshot(etcd) == before
+    ok(ctl("apply", "-f", "-", input=bgp_config_yaml(nodeToNodeMeshEnabled=False)))
+    shown = ok(ctl("get", "bgpconfig", "-o", "yaml"))
+    assert "nodeMesh" not in shown
+    assert ok(ctl("apply", "-f", "-", input=shown)) == "bgpconfiguration 'default' unchanged\n"
+    ok(ctl("apply", "-f", "-", input=bgp_config_yaml(nodeMeshMaxRestartTime="2m",
+                                                      nodeMeshHoldTime="1m30s")))
+    spec = yaml.safe_load(ok(ctl("get", "bgpconfig", "-o", "yaml")))["spec"]
+    assert (spec["nodeMeshMaxRestartTime"], spec["nodeMeshHoldTime"]) == (120, 90)
