@@ -83,6 +83,8 @@ def test_release_of_unknown_handle_frees_nothing_and_succeeds(etcd):
 
 
 def test_borrows_from_other_nodes_blocks_unless_strict(etcd):
+    """maxBlocksPerHost > 0 without strictAffinity is meaningful in Pipit (Calico refuses it):
+    past its limit a node borrows."""
     async def scenario(store):
         await add_pool(store, "p", "10.13.0.0/29", blockSize=30)  # two blocks of 3 (+gateway)
         await configure(store, max_blocks_per_host=1)
