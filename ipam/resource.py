@@ -71,10 +71,113 @@ class Document:
     annotations: Mapping[str, str] = field(default_factory=dict)
 
 
+# -- reading YAML that may be hostile -------------------------------------------------------
+# Limits far above any real resource file (a 1,000-node file is ~150 KB, ~10,000 values), so
+# that a hostile one is refused in one sentence at once instead of eating memory or the stack.
+MAX_INPUT_BYTES = 4 * 1024 * 1024
+MAX_DOCUMENTS = 10_000
+MAX_VALUES = 500_000  # every value of every document, aliases counted as what they expand to
+MAX_DEPTH = 32  # nested mappings and lists (a resource needs about 5)
+MAX_NUMBER_DIGITS = 30  # past any count, port or AS number
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when there: 10x
+_RESOLVER = yaml.resolver.Resolver()  # which plain scalars YAML reads as integers
+_INT_TAG = "tag:yaml.org,2002:int"
+
+
+class _Loader(_LOADER):
+    """YAML's safe loader, refusing a key given twice in one mapping (the last would win
+    silently: a pasted line would quietly change a pool's CIDR)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may override
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    repeated = key in first_line
+                except TypeError:  # a list or mapping as a key
+                    raise _Refused("uses a list or mapping as a key", key_node.start_mark) from None
+                if repeated:
+                    raise _Refused(f"gives key {shown(key)} twice in one mapping (first at line "
+                                   f"{first_line[key]}; the last would silently win)",
+                                   key_node.start_mark)
+                first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+class _Refused(yaml.YAMLError):
+    """The input is YAML, but not YAML pipitctl reads."""
+
+    def __init__(self, problem: str, mark=None):
+        super().__init__(problem)
+        self.problem, self.problem_mark = problem, mark
+
+
+def _check_shape(text: str) -> None:
+    """Walk the YAML's events (no objects built, no recursion) and refuse what would take
+    the stack (deep nesting), memory (aliases that expand to millions of values, recursive
+    aliases) or time (numbers too long to convert, too many documents)."""
+    documents = 0
+    values = 0  # in all documents, aliases expanded
+    frames: list[list] = []  # open mappings and lists: [anchor, values in it so far]
+    sizes: dict[str, int] = {}  # anchor -> values it expands to
+    for event in yaml.parse(text, Loader=_LOADER):
+        size = 0
+        if isinstance(event, yaml.DocumentStartEvent):
+            documents += 1
+            if documents > MAX_DOCUMENTS:
+                raise _Refused(f"holds more than {MAX_DOCUMENTS} documents; split it")
+        elif isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            frames.append([event.anchor, 1])
+            if len(frames) > MAX_DEPTH:
+                raise _Refused(f"nests lists and mappings more than {MAX_DEPTH} deep",
+                               event.start_mark)
+            continue
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            anchor, size = frames.pop()
+            if anchor is not None:
+                sizes[anchor] = size
+        elif isinstance(event, yaml.ScalarEvent):
+            size = 1
+            if event.anchor is not None:
+                sizes[event.anchor] = 1
+            if event.implicit[0] and not event.style and len(event.value) > MAX_NUMBER_DIGITS \
+                    and _RESOLVER.resolve(yaml.ScalarNode, event.value, (True, False)) == _INT_TAG:
+                raise _Refused(f"has a number of {len(event.value)} characters, longer than any "
+                               f"field takes ({MAX_NUMBER_DIGITS} at most)", event.start_mark)
+        elif isinstance(event, yaml.AliasEvent):
+            if any(anchor == event.anchor for anchor, _ in frames):
+                raise _Refused(f"has alias *{event.anchor} inside the value it refers to",
+                               event.start_mark)
+            size = sizes.get(event.anchor, 1)
+        else:
+            continue
+        if frames:
+            frames[-1][1] += size
+            size = frames[-1][1]
+        else:
+            values += size
+        if size > MAX_VALUES or values > MAX_VALUES:
+            raise _Refused(f"holds more than {MAX_VALUES} values (aliases counted as what they "
+                           "expand to)", event.start_mark)
+
+
 def parse_documents(text: str) -> list[dict]:
-    """Every non-empty document of a YAML (or JSON) stream, in order."""
+    """Every non-empty document of a YAML (or JSON) stream, in order. Input past the limits
+    above, aliases that expand past them (a "billion laughs"), recursive aliases, keys given
+    twice and numbers too long to be any field are refused in one sentence."""
+    if len(text) > MAX_INPUT_BYTES:
+        raise InvalidResource(f"the input is {len(text)} characters long, more than the "
+                              f"{MAX_INPUT_BYTES} pipitctl reads at once; split it.")
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        _check_shape(text)
+        docs = [d for d in yaml.load_all(text, Loader=_Loader) if d is not None]
+    except _Refused as error:
+        mark = error.problem_mark
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise InvalidResource(f"the input{where} {error.problem}.") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
