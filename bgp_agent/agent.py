@@ -19,7 +19,7 @@ import signal
 import sys
 from pathlib import Path
 
-from bgp_agent.bgp_config import check_as_number
+from bgp_agent.bgp_config import parse_as_number
 from bgp_agent.model import DEFAULT_AS
 from bgp_agent.node import NodeRecord, detect_address, parse_explicit_address, register
 from bgp_agent.status import DEFAULT_STATUS_SOCKET, StatusServer
@@ -45,8 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     address.add_argument("--ip-autodetection-method", default="first-found", metavar="METHOD",
                          help="first-found | interface=REGEX | skip-interface=REGEX | cidr=CIDR "
                               "| can-reach=IP (default first-found).")
-    parser.add_argument("--as", dest="as_number", type=int, metavar="N",
-                        help=f"This node's AS number (default: the cluster's, {DEFAULT_AS}).")
+    parser.add_argument("--as", dest="as_number", metavar="N",
+                        help="This node's AS number, such as 65001 or asdot 1.10 (default: "
+                             f"the cluster's, {DEFAULT_AS}).")
     parser.add_argument("--labels", default="", metavar="K=V,...",
                         help="Labels for this node's record (pools and peers select on them).")
     parser.add_argument("--exabgp", choices=["spawn", "sidecar"], default="spawn",
@@ -96,9 +97,9 @@ def parse_labels(text: str) -> dict[str, str]:
 def node_identity(args: argparse.Namespace) -> NodeRecord:
     address = (parse_explicit_address(args.ip) if args.ip
                else detect_address(args.ip_autodetection_method))
-    if args.as_number is not None:
-        check_as_number(args.as_number, "--as")
-    return NodeRecord(args.node, address, args.as_number, parse_labels(args.labels))
+    as_number = None if args.as_number is None else parse_as_number(args.as_number, "--as",
+                                                                        "the AS number")
+    return NodeRecord(args.node, address, as_number, parse_labels(args.labels))
 
 
 async def run(args: argparse.Namespace) -> None:

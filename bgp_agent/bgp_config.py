@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bgp_agent.model import DEFAULT_AS, DEFAULT_HOLD_TIME, DEFAULT_RESTART_TIME, MAX_RESTART_TIME
 from ipam.errors import InvalidResource
-from ipam.resource import SpecReader, make_document
+from ipam.resource import SpecReader, make_document, shown
 
 KIND = "BGPConfiguration"
 NAME = "default"
 _FIELDS = {"asNumber", "nodeToNodeMeshEnabled", "listenPort", "communities",
            "nodeMeshHoldTime", "nodeMeshMaxRestartTime"}
-_COMMUNITY = re.compile(r"(\d+):(\d+)")
+_COMMUNITY = re.compile(r"\d+(:\d+){1,2}")
+Community = tuple[int, int]  # RFC 1997: AS:VALUE, 16 bits each
+LargeCommunity = tuple[int, int, int]  # RFC 8092: AS:VALUE:VALUE, 32 bits each
 
 
 def check_as_number(value: int, where: str) -> int:
     """One sentence for an AS number BGP cannot use."""
     if not 1 <= value <= 4294967294:
-        raise InvalidResource(f"{where}: AS number {value} is outside 1-4294967294.")
+        raise InvalidResource(f"{where}: AS number {shown(value)} is outside 1-4294967294.")
     if value == 23456:
         raise InvalidResource(f"{where}: AS number 23456 is AS_TRANS (RFC 6793), reserved.")
     if value == 65535 or 65552 <= value <= 131071:
@@ -28,12 +30,40 @@ def check_as_number(value: int, where: str) -> int:
     return value
 
 
-def parse_community(text: str, where: str) -> tuple[int, int]:
-    match = _COMMUNITY.fullmatch(str(text).strip())
-    if not match or int(match[1]) > 65535 or int(match[2]) > 65535:
-        raise InvalidResource(f"{where}: community {text!r} is not of the form AS:VALUE with "
-                              "both parts 0-65535.")
-    return int(match[1]), int(match[2])
+_AS_PLAIN = re.compile(r"[0-9]{1,10}")
+_AS_DOT = re.compile(r"([0-9]{1,5})\.([0-9]{1,5})")
+
+
+def parse_as_number(value: object, where: str, field: str = "asNumber") -> int:
+    """An AS number as Calico reads it: a whole number, the same in quotes ("65001"), or
+    asdot (RFC 5396: "1.10" is 1 * 65536 + 10 = 65546); stored and shown as a number."""
+    number = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and _AS_PLAIN.fullmatch(value.strip()):
+        number = int(value)
+    elif isinstance(value, str) and (dot := _AS_DOT.fullmatch(value.strip())):
+        high, low = int(dot[1]), int(dot[2])
+        if high <= 65535 and low <= 65535:
+            number = (high << 16) + low
+    if number is None:
+        raise InvalidResource(f"{where}: {field} {shown(value)} is not an AS number (write a "
+                              "whole number such as 65001, or asdot such as '1.10' with both "
+                              "parts 0-65535).")
+    return check_as_number(number, where)
+
+
+def parse_community(text: object, where: str) -> Community | LargeCommunity:
+    """A standard community `aa:nn` (16-bit parts) or a large one `aa:nn:mm` (RFC 8092,
+    32-bit parts: a cluster on a 4-byte AS tags its routes with its own AS), as Calico reads
+    them."""
+    if isinstance(text, str) and _COMMUNITY.fullmatch(text.strip()):
+        parts = tuple(int(p) for p in text.strip().split(":"))
+        if all(p <= (65535 if len(parts) == 2 else 4294967295) for p in parts):
+            return parts
+    raise InvalidResource(f"{where}: community {shown(text)} is neither AS:VALUE with both parts "
+                          "0-65535 nor a large community AS:VALUE:VALUE with each part "
+                          "0-4294967295.")
 
 
 def check_hold_time(value: int, where: str) -> int:
@@ -55,9 +85,12 @@ class BGPConfig:
     as_number: int = DEFAULT_AS
     node_to_node_mesh: bool = True
     listen_port: int = 179
-    communities: tuple[tuple[int, int], ...] = ()
+    communities: tuple[Community, ...] = ()
+    large_communities: tuple[LargeCommunity, ...] = ()
     node_mesh_hold_time: int = DEFAULT_HOLD_TIME
     node_mesh_restart_time: int = DEFAULT_RESTART_TIME
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False)
+    annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
 
 
 def config_from_spec(name: str, spec: Mapping) -> BGPConfig:
@@ -65,32 +98,54 @@ def config_from_spec(name: str, spec: Mapping) -> BGPConfig:
     if name != NAME:
         raise read.fail(f"Pipit reads only the BGPConfiguration named {NAME!r}.")
     where = f"{KIND} {name!r}"
-    as_number = check_as_number(read.integer("asNumber", DEFAULT_AS), where)
+    given = spec.get("asNumber")
+    as_number = parse_as_number(DEFAULT_AS if given is None else given, where)
     port = read.integer("listenPort", 179)
     if not 1 <= port <= 65535:
         raise read.fail(f"listenPort {port} is outside 1-65535.")
     communities = spec.get("communities") or []
     if not isinstance(communities, list):
-        raise read.fail("communities must be a list such as ['64512:100'].")
-    restart = check_restart_time(read.integer("nodeMeshMaxRestartTime", DEFAULT_RESTART_TIME),
+        raise read.fail("communities must be a list such as ['64512:100', '4200000000:1:2'].")
+    parsed = [parse_community(c, where) for c in communities]
+    restart = check_restart_time(read.seconds("nodeMeshMaxRestartTime", DEFAULT_RESTART_TIME),
                                  "nodeMeshMaxRestartTime", where)
     return BGPConfig(
         as_number=as_number,
         node_to_node_mesh=read.boolean("nodeToNodeMeshEnabled", True),
         listen_port=port,
-        communities=tuple(parse_community(c, where) for c in communities),
-        node_mesh_hold_time=check_hold_time(read.integer("nodeMeshHoldTime",
+        communities=tuple(c for c in parsed if len(c) == 2),
+        large_communities=tuple(c for c in parsed if len(c) == 3),
+        node_mesh_hold_time=check_hold_time(read.seconds("nodeMeshHoldTime",
                                                          DEFAULT_HOLD_TIME), where),
         node_mesh_restart_time=restart,
     )
 
 
+_MESH_FIELDS = ("nodeMeshHoldTime", "nodeMeshMaxRestartTime")
+
+
+def check_config_input(spec: Mapping) -> None:
+    """What Calico refuses on input but an agent still reads when stored: a node-to-node mesh
+    setting while the mesh is off (it would do nothing)."""
+    if spec.get("nodeToNodeMeshEnabled") is False:
+        given = [f for f in _MESH_FIELDS if spec.get(f) is not None]
+        if given:
+            raise InvalidResource(f"{KIND} {NAME!r}: {given[0]} cannot be set when "
+                                  "nodeToNodeMeshEnabled is false (it would do nothing).")
+
+
+def community_texts(config: BGPConfig) -> list[str]:
+    return [":".join(map(str, c)) for c in (*config.communities, *config.large_communities)]
+
+
 def config_to_document(config: BGPConfig) -> dict:
-    return make_document(KIND, NAME, {
+    spec = {
         "asNumber": config.as_number,
         "nodeToNodeMeshEnabled": config.node_to_node_mesh,
         "listenPort": config.listen_port,
-        "communities": [f"{a}:{b}" for a, b in config.communities],
-        "nodeMeshHoldTime": config.node_mesh_hold_time,
-        "nodeMeshMaxRestartTime": config.node_mesh_restart_time,
-    })
+        "communities": community_texts(config),
+    }
+    if config.node_to_node_mesh:
+        spec.update(zip(_MESH_FIELDS, (config.node_mesh_hold_time,
+                                       config.node_mesh_restart_time)))
+    return make_document(KIND, NAME, spec, config.labels, config.annotations)

@@ -6,7 +6,7 @@ selector picks (`nodeSelector`). Stored at /pipit/resources/bgppeers/<name>.
     kind: BGPPeer
     metadata: {name: rack-a-tor}
     spec:
-      peerIP: 10.99.1.1
+      peerIP: 10.99.1.1                # or 10.99.1.1:1179: a peer that listens on another port
       asNumber: 65101
       nodeSelector: rack == 'a'        # or node: n1, or neither: every node
       password: {file: /etc/pipit/tor.secret}   # or {secretKeyRef: {name: bgp, key: tor}}
@@ -37,16 +37,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, ip_address
 from pathlib import Path
 
-from bgp_agent.bgp_config import check_as_number, check_hold_time, check_restart_time
+from bgp_agent.bgp_config import check_hold_time, check_restart_time, parse_as_number
 from bgp_agent.exabgp_config import MD5_RULE, usable_md5_password
 from bgp_agent.model import DEFAULT_HOLD_TIME, DEFAULT_RESTART_TIME
 from bgp_agent.node import NodeRecord
 from ipam.errors import InvalidResource
-from ipam.resource import SpecReader, check_name, make_document, read_document
+from ipam.resource import SpecReader, check_name, make_document, read_document, with_metadata
 from ipam.selector import parse_selector
 
 KIND = "BGPPeer"
@@ -95,6 +95,14 @@ class BGPPeer:
     keep_original_next_hop: bool = False
     allow_pool_prefixes: bool = False
     allowed_local_as: int = 0  # numAllowedLocalASNumbers
+    peer_port: int = 179  # where the peer accepts the session (peerIP's optional :port)
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False)
+    annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+    @property
+    def endpoint(self) -> str:
+        """peerIP as written: the address, with the port when it is not BGP's own."""
+        return str(self.peer_ip) if self.peer_port == 179 else f"{self.peer_ip}:{self.peer_port}"
 
     @property
     def scope(self) -> str:
@@ -126,10 +134,10 @@ def peer_from_spec(name: str, spec: Mapping) -> BGPPeer:
     check_name(KIND, name)
     read = SpecReader(KIND, name, spec, _FIELDS)
     where = read.where
-    peer_ip = _peer_address(read)
-    if "asNumber" not in spec:
+    peer_ip, peer_port = _peer_address(read)
+    if spec.get("asNumber") is None:
         raise read.fail("spec.asNumber is required (the peer's AS number, such as 65001).")
-    as_number = check_as_number(read.integer("asNumber"), where)
+    as_number = parse_as_number(spec["asNumber"], where)
     node = read.string("node") or None
     if node is not None:
         try:
@@ -144,7 +152,7 @@ def peer_from_spec(name: str, spec: Mapping) -> BGPPeer:
             parse_selector(selector)
         except InvalidResource as error:
             raise read.fail(f"nodeSelector: {error}") from None
-    restart = check_restart_time(read.integer("maxRestartTime", DEFAULT_RESTART_TIME),
+    restart = check_restart_time(read.seconds("maxRestartTime", DEFAULT_RESTART_TIME),
                                  "maxRestartTime", where)
     max_prefixes = read.integer("maxPrefixes", 0)
     if max_prefixes < 0:
@@ -156,22 +164,39 @@ def peer_from_spec(name: str, spec: Mapping) -> BGPPeer:
     return BGPPeer(
         name=name, peer_ip=peer_ip, as_number=as_number, node=node, node_selector=selector,
         password=_password(read, spec.get("password")),
-        hold_time=check_hold_time(read.integer("holdTime", DEFAULT_HOLD_TIME), where),
+        hold_time=check_hold_time(read.seconds("holdTime", DEFAULT_HOLD_TIME), where),
         restart_time=restart, max_prefixes=max_prefixes,
         keep_original_next_hop=read.boolean("keepOriginalNextHop"),
         allow_pool_prefixes=read.boolean("allowPoolPrefixes"),
-        allowed_local_as=allowed)
+        allowed_local_as=allowed, peer_port=peer_port)
 
 
-def _peer_address(read: SpecReader) -> IPv4Address:
+_WITH_PORT = re.compile(r"(\d+\.\d+\.\d+\.\d+):(\d+)|\[([0-9a-fA-F:.]+)\]:(\d+)")
+
+
+def _peer_address(read: SpecReader) -> tuple[IPv4Address, int]:
+    """peerIP: an address, or address:port for a peer that listens elsewhere than 179 (a
+    reflector, a router with another daemon on 179), in Calico's forms 10.0.0.1:1179 and
+    [fd00::1]:1179."""
     text = read.string("peerIP")
     if not text:
         raise read.fail("spec.peerIP is required (the router's address, such as 10.0.0.1).")
+    text = text.strip()
+    port = 179
+    with_port = _WITH_PORT.fullmatch(text)
+    if with_port:
+        host = with_port[1] or with_port[3]
+        digits = with_port[2] or with_port[4]
+        port = int(digits)
+        if not 1 <= port <= 65535 or len(digits) > 5:
+            raise read.fail(f"peerIP {text!r} has port {digits}, outside 1-65535.")
+        text = host
     try:
-        address = ip_address(text.strip())
+        address = ip_address(text)
     except ValueError:
-        raise read.fail(f"peerIP {text!r} is not an IP address (write one address, such as "
-                        "10.0.0.1, without a prefix length or port).") from None
+        raise read.fail(f"peerIP {read.spec['peerIP']!r} is not an IP address (write one "
+                        "address, such as 10.0.0.1, or an address and port, such as "
+                        "10.0.0.1:1179, without a prefix length).") from None
     if address.version != 4:
         raise read.fail(f"peerIP {address} is IPv6; Pipit peers over IPv4 only for now.")
     for bad, what in ((address.is_unspecified, "the unspecified address"),
@@ -181,7 +206,7 @@ def _peer_address(read: SpecReader) -> IPv4Address:
                       (address.is_reserved, "a reserved (class E) address")):
         if bad:
             raise read.fail(f"peerIP {address} is {what}, which no BGP router can have.")
-    return address
+    return address, port
 
 
 def _password(read: SpecReader, value) -> PasswordRef | None:
@@ -210,7 +235,7 @@ def _password(read: SpecReader, value) -> PasswordRef | None:
 
 
 def peer_to_spec(peer: BGPPeer) -> dict:
-    spec: dict = {"peerIP": str(peer.peer_ip), "asNumber": peer.as_number}
+    spec: dict = {"peerIP": peer.endpoint, "asNumber": peer.as_number}
     if peer.node is not None:
         spec["node"] = peer.node
     if peer.node_selector is not None:
@@ -227,12 +252,12 @@ def peer_to_spec(peer: BGPPeer) -> dict:
 
 
 def peer_to_document(peer: BGPPeer) -> dict:
-    return make_document(KIND, peer.name, peer_to_spec(peer))
+    return make_document(KIND, peer.name, peer_to_spec(peer), peer.labels, peer.annotations)
 
 
 def peer_from_document(doc: Mapping) -> BGPPeer:
     document = read_document(doc)
-    return peer_from_spec(document.name, dict(document.spec))
+    return with_metadata(peer_from_spec(document.name, dict(document.spec)), document)
 
 
 # -- checks against the other resources ----------------------------------------------------

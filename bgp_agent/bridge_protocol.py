@@ -110,7 +110,8 @@ def announcement_from_json(d: dict) -> Announcement:
         communities=tuple(map(tuple, d.get("communities", ()))), as_path=tuple(d.get("as_path", ())),
         local_pref=d.get("local_pref"), med=d.get("med"),
         originator_id=_address(d.get("originator_id")),
-        cluster_list=tuple(IPv4Address(a) for a in d.get("cluster_list", ())))
+        cluster_list=tuple(IPv4Address(a) for a in d.get("cluster_list", ())),
+        large_communities=tuple(map(tuple, d.get("large_communities", ()))))
 
 
 def peer_to_json(peer: PeerState) -> dict:

@@ -70,6 +70,9 @@ def _attributes(route: Announcement) -> str:
         words.append(f"med {route.med}")
     if route.communities:
         words.append(f"community [ {' '.join(f'{a}:{b}' for a, b in route.communities)} ]")
+    if route.large_communities:
+        large = " ".join(":".join(map(str, c)) for c in route.large_communities)
+        words.append(f"large-community [ {large} ]")
     if route.originator_id is not None:
         words.append(f"originator-id {route.originator_id}")
     if route.cluster_list:

@@ -62,6 +62,7 @@ class Announcement:
     med: int | None = None
     originator_id: IPv4Address | None = None
     cluster_list: tuple[IPv4Address, ...] = ()
+    large_communities: tuple[tuple[int, int, int], ...] = ()  # RFC 8092
 
 
 @dataclass(frozen=True)

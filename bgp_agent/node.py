@@ -10,9 +10,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_interface
 
+from bgp_agent.bgp_config import parse_as_number
 from ipam import keys
 from ipam.errors import InvalidResource, PipitError
-from ipam.resource import SpecReader, check_name, make_document, read_document
+from ipam.resource import SpecReader, check_labels, check_name, make_document, read_document
 from ipam.store import Store
 from ipam.txn import Changes, transact
 
@@ -31,6 +32,7 @@ class NodeRecord:
     address: IPv4Interface | None = None  # BGP address with its subnet, e.g. 10.0.0.11/24
     as_number: int | None = None  # None: the cluster's (BGPConfiguration asNumber)
     labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
     # Set by the node's agent when an IPIP / VXLAN pool selects it (Calico's field names):
     ipip_tunnel_address: IPv4Address | None = None  # on tunl0
     vxlan_tunnel_address: IPv4Address | None = None  # on vxlan.pipit (the VTEP)
@@ -66,8 +68,11 @@ def node_from_document(doc: Mapping) -> NodeRecord:
     mac = read.string("vxlanTunnelMACAddr")
     if mac is not None and not _MAC.fullmatch(mac):
         raise read.fail(f"vxlanTunnelMACAddr {mac!r} is not a MAC address like 02:5e:00:11:22:33.")
-    return NodeRecord(document.name, address, bgp_read.integer("asNumber"),
-                      dict(document.labels),
+    as_number = bgp.get("asNumber")
+    if as_number is not None:
+        as_number = parse_as_number(as_number, read.where, "spec.bgp.asNumber")
+    return NodeRecord(document.name, address, as_number,
+                      dict(document.labels), dict(document.annotations),
                       ipip_tunnel_address=_optional_address(bgp_read, "ipv4IPIPTunnelAddr"),
                       vxlan_tunnel_address=_optional_address(read, "ipv4VXLANTunnelAddr"),
                       vxlan_mac=mac)
@@ -96,7 +101,7 @@ def node_to_document(node: NodeRecord) -> dict:
         spec["ipv4VXLANTunnelAddr"] = str(node.vxlan_tunnel_address)
     if node.vxlan_mac is not None:
         spec["vxlanTunnelMACAddr"] = node.vxlan_mac
-    return make_document(KIND, node.name, spec, node.labels)
+    return make_document(KIND, node.name, spec, node.labels, node.annotations)
 
 
 # -- address autodetection ------------------------------------------------------------------
@@ -203,6 +208,7 @@ async def register(store: Store, node: NodeRecord) -> NodeRecord:
     """Create or update this node's record with its current address (labels and AS already
     stored are kept unless given). Refuses an address another node's record holds."""
     check_name(KIND, node.name)
+    check_labels(f"node {node.name}", node.labels)
 
     async def decide(changes: Changes) -> NodeRecord:
         stored: NodeRecord | None = None
@@ -222,7 +228,8 @@ async def register(store: Store, node: NodeRecord) -> NodeRecord:
         merged = replace(node,
                          as_number=node.as_number if node.as_number is not None
                          else stored.as_number if stored else None,
-                         labels={**(stored.labels if stored else {}), **node.labels})
+                         labels={**(stored.labels if stored else {}), **node.labels},
+                         annotations=stored.annotations if stored else node.annotations)
         if stored is not None:  # the tunnel fields are the running agent's to change
             merged = replace(merged, ipip_tunnel_address=stored.ipip_tunnel_address,
                              vxlan_tunnel_address=stored.vxlan_tunnel_address,

@@ -93,7 +93,7 @@ def select_neighbors(me: NodeRecord, nodes: Iterable[NodeRecord], config: BGPCon
             address=peer.peer_ip, peer_as=peer.as_number, local_address=me.address.ip,
             local_as=local_as(me, config), kind=kind, name=peer.name,
             hold_time=peer.hold_time, password=secret, restart_time=peer.restart_time,
-            listen_port=config.listen_port,
+            listen_port=config.listen_port, peer_port=peer.peer_port,
             max_prefixes=peer.max_prefixes, allow_pool_prefixes=peer.allow_pool_prefixes,
             allowed_local_as=peer.allowed_local_as,
             keep_original_next_hop=peer.keep_original_next_hop))
@@ -255,7 +255,8 @@ def announcements(prefixes: Iterable[IPv4Network], neighbors: Iterable[Neighbor]
     prefixes = sorted(prefixes)
     result = {}
     for neighbor in neighbors:
-        communities = () if neighbor.kind in INTERNAL_KINDS else config.communities
-        result[neighbor.address] = {p: Announcement(p, communities=communities)
-                                    for p in prefixes}
+        internal = neighbor.kind in INTERNAL_KINDS
+        tags = {} if internal else {"communities": config.communities,
+                                    "large_communities": config.large_communities}
+        result[neighbor.address] = {p: Announcement(p, **tags) for p in prefixes}
     return result

@@ -82,7 +82,10 @@ class NodeView:
         return name
 
     def eligible_pools(self, names: Sequence[str]) -> list[IPPool]:
-        """The pools a request may use, or one sentence saying why there are none."""
+        """The pools a request may use, or one sentence saying why there are none. A pool
+        the request names is used whatever its nodeSelector says (as in Calico: that is how a
+        `nodeSelector: "!all()"` pool serves only the pods that ask for it); the selector
+        picks the pools of requests that name none."""
         if names:
             chosen = []
             for name in names:
@@ -91,9 +94,6 @@ class NodeView:
                 pool = self.pools[name][0]
                 if pool.disabled:
                     raise PoolExhausted(f"IP pool {name!r} is disabled.")
-                if not pool.selects(self.labels):
-                    raise PoolExhausted(f"IP pool {name!r} does not select node {self.node} "
-                                        f"(nodeSelector {pool.node_selector}).")
                 chosen.append(pool)
             return chosen
         chosen = sorted((p for p, _ in self.pools.values()
@@ -245,7 +245,8 @@ class IPAM:
         """Decide and commit the requests (a prefix of them if they would not fit in one etcd
         transaction); returns one outcome, an address list or an error, per request served."""
         for _ in range(MAX_ATTEMPTS):
-            view = await self._view(node)
+            named = {p for r in requests if isinstance(r, AssignRequest) for p in r.pools}
+            view = await self._view(node, named)
             plan = _Plan(view)
             await self._prefetch_handles(plan, requests)
             outcomes: list = []
@@ -434,9 +435,12 @@ class IPAM:
 
     # -- the cached view -----------------------------------------------------------------
 
-    async def _view(self, node: str) -> NodeView:
+    async def _view(self, node: str, named_pools: set[str] = frozenset()) -> NodeView:
+        """The node's view, read afresh when it is old, stale, or does not know a pool a
+        request names (one created since it was read)."""
         view = self._views.get(node)
-        if view is None or view.stale or time.monotonic() - view.loaded_at > self.refresh_seconds:
+        if view is None or view.stale or time.monotonic() - view.loaded_at > self.refresh_seconds \
+                or not named_pools <= view.pools.keys():
             view = await self._load(node, view)
             self._views[node] = view
         return view

@@ -9,8 +9,9 @@ from ipam.errors import InvalidResource
 from ipam.resource import SpecReader, make_document
 
 KIND = "IPAMConfiguration"
-# maxBlocksPerHost 0 means this many (Calico reads 0 as "no limit"; Pipit keeps a ceiling so
-# that one node cannot drain a pool by accident).
+# maxBlocksPerHost 0 means this many, as in Calico's ipam.go (a ceiling so that one node cannot
+# drain a pool by accident). A node at its limit borrows from other nodes' blocks unless
+# strictAffinity is set; Calico instead refuses maxBlocksPerHost > 0 without strictAffinity.
 DEFAULT_MAX_BLOCKS_PER_HOST = 20
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, ip_network
 
 from ipam.block import block_capacity
 from ipam.errors import InvalidResource, PipitError
-from ipam.resource import SpecReader, make_document, read_document
+from ipam.resource import SpecReader, make_document, read_document, with_metadata
 from ipam.selector import parse_selector
 
 log = logging.getLogger(__name__)
@@ -43,9 +43,15 @@ class IPPool:
     disabled: bool = False
     node_selector: str = "all()"
     disable_bgp_export: bool = False
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False)
+    annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     @property
     def block_count(self) -> int:
+        """Blocks that fit in the pool: none when the pool is smaller than one block (only a
+        disabled pool may be: it marks a range as the cluster's, e.g. to keep it out of NAT)."""
+        if self.block_size < self.cidr.prefixlen:
+            return 0
         return 1 << (self.block_size - self.cidr.prefixlen)
 
     @property
@@ -76,9 +82,11 @@ def pool_from_spec(name: str, spec: Mapping) -> IPPool:
     if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
         raise read.fail(f"blockSize {block_size} is outside {MIN_BLOCK_SIZE}-{MAX_BLOCK_SIZE} "
                         "(IPv4).")
-    if block_size < cidr.prefixlen:
+    disabled = read.boolean("disabled")
+    if block_size < cidr.prefixlen and not disabled:
         raise read.fail(f"blockSize /{block_size} is larger than the pool {cidr} itself; use a "
-                        f"blockSize of at least {cidr.prefixlen}.")
+                        f"blockSize of at least {cidr.prefixlen}, or disable the pool (a "
+                        "disabled pool only marks its range as the cluster's).")
     ipip = read.choice("ipipMode", "Never", MODES)
     vxlan = read.choice("vxlanMode", "Never", MODES)
     if ipip != "Never" and vxlan != "Never":
@@ -89,7 +97,7 @@ def pool_from_spec(name: str, spec: Mapping) -> IPPool:
     except InvalidResource as error:
         raise read.fail(str(error)) from None
     return IPPool(name=name, cidr=cidr, block_size=block_size, ipip_mode=ipip, vxlan_mode=vxlan,
-                  nat_outgoing=read.boolean("natOutgoing"), disabled=read.boolean("disabled"),
+                  nat_outgoing=read.boolean("natOutgoing"), disabled=disabled,
                   node_selector=selector, disable_bgp_export=read.boolean("disableBGPExport"))
 
 
@@ -124,14 +132,14 @@ def pool_to_spec(pool: IPPool) -> dict:
 
 
 def pool_to_document(pool: IPPool) -> dict:
-    return make_document(KIND, pool.name, pool_to_spec(pool))
+    return make_document(KIND, pool.name, pool_to_spec(pool), pool.labels, pool.annotations)
 
 
 def pool_from_document(doc: Mapping) -> IPPool:
     document = read_document(doc)
     if document.kind != KIND:
         raise InvalidResource(f"{document.kind} {document.name!r} is not an {KIND}.")
-    return pool_from_spec(document.name, dict(document.spec))
+    return with_metadata(pool_from_spec(document.name, dict(document.spec)), document)
 
 
 def read_pools(entries) -> list[tuple[IPPool, int]]:
@@ -171,10 +179,10 @@ def search_start(pool: IPPool, node: str) -> int:
 
 def unclaimed_blocks(pool: IPPool, node: str, existing: set[IPv4Network]) -> Iterator[IPv4Network]:
     """The pool's blocks that do not exist yet, in this node's search order."""
-    start = search_start(pool, node)
     count = pool.block_count
-    if sum(1 for cidr in existing if cidr.subnet_of(pool.cidr)) >= count:
+    if not count or sum(1 for cidr in existing if cidr.subnet_of(pool.cidr)) >= count:
         return
+    start = search_start(pool, node)
     for step in range(count):
         cidr = pool.block((start + step) % count)
         if cidr not in existing:

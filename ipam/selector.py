@@ -10,8 +10,9 @@ first::
     unary    := '!' unary | primary
     primary  := '(' or ')' | 'all()' | 'has(' KEY ')'
               | KEY ('==' | '!=') STRING
-              | KEY ['not'] 'in' '{' [STRING (',' STRING)*] '}'
-              | KEY ('contains' | 'starts with' | 'ends with') STRING
+              | KEY ('in' | 'not in' | 'notin') '{' [STRING (',' STRING)*] '}'
+              | KEY ('contains' | 'starts with' | 'startswith' | 'ends with' | 'endswith')
+                STRING
 
 KEY is a Kubernetes-style label key, ``[A-Za-z0-9_./-]+`` starting with a letter, digit or
 ``_``; STRING is text in single or double quotes (no escapes, as in Calico). A missing label
@@ -507,6 +508,13 @@ class _Parser:
             if word == "in":
                 self.advance()
                 return In(key, self.parse_set("'in'"))
+            if word == "notin":  # Calico's one-word spellings too
+                self.advance()
+                return NotIn(key, self.parse_set("'notin'"))
+            if word in ("startswith", "endswith"):
+                self.advance()
+                value = self.parse_value(f"'{word}'")
+                return StartsWith(key, value) if word == "startswith" else EndsWith(key, value)
             if word == "not":
                 self.advance()
                 if not self.is_word(self.peek(), "in"):

@@ -67,6 +67,7 @@ class BirdPeer:
     passive: bool = False
     export: str = "all"  # a BIRD filter expression: all | none | where ...
     import_: str = "all"
+    local_port: int = 179  # where BIRD listens for (and connects from) this session
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class BirdRoute:
     since: BirdTime | None = None  # when BIRD got this route (a withdrawn and re-sent one is newer)
     as_path: tuple[int, ...] = ()
     communities: tuple[tuple[int, int], ...] = ()
+    large_communities: tuple[tuple[int, int, int], ...] = ()
 
 
 def bgp_config(router_id: IPv4Address, local_address: IPv4Address, local_as: int,
@@ -107,7 +109,8 @@ def bgp_config(router_id: IPv4Address, local_address: IPv4Address, local_as: int
     for peer in peers:
         lines += [
             f"protocol bgp {peer.name} {{",
-            f"  local {local_address} as {local_as};",
+            f"  local {local_address}{'' if peer.local_port == 179 else f' port {peer.local_port}'}"
+            f" as {local_as};",
             f"  neighbor {peer.address} as {peer.peer_as};",
             f"  hold time {peer.hold_time};",
             f"  graceful restart {'on' if peer.graceful_restart else 'off'};",
@@ -174,6 +177,11 @@ def parse_routes(text: str) -> dict[IPv4Network, BirdRoute]:
         if community:
             current["communities"] = tuple(
                 (int(a), int(b)) for a, b in re.findall(r"\((\d+),\s*(\d+)\)", community.group(1)))
+        large = re.match(r"^\s+BGP\.large_community:(.*)$", line)
+        if large:
+            current["large_communities"] = tuple(
+                tuple(map(int, c)) for c in re.findall(r"\((\d+),\s*(\d+),\s*(\d+)\)",
+                                                       large.group(1)))
     flush()
     return routes
 

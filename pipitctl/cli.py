@@ -21,6 +21,7 @@ from ipam import keys
 from ipam.release import release_addresses
 from ipam.snapshot import blocks_of, check, load_snapshot, lookup, pool_usage
 from ipam.store import ENV_CA, ENV_CERT, ENV_ENDPOINTS, ENV_KEY, EtcdConfig, Store
+from ipam.resource import MAX_INPUT_BYTES
 from ipam.txn import Changes, transact
 from bgp_agent.status import DEFAULT_STATUS_SOCKET, read_status
 from pipitctl import output
@@ -64,15 +65,21 @@ def etcd_options(command: Callable) -> Callable:
 
 
 def read_input(filename: str) -> str:
+    """A file's text (stdin for -): at most MAX_INPUT_BYTES, UTF-8."""
+    where = "stdin" if filename == "-" else filename
     try:
         if filename == "-":
-            return sys.stdin.read()
-        with open(filename, encoding="utf-8") as f:
-            return f.read()
+            data = sys.stdin.buffer.read(MAX_INPUT_BYTES + 1)
+        else:
+            with open(filename, "rb") as f:
+                data = f.read(MAX_INPUT_BYTES + 1)
+        if len(data) > MAX_INPUT_BYTES:
+            raise InvalidResource(f"{where} is larger than the {MAX_INPUT_BYTES} bytes pipitctl "
+                                  "reads at once; split it into smaller files.")
+        return data.decode("utf-8")
     except OSError as error:
         raise InvalidResource(f"cannot read {filename}: {error.strerror}.") from None
     except UnicodeDecodeError:
-        where = "stdin" if filename == "-" else filename
         raise InvalidResource(f"cannot read {where}: it is not UTF-8 text.") from None
 
 
@@ -164,7 +171,7 @@ async def show(store: Store, show_blocks: bool, address: str | None) -> None:
     for pool in snap.pools:
         usage = pool_usage(snap, pool)
         rows.append((pool.name, pool.cidr, usage.total, usage.used, usage.free,
-                     f"{output.bar(usage.used / usage.total)} {output.percent(usage.percent)}"))
+                     f"{output.bar(usage.percent / 100)} {output.percent(usage.percent)}"))
     click.echo(output.table(("POOL", "CIDR", "TOTAL", "IN USE", "FREE", "USED"), rows))
     if show_blocks:
         block_rows = [(pool.name, b.cidr, b.node or "(none)", b.used, b.free)

@@ -19,10 +19,12 @@ from ipam.pool import check_pool_fits, pool_from_spec, pool_to_document
 from ipam.pools import delete_pool
 from bgp_agent.bgp_config import config_from_spec as bgp_config_from_spec
 from bgp_agent.bgp_peer import check_peer, peer_from_spec, peer_to_document
+from bgp_agent.bgp_config import check_config_input, community_texts
 from bgp_agent.bgp_config import config_to_document as bgp_config_to_document
 from bgp_agent.node import node_from_document, node_to_document
 from ipam.release import release_handle, release_host_affinities
-from ipam.resource import Document, make_document, parse_documents, read_document
+from ipam.resource import (Document, check_metadata, make_document, parse_documents,
+                           read_document, with_metadata)
 from ipam.store import Store
 from ipam.txn import Changes, transact
 from pipitctl.output import yes_no
@@ -49,6 +51,8 @@ class Kind:
     # with others[plural] the stored objects of each kind in `needs`
     needs: tuple[str, ...] = ()
     check_with: Callable[[Any, list[Any], dict[str, list[Any]]], None] | None = None
+    # rules for what comes in that stored documents need not meet (an agent still reads them)
+    check_input: Callable[[Document], None] | None = None
 
     def key(self, name: str) -> str:
         return keys.resource_key(self.segment or self.plural, name)
@@ -64,7 +68,8 @@ class Kind:
 
 IPPOOL = Kind(
     name="IPPool", plural="ippools", aliases=("ippool", "ipp", "pool", "pools"),
-    parse=lambda d: pool_from_spec(d.name, dict(d.spec)), to_document=pool_to_document,
+    parse=lambda d: with_metadata(pool_from_spec(d.name, dict(d.spec)), d),
+    to_document=pool_to_document,
     check=check_pool_fits,
     columns=("NAME", "CIDR", "SELECTOR"),
     row=lambda p: (p.name, p.cidr, p.node_selector),
@@ -107,7 +112,8 @@ async def _delete_record(store: Store, kind: Kind, name: str) -> None:
 
 NODE = Kind(
     name="Node", plural="nodes", aliases=("node", "no"),
-    parse=lambda d: node_from_document(make_document("Node", d.name, d.spec, d.labels)),
+    parse=lambda d: node_from_document(make_document("Node", d.name, d.spec, d.labels,
+                                                     d.annotations)),
     to_document=node_to_document, check=_no_check,
     columns=("NAME", "ADDRESS", "AS"),
     row=lambda n: (n.name, n.address or "-", n.as_number or "(cluster)"),
@@ -120,14 +126,15 @@ NODE = Kind(
 BGP_CONFIGURATION = Kind(
     name="BGPConfiguration", plural="bgpconfigurations",
     aliases=("bgpconfiguration", "bgpconfig", "bgpconfigs"), segment="bgpconfig",
-    parse=lambda d: bgp_config_from_spec(d.name, dict(d.spec)),
+    parse=lambda d: with_metadata(bgp_config_from_spec(d.name, dict(d.spec)), d),
     to_document=bgp_config_to_document, check=_no_check, name_of=lambda c: "default",
+    check_input=lambda d: check_config_input(d.spec),
     columns=("NAME", "ASNUMBER", "MESH"),
     row=lambda c: ("default", c.as_number, yes_no(c.node_to_node_mesh)),
     wide_columns=("NAME", "ASNUMBER", "MESH", "LISTENPORT", "COMMUNITIES", "MESHHOLDTIME",
                   "MESHRESTARTTIME"),
     wide_row=lambda c: ("default", c.as_number, yes_no(c.node_to_node_mesh), c.listen_port,
-                        ",".join(f"{a}:{b}" for a, b in c.communities) or "-",
+                        ",".join(community_texts(c)) or "-",
                         c.node_mesh_hold_time, c.node_mesh_restart_time),
 )
 
@@ -139,14 +146,15 @@ def _peer_scope(peer) -> str:
 
 BGP_PEER = Kind(
     name="BGPPeer", plural="bgppeers", aliases=("bgppeer", "peer", "peers"),
-    parse=lambda d: peer_from_spec(d.name, dict(d.spec)), to_document=peer_to_document,
+    parse=lambda d: with_metadata(peer_from_spec(d.name, dict(d.spec)), d),
+    to_document=peer_to_document,
     check=_no_check, needs=("nodes",),
     check_with=lambda peer, peers, others: check_peer(peer, peers, others["nodes"]),
     columns=("NAME", "PEERIP", "NODE", "ASN"),
-    row=lambda p: (p.name, p.peer_ip, _peer_scope(p), p.as_number),
+    row=lambda p: (p.name, p.endpoint, _peer_scope(p), p.as_number),
     wide_columns=("NAME", "PEERIP", "NODE", "ASN", "PASSWORD", "HOLDTIME", "RESTARTTIME",
                   "MAXPREFIXES", "KEEPNEXTHOP", "ALLOWPOOLPREFIXES", "ALLOWEDLOCALAS"),
-    wide_row=lambda p: (p.name, p.peer_ip, _peer_scope(p), p.as_number,
+    wide_row=lambda p: (p.name, p.endpoint, _peer_scope(p), p.as_number,
                         str(p.password) if p.password else "-", p.hold_time, p.restart_time,
                         p.max_prefixes or "-", yes_no(p.keep_original_next_hop),
                         yes_no(p.allow_pool_prefixes), p.allowed_local_as),
@@ -184,10 +192,13 @@ def read_objects(text: str) -> list[tuple[Kind, Any]]:
                 raise InvalidResource("it is not a mapping with apiVersion, kind, metadata and "
                                       "spec.")
             document = read_document(doc)
+            check_metadata(document)
             kind = kind_named(document.kind)
             if document.kind != kind.name:
                 raise InvalidResource(f"kind {document.kind!r} should be written {kind.name!r}.")
             obj = kind.parse(document)
+            if kind.check_input is not None:
+                kind.check_input(document)
             earlier = seen.setdefault((kind.name, kind.name_of(obj)), number)
             if earlier != number:
                 raise InvalidResource(f"{kind.word} {kind.name_of(obj)!r} is also document "

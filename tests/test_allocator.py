@@ -83,6 +83,8 @@ def test_release_of_unknown_handle_frees_nothing_and_succeeds(etcd):
 
 
 def test_borrows_from_other_nodes_blocks_unless_strict(etcd):
+    """maxBlocksPerHost > 0 without strictAffinity is meaningful in Pipit (Calico refuses it):
+    past its limit a node borrows."""
     async def scenario(store):
         await add_pool(store, "p", "10.13.0.0/29", blockSize=30)  # two blocks of 3 (+gateway)
         await configure(store, max_blocks_per_host=1)
@@ -140,12 +142,35 @@ def test_pool_choice_follows_node_selector_and_names(etcd):
         [a] = await ipam.assign("na", "pa")
         [b] = await ipam.assign("nb", "pb")
         assert a in IPv4Network("10.16.0.0/24") and b in IPv4Network("10.16.1.0/24")
-        with pytest.raises(PoolExhausted, match="does not select node na"):
-            await ipam.assign("na", "px", pools=["rack-b"])
+        # A pool the request names serves it even where its selector does not reach.
+        [x] = await ipam.assign("na", "px", pools=["rack-b"])
+        assert x in IPv4Network("10.16.1.0/24")
         with pytest.raises(NotFound, match="'nope' does not exist"):
             await ipam.assign("na", "py", pools=["nope"])
         with pytest.raises(NotFound, match="no enabled IP pool selects node nc"):
             await ipam.assign("nc", "pz")
+    with_store(etcd, scenario)
+
+
+def test_a_pool_selecting_no_node_serves_only_the_requests_that_name_it(etcd):
+    """Calico's manual-only pool: `nodeSelector: "!all()"` keeps it out of every automatic
+    choice, and a CNI config (or annotation) that names it still gets addresses from it."""
+    async def scenario(store):
+        await add_pool(store, "default", "10.17.0.0/24", blockSize=28)
+        await add_pool(store, "manual", "10.17.1.0/24", blockSize=28, nodeSelector="!all()")
+        await register_node(store, "n1", {})
+        ipam = IPAM(store)
+        [auto] = await ipam.assign("n1", "auto")
+        assert auto in IPv4Network("10.17.0.0/24")
+        asked = await ipam.assign("n1", "asked", 2, pools=["manual"])
+        assert all(a in IPv4Network("10.17.1.0/24") for a in asked)
+        # The node owns that block now, but requests that name no pool still avoid it.
+        more = [(await ipam.assign("n1", f"auto-{i}"))[0] for i in range(20)]
+        assert not [a for a in more if a in IPv4Network("10.17.1.0/24")]
+        await assert_consistent(store)
+        await add_pool(store, "off", "10.17.2.0/24", blockSize=28, disabled=True)
+        with pytest.raises(PoolExhausted, match="'off' is disabled"):
+            await ipam.assign("n1", "never", pools=["off"])
     with_store(etcd, scenario)
 
 

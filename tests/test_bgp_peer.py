@@ -74,13 +74,36 @@ def test_every_field_round_trips():
     assert peer_from_spec("one", peer_to_spec(by_node)) == by_node
 
 
+def test_peer_ip_may_carry_the_port_the_peer_listens_on():
+    """Calico's `10.0.0.1:1179`: a reflector or a router with another daemon on 179."""
+    peer = peer_from_spec("rr", {**TOR, "peerIP": "10.99.1.1:1179"})
+    assert (peer.peer_ip, peer.peer_port, peer.endpoint) == (IPv4Address("10.99.1.1"), 1179,
+                                                             "10.99.1.1:1179")
+    assert peer_to_spec(peer)["peerIP"] == "10.99.1.1:1179"
+    assert peer_from_spec("rr", peer_to_spec(peer)) == peer
+    # BGP's own port written out is the same peer as none
+    assert peer_from_spec("rr", {**TOR, "peerIP": "10.99.1.1:179"}) == peer_from_spec("rr", TOR)
+    # one session per address: the same router on two ports is still a duplicate
+    with pytest.raises(InvalidResource, match="already peers with 10.99.1.1"):
+        check_peer(peer, [peer_from_spec("tor", TOR)], [])
+
+
 REFUSALS = [
+    ({**TOR, "peerIP": "10.99.1.1:0"}, ["port 0", "1-65535"]),
+    ({**TOR, "peerIP": "10.99.1.1:65536"}, ["port 65536", "1-65535"]),
+    ({**TOR, "peerIP": "10.99.1.1:"}, ["'10.99.1.1:' is not an IP address", "10.0.0.1:1179"]),
+    ({**TOR, "peerIP": "tor:179"}, ["'tor:179' is not an IP address"]),
+    ({**TOR, "peerIP": "[fd00::1]:1179"}, ["IPv6"]),
+    ({**TOR, "peerIP": "127.0.0.1:1179"}, ["loopback"]),
     ({"peerIP": "10.99.1.1"}, ["asNumber is required"]),
     ({**TOR, "asNumber": 0}, ["AS number 0", "1-4294967294"]),
     ({**TOR, "asNumber": 4294967296}, ["4294967296", "1-4294967294"]),
     ({**TOR, "asNumber": 23456}, ["23456", "AS_TRANS"]),
     ({**TOR, "asNumber": 65535}, ["65535", "reserved"]),
-    ({**TOR, "asNumber": "65001"}, ["asNumber must be a whole number"]),
+    ({**TOR, "asNumber": "AS65001"}, ["asNumber 'AS65001' is not an AS number", "asdot"]),
+    ({**TOR, "asNumber": "1.65536"}, ["'1.65536' is not an AS number", "0-65535"]),
+    ({**TOR, "asNumber": True}, ["asNumber True is not an AS number"]),
+    ({**TOR, "asNumber": "0.0"}, ["AS number 0", "1-4294967294"]),
     ({"asNumber": 65001}, ["peerIP is required"]),
     ({**TOR, "peerIP": "10.99.1.1/24"}, ["'10.99.1.1/24' is not an IP address"]),
     ({**TOR, "peerIP": "tor.example"}, ["'tor.example' is not an IP address"]),
@@ -308,3 +331,35 @@ def test_node_status_shows_type_state_counts_and_why_a_session_is_down():
                      r"for us$", rows["10.99.1.12"])
     assert "Disabled: disconnected: it sent 12 prefixes" in rows["10.99.1.2"]
     assert "Not configured: its peerIP is this node's own address" in rows["10.99.1.11"]
+
+
+# --------------------------------------------------------------------------------------------
+# A peer on another port, for real: ExaBGP connects to BIRD listening on 1179 only
+
+from tests.test_speaker import (  # noqa: E402 (net1, state_dir: fixtures)
+    bird_peer, established, eventually, make_speaker, needs_root, net1, running, state_dir)
+
+
+@needs_root
+def test_a_peer_listening_on_another_port_gets_its_session(net1, state_dir):  # noqa: F811
+    import asyncio
+    from ipaddress import IPv4Network
+
+    from bgp_agent.bgp_config import BGPConfig
+    from bgp_agent.policy import select_neighbors
+
+    address = net1.peer_address(1)
+    peer = peer_from_spec("rr", {"peerIP": f"{address}:1179", "asNumber": 65001})
+    me = NodeRecord("node", IPv4Interface(f"{net1.node_address(1)}/24"))
+    [wanted] = select_neighbors(me, [me], BGPConfig(), [peer], lambda ref: "").neighbors
+    assert wanted.peer_port == 1179
+    routes = [IPv4Network("10.50.0.0/24")]
+
+    async def scenario():
+        # passive: BIRD never connects itself, it only accepts on 1179
+        with bird_peer(net1, 1, routes, passive=True, local_port=1179):
+            async with running(make_speaker(state_dir, net1)) as speaker:
+                await speaker.set_neighbors([wanted])
+                await eventually(lambda: established(speaker, address), what="session up")
+                assert set(speaker.received[address]) == set(routes)
+    asyncio.run(scenario())

@@ -625,3 +625,102 @@ def test_lab_status_without_a_lab_and_a_lab_that_cannot_start_are_one_sentence(t
     blocker.write_text("")
     one_sentence(pipitctl("lab", "up", "--dir", str(blocker / "lab")), "the lab failed",
                  "Not a directory", str(blocker / "lab"))
+
+
+# --------------------------------------------------------------------------------------------
+# 9. Calico's resource rules seen through pipitctl
+
+
+def test_a_disabled_pool_smaller_than_a_block_is_shown_and_stays_disabled(etcd, ctl):
+    tiny = pool_yaml("in-cluster", cidr="10.9.9.0/30", disabled=True)
+    assert ok(ctl("apply", "-f", "-", input=tiny)) == "ippool 'in-cluster' created\n"
+    rows = [line.split() for line in ok(ctl("ipam", "show")).splitlines()]
+    assert rows[1][:5] == ["in-cluster", "10.9.9.0/30", "0", "0", "0"]
+    before = snapshot(etcd)
+    one_sentence(ctl("apply", "-f", "-", input=pool_yaml("in-cluster", cidr="10.9.9.0/30")),
+                 "'in-cluster'", "blockSize /26", "disable the pool")
+    assert snapshot(etcd) == before
+
+
+def bgp_config_yaml(**spec) -> str:
+    return yaml.safe_dump({"apiVersion": "pipit.dev/v1", "kind": "BGPConfiguration",
+                           "metadata": {"name": "default"}, "spec": spec}, sort_keys=False)
+
+
+def test_mesh_settings_without_a_mesh_are_refused_and_durations_read(etcd, ctl):
+    before = snapshot(etcd)
+    one_sentence(ctl("apply", "-f", "-", input=bgp_config_yaml(
+        nodeToNodeMeshEnabled=False, nodeMeshMaxRestartTime="120s")),
+        "nodeMeshMaxRestartTime cannot be set when nodeToNodeMeshEnabled is false")
+    assert snapshot(etcd) == before
+    ok(ctl("apply", "-f", "-", input=bgp_config_yaml(nodeToNodeMeshEnabled=False)))
+    shown = ok(ctl("get", "bgpconfig", "-o", "yaml"))
+    assert "nodeMesh" not in shown
+    assert ok(ctl("apply", "-f", "-", input=shown)) == "bgpconfiguration 'default' unchanged\n"
+    ok(ctl("apply", "-f", "-", input=bgp_config_yaml(nodeMeshMaxRestartTime="2m",
+                                                      nodeMeshHoldTime="1m30s")))
+    spec = yaml.safe_load(ok(ctl("get", "bgpconfig", "-o", "yaml")))["spec"]
+    assert (spec["nodeMeshMaxRestartTime"], spec["nodeMeshHoldTime"]) == (120, 90)
+
+
+# --------------------------------------------------------------------------------------------
+# 10. Hostile or careless YAML: one sentence at once, nothing written
+
+
+def laughs(levels: int = 9, width: int = 9) -> str:
+    """A "billion laughs": each anchor holds `width` aliases of the one before."""
+    lines = [f"l0: &l0 [{', '.join(['lol'] * width)}]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+HOSTILE = [
+    ("alias-bomb-as-kind", laughs() + "apiVersion: pipit.dev/v1\nkind: *l8\n",
+     ["holds more than 500000 values", "aliases counted as what they expand to"]),
+    ("alias-bomb-as-name", laughs() + "apiVersion: pipit.dev/v1\nkind: IPPool\n"
+     "metadata: {name: *l8}\nspec: {cidr: 10.50.0.0/16}\n", ["holds more than 500000 values"]),
+    ("recursive-alias", "apiVersion: pipit.dev/v1\nkind: &k [*k]\n", ["alias *k inside"]),
+    ("deep-flow", ENVELOPE + "spec: " + "[" * 20000 + "]" * 20000 + "\n", ["line 4"]),
+    ("deep-block", ENVELOPE + "spec:\n" + "".join(f"{' ' * (i + 1)}k{i}:\n"
+                                                   for i in range(2000)), ["nests", "32 deep"]),
+    ("huge-integer", ENVELOPE + "spec: {cidr: 10.50.0.0/16, blockSize: 1" + "0" * 4999 + "}\n",
+     ["number of 5000 characters", "30 at most"]),
+    ("duplicate-key", ENVELOPE + "spec:\n  cidr: 10.50.0.0/16\n  blockSize: 26\n"
+     "  cidr: 10.51.0.0/16\n", ["line 7", "gives key 'cidr' twice", "first at line 5"]),
+    ("duplicate-key-json", '{"apiVersion": "pipit.dev/v1", "kind": "IPPool", "metadata": '
+     '{"name": "new"}, "spec": {"cidr": "10.50.0.0/16", "cidr": "10.9.0.0/16"}}',
+     ["gives key 'cidr' twice"]),
+    ("duplicate-document-key", ENVELOPE + "kind: IPPool\nspec: {cidr: 10.50.0.0/16}\n",
+     ["gives key 'kind' twice"]),
+    ("list-as-key", ENVELOPE + "spec: {[cidr]: 10.50.0.0/16}\n", ["list or mapping as a key"]),
+    ("too-many-documents", "---\n{}\n" * 10001, ["more than 10000 documents", "split"]),
+    ("too-large", pool_yaml(cidr="10.50.0.0/16") + "#" * (4 * 1024 * 1024),
+     ["stdin is larger than the 4194304 bytes", "split"]),
+]
+
+
+@pytest.mark.parametrize("text, facts", [h[1:] for h in HOSTILE], ids=[h[0] for h in HOSTILE])
+def test_hostile_yaml_is_refused_in_one_sentence_and_writes_nothing(existing, ctl, text, facts):
+    before = snapshot(existing)
+    for verb in ("apply", "create", "delete"):
+        result = ctl(verb, "-f", "-", input=text)
+        one_sentence(result, *facts)
+        assert len(result.stderr) < 300, result.stderr
+    assert snapshot(existing) == before
+
+
+def test_a_file_over_the_size_limit_is_refused_by_its_name(ctl, tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_text("#" * (4 * 1024 * 1024 + 1))
+    one_sentence(ctl("apply", "-f", str(big)), str(big), "larger than the 4194304 bytes")
+
+
+def test_aliases_within_bounds_and_merge_keys_still_work(etcd, ctl):
+    text = ("kind: List\nitems:\n"
+            "- {apiVersion: pipit.dev/v1, kind: IPPool, metadata: {name: a},\n"
+            "   spec: &spec {cidr: 10.50.0.0/24, blockSize: 28, natOutgoing: true}}\n"
+            "- apiVersion: pipit.dev/v1\n  kind: IPPool\n  metadata: {name: b}\n"
+            "  spec:\n    <<: *spec\n    cidr: 10.51.0.0/24\n")
+    assert ok(ctl("apply", "-f", "-", input=text)) == "ippool 'a' created\nippool 'b' created\n"
+    spec = yaml.safe_load(ok(ctl("get", "ippool", "b", "-o", "yaml")))["spec"]
+    assert (spec["cidr"], spec["blockSize"], spec["natOutgoing"]) == ("10.51.0.0/24", 28, True)

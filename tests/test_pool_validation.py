@@ -73,7 +73,8 @@ def test_every_field_is_read():
     ({"cidr": "240.0.0.0/8"}, ["reserved"]),
     ({"cidr": "10.0.0.0/16", "blockSize": 19}, ["blockSize 19", "20-32"]),
     ({"cidr": "10.0.0.0/16", "blockSize": 33}, ["blockSize 33", "20-32"]),
-    ({"cidr": "10.0.0.0/28", "blockSize": 26}, ["/26", "larger than the pool", "at least 28"]),
+    ({"cidr": "10.0.0.0/28", "blockSize": 26}, ["/26", "larger than the pool", "at least 28",
+                                                "disable the pool"]),
     ({"cidr": "10.0.0.0/16", "blockSize": "26"}, ["blockSize", "whole number", "'26'"]),
     ({"cidr": "10.0.0.0/16", "blockSize": True}, ["blockSize", "whole number"]),
     ({"cidr": "10.0.0.0/16", "blockSize": 26.0}, ["blockSize", "whole number"]),
@@ -92,11 +93,31 @@ def test_invalid_specs_are_one_sentence(spec, facts):
     rejected(spec, *facts)
 
 
+def test_an_empty_encapsulation_mode_means_never():
+    pool = pool_from_spec("p", {"cidr": "10.0.0.0/16", "ipipMode": "", "vxlanMode": ""})
+    assert (pool.ipip_mode, pool.vxlan_mode) == ("Never", "Never")
+    assert pool_from_spec("p", {"cidr": "10.0.0.0/16", "ipipMode": "",
+                                "vxlanMode": "Always"}).vxlan_mode == "Always"
+
+
 def test_nothing_between_prefix_length_and_block_size_is_refused():
     for length in range(20, 33):
         pool = pool_from_spec("p", {"cidr": f"10.0.0.0/{length}", "blockSize": 32})
         assert pool.block_count == 1 << (32 - length)
     assert pool_from_spec("p", {"cidr": "10.0.0.0/8", "blockSize": 20}).block_count == 4096
+
+
+def test_a_disabled_pool_may_be_smaller_than_a_block_and_counts_as_the_clusters():
+    """Calico's way to mark a range as in-cluster (kept out of NAT) without serving it."""
+    from ipip.nat import ruleset
+    small = pool_from_spec("in-cluster", {"cidr": "10.0.0.0/30", "disabled": True})
+    assert (small.block_size, small.block_count, small.capacity) == (26, 0, 0)
+    assert list(unclaimed_blocks(small, "n1", set())) == []
+    assert pool_from_document(pool_to_document(small)) == small
+    rejected({"cidr": "10.0.0.0/30", "disabled": False}, "blockSize /26", "or disable the pool")
+    nat = ruleset([pool_from_spec("pods", {"cidr": "10.244.0.0/16", "natOutgoing": True}),
+                   small])
+    assert "10.0.0.0/30" in nat.split("set all-pools")[1].split("}")[0]
 
 
 def test_a_pool_may_not_overlap_another_or_change_its_shape():

@@ -160,6 +160,13 @@ def test_empty_selector_is_all() -> None:
         ("a contains 'x'", Contains("a", "x")),
         ("a starts with 'x'", StartsWith("a", "x")),
         ("a ends with 'x'", EndsWith("a", "x")),
+        # Calico's one-word spellings
+        ("a startswith 'x'", StartsWith("a", "x")),
+        ("a endswith'x'", EndsWith("a", "x")),
+        ("a notin {'x'}", NotIn("a", frozenset({"x"}))),
+        ("a notin{}", NotIn("a", frozenset())),
+        ("startswith startswith 'x'", StartsWith("startswith", "x")),
+        ("notin == 'x'", Equals("notin", "x")),
         ("has(a) && has(b) && has(c)", And((Has("a"), Has("b"), Has("c")))),
         ("has(a) || has(b) && has(c)", Or((Has("a"), And((Has("b"), Has("c")))))),
         ("(has(a) || has(b)) && has(c)", And((Or((Has("a"), Has("b"))), Has("c")))),

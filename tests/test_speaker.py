@@ -162,7 +162,8 @@ def test_routes_flow_both_ways_with_bird(net1, state_dir):
     """Over a TCP-MD5 session."""
     own = [N("10.50.0.0/24"), N("10.50.1.0/24"), N("10.50.2.0/24")]
     ours = blocks(500)
-    tagged = Announcement(ours[-1], communities=((NODE_AS, 100),), med=5)
+    tagged = Announcement(ours[-1], communities=((NODE_AS, 100),), med=5,
+                          large_communities=((4200000000, 1, 2),))
 
     async def scenario():
         with bird_peer(net1, 1, own, password="pipit-md5") as bird:
@@ -181,6 +182,7 @@ def test_routes_flow_both_ways_with_bird(net1, state_dir):
                 seen = bird.routes(protocol="node")
                 assert seen[ours[0]].via == net1.node_address(1) and seen[ours[0]].as_path == (NODE_AS,)
                 assert seen[tagged.prefix].communities == ((NODE_AS, 100),)
+                assert seen[tagged.prefix].large_communities == ((4200000000, 1, 2),)
 
                 await speaker.withdraw(net1.peer_address(1), ours[:250])
                 assert set(speaker.announced[net1.peer_address(1)]) == set(ours[250:])

@@ -1,0 +1,157 @@
+"""BGPConfiguration: the resource (parsing, Calico's rules, one-sentence refusals) and what the
+agent makes of it. Pure: no etcd, no routers (the large community on the wire, to a real
+BIRD, is in test_speaker.py)."""
+
+from __future__ import annotations
+
+import re
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from bgp_agent import policy
+from bgp_agent.bgp_config import BGPConfig, config_from_spec, config_to_document
+from bgp_agent.exabgp_bridge import announce_commands
+from bgp_agent.model import Neighbor
+from ipam.errors import InvalidResource
+
+A = IPv4Address
+MESH = Neighbor(A("10.0.0.2"), 64512, A("10.0.0.1"), 64512, kind="mesh", name="b")
+TOR = Neighbor(A("10.0.0.254"), 65001, A("10.0.0.1"), 64512, kind="global", name="tor")
+
+
+def refused(spec: dict, *facts: str) -> str:
+    with pytest.raises(InvalidResource) as caught:
+        config_from_spec("default", spec)
+    text = str(caught.value)
+    assert text.startswith("BGPConfiguration 'default': ") and text.endswith("."), text
+    assert not re.search(r"[.!?]\s+[A-Z]", text), f"more than one sentence: {text}"
+    assert len(text) < 300, text  # a long value is quoted cut short
+    for fact in facts:
+        assert fact in text, (fact, text)
+    return text
+
+
+def round_trip(config: BGPConfig) -> BGPConfig:
+    document = config_to_document(config)
+    return config_from_spec(document["metadata"]["name"], document["spec"])
+
+
+# --------------------------------------------------------------------------------------------
+# Communities: standard (RFC 1997) and large (RFC 8092)
+
+def test_large_communities_carry_32_bit_parts_to_external_peers_only():
+    config = config_from_spec("default", {"asNumber": 4200000000, "communities": [
+        "64512:100", "4200000000:1:2", "4294967295:4294967295:0"]})
+    assert config.communities == ((64512, 100),)
+    assert config.large_communities == ((4200000000, 1, 2), (4294967295, 4294967295, 0))
+    assert round_trip(config) == config
+    prefix = IPv4Network("10.244.0.0/26")
+    exports = policy.announcements([prefix], [MESH, TOR], config)
+    assert exports[MESH.address][prefix].large_communities == ()
+    sent = exports[TOR.address][prefix]
+    assert sent.large_communities == config.large_communities
+    [(line, _)] = announce_commands(TOR.address, [sent])
+    assert "community [ 64512:100 ]" in line
+    assert "large-community [ 4200000000:1:2 4294967295:4294967295:0 ]" in line
+
+
+@pytest.mark.parametrize("community", [
+    "65536:1", "1:65536", "4294967296:1:1", "1:1:4294967296", "1", "1:2:3:4", "a:b", "1::2",
+    ":1", 64512, "-1:5",
+])
+def test_a_community_out_of_range_or_malformed_is_one_sentence(community):
+    refused({"communities": [community]}, repr(community), "0-65535", "0-4294967295")
+
+
+# --------------------------------------------------------------------------------------------
+# AS numbers: a number, a quoted number, or asdot, on every kind that holds one
+
+@pytest.mark.parametrize("written, number", [
+    (65001, 65001), ("65001", 65001), ("1.10", 65546), ("0.65001", 65001),
+    ("4200000000", 4200000000), ("65535.65534", 4294967294), (" 1.0 ", 65536),
+])
+def test_as_numbers_in_every_form_calico_reads(written, number):
+    from bgp_agent.bgp_peer import peer_from_spec
+    from bgp_agent.node import node_from_document
+    assert config_from_spec("default", {"asNumber": written}).as_number == number
+    assert peer_from_spec("tor", {"peerIP": "10.0.0.9", "asNumber": written}).as_number == number
+    record = node_from_document({"apiVersion": "pipit.dev/v1", "kind": "Node",
+                                 "metadata": {"name": "n1"},
+                                 "spec": {"bgp": {"asNumber": written}}})
+    assert record.as_number == number
+    # stored and shown as the number
+    assert config_to_document(config_from_spec("default", {"asNumber": written})
+                              )["spec"]["asNumber"] == number
+
+
+@pytest.mark.parametrize("written, facts", [
+    ("1.65536", ["'1.65536' is not an AS number"]), ("1.2.3", ["'1.2.3'"]),
+    ("AS64512", ["'AS64512'"]), (1.5, ["1.5"]), (False, ["False"]), ("", ["''"]),
+    ("9" * 5000, ["is not an AS number"]), ("4294967295", ["4294967295", "1-4294967294"]),
+    ("0.23456", ["AS_TRANS"]),
+])
+def test_an_as_number_that_is_none_is_one_sentence(written, facts):
+    refused({"asNumber": written}, *facts)
+
+
+def test_the_agent_takes_asdot_too():
+    from argparse import Namespace
+    from bgp_agent.agent import node_identity
+    args = Namespace(node="n1", ip="10.0.0.11/24", ip_autodetection_method=None,
+                     as_number="1.10", labels="")
+    assert node_identity(args).as_number == 65546
+    with pytest.raises(InvalidResource, match=r"--as: the AS number '1\.x' is not an AS number"):
+        node_identity(Namespace(**{**vars(args), "as_number": "1.x"}))
+
+
+# --------------------------------------------------------------------------------------------
+# Times: whole seconds, or durations as Calico writes them
+
+@pytest.mark.parametrize("written, seconds", [
+    (90, 90), ("90s", 90), ("2m", 120), ("1m30s", 90), ("0", 0), ("0s", 0), ("1h", 3600),
+    ("1500ms", None), ("4095s", 4095), (".5m", 30),
+])
+def test_times_take_seconds_or_durations(written, seconds):
+    from bgp_agent.bgp_peer import peer_from_spec
+    fields = {"nodeMeshMaxRestartTime": written}
+    if seconds is None:  # not whole seconds
+        refused(fields, "nodeMeshMaxRestartTime '1500ms' is not a whole number of seconds")
+        return
+    assert config_from_spec("default", fields).node_mesh_restart_time == seconds
+    if seconds == 0 or seconds >= 3:
+        assert config_from_spec("default", {"nodeMeshHoldTime": written}
+                                ).node_mesh_hold_time == seconds
+        peer = peer_from_spec("tor", {"peerIP": "10.0.0.9", "asNumber": 65001,
+                                      "holdTime": written, "maxRestartTime": written})
+        assert (peer.hold_time, peer.restart_time) == (seconds, seconds)
+
+
+@pytest.mark.parametrize("written, facts", [
+    ("90", ["'90'", "whole seconds or a duration such as '90s'"]), ("-5s", ["'-5s'"]),
+    ("5 s", ["'5 s'"]), ("1d", ["'1d'"]), (1.5, ["1.5"]), (True, ["True"]),
+    ("1.5s", ["not a whole number of seconds"]), ("2h", ["7200", "0-4095"]),
+])
+def test_a_time_that_is_none_is_one_sentence(written, facts):
+    refused({"nodeMeshMaxRestartTime": written}, *facts)
+
+
+# --------------------------------------------------------------------------------------------
+# Mesh settings without a mesh
+
+def test_mesh_settings_while_the_mesh_is_off_are_refused_on_input_only():
+    from bgp_agent.bgp_config import check_config_input
+    for field in ("nodeMeshMaxRestartTime", "nodeMeshHoldTime"):
+        spec = {"nodeToNodeMeshEnabled": False, field: "60s"}
+        with pytest.raises(InvalidResource, match=f"{field} cannot be set when "
+                                                  "nodeToNodeMeshEnabled is false"):
+            check_config_input(spec)
+        # an agent still reads such a stored configuration (an older pipitctl wrote them)
+        assert config_from_spec("default", spec).node_to_node_mesh is False
+    check_config_input({"nodeToNodeMeshEnabled": True, "nodeMeshMaxRestartTime": 60})
+    check_config_input({"nodeMeshMaxRestartTime": 60})
+    # what pipitctl writes and shows passes its own rule
+    off = config_from_spec("default", {"nodeToNodeMeshEnabled": False})
+    document = config_to_document(off)
+    check_config_input(document["spec"])
+    assert round_trip(off) == off
