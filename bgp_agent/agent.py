@@ -21,7 +21,13 @@ from pathlib import Path
 
 from bgp_agent.bgp_config import parse_as_number
 from bgp_agent.model import DEFAULT_AS
-from bgp_agent.node import NodeRecord, detect_address, parse_explicit_address, register
+from bgp_agent.node import (
+    NodeRecord,
+    detect_address,
+    parse_cluster_id,
+    parse_explicit_address,
+    register,
+)
 from bgp_agent.status import DEFAULT_STATUS_SOCKET, StatusServer
 from ipam.allocator import IPAM
 from ipam.errors import InvalidResource, PipitError
@@ -48,6 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--as", dest="as_number", metavar="N",
                         help="This node's AS number, such as 65001 or asdot 1.10 (default: "
                              f"the cluster's, {DEFAULT_AS}).")
+    parser.add_argument("--route-reflector-cluster-id", metavar="ID",
+                        help="Make this node a route reflector of this cluster id, e.g. "
+                             "244.0.0.1 (default: as its node record says; Calico's "
+                             "routeReflectorClusterID).")
     parser.add_argument("--labels", default="", metavar="K=V,...",
                         help="Labels for this node's record (pools and peers select on them).")
     parser.add_argument("--exabgp", choices=["spawn", "sidecar"], default="spawn",
@@ -99,7 +109,11 @@ def node_identity(args: argparse.Namespace) -> NodeRecord:
                else detect_address(args.ip_autodetection_method))
     as_number = None if args.as_number is None else parse_as_number(args.as_number, "--as",
                                                                         "the AS number")
-    return NodeRecord(args.node, address, as_number, parse_labels(args.labels))
+    cluster_id = (parse_cluster_id(args.route_reflector_cluster_id,
+                                   "--route-reflector-cluster-id")
+                  if args.route_reflector_cluster_id else None)
+    return NodeRecord(args.node, address, as_number, parse_labels(args.labels),
+                      route_reflector_cluster_id=cluster_id)
 
 
 async def run(args: argparse.Namespace) -> None:

@@ -24,6 +24,9 @@ class Neighbor:
     local_as: int
     kind: str = "mesh"  # mesh | global | node | reflector (how the peer was chosen)
     name: str = ""  # the node name or BGPPeer resource behind it
+    # this node is a route reflector and the peer is its client (routes from clients go to
+    # every peer, routes from non-clients to clients only; RFC 4456)
+    rr_client: bool = False
     hold_time: int = DEFAULT_HOLD_TIME
     password: str | None = None  # TCP MD5
     restart_time: int = DEFAULT_RESTART_TIME  # graceful restart; 0 disables it

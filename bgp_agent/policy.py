@@ -25,19 +25,67 @@ def local_as(me: NodeRecord, config: BGPConfig) -> int:
     return me.as_number or config.as_number
 
 
+def is_reflector(node: NodeRecord) -> bool:
+    return node.route_reflector_cluster_id is not None
+
+
+def _other_nodes(me: NodeRecord, nodes: Iterable[NodeRecord]) -> list[NodeRecord]:
+    return [n for n in nodes if n.name != me.name and n.address is not None
+            and n.address.ip != me.address.ip]
+
+
+def node_neighbor(me: NodeRecord, other: NodeRecord, config: BGPConfig, kind: str,
+                  peer: BGPPeer | None = None, password: str | None = None) -> Neighbor:
+    """A session between two nodes. Calico's rule for reflectors: when this node is one, a
+    same-AS peer whose cluster id is empty or another is its client, the same id a
+    non-client (a fellow reflector of the cluster)."""
+    my_as, their_as = local_as(me, config), local_as(other, config)
+    cluster = me.route_reflector_cluster_id
+    times = ((peer.hold_time, peer.restart_time) if peer is not None
+             else (config.node_mesh_hold_time, config.node_mesh_restart_time))
+    limits = {} if peer is None else dict(
+        max_prefixes=peer.max_prefixes, allow_pool_prefixes=peer.allow_pool_prefixes,
+        allowed_local_as=peer.allowed_local_as)
+    return Neighbor(address=other.address.ip, peer_as=their_as, local_address=me.address.ip,
+                    local_as=my_as, kind=kind, name=other.name, hold_time=times[0],
+                    restart_time=times[1], password=password, listen_port=config.listen_port,
+                    peer_port=config.listen_port,
+                    rr_client=(cluster is not None and my_as == their_as
+                               and other.route_reflector_cluster_id != cluster),
+                    **limits)
+
+
 def mesh_neighbors(me: NodeRecord, nodes: Iterable[NodeRecord],
                    config: BGPConfig) -> list[Neighbor]:
-    """A session to every other registered node with an address (full iBGP mesh)."""
-    if not config.node_to_node_mesh or me.address is None:
+    """A session to every other registered node with an address (full iBGP mesh). Route
+    reflectors take no part in it."""
+    if not config.node_to_node_mesh or me.address is None or is_reflector(me):
         return []
-    return sorted((Neighbor(address=n.address.ip, peer_as=local_as(n, config),
-                            local_address=me.address.ip, local_as=local_as(me, config),
-                            kind="mesh", name=n.name, hold_time=config.node_mesh_hold_time,
-                            restart_time=config.node_mesh_restart_time,
-                            listen_port=config.listen_port, peer_port=config.listen_port)
-                   for n in nodes if n.name != me.name and n.address is not None
-                   and n.address.ip != me.address.ip),
-                  key=lambda n: n.address)
+    return sorted((node_neighbor(me, n, config, "mesh") for n in _other_nodes(me, nodes)
+                   if not is_reflector(n)), key=lambda n: n.address)
+
+
+def reflector_neighbors(me: NodeRecord, nodes: Iterable[NodeRecord], config: BGPConfig,
+                        peers: Iterable[BGPPeer]) -> list[tuple[NodeRecord, BGPPeer | None]]:
+    """The nodes this node peers with outside the mesh, each with the BGPPeer behind it:
+    the reflectors of its own cluster id (they mesh among themselves), then, for every
+    BGPPeer with a peerSelector in order, the nodes it selects when it applies to this node,
+    and with reversePeering Auto the nodes it applies to when it selects this node. The first
+    reason to peer with a node wins."""
+    others = _other_nodes(me, nodes)
+    found: dict[str, tuple[NodeRecord, BGPPeer | None]] = {}
+    if is_reflector(me):
+        for other in others:
+            if other.route_reflector_cluster_id == me.route_reflector_cluster_id:
+                found.setdefault(other.name, (other, None))
+    for peer in sorted((p for p in peers if p.peer_selector is not None),
+                       key=lambda p: (p.rank, p.name)):
+        forward = peer.applies_to(me)
+        backward = peer.reverse_peering == "Auto" and peer.selects_peer(me)
+        for other in others:
+            if (forward and peer.selects_peer(other)) or (backward and peer.applies_to(other)):
+                found.setdefault(other.name, (other, peer))
+    return sorted(found.values(), key=lambda pair: pair[0].address.ip)
 
 
 @dataclass(frozen=True)
@@ -59,16 +107,19 @@ class Selection:
 def select_neighbors(me: NodeRecord, nodes: Iterable[NodeRecord], config: BGPConfig,
                      peers: Iterable[BGPPeer],
                      password: Callable[[PasswordRef], str]) -> Selection:
-    """This node's sessions: the mesh (if on), every global BGPPeer and every BGPPeer whose
-    node or nodeSelector picks this node. A BGPPeer wins over a mesh session to the same
-    address; between BGPPeers for one address the most specific wins (node, then selector,
-    then global), then the first name. `password` reads a password reference and raises
-    PasswordUnavailable; a peer whose password cannot be read is skipped, never configured
-    without it."""
+    """This node's sessions: the mesh (if on, and this node no route reflector), every
+    global BGPPeer and every BGPPeer whose node or nodeSelector picks this node, and the
+    sessions between nodes (reflector_neighbors). A BGPPeer with a peerIP wins over a
+    session between nodes to the same address, and that over the mesh; between BGPPeers for
+    one address the most specific wins (node, then selector, then global), then the first
+    name. `password` reads a password reference and raises PasswordUnavailable; a peer
+    whose password cannot be read is skipped, never configured without it."""
     selection = Selection()
     if me.address is None:
         return selection
-    mine = sorted((p for p in peers if p.applies_to(me)), key=lambda p: (p.rank, p.name))
+    peers = list(peers)
+    mine = sorted((p for p in peers if p.applies_to(me) and p.peer_ip is not None),
+                  key=lambda p: (p.rank, p.name))
     chosen: dict[IPv4Address, BGPPeer] = {}
     for peer in mine:
         kind = peer.scope
@@ -97,13 +148,32 @@ def select_neighbors(me: NodeRecord, nodes: Iterable[NodeRecord], config: BGPCon
             max_prefixes=peer.max_prefixes, allow_pool_prefixes=peer.allow_pool_prefixes,
             allowed_local_as=peer.allowed_local_as,
             keep_original_next_hop=peer.keep_original_next_hop))
+    nodes = list(nodes)
+    between_nodes: list[Neighbor] = []
+    for other, peer in reflector_neighbors(me, nodes, config, peers):
+        address = other.address.ip
+        if address in chosen:
+            selection.skipped.append(Skipped(
+                other.name, address, "reflector", local_as(other, config),
+                f"node {other.name} is peered through BGPPeer {chosen[address].name!r} instead"))
+            continue
+        try:
+            secret = password(peer.password) if peer and peer.password else None
+        except PasswordUnavailable as error:
+            selection.skipped.append(Skipped(other.name, address, "reflector",
+                                             local_as(other, config), str(error)))
+            chosen[address] = peer
+            continue
+        between_nodes.append(node_neighbor(me, other, config, "reflector", peer, secret))
+    taken = set(chosen) | {n.address for n in between_nodes}
+    selection.neighbors += between_nodes
     for neighbor in mesh_neighbors(me, nodes, config):
         if neighbor.address in chosen:
             selection.skipped.append(Skipped(
                 neighbor.name, neighbor.address, "mesh", neighbor.peer_as,
                 f"node {neighbor.name} is peered through BGPPeer "
                 f"{chosen[neighbor.address].name!r} instead"))
-        else:
+        elif neighbor.address not in taken:
             selection.neighbors.append(neighbor)
     selection.neighbors.sort(key=lambda n: n.address)
     return selection

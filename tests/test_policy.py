@@ -129,7 +129,9 @@ def test_exports_own_blocks_and_borrowed_addresses_with_communities_for_external
 # --------------------------------------------------------------------------------------------
 # Sessions: the mesh, BGPPeers, and which one wins
 
-def peer(name: str, address: str, as_number: int = 65101, **spec) -> BGPPeer:
+def peer(name: str, address: str | None, as_number: int = 65101, **spec) -> BGPPeer:
+    if address is None:  # a peerSelector peer: no address, no AS
+        return peer_from_spec(name, spec)
     return peer_from_spec(name, {"peerIP": address, "asNumber": as_number, **spec})
 
 
@@ -138,7 +140,7 @@ def no_password(ref):
 
 
 def test_peers_are_the_mesh_global_peers_and_the_ones_picking_this_node():
-    me = NodeRecord("a", IPv4Interface("10.0.0.1/24"), 65001, {"rack": "r1"})
+    me = NodeRecord("a", IPv4Interface("10.0.0.1/24"), 65001, labels={"rack": "r1"})
     nodes = [me, node("b", "10.0.0.2/24"), node("c", "10.0.0.3/24")]
     peers = [peer("tor", "10.0.0.254", holdTime=9, maxPrefixes=50, allowPoolPrefixes=True,
                   numAllowedLocalASNumbers=1),
@@ -222,3 +224,98 @@ def test_md5_counters_say_why_a_session_does_not_come_up():
     assert "no password is set here" in md5_diagnosis(
         False, {**nothing, "TCPMD5Unexpected": 2})
     assert md5_diagnosis(False, {**nothing, "TCPMD5Failure": 5}) == ""
+
+
+# --------------------------------------------------------------------------------------------
+# Route reflectors (Calico's model): who peers with whom, and as what
+
+RR = IPv4Address("244.0.0.1")
+
+
+def reflector(name: str, address: str, cluster=RR, **labels) -> NodeRecord:
+    return NodeRecord(name, IPv4Interface(address), route_reflector_cluster_id=cluster,
+                      labels={"route-reflector": "true", **labels})
+
+
+CLUSTER = [node("a", "10.0.0.1/24"), node("b", "10.0.0.2/24"), node("c", "10.0.0.3/24", 65010),
+           reflector("rr1", "10.0.0.11/24"), reflector("rr2", "10.0.0.12/24"),
+           reflector("rr3", "10.0.0.13/24", IPv4Address("244.0.0.2"))]
+TO_REFLECTORS = peer("to-rr", None, peerSelector="route-reflector == 'true'",
+                     nodeSelector="all()")
+
+
+def sessions(name: str, peers=(), mesh=True) -> dict[str, tuple[str, bool]]:
+    me = next(n for n in CLUSTER if n.name == name)
+    selection = policy.select_neighbors(me, CLUSTER, BGPConfig(node_to_node_mesh=mesh),
+                                        list(peers), lambda ref: "")
+    return {n.name: (n.kind, n.rr_client) for n in selection.neighbors}
+
+
+def test_reflectors_join_no_mesh_and_mesh_among_their_cluster():
+    # the mesh skips reflectors; reflectors of one cluster id peer as non-clients
+    assert sessions("a") == {"b": ("mesh", False), "c": ("mesh", False)}
+    assert sessions("rr1") == {"rr2": ("reflector", False)}
+    assert sessions("rr3") == {}
+    assert sessions("a", mesh=False) == {}
+
+
+def test_a_peer_selector_peers_every_node_with_every_reflector_both_ways():
+    assert sessions("a", [TO_REFLECTORS], mesh=False) == {
+        "rr1": ("reflector", False), "rr2": ("reflector", False), "rr3": ("reflector", False)}
+    # reversePeering Auto: the reflector side comes from the same resource; a node of the
+    # same AS with no cluster id, or another one, is a client; another AS is no client
+    assert sessions("rr1", [TO_REFLECTORS], mesh=False) == {
+        "a": ("reflector", True), "b": ("reflector", True), "c": ("reflector", False),
+        "rr2": ("reflector", False), "rr3": ("reflector", True)}
+    manual = peer("to-rr", None, peerSelector="route-reflector == 'true'",
+                  nodeSelector="!has(route-reflector)", reversePeering="Manual")
+    assert sessions("rr1", [manual], mesh=False) == {"rr2": ("reflector", False)}
+    assert sessions("b", [manual], mesh=False) == {
+        "rr1": ("reflector", False), "rr2": ("reflector", False), "rr3": ("reflector", False)}
+
+
+def test_mesh_and_reflectors_coexist_during_a_migration():
+    assert sessions("a", [TO_REFLECTORS]) == {
+        "b": ("mesh", False), "c": ("mesh", False), "rr1": ("reflector", False),
+        "rr2": ("reflector", False), "rr3": ("reflector", False)}
+
+
+def test_a_peer_ip_wins_over_a_session_between_nodes():
+    explicit = peer("rr1-explicit", "10.0.0.11", 64512, nodeSelector="all()")
+    me = CLUSTER[0]
+    selection = policy.select_neighbors(me, CLUSTER, BGPConfig(node_to_node_mesh=False),
+                                        [TO_REFLECTORS, explicit], lambda ref: "")
+    [rr1] = [n for n in selection.neighbors if n.address == IPv4Address("10.0.0.11")]
+    assert (rr1.kind, rr1.name) == ("node", "rr1-explicit")
+    assert [s.reason for s in selection.skipped] == [
+        "node rr1 is peered through BGPPeer 'rr1-explicit' instead"]
+
+
+def test_peer_selector_refusals():
+    import pytest
+    from ipam.errors import InvalidResource
+    for spec, fact in (
+            ({"peerSelector": "all()", "peerIP": "10.0.0.9"}, "either peerIP or peerSelector"),
+            ({"peerSelector": "all()", "asNumber": 64512}, "asNumber goes with peerIP"),
+            ({"peerSelector": "rack ==="}, "peerSelector"),
+            ({"peerSelector": "all()", "reversePeering": "Sometimes"}, "Auto or Manual"),
+            ({"peerIP": "10.0.0.9", "asNumber": 1, "reversePeering": "Auto"}, "peerSelector")):
+        with pytest.raises(InvalidResource, match=fact):
+            peer_from_spec("p", spec)
+    from bgp_agent.bgp_peer import check_peer
+    itself = peer_from_spec("self", {"node": "rr1", "peerSelector": "route-reflector == 'x'"})
+    with pytest.raises(InvalidResource, match="pick only node rr1, which cannot peer with "
+                                              "itself"):
+        check_peer(itself, [], [replace(CLUSTER[3], labels={"route-reflector": "x"})])
+
+
+def test_a_cluster_id_is_an_ipv4_address():
+    import pytest
+    from bgp_agent.node import node_from_document, node_to_document, parse_cluster_id
+    from ipam.errors import InvalidResource
+    assert parse_cluster_id("244.0.0.1", "x") == RR
+    for bad in ("244.0.0", "1", "not-an-id", "::1", 7):
+        with pytest.raises(InvalidResource, match="routeReflectorClusterID"):
+            parse_cluster_id(bad, "x")
+    stored = node_from_document(node_to_document(CLUSTER[3]))
+    assert stored.route_reflector_cluster_id == RR
