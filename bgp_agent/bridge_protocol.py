@@ -29,8 +29,10 @@ and the answers and notices:
     {"type": "exabgp-shutdown"}
 
 Agent to bridge (executed one at a time, in order; each answered by done/error with its id):
-    {"id": N, "op": "announce", "neighbor": A, "routes": [Announcement...]}
-    {"id": N, "op": "withdraw", "neighbor": A, "prefixes": [prefix...]}
+    {"id": N, "op": "announce", "neighbors": [A...], "routes": [Announcement...]}
+    {"id": N, "op": "withdraw", "neighbors": [A...], "prefixes": [prefix...]}
+        the same routes to (or from) every neighbour listed, in one ExaBGP command per
+        attribute set (a reflector's fan-out)
     {"id": N, "op": "eor", "neighbor": A}            send End-of-RIB (ExaBGP runs manual-eor)
     {"id": N, "op": "clear", "neighbor": A}          withdraw everything sent to one neighbour
     {"id": N, "op": "reload", "digest": D, "neighbors": [A...], "timeout": 30}
@@ -57,7 +59,7 @@ from bgp_agent.model import Announcement, Path, PeerState
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = 1
+PROTOCOL = 2  # 2: announce/withdraw to several neighbours, the eor op, peer notification
 CHUNK = 1000  # routes per snapshot message
 LINE_LIMIT = 64 * 2**20  # longest line either side accepts
 

@@ -26,7 +26,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network
 
@@ -80,27 +80,34 @@ def _attributes(route: Announcement) -> str:
     return " ".join(words)
 
 
-def announce_commands(neighbor: IPv4Address, routes: Iterable[Announcement], batch: int = BATCH
-                      ) -> list[tuple[str, list[Announcement]]]:
-    """One `announce attributes ... nlri P1 P2 ...` line per attribute set and batch (one line
-    per prefix is ten times slower in ExaBGP)."""
+def _selector(neighbors: Sequence[IPv4Address]) -> str:
+    """ExaBGP's prefix of a command for one or several neighbours."""
+    return " , ".join(f"neighbor {n}" for n in neighbors)
+
+
+def announce_commands(neighbors: Sequence[IPv4Address], routes: Iterable[Announcement],
+                      batch: int = BATCH) -> list[tuple[str, list[Announcement]]]:
+    """One `announce attributes ... nlri P1 P2 ...` line per attribute set and batch, for all
+    `neighbors` at once (one line per prefix, or per neighbour, is many times slower in
+    ExaBGP)."""
     groups: dict[str, list[Announcement]] = {}
     for route in routes:
         groups.setdefault(_attributes(route), []).append(route)
     commands = []
+    target = _selector(neighbors)
     for attributes, group in groups.items():
         for i in range(0, len(group), batch):
             part = group[i:i + batch]
             nlri = " ".join(str(r.prefix) for r in part)
-            commands.append((f"neighbor {neighbor} announce attributes {attributes} nlri {nlri}",
-                             part))
+            commands.append((f"{target} announce attributes {attributes} nlri {nlri}", part))
     return commands
 
 
-def withdraw_commands(neighbor: IPv4Address, prefixes: Iterable[IPv4Network], batch: int = BATCH
-                      ) -> list[tuple[str, list[IPv4Network]]]:
+def withdraw_commands(neighbors: Sequence[IPv4Address], prefixes: Iterable[IPv4Network],
+                      batch: int = BATCH) -> list[tuple[str, list[IPv4Network]]]:
     prefixes = list(prefixes)
-    return [(f"neighbor {neighbor} withdraw attributes nlri "
+    target = _selector(neighbors)
+    return [(f"{target} withdraw attributes nlri "
              + " ".join(str(p) for p in prefixes[i:i + batch]), prefixes[i:i + batch])
             for i in range(0, len(prefixes), batch)]
 
@@ -479,15 +486,15 @@ class Bridge:
     async def _execute(self, request: dict) -> list[str]:
         op = request["op"]
         if op == "announce":
-            neighbor = IPv4Address(request["neighbor"])
+            neighbors = [IPv4Address(a) for a in request["neighbors"]]
             routes = [announcement_from_json(r) for r in request["routes"]]
-            return await self._each(announce_commands(neighbor, routes),
-                                    lambda part: self.state.record_announced(neighbor, part))
+            return await self._each(announce_commands(neighbors, routes), lambda part: [
+                self.state.record_announced(n, part) for n in neighbors])
         if op == "withdraw":
-            neighbor = IPv4Address(request["neighbor"])
+            neighbors = [IPv4Address(a) for a in request["neighbors"]]
             prefixes = [IPv4Network(p) for p in request["prefixes"]]
-            return await self._each(withdraw_commands(neighbor, prefixes),
-                                    lambda part: self.state.record_withdrawn(neighbor, part))
+            return await self._each(withdraw_commands(neighbors, prefixes), lambda part: [
+                self.state.record_withdrawn(n, part) for n in neighbors])
         if op == "eor":
             return await self.command(end_of_rib_command(IPv4Address(request["neighbor"])))
         if op == "clear":
@@ -514,7 +521,8 @@ class Bridge:
             except CommandFailed as error:
                 errors.append(str(error))
                 continue
-            self._send_agent(record(part))
+            for message in record(part):
+                self._send_agent(message)
         if errors:
             raise CommandFailed(f"{len(errors)} of {len(commands)} commands failed: "
                                 + "; ".join(errors[:3]))

@@ -113,5 +113,12 @@ class Speaker(Protocol):
 
     async def withdraw(self, neighbor: IPv4Address, prefixes: Sequence[IPv4Network]) -> None: ...
 
+    async def announce_to(self, neighbors: Sequence[IPv4Address],
+                          routes: Sequence[Announcement]) -> None:
+        """announce() to several neighbours at once (a reflector's fan-out)."""
+
+    async def withdraw_from(self, neighbors: Sequence[IPv4Address],
+                            prefixes: Sequence[IPv4Network]) -> None: ...
+
     async def send_end_of_rib(self, neighbor: IPv4Address) -> None:
         """Tell the neighbour our table is complete (after a session comes up)."""

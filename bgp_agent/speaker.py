@@ -215,6 +215,11 @@ class ExaBGPSpeaker:
         if kind == "hello":
             self.exabgp_pid = message.get("exabgp_pid")
             self._bridge_digest = message.get("digest")
+            if message.get("protocol") != bridge_protocol.PROTOCOL:
+                log.error("ExaBGP's bridge speaks protocol %s, this agent %d (an ExaBGP left "
+                          "running by an older Pipit?); restart ExaBGP (its sessions go "
+                          "through graceful restart)", message.get("protocol"),
+                          bridge_protocol.PROTOCOL)
             return
         if kind == "snapshot-begin":
             self._staging = RouteTables()
@@ -326,16 +331,26 @@ class ExaBGPSpeaker:
         """Send `routes` to one neighbour, replacing what was sent before for those prefixes.
         Returns once ExaBGP has them in its Adj-RIB-Out (sent now, or when the session comes
         up, and again after a session reset); `announced` is updated by then."""
-        routes = list(routes)
-        await self._requests([
-            ("announce", {"neighbor": str(neighbor),
-                          "routes": [announcement_to_json(r) for r in routes[i:i + REQUEST_ROUTES]]})
-            for i in range(0, len(routes), REQUEST_ROUTES)])
+        await self.announce_to([neighbor], routes)
 
     async def withdraw(self, neighbor: IPv4Address, prefixes: Sequence[IPv4Network]) -> None:
-        prefixes = [str(p) for p in prefixes]
+        await self.withdraw_from([neighbor], prefixes)
+
+    async def announce_to(self, neighbors: Sequence[IPv4Address],
+                          routes: Sequence[Announcement]) -> None:
+        """announce() to several neighbours at once: one ExaBGP command per attribute set
+        for all of them (a reflector's fan-out)."""
+        routes, targets = list(routes), [str(n) for n in neighbors]
         await self._requests([
-            ("withdraw", {"neighbor": str(neighbor), "prefixes": prefixes[i:i + REQUEST_ROUTES]})
+            ("announce", {"neighbors": targets, "routes": [
+                announcement_to_json(r) for r in routes[i:i + REQUEST_ROUTES]]})
+            for i in range(0, len(routes), REQUEST_ROUTES)])
+
+    async def withdraw_from(self, neighbors: Sequence[IPv4Address],
+                            prefixes: Sequence[IPv4Network]) -> None:
+        prefixes, targets = [str(p) for p in prefixes], [str(n) for n in neighbors]
+        await self._requests([
+            ("withdraw", {"neighbors": targets, "prefixes": prefixes[i:i + REQUEST_ROUTES]})
             for i in range(0, len(prefixes), REQUEST_ROUTES)])
 
     async def send_end_of_rib(self, neighbor: IPv4Address) -> None:

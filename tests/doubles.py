@@ -97,6 +97,16 @@ class MemorySpeaker:
         for prefix in prefixes:
             self.announced.get(neighbor, {}).pop(prefix, None)
 
+    async def announce_to(self, neighbors: Sequence[IPv4Address],
+                          routes: Sequence[Announcement]) -> None:
+        for neighbor in neighbors:
+            await self.announce(neighbor, routes)
+
+    async def withdraw_from(self, neighbors: Sequence[IPv4Address],
+                            prefixes: Sequence[IPv4Network]) -> None:
+        for neighbor in neighbors:
+            await self.withdraw(neighbor, prefixes)
+
     async def send_end_of_rib(self, neighbor: IPv4Address) -> None:
         self.end_of_rib_sent.append(neighbor)
 

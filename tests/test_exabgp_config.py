@@ -160,7 +160,7 @@ def test_announcements_are_batched_per_attribute_set():
     tagged = Announcement(N("10.9.0.0/26"), next_hop=A("10.0.0.9"), communities=((64512, 100),),
                           as_path=(64512, 65010), local_pref=200, med=5,
                           originator_id=A("10.9.9.9"), cluster_list=(A("10.0.0.1"),))
-    commands = announce_commands(A("10.0.0.2"), [*plain, tagged], batch=1000)
+    commands = announce_commands([A("10.0.0.2")], [*plain, tagged], batch=1000)
     assert [len(part) for _, part in commands] == [1000, 1000, 500, 1]
     line, part = commands[0]
     assert line.startswith("neighbor 10.0.0.2 announce attributes next-hop self nlri 10.1.0.0/26 ")
@@ -173,10 +173,19 @@ def test_announcements_are_batched_per_attribute_set():
 
 def test_withdrawals_are_batched():
     prefixes = [N(f"10.1.{i}.0/24") for i in range(3)]
-    assert withdraw_commands(A("10.0.0.2"), prefixes, batch=2) == [
+    assert withdraw_commands([A("10.0.0.2")], prefixes, batch=2) == [
         ("neighbor 10.0.0.2 withdraw attributes nlri 10.1.0.0/24 10.1.1.0/24", prefixes[:2]),
         ("neighbor 10.0.0.2 withdraw attributes nlri 10.1.2.0/24", prefixes[2:]),
     ]
+
+
+def test_one_command_reaches_several_neighbours():
+    [(line, _)] = announce_commands([A("10.0.0.2"), A("10.0.0.3")], [Announcement(N(
+        "10.1.0.0/26"), next_hop=A("10.0.0.9"))])
+    assert line == ("neighbor 10.0.0.2 , neighbor 10.0.0.3 announce attributes next-hop "
+                    "10.0.0.9 nlri 10.1.0.0/26")
+    [(line, _)] = withdraw_commands([A("10.0.0.2"), A("10.0.0.3")], [N("10.1.0.0/26")])
+    assert line == "neighbor 10.0.0.2 , neighbor 10.0.0.3 withdraw attributes nlri 10.1.0.0/26"
 
 
 def test_configured_neighbours_are_read_from_show_neighbor_configuration():

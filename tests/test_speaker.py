@@ -563,7 +563,7 @@ def test_bridge_survives_bad_input_and_the_agent_coming_and_going(tmp_path):
         assert routes == 5000
 
         writer.write(b"garbage\n[1, 2]\n" + json.dumps({"id": 1, "op": "nonsense"}).encode()
-                     + b"\n" + json.dumps({"id": 2, "op": "announce", "neighbor": "10.0.0.2",
+                     + b"\n" + json.dumps({"id": 2, "op": "announce", "neighbors": ["10.0.0.2"],
                                            "routes": [{"prefix": "10.9.0.0/26"}]}).encode() + b"\n")
         await writer.drain()
         assert (await receive(reader, "error"))[-1]["id"] == 1
@@ -573,7 +573,7 @@ def test_bridge_survives_bad_input_and_the_agent_coming_and_going(tmp_path):
         reply = (await receive(reader, "error"))[-1]
         assert reply["id"] == 2 and "ExaBGP refused" in reply["message"]
 
-        writer.write(json.dumps({"id": 3, "op": "announce", "neighbor": "10.0.0.2",
+        writer.write(json.dumps({"id": 3, "op": "announce", "neighbors": ["10.0.0.2"],
                                  "routes": [{"prefix": "10.9.0.0/26"}]}).encode() + b"\n")
         await writer.drain()
         assert "announce attributes" in exabgp.command()
@@ -656,7 +656,7 @@ def test_bridge_retires_once_the_withdrawals_were_sent(tmp_path):
         snapshot = await receive(reader, "snapshot-end")
         if not any(m["type"] == "peer" for m in snapshot):
             await receive(reader, "peer")
-        request(writer, id=1, op="announce", neighbor="10.0.0.2",
+        request(writer, id=1, op="announce", neighbors=["10.0.0.2"],
                 routes=[{"prefix": "10.9.0.0/26"}, {"prefix": "10.9.0.64/26"}])
         exabgp.command()
         exabgp.send("done")
