@@ -38,7 +38,8 @@ Agent to bridge (executed one at a time, in order; each answered by done/error w
     {"id": N, "op": "reload", "digest": D, "neighbors": [A...], "timeout": 30}
         reload ExaBGP's configuration and answer only once ExaBGP shows it applied
     {"id": N, "op": "retire", "timeout": 30}
-        withdraw everything from every neighbour and answer once the withdrawals left
+        withdraw this node's own routes (next hop self) from every neighbour and answer once
+        the withdrawals left; what it reflects stays
     {"id": N, "op": "command", "line": "show neighbor summary"}     raw, output in the reply
 A Path / Announcement is the model's dataclass as an object, empty and None fields left out.
 An error reply still comes after the announced/withdrawn messages for the lines ExaBGP took.
@@ -113,7 +114,8 @@ def announcement_from_json(d: dict) -> Announcement:
         local_pref=d.get("local_pref"), med=d.get("med"),
         originator_id=_address(d.get("originator_id")),
         cluster_list=tuple(IPv4Address(a) for a in d.get("cluster_list", ())),
-        large_communities=tuple(map(tuple, d.get("large_communities", ()))))
+        large_communities=tuple(map(tuple, d.get("large_communities", ()))),
+        origin=d.get("origin", "igp"))
 
 
 def peer_to_json(peer: PeerState) -> dict:

@@ -62,6 +62,8 @@ NOTIFICATION = re.compile(r"notification (sent|received) \(\d+,\d+\)")
 
 def _attributes(route: Announcement) -> str:
     words = [f"next-hop {route.next_hop or 'self'}"]
+    if route.origin != "igp":
+        words.append(f"origin {route.origin}")
     if route.as_path:  # sent verbatim; empty means ExaBGP's default ([local AS] to eBGP)
         words.append(f"as-path [ {' '.join(map(str, route.as_path))} ]")
     if route.local_pref is not None:
@@ -558,19 +560,38 @@ class Bridge:
         return []
 
     async def _retire(self, timeout: float) -> list[str]:
-        """Withdraw everything and wait until the withdrawals were sent: with graceful restart
-        a stopping ExaBGP sends no NOTIFICATION, so peers would keep our routes for minutes."""
-        self.state.retiring = {address: set(self.state.tables.announced.get(address, {}))
-                               for address, peer in self.state.tables.peers.items() if peer.state == "up"}
+        """Withdraw this node's own routes and wait until the withdrawals were sent: with
+        graceful restart a stopping ExaBGP sends no NOTIFICATION, so peers would keep them for
+        minutes. Routes a reflector reflects (next hop not self) stay: its clients keep them
+        through graceful restart while the other reflectors carry them (Calico #9259: a
+        reflector's shutdown withdrawing them cut clusters off)."""
+        tables = self.state.tables
+        own = {address: [p for p, a in table.items() if a.next_hop is None]
+               for address, table in tables.announced.items()}
+        reflects = any(a.next_hop is not None for t in tables.announced.values()
+                       for a in t.values())
+        self.state.retiring = {address: set(own.get(address, ()))
+                               for address, peer in tables.peers.items() if peer.state == "up"}
         self._retired.clear()
         if not any(self.state.retiring.values()):
             self._retired.set()
         self._retire_armed = True
         try:  # armed before the command: withdrawals may leave before ExaBGP's "done"
-            output = await self.command("clear adj-rib out")
-            for neighbor in list(self.state.tables.announced):
-                self._send_agent(self.state.record_withdrawn(
-                    neighbor, list(self.state.tables.announced[neighbor])))
+            if not reflects:  # all of it is ours: one command
+                output = await self.command("clear adj-rib out")
+                for neighbor in list(tables.announced):
+                    self._send_agent(self.state.record_withdrawn(
+                        neighbor, list(tables.announced[neighbor])))
+            else:  # ours only, one command per group of neighbours with the same routes
+                groups: dict[tuple[IPv4Network, ...], list[IPv4Address]] = {}
+                for neighbor, prefixes in own.items():
+                    if prefixes:
+                        groups.setdefault(tuple(sorted(prefixes)), []).append(neighbor)
+                output = []
+                for prefixes, neighbors in groups.items():
+                    output += await self._each(
+                        withdraw_commands(neighbors, prefixes), lambda part, n=neighbors: [
+                            self.state.record_withdrawn(a, part) for a in n])
             try:
                 await asyncio.wait_for(self._retired.wait(), timeout)
             except asyncio.TimeoutError:

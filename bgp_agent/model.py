@@ -66,6 +66,7 @@ class Announcement:
     originator_id: IPv4Address | None = None
     cluster_list: tuple[IPv4Address, ...] = ()
     large_communities: tuple[tuple[int, int, int], ...] = ()  # RFC 8092
+    origin: str = "igp"  # igp | egp | incomplete (a reflected route keeps its own)
 
 
 @dataclass(frozen=True)

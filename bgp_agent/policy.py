@@ -140,9 +140,12 @@ def select_neighbors(me: NodeRecord, nodes: Iterable[NodeRecord], config: BGPCon
             chosen[peer.peer_ip] = peer  # no weaker peer (or the mesh) stands in for it
             continue
         chosen[peer.peer_ip] = peer
+        my_as = local_as(me, config)
         selection.neighbors.append(Neighbor(
             address=peer.peer_ip, peer_as=peer.as_number, local_address=me.address.ip,
-            local_as=local_as(me, config), kind=kind, name=peer.name,
+            local_as=my_as, kind=kind, name=peer.name,
+            # a reflector's same-AS router (a BIRD, an FRR) is its client (Calico's rule)
+            rr_client=is_reflector(me) and peer.as_number == my_as,
             hold_time=peer.hold_time, password=secret, restart_time=peer.restart_time,
             listen_port=config.listen_port, peer_port=peer.peer_port,
             max_prefixes=peer.max_prefixes, allow_pool_prefixes=peer.allow_pool_prefixes,

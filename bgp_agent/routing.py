@@ -24,6 +24,7 @@ from bgp_agent.bgp_peer import PasswordRef, peer_from_document, resolve_password
 from bgp_agent.node_dataplane import NodeDataplane
 from bgp_agent.model import Neighbor, Path, Speaker, SpeakerError
 from bgp_agent.node import NodeRecord, node_from_document
+from bgp_agent.reflection import Reflection, Send, reflected
 from bgp_agent.retention import GracefulRestart
 from bgp_agent.status import MD5Watch, PeerStatus, Status, read_md5_counters
 from ipip.route_table import RouteTable
@@ -109,6 +110,7 @@ class Router:
                          self.affinities, self.blocks)
         self.secrets_dir = secrets_dir
         self.graceful_restart = GracefulRestart(clock)
+        self.reflection: Reflection | None = None  # while this node is a route reflector
         self.md5 = MD5Watch()
         self._skipped: list[policy.Skipped] = []
         self._disabled: dict[IPv4Address, _Disabled] = {}
@@ -239,6 +241,7 @@ class Router:
         imports = await asyncio.to_thread(policy.import_all, neighbors, received, pools, own,
                                           my_as, self.ownership())
         accepted = {address: result.accepted for address, result in imports.items()}
+        await self._reflect(me, my_as, neighbors, accepted)
         next_hop = policy.native
         if self.dataplane is not None:  # tunnel devices up before routes use them
             next_hop = await self.dataplane.prepare(me, pools, self.nodes.items.values())
@@ -251,6 +254,42 @@ class Router:
         self._update_status(neighbors, imports, exports)
         if self.dataplane is not None:
             self.status.dataplane = self.dataplane.status.to_json()
+
+    async def _reflect(self, me: NodeRecord, my_as: int, neighbors: list[Neighbor],
+                       accepted: Mapping[IPv4Address, Mapping[IPv4Network, Path]]) -> None:
+        """As a route reflector: reflect what the iBGP peers sent (bgp_agent.reflection)."""
+        cluster = me.route_reflector_cluster_id
+        if cluster is None or me.address is None:
+            self.reflection = None  # its routes go with the next _announce
+            return
+        if (self.reflection is None or self.reflection.cluster_id != cluster
+                or self.reflection.local_as != my_as):
+            log.info("reflecting routes as a route reflector of cluster id %s", cluster)
+            self.reflection = Reflection(me.address.ip, cluster, my_as)
+        reflection, now = self.reflection, self.clock()
+        updates = reflection.step(neighbors, self.speaker.peers, accepted, now)
+        deadline = reflection.next_deadline()
+        if deadline is not None:
+            self._wake_at(deadline)
+        sends = reflection.sends(updates)
+        if reflection.due_check(now):
+            sends += reflection.check(self.speaker.announced, now)
+        if not await self._send_reflected(sends):
+            reflection.check(self.speaker.announced, now, failed=True)  # again in a second
+            self._wake_at(now + 1.0)
+
+    async def _send_reflected(self, sends: list[Send]) -> bool:
+        ok = True
+        for send in sends:
+            try:
+                if send.routes:
+                    await self.speaker.announce_to(send.neighbors, send.routes)
+                if send.prefixes:
+                    await self.speaker.withdraw_from(send.neighbors, send.prefixes)
+            except SpeakerError as error:  # a session went down meanwhile, ExaBGP away
+                log.warning("reflecting to %s: %s", ", ".join(map(str, send.neighbors)), error)
+                ok = False
+        return ok
 
     async def _program_kernel(self, accepted: Mapping[IPv4Address, Mapping[IPv4Network, Path]],
                               own: set[IPv4Network], learned_known: bool,
@@ -298,12 +337,14 @@ class Router:
                 continue  # announced once the session is up (the speaker keeps adj-rib-out)
             have = self.speaker.announced.get(address, {})
             changed = [a for p, a in wanted.items() if have.get(p) != a]
-            gone = [p for p in have if p not in wanted]
+            # what this node reflects is the reflection's to withdraw (while it reflects)
+            gone = [p for p, a in have.items() if p not in wanted
+                    and (self.reflection is None or not reflected(a))]
             if changed:
                 await self.speaker.announce(address, changed)
             if gone:
                 await self.speaker.withdraw(address, gone)
-            if self._eor_sent.get(address) != state.since:
+            if self._eor_sent.get(address) != state.since and not self._reflector_waiting():
                 # End-of-RIB after our table, so a peer keeping our routes through a graceful
                 # restart never flushes them early
                 try:
@@ -313,6 +354,13 @@ class Router:
                     log.warning("could not send End-of-RIB to %s: %s", address, error)
         for address in set(self._eor_sent) - set(exports):
             del self._eor_sent[address]
+
+    def _reflector_waiting(self) -> bool:
+        """A reflector (re)starting holds its End-of-RIB back until its peers have sent their
+        tables (within the start-up grace): a client keeping its routes through our restart
+        would flush those we have not relearnt yet."""
+        return (self.reflection is not None and self.reflection.waiting_for_end_of_rib()
+                and self.clock() < self._grace_until)
 
     def _update_status(self, neighbors: list[Neighbor], imports: Mapping, exports: Mapping
                        ) -> None:

@@ -357,8 +357,9 @@ class ExaBGPSpeaker:
         await self._request("eor", neighbor=str(neighbor))
 
     async def retire(self, timeout: float = 30.0) -> None:
-        """Withdraw everything from every neighbour and return once the withdrawals were sent
-        to every peer that is up (for a node leaving the cluster; then stop(True))."""
+        """Withdraw this node's own routes from every neighbour and return once the
+        withdrawals were sent to every peer that is up (for a node leaving the cluster; then
+        stop(True)). Routes it reflects stay (see the bridge's retire)."""
         await self._request("retire", timeout=timeout)
 
     async def command(self, line: str) -> list[str]:

@@ -391,7 +391,9 @@ def test_paths_survive_json(path):
                  communities=st.lists(communities, max_size=3).map(tuple),
                  as_path=st.lists(asns, max_size=3).map(tuple), local_pref=optional, med=optional,
                  originator_id=st.one_of(st.none(), addresses),
-                 cluster_list=st.lists(addresses, max_size=2).map(tuple)))
+                 cluster_list=st.lists(addresses, max_size=2).map(tuple),
+                 large_communities=st.lists(st.tuples(asns, asns, asns), max_size=2).map(tuple),
+                 origin=st.sampled_from(["igp", "egp", "incomplete"])))
 def test_announcements_survive_json(route):
     assert announcement_from_json(json.loads(json.dumps(announcement_to_json(route)))) == route
 

@@ -7,24 +7,30 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from dataclasses import replace
 from contextlib import asynccontextmanager
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 import pytest
 
 from bgp_agent.bgp_peer import peer_from_spec, peer_to_document
-from bgp_agent.model import Path
+from bgp_agent.model import Announcement, Path
 from bgp_agent.node import NodeRecord, node_to_document
 from bgp_agent.routing import STARTUP_GRACE_SECONDS, Router
 from ipam import block as blocks
 from ipam import keys
 from ipam.pool import pool_from_spec, pool_to_document
+from ipam.resource import make_document
 from ipip.route_table import RouteTable
 from ipip.routes import NextHop, Route
 from tests.doubles import Clock, MemoryKernel, MemorySpeaker, MemoryStore
 
 A, N = IPv4Address, IPv4Network
 ME = NodeRecord("n1", IPv4Interface("10.0.0.1/24"))
+CLUSTER_ID = A("244.0.0.1")
+RR1 = NodeRecord("rr1", IPv4Interface("10.0.0.11/24"), route_reflector_cluster_id=CLUSTER_ID)
+RR2 = NodeRecord("rr2", IPv4Interface("10.0.0.12/24"), route_reflector_cluster_id=CLUSTER_ID)
+N1, R2 = A("10.0.0.1"), A("10.0.0.12")
 N2, N3 = A("10.0.0.2"), A("10.0.0.3")
 TOR = A("10.0.0.254")
 OWN_BLOCK = N("10.244.0.0/26")
@@ -36,12 +42,17 @@ def via(prefix: IPv4Network, *gateways: IPv4Address) -> Route:
 
 
 class Cluster:
-    def __init__(self, kernel_routes=()):
+    """Nodes n1 (this one), n2 and n3 in a mesh; or, with `reflector`, this node is rr1, a
+    route reflector, n1-n3 its clients and rr2 a fellow reflector (mesh off, one BGPPeer
+    peering every node with every reflector)."""
+
+    def __init__(self, kernel_routes=(), reflector: bool = False):
         self.store = MemoryStore()
         self.speaker = MemorySpeaker()
         self.kernel = MemoryKernel(kernel_routes)
         self.clock = Clock()
-        self.router = Router(self.store, ME, self.speaker, RouteTable(self.kernel,
+        me = replace(RR1, labels={"route-reflector": "true"}) if reflector else ME
+        self.router = Router(self.store, me, self.speaker, RouteTable(self.kernel,
                                                                       clock=self.clock),
                              clock=self.clock)
         self.store.put(keys.pool_key("default"), pool_to_document(
@@ -49,12 +60,22 @@ class Cluster:
         for name, address in (("n1", "10.0.0.1/24"), ("n2", "10.0.0.2/24"),
                               ("n3", "10.0.0.3/24")):
             self.add_node(name, address)
-        self.claim(OWN_BLOCK)
+        if reflector:
+            for record in (RR1, RR2):
+                self.add_node(record.name, str(record.address), record.route_reflector_cluster_id)
+            self.store.put(keys.resource_key("bgpconfig", "default"), make_document(
+                "BGPConfiguration", "default", {"nodeToNodeMeshEnabled": False}))
+            self.add_peer("to-rr", nodeSelector="all()",
+                          peerSelector="route-reflector == 'true'")
+        else:
+            self.claim(OWN_BLOCK)
         self.claim(BLOCK2, "n2")
 
-    def add_node(self, name: str, address: str) -> None:
-        self.store.put(keys.node_key(name),
-                       node_to_document(NodeRecord(name, IPv4Interface(address))))
+    def add_node(self, name: str, address: str, cluster_id=None) -> None:
+        labels = {"route-reflector": "true"} if cluster_id else {}
+        self.store.put(keys.node_key(name), node_to_document(NodeRecord(
+            name, IPv4Interface(address), labels=labels,
+            route_reflector_cluster_id=cluster_id)))
 
     def claim(self, cidr: IPv4Network, node: str = "n1") -> None:
         self.store.put(keys.block_key(cidr), blocks.to_json(blocks.new_block(cidr, node)))
@@ -264,3 +285,83 @@ async def test_a_route_the_kernel_refuses_is_reported_and_tried_again():
         await c.sync()  # the next pass, without a resync
         assert c.kernel.routes[BLOCK2] == via(BLOCK2, N2)
         assert c.kernel.dumps == 1
+
+
+# --------------------------------------------------------------------------------------------
+# As a route reflector (RFC 4456 in route_reflector, driven by bgp_agent.reflection)
+
+def reflected_to(c: Cluster, peer: IPv4Address) -> dict[IPv4Network, object]:
+    return {p: a for p, a in c.speaker.announced.get(peer, {}).items() if a.next_hop}
+
+
+@run
+async def test_a_reflector_reflects_a_clients_routes_to_everyone_and_a_non_clients_to_clients():
+    async with running(Cluster(reflector=True)) as c:
+        await c.sync()
+        assert {n.address: n.rr_client for n in c.speaker.neighbors} == {
+            N1: True, N2: True, N3: True, R2: False}
+        c.settle_peers(N1, N2, N3, R2)
+        c.speaker.send(N2, Path(BLOCK2, N2))  # a client's block
+        c.claim(BLOCK3, "n3")
+        c.speaker.send(R2, Path(BLOCK3, N3, originator_id=N3, cluster_list=(CLUSTER_ID,)))
+        await c.sync()
+        # n2's block goes to the other clients and to rr2, not back to n2, with n2 as its
+        # originator and our cluster id; next hop kept
+        for peer in (N1, N3, R2):
+            route = reflected_to(c, peer)[BLOCK2]
+            assert (route.next_hop, route.originator_id, route.cluster_list) == (
+                N2, N2, (CLUSTER_ID,))
+        assert BLOCK2 not in reflected_to(c, N2)
+        # what came from rr2 carries our own cluster id: a loop, reflected to nobody
+        assert all(BLOCK3 not in reflected_to(c, p) for p in (N1, N2, N3, R2))
+        c.speaker.send(R2, Path(BLOCK3, N3, originator_id=N3,
+                                cluster_list=(A("244.0.0.9"),)))  # another cluster's
+        await c.sync()
+        # a non-client's route goes to the clients only (n3 drops its own by ORIGINATOR_ID)
+        assert all(reflected_to(c, p)[BLOCK3].next_hop == N3 for p in (N1, N2, N3))
+        assert BLOCK3 not in reflected_to(c, R2)
+
+
+@run
+async def test_a_clients_session_loss_withdraws_or_keeps_its_routes_as_graceful_restart_says():
+    async with running(Cluster(reflector=True)) as c:
+        c.settle_peers(N1, N2, N3, R2)
+        c.speaker.send(N2, Path(BLOCK2, N2))
+        await c.sync()
+        assert BLOCK2 in reflected_to(c, N1)
+        c.speaker.down(N2, "closing connection")  # it negotiated graceful restart
+        await c.sync()
+        assert BLOCK2 in reflected_to(c, N1)  # kept, stale
+        c.speaker.down(N2, "notification received (6,2)", notification=True)
+        await c.sync()
+        assert BLOCK2 not in reflected_to(c, N1)
+
+
+@run
+async def test_a_restarted_reflector_withdraws_what_it_no_longer_reflects_and_holds_its_end_of_rib():
+    async with running(Cluster(reflector=True)) as c:
+        stale = N("10.244.9.0/26")  # sent by the reflector before the agent restarted
+        c.settle_peers(N1, N3, R2)
+        c.speaker.up(N2)  # n2 is still sending its table
+        c.speaker.announced[N1] = {stale: Announcement(stale, next_hop=N2)}
+        await c.sync()
+        assert stale not in c.speaker.announced[N1]
+        assert c.speaker.end_of_rib_sent == []  # n2 has not finished: no End-of-RIB yet
+        c.speaker.send(N2, Path(BLOCK2, N2))
+        c.speaker.end_of_rib(N2)
+        await c.sync()
+        assert BLOCK2 in reflected_to(c, N1)
+        assert sorted(c.speaker.end_of_rib_sent) == sorted([N1, N2, N3, R2])
+
+
+@run
+async def test_a_reflector_that_stops_reflecting_withdraws_what_it_reflected():
+    async with running(Cluster(reflector=True)) as c:
+        c.settle_peers(N1, N2, N3, R2)
+        c.speaker.send(N2, Path(BLOCK2, N2))
+        await c.sync()
+        assert BLOCK2 in reflected_to(c, N1)
+        c.add_node("rr1", "10.0.0.11/24")  # its cluster id removed
+        await c.sync()
+        assert c.router.reflection is None
+        assert all(not reflected_to(c, p) for p in c.speaker.announced)

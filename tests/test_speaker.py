@@ -681,6 +681,46 @@ def test_bridge_retires_once_the_withdrawals_were_sent(tmp_path):
         exabgp.close()
 
 
+def test_a_retiring_reflector_withdraws_its_own_routes_and_leaves_what_it_reflects(tmp_path):
+    socket_path = tmp_path / "bridge.sock"
+    exabgp = ScriptedExaBGP(socket_path)
+    sent = ROUTE.replace('"receive"', '"send"').replace('"announce"', '"withdraw"')
+    sent_withdraw = sent.replace('{ "10.0.0.2": [ { "nlri": "%s" } ] }', '[ { "nlri": "%s" } ]')
+
+    async def scenario():
+        agent = FakeAgent(socket_path)
+        await agent.start()
+        exabgp.send(UP)
+        reader, writer = await agent.accept()
+        snapshot = await receive(reader, "snapshot-end")
+        if not any(m["type"] == "peer" for m in snapshot):
+            await receive(reader, "peer")
+        request(writer, id=1, op="announce", neighbors=["10.0.0.2"],
+                routes=[{"prefix": "10.9.0.0/26"}])  # our own block
+        exabgp.command()
+        exabgp.send("done")
+        await receive(reader, "done")
+        request(writer, id=2, op="announce", neighbors=["10.0.0.2"],
+                routes=[{"prefix": "10.8.0.0/26", "next_hop": "10.0.0.7",
+                         "originator_id": "10.0.0.7", "cluster_list": ["244.0.0.1"]}])
+        exabgp.command()
+        exabgp.send("done")
+        await receive(reader, "done")
+
+        request(writer, id=3, op="retire", timeout=10)
+        assert exabgp.command() == "neighbor 10.0.0.2 withdraw attributes nlri 10.9.0.0/26"
+        exabgp.send("done", sent_withdraw % "10.9.0.0/26")
+        messages = await receive(reader, "done")
+        assert [m["prefixes"] for m in messages if m["type"] == "withdrawn"] == [
+            ["10.9.0.0/26"]]
+        writer.close()
+        await agent.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        exabgp.close()
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["agent"]:
         agent_main(*sys.argv[2:])
