@@ -1,5 +1,6 @@
 """Shared fixtures: a real etcd server (Debian etcd-server) on a free loopback port; the
-network namespaces (and what runs in them) of crashed earlier runs swept once."""
+fake Kubernetes API server (tests/fakekube: no real one can run here); the network namespaces
+(and what runs in them) of crashed earlier runs swept once."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from ipam import keys
 from ipam.store import EtcdConfig, Store
 from lab import netns
 from lab.etcd import EtcdServer
+from tests.fakekube import FakeKube
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -50,3 +52,11 @@ def own_etcd(tmp_path):
     server.start()
     yield server
     server.destroy()
+
+
+@pytest.fixture
+def fakekube():
+    """Pipit's fake Kubernetes API server on a free loopback port, empty but for the usual
+    namespaces; the test may restart it, inject failures or compact its history."""
+    with FakeKube() as kube:
+        yield kube
