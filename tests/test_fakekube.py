@@ -1,6 +1,6 @@
 """The fake Kubernetes API server (tests/fakekube) proven against real clients: kubectl 1.35
-(installed by scripts/setup.sh into the virtualenv) and the official Python client (its
-CoreV1Api, watch.Watch, informer.SharedInformer and the Lease lock of its leader election).
+and helm 4 (installed by scripts/setup.sh into the virtualenv) and the official Python client
+(its CoreV1Api, watch.Watch, informer.SharedInformer and the Lease lock of its leader election).
 Every behaviour the fake offers is driven here by one of them, so that a Pipit test passing
 against the fake passes for reasons that hold against a real API server."""
 
@@ -31,6 +31,7 @@ from tests.fakekube.resources import NODES
 from tests.fakekube.server import PATCH_TYPES
 
 KUBECTL = Path(sys.prefix, "bin", "kubectl")
+HELM = Path(sys.prefix, "bin", "helm")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -38,20 +39,25 @@ ROOT = Path(__file__).resolve().parent.parent
 # clients
 
 class Kubectl:
-    """kubectl 1.35 with a kubeconfig pointing at the fake, and its own HOME and cache."""
+    """kubectl 1.35 (and helm 4) with a kubeconfig pointing at the fake, and their own HOME
+    and cache."""
 
     def __init__(self, kube, home: Path):
         assert KUBECTL.exists(), f"{KUBECTL} is missing: run `source scripts/setup.sh`"
         self.env = {**os.environ, "HOME": str(home), "KUBECACHEDIR": str(home / "cache"),
                     "KUBECONFIG": str(kube.write_kubeconfig(home / "kubeconfig"))}
 
-    def __call__(self, *args: str, input: str | None = None,
-                 check: bool = True) -> subprocess.CompletedProcess:
-        done = subprocess.run([str(KUBECTL), *args], input=input, capture_output=True,
+    def __call__(self, *args: str, input: str | None = None, check: bool = True,
+                 binary: Path = KUBECTL) -> subprocess.CompletedProcess:
+        done = subprocess.run([str(binary), *args], input=input, capture_output=True,
                               text=True, env=self.env, timeout=60)
         if check:
-            assert done.returncode == 0, f"kubectl {' '.join(args)}: {done.stderr}"
+            assert done.returncode == 0, f"{binary.name} {' '.join(args)}: {done.stderr}"
         return done
+
+    def helm(self, *args: str) -> subprocess.CompletedProcess:
+        """helm 4, with the same kubeconfig and HOME."""
+        return self(*args, binary=HELM)
 
     def get(self, *args: str) -> dict:
         return json.loads(self("get", *args, "-o", "json").stdout)
@@ -341,6 +347,27 @@ def test_kubectl_retries_what_the_server_asks_it_to(fakekube, kubectl):
     fakekube.fail(429, times=2, method="GET", path="^/api/v1/nodes")
     assert kubectl.get("nodes")["items"] == []
     assert sum(r.path == "/api/v1/nodes" for r in fakekube.requests) == 3
+
+
+def test_helm_installs_upgrades_and_uninstalls_a_release(kubectl, tmp_path):
+    """helm 4 against the fake, with client-side apply (the fake has no server-side apply)
+    and no OpenAPI validation (it serves no OpenAPI); releases are Secrets found by label."""
+    chart = tmp_path / "chart"
+    (chart / "templates").mkdir(parents=True)
+    (chart / "Chart.yaml").write_text("apiVersion: v2\nname: demo\nversion: 0.1.0\n")
+    (chart / "templates" / "settings.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: settings}\n"
+        "data: {mtu: {{ .Values.mtu | quote }}}\n")
+    options = ("--server-side=false", "--disable-openapi-validation")
+    kubectl.helm("install", "pipit", str(chart), "--set", "mtu=1450", *options)
+    assert kubectl.get("configmap", "settings")["data"] == {"mtu": "1450"}
+    kubectl.helm("upgrade", "pipit", str(chart), "--set", "mtu=1400", *options)
+    assert kubectl.get("configmap", "settings")["data"] == {"mtu": "1400"}
+    releases = json.loads(kubectl.helm("list", "-o", "json").stdout)
+    assert [(r["name"], str(r["revision"]), r["status"]) for r in releases] == \
+        [("pipit", "2", "deployed")]
+    kubectl.helm("uninstall", "pipit")
+    assert kubectl.get("configmaps")["items"] == [] and kubectl.get("secrets")["items"] == []
 
 
 # ---------------------------------------------------------------------------------------------

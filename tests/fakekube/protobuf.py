@@ -1,6 +1,7 @@
 """Request bodies in Kubernetes' protobuf encoding, turned into the JSON objects they stand for.
 
-kubectl's typed clients (`kubectl create namespace|configmap|secret`) send
+kubectl's and helm's typed clients (`kubectl create namespace|configmap|secret`, helm's
+release Secrets and their deletion) send
 `application/vnd.kubernetes.protobuf`: the magic `k8s\\0`, then a runtime.Unknown envelope
 (apiVersion, kind, raw) whose raw bytes are the object. Only the kinds and fields those
 commands send are described here; anything else is refused (415), as a server would refuse a
@@ -32,6 +33,10 @@ SCHEMAS = {
                        3: ("type", STRING), 4: ("stringData", ("map", STRING)),
                        5: ("immutable", INT)},
 }
+DELETE_OPTIONS = {1: ("gracePeriodSeconds", INT),
+                  2: ("preconditions", {1: ("uid", STRING), 2: ("resourceVersion", STRING)}),
+                  4: ("propagationPolicy", STRING), 5: ("dryRun", ("list", STRING))}
+SCHEMAS[("v1", "DeleteOptions")] = SCHEMAS[("meta.k8s.io/v1", "DeleteOptions")] = DELETE_OPTIONS
 _ENVELOPE = {1: ("typeMeta", {1: ("apiVersion", STRING), 2: ("kind", STRING)}),
              2: ("raw", RAW)}
 _BOOLEANS = {"immutable"}
