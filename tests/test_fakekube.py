@@ -55,9 +55,9 @@ class Kubectl:
             assert done.returncode == 0, f"{binary.name} {' '.join(args)}: {done.stderr}"
         return done
 
-    def helm(self, *args: str) -> subprocess.CompletedProcess:
+    def helm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """helm 4, with the same kubeconfig and HOME."""
-        return self(*args, binary=HELM)
+        return self(*args, binary=HELM, check=check)
 
     def get(self, *args: str) -> dict:
         return json.loads(self("get", *args, "-o", "json").stdout)
@@ -221,11 +221,12 @@ def test_kubectl_label_and_annotate_send_merge_patches(fakekube, kubectl):
     kubectl("label", "node", "n1", "--overwrite", "rack=r2")
     kubectl("label", "node", "n1", "zone-")
     kubectl("annotate", "node", "n1", "pipit.dev/as-number=64512")
+    kubectl("label", "node", "n1", "tried=only", "--dry-run=server")
     meta = kubectl.get("node", "n1")["metadata"]
     assert meta["labels"] == {"a": "1", "rack": "r2"}
     assert meta["annotations"] == {"pipit.dev/as-number": "64512"}
     patches = [r.content_type for r in fakekube.requests if r.method == "PATCH"]
-    assert patches == ["application/merge-patch+json"] * 4
+    assert patches == ["application/merge-patch+json"] * 5
 
 
 def test_kubectl_patch_strategic_merge_json_and_status(fakekube, kubectl):
@@ -255,9 +256,12 @@ def test_kubectl_patch_strategic_merge_json_and_status(fakekube, kubectl):
             '{"metadata": {"labels": {"x": "1", "y": "2"}}}')
     kubectl("patch", "node", "n1", "--type", "json", "-p", json.dumps([
         {"op": "remove", "path": "/metadata/labels/x"},
+        {"op": "replace", "path": "/metadata/labels/y", "value": "3"},
+        {"op": "copy", "from": "/metadata/labels/y", "path": "/metadata/labels/z"},
+        {"op": "move", "from": "/metadata/labels/z", "path": "/metadata/labels/w"},
         {"op": "add", "path": "/spec/taints", "value": [{"key": "k", "effect": "NoSchedule"}]}]))
     got = kubectl.get("node", "n1")
-    assert got["metadata"]["labels"] == {"y": "2"}
+    assert got["metadata"]["labels"] == {"y": "3", "w": "3"}
     assert got["spec"]["taints"] == [{"key": "k", "effect": "NoSchedule"}]
     failed = kubectl("patch", "node", "n1", "--type", "json", "-p",
                      '[{"op": "test", "path": "/metadata/name", "value": "n2"}]', check=False)
@@ -265,6 +269,14 @@ def test_kubectl_patch_strategic_merge_json_and_status(fakekube, kubectl):
 
     sent = {r.content_type for r in fakekube.requests if r.method == "PATCH"}
     assert sent == set(PATCH_TYPES)
+
+    # the directives a user may put in a strategic merge patch, passed on by kubectl
+    kubectl("create", "configmap", "c", "--from-literal=a=1", "--from-literal=b=2")
+    kubectl("annotate", "configmap", "c", "x=1")
+    kubectl("patch", "configmap", "c", "-p", '{"data": {"$patch": "replace", "only": "this"},'
+                                            ' "metadata": {"annotations": {"$patch": "delete"}}}')
+    got = kubectl.get("configmap", "c")
+    assert got["data"] == {"only": "this"} and "annotations" not in got["metadata"]
 
 
 def test_kubectl_apply_three_way_merges_with_what_others_changed(fakekube, kubectl, tmp_path):
@@ -282,6 +294,33 @@ def test_kubectl_apply_three_way_merges_with_what_others_changed(fakekube, kubec
     assert "unchanged" in kubectl("apply", "-f", str(manifest), "--validate=false").stdout
     assert [r.content_type for r in fakekube.requests if r.method == "PATCH"][-1] == \
         "application/strategic-merge-patch+json"
+
+    # what apply sends to remove part of a merged list: finalizers (a set, in the order
+    # applied) and owner references (merged on their uid) lose one item each; taints (an
+    # atomic list) are replaced
+    owners = [{"apiVersion": "v1", "kind": "Node", "name": n, "uid": f"uid-{n}"}
+              for n in ("n1", "n2")]
+    settings = {"apiVersion": "v1", "kind": "ConfigMap", "data": {"mtu": "1450"},
+                "metadata": {"name": "settings", "finalizers": ["pipit.dev/a", "pipit.dev/b",
+                                                                 "pipit.dev/c"],
+                             "ownerReferences": owners}}
+    tainted = {**node("n1", {"rack": "b"}),
+               "spec": {"taints": [{"key": "a", "effect": "NoSchedule"},
+                                   {"key": "b", "effect": "NoSchedule"}]}}
+    manifest.write_text(yaml.safe_dump_all([settings, tainted]))
+    kubectl("apply", "-f", str(manifest), "--validate=false")
+    settings["metadata"].update(finalizers=["pipit.dev/c", "pipit.dev/a"],
+                                ownerReferences=owners[:1])
+    tainted["spec"]["taints"] = [{"key": "a", "effect": "NoExecute"}]
+    manifest.write_text(yaml.safe_dump_all([settings, tainted]))
+    kubectl("apply", "-f", str(manifest), "--validate=false")
+    meta = kubectl.get("configmap", "settings")["metadata"]
+    assert meta["finalizers"] == ["pipit.dev/c", "pipit.dev/a"]
+    assert [o["name"] for o in meta["ownerReferences"]] == ["n1"]
+    assert kubectl.get("node", "n1")["spec"]["taints"] == [{"key": "a", "effect": "NoExecute"}]
+    bodies = b"".join(r.body for r in fakekube.requests if r.method == "PATCH")
+    assert b'"$deleteFromPrimitiveList/finalizers":["pipit.dev/b"]' in bodies
+    assert b'{"$patch":"delete","uid":"uid-n2"}' in bodies
 
 
 def test_kubectl_get_watch_streams_added_modified_deleted(fakekube, kubectl):
@@ -359,6 +398,9 @@ def test_helm_installs_upgrades_and_uninstalls_a_release(kubectl, tmp_path):
         "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: settings}\n"
         "data: {mtu: {{ .Values.mtu | quote }}}\n")
     options = ("--server-side=false", "--disable-openapi-validation")
+    refused = kubectl.helm("install", "pipit", str(chart), options[1], check=False)
+    assert "server-side apply not available on the server" in refused.stderr
+    kubectl.helm("uninstall", "pipit")
     kubectl.helm("install", "pipit", str(chart), "--set", "mtu=1450", *options)
     assert kubectl.get("configmap", "settings")["data"] == {"mtu": "1450"}
     kubectl.helm("upgrade", "pipit", str(chart), "--set", "mtu=1400", *options)
@@ -452,6 +494,10 @@ def test_python_client_errors(core):
     assert (invalid.value.status, status["reason"]) == (422, "Invalid")
     assert [c["field"] for c in status["details"]["causes"]] == ["metadata.labels",
                                                                  "spec.containers[0].image"]
+    with pytest.raises(ApiException) as not_base64:
+        core.create_namespaced_secret("default", {"metadata": {"name": "s"},
+                                                  "data": {"k": "not base64!"}})
+    assert status_of(not_base64.value)["details"]["causes"][0]["field"] == "data[k]"
     with pytest.raises(ApiException) as bad_selector:
         core.list_node(label_selector="a in (x")
     assert bad_selector.value.status == 400

@@ -14,9 +14,9 @@ MERGE_KEYS = {
     "containers": "name", "initContainers": "name", "ephemeralContainers": "name",
     "env": "name", "volumes": "name", "volumeMounts": "mountPath",
     "volumeDevices": "devicePath", "imagePullSecrets": "name", "ports": "containerPort",
-    "conditions": "type", "addresses": "type", "taints": "key", "ownerReferences": "uid",
-    "hostAliases": "ip", "resourceClaims": "name", "readinessGates": "conditionType",
-    "topologySpreadConstraints": "topologyKey", "podIPs": "ip", "hostIPs": "ip",
+    "conditions": "type", "addresses": "type", "ownerReferences": "uid",
+    "hostAliases": "ip", "resourceClaims": "name", "topologySpreadConstraints": "topologyKey",
+    "podIPs": "ip", "hostIPs": "ip",
 }
 # Lists of scalars merged as sets (`patchStrategy: merge` without a key).
 MERGED_SCALAR_LISTS = {"finalizers"}
@@ -69,7 +69,7 @@ def merge_patch(target: object, patch: object) -> object:
 
 # ---------------------------------------------------------------------------------------------
 # Strategic merge patch (the subset of k8s.io/apimachinery/pkg/util/strategicpatch that
-# kubectl and kubelets send: merge keys, `$patch: replace|delete|merge`, `$retainKeys`,
+# kubectl and kubelets send: merge keys, `$patch: replace|delete|merge`,
 # `$deleteFromPrimitiveList/<field>` and `$setElementOrder/<field>`)
 
 _DELETE = object()
@@ -104,7 +104,6 @@ def _merge_map(original: dict, patch: dict) -> object:
     result = copy.deepcopy(original)
     orders: dict[str, list] = {}
     removals: dict[str, list] = {}
-    retain = patch.get("$retainKeys")
     for key, value in patch.items():
         if key.startswith(_SET_ORDER):
             orders[key[len(_SET_ORDER):]] = value
@@ -132,10 +131,6 @@ def _merge_map(original: dict, patch: dict) -> object:
     for key, order in orders.items():
         if isinstance(result.get(key), list):
             result[key] = _reorder(key, result[key], order)
-    if retain is not None:
-        if not isinstance(retain, list):
-            raise PatchError("$retainKeys must be a list")
-        result = {k: v for k, v in result.items() if k in retain}
     return result
 
 

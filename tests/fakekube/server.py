@@ -55,6 +55,7 @@ class Request:
     path: str
     query: dict[str, str]
     content_type: str
+    body: bytes
 
 
 @dataclass(frozen=True)
@@ -291,7 +292,7 @@ class _Handler(BaseHTTPRequestHandler):
         content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip()
         self._content_type = content_type
         body = self._read_body()
-        kube.requests.append(Request(method, url.path, query, content_type))
+        kube.requests.append(Request(method, url.path, query, content_type, body))
         failure = kube._take_failure(method, self.path)
         try:
             if failure is not None:
