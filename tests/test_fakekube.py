@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from kubernetes import client, watch
+from kubernetes import config as kubernetes_config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.informer import ADDED, DELETED, ERROR, MODIFIED, SharedInformer
 from kubernetes.leaderelection.electionconfig import Config as ElectionConfig
@@ -814,6 +815,8 @@ def test_leader_election_hands_over_through_the_lease(api):
 # as a process, for the lab
 
 def test_runs_as_a_process_for_the_lab(tmp_path):
+    """`python -m tests.fakekube`: the kubeconfig it writes serves kubectl and the Python
+    client's loader; SIGTERM ends it cleanly."""
     port, config = free_port(), tmp_path / "kubeconfig"
     server = subprocess.Popen([sys.executable, "-m", "tests.fakekube", "--port", str(port),
                                "--kubeconfig", str(config)], cwd=ROOT, stdout=subprocess.PIPE,
@@ -825,6 +828,9 @@ def test_runs_as_a_process_for_the_lab(tmp_path):
                               capture_output=True, text=True, timeout=60)
         assert done.stdout.split() == ["namespace/default", "namespace/kube-node-lease",
                                        "namespace/kube-public", "namespace/kube-system"]
+        with kubernetes_config.new_client_from_config(str(config)) as from_config:
+            assert client.CoreV1Api(from_config).read_namespace("default").status.phase == \
+                "Active"
         assert stop_group(server) == 0
     finally:
         stop_group(server, signal.SIGKILL)
