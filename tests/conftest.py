@@ -1,6 +1,5 @@
 """Shared fixtures: a real etcd server (Debian etcd-server) on a free loopback port; the
-fake Kubernetes API server (tests/fakekube: no real one can run here); the network namespaces
-(and what runs in them) of crashed earlier runs swept once."""
+network namespaces (and what runs in them) of crashed earlier runs swept once."""
 
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ from ipam import keys
 from ipam.store import EtcdConfig, Store
 from lab import netns
 from lab.etcd import EtcdServer
-from tests.fakekube import FakeKube
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -56,7 +54,9 @@ def own_etcd(tmp_path):
 
 @pytest.fixture
 def fakekube():
-    """Pipit's fake Kubernetes API server on a free loopback port, empty but for the usual
-    namespaces; the test may restart it, inject failures or compact its history."""
+    """Pipit's fake Kubernetes API server (tests/fakekube: no real one can run here) on a free
+    loopback port, empty but for the usual namespaces; the test may restart it, inject
+    failures or compact its history."""
+    from tests.fakekube import FakeKube
     with FakeKube() as kube:
         yield kube
