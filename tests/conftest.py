@@ -92,3 +92,13 @@ def own_etcd(tmp_path):
     server.start()
     yield server
     server.destroy()
+
+
+@pytest.fixture
+def fakekube():
+    """Pipit's fake Kubernetes API server (tests/fakekube: no real one can run here) on a free
+    loopback port, empty but for the usual namespaces; the test may restart it, inject
+    failures or compact its history."""
+    from tests.fakekube import FakeKube
+    with FakeKube() as kube:
+        yield kube
