@@ -5,6 +5,7 @@ Every test is in one tier (`scripts/test -m unit` runs one; `scripts/test` runs 
 
     unit   pure logic and in-memory doubles: no root, no etcd (seconds for the whole tier)
     etcd   a real etcd server (and agents or the CNI plugin talking to it); no root
+    kube   tests/fakekube (the API server double) with real kubectl, helm and Python client
     netns  root: network namespaces, real kernel routes, ExaBGP, BIRD/FRR/GoBGP, CNI plugins
     lab    root: whole lab clusters end to end
     vm     root: Debian's kernel under qemu (the IPIP test)
@@ -29,7 +30,7 @@ from lab.etcd import EtcdServer
 from tests.helpers import require
 
 
-TIERS = ("unit", "etcd", "netns", "lab", "vm")
+TIERS = ("unit", "etcd", "kube", "netns", "lab", "vm")
 ROOT_TIERS = ("netns", "lab", "vm")
 ETCD_FIXTURES = {"etcd", "etcd_server", "own_etcd"}
 

@@ -30,10 +30,13 @@ from lab.etcd import free_port
 from lab.process import stop_group, wait
 from tests.fakekube.resources import NODES
 from tests.fakekube.server import PATCH_TYPES
+from tests.helpers import require
 
 KUBECTL = Path(sys.prefix, "bin", "kubectl")
 HELM = Path(sys.prefix, "bin", "helm")
 ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.kube
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,7 +47,8 @@ class Kubectl:
     and cache."""
 
     def __init__(self, kube, home: Path):
-        assert KUBECTL.exists(), f"{KUBECTL} is missing: run `source scripts/setup.sh`"
+        require(KUBECTL.exists() and HELM.exists(),
+                f"{KUBECTL} or {HELM} is missing: run scripts/setup.sh")
         self.env = {**os.environ, "HOME": str(home), "KUBECACHEDIR": str(home / "cache"),
                     "KUBECONFIG": str(kube.write_kubeconfig(home / "kubeconfig"))}
 
