@@ -4,6 +4,7 @@ directory, a pipit-agent per test, node and pod namespaces, and ways to look at 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -24,9 +25,11 @@ from lab.cni import (
     PLUGIN_DIR,
     Attachment,
     CNIRuntime,
+    Invocation,
     NetworkConfig,
     install_bin_dir,
     ipv4_only_iptables,
+    parse_output,
 )
 from lab.netns import Namespaces, path_of
 from tests.helpers import add_pool, require, with_store
@@ -35,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NS_PREFIX = "pipit-t-"
 NODE = "node-1"
 DEFAULT_POOL = ("default", "10.244.0.0/22", {"blockSize": 26})  # four /26 blocks
+NET = "pipit-net"
 
 @pytest.fixture(scope="session")
 def cni_bin() -> Path:
@@ -63,6 +67,39 @@ def short_dir():
 def namespaces():
     with Namespaces(NS_PREFIX) as ns:
         yield ns
+
+
+class Plugin:
+    """pipit-ipam called directly (CNI_PATH, stdin and the environment exactly as given)."""
+
+    def __init__(self, bin_dir: Path, agent: AgentProcess | None = None,
+                 socket: str | Path | None = None):
+        self.runtime = CNIRuntime(bin_dir)
+        self.path = self.runtime.find("pipit-ipam")
+        self.agent = agent
+        self.socket = str(socket or agent.socket_path)
+
+    def config(self, version: str = "1.0.0", name: str = NET, **ipam) -> dict:
+        return {"cniVersion": version, "name": name, "type": "ptp",
+                "ipam": {"type": "pipit-ipam", "socket": self.socket, **ipam}}
+
+    def raw(self, command: str | None, stdin: bytes, container_id: str | None = "c1",
+            ifname: str | None = "eth0", netns: str | None = "/var/run/netns/x",
+            **extra: str) -> Invocation:
+        env = self.runtime.environment(command or "")
+        if command is None:
+            del env["CNI_COMMAND"]
+        for name, value in (("CNI_CONTAINERID", container_id), ("CNI_IFNAME", ifname),
+                            ("CNI_NETNS", netns)):
+            if value is not None:
+                env[name] = value
+        env.update(extra)
+        return self.runtime.invoke(self.path, env, stdin)
+
+    def __call__(self, command: str, config: dict, container_id: str = "c1",
+                 ifname: str = "eth0", **extra: str) -> dict | None:
+        run = self.raw(command, json.dumps(config).encode(), container_id, ifname, **extra)
+        return parse_output(run, "pipit-ipam", command)
 
 
 def start_agent(etcd: EtcdConfig, directory: Path, node: str = NODE) -> AgentProcess:
