@@ -58,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Make this node a route reflector of this cluster id, e.g. "
                              "244.0.0.1 (default: as its node record says; Calico's "
                              "routeReflectorClusterID).")
+    parser.add_argument("--reflector-only", action="store_true",
+                        help="Only reflect routes (a dedicated route reflector, `pipit-rr`): no "
+                             "IPAM service, no kernel routes; the node needs a cluster id.")
     parser.add_argument("--labels", default="", metavar="K=V,...",
                         help="Labels for this node's record (pools and peers select on them).")
     parser.add_argument("--exabgp", choices=["spawn", "sidecar"], default="spawn",
@@ -135,8 +138,9 @@ async def run(args: argparse.Namespace) -> None:
 
     async with Store(config) as store:
         ipam = IPAM(store)
-        service = IPAMService(ipam, args.node, args.ipam_socket)
-        await service.start()
+        service = None if args.reflector_only else IPAMService(ipam, args.node, args.ipam_socket)
+        if service is not None:
+            await service.start()
         try:
             if args.no_bgp:
                 await stop.wait()
@@ -144,7 +148,8 @@ async def run(args: argparse.Namespace) -> None:
                 await route(store, ipam, args, stop, lambda: retire)
             log.info("stopping")
         finally:
-            await service.close()
+            if service is not None:
+                await service.close()
 
 
 async def route(store: Store, ipam: IPAM, args: argparse.Namespace, stop: asyncio.Event,
@@ -159,15 +164,20 @@ async def route(store: Store, ipam: IPAM, args: argparse.Namespace, stop: asynci
 
     me = await register(store, await asyncio.to_thread(node_identity, args))  # pyroute2 inside
     log.info("node %s registered with address %s", me.name, me.address)
+    if args.reflector_only and me.route_reflector_cluster_id is None:
+        raise InvalidResource(f"node {me.name} has no route reflector cluster id: give "
+                              "--route-reflector-cluster-id (or set routeReflectorClusterID "
+                              "on its node record).")
     state_dir = Path(args.state_dir)
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    kernel = KernelRoutes()
+    kernel = None if args.reflector_only else KernelRoutes()
     speaker = ExaBGPSpeaker(state_dir / "exabgp", state_dir / "exabgp.sock", args.exabgp,
                             router_id=me.address.ip, local_address=me.address.ip,
                             local_as=me.as_number or DEFAULT_AS)
-    dataplane = NodeDataplane(store, ipam, state_dir / "pod-mtu", args.mtu)
-    router = Router(store, me, speaker, RouteTable(kernel), secrets_dir=args.secrets_dir,
-                    dataplane=dataplane)
+    dataplane = (None if args.reflector_only
+                 else NodeDataplane(store, ipam, state_dir / "pod-mtu", args.mtu))
+    router = Router(store, me, speaker, kernel and RouteTable(kernel),
+                    secrets_dir=args.secrets_dir, dataplane=dataplane)
     speaker.on_change = router.changed.set
     status = StatusServer(args.status_socket, router.status.to_json)
     await speaker.start()
@@ -191,8 +201,14 @@ async def route(store: Store, ipam: IPAM, args: argparse.Namespace, stop: asynci
             log.error("could not withdraw this node's routes before stopping: %s", error)
         finally:
             await speaker.stop(stop_exabgp=retiring())
-            kernel.close()
-            dataplane.close()
+            if kernel is not None:
+                kernel.close()
+                dataplane.close()
+
+
+def main_reflector(argv: list[str] | None = None) -> None:
+    """pipit-rr: pipit-agent as a dedicated route reflector (--reflector-only)."""
+    main(["--reflector-only", *(sys.argv[1:] if argv is None else argv)])
 
 
 def main(argv: list[str] | None = None) -> None:

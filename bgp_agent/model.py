@@ -22,7 +22,9 @@ class Neighbor:
     peer_as: int
     local_address: IPv4Address
     local_as: int
-    kind: str = "mesh"  # mesh | global | node | reflector (how the peer was chosen)
+    kind: str = "mesh"  # how the peer was chosen: mesh | global | node (BGPPeer with peerIP)
+    #                     | reflector (a node that is a route reflector) | peer-node (another
+    #                     node a BGPPeer's peerSelector picks)
     name: str = ""  # the node name or BGPPeer resource behind it
     # this node is a route reflector and the peer is its client (routes from clients go to
     # every peer, routes from non-clients to clients only; RFC 4456)

@@ -18,7 +18,8 @@ from bgp_agent.model import Announcement, Neighbor, Path
 from bgp_agent.node import NodeRecord
 from ipam.pool import IPPool
 
-INTERNAL_KINDS = ("mesh", "reflector")
+# Sessions between nodes: the mesh, to a route reflector, to another node (peerSelector)
+INTERNAL_KINDS = ("mesh", "reflector", "peer-node")
 
 
 def local_as(me: NodeRecord, config: BGPConfig) -> int:
@@ -53,6 +54,11 @@ def node_neighbor(me: NodeRecord, other: NodeRecord, config: BGPConfig, kind: st
                     rr_client=(cluster is not None and my_as == their_as
                                and other.route_reflector_cluster_id != cluster),
                     **limits)
+
+
+def _between(other: NodeRecord) -> str:
+    """The kind of a session to another node outside the mesh."""
+    return "reflector" if is_reflector(other) else "peer-node"
 
 
 def mesh_neighbors(me: NodeRecord, nodes: Iterable[NodeRecord],
@@ -157,17 +163,17 @@ def select_neighbors(me: NodeRecord, nodes: Iterable[NodeRecord], config: BGPCon
         address = other.address.ip
         if address in chosen:
             selection.skipped.append(Skipped(
-                other.name, address, "reflector", local_as(other, config),
+                other.name, address, _between(other), local_as(other, config),
                 f"node {other.name} is peered through BGPPeer {chosen[address].name!r} instead"))
             continue
         try:
             secret = password(peer.password) if peer and peer.password else None
         except PasswordUnavailable as error:
-            selection.skipped.append(Skipped(other.name, address, "reflector",
+            selection.skipped.append(Skipped(other.name, address, _between(other),
                                              local_as(other, config), str(error)))
             chosen[address] = peer
             continue
-        between_nodes.append(node_neighbor(me, other, config, "reflector", peer, secret))
+        between_nodes.append(node_neighbor(me, other, config, _between(other), peer, secret))
     taken = set(chosen) | {n.address for n in between_nodes}
     selection.neighbors += between_nodes
     for neighbor in mesh_neighbors(me, nodes, config):
@@ -180,6 +186,31 @@ def select_neighbors(me: NodeRecord, nodes: Iterable[NodeRecord], config: BGPCon
             selection.neighbors.append(neighbor)
     selection.neighbors.sort(key=lambda n: n.address)
     return selection
+
+
+def reflector_warnings(me: NodeRecord, nodes: Iterable[NodeRecord],
+                       neighbors: Iterable[Neighbor]) -> list[str]:
+    """A client that peers with some but not all reflectors of one cluster id never learns
+    the routes of the other reflectors' clients (they do not reflect to each other what
+    carries their shared cluster id: Calico #2735); one sentence per such cluster id."""
+    if is_reflector(me):
+        return []
+    peered = {n.address for n in neighbors}
+    clusters: dict[IPv4Address, list[NodeRecord]] = {}
+    for node in nodes:
+        if is_reflector(node) and node.address is not None and node.name != me.name:
+            clusters.setdefault(node.route_reflector_cluster_id, []).append(node)
+    warnings = []
+    for cluster, reflectors in sorted(clusters.items()):
+        have = sorted(r.name for r in reflectors if r.address.ip in peered)
+        missing = sorted(r.name for r in reflectors if r.address.ip not in peered)
+        if have and missing:
+            warnings.append(
+                f"this node peers with {', '.join(have)} but not {', '.join(missing)} of "
+                f"route reflector cluster {cluster}: it does not learn the routes of the "
+                f"clients of {', '.join(missing)} (peer with every reflector of a cluster "
+                "id, or give them different cluster ids)")
+    return warnings
 
 
 def in_pools(prefix: IPv4Network, pools: Iterable[IPPool]) -> bool:

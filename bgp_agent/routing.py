@@ -85,7 +85,8 @@ class Router:
     seconds) times the start-up grace, graceful restart, resyncs and diagnoses; a test may
     pass its own and call reconcile() itself."""
 
-    def __init__(self, store: Store, me: NodeRecord, speaker: Speaker, routes: RouteTable,
+    def __init__(self, store: Store, me: NodeRecord, speaker: Speaker,
+                 routes: RouteTable | None,
                  secrets_dir: str | None = None, dataplane: NodeDataplane | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.store = store
@@ -294,6 +295,8 @@ class Router:
     async def _program_kernel(self, accepted: Mapping[IPv4Address, Mapping[IPv4Network, Path]],
                               own: set[IPv4Network], learned_known: bool,
                               next_hop: Callable[[Path], NextHop] = policy.native) -> None:
+        """Make the kernel's routes match (no route table: a dedicated reflector, pipit-rr,
+        programs none)."""
         now = self.clock()
         if now < self._grace_until and self._all_peers_settled():
             self._grace_until = 0.0  # start-up is over: from now on a lost peer's routes go
@@ -301,6 +304,9 @@ class Router:
         if in_grace and not self._grace_wake_set:  # one pass when the grace ends
             self._wake_at(self._grace_until)
             self._grace_wake_set = True
+
+        if self.routes is None:
+            return
 
         def sync():
             # Learned routes we cannot vouch for yet (agent just started, speaker not
@@ -403,6 +409,10 @@ class Router:
                 state="skipped", reason=skipped.reason))
         self.md5.keep_only({n.address for n in neighbors})
         self.status.peers = sorted(peers, key=lambda p: (p.neighbor.address, p.state))
+        me = self.node_record()
+        self.status.route_reflector_cluster_id = str(me.route_reflector_cluster_id or "")
+        self.status.warnings = policy.reflector_warnings(me, self.nodes.items.values(),
+                                                         neighbors)
         self.status.exported = len(next(iter(exports.values()), {})) if exports else 0
         if not_up and self.clock() >= self._diagnose_at:
             self._diagnose_at = self.clock() + DIAGNOSE_SECONDS

@@ -58,10 +58,14 @@ class Status:
     last_error_at: float = 0.0
     speaker_connected: bool = False
     dataplane: dict = field(default_factory=dict)
+    route_reflector_cluster_id: str = ""  # this node reflects routes for this cluster id
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {
             "node": self.node, "address": self.address, "asNumber": self.as_number,
+            "routeReflectorClusterId": self.route_reflector_cluster_id,
+            "warnings": self.warnings,
             "speakerConnected": self.speaker_connected,
             "kernelRoutes": self.kernel_routes, "blackholes": self.blackholes,
             "exported": self.exported, "lastError": self.last_error,
@@ -72,7 +76,7 @@ class Status:
                 "since": p.since, "reason": p.reason, "received": p.received,
                 "accepted": p.accepted, "rejected": p.rejected, "exported": p.exported,
                 "stale": p.stale, "rejectedReasons": p.rejected_reasons,
-                "maxPrefixes": p.neighbor.max_prefixes,
+                "maxPrefixes": p.neighbor.max_prefixes, "rrClient": p.neighbor.rr_client,
                 "password": p.neighbor.password is not None,
             } for p in self.peers],
         }

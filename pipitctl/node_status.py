@@ -9,7 +9,7 @@ from pipitctl.output import table
 STATE_WORDS = {"up": "Established", "connected": "Connect", "down": "Idle", "idle": "Idle",
                "disabled": "Disabled", "skipped": "Not configured"}
 TYPE_WORDS = {"mesh": "node-to-node mesh", "global": "global", "node": "node specific",
-              "reflector": "route reflector"}
+              "reflector": "route reflector", "peer-node": "node peer"}
 
 
 # BGP NOTIFICATION codes (RFC 4271, 4486, 9234), as ExaBGP reports them: "(code,subcode)"
@@ -45,9 +45,24 @@ def duration(seconds: float) -> str:
     return f"{days}d {text}" if days else text
 
 
+def peer_type(peer: dict, reflector: bool) -> str:
+    """How the peer is to this node: a reflector's clients and fellow reflectors, a client's
+    reflectors, and the rest by how the peer was chosen."""
+    words = TYPE_WORDS.get(peer["type"], peer["type"])
+    if peer["type"] == "peer-node" and peer.get("rrClient"):
+        return "rr client"
+    if reflector and peer.get("rrClient"):
+        return f"{words} (rr client)"
+    if reflector and peer["type"] == "reflector":
+        return f"{words} (non-client)"
+    return words
+
+
 def render(status: dict) -> str:
+    cluster = status.get("routeReflectorClusterId")
+    role = f", route reflector of cluster {cluster}" if cluster else ""
     lines = [f"Pipit agent is running on node {status['node']} "
-             f"({status.get('address') or 'no address'}, AS {status.get('asNumber')})."]
+             f"({status.get('address') or 'no address'}, AS {status.get('asNumber')}{role})."]
     if not status.get("speakerConnected"):
         lines.append("ExaBGP is not connected to the agent: sessions below may be stale.")
     lines += ["", "IPv4 BGP status"]
@@ -65,7 +80,7 @@ def render(status: dict) -> str:
         if up and reasons:
             info += " (" + "; ".join(f"{count} rejected: {why}" for why, count in
                                      sorted(reasons.items())) + ")"
-        rows.append((peer["address"], TYPE_WORDS.get(peer["type"], peer["type"]),
+        rows.append((peer["address"], peer_type(peer, bool(cluster)),
                      peer.get("name") or "-", peer["asNumber"] or "-", peer["state"],
                      since if up else "-", since if not up else "-", peer["received"],
                      peer["accepted"], peer["rejected"], peer["exported"], info))
@@ -75,6 +90,12 @@ def render(status: dict) -> str:
                            rows))
     else:
         lines.append("No BGP peers yet.")
+    if not cluster:
+        reflectors = [p.get("name") or p["address"] for p in status.get("peers", [])
+                      if p["type"] == "reflector" and p["state"] != "skipped"]
+        if reflectors:
+            lines.append(f"Route reflectors: {', '.join(reflectors)}.")
+    lines += [f"Warning: {warning}." for warning in status.get("warnings", [])]
     lines += ["", f"Kernel: {status.get('kernelRoutes', 0)} routes learned, "
                   f"{status.get('blackholes', 0)} blackholes for own blocks; "
                   f"exporting {status.get('exported', 0)} prefixes."]

@@ -265,7 +265,7 @@ def test_a_peer_selector_peers_every_node_with_every_reflector_both_ways():
     # reversePeering Auto: the reflector side comes from the same resource; a node of the
     # same AS with no cluster id, or another one, is a client; another AS is no client
     assert sessions("rr1", [TO_REFLECTORS], mesh=False) == {
-        "a": ("reflector", True), "b": ("reflector", True), "c": ("reflector", False),
+        "a": ("peer-node", True), "b": ("peer-node", True), "c": ("peer-node", False),
         "rr2": ("reflector", False), "rr3": ("reflector", True)}
     manual = peer("to-rr", None, peerSelector="route-reflector == 'true'",
                   nodeSelector="!has(route-reflector)", reversePeering="Manual")
