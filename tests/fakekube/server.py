@@ -335,8 +335,8 @@ class _Handler(BaseHTTPRequestHandler):
                                  "metadata": {"resourceVersion": str(store.resource_version)},
                                  "items": deleted})
             else:
-                raise ApiError(405, f"the server does not allow this method on the requested "
-                                    f"resource")
+                raise ApiError(405, "the server does not allow this method on the requested "
+                                    "resource")
         elif method == "GET":
             self._send(200, store.get(res, ns, name))
         elif method == "PUT":
