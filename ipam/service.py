@@ -46,6 +46,7 @@ from ipam.block import block_capacity
 from ipam.errors import DatastoreUnavailable, InvalidResource, MalformedRequest, PipitError
 from ipam.local_socket import start_private_server
 from ipam.pool import IPPool, pool_of, read_pools
+from ipam.release import stale_attachments
 
 log = logging.getLogger(__name__)
 
@@ -201,9 +202,7 @@ class IPAMService:
         if not prefix.endswith("."):
             raise InvalidResource("GC needs the handle prefix of the network (ending in '.').")
         found = [blocks.from_json(e.value) for e in await self.ipam.store.list(keys.BLOCKS)]
-        stale = sorted({a.handle_id for b in found for a in b.attributes
-                        if a.secondary.get("node") == self.node
-                        and a.handle_id.startswith(prefix) and a.handle_id not in valid})
+        stale = stale_attachments(found, self.node, prefix, valid)
         # all at once: the allocator's queue releases them in a few transactions
         await asyncio.gather(*(self.ipam.release(self.node, h) for h in stale))
         for handle_id in stale:

@@ -23,7 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ipam import cni
-from ipam.cni import SUPPORTED_VERSIONS, handle_id, install
+from ipam.cni import SUPPORTED_VERSIONS, handle_id
+from ipam.cni_install import PYTHON_PLUGIN, install
 from ipam.snapshot import check
 from ipam.store import EtcdConfig
 from lab.cni import Invocation
@@ -763,7 +764,7 @@ def native_bin() -> Path:
     directory = Path(tempfile.mkdtemp(prefix="pipit-t-ipam-native-"))
     try:
         install(str(directory))
-        (directory / cni.PYTHON_PLUGIN).unlink()
+        (directory / PYTHON_PLUGIN).unlink()
         yield directory
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -814,7 +815,7 @@ def test_the_native_front_answers_version_and_an_unreachable_agent_without_pytho
           "pipit-agent is not reachable")
     os.unlink(native.socket)
     fails(native.raw("ADD", stdin), 11, "(no such file or directory)")
-    fails(native.raw("ADD", b"{not json"), 5, cni.PYTHON_PLUGIN, "install the plugin again")
+    fails(native.raw("ADD", b"{not json"), 5, PYTHON_PLUGIN, "install the plugin again")
     nothing_held(etcd, "c1")
 
 
@@ -885,7 +886,7 @@ def test_install_command_writes_the_plugin_and_refuses_in_one_sentence(tmp_path)
         assert len(out.stderr.splitlines()) == 1 and "Traceback" not in out.stderr
     out = install_command(str(tmp_path), "--no-native")
     assert out.returncode == 0
-    assert (tmp_path / "pipit-ipam").read_bytes() == (tmp_path / cni.PYTHON_PLUGIN).read_bytes()
+    assert (tmp_path / "pipit-ipam").read_bytes() == (tmp_path / PYTHON_PLUGIN).read_bytes()
     out = install_command(str(tmp_path), env={"CC": "/bin/false"})
     assert out.returncode == 1 and "could not build" in out.stderr and "--no-native" in out.stderr
     out = install_command()  # no DIR: usage, never the plugin waiting on stdin

@@ -18,7 +18,8 @@ import pytest
 
 from ipam import block as blocks
 from ipam.allocator import IPAM
-from ipam.cni import handle_id, install
+from ipam.cni import handle_id
+from ipam.cni_install import install
 from ipam.errors import PipitError
 from ipam.snapshot import check, load_snapshot
 from ipam.store import EtcdConfig, Store
