@@ -16,7 +16,7 @@ from typing import Any
 from ipam import keys
 from ipam.errors import AlreadyExists, InvalidResource, NotFound, PipitError
 from ipam.pool import check_pool_fits, pool_from_spec, pool_to_document
-from ipam.pools import delete_pool
+from ipam.pool_delete import delete_pool
 from bgp_agent.bgp_config import config_from_spec as bgp_config_from_spec
 from bgp_agent.bgp_peer import check_peer, peer_from_spec, peer_to_document
 from bgp_agent.bgp_config import check_config_input, community_texts
