@@ -85,9 +85,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--etcd-ca-cert", metavar="FILE", help=f"[env {ENV_CA}]")
     parser.add_argument("--etcd-cert", metavar="FILE", help=f"[env {ENV_CERT}]")
     parser.add_argument("--etcd-key", metavar="FILE", help=f"[env {ENV_KEY}]")
+    parser.add_argument("--metrics-address", type=_metrics_address, metavar="HOST:PORT",
+                        help="Serve Prometheus metrics on http://HOST:PORT/metrics (off unless "
+                             "given; :9091 for every address).")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser.parse_args(argv)
+
+
+def _metrics_address(text: str) -> str:
+    from bgp_agent.metrics import metrics_address
+    try:
+        return metrics_address(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def mtu_value(text: str) -> int:
@@ -136,6 +147,9 @@ async def run(args: argparse.Namespace) -> None:
     loop.add_signal_handler(signal.SIGINT, stop_and(True))
     loop.add_signal_handler(signal.SIGUSR1, stop_and(False))
 
+    if args.metrics_address:
+        from bgp_agent import metrics
+        metrics.serve(args.metrics_address)
     async with Store(config) as store:
         ipam = IPAM(store)
         service = None if args.reflector_only else IPAMService(ipam, args.node, args.ipam_socket)
@@ -180,6 +194,11 @@ async def route(store: Store, ipam: IPAM, args: argparse.Namespace, stop: asynci
                     secrets_dir=args.secrets_dir, dataplane=dataplane)
     speaker.on_change = router.changed.set
     status = StatusServer(args.status_socket, router.status.to_json)
+    if args.metrics_address:
+        from bgp_agent import metrics
+        metrics.register(metrics.StatusCollector(router.status.to_json,
+                                                 None if args.reflector_only
+                                                 else router.ipam_usage))
     await speaker.start()
     await status.start()
     task = asyncio.create_task(router.run())

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from bgp_agent.metrics import EXABGP_RESTARTS
+
 log = logging.getLogger("pipit-agent.exabgp")
 
 LOG_ROTATE_BYTES = 10 * 2**20
@@ -126,6 +128,7 @@ class ExaBGPProcess:
                 backoff = 1.0
             log.error("ExaBGP (pid %d) exited with %s; restarting it in %g s. Its last words:\n%s",
                       pid, status, backoff, self.log_tail())
+            EXABGP_RESTARTS.inc()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
             pid = self._spawn()

@@ -22,6 +22,12 @@ from bgp_agent import policy
 from bgp_agent.bgp_config import BGPConfig, config_from_spec
 from bgp_agent.bgp_peer import PasswordRef, peer_from_document, resolve_password
 from bgp_agent.node_dataplane import NodeDataplane
+from bgp_agent.metrics import (
+    KERNEL_ROUTE_CHANGES,
+    KERNEL_ROUTE_ERRORS,
+    RECONCILE_PASSES,
+    RECONCILE_SECONDS,
+)
 from bgp_agent.model import Neighbor, Path, Speaker, SpeakerError
 from bgp_agent.node import NodeRecord, node_from_document
 from bgp_agent.reflection import Reflection, Send, reflected
@@ -46,22 +52,26 @@ STARTUP_GRACE_SECONDS = 120.0  # after a start, learned routes stay until every 
 
 @dataclass(frozen=True)
 class BlockSummary:
-    """What the agent needs of a block: its owner, and the addresses other nodes borrowed
-    from it (address -> the node holding it)."""
+    """What the agent needs of a block: its owner, the addresses other nodes borrowed from it
+    (address -> the node holding it), and how many addresses each node holds in it."""
     cidr: IPv4Network
     node: str | None
     borrowers: Mapping[IPv4Address, str]
+    held: Mapping[str, int]
 
 
 def summarize(entry: Entry) -> BlockSummary:
     block = blocks.from_json(entry.value)
-    borrowers = {}
+    borrowers: dict[IPv4Address, str] = {}
+    held: dict[str, int] = {}
     for ordinal, index in enumerate(block.allocations):
         if index is not None:
             holder = block.attributes[index].secondary.get("node")
+            if holder:
+                held[holder] = held.get(holder, 0) + 1
             if holder and holder != block.node:
                 borrowers[block.address(ordinal)] = holder
-    return BlockSummary(block.cidr, block.node, borrowers)
+    return BlockSummary(block.cidr, block.node, borrowers, held)
 
 
 def decode_bgp_config(entry: Entry) -> BGPConfig:
@@ -141,6 +151,22 @@ class Router:
         return {a for b in self.blocks.items.values() for a, holder in b.borrowers.items()
                 if holder == self.me.name}
 
+    def ipam_usage(self) -> dict[str, dict[str, int]]:
+        """This node's blocks and the addresses it holds, per pool (for metrics)."""
+        pools = list(self.pools.items.values())
+        own = self.own_blocks()
+        usage: dict[str, dict[str, int]] = {"blocks": {}, "addresses": {}}
+        for block in list(self.blocks.items.values()):
+            pool = next((p.name for p in pools if block.cidr.subnet_of(p.cidr)), None)
+            if pool is None:
+                continue
+            if block.cidr in own:
+                usage["blocks"][pool] = usage["blocks"].get(pool, 0) + 1
+            held = block.held.get(self.me.name, 0)
+            if held:
+                usage["addresses"][pool] = usage["addresses"].get(pool, 0) + held
+        return usage
+
     def ownership(self) -> policy.Ownership:
         """Which node's address may announce each block and borrowed address (etcd's word)."""
         address = {n.name: n.address.ip for n in self.nodes.items.values() if n.address}
@@ -162,11 +188,15 @@ class Router:
             while True:
                 await self.changed.wait()
                 self.changed.clear()
+                started = time.monotonic()
                 try:
                     await self.reconcile()
+                    RECONCILE_PASSES.labels("ok").inc()
                 except Exception as error:  # keep routing; say what went wrong
                     log.exception("reconcile failed")
                     self._error(f"reconcile failed: {error}")
+                    RECONCILE_PASSES.labels("error").inc()
+                RECONCILE_SECONDS.observe(time.monotonic() - started)
         finally:
             for task in tasks:
                 task.cancel()
@@ -317,7 +347,12 @@ class Router:
         stats = await asyncio.to_thread(sync)
         if stats.resynced:
             self._wake_at(self.routes.resync_at)
+        for op, count in (("add", stats.added), ("replace", stats.replaced),
+                          ("delete", stats.deleted)):
+            if count:
+                KERNEL_ROUTE_CHANGES.labels(op).inc(count)
         if stats.errors:
+            KERNEL_ROUTE_ERRORS.inc(len(stats.errors))
             self._report_kernel_errors(stats.errors)
         applied = self.routes.applied.values()
         self.status.blackholes = sum(1 for r in applied if r.blackhole)

@@ -37,6 +37,7 @@ from ipam.config import IPAMConfig, config_from_spec
 from ipam.errors import (Conflict, DatastoreUnavailable, InvalidResource, NotFound, PipitError,
                          PoolExhausted)
 from ipam.handle import Handle, check_handle_id
+from ipam.metrics import ETCD_GAVE_UP
 from ipam.pool import IPPool, read_pools, unclaimed_blocks
 from ipam.release import stage_block, stage_handle
 from ipam.store import Entry, Store
@@ -325,6 +326,7 @@ class IPAM:
                 self._remember(view, plan, result.revision)
                 return decided, plan.fresh
             self._absorb(view, result.current)
+        ETCD_GAVE_UP.inc()
         raise Conflict(f"allocation on node {node} kept colliding with concurrent changes after "
                        f"{MAX_ATTEMPTS} attempts; try again.")
 

@@ -45,6 +45,7 @@ from ipam.allocator import IPAM
 from ipam.block import block_capacity
 from ipam.errors import DatastoreUnavailable, InvalidResource, MalformedRequest, PipitError
 from ipam.local_socket import start_private_server
+from ipam.metrics import IPAM_REQUEST_SECONDS, IPAM_REQUESTS
 from ipam.pool import IPPool, pool_of, read_pools
 from ipam.release import stale_attachments
 
@@ -54,6 +55,7 @@ DEFAULT_SOCKET = cni.DEFAULT_SOCKET
 MAX_REQUEST = 1 << 20
 REQUEST_TIMEOUT = 10.0
 POOLS_TTL = 5.0
+METERED_COMMANDS = ("ADD", "DEL", "CHECK", "STATUS", "GC")
 
 
 def budget(timeout) -> float:
@@ -126,15 +128,21 @@ class IPAMService:
         timeout); past that, a try-again error, and whatever the request was about to get
         is given back (the allocator sees its caller cancelled)."""
         limit = budget(request.get("timeout")) if limit is None else limit
+        command = str(request.get("command"))
+        started = time.monotonic()
         try:
-            return await asyncio.wait_for(self._dispatch(request), limit)
+            answer = await asyncio.wait_for(self._dispatch(request), limit)
         except asyncio.TimeoutError:
-            command = request.get("command")
             log.warning("%s %s did not finish within %.3g s", command, request.get("handle", ""),
                         limit)
-            return _error(DatastoreUnavailable(
+            answer = _error(DatastoreUnavailable(
                 f"{command} did not finish within {limit:.3g} s: etcd at "
                 f"{self.ipam.store.config.describe()} is slow or unreachable; try again."))
+        if command in METERED_COMMANDS:  # not whatever a client sends as a label value
+            IPAM_REQUESTS.labels(command, answer["error"]["kind"] if "error" in answer
+                                 else "ok").inc()
+            IPAM_REQUEST_SECONDS.labels(command).observe(time.monotonic() - started)
+        return answer
 
     async def _dispatch(self, request: dict) -> dict:
         command = request.get("command")

@@ -22,6 +22,7 @@ import grpc
 from aetcd import rpc
 
 from ipam.errors import DatastoreUnavailable, InvalidResource
+from ipam.metrics import ETCD_TRANSACTIONS, ETCD_UNAVAILABLE
 
 DEFAULT_ENDPOINTS = "http://127.0.0.1:2379"
 ENV_ENDPOINTS = "PIPIT_ETCD_ENDPOINTS"
@@ -281,6 +282,7 @@ class Store:
         """One sentence for a failed call; with several endpoints that none answered, each
         is asked alone so that the sentence says why each failed (gRPC keeps only the last
         reason)."""
+        ETCD_UNAVAILABLE.inc()
         where = self.config.describe()
         code = error.code()
         timeout = self.config.timeout if timeout is None else timeout
@@ -384,6 +386,7 @@ class Store:
             "Txn", rpc.TxnRequest(compare=compare, success=success, failure=failure),
             writes=True)
         result = TxnResult(response.succeeded, response.header.revision)
+        ETCD_TRANSACTIONS.labels("committed" if response.succeeded else "conflict").inc()
         if not response.succeeded:
             for key, op in zip(expect, response.responses):
                 kvs = op.response_range.kvs

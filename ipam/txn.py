@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 
 from ipam.errors import Conflict, DatastoreUnavailable
+from ipam.metrics import ETCD_GAVE_UP
 from ipam.store import Entry, Store, TxnResult
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ async def transact(store: Store, decide: Callable[[Changes], Awaitable[T]], what
         outcome = await decide(changes)
         if changes.empty or (await changes.commit()).succeeded:
             return outcome
+    ETCD_GAVE_UP.inc()
     raise Conflict(f"{what} kept colliding with concurrent changes after {MAX_ATTEMPTS} attempts; "
                    "try again.")
 

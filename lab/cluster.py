@@ -64,6 +64,7 @@ BIN = Path(sys.executable).parent  # the virtualenv's console scripts
 TOPOLOGIES = ("mesh", "racks", "rr")
 CLUSTER_ID = "244.0.0.1"  # rr: the reflectors' cluster id
 BIRD_REFLECTOR_PORT = 1179  # rr with BIRD reflectors: where they listen
+METRICS_PORT = 9091  # every agent's /metrics, on 127.0.0.1 of its node's namespace
 DEFAULT_ROUTE = IPv4Network("0.0.0.0/0")
 COMMUNITY = "64512:100"  # attached to every block the nodes export to their ToR
 
@@ -466,6 +467,7 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
                 "--ip", info["address"], "--etcd-endpoints", self.etcd_endpoint,
                 "--state-dir", str(state), "--ipam-socket", str(self.ipam_socket(node)),
                 "--status-socket", str(self.status_socket(node)), "--exabgp", "spawn",
+                "--metrics-address", f"127.0.0.1:{METRICS_PORT}",
                 *self._node_options(node, info["index"])]
 
     def _node_options(self, node: str, index: int) -> list[str]:

@@ -102,9 +102,10 @@ class Plugin:
         return parse_output(run, "pipit-ipam", command)
 
 
-def start_agent(etcd: EtcdConfig, directory: Path, node: str = NODE) -> AgentProcess:
+def start_agent(etcd: EtcdConfig, directory: Path, node: str = NODE,
+                extra_args: tuple[str, ...] = ()) -> AgentProcess:
     return AgentProcess(node, directory / f"{node}.sock", etcd.endpoints,
-                        directory / f"{node}.log").start()
+                        directory / f"{node}.log", extra_args=extra_args).start()
 
 
 def add_pools(etcd: EtcdConfig, *pools: tuple[str, str, dict]) -> None:
