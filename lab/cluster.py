@@ -52,7 +52,7 @@ import yaml
 from bgp_agent.status import read_status
 from lab import netns
 from lab.cni import Attachment, CNIRuntime, NetworkConfig, install_bin_dir
-from lab.etcd import EtcdServer
+from lab.etcd import EtcdServer, make_tls_files
 from lab.process import alive, command_line, kill, wait
 from lab.routers import FabricRouter, RouterPeer, RouterSpec, make_router
 
@@ -133,6 +133,7 @@ class Lab:
     racks: int = 2
     nodes_per_rack: int = 2
     password: str | None = None  # racks: TCP MD5 between nodes and ToRs, from a secret
+    etcd_tls: bool = False  # etcd with TLS client certificates (made with openssl)
     routers: dict[int, FabricRouter] = field(default_factory=dict, repr=False)  # racks: rack -> ToR
 
     def __post_init__(self) -> None:
@@ -252,16 +253,25 @@ class Lab:
     def start_etcd(self) -> None:
         if self._etcd_pid():
             return
-        server = EtcdServer(data_dir=self.directory / "etcd", unix_socket=True)
+        tls = make_tls_files(self.directory / "etcd-tls") if self.etcd_tls else None
+        server = EtcdServer(data_dir=self.directory / "etcd", unix_socket=True, tls=tls)
         server.start()
         self._save(etcd={"pid": server.process.pid, "endpoint": server.endpoint,
-                         "unix": self.etcd_endpoint})
+                         "unix": self.etcd_endpoint,
+                         "tls": tls and {"ca": tls.ca, "cert": tls.client_cert,
+                                         "key": tls.client_key}})
         self.log(f"etcd running at {server.endpoint} (nodes use {self.etcd_endpoint})")
+
+    def etcd_tls_flags(self) -> list[str]:
+        """The client certificate flags of an etcd with TLS (none without)."""
+        tls = self._state().get("etcd", {}).get("tls")
+        return (["--etcd-ca-cert", tls["ca"], "--etcd-cert", tls["cert"], "--etcd-key",
+                 tls["key"]] if tls else [])
 
     def pipitctl(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "pipitctl"), "--etcd-endpoints",
-                               self.etcd_host_endpoint, *args], input=input, text=True,
-                              capture_output=True)
+                               self.etcd_host_endpoint, *self.etcd_tls_flags(), *args],
+                              input=input, text=True, capture_output=True)
 
     def configure_cluster(self) -> None:
         documents = f"""\
@@ -465,6 +475,7 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
         program = "pipit-rr" if info.get("reflector") else "pipit-agent"
         return [*netns.exec_prefix(info["netns"]), str(BIN / program), "--node", node,
                 "--ip", info["address"], "--etcd-endpoints", self.etcd_endpoint,
+                *self.etcd_tls_flags(),
                 "--state-dir", str(state), "--ipam-socket", str(self.ipam_socket(node)),
                 "--status-socket", str(self.status_socket(node)), "--exabgp", "spawn",
                 "--metrics-address", f"127.0.0.1:{METRICS_PORT}",
@@ -635,8 +646,11 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
         """Show every node's status (through `render`) and the ping matrix; whether all is
         well."""
         ok = True
+        tls = self._state().get("etcd", {}).get("tls")
         self.log(f"etcd: {self.etcd_host_endpoint} (for pipitctl: export "
-                 f"PIPIT_ETCD_ENDPOINTS={self.etcd_host_endpoint})")
+                 f"PIPIT_ETCD_ENDPOINTS={self.etcd_host_endpoint}"
+                 + (f" PIPIT_ETCD_CA_CERT_FILE={tls['ca']} PIPIT_ETCD_CERT_FILE={tls['cert']} "
+                    f"PIPIT_ETCD_KEY_FILE={tls['key']}" if tls else "") + ")")
         for node in self.nodes():
             status = self.status(node)
             self.log(f"\n== {node}")

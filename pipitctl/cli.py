@@ -323,9 +323,11 @@ def lab_errors() -> Iterator[None]:
 @click.option("--reflector", type=click.Choice(["pipit", "bird"]), default="pipit",
               show_default=True, help="rr: the reflectors' implementation (pipit-rr, or BIRD "
                                       "2 on port 1179).")
+@click.option("--etcd-tls", is_flag=True, help="etcd with TLS client certificates (a CA and "
+                                               "certificates made with openssl).")
 @lab_dir
 def lab_up(nodes: int, pods_per_node: int, topology: str, router: str, route_reflectors: int,
-           reflector: str, directory: str) -> None:
+           reflector: str, etcd_tls: bool, directory: str) -> None:
     """Start (or complete) the lab; print node status and a pod-to-pod ping matrix."""
     from lab.cluster import Lab
     running = Lab(Path(directory)).running_topology()
@@ -335,8 +337,8 @@ def lab_up(nodes: int, pods_per_node: int, topology: str, router: str, route_ref
                               "`pipitctl lab down` first.")
     with lab_errors():
         ok = Lab(Path(directory), topology=topology, router=router,
-                 reflectors=route_reflectors, reflector=reflector).up(nodes, pods_per_node,
-                                                                      render_status)
+                 reflectors=route_reflectors, reflector=reflector,
+                 etcd_tls=etcd_tls).up(nodes, pods_per_node, render_status)
     if not ok:
         raise SystemExit(1)
 
