@@ -42,6 +42,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
@@ -135,6 +136,7 @@ class Lab:
     password: str | None = None  # racks: TCP MD5 between nodes and ToRs, from a secret
     etcd_tls: bool = False  # etcd with TLS client certificates (made with openssl)
     routers: dict[int, FabricRouter] = field(default_factory=dict, repr=False)  # racks: rack -> ToR
+    _pods_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         if self.topology not in TOPOLOGIES:
@@ -204,7 +206,10 @@ class Lab:
 
     def _save(self, **changes) -> None:
         state = {**self._state(), **changes}
-        (self.directory / "lab.json").write_text(json.dumps(state, indent=2))
+        path = self.directory / "lab.json"
+        tmp = path.with_name(f"lab.json.{os.getpid()}.{threading.get_ident()}")
+        tmp.write_text(json.dumps(state, indent=2))
+        os.replace(tmp, path)  # readers never see half a file
 
     def running_topology(self) -> str | None:
         """The topology of the lab in this directory, if one is up."""
@@ -599,11 +604,29 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
                                 args=(("K8S_POD_NAMESPACE", "lab"), ("K8S_POD_NAME", name)))
         result = self.runtime(node).add(self.network(node), attachment)
         address = result["ips"][0]["address"].split("/")[0]
-        pods = self._state().get("pods", {})
-        pods[name] = {"node": node, "netns": ns, "address": address}
-        self._save(pods=pods)
+        with self._pods_lock:  # pods come and go from several threads (the soak test)
+            pods = self._state().get("pods", {})
+            pods[name] = {"node": node, "netns": ns, "address": address}
+            self._save(pods=pods)
         self.log(f"{node}: pod {name} has {address}")
         return Pod(name, node, ns, address)
+
+    def remove_pod(self, name: str, node: str | None = None) -> None:
+        """The pod goes as a runtime deletes one: CNI DEL (its address is released), then
+        its namespace. With `node`, also a pod whose ADD failed (a runtime DELs it until
+        that works)."""
+        pod = self._state().get("pods", {}).get(name)
+        if pod is None and node is None:
+            return
+        pod = pod or {"node": node, "netns": f"{self.prefix}{name}"}
+        attachment = Attachment(container_id=f"lab-{name}", netns=netns.path_of(pod["netns"]))
+        self.runtime(pod["node"]).delete(self.network(pod["node"]), attachment)
+        if netns.exists(pod["netns"]):
+            netns.delete(pod["netns"])
+        with self._pods_lock:
+            pods = self._state().get("pods", {})
+            pods.pop(name, None)
+            self._save(pods=pods)
 
     def all_pods(self) -> list[Pod]:
         return [Pod(name, p["node"], p["netns"], p["address"])

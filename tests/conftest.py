@@ -9,6 +9,7 @@ Every test is in one tier (`scripts/test -m unit` runs one; `scripts/test` runs 
     netns  root: network namespaces, real kernel routes, ExaBGP, BIRD/FRR/GoBGP, CNI plugins
     lab    root: whole lab clusters end to end
     vm     root: Debian's kernel under qemu (the IPIP test)
+    soak   root: a lab under minutes of churn and faults (PIPIT_SOAK_SECONDS, default 150)
 
 A module or test says its tier with a marker (`pytestmark = pytest.mark.netns`); one without
 is `etcd` if it uses an etcd fixture, else `unit`. A real part a test needs that is missing
@@ -30,8 +31,8 @@ from lab.etcd import EtcdServer
 from tests.helpers import require
 
 
-TIERS = ("unit", "etcd", "kube", "netns", "lab", "vm")
-ROOT_TIERS = ("netns", "lab", "vm")
+TIERS = ("unit", "etcd", "kube", "netns", "lab", "vm", "soak")
+ROOT_TIERS = ("netns", "lab", "vm", "soak")
 ETCD_FIXTURES = {"etcd", "etcd_server", "own_etcd"}
 
 
