@@ -69,6 +69,8 @@ class Document:
     spec: Mapping
     labels: Mapping[str, str]
     annotations: Mapping[str, str] = field(default_factory=dict)
+    # metadata.resourceVersion, as `get` showed it: the etcd mod_revision the object had
+    resource_version: int | None = None
 
 
 # -- reading YAML that may be hostile -------------------------------------------------------
@@ -217,12 +219,23 @@ def read_document(doc: Mapping) -> Document:
     name = check_name(kind, metadata.get("name"))
     labels = _string_map(metadata, "labels", kind, name)
     annotations = _string_map(metadata, "annotations", kind, name)
+    version = metadata.get("resourceVersion")
+    if version is not None and version != "":
+        if isinstance(version, bool) or not isinstance(version, (str, int)) \
+                or not str(version).isascii() or not str(version).isdigit() \
+                or len(str(version)) > 19 or int(version) < 1:
+            raise InvalidResource(f"{kind} {name!r}: metadata.resourceVersion {shown(version)} "
+                                  "is not one `pipitctl get` shows; remove it, or get the "
+                                  "resource again.")
+        version = int(version)
+    else:
+        version = None
     spec = doc.get("spec")
     if spec is None:
         spec = {}
     if not isinstance(spec, dict):
         raise InvalidResource(f"{kind} {name!r}: spec must be a mapping.")
-    return Document(kind, name, spec, labels, annotations)
+    return Document(kind, name, spec, labels, annotations, version)
 
 
 def _string_map(metadata: Mapping, field_name: str, kind: str, name: str) -> dict[str, str]:

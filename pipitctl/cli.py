@@ -25,7 +25,8 @@ from ipam.txn import Changes, transact
 from bgp_agent.status import DEFAULT_STATUS_SOCKET, read_status
 from pipitctl import output
 from pipitctl.node_status import render as render_status
-from pipitctl.resources import apply_objects, delete_object, get_objects, kind_named, read_objects
+from pipitctl.resources import (CREATE, apply_objects, delete_object, get_objects, kind_named,
+                                read_objects)
 
 
 _ETCD_OPTIONS = (
@@ -106,7 +107,7 @@ async def apply(store: Store, filename: str) -> None:
 @etcd_options
 async def create(store: Store, filename: str) -> None:
     """Create the resources in a file; fails if any already exists."""
-    for line in await apply_objects(store, read_objects(read_input(filename)), create_only=True):
+    for line in await apply_objects(store, read_objects(read_input(filename)), CREATE):
         click.echo(line)
 
 
@@ -121,7 +122,7 @@ async def delete(store: Store, kind: str | None, name: str | None, filename: str
                  force: bool) -> None:
     """Delete a resource: `delete ippool NAME` or `delete -f FILE`."""
     if filename:
-        targets = [(k, o.name) for k, o in read_objects(read_input(filename))]
+        targets = [(i.kind, i.name) for i in read_objects(read_input(filename))]
     elif kind and name:
         targets = [(kind_named(kind), name)]
     else:
@@ -140,15 +141,15 @@ async def delete(store: Store, kind: str | None, name: str | None, filename: str
 async def get(store: Store, kind: str, name: str | None, fmt: str) -> None:
     """Show resources: `get ippools [NAME] -o table|wide|yaml|json`."""
     k = kind_named(kind)
-    objects = await get_objects(store, k, name)
+    found = await get_objects(store, k, name)
     if fmt == "yaml":
-        click.echo(output.documents_yaml([k.to_document(o) for o in objects]))
+        click.echo(output.documents_yaml([s.document() for s in found]))
     elif fmt == "json":
-        click.echo(output.documents_json([k.to_document(o) for o in objects], name is not None))
+        click.echo(output.documents_json([s.document() for s in found], name is not None))
     elif fmt == "wide":
-        click.echo(output.table(k.wide_columns, [k.wide_row(o) for o in objects]))
+        click.echo(output.table(k.wide_columns, [k.wide_row(s.obj) for s in found if s.obj]))
     else:
-        click.echo(output.table(k.columns, [k.row(o) for o in objects]))
+        click.echo(output.table(k.columns, [k.row(s.obj) for s in found if s.obj]))
 
 
 @cli.group()

@@ -8,13 +8,13 @@ it lands or none of it does.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
 
 from ipam import keys
-from ipam.errors import AlreadyExists, InvalidResource, NotFound, PipitError
+from ipam.errors import AlreadyExists, Conflict, InvalidResource, NotFound, PipitError
 from ipam.pool import check_pool_fits, pool_from_spec, pool_to_document
 from ipam.pools import delete_pool
 from bgp_agent.bgp_config import config_from_spec as bgp_config_from_spec
@@ -26,7 +26,8 @@ from ipam.release import release_handle, release_host_affinities
 from ipam.resource import (Document, check_metadata, make_document, parse_documents,
                            read_document, with_metadata)
 from ipam.store import Store
-from ipam.txn import Changes, transact
+from ipam.txn import MAX_ATTEMPTS, Changes, transact
+from pipitctl.commit import Write, commit
 from pipitctl.output import yes_no
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,10 @@ class Kind:
     check_with: Callable[[Any, list[Any], dict[str, list[Any]]], None] | None = None
     # rules for what comes in that stored documents need not meet (an agent still reads them)
     check_input: Callable[[Document], None] | None = None
+    # the checks read every stored object of the kind: a write is guarded by the whole prefix
+    reads_all: bool = False
+    # other keys (of the kinds in `needs`) whose current values a check rests on
+    depends_on: Callable[[Any], Iterable[str]] | None = None
 
     def key(self, name: str) -> str:
         return keys.resource_key(self.segment or self.plural, name)
@@ -70,7 +75,7 @@ IPPOOL = Kind(
     name="IPPool", plural="ippools", aliases=("ippool", "ipp", "pool", "pools"),
     parse=lambda d: with_metadata(pool_from_spec(d.name, dict(d.spec)), d),
     to_document=pool_to_document,
-    check=check_pool_fits,
+    check=check_pool_fits, reads_all=True,
     columns=("NAME", "CIDR", "SELECTOR"),
     row=lambda p: (p.name, p.cidr, p.node_selector),
     wide_columns=("NAME", "CIDR", "BLOCKSIZE", "NAT", "IPIPMODE", "VXLANMODE", "DISABLED",
@@ -148,7 +153,8 @@ BGP_PEER = Kind(
     name="BGPPeer", plural="bgppeers", aliases=("bgppeer", "peer", "peers"),
     parse=lambda d: with_metadata(peer_from_spec(d.name, dict(d.spec)), d),
     to_document=peer_to_document,
-    check=_no_check, needs=("nodes",),
+    check=_no_check, needs=("nodes",), reads_all=True,
+    depends_on=lambda peer: [keys.node_key(peer.node)] if peer.node else [],
     check_with=lambda peer, peers, others: check_peer(peer, peers, others["nodes"]),
     columns=("NAME", "PEERIP", "NODE", "ASN"),
     row=lambda p: (p.name, p.endpoint, _peer_scope(p), p.as_number),
@@ -173,7 +179,26 @@ def kind_named(word: str) -> Kind:
     raise InvalidResource(f"unknown resource type {word!r}; Pipit knows: {known}.")
 
 
-def read_objects(text: str) -> list[tuple[Kind, Any]]:
+@dataclass(frozen=True)
+class Incoming:
+    """A validated resource from the input."""
+    kind: Kind
+    obj: Any
+    resource_version: int | None = None  # metadata.resourceVersion: apply only over that
+    number: int = 1  # its place in the input, for messages
+    of: int = 1  # how many the input holds
+
+    @property
+    def name(self) -> str:
+        return self.kind.name_of(self.obj)
+
+    @property
+    def where(self) -> str:
+        """"document N: " when the input holds several, to start a message with."""
+        return f"document {self.number}: " if self.of > 1 else ""
+
+
+def read_objects(text: str) -> list[Incoming]:
     """Parse and validate every document of a file; errors say which document."""
     raw = parse_documents(text)
     flat: list[dict] = []
@@ -203,74 +228,167 @@ def read_objects(text: str) -> list[tuple[Kind, Any]]:
             if earlier != number:
                 raise InvalidResource(f"{kind.word} {kind.name_of(obj)!r} is also document "
                                       f"{earlier}; give each resource once.")
-            objects.append((kind, obj))
+            objects.append(Incoming(kind, obj, document.resource_version, number, len(flat)))
         except InvalidResource as error:
             prefix = f"document {number}: " if len(flat) > 1 else ""
             raise InvalidResource(f"{prefix}{error}") from None
     return objects
 
 
-async def _stored(changes: Changes, kind: Kind) -> dict[str, Any]:
-    """Every stored object of a kind, each read recorded so a concurrent change fails the txn."""
-    found = {}
-    for entry in await changes.store.list(kind.prefix):
-        changes.saw(entry.key, entry.mod_revision)
+# -- what etcd holds ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Stored:
+    """A stored resource: its object (None when it fails today's validation), the reason it
+    fails, and the mod_revision it had when read (its resourceVersion)."""
+    kind: Kind
+    name: str
+    revision: int
+    value: Any  # the stored JSON document
+    obj: Any = None
+    invalid: str | None = None
+
+    def document(self) -> dict:
+        """As `get -o yaml|json` shows it: with metadata.resourceVersion."""
+        document = self.kind.to_document(self.obj) if self.obj is not None else dict(self.value)
+        metadata = dict(document.get("metadata") or {})
+        document["metadata"] = {"name": metadata.pop("name", self.name),
+                                "resourceVersion": str(self.revision), **metadata}
+        return document
+
+
+@dataclass
+class Listing:
+    """Every stored resource of one kind, by name, and the etcd revision it was read at."""
+    kind: Kind
+    items: dict[str, Stored]
+    revision: int
+
+    @property
+    def valid(self) -> dict[str, Any]:
+        return {n: s.obj for n, s in self.items.items() if s.obj is not None}
+
+
+def _name_of_key(kind: Kind, key: str) -> str:
+    return key.removeprefix(kind.prefix)
+
+
+async def read_kind(store: Store, kind: Kind) -> Listing:
+    entries, revision = await store.list_with_revision(kind.prefix)
+    items = {}
+    for entry in entries:
+        name = _name_of_key(kind, entry.key)
         try:
+            if not isinstance(entry.value, dict):
+                raise InvalidResource("it is not a JSON object.")
             document = read_document(entry.value)
-            found[document.name] = kind.parse(document)
+            obj = kind.parse(document)
+            if kind.name_of(obj) != name:
+                raise InvalidResource(f"it is named {kind.name_of(obj)!r} inside.")
+            items[name] = Stored(kind, name, entry.mod_revision, entry.value, obj)
         except PipitError as error:
-            log.warning("ignoring invalid stored %s at %s: %s", kind.name, entry.key, error)
-    return found
+            log.warning("invalid stored %s at %s: %s", kind.name, entry.key, error)
+            items[name] = Stored(kind, name, entry.mod_revision, entry.value,
+                                 invalid=str(error))
+    return Listing(kind, items, revision)
 
 
-async def apply_objects(store: Store, objects: Sequence[tuple[Kind, Any]],
-                        create_only: bool = False) -> list[str]:
-    """Create or replace every object (all or nothing); one line per object saying what happened."""
-    async def decide(changes: Changes) -> list[str]:
-        stored: dict[Kind, dict[str, Any]] = {}
-        lines = []
-        for number, (kind, obj) in enumerate(objects, 1):
-            current = stored.get(kind)
-            if current is None:
-                current = stored[kind] = await _stored(changes, kind)
-            name = kind.name_of(obj)
-            prefix = f"document {number}: " if len(objects) > 1 else ""
-            if create_only and name in current:
-                raise AlreadyExists(f"{prefix}{kind.word} {name!r} already exists; use "
-                                    "`pipitctl apply` to change it.")
-            try:
-                kind.check(obj, list(current.values()))
-                if kind.check_with is not None:
-                    others = {}
-                    for plural in kind.needs:
-                        other = kind_named(plural)
-                        if other not in stored:
-                            stored[other] = await _stored(changes, other)
-                        others[plural] = list(stored[other].values())
-                    kind.check_with(obj, list(current.values()), others)
-            except InvalidResource as error:
-                raise InvalidResource(f"{prefix}{error}") from None
-            if name not in current:
-                action = "created"
-            elif current[name] == obj:
-                action = "unchanged"
-            else:
-                action = "configured"
-            if action != "unchanged":
-                changes.put(kind.key(name), kind.to_document(obj))
-            current[name] = obj
-            lines.append(f"{kind.word} {name!r} {action}")
-        return lines
-    return await transact(store, decide, "applying the resources")
+# -- apply, create, replace ---------------------------------------------------------------------
+
+APPLY, CREATE, REPLACE = "apply", "create", "replace"
 
 
-async def get_objects(store: Store, kind: Kind, name: str | None = None) -> list[Any]:
-    objects = await _stored(Changes(store), kind)
+def plan_writes(objects: Sequence[Incoming], listings: dict[Kind, Listing], mode: str = APPLY,
+                skip_existing: bool = False) -> tuple[list[Write], dict[str, int], list[str]]:
+    """Decide every object against the listings (and the documents before it): the writes,
+    the prefixes whose whole listing the decisions rest on (at their revisions), and one line
+    per object saying what happens to it. Raises on the first object that cannot be written."""
+    current = {kind: listing.valid for kind, listing in listings.items()}
+    writes: list[Write] = []
+    ranges: dict[str, int] = {}
+    lines = []
+    for incoming in objects:
+        kind, obj, name = incoming.kind, incoming.obj, incoming.name
+        listing, where = listings[kind], incoming.where
+        stored = listing.items.get(name)
+        what = f"{where}{kind.word} {name!r}"
+        if stored is not None and mode == CREATE:
+            if skip_existing:
+                lines.append(f"{kind.word} {name!r} already exists (skipped)")
+                continue
+            raise AlreadyExists(f"{what} already exists; use `pipitctl apply` to change it.")
+        if stored is None and mode == REPLACE:
+            raise NotFound(f"{what} does not exist; use `pipitctl apply` or `pipitctl create` "
+                           "to create it.")
+        revision = stored.revision if stored is not None else 0
+        if incoming.resource_version is not None:
+            if mode == CREATE:
+                raise InvalidResource(f"{what} has metadata.resourceVersion, which only a "
+                                      "resource that exists has; remove it to create one.")
+            if incoming.resource_version != revision:
+                now = (f"it is at resourceVersion {revision}" if stored is not None
+                       else "it was deleted")
+                raise Conflict(f"{what} changed since resourceVersion "
+                               f"{incoming.resource_version} ({now}); get it again, make your "
+                               "change to that and apply it.")
+        same_kind = list(current[kind].values())
+        try:
+            kind.check(obj, same_kind)
+            if kind.check_with is not None:
+                others = {plural: list(current[kind_named(plural)].values())
+                          for plural in kind.needs}
+                kind.check_with(obj, same_kind, others)
+        except InvalidResource as error:
+            raise InvalidResource(f"{where}{error}") from None
+        if kind.reads_all:
+            ranges[kind.prefix] = listing.revision
+        if stored is None:
+            action = "created"
+        elif stored.obj == obj:
+            action = "unchanged"
+        else:
+            action = "configured"
+        if action != "unchanged":
+            depends = tuple((key, _revision_of(listings, key))
+                            for key in (kind.depends_on(obj) if kind.depends_on else ()))
+            writes.append(Write(kind.key(name), revision, kind.to_document(obj),
+                                old=stored.value if stored is not None else None,
+                                depends=depends))
+        current[kind][name] = obj
+        lines.append(f"{kind.word} {name!r} {action}")
+    return writes, ranges, lines
+
+
+def _revision_of(listings: dict[Kind, Listing], key: str) -> int:
+    for listing in listings.values():
+        if key.startswith(listing.kind.prefix):
+            stored = listing.items.get(_name_of_key(listing.kind, key))
+            return stored.revision if stored is not None else 0
+    raise ValueError(f"{key} is in no listing")
+
+
+async def apply_objects(store: Store, objects: Sequence[Incoming], mode: str = APPLY,
+                        skip_existing: bool = False) -> list[str]:
+    """Create or update every object, all or nothing, also when there are more than one etcd
+    transaction holds; one line per object saying what happened."""
+    kinds = {i.kind for i in objects}
+    kinds |= {kind_named(p) for k in kinds for p in k.needs}
+    for _ in range(MAX_ATTEMPTS):
+        listings = {kind: await read_kind(store, kind) for kind in kinds}
+        writes, ranges, lines = plan_writes(objects, listings, mode, skip_existing)
+        if await commit(store, writes, ranges):
+            return lines
+    raise Conflict(f"applying the resources kept colliding with concurrent changes after "
+                   f"{MAX_ATTEMPTS} attempts; try again.")
+
+
+async def get_objects(store: Store, kind: Kind, name: str | None = None) -> list[Stored]:
+    listing = await read_kind(store, kind)
     if name is None:
-        return [objects[n] for n in sorted(objects)]
-    if name not in objects:
+        return [listing.items[n] for n in sorted(listing.items)]
+    if name not in listing.items:
         raise NotFound(f"{kind.word} {name!r} not found.")
-    return [objects[name]]
+    return [listing.items[name]]
 
 
 async def delete_object(store: Store, kind: Kind, name: str, force: bool = False) -> str:
