@@ -167,6 +167,16 @@ def _check_shape(text: str) -> None:
 
 
 def parse_documents(text: str) -> list[dict]:
+    """Every non-empty document of a YAML (or JSON) stream, in order, each a mapping."""
+    docs = load_documents(text)
+    for number, doc in enumerate(docs, 1):
+        if not isinstance(doc, dict):
+            raise InvalidResource(f"document {number} is not a mapping with apiVersion, kind, "
+                                  "metadata and spec.")
+    return docs
+
+
+def load_documents(text: str) -> list:
     """Every non-empty document of a YAML (or JSON) stream, in order. Input past the limits
     above, aliases that expand past them (a "billion laughs"), recursive aliases, keys given
     twice and numbers too long to be any field are refused in one sentence."""
@@ -185,10 +195,6 @@ def parse_documents(text: str) -> list[dict]:
         where = f" at line {mark.line + 1}" if mark else ""
         problem = getattr(error, "problem", None) or "cannot be parsed"
         raise InvalidResource(f"the input is not valid YAML{where}: {problem}.") from None
-    for number, doc in enumerate(docs, 1):
-        if not isinstance(doc, dict):
-            raise InvalidResource(f"document {number} is not a mapping with apiVersion, kind, "
-                                  "metadata and spec.")
     return docs
 
 

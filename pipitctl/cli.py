@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,13 +21,14 @@ from ipam import keys
 from ipam.release import release_addresses
 from ipam.snapshot import blocks_of, check, load_snapshot, lookup, pool_usage
 from ipam.store import ENV_CA, ENV_CERT, ENV_ENDPOINTS, ENV_KEY, EtcdConfig, Store
-from ipam.resource import MAX_INPUT_BYTES
+from ipam.resource import MAX_INPUT_BYTES, load_documents
 from ipam.txn import Changes, transact
 from bgp_agent.status import DEFAULT_STATUS_SOCKET, read_status
 from pipitctl import output
 from pipitctl.node_status import render as render_status
-from pipitctl.resources import (CREATE, apply_objects, delete_object, get_objects, kind_named,
-                                read_objects)
+from pipitctl.resources import (CREATE, REPLACE, apply_objects, delete_objects, edit_object,
+                                get_objects, kind_named, merge_patch, parse_label_changes,
+                                read_objects, relabel)
 
 
 _ETCD_OPTIONS = (
@@ -64,27 +66,57 @@ def etcd_options(command: Callable) -> Callable:
     return wrapper
 
 
-def read_input(filename: str) -> str:
-    """A file's text (stdin for -): at most MAX_INPUT_BYTES, UTF-8."""
-    where = "stdin" if filename == "-" else filename
+def read_input(filename: str) -> list[tuple[str, str]]:
+    """(name, text) of each file the -f argument names: a file, stdin for -, or every .yaml,
+    .yml and .json file of a directory (in name order); at most MAX_INPUT_BYTES in all, UTF-8."""
+    if filename != "-" and os.path.isdir(filename):
+        names = sorted(n for n in os.listdir(filename)
+                       if n.endswith((".yaml", ".yml", ".json")) and not n.startswith("."))
+        if not names:
+            raise InvalidResource(f"directory {filename} holds no .yaml, .yml or .json file.")
+        paths = [os.path.join(filename, n) for n in names]
+    else:
+        paths = [filename]
+    sources, left = [], MAX_INPUT_BYTES
+    for path in paths:
+        text = _read_text(path, left, filename)
+        left -= len(text.encode())
+        sources.append((path if len(paths) > 1 else "", text))
+    return sources
+
+
+def _read_text(path: str, limit: int, named: str) -> str:
+    where = "stdin" if path == "-" else named if path == named else f"{named} (in all)"
     try:
-        if filename == "-":
-            data = sys.stdin.buffer.read(MAX_INPUT_BYTES + 1)
+        if path == "-":
+            data = sys.stdin.buffer.read(limit + 1)
         else:
-            with open(filename, "rb") as f:
-                data = f.read(MAX_INPUT_BYTES + 1)
-        if len(data) > MAX_INPUT_BYTES:
+            with open(path, "rb") as f:
+                data = f.read(limit + 1)
+        if len(data) > limit:
             raise InvalidResource(f"{where} is larger than the {MAX_INPUT_BYTES} bytes pipitctl "
                                   "reads at once; split it into smaller files.")
         return data.decode("utf-8")
     except OSError as error:
-        raise InvalidResource(f"cannot read {filename}: {error.strerror}.") from None
+        raise InvalidResource(f"cannot read {path}: {error.strerror}.") from None
     except UnicodeDecodeError:
-        raise InvalidResource(f"cannot read {where}: it is not UTF-8 text.") from None
+        raise InvalidResource(f"cannot read {'stdin' if path == '-' else path}: it is not "
+                              "UTF-8 text.") from None
 
 
-file_option = click.option("-f", "--filename", required=True, metavar="FILE",
-                           help="YAML or JSON file with one or more resources, - for stdin.")
+def _read_file_option(ctx, param, value):
+    # read while the command line is parsed, before any event loop: Ctrl-C then interrupts a
+    # read of stdin at once (inside asyncio.run the first SIGINT only waits for the read)
+    return None if value is None else read_input(value)
+
+
+def file_option(required: bool = True, help: str = "YAML or JSON file with one or more "
+                "resources, a directory of them, or - for stdin."):
+    return click.option("-f", "--filename", "sources", required=required, metavar="FILE|DIR|-",
+                        callback=_read_file_option, help=help)
+
+
+KINDS_HELP = "ippools, bgppeers, bgpconfigurations or nodes"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -93,63 +125,147 @@ def cli(**etcd) -> None:
     """Manage Pipit pod networking: IP pools, IP address management and BGP."""
 
 
+def _echo_lines(lines: list[str]) -> None:
+    for line in lines:
+        click.echo(line)
+
+
 @cli.command()
-@file_option
+@file_option()
 @etcd_options
-async def apply(store: Store, filename: str) -> None:
+async def apply(store: Store, sources) -> None:
     """Create or update the resources in a file (all or nothing)."""
-    for line in await apply_objects(store, read_objects(read_input(filename))):
-        click.echo(line)
+    _echo_lines(await apply_objects(store, read_objects(sources)))
 
 
 @cli.command()
-@file_option
+@file_option()
+@click.option("--skip-exists", is_flag=True, help="Leave the resources that exist as they are.")
 @etcd_options
-async def create(store: Store, filename: str) -> None:
-    """Create the resources in a file; fails if any already exists."""
-    for line in await apply_objects(store, read_objects(read_input(filename)), CREATE):
-        click.echo(line)
+async def create(store: Store, sources, skip_exists: bool) -> None:
+    """Create the resources in a file; fails (writing none) if any already exists."""
+    _echo_lines(await apply_objects(store, read_objects(sources), CREATE, skip_exists))
+
+
+@cli.command()
+@file_option()
+@etcd_options
+async def replace(store: Store, sources) -> None:
+    """Update the resources in a file; fails (writing none) if any does not exist."""
+    _echo_lines(await apply_objects(store, read_objects(sources), REPLACE))
 
 
 @cli.command()
 @click.argument("kind", required=False)
-@click.argument("name", required=False)
-@click.option("-f", "--filename", metavar="FILE", help="Delete the resources named in a file.")
+@click.argument("names", nargs=-1)
+@file_option(required=False, help="Delete the resources named in a file, a directory of "
+                                  "them, or - for stdin.")
+@click.option("-s", "--skip-not-exists", is_flag=True,
+              help="Delete the others when some do not exist.")
 @click.option("--force", is_flag=True,
               help="Delete an IP pool even while addresses in it are in use (releases them).")
 @etcd_options
-async def delete(store: Store, kind: str | None, name: str | None, filename: str | None,
-                 force: bool) -> None:
-    """Delete a resource: `delete ippool NAME` or `delete -f FILE`."""
-    if filename:
-        targets = [(i.kind, i.name) for i in read_objects(read_input(filename))]
-    elif kind and name:
-        targets = [(kind_named(kind), name)]
+async def delete(store: Store, kind: str | None, names: tuple[str, ...], sources,
+                 skip_not_exists: bool, force: bool) -> None:
+    """Delete resources: `delete ippool NAME...` or `delete -f FILE`; all or none of them."""
+    if sources is not None:
+        if kind:
+            raise InvalidResource("give either -f FILE or KIND NAME..., not both.")
+        targets = [(i.kind, i.name) for i in read_objects(sources)]
+    elif kind and names:
+        targets = [(kind_named(kind), name) for name in names]
     else:
-        raise InvalidResource("say what to delete: `pipitctl delete ippool NAME` or "
+        raise InvalidResource("say what to delete: `pipitctl delete ippool NAME...` or "
                               "`pipitctl delete -f FILE`.")
-    for k, n in targets:
-        click.echo(await delete_object(store, k, n, force))
+    _echo_lines(await delete_objects(store, targets, force, skip_not_exists))
+
+
+OUTPUTS = "table, wide, yaml, json, name or custom-columns=COLUMN,..."
+
+
+@cli.command()
+@click.argument("kind", required=False)
+@click.argument("names", nargs=-1)
+@click.option("-o", "--output", "fmt", default="table", show_default=True, metavar="FORMAT",
+              help=f"{OUTPUTS} (the columns of -o wide).")
+@click.option("-l", "--selector", metavar="SELECTOR",
+              help="Only resources whose labels match (Calico's syntax: rack == 'a').")
+@etcd_options
+async def get(store: Store, kind: str | None, names: tuple[str, ...], fmt: str,
+              selector: str | None) -> None:
+    """Show resources: `get ippools [NAME...] [-l SELECTOR] [-o FORMAT]`."""
+    if not kind:
+        raise InvalidResource(f"say which kind to get: {KINDS_HELP} (`pipitctl get ippools`).")
+    k = kind_named(kind)
+    if fmt not in ("table", "ps", "wide", "yaml", "yml", "json", "name") \
+            and not fmt.startswith("custom-columns="):
+        raise InvalidResource(f"output format {fmt!r} is not one of {OUTPUTS}.")
+    found = await get_objects(store, k, names, selector)
+    if fmt in ("yaml", "yml"):
+        click.echo(output.documents_yaml([s.document() for s in found]))
+    elif fmt == "json":
+        click.echo(output.documents_json([s.document() for s in found], len(names) == 1))
+    elif fmt == "name":
+        _echo_lines([f"{k.word}/{s.name}" for s in found])
+    elif fmt.startswith("custom-columns="):
+        try:
+            headers, rows = output.pick_columns(k.wide_columns, [_row(k, s, wide=True)
+                                                                 for s in found],
+                                                fmt.partition("=")[2].split(","))
+        except ValueError as error:
+            raise InvalidResource(f"custom-columns: {error}.") from None
+        click.echo(output.table(headers, rows))
+    elif fmt == "wide":
+        click.echo(output.table(k.wide_columns, [_row(k, s, wide=True) for s in found]))
+    else:
+        click.echo(output.table(k.columns, [_row(k, s) for s in found]))
+
+
+def _row(kind, stored, wide: bool = False) -> tuple:
+    """A resource's table row; one that fails validation shows why in the second column."""
+    if stored.obj is not None:
+        return kind.wide_row(stored.obj) if wide else kind.row(stored.obj)
+    width = len(kind.wide_columns if wide else kind.columns)
+    return (stored.name, f"(invalid: {stored.invalid.rstrip('.')})") + ("",) * (width - 2)
 
 
 @cli.command()
 @click.argument("kind")
-@click.argument("name", required=False)
-@click.option("-o", "--output", "fmt", type=click.Choice(["table", "wide", "yaml", "json"]),
-              default="table", show_default=True)
+@click.argument("name")
+@click.option("-p", "--patch", "patch_text", required=True, metavar="PATCH",
+              help="A JSON (or YAML) merge patch: {\"spec\": {\"natOutgoing\": true}}; null "
+                   "removes a field.")
 @etcd_options
-async def get(store: Store, kind: str, name: str | None, fmt: str) -> None:
-    """Show resources: `get ippools [NAME] -o table|wide|yaml|json`."""
+async def patch(store: Store, kind: str, name: str, patch_text: str) -> None:
+    """Change fields of a resource with a merge patch (RFC 7386)."""
     k = kind_named(kind)
-    found = await get_objects(store, k, name)
-    if fmt == "yaml":
-        click.echo(output.documents_yaml([s.document() for s in found]))
-    elif fmt == "json":
-        click.echo(output.documents_json([s.document() for s in found], name is not None))
-    elif fmt == "wide":
-        click.echo(output.table(k.wide_columns, [k.wide_row(s.obj) for s in found if s.obj]))
-    else:
-        click.echo(output.table(k.columns, [k.row(s.obj) for s in found if s.obj]))
+    documents = load_documents(patch_text)
+    if len(documents) != 1 or not isinstance(documents[0], dict):
+        raise InvalidResource("the patch must be one mapping, such as "
+                              "'{\"spec\": {\"natOutgoing\": true}}'.")
+    click.echo(await edit_object(store, k, name, lambda doc: merge_patch(doc, documents[0])))
+
+
+@cli.command()
+@click.argument("kind")
+@click.argument("name")
+@click.argument("changes", nargs=-1)
+@click.option("--overwrite", is_flag=True, help="Change a label that has another value.")
+@click.option("--remove", "removing", multiple=True, metavar="KEY",
+              help="Remove this label (as KEY- does).")
+@etcd_options
+async def label(store: Store, kind: str, name: str, changes: tuple[str, ...], overwrite: bool,
+                removing: tuple[str, ...]) -> None:
+    """Set labels (KEY=VALUE) or remove them (KEY-) on a resource."""
+    k = kind_named(kind)
+    setting, dropping = parse_label_changes(changes)
+    dropping += list(removing)
+    if not setting and not dropping:
+        raise InvalidResource("say which labels to set (KEY=VALUE) or remove (KEY-).")
+    what = f"{k.word} {name!r}"
+    line = await edit_object(store, k, name, lambda doc: relabel(doc, setting, dropping,
+                                                                 overwrite, what))
+    click.echo(line.replace(" configured", " labeled"))
 
 
 @cli.group()

@@ -7,8 +7,9 @@ it lands or none of it does.
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 from ipam import keys
 from ipam.errors import AlreadyExists, Conflict, InvalidResource, NotFound, PipitError
 from ipam.pool import check_pool_fits, pool_from_spec, pool_to_document
-from ipam.pools import delete_pool
+from ipam.pools import addresses_in_use, delete_pool, in_use_refusal
 from bgp_agent.bgp_config import config_from_spec as bgp_config_from_spec
 from bgp_agent.bgp_peer import check_peer, peer_from_spec, peer_to_document
 from bgp_agent.bgp_config import check_config_input, community_texts
@@ -24,7 +25,8 @@ from bgp_agent.bgp_config import config_to_document as bgp_config_to_document
 from bgp_agent.node import node_from_document, node_to_document
 from ipam.release import release_handle, release_host_affinities
 from ipam.resource import (Document, check_metadata, make_document, parse_documents,
-                           read_document, with_metadata)
+                           read_document, shown, with_metadata)
+from ipam.selector import parse_selector
 from ipam.store import Store
 from ipam.txn import MAX_ATTEMPTS, Changes, transact
 from pipitctl.commit import Write, commit
@@ -58,6 +60,8 @@ class Kind:
     reads_all: bool = False
     # other keys (of the kinds in `needs`) whose current values a check rests on
     depends_on: Callable[[Any], Iterable[str]] | None = None
+    # refuses a delete before anything is deleted: (store, name, force, one of several)
+    delete_check: Callable[[Store, str, bool, bool], Awaitable[None]] | None = None
 
     def key(self, name: str) -> str:
         return keys.resource_key(self.segment or self.plural, name)
@@ -69,6 +73,13 @@ class Kind:
     @property
     def word(self) -> str:
         return self.name.lower()
+
+
+async def _pool_delete_check(store: Store, name: str, force: bool, several: bool) -> None:
+    if not force:
+        in_use = await addresses_in_use(store, name)
+        if in_use:
+            raise in_use_refusal(name, in_use, nothing_deleted=several)
 
 
 IPPOOL = Kind(
@@ -83,7 +94,7 @@ IPPOOL = Kind(
     wide_row=lambda p: (p.name, p.cidr, p.block_size, yes_no(p.nat_outgoing), p.ipip_mode,
                         p.vxlan_mode, yes_no(p.disabled), yes_no(p.disable_bgp_export),
                         p.node_selector),
-    delete=delete_pool,
+    delete=delete_pool, delete_check=_pool_delete_check,
 )
 
 
@@ -185,33 +196,44 @@ class Incoming:
     kind: Kind
     obj: Any
     resource_version: int | None = None  # metadata.resourceVersion: apply only over that
-    number: int = 1  # its place in the input, for messages
-    of: int = 1  # how many the input holds
+    where: str = ""  # "FILE: document N: " to start a message about it with
 
     @property
     def name(self) -> str:
         return self.kind.name_of(self.obj)
 
-    @property
-    def where(self) -> str:
-        """"document N: " when the input holds several, to start a message with."""
-        return f"document {self.number}: " if self.of > 1 else ""
 
-
-def read_objects(text: str) -> list[Incoming]:
-    """Parse and validate every document of a file; errors say which document."""
-    raw = parse_documents(text)
-    flat: list[dict] = []
-    for doc in raw:  # `kind: List` (as `get -o json` writes) holds its documents in items
-        if str(doc.get("kind", "")).endswith("List") and isinstance(doc.get("items"), list):
-            flat.extend(doc["items"])
-        else:
-            flat.append(doc)
-    if not flat:
+def read_objects(sources: str | Sequence[tuple[str, str]]) -> list[Incoming]:
+    """Parse and validate every document of the input: a text, or (file name, text) pairs
+    read as one input (a directory); errors say which file and document. An input of nothing
+    but empty lists (`kind: List` with no items, as `get` shows an empty kind) is no resources
+    and no error; an input with no documents at all is an error."""
+    if isinstance(sources, str):
+        sources = [("", sources)]
+    documents: list[tuple[str, dict]] = []
+    lists = 0
+    for source, text in sources:
+        try:
+            raw = parse_documents(text)
+        except InvalidResource as error:
+            raise InvalidResource(f"{source}: {error}" if source else str(error)) from None
+        flat: list[dict] = []
+        for doc in raw:  # `kind: List` (as `get -o json` writes) holds its documents in items
+            if str(doc.get("kind", "")).endswith("List") and isinstance(doc.get("items"), list):
+                flat.extend(doc["items"])
+                lists += 1
+            else:
+                flat.append(doc)
+        many = len(flat) > 1
+        for number, doc in enumerate(flat, 1):
+            where = (f"{source}: " if source and len(sources) > 1 else "") + \
+                (f"document {number}: " if many else "")
+            documents.append((where, doc))
+    if not documents and not lists:
         raise InvalidResource("the input holds no resources.")
     objects = []
     seen: dict[tuple[str, str], int] = {}
-    for number, doc in enumerate(flat, 1):
+    for index, (where, doc) in enumerate(documents):
         try:
             if not isinstance(doc, dict):
                 raise InvalidResource("it is not a mapping with apiVersion, kind, metadata and "
@@ -224,14 +246,14 @@ def read_objects(text: str) -> list[Incoming]:
             obj = kind.parse(document)
             if kind.check_input is not None:
                 kind.check_input(document)
-            earlier = seen.setdefault((kind.name, kind.name_of(obj)), number)
-            if earlier != number:
-                raise InvalidResource(f"{kind.word} {kind.name_of(obj)!r} is also document "
-                                      f"{earlier}; give each resource once.")
-            objects.append(Incoming(kind, obj, document.resource_version, number, len(flat)))
+            earlier = seen.setdefault((kind.name, kind.name_of(obj)), index)
+            if earlier != index:
+                first = documents[earlier][0].rstrip(": ") or "given earlier"
+                raise InvalidResource(f"{kind.word} {kind.name_of(obj)!r} is also {first}; give "
+                                      "each resource once.")
+            objects.append(Incoming(kind, obj, document.resource_version, where))
         except InvalidResource as error:
-            prefix = f"document {number}: " if len(flat) > 1 else ""
-            raise InvalidResource(f"{prefix}{error}") from None
+            raise InvalidResource(f"{where}{error}") from None
     return objects
 
 
@@ -247,6 +269,14 @@ class Stored:
     value: Any  # the stored JSON document
     obj: Any = None
     invalid: str | None = None
+
+    @property
+    def labels(self) -> Mapping[str, str]:
+        if self.obj is not None:
+            return self.obj.labels
+        metadata = self.value.get("metadata") if isinstance(self.value, dict) else None
+        labels = metadata.get("labels") if isinstance(metadata, dict) else None
+        return labels if isinstance(labels, dict) else {}
 
     def document(self) -> dict:
         """As `get -o yaml|json` shows it: with metadata.resourceVersion."""
@@ -298,12 +328,17 @@ async def read_kind(store: Store, kind: Kind) -> Listing:
 APPLY, CREATE, REPLACE = "apply", "create", "replace"
 
 
+class StaleVersion(Conflict):
+    """A document's resourceVersion is not the stored resource's any more."""
+
+
 def plan_writes(objects: Sequence[Incoming], listings: dict[Kind, Listing], mode: str = APPLY,
                 skip_existing: bool = False) -> tuple[list[Write], dict[str, int], list[str]]:
     """Decide every object against the listings (and the documents before it): the writes,
     the prefixes whose whole listing the decisions rest on (at their revisions), and one line
     per object saying what happens to it. Raises on the first object that cannot be written."""
     current = {kind: listing.valid for kind, listing in listings.items()}
+    objects = list(objects)
     writes: list[Write] = []
     ranges: dict[str, int] = {}
     lines = []
@@ -328,7 +363,7 @@ def plan_writes(objects: Sequence[Incoming], listings: dict[Kind, Listing], mode
             if incoming.resource_version != revision:
                 now = (f"it is at resourceVersion {revision}" if stored is not None
                        else "it was deleted")
-                raise Conflict(f"{what} changed since resourceVersion "
+                raise StaleVersion(f"{what} changed since resourceVersion "
                                f"{incoming.resource_version} ({now}); get it again, make your "
                                "change to that and apply it.")
         same_kind = list(current[kind].values())
@@ -382,13 +417,130 @@ async def apply_objects(store: Store, objects: Sequence[Incoming], mode: str = A
                    f"{MAX_ATTEMPTS} attempts; try again.")
 
 
-async def get_objects(store: Store, kind: Kind, name: str | None = None) -> list[Stored]:
+async def get_objects(store: Store, kind: Kind, names: Sequence[str] = (),
+                      selector: str | None = None) -> list[Stored]:
+    """The stored resources of a kind (sorted by name), those named, or those whose labels
+    the selector (Calico's syntax) matches; a name that is not there is an error."""
     listing = await read_kind(store, kind)
-    if name is None:
-        return [listing.items[n] for n in sorted(listing.items)]
-    if name not in listing.items:
-        raise NotFound(f"{kind.word} {name!r} not found.")
-    return [listing.items[name]]
+    missing = [n for n in names if n not in listing.items]
+    if missing:
+        raise NotFound(f"{kind.word} {missing[0]!r} not found.")
+    found = [listing.items[n] for n in dict.fromkeys(names)] if names else \
+        [listing.items[n] for n in sorted(listing.items)]
+    if selector is not None:
+        matches = parse_selector(selector).matches
+        found = [s for s in found if matches(s.labels)]
+    return found
+
+
+# -- patch and label: read, change, write back unless it changed meanwhile ---------------------
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: mappings merge, null removes, anything else replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+async def edit_object(store: Store, kind: Kind, name: str,
+                      change: Callable[[dict], dict]) -> str:
+    """Write `change(stored document)` over the resource, validated as `replace` would, if
+    the resource did not change in between (else read it and change it again); the line
+    saying what happened. A document with its own metadata.resourceVersion is written only
+    over that version."""
+    for _ in range(MAX_ATTEMPTS):
+        listing = await read_kind(store, kind)
+        stored = listing.items.get(name)
+        if stored is None:
+            raise NotFound(f"{kind.word} {name!r} not found.")
+        current = {k: v for k, v in stored.value.items()} if isinstance(stored.value, dict) \
+            else {}
+        changed = change(current)
+        metadata = changed.get("metadata") if isinstance(changed.get("metadata"), dict) else {}
+        if metadata.get("name", name) != name:
+            raise InvalidResource(f"{kind.word} {name!r} cannot be renamed; create the new one "
+                                  "and delete this one.")
+        if changed.get("kind", kind.name) != kind.name:
+            raise InvalidResource(f"{kind.word} {name!r} cannot change its kind.")
+        version = metadata.get("resourceVersion")
+        if version is None:
+            changed = {**changed, "metadata": {**metadata,
+                                               "resourceVersion": str(stored.revision)}}
+        [incoming] = read_objects([("", json.dumps(changed))])
+        try:
+            [line] = await apply_objects(store, [incoming], REPLACE)
+            return line
+        except StaleVersion:
+            if version is not None:
+                raise
+    raise Conflict(f"changing {kind.word} {name!r} kept colliding with concurrent changes "
+                   f"after {MAX_ATTEMPTS} attempts; try again.")
+
+
+def parse_label_changes(items: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """`key=value` to set and `key-` to remove, as kubectl writes them."""
+    setting: dict[str, str] = {}
+    removing: list[str] = []
+    for item in items:
+        key, equals, value = item.partition("=")
+        if equals and key:
+            setting[key] = value
+        elif not equals and item.endswith("-") and len(item) > 1:
+            removing.append(item[:-1])
+        else:
+            raise InvalidResource(f"{shown(item)} is neither KEY=VALUE (set a label) nor KEY- "
+                                  "(remove one).")
+    both = set(setting) & set(removing)
+    if both:
+        raise InvalidResource(f"label {sorted(both)[0]!r} is both set and removed; say one.")
+    return setting, removing
+
+
+def relabel(document: dict, setting: Mapping[str, str], removing: Sequence[str],
+            overwrite: bool, what: str) -> dict:
+    metadata = dict(document.get("metadata") or {})
+    labels = dict(metadata.get("labels") or {})
+    for key, value in setting.items():
+        if key in labels and labels[key] != value and not overwrite:
+            raise InvalidResource(f"{what} already has label {key}={labels[key]!r}; add "
+                                  "--overwrite to change it.")
+        labels[key] = value
+    for key in removing:
+        labels.pop(key, None)
+    metadata["labels"] = labels
+    return {**document, "metadata": metadata}
+
+
+# -- delete --------------------------------------------------------------------------------------
+
+async def delete_objects(store: Store, targets: Sequence[tuple[Kind, str]], force: bool = False,
+                         skip_missing: bool = False) -> list[str]:
+    """Delete every target, or none: each is checked first (it exists, or --skip-not-exists;
+    an IP pool has no address in use, or --force), then they go in order."""
+    targets = list(dict.fromkeys(targets))
+    listings = {kind: await read_kind(store, kind) for kind in {k for k, _ in targets}}
+    missing = {(k, n) for k, n in targets if n not in listings[k].items}
+    if missing and not skip_missing:
+        kind, name = next(t for t in targets if t in missing)
+        raise NotFound(f"{kind.word} {name!r} not found" + (
+            ", so nothing was deleted (add --skip-not-exists to delete the others)."
+            if len(targets) > 1 else "."))
+    for kind, name in targets:
+        if (kind, name) not in missing and kind.delete_check is not None:
+            await kind.delete_check(store, name, force, len(targets) > 1)
+    lines = []
+    for kind, name in targets:
+        if (kind, name) in missing:
+            lines.append(f"{kind.word} {name!r} does not exist (skipped)")
+        else:
+            lines.append(await delete_object(store, kind, name, force))
+    return lines
 
 
 async def delete_object(store: Store, kind: Kind, name: str, force: bool = False) -> str:

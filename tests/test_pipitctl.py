@@ -329,7 +329,7 @@ def test_delete_by_name_and_by_file(etcd, ctl, tmp_path):
     assert snapshot(etcd) == {}
     assert ok(ctl("get", "ippools")) == "NAME   CIDR   SELECTOR\n"
 
-    one_sentence(ctl("delete", "ippool", "a"), "'a'", "does not exist")
+    one_sentence(ctl("delete", "ippool", "a"), "ippool 'a' not found")
     one_sentence(ctl("delete"), "pipitctl delete ippool NAME")
 
 
