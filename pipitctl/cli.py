@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import os
 import subprocess
 import sys
@@ -473,6 +474,9 @@ def lab_down(directory: str) -> None:
 
 
 def main() -> None:
+    # what a library logs (a stored pool it skips...) is not for the terminal: pipitctl says
+    # what matters in its output and its one-sentence errors
+    logging.getLogger().addHandler(logging.NullHandler())
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:

@@ -1,14 +1,15 @@
-"""Resource kinds `pipitctl` manages and the generic apply / create / get / delete over them.
+"""Resource kinds `pipitctl` manages and the generic verbs over them: apply / create /
+replace, get, patch and label, delete.
 
-A file with several documents is validated completely (each document against the stored
-resources and the documents before it) and then written in ONE transaction, so either all of
-it lands or none of it does.
+An input with several documents is validated completely (each document against the stored
+resources and the documents before it) and then written as one change (pipitctl.commit), so
+either all of it lands or none of it does. A stored resource that fails today's validation is
+still listed, with the reason, and can be got, fixed by an apply, or deleted.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
@@ -32,7 +33,6 @@ from ipam.txn import MAX_ATTEMPTS, Changes, transact
 from pipitctl.commit import Write, commit
 from pipitctl.output import yes_no
 
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -280,7 +280,12 @@ class Stored:
 
     def document(self) -> dict:
         """As `get -o yaml|json` shows it: with metadata.resourceVersion."""
-        document = self.kind.to_document(self.obj) if self.obj is not None else dict(self.value)
+        if self.obj is not None:
+            document = self.kind.to_document(self.obj)
+        elif isinstance(self.value, dict):
+            document = dict(self.value)
+        else:  # not even JSON: what can be said of it
+            document = make_document(self.kind.name, self.name, {})
         metadata = dict(document.get("metadata") or {})
         document["metadata"] = {"name": metadata.pop("name", self.name),
                                 "resourceVersion": str(self.revision), **metadata}
@@ -316,8 +321,7 @@ async def read_kind(store: Store, kind: Kind) -> Listing:
             if kind.name_of(obj) != name:
                 raise InvalidResource(f"it is named {kind.name_of(obj)!r} inside.")
             items[name] = Stored(kind, name, entry.mod_revision, entry.value, obj)
-        except PipitError as error:
-            log.warning("invalid stored %s at %s: %s", kind.name, entry.key, error)
+        except PipitError as error:  # shown as invalid, with the reason, by get
             items[name] = Stored(kind, name, entry.mod_revision, entry.value,
                                  invalid=str(error))
     return Listing(kind, items, revision)

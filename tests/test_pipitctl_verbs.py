@@ -219,3 +219,42 @@ def _reading_stdin(pid: int) -> bool:
     except OSError:
         return False
     return len(fields) > 1 and fields[0] == "0" and int(fields[1], 16) == 0  # read(0, ...)
+
+
+# --------------------------------------------------------------------------------------------
+# Stored resources that fail today's validation
+
+
+def test_invalid_stored_resources_are_listed_got_fixed_and_deleted(etcd, ctl):
+    from aetcd import rpc
+    from ipam.store import Store
+
+    async def damage(store: Store):
+        await add_pool(store, "good", "10.80.0.0/16")
+        await store.put(keys.pool_key("hostbits"), {
+            "apiVersion": "pipit.dev/v1", "kind": "IPPool", "metadata": {"name": "hostbits"},
+            "spec": {"cidr": "10.81.0.1/16"}})
+        await store.put(keys.pool_key("renamed"), {
+            "apiVersion": "pipit.dev/v1", "kind": "IPPool", "metadata": {"name": "other"},
+            "spec": {"cidr": "10.82.0.0/16"}})
+        await store._call("Put", rpc.PutRequest(key=keys.node_key("garbled").encode(),
+                                                value=b"{not json"))
+    with_store(etcd, damage)
+
+    rows = {line.split()[0]: line for line in ok(ctl("get", "ippools")).splitlines()[1:]}
+    assert sorted(rows) == ["good", "hostbits", "renamed"]
+    assert "(invalid: IPPool 'hostbits': cidr 10.81.0.1/16 has host bits set" in rows["hostbits"]
+    assert "(invalid: it is named 'other' inside)" in rows["renamed"]
+    assert "(invalid" in ok(ctl("get", "ippools", "-o", "wide"))
+    assert "(invalid: it is not a JSON object)" in ok(ctl("get", "nodes", "garbled"))
+    shown = yaml.safe_load(ok(ctl("get", "ippool", "hostbits", "-o", "yaml")))
+    assert shown["spec"]["cidr"] == "10.81.0.1/16" and shown["metadata"]["resourceVersion"]
+
+    # fixed by applying a valid one over it (its resourceVersion is the invalid one's)
+    shown["spec"]["cidr"] = "10.81.0.0/16"
+    assert ok(ctl("apply", "-f", "-", input=yaml.safe_dump(shown))) == \
+        "ippool 'hostbits' configured\n"
+    assert ok(ctl("delete", "ippool", "renamed")) == "ippool 'renamed' deleted\n"
+    assert ok(ctl("delete", "node", "garbled")) == "node 'garbled' deleted\n"
+    assert ok(ctl("get", "ippools", "-o", "name")) == "ippool/good\nippool/hostbits\n"
+    assert keys.node_key("garbled") not in snapshot(etcd)
