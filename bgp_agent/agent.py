@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 from bgp_agent.bgp_config import parse_as_number
-from bgp_agent.node import NodeRecord, detect_address, parse_explicit_address, register
+from bgp_agent.node import (NodeRecord, detect_address, ipam_only_status,
+                            parse_explicit_address, register)
 from bgp_agent.status import DEFAULT_STATUS_SOCKET, StatusServer
 from ipam.allocator import IPAM
 from ipam.errors import InvalidResource, PipitError
@@ -37,7 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ipam-socket", default=DEFAULT_SOCKET, metavar="PATH",
                         help=f"Unix socket of the local IPAM service (default {DEFAULT_SOCKET}).")
     parser.add_argument("--no-bgp", action="store_true",
-                        help="Run the IPAM service alone, without routing.")
+                        help="Run the IPAM service alone, without routing (the node registers "
+                             "with --ip's address, if given).")
     address = parser.add_mutually_exclusive_group()
     address.add_argument("--ip", metavar="ADDR/PREFIX",
                          help="This node's BGP address, e.g. 10.0.0.11/24 (default: detected).")
@@ -95,7 +97,7 @@ def parse_labels(text: str) -> dict[str, str]:
 
 def node_identity(args: argparse.Namespace) -> NodeRecord:
     address = (parse_explicit_address(args.ip) if args.ip
-               else detect_address(args.ip_autodetection_method))
+               else None if args.no_bgp else detect_address(args.ip_autodetection_method))
     as_number = None if args.as_number is None else parse_as_number(args.as_number, "--as",
                                                                         "the AS number")
     return NodeRecord(args.node, address, as_number, parse_labels(args.labels))
@@ -123,8 +125,14 @@ async def run(args: argparse.Namespace) -> None:
         service = IPAMService(ipam, args.node, args.ipam_socket)
         await service.start()
         try:
-            if args.no_bgp:
-                await stop.wait()
+            if args.no_bgp:  # registered all the same, so that it is listed and has a status
+                me = await register(store, node_identity(args))
+                status = StatusServer(args.status_socket, lambda: ipam_only_status(me))
+                await status.start()
+                try:
+                    await stop.wait()
+                finally:
+                    await status.close()
             else:
                 await route(store, ipam, args, stop, lambda: retire)
             log.info("stopping")

@@ -243,6 +243,12 @@ async def register(store: Store, node: NodeRecord) -> NodeRecord:
     return await transact(store, decide, f"registering node {node.name}")
 
 
+def ipam_only_status(me: NodeRecord) -> dict:
+    """The status an agent run with --no-bgp serves (`pipitctl node status` reads it)."""
+    return {"node": me.name, "address": str(me.address) if me.address else None,
+            "asNumber": me.as_number, "bgp": False, "speakerConnected": False, "peers": []}
+
+
 async def set_tunnel_fields(store: Store, name: str, ipip: IPv4Address | None,
                             vxlan: IPv4Address | None, mac: str | None) -> None:
     """Record this node's tunnel addresses (and VTEP MAC) on its record."""

@@ -17,7 +17,7 @@ import click
 
 from ipam.block import Release
 from ipam.config import DEFAULT_MAX_BLOCKS_PER_HOST, IPAMConfig, config_from_spec, config_to_document
-from ipam.errors import InvalidResource, PipitError
+from ipam.errors import DatastoreUnavailable, InvalidResource, PipitError
 from ipam import keys
 from ipam.release import release_addresses
 from ipam.snapshot import blocks_of, check, load_snapshot, lookup, pool_usage
@@ -26,6 +26,7 @@ from ipam.resource import MAX_INPUT_BYTES, load_documents
 from ipam.txn import Changes, transact
 from bgp_agent.status import DEFAULT_STATUS_SOCKET, read_status
 from pipitctl import output
+from pipitctl.config import DEFAULT_CONFIG, read_config
 from pipitctl.node_status import render as render_status
 from pipitctl.resources import (CREATE, REPLACE, apply_objects, delete_objects, edit_object,
                                 get_objects, kind_named, merge_patch, parse_label_changes,
@@ -40,8 +41,13 @@ _ETCD_OPTIONS = (
                  help=f"CA certificate to verify etcd with [env {ENV_CA}]."),
     click.option("--etcd-cert", metavar="FILE", help=f"Client certificate for etcd [env {ENV_CERT}]."),
     click.option("--etcd-key", metavar="FILE", help=f"Client key for etcd [env {ENV_KEY}]."),
+    click.option("-c", "--config", "config_file", metavar="FILE",
+                 help=f"Where etcd is, as a PipitctlConfig [default {DEFAULT_CONFIG}, if it "
+                      "exists]; flags and the environment win over it."),
 )
 _ETCD_NAMES = ("etcd_endpoints", "etcd_ca_cert", "etcd_cert", "etcd_key")
+_ETCD_ENV = {"etcd_endpoints": ENV_ENDPOINTS, "etcd_ca_cert": ENV_CA, "etcd_cert": ENV_CERT,
+             "etcd_key": ENV_KEY}
 
 
 def _with_etcd_options(function: Callable) -> Callable:
@@ -56,14 +62,25 @@ def etcd_options(command: Callable) -> Callable:
     @_with_etcd_options
     @functools.wraps(command)
     def wrapper(**kwargs):
-        given = {n: kwargs.pop(n) for n in _ETCD_NAMES}
         parent = click.get_current_context().find_root().params
-        config = EtcdConfig.from_options(*(given[n] or parent.get(n) for n in _ETCD_NAMES))
+        given = {n: kwargs.pop(n) or parent.get(n) for n in (*_ETCD_NAMES, "config_file")}
+        from_file = read_config(given["config_file"])
+        values = [given[n] or os.environ.get(_ETCD_ENV[n]) or from_file.get(n)
+                  for n in _ETCD_NAMES]
+        config = EtcdConfig.from_options(*values)
 
         async def main():
             async with Store(config) as store:
                 return await command(store, **kwargs)
-        return asyncio.run(main())
+        try:
+            return asyncio.run(main())
+        except DatastoreUnavailable as error:
+            if values[0]:
+                raise
+            raise DatastoreUnavailable(
+                f"{str(error).rstrip('.')}; no etcd was named, so pipitctl tried its default: "
+                f"name yours with --etcd-endpoints, {ENV_ENDPOINTS} or etcdEndpoints in "
+                f"{DEFAULT_CONFIG}.") from None
     return wrapper
 
 

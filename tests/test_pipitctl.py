@@ -724,3 +724,49 @@ def test_aliases_within_bounds_and_merge_keys_still_work(etcd, ctl):
     assert ok(ctl("apply", "-f", "-", input=text)) == "ippool 'a' created\nippool 'b' created\n"
     spec = yaml.safe_load(ok(ctl("get", "ippool", "b", "-o", "yaml")))["spec"]
     assert (spec["cidr"], spec["blockSize"], spec["natOutgoing"]) == ("10.51.0.0/24", 28, True)
+
+
+# --------------------------------------------------------------------------------------------
+# 11. Where etcd is: the configuration file, and what to do when none was named
+
+
+def test_a_configuration_file_names_etcd_and_flags_and_environment_win(existing, tmp_path):
+    endpoint = existing.endpoints[0]
+    closed = f"http://127.0.0.1:{free_port()}"
+    config = tmp_path / "pipitctl.yaml"
+    config.write_text(yaml.safe_dump({"apiVersion": "pipit.dev/v1", "kind": "PipitctlConfig",
+                                      "spec": {"etcdEndpoints": endpoint}}))
+    assert "existing" in ok(pipitctl("--config", str(config), "get", "ippools"))
+    assert "existing" in ok(pipitctl("get", "ippools", "-c", str(config)))
+    one_sentence(pipitctl("get", "ippools", "--config", str(config), endpoints=closed), closed)
+    one_sentence(pipitctl("get", "ippools", "--config", str(config), "--etcd-endpoints", closed),
+                 closed)
+    # relative certificate paths are the file's neighbours
+    config.write_text(yaml.safe_dump({"apiVersion": "pipit.dev/v1", "kind": "PipitctlConfig",
+                                      "spec": {"etcdEndpoints": endpoint,
+                                               "etcdCACertFile": "ca.pem"}}))
+    one_sentence(pipitctl("get", "ippools", "--config", str(config)),
+                 f"etcd TLS file {tmp_path / 'ca.pem'} does not exist")
+    for text, facts in [
+            ("kind: CalicoAPIConfig\n", ["must say apiVersion: pipit.dev/v1 and kind: "
+                                         "PipitctlConfig"]),
+            ("apiVersion: pipit.dev/v1\nkind: PipitctlConfig\nspec: {datastoreType: etcdv3}\n",
+             ["unknown spec field 'datastoreType'", "etcdEndpoints"]),
+            ("apiVersion: pipit.dev/v1\nkind: PipitctlConfig\nspec: {etcdEndpoints: [a]}\n",
+             ["etcdEndpoints must be a string"]),
+            ("a: 1\na: 2\n", ["gives key 'a' twice"])]:
+        config.write_text(text)
+        one_sentence(pipitctl("get", "ippools", "--config", str(config)), str(config), *facts)
+    one_sentence(pipitctl("get", "ippools", "--config", str(tmp_path / "nope.yaml")),
+                 "nope.yaml does not exist")
+
+
+def test_the_default_etcd_refusing_says_how_to_name_yours():
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", 2379)) == 0:
+            pytest.skip("something listens on etcd's default port here")
+    one_sentence(pipitctl("get", "ippools"), "cannot reach etcd at http://127.0.0.1:2379",
+                 "--etcd-endpoints", "PIPIT_ETCD_ENDPOINTS", "/etc/pipit/pipitctl.yaml")
+    # named etcds that refuse get no such advice: the user knows where they pointed
+    closed = f"http://127.0.0.1:{free_port()}"
+    assert "no etcd was named" not in pipitctl("get", "ippools", endpoints=closed).stderr
