@@ -15,9 +15,8 @@ from ipaddress import IPv4Address
 
 import click
 
-from ipam.block import Release
 from ipam.config import DEFAULT_MAX_BLOCKS_PER_HOST, IPAMConfig, config_from_spec, config_to_document
-from ipam.errors import DatastoreUnavailable, InvalidResource, PipitError
+from ipam.errors import Conflict, DatastoreUnavailable, InUse, InvalidResource, PipitError
 from ipam import keys
 from ipam.release import release_addresses
 from ipam.snapshot import blocks_of, check, load_snapshot, lookup, pool_usage
@@ -27,6 +26,7 @@ from ipam.txn import Changes, transact
 from bgp_agent.status import DEFAULT_STATUS_SOCKET, read_status
 from pipitctl import output
 from pipitctl.config import DEFAULT_CONFIG, read_config
+from pipitctl.ipam_report import release_verdict
 from pipitctl.node_status import render as render_status
 from pipitctl.resources import (CREATE, REPLACE, apply_objects, delete_objects, edit_object,
                                 get_objects, kind_named, merge_patch, parse_label_changes,
@@ -357,18 +357,28 @@ async def check_command(store: Store) -> None:
 @ipam.command(name="release")
 @click.option("--ip", "addresses", multiple=True, required=True, metavar="ADDRESS",
               help="An address to release (repeatable).")
+@click.option("--force", is_flag=True,
+              help="Release an address a live allocation holds (its pod's handle counts it).")
 @etcd_options
-async def release_command(store: Store, addresses: tuple[str, ...]) -> None:
-    """Release addresses by hand (for leaks that `ipam check` found)."""
-    wanted = [parse_address(a) for a in addresses]
-    freed = set(await release_addresses(store, [Release(a) for a in wanted]))
+async def release_command(store: Store, addresses: tuple[str, ...], force: bool) -> None:
+    """Release addresses by hand (for leaks that `ipam check` found); all or none of them."""
+    wanted = list(dict.fromkeys(parse_address(a) for a in addresses))
+    snap = await load_snapshot(store)
+    releases = []
+    for address in wanted:
+        release, refusal = release_verdict(snap, address, force)
+        if refusal:
+            raise InUse(f"{refusal}; nothing was released.")
+        releases.append(release)
+    freed = set(await release_addresses(store, releases))
     for address in wanted:
         if address in freed:
             click.echo(f"released {address}")
-        else:
-            click.echo(f"Error: {address} was not in use; nothing released.", err=True)
-    if len(freed) < len(set(wanted)):
-        raise SystemExit(1)
+    gone = [a for a in wanted if a not in freed]
+    if gone:
+        raise Conflict(f"{gone[0]} changed while being released (freed or handed out again "
+                       "since it was read); check it with `pipitctl ipam show --ip` and run the "
+                       "release again if it is still to go.")
 
 
 @ipam.command()

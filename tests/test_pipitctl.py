@@ -440,7 +440,10 @@ def test_ipam_release_frees_an_address_once(etcd, ctl):
     with_store(etcd, lambda s: add_pool(s, "p", "10.5.0.0/24"))
     [[address, other]] = assign(etcd, ("node-1", "pod-x", 2, {"pod": "x"}))
 
-    assert ok(ctl("ipam", "release", "--ip", str(address))) == f"released {address}\n"
+    one_sentence(ctl("ipam", "release", "--ip", str(address)), f"{address} is in use by "
+                 "handle pod-x (node=node-1 pod=x)", "--force", "nothing was released")
+    assert ok(ctl("ipam", "release", "--ip", str(address), "--force")) == \
+        f"released {address}\n"
     assert f"{address} is free" in ok(ctl("ipam", "show", "--ip", str(address)))
     assert "in use by handle pod-x" in ok(ctl("ipam", "show", "--ip", str(other)))
     handle = handles.from_json(snapshot(etcd)[keys.handle_key("pod-x")][1])
@@ -451,7 +454,15 @@ def test_ipam_release_frees_an_address_once(etcd, ctl):
     again = ctl("ipam", "release", "--ip", str(address))
     one_sentence(again, str(address), "not in use")
     assert snapshot(etcd) == before
-    one_sentence(ctl("ipam", "release", "--ip", "192.0.2.7"), "192.0.2.7", "not in use")
+    one_sentence(ctl("ipam", "release", "--ip", "192.0.2.7"), "192.0.2.7 is outside every IP "
+                 "pool")
+    gateway = IPv4Network((address, 26), strict=False).network_address
+    one_sentence(ctl("ipam", "release", "--ip", str(gateway)), f"{gateway} is the gateway of "
+                 "block", "never handed out")
+    # several: all or none
+    one_sentence(ctl("ipam", "release", "--ip", str(other), "--ip", str(address), "--force"),
+                 f"{address} is not in use", "nothing was released")
+    assert snapshot(etcd) == before
 
 
 def test_ipam_configure_shows_and_changes_the_settings(etcd, ctl):
@@ -528,6 +539,19 @@ def test_ipam_check_finds_each_inconsistency(etcd, ctl, damage, kind, subject, d
     assert [line.split()[:2] for line in lines[1:-1]] == [[kind, subject]], result.stdout
     assert detail in lines[1]
     assert lines[-1].endswith(": 1 problem(s) found.")
+
+
+def test_a_leaked_address_is_released_without_force(etcd, ctl):
+    consistent_state(etcd)
+    leak(etcd)
+    block = blocks.from_json(snapshot(etcd)[keys.block_key(BLOCK)][1])
+    leaked = [a for a in BLOCK if (h := block.holder(a)) and h.handle_id == "ghost"]
+    live = [a for a in BLOCK if (h := block.holder(a)) and h.handle_id == "pod-a"]
+    assert len(leaked) == 2 and len(live) == 1
+    one_sentence(ctl("ipam", "release", "--ip", str(live[0])), "in use by handle pod-a")
+    assert ok(ctl("ipam", "release", *(f"--ip={a}" for a in leaked))) == "".join(
+        f"released {a}\n" for a in leaked)
+    assert "no problems found" in ok(ctl("ipam", "check"))
 
 
 # --------------------------------------------------------------------------------------------
