@@ -22,6 +22,7 @@ from pathlib import Path
 from bgp_agent.bgp_config import parse_as_number
 from bgp_agent.node import (NodeRecord, detect_address, ipam_only_status,
                             parse_explicit_address, register)
+from bgp_agent.version import software_version
 from bgp_agent.status import DEFAULT_STATUS_SOCKET, StatusServer
 from ipam.allocator import IPAM
 from ipam.errors import InvalidResource, PipitError
@@ -34,6 +35,7 @@ DEFAULT_STATE_DIR = "/run/pipit"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="pipit-agent", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"pipit-agent {software_version()}")
     parser.add_argument("--node", required=True, help="This node's name (as in Kubernetes).")
     parser.add_argument("--ipam-socket", default=DEFAULT_SOCKET, metavar="PATH",
                         help=f"Unix socket of the local IPAM service (default {DEFAULT_SOCKET}).")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_interface
 
 from bgp_agent.bgp_config import parse_as_number
+from bgp_agent.version import software_version
 from ipam import keys
 from ipam.errors import InvalidResource, PipitError
 from ipam.resource import SpecReader, check_labels, check_name, make_document, read_document
@@ -20,7 +21,8 @@ from ipam.txn import Changes, transact
 log = logging.getLogger(__name__)
 
 KIND = "Node"
-# Interfaces that never carry the node's address (Calico's list, plus Pipit's own devices).
+# Set on its record by the node's agent at registration, for `pipitctl version`.
+VERSION_ANNOTATION = "pipit.dev/agent-version"# Interfaces that never carry the node's address (Calico's list, plus Pipit's own devices).
 EXCLUDED_INTERFACES = re.compile(
     r"^(lo|docker.*|cbr.*|dummy.*|virbr.*|lxcbr.*|veth.*|cali.*|tunl.*|flannel.*|kube-ipvs.*|"
     r"cni.*|vxlan.*|wireguard.*|wg-.*|nodelocaldns.*|pipit.*)$")
@@ -229,7 +231,8 @@ async def register(store: Store, node: NodeRecord) -> NodeRecord:
                          as_number=node.as_number if node.as_number is not None
                          else stored.as_number if stored else None,
                          labels={**(stored.labels if stored else {}), **node.labels},
-                         annotations=stored.annotations if stored else node.annotations)
+                         annotations={**(stored.annotations if stored else node.annotations),
+                                      VERSION_ANNOTATION: software_version()})
         if stored is not None:  # the tunnel fields are the running agent's to change
             merged = replace(merged, ipip_tunnel_address=stored.ipip_tunnel_address,
                              vxlan_tunnel_address=stored.vxlan_tunnel_address,

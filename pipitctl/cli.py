@@ -25,12 +25,14 @@ from ipam.resource import MAX_INPUT_BYTES, load_documents
 from ipam.txn import Changes, transact
 from bgp_agent.status import DEFAULT_STATUS_SOCKET, read_status
 from pipitctl import output
+from bgp_agent.node import VERSION_ANNOTATION
+from bgp_agent.version import software_version
 from pipitctl.config import DEFAULT_CONFIG, read_config
 from pipitctl.ipam_report import release_verdict
 from pipitctl.node_status import render as render_status
 from pipitctl.resources import (CREATE, REPLACE, apply_objects, delete_objects, edit_object,
                                 get_objects, kind_named, merge_patch, parse_label_changes,
-                                read_objects, relabel)
+                                read_kind, read_objects, relabel)
 
 
 _ETCD_OPTIONS = (
@@ -138,9 +140,37 @@ KINDS_HELP = "ippools, bgppeers, bgpconfigurations or nodes"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(software_version(), "--version", prog_name="pipitctl",
+                      message="%(prog)s %(version)s")
 @_with_etcd_options
 def cli(**etcd) -> None:
     """Manage Pipit pod networking: IP pools, IP address management and BGP."""
+
+
+@cli.command()
+@click.option("--client", is_flag=True, help="Only this pipitctl's version (no etcd needed).")
+@_with_etcd_options
+@click.pass_context
+def version(ctx, client: bool, **etcd) -> None:
+    """pipitctl's version and the versions of the cluster's agents (from their node records)."""
+    click.echo(f"Client Version:  {software_version()}")
+    if not client:
+        agent_versions(**etcd)
+
+
+@etcd_options
+async def agent_versions(store: Store) -> None:
+    listing = await read_kind(store, kind_named("nodes"))
+    by_version: dict[str, list[str]] = {}
+    for name, stored in sorted(listing.items.items()):
+        annotations = stored.obj.annotations if stored.obj is not None else {}
+        by_version.setdefault(annotations.get(VERSION_ANNOTATION, "unknown"), []).append(name)
+    if not by_version:
+        click.echo("Agent Versions:  (no node has registered)")
+    for number, (found, nodes) in enumerate(sorted(by_version.items())):
+        shown = ", ".join(nodes[:5]) + (f" and {len(nodes) - 5} more" if len(nodes) > 5 else "")
+        click.echo(f"{'Agent Versions:' if number == 0 else '':17}{found} "
+                   f"({len(nodes)} node{'s' if len(nodes) > 1 else ''}: {shown})")
 
 
 def _echo_lines(lines: list[str]) -> None:

@@ -258,3 +258,37 @@ def test_invalid_stored_resources_are_listed_got_fixed_and_deleted(etcd, ctl):
     assert ok(ctl("delete", "node", "garbled")) == "node 'garbled' deleted\n"
     assert ok(ctl("get", "ippools", "-o", "name")) == "ippool/good\nippool/hostbits\n"
     assert keys.node_key("garbled") not in snapshot(etcd)
+
+
+# --------------------------------------------------------------------------------------------
+# Versions
+
+
+def test_every_executable_says_its_version_and_pipitctl_the_agents(etcd, ctl):
+    from pathlib import Path
+
+    from bgp_agent.node import NodeRecord, register
+    from bgp_agent.version import software_version
+
+    version = software_version()
+    assert version != "unknown"  # the tests run on an installed tree
+    bin_dir = Path(sys.executable).parent
+    for executable in ("pipitctl", "pipit-agent", "pipit-exabgp-bridge"):
+        result = subprocess.run([str(bin_dir / executable), "--version"], capture_output=True,
+                                text=True, timeout=30)
+        assert (result.returncode, result.stdout) == (0, f"{executable} {version}\n"), result
+
+    assert ok(ctl("version")) == (f"Client Version:  {version}\n"
+                                  "Agent Versions:  (no node has registered)\n")
+
+    async def nodes(store):
+        for name in ("n1", "n2"):
+            await register(store, NodeRecord(name))
+    with_store(etcd, nodes)
+    ok(ctl("apply", "-f", "-", input=node_yaml("by-hand")))
+    assert ok(ctl("version")).splitlines() == [
+        f"Client Version:  {version}",
+        f"Agent Versions:  {version} (2 nodes: n1, n2)",
+        "                 unknown (1 node: by-hand)"]
+    assert ok(ctl("version", "--client", "--etcd-endpoints", "http://127.0.0.1:1")) == \
+        f"Client Version:  {version}\n"

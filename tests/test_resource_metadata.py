@@ -88,7 +88,7 @@ def test_the_agent_refuses_labels_no_selector_could_match_and_keeps_annotations(
         record = await register(store, NodeRecord("n1", labels={"zone": "z1"}))
         assert record.labels == {"rack": "a", "zone": "z1"}
         stored = (await store.get(keys.node_key("n1"))).value["metadata"]
-        assert stored["annotations"] == {"pipit.dev/note": "kept"}
+        assert stored["annotations"]["pipit.dev/note"] == "kept"
     with_store(etcd, scenario)
 
 
