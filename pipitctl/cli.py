@@ -9,8 +9,9 @@ import logging
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from ipaddress import IPv4Address
 
 import click
@@ -30,7 +31,7 @@ from bgp_agent.version import software_version
 from pipitctl.config import DEFAULT_CONFIG, read_config
 from pipitctl.ipam_report import release_verdict
 from pipitctl.node_status import render as render_status
-from pipitctl.resources import (CREATE, REPLACE, apply_objects, delete_objects, edit_object,
+from pipitctl.resources import (CREATE, KINDS, REPLACE, apply_objects, delete_objects, edit_object,
                                 get_objects, kind_named, merge_patch, parse_label_changes,
                                 read_kind, read_objects, relabel)
 
@@ -58,6 +59,15 @@ def _with_etcd_options(function: Callable) -> Callable:
     return function
 
 
+def etcd_config(given: Mapping[str, str | None]) -> tuple[EtcdConfig, bool]:
+    """Where etcd is: each setting from its flag, else the environment, else the config
+    file, else the default; and whether the endpoints were named at all."""
+    from_file = read_config(given.get("config_file"))
+    values = [given.get(n) or os.environ.get(_ETCD_ENV[n]) or from_file.get(n)
+              for n in _ETCD_NAMES]
+    return EtcdConfig.from_options(*values), bool(values[0])
+
+
 def etcd_options(command: Callable) -> Callable:
     """--etcd-* options on a command (also accepted before it, on pipitctl itself); the async
     command gets a connected `store` as its first argument."""
@@ -66,10 +76,7 @@ def etcd_options(command: Callable) -> Callable:
     def wrapper(**kwargs):
         parent = click.get_current_context().find_root().params
         given = {n: kwargs.pop(n) or parent.get(n) for n in (*_ETCD_NAMES, "config_file")}
-        from_file = read_config(given["config_file"])
-        values = [given[n] or os.environ.get(_ETCD_ENV[n]) or from_file.get(n)
-                  for n in _ETCD_NAMES]
-        config = EtcdConfig.from_options(*values)
+        config, named = etcd_config(given)
 
         async def main():
             async with Store(config) as store:
@@ -77,7 +84,7 @@ def etcd_options(command: Callable) -> Callable:
         try:
             return asyncio.run(main())
         except DatastoreUnavailable as error:
-            if values[0]:
+            if named:
                 raise
             raise DatastoreUnavailable(
                 f"{str(error).rstrip('.')}; no etcd was named, so pipitctl tried its default: "
@@ -126,8 +133,33 @@ def _read_text(path: str, limit: int, named: str) -> str:
 
 def _read_file_option(ctx, param, value):
     # read while the command line is parsed, before any event loop: Ctrl-C then interrupts a
-    # read of stdin at once (inside asyncio.run the first SIGINT only waits for the read)
-    return None if value is None else read_input(value)
+    # read of stdin at once (inside asyncio.run the first SIGINT only waits for the read);
+    # not while the shell completes a word
+    return None if value is None or ctx.resilient_parsing else read_input(value)
+
+
+# -- shell completion: kinds, and the names etcd holds of one -------------------------------
+
+def complete_kinds(ctx, param, incomplete: str) -> list[str]:
+    return [k.plural for k in KINDS if k.plural.startswith(incomplete.lower())]
+
+
+def complete_names(ctx, param, incomplete: str) -> list[str]:
+    """The names of the kind typed before, from etcd (nothing if it cannot be read soon)."""
+    try:
+        kind = kind_named(ctx.params.get("kind") or "")
+        given = {**ctx.find_root().params, **{k: v for k, v in ctx.params.items() if v}}
+        config, _ = etcd_config(given)
+
+        async def names() -> list[str]:
+            async with Store(replace(config, timeout=2.0)) as store:
+                return [key.removeprefix(kind.prefix)
+                        for key in await store.list_keys(kind.prefix)]
+        found = asyncio.run(names())
+    except Exception:  # completing must never print an error into the command line
+        return []
+    typed = set(ctx.params.get("names") or ())
+    return [n for n in sorted(found) if n.startswith(incomplete) and n not in typed]
 
 
 def file_option(required: bool = True, help: str = "YAML or JSON file with one or more "
@@ -195,17 +227,17 @@ async def create(store: Store, sources, skip_exists: bool) -> None:
     _echo_lines(await apply_objects(store, read_objects(sources), CREATE, skip_exists))
 
 
-@cli.command()
+@cli.command(name="replace")
 @file_option()
 @etcd_options
-async def replace(store: Store, sources) -> None:
+async def replace_command(store: Store, sources) -> None:
     """Update the resources in a file; fails (writing none) if any does not exist."""
     _echo_lines(await apply_objects(store, read_objects(sources), REPLACE))
 
 
 @cli.command()
-@click.argument("kind", required=False)
-@click.argument("names", nargs=-1)
+@click.argument("kind", required=False, shell_complete=complete_kinds)
+@click.argument("names", nargs=-1, shell_complete=complete_names)
 @file_option(required=False, help="Delete the resources named in a file, a directory of "
                                   "them, or - for stdin.")
 @click.option("-s", "--skip-not-exists", is_flag=True,
@@ -232,8 +264,8 @@ OUTPUTS = "table, wide, yaml, json, name or custom-columns=COLUMN,..."
 
 
 @cli.command()
-@click.argument("kind", required=False)
-@click.argument("names", nargs=-1)
+@click.argument("kind", required=False, shell_complete=complete_kinds)
+@click.argument("names", nargs=-1, shell_complete=complete_names)
 @click.option("-o", "--output", "fmt", default="table", show_default=True, metavar="FORMAT",
               help=f"{OUTPUTS} (the columns of -o wide).")
 @click.option("-l", "--selector", metavar="SELECTOR",
@@ -278,8 +310,8 @@ def _row(kind, stored, wide: bool = False) -> tuple:
 
 
 @cli.command()
-@click.argument("kind")
-@click.argument("name")
+@click.argument("kind", shell_complete=complete_kinds)
+@click.argument("name", shell_complete=complete_names)
 @click.option("-p", "--patch", "patch_text", required=True, metavar="PATCH",
               help="A JSON (or YAML) merge patch: {\"spec\": {\"natOutgoing\": true}}; null "
                    "removes a field.")
@@ -295,8 +327,8 @@ async def patch(store: Store, kind: str, name: str, patch_text: str) -> None:
 
 
 @cli.command()
-@click.argument("kind")
-@click.argument("name")
+@click.argument("kind", shell_complete=complete_kinds)
+@click.argument("name", shell_complete=complete_names)
 @click.argument("changes", nargs=-1)
 @click.option("--overwrite", is_flag=True, help="Change a label that has another value.")
 @click.option("--remove", "removing", multiple=True, metavar="KEY",
@@ -314,6 +346,15 @@ async def label(store: Store, kind: str, name: str, changes: tuple[str, ...], ov
     line = await edit_object(store, k, name, lambda doc: relabel(doc, setting, dropping,
                                                                  overwrite, what))
     click.echo(line.replace(" configured", " labeled"))
+
+
+@cli.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script (kinds, and names from etcd):
+    `source <(pipitctl completion bash)`."""
+    from click.shell_completion import get_completion_class
+    click.echo(get_completion_class(shell)(cli, {}, "pipitctl", "_PIPITCTL_COMPLETE").source())
 
 
 @cli.group()
@@ -535,7 +576,7 @@ def main() -> None:
     # what matters in its output and its one-sentence errors
     logging.getLogger().addHandler(logging.NullHandler())
     try:
-        cli.main(standalone_mode=False)
+        cli.main(prog_name="pipitctl", complete_var="_PIPITCTL_COMPLETE", standalone_mode=False)
     except click.exceptions.Abort:
         sys.exit(130)
     except _HELP_NOT_ERROR as error:  # bare `pipitctl`: the help

@@ -292,3 +292,37 @@ def test_every_executable_says_its_version_and_pipitctl_the_agents(etcd, ctl):
         "                 unknown (1 node: by-hand)"]
     assert ok(ctl("version", "--client", "--etcd-endpoints", "http://127.0.0.1:1")) == \
         f"Client Version:  {version}\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Shell completion, through bash itself
+
+
+def complete(words: list[str], env: dict[str, str]) -> list[str]:
+    """What bash offers for the last word after `source <(pipitctl completion bash)`."""
+    from pathlib import Path
+    path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
+    script = ("source <(pipitctl completion bash); COMP_WORDS=(\"$@\"); "
+              "COMP_CWORD=$(($# - 1)); _pipitctl_completion pipitctl; "
+              "printf '%s\\n' \"${COMPREPLY[@]}\"")
+    result = subprocess.run(["bash", "-c", script, "bash", *words], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, **env, "PATH": path})
+    assert result.returncode == 0 and result.stderr == "", result
+    return [line for line in result.stdout.splitlines() if line]
+
+
+def test_bash_completes_verbs_kinds_and_the_names_etcd_holds(etcd, ctl):
+    ok(ctl("apply", "-f", "-", input=stream(pool_yaml("web-a", cidr="10.80.0.0/16"),
+                                            pool_yaml("web-b", cidr="10.81.0.0/16"),
+                                            pool_yaml("db", cidr="10.82.0.0/16"))))
+    env = {"PIPIT_ETCD_ENDPOINTS": etcd.endpoints[0]}
+    assert sorted(complete(["pipitctl", "la"], env)) == ["lab", "label"]
+    assert sorted(complete(["pipitctl", "get", "bgp"], env)) == ["bgpconfigurations",
+                                                                   "bgppeers"]
+    assert complete(["pipitctl", "get", "ippools", "web"], env) == ["web-a", "web-b"]
+    assert complete(["pipitctl", "delete", "ippool", "web-a", ""], env) == ["db", "web-b"]
+    assert complete(["pipitctl", "patch", "ipp", "d"], env) == ["db"]
+    # etcd away: nothing offered, nothing printed
+    assert complete(["pipitctl", "get", "ippools", ""],
+                    {"PIPIT_ETCD_ENDPOINTS": "http://127.0.0.1:1"}) == []
+    assert "_pipitctl_completion" in ok(ctl("completion", "zsh"))
