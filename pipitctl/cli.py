@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import os
 import subprocess
@@ -20,7 +21,7 @@ from ipam.config import DEFAULT_MAX_BLOCKS_PER_HOST, IPAMConfig, config_from_spe
 from ipam.errors import Conflict, DatastoreUnavailable, InUse, InvalidResource, PipitError
 from ipam import keys
 from ipam.release import release_addresses
-from ipam.snapshot import blocks_of, check, load_snapshot, lookup, pool_usage
+from ipam.snapshot import blocks_of, load_snapshot, lookup, pool_usage
 from ipam.store import ENV_CA, ENV_CERT, ENV_ENDPOINTS, ENV_KEY, EtcdConfig, Store
 from ipam.resource import MAX_INPUT_BYTES, load_documents
 from ipam.txn import Changes, transact
@@ -29,7 +30,9 @@ from pipitctl import output
 from bgp_agent.node import VERSION_ANNOTATION
 from bgp_agent.version import software_version
 from pipitctl.config import DEFAULT_CONFIG, read_config
-from pipitctl.ipam_report import release_verdict
+from pipitctl.ipam_report import (borrowed, fix_report, findings, read_report, release_verdict,
+                                   report_document)
+from pipitctl.split import split_stored_pool
 from pipitctl.node_status import render as render_status
 from pipitctl.resources import (CREATE, KINDS, REPLACE, apply_objects, delete_objects, edit_object,
                                 get_objects, kind_named, merge_patch, parse_label_changes,
@@ -364,9 +367,12 @@ def ipam() -> None:
 
 @ipam.command()
 @click.option("--show-blocks", is_flag=True, help="Also list every block with its node.")
+@click.option("--show-borrowed", is_flag=True,
+              help="Also list the addresses nodes borrowed from other nodes' blocks.")
 @click.option("--ip", "address", metavar="ADDRESS", help="Say who holds one address.")
 @etcd_options
-async def show(store: Store, show_blocks: bool, address: str | None) -> None:
+async def show(store: Store, show_blocks: bool, show_borrowed: bool,
+               address: str | None) -> None:
     """Pool usage: addresses in use and free, per pool (and per block)."""
     snap = await load_snapshot(store)
     if address:
@@ -383,6 +389,23 @@ async def show(store: Store, show_blocks: bool, address: str | None) -> None:
                       for pool in snap.pools for b in blocks_of(snap, pool)]
         click.echo()
         click.echo(output.table(("POOL", "BLOCK", "NODE", "IN USE", "FREE"), block_rows))
+    if show_borrowed:
+        click.echo()
+        click.echo(output.table(("ADDRESS", "BLOCK", "BLOCK OWNER", "BORROWED BY", "HANDLE"),
+                                [(b.address, b.block, b.owner or "(none)", b.borrower,
+                                  b.handle) for b in borrowed(snap)]))
+
+
+@ipam.command()
+@click.argument("pool")
+@click.argument("parts", type=int)
+@etcd_options
+async def split(store: Store, pool: str, parts: int) -> None:
+    """Split an IP pool into PARTS (a power of two) pools of its settings; its blocks and
+    addresses stay as they are."""
+    for new in await split_stored_pool(store, pool, parts):
+        click.echo(f"ippool {new.name!r} created with cidr {new.cidr}")
+    click.echo(f"ippool {pool!r} deleted (split into {parts})")
 
 
 def parse_address(text: str) -> IPv4Address:
@@ -409,30 +432,65 @@ def describe_address(snap, address: IPv4Address) -> str:
 
 
 @ipam.command(name="check")
+@click.option("--show-problem-ips", is_flag=True,
+              help="Also list every address a problem concerns, with its handle.")
+@click.option("-o", "--output", "report", metavar="FILE",
+              help="Write the findings as JSON, for `ipam release --from-report FILE`.")
 @etcd_options
-async def check_command(store: Store) -> None:
-    """Find leaked addresses, orphaned handles and affinities without blocks (exit 1 if any)."""
+async def check_command(store: Store, show_problem_ips: bool, report: str | None) -> None:
+    """Find leaked addresses, orphaned handles, stale claims and the like, each with the
+    command that fixes it (exit 1 if any)."""
     snap = await load_snapshot(store)
-    problems = check(snap)
+    found = findings(snap, report or "REPORT")
     summary = (f"checked {len(snap.blocks)} blocks, {len(snap.handles)} handles and "
                f"{len(snap.affinities)} affinities")
-    if not problems:
+    if report:
+        try:
+            with open(report, "w") as f:
+                json.dump(report_document(snap, found), f, indent=2)
+        except OSError as error:
+            raise InvalidResource(f"cannot write the report {report}: {error.strerror}.") \
+                from None
+    if not found:
         click.echo(f"{summary}: no problems found.")
         return
-    click.echo(output.table(("PROBLEM", "SUBJECT", "DETAIL"),
-                            [(p.kind, p.subject, p.detail) for p in problems]))
-    click.echo(f"{summary}: {len(problems)} problem(s) found.")
+    click.echo(output.table(("PROBLEM", "SUBJECT", "DETAIL", "FIX"),
+                            [(f.problem.kind, f.problem.subject, f.problem.detail, f.fix)
+                             for f in found]))
+    if show_problem_ips:
+        rows = [(a.address, a.block, a.handle, f.problem.kind)
+                for f in found for a in f.addresses]
+        rows += [("-", "-", f.problem.subject, f.problem.kind) for f in found
+                 if f.problem.kind == "orphan-handle"]
+        click.echo()
+        click.echo(output.table(("ADDRESS", "BLOCK", "HANDLE", "PROBLEM"), rows))
+    click.echo(f"{summary}: {len(found)} problem(s) found"
+               + (f"; written to {report}." if report else "."))
     raise SystemExit(1)
 
 
 @ipam.command(name="release")
-@click.option("--ip", "addresses", multiple=True, required=True, metavar="ADDRESS",
+@click.option("--ip", "addresses", multiple=True, metavar="ADDRESS",
               help="An address to release (repeatable).")
 @click.option("--force", is_flag=True,
               help="Release an address a live allocation holds (its pod's handle counts it).")
+@click.option("--from-report", "report", metavar="FILE",
+              help="Fix what `ipam check -o FILE` found and a fresh check still finds.")
 @etcd_options
-async def release_command(store: Store, addresses: tuple[str, ...], force: bool) -> None:
-    """Release addresses by hand (for leaks that `ipam check` found); all or none of them."""
+async def release_command(store: Store, addresses: tuple[str, ...], force: bool,
+                          report: str | None) -> None:
+    """Release addresses by hand (all or none of them), or fix what `ipam check` reported."""
+    if bool(addresses) == bool(report):
+        raise InvalidResource("say what to release: --ip ADDRESS... or --from-report FILE.")
+    if report:
+        reported = read_report(report)
+        done, left = await fix_report(store, reported, await load_snapshot(store))
+        _echo_lines(done)
+        for line in left:
+            click.echo(f"left: {line}")
+        if not done and not left:
+            click.echo(f"{report} lists no problems.")
+        return
     wanted = list(dict.fromkeys(parse_address(a) for a in addresses))
     snap = await load_snapshot(store)
     releases = []

@@ -7,6 +7,7 @@ mod_revision, so not even an identical rewrite slipped through).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -527,18 +528,40 @@ def block_without_affinity(config):
     (affinity_without_block, "affinity-without-block", "node-2/10.6.0.128/26", "no block"),
     (block_without_affinity, "block-without-affinity", "10.6.0.64/26", "missing"),
 ])
-def test_ipam_check_finds_each_inconsistency(etcd, ctl, damage, kind, subject, detail):
+def test_ipam_check_finds_each_inconsistency_and_its_report_fixes_it(etcd, ctl, tmp_path,
+                                                                       damage, kind, subject,
+                                                                       detail):
     consistent_state(etcd)
     assert ok(ctl("ipam", "check")) == (
         "checked 1 blocks, 1 handles and 1 affinities: no problems found.\n")
+    healthy = snapshot(etcd)
     damage(etcd)
-    result = ctl("ipam", "check")
+    report = tmp_path / "report.json"
+    result = ctl("ipam", "check", "-o", str(report))
     assert result.returncode == 1 and result.stderr == "", result
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["PROBLEM", "SUBJECT", "DETAIL"]
+    assert lines[0].split() == ["PROBLEM", "SUBJECT", "DETAIL", "FIX"]
     assert [line.split()[:2] for line in lines[1:-1]] == [[kind, subject]], result.stdout
     assert detail in lines[1]
-    assert lines[-1].endswith(": 1 problem(s) found.")
+    assert lines[1].endswith(f"pipitctl ipam release --from-report {report}")
+    assert lines[-1].endswith(f": 1 problem(s) found; written to {report}.")
+    [problem] = json.loads(report.read_text())["problems"]
+    assert (problem["kind"], problem["subject"]) == (kind, subject)
+
+    fixed = ok(ctl("ipam", "release", "--from-report", str(report)))
+    assert fixed and "left:" not in fixed, fixed
+    assert "no problems found" in ok(ctl("ipam", "check"))
+    after = snapshot(etcd)
+    if damage in (orphan_handle, affinity_without_block, block_without_affinity):
+        # what was there before the damage is what is there now (revisions aside)
+        assert {k: v for k, (_, v) in after.items()} == \
+            {k: v for k, (_, v) in healthy.items()} | ({} if damage is not
+                                                      block_without_affinity else {
+                k: v for k, (_, v) in after.items() if "10.6.0.64" in k})
+    # run again, it finds the problem gone and changes nothing
+    assert ok(ctl("ipam", "release", "--from-report", str(report))) == \
+        f"left: {kind} {subject}: no longer found\n"
+    assert snapshot(etcd) == after
 
 
 def test_a_leaked_address_is_released_without_force(etcd, ctl):
@@ -552,6 +575,62 @@ def test_a_leaked_address_is_released_without_force(etcd, ctl):
     assert ok(ctl("ipam", "release", *(f"--ip={a}" for a in leaked))) == "".join(
         f"released {a}\n" for a in leaked)
     assert "no problems found" in ok(ctl("ipam", "check"))
+
+
+def test_problem_ips_a_stale_report_and_problems_only_a_person_can_fix(etcd, ctl, tmp_path):
+    consistent_state(etcd)
+    leak(etcd)
+    block = blocks.from_json(snapshot(etcd)[keys.block_key(BLOCK)][1])
+    leaked = sorted(a for a in BLOCK if (h := block.holder(a)) and h.handle_id == "ghost")
+    report = tmp_path / "report.json"
+    out = ctl("ipam", "check", "--show-problem-ips", "-o", str(report)).stdout
+    problem_rows = out.split("\n\n")[1].splitlines()
+    assert problem_rows[0].split() == ["ADDRESS", "BLOCK", "HANDLE", "PROBLEM"]
+    assert [r.split() for r in problem_rows[1:3]] == [
+        [str(a), str(BLOCK), "ghost", "leaked-address"] for a in leaked]
+
+    # meanwhile one leaked address is released and handed to a new pod: the report must not
+    # free it
+    ok(ctl("ipam", "release", "--ip", str(leaked[0])))
+    freed = blocks.from_json(snapshot(etcd)[keys.block_key(BLOCK)][1])
+    first = freed.ordinal(leaked[0])
+    freed = dataclasses.replace(freed, unallocated=(first, *(o for o in freed.unallocated
+                                                             if o != first)))
+    again, [reused] = blocks.assign(freed, 1, "pod-new", {"pod": "new"})
+    assert reused == leaked[0]
+    put(etcd, (keys.block_key(BLOCK), blocks.to_json(again)),
+        (keys.handle_key("pod-new"), handles.to_json(handles.Handle("pod-new",
+                                                                    {str(BLOCK): 1}))))
+    done = ok(ctl("ipam", "release", "--from-report", str(report)))
+    assert done == f"released {leaked[1]} (leaked by handle ghost)\n"
+    assert "in use by handle pod-new" in ok(ctl("ipam", "show", "--ip", str(reused)))
+    assert "no problems found" in ok(ctl("ipam", "check"))
+
+    # what pipitctl leaves to a person says what to do
+    put(etcd, (keys.affinity_key("node-9", IPv4Network("10.6.0.192/26")), {"state": "pending"}),
+        (keys.block_key(IPv4Network("10.99.0.0/26")),
+         blocks.to_json(blocks.assign(blocks.new_block(IPv4Network("10.99.0.0/26"), None), 1,
+                                      "x", {})[0])),
+        (keys.handle_key("x"), handles.to_json(handles.Handle("x", {"10.99.0.0/26": 1}))))
+    with_store(etcd, lambda s: s._call("Put", __import__("aetcd").rpc.PutRequest(
+        key=(keys.HANDLES + "garbled").encode(), value=b"{")))
+    result = ctl("ipam", "check", "-o", str(report))
+    assert result.returncode == 1
+    text = " ".join(result.stdout.split())
+    assert "none needed while node node-9 runs: its agent settles the claim; if the node is " \
+           "gone: pipitctl delete node node-9" in text
+    assert "apply a pool covering 10.99.0.0/26, or release its addresses" in text
+    assert f"etcdctl del {keys.HANDLES}garbled" in text
+    before = snapshot(etcd)
+    left = ok(ctl("ipam", "release", "--from-report", str(report))).splitlines()
+    assert len(left) == 3 and all(line.startswith("left: ") for line in left), left
+    assert snapshot(etcd) == before
+    one_sentence(ctl("ipam", "release", "--from-report", str(tmp_path / "nope.json")),
+                 "cannot read the report")
+    (tmp_path / "bad.json").write_text('{"kind": "IPPool"}')
+    one_sentence(ctl("ipam", "release", "--from-report", str(tmp_path / "bad.json")),
+                 "is not one `pipitctl ipam check -o FILE` wrote")
+    one_sentence(ctl("ipam", "release"), "--ip ADDRESS... or --from-report FILE")
 
 
 # --------------------------------------------------------------------------------------------
@@ -794,3 +873,52 @@ def test_the_default_etcd_refusing_says_how_to_name_yours():
     # named etcds that refuse get no such advice: the user knows where they pointed
     closed = f"http://127.0.0.1:{free_port()}"
     assert "no etcd was named" not in pipitctl("get", "ippools", endpoints=closed).stderr
+
+
+# --------------------------------------------------------------------------------------------
+# 12. ipam show --show-borrowed, ipam split
+
+
+def test_show_borrowed_lists_who_borrowed_what_from_whom(etcd, ctl):
+    with_store(etcd, lambda s: add_pool(s, "p", "10.13.0.0/29", blockSize=30))
+    ok(ctl("ipam", "configure", "--max-blocks-per-host", "1"))
+    assign(etcd, ("n1", "a", 3, {"pod": "a"}), ("n2", "b", 1, {"pod": "b"}))
+    [borrowed] = assign(etcd, ("n1", "c", 2, {"pod": "c"}))
+    out = ok(ctl("ipam", "show", "--show-borrowed")).split("\n\n")[1].splitlines()
+    assert out[0].split() == ["ADDRESS", "BLOCK", "BLOCK", "OWNER", "BORROWED", "BY", "HANDLE"]
+    block = str(IPv4Network((borrowed[0], 30), strict=False))
+    assert sorted(line.split() for line in out[1:]) == sorted(
+        [str(a), block, "n2", "n1", "c"] for a in borrowed)
+
+
+def test_split_keeps_every_block_and_address_and_allocation_goes_on(etcd, ctl):
+    ok(ctl("apply", "-f", "-", input=yaml.safe_dump({
+        "apiVersion": "pipit.dev/v1", "kind": "IPPool",
+        "metadata": {"name": "big", "labels": {"team": "net"}},
+        "spec": {"cidr": "10.20.0.0/22", "blockSize": 26, "natOutgoing": True}})))
+    held = assign(etcd, *[(f"n{i}", f"pod-{i}", 3, {"pod": str(i)}) for i in range(6)])
+    before = {k: v for k, (_, v) in snapshot(etcd).items() if not k.startswith(keys.POOLS)}
+    assert ok(ctl("ipam", "split", "big", "4")) == (
+        "ippool 'split-big-0' created with cidr 10.20.0.0/24\n"
+        "ippool 'split-big-1' created with cidr 10.20.1.0/24\n"
+        "ippool 'split-big-2' created with cidr 10.20.2.0/24\n"
+        "ippool 'split-big-3' created with cidr 10.20.3.0/24\n"
+        "ippool 'big' deleted (split into 4)\n")
+    after = snapshot(etcd)
+    assert {k: v for k, (_, v) in after.items() if not k.startswith(keys.POOLS)} == before
+    pools = yaml.safe_load_all(ok(ctl("get", "ippools", "-o", "yaml")))
+    for pool in pools:
+        assert pool["spec"]["natOutgoing"] is True and pool["spec"]["blockSize"] == 26
+        assert pool["metadata"]["labels"] == {"team": "net"}
+    assert "no problems found" in ok(ctl("ipam", "check"))
+    more = assign(etcd, ("n0", "pod-more", 40, {}))[0]
+    assert not set(more) & {a for addresses in held for a in addresses}
+
+    before = snapshot(etcd)
+    for args, facts in [(("split-big-0", "3"), ["power of two", "not 3"]),
+                        (("split-big-0", "8"), ["/27, smaller than its blockSize /26"]),
+                        (("nope", "2"), ["'nope' not found"])]:
+        one_sentence(ctl("ipam", "split", *args), *facts)
+    assert snapshot(etcd) == before
+    ok(ctl("apply", "-f", "-", input=pool_yaml("split-split-big-1-0", cidr="10.30.0.0/16")))
+    one_sentence(ctl("ipam", "split", "split-big-1", "2"), "'split-split-big-1-0' exists")
