@@ -577,6 +577,26 @@ def test_a_leaked_address_is_released_without_force(etcd, ctl):
     assert "no problems found" in ok(ctl("ipam", "check"))
 
 
+def test_the_report_fixes_blocks_of_gone_nodes_and_empty_blocks_outside_pools(etcd, ctl,
+                                                                               tmp_path):
+    consistent_state(etcd)  # node-1's block, one address in use
+    outside = IPv4Network("10.99.0.0/26")
+    put(etcd, (keys.node_key("node-2"), {"apiVersion": "pipit.dev/v1", "kind": "Node",
+                                         "metadata": {"name": "node-2"}, "spec": {}}),
+        (keys.block_key(outside), blocks.to_json(blocks.new_block(outside, "node-2"))),
+        (keys.affinity_key("node-2", outside), {"state": "confirmed"}))
+    report = tmp_path / "report.json"
+    kinds = {p["kind"] for p in json.loads(
+        (ctl("ipam", "check", "-o", str(report)), report.read_text())[1])["problems"]}
+    assert kinds == {"block-of-unknown-node", "block-outside-pools"}
+    assert ok(ctl("ipam", "release", "--from-report", str(report))).splitlines() == [
+        f"released block {BLOCK} of unregistered node node-1: kept without an owner",
+        f"removed empty block {outside}, outside every pool"]
+    assert "no problems found" in ok(ctl("ipam", "check"))
+    held = ok(ctl("ipam", "show", "--ip", str(BLOCK.network_address + 1)))
+    assert "in use by handle pod-a" in held and "(node none)" in held
+
+
 def test_problem_ips_a_stale_report_and_problems_only_a_person_can_fix(etcd, ctl, tmp_path):
     consistent_state(etcd)
     leak(etcd)
