@@ -102,7 +102,8 @@ async def replace_command(store: Store, sources) -> None:
 @etcd_options
 async def delete(store: Store, kind: str | None, names: tuple[str, ...], sources,
                  skip_not_exists: bool, force: bool) -> None:
-    """Delete resources: `delete ippool NAME...` or `delete -f FILE`; all or none of them."""
+    """Delete resources: `delete ippool NAME...` or `delete -f FILE`; each is checked (it
+    exists, a pool is not in use) before any is deleted."""
     if sources is not None:
         if kind:
             raise InvalidResource("give either -f FILE or KIND NAME..., not both.")
