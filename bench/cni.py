@@ -36,7 +36,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ipam.store import EtcdConfig
-from ipam.cni import PYTHON_PLUGIN, ask_agent
+from ipam.cni import ask_agent
+from ipam.cni_install import PYTHON_PLUGIN
 from lab.agent import AgentProcess
 from lab.cni import Attachment, CNIRuntime, NetworkConfig, install_bin_dir
 from lab.etcd import EtcdServer

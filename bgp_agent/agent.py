@@ -20,8 +20,15 @@ import sys
 from pathlib import Path
 
 from bgp_agent.bgp_config import parse_as_number
-from bgp_agent.node import (NodeRecord, detect_address, ipam_only_status,
-                            parse_explicit_address, register)
+from bgp_agent.model import DEFAULT_AS
+from bgp_agent.node import (
+    NodeRecord,
+    detect_address,
+    ipam_only_status,
+    parse_cluster_id,
+    parse_explicit_address,
+    register,
+)
 from bgp_agent.version import software_version
 from bgp_agent.status import DEFAULT_STATUS_SOCKET, StatusServer
 from ipam.allocator import IPAM
@@ -50,7 +57,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                               "| can-reach=IP (default first-found).")
     parser.add_argument("--as", dest="as_number", metavar="N",
                         help="This node's AS number, such as 65001 or asdot 1.10 (default: "
-                             "the cluster's, 64512).")
+                             f"the cluster's, {DEFAULT_AS}).")
+    parser.add_argument("--route-reflector-cluster-id", metavar="ID",
+                        help="Make this node a route reflector of this cluster id, e.g. "
+                             "244.0.0.1 (default: as its node record says; Calico's "
+                             "routeReflectorClusterID).")
+    parser.add_argument("--reflector-only", action="store_true",
+                        help="Only reflect routes (a dedicated route reflector, `pipit-rr`): no "
+                             "IPAM service, no kernel routes; the node needs a cluster id.")
     parser.add_argument("--labels", default="", metavar="K=V,...",
                         help="Labels for this node's record (pools and peers select on them).")
     parser.add_argument("--exabgp", choices=["spawn", "sidecar"], default="spawn",
@@ -75,9 +89,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--etcd-ca-cert", metavar="FILE", help=f"[env {ENV_CA}]")
     parser.add_argument("--etcd-cert", metavar="FILE", help=f"[env {ENV_CERT}]")
     parser.add_argument("--etcd-key", metavar="FILE", help=f"[env {ENV_KEY}]")
+    parser.add_argument("--metrics-address", type=_metrics_address, metavar="HOST:PORT",
+                        help="Serve Prometheus metrics on http://HOST:PORT/metrics (off unless "
+                             "given; :9091 for every address).")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser.parse_args(argv)
+
+
+def _metrics_address(text: str) -> str:
+    from bgp_agent.metrics import metrics_address
+    try:
+        return metrics_address(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def mtu_value(text: str) -> int:
@@ -102,7 +127,11 @@ def node_identity(args: argparse.Namespace) -> NodeRecord:
                else None if args.no_bgp else detect_address(args.ip_autodetection_method))
     as_number = None if args.as_number is None else parse_as_number(args.as_number, "--as",
                                                                         "the AS number")
-    return NodeRecord(args.node, address, as_number, parse_labels(args.labels))
+    cluster_id = (parse_cluster_id(args.route_reflector_cluster_id,
+                                   "--route-reflector-cluster-id")
+                  if args.route_reflector_cluster_id else None)
+    return NodeRecord(args.node, address, as_number, parse_labels(args.labels),
+                      route_reflector_cluster_id=cluster_id)
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -122,10 +151,14 @@ async def run(args: argparse.Namespace) -> None:
     loop.add_signal_handler(signal.SIGINT, stop_and(True))
     loop.add_signal_handler(signal.SIGUSR1, stop_and(False))
 
+    if args.metrics_address:
+        from bgp_agent import metrics
+        metrics.serve(args.metrics_address)
     async with Store(config) as store:
         ipam = IPAM(store)
-        service = IPAMService(ipam, args.node, args.ipam_socket)
-        await service.start()
+        service = None if args.reflector_only else IPAMService(ipam, args.node, args.ipam_socket)
+        if service is not None:
+            await service.start()
         try:
             if args.no_bgp:  # registered all the same, so that it is listed and has a status
                 me = await register(store, node_identity(args))
@@ -139,30 +172,43 @@ async def run(args: argparse.Namespace) -> None:
                 await route(store, ipam, args, stop, lambda: retire)
             log.info("stopping")
         finally:
-            await service.close()
+            if service is not None:
+                await service.close()
 
 
 async def route(store: Store, ipam: IPAM, args: argparse.Namespace, stop: asyncio.Event,
                 retiring) -> None:
     """Register the node, then run the BGP speaker and the routing loop until `stop`."""
-    from bgp_agent.encapsulation import Encapsulation
-    from ipip.kernel_routes import KernelRoutes
+    from bgp_agent.node_dataplane import NodeDataplane
+    from bgp_agent.model import SpeakerError
     from bgp_agent.routing import Router
-    from bgp_agent.speaker import Speaker, SpeakerError
+    from bgp_agent.speaker import ExaBGPSpeaker
+    from ipip.kernel_routes import KernelRoutes
+    from ipip.route_table import RouteTable
 
     me = await register(store, await asyncio.to_thread(node_identity, args))  # pyroute2 inside
     log.info("node %s registered with address %s", me.name, me.address)
+    if args.reflector_only and me.route_reflector_cluster_id is None:
+        raise InvalidResource(f"node {me.name} has no route reflector cluster id: give "
+                              "--route-reflector-cluster-id (or set routeReflectorClusterID "
+                              "on its node record).")
     state_dir = Path(args.state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    kernel = KernelRoutes()
-    speaker = Speaker(state_dir / "exabgp", state_dir / "exabgp.sock", args.exabgp,
-                      router_id=me.address.ip, local_address=me.address.ip,
-                      local_as=me.as_number or 64512)
-    encapsulation = Encapsulation(store, ipam, state_dir / "pod-mtu", args.mtu)
-    router = Router(store, me, speaker, kernel, secrets_dir=args.secrets_dir,
-                    encapsulation=encapsulation)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    kernel = None if args.reflector_only else KernelRoutes()
+    speaker = ExaBGPSpeaker(state_dir / "exabgp", state_dir / "exabgp.sock", args.exabgp,
+                            router_id=me.address.ip, local_address=me.address.ip,
+                            local_as=me.as_number or DEFAULT_AS)
+    dataplane = (None if args.reflector_only
+                 else NodeDataplane(store, ipam, state_dir / "pod-mtu", args.mtu))
+    router = Router(store, me, speaker, kernel and RouteTable(kernel),
+                    secrets_dir=args.secrets_dir, dataplane=dataplane)
     speaker.on_change = router.changed.set
     status = StatusServer(args.status_socket, router.status.to_json)
+    if args.metrics_address:
+        from bgp_agent import metrics
+        metrics.register(metrics.StatusCollector(router.status.to_json,
+                                                 None if args.reflector_only
+                                                 else router.ipam_usage))
     await speaker.start()
     await status.start()
     task = asyncio.create_task(router.run())
@@ -184,8 +230,15 @@ async def route(store: Store, ipam: IPAM, args: argparse.Namespace, stop: asynci
             log.error("could not withdraw this node's routes before stopping: %s", error)
         finally:
             await speaker.stop(stop_exabgp=retiring())
-            kernel.close()
-            encapsulation.close()
+            if kernel is not None:
+                kernel.close()
+                dataplane.close()
+
+
+def main_reflector(argv: list[str] | None = None) -> None:
+    """pipit-rr: pipit-agent as a dedicated route reflector (--reflector-only)."""
+    main(["--reflector-only", *(sys.argv[1:] if argv is None else argv)])
+
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)

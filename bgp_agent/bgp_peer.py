@@ -1,6 +1,7 @@
-"""BGPPeer: a BGP session to a router outside the node-to-node mesh (a top-of-rack switch, a
-route reflector), for every node (global), for one node (`node`) or for the nodes a label
-selector picks (`nodeSelector`). Stored at /pipit/resources/bgppeers/<name>.
+"""BGPPeer: BGP sessions outside the node-to-node mesh, for every node (global), for one node
+(`node`) or for the nodes a label selector picks (`nodeSelector`): to a router (`peerIP`: a
+top-of-rack switch, a BIRD reflector), or to other nodes (`peerSelector`: every node it selects,
+as AS its own; Calico's route-reflector topology). Stored at /pipit/resources/bgppeers/<name>.
 
     apiVersion: pipit.dev/v1
     kind: BGPPeer
@@ -16,6 +17,12 @@ selector picks (`nodeSelector`). Stored at /pipit/resources/bgppeers/<name>.
       keepOriginalNextHop: false
       allowPoolPrefixes: false         # accept routes inside IP pools from this peer
       numAllowedLocalASNumbers: 0      # how often our AS may appear in a received AS path
+
+    spec:                              # every node peers with every route reflector
+      nodeSelector: all()
+      peerSelector: route-reflector == 'true'   # instead of peerIP and asNumber
+      reversePeering: Auto             # Auto: the selected nodes peer back (Manual: they
+                                       # need a BGPPeer of their own)
 
 The password itself never appears in the resource (nor in etcd, nor in `get` output): only
 where to read it. The agent reads it whenever it recomputes its sessions (on any change, and
@@ -50,9 +57,10 @@ from ipam.resource import SpecReader, check_name, make_document, read_document, 
 from ipam.selector import parse_selector
 
 KIND = "BGPPeer"
-_FIELDS = {"peerIP", "asNumber", "node", "nodeSelector", "password", "holdTime",
-           "maxRestartTime", "maxPrefixes", "keepOriginalNextHop", "allowPoolPrefixes",
-           "numAllowedLocalASNumbers"}
+_FIELDS = {"peerIP", "asNumber", "node", "nodeSelector", "peerSelector", "reversePeering",
+           "password", "holdTime", "maxRestartTime", "maxPrefixes", "keepOriginalNextHop",
+           "allowPoolPrefixes", "numAllowedLocalASNumbers"}
+REVERSE_PEERING = ("Auto", "Manual")
 _SECRET_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 _SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]{1,253}")
 MAX_ALLOWED_LOCAL_AS = 10
@@ -84,10 +92,12 @@ class PasswordUnavailable(Exception):
 @dataclass(frozen=True)
 class BGPPeer:
     name: str
-    peer_ip: IPv4Address
-    as_number: int
+    peer_ip: IPv4Address | None  # None: the peers are the nodes peer_selector picks
+    as_number: int | None  # None with peer_selector: each selected node's own
     node: str | None = None
     node_selector: str | None = None
+    peer_selector: str | None = None
+    reverse_peering: str = "Auto"
     password: PasswordRef | None = None
     hold_time: int = DEFAULT_HOLD_TIME
     restart_time: int = DEFAULT_RESTART_TIME
@@ -101,7 +111,10 @@ class BGPPeer:
 
     @property
     def endpoint(self) -> str:
-        """peerIP as written: the address, with the port when it is not BGP's own."""
+        """peerIP as written: the address, with the port when it is not BGP's own (or the
+        peerSelector)."""
+        if self.peer_selector is not None:
+            return f"selector {self.peer_selector}"
         return str(self.peer_ip) if self.peer_port == 179 else f"{self.peer_ip}:{self.peer_port}"
 
     @property
@@ -121,6 +134,11 @@ class BGPPeer:
             return parse_selector(self.node_selector).matches(node.labels)
         return True
 
+    def selects_peer(self, node: NodeRecord) -> bool:
+        """Whether `node` is one of the peers (peerSelector) of the nodes this applies to."""
+        return (self.peer_selector is not None
+                and parse_selector(self.peer_selector).matches(node.labels))
+
     def describe_scope(self) -> str:
         if self.node is not None:
             return self.node
@@ -134,10 +152,28 @@ def peer_from_spec(name: str, spec: Mapping) -> BGPPeer:
     check_name(KIND, name)
     read = SpecReader(KIND, name, spec, _FIELDS)
     where = read.where
-    peer_ip, peer_port = _peer_address(read)
-    if spec.get("asNumber") is None:
-        raise read.fail("spec.asNumber is required (the peer's AS number, such as 65001).")
-    as_number = parse_as_number(spec["asNumber"], where)
+    peer_selector = read.string("peerSelector") or None
+    reverse = read.string("reversePeering") or "Auto"
+    if reverse not in REVERSE_PEERING:
+        raise read.fail(f"reversePeering {reverse!r} must be Auto or Manual.")
+    if peer_selector is not None:
+        if spec.get("peerIP") not in (None, ""):
+            raise read.fail("give either peerIP or peerSelector, not both.")
+        if spec.get("asNumber") is not None:
+            raise read.fail("asNumber goes with peerIP: with peerSelector each selected node "
+                            "is peered with its own AS number.")
+        try:
+            parse_selector(peer_selector)
+        except InvalidResource as error:
+            raise read.fail(f"peerSelector: {error}") from None
+        peer_ip, peer_port, as_number = None, 179, None
+    else:
+        if "reversePeering" in spec:
+            raise read.fail("reversePeering goes with peerSelector (sessions between nodes).")
+        peer_ip, peer_port = _peer_address(read)
+        if spec.get("asNumber") is None:
+            raise read.fail("spec.asNumber is required (the peer's AS number, such as 65001).")
+        as_number = parse_as_number(spec["asNumber"], where)
     node = read.string("node") or None
     if node is not None:
         try:
@@ -163,6 +199,7 @@ def peer_from_spec(name: str, spec: Mapping) -> BGPPeer:
                         f"{MAX_ALLOWED_LOCAL_AS}.")
     return BGPPeer(
         name=name, peer_ip=peer_ip, as_number=as_number, node=node, node_selector=selector,
+        peer_selector=peer_selector, reverse_peering=reverse,
         password=_password(read, spec.get("password")),
         hold_time=check_hold_time(read.seconds("holdTime", DEFAULT_HOLD_TIME), where),
         restart_time=restart, max_prefixes=max_prefixes,
@@ -180,7 +217,8 @@ def _peer_address(read: SpecReader) -> tuple[IPv4Address, int]:
     [fd00::1]:1179."""
     text = read.string("peerIP")
     if not text:
-        raise read.fail("spec.peerIP is required (the router's address, such as 10.0.0.1).")
+        raise read.fail("spec.peerIP is required (the router's address, such as 10.0.0.1), "
+                        "or peerSelector (the nodes to peer with).")
     text = text.strip()
     port = 179
     with_port = _WITH_PORT.fullmatch(text)
@@ -235,7 +273,11 @@ def _password(read: SpecReader, value) -> PasswordRef | None:
 
 
 def peer_to_spec(peer: BGPPeer) -> dict:
-    spec: dict = {"peerIP": peer.endpoint, "asNumber": peer.as_number}
+    if peer.peer_selector is not None:
+        spec: dict = {"peerSelector": peer.peer_selector,
+                      "reversePeering": peer.reverse_peering}
+    else:
+        spec = {"peerIP": peer.endpoint, "asNumber": peer.as_number}
     if peer.node is not None:
         spec["node"] = peer.node
     if peer.node_selector is not None:
@@ -264,16 +306,25 @@ def peer_from_document(doc: Mapping) -> BGPPeer:
 
 def check_peer(peer: BGPPeer, peers: Iterable[BGPPeer], nodes: Iterable[NodeRecord]) -> None:
     """Refuse a peer that is the node it applies to, or that a stored peer already covers
-    (same address for an overlapping set of nodes)."""
+    (same address for an overlapping set of nodes); a peerSelector that would only ever
+    peer a node with itself."""
     nodes = list(nodes)
     where = f"{KIND} {peer.name!r}"
+    if peer.peer_selector is not None:
+        pairs = {(a.name, b.name) for a in nodes if peer.applies_to(a)
+                 for b in nodes if peer.selects_peer(b)}
+        if pairs and all(a == b for a, b in pairs):
+            [(only, _)] = pairs
+            raise InvalidResource(f"{where}: its nodeSelector and peerSelector pick only node "
+                                  f"{only}, which cannot peer with itself.")
+        return
     for node in nodes:
         if node.address is not None and node.address.ip == peer.peer_ip and \
                 peer.node is not None and peer.applies_to(node):
             raise InvalidResource(f"{where}: peerIP {peer.peer_ip} is the address of node "
                                   f"{node.name} itself, which cannot peer with itself.")
     for other in peers:
-        if other.name == peer.name or other.peer_ip != peer.peer_ip:
+        if other.name == peer.name or other.peer_ip is None or other.peer_ip != peer.peer_ip:
             continue
         shared = _overlap(peer, other, nodes)
         if shared:

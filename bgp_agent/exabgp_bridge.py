@@ -11,45 +11,9 @@ ExaBGP acknowledged) so that an agent that (re)connects gets the whole picture f
 picture lives only here: should the bridge itself die, ExaBGP restarts it knowing nothing of
 the sessions already up.)
 
-Bridge <-> agent protocol: JSON objects, one per line, over the unix socket (the agent listens,
-the bridge connects). Addresses and prefixes are strings.
-
-Bridge to agent, first on every connection:
-    {"type": "hello", "protocol": 1, "bridge_pid": 12, "exabgp_pid": 11, "digest": "ab12.."|null}
-        digest: the configuration the bridge last saw ExaBGP apply (see exabgp_config)
-    {"type": "snapshot-begin"}
-    {"type": "peer", ...PeerState...}                      one per known peer
-    {"type": "received", "peer": A, "announce": [Path...], "withdraw": []}     in chunks
-    {"type": "announced", "neighbor": A, "routes": [Announcement...]}         in chunks
-    {"type": "snapshot-end"}
-then live, in the order things happen:
-    {"type": "peer", "address": A, "state": "up"|"down"|"idle", "since": 1.7e9, "reason": "...",
-     "graceful_restart": bool, "restart_time": 120, "router_id": A|null, "end_of_rib": bool,
-     "extra": {...}}
-        sent when the state, reason or End-of-RIB flag changes; an "up" with a new "since" is a
-        new session (drop what the old one sent). On "down" the bridge has already
-        dropped the peer's received routes (ExaBGP sends no withdrawals, trap 4); the agent
-        drops them too and uses graceful_restart/restart_time (from the last OPEN exchange) to
-        decide whether to keep its kernel routes as stale. ExaBGP's "connected" is not reported:
-        it repeats every second while a peer refuses (trap 5).
-    {"type": "received", "peer": A, "announce": [Path...], "withdraw": [prefix...]}
-    {"type": "announced", "neighbor": A, "routes": [Announcement...]}   ExaBGP accepted these
-    {"type": "withdrawn", "neighbor": A, "prefixes": [prefix...]}       ExaBGP accepted these
-    {"type": "forget", "peer": A}          no longer configured: drop everything about it
-    {"type": "done", "id": N, "output": [...]} / {"type": "error", "id": N, "message": "..."}
-    {"type": "exabgp-shutdown"}
-
-Agent to bridge (executed one at a time, in order; each answered by done/error with its id):
-    {"id": N, "op": "announce", "neighbor": A, "routes": [Announcement...]}
-    {"id": N, "op": "withdraw", "neighbor": A, "prefixes": [prefix...]}
-    {"id": N, "op": "clear", "neighbor": A}          withdraw everything sent to one neighbour
-    {"id": N, "op": "reload", "digest": D, "neighbors": [A...], "timeout": 30}
-        reload ExaBGP's configuration and answer only once ExaBGP shows it applied
-    {"id": N, "op": "retire", "timeout": 30}
-        withdraw everything from every neighbour and answer once the withdrawals left
-    {"id": N, "op": "command", "line": "show neighbor summary"}     raw, output in the reply
-A Path / Announcement is the model's dataclass as an object, empty and None fields left out.
-An error reply still comes after the announced/withdrawn messages for the lines ExaBGP took.
+This is where ExaBGP's words are read and written: its commands, its JSON events and the
+wording of its reasons become the fields of bgp_agent.bridge_protocol's messages, which
+describe the protocol with the agent.
 """
 
 from __future__ import annotations
@@ -62,88 +26,36 @@ import os
 import re
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network
 
+from bgp_agent.bridge_protocol import (
+    LINE_LIMIT,
+    PROTOCOL,
+    Announced,
+    Forget,
+    PeerChanged,
+    Received,
+    RouteTables,
+    StateMessage,
+    Withdrawn,
+    announcement_from_json,
+    encode,
+    read_lines,
+)
 from bgp_agent.exabgp_config import DESCRIPTION_PREFIX
 from bgp_agent.model import Announcement, Path, PeerState
 from bgp_agent.version import software_version
 
 log = logging.getLogger("pipit-exabgp-bridge")
 
-PROTOCOL = 1
 BATCH = 1000  # prefixes per ExaBGP command line (ExaBGP's limit is 1 MiB a line)
-CHUNK = 1000  # routes per snapshot message
-LINE_LIMIT = 64 * 2**20  # longest line either side accepts
 AGENT_BUFFER_LIMIT = 64 * 2**20  # an agent this far behind is dropped; it gets a snapshot back
 COMMAND_TIMEOUT = 120.0  # ExaBGP acks every command; this only guards against a lost ack
-
-
-# --------------------------------------------------------------------------------------------
-# JSON forms of the model types
-
-def _plain(value):
-    if isinstance(value, (IPv4Address, IPv4Network)):
-        return str(value)
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _to_json(obj) -> dict:
-    out = {}
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        if value is None or value == () or (f.name == "origin" and value == "igp"):
-            continue
-        out[f.name] = _plain(value)
-    return out
-
-
-def path_to_json(path: Path) -> dict:
-    return _to_json(path)
-
-
-def path_from_json(d: dict) -> Path:
-    return Path(
-        prefix=IPv4Network(d["prefix"]), next_hop=IPv4Address(d["next_hop"]),
-        as_path=tuple(d.get("as_path", ())), communities=tuple(map(tuple, d.get("communities", ()))),
-        local_pref=d.get("local_pref"), med=d.get("med"), origin=d.get("origin", "igp"),
-        originator_id=_address(d.get("originator_id")),
-        cluster_list=tuple(IPv4Address(a) for a in d.get("cluster_list", ())))
-
-
-def announcement_to_json(route: Announcement) -> dict:
-    return _to_json(route)
-
-
-def announcement_from_json(d: dict) -> Announcement:
-    return Announcement(
-        prefix=IPv4Network(d["prefix"]), next_hop=_address(d.get("next_hop")),
-        communities=tuple(map(tuple, d.get("communities", ()))), as_path=tuple(d.get("as_path", ())),
-        local_pref=d.get("local_pref"), med=d.get("med"),
-        originator_id=_address(d.get("originator_id")),
-        cluster_list=tuple(IPv4Address(a) for a in d.get("cluster_list", ())),
-        large_communities=tuple(map(tuple, d.get("large_communities", ()))))
-
-
-def peer_to_json(peer: PeerState) -> dict:
-    return {"address": str(peer.address), "state": peer.state, "since": peer.since,
-            "reason": peer.reason, "graceful_restart": peer.graceful_restart,
-            "restart_time": peer.restart_time, "router_id": _plain(peer.router_id),
-            "end_of_rib": peer.end_of_rib, "extra": peer.extra}
-
-
-def peer_from_json(d: dict) -> PeerState:
-    return PeerState(address=IPv4Address(d["address"]), state=d["state"], since=d["since"],
-                     reason=d["reason"], graceful_restart=d["graceful_restart"],
-                     restart_time=d["restart_time"], router_id=_address(d.get("router_id")),
-                     end_of_rib=d["end_of_rib"], extra=d.get("extra") or {})
-
-
-def _address(value) -> IPv4Address | None:
-    return None if value is None else IPv4Address(value)
+# How ExaBGP words a session that ended with a NOTIFICATION (reactor/peer.py); any such end
+# rules out graceful restart (RFC 4724).
+NOTIFICATION = re.compile(r"notification (sent|received) \(\d+,\d+\)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,6 +63,8 @@ def _address(value) -> IPv4Address | None:
 
 def _attributes(route: Announcement) -> str:
     words = [f"next-hop {route.next_hop or 'self'}"]
+    if route.origin != "igp":
+        words.append(f"origin {route.origin}")
     if route.as_path:  # sent verbatim; empty means ExaBGP's default ([local AS] to eBGP)
         words.append(f"as-path [ {' '.join(map(str, route.as_path))} ]")
     if route.local_pref is not None:
@@ -169,29 +83,42 @@ def _attributes(route: Announcement) -> str:
     return " ".join(words)
 
 
-def announce_commands(neighbor: IPv4Address, routes: Iterable[Announcement], batch: int = BATCH
-                      ) -> list[tuple[str, list[Announcement]]]:
-    """One `announce attributes ... nlri P1 P2 ...` line per attribute set and batch (one line
-    per prefix is ten times slower in ExaBGP)."""
+def _selector(neighbors: Sequence[IPv4Address]) -> str:
+    """ExaBGP's prefix of a command for one or several neighbours."""
+    return " , ".join(f"neighbor {n}" for n in neighbors)
+
+
+def announce_commands(neighbors: Sequence[IPv4Address], routes: Iterable[Announcement],
+                      batch: int = BATCH) -> list[tuple[str, list[Announcement]]]:
+    """One `announce attributes ... nlri P1 P2 ...` line per attribute set and batch, for all
+    `neighbors` at once (one line per prefix, or per neighbour, is many times slower in
+    ExaBGP)."""
     groups: dict[str, list[Announcement]] = {}
     for route in routes:
         groups.setdefault(_attributes(route), []).append(route)
     commands = []
+    target = _selector(neighbors)
     for attributes, group in groups.items():
         for i in range(0, len(group), batch):
             part = group[i:i + batch]
             nlri = " ".join(str(r.prefix) for r in part)
-            commands.append((f"neighbor {neighbor} announce attributes {attributes} nlri {nlri}",
-                             part))
+            commands.append((f"{target} announce attributes {attributes} nlri {nlri}", part))
     return commands
 
 
-def withdraw_commands(neighbor: IPv4Address, prefixes: Iterable[IPv4Network], batch: int = BATCH
-                      ) -> list[tuple[str, list[IPv4Network]]]:
+def withdraw_commands(neighbors: Sequence[IPv4Address], prefixes: Iterable[IPv4Network],
+                      batch: int = BATCH) -> list[tuple[str, list[IPv4Network]]]:
     prefixes = list(prefixes)
-    return [(f"neighbor {neighbor} withdraw attributes nlri "
+    target = _selector(neighbors)
+    return [(f"{target} withdraw attributes nlri "
              + " ".join(str(p) for p in prefixes[i:i + batch]), prefixes[i:i + batch])
             for i in range(0, len(prefixes), batch)]
+
+
+def end_of_rib_command(neighbor: IPv4Address) -> str:
+    """End-of-RIB for IPv4 unicast (ExaBGP runs with manual-eor: it goes out after our table,
+    so a peer keeping our routes through a graceful restart never flushes them early)."""
+    return f"neighbor {neighbor} announce eor ipv4 unicast"
 
 
 def parse_configured(output: Iterable[str]) -> dict[IPv4Address, str | None]:
@@ -283,6 +210,10 @@ def parse_event(event: dict) -> Event | None:
     return None
 
 
+def _address(value) -> IPv4Address | None:
+    return None if value is None else IPv4Address(value)
+
+
 def _nlri_prefix(item) -> IPv4Network:
     return IPv4Network(item if isinstance(item, str) else item["nlri"])  # api.compact gives strings
 
@@ -314,13 +245,11 @@ def _withdrawn(update: dict) -> Iterator[IPv4Network]:
 
 
 # --------------------------------------------------------------------------------------------
-# What the bridge knows: pure state, each change returning the messages the agent should get
+# What the bridge knows: its tables, changed only through the state messages it sends
 
 @dataclass
 class BridgeState:
-    peers: dict[IPv4Address, PeerState] = field(default_factory=dict)
-    received: dict[IPv4Address, dict[IPv4Network, Path]] = field(default_factory=dict)
-    announced: dict[IPv4Address, dict[IPv4Network, Announcement]] = field(default_factory=dict)
+    tables: RouteTables = field(default_factory=RouteTables)
     configured: set[IPv4Address] | None = None  # None until the agent first says (accept all)
     # The neighbours of a reload being applied: their sessions may come up before the bridge
     # has seen the reload take effect, and those events must not be lost.
@@ -329,6 +258,11 @@ class BridgeState:
     sent_graceful_restart: dict[IPv4Address, bool] = field(default_factory=dict)
     received_open: dict[IPv4Address, OpenEvent] = field(default_factory=dict)
     retiring: dict[IPv4Address, set[IPv4Network]] = field(default_factory=dict)
+
+    def _send(self, message: StateMessage) -> dict:
+        """Apply `message` here and give its JSON form for the agent, which applies it too."""
+        self.tables.apply(message)
+        return encode(message)
 
     def on_event(self, event: Event) -> list[dict]:
         if isinstance(event, ShutdownEvent):
@@ -351,110 +285,61 @@ class BridgeState:
             return []
         return self._on_received(event)
 
-    def _peer(self, address: IPv4Address) -> PeerState:
-        if address not in self.peers:
-            self.peers[address] = PeerState(address)
-        return self.peers[address]
-
     def _on_state(self, event: StateEvent) -> list[dict]:
         if event.state not in ("up", "down"):
             return []  # "connected" comes every second while a peer refuses
-        peer = self._peer(event.peer)
-        before = (peer.state, peer.reason)
-        peer.extra = {**peer.extra, **{k: v for k, v in event.local.items() if v is not None}}
+        peer = self.tables.peers.get(event.peer) or PeerState(event.peer)
+        extra = {**peer.extra, **{k: v for k, v in event.local.items() if v is not None}}
         if event.state == "up":
             opened = self.received_open.get(event.peer)
-            peer.graceful_restart = bool(opened and opened.graceful_restart
-                                         and self.sent_graceful_restart.get(event.peer))
-            peer.restart_time = opened.restart_time if opened else 0
-            peer.router_id = opened.router_id if opened else None
-            peer.state, peer.reason, peer.end_of_rib = "up", "", False
-            self.received[event.peer] = {}
+            peer = replace(
+                peer, state="up", reason="", notification=False, end_of_rib=False, extra=extra,
+                graceful_restart=bool(opened and opened.graceful_restart
+                                      and self.sent_graceful_restart.get(event.peer)),
+                restart_time=opened.restart_time if opened else 0,
+                router_id=opened.router_id if opened else None)
         else:
-            peer.state, peer.reason = "down", event.reason
-            self.received.pop(event.peer, None)  # no withdrawals come (trap 4)
             self.retiring.pop(event.peer, None)
-        if event.state == "down" and (peer.state, peer.reason) == before:
-            return []  # ExaBGP retries a refusing peer every second: one report is enough
-        peer.since = event.time  # a new "since" on "up" tells the agent a new session began
-        return [{"type": "peer", **peer_to_json(peer)}]
+            if (peer.state, peer.reason) == ("down", event.reason):
+                return []  # ExaBGP retries a refusing peer every second: one report is enough
+            peer = replace(peer, state="down", reason=event.reason, extra=extra,
+                           notification=bool(NOTIFICATION.search(event.reason)))
+        # a new "since" on "up" tells the agent a new session began
+        return [self._send(PeerChanged(replace(peer, since=event.time)))]
 
     def _on_received(self, event: UpdateEvent) -> list[dict]:
-        peer = self._peer(event.peer)
         if event.end_of_rib:
+            peer = self.tables.peers.get(event.peer) or PeerState(event.peer)
             if peer.end_of_rib:
                 return []
-            peer.end_of_rib = True
-            return [{"type": "peer", **peer_to_json(peer)}]
-        table = self.received.setdefault(event.peer, {})
-        for prefix in event.withdraw:
-            table.pop(prefix, None)
-        for path in event.announce:
-            table[path.prefix] = path
-        return [{"type": "received", "peer": str(event.peer),
-                 "announce": [path_to_json(p) for p in event.announce],
-                 "withdraw": [str(p) for p in event.withdraw]}]
+            return [self._send(PeerChanged(replace(peer, end_of_rib=True)))]
+        return [self._send(Received(event.peer, event.announce, event.withdraw))]
 
     def record_announced(self, neighbor: IPv4Address, routes: list[Announcement]) -> dict:
-        table = self.announced.setdefault(neighbor, {})
-        for route in routes:
-            table[route.prefix] = route
-        return {"type": "announced", "neighbor": str(neighbor),
-                "routes": [announcement_to_json(r) for r in routes]}
+        return self._send(Announced(neighbor, tuple(routes)))
 
     def record_withdrawn(self, neighbor: IPv4Address, prefixes: list[IPv4Network]) -> dict:
-        table = self.announced.get(neighbor, {})
-        for prefix in prefixes:
-            table.pop(prefix, None)
-        if not table:
-            self.announced.pop(neighbor, None)
-        return {"type": "withdrawn", "neighbor": str(neighbor), "prefixes": [str(p) for p in prefixes]}
+        return self._send(Withdrawn(neighbor, tuple(prefixes)))
 
     def set_configured(self, neighbors: set[IPv4Address], digest: str | None) -> list[dict]:
         self.configured, self.digest = set(neighbors), digest
-        gone = (set(self.peers) | set(self.announced) | set(self.received)) - self.configured
+        tables = self.tables
+        gone = (set(tables.peers) | set(tables.announced) | set(tables.received)) - self.configured
         for address in gone:
-            for table in (self.peers, self.received, self.announced, self.retiring,
-                          self.sent_graceful_restart, self.received_open):
+            for table in (self.retiring, self.sent_graceful_restart, self.received_open):
                 table.pop(address, None)
-        return [{"type": "forget", "peer": str(a)} for a in sorted(gone)]
+        return [self._send(Forget(a)) for a in sorted(gone)]
 
     def snapshot(self, exabgp_pid: int) -> Iterator[dict]:
         yield {"type": "hello", "protocol": PROTOCOL, "bridge_pid": os.getpid(),
                "exabgp_pid": exabgp_pid, "digest": self.digest}
         yield {"type": "snapshot-begin"}
-        for peer in self.peers.values():
-            yield {"type": "peer", **peer_to_json(peer)}
-        for address, table in self.received.items():
-            paths = list(table.values())
-            for i in range(0, len(paths), CHUNK):
-                yield {"type": "received", "peer": str(address), "withdraw": [],
-                       "announce": [path_to_json(p) for p in paths[i:i + CHUNK]]}
-        for address, table in self.announced.items():
-            routes = list(table.values())
-            for i in range(0, len(routes), CHUNK):
-                yield {"type": "announced", "neighbor": str(address),
-                       "routes": [announcement_to_json(r) for r in routes[i:i + CHUNK]]}
+        yield from map(encode, self.tables.snapshot())
         yield {"type": "snapshot-end"}
 
 
 # --------------------------------------------------------------------------------------------
 # I/O
-
-async def read_lines(reader: asyncio.StreamReader, source: str,
-                     logger: logging.Logger = log) -> AsyncIterator[bytes]:
-    """The lines `reader` gives until EOF; a line longer than LINE_LIMIT (the readers' limit)
-    is logged, naming `source`, and skipped."""
-    while True:
-        try:
-            raw = await reader.readline()
-        except ValueError:
-            logger.error("skipped a line longer than %d bytes from %s", LINE_LIMIT, source)
-            continue
-        if not raw:
-            return
-        yield raw
-
 
 class CommandFailed(Exception):
     pass
@@ -604,20 +489,22 @@ class Bridge:
     async def _execute(self, request: dict) -> list[str]:
         op = request["op"]
         if op == "announce":
-            neighbor = IPv4Address(request["neighbor"])
+            neighbors = [IPv4Address(a) for a in request["neighbors"]]
             routes = [announcement_from_json(r) for r in request["routes"]]
-            return await self._each(announce_commands(neighbor, routes),
-                                    lambda part: self.state.record_announced(neighbor, part))
+            return await self._each(announce_commands(neighbors, routes), lambda part: [
+                self.state.record_announced(n, part) for n in neighbors])
         if op == "withdraw":
-            neighbor = IPv4Address(request["neighbor"])
+            neighbors = [IPv4Address(a) for a in request["neighbors"]]
             prefixes = [IPv4Network(p) for p in request["prefixes"]]
-            return await self._each(withdraw_commands(neighbor, prefixes),
-                                    lambda part: self.state.record_withdrawn(neighbor, part))
+            return await self._each(withdraw_commands(neighbors, prefixes), lambda part: [
+                self.state.record_withdrawn(n, part) for n in neighbors])
+        if op == "eor":
+            return await self.command(end_of_rib_command(IPv4Address(request["neighbor"])))
         if op == "clear":
             neighbor = IPv4Address(request["neighbor"])
             output = await self.command(f"neighbor {neighbor} clear adj-rib out")
             self._send_agent(self.state.record_withdrawn(
-                neighbor, list(self.state.announced.get(neighbor, {}))))
+                neighbor, list(self.state.tables.announced.get(neighbor, {}))))
             return output
         if op == "reload":
             return await self._reload(request.get("digest"),
@@ -637,7 +524,8 @@ class Bridge:
             except CommandFailed as error:
                 errors.append(str(error))
                 continue
-            self._send_agent(record(part))
+            for message in record(part):
+                self._send_agent(message)
         if errors:
             raise CommandFailed(f"{len(errors)} of {len(commands)} commands failed: "
                                 + "; ".join(errors[:3]))
@@ -673,19 +561,38 @@ class Bridge:
         return []
 
     async def _retire(self, timeout: float) -> list[str]:
-        """Withdraw everything and wait until the withdrawals were sent: with graceful restart
-        a stopping ExaBGP sends no NOTIFICATION, so peers would keep our routes for minutes."""
-        self.state.retiring = {address: set(self.state.announced.get(address, {}))
-                               for address, peer in self.state.peers.items() if peer.state == "up"}
+        """Withdraw this node's own routes and wait until the withdrawals were sent: with
+        graceful restart a stopping ExaBGP sends no NOTIFICATION, so peers would keep them for
+        minutes. Routes a reflector reflects (next hop not self) stay: its clients keep them
+        through graceful restart while the other reflectors carry them (Calico #9259: a
+        reflector's shutdown withdrawing them cut clusters off)."""
+        tables = self.state.tables
+        own = {address: [p for p, a in table.items() if a.next_hop is None]
+               for address, table in tables.announced.items()}
+        reflects = any(a.next_hop is not None for t in tables.announced.values()
+                       for a in t.values())
+        self.state.retiring = {address: set(own.get(address, ()))
+                               for address, peer in tables.peers.items() if peer.state == "up"}
         self._retired.clear()
         if not any(self.state.retiring.values()):
             self._retired.set()
         self._retire_armed = True
         try:  # armed before the command: withdrawals may leave before ExaBGP's "done"
-            output = await self.command("clear adj-rib out")
-            for neighbor in list(self.state.announced):
-                self._send_agent(self.state.record_withdrawn(
-                    neighbor, list(self.state.announced[neighbor])))
+            if not reflects:  # all of it is ours: one command
+                output = await self.command("clear adj-rib out")
+                for neighbor in list(tables.announced):
+                    self._send_agent(self.state.record_withdrawn(
+                        neighbor, list(tables.announced[neighbor])))
+            else:  # ours only, one command per group of neighbours with the same routes
+                groups: dict[tuple[IPv4Network, ...], list[IPv4Address]] = {}
+                for neighbor, prefixes in own.items():
+                    if prefixes:
+                        groups.setdefault(tuple(sorted(prefixes)), []).append(neighbor)
+                output = []
+                for prefixes, neighbors in groups.items():
+                    output += await self._each(
+                        withdraw_commands(neighbors, prefixes), lambda part, n=neighbors: [
+                            self.state.record_withdrawn(a, part) for a in n])
             try:
                 await asyncio.wait_for(self._retired.wait(), timeout)
             except asyncio.TimeoutError:

@@ -1,5 +1,7 @@
 """ExaBGP 5.0's configuration and environment for Pipit's speaker, rendered from the neighbour
-set. Pure: text in, text out (see /work/shared/EXABGP-NOTES.md for the traps these avoid).
+set. Pure: text in, text out. The settings avoid ExaBGP 5.0's traps: the helper running as
+`nobody`, the ack deadlock, not listening, End-of-RIB before our table (they are named where
+each setting is made).
 
 The file starts with `# pipit-digest: <digest>`, a digest of the whole configuration, and every
 neighbour carries it again as `description "pipit:<digest>"`.

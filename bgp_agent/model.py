@@ -1,10 +1,13 @@
 """The vocabulary the agent and its BGP speaker share: neighbours, received paths, the routes
-this node announces, and a peer's session state. Plain frozen data, no I/O."""
+this node announces, a peer's session state, and the Speaker interface itself. Plain frozen
+data, no I/O."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
+from typing import Protocol
 
 DEFAULT_AS = 64512
 DEFAULT_HOLD_TIME = 90
@@ -19,8 +22,13 @@ class Neighbor:
     peer_as: int
     local_address: IPv4Address
     local_as: int
-    kind: str = "mesh"  # mesh | global | node | reflector (how the peer was chosen)
+    kind: str = "mesh"  # how the peer was chosen: mesh | global | node (BGPPeer with peerIP)
+    #                     | reflector (a node that is a route reflector) | peer-node (another
+    #                     node a BGPPeer's peerSelector picks)
     name: str = ""  # the node name or BGPPeer resource behind it
+    # this node is a route reflector and the peer is its client (routes from clients go to
+    # every peer, routes from non-clients to clients only; RFC 4456)
+    rr_client: bool = False
     hold_time: int = DEFAULT_HOLD_TIME
     password: str | None = None  # TCP MD5
     restart_time: int = DEFAULT_RESTART_TIME  # graceful restart; 0 disables it
@@ -60,16 +68,60 @@ class Announcement:
     originator_id: IPv4Address | None = None
     cluster_list: tuple[IPv4Address, ...] = ()
     large_communities: tuple[tuple[int, int, int], ...] = ()  # RFC 8092
+    origin: str = "igp"  # igp | egp | incomplete (a reflected route keeps its own)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PeerState:
     address: IPv4Address
-    state: str = "idle"  # idle | connected | up | down (ExaBGP's words; only "up" is Established)
+    state: str = "idle"  # idle | up | down (only "up" is Established)
     since: float = 0.0  # time.time() of the last state change
-    reason: str = ""  # why the session went down, as ExaBGP said
+    reason: str = ""  # why the session went down, as the speaker said
+    notification: bool = False  # it went down with a NOTIFICATION (sent or received)
     graceful_restart: bool = False  # negotiated in the last OPEN exchange
     restart_time: int = 0  # the peer's advertised restart time
     router_id: IPv4Address | None = None
     end_of_rib: bool = False  # the peer finished its initial table since the session came up
     extra: dict = field(default_factory=dict)
+
+
+class SpeakerError(Exception):
+    """The speaker refused or failed a request."""
+
+
+class Speaker(Protocol):
+    """A BGP speaker as the routing loop sees it (MetalLB's session interface is the model):
+    what it reads, as of the speaker's last event, and what it asks. ExaBGP behind
+    pipit-exabgp-bridge (bgp_agent.speaker) is the backend; tests use one in memory."""
+
+    @property
+    def connected(self) -> bool:
+        """The tables below are the speaker's (False: unknown, e.g. ExaBGP restarting)."""
+
+    @property
+    def peers(self) -> Mapping[IPv4Address, PeerState]: ...
+
+    @property
+    def received(self) -> Mapping[IPv4Address, Mapping[IPv4Network, Path]]:
+        """Per peer that is up, the paths of its current session."""
+
+    @property
+    def announced(self) -> Mapping[IPv4Address, Mapping[IPv4Network, Announcement]]:
+        """Per neighbour, what the speaker holds to send it (sent, or sent once it is up)."""
+
+    async def set_neighbors(self, neighbors: Sequence[Neighbor]) -> None:
+        """The whole set of sessions to have; unchanged neighbours keep their sessions."""
+
+    async def announce(self, neighbor: IPv4Address, routes: Sequence[Announcement]) -> None: ...
+
+    async def withdraw(self, neighbor: IPv4Address, prefixes: Sequence[IPv4Network]) -> None: ...
+
+    async def announce_to(self, neighbors: Sequence[IPv4Address],
+                          routes: Sequence[Announcement]) -> None:
+        """announce() to several neighbours at once (a reflector's fan-out)."""
+
+    async def withdraw_from(self, neighbors: Sequence[IPv4Address],
+                            prefixes: Sequence[IPv4Network]) -> None: ...
+
+    async def send_end_of_rib(self, neighbor: IPv4Address) -> None:
+        """Tell the neighbour our table is complete (after a session comes up)."""

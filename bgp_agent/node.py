@@ -35,6 +35,9 @@ class NodeRecord:
     as_number: int | None = None  # None: the cluster's (BGPConfiguration asNumber)
     labels: Mapping[str, str] = field(default_factory=dict)
     annotations: Mapping[str, str] = field(default_factory=dict)
+    # A route reflector of this cluster id (Calico's routeReflectorClusterID): it joins no
+    # mesh and reflects its clients' routes (see policy.select_neighbors)
+    route_reflector_cluster_id: IPv4Address | None = None
     # Set by the node's agent when an IPIP / VXLAN pool selects it (Calico's field names):
     ipip_tunnel_address: IPv4Address | None = None  # on tunl0
     vxlan_tunnel_address: IPv4Address | None = None  # on vxlan.pipit (the VTEP)
@@ -56,7 +59,8 @@ def node_from_document(doc: Mapping) -> NodeRecord:
     if not isinstance(bgp, dict):
         raise read.fail("spec.bgp must be a mapping.")
     bgp_read = SpecReader(KIND, document.name, bgp,
-                          {"ipv4Address", "asNumber", "ipv4IPIPTunnelAddr"})
+                          {"ipv4Address", "asNumber", "ipv4IPIPTunnelAddr",
+                           "routeReflectorClusterID"})
     text = bgp_read.string("ipv4Address")
     address = None
     if text:
@@ -73,11 +77,26 @@ def node_from_document(doc: Mapping) -> NodeRecord:
     as_number = bgp.get("asNumber")
     if as_number is not None:
         as_number = parse_as_number(as_number, read.where, "spec.bgp.asNumber")
+    cluster_id = bgp_read.string("routeReflectorClusterID") or None
     return NodeRecord(document.name, address, as_number,
                       dict(document.labels), dict(document.annotations),
+                      route_reflector_cluster_id=(parse_cluster_id(cluster_id, read.where)
+                                                  if cluster_id else None),
                       ipip_tunnel_address=_optional_address(bgp_read, "ipv4IPIPTunnelAddr"),
                       vxlan_tunnel_address=_optional_address(read, "ipv4VXLANTunnelAddr"),
                       vxlan_mac=mac)
+
+
+def parse_cluster_id(text: object, where: str) -> IPv4Address:
+    """A route reflector cluster id: an IPv4 address in dotted-quad form (RFC 4456 makes it a
+    4-byte number; Calico and BIRD write it like an address, e.g. 244.0.0.1)."""
+    try:
+        if not isinstance(text, str) or text.count(".") != 3:
+            raise ValueError
+        return IPv4Address(text.strip())
+    except ValueError:
+        raise InvalidResource(f"{where}: routeReflectorClusterID {text!r} is not a cluster id: "
+                              "write it as an IPv4 address, such as 244.0.0.1.") from None
 
 
 def _optional_address(read: SpecReader, field_name: str) -> IPv4Address | None:
@@ -98,6 +117,8 @@ def node_to_document(node: NodeRecord) -> dict:
         bgp["asNumber"] = node.as_number
     if node.ipip_tunnel_address is not None:
         bgp["ipv4IPIPTunnelAddr"] = str(node.ipip_tunnel_address)
+    if node.route_reflector_cluster_id is not None:
+        bgp["routeReflectorClusterID"] = str(node.route_reflector_cluster_id)
     spec: dict = {"bgp": bgp}
     if node.vxlan_tunnel_address is not None:
         spec["ipv4VXLANTunnelAddr"] = str(node.vxlan_tunnel_address)
@@ -207,8 +228,9 @@ def parse_explicit_address(text: str) -> IPv4Interface:
 # -- registration -----------------------------------------------------------------------------
 
 async def register(store: Store, node: NodeRecord) -> NodeRecord:
-    """Create or update this node's record with its current address (labels and AS already
-    stored are kept unless given). Refuses an address another node's record holds."""
+    """Create or update this node's record with its current address (labels, AS and route
+    reflector cluster id already stored are kept unless given). Refuses an address another
+    node's record holds."""
     check_name(KIND, node.name)
     check_labels(f"node {node.name}", node.labels)
 
@@ -230,6 +252,8 @@ async def register(store: Store, node: NodeRecord) -> NodeRecord:
         merged = replace(node,
                          as_number=node.as_number if node.as_number is not None
                          else stored.as_number if stored else None,
+                         route_reflector_cluster_id=node.route_reflector_cluster_id
+                         or (stored.route_reflector_cluster_id if stored else None),
                          labels={**(stored.labels if stored else {}), **node.labels},
                          annotations={**(stored.annotations if stored else node.annotations),
                                       VERSION_ANNOTATION: software_version()})

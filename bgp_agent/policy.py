@@ -13,31 +13,85 @@ from ipaddress import IPv4Address, IPv4Network
 
 from bgp_agent.bgp_config import BGPConfig
 from bgp_agent.bgp_peer import BGPPeer, PasswordRef, PasswordUnavailable
-from ipip.kernel_routes import NextHop, Route
+from ipip.routes import NextHop, Route
 from bgp_agent.model import Announcement, Neighbor, Path
 from bgp_agent.node import NodeRecord
 from ipam.pool import IPPool
 
-INTERNAL_KINDS = ("mesh", "reflector")
+# Sessions between nodes: the mesh, to a route reflector, to another node (peerSelector)
+INTERNAL_KINDS = ("mesh", "reflector", "peer-node")
 
 
 def local_as(me: NodeRecord, config: BGPConfig) -> int:
     return me.as_number or config.as_number
 
 
+def is_reflector(node: NodeRecord) -> bool:
+    return node.route_reflector_cluster_id is not None
+
+
+def _other_nodes(me: NodeRecord, nodes: Iterable[NodeRecord]) -> list[NodeRecord]:
+    return [n for n in nodes if n.name != me.name and n.address is not None
+            and n.address.ip != me.address.ip]
+
+
+def node_neighbor(me: NodeRecord, other: NodeRecord, config: BGPConfig, kind: str,
+                  peer: BGPPeer | None = None, password: str | None = None) -> Neighbor:
+    """A session between two nodes. Calico's rule for reflectors: when this node is one, a
+    same-AS peer whose cluster id is empty or another is its client, the same id a
+    non-client (a fellow reflector of the cluster)."""
+    my_as, their_as = local_as(me, config), local_as(other, config)
+    cluster = me.route_reflector_cluster_id
+    times = ((peer.hold_time, peer.restart_time) if peer is not None
+             else (config.node_mesh_hold_time, config.node_mesh_restart_time))
+    limits = {} if peer is None else dict(
+        max_prefixes=peer.max_prefixes, allow_pool_prefixes=peer.allow_pool_prefixes,
+        allowed_local_as=peer.allowed_local_as)
+    return Neighbor(address=other.address.ip, peer_as=their_as, local_address=me.address.ip,
+                    local_as=my_as, kind=kind, name=other.name, hold_time=times[0],
+                    restart_time=times[1], password=password, listen_port=config.listen_port,
+                    peer_port=config.listen_port,
+                    rr_client=(cluster is not None and my_as == their_as
+                               and other.route_reflector_cluster_id != cluster),
+                    **limits)
+
+
+def _between(other: NodeRecord) -> str:
+    """The kind of a session to another node outside the mesh."""
+    return "reflector" if is_reflector(other) else "peer-node"
+
+
 def mesh_neighbors(me: NodeRecord, nodes: Iterable[NodeRecord],
                    config: BGPConfig) -> list[Neighbor]:
-    """A session to every other registered node with an address (full iBGP mesh)."""
-    if not config.node_to_node_mesh or me.address is None:
+    """A session to every other registered node with an address (full iBGP mesh). Route
+    reflectors take no part in it."""
+    if not config.node_to_node_mesh or me.address is None or is_reflector(me):
         return []
-    return sorted((Neighbor(address=n.address.ip, peer_as=local_as(n, config),
-                            local_address=me.address.ip, local_as=local_as(me, config),
-                            kind="mesh", name=n.name, hold_time=config.node_mesh_hold_time,
-                            restart_time=config.node_mesh_restart_time,
-                            listen_port=config.listen_port, peer_port=config.listen_port)
-                   for n in nodes if n.name != me.name and n.address is not None
-                   and n.address.ip != me.address.ip),
-                  key=lambda n: n.address)
+    return sorted((node_neighbor(me, n, config, "mesh") for n in _other_nodes(me, nodes)
+                   if not is_reflector(n)), key=lambda n: n.address)
+
+
+def reflector_neighbors(me: NodeRecord, nodes: Iterable[NodeRecord], config: BGPConfig,
+                        peers: Iterable[BGPPeer]) -> list[tuple[NodeRecord, BGPPeer | None]]:
+    """The nodes this node peers with outside the mesh, each with the BGPPeer behind it:
+    the reflectors of its own cluster id (they mesh among themselves), then, for every
+    BGPPeer with a peerSelector in order, the nodes it selects when it applies to this node,
+    and with reversePeering Auto the nodes it applies to when it selects this node. The first
+    reason to peer with a node wins."""
+    others = _other_nodes(me, nodes)
+    found: dict[str, tuple[NodeRecord, BGPPeer | None]] = {}
+    if is_reflector(me):
+        for other in others:
+            if other.route_reflector_cluster_id == me.route_reflector_cluster_id:
+                found.setdefault(other.name, (other, None))
+    for peer in sorted((p for p in peers if p.peer_selector is not None),
+                       key=lambda p: (p.rank, p.name)):
+        forward = peer.applies_to(me)
+        backward = peer.reverse_peering == "Auto" and peer.selects_peer(me)
+        for other in others:
+            if (forward and peer.selects_peer(other)) or (backward and peer.applies_to(other)):
+                found.setdefault(other.name, (other, peer))
+    return sorted(found.values(), key=lambda pair: pair[0].address.ip)
 
 
 @dataclass(frozen=True)
@@ -59,16 +113,19 @@ class Selection:
 def select_neighbors(me: NodeRecord, nodes: Iterable[NodeRecord], config: BGPConfig,
                      peers: Iterable[BGPPeer],
                      password: Callable[[PasswordRef], str]) -> Selection:
-    """This node's sessions: the mesh (if on), every global BGPPeer and every BGPPeer whose
-    node or nodeSelector picks this node. A BGPPeer wins over a mesh session to the same
-    address; between BGPPeers for one address the most specific wins (node, then selector,
-    then global), then the first name. `password` reads a password reference and raises
-    PasswordUnavailable; a peer whose password cannot be read is skipped, never configured
-    without it."""
+    """This node's sessions: the mesh (if on, and this node no route reflector), every
+    global BGPPeer and every BGPPeer whose node or nodeSelector picks this node, and the
+    sessions between nodes (reflector_neighbors). A BGPPeer with a peerIP wins over a
+    session between nodes to the same address, and that over the mesh; between BGPPeers for
+    one address the most specific wins (node, then selector, then global), then the first
+    name. `password` reads a password reference and raises PasswordUnavailable; a peer
+    whose password cannot be read is skipped, never configured without it."""
     selection = Selection()
     if me.address is None:
         return selection
-    mine = sorted((p for p in peers if p.applies_to(me)), key=lambda p: (p.rank, p.name))
+    peers = list(peers)
+    mine = sorted((p for p in peers if p.applies_to(me) and p.peer_ip is not None),
+                  key=lambda p: (p.rank, p.name))
     chosen: dict[IPv4Address, BGPPeer] = {}
     for peer in mine:
         kind = peer.scope
@@ -89,29 +146,104 @@ def select_neighbors(me: NodeRecord, nodes: Iterable[NodeRecord], config: BGPCon
             chosen[peer.peer_ip] = peer  # no weaker peer (or the mesh) stands in for it
             continue
         chosen[peer.peer_ip] = peer
+        my_as = local_as(me, config)
         selection.neighbors.append(Neighbor(
             address=peer.peer_ip, peer_as=peer.as_number, local_address=me.address.ip,
-            local_as=local_as(me, config), kind=kind, name=peer.name,
+            local_as=my_as, kind=kind, name=peer.name,
+            # a reflector's same-AS router (a BIRD, an FRR) is its client (Calico's rule)
+            rr_client=is_reflector(me) and peer.as_number == my_as,
             hold_time=peer.hold_time, password=secret, restart_time=peer.restart_time,
             listen_port=config.listen_port, peer_port=peer.peer_port,
             max_prefixes=peer.max_prefixes, allow_pool_prefixes=peer.allow_pool_prefixes,
             allowed_local_as=peer.allowed_local_as,
             keep_original_next_hop=peer.keep_original_next_hop))
+    nodes = list(nodes)
+    between_nodes: list[Neighbor] = []
+    for other, peer in reflector_neighbors(me, nodes, config, peers):
+        address = other.address.ip
+        if address in chosen:
+            selection.skipped.append(Skipped(
+                other.name, address, _between(other), local_as(other, config),
+                f"node {other.name} is peered through BGPPeer {chosen[address].name!r} instead"))
+            continue
+        try:
+            secret = password(peer.password) if peer and peer.password else None
+        except PasswordUnavailable as error:
+            selection.skipped.append(Skipped(other.name, address, _between(other),
+                                             local_as(other, config), str(error)))
+            chosen[address] = peer
+            continue
+        between_nodes.append(node_neighbor(me, other, config, _between(other), peer, secret))
+    taken = set(chosen) | {n.address for n in between_nodes}
+    selection.neighbors += between_nodes
     for neighbor in mesh_neighbors(me, nodes, config):
         if neighbor.address in chosen:
             selection.skipped.append(Skipped(
                 neighbor.name, neighbor.address, "mesh", neighbor.peer_as,
                 f"node {neighbor.name} is peered through BGPPeer "
                 f"{chosen[neighbor.address].name!r} instead"))
-        else:
+        elif neighbor.address not in taken:
             selection.neighbors.append(neighbor)
     selection.neighbors.sort(key=lambda n: n.address)
     return selection
 
 
+def reflector_warnings(me: NodeRecord, nodes: Iterable[NodeRecord],
+                       neighbors: Iterable[Neighbor]) -> list[str]:
+    """A client that peers with some but not all reflectors of one cluster id never learns
+    the routes of the other reflectors' clients (they do not reflect to each other what
+    carries their shared cluster id: Calico #2735); one sentence per such cluster id."""
+    if is_reflector(me):
+        return []
+    peered = {n.address for n in neighbors}
+    clusters: dict[IPv4Address, list[NodeRecord]] = {}
+    for node in nodes:
+        if is_reflector(node) and node.address is not None and node.name != me.name:
+            clusters.setdefault(node.route_reflector_cluster_id, []).append(node)
+    warnings = []
+    for cluster, reflectors in sorted(clusters.items()):
+        have = sorted(r.name for r in reflectors if r.address.ip in peered)
+        missing = sorted(r.name for r in reflectors if r.address.ip not in peered)
+        if have and missing:
+            warnings.append(
+                f"this node peers with {', '.join(have)} but not {', '.join(missing)} of "
+                f"route reflector cluster {cluster}: it does not learn the routes of the "
+                f"clients of {', '.join(missing)} (peer with every reflector of a cluster "
+                "id, or give them different cluster ids)")
+    return warnings
+
+
 def in_pools(prefix: IPv4Network, pools: Iterable[IPPool]) -> bool:
     """Equal to or inside one of the pools."""
     return any(prefix.subnet_of(p.cidr) for p in pools)
+
+
+@dataclass(frozen=True)
+class Ownership:
+    """Who may announce pod addresses, as etcd says: each block's owner and each borrowed
+    address's holder, as (node name, node address)."""
+    blocks: Mapping[IPv4Network, tuple[str, IPv4Address | None]] = field(default_factory=dict)
+    borrowed: Mapping[IPv4Address, tuple[str, IPv4Address | None]] = field(default_factory=dict)
+
+    def disagrees(self, path: Path) -> str:
+        """Why a route to pod addresses from a node or a reflector does not match etcd ("" if
+        it does): its next hop, and its ORIGINATOR_ID when reflected, must be the address of
+        the node that owns the block (or holds the borrowed address). Checked for iBGP, where
+        any same-AS speaker could otherwise announce (or reflect) a hijack."""
+        prefix = path.prefix
+        owner = self.borrowed.get(prefix.network_address) if prefix.prefixlen == 32 else None
+        owner = owner or self.blocks.get(prefix)
+        if owner is None:
+            return "no node owns it in etcd"
+        name, address = owner
+        if address is None:
+            return f"node {name}, which owns it in etcd, has no address"
+        if path.next_hop != address:
+            return f"its next hop {path.next_hop} is not node {name} ({address}), which owns it"
+        if path.originator_id is not None and path.originator_id != address:
+            return (f"its originator {path.originator_id} is not node {name} ({address}), "
+                    "which owns it")
+        return ""
 
 
 @dataclass
@@ -122,26 +254,32 @@ class ImportResult:
 
 def import_routes(neighbor: Neighbor, paths: Mapping[IPv4Network, Path],
                   pools: list[IPPool], own_blocks: set[IPv4Network],
-                  my_as: int) -> ImportResult:
-    """Mesh and reflector peers may only tell us about pod addresses (inside a pool); external
-    peers (a ToR) may send anything except routes over pod addresses, unless the neighbour's
-    allow_pool_prefixes allows them. Our own AS may appear in an AS path as often as the
-    neighbour's allowed_local_as says (an AS per rack: routes of the other nodes of our rack
-    come back through the ToR with our AS in them)."""
+                  my_as: int, ownership: Ownership = Ownership()) -> ImportResult:
+    """Routes over pod addresses (equal to or inside a pool) are taken from nodes and
+    reflectors, the mesh and any same-AS peer (a BIRD or FRR route reflector), only where
+    they match etcd (Ownership); from an external peer (a ToR) never, unless the neighbour's
+    allow_pool_prefixes allows them. Mesh and reflector peers may tell us about nothing else;
+    other peers may send any other route (a covering route, a default route, loses to the
+    nodes' more specific blocks and is fine). Our own AS may appear in an AS path as often as
+    the neighbour's allowed_local_as says (an AS per rack: routes of the other nodes of our
+    rack come back through the ToR with our AS in them)."""
     result = ImportResult()
+    internal = neighbor.kind in INTERNAL_KINDS
+    ibgp = internal or neighbor.peer_as == my_as
     for prefix, path in paths.items():
+        pod_addresses = in_pools(prefix, pools)
         if path.as_path.count(my_as) > neighbor.allowed_local_as:
             why = "our own AS is in its AS path (a loop)"
         elif prefix in own_blocks:
             why = "it is one of this node's own blocks"
-        elif neighbor.kind in INTERNAL_KINDS:
-            why = "" if in_pools(prefix, pools) else "it is not inside an IP pool"
-        elif in_pools(prefix, pools) and not neighbor.allow_pool_prefixes:
-            # Equal to or inside a pool would steal pod traffic; a covering route (a default
-            # route, an aggregate) loses to the nodes' more specific blocks and is fine.
-            why = "it is inside an IP pool (only nodes announce pod addresses)"
-        else:
+        elif not pod_addresses:
+            why = "it is not inside an IP pool" if internal else ""
+        elif neighbor.allow_pool_prefixes:
             why = ""
+        elif ibgp:
+            why = ownership.disagrees(path)
+        else:
+            why = "it is inside an IP pool (only nodes announce pod addresses)"
         if why:
             result.rejected[prefix] = why
         else:
@@ -159,34 +297,13 @@ def over_limit(neighbor: Neighbor, received: int) -> str:
     return ""
 
 
-def md5_diagnosis(password_set: bool, grown: Mapping[str, int]) -> str:
-    """What the kernel's TCP MD5 counters (their growth while a session is not up) say about
-    it: segments dropped for a wrong signature, for a missing one, or for an unexpected one."""
-    failure = grown.get("TCPMD5Failure", 0)
-    missing = grown.get("TCPMD5NotFound", 0)
-    unexpected = grown.get("TCPMD5Unexpected", 0)
-    if password_set and failure > 0:
-        return (f"TCP MD5 signatures do not match: the passwords differ (the kernel dropped "
-                f"{_segments(failure)} with a wrong signature)")
-    if password_set and missing > 0:
-        return (f"the peer sends no TCP MD5 signature but a password is set here: it has "
-                f"none (the kernel dropped {_segments(missing)} without one)")
-    if not password_set and unexpected > 0:
-        return (f"the peer signs with TCP MD5 but no password is set here (the kernel "
-                f"dropped {_segments(unexpected)} signed with one)")
-    return ""
-
-
-def _segments(count: int) -> str:
-    return f"{count} segment{'' if count == 1 else 's'}"
-
-
 def import_all(neighbors: Iterable[Neighbor],
                received: Mapping[IPv4Address, Mapping[IPv4Network, Path]],
                pools: list[IPPool], own_blocks: set[IPv4Network],
-               my_as: int) -> dict[IPv4Address, ImportResult]:
+               my_as: int, ownership: Ownership = Ownership()) -> dict[IPv4Address, ImportResult]:
     """import_routes for every neighbour."""
-    return {n.address: import_routes(n, received.get(n.address, {}), pools, own_blocks, my_as)
+    return {n.address: import_routes(n, received.get(n.address, {}), pools, own_blocks, my_as,
+                                     ownership)
             for n in neighbors}
 
 

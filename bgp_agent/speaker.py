@@ -1,23 +1,19 @@
-"""The agent's BGP speaker: ExaBGP, driven through pipit-exabgp-bridge over a unix socket.
+"""The agent's BGP speaker: ExaBGP, driven through pipit-exabgp-bridge over a unix socket. It
+implements bgp_agent.model.Speaker, the interface the routing loop uses.
 
 The agent listens on `socket_path`; the bridge (ExaBGP's process helper) connects, sends a
-snapshot of everything ExaBGP told it, then live events (protocol: bgp_agent.exabgp_bridge).
-The bridge, not the agent, is ExaBGP's child, so a killed agent leaves the sessions, ExaBGP's
+snapshot of everything ExaBGP told it, then live events (bgp_agent.bridge_protocol). The
+bridge, not the agent, is ExaBGP's child, so a killed agent leaves the sessions, ExaBGP's
 Adj-RIB-Out and the bridge's picture of them alone; the next agent gets it all back.
 
-Two ways to run ExaBGP, both with the files the Speaker writes into `state_dir`:
+Two ways to run ExaBGP, both with the files the speaker writes into `state_dir`:
 
-- spawn: the Speaker starts ExaBGP in its own session (so a SIGKILLed agent does not take it
-  down), records its pid in exabgp.pid, restarts it with backoff if it dies, and adopts a
-  running one left by a previous agent instead of starting a second.
+- spawn: bgp_agent.exabgp_process looks after ExaBGP (starts, adopts, restarts, stops it).
 - sidecar: someone else runs ExaBGP, e.g. a second container of the pod sharing `state_dir` and
-  the socket's directory, from the same image (it needs pipit-exabgp-bridge):
-
-      until [ -s STATE/exabgp.conf ]; do sleep 1; done
-      exec exabgp --env-file STATE/exabgp.env server STATE/exabgp.conf
-
-  (`sidecar_command(state_dir)`). start() writes both files, the configuration with no
-  neighbour until set_neighbors says otherwise; changes are applied with the API's reload.
+  the socket's directory, from the same image (it needs pipit-exabgp-bridge), with
+  `exabgp_process.exabgp_command(state_dir)`. start() writes both files, the configuration
+  with no neighbour until set_neighbors says otherwise; changes are applied with the API's
+  reload.
 
 A neighbour change is applied with ExaBGP's reload, which keeps every session whose
 definition did not change. The bridge confirms each reload took effect (ExaBGP silently drops
@@ -31,61 +27,24 @@ import itertools
 import json
 import logging
 import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
-from bgp_agent.exabgp_bridge import (
-    LINE_LIMIT,
-    announcement_from_json,
-    announcement_to_json,
-    path_from_json,
-    peer_from_json,
-    read_lines,
-)
+from bgp_agent import bridge_protocol
+from bgp_agent.bridge_protocol import LINE_LIMIT, RouteTables, announcement_to_json, read_lines
 from bgp_agent.exabgp_config import digest_of, environment_file, exabgp_environment, render
-from bgp_agent.model import Announcement, Neighbor, Path as BGPPath, PeerState
+from bgp_agent.exabgp_process import CONFIG_FILE, ENV_FILE, ExaBGPProcess, tool
+from bgp_agent.model import Announcement, Neighbor, Path as BGPPath, PeerState, SpeakerError
+from ipam.local_socket import start_private_server
 
 log = logging.getLogger("pipit-agent.speaker")
 
 REQUEST_ROUTES = 5000  # routes per request to the bridge (it batches them for ExaBGP)
-LOG_ROTATE_BYTES = 10 * 2**20
-CONFIG_FILE = "exabgp.conf"  # ExaBGP's files in state_dir
-ENV_FILE = "exabgp.env"
-
-
-class SpeakerError(Exception):
-    """ExaBGP or the bridge refused or failed a request."""
 
 
 class SpeakerUnavailable(SpeakerError, ConnectionError):
     """The bridge is not connected (ExaBGP down or still starting)."""
-
-
-def sidecar_command(state_dir: Path) -> list[str]:
-    """How a sidecar runs ExaBGP on the files a Speaker writes into `state_dir`."""
-    state_dir = Path(state_dir)
-    return [_tool("exabgp"), "--env-file", str(state_dir / ENV_FILE), "server",
-            str(state_dir / CONFIG_FILE)]
-
-
-def _tool(name: str) -> str:
-    """A console script of this installation (beside the interpreter), else from PATH."""
-    here = Path(sys.executable).parent / name
-    return str(here) if here.exists() else (shutil.which(name) or name)
-
-
-@dataclass
-class _Tables:
-    peers: dict[IPv4Address, PeerState] = field(default_factory=dict)
-    received: dict[IPv4Address, dict[IPv4Network, BGPPath]] = field(default_factory=dict)
-    announced: dict[IPv4Address, dict[IPv4Network, Announcement]] = field(default_factory=dict)
 
 
 def _exabgp_key(local_address, local_as, peer_as, router_id) -> tuple[str, ...]:
@@ -94,7 +53,7 @@ def _exabgp_key(local_address, local_as, peer_as, router_id) -> tuple[str, ...]:
     return tuple(str(v) for v in (local_address, local_as, peer_as, router_id))
 
 
-class Speaker:
+class ExaBGPSpeaker:
     def __init__(self, state_dir: Path, socket_path: Path, mode: str,
                  router_id: IPv4Address, local_address: IPv4Address, local_as: int,
                  exabgp_env_extra: dict | None = None, *, netns: str | None = None,
@@ -111,14 +70,12 @@ class Speaker:
         self.env = exabgp_environment(exabgp_env_extra)
         self.netns = netns  # spawn ExaBGP inside this network namespace (lab, tests)
         self.bridge_command = bridge_command or [
-            _tool("pipit-exabgp-bridge"), "--socket", str(self.socket_path.absolute())]
+            tool("pipit-exabgp-bridge"), "--socket", str(self.socket_path.absolute())]
         self.on_change = on_change
 
         # state, as of the last event from the bridge
         self.connected = False
-        self.peers: dict[IPv4Address, PeerState] = {}
-        self.received: dict[IPv4Address, dict[IPv4Network, BGPPath]] = {}
-        self.announced: dict[IPv4Address, dict[IPv4Network, Announcement]] = {}
+        self.tables = RouteTables()
         self.changed = asyncio.Event()  # set on every change; whoever waits on it clears it
         self.exabgp_pid: int | None = None  # ExaBGP's pid as the bridge reports it
 
@@ -127,14 +84,26 @@ class Speaker:
         self._bridge_digest: str | None = None  # the configuration the bridge saw applied
         self._server: asyncio.AbstractServer | None = None
         self._writer: asyncio.StreamWriter | None = None
-        self._staging: _Tables | None = None
+        self._staging: RouteTables | None = None
         self._pending: dict[int, asyncio.Future] = {}
         self._ids = itertools.count(1)
         self._config_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
-        self._process: subprocess.Popen | None = None  # ExaBGP, when we started it
-        self._supervisor: asyncio.Task | None = None
-        self._stopping = False
+        self.process = ExaBGPProcess(self.state_dir, netns) if mode == "spawn" else None
+
+    # --- what the routing loop reads (bgp_agent.model.Speaker) --------------------------------
+
+    @property
+    def peers(self) -> Mapping[IPv4Address, PeerState]:
+        return self.tables.peers
+
+    @property
+    def received(self) -> Mapping[IPv4Address, Mapping[IPv4Network, BGPPath]]:
+        return self.tables.received
+
+    @property
+    def announced(self) -> Mapping[IPv4Address, Mapping[IPv4Network, Announcement]]:
+        return self.tables.announced
 
     # --- files -------------------------------------------------------------------------------
 
@@ -145,14 +114,6 @@ class Speaker:
     @property
     def env_path(self) -> Path:
         return self.state_dir / ENV_FILE
-
-    @property
-    def pid_path(self) -> Path:
-        return self.state_dir / "exabgp.pid"
-
-    @property
-    def log_path(self) -> Path:
-        return self.state_dir / "exabgp.log"
 
     def _render(self, neighbors: Iterable[Neighbor]) -> str:
         return render(self.router_id, self.local_address, self.local_as, list(neighbors),
@@ -176,32 +137,23 @@ class Speaker:
     async def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._write(self.env_path, environment_file(self.env))
-        adopted = self.mode == "spawn" and self._adoptable_pid()
+        adopted = self.process is not None and self.process.adoptable_pid()
         if self._config_text is not None:
             self._write(self.config_path, self._config_text)
-        elif not self.config_path.exists() or (self.mode == "spawn" and not adopted):
+        elif not self.config_path.exists() or (self.process is not None and not adopted):
             # ExaBGP needs a file to start with; the neighbours come with set_neighbors. A file
             # a running ExaBGP (adopted, or a sidecar) may have loaded is left as it is.
             self._write(self.config_path, self._render([]))
-        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         self.socket_path.unlink(missing_ok=True)  # left by an agent that was killed
-        self._server = await asyncio.start_unix_server(self._on_bridge, str(self.socket_path),
-                                                       limit=LINE_LIMIT)
-        if self.mode == "spawn":
-            if adopted:
-                log.info("adopting the running ExaBGP, pid %d", adopted)
-                pid = adopted
-            else:
-                pid = self._spawn()
-            self._supervisor = asyncio.create_task(self._supervise(pid))
+        self._server = await start_private_server(self._on_bridge, str(self.socket_path),
+                                                  limit=LINE_LIMIT)
+        if self.process is not None:
+            self.process.start()
 
     async def stop(self, stop_exabgp: bool) -> None:
         """Close the socket; with stop_exabgp also stop ExaBGP (after retire(), to leave
         without peers keeping our routes for the graceful-restart time)."""
-        self._stopping = True
-        if self._supervisor:
-            self._supervisor.cancel()
-        if stop_exabgp and self.mode == "sidecar" and self.connected:
+        if stop_exabgp and self.process is None and self.connected:
             try:
                 await asyncio.wait_for(self._request("command", line="shutdown"), 10)
             except (SpeakerError, asyncio.TimeoutError) as error:
@@ -212,98 +164,10 @@ class Speaker:
             self._writer.close()
         self._disconnected(self._writer)
         self.socket_path.unlink(missing_ok=True)
-        if stop_exabgp and self.mode == "spawn":
-            pid = self._process.pid if self._process else self._adoptable_pid()
-            if pid:
-                await self._terminate(pid)
-            self.pid_path.unlink(missing_ok=True)
+        if self.process is not None:
+            await self.process.stop(terminate=stop_exabgp)
         for task in self._tasks:
             task.cancel()
-
-    # --- ExaBGP process (spawn mode) ---------------------------------------------------------
-
-    def _adoptable_pid(self) -> int | None:
-        """The pid in exabgp.pid if it is still an ExaBGP running our configuration."""
-        try:
-            pid = int(self.pid_path.read_text().split()[0])
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError, IndexError):
-            return None
-        if str(self.config_path).encode() in cmdline and any(b"exabgp" in a for a in cmdline):
-            return pid
-        return None
-
-    def _spawn(self) -> int:
-        argv = sidecar_command(self.state_dir)  # the same files, started by us
-        if self.netns:
-            argv = ["ip", "netns", "exec", self.netns, *argv]
-        if self.log_path.exists() and self.log_path.stat().st_size > LOG_ROTATE_BYTES:
-            os.replace(self.log_path, self.log_path.with_suffix(".log.1"))
-        # settings come from the env file only: variables inherited from our own environment
-        # would silently override it
-        env = {k: v for k, v in os.environ.items() if not k.lower().startswith("exabgp")}
-        with open(self.log_path, "ab") as output:
-            # its own session: signals to the agent's process group do not reach it, and
-            # its output goes to a file, not a pipe that dies with the agent
-            self._process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output,
-                                             stderr=output, env=env, start_new_session=True)
-        self._write(self.pid_path, f"{self._process.pid}\n")
-        log.info("started ExaBGP, pid %d (log %s)", self._process.pid, self.log_path)
-        return self._process.pid
-
-    async def _wait_exit(self, pid: int) -> None:
-        try:
-            fd = os.pidfd_open(pid)  # works for an adopted ExaBGP, which is not our child
-        except ProcessLookupError:
-            return
-        loop = asyncio.get_running_loop()
-        exited = loop.create_future()
-        loop.add_reader(fd, lambda: exited.done() or exited.set_result(None))
-        try:
-            await exited
-        finally:
-            loop.remove_reader(fd)
-            os.close(fd)
-
-    async def _supervise(self, pid: int) -> None:
-        backoff = 1.0
-        while True:
-            started = time.monotonic()
-            await self._wait_exit(pid)
-            if self._stopping:
-                return
-            status = "unknown status (not our child)"
-            if self._process and self._process.pid == pid:
-                status = f"status {self._process.wait()}"
-            if time.monotonic() - started > 60:
-                backoff = 1.0
-            log.error("ExaBGP (pid %d) exited with %s; restarting it in %g s. Its last words:\n%s",
-                      pid, status, backoff, self._log_tail())
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 30.0)
-            pid = self._spawn()
-
-    def _log_tail(self, lines: int = 10) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    async def _terminate(self, pid: int, timeout: float = 10.0) -> None:
-        try:
-            os.kill(pid, signal.SIGTERM)
-            await asyncio.wait_for(self._wait_exit(pid), timeout)
-        except ProcessLookupError:
-            pass
-        except asyncio.TimeoutError:
-            log.warning("ExaBGP (pid %d) ignored SIGTERM for %g s; killing it", pid, timeout)
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            await self._wait_exit(pid)
-        if self._process and self._process.pid == pid:
-            self._process.wait()
 
     # --- the bridge connection ---------------------------------------------------------------
 
@@ -351,14 +215,18 @@ class Speaker:
         if kind == "hello":
             self.exabgp_pid = message.get("exabgp_pid")
             self._bridge_digest = message.get("digest")
+            if message.get("protocol") != bridge_protocol.PROTOCOL:
+                log.error("ExaBGP's bridge speaks protocol %s, this agent %d (an ExaBGP left "
+                          "running by an older Pipit?); restart ExaBGP (its sessions go "
+                          "through graceful restart)", message.get("protocol"),
+                          bridge_protocol.PROTOCOL)
             return
         if kind == "snapshot-begin":
-            self._staging = _Tables()
+            self._staging = RouteTables()
             return
         if kind == "snapshot-end":
-            tables, self._staging = self._staging if self._staging is not None else _Tables(), None
-            self.peers, self.received, self.announced = (tables.peers, tables.received,
-                                                         tables.announced)
+            self.tables = self._staging if self._staging is not None else RouteTables()
+            self._staging = None
             self.connected = True
             log.info("bridge connected: %d peers, %d received and %d announced routes",
                      len(self.peers), sum(map(len, self.received.values())),
@@ -369,10 +237,13 @@ class Speaker:
         if kind == "exabgp-shutdown":
             log.warning("ExaBGP is shutting down")
             return
+        if kind not in bridge_protocol.STATE_TYPES:
+            log.debug("ignored a %r message from the bridge", kind)
+            return
         if self._staging is not None:
-            apply_message(self._staging, message)
+            self._staging.apply(bridge_protocol.decode(message))
         else:
-            apply_message(self, message)
+            self.tables.apply(bridge_protocol.decode(message))
             self._signal()
 
     def _spawn_task(self, coroutine) -> None:
@@ -404,7 +275,7 @@ class Speaker:
 
     # --- neighbours --------------------------------------------------------------------------
 
-    async def set_neighbors(self, neighbors: list[Neighbor]) -> None:
+    async def set_neighbors(self, neighbors: Sequence[Neighbor]) -> None:
         """Render the configuration; if ExaBGP does not run it yet, make it reload. Sessions
         whose neighbour did not change are not reset. Callable before start()."""
         async with self._config_lock:
@@ -456,63 +327,42 @@ class Speaker:
 
     # --- routes ------------------------------------------------------------------------------
 
-    async def announce(self, neighbor: IPv4Address, routes: list[Announcement]) -> None:
+    async def announce(self, neighbor: IPv4Address, routes: Sequence[Announcement]) -> None:
         """Send `routes` to one neighbour, replacing what was sent before for those prefixes.
         Returns once ExaBGP has them in its Adj-RIB-Out (sent now, or when the session comes
         up, and again after a session reset); `announced` is updated by then."""
-        routes = list(routes)
+        await self.announce_to([neighbor], routes)
+
+    async def withdraw(self, neighbor: IPv4Address, prefixes: Sequence[IPv4Network]) -> None:
+        await self.withdraw_from([neighbor], prefixes)
+
+    async def announce_to(self, neighbors: Sequence[IPv4Address],
+                          routes: Sequence[Announcement]) -> None:
+        """announce() to several neighbours at once: one ExaBGP command per attribute set
+        for all of them (a reflector's fan-out)."""
+        routes, targets = list(routes), [str(n) for n in neighbors]
         await self._requests([
-            ("announce", {"neighbor": str(neighbor),
-                          "routes": [announcement_to_json(r) for r in routes[i:i + REQUEST_ROUTES]]})
+            ("announce", {"neighbors": targets, "routes": [
+                announcement_to_json(r) for r in routes[i:i + REQUEST_ROUTES]]})
             for i in range(0, len(routes), REQUEST_ROUTES)])
 
-    async def withdraw(self, neighbor: IPv4Address, prefixes: list[IPv4Network]) -> None:
-        prefixes = [str(p) for p in prefixes]
+    async def withdraw_from(self, neighbors: Sequence[IPv4Address],
+                            prefixes: Sequence[IPv4Network]) -> None:
+        prefixes, targets = [str(p) for p in prefixes], [str(n) for n in neighbors]
         await self._requests([
-            ("withdraw", {"neighbor": str(neighbor), "prefixes": prefixes[i:i + REQUEST_ROUTES]})
+            ("withdraw", {"neighbors": targets, "prefixes": prefixes[i:i + REQUEST_ROUTES]})
             for i in range(0, len(prefixes), REQUEST_ROUTES)])
 
+    async def send_end_of_rib(self, neighbor: IPv4Address) -> None:
+        await self._request("eor", neighbor=str(neighbor))
+
     async def retire(self, timeout: float = 30.0) -> None:
-        """Withdraw everything from every neighbour and return once the withdrawals were sent
-        to every peer that is up (for a node leaving the cluster; then stop(True))."""
+        """Withdraw this node's own routes from every neighbour and return once the
+        withdrawals were sent to every peer that is up (for a node leaving the cluster; then
+        stop(True)). Routes it reflects stay (see the bridge's retire)."""
         await self._request("retire", timeout=timeout)
 
     async def command(self, line: str) -> list[str]:
         """A raw ExaBGP API command (diagnostics); its output lines."""
         return (await self._request("command", line=line)).get("output", [])
 
-
-def apply_message(tables, message: dict) -> None:
-    """Apply one of the bridge's state messages to `tables` (peers/received/announced)."""
-    kind = message["type"]
-    if kind == "peer":
-        peer = peer_from_json(message)
-        old = tables.peers.get(peer.address)
-        tables.peers[peer.address] = peer
-        if peer.state != "up":
-            tables.received.pop(peer.address, None)
-        elif old is None or old.state != "up" or old.since != peer.since:
-            tables.received[peer.address] = {}  # a new session
-    elif kind == "received":
-        table = tables.received.setdefault(IPv4Address(message["peer"]), {})
-        for prefix in message["withdraw"]:
-            table.pop(IPv4Network(prefix), None)
-        for path in map(path_from_json, message["announce"]):
-            table[path.prefix] = path
-    elif kind == "announced":
-        table = tables.announced.setdefault(IPv4Address(message["neighbor"]), {})
-        for route in map(announcement_from_json, message["routes"]):
-            table[route.prefix] = route
-    elif kind == "withdrawn":
-        neighbor = IPv4Address(message["neighbor"])
-        table = tables.announced.get(neighbor, {})
-        for prefix in message["prefixes"]:
-            table.pop(IPv4Network(prefix), None)
-        if not table:
-            tables.announced.pop(neighbor, None)
-    elif kind == "forget":
-        address = IPv4Address(message["peer"])
-        for table in (tables.peers, tables.received, tables.announced):
-            table.pop(address, None)
-    else:
-        log.debug("ignored a %r message from the bridge", kind)

@@ -1,5 +1,7 @@
-"""The agent's status socket: one JSON document per connection; `read_status` is its client
-(for `pipitctl node status` and the lab)."""
+"""What the agent says about itself: the status document (sessions, routes, dataplane), the
+diagnosis of sessions that do not come up (TCP MD5), and the status socket that serves the
+document, one JSON document per connection; `read_status` is its client (for `pipitctl node
+status` and the lab)."""
 
 from __future__ import annotations
 
@@ -9,12 +11,139 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
 
-from ipam.errors import DatastoreUnavailable
+from bgp_agent.model import Neighbor
+from ipam.errors import PipitError
+from ipam.local_socket import start_private_server
 
 DEFAULT_STATUS_SOCKET = "/run/pipit/status.sock"
+NETSTAT = "/proc/net/netstat"
+MD5_COUNTERS = ("TCPMD5Failure", "TCPMD5NotFound", "TCPMD5Unexpected")
 
+
+class AgentUnavailable(PipitError):
+    """No pipit-agent answers on the node's status socket."""
+
+
+# --------------------------------------------------------------------------------------------
+# The document
+
+@dataclass
+class PeerStatus:
+    neighbor: Neighbor
+    state: str = "idle"  # the speaker's up | down | idle, or skipped | disabled (Pipit's own)
+    since: float = 0.0
+    reason: str = ""
+    received: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    exported: int = 0
+    stale: int = 0  # routes kept from a peer restarting gracefully
+    rejected_reasons: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Status:
+    node: str
+    address: str = ""
+    as_number: int = 0
+    peers: list[PeerStatus] = field(default_factory=list)
+    kernel_routes: int = 0
+    blackholes: int = 0
+    exported: int = 0
+    last_error: str = ""
+    last_error_at: float = 0.0
+    speaker_connected: bool = False
+    dataplane: dict = field(default_factory=dict)
+    route_reflector_cluster_id: str = ""  # this node reflects routes for this cluster id
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "node": self.node, "address": self.address, "asNumber": self.as_number,
+            "routeReflectorClusterId": self.route_reflector_cluster_id,
+            "warnings": self.warnings,
+            "speakerConnected": self.speaker_connected,
+            "kernelRoutes": self.kernel_routes, "blackholes": self.blackholes,
+            "exported": self.exported, "lastError": self.last_error,
+            "lastErrorAt": self.last_error_at, "dataplane": self.dataplane,
+            "peers": [{
+                "address": str(p.neighbor.address), "asNumber": p.neighbor.peer_as,
+                "type": p.neighbor.kind, "name": p.neighbor.name, "state": p.state,
+                "since": p.since, "reason": p.reason, "received": p.received,
+                "accepted": p.accepted, "rejected": p.rejected, "exported": p.exported,
+                "stale": p.stale, "rejectedReasons": p.rejected_reasons,
+                "maxPrefixes": p.neighbor.max_prefixes, "rrClient": p.neighbor.rr_client,
+                "password": p.neighbor.password is not None,
+            } for p in self.peers],
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Why a session does not come up: the kernel's TCP MD5 counters
+
+def read_md5_counters(path: str = NETSTAT) -> dict[str, int]:
+    """The kernel's TCP MD5 counters of this network namespace (TcpExt in /proc/net/netstat):
+    segments dropped for a wrong signature, a missing one, or one nobody expected."""
+    try:
+        lines = open(path).read().splitlines()
+    except OSError:
+        return {}
+    for names, values in zip(lines, lines[1:]):
+        if names.startswith("TcpExt:") and values.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:]))
+            return {k: int(table[k]) for k in MD5_COUNTERS if k in table}
+    return {}
+
+
+def md5_diagnosis(password_set: bool, grown: Mapping[str, int]) -> str:
+    """What the kernel's TCP MD5 counters (their growth while a session is not up) say about
+    it: segments dropped for a wrong signature, for a missing one, or for an unexpected one."""
+    failure = grown.get("TCPMD5Failure", 0)
+    missing = grown.get("TCPMD5NotFound", 0)
+    unexpected = grown.get("TCPMD5Unexpected", 0)
+    if password_set and failure > 0:
+        return (f"TCP MD5 signatures do not match: the passwords differ (the kernel dropped "
+                f"{_segments(failure)} with a wrong signature)")
+    if password_set and missing > 0:
+        return (f"the peer sends no TCP MD5 signature but a password is set here: it has "
+                f"none (the kernel dropped {_segments(missing)} without one)")
+    if not password_set and unexpected > 0:
+        return (f"the peer signs with TCP MD5 but no password is set here (the kernel "
+                f"dropped {_segments(unexpected)} signed with one)")
+    return ""
+
+
+def _segments(count: int) -> str:
+    return f"{count} segment{'' if count == 1 else 's'}"
+
+
+class MD5Watch:
+    """The counters as they were when each session was last up (or its neighbour changed):
+    their growth since is what a session that is not up has run into. The counters are the
+    namespace's, not per peer."""
+
+    def __init__(self):
+        self._base: dict[IPv4Address, tuple[Neighbor, dict[str, int]]] = {}
+
+    def diagnose(self, neighbor: Neighbor, up: bool, counters: dict[str, int]) -> str:
+        base = self._base.get(neighbor.address)
+        if up or base is None or base[0] != neighbor:
+            self._base[neighbor.address] = (neighbor, counters)
+            return ""
+        grown = {k: counters.get(k, 0) - base[1].get(k, 0) for k in MD5_COUNTERS}
+        return md5_diagnosis(neighbor.password is not None, grown)
+
+    def keep_only(self, addresses: set[IPv4Address]) -> None:
+        for address in set(self._base) - addresses:
+            del self._base[address]
+
+
+# --------------------------------------------------------------------------------------------
+# The socket
 
 class StatusServer:
     def __init__(self, path: str, snapshot: Callable[[], dict]):
@@ -23,14 +152,9 @@ class StatusServer:
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        old_umask = os.umask(0o177)
-        try:
-            self._server = await asyncio.start_unix_server(self._serve, self.path)
-        finally:
-            os.umask(old_umask)
+        self._server = await start_private_server(self._serve, self.path)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -61,13 +185,13 @@ def read_status(path: str, timeout: float = 5.0) -> dict:
                 data += chunk
     except OSError as error:
         reason = (error.strerror or str(error)).lower()
-        raise DatastoreUnavailable(f"pipit-agent is not running on this node (nothing answers on "
-                                   f"{path}: {reason}).") from None
+        raise AgentUnavailable(f"pipit-agent is not running on this node (nothing answers on "
+                               f"{path}: {reason}).") from None
     try:
         status = json.loads(data)
         if not isinstance(status, dict):
             raise ValueError
     except ValueError:
-        raise DatastoreUnavailable(f"pipit-agent on {path} closed the connection without a "
-                                   "status answer (did it stop or restart?); try again.") from None
+        raise AgentUnavailable(f"pipit-agent on {path} closed the connection without a "
+                               "status answer (did it stop or restart?); try again.") from None
     return status

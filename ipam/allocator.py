@@ -11,6 +11,12 @@ current values, and the batch is decided again.
 New blocks are claimed (two-phase, see claim.py) when the node's blocks are full and it holds
 fewer than maxBlocksPerHost; past that, and unless strictAffinity is set, free addresses are
 borrowed from other nodes' blocks.
+
+A caller that gives up (cancelled: the CNI plugin's deadline passed) keeps nothing: a request
+not yet decided is dropped, and addresses committed for it are released again. A batch whose
+transaction went out without an answer coming back (etcd paused or restarted) is settled
+before anything else of the node's: its outcome is learnt from etcd (txn.outcome), so every
+caller still waiting is told the truth, the addresses or a retry on fresh reads.
 """
 
 from __future__ import annotations
@@ -28,12 +34,14 @@ from ipam import keys
 from ipam.block import Block
 from ipam.claim import BlockClaim, PoolChanged, settle_affinity
 from ipam.config import IPAMConfig, config_from_spec
-from ipam.errors import Conflict, InvalidResource, NotFound, PipitError, PoolExhausted
+from ipam.errors import (Conflict, DatastoreUnavailable, InvalidResource, NotFound, PipitError,
+                         PoolExhausted)
 from ipam.handle import Handle, check_handle_id
+from ipam.metrics import ETCD_GAVE_UP
 from ipam.pool import IPPool, read_pools, unclaimed_blocks
 from ipam.release import stage_block, stage_handle
 from ipam.store import Entry, Store
-from ipam.txn import MAX_ATTEMPTS, TXN_KEY_BUDGET, Changes
+from ipam.txn import MAX_ATTEMPTS, TXN_KEY_BUDGET, Changes, outcome
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +59,11 @@ class AssignRequest:
 @dataclass(frozen=True)
 class ReleaseRequest:
     handle_id: str
+    owed: bool = False  # taking back what was committed for a caller that gave up
 
 
 Request = AssignRequest | ReleaseRequest
+Item = tuple[Request, asyncio.Future]  # a queued request and its caller's future
 
 
 @dataclass
@@ -63,6 +73,7 @@ class NodeView:
     pools: dict[str, tuple[IPPool, int]] = field(default_factory=dict)
     config: IPAMConfig = IPAMConfig()
     config_revision: int = 0
+    fence_revision: int = 0  # of keys.fence_key(node), which every batch compares
     labels: dict[str, str] = field(default_factory=dict)
     blocks: dict[IPv4Network, tuple[Block, int]] = field(default_factory=dict)  # confirmed, ours
     handles: dict[str, tuple[Handle, int]] = field(default_factory=dict)
@@ -115,6 +126,7 @@ class _Plan:
         # Other nodes' (or unowned) blocks read for releases and borrowing.
         self.foreign: dict[IPv4Network, tuple[Block, int]] = {}
         self.listed_all = False
+        self.fresh: set[str] = set()  # handles given new addresses (not ones they held)
 
     def peek_block(self, cidr: IPv4Network, source: Mapping | None = None) -> Block | None:
         """The working copy of a block, without making the decision depend on it."""
@@ -156,9 +168,11 @@ class IPAM:
         self.batch_limit = batch_limit
         self.refresh_seconds = refresh_seconds
         self._views: dict[str, NodeView] = {}
-        self._queues: dict[str, list[tuple[Request, asyncio.Future]]] = {}
-        self._draining: set[str] = set()  # nodes whose queue someone is serving
-        self._handed_on: set[asyncio.Task] = set()
+        self._queues: dict[str, list[Item]] = {}
+        self._workers: dict[str, asyncio.Task] = {}  # the task serving each node's queue
+        # Handles whose callers gave up after their addresses were committed: released
+        # before anything else of the node's, until that succeeds.
+        self._owed: dict[str, set[str]] = {}
         self.transactions = 0  # committed batch transactions, for tests and benchmarks
 
     # -- the public operations -------------------------------------------------------------
@@ -167,7 +181,8 @@ class IPAM:
                      attributes: Mapping[str, str] | None = None,
                      pools: Iterable[str] = (), reuse: bool = False) -> list[IPv4Address]:
         """Allocate `count` addresses for the handle on this node; all or nothing. With
-        `reuse`, a handle that already holds addresses gets those back instead."""
+        `reuse`, a handle that already holds addresses gets those back instead. Cancelling
+        the caller leaves nothing allocated for it."""
         check_handle_id(handle_id)
         if not isinstance(count, int) or count < 1:
             raise InvalidResource(f"the number of addresses must be 1 or more, not {count!r}.")
@@ -193,88 +208,143 @@ class IPAM:
     # -- batching ------------------------------------------------------------------------
 
     async def _submit(self, node: str, request: Request):
-        """Queue the request; if no one is serving this node's queue, serve it here (with
-        whatever else queues up meanwhile), saving a task switch per uncontended request."""
+        """Queue the request for the node's worker and wait for its outcome. Cancelling the
+        wait cancels the future, which the worker sees: see _serve_batch."""
         future = asyncio.get_running_loop().create_future()
-        queue = self._queues.setdefault(node, [])
-        queue.append((request, future))
-        if node not in self._draining:
-            self._draining.add(node)
-            try:
-                await self._drain(node)
-            finally:
-                self._draining.discard(node)
-                if queue:  # we were cancelled with requests still waiting: hand them on
-                    self._draining.add(node)
-                    task = asyncio.create_task(self._drain_then_release(node))
-                    self._handed_on.add(task)  # the loop keeps only a weak reference
-                    task.add_done_callback(self._handed_on.discard)
+        self._queues.setdefault(node, []).append((request, future))
+        self._wake(node)
         return await future
 
-    async def _drain_then_release(self, node: str) -> None:
-        try:
-            await self._drain(node)
-        finally:
-            self._draining.discard(node)
+    def _wake(self, node: str) -> None:
+        if node not in self._workers:
+            self._workers[node] = asyncio.create_task(self._work(node),
+                                                      name=f"pipit-ipam-{node}")
 
-    async def _drain(self, node: str) -> None:
+    async def _work(self, node: str) -> None:
+        """Serve the node's queue, a batch at a time, until it and the owed releases are
+        done; after a batch that failed, wait a little before retrying owed releases."""
         queue = self._queues[node]
-        while queue:
-            batch = queue[:self.batch_limit]
-            del queue[:self.batch_limit]
-            try:
-                outcomes = await self._serve(node, [r for r, _ in batch])
-            except asyncio.CancelledError:
-                for _, future in batch:  # their fate is unknown: they may retry
-                    if not future.done():
-                        future.set_exception(Conflict(
-                            f"the request on node {node} was interrupted; try again."))
-                raise
-            except Exception as error:  # etcd unavailable, conflicts: every request fails alike
-                outcomes = [error] * len(batch)
-            queue[:0] = batch[len(outcomes):]  # what did not fit in one transaction goes next
-            for (_, future), outcome in zip(batch, outcomes):
-                if future.done():
-                    continue
-                if isinstance(outcome, BaseException):
-                    future.set_exception(outcome)
-                else:
-                    future.set_result(outcome)
+        owed = self._owed.setdefault(node, set())
+        batch: list[Item] = []
+        pause = 0.0
+        try:
+            while queue or owed:
+                if owed and pause:
+                    await asyncio.sleep(pause)
+                loop = asyncio.get_running_loop()
+                batch = [(ReleaseRequest(h, owed=True), loop.create_future()) for h in owed]
+                room = max(1, self.batch_limit - len(batch))
+                batch += [item for item in queue[:room] if not item[1].done()]
+                del queue[:room]
+                failed = await self._serve_batch(node, batch)
+                pause = min(pause * 2 or 0.1, 2.0) if failed else 0.0
+        except asyncio.CancelledError:  # the agent is stopping: their fate is for a retry
+            for request, future in batch + queue:
+                if not future.done() and not getattr(request, "owed", False):
+                    future.set_exception(Conflict(
+                        f"the request on node {node} was interrupted; try again."))
+            queue.clear()
+            raise
+        finally:
+            del self._workers[node]
 
-    async def _serve(self, node: str, requests: list[Request]) -> list:
-        """Decide and commit the requests (a prefix of them if they would not fit in one etcd
-        transaction); returns one outcome, an address list or an error, per request served."""
+    async def _serve_batch(self, node: str, batch: list[Item]) -> bool:
+        """Decide and commit a batch, answer its callers, queue again what did not fit, and
+        owe a release for every handle given new addresses whose callers have all gone.
+        Returns whether the batch failed as a whole (etcd away)."""
+        queue, owed = self._queues[node], self._owed[node]
+        try:
+            decided, fresh = await self._serve(node, batch)
+            failed = False
+        except Exception as error:  # etcd unavailable, conflicts: every request fails alike
+            decided, fresh, failed = [(item, error) for item in batch], set(), True
+        served = {id(future) for (_, future), _ in decided}
+        queue[:0] = [(request, future) for request, future in batch  # did not fit: next
+                     if id(future) not in served and not getattr(request, "owed", False)]
+        waiting = {request.handle_id for (request, future), _ in decided
+                   if isinstance(request, AssignRequest) and not future.done()}
+        for (request, future), result in decided:
+            if isinstance(request, ReleaseRequest) and request.owed:
+                if not isinstance(result, BaseException):
+                    owed.discard(request.handle_id)
+                    log.info("released %s on node %s: its caller had given up",
+                             request.handle_id, node)
+            elif not future.done():
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+            elif (isinstance(request, AssignRequest) and request.handle_id in fresh
+                  and request.handle_id not in waiting and not isinstance(result, BaseException)):
+                owed.add(request.handle_id)  # committed for a caller that is gone
+        return failed
+
+    async def _serve(self, node: str, batch: list[Item]) -> tuple[list[tuple[Item, object]],
+                                                                  set[str]]:
+        """Decide and commit the batch's requests whose callers still wait (a prefix of them
+        if they would not fit in one etcd transaction); returns each decided item with its
+        outcome, an address list or an error, and the handles given new addresses."""
         for _ in range(MAX_ATTEMPTS):
-            named = {p for r in requests if isinstance(r, AssignRequest) for p in r.pools}
+            live = [item for item in batch if not item[1].done()]
+            if not live:
+                return [], set()
+            named = {p for r, _ in live if isinstance(r, AssignRequest) for p in r.pools}
             view = await self._view(node, named)
             plan = _Plan(view)
-            await self._prefetch_handles(plan, requests)
-            outcomes: list = []
-            for request in requests:
-                if outcomes and len(plan.revisions) >= TXN_KEY_BUDGET:
+            await self._prefetch_handles(plan, [request for request, _ in live])
+            decided: list[tuple[Item, object]] = []
+            for item in live:
+                request = item[0]
+                if decided and len(plan.revisions) >= TXN_KEY_BUDGET:
                     break
                 try:
                     if isinstance(request, AssignRequest):
-                        outcomes.append(await self._plan_assign(plan, request))
+                        decided.append((item, await self._plan_assign(plan, request)))
                     else:
-                        outcomes.append(self._plan_release(plan, request))
+                        decided.append((item, self._plan_release(plan, request)))
                 except PipitError as error:
-                    outcomes.append(error)
+                    decided.append((item, error))
                 except PoolChanged:
                     break  # the batch is decided again on the fresh view
             changes = Changes(self.store)
             plan.stage(changes)
             if changes.empty:
-                return outcomes
+                return decided, plan.fresh
             changes.saw(keys.IPAM_CONFIG, view.config_revision)
-            result = await changes.commit()
+            changes.saw(keys.fence_key(node), view.fence_revision)
+            try:
+                result = await changes.commit()
+            except DatastoreUnavailable as error:
+                if not error.maybe_written:
+                    raise
+                log.warning("node %s: %s; learning whether the batch was committed", node, error)
+                if await self._settle(node, view, plan, changes):
+                    return decided, plan.fresh
+                continue  # not committed, and now it never will be: decide again
             if result.succeeded:
                 self.transactions += 1
                 self._remember(view, plan, result.revision)
-                return outcomes
+                return decided, plan.fresh
             self._absorb(view, result.current)
+        ETCD_GAVE_UP.inc()
         raise Conflict(f"allocation on node {node} kept colliding with concurrent changes after "
                        f"{MAX_ATTEMPTS} attempts; try again.")
+
+    async def _settle(self, node: str, view: NodeView, plan: _Plan, changes: Changes) -> bool:
+        """Whether the batch's transaction, whose answer was lost, was committed: the handles
+        it wrote (which only this node's batches write; every batch writes one) are its
+        witnesses. Either way the cache no longer knows the revisions: read again."""
+        written = {key: changes.puts.get(key) for key in (*changes.puts, *changes.deletes)}
+        written = {k: v for k, v in written.items() if k.startswith(keys.HANDLES)} or written
+        committed = await outcome(self.store, keys.fence_key(node), written)
+        log.warning("node %s: the batch of %d handle(s) was %scommitted", node, len(written),
+                    "" if committed else "not ")
+        view.stale = True
+        for handle_id in plan.handles:
+            view.handles.pop(handle_id, None)
+        if committed:
+            self.transactions += 1
+        return committed
 
     # -- deciding ------------------------------------------------------------------------
 
@@ -330,6 +400,7 @@ class IPAM:
             added = sum(1 for a in got if a in cidr)
             handle = handles.add(handle, str(cidr), added)
         plan.handles[request.handle_id] = handle
+        plan.fresh.add(request.handle_id)
         return got
 
     @staticmethod
@@ -449,8 +520,11 @@ class IPAM:
         view = NodeView(node, handles=previous.handles if previous else {})
         for pool, revision in read_pools(await self.store.list(keys.POOLS)):
             view.pools[pool.name] = (pool, revision)
-        found = await self.store.get_many([keys.IPAM_CONFIG, keys.node_key(node)])
+        found = await self.store.get_many([keys.IPAM_CONFIG, keys.node_key(node),
+                                           keys.fence_key(node)])
         config, record = found[keys.IPAM_CONFIG], found[keys.node_key(node)]
+        fence = found[keys.fence_key(node)]
+        view.fence_revision = fence.mod_revision if fence else 0
         if config is not None:
             view.config = config_from_spec(config.value.get("spec") or {})
             view.config_revision = config.mod_revision
@@ -496,6 +570,8 @@ class IPAM:
                     view.handles[handle_id] = (handles.from_json(entry.value), entry.mod_revision)
                 else:
                     view.handles.pop(handle_id, None)
+            elif key == keys.fence_key(view.node):  # another allocator of this node fenced
+                view.fence_revision = entry.mod_revision if entry else 0
             elif (entry.mod_revision if entry else 0) != self._seen(view, key):
                 view.stale = True
 

@@ -5,36 +5,48 @@ it asks the node's pipit-agent over a unix socket and prints the result. It impo
 standard library, so it starts in milliseconds and can be copied alone into a CNI bin
 directory (`python -m ipam.cni install DIR`).
 
-`install` puts two executables there: `pipit-ipam`, a small native front (cni_shim.c) that
-hands each call whole to the agent, which runs `plan` below around its own handler, and this
-module as `pipit-ipam-python`, which the front executes whenever it cannot do that (VERSION,
-input it cannot read, the agent unreachable), so every error is worded here. A runtime starts
-one plugin process per pod: the native front starts in well under 1 ms, an interpreter in ~8.
+ipam.cni_install puts two executables there: `pipit-ipam`, a small native front (cni_shim.c)
+that hands each call whole to the agent, which runs `plan` below around its own handler, and
+this module as `pipit-ipam-python`. The front answers VERSION and an agent it cannot reach (or
+that does not answer in time) itself, in the words of `exchange` below, since Kubernetes
+hosts have no Python; it executes `pipit-ipam-python` only for input it cannot read, so every
+other error is worded here. A runtime starts one plugin process per pod: the native front
+starts in well under 1 ms, an interpreter in ~8.
 
-IPAM section:  {"type": "pipit-ipam", "socket": PATH, "pools": [NAMES], "routes": [...]}
+IPAM section:  {"type": "pipit-ipam", "socket": PATH, "pools": [NAMES], "routes": [...],
+                "timeout": SECONDS}
+
+`timeout` (default 30) bounds the whole call, whichever front runs it: a refused connect
+(the agent's queue full) is retried within it, an agent that does not answer in time gets
+code 11 and is never asked a second time, and the agent, told how long is left, answers
+before then and keeps nothing for an ADD it could not answer.
 
 Start-up is most of a pod's ADD here, so the plugin imports only what the interpreter has
-loaded anyway plus the C halves of `os`, `json` and `socket`: `import json, socket, re` alone
-pulls in re, enum, functools, collections and selectors and costs ~20 ms per call, `os` ~2 ms
-(see bench/README.md).
+loaded anyway plus the C halves of `os`, `json`, `socket` and `struct`: `import json,
+socket, re` alone pulls in re, enum, functools, collections and selectors and costs ~20 ms
+per call, `os` ~2 ms (see bench/README.md).
 """
 
 import posix
 import sys
+from time import monotonic
 
-try:  # CPython's C parts of json and socket (the modules minus their imports)
+try:  # CPython's C parts of json, socket and struct (the modules minus their imports)
     import _socket
+    import _struct
     from _json import encode_basestring_ascii as _encode_string
     from _json import make_encoder as _make_encoder
     from _json import make_scanner as _make_scanner
 except ImportError:  # another Python: the plain modules
     import socket as _socket
+    import struct as _struct
     _make_scanner = None
 
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 DEFAULT_SOCKET = "/run/pipit/ipam.sock"
-TIMEOUT = 30.0
-IPAM_FIELDS = {"type", "socket", "pools", "routes"}
+TIMEOUT = 30.0  # seconds for the whole call, unless ipam.timeout says otherwise
+MAX_TIMEOUT = 600.0
+IPAM_FIELDS = {"type", "socket", "pools", "routes", "timeout"}
 
 # CNI error codes (spec "Error codes"); 100 and up are Pipit's own.
 INCOMPATIBLE_VERSION, UNSUPPORTED_FIELD, UNKNOWN_CONTAINER = 1, 2, 3
@@ -43,6 +55,7 @@ TRY_AGAIN_LATER, NOT_AVAILABLE = 11, 50
 POOL_EXHAUSTED, NO_SUCH_POOL, CHECK_MISMATCH = 100, 101, 102
 
 _AGENT_ERRORS = {  # the agent's error kinds -> CNI codes
+    "MalformedRequest": DECODE_FAILURE,
     "PoolExhausted": POOL_EXHAUSTED,
     "NotFound": NO_SUCH_POOL,
     "DatastoreUnavailable": TRY_AGAIN_LATER,
@@ -67,8 +80,7 @@ if _make_scanner is not None:
     _scan = _make_scanner(_Decoding())
     _WHITESPACE = " \t\n\r"
 
-    def loads(text: str | bytes):
-        """json.loads for one document (without importing json)."""
+    def _loads(text: str | bytes):
         if isinstance(text, bytes):
             text = text.decode("utf-8")
         start = len(text) - len(text.lstrip(_WHITESPACE))
@@ -91,7 +103,17 @@ if _make_scanner is not None:
         """json.dumps (without importing json)."""
         return "".join(_encode(value, 0))
 else:
-    from json import dumps, loads
+    from json import dumps
+    from json import loads as _loads
+
+
+def loads(text: str | bytes):
+    """json.loads for one document (without importing json); ValueError also for nesting
+    deeper than the interpreter's recursion allows."""
+    try:
+        return _loads(text)
+    except RecursionError:
+        raise ValueError("the JSON nests too deeply") from None
 
 
 class CNIError(Exception):
@@ -224,6 +246,11 @@ def read_config(raw: str) -> dict:
         raise CNIError(INVALID_CONFIG, 'ipam.routes must be a list of {"dst": CIDR} objects.')
     if not isinstance(ipam.get("socket", DEFAULT_SOCKET), str):
         raise CNIError(INVALID_CONFIG, "ipam.socket must be a path.")
+    timeout = ipam.get("timeout", TIMEOUT)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+            or not 0 < timeout <= MAX_TIMEOUT:
+        raise CNIError(INVALID_CONFIG, "ipam.timeout must be a number of seconds, more than 0 "
+                       f"and at most {MAX_TIMEOUT:g}.")
     return config
 
 
@@ -240,15 +267,25 @@ def ask_agent(path: str, request: dict, timeout: float = TIMEOUT) -> dict:
 
 
 def exchange(path: str, request: dict, timeout: float = TIMEOUT) -> dict:
-    """One request to the node's pipit-agent and its answer as sent (errors included)."""
+    """One request to the node's pipit-agent and its answer as sent (errors included), all
+    within `timeout` seconds; the request tells the agent how long is left."""
+    deadline = monotonic() + timeout
+
+    def left() -> float:
+        remaining = deadline - monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        return remaining
+
     try:
         conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
-            conn.settimeout(timeout)
-            conn.connect(path)
-            conn.sendall(dumps(request).encode() + b"\n")
+            _connect(conn, path, left())
+            conn.settimeout(left())
+            conn.sendall(dumps({**request, "timeout": round(left(), 3)}).encode() + b"\n")
             data = b""
             while not data.endswith(b"\n"):
+                conn.settimeout(left())
                 chunk = conn.recv(65536)
                 if not chunk:
                     break
@@ -273,6 +310,19 @@ def exchange(path: str, request: dict, timeout: float = TIMEOUT) -> dict:
         raise CNIError(IO_FAILURE, f"pipit-agent on {path} sent an answer that is not JSON.",
                        data[:200].decode(errors="replace")) from None
     return reply
+
+
+def _connect(conn, path: str, timeout: float) -> None:
+    """Connect, waiting up to `timeout` while the agent's listen queue is full (a burst of
+    pods): a blocking connect with a send timeout sleeps in the kernel until there is room,
+    where a non-blocking one would be refused at once (EAGAIN)."""
+    seconds = int(timeout)
+    micro = max(int((timeout - seconds) * 1e6), 0 if seconds else 1)  # (0, 0): no timeout
+    conn.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDTIMEO, _struct.pack("ll", seconds, micro))
+    try:
+        conn.connect(path)
+    except BlockingIOError:  # still full at the deadline
+        raise TimeoutError from None
 
 
 def agent_reply(reply: dict, path: str) -> dict:
@@ -316,6 +366,7 @@ def plan(command: str, env: dict, stdin: str):
     config = read_config(stdin)
     version, ipam = config["cniVersion"], config["ipam"]
     path = ipam.get("socket", DEFAULT_SOCKET)
+    timeout = ipam.get("timeout", TIMEOUT)  # the whole call's; the agent is told what is left
     network = str(config.get("name") or "")
 
     def nothing(reply: dict) -> None:
@@ -329,7 +380,7 @@ def plan(command: str, env: dict, stdin: str):
                 raise CNIError(NOT_AVAILABLE, error.msg, error.details) from None
             if not reply.get("pools"):
                 raise CNIError(NOT_AVAILABLE, "no enabled IP pool exists yet.")
-        return path, {"command": "STATUS"}, available
+        return path, {"command": "STATUS", "timeout": timeout}, available
     if command == "GC":
         # Without the list every attachment would look stale: refuse rather than release all.
         # ("cni.dev/attachments" is the same list under the name an early 1.1 draft used.)
@@ -341,13 +392,14 @@ def plan(command: str, env: dict, stdin: str):
         check_network(network)
         valid = [handle_id(network, str(a.get("containerID", "")), str(a.get("ifname", "")))
                  for a in attachments]
-        return path, {"command": "GC", "prefix": handle_prefix(network), "valid": valid}, nothing
+        return path, {"command": "GC", "prefix": handle_prefix(network), "valid": valid,
+                      "timeout": timeout}, nothing
     require_env(env, "CNI_CONTAINERID", "CNI_IFNAME",
                 *(("CNI_NETNS",) if command == "ADD" else ()))
     check_attachment(network, env)
     handle = handle_id(network, env["CNI_CONTAINERID"], env["CNI_IFNAME"])
     if command == "DEL":
-        return path, {"command": "DEL", "handle": handle}, nothing
+        return path, {"command": "DEL", "handle": handle, "timeout": timeout}, nothing
     if command == "CHECK":
         def matches(reply: dict) -> None:
             held = agent_reply(reply, path)["ips"]
@@ -360,7 +412,7 @@ def plan(command: str, env: dict, stdin: str):
             if expected and expected != have:
                 raise CNIError(CHECK_MISMATCH, f"container {env['CNI_CONTAINERID']} holds "
                                f"{', '.join(sorted(have))}, not {', '.join(sorted(expected))}.")
-        return path, {"command": "CHECK", "handle": handle}, matches
+        return path, {"command": "CHECK", "handle": handle, "timeout": timeout}, matches
     args = parse_cni_args(env.get("CNI_ARGS", ""))
     attributes = {"containerID": env["CNI_CONTAINERID"], "ifname": env["CNI_IFNAME"]}
     if args.get("K8S_POD_NAMESPACE"):
@@ -372,7 +424,7 @@ def plan(command: str, env: dict, stdin: str):
         return cni_result(version, agent_reply(reply, path)["ips"],
                           ipam.get("routes", [{"dst": "0.0.0.0/0"}]))
     return path, {"command": "ADD", "handle": handle, "pools": ipam.get("pools", []),
-                  "attributes": attributes}, result
+                  "attributes": attributes, "timeout": timeout}, result
 
 
 def run(command: str, env: dict, stdin: str) -> dict | None:
@@ -381,7 +433,7 @@ def run(command: str, env: dict, stdin: str) -> dict | None:
     if request is None:
         return finish({})
     try:
-        reply = exchange(path, request)
+        reply = exchange(path, request, request["timeout"])
     except CNIError as error:  # STATUS: "not available" is the one answer for any failure
         if command == "STATUS":
             raise CNIError(NOT_AVAILABLE, error.msg, error.details) from None
@@ -419,140 +471,9 @@ def _version_of(stdin: str) -> str:
     return version if version in SUPPORTED_VERSIONS else SUPPORTED_VERSIONS[-1]
 
 
-def _node_python() -> str | None:
-    """The system's python3.X of this interpreter's X.Y, if there is one: what a node has
-    whatever virtualenv installs the plugin, and Debian's build starts faster (static, PGO)."""
-    candidate = f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}"
-    import os
-    return candidate if os.access(candidate, os.X_OK) else None
-
-
-NATIVE_SOURCE = "cni_shim.c"
-PYTHON_PLUGIN = "pipit-ipam-python"  # the name cni_shim.c falls back to
-
-
-def install(directory: str, python: str | None = None, native: bool = True) -> str:
-    """Put the plugin into a CNI bin directory; returns the path of `pipit-ipam`.
-
-    - `pipit-ipam-python`: this module alone, compiled (marshal) for `python` (default: the
-      system's python3.X of this X.Y, else this interpreter; another must be the same X.Y)
-      and run in isolated mode (-IS: no site-packages or environment; it needs neither).
-      Compiling the source on every call would cost ~6 ms of each ADD.
-    - `pipit-ipam`: the native front (cni_shim.c, built here with the C compiler) that hands
-      each call to the agent and falls back to `pipit-ipam-python`; without `native`, the
-      Python plugin itself. No C compiler, or one that fails: a ValueError says so."""
-    import os
-
-    if not os.path.isdir(directory):
-        raise ValueError(f"{directory} is not a directory; create it first.")
-    launcher = _python_launcher(python)
-    target = os.path.join(directory, "pipit-ipam")
-    _write_executable(os.path.join(directory, PYTHON_PLUGIN), launcher.encode())
-    if native:
-        _write_executable(target, _build_native())
-    else:
-        _write_executable(target, launcher.encode())
-    return target
-
-
-def _python_launcher(python: str | None) -> str:
-    import marshal
-    import os
-    import subprocess
-
-    python = python or _node_python()
-    interpreter = os.path.realpath(python or sys.executable)
-    if python:
-        try:
-            theirs = subprocess.run([interpreter, "-IS", "-c",
-                                     "import sys; print(*sys.version_info[:2])"],
-                                    capture_output=True, text=True, check=True).stdout.split()
-            if len(theirs) != 2 or not all(part.isdigit() for part in theirs):
-                raise ValueError
-        except (OSError, subprocess.CalledProcessError, ValueError):
-            raise ValueError(f"{python} does not run as a Python interpreter.") from None
-        if tuple(map(int, theirs)) != tuple(sys.version_info[:2]):
-            raise ValueError(f"{python} is Python {'.'.join(theirs)}; install with it instead "
-                             f"({python} -m ipam.cni install DIR).")
-    with open(__file__, encoding="utf-8") as source:
-        code = compile(source.read(), "ipam/cni.py (pipit-ipam)", "exec")
-    version = tuple(sys.version_info[:2])
-    mismatch = dumps({"cniVersion": SUPPORTED_VERSIONS[-1], "code": INVALID_ENVIRONMENT,
-                      "msg": f"pipit-ipam was installed for Python {version[0]}.{version[1]}; "
-                             "install it again (python -m ipam.cni install DIR)."})
-    return (
-        f"#!{interpreter} -IS\n"
-        "# pipit-ipam, the CNI IPAM plugin of Pipit, as `python -m ipam.cni install` wrote it:\n"
-        "# the code of ipam/cni.py compiled for the interpreter above.\n"
-        "import marshal, sys\n"
-        f"if sys.version_info[:2] != {version!r}:\n"
-        f"    print({mismatch!r})\n"
-        "    sys.exit(1)\n"
-        f"exec(marshal.loads({marshal.dumps(code)!r}))\n")
-
-
-def _build_native() -> bytes:
-    """cni_shim.c compiled: static where the C library allows (a binary that runs on any
-    node), else linked dynamically."""
-    import os
-    import shutil
-    import subprocess
-    import tempfile
-
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
-        raise ValueError("no C compiler (cc) to build the native pipit-ipam; install gcc, or "
-                         "install the Python plugin alone (--no-native).")
-    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), NATIVE_SOURCE)
-    with tempfile.TemporaryDirectory(prefix="pipit-ipam-build-") as work:
-        output = os.path.join(work, "pipit-ipam")
-        for link in (["-static"], []):
-            built = subprocess.run([compiler, "-O2", *link, "-o", output, source],
-                                   capture_output=True, text=True)
-            if built.returncode == 0:
-                with open(output, "rb") as binary:
-                    return binary.read()
-    first = (built.stderr.strip().splitlines() or ["no message"])[0]
-    raise ValueError(f"{compiler} could not build {NATIVE_SOURCE} ({first}); install gcc and "
-                     "libc6-dev, or install the Python plugin alone (--no-native).")
-
-
-def _write_executable(path: str, content: bytes) -> None:
-    """Replace `path` at once: a runtime may be executing the old one right now."""
-    import os
-
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as out:
-        out.write(content)
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, path)
-
-
-def install_main(argv: list[str]) -> None:
-    """`python -m ipam.cni install DIR [--python PATH] [--no-native]` (argparse only here:
-    the plugin's own start-up never imports it)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m ipam.cni install",
-                                     description="Put pipit-ipam into a CNI bin directory.")
-    parser.add_argument("directory", metavar="DIR", help="the CNI bin directory")
-    parser.add_argument("--python", metavar="PATH",
-                        help="the interpreter to run it with (the same X.Y as this one)")
-    parser.add_argument("--no-native", dest="native", action="store_false",
-                        help="install the Python plugin alone (no C compiler needed; each "
-                             "call then starts an interpreter, ~8 ms of CPU)")
-    args = parser.parse_args(argv)
-    try:
-        print(install(args.directory, args.python, args.native))
-    except ValueError as error:
-        sys.exit(f"Error: {error}")
-    except OSError as error:
-        sys.exit(f"Error: cannot install into {args.directory}: "
-                 f"{(error.strerror or str(error)).lower()}.")
-
-
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["install"]:
+    if sys.argv[1:2] == ["install"]:  # `python -m ipam.cni install DIR`, as documented
+        from ipam.cni_install import install_main
         install_main(sys.argv[2:])
     else:
         main()

@@ -7,19 +7,25 @@
  * variables and stdin) and prints what the agent answers; the agent runs the same code
  * (ipam/cni.py) that the Python plugin runs, so results and errors are the same words.
  *
- * Whenever it cannot do that (VERSION, a configuration it cannot read, bytes that are not
- * UTF-8, the agent not reachable or not answering) it executes the Python plugin installed
- * beside it, pipit-ipam-python, with the same arguments, environment and stdin, and that says
- * what is wrong in the spec's error format. ADD and DEL are idempotent per handle, so a call
- * the agent may already have served can be made again. (An agent that takes more than
- * TIMEOUT_SECONDS to answer is asked again by the Python plugin, with its own 30 s.)
+ * Kubernetes hosts have no Python, so what needs no agent or cannot reach it is answered
+ * here, in the Python plugin's words and JSON: VERSION, the agent not reachable, not answering
+ * within the call's deadline (`ipam.timeout`, default 30 s, for the whole call: an agent that
+ * does not answer is never asked twice), or closing without an answer. Only input this
+ * program cannot read (no CNI_COMMAND, a configuration its small scanner refuses, bytes that
+ * are not UTF-8, over 1 MiB) and an answer it cannot read (an older agent) go to the Python
+ * plugin installed beside it, pipit-ipam-python, with the same arguments, environment and
+ * stdin; it says what is wrong in the spec's error format.
  *
  * Agent protocol (ipam/service.py):
- *   -> {"command": "CNI", "env": {"CNI_COMMAND": ..., ...}, "stdin": "..."}\n
+ *   -> {"command": "CNI", "env": {"CNI_COMMAND": ..., ...}, "stdin": "...", "timeout": LEFT}\n
  *   <- EXIT-STATUS SP [one line of JSON to print]\n
+ *
+ * `python -m ipam.cni install` builds it with the Python plugin's constants (-D): the CNI
+ * versions, the default socket and the deadline's default and bound.
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,13 +33,22 @@
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
-#define DEFAULT_SOCKET "/run/pipit/ipam.sock"
+#if !defined(CNI_VERSIONS) || !defined(DEFAULT_SOCKET) || !defined(DEFAULT_TIMEOUT) \
+    || !defined(MAX_TIMEOUT)
+#error "build pipit-ipam with: python -m ipam.cni install DIR"
+#endif
+
 #define FALLBACK "pipit-ipam-python"
 #define MAX_INPUT (1 << 20)  /* the agent reads requests of up to 1 MiB */
 #define MAX_REPLY (1 << 20)
-#define TIMEOUT_SECONDS 30
+#define TRY_AGAIN_LATER 11   /* CNI error codes */
+#define NOT_AVAILABLE 50     /* STATUS's one answer for any failure */
+
+static const char *const versions[] = {CNI_VERSIONS};
+#define VERSION_COUNT (sizeof versions / sizeof *versions)
 
 extern char **environ;
 
@@ -66,15 +81,19 @@ static int append_text(struct buffer *b, const char *text) {
 
 /* The Python plugin beside this executable, with the same argv and environment, and the
  * stdin already read handed over in a memory file. Returns only if it cannot be started. */
-static void fall_back(char **argv, const struct buffer *input) {
-    char path[4096];
-    ssize_t n = readlink("/proc/self/exe", path, sizeof path - sizeof FALLBACK - 1);
+static void python_plugin(char path[4096]) {
+    ssize_t n = readlink("/proc/self/exe", path, 4096 - sizeof FALLBACK - 1);
     char *slash = n > 0 ? memrchr(path, '/', (size_t)n) : NULL;
     if (!slash) {
         strcpy(path, FALLBACK);
     } else {
         strcpy(slash + 1, FALLBACK);
     }
+}
+
+static void fall_back(char **argv, const struct buffer *input) {
+    char path[4096];
+    python_plugin(path);
     if (input) {
         int fd = memfd_create("pipit-ipam-stdin", 0);
         if (fd < 0)
@@ -216,33 +235,80 @@ static int each_member(struct scan *s, int (*on_member)(const char *, struct sca
     }
 }
 
-struct socket_path {
+/* What the call needs of the configuration: where the agent is, how long the whole call may
+ * take, and the cniVersion errors are answered in (the newest if it names none we support,
+ * as the Python plugin does). */
+struct config {
     char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
+    double timeout;
+    const char *version;
+    int supported;  /* whether cniVersion is one of versions[] */
+    int has_ipam;  /* without an ipam section it is no configuration for us: Python says so */
 };
 
 static int ipam_member(const char *key, struct scan *s, void *context) {
-    struct socket_path *found = context;
-    if (strcmp(key, "socket") != 0)
+    struct config *found = context;
+    if (strcmp(key, "socket") == 0)  /* not a string, too long for a socket: Python words it */
+        return read_string(s, found->path, sizeof found->path) <= 0 ? -1 : 0;
+    if (strcmp(key, "timeout") != 0)
         return skip_value(s);
-    /* not a string, or too long for a socket address: Python words the error */
-    return read_string(s, found->path, sizeof found->path) <= 0 ? -1 : 0;
+    /* A deadline in range, else the default: the agent reads the configuration again and
+     * refuses a wrong one in words. */
+    const char *start = s->p;
+    char text[32];
+    if (skip_value(s) < 0)
+        return -1;
+    size_t n = (size_t)(s->p - start);
+    found->timeout = DEFAULT_TIMEOUT;
+    if (n > 0 && n < sizeof text && *start >= '0' && *start <= '9') {
+        char *end;
+        memcpy(text, start, n);
+        text[n] = '\0';
+        double value = strtod(text, &end);
+        if (*end == '\0' && value > 0 && value <= MAX_TIMEOUT)
+            found->timeout = value;
+    }
+    return 0;
 }
 
 static int config_member(const char *key, struct scan *s, void *context) {
-    struct socket_path *found = context;
+    struct config *found = context;
+    if (strcmp(key, "cniVersion") == 0) {  /* the last one counts, as in Python's dict */
+        char text[16];
+        struct scan at = *s;
+        found->version = versions[VERSION_COUNT - 1];
+        found->supported = 0;
+        if (s->p >= s->end || *s->p != '"')
+            return skip_value(s);
+        if (read_string(s, text, sizeof text) < 0) {  /* longer: no version we support */
+            *s = at;
+            return read_string(s, NULL, 0) < 0 ? -1 : 0;
+        }
+        for (size_t i = 0; i < VERSION_COUNT; i++)
+            if (strcmp(text, versions[i]) == 0) {
+                found->version = versions[i];
+                found->supported = 1;
+            }
+        return 0;
+    }
     if (strcmp(key, "ipam") != 0)
         return skip_value(s);
-    strcpy(found->path, DEFAULT_SOCKET);  /* the last "ipam" counts, as in Python's dict */
+    strcpy(found->path, DEFAULT_SOCKET);
+    found->timeout = DEFAULT_TIMEOUT;
+    found->has_ipam = s->p < s->end && *s->p == '{';
     return each_member(s, ipam_member, found);
 }
 
-static int find_socket(const struct buffer *input, struct socket_path *found) {
+static int find_config(const struct buffer *input, struct config *found) {
     struct scan s = {input->data, input->data + input->len};
     strcpy(found->path, DEFAULT_SOCKET);
+    found->timeout = DEFAULT_TIMEOUT;
+    found->version = versions[VERSION_COUNT - 1];
+    found->supported = found->has_ipam = 0;
     if (each_member(&s, config_member, found) < 0)
         return -1;
     skip_space(&s);
-    return s.p == s.end ? 0 : -1;
+    return s.p == s.end && found->has_ipam ? 0 : -1;
 }
 
 /* ---- the request ---- */
@@ -305,44 +371,161 @@ static int build_request(const struct buffer *input, struct buffer *request) {
             return -1;
         first = 0;
     }
-    if (append_text(request, "}, \"stdin\": ") < 0
-        || append_json_string(request, input->data, input->len) < 0)
+    if (append_text(request, "}, \"stdin\": ") < 0)
         return -1;
-    return append_text(request, "}\n");
+    return append_json_string(request, input->data, input->len);  /* ask_agent closes it */
 }
 
-/* ---- the exchange ---- */
+/* ---- the exchange, within one deadline ---- */
 
-static int ask_agent(const char *path, const struct buffer *request, struct buffer *reply) {
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
+}
+
+/* The socket's send or receive timeout set to what is left until `deadline`: 1, or 0 when
+ * nothing is left, -1 on error. */
+static int arm(int fd, int option, double deadline) {
+    double left = deadline - now();
+    if (left <= 0)
+        return 0;
+    struct timeval timeout = {.tv_sec = (time_t)left};
+    timeout.tv_usec = (suseconds_t)((left - (double)timeout.tv_sec) * 1e6);
+    if (timeout.tv_sec == 0 && timeout.tv_usec == 0)
+        timeout.tv_usec = 1;  /* zero would mean no timeout at all */
+    return setsockopt(fd, SOL_SOCKET, option, &timeout, sizeof timeout) == 0 ? 1 : -1;
+}
+
+enum outcome { ANSWERED, UNREACHABLE, TIMED_OUT, CLOSED, UNREADABLE };
+
+/* One exchange with the agent before `deadline`; UNREACHABLE leaves the reason in errno. A
+ * blocking connect with a send timeout sleeps in the kernel while the agent's listen queue is
+ * full (a burst of pods), until there is room or the deadline passes. */
+static enum outcome ask_agent(const char *path, double deadline, struct buffer *request,
+                              struct buffer *reply) {
     struct sockaddr_un address = {.sun_family = AF_UNIX};
-    struct timeval timeout = {.tv_sec = TIMEOUT_SECONDS};
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    enum outcome outcome = UNREACHABLE;
+    int armed = 1, fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0)
-        return -1;
+        return UNREACHABLE;
     strcpy(address.sun_path, path);
-    if (setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout) < 0
-        || setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof timeout) < 0
-        || connect(fd, (struct sockaddr *)&address, sizeof address) < 0)
-        goto failed;
+    for (;;) {
+        if ((armed = arm(fd, SO_SNDTIMEO, deadline)) <= 0)
+            goto done;
+        if (connect(fd, (struct sockaddr *)&address, sizeof address) == 0)
+            break;
+        if (errno != EINTR)
+            goto done;
+    }
+    char tail[64];
+    double left = deadline - now();
+    snprintf(tail, sizeof tail, ", \"timeout\": %.3f}\n", left > 0.001 ? left : 0.001);
+    if (append_text(request, tail) < 0)
+        goto done;
     for (size_t done = 0; done < request->len;) {
+        if ((armed = arm(fd, SO_SNDTIMEO, deadline)) <= 0)
+            goto done;
         ssize_t sent = send(fd, request->data + done, request->len - done, MSG_NOSIGNAL);
         if (sent < 0 && errno != EINTR)
-            goto failed;
+            goto done;
         done += sent > 0 ? (size_t)sent : 0;
     }
     while (reply->len == 0 || reply->data[reply->len - 1] != '\n') {
         char chunk[65536];
+        if ((armed = arm(fd, SO_RCVTIMEO, deadline)) <= 0)
+            goto done;
         ssize_t got = recv(fd, chunk, sizeof chunk, 0);
         if (got < 0 && errno == EINTR)
             continue;
-        if (got <= 0 || reply->len + (size_t)got > MAX_REPLY || append(reply, chunk, got) < 0)
-            goto failed;
+        if (got < 0)
+            goto done;
+        if (got == 0) {  /* it went away mid-request (stopped, crashed) */
+            outcome = CLOSED;
+            goto done;
+        }
+        if (reply->len + (size_t)got > MAX_REPLY || append(reply, chunk, (size_t)got) < 0) {
+            outcome = UNREADABLE;
+            goto done;
+        }
     }
+    outcome = ANSWERED;
+done:
+    if (outcome == UNREACHABLE && (armed == 0 || errno == EAGAIN || errno == EWOULDBLOCK))
+        outcome = TIMED_OUT;  /* the deadline passed (a send or receive timeout: EAGAIN) */
+    int saved = errno;
     close(fd);
-    return 0;
-failed:
-    close(fd);
-    return -1;
+    errno = saved;
+    return outcome;
+}
+
+/* ---- answers given here, in the Python plugin's words and JSON (ipam/cni.py) ---- */
+
+/* `text` as a JSON string the way Python's json.dumps writes it (ensure_ascii). */
+static void print_json_string(const char *text) {
+    const unsigned char *p = (const unsigned char *)text;
+    putchar('"');
+    while (*p) {
+        unsigned int code = *p++;
+        int more = code < 0x80 ? 0 : code < 0xe0 ? 1 : code < 0xf0 ? 2 : 3;
+        if (more)
+            code &= 0x3f >> more;
+        for (; more > 0 && (*p & 0xc0) == 0x80; more--)
+            code = code << 6 | (*p++ & 0x3f);
+        const char *escape = code == '"' ? "\\\"" : code == '\\' ? "\\\\" : code == '\n' ? "\\n"
+                             : code == '\r' ? "\\r" : code == '\t' ? "\\t" : code == '\b' ? "\\b"
+                             : code == '\f' ? "\\f" : NULL;
+        if (escape)
+            fputs(escape, stdout);
+        else if (code >= 0x20 && code < 0x7f)
+            putchar((int)code);
+        else if (code < 0x10000)
+            printf("\\u%04x", code);
+        else  /* a surrogate pair */
+            printf("\\u%04x\\u%04x", 0xd800 + ((code - 0x10000) >> 10),
+                   0xdc00 + ((code - 0x10000) & 0x3ff));
+    }
+    putchar('"');
+}
+
+/* The spec's error JSON on stdout, exit status 1. */
+static void fail(const struct config *config, int code, const char *format, ...) {
+    char msg[1024];
+    va_list args;
+    va_start(args, format);
+    vsnprintf(msg, sizeof msg, format, args);
+    va_end(args);
+    printf("{\"cniVersion\": \"%s\", \"code\": %d, \"msg\": ", config->version, code);
+    print_json_string(msg);
+    printf("}\n");
+    fflush(stdout);
+    exit(1);
+}
+
+/* What the agent's silence means, as cni.exchange says it. */
+static void agent_failed(const struct config *config, const char *command, enum outcome outcome) {
+    int code = strcmp(command, "STATUS") == 0 ? NOT_AVAILABLE : TRY_AGAIN_LATER;
+    if (outcome == TIMED_OUT)
+        fail(config, code, "pipit-agent did not answer on %s within %g s.", config->path,
+             config->timeout);
+    if (outcome == CLOSED)
+        fail(config, code, "pipit-agent on %s closed the connection without an answer (did it "
+             "stop or restart?); try again.", config->path);
+    char reason[256];
+    snprintf(reason, sizeof reason, "%s", strerror(errno));
+    for (char *c = reason; *c; c++)
+        if (*c >= 'A' && *c <= 'Z')
+            *c = (char)(*c - 'A' + 'a');
+    fail(config, code, "pipit-agent is not reachable on %s (%s); is it running on this node?",
+         config->path, reason);
+}
+
+static int print_versions(void) {
+    printf("{\"cniVersion\": \"%s\", \"supportedVersions\": [", versions[VERSION_COUNT - 1]);
+    for (size_t i = 0; i < VERSION_COUNT; i++)
+        printf("%s\"%s\"", i ? ", " : "", versions[i]);
+    printf("]}\n");
+    return fflush(stdout) == 0 ? 0 : 1;
 }
 
 /* "STATUS SP [LINE]\n" -> prints LINE, returns STATUS; -1 if the reply is not of that form. */
@@ -365,12 +548,15 @@ static int print_reply(const struct buffer *reply) {
 
 int main(int argc, char **argv) {
     struct buffer input = {0}, request = {0}, reply = {0};
-    struct socket_path socket_path;
+    struct config config;
     const char *command = getenv("CNI_COMMAND");
+    double deadline;
     (void)argc;
 
-    if (!command || strcmp(command, "VERSION") == 0)
-        fall_back(argv, NULL);  /* the answer needs no agent; stdin is left unread */
+    if (!command)
+        fall_back(argv, NULL);  /* Python names what is missing */
+    if (strcmp(command, "VERSION") == 0)
+        return print_versions();  /* stdin is left unread */
     for (;;) {  /* all of it, whatever its size: a fallback gets all of it too */
         char chunk[65536];
         ssize_t got = read(0, chunk, sizeof chunk);
@@ -381,13 +567,21 @@ int main(int argc, char **argv) {
         if (append(&input, chunk, (size_t)got) < 0)
             fall_back(argv, &input);
     }
-    if (input.len > MAX_INPUT)
+    if (input.len > MAX_INPUT || find_config(&input, &config) < 0
+        || build_request(&input, &request) < 0)
         fall_back(argv, &input);
-    if (find_socket(&input, &socket_path) < 0 || build_request(&input, &request) < 0
-        || ask_agent(socket_path.path, &request, &reply) < 0)
+    char python[4096];
+    python_plugin(python);
+    if (!config.supported && access(python, X_OK) == 0)
+        fall_back(argv, &input);  /* Python refuses it before asking the agent: say the same */
+    deadline = now() + config.timeout;
+    enum outcome outcome = ask_agent(config.path, deadline, &request, &reply);
+    if (outcome == UNREADABLE)
         fall_back(argv, &input);
+    if (outcome != ANSWERED)
+        agent_failed(&config, command, outcome);
     int status = print_reply(&reply);
     if (status < 0)
-        fall_back(argv, &input);
+        fall_back(argv, &input);  /* an older agent, which knows no "CNI" command */
     return status;
 }

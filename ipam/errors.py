@@ -13,6 +13,11 @@ class InvalidResource(PipitError):
     """A resource (pool, peer, configuration, selector...) is not valid; nothing was written."""
 
 
+class MalformedRequest(PipitError):
+    """A request to the node's IPAM service is not JSON it can read (not an object, nested
+    too deeply)."""
+
+
 class NotFound(PipitError):
     """The named resource or address does not exist."""
 
@@ -35,3 +40,6 @@ class Conflict(PipitError):
 
 class DatastoreUnavailable(PipitError):
     """etcd could not be reached or did not answer in time."""
+    # A write that failed this way may still have reached etcd and be applied (the request
+    # went out, the answer never came): its outcome is unknown until read back.
+    maybe_written = False

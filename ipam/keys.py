@@ -7,6 +7,7 @@ RESOURCES = ROOT + "resources/"
 BLOCKS = ROOT + "ipam/v2/assignment/ipv4/block/"
 HOSTS = ROOT + "ipam/v2/host/"
 HANDLES = ROOT + "ipam/v2/handle/"
+FENCES = ROOT + "ipam/v2/fence/"
 IPAM_CONFIG = RESOURCES + "ipamconfig/default"
 
 
@@ -63,3 +64,9 @@ def affinity_parts(key: str) -> tuple[str, IPv4Network]:
 
 def handle_key(handle_id: str) -> str:
     return HANDLES + handle_id
+
+
+def fence_key(node: str) -> str:
+    """The key every allocation transaction of `node` compares: writing it stops a
+    transaction whose answer was lost from committing later (see txn.outcome)."""
+    return FENCES + node

@@ -7,7 +7,7 @@ address is never free in the block while its handle still counts it (or the reve
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
@@ -144,3 +144,12 @@ async def release_host_affinities(store: Store, node: str,
         total.released += one.released
         total.kept_in_use += one.kept_in_use
     return total
+
+
+def stale_attachments(found: Iterable[Block], node: str, prefix: str,
+                      valid: Container[str]) -> list[str]:
+    """The handles a CNI GC releases: held on `node`, of the network whose handles start with
+    `prefix` (ipam.cni.handle_prefix), and not among the runtime's `valid` attachments."""
+    return sorted({a.handle_id for block in found for a in block.attributes
+                   if a.secondary.get("node") == node and a.handle_id.startswith(prefix)
+                   and a.handle_id not in valid})

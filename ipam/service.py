@@ -18,6 +18,11 @@ own code (`ipam.cni.plan`) around the handler above:
     -> {"command": "CNI", "env": {"CNI_COMMAND": "ADD", ...}, "stdin": "{...}"}
     <- EXIT-STATUS SP [the plugin's stdout: one line of JSON]
 
+Every request may say how long its caller still waits, `"timeout": SECONDS` (the plugin's
+deadline, `ipam.timeout` of the CNI configuration); the agent answers a little before that,
+with a try-again error if etcd did not let it finish, and then keeps nothing for an ADD it
+could not answer (see ipam.allocator).
+
 ADD is idempotent (a handle that holds addresses gets them back) and answers only after the
 allocation is committed to etcd. All requests for the node go through the allocator's batch
 queue, so a burst of pods costs a few etcd transactions.
@@ -38,8 +43,11 @@ from ipam import block as blocks
 from ipam import cni, keys
 from ipam.allocator import IPAM
 from ipam.block import block_capacity
-from ipam.errors import DatastoreUnavailable, InvalidResource, PipitError
+from ipam.errors import DatastoreUnavailable, InvalidResource, MalformedRequest, PipitError
+from ipam.local_socket import start_private_server
+from ipam.metrics import IPAM_REQUEST_SECONDS, IPAM_REQUESTS
 from ipam.pool import IPPool, pool_of, read_pools
+from ipam.release import stale_attachments
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +55,16 @@ DEFAULT_SOCKET = cni.DEFAULT_SOCKET
 MAX_REQUEST = 1 << 20
 REQUEST_TIMEOUT = 10.0
 POOLS_TTL = 5.0
+METERED_COMMANDS = ("ADD", "DEL", "CHECK", "STATUS", "GC")
+
+
+def budget(timeout) -> float:
+    """How long the agent may take over a request whose caller waits `timeout` more seconds
+    (none given: the plugin's default): a little less, so that the answer arrives in time."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        timeout = cni.TIMEOUT
+    timeout = min(float(timeout), cni.MAX_TIMEOUT)
+    return timeout - min(1.0, timeout / 5)
 
 
 def describe(pools: list[IPPool], address: IPv4Address) -> dict:
@@ -70,15 +88,9 @@ class IPAMService:
         self._pools_read = float("-inf")
 
     async def start(self) -> None:
-        directory = os.path.dirname(self.path) or "."
-        os.makedirs(directory, mode=0o755, exist_ok=True)
         _take_over_stale_socket(self.path)
-        old_umask = os.umask(0o177)  # the socket is created 0600: root only
-        try:
-            self._server = await asyncio.start_unix_server(self._serve, self.path,
-                                                           limit=MAX_REQUEST)
-        finally:
-            os.umask(old_umask)
+        # root's only, with the system's largest backlog (a burst of pods connects at once)
+        self._server = await start_private_server(self._serve, self.path, limit=MAX_REQUEST)
         log.info("IPAM service listening on %s for node %s", self.path, self.node)
 
     async def close(self) -> None:
@@ -97,7 +109,10 @@ class IPAMService:
                 if not isinstance(request, dict):
                     raise ValueError
             except ValueError:
-                answer = _line(_error(InvalidResource("the request is not a JSON object.")))
+                answer = _line(_error(MalformedRequest("the request is not a JSON object.")))
+            except RecursionError:
+                answer = _line(_error(MalformedRequest("the request nests too deeply to be "
+                                                       "read as JSON.")))
             else:
                 answer = (await self.cni_call(request) if request.get("command") == "CNI"
                           else _line(await self.handle(request)))
@@ -108,7 +123,28 @@ class IPAMService:
         finally:
             writer.close()
 
-    async def handle(self, request: dict) -> dict:
+    async def handle(self, request: dict, limit: float | None = None) -> dict:
+        """The answer to one request, within `limit` seconds (default: from the request's
+        timeout); past that, a try-again error, and whatever the request was about to get
+        is given back (the allocator sees its caller cancelled)."""
+        limit = budget(request.get("timeout")) if limit is None else limit
+        command = str(request.get("command"))
+        started = time.monotonic()
+        try:
+            answer = await asyncio.wait_for(self._dispatch(request), limit)
+        except asyncio.TimeoutError:
+            log.warning("%s %s did not finish within %.3g s", command, request.get("handle", ""),
+                        limit)
+            answer = _error(DatastoreUnavailable(
+                f"{command} did not finish within {limit:.3g} s: etcd at "
+                f"{self.ipam.store.config.describe()} is slow or unreachable; try again."))
+        if command in METERED_COMMANDS:  # not whatever a client sends as a label value
+            IPAM_REQUESTS.labels(command, answer["error"]["kind"] if "error" in answer
+                                 else "ok").inc()
+            IPAM_REQUEST_SECONDS.labels(command).observe(time.monotonic() - started)
+        return answer
+
+    async def _dispatch(self, request: dict) -> dict:
         command = request.get("command")
         try:
             if command == "ADD":
@@ -144,7 +180,8 @@ class IPAMService:
                 raise cni.CNIError(cni.DECODE_FAILURE, "the forwarded CNI call has no env "
                                    "mapping or stdin text; install the plugin again.")
             _, call, finish = cni.plan(str(env.get("CNI_COMMAND", "")), env, stdin)
-            result = finish(await self.handle(call) if call is not None else {})
+            limit = budget(request.get("timeout"))  # what the native plugin has left
+            result = finish(await self.handle(call, limit) if call is not None else {})
         except cni.CNIError as error:
             return b"1 " + _line(cni.error_output(error, stdin or ""))
         return b"0 " + (b"\n" if result is None else _line(result))
@@ -173,9 +210,7 @@ class IPAMService:
         if not prefix.endswith("."):
             raise InvalidResource("GC needs the handle prefix of the network (ending in '.').")
         found = [blocks.from_json(e.value) for e in await self.ipam.store.list(keys.BLOCKS)]
-        stale = sorted({a.handle_id for b in found for a in b.attributes
-                        if a.secondary.get("node") == self.node
-                        and a.handle_id.startswith(prefix) and a.handle_id not in valid})
+        stale = stale_attachments(found, self.node, prefix, valid)
         # all at once: the allocator's queue releases them in a few transactions
         await asyncio.gather(*(self.ipam.release(self.node, h) for h in stale))
         for handle_id in stale:

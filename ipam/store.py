@@ -22,10 +22,12 @@ import grpc
 from aetcd import rpc
 
 from ipam.errors import DatastoreUnavailable, InvalidResource
+from ipam.metrics import ETCD_TRANSACTIONS, ETCD_UNAVAILABLE
 
 DEFAULT_ENDPOINTS = "http://127.0.0.1:2379"
 ENV_ENDPOINTS = "PIPIT_ETCD_ENDPOINTS"
 ENV_CA, ENV_CERT, ENV_KEY = "PIPIT_ETCD_CA_CERT_FILE", "PIPIT_ETCD_CERT_FILE", "PIPIT_ETCD_KEY_FILE"
+PROBE_TIMEOUT = 3.0  # for asking each of several endpoints alone why it does not answer
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,11 @@ def _host_port(endpoint: str) -> tuple[str, int]:
     return parts.hostname, port
 
 
+def connect_timeout_ms(config: EtcdConfig) -> int:
+    """How long one connection attempt to etcd may take (never less than a second)."""
+    return max(1000, int(config.timeout * 1000))
+
+
 class _Client(aetcd.Client):
     """aetcd's client with what it lacks: TLS and several endpoints (gRPC picks a live one)."""
 
@@ -136,8 +143,11 @@ class _Client(aetcd.Client):
             # After etcd restarts, be back within a second or two, not gRPC's default of
             # up to two minutes of back-off (calls fail fast meanwhile).
             ("grpc.initial_reconnect_backoff_ms", 200),
-            ("grpc.min_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 2000),
+            # gRPC takes its "minimum reconnect backoff" as the least time it gives one
+            # connection attempt (TCP, TLS and HTTP/2 settings): as long as a call, so that a
+            # distant etcd (TLS at 100 ms is half a second to connect) is reached at all.
+            ("grpc.min_reconnect_backoff_ms", connect_timeout_ms(config)),
         ]
         if config.uses_tls:
             def read(path):
@@ -157,6 +167,47 @@ class _Client(aetcd.Client):
         self.leasestub = rpc.LeaseStub(self.channel)
         self.maintenancestub = rpc.MaintenanceStub(self.channel)
         self._connected.set()
+
+
+def _never_sent(error: grpc.aio.AioRpcError) -> bool:
+    """gRPC failed the call before sending it: no connection to any endpoint was up."""
+    return (error.code() == grpc.StatusCode.UNAVAILABLE
+            and "failed to connect to all addresses" in (error.details() or ""))
+
+
+def _reason(error: grpc.aio.AioRpcError, timeout: float) -> str:
+    """Why a call found no etcd, in a few words (gRPC's details name the last address)."""
+    if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"no answer within {timeout:g} s"
+    details = error.details() or ""
+    for marker, what in _TLS_FAILURES:
+        if marker.lower() in details.lower():
+            return what
+    if "timed out" in details:  # the connection attempt, before etcd's first words
+        return f"no answer within {timeout:g} s"
+    last = details.rsplit(": ", 1)[-1].rstrip(".")  # "...: Connection refused"
+    return last[:1].lower() + last[1:] if last else "unreachable"
+
+
+async def _probe(config: EtcdConfig, endpoint: str) -> str:
+    """Why `endpoint` alone does not answer (or that it does now)."""
+    alone = EtcdConfig((endpoint,), config.ca_file, config.cert_file, config.key_file,
+                       min(config.timeout, PROBE_TIMEOUT))
+    client = _Client(alone)
+    try:
+        await client.connect()
+        await client.kvstub.Range(rpc.RangeRequest(key=b"/pipit/", limit=1, keys_only=True),
+                                  timeout=alone.timeout)
+        return "it answers when asked alone"
+    except grpc.aio.AioRpcError as error:
+        return _reason(error, alone.timeout)
+    except DatastoreUnavailable:  # raised by connect() only for a name that does not resolve
+        return "its host name does not resolve"
+    finally:
+        try:
+            await client.close()
+        except Exception:
+            pass
 
 
 @dataclass(frozen=True)
@@ -211,33 +262,46 @@ class Store:
         except Exception:  # closing a channel that never connected
             pass
 
-    async def _call(self, method: str, request):
+    async def _call(self, method: str, request, timeout: float | None = None,
+                    writes: bool = False):
         await self._client.connect()
+        timeout = self.config.timeout if timeout is None else timeout
         try:
-            return await getattr(self._client.kvstub, method)(
-                request, timeout=self.config.timeout)
+            return await getattr(self._client.kvstub, method)(request, timeout=timeout)
         except grpc.aio.AioRpcError as error:
-            raise self._unavailable(error) from None
+            failure = await self._unavailable(error, timeout)
+            failure.maybe_written = writes and not _never_sent(error)
         except asyncio.TimeoutError:
-            raise DatastoreUnavailable(
-                f"etcd at {self.config.describe()} did not answer within "
-                f"{self.config.timeout:g} s.") from None
+            failure = DatastoreUnavailable(
+                f"etcd at {self.config.describe()} did not answer within {timeout:g} s.")
+            failure.maybe_written = writes
+        raise failure
 
-    def _unavailable(self, error: grpc.aio.AioRpcError) -> DatastoreUnavailable:
+    async def _unavailable(self, error: grpc.aio.AioRpcError,
+                           timeout: float | None = None) -> DatastoreUnavailable:
+        """One sentence for a failed call; with several endpoints that none answered, each
+        is asked alone so that the sentence says why each failed (gRPC keeps only the last
+        reason)."""
+        ETCD_UNAVAILABLE.inc()
         where = self.config.describe()
         code = error.code()
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        timeout = self.config.timeout if timeout is None else timeout
+        single = len(self.config.endpoints) == 1
+        connected = self._client.channel.get_state() == grpc.ChannelConnectivity.READY
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and (connected or single):
+            return DatastoreUnavailable(f"etcd at {where} did not answer within {timeout:g} s.")
+        if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             return DatastoreUnavailable(
-                f"etcd at {where} did not answer within {self.config.timeout:g} s.")
-        if code == grpc.StatusCode.UNAVAILABLE:
-            details = error.details() or ""
-            detail = next((what for marker, what in _TLS_FAILURES
-                           if marker.lower() in details.lower()), None)
-            if detail is None:
-                detail = details.rsplit(": ", 1)[-1].rstrip(".") or "unreachable"
-            return DatastoreUnavailable(f"cannot reach etcd at {where}: {detail}.")
-        return DatastoreUnavailable(
-            f"etcd at {where} refused the request: {error.details() or code.name}.")
+                f"etcd at {where} refused the request: {error.details() or code.name}.")
+        if single:
+            return DatastoreUnavailable(f"cannot reach etcd at {where}: "
+                                        f"{_reason(error, timeout)}.")
+        reasons = await asyncio.gather(*(_probe(self.config, endpoint)
+                                         for endpoint in self.config.endpoints))
+        tried = [f"{endpoint} ({reason})" for endpoint, reason in
+                 zip(self.config.endpoints, reasons)]
+        return DatastoreUnavailable(f"cannot reach etcd at any of its {len(tried)} endpoints: "
+                                    f"{', '.join(tried[:-1])} and {tried[-1]}.")
 
     async def get(self, key: str) -> Entry | None:
         response = await self._call("Range", rpc.RangeRequest(key=key.encode()))
@@ -296,7 +360,7 @@ class Store:
                             _entry(e.kv) if e.type == rpc.Event.PUT else None)
                            for e in response.events]
         except grpc.aio.AioRpcError as error:
-            raise self._unavailable(error) from None
+            raise await self._unavailable(error) from None
         finally:
             closed.set()
             call.cancel()
@@ -319,17 +383,21 @@ class Store:
                     for k in delete]
         failure = [rpc.RequestOp(request_range=rpc.RangeRequest(key=k.encode())) for k in expect]
         response = await self._call(
-            "Txn", rpc.TxnRequest(compare=compare, success=success, failure=failure))
+            "Txn", rpc.TxnRequest(compare=compare, success=success, failure=failure),
+            writes=True)
         result = TxnResult(response.succeeded, response.header.revision)
+        ETCD_TRANSACTIONS.labels("committed" if response.succeeded else "conflict").inc()
         if not response.succeeded:
             for key, op in zip(expect, response.responses):
                 kvs = op.response_range.kvs
                 result.current[key] = _entry(kvs[0]) if kvs else None
         return result
 
-    async def put(self, key: str, value: Mapping) -> int:
-        """Unconditional write, for tests and tools only; returns the new mod_revision."""
-        response = await self._call("Put", rpc.PutRequest(key=key.encode(), value=encode(value)))
+    async def put(self, key: str, value: Mapping, timeout: float | None = None) -> int:
+        """Unconditional write (tests, tools, the allocator's fence); returns the new
+        mod_revision."""
+        response = await self._call("Put", rpc.PutRequest(key=key.encode(), value=encode(value)),
+                                    timeout, writes=True)
         return response.header.revision
 
     async def snapshot(self, prefix: str = "/pipit/") -> dict[str, dict]:

@@ -3,11 +3,16 @@ etcd transaction that succeeds only if none of those entries moved in the meanti
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 
-from ipam.errors import Conflict
+from ipam.errors import Conflict, DatastoreUnavailable
+from ipam.metrics import ETCD_GAVE_UP
 from ipam.store import Entry, Store, TxnResult
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_ATTEMPTS = 50
@@ -62,5 +67,26 @@ async def transact(store: Store, decide: Callable[[Changes], Awaitable[T]], what
         outcome = await decide(changes)
         if changes.empty or (await changes.commit()).succeeded:
             return outcome
+    ETCD_GAVE_UP.inc()
     raise Conflict(f"{what} kept colliding with concurrent changes after {MAX_ATTEMPTS} attempts; "
                    "try again.")
+
+
+async def outcome(store: Store, fence: str, written: Mapping[str, dict | None]) -> bool:
+    """Whether a transaction whose answer was lost (etcd paused, restarted or cut off after
+    the request went out) was committed. The transaction compared the `fence` key: writing
+    that key first means it can no longer commit later; then the keys it wrote are read back
+    and compared with what it wrote (`written`: key -> value, None for a deletion). Waits
+    for etcd as long as it takes; cancel the caller to stop."""
+    pause = 0.1
+    while True:
+        try:
+            await store.put(fence, {})
+            found = await store.get_many(written)
+            break
+        except DatastoreUnavailable as error:
+            log.warning("cannot yet learn whether a transaction was committed: %s", error)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 2.0)
+    return all((found[key].value if found[key] else None) == value
+               for key, value in written.items())

@@ -1,39 +1,23 @@
-"""Pipit's kernel dataplane: Pipit's routes (kernel_routes), and encapsulation: IPIP (tunl0),
-VXLAN (vxlan.pipit), MTU and natOutgoing.
+"""Pipit's kernel dataplane: everything the agent does to its node's kernel, and nothing else
+(no etcd, no BGP; bgp_agent decides, allocates tunnel addresses and keeps node records).
 
-A library for the agent, which runs inside its node's network namespace; it knows nothing of
-etcd or BGP (the agent decides the routes, allocates tunnel addresses and reads and writes
-node records). Pure parts:
+Routes (standard library only):
+    routes          a route and its next hops as data, RTPROT_PIPIT, the diff
+    route_netlink   routes as netlink messages, and the kernel's answers decoded
+    kernel_routes   KernelRoutes: the netlink socket of one namespace, dump and batched apply
+    route_table     RouteTable: what the kernel holds of Pipit's, kept equal to what is wanted
+                    (the agent's one call, sync(); measured by bench.routes)
 
-    encap       pool -> encapsulation, next hops (Never / Always / CrossSubnet), which pools
+Encapsulation, MTU and NAT (pure parts, then their kernel edges, which take a pyroute2 IPRoute
+opened in the node's namespace):
+    encap       pool -> encapsulation (Never / Always / CrossSubnet), next hops, which pools
                 need devices and give tunnel addresses, IPAM handles, VTEP MACs
     mtu         tunnel and pod MTU arithmetic (+ uplink detection, publishing the pod MTU)
     nat         the nftables ruleset of table `ip pipit-nat` (+ applying it with nft -f)
     capability  the one-sentence message for a missing ipip / vxlan module (+ the probe)
+    links, tunnel, vxlan   tunl0, vxlan.pipit with its neighbour and FDB entries
+    dataplane   drives the devices: prepare() before routes use them, retire() after
 
-Kernel edges: kernel_routes (batched netlink for routes, stdlib only), and, each taking a
-pyroute2 IPRoute opened in the node's namespace: tunnel (tunl0),
-vxlan (vxlan.pipit, neighbour and FDB entries), and dataplane, which drives both. Routes are
-ipip.kernel_routes's: `encap.route_next_hop` is the `next_hop` of policy.kernel_routes().
-
-The agent, at start-up:
-    for sentence in capability.check(pools): log it (error) and show it in the node status
-
-on every reconcile pass (pools, nodes or routes changed):
-    kinds = encap.kinds_in_use(pools)
-    tunnel address: encap.tunnel_pools(pools, labels, IPIP) gives the pools to allocate from
-        (handle encap.tunnel_handle(IPIP, node), recorded on the node record); none: release
-        it. The same for VXLAN, whose VTEP address and encap.vtep_mac(node) go on the record.
-    desired = dataplane.Desired(local=node address/prefix, kinds, tunnel_address,
-                                vtep_address, vtep_mac, vteps=other nodes' RemoteVTEPs,
-                                mtu_override)
-    prepared = dataplane.prepare(ipr, desired)            # devices up before routes use them
-    routes = policy.kernel_routes(accepted, own, next_hop=encap.route_next_hop(
-        pools, desired.local, prepared.devices, desired.vteps))  # then KernelRoutes as today
-    dataplane.retire(ipr, desired)                         # devices no pool needs, after routes
-    nat.apply(pools)                                       # only when pools changed
-    mtu.publish(path, prepared.pod_mtu)                    # for the CNI configuration
-
-A changed mode needs nothing more: the next hops change, and KernelRoutes replaces each route
-in place (NLM_F_REPLACE), so traffic moves to or off the tunnel without a gap.
+The folder keeps its first name, `ipip`, though it holds the whole dataplane. How the agent
+calls it, in order, is bgp_agent.node_dataplane's and bgp_agent.routing's to say.
 """

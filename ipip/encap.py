@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import TYPE_CHECKING
 
-from ipip.kernel_routes import NextHop
+from ipip.routes import NextHop
 
 if TYPE_CHECKING:
     from ipam.pool import IPPool

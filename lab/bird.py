@@ -68,6 +68,7 @@ class BirdPeer:
     export: str = "all"  # a BIRD filter expression: all | none | where ...
     import_: str = "all"
     local_port: int = 179  # where BIRD listens for (and connects from) this session
+    rr_cluster_id: IPv4Address | None = None  # as a route reflector: this peer is its client
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,8 @@ def bgp_config(router_id: IPv4Address, local_address: IPv4Address, local_as: int
             lines.append(f'  password "{peer.password}";')
         if peer.passive:
             lines.append("  passive on;")
+        if peer.rr_cluster_id is not None:
+            lines += ["  rr client;", f"  rr cluster id {peer.rr_cluster_id};"]
         lines += [f"  ipv4 {{ import {_filter(peer.import_)}; export {_filter(peer.export)}; }};",
                   "}"]
     return "\n".join(lines) + "\n"

@@ -2,7 +2,7 @@
 pipit-agent with its ExaBGP, and pods attached with the real `ptp` CNI plugin and pipit-ipam.
 `pipitctl lab up | status | down` drives it; the end-to-end tests use it too.
 
-Two topologies (nothing is created in the machine's own network namespace):
+Three topologies (nothing is created in the machine's own network namespace):
 
 mesh (the default): every node on one bridge, a full iBGP node-to-node mesh.
 
@@ -21,6 +21,12 @@ ToRs peer with each other over a core bridge.
                             announces a default route and its loopback
     <prefix>core            bridge br0 joining the ToRs' up0
     <prefix>n<i>            node i in rack r: eth0 = 10.99.<r>.<10+i>/24, AS 65000+r
+
+rr: the nodes on one bridge as in mesh, the mesh off, and dedicated route reflectors rr1 ..
+rrR at 10.99.0.<200+k>: `pipit-rr` (cluster id 244.0.0.1, label route-reflector=true, no
+pods; one BGPPeer peers every node with every reflector by peerSelector, the reflectors mesh
+among themselves), or with reflector="bird" BIRD 2 (`rr client`, listening on port 1179; one
+BGPPeer per reflector, peerIP 10.99.0.<200+k>:1179, the nodes' own AS).
 
 Every step is idempotent, so `up` on a running lab only adds what is missing; `down` finds
 what to remove by name and by the state directory, so it also cleans up after a crash.
@@ -46,16 +52,19 @@ import yaml
 from bgp_agent.status import read_status
 from lab import netns
 from lab.cni import Attachment, CNIRuntime, NetworkConfig, install_bin_dir
-from lab.etcd import EtcdServer
+from lab.etcd import EtcdServer, make_tls_files
 from lab.process import alive, command_line, kill, wait
-from lab.routers import Router, RouterPeer, RouterSpec, make_router
+from lab.routers import FabricRouter, RouterPeer, RouterSpec, make_router
 
 DEFAULT_DIR = Path("/tmp/pipit-lab")
 DEFAULT_PREFIX = "pipit-lab-"
 FABRIC = "10.99.0.0/24"
 POOL = "10.244.0.0/16"
 BIN = Path(sys.executable).parent  # the virtualenv's console scripts
-TOPOLOGIES = ("mesh", "racks")
+TOPOLOGIES = ("mesh", "racks", "rr")
+CLUSTER_ID = "244.0.0.1"  # rr: the reflectors' cluster id
+BIRD_REFLECTOR_PORT = 1179  # rr with BIRD reflectors: where they listen
+METRICS_PORT = 9091  # every agent's /metrics, on 127.0.0.1 of its node's namespace
 DEFAULT_ROUTE = IPv4Network("0.0.0.0/0")
 COMMUNITY = "64512:100"  # attached to every block the nodes export to their ToR
 
@@ -117,12 +126,15 @@ class Lab:
     restart_time: int = 30
     log: callable = print
     pods: list[Pod] = field(default_factory=list)
-    topology: str = "mesh"  # mesh | racks
+    topology: str = "mesh"  # mesh | racks | rr
+    reflectors: int = 2  # rr: how many dedicated route reflectors
+    reflector: str = "pipit"  # rr: pipit (pipit-rr) | bird
     router: str = "bird"  # racks: the ToRs' implementation, bird | frr | gobgp
     racks: int = 2
     nodes_per_rack: int = 2
     password: str | None = None  # racks: TCP MD5 between nodes and ToRs, from a secret
-    routers: dict[int, Router] = field(default_factory=dict, repr=False)  # racks: rack -> ToR
+    etcd_tls: bool = False  # etcd with TLS client certificates (made with openssl)
+    routers: dict[int, FabricRouter] = field(default_factory=dict, repr=False)  # racks: rack -> ToR
 
     def __post_init__(self) -> None:
         if self.topology not in TOPOLOGIES:
@@ -141,6 +153,8 @@ class Lab:
         return self.directory / node
 
     def node_address(self, index: int) -> IPv4Interface:
+        if index > 1000:  # rr: reflector k has index 1000 + k
+            return IPv4Interface(f"10.99.0.{200 + index - 1000}/24")
         if self.topology == "racks":
             return IPv4Interface(f"10.99.{self.rack_of(index)}.{10 + index}/24")
         return IPv4Interface(f"10.99.0.{10 + index}/24")
@@ -198,7 +212,16 @@ class Lab:
         return state.get("topology", "mesh") if state.get("nodes") else None
 
     def nodes(self) -> list[str]:
+        """Every node with an agent, route reflectors included."""
         return list(self._state().get("nodes", {}))
+
+    def workers(self) -> list[str]:
+        """The nodes that take pods (not the dedicated route reflectors)."""
+        return [n for n, info in self._state().get("nodes", {}).items()
+                if not info.get("reflector")]
+
+    def reflector_names(self) -> list[str]:
+        return [n for n in self.nodes() if n not in self.workers()]
 
     # -- up ------------------------------------------------------------------------------
 
@@ -206,17 +229,23 @@ class Lab:
            render: Callable[[dict], str] = brief) -> bool:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.start_etcd()
+        self._save(topology=self.topology)
         self.configure_cluster()
         if self.topology == "racks":
             self.ensure_racks()
         else:
             self.ensure_fabric()
+        if self.topology == "rr" and self.reflector == "pipit":
+            for k in range(1, self.reflectors + 1):
+                self.add_node(f"rr{k}", 1000 + k, reflector=True)
         for index in range(1, node_count + 1):
             self.add_node(f"n{index}", index)
         if self.topology == "racks":
             self.start_tors()
-        self.wait_mesh()
-        for node in self.nodes():
+        if self.topology == "rr" and self.reflector == "bird":
+            self.start_bird_reflectors()
+        self.wait_mesh(timeout=60.0 + node_count)
+        for node in self.workers():
             for p in range(1, pods_per_node + 1):
                 self.add_pod(node, f"{node}-p{p}")
         return self.report(render)
@@ -224,16 +253,25 @@ class Lab:
     def start_etcd(self) -> None:
         if self._etcd_pid():
             return
-        server = EtcdServer(data_dir=self.directory / "etcd", unix_socket=True)
+        tls = make_tls_files(self.directory / "etcd-tls") if self.etcd_tls else None
+        server = EtcdServer(data_dir=self.directory / "etcd", unix_socket=True, tls=tls)
         server.start()
         self._save(etcd={"pid": server.process.pid, "endpoint": server.endpoint,
-                         "unix": self.etcd_endpoint})
+                         "unix": self.etcd_endpoint,
+                         "tls": tls and {"ca": tls.ca, "cert": tls.client_cert,
+                                         "key": tls.client_key}})
         self.log(f"etcd running at {server.endpoint} (nodes use {self.etcd_endpoint})")
+
+    def etcd_tls_flags(self) -> list[str]:
+        """The client certificate flags of an etcd with TLS (none without)."""
+        tls = self._state().get("etcd", {}).get("tls")
+        return (["--etcd-ca-cert", tls["ca"], "--etcd-cert", tls["cert"], "--etcd-key",
+                 tls["key"]] if tls else [])
 
     def pipitctl(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "pipitctl"), "--etcd-endpoints",
-                               self.etcd_host_endpoint, *args], input=input, text=True,
-                              capture_output=True)
+                               self.etcd_host_endpoint, *self.etcd_tls_flags(), *args],
+                              input=input, text=True, capture_output=True)
 
     def configure_cluster(self) -> None:
         documents = f"""\
@@ -244,6 +282,15 @@ spec: {{cidr: {POOL}, blockSize: 26}}
 """
         if self.topology == "racks":
             documents += self._racks_documents()
+        elif self.topology == "rr":
+            documents += """\
+---
+apiVersion: pipit.dev/v1
+kind: BGPConfiguration
+metadata: {name: default}
+spec: {nodeToNodeMeshEnabled: false}
+"""
+            documents += "".join(self.reflector_peer_documents())
         else:
             documents += f"""\
 ---
@@ -273,6 +320,46 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
         for rack in range(1, self.racks + 1):
             documents += self.tor_peer_document(rack)
         return documents
+
+    def reflector_peer_documents(self) -> list[str]:
+        """rr: the BGPPeers that make the nodes the reflectors' clients."""
+        times = {"holdTime": self.hold_time, "maxRestartTime": self.restart_time}
+        if self.reflector == "pipit":
+            specs = {"to-reflectors": {"nodeSelector": "all()",
+                                       "peerSelector": "route-reflector == 'true'", **times}}
+        else:
+            specs = {f"rr{k}": {"peerIP": f"{self.node_address(1000 + k).ip}:"
+                                          f"{BIRD_REFLECTOR_PORT}",
+                                "asNumber": 64512, "nodeSelector": "all()", **times}
+                     for k in range(1, self.reflectors + 1)}
+        return ["---\n" + yaml.safe_dump({"apiVersion": "pipit.dev/v1", "kind": "BGPPeer",
+                                          "metadata": {"name": name}, "spec": spec},
+                                         sort_keys=False) for name, spec in specs.items()]
+
+    def start_bird_reflectors(self) -> None:
+        """rr with reflector="bird": BIRD 2 route reflectors, every node their client
+        (reconfigured when nodes joined)."""
+        from lab.bird import Bird, BirdPeer, bgp_config
+        nodes = self._state().get("nodes", {})
+        birds = self._state().get("birds", {})
+        for k in range(1, self.reflectors + 1):
+            name, address = f"rr{k}", self.node_address(1000 + k)
+            ns = self.attach(name, address)
+            peers = [BirdPeer(node, IPv4Interface(info["address"]).ip, 64512,
+                              hold_time=self.hold_time, local_port=BIRD_REFLECTOR_PORT,
+                              rr_cluster_id=IPv4Address(CLUSTER_ID))
+                     for node, info in sorted(nodes.items())]
+            config = bgp_config(address.ip, address.ip, 64512, peers,
+                                log_path=self.directory / name / "bird.log")
+            bird = Bird(name, config, netns=ns, directory=self.directory / name)
+            if name in birds and alive(birds[name]):
+                bird.configure(config)
+            else:
+                bird.start()
+                birds[name] = bird.process.pid
+                self.log(f"{name}: BIRD route reflector running ({address.ip} port "
+                         f"{BIRD_REFLECTOR_PORT})")
+        self._save(birds=birds)
 
     def tor_peer_document(self, rack: int, **changes) -> str:
         """The BGPPeer of rack r's ToR, as YAML (`changes`: spec fields to set or, with None,
@@ -351,25 +438,32 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
                 _ip("-n", self.fabric, "link", "add", "br0", "type", "bridge")
                 _ip("-n", self.fabric, "link", "set", "br0", "up")
 
-    def add_node(self, node: str, index: int | None = None) -> None:
-        """Create the node's namespace and uplink, and start its agent (if not running)."""
-        nodes = self._state().get("nodes", {})
-        if index is None:
-            index = nodes.get(node, {}).get("index") or len(nodes) + 1
-        address = self.node_address(index)
-        ns = self.node_ns(node)
+    def attach(self, name: str, address: IPv4Interface, switch: str | None = None) -> str:
+        """A namespace `<prefix><name>` whose eth0 has `address`, plugged into the bridge of
+        `switch` (default: the fabric); made if missing. Its name."""
+        ns = self.node_ns(name)
         if not netns.exists(ns):
-            switch = (self.tor_ns(self.rack_of(index)) if self.topology == "racks"
-                      else self.fabric)
-            port = f"{self.prefix[:6]}{node}"[-15:]  # interface names stop at 15 characters
+            switch = switch or self.fabric
+            port = f"{self.prefix[:6]}{name}"[-15:]  # interface names stop at 15 characters
             with new_namespace(ns):  # deleting it also removes the switch's end of eth0
                 _ip("-n", switch, "link", "add", port, "type", "veth", "peer", "name", "eth0",
                     "netns", ns)
                 _ip("-n", switch, "link", "set", port, "master", "br0", "up")
                 _ip("-n", ns, "addr", "add", str(address), "dev", "eth0")
                 _ip("-n", ns, "link", "set", "eth0", "up")
+        return ns
+
+    def add_node(self, node: str, index: int | None = None, reflector: bool = False) -> None:
+        """Create the node's namespace and uplink, and start its agent (if not running); a
+        `reflector` runs pipit-rr."""
+        nodes = self._state().get("nodes", {})
+        if index is None:
+            index = nodes.get(node, {}).get("index") or len(nodes) + 1
+        address = self.node_address(index)
+        ns = self.attach(node, address, self.tor_ns(self.rack_of(index))
+                         if self.topology == "racks" else None)
         nodes[node] = {**nodes.get(node, {}), "index": index, "netns": ns,
-                       "address": str(address)}
+                       "address": str(address), **({"reflector": True} if reflector else {})}
         self._save(nodes=nodes)
         self.start_agent(node)
         if self.topology == "racks" and self.routers:
@@ -378,13 +472,19 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
     def agent_argv(self, node: str) -> list[str]:
         info = self._state()["nodes"][node]
         state = self.node_dir(node)
-        return [*netns.exec_prefix(info["netns"]), str(BIN / "pipit-agent"), "--node", node,
+        program = "pipit-rr" if info.get("reflector") else "pipit-agent"
+        return [*netns.exec_prefix(info["netns"]), str(BIN / program), "--node", node,
                 "--ip", info["address"], "--etcd-endpoints", self.etcd_endpoint,
+                *self.etcd_tls_flags(),
                 "--state-dir", str(state), "--ipam-socket", str(self.ipam_socket(node)),
                 "--status-socket", str(self.status_socket(node)), "--exabgp", "spawn",
+                "--metrics-address", f"127.0.0.1:{METRICS_PORT}",
                 *self._node_options(node, info["index"])]
 
     def _node_options(self, node: str, index: int) -> list[str]:
+        if index > 1000:
+            return ["--labels", f"lab=pipit,node={node},route-reflector=true",
+                    "--route-reflector-cluster-id", CLUSTER_ID]
         if self.topology != "racks":
             return ["--labels", f"lab=pipit,node={node}"]
         rack = self.rack_of(index)
@@ -420,7 +520,7 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
         started (a pid from an old lab.json may have been reused by anything)."""
         pid = self._state().get("nodes", {}).get(node, {}).get("pid")
         args = command_line(pid) if pid and alive(pid) else []
-        ours = (any(os.path.basename(a) == "pipit-agent" for a in args)
+        ours = (any(os.path.basename(a) in ("pipit-agent", "pipit-rr") for a in args)
                 and str(self.status_socket(node)) in args)
         return pid if ours else None
 
@@ -451,10 +551,12 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
             return None
 
     def expected_peers(self, node: str) -> set[str]:
-        """Names of the sessions a node should have: every other node (mesh), or its ToR's
-        BGPPeer (racks)."""
+        """Names of the sessions a node should have: every other node (mesh), its ToR's
+        BGPPeer (racks), every reflector (rr; a reflector: every other node)."""
         if self.topology == "racks":
             return {f"tor-r{self.node_rack(node)}"}
+        if (self.running_topology() or self.topology) == "rr" and node in self.workers():
+            return set(self.reflector_names()) or set(self._state().get("birds", {}))
         return set(self.nodes()) - {node}
 
     def established(self, node: str) -> bool:
@@ -464,7 +566,8 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
         return set(peers) == self.expected_peers(node) and not set(peers.values()) - {"up"}
 
     def wait_mesh(self, timeout: float = 60.0) -> None:
-        """Wait until every node has every session it should have up (mesh or ToR)."""
+        """Wait until every node has every session it should have up (mesh, ToR or
+        reflectors)."""
         wait(lambda: all(self.established(n) for n in self.nodes()), timeout,
              f"every node's BGP sessions ({self.topology}) to establish")
 
@@ -543,8 +646,11 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
         """Show every node's status (through `render`) and the ping matrix; whether all is
         well."""
         ok = True
+        tls = self._state().get("etcd", {}).get("tls")
         self.log(f"etcd: {self.etcd_host_endpoint} (for pipitctl: export "
-                 f"PIPIT_ETCD_ENDPOINTS={self.etcd_host_endpoint})")
+                 f"PIPIT_ETCD_ENDPOINTS={self.etcd_host_endpoint}"
+                 + (f" PIPIT_ETCD_CA_CERT_FILE={tls['ca']} PIPIT_ETCD_CERT_FILE={tls['cert']} "
+                    f"PIPIT_ETCD_KEY_FILE={tls['key']}" if tls else "") + ")")
         for node in self.nodes():
             status = self.status(node)
             self.log(f"\n== {node}")

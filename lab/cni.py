@@ -498,7 +498,7 @@ def install_bin_dir(path: str | Path, plugin_dir: str | Path = PLUGIN_DIR,
     """A CNI bin directory: symlinks to the reference plugins in `plugin_dir`, plus pipit-ipam
     as `python -m ipam.cni install` puts it there (the native front, and the Python plugin
     run by `python` beside it)."""
-    from ipam.cni import install  # the plugin's own installer
+    from ipam.cni_install import install  # the plugin's own installer
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

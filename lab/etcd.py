@@ -1,8 +1,10 @@
 """A real etcd server on loopback, for tests, benchmarks and the lab: free ports, a private data
-directory, started and stopped (and restartable with its data) on demand."""
+directory, started and stopped (and restartable with its data) on demand; and a cluster of
+several members on loopback (EtcdCluster), to kill its leader."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -44,13 +46,21 @@ class EtcdServer:
     _own_dir: bool = field(default=False, repr=False)
     log_path: Path | None = None
     unix_socket: bool = False  # also listen on a unix socket (for nodes in other netns)
+    name: str = "pipit"
+    initial_cluster: str = ""  # name=peer-url,... of every member (empty: a cluster of one)
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://{self.host}:{self.peer_port}"
 
     @property
     def endpoint(self) -> str:
         scheme = "https" if self.tls else "http"
         return f"{scheme}://{self.host}:{self.client_port}"
 
-    def start(self, timeout: float = 20.0) -> EtcdServer:
+    def start(self, timeout: float = 20.0, wait: bool = True) -> EtcdServer:
+        """Start it; with `wait`, until it answers (a cluster's members answer only once a
+        quorum runs: start them all without waiting, then wait)."""
         if self.data_dir is None:
             self.data_dir = Path(tempfile.mkdtemp(prefix="pipit-etcd-"))
             self._own_dir = True
@@ -58,13 +68,15 @@ class EtcdServer:
         self.client_port = self.client_port or free_port(self.host)
         self.peer_port = self.peer_port or free_port(self.host)
         self.log_path = self.data_dir.with_suffix(".log")
-        peer = f"http://{self.host}:{self.peer_port}"
-        listen = self.endpoint + (",unix://etcd.sock:0" if self.unix_socket else "")
+        peer = self.peer_url
+        unix = "unixs" if self.tls else "unix"  # etcd's scheme for a TLS unix listener
+        listen = self.endpoint + (f",{unix}://etcd.sock:0" if self.unix_socket else "")
         cmd = [
-            ETCD, "--name", "pipit", "--data-dir", str(self.data_dir / "data"),
+            ETCD, "--name", self.name, "--data-dir", str(self.data_dir / "data"),
             "--listen-client-urls", listen, "--advertise-client-urls", self.endpoint,
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"pipit={peer}", "--log-level", "error", "--logger", "zap",
+            "--initial-cluster", self.initial_cluster or f"{self.name}={peer}",
+            "--log-level", "error", "--logger", "zap",
         ]
         if self.tls:
             cmd += ["--cert-file", self.tls.server_cert, "--key-file", self.tls.server_key,
@@ -73,7 +85,8 @@ class EtcdServer:
         self.process = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True,
                                         cwd=self.data_dir)
         log.close()
-        self._wait_ready(timeout)
+        if wait:
+            self._wait_ready(timeout)
         return self
 
     def _wait_ready(self, timeout: float) -> None:
@@ -109,6 +122,54 @@ class EtcdServer:
                 self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> EtcdServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.destroy()
+
+
+class EtcdCluster:
+    """`size` etcd members on loopback, each with its own ports and data directory."""
+
+    def __init__(self, size: int = 3, directory: Path | None = None):
+        self.directory = Path(directory or tempfile.mkdtemp(prefix="pipit-etcd-cluster-"))
+        self.members = [EtcdServer(data_dir=self.directory / f"m{i}", name=f"m{i}",
+                                   client_port=free_port(), peer_port=free_port())
+                        for i in range(1, size + 1)]
+        cluster = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        for member in self.members:
+            member.initial_cluster = cluster
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.endpoint for m in self.members]
+
+    def start(self, timeout: float = 30.0) -> EtcdCluster:
+        for member in self.members:
+            member.start(wait=False)
+        for member in self.members:
+            member._wait_ready(timeout)
+        return self
+
+    def leader(self) -> EtcdServer:
+        """The member that leads now (as the running members see it)."""
+        running = [m for m in self.members if m.process and m.process.poll() is None]
+        out = subprocess.run(["etcdctl", "--endpoints", ",".join(m.endpoint for m in running),
+                              "--dial-timeout", "2s", "endpoint", "status", "-w", "json"],
+                             env={**os.environ, "ETCDCTL_API": "3"}, capture_output=True,
+                             text=True).stdout
+        by_endpoint = {m.endpoint: m for m in running}
+        for status in json.loads(out or "[]"):
+            if status["Status"]["header"]["member_id"] == status["Status"]["leader"]:
+                return by_endpoint[status["Endpoint"]]
+        raise RuntimeError("no etcd member says it leads")
+
+    def destroy(self) -> None:
+        for member in self.members:
+            member.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> EtcdCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:

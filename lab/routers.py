@@ -54,12 +54,12 @@ class RouterRoute:
     peer: IPv4Address | None = None  # learned from
 
 
-class Router(Protocol):
+class FabricRouter(Protocol):
     spec: RouterSpec
     netns: str | None
     directory: Path
 
-    def start(self, timeout: float = 20.0) -> "Router": ...
+    def start(self, timeout: float = 20.0) -> "FabricRouter": ...
     def stop(self) -> None: ...
     def destroy(self) -> None: ...
     def established(self, address: IPv4Address) -> bool: ...
@@ -68,7 +68,7 @@ class Router(Protocol):
     def pids(self) -> list[int]: ...
 
 
-def make_router(kind: str, spec: RouterSpec, netns: str | None, directory: Path) -> Router:
+def make_router(kind: str, spec: RouterSpec, netns: str | None, directory: Path) -> FabricRouter:
     if kind == "bird":
         from lab.bird import BirdRouter
         return BirdRouter(spec, netns, Path(directory))

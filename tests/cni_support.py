@@ -4,6 +4,7 @@ directory, a pipit-agent per test, node and pod namespaces, and ways to look at 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -20,23 +21,31 @@ import pytest
 from ipam.snapshot import Snapshot, load_snapshot, pool_usage
 from ipam.store import EtcdConfig
 from lab.agent import AgentProcess
-from lab.cni import Attachment, CNIRuntime, NetworkConfig, install_bin_dir, ipv4_only_iptables
+from lab.cni import (
+    PLUGIN_DIR,
+    Attachment,
+    CNIRuntime,
+    Invocation,
+    NetworkConfig,
+    install_bin_dir,
+    ipv4_only_iptables,
+    parse_output,
+)
 from lab.netns import Namespaces, path_of
-from tests.helpers import add_pool, with_store
+from tests.helpers import add_pool, require, with_store
 
 ROOT = Path(__file__).resolve().parent.parent
 NS_PREFIX = "pipit-t-"
 NODE = "node-1"
 DEFAULT_POOL = ("default", "10.244.0.0/22", {"blockSize": 26})  # four /26 blocks
-
-needs_root_and_plugins = pytest.mark.skipif(
-    os.geteuid() != 0 or not os.access("/usr/lib/cni/ptp", os.X_OK),
-    reason="needs root and the CNI reference plugins in /usr/lib/cni")
-
+NET = "pipit-net"
 
 @pytest.fixture(scope="session")
 def cni_bin() -> Path:
     """Symlinks to the reference plugins plus pipit-ipam as installed (native front)."""
+    require(os.access(Path(PLUGIN_DIR) / "ptp", os.X_OK),
+            f"needs the CNI reference plugins in {PLUGIN_DIR} (Debian "
+            "containernetworking-plugins): run scripts/setup.sh")
     path = Path(tempfile.mkdtemp(prefix="pipit-t-cni-bin-"))
     try:
         yield install_bin_dir(path)
@@ -60,9 +69,43 @@ def namespaces():
         yield ns
 
 
-def start_agent(etcd: EtcdConfig, directory: Path, node: str = NODE) -> AgentProcess:
+class Plugin:
+    """pipit-ipam called directly (CNI_PATH, stdin and the environment exactly as given)."""
+
+    def __init__(self, bin_dir: Path, agent: AgentProcess | None = None,
+                 socket: str | Path | None = None):
+        self.runtime = CNIRuntime(bin_dir)
+        self.path = self.runtime.find("pipit-ipam")
+        self.agent = agent
+        self.socket = str(socket or agent.socket_path)
+
+    def config(self, version: str = "1.0.0", name: str = NET, **ipam) -> dict:
+        return {"cniVersion": version, "name": name, "type": "ptp",
+                "ipam": {"type": "pipit-ipam", "socket": self.socket, **ipam}}
+
+    def raw(self, command: str | None, stdin: bytes, container_id: str | None = "c1",
+            ifname: str | None = "eth0", netns: str | None = "/var/run/netns/x",
+            **extra: str) -> Invocation:
+        env = self.runtime.environment(command or "")
+        if command is None:
+            del env["CNI_COMMAND"]
+        for name, value in (("CNI_CONTAINERID", container_id), ("CNI_IFNAME", ifname),
+                            ("CNI_NETNS", netns)):
+            if value is not None:
+                env[name] = value
+        env.update(extra)
+        return self.runtime.invoke(self.path, env, stdin)
+
+    def __call__(self, command: str, config: dict, container_id: str = "c1",
+                 ifname: str = "eth0", **extra: str) -> dict | None:
+        run = self.raw(command, json.dumps(config).encode(), container_id, ifname, **extra)
+        return parse_output(run, "pipit-ipam", command)
+
+
+def start_agent(etcd: EtcdConfig, directory: Path, node: str = NODE,
+                extra_args: tuple[str, ...] = ()) -> AgentProcess:
     return AgentProcess(node, directory / f"{node}.sock", etcd.endpoints,
-                        directory / f"{node}.log").start()
+                        directory / f"{node}.log", extra_args=extra_args).start()
 
 
 def add_pools(etcd: EtcdConfig, *pools: tuple[str, str, dict]) -> None:

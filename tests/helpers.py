@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
+
+import pytest
 
 from ipam import keys
 from ipam.pool import pool_from_spec, pool_to_document
@@ -12,6 +15,19 @@ from ipam.store import EtcdConfig, Store
 
 if TYPE_CHECKING:
     from lab.cluster import Lab
+
+
+ALLOW_SKIP = "PIPIT_TEST_ALLOW_SKIP"
+
+
+def require(present, missing: str) -> None:
+    """Fail the test (or skip it, locally with PIPIT_TEST_ALLOW_SKIP=1, never when CI=true)
+    if a real part it needs is not `present`; `missing` says what and how to get it."""
+    if present:
+        return
+    if os.environ.get(ALLOW_SKIP) == "1" and os.environ.get("CI", "").lower() != "true":
+        pytest.skip(missing)
+    pytest.fail(f"{missing} (set {ALLOW_SKIP}=1 to skip such tests locally)", pytrace=False)
 
 
 def run(coro):

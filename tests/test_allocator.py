@@ -11,7 +11,7 @@ from ipam.allocator import IPAM
 from ipam.config import IPAMConfig, config_to_document
 from ipam.errors import InUse, NotFound, PoolExhausted
 from ipam.pool import pool_from_spec, search_start
-from ipam.pools import delete_pool
+from ipam.pool_delete import delete_pool
 from ipam.release import release_addresses, release_host_affinities
 from ipam.block import Release
 from ipam.snapshot import check, load_snapshot

@@ -51,7 +51,7 @@ def test_large_communities_carry_32_bit_parts_to_external_peers_only():
     assert exports[MESH.address][prefix].large_communities == ()
     sent = exports[TOR.address][prefix]
     assert sent.large_communities == config.large_communities
-    [(line, _)] = announce_commands(TOR.address, [sent])
+    [(line, _)] = announce_commands([TOR.address], [sent])
     assert "community [ 64512:100 ]" in line
     assert "large-community [ 4200000000:1:2 4294967295:4294967295:0 ]" in line
 
@@ -96,13 +96,11 @@ def test_an_as_number_that_is_none_is_one_sentence(written, facts):
 
 
 def test_the_agent_takes_asdot_too():
-    from argparse import Namespace
-    from bgp_agent.agent import node_identity
-    args = Namespace(node="n1", ip="10.0.0.11/24", ip_autodetection_method=None,
-                     as_number="1.10", labels="")
+    from bgp_agent.agent import node_identity, parse_args
+    args = parse_args(["--node", "n1", "--ip", "10.0.0.11/24", "--as", "1.10"])
     assert node_identity(args).as_number == 65546
     with pytest.raises(InvalidResource, match=r"--as: the AS number '1\.x' is not an AS number"):
-        node_identity(Namespace(**{**vars(args), "as_number": "1.x"}))
+        node_identity(parse_args(["--node", "n1", "--ip", "10.0.0.11/24", "--as", "1.x"]))
 
 
 # --------------------------------------------------------------------------------------------

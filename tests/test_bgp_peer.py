@@ -336,7 +336,7 @@ def test_node_status_shows_type_state_counts_and_why_a_session_is_down():
 # --------------------------------------------------------------------------------------------
 # A peer on another port, for real: ExaBGP connects to BIRD listening on 1179 only
 
-from tests.test_speaker import (  # noqa: E402 (net1, state_dir: fixtures)
+from tests.test_speaker import (  # noqa: E402, F401 (net1, state_dir: fixtures)
     bird_peer, established, eventually, make_speaker, needs_root, net1, running, state_dir)
 
 

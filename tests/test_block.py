@@ -138,3 +138,15 @@ def test_releasing_everything_restores_full_capacity(counts):
     for i in range(len(counts)):
         block, _ = blocks.release_handle(block, f"h{i}")
     assert block.empty and block.attributes == ()
+
+
+def test_cni_gc_picks_this_nodes_handles_of_the_network_that_the_runtime_no_longer_has():
+    from ipaddress import IPv4Network
+
+    from ipam.block import assign, new_block
+    from ipam.release import stale_attachments
+    block = new_block(IPv4Network("10.244.0.0/29"), "n1")
+    for handle, node in (("net.keep.eth0", "n1"), ("net.gone.eth0", "n1"),
+                         ("net:2eblue.gone.eth0", "n1"), ("net.remote.eth0", "n2")):
+        block, _ = assign(block, 1, handle, {"node": node})
+    assert stale_attachments([block], "n1", "net.", {"net.keep.eth0"}) == ["net.gone.eth0"]

@@ -31,7 +31,6 @@ from tests.cni_support import (  # noqa: F401 (fixtures)
     holdings,
     ip_of,
     namespaces,
-    needs_root_and_plugins,
     new_container_id,
     node,
     pipitctl_in_use,
@@ -42,7 +41,7 @@ from tests.cni_support import (  # noqa: F401 (fixtures)
     used,
 )
 
-pytestmark = needs_root_and_plugins
+pytestmark = pytest.mark.netns
 
 POOL = IPv4Network(DEFAULT_POOL[1])
 

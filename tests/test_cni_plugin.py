@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,14 +23,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ipam import cni
-from ipam.cni import SUPPORTED_VERSIONS, handle_id, install
+from ipam.cni import SUPPORTED_VERSIONS, handle_id
+from ipam.cni_install import PYTHON_PLUGIN, install
 from ipam.snapshot import check
 from ipam.store import EtcdConfig
-from lab.agent import AgentProcess
-from lab.cni import CNIRuntime, Invocation, parse_output
+from lab.cni import Invocation
 from lab.process import wait
+from tests.tcp_proxy import TCPProxy
 from tests.cni_support import (  # noqa: F401 (fixtures)
     DEFAULT_POOL,
+    NET,
+    Plugin,
     add_pools,
     assert_actionable,
     holder,
@@ -40,9 +46,6 @@ from tests.cni_support import (  # noqa: F401 (fixtures)
     used,
 )
 
-NET = "pipit-net"
-
-
 @pytest.fixture(scope="module", params=["native", "python"])
 def cni_bin(request) -> Path:
     """A CNI bin directory holding just the installed pipit-ipam: the native front with the
@@ -54,37 +57,6 @@ def cni_bin(request) -> Path:
         yield directory
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-
-
-class Plugin:
-    """pipit-ipam called directly (CNI_PATH, stdin and the environment exactly as given)."""
-
-    def __init__(self, bin_dir: Path, agent: AgentProcess):
-        self.runtime = CNIRuntime(bin_dir)
-        self.path = self.runtime.find("pipit-ipam")
-        self.agent = agent
-
-    def config(self, version: str = "1.0.0", name: str = NET, **ipam) -> dict:
-        return {"cniVersion": version, "name": name, "type": "ptp",
-                "ipam": {"type": "pipit-ipam", "socket": str(self.agent.socket_path), **ipam}}
-
-    def raw(self, command: str | None, stdin: bytes, container_id: str | None = "c1",
-            ifname: str | None = "eth0", netns: str | None = "/var/run/netns/x",
-            **extra: str) -> Invocation:
-        env = self.runtime.environment(command or "")
-        if command is None:
-            del env["CNI_COMMAND"]
-        for name, value in (("CNI_CONTAINERID", container_id), ("CNI_IFNAME", ifname),
-                            ("CNI_NETNS", netns)):
-            if value is not None:
-                env[name] = value
-        env.update(extra)
-        return self.runtime.invoke(self.path, env, stdin)
-
-    def __call__(self, command: str, config: dict, container_id: str = "c1",
-                 ifname: str = "eth0", **extra: str) -> dict | None:
-        run = self.raw(command, json.dumps(config).encode(), container_id, ifname, **extra)
-        return parse_output(run, "pipit-ipam", command)
 
 
 @pytest.fixture
@@ -317,6 +289,11 @@ def test_an_unknown_ipam_field_is_refused_by_name(ipam, etcd):
     ({"pools": "default"}, "ipam.pools"),
     ({"routes": ["0.0.0.0/0"]}, "ipam.routes"),
     ({"socket": 5}, "ipam.socket"),
+    ({"timeout": 0}, "ipam.timeout"),
+    ({"timeout": -1}, "ipam.timeout"),
+    ({"timeout": 601}, "ipam.timeout"),
+    ({"timeout": "5"}, "ipam.timeout"),
+    ({"timeout": True}, "ipam.timeout"),
 ])
 def test_invalid_ipam_values_are_invalid_config(ipam, etcd, ipam_fields, fact):
     fails(ipam.raw("ADD", json.dumps(ipam.config(**ipam_fields)).encode()), 7, fact)
@@ -413,6 +390,321 @@ def test_etcd_stopped_means_try_again_and_the_agent_serves_again_when_it_is_back
 
 
 # --------------------------------------------------------------------------------------------
+# One deadline for the whole call: a hung agent, a full listen queue, etcd's answer lost
+
+
+class FakeAgent:
+    """A unix socket in the agent's place that takes connections and reads the requests,
+    then never answers (`hang`) or closes without a word. `requests()` is every request
+    received, once the plugin that sent them has exited."""
+
+    def __init__(self, path: Path, hang: bool = True):
+        self.path, self.hang = str(path), hang
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.path)
+        self.listener.listen(64)
+        self.held: list[socket.socket] = []
+        self.received: list[bytes] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.listener.settimeout(0.05)
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            self._take(conn)
+
+    def _take(self, conn: socket.socket) -> None:
+        conn.settimeout(5)
+        data = b""
+        while not data.endswith(b"\n") and (chunk := conn.recv(65536)):
+            data += chunk
+        self.received.append(data)
+        if self.hang:
+            self.held.append(conn)
+        else:
+            conn.close()
+
+    def requests(self) -> list[dict]:
+        """Everything sent so far, the connections still queued included."""
+        self.stopping.set()
+        self.thread.join()
+        self.listener.setblocking(False)
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except BlockingIOError:
+                break
+            self._take(conn)
+        return [json.loads(data) for data in self.received]
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join()
+        for conn in self.held + [self.listener]:
+            conn.close()
+
+
+@pytest.fixture
+def hung_agent(short_dir):
+    agent = FakeAgent(short_dir / "hung.sock")
+    try:
+        yield agent
+    finally:
+        agent.close()
+
+
+def test_a_hung_agent_is_asked_once_and_the_call_ends_with_code_11(cni_bin, hung_agent):
+    """One deadline (ipam.timeout) for the whole call, whichever front runs it: the request
+    goes out once, saying how long the agent has, and nothing asks again after it."""
+    plugin = Plugin(cni_bin, socket=hung_agent.path)
+    calls = (("ADD", "1.0.0", 11), ("DEL", "0.4.0", 11), ("STATUS", "1.1.0", 50))
+    for command, version, code in calls:
+        error = fails(plugin.raw(command, json.dumps(plugin.config(version, timeout=1))
+                                 .encode()), code, "pipit-agent did not answer",
+                      hung_agent.path, "within 1 s")
+        assert error["cniVersion"] == version
+    requests = hung_agent.requests()
+    assert len(requests) == len(calls), requests  # never a second attempt
+    for request in requests:
+        assert 0 < request["timeout"] <= 1, request
+
+
+def test_an_agent_that_closes_without_an_answer_is_not_asked_again(cni_bin, short_dir):
+    closing = FakeAgent(short_dir / "closing.sock", hang=False)
+    try:
+        plugin = Plugin(cni_bin, socket=closing.path)
+        fails(plugin.raw("ADD", json.dumps(plugin.config()).encode()), 11, closing.path,
+              "closed the connection without an answer")
+        assert len(closing.requests()) == 1
+    finally:
+        closing.close()
+
+
+@pytest.fixture(scope="module")
+def python_bin() -> Path:
+    directory = Path(tempfile.mkdtemp(prefix="pipit-t-ipam-python-"))
+    try:
+        install(str(directory), native=False)
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.parametrize("agent_is", ["missing", "hung", "closing"])
+@pytest.mark.parametrize("command,version", [("ADD", "0.3.1"), ("STATUS", "1.1.0"),
+                                             ("DEL", "1.0.0")])
+def test_the_native_front_says_what_the_python_plugin_says(native_bin, python_bin, short_dir,
+                                                           agent_is, command, version):
+    """The answers the native front words itself (no Python plugin beside it) are the
+    Python plugin's, byte for byte."""
+    path = short_dir / "agent.sock"
+    fake = None if agent_is == "missing" else FakeAgent(path, hang=agent_is == "hung")
+    try:
+        config = {"cniVersion": version, "name": NET, "type": "ptp",
+                  "ipam": {"type": "pipit-ipam", "socket": str(path), "timeout": 0.5}}
+        stdin = json.dumps(config).encode()
+        native, python = (Plugin(directory, socket=path).raw(command, stdin)
+                          for directory in (native_bin, python_bin))
+        assert (native.returncode, native.stdout) == (python.returncode, python.stdout)
+        error = json.loads(native.stdout)
+        assert native.returncode == 1
+        assert (error["code"], error["cniVersion"]) == (50 if command == "STATUS" else 11,
+                                                        version)
+    finally:
+        if fake:
+            fake.close()
+    version_of = {directory: Plugin(directory, socket=path).raw("VERSION", b"")
+                  for directory in (native_bin, python_bin)}
+    assert version_of[native_bin].stdout == version_of[python_bin].stdout
+
+
+def _blocked_in_connect(process: subprocess.Popen) -> bool:
+    """Whether the process sleeps in connect() on a full unix listen queue (or has exited)."""
+    if process.poll() is not None:
+        return True
+    try:
+        with open(f"/proc/{process.pid}/wchan") as wchan:
+            return wchan.read() == "unix_wait_for_peer"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_full_listen_queue_is_waited_out_within_the_deadline(ipam, etcd, short_dir):
+    """A burst fills the agent's listen queue: the plugin's connect waits for room (within
+    its deadline) instead of failing at once with EAGAIN. A relay with a queue of one,
+    filled, stands in front of the real agent until the plugin is seen waiting."""
+    relay_path = str(short_dir / "relay.sock")
+    relay = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    relay.bind(relay_path)
+    relay.listen(0)
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    filler.connect(relay_path)  # the queue is full now
+    plugin = Plugin(ipam.runtime.bin_dirs[0], socket=relay_path)
+    env = {**plugin.runtime.environment("ADD"), "CNI_CONTAINERID": "queued",
+           "CNI_IFNAME": "eth0", "CNI_NETNS": "/var/run/netns/x"}
+    process = subprocess.Popen([plugin.path], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               env=env)
+    try:
+        process.stdin.write(json.dumps(plugin.config(timeout=30)).encode())
+        process.stdin.close()
+        wait(lambda: _blocked_in_connect(process), 30, "the plugin to wait in connect()")
+        assert process.poll() is None, process.stdout.read()  # not refused at once
+        relay.accept()[0].close()  # the filler's turn
+        conn, _ = relay.accept()
+        with conn, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as agent:
+            agent.connect(str(ipam.agent.socket_path))
+            request = conn.makefile("rb").readline()
+            agent.sendall(request)
+            conn.sendall(agent.makefile("rb").readline())
+        out = process.stdout.read()  # the plugin ends by its own deadline at the latest
+        process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+        filler.close()
+        relay.close()
+    assert process.returncode == 0, out
+    address = json.loads(out)["ips"][0]["address"]
+    assert holder(snapshot(etcd), address) == handle_id(NET, "queued", "eth0")
+
+
+def test_a_burst_of_connections_all_get_answers(agent):
+    """The agent listens with the system's largest backlog: connections made while it is
+    busy (here: stopped) wait in its queue instead of being refused (EAGAIN)."""
+    with open("/proc/sys/net/core/somaxconn") as limit:
+        count = min(500, int(limit.read()))
+    path = str(agent.socket_path)
+    conns, refused = [], 0
+    os.kill(agent.pid, signal.SIGSTOP)
+    try:
+        for _ in range(count):
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.setblocking(False)  # what the probe did: a refusal shows at once
+            try:
+                conn.connect(path)
+            except BlockingIOError:
+                refused += 1
+                conn.close()
+                continue
+            conn.setblocking(True)
+            conn.sendall(b'{"command": "STATUS"}\n')
+            conns.append(conn)
+    finally:
+        os.kill(agent.pid, signal.SIGCONT)
+    try:
+        assert refused == 0, f"{refused} of {count} connections refused"
+        for conn in conns:
+            conn.settimeout(30)
+            assert json.loads(conn.makefile("rb").readline()) == {"pools": ["default"]}
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def lost_answer_scenario(cni_bin, own_etcd, short_dir, container, then):
+    """An ADD whose etcd transaction is committed while its answer is held back on the way
+    (an etcd cut off after the request went out): `then(proxy)` decides what happens next.
+    Returns the plugin's exchange and a plugin for more calls."""
+    etcd = EtcdConfig(endpoints=(own_etcd.endpoint,))
+    add_pools(etcd, DEFAULT_POOL)
+    with TCPProxy(("127.0.0.1", own_etcd.client_port)) as proxy:
+        agent = start_agent(EtcdConfig(endpoints=(proxy.url(),)), short_dir)
+        try:
+            plugin = Plugin(cni_bin, agent)
+            config = plugin.config(timeout=4)
+            assert plugin("ADD", config, "warm")["ips"]  # blocks claimed, views loaded
+            handle = handle_id(NET, container, "eth0")
+            proxy.hold_after(f'"handleID":"{handle}"'.encode())  # its commit's answer
+            outcome = {}
+            call = threading.Thread(target=lambda: outcome.update(
+                run=plugin.raw("ADD", json.dumps(config).encode(), container)))
+            call.start()
+            try:
+                wait(lambda: handle in snapshot(etcd).handles, 30,
+                     "the ADD's transaction to be committed")
+                assert proxy.holding
+                then(proxy, call, agent)
+            finally:
+                call.join(60)
+            after = plugin.raw("ADD", json.dumps(config).encode(), "after")
+            assert after.returncode == 0, after
+            return outcome["run"], etcd
+        finally:
+            agent.stop()
+
+
+def test_an_add_whose_commit_answer_was_lost_answers_the_address_it_holds(
+        own_etcd, cni_bin, short_dir):
+    """The connection to etcd breaks after the transaction went out: the agent learns from
+    etcd that it was committed and answers with the address."""
+    def cut(proxy, call, agent):
+        proxy.cut()
+    run, etcd = lost_answer_scenario(cni_bin, own_etcd, short_dir, "lost", cut)
+    assert run.returncode == 0, run
+    address = json.loads(run.stdout)["ips"][0]["address"]
+    snap = snapshot(etcd)
+    assert holder(snap, address) == handle_id(NET, "lost", "eth0")
+    assert check(snap) == []
+
+
+def test_an_add_that_answered_failure_holds_nothing(own_etcd, cni_bin, short_dir):
+    """The answer does not come back before the plugin's deadline (nor before the agent's
+    own deadline for etcd): the ADD fails with code 11, and once etcd answers again the agent
+    learns that the transaction was committed and gives back what it held (by the time it
+    serves the next request)."""
+    def too_late(proxy, call, agent):
+        call.join(60)  # the plugin gave up
+        wait(lambda: "learning whether the batch was committed" in agent.log_tail(), 30,
+             "the agent's call to etcd to time out")
+        proxy.release()
+    run, etcd = lost_answer_scenario(cni_bin, own_etcd, short_dir, "gave-up", too_late)
+    fails(run, 11, "did not finish within", "etcd")
+    nothing_held(etcd, "gave-up")
+
+
+# --------------------------------------------------------------------------------------------
+# Nesting deeper than a JSON reader can follow
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize("where", ["the whole configuration", "one of its values"])
+def test_deeply_nested_json_is_a_decode_failure(ipam, etcd, where):
+    config = json.dumps(ipam.config()).encode()
+    stdin = DEEP if where == "the whole configuration" else config[:-1] + b', "x": ' + DEEP + b"}"
+    fails(ipam.raw("ADD", stdin), 6, "network configuration", "not valid JSON")
+    nothing_held(etcd, "c1")
+
+
+def test_a_deeply_nested_request_to_the_agent_is_answered_with_code_6(agent):
+    def ask(line: bytes) -> bytes:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(30)
+            conn.connect(str(agent.socket_path))
+            conn.sendall(line + b"\n")
+            return conn.makefile("rb").readline()
+
+    answer = ask(b'{"command": "ADD", "handle": "h", "attributes": ' + DEEP + b"}")
+    with pytest.raises(cni.CNIError) as error:
+        cni.agent_reply(json.loads(answer), str(agent.socket_path))
+    assert error.value.code == 6 and "nests too deeply" in error.value.msg
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_IFNAME": "eth0",
+           "CNI_NETNS": "/x"}
+    forwarded = json.dumps({"command": "CNI", "env": env, "stdin": DEEP.decode()}).encode()
+    status, _, line = ask(forwarded).partition(b" ")
+    assert status == b"1" and json.loads(line)["code"] == 6
+    assert cni.ask_agent(str(agent.socket_path), {"command": "STATUS"}) == {"pools": ["default"]}
+
+
+# --------------------------------------------------------------------------------------------
 # STATUS and GC (CNI 1.1)
 
 
@@ -472,7 +764,7 @@ def native_bin() -> Path:
     directory = Path(tempfile.mkdtemp(prefix="pipit-t-ipam-native-"))
     try:
         install(str(directory))
-        (directory / cni.PYTHON_PLUGIN).unlink()
+        (directory / PYTHON_PLUGIN).unlink()
         yield directory
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -507,10 +799,24 @@ def test_the_native_front_serves_every_command_through_the_agent(native, etcd):
     assert native("DEL", native.config(), container) is None
 
 
-def test_the_native_front_without_its_python_plugin_says_to_install_again(native):
-    native.agent.stop()  # unreachable: the front hands the call to the missing Python plugin
-    for command, stdin in (("ADD", json.dumps(native.config()).encode()), ("VERSION", b"")):
-        fails(native.raw(command, stdin), 5, cni.PYTHON_PLUGIN, "install the plugin again")
+def test_the_native_front_answers_version_and_an_unreachable_agent_without_python(native,
+                                                                                 etcd):
+    """Kubernetes hosts have no Python: what needs no agent, or finds none, is answered by
+    the front itself; only what it cannot read goes to the (missing) Python plugin."""
+    assert native.runtime.version("pipit-ipam") == {
+        "cniVersion": "1.1.0", "supportedVersions": list(SUPPORTED_VERSIONS)}
+    stdin = json.dumps(native.config("0.4.0")).encode()
+    native.agent.kill()  # its socket stays behind: refused
+    for command in ("ADD", "DEL", "CHECK"):
+        error = fails(native.raw(command, stdin), 11, "pipit-agent is not reachable",
+                      native.socket, "(connection refused)", "is it running")
+        assert error["cniVersion"] == "0.4.0"
+    fails(native.raw("STATUS", json.dumps(native.config("1.1.0")).encode()), 50,
+          "pipit-agent is not reachable")
+    os.unlink(native.socket)
+    fails(native.raw("ADD", stdin), 11, "(no such file or directory)")
+    fails(native.raw("ADD", b"{not json"), 5, PYTHON_PLUGIN, "install the plugin again")
+    nothing_held(etcd, "c1")
 
 
 # Strings json.dumps writes without a \u escape (the front hands those to Python).
@@ -580,7 +886,7 @@ def test_install_command_writes_the_plugin_and_refuses_in_one_sentence(tmp_path)
         assert len(out.stderr.splitlines()) == 1 and "Traceback" not in out.stderr
     out = install_command(str(tmp_path), "--no-native")
     assert out.returncode == 0
-    assert (tmp_path / "pipit-ipam").read_bytes() == (tmp_path / cni.PYTHON_PLUGIN).read_bytes()
+    assert (tmp_path / "pipit-ipam").read_bytes() == (tmp_path / PYTHON_PLUGIN).read_bytes()
     out = install_command(str(tmp_path), env={"CC": "/bin/false"})
     assert out.returncode == 1 and "could not build" in out.stderr and "--no-native" in out.stderr
     out = install_command()  # no DIR: usage, never the plugin waiting on stdin

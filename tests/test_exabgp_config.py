@@ -15,6 +15,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bgp_agent.bridge_protocol import (
+    RouteTables,
+    announcement_from_json,
+    announcement_to_json,
+    decode,
+    path_from_json,
+    path_to_json,
+    peer_from_json,
+    peer_to_json,
+)
 from bgp_agent.exabgp_bridge import (
     BridgeState,
     OpenEvent,
@@ -22,14 +32,8 @@ from bgp_agent.exabgp_bridge import (
     StateEvent,
     UpdateEvent,
     announce_commands,
-    announcement_from_json,
-    announcement_to_json,
     parse_configured,
     parse_event,
-    path_from_json,
-    path_to_json,
-    peer_from_json,
-    peer_to_json,
     withdraw_commands,
 )
 from bgp_agent.exabgp_config import (
@@ -39,7 +43,6 @@ from bgp_agent.exabgp_config import (
     render,
 )
 from bgp_agent.model import Announcement, Neighbor, Path, PeerState
-from bgp_agent.speaker import _Tables, apply_message
 
 A, N = IPv4Address, IPv4Network
 EXABGP = str(FilePath(sys.executable).parent / "exabgp")
@@ -157,7 +160,7 @@ def test_announcements_are_batched_per_attribute_set():
     tagged = Announcement(N("10.9.0.0/26"), next_hop=A("10.0.0.9"), communities=((64512, 100),),
                           as_path=(64512, 65010), local_pref=200, med=5,
                           originator_id=A("10.9.9.9"), cluster_list=(A("10.0.0.1"),))
-    commands = announce_commands(A("10.0.0.2"), [*plain, tagged], batch=1000)
+    commands = announce_commands([A("10.0.0.2")], [*plain, tagged], batch=1000)
     assert [len(part) for _, part in commands] == [1000, 1000, 500, 1]
     line, part = commands[0]
     assert line.startswith("neighbor 10.0.0.2 announce attributes next-hop self nlri 10.1.0.0/26 ")
@@ -170,10 +173,19 @@ def test_announcements_are_batched_per_attribute_set():
 
 def test_withdrawals_are_batched():
     prefixes = [N(f"10.1.{i}.0/24") for i in range(3)]
-    assert withdraw_commands(A("10.0.0.2"), prefixes, batch=2) == [
+    assert withdraw_commands([A("10.0.0.2")], prefixes, batch=2) == [
         ("neighbor 10.0.0.2 withdraw attributes nlri 10.1.0.0/24 10.1.1.0/24", prefixes[:2]),
         ("neighbor 10.0.0.2 withdraw attributes nlri 10.1.2.0/24", prefixes[2:]),
     ]
+
+
+def test_one_command_reaches_several_neighbours():
+    [(line, _)] = announce_commands([A("10.0.0.2"), A("10.0.0.3")], [Announcement(N(
+        "10.1.0.0/26"), next_hop=A("10.0.0.9"))])
+    assert line == ("neighbor 10.0.0.2 , neighbor 10.0.0.3 announce attributes next-hop "
+                    "10.0.0.9 nlri 10.1.0.0/26")
+    [(line, _)] = withdraw_commands([A("10.0.0.2"), A("10.0.0.3")], [N("10.1.0.0/26")])
+    assert line == "neighbor 10.0.0.2 , neighbor 10.0.0.3 withdraw attributes nlri 10.1.0.0/26"
 
 
 def test_configured_neighbours_are_read_from_show_neighbor_configuration():
@@ -271,8 +283,8 @@ def test_received_routes_follow_updates_and_end_of_rib_is_reported():
     feed(state, UP)
     messages = feed(state, ANNOUNCE, WITHDRAW, EOR, EOR)
     assert [m["type"] for m in messages] == ["received", "received", "peer"]
-    assert list(state.received[PEER]) == [N("10.50.0.0/24")]
-    assert state.peers[PEER].end_of_rib
+    assert list(state.tables.received[PEER]) == [N("10.50.0.0/24")]
+    assert state.tables.peers[PEER].end_of_rib
 
 
 def test_a_peer_going_down_drops_its_routes_and_repeats_are_quiet():
@@ -282,8 +294,24 @@ def test_a_peer_going_down_drops_its_routes_and_repeats_are_quiet():
     assert len(messages) == 1
     down = peer_from_json(messages[0])
     assert (down.state, down.reason) == ("down", "notification received (6,2)")
+    assert down.notification  # ExaBGP's wording, read here: no graceful restart after it
     assert down.graceful_restart and down.restart_time == 120  # for the agent's stale-route call
-    assert PEER not in state.received
+    assert PEER not in state.tables.received
+
+
+@pytest.mark.parametrize("reason,notification", [
+    ("notification sent (4,0)", True),  # our hold timer expired
+    ("notification received (6,2)", True),
+    ("closing connection", False),  # the TCP connection dropped: graceful restart applies
+    ("peer reset, message [closing connection] error[...]", False),
+])
+def test_a_down_says_whether_a_notification_ended_the_session(reason, notification):
+    state = BridgeState()
+    feed(state, UP)
+    [message] = feed(state, DOWN.replace("notification received (6,2)", reason))
+    assert (message["reason"], message["notification"]) == (reason, notification)
+    again = feed(state, UP)
+    assert not peer_from_json(again[0]).notification  # a new session starts clean
 
 
 def test_unconfigured_peers_are_forgotten_and_ignored():
@@ -291,7 +319,7 @@ def test_unconfigured_peers_are_forgotten_and_ignored():
     feed(state, UP, ANNOUNCE)
     state.record_announced(PEER, [Announcement(N("10.1.0.0/26"))])
     assert state.set_configured({A("10.99.0.3")}, "d1") == [{"type": "forget", "peer": str(PEER)}]
-    assert not state.peers and not state.received and not state.announced
+    assert not state.tables.peers and not state.tables.received and not state.tables.announced
     assert feed(state, DOWN) == []
 
 
@@ -303,7 +331,7 @@ def test_a_re_added_peer_coming_up_before_its_reload_is_confirmed_is_not_lost():
     assert [peer_from_json(m).state for m in messages] == ["up"]
     state.configuring = set()
     assert state.set_configured({PEER}, "with-the-peer") == []
-    assert state.peers[PEER].state == "up"
+    assert state.tables.peers[PEER].state == "up"
 
 
 def test_sent_withdrawals_count_down_a_retirement():
@@ -323,20 +351,20 @@ def test_the_snapshot_rebuilds_the_agents_tables():
     state.record_withdrawn(PEER, blocks(1))
     messages = list(state.snapshot(exabgp_pid=42))
     assert messages[0]["type"] == "hello" and messages[0]["exabgp_pid"] == 42
-    tables = _Tables()
+    tables = RouteTables()
     for message in messages[2:-1]:
-        apply_message(tables, json.loads(json.dumps(message)))
-    assert tables.peers == state.peers
-    assert tables.received == state.received
-    assert tables.announced == state.announced and len(tables.announced[PEER]) == 2499
+        tables.apply(decode(json.loads(json.dumps(message))))
+    assert tables.peers == state.tables.peers
+    assert tables.received == state.tables.received
+    assert tables.announced == state.tables.announced and len(tables.announced[PEER]) == 2499
 
 
 def test_live_messages_keep_the_agents_tables_equal_to_the_bridges():
-    state, tables = BridgeState(), _Tables()
+    state, tables = BridgeState(), RouteTables()
     for line in (OPEN_SENT, OPEN_RECEIVED, UP, ANNOUNCE, WITHDRAW, EOR, DOWN, UP, ANNOUNCE):
         for message in state.on_event(event(line)):
-            apply_message(tables, message)
-    assert tables.peers == state.peers and tables.received == state.received
+            tables.apply(decode(json.loads(json.dumps(message))))
+    assert tables.peers == state.tables.peers and tables.received == state.tables.received
     assert list(tables.received[PEER]) == [N("10.50.1.0/24"), N("10.50.0.0/24")]
 
 
@@ -363,11 +391,15 @@ def test_paths_survive_json(path):
                  communities=st.lists(communities, max_size=3).map(tuple),
                  as_path=st.lists(asns, max_size=3).map(tuple), local_pref=optional, med=optional,
                  originator_id=st.one_of(st.none(), addresses),
-                 cluster_list=st.lists(addresses, max_size=2).map(tuple)))
+                 cluster_list=st.lists(addresses, max_size=2).map(tuple),
+                 large_communities=st.lists(st.tuples(asns, asns, asns), max_size=2).map(tuple),
+                 origin=st.sampled_from(["igp", "egp", "incomplete"])))
 def test_announcements_survive_json(route):
     assert announcement_from_json(json.loads(json.dumps(announcement_to_json(route)))) == route
 
 
 def test_peer_state_survives_json():
-    peer = PeerState(PEER, "down", 12.5, "closing", True, 120, A("10.99.0.2"), True, {"a": 1})
+    peer = PeerState(PEER, "down", 12.5, "notification sent (4,0)", notification=True,
+                     graceful_restart=True, restart_time=120, router_id=A("10.99.0.2"),
+                     end_of_rib=True, extra={"a": 1})
     assert peer_from_json(json.loads(json.dumps(peer_to_json(peer)))) == peer

@@ -8,7 +8,6 @@ IPIP needs a kernel with the ipip module: test_ipip_vm.py boots one."""
 
 from __future__ import annotations
 
-import os
 import re
 from ipaddress import IPv4Address, IPv4Network
 
@@ -17,6 +16,7 @@ from pyroute2 import IPRoute
 
 from bgp_agent import policy
 from ipip.kernel_routes import KernelRoutes
+from ipip.route_table import RouteTable
 from bgp_agent.model import Path as BGPPath
 from ipam.pool import IPPool
 from ipip import dataplane, encap, nat
@@ -24,10 +24,7 @@ from ipip.encap import VXLAN, VXLAN_DEVICE, RemoteVTEP
 from lab.netns import Namespaces
 from tests.ipip_support import Capture, Node, Pod, Underlay, exists, ping, pipit_routes, wait_ping
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.netns]
 
 POOL = IPv4Network("10.244.0.0/16")
 BLOCK_A, BLOCK_B = IPv4Network("10.244.1.0/26"), IPv4Network("10.244.2.0/26")
@@ -78,7 +75,7 @@ class Cluster:
                 next_hop=encap.route_next_hop(pools, me.address, prepared.devices,
                                               desired.vteps))
             with KernelRoutes(me.ns) as kernel:
-                assert kernel.reconcile(routes).errors == []
+                assert RouteTable(kernel).sync(routes).errors == []
             with IPRoute(netns=me.ns, flags=0) as ipr:
                 dataplane.retire(ipr, desired)
             nat.apply(pools, netns=me.ns)

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bgp_agent import policy
-from ipip.kernel_routes import NextHop, Route
+from ipip.routes import NextHop, Route
 from bgp_agent.model import Path
 from ipam.pool import IPPool
 from ipip import capability, encap, mtu, nat

@@ -6,7 +6,6 @@ kernel lacks: test_ipip_vm.py covers it, and here the missing module must be sai
 from __future__ import annotations
 
 import json
-import os
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 import pytest
@@ -19,7 +18,7 @@ from ipip.mtu import uplink
 from lab.netns import Namespaces
 from tests.ipip_support import ip, run
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
+pytestmark = pytest.mark.netns
 
 LOCAL = IPv4Interface("192.168.1.10/24")
 MAC = encap.vtep_mac("node-a")

@@ -30,6 +30,7 @@ import pytest
 
 from ipam.pool import IPPool
 from ipip import encap, mtu
+from tests.helpers import require
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "vm" / "ipip_vm.sh"
@@ -114,11 +115,10 @@ def parse(output: str) -> dict[str, list[str]]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(VM_TIMEOUT + 120)
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+@pytest.mark.vm
 def test_ipip_end_to_end_on_debian_kernel_in_a_vm(tmp_path):
     tools = vm_tools()
-    if isinstance(tools, str):
-        pytest.skip(tools)
+    require(not isinstance(tools, str), str(tools))
     kernel, vng = tools
     plan_file = tmp_path / "plan.json"  # the VM sees the host's /tmp (read-only overlay)
     plan_file.write_text(json.dumps(plan()))

@@ -1,133 +1,22 @@
-"""Tests for ipip.kernel_routes: the pure route data, diff and netlink encoding, and
-KernelRoutes against the real kernel inside network namespaces the tests create and remove."""
+"""KernelRoutes and RouteTable against the real kernel, inside network namespaces the tests
+create and remove (ipip.kernel_routes, ipip.route_table). test_routes has the pure parts."""
 
 from __future__ import annotations
 
 import errno
 import json
-import os
 import subprocess
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
-from ipip.kernel_routes import (
-    NLM_F_CREATE,
-    NLM_F_REPLACE,
-    RT_SCOPE_NOWHERE,
-    RTM_DELROUTE,
-    RTPROT_PIPIT,
-    KernelRoutes,
-    NextHop,
-    Route,
-    decode_route,
-    diff,
-    encode_delroute,
-    encode_newroute,
-)
+from ipip.kernel_routes import KernelRoutes
+from ipip.route_table import RouteTable
+from ipip.routes import RTPROT_PIPIT, NextHop, Route, diff
 from lab.netns import Namespaces
+from tests.route_support import GW1, GW2, GW3, A, N, blackhole, by_dst, via
 
-A = IPv4Address
-N = IPv4Network
-GW1, GW2, GW3 = A("192.168.0.2"), A("192.168.0.3"), A("192.168.0.4")
-
-
-def via(dst: str, *gateways: IPv4Address, ifindex: int | None = None, onlink: bool = False,
-        table: int = 254) -> Route:
-    return Route(N(dst), tuple(NextHop(gw, ifindex, onlink) for gw in gateways), table=table)
-
-
-def blackhole(dst: str) -> Route:
-    return Route(N(dst), blackhole=True)
-
-
-def by_dst(*routes: Route) -> dict[IPv4Network, Route]:
-    return {route.dst: route for route in routes}
-
-
-# --------------------------------------------------------------------------------------------
-# Pure: route data and diff
-
-def test_nexthops_are_kept_in_canonical_order():
-    one = Route(N("10.1.0.0/26"), (NextHop(GW2), NextHop(GW1)))
-    other = Route(N("10.1.0.0/26"), [NextHop(GW1), NextHop(GW2)])
-    assert one == other and hash(one) == hash(other)
-    assert one.nexthops == (NextHop(GW1), NextHop(GW2))
-
-
-@pytest.mark.parametrize("make", [
-    lambda: Route(N("10.1.0.0/26")),
-    lambda: Route(N("10.1.0.0/26"), (NextHop(GW1),), blackhole=True),
-    lambda: NextHop(GW1, onlink=True),
-])
-def test_invalid_routes_are_refused(make):
-    with pytest.raises(ValueError):
-        make()
-
-
-def test_diff_replaces_missing_and_changed_and_deletes_stale():
-    keep, change, gone = via("10.1.0.0/26", GW1), via("10.1.1.0/26", GW1), via("10.1.2.0/26", GW1)
-    new = blackhole("10.1.3.0/26")
-    changed = via("10.1.1.0/26", GW1, GW2)
-    to_replace, to_delete = diff(by_dst(keep, changed, new), by_dst(keep, change, gone))
-    assert to_replace == [changed, new]
-    assert to_delete == [gone]
-
-
-def test_diff_of_equal_tables_is_empty():
-    routes = by_dst(via("10.1.0.0/26", GW1), blackhole("10.1.1.0/26"), via("10.1.2.0/26", GW2, GW1))
-    assert diff(routes, dict(routes)) == ([], [])
-    assert diff({}, {}) == ([], [])
-
-
-def test_diff_wanted_nexthop_without_device_matches_any_device():
-    # The kernel reports the device it picked; a desired route without one still matches.
-    kernel = via("10.1.0.0/26", GW1, ifindex=7)
-    assert diff(by_dst(via("10.1.0.0/26", GW1)), by_dst(kernel)) == ([], [])
-    wrong_device = via("10.1.0.0/26", GW1, ifindex=8)
-    assert diff(by_dst(wrong_device), by_dst(kernel)) == ([wrong_device], [])
-    onlink = via("10.1.0.0/26", GW1, ifindex=7, onlink=True)
-    assert diff(by_dst(onlink), by_dst(kernel)) == ([onlink], [])
-
-
-def test_diff_blackhole_versus_via_is_a_change():
-    assert diff(by_dst(blackhole("10.1.0.0/26")), by_dst(via("10.1.0.0/26", GW1))) == (
-        [blackhole("10.1.0.0/26")], [])
-
-
-# --------------------------------------------------------------------------------------------
-# Pure: netlink encoding
-
-gateways = st.integers(1, 2**32 - 2).map(IPv4Address)
-nexthops = st.builds(
-    lambda gw, ifindex, onlink: NextHop(gw, ifindex, onlink and ifindex is not None),
-    gateways, st.none() | st.integers(1, 2**31 - 1), st.booleans())
-networks = st.builds(lambda addr, plen: IPv4Network((addr, plen), strict=False),
-                     st.integers(0, 2**32 - 1), st.integers(0, 32))
-routes = st.one_of(
-    st.builds(Route, networks, st.lists(nexthops, min_size=1, max_size=4).map(tuple),
-              st.just(False), st.sampled_from([254, 100, 1000, 2**31])),
-    st.builds(Route, networks, st.just(()), st.just(True), st.sampled_from([254, 1000])),
-)
-
-
-@given(routes)
-def test_encoded_route_decodes_to_itself(route):
-    message = encode_newroute(route, NLM_F_CREATE | NLM_F_REPLACE, 1)
-    assert len(message) % 4 == 0
-    assert decode_route(message, 0, len(message), route.table) == route
-
-
-def test_delete_request_matches_only_pipit_routes_of_any_scope():
-    message = encode_delroute(via("10.1.0.0/26", GW1), 0, 9)
-    assert int.from_bytes(message[4:6], "little") == RTM_DELROUTE
-    family, dst_len, _, _, table, protocol, scope, rtm_type = message[16:24]
-    assert (dst_len, table, protocol, scope, rtm_type) == (
-        26, 254, RTPROT_PIPIT, RT_SCOPE_NOWHERE, 0)
-
+pytestmark = pytest.mark.netns
 
 # --------------------------------------------------------------------------------------------
 # Real kernel, in network namespaces
@@ -161,8 +50,6 @@ class Node:
 
 @pytest.fixture
 def node():
-    if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces")
     with Namespaces() as namespaces:
         name, peer = namespaces.create("node"), namespaces.create("peer")
         for dev, peer_dev in (("v0", "p0"), ("tun0", "p1")):
@@ -182,6 +69,11 @@ def node():
 def kernel(node):
     with KernelRoutes(node.netns) as kernel:
         yield kernel
+
+
+def reconcile(kernel: KernelRoutes, desired: dict, table: int = 254):
+    """One sync of a new RouteTable: dump, diff, apply (what an agent's first pass does)."""
+    return RouteTable(kernel, table).sync(desired)
 
 
 def add_foreign_routes(node: Node) -> None:
@@ -246,7 +138,7 @@ def test_dump_after_apply_equals_desired(node, kernel):
     assert kernel.dump() == desired
     # Without devices the routes differ from the dump, but diff sees nothing to do.
     no_devices = by_dst(via("10.1.0.0/26", GW1), via("10.1.1.0/26", GW3, GW2, GW1))
-    assert kernel.reconcile(no_devices).replaced == 0
+    assert reconcile(kernel, no_devices).replaced == 0
     assert diff(no_devices, kernel.dump()) == ([], [])
 
 
@@ -264,12 +156,12 @@ def test_reconcile_adds_replaces_and_removes_stale_routes(node, kernel):
     assert kernel.apply([via("10.1.0.0/26", GW1), via("10.1.1.0/26", GW1),
                          via("10.1.2.0/26", GW1)]) == []
     desired = by_dst(via("10.1.0.0/26", GW1), via("10.1.1.0/26", GW2), blackhole("10.1.3.0/26"))
-    stats = kernel.reconcile(desired)
-    assert (stats.found, stats.added, stats.replaced, stats.deleted) == (3, 1, 1, 1)
+    stats = reconcile(kernel, desired)
+    assert (stats.resynced, stats.added, stats.replaced, stats.deleted) == (True, 1, 1, 1)
     assert stats.errors == []
     assert sorted(node.pipit_routes()) == ["10.1.0.0/26", "10.1.1.0/26", "10.1.3.0/26"]
     assert diff(desired, kernel.dump()) == ([], [])
-    again = kernel.reconcile(desired)
+    again = reconcile(kernel, desired)
     assert (again.added, again.replaced, again.deleted) == (0, 0, 0)
 
 
@@ -283,13 +175,13 @@ def test_other_protocols_routes_are_never_touched(node, kernel):
     assert kernel.dump() == {}
     assert kernel.dump(1000) == {}
     assert kernel.apply([via("10.1.0.0/26", GW1), blackhole("10.1.1.0/26")]) == []
-    assert kernel.reconcile(by_dst(via("10.1.0.0/26", GW2))).errors == []
+    assert reconcile(kernel, by_dst(via("10.1.0.0/26", GW2))).errors == []
     # Deleting a prefix another protocol holds: nothing of ours there, so nothing happens.
     foreign = [via("10.9.0.0/24", GW1), via("10.9.1.0/24", GW2), blackhole("10.9.2.0/24"),
                via("10.9.3.0/24", GW1, table=1000)]
     assert kernel.apply(delete=foreign) == []
-    assert kernel.reconcile({}).deleted == 1
-    assert kernel.reconcile({}, table=1000).deleted == 0
+    assert reconcile(kernel, {}).deleted == 1
+    assert reconcile(kernel, {}, table=1000).deleted == 0
     assert node.foreign_routes() == before
     assert node.pipit_routes() == {}
 
@@ -298,7 +190,7 @@ def test_reconcile_does_not_overwrite_another_protocols_route_for_the_same_prefi
     add_foreign_routes(node)
     before = node.foreign_routes()
     desired = by_dst(via("10.9.0.0/24", GW3), via("10.9.1.0/24", GW3), via("10.1.0.0/26", GW1))
-    stats = kernel.reconcile(desired)
+    stats = reconcile(kernel, desired)
     assert sorted((str(e.route.dst), e.op, e.errno) for e in stats.errors) == [
         ("10.9.0.0/24", "add", errno.EEXIST), ("10.9.1.0/24", "add", errno.EEXIST)]
     assert node.foreign_routes() == before
@@ -332,11 +224,11 @@ def test_errors_across_many_batches_are_all_reported(node):
 def test_many_routes_round_trip(node, kernel):
     desired = by_dst(*(Route(N((0x0A000000 + i * 64, 26)), (NextHop((GW1, GW2)[i % 2]),))
                        for i in range(5000)))
-    stats = kernel.reconcile(desired)
+    stats = reconcile(kernel, desired)
     assert (stats.added, stats.errors) == (5000, [])
     assert diff(desired, kernel.dump()) == ([], [])
     assert len(node.routes("proto", "91")) == 5000
-    assert kernel.reconcile({}).deleted == 5000
+    assert reconcile(kernel, {}).deleted == 5000
     assert node.pipit_routes() == {}
 
 
@@ -353,3 +245,49 @@ def test_routes_go_to_the_named_namespace_only(node, kernel):
 def test_unknown_namespace_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match="network namespace 'pipit-t-none' does not exist"):
         KernelRoutes("pipit-t-none")
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_route_table_diffs_against_what_it_applied_and_resyncs_on_time(node, kernel):
+    clock = Clock()
+    table = RouteTable(kernel, resync_seconds=60, clock=clock)
+    desired = by_dst(via("10.1.0.0/26", GW1), via("10.1.1.0/26", GW2), blackhole("10.1.2.0/26"))
+    first = table.sync(desired)
+    assert (first.resynced, first.added, first.errors) == (True, 3, [])
+    assert table.applied == desired
+    node.ip("route", "del", "10.1.1.0/26", "proto", "91")  # someone else removes one
+    clock.now += 59
+    again = table.sync(desired)
+    assert (again.resynced, again.changes) == (False, 0)  # a pass costs only its changes
+    assert "10.1.1.0/26" not in node.pipit_routes()
+    clock.now += 1
+    repaired = table.sync(desired)
+    assert (repaired.resynced, repaired.added) == (True, 1)
+    assert sorted(node.pipit_routes()) == ["10.1.0.0/26", "10.1.1.0/26", "10.1.2.0/26"]
+    assert table.sync(desired, resync=True).resynced  # asked for
+
+
+def test_route_table_retries_a_refused_route_and_keeps_unlisted_routes_when_asked(node, kernel):
+    table = RouteTable(kernel)
+    unreachable = via("10.1.1.0/26", A("192.168.5.1"))  # not on any link yet
+    desired = by_dst(via("10.1.0.0/26", GW1), unreachable, blackhole("10.1.2.0/26"))
+    stats = table.sync(desired)
+    assert [(e.route, e.op) for e in stats.errors] == [(unreachable, "add")]
+    assert stats.added == 2 and unreachable.dst not in table.applied
+    node.ip("addr", "add", "192.168.5.9/24", "dev", "v0")  # now it can be installed
+    retried = table.sync(desired)
+    assert (retried.resynced, retried.added, retried.errors) == (False, 1, [])
+    assert sorted(node.pipit_routes()) == ["10.1.0.0/26", "10.1.1.0/26", "10.1.2.0/26"]
+    # keep_unlisted: learned routes that are no longer desired stay, blackholes go
+    kept = table.sync({}, keep_unlisted=True)
+    assert kept.deleted == 1
+    assert sorted(node.pipit_routes()) == ["10.1.0.0/26", "10.1.1.0/26"]
+    assert table.sync({}).deleted == 2
+    assert node.pipit_routes() == {}

@@ -15,7 +15,7 @@ from lab.cluster import Lab
 from lab.process import wait
 from tests.helpers import assert_pods_reach_each_other
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.lab]
 FOREIGN = ["192.0.2.0/24 via 10.99.0.254 proto static", "198.51.100.0/24 via 10.99.0.254 proto 12",
            "blackhole 203.0.113.0/24"]
 

@@ -88,7 +88,7 @@ def test_an_agent_without_bgp_registers_and_says_so_in_its_status(etcd, tmp_path
                                                                  "--labels", "role=edge"])
         with agent:
             rows = ok(pipitctl("get", "nodes", "-o", "wide", endpoints=endpoint)).splitlines()
-            assert rows[1].split() == ["ipam-only", "10.77.0.5/24", "(cluster)", "role=edge"]
+            assert rows[1].split() == ["ipam-only", "10.77.0.5/24", "(cluster)", "-", "role=edge"]
             status = ok(pipitctl("node", "status", "--socket", str(agent.status_path)))
             assert status.splitlines() == [
                 "Pipit agent is running on node ipam-only (10.77.0.5/24).",

@@ -4,9 +4,10 @@ from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 from bgp_agent import policy
+from bgp_agent.status import md5_diagnosis
 from bgp_agent.bgp_config import BGPConfig
 from bgp_agent.bgp_peer import BGPPeer, PasswordUnavailable, peer_from_spec
-from ipip.kernel_routes import NextHop, Route
+from ipip.routes import NextHop, Route
 from bgp_agent.model import Neighbor, Path
 from bgp_agent.node import NodeRecord
 from ipam.pool import pool_from_spec
@@ -39,18 +40,55 @@ def test_mesh_is_every_other_node_with_an_address():
     assert {(n.listen_port, n.peer_port) for n in moved} == {(1179, 1179)}
 
 
-def test_mesh_peers_may_only_announce_pod_addresses():
+# etcd's word: b owns 10.244.1.0/26 and holds 10.244.9.7 (borrowed from c's block)
+OWNERSHIP = policy.Ownership(
+    blocks={net("10.244.1.0/26"): ("b", B), net("10.244.2.0/26"): ("b", B),
+            net("10.244.9.0/26"): ("c", C), net("10.244.3.0/26"): ("c", C)},
+    borrowed={IPv4Address("10.244.9.7"): ("b", B)})
+
+
+def test_mesh_peers_may_only_announce_pod_addresses_they_own():
     paths = {p: Path(p, B) for p in map(net, ["10.244.1.0/26", "10.244.9.7/32", "0.0.0.0/0",
-                                              "192.168.0.0/24", "10.244.0.0/26"])}
+                                              "192.168.0.0/24", "10.244.0.0/26",
+                                              "10.244.3.0/26", "10.244.5.0/26"])}
     paths[net("10.244.2.0/26")] = Path(net("10.244.2.0/26"), B, as_path=(64512,))
-    result = policy.import_routes(MESH, paths, POOLS, {net("10.244.0.0/26")}, 64512)
+    result = policy.import_routes(MESH, paths, POOLS, {net("10.244.0.0/26")}, 64512, OWNERSHIP)
     assert set(result.accepted) == {net("10.244.1.0/26"), net("10.244.9.7/32")}
     assert result.rejected == {
         net("0.0.0.0/0"): "it is not inside an IP pool",
         net("192.168.0.0/24"): "it is not inside an IP pool",
         net("10.244.0.0/26"): "it is one of this node's own blocks",
         net("10.244.2.0/26"): "our own AS is in its AS path (a loop)",
+        net("10.244.3.0/26"): "its next hop 10.0.0.2 is not node c (10.0.0.3), which owns it",
+        net("10.244.5.0/26"): "no node owns it in etcd",
     }
+
+
+def test_a_same_as_reflector_may_reflect_pod_routes_only_as_etcd_says():
+    """A BIRD or FRR route reflector in the cluster's AS needs no allowPoolPrefixes, and no
+    same-AS speaker can announce or reflect someone else's block."""
+    reflector = Neighbor(IPv4Address("10.0.0.250"), 64512, A, 64512, kind="global", name="rr")
+    reflected = dict(originator_id=B, cluster_list=(IPv4Address("244.0.0.1"),))
+    paths = {
+        net("10.244.1.0/26"): Path(net("10.244.1.0/26"), B, **reflected),  # b's, from b
+        net("10.244.9.7/32"): Path(net("10.244.9.7/32"), B, **reflected),  # b's borrowed one
+        net("10.244.3.0/26"): Path(net("10.244.3.0/26"), B, **reflected),  # c's block via b
+        net("10.244.2.0/26"): Path(net("10.244.2.0/26"), B, originator_id=C),  # c says b's
+        net("10.244.5.0/26"): Path(net("10.244.5.0/26"), reflector.address),  # nobody's
+        net("0.0.0.0/0"): Path(net("0.0.0.0/0"), reflector.address),  # a ToR's, reflected
+    }
+    result = policy.import_routes(reflector, paths, POOLS, set(), 64512, OWNERSHIP)
+    assert set(result.accepted) == {net("10.244.1.0/26"), net("10.244.9.7/32"),
+                                    net("0.0.0.0/0")}
+    assert result.rejected == {
+        net("10.244.3.0/26"): "its next hop 10.0.0.2 is not node c (10.0.0.3), which owns it",
+        net("10.244.2.0/26"): "its originator 10.0.0.3 is not node b (10.0.0.2), which owns it",
+        net("10.244.5.0/26"): "no node owns it in etcd",
+    }
+    # an eBGP peer still gets no pod routes at all, owner or not
+    external = replace(reflector, peer_as=65001)
+    assert set(policy.import_routes(external, paths, POOLS, set(), 64512, OWNERSHIP).accepted
+               ) == {net("0.0.0.0/0")}
 
 
 def test_a_tor_cannot_hijack_pod_addresses_unless_allowed():
@@ -91,7 +129,9 @@ def test_exports_own_blocks_and_borrowed_addresses_with_communities_for_external
 # --------------------------------------------------------------------------------------------
 # Sessions: the mesh, BGPPeers, and which one wins
 
-def peer(name: str, address: str, as_number: int = 65101, **spec) -> BGPPeer:
+def peer(name: str, address: str | None, as_number: int = 65101, **spec) -> BGPPeer:
+    if address is None:  # a peerSelector peer: no address, no AS
+        return peer_from_spec(name, spec)
     return peer_from_spec(name, {"peerIP": address, "asNumber": as_number, **spec})
 
 
@@ -100,7 +140,7 @@ def no_password(ref):
 
 
 def test_peers_are_the_mesh_global_peers_and_the_ones_picking_this_node():
-    me = NodeRecord("a", IPv4Interface("10.0.0.1/24"), 65001, {"rack": "r1"})
+    me = NodeRecord("a", IPv4Interface("10.0.0.1/24"), 65001, labels={"rack": "r1"})
     nodes = [me, node("b", "10.0.0.2/24"), node("c", "10.0.0.3/24")]
     peers = [peer("tor", "10.0.0.254", holdTime=9, maxPrefixes=50, allowPoolPrefixes=True,
                   numAllowedLocalASNumbers=1),
@@ -177,10 +217,105 @@ def test_max_prefixes_counts_everything_received():
 
 def test_md5_counters_say_why_a_session_does_not_come_up():
     nothing = {"TCPMD5Failure": 0, "TCPMD5NotFound": 0, "TCPMD5Unexpected": 0}
-    assert policy.md5_diagnosis(True, nothing) == ""
-    assert "passwords differ" in policy.md5_diagnosis(True, {**nothing, "TCPMD5Failure": 3})
-    assert "the peer sends no TCP MD5 signature" in policy.md5_diagnosis(
+    assert md5_diagnosis(True, nothing) == ""
+    assert "passwords differ" in md5_diagnosis(True, {**nothing, "TCPMD5Failure": 3})
+    assert "the peer sends no TCP MD5 signature" in md5_diagnosis(
         True, {**nothing, "TCPMD5NotFound": 1})
-    assert "no password is set here" in policy.md5_diagnosis(
+    assert "no password is set here" in md5_diagnosis(
         False, {**nothing, "TCPMD5Unexpected": 2})
-    assert policy.md5_diagnosis(False, {**nothing, "TCPMD5Failure": 5}) == ""
+    assert md5_diagnosis(False, {**nothing, "TCPMD5Failure": 5}) == ""
+
+
+# --------------------------------------------------------------------------------------------
+# Route reflectors (Calico's model): who peers with whom, and as what
+
+RR = IPv4Address("244.0.0.1")
+
+
+def reflector(name: str, address: str, cluster=RR, **labels) -> NodeRecord:
+    return NodeRecord(name, IPv4Interface(address), route_reflector_cluster_id=cluster,
+                      labels={"route-reflector": "true", **labels})
+
+
+CLUSTER = [node("a", "10.0.0.1/24"), node("b", "10.0.0.2/24"), node("c", "10.0.0.3/24", 65010),
+           reflector("rr1", "10.0.0.11/24"), reflector("rr2", "10.0.0.12/24"),
+           reflector("rr3", "10.0.0.13/24", IPv4Address("244.0.0.2"))]
+TO_REFLECTORS = peer("to-rr", None, peerSelector="route-reflector == 'true'",
+                     nodeSelector="all()")
+
+
+def sessions(name: str, peers=(), mesh=True) -> dict[str, tuple[str, bool]]:
+    me = next(n for n in CLUSTER if n.name == name)
+    selection = policy.select_neighbors(me, CLUSTER, BGPConfig(node_to_node_mesh=mesh),
+                                        list(peers), lambda ref: "")
+    return {n.name: (n.kind, n.rr_client) for n in selection.neighbors}
+
+
+def test_reflectors_join_no_mesh_and_mesh_among_their_cluster():
+    # the mesh skips reflectors; reflectors of one cluster id peer as non-clients
+    assert sessions("a") == {"b": ("mesh", False), "c": ("mesh", False)}
+    assert sessions("rr1") == {"rr2": ("reflector", False)}
+    assert sessions("rr3") == {}
+    assert sessions("a", mesh=False) == {}
+
+
+def test_a_peer_selector_peers_every_node_with_every_reflector_both_ways():
+    assert sessions("a", [TO_REFLECTORS], mesh=False) == {
+        "rr1": ("reflector", False), "rr2": ("reflector", False), "rr3": ("reflector", False)}
+    # reversePeering Auto: the reflector side comes from the same resource; a node of the
+    # same AS with no cluster id, or another one, is a client; another AS is no client
+    assert sessions("rr1", [TO_REFLECTORS], mesh=False) == {
+        "a": ("peer-node", True), "b": ("peer-node", True), "c": ("peer-node", False),
+        "rr2": ("reflector", False), "rr3": ("reflector", True)}
+    manual = peer("to-rr", None, peerSelector="route-reflector == 'true'",
+                  nodeSelector="!has(route-reflector)", reversePeering="Manual")
+    assert sessions("rr1", [manual], mesh=False) == {"rr2": ("reflector", False)}
+    assert sessions("b", [manual], mesh=False) == {
+        "rr1": ("reflector", False), "rr2": ("reflector", False), "rr3": ("reflector", False)}
+
+
+def test_mesh_and_reflectors_coexist_during_a_migration():
+    assert sessions("a", [TO_REFLECTORS]) == {
+        "b": ("mesh", False), "c": ("mesh", False), "rr1": ("reflector", False),
+        "rr2": ("reflector", False), "rr3": ("reflector", False)}
+
+
+def test_a_peer_ip_wins_over_a_session_between_nodes():
+    explicit = peer("rr1-explicit", "10.0.0.11", 64512, nodeSelector="all()")
+    me = CLUSTER[0]
+    selection = policy.select_neighbors(me, CLUSTER, BGPConfig(node_to_node_mesh=False),
+                                        [TO_REFLECTORS, explicit], lambda ref: "")
+    [rr1] = [n for n in selection.neighbors if n.address == IPv4Address("10.0.0.11")]
+    assert (rr1.kind, rr1.name) == ("node", "rr1-explicit")
+    assert [s.reason for s in selection.skipped] == [
+        "node rr1 is peered through BGPPeer 'rr1-explicit' instead"]
+
+
+def test_peer_selector_refusals():
+    import pytest
+    from ipam.errors import InvalidResource
+    for spec, fact in (
+            ({"peerSelector": "all()", "peerIP": "10.0.0.9"}, "either peerIP or peerSelector"),
+            ({"peerSelector": "all()", "asNumber": 64512}, "asNumber goes with peerIP"),
+            ({"peerSelector": "rack ==="}, "peerSelector"),
+            ({"peerSelector": "all()", "reversePeering": "Sometimes"}, "Auto or Manual"),
+            ({"peerIP": "10.0.0.9", "asNumber": 1, "reversePeering": "Auto"}, "peerSelector")):
+        with pytest.raises(InvalidResource, match=fact):
+            peer_from_spec("p", spec)
+    from bgp_agent.bgp_peer import check_peer
+    itself = peer_from_spec("self", {"node": "rr1", "peerSelector": "route-reflector == 'x'"})
+    with pytest.raises(InvalidResource, match="pick only node rr1, which cannot peer with "
+                                              "itself"):
+        check_peer(itself, [], [replace(CLUSTER[3], labels={"route-reflector": "x"})])
+
+
+def test_a_cluster_id_is_an_ipv4_address():
+    import pytest
+    from bgp_agent.node import node_from_document, node_to_document, parse_cluster_id
+    from ipam.errors import InvalidResource
+    assert parse_cluster_id("244.0.0.1", "x") == RR
+    for bad in ("244.0.0", "1", "not-an-id", "::1", 7):
+        with pytest.raises(InvalidResource, match="routeReflectorClusterID"):
+            parse_cluster_id(bad, "x")
+    stored = node_from_document(node_to_document(CLUSTER[3]))
+    assert stored.route_reflector_cluster_id == RR

@@ -23,7 +23,9 @@ from pathlib import Path
 import pytest
 
 from bgp_agent.model import Announcement, Neighbor
-from bgp_agent.speaker import Speaker, SpeakerError, sidecar_command
+from bgp_agent.exabgp_process import exabgp_command
+from bgp_agent.model import SpeakerError
+from bgp_agent.speaker import ExaBGPSpeaker
 from lab.bird import Bird, BirdPeer, bgp_config
 from lab.netns import Namespaces
 from lab.process import command_line, wait, wait_async
@@ -33,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NODE_AS = 64512
 BRIDGE = str(Path(sys.executable).parent / "pipit-exabgp-bridge")
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+needs_root = pytest.mark.netns  # real ExaBGP and BIRD in network namespaces
 
 
 def blocks(count: int, second_octet: int = 1) -> list[IPv4Network]:
@@ -123,13 +125,13 @@ def neighbor(k: int, **options) -> Neighbor:
                     **options)
 
 
-def make_speaker(state: Path, net: Net, mode: str = "spawn") -> Speaker:
-    return Speaker(state, state / "bridge.sock", mode, Net.node_address(1), Net.node_address(1),
-                   NODE_AS, netns=net.node)
+def make_speaker(state: Path, net: Net, mode: str = "spawn") -> ExaBGPSpeaker:
+    return ExaBGPSpeaker(state, state / "bridge.sock", mode, Net.node_address(1),
+                         Net.node_address(1), NODE_AS, netns=net.node)
 
 
 @asynccontextmanager
-async def running(speaker: Speaker):
+async def running(speaker: ExaBGPSpeaker):
     await speaker.start()
     try:
         yield speaker
@@ -143,7 +145,7 @@ async def eventually(condition, timeout: float = 30.0, what: str = "condition"):
     return await wait_async(condition, timeout, what, interval=0.02)
 
 
-def established(speaker: Speaker, address: IPv4Address) -> bool:
+def established(speaker: ExaBGPSpeaker, address: IPv4Address) -> bool:
     peer = speaker.peers.get(address)
     return bool(speaker.connected and peer and peer.state == "up" and peer.end_of_rib)
 
@@ -302,7 +304,7 @@ def test_sidecar_mode_reloads_through_the_api(net1, state_dir):
         with bird_peer(net1, 1) as bird:
             speaker = make_speaker(state_dir, net1, mode="sidecar")
             await speaker.start()
-            exabgp = subprocess.Popen(["ip", "netns", "exec", net1.node, *sidecar_command(state_dir)],
+            exabgp = subprocess.Popen(["ip", "netns", "exec", net1.node, *exabgp_command(state_dir)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                       start_new_session=True)
             try:
@@ -561,7 +563,7 @@ def test_bridge_survives_bad_input_and_the_agent_coming_and_going(tmp_path):
         assert routes == 5000
 
         writer.write(b"garbage\n[1, 2]\n" + json.dumps({"id": 1, "op": "nonsense"}).encode()
-                     + b"\n" + json.dumps({"id": 2, "op": "announce", "neighbor": "10.0.0.2",
+                     + b"\n" + json.dumps({"id": 2, "op": "announce", "neighbors": ["10.0.0.2"],
                                            "routes": [{"prefix": "10.9.0.0/26"}]}).encode() + b"\n")
         await writer.drain()
         assert (await receive(reader, "error"))[-1]["id"] == 1
@@ -571,7 +573,7 @@ def test_bridge_survives_bad_input_and_the_agent_coming_and_going(tmp_path):
         reply = (await receive(reader, "error"))[-1]
         assert reply["id"] == 2 and "ExaBGP refused" in reply["message"]
 
-        writer.write(json.dumps({"id": 3, "op": "announce", "neighbor": "10.0.0.2",
+        writer.write(json.dumps({"id": 3, "op": "announce", "neighbors": ["10.0.0.2"],
                                  "routes": [{"prefix": "10.9.0.0/26"}]}).encode() + b"\n")
         await writer.drain()
         assert "announce attributes" in exabgp.command()
@@ -654,7 +656,7 @@ def test_bridge_retires_once_the_withdrawals_were_sent(tmp_path):
         snapshot = await receive(reader, "snapshot-end")
         if not any(m["type"] == "peer" for m in snapshot):
             await receive(reader, "peer")
-        request(writer, id=1, op="announce", neighbor="10.0.0.2",
+        request(writer, id=1, op="announce", neighbors=["10.0.0.2"],
                 routes=[{"prefix": "10.9.0.0/26"}, {"prefix": "10.9.0.64/26"}])
         exabgp.command()
         exabgp.send("done")
@@ -678,6 +680,46 @@ def test_bridge_retires_once_the_withdrawals_were_sent(tmp_path):
     finally:
         exabgp.close()
 
+
+def test_a_retiring_reflector_withdraws_its_own_routes_and_leaves_what_it_reflects(tmp_path):
+    socket_path = tmp_path / "bridge.sock"
+    exabgp = ScriptedExaBGP(socket_path)
+    sent = ROUTE.replace('"receive"', '"send"').replace('"announce"', '"withdraw"')
+    sent_withdraw = sent.replace('{ "10.0.0.2": [ { "nlri": "%s" } ] }', '[ { "nlri": "%s" } ]')
+
+    async def scenario():
+        agent = FakeAgent(socket_path)
+        await agent.start()
+        exabgp.send(UP)
+        reader, writer = await agent.accept()
+        snapshot = await receive(reader, "snapshot-end")
+        if not any(m["type"] == "peer" for m in snapshot):
+            await receive(reader, "peer")
+        request(writer, id=1, op="announce", neighbors=["10.0.0.2"],
+                routes=[{"prefix": "10.9.0.0/26"}])  # our own block
+        exabgp.command()
+        exabgp.send("done")
+        await receive(reader, "done")
+        request(writer, id=2, op="announce", neighbors=["10.0.0.2"],
+                routes=[{"prefix": "10.8.0.0/26", "next_hop": "10.0.0.7",
+                         "originator_id": "10.0.0.7", "cluster_list": ["244.0.0.1"]}])
+        exabgp.command()
+        exabgp.send("done")
+        await receive(reader, "done")
+
+        request(writer, id=3, op="retire", timeout=10)
+        assert exabgp.command() == "neighbor 10.0.0.2 withdraw attributes nlri 10.9.0.0/26"
+        exabgp.send("done", sent_withdraw % "10.9.0.0/26")
+        messages = await receive(reader, "done")
+        assert [m["prefixes"] for m in messages if m["type"] == "withdrawn"] == [
+            ["10.9.0.0/26"]]
+        writer.close()
+        await agent.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        exabgp.close()
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["agent"]:

@@ -31,8 +31,7 @@ from lab.cluster import COMMUNITY, POOL, Lab, tor_address, tor_loopback, tor_upl
 from lab.process import wait  # returns what the condition returned
 from tests.helpers import assert_pods_reach_each_other
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")]
+pytestmark = [pytest.mark.slow, pytest.mark.lab]
 
 PASSWORD = "s3cret-md5"
 N = IPv4Network

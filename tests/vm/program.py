@@ -18,7 +18,9 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network  # noqa: E402
 
 from pyroute2 import IPRoute  # noqa: E402
 
-from ipip.kernel_routes import KernelRoutes, Route  # noqa: E402
+from ipip.kernel_routes import KernelRoutes  # noqa: E402
+from ipip.route_table import RouteTable  # noqa: E402
+from ipip.routes import Route  # noqa: E402
 from ipip import capability, dataplane, encap, links  # noqa: E402
 
 CLONE_NEWNET = 0x40000000
@@ -51,7 +53,7 @@ def program(node: dict) -> None:
         hop = encap.next_hop(how, local, IPv4Address(remote["gateway"]), prepared.devices)
         routes[block] = Route(block, (hop,))
     with KernelRoutes() as kernel:
-        stats = kernel.reconcile(routes)
+        stats = RouteTable(kernel).sync(routes)
     with IPRoute() as ipr:
         dataplane.retire(ipr, desired)
     print(f"RESULT node={node['name']} pod_mtu={prepared.pod_mtu} tunl0={prepared.devices.tunl0}"

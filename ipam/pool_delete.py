@@ -1,5 +1,5 @@
-"""Pool lifecycle against etcd: deleting a pool safely (the rest of a pool's life is plain
-resource writes, see pipitctl.resources)."""
+"""Deleting an IP pool safely against etcd (the rest of a pool's life is plain resource writes,
+see pipitctl.resources; the pool itself is ipam.pool)."""
 
 from __future__ import annotations
 

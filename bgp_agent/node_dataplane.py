@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
 
-from ipip.kernel_routes import NextHop
+from ipip.routes import NextHop
 from bgp_agent.node import NodeRecord, set_tunnel_fields
 from bgp_agent.policy import native
 from ipam.allocator import IPAM
@@ -47,7 +47,7 @@ class EncapStatus:
                 "problems": self.problems}
 
 
-class Encapsulation:
+class NodeDataplane:
     def __init__(self, store: Store, ipam: IPAM, mtu_path: Path, mtu_override: int | None = None):
         self.store = store
         self.ipam = ipam

@@ -1,0 +1,274 @@
+"""The protocol between pipit-agent (its ExaBGP speaker) and pipit-exabgp-bridge, which both
+import: message forms, line reading, and the one table type both ends keep.
+
+JSON objects, one per line, over a unix socket (the agent listens, the bridge connects).
+Addresses and prefixes are strings.
+
+Bridge to agent, first on every connection:
+    {"type": "hello", "protocol": 1, "bridge_pid": 12, "exabgp_pid": 11, "digest": "ab12.."|null}
+        digest: the configuration the bridge last saw ExaBGP apply (see exabgp_config)
+    {"type": "snapshot-begin"}
+    state messages (below) for everything the bridge knows: peers, received, announced
+    {"type": "snapshot-end"}
+then live, in the order things happen, the state messages:
+    {"type": "peer", "address": A, "state": "up"|"down"|"idle", "since": 1.7e9, "reason": "...",
+     "notification": bool, "graceful_restart": bool, "restart_time": 120, "router_id": A|null,
+     "end_of_rib": bool, "extra": {...}}
+        sent when the state, reason or End-of-RIB flag changes; an "up" with a new "since" is a
+        new session (drop what the old one sent). On "down" the peer's received routes are
+        gone (ExaBGP sends no withdrawals, trap 4); `notification` says the session ended
+        with a NOTIFICATION (which ends graceful restart, RFC 4724), graceful_restart and
+        restart_time are from the last OPEN exchange. ExaBGP's "connected" is not reported: it
+        repeats every second while a peer refuses (trap 5).
+    {"type": "received", "peer": A, "announce": [Path...], "withdraw": [prefix...]}
+    {"type": "announced", "neighbor": A, "routes": [Announcement...]}   ExaBGP accepted these
+    {"type": "withdrawn", "neighbor": A, "prefixes": [prefix...]}       ExaBGP accepted these
+    {"type": "forget", "peer": A}          no longer configured: drop everything about it
+and the answers and notices:
+    {"type": "done", "id": N, "output": [...]} / {"type": "error", "id": N, "message": "..."}
+    {"type": "exabgp-shutdown"}
+
+Agent to bridge (executed one at a time, in order; each answered by done/error with its id):
+    {"id": N, "op": "announce", "neighbors": [A...], "routes": [Announcement...]}
+    {"id": N, "op": "withdraw", "neighbors": [A...], "prefixes": [prefix...]}
+        the same routes to (or from) every neighbour listed, in one ExaBGP command per
+        attribute set (a reflector's fan-out)
+    {"id": N, "op": "eor", "neighbor": A}            send End-of-RIB (ExaBGP runs manual-eor)
+    {"id": N, "op": "clear", "neighbor": A}          withdraw everything sent to one neighbour
+    {"id": N, "op": "reload", "digest": D, "neighbors": [A...], "timeout": 30}
+        reload ExaBGP's configuration and answer only once ExaBGP shows it applied
+    {"id": N, "op": "retire", "timeout": 30}
+        withdraw this node's own routes (next hop self) from every neighbour and answer once
+        the withdrawals left; what it reflects stays
+    {"id": N, "op": "command", "line": "show neighbor summary"}     raw, output in the reply
+A Path / Announcement is the model's dataclass as an object, empty and None fields left out.
+An error reply still comes after the announced/withdrawn messages for the lines ExaBGP took.
+
+Each state message has a dataclass here; `RouteTables.apply(message)` is how both ends change
+their tables, so the agent's copy is the bridge's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field, fields
+from ipaddress import IPv4Address, IPv4Network
+
+from bgp_agent.model import Announcement, Path, PeerState
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = 2  # 2: announce/withdraw to several neighbours, the eor op, peer notification
+CHUNK = 1000  # routes per snapshot message
+LINE_LIMIT = 64 * 2**20  # longest line either side accepts
+
+
+# --------------------------------------------------------------------------------------------
+# JSON forms of the model types
+
+def _plain(value):
+    if isinstance(value, (IPv4Address, IPv4Network)):
+        return str(value)
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _to_json(obj) -> dict:
+    out = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if value is None or value == () or (f.name == "origin" and value == "igp"):
+            continue
+        out[f.name] = _plain(value)
+    return out
+
+
+def _address(value) -> IPv4Address | None:
+    return None if value is None else IPv4Address(value)
+
+
+def path_to_json(path: Path) -> dict:
+    return _to_json(path)
+
+
+def path_from_json(d: dict) -> Path:
+    return Path(
+        prefix=IPv4Network(d["prefix"]), next_hop=IPv4Address(d["next_hop"]),
+        as_path=tuple(d.get("as_path", ())), communities=tuple(map(tuple, d.get("communities", ()))),
+        local_pref=d.get("local_pref"), med=d.get("med"), origin=d.get("origin", "igp"),
+        originator_id=_address(d.get("originator_id")),
+        cluster_list=tuple(IPv4Address(a) for a in d.get("cluster_list", ())))
+
+
+def announcement_to_json(route: Announcement) -> dict:
+    return _to_json(route)
+
+
+def announcement_from_json(d: dict) -> Announcement:
+    return Announcement(
+        prefix=IPv4Network(d["prefix"]), next_hop=_address(d.get("next_hop")),
+        communities=tuple(map(tuple, d.get("communities", ()))), as_path=tuple(d.get("as_path", ())),
+        local_pref=d.get("local_pref"), med=d.get("med"),
+        originator_id=_address(d.get("originator_id")),
+        cluster_list=tuple(IPv4Address(a) for a in d.get("cluster_list", ())),
+        large_communities=tuple(map(tuple, d.get("large_communities", ()))),
+        origin=d.get("origin", "igp"))
+
+
+def peer_to_json(peer: PeerState) -> dict:
+    return {"address": str(peer.address), "state": peer.state, "since": peer.since,
+            "reason": peer.reason, "notification": peer.notification,
+            "graceful_restart": peer.graceful_restart, "restart_time": peer.restart_time,
+            "router_id": _plain(peer.router_id), "end_of_rib": peer.end_of_rib,
+            "extra": peer.extra}
+
+
+def peer_from_json(d: dict) -> PeerState:
+    return PeerState(address=IPv4Address(d["address"]), state=d["state"], since=d["since"],
+                     reason=d["reason"], notification=bool(d.get("notification", False)),
+                     graceful_restart=d["graceful_restart"], restart_time=d["restart_time"],
+                     router_id=_address(d.get("router_id")), end_of_rib=d["end_of_rib"],
+                     extra=d.get("extra") or {})
+
+
+# --------------------------------------------------------------------------------------------
+# State messages
+
+@dataclass(frozen=True)
+class PeerChanged:
+    peer: PeerState
+
+
+@dataclass(frozen=True)
+class Received:
+    peer: IPv4Address
+    announce: tuple[Path, ...] = ()
+    withdraw: tuple[IPv4Network, ...] = ()
+
+
+@dataclass(frozen=True)
+class Announced:
+    neighbor: IPv4Address
+    routes: tuple[Announcement, ...]
+
+
+@dataclass(frozen=True)
+class Withdrawn:
+    neighbor: IPv4Address
+    prefixes: tuple[IPv4Network, ...]
+
+
+@dataclass(frozen=True)
+class Forget:
+    peer: IPv4Address
+
+
+StateMessage = PeerChanged | Received | Announced | Withdrawn | Forget
+STATE_TYPES = ("peer", "received", "announced", "withdrawn", "forget")
+
+
+def encode(message: StateMessage) -> dict:
+    if isinstance(message, PeerChanged):
+        return {"type": "peer", **peer_to_json(message.peer)}
+    if isinstance(message, Received):
+        return {"type": "received", "peer": str(message.peer),
+                "announce": [path_to_json(p) for p in message.announce],
+                "withdraw": [str(p) for p in message.withdraw]}
+    if isinstance(message, Announced):
+        return {"type": "announced", "neighbor": str(message.neighbor),
+                "routes": [announcement_to_json(r) for r in message.routes]}
+    if isinstance(message, Withdrawn):
+        return {"type": "withdrawn", "neighbor": str(message.neighbor),
+                "prefixes": [str(p) for p in message.prefixes]}
+    return {"type": "forget", "peer": str(message.peer)}
+
+
+def decode(d: dict) -> StateMessage:
+    """A state message from its JSON form (d["type"] in STATE_TYPES); KeyError / ValueError
+    on malformed input."""
+    kind = d["type"]
+    if kind == "peer":
+        return PeerChanged(peer_from_json(d))
+    if kind == "received":
+        return Received(IPv4Address(d["peer"]), tuple(map(path_from_json, d["announce"])),
+                        tuple(IPv4Network(p) for p in d["withdraw"]))
+    if kind == "announced":
+        return Announced(IPv4Address(d["neighbor"]),
+                         tuple(map(announcement_from_json, d["routes"])))
+    if kind == "withdrawn":
+        return Withdrawn(IPv4Address(d["neighbor"]), tuple(IPv4Network(p) for p in d["prefixes"]))
+    if kind == "forget":
+        return Forget(IPv4Address(d["peer"]))
+    raise ValueError(f"{kind!r} is not a state message")
+
+
+@dataclass
+class RouteTables:
+    """What ExaBGP said, as one end of the bridge knows it: each peer's session, the routes
+    each peer sent us, and what ExaBGP accepted to send each neighbour."""
+    peers: dict[IPv4Address, PeerState] = field(default_factory=dict)
+    received: dict[IPv4Address, dict[IPv4Network, Path]] = field(default_factory=dict)
+    announced: dict[IPv4Address, dict[IPv4Network, Announcement]] = field(default_factory=dict)
+
+    def apply(self, message: StateMessage) -> None:
+        if isinstance(message, PeerChanged):
+            peer = message.peer
+            old = self.peers.get(peer.address)
+            self.peers[peer.address] = peer
+            if peer.state != "up":
+                self.received.pop(peer.address, None)
+            elif old is None or old.state != "up" or old.since != peer.since:
+                self.received[peer.address] = {}  # a new session
+        elif isinstance(message, Received):
+            table = self.received.setdefault(message.peer, {})
+            for prefix in message.withdraw:
+                table.pop(prefix, None)
+            for path in message.announce:
+                table[path.prefix] = path
+        elif isinstance(message, Announced):
+            table = self.announced.setdefault(message.neighbor, {})
+            for route in message.routes:
+                table[route.prefix] = route
+        elif isinstance(message, Withdrawn):
+            table = self.announced.get(message.neighbor, {})
+            for prefix in message.prefixes:
+                table.pop(prefix, None)
+            if not table:
+                self.announced.pop(message.neighbor, None)
+        else:
+            for table in (self.peers, self.received, self.announced):
+                table.pop(message.peer, None)
+
+    def snapshot(self) -> Iterator[StateMessage]:
+        """State messages that rebuild these tables from empty tables."""
+        for peer in self.peers.values():
+            yield PeerChanged(peer)
+        for address, paths in self.received.items():
+            listed = tuple(paths.values())
+            for i in range(0, len(listed), CHUNK):
+                yield Received(address, listed[i:i + CHUNK])
+        for address, routes in self.announced.items():
+            listed = tuple(routes.values())
+            for i in range(0, len(listed), CHUNK):
+                yield Announced(address, listed[i:i + CHUNK])
+
+
+# --------------------------------------------------------------------------------------------
+# Lines
+
+async def read_lines(reader: asyncio.StreamReader, source: str,
+                     logger: logging.Logger = log) -> AsyncIterator[bytes]:
+    """The lines `reader` gives until EOF; a line longer than LINE_LIMIT (the readers' limit)
+    is logged, naming `source`, and skipped."""
+    while True:
+        try:
+            raw = await reader.readline()
+        except ValueError:
+            logger.error("skipped a line longer than %d bytes from %s", LINE_LIMIT, source)
+            continue
+        if not raw:
+            return
+        yield raw

@@ -1,0 +1,159 @@
+"""This node as a route reflector (RFC 4456): the pure core of route_reflector fed, pass by
+pass, with what each of the node's iBGP sessions sent and the import policy accepted, and its
+output turned into announcements the speaker sends in batches (one ExaBGP command per
+attribute set for every peer that gets it).
+
+Which peers take part, and as what, is the selection's (policy.select_neighbors: a same-AS
+peer with an empty or other cluster id is a client, one of the same cluster id a non-client).
+eBGP peers (a ToR) take no part: their routes are not reflected.
+
+The core keeps what it sent; the speaker's tables say what ExaBGP holds. They are compared
+in full once after a start (an agent restart finds ExaBGP's Adj-RIB-Out from before: routes
+no longer right are withdrawn), after a failed send, and every RESYNC_SECONDS.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+from bgp_agent.model import Announcement, Neighbor, Path, PeerState
+from route_reflector import CLIENT, NON_CLIENT, Attributes, Reflector, Route, Update, batch
+
+log = logging.getLogger(__name__)
+
+RESYNC_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class Send:
+    """Announce `routes` to every neighbour of `neighbors`, or withdraw `prefixes` from them."""
+    neighbors: tuple[IPv4Address, ...]
+    routes: tuple[Announcement, ...] = ()
+    prefixes: tuple[IPv4Network, ...] = ()
+
+
+def announcement(prefix: IPv4Network, attributes: Attributes) -> Announcement:
+    return Announcement(prefix, next_hop=attributes.next_hop, communities=attributes.communities,
+                        as_path=attributes.as_path, local_pref=attributes.local_pref,
+                        med=attributes.med, originator_id=attributes.originator_id,
+                        cluster_list=attributes.cluster_list, origin=attributes.origin)
+
+
+def route(path: Path, peer: IPv4Address, router_id: IPv4Address) -> Route:
+    return Route(path.prefix, path.next_hop, path.as_path, path.communities, path.local_pref,
+                 path.med, path.origin, path.originator_id, path.cluster_list, peer=peer,
+                 peer_router_id=router_id)
+
+
+def reflected(announced: Announcement) -> bool:
+    """A route this node reflects, not one of its own: its own go with next hop self."""
+    return announced.next_hop is not None
+
+
+class Reflection:
+    def __init__(self, router_id: IPv4Address, cluster_id: IPv4Address, local_as: int):
+        self.core = Reflector(router_id, cluster_id)
+        self.local_as = local_as
+        self._seen: dict[IPv4Address, PeerState] = {}  # each peer's state at the last pass
+        self._check_at = 0.0  # when to compare with the speaker's tables in full
+
+    @property
+    def cluster_id(self) -> IPv4Address:
+        return self.core.cluster_id
+
+    def members(self, neighbors: Iterable[Neighbor]) -> dict[IPv4Address, str]:
+        """The neighbours that take part, and their roles."""
+        return {n.address: CLIENT if n.rr_client else NON_CLIENT for n in neighbors
+                if n.peer_as == self.local_as and n.local_as == self.local_as}
+
+    def step(self, neighbors: Iterable[Neighbor], peers: Mapping[IPv4Address, PeerState],
+             accepted: Mapping[IPv4Address, Mapping[IPv4Network, Path]], now: float
+             ) -> list[Update]:
+        """One pass: sessions that came, went or finished their table, what each sent; the
+        updates to send (in order)."""
+        core, out = self.core, []
+        members = self.members(neighbors)
+        for address in set(core.peers()) - set(members):
+            out += core.remove_peer(address)
+            self._seen.pop(address, None)
+        for address, role in members.items():
+            out += core.add_peer(address, role)
+        known = core.peers()
+        coming: list[IPv4Address] = []
+        for address in members:
+            state, before = peers.get(address), self._seen.get(address)
+            up = state is not None and state.state == "up"
+            was_up = known[address].up
+            if was_up and (not up or (before is not None and state.since != before.since)):
+                # down now, or down and back between two passes (then the old session's
+                # graceful restart applies)
+                lost = state if state is not None and not up else before
+                out += core.peer_down(address, now=now,
+                                      graceful_restart=bool(lost and lost.graceful_restart),
+                                      notification=bool(lost and not up and lost.notification),
+                                      restart_time=lost.restart_time if lost else 0)
+                was_up = False
+            elif not up and state is not None and state.notification:
+                out += core.peer_down(address, now=now, notification=True)  # learnt later
+            if up and not was_up:
+                coming.append(address)
+            if state is not None:
+                self._seen[address] = state
+        out += core.peers_up(coming)
+        for address in members:
+            state = peers.get(address)
+            if state is None or state.state != "up":
+                continue
+            router_id = state.router_id or address
+            out += core.set_table(address, {p: route(path, address, router_id)
+                                            for p, path in accepted.get(address, {}).items()})
+            if state.end_of_rib and not known[address].end_of_rib:
+                out += core.end_of_rib(address)
+        out += core.expire(now)
+        return out
+
+    def sends(self, updates: Iterable[Update]) -> list[Send]:
+        """The updates as the speaker sends them: one command per attribute set and group of
+        peers, withdrawals first."""
+        announce, withdraw = [], []
+        for part in batch(updates):
+            neighbors = tuple(sorted(part.peers))
+            if part.attributes is None:
+                withdraw.append(Send(neighbors, prefixes=part.prefixes))
+            else:
+                routes = tuple(announcement(p, part.attributes) for p in part.prefixes)
+                announce.append(Send(neighbors, routes=routes))
+        return withdraw + announce
+
+    def due_check(self, now: float) -> bool:
+        return now >= self._check_at
+
+    def check(self, announced: Mapping[IPv4Address, Mapping[IPv4Network, Announcement]],
+              now: float, failed: bool = False) -> list[Send]:
+        """What to send so that every member holds exactly what the core says it was sent;
+        after a start, a failed send (`failed`: look again soon) and every RESYNC_SECONDS."""
+        self._check_at = now + (1.0 if failed else RESYNC_SECONDS)
+        fixes: list[Send] = []
+        for address, peer in self.core.peers().items():
+            if not peer.up:
+                continue
+            want = {p: announcement(p, a) for p, a in self.core.advertised(address).items()}
+            have = {p: a for p, a in announced.get(address, {}).items() if reflected(a)}
+            wrong = tuple(a for p, a in want.items() if have.get(p) != a)
+            extra = tuple(p for p in have if p not in want)
+            if extra:
+                fixes.append(Send((address,), prefixes=extra))
+            if wrong:
+                fixes.append(Send((address,), routes=wrong))
+        if fixes:
+            log.info("reflection: %d corrections to what the speaker holds", len(fixes))
+        return fixes
+
+    def next_deadline(self) -> float | None:
+        return self.core.next_deadline()
+
+    def waiting_for_end_of_rib(self) -> bool:
+        return bool(self.core.waiting_for_end_of_rib())

@@ -1,0 +1,367 @@
+"""The routing loop (bgp_agent.routing.Router) on its own: the cluster's state in an in-memory
+store, peers played through an in-memory speaker, routes in an in-memory kernel behind the
+real RouteTable, time from a clock the test moves. Each pass is run by the test (reconcile).
+The same loop against real ExaBGP, BIRD, etcd and kernels: test_speaker, test_tor, test_lab."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from dataclasses import replace
+from contextlib import asynccontextmanager
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+
+import pytest
+
+from bgp_agent.bgp_peer import peer_from_spec, peer_to_document
+from bgp_agent.model import Announcement, Path
+from bgp_agent.node import NodeRecord, node_to_document
+from bgp_agent.routing import STARTUP_GRACE_SECONDS, Router
+from ipam import block as blocks
+from ipam import keys
+from ipam.pool import pool_from_spec, pool_to_document
+from ipam.resource import make_document
+from ipip.route_table import RouteTable
+from ipip.routes import NextHop, Route
+from tests.doubles import Clock, MemoryKernel, MemorySpeaker, MemoryStore
+
+A, N = IPv4Address, IPv4Network
+ME = NodeRecord("n1", IPv4Interface("10.0.0.1/24"))
+CLUSTER_ID = A("244.0.0.1")
+RR1 = NodeRecord("rr1", IPv4Interface("10.0.0.11/24"), route_reflector_cluster_id=CLUSTER_ID)
+RR2 = NodeRecord("rr2", IPv4Interface("10.0.0.12/24"), route_reflector_cluster_id=CLUSTER_ID)
+N1, R2 = A("10.0.0.1"), A("10.0.0.12")
+N2, N3 = A("10.0.0.2"), A("10.0.0.3")
+TOR = A("10.0.0.254")
+OWN_BLOCK = N("10.244.0.0/26")
+BLOCK2, BLOCK3 = N("10.244.1.0/26"), N("10.244.2.0/26")
+
+
+def via(prefix: IPv4Network, *gateways: IPv4Address) -> Route:
+    return Route(prefix, tuple(NextHop(g) for g in gateways))
+
+
+class Cluster:
+    """Nodes n1 (this one), n2 and n3 in a mesh; or, with `reflector`, this node is rr1, a
+    route reflector, n1-n3 its clients and rr2 a fellow reflector (mesh off, one BGPPeer
+    peering every node with every reflector)."""
+
+    def __init__(self, kernel_routes=(), reflector: bool = False):
+        self.store = MemoryStore()
+        self.speaker = MemorySpeaker()
+        self.kernel = MemoryKernel(kernel_routes)
+        self.clock = Clock()
+        me = replace(RR1, labels={"route-reflector": "true"}) if reflector else ME
+        self.router = Router(self.store, me, self.speaker, RouteTable(self.kernel,
+                                                                      clock=self.clock),
+                             clock=self.clock)
+        self.store.put(keys.pool_key("default"), pool_to_document(
+            pool_from_spec("default", {"cidr": "10.244.0.0/16"})))
+        for name, address in (("n1", "10.0.0.1/24"), ("n2", "10.0.0.2/24"),
+                              ("n3", "10.0.0.3/24")):
+            self.add_node(name, address)
+        if reflector:
+            for record in (RR1, RR2):
+                self.add_node(record.name, str(record.address), record.route_reflector_cluster_id)
+            self.store.put(keys.resource_key("bgpconfig", "default"), make_document(
+                "BGPConfiguration", "default", {"nodeToNodeMeshEnabled": False}))
+            self.add_peer("to-rr", nodeSelector="all()",
+                          peerSelector="route-reflector == 'true'")
+        else:
+            self.claim(OWN_BLOCK)
+        self.claim(BLOCK2, "n2")
+
+    def add_node(self, name: str, address: str, cluster_id=None) -> None:
+        labels = {"route-reflector": "true"} if cluster_id else {}
+        self.store.put(keys.node_key(name), node_to_document(NodeRecord(
+            name, IPv4Interface(address), labels=labels,
+            route_reflector_cluster_id=cluster_id)))
+
+    def claim(self, cidr: IPv4Network, node: str = "n1") -> None:
+        self.store.put(keys.block_key(cidr), blocks.to_json(blocks.new_block(cidr, node)))
+        self.store.put(keys.affinity_key(node, cidr), {"state": "confirmed"})
+
+    def add_peer(self, name: str, **spec) -> None:
+        self.store.put(keys.resource_key("bgppeers", name),
+                       peer_to_document(peer_from_spec(name, spec)))
+
+    async def sync(self) -> None:
+        """Let the mirrors take in what the test wrote, then one pass."""
+        await self.store.settled()
+        await self.router.reconcile()
+
+    def peer(self, address: IPv4Address) -> dict:
+        return next(p for p in self.router.status.to_json()["peers"]
+                    if p["address"] == str(address))
+
+    def settle_peers(self, *addresses: IPv4Address) -> None:
+        for address in addresses:
+            self.speaker.up(address)
+            self.speaker.end_of_rib(address)
+
+
+@asynccontextmanager
+async def running(cluster: Cluster):
+    tasks = [asyncio.create_task(m.run()) for m in cluster.router.mirrors]
+    try:
+        await asyncio.gather(*(m.ready.wait() for m in cluster.router.mirrors))
+        yield cluster
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def run(test):
+    """An async test body run on its own loop (no plugin needed)."""
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        return asyncio.run(test(*args, **kwargs))
+    return wrapper
+
+
+@run
+async def test_mesh_routes_are_imported_announced_and_end_of_rib_follows_the_table():
+    async with running(Cluster()) as c:
+        await c.sync()
+        assert [n.address for n in c.speaker.neighbors] == [N2, N3]
+        assert c.kernel.routes == {OWN_BLOCK: Route(OWN_BLOCK, blackhole=True)}
+        c.settle_peers(N2, N3)
+        c.speaker.send(N2, Path(BLOCK2, N2))
+        await c.sync()
+        assert c.kernel.routes[BLOCK2] == via(BLOCK2, N2)
+        assert set(c.speaker.announced[N2]) == {OWN_BLOCK}
+        assert c.speaker.end_of_rib_sent == [N2, N3]  # once per session, after our table
+        await c.sync()
+        assert c.speaker.end_of_rib_sent == [N2, N3]
+        c.speaker.down(N2)
+        c.speaker.up(N2)  # a new session gets our table and End-of-RIB again
+        await c.sync()
+        assert c.speaker.end_of_rib_sent == [N2, N3, N2]
+
+
+@run
+async def test_an_import_that_policy_rejects_is_not_installed_and_says_why():
+    async with running(Cluster()) as c:
+        c.settle_peers(N2, N3)
+        outside, own = Path(N("192.168.7.0/24"), N2), Path(OWN_BLOCK, N2)
+        c.speaker.send(N2, outside, own, Path(BLOCK2, N2))
+        c.speaker.send(N3, Path(BLOCK3, N3))  # n3 announces a block etcd does not give it
+        await c.sync()
+        assert N("192.168.7.0/24") not in c.kernel.routes
+        assert c.kernel.routes[OWN_BLOCK].blackhole  # our own block stays ours
+        assert BLOCK3 not in c.kernel.routes
+        assert c.peer(N2)["rejectedReasons"] == {"it is not inside an IP pool": 1,
+                                                  "it is one of this node's own blocks": 1}
+        assert (c.peer(N2)["accepted"], c.peer(N2)["rejected"]) == (1, 2)
+        assert c.peer(N3)["rejectedReasons"] == {"no node owns it in etcd": 1}
+        c.claim(BLOCK3, "n3")  # etcd catches up: the next pass takes it
+        await c.sync()
+        assert c.kernel.routes[BLOCK3] == via(BLOCK3, N3)
+
+
+@run
+async def test_a_peer_over_its_max_prefixes_is_disconnected_until_its_bgppeer_changes():
+    async with running(Cluster()) as c:
+        c.add_peer("tor", peerIP=str(TOR), asNumber=65001, maxPrefixes=2)
+        await c.sync()
+        assert TOR in {n.address for n in c.speaker.neighbors}
+        c.settle_peers(N2, N3, TOR)
+        c.speaker.send(TOR, *(Path(N(f"192.168.{i}.0/24"), TOR) for i in range(3)))
+        await c.sync()
+        assert TOR not in {n.address for n in c.speaker.neighbors}
+        assert c.peer(TOR)["state"] == "disabled"
+        assert "more than its maxPrefixes 2" in c.peer(TOR)["reason"]
+        assert not any(r.dst.subnet_of(N("192.168.0.0/16")) for r in c.kernel.routes.values())
+        await c.sync()  # it stays out
+        assert TOR not in {n.address for n in c.speaker.neighbors}
+        c.add_peer("tor", peerIP=str(TOR), asNumber=65001, maxPrefixes=10)
+        await c.sync()
+        assert TOR in {n.address for n in c.speaker.neighbors}
+
+
+@run
+async def test_learned_routes_stay_through_the_start_up_grace_until_every_peer_has_sent_its_table():
+    left_over = via(BLOCK3, N3)  # in the kernel from before the agent restarted
+    async with running(Cluster([left_over])) as c:
+        c.speaker.connected = False
+        await c.sync()
+        assert c.kernel.routes[BLOCK3] == left_over  # nothing known yet: kept
+        c.speaker.connected = True
+        c.settle_peers(N2)  # n3 not up yet
+        await c.sync()
+        assert c.kernel.routes[BLOCK3] == left_over  # still in the grace
+        c.settle_peers(N3)  # n3 back, without that block
+        await c.sync()
+        assert BLOCK3 not in c.kernel.routes
+
+
+@run
+async def test_the_start_up_grace_ends_on_time_even_if_a_peer_never_comes():
+    async with running(Cluster([via(BLOCK3, N3)])) as c:
+        c.settle_peers(N2)
+        await c.sync()
+        assert BLOCK3 in c.kernel.routes
+        c.clock.advance(STARTUP_GRACE_SECONDS)
+        await c.sync()
+        assert BLOCK3 not in c.kernel.routes
+
+
+async def _a_peer_with_routes(c: Cluster) -> None:
+    c.settle_peers(N2, N3)
+    c.speaker.send(N2, Path(BLOCK2, N2))
+    await c.sync()
+    assert BLOCK2 in c.kernel.routes
+
+
+@run
+async def test_a_peer_restarting_gracefully_keeps_its_routes_until_its_restart_time():
+    async with running(Cluster()) as c:
+        await _a_peer_with_routes(c)
+        c.speaker.down(N2, "closing connection")
+        await c.sync()
+        assert c.kernel.routes[BLOCK2] == via(BLOCK2, N2)
+        assert (c.peer(N2)["state"], c.peer(N2)["stale"]) == ("down", 1)
+        c.clock.advance(119)
+        await c.sync()
+        assert BLOCK2 in c.kernel.routes
+        c.clock.advance(1)
+        await c.sync()
+        assert BLOCK2 not in c.kernel.routes and c.peer(N2)["stale"] == 0
+
+
+@run
+async def test_a_peer_back_from_a_restart_replaces_its_kept_routes_at_end_of_rib():
+    async with running(Cluster()) as c:
+        await _a_peer_with_routes(c)
+        c.speaker.down(N2)
+        await c.sync()
+        c.speaker.up(N2)
+        await c.sync()
+        assert BLOCK2 in c.kernel.routes and c.peer(N2)["stale"] == 1  # table not complete
+        c.speaker.end_of_rib(N2)  # back, without that block
+        await c.sync()
+        assert BLOCK2 not in c.kernel.routes and c.peer(N2)["stale"] == 0
+
+
+@pytest.mark.parametrize("order", ["at once", "learned later"])
+@run
+async def test_a_notification_ends_graceful_restart_and_no_stale_routes_are_reported(order):
+    """A hold timer that expired ends with our NOTIFICATION: no restart is coming. Also when
+    the NOTIFICATION is only learned after a first "down" (the flaky ToR test's case)."""
+    async with running(Cluster()) as c:
+        await _a_peer_with_routes(c)
+        if order == "learned later":
+            c.speaker.down(N2, "closing connection")
+            await c.sync()
+            assert c.peer(N2)["stale"] == 1
+        c.speaker.down(N2, "notification sent (4,0)", notification=True)
+        await c.sync()
+        assert c.peer(N2)["state"] == "down" and c.peer(N2)["stale"] == 0
+        assert BLOCK2 not in c.kernel.routes
+
+
+@run
+async def test_a_peer_that_is_removed_loses_its_session_and_its_routes():
+    async with running(Cluster()) as c:
+        await _a_peer_with_routes(c)
+        c.store.delete(keys.node_key("n2"))
+        await c.sync()
+        assert [n.address for n in c.speaker.neighbors] == [N3]
+        assert BLOCK2 not in c.kernel.routes
+        assert all(p["address"] != str(N2) for p in c.router.status.to_json()["peers"])
+
+
+@run
+async def test_a_route_the_kernel_refuses_is_reported_and_tried_again():
+    async with running(Cluster()) as c:
+        c.kernel.refuse.add(BLOCK2)
+        c.settle_peers(N2, N3)
+        c.speaker.send(N2, Path(BLOCK2, N2))
+        await c.sync()
+        assert BLOCK2 not in c.kernel.routes
+        assert "kernel refused add 10.244.1.0/26 via 10.0.0.2" in c.router.status.last_error
+        c.kernel.refuse.clear()
+        await c.sync()  # the next pass, without a resync
+        assert c.kernel.routes[BLOCK2] == via(BLOCK2, N2)
+        assert c.kernel.dumps == 1
+
+
+# --------------------------------------------------------------------------------------------
+# As a route reflector (RFC 4456 in route_reflector, driven by bgp_agent.reflection)
+
+def reflected_to(c: Cluster, peer: IPv4Address) -> dict[IPv4Network, object]:
+    return {p: a for p, a in c.speaker.announced.get(peer, {}).items() if a.next_hop}
+
+
+@run
+async def test_a_reflector_reflects_a_clients_routes_to_everyone_and_a_non_clients_to_clients():
+    async with running(Cluster(reflector=True)) as c:
+        await c.sync()
+        assert {n.address: n.rr_client for n in c.speaker.neighbors} == {
+            N1: True, N2: True, N3: True, R2: False}
+        c.settle_peers(N1, N2, N3, R2)
+        c.speaker.send(N2, Path(BLOCK2, N2))  # a client's block
+        c.claim(BLOCK3, "n3")
+        c.speaker.send(R2, Path(BLOCK3, N3, originator_id=N3, cluster_list=(CLUSTER_ID,)))
+        await c.sync()
+        # n2's block goes to the other clients and to rr2, not back to n2, with n2 as its
+        # originator and our cluster id; next hop kept
+        for peer in (N1, N3, R2):
+            route = reflected_to(c, peer)[BLOCK2]
+            assert (route.next_hop, route.originator_id, route.cluster_list) == (
+                N2, N2, (CLUSTER_ID,))
+        assert BLOCK2 not in reflected_to(c, N2)
+        # what came from rr2 carries our own cluster id: a loop, reflected to nobody
+        assert all(BLOCK3 not in reflected_to(c, p) for p in (N1, N2, N3, R2))
+        c.speaker.send(R2, Path(BLOCK3, N3, originator_id=N3,
+                                cluster_list=(A("244.0.0.9"),)))  # another cluster's
+        await c.sync()
+        # a non-client's route goes to the clients only (n3 drops its own by ORIGINATOR_ID)
+        assert all(reflected_to(c, p)[BLOCK3].next_hop == N3 for p in (N1, N2, N3))
+        assert BLOCK3 not in reflected_to(c, R2)
+
+
+@run
+async def test_a_clients_session_loss_withdraws_or_keeps_its_routes_as_graceful_restart_says():
+    async with running(Cluster(reflector=True)) as c:
+        c.settle_peers(N1, N2, N3, R2)
+        c.speaker.send(N2, Path(BLOCK2, N2))
+        await c.sync()
+        assert BLOCK2 in reflected_to(c, N1)
+        c.speaker.down(N2, "closing connection")  # it negotiated graceful restart
+        await c.sync()
+        assert BLOCK2 in reflected_to(c, N1)  # kept, stale
+        c.speaker.down(N2, "notification received (6,2)", notification=True)
+        await c.sync()
+        assert BLOCK2 not in reflected_to(c, N1)
+
+
+@run
+async def test_a_restarted_reflector_withdraws_what_it_no_longer_reflects_and_holds_its_end_of_rib():
+    async with running(Cluster(reflector=True)) as c:
+        stale = N("10.244.9.0/26")  # sent by the reflector before the agent restarted
+        c.settle_peers(N1, N3, R2)
+        c.speaker.up(N2)  # n2 is still sending its table
+        c.speaker.announced[N1] = {stale: Announcement(stale, next_hop=N2)}
+        await c.sync()
+        assert stale not in c.speaker.announced[N1]
+        assert c.speaker.end_of_rib_sent == []  # n2 has not finished: no End-of-RIB yet
+        c.speaker.send(N2, Path(BLOCK2, N2))
+        c.speaker.end_of_rib(N2)
+        await c.sync()
+        assert BLOCK2 in reflected_to(c, N1)
+        assert sorted(c.speaker.end_of_rib_sent) == sorted([N1, N2, N3, R2])
+
+
+@run
+async def test_a_reflector_that_stops_reflecting_withdraws_what_it_reflected():
+    async with running(Cluster(reflector=True)) as c:
+        c.settle_peers(N1, N2, N3, R2)
+        c.speaker.send(N2, Path(BLOCK2, N2))
+        await c.sync()
+        assert BLOCK2 in reflected_to(c, N1)
+        c.add_node("rr1", "10.0.0.11/24")  # its cluster id removed
+        await c.sync()
+        assert c.router.reflection is None
+        assert all(not reflected_to(c, p) for p in c.speaker.announced)
