@@ -24,10 +24,12 @@ from bgp_agent.model import DEFAULT_AS
 from bgp_agent.node import (
     NodeRecord,
     detect_address,
+    ipam_only_status,
     parse_cluster_id,
     parse_explicit_address,
     register,
 )
+from bgp_agent.version import software_version
 from bgp_agent.status import DEFAULT_STATUS_SOCKET, StatusServer
 from ipam.allocator import IPAM
 from ipam.errors import InvalidResource, PipitError
@@ -40,11 +42,13 @@ DEFAULT_STATE_DIR = "/run/pipit"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="pipit-agent", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"pipit-agent {software_version()}")
     parser.add_argument("--node", required=True, help="This node's name (as in Kubernetes).")
     parser.add_argument("--ipam-socket", default=DEFAULT_SOCKET, metavar="PATH",
                         help=f"Unix socket of the local IPAM service (default {DEFAULT_SOCKET}).")
     parser.add_argument("--no-bgp", action="store_true",
-                        help="Run the IPAM service alone, without routing.")
+                        help="Run the IPAM service alone, without routing (the node registers "
+                             "with --ip's address, if given).")
     address = parser.add_mutually_exclusive_group()
     address.add_argument("--ip", metavar="ADDR/PREFIX",
                          help="This node's BGP address, e.g. 10.0.0.11/24 (default: detected).")
@@ -120,7 +124,7 @@ def parse_labels(text: str) -> dict[str, str]:
 
 def node_identity(args: argparse.Namespace) -> NodeRecord:
     address = (parse_explicit_address(args.ip) if args.ip
-               else detect_address(args.ip_autodetection_method))
+               else None if args.no_bgp else detect_address(args.ip_autodetection_method))
     as_number = None if args.as_number is None else parse_as_number(args.as_number, "--as",
                                                                         "the AS number")
     cluster_id = (parse_cluster_id(args.route_reflector_cluster_id,
@@ -156,8 +160,14 @@ async def run(args: argparse.Namespace) -> None:
         if service is not None:
             await service.start()
         try:
-            if args.no_bgp:
-                await stop.wait()
+            if args.no_bgp:  # registered all the same, so that it is listed and has a status
+                me = await register(store, node_identity(args))
+                status = StatusServer(args.status_socket, lambda: ipam_only_status(me))
+                await status.start()
+                try:
+                    await stop.wait()
+                finally:
+                    await status.close()
             else:
                 await route(store, ipam, args, stop, lambda: retire)
             log.info("stopping")

@@ -46,6 +46,7 @@ from bgp_agent.bridge_protocol import (
 )
 from bgp_agent.exabgp_config import DESCRIPTION_PREFIX
 from bgp_agent.model import Announcement, Path, PeerState
+from bgp_agent.version import software_version
 
 log = logging.getLogger("pipit-exabgp-bridge")
 
@@ -605,6 +606,8 @@ class Bridge:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pipit-exabgp-bridge", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version",
+                        version=f"pipit-exabgp-bridge {software_version()}")
     parser.add_argument("--socket", required=True, metavar="PATH",
                         help="pipit-agent's unix socket for the bridge")
     parser.add_argument("--log-level", default="INFO",

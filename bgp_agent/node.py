@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_interface
 
 from bgp_agent.bgp_config import parse_as_number
+from bgp_agent.version import software_version
 from ipam import keys
 from ipam.errors import InvalidResource, PipitError
 from ipam.resource import SpecReader, check_labels, check_name, make_document, read_document
@@ -20,7 +21,8 @@ from ipam.txn import Changes, transact
 log = logging.getLogger(__name__)
 
 KIND = "Node"
-# Interfaces that never carry the node's address (Calico's list, plus Pipit's own devices).
+# Set on its record by the node's agent at registration, for `pipitctl version`.
+VERSION_ANNOTATION = "pipit.dev/agent-version"# Interfaces that never carry the node's address (Calico's list, plus Pipit's own devices).
 EXCLUDED_INTERFACES = re.compile(
     r"^(lo|docker.*|cbr.*|dummy.*|virbr.*|lxcbr.*|veth.*|cali.*|tunl.*|flannel.*|kube-ipvs.*|"
     r"cni.*|vxlan.*|wireguard.*|wg-.*|nodelocaldns.*|pipit.*)$")
@@ -253,7 +255,8 @@ async def register(store: Store, node: NodeRecord) -> NodeRecord:
                          route_reflector_cluster_id=node.route_reflector_cluster_id
                          or (stored.route_reflector_cluster_id if stored else None),
                          labels={**(stored.labels if stored else {}), **node.labels},
-                         annotations=stored.annotations if stored else node.annotations)
+                         annotations={**(stored.annotations if stored else node.annotations),
+                                      VERSION_ANNOTATION: software_version()})
         if stored is not None:  # the tunnel fields are the running agent's to change
             merged = replace(merged, ipip_tunnel_address=stored.ipip_tunnel_address,
                              vxlan_tunnel_address=stored.vxlan_tunnel_address,
@@ -265,6 +268,12 @@ async def register(store: Store, node: NodeRecord) -> NodeRecord:
             changes.put(keys.node_key(node.name), node_to_document(merged))
         return merged
     return await transact(store, decide, f"registering node {node.name}")
+
+
+def ipam_only_status(me: NodeRecord) -> dict:
+    """The status an agent run with --no-bgp serves (`pipitctl node status` reads it)."""
+    return {"node": me.name, "address": str(me.address) if me.address else None,
+            "asNumber": me.as_number, "bgp": False, "speakerConnected": False, "peers": []}
 
 
 async def set_tunnel_fields(store: Store, name: str, ipip: IPv4Address | None,

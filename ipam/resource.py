@@ -69,6 +69,8 @@ class Document:
     spec: Mapping
     labels: Mapping[str, str]
     annotations: Mapping[str, str] = field(default_factory=dict)
+    # metadata.resourceVersion, as `get` showed it: the etcd mod_revision the object had
+    resource_version: int | None = None
 
 
 # -- reading YAML that may be hostile -------------------------------------------------------
@@ -165,6 +167,16 @@ def _check_shape(text: str) -> None:
 
 
 def parse_documents(text: str) -> list[dict]:
+    """Every non-empty document of a YAML (or JSON) stream, in order, each a mapping."""
+    docs = load_documents(text)
+    for number, doc in enumerate(docs, 1):
+        if not isinstance(doc, dict):
+            raise InvalidResource(f"document {number} is not a mapping with apiVersion, kind, "
+                                  "metadata and spec.")
+    return docs
+
+
+def load_documents(text: str) -> list:
     """Every non-empty document of a YAML (or JSON) stream, in order. Input past the limits
     above, aliases that expand past them (a "billion laughs"), recursive aliases, keys given
     twice and numbers too long to be any field are refused in one sentence."""
@@ -183,10 +195,6 @@ def parse_documents(text: str) -> list[dict]:
         where = f" at line {mark.line + 1}" if mark else ""
         problem = getattr(error, "problem", None) or "cannot be parsed"
         raise InvalidResource(f"the input is not valid YAML{where}: {problem}.") from None
-    for number, doc in enumerate(docs, 1):
-        if not isinstance(doc, dict):
-            raise InvalidResource(f"document {number} is not a mapping with apiVersion, kind, "
-                                  "metadata and spec.")
     return docs
 
 
@@ -217,12 +225,23 @@ def read_document(doc: Mapping) -> Document:
     name = check_name(kind, metadata.get("name"))
     labels = _string_map(metadata, "labels", kind, name)
     annotations = _string_map(metadata, "annotations", kind, name)
+    version = metadata.get("resourceVersion")
+    if version is not None and version != "":
+        if isinstance(version, bool) or not isinstance(version, (str, int)) \
+                or not str(version).isascii() or not str(version).isdigit() \
+                or len(str(version)) > 19 or int(version) < 1:
+            raise InvalidResource(f"{kind} {name!r}: metadata.resourceVersion {shown(version)} "
+                                  "is not one `pipitctl get` shows; remove it, or get the "
+                                  "resource again.")
+        version = int(version)
+    else:
+        version = None
     spec = doc.get("spec")
     if spec is None:
         spec = {}
     if not isinstance(spec, dict):
         raise InvalidResource(f"{kind} {name!r}: spec must be a mapping.")
-    return Document(kind, name, spec, labels, annotations)
+    return Document(kind, name, spec, labels, annotations, version)
 
 
 def _string_map(metadata: Mapping, field_name: str, kind: str, name: str) -> dict[str, str]:

@@ -41,8 +41,14 @@ class AgentProcess:
     @property
     def argv(self) -> list[str]:
         return [self.python, "-m", "bgp_agent.agent", "--node", self.node, "--no-bgp",
-                "--ipam-socket", str(self.socket_path), "--etcd-endpoints", self.endpoints,
+                "--ipam-socket", str(self.socket_path), "--status-socket", str(self.status_path),
+                "--etcd-endpoints", self.endpoints,
                 "--log-level", self.log_level, *self.extra_args]
+
+    @property
+    def status_path(self) -> Path:
+        """Its status socket, beside the IPAM socket (as long a path: sockets' are limited)."""
+        return self.socket_path.with_suffix(".stat")
 
     @property
     def running(self) -> bool:

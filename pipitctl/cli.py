@@ -1,270 +1,220 @@
-"""pipitctl: the operator's command line (calicoctl-like): resources (IP pools, BGP peers and
-configuration, nodes), IPAM, node status and the lab."""
+"""pipitctl: the operator's command line (calicoctl-like): the verbs over resources (IP pools,
+BGP peers and configuration, nodes), `ipam` (pipitctl.ipam_cli), node status, versions, shell
+completion and the lab."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import functools
+import logging
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from collections.abc import Callable, Iterator
-from ipaddress import IPv4Address
 
 import click
 
-from ipam.block import Release
-from ipam.config import DEFAULT_MAX_BLOCKS_PER_HOST, IPAMConfig, config_from_spec, config_to_document
-from ipam.errors import InvalidResource, PipitError
-from ipam import keys
-from ipam.release import release_addresses
-from ipam.snapshot import blocks_of, check, load_snapshot, lookup, pool_usage
-from ipam.store import ENV_CA, ENV_CERT, ENV_ENDPOINTS, ENV_KEY, EtcdConfig, Store
-from ipam.resource import MAX_INPUT_BYTES
-from ipam.txn import Changes, transact
+from bgp_agent.node import VERSION_ANNOTATION
 from bgp_agent.status import DEFAULT_STATUS_SOCKET, read_status
+from bgp_agent.version import software_version
+from ipam.errors import InvalidResource, PipitError
+from ipam.resource import load_documents
+from ipam.store import Store
 from pipitctl import output
+from pipitctl.ipam_cli import ipam
 from pipitctl.node_status import render as render_status
-from pipitctl.resources import apply_objects, delete_object, get_objects, kind_named, read_objects
+from pipitctl.options import (complete_kinds, complete_names, echo_lines, etcd_options,
+                              file_option, with_etcd_options)
+from pipitctl.resources import (CREATE, REPLACE, apply_objects, delete_objects, edit_object,
+                                get_objects, kind_named, merge_patch, parse_label_changes,
+                                read_kind, read_objects, relabel)
 
 
-_ETCD_OPTIONS = (
-    click.option("--etcd-endpoints", metavar="URLS",
-                 help=f"Comma-separated etcd URLs [env {ENV_ENDPOINTS}; default "
-                      "http://127.0.0.1:2379]."),
-    click.option("--etcd-ca-cert", metavar="FILE",
-                 help=f"CA certificate to verify etcd with [env {ENV_CA}]."),
-    click.option("--etcd-cert", metavar="FILE", help=f"Client certificate for etcd [env {ENV_CERT}]."),
-    click.option("--etcd-key", metavar="FILE", help=f"Client key for etcd [env {ENV_KEY}]."),
-)
-_ETCD_NAMES = ("etcd_endpoints", "etcd_ca_cert", "etcd_cert", "etcd_key")
-
-
-def _with_etcd_options(function: Callable) -> Callable:
-    for option in reversed(_ETCD_OPTIONS):
-        function = option(function)
-    return function
-
-
-def etcd_options(command: Callable) -> Callable:
-    """--etcd-* options on a command (also accepted before it, on pipitctl itself); the async
-    command gets a connected `store` as its first argument."""
-    @_with_etcd_options
-    @functools.wraps(command)
-    def wrapper(**kwargs):
-        given = {n: kwargs.pop(n) for n in _ETCD_NAMES}
-        parent = click.get_current_context().find_root().params
-        config = EtcdConfig.from_options(*(given[n] or parent.get(n) for n in _ETCD_NAMES))
-
-        async def main():
-            async with Store(config) as store:
-                return await command(store, **kwargs)
-        return asyncio.run(main())
-    return wrapper
-
-
-def read_input(filename: str) -> str:
-    """A file's text (stdin for -): at most MAX_INPUT_BYTES, UTF-8."""
-    where = "stdin" if filename == "-" else filename
-    try:
-        if filename == "-":
-            data = sys.stdin.buffer.read(MAX_INPUT_BYTES + 1)
-        else:
-            with open(filename, "rb") as f:
-                data = f.read(MAX_INPUT_BYTES + 1)
-        if len(data) > MAX_INPUT_BYTES:
-            raise InvalidResource(f"{where} is larger than the {MAX_INPUT_BYTES} bytes pipitctl "
-                                  "reads at once; split it into smaller files.")
-        return data.decode("utf-8")
-    except OSError as error:
-        raise InvalidResource(f"cannot read {filename}: {error.strerror}.") from None
-    except UnicodeDecodeError:
-        raise InvalidResource(f"cannot read {where}: it is not UTF-8 text.") from None
-
-
-file_option = click.option("-f", "--filename", required=True, metavar="FILE",
-                           help="YAML or JSON file with one or more resources, - for stdin.")
+KINDS_HELP = "ippools, bgppeers, bgpconfigurations or nodes"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@_with_etcd_options
+@click.version_option(software_version(), "--version", prog_name="pipitctl",
+                      message="%(prog)s %(version)s")
+@with_etcd_options
 def cli(**etcd) -> None:
     """Manage Pipit pod networking: IP pools, IP address management and BGP."""
 
 
 @cli.command()
-@file_option
+@click.option("--client", is_flag=True, help="Only this pipitctl's version (no etcd needed).")
+@with_etcd_options
+@click.pass_context
+def version(ctx, client: bool, **etcd) -> None:
+    """pipitctl's version and the versions of the cluster's agents (from their node records)."""
+    click.echo(f"Client Version:  {software_version()}")
+    if not client:
+        agent_versions(**etcd)
+
+
 @etcd_options
-async def apply(store: Store, filename: str) -> None:
+async def agent_versions(store: Store) -> None:
+    listing = await read_kind(store, kind_named("nodes"))
+    by_version: dict[str, list[str]] = {}
+    for name, stored in sorted(listing.items.items()):
+        annotations = stored.obj.annotations if stored.obj is not None else {}
+        by_version.setdefault(annotations.get(VERSION_ANNOTATION, "unknown"), []).append(name)
+    if not by_version:
+        click.echo("Agent Versions:  (no node has registered)")
+    for number, (found, nodes) in enumerate(sorted(by_version.items())):
+        shown = ", ".join(nodes[:5]) + (f" and {len(nodes) - 5} more" if len(nodes) > 5 else "")
+        click.echo(f"{'Agent Versions:' if number == 0 else '':17}{found} "
+                   f"({len(nodes)} node{'s' if len(nodes) > 1 else ''}: {shown})")
+
+
+@cli.command()
+@file_option()
+@etcd_options
+async def apply(store: Store, sources) -> None:
     """Create or update the resources in a file (all or nothing)."""
-    for line in await apply_objects(store, read_objects(read_input(filename))):
-        click.echo(line)
+    echo_lines(await apply_objects(store, read_objects(sources)))
 
 
 @cli.command()
-@file_option
+@file_option()
+@click.option("--skip-exists", is_flag=True, help="Leave the resources that exist as they are.")
 @etcd_options
-async def create(store: Store, filename: str) -> None:
-    """Create the resources in a file; fails if any already exists."""
-    for line in await apply_objects(store, read_objects(read_input(filename)), create_only=True):
-        click.echo(line)
+async def create(store: Store, sources, skip_exists: bool) -> None:
+    """Create the resources in a file; fails (writing none) if any already exists."""
+    echo_lines(await apply_objects(store, read_objects(sources), CREATE, skip_exists))
+
+
+@cli.command(name="replace")
+@file_option()
+@etcd_options
+async def replace_command(store: Store, sources) -> None:
+    """Update the resources in a file; fails (writing none) if any does not exist."""
+    echo_lines(await apply_objects(store, read_objects(sources), REPLACE))
 
 
 @cli.command()
-@click.argument("kind", required=False)
-@click.argument("name", required=False)
-@click.option("-f", "--filename", metavar="FILE", help="Delete the resources named in a file.")
+@click.argument("kind", required=False, shell_complete=complete_kinds)
+@click.argument("names", nargs=-1, shell_complete=complete_names)
+@file_option(required=False, help="Delete the resources named in a file, a directory of "
+                                  "them, or - for stdin.")
+@click.option("-s", "--skip-not-exists", is_flag=True,
+              help="Delete the others when some do not exist.")
 @click.option("--force", is_flag=True,
               help="Delete an IP pool even while addresses in it are in use (releases them).")
 @etcd_options
-async def delete(store: Store, kind: str | None, name: str | None, filename: str | None,
-                 force: bool) -> None:
-    """Delete a resource: `delete ippool NAME` or `delete -f FILE`."""
-    if filename:
-        targets = [(k, o.name) for k, o in read_objects(read_input(filename))]
-    elif kind and name:
-        targets = [(kind_named(kind), name)]
+async def delete(store: Store, kind: str | None, names: tuple[str, ...], sources,
+                 skip_not_exists: bool, force: bool) -> None:
+    """Delete resources: `delete ippool NAME...` or `delete -f FILE`; each is checked (it
+    exists, a pool is not in use) before any is deleted."""
+    if sources is not None:
+        if kind:
+            raise InvalidResource("give either -f FILE or KIND NAME..., not both.")
+        targets = [(i.kind, i.name) for i in read_objects(sources)]
+    elif kind and names:
+        targets = [(kind_named(kind), name) for name in names]
     else:
-        raise InvalidResource("say what to delete: `pipitctl delete ippool NAME` or "
+        raise InvalidResource("say what to delete: `pipitctl delete ippool NAME...` or "
                               "`pipitctl delete -f FILE`.")
-    for k, n in targets:
-        click.echo(await delete_object(store, k, n, force))
+    echo_lines(await delete_objects(store, targets, force, skip_not_exists))
+
+
+OUTPUTS = "table, wide, yaml, json, name or custom-columns=COLUMN,..."
 
 
 @cli.command()
-@click.argument("kind")
-@click.argument("name", required=False)
-@click.option("-o", "--output", "fmt", type=click.Choice(["table", "wide", "yaml", "json"]),
-              default="table", show_default=True)
+@click.argument("kind", required=False, shell_complete=complete_kinds)
+@click.argument("names", nargs=-1, shell_complete=complete_names)
+@click.option("-o", "--output", "fmt", default="table", show_default=True, metavar="FORMAT",
+              help=f"{OUTPUTS} (the columns of -o wide).")
+@click.option("-l", "--selector", metavar="SELECTOR",
+              help="Only resources whose labels match (Calico's syntax: rack == 'a').")
 @etcd_options
-async def get(store: Store, kind: str, name: str | None, fmt: str) -> None:
-    """Show resources: `get ippools [NAME] -o table|wide|yaml|json`."""
+async def get(store: Store, kind: str | None, names: tuple[str, ...], fmt: str,
+              selector: str | None) -> None:
+    """Show resources: `get ippools [NAME...] [-l SELECTOR] [-o FORMAT]`."""
+    if not kind:
+        raise InvalidResource(f"say which kind to get: {KINDS_HELP} (`pipitctl get ippools`).")
     k = kind_named(kind)
-    objects = await get_objects(store, k, name)
-    if fmt == "yaml":
-        click.echo(output.documents_yaml([k.to_document(o) for o in objects]))
+    if fmt not in ("table", "ps", "wide", "yaml", "yml", "json", "name") \
+            and not fmt.startswith("custom-columns="):
+        raise InvalidResource(f"output format {fmt!r} is not one of {OUTPUTS}.")
+    found = await get_objects(store, k, names, selector)
+    if fmt in ("yaml", "yml"):
+        click.echo(output.documents_yaml([s.document() for s in found]))
     elif fmt == "json":
-        click.echo(output.documents_json([k.to_document(o) for o in objects], name is not None))
+        click.echo(output.documents_json([s.document() for s in found], len(names) == 1))
+    elif fmt == "name":
+        echo_lines([f"{k.word}/{s.name}" for s in found])
+    elif fmt.startswith("custom-columns="):
+        try:
+            headers, rows = output.pick_columns(k.wide_columns, [_row(k, s, wide=True)
+                                                                 for s in found],
+                                                fmt.partition("=")[2].split(","))
+        except ValueError as error:
+            raise InvalidResource(f"custom-columns: {error}.") from None
+        click.echo(output.table(headers, rows))
     elif fmt == "wide":
-        click.echo(output.table(k.wide_columns, [k.wide_row(o) for o in objects]))
+        click.echo(output.table(k.wide_columns, [_row(k, s, wide=True) for s in found]))
     else:
-        click.echo(output.table(k.columns, [k.row(o) for o in objects]))
+        click.echo(output.table(k.columns, [_row(k, s) for s in found]))
 
 
-@cli.group()
-def ipam() -> None:
-    """IP address management: usage, consistency, releases and settings."""
+def _row(kind, stored, wide: bool = False) -> tuple:
+    """A resource's table row; one that fails validation shows why in the second column."""
+    if stored.obj is not None:
+        return kind.wide_row(stored.obj) if wide else kind.row(stored.obj)
+    width = len(kind.wide_columns if wide else kind.columns)
+    return (stored.name, f"(invalid: {stored.invalid.rstrip('.')})") + ("",) * (width - 2)
 
 
-@ipam.command()
-@click.option("--show-blocks", is_flag=True, help="Also list every block with its node.")
-@click.option("--ip", "address", metavar="ADDRESS", help="Say who holds one address.")
+@cli.command()
+@click.argument("kind", shell_complete=complete_kinds)
+@click.argument("name", shell_complete=complete_names)
+@click.option("-p", "--patch", "patch_text", required=True, metavar="PATCH",
+              help="A JSON (or YAML) merge patch: {\"spec\": {\"natOutgoing\": true}}; null "
+                   "removes a field.")
 @etcd_options
-async def show(store: Store, show_blocks: bool, address: str | None) -> None:
-    """Pool usage: addresses in use and free, per pool (and per block)."""
-    snap = await load_snapshot(store)
-    if address:
-        click.echo(describe_address(snap, parse_address(address)))
-        return
-    rows = []
-    for pool in snap.pools:
-        usage = pool_usage(snap, pool)
-        rows.append((pool.name, pool.cidr, usage.total, usage.used, usage.free,
-                     f"{output.bar(usage.percent / 100)} {output.percent(usage.percent)}"))
-    click.echo(output.table(("POOL", "CIDR", "TOTAL", "IN USE", "FREE", "USED"), rows))
-    if show_blocks:
-        block_rows = [(pool.name, b.cidr, b.node or "(none)", b.used, b.free)
-                      for pool in snap.pools for b in blocks_of(snap, pool)]
-        click.echo()
-        click.echo(output.table(("POOL", "BLOCK", "NODE", "IN USE", "FREE"), block_rows))
+async def patch(store: Store, kind: str, name: str, patch_text: str) -> None:
+    """Change fields of a resource with a merge patch (RFC 7386)."""
+    k = kind_named(kind)
+    documents = load_documents(patch_text)
+    if len(documents) != 1 or not isinstance(documents[0], dict):
+        raise InvalidResource("the patch must be one mapping, such as "
+                              "'{\"spec\": {\"natOutgoing\": true}}'.")
+    click.echo(await edit_object(store, k, name, lambda doc: merge_patch(doc, documents[0])))
 
 
-def parse_address(text: str) -> IPv4Address:
-    try:
-        return IPv4Address(text)
-    except ValueError:
-        raise InvalidResource(f"{text!r} is not an IPv4 address.") from None
-
-
-def describe_address(snap, address: IPv4Address) -> str:
-    info = lookup(snap, address)
-    if info.pool is None and info.block is None:
-        return f"{address} is not in any IP pool."
-    if info.block is None:
-        return f"{address} is free: it is in pool {info.pool.name!r}, in no block yet."
-    where = f"block {info.block.cidr} (node {info.block.node or 'none'})"
-    if info.block.gateway == address:
-        return f"{address} is reserved as the gateway of {where}."
-    if info.holder is None:
-        return f"{address} is free, in {where}."
-    attrs = " ".join(f"{k}={v}" for k, v in sorted(info.holder.secondary.items()))
-    return (f"{address} is in use by handle {info.holder.handle_id} ({attrs}) in {where}, "
-            f"sequence {info.sequence}.")
-
-
-@ipam.command(name="check")
+@cli.command()
+@click.argument("kind", shell_complete=complete_kinds)
+@click.argument("name", shell_complete=complete_names)
+@click.argument("changes", nargs=-1)
+@click.option("--overwrite", is_flag=True, help="Change a label that has another value.")
+@click.option("--remove", "removing", multiple=True, metavar="KEY",
+              help="Remove this label (as KEY- does).")
 @etcd_options
-async def check_command(store: Store) -> None:
-    """Find leaked addresses, orphaned handles and affinities without blocks (exit 1 if any)."""
-    snap = await load_snapshot(store)
-    problems = check(snap)
-    summary = (f"checked {len(snap.blocks)} blocks, {len(snap.handles)} handles and "
-               f"{len(snap.affinities)} affinities")
-    if not problems:
-        click.echo(f"{summary}: no problems found.")
-        return
-    click.echo(output.table(("PROBLEM", "SUBJECT", "DETAIL"),
-                            [(p.kind, p.subject, p.detail) for p in problems]))
-    click.echo(f"{summary}: {len(problems)} problem(s) found.")
-    raise SystemExit(1)
+async def label(store: Store, kind: str, name: str, changes: tuple[str, ...], overwrite: bool,
+                removing: tuple[str, ...]) -> None:
+    """Set labels (KEY=VALUE) or remove them (KEY-) on a resource."""
+    k = kind_named(kind)
+    setting, dropping = parse_label_changes(changes)
+    dropping += list(removing)
+    if not setting and not dropping:
+        raise InvalidResource("say which labels to set (KEY=VALUE) or remove (KEY-).")
+    what = f"{k.word} {name!r}"
+    line = await edit_object(store, k, name, lambda doc: relabel(doc, setting, dropping,
+                                                                 overwrite, what))
+    click.echo(line.replace(" configured", " labeled"))
 
 
-@ipam.command(name="release")
-@click.option("--ip", "addresses", multiple=True, required=True, metavar="ADDRESS",
-              help="An address to release (repeatable).")
-@etcd_options
-async def release_command(store: Store, addresses: tuple[str, ...]) -> None:
-    """Release addresses by hand (for leaks that `ipam check` found)."""
-    wanted = [parse_address(a) for a in addresses]
-    freed = set(await release_addresses(store, [Release(a) for a in wanted]))
-    for address in wanted:
-        if address in freed:
-            click.echo(f"released {address}")
-        else:
-            click.echo(f"Error: {address} was not in use; nothing released.", err=True)
-    if len(freed) < len(set(wanted)):
-        raise SystemExit(1)
+cli.add_command(ipam)
 
 
-@ipam.command()
-@click.option("--strict-affinity", type=click.Choice(["true", "false"]), metavar="true|false",
-              help="Only use the node's own blocks; never borrow from other nodes' blocks.")
-@click.option("--max-blocks-per-host", type=int, metavar="N",
-              help=f"Blocks one node may claim (0 means {DEFAULT_MAX_BLOCKS_PER_HOST}).")
-@etcd_options
-async def configure(store: Store, strict_affinity: str | None,
-                    max_blocks_per_host: int | None) -> None:
-    """Show or change the IPAM settings."""
-    if max_blocks_per_host is not None:
-        config_from_spec({"maxBlocksPerHost": max_blocks_per_host})  # the same check as stored
-    if strict_affinity is not None:
-        strict_affinity = strict_affinity == "true"
-
-    async def decide(changes: Changes) -> IPAMConfig:
-        entry = await changes.get(keys.IPAM_CONFIG)
-        config = config_from_spec(entry.value.get("spec") or {}) if entry else IPAMConfig()
-        new = IPAMConfig(
-            config.strict_affinity if strict_affinity is None else strict_affinity,
-            config.max_blocks_per_host if max_blocks_per_host is None else max_blocks_per_host)
-        if new != config:  # showing the settings writes nothing
-            changes.put(keys.IPAM_CONFIG, config_to_document(new))
-        return new
-    config = await transact(store, decide, "changing the IPAM settings")
-    limit = config.max_blocks_per_host
-    click.echo(f"strictAffinity: {output.yes_no(config.strict_affinity)}")
-    click.echo(f"maxBlocksPerHost: {limit}" + (f" (means {config.block_limit})" if not limit
-                                               else ""))
+@cli.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script (kinds, and names from etcd):
+    `source <(pipitctl completion bash)`."""
+    from click.shell_completion import get_completion_class
+    click.echo(get_completion_class(shell)(cli, {}, "pipitctl", "_PIPITCTL_COMPLETE").source())
 
 
 # click 8.2+ raises this for a bare `pipitctl` (or `pipitctl ipam`); older versions print the
@@ -368,8 +318,11 @@ def lab_down(directory: str) -> None:
 
 
 def main() -> None:
+    # what a library logs (a stored pool it skips...) is not for the terminal: pipitctl says
+    # what matters in its output and its one-sentence errors
+    logging.getLogger().addHandler(logging.NullHandler())
     try:
-        cli.main(standalone_mode=False)
+        cli.main(prog_name="pipitctl", complete_var="_PIPITCTL_COMPLETE", standalone_mode=False)
     except click.exceptions.Abort:
         sys.exit(130)
     except _HELP_NOT_ERROR as error:  # bare `pipitctl`: the help

@@ -61,8 +61,13 @@ def peer_type(peer: dict, reflector: bool) -> str:
 def render(status: dict) -> str:
     cluster = status.get("routeReflectorClusterId")
     role = f", route reflector of cluster {cluster}" if cluster else ""
+    as_number = f", AS {status['asNumber']}" if status.get("asNumber") else ""
     lines = [f"Pipit agent is running on node {status['node']} "
-             f"({status.get('address') or 'no address'}, AS {status.get('asNumber')}{role})."]
+             f"({status.get('address') or 'no address'}{as_number}{role})."]
+    if status.get("bgp") is False:
+        lines.append("BGP is off on this node (pipit-agent --no-bgp): it hands out pod "
+                     "addresses, and has no sessions and programs no routes.")
+        return "\n".join(lines)
     if not status.get("speakerConnected"):
         lines.append("ExaBGP is not connected to the agent: sessions below may be stale.")
     lines += ["", "IPv4 BGP status"]

@@ -33,9 +33,27 @@ def yes_no(value: bool) -> str:
     return "true" if value else "false"
 
 
+def empty_list() -> dict:
+    return {"apiVersion": "pipit.dev/v1", "kind": "List", "items": []}
+
+
 def documents_yaml(documents: Sequence[dict]) -> str:
-    """A YAML stream that `pipitctl apply -f` reads back."""
-    return yaml.safe_dump_all(documents, sort_keys=False, default_flow_style=False).rstrip()
+    """A YAML stream that `pipitctl apply -f` reads back (none: an empty List, which applies
+    as nothing rather than as an empty file)."""
+    return yaml.safe_dump_all(documents or [empty_list()], sort_keys=False,
+                              default_flow_style=False).rstrip()
+
+
+def pick_columns(headers: Sequence[str], rows: Sequence[Sequence[object]],
+                 wanted: Sequence[str]) -> tuple[list[str], list[list[object]]]:
+    """custom-columns=A,B (calicoctl's): the named columns of a table, in that order."""
+    index = {h.lower(): i for i, h in enumerate(headers)}
+    unknown = [w for w in wanted if w.strip().lower() not in index]
+    if unknown or not wanted:
+        raise ValueError(f"column {unknown[0]!r} is not one of {', '.join(headers)}"
+                         if unknown else f"name at least one of {', '.join(headers)}")
+    picked = [index[w.strip().lower()] for w in wanted]
+    return [headers[i] for i in picked], [[row[i] for i in picked] for row in rows]
 
 
 def documents_json(documents: Sequence[dict], single: bool) -> str:

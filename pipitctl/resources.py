@@ -1,22 +1,24 @@
-"""Resource kinds `pipitctl` manages and the generic apply / create / get / delete over them.
+"""Resource kinds `pipitctl` manages and the generic verbs over them: apply / create /
+replace, get, patch and label, delete.
 
-A file with several documents is validated completely (each document against the stored
-resources and the documents before it) and then written in ONE transaction, so either all of
-it lands or none of it does.
+An input with several documents is validated completely (each document against the stored
+resources and the documents before it) and then written as one change (pipitctl.commit), so
+either all of it lands or none of it does. A stored resource that fails today's validation is
+still listed, with the reason, and can be got, fixed by an apply, or deleted.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Awaitable, Callable, Sequence
+import json
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
 
 from ipam import keys
-from ipam.errors import AlreadyExists, InvalidResource, NotFound, PipitError
+from ipam.errors import AlreadyExists, Conflict, InvalidResource, NotFound, PipitError
 from ipam.pool import check_pool_fits, pool_from_spec, pool_to_document
-from ipam.pool_delete import delete_pool
+from ipam.pool_delete import addresses_in_use, delete_pool, in_use_refusal
 from bgp_agent.bgp_config import config_from_spec as bgp_config_from_spec
 from bgp_agent.bgp_peer import check_peer, peer_from_spec, peer_to_document
 from bgp_agent.bgp_config import check_config_input, community_texts
@@ -24,12 +26,13 @@ from bgp_agent.bgp_config import config_to_document as bgp_config_to_document
 from bgp_agent.node import node_from_document, node_to_document
 from ipam.release import release_handle, release_host_affinities
 from ipam.resource import (Document, check_metadata, make_document, parse_documents,
-                           read_document, with_metadata)
+                           read_document, shown, with_metadata)
+from ipam.selector import parse_selector
 from ipam.store import Store
-from ipam.txn import Changes, transact
+from ipam.txn import MAX_ATTEMPTS, Changes, transact
+from pipitctl.commit import Write, commit
 from pipitctl.output import yes_no
 
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,12 @@ class Kind:
     check_with: Callable[[Any, list[Any], dict[str, list[Any]]], None] | None = None
     # rules for what comes in that stored documents need not meet (an agent still reads them)
     check_input: Callable[[Document], None] | None = None
+    # the checks read every stored object of the kind: a write is guarded by the whole prefix
+    reads_all: bool = False
+    # other keys (of the kinds in `needs`) whose current values a check rests on
+    depends_on: Callable[[Any], Iterable[str]] | None = None
+    # refuses a delete before anything is deleted: (store, name, force, one of several)
+    delete_check: Callable[[Store, str, bool, bool], Awaitable[None]] | None = None
 
     def key(self, name: str) -> str:
         return keys.resource_key(self.segment or self.plural, name)
@@ -66,11 +75,18 @@ class Kind:
         return self.name.lower()
 
 
+async def _pool_delete_check(store: Store, name: str, force: bool, several: bool) -> None:
+    if not force:
+        in_use = await addresses_in_use(store, name)
+        if in_use:
+            raise in_use_refusal(name, in_use, nothing_deleted=several)
+
+
 IPPOOL = Kind(
     name="IPPool", plural="ippools", aliases=("ippool", "ipp", "pool", "pools"),
     parse=lambda d: with_metadata(pool_from_spec(d.name, dict(d.spec)), d),
     to_document=pool_to_document,
-    check=check_pool_fits,
+    check=check_pool_fits, reads_all=True,
     columns=("NAME", "CIDR", "SELECTOR"),
     row=lambda p: (p.name, p.cidr, p.node_selector),
     wide_columns=("NAME", "CIDR", "BLOCKSIZE", "NAT", "IPIPMODE", "VXLANMODE", "DISABLED",
@@ -78,7 +94,7 @@ IPPOOL = Kind(
     wide_row=lambda p: (p.name, p.cidr, p.block_size, yes_no(p.nat_outgoing), p.ipip_mode,
                         p.vxlan_mode, yes_no(p.disabled), yes_no(p.disable_bgp_export),
                         p.node_selector),
-    delete=delete_pool,
+    delete=delete_pool, delete_check=_pool_delete_check,
 )
 
 
@@ -153,7 +169,8 @@ BGP_PEER = Kind(
     name="BGPPeer", plural="bgppeers", aliases=("bgppeer", "peer", "peers"),
     parse=lambda d: with_metadata(peer_from_spec(d.name, dict(d.spec)), d),
     to_document=peer_to_document,
-    check=_no_check, needs=("nodes",),
+    check=_no_check, needs=("nodes",), reads_all=True,
+    depends_on=lambda peer: [keys.node_key(peer.node)] if peer.node else [],
     check_with=lambda peer, peers, others: check_peer(peer, peers, others["nodes"]),
     columns=("NAME", "PEERIP", "NODE", "ASN"),
     row=lambda p: (p.name, p.endpoint, _peer_scope(p), _peer_as(p)),
@@ -178,20 +195,50 @@ def kind_named(word: str) -> Kind:
     raise InvalidResource(f"unknown resource type {word!r}; Pipit knows: {known}.")
 
 
-def read_objects(text: str) -> list[tuple[Kind, Any]]:
-    """Parse and validate every document of a file; errors say which document."""
-    raw = parse_documents(text)
-    flat: list[dict] = []
-    for doc in raw:  # `kind: List` (as `get -o json` writes) holds its documents in items
-        if str(doc.get("kind", "")).endswith("List") and isinstance(doc.get("items"), list):
-            flat.extend(doc["items"])
-        else:
-            flat.append(doc)
-    if not flat:
+@dataclass(frozen=True)
+class Incoming:
+    """A validated resource from the input."""
+    kind: Kind
+    obj: Any
+    resource_version: int | None = None  # metadata.resourceVersion: apply only over that
+    where: str = ""  # "FILE: document N: " to start a message about it with
+
+    @property
+    def name(self) -> str:
+        return self.kind.name_of(self.obj)
+
+
+def read_objects(sources: str | Sequence[tuple[str, str]]) -> list[Incoming]:
+    """Parse and validate every document of the input: a text, or (file name, text) pairs
+    read as one input (a directory); errors say which file and document. An input of nothing
+    but empty lists (`kind: List` with no items, as `get` shows an empty kind) is no resources
+    and no error; an input with no documents at all is an error."""
+    if isinstance(sources, str):
+        sources = [("", sources)]
+    documents: list[tuple[str, dict]] = []
+    lists = 0
+    for source, text in sources:
+        try:
+            raw = parse_documents(text)
+        except InvalidResource as error:
+            raise InvalidResource(f"{source}: {error}" if source else str(error)) from None
+        flat: list[dict] = []
+        for doc in raw:  # `kind: List` (as `get -o json` writes) holds its documents in items
+            if str(doc.get("kind", "")).endswith("List") and isinstance(doc.get("items"), list):
+                flat.extend(doc["items"])
+                lists += 1
+            else:
+                flat.append(doc)
+        many = len(flat) > 1
+        for number, doc in enumerate(flat, 1):
+            where = (f"{source}: " if source and len(sources) > 1 else "") + \
+                (f"document {number}: " if many else "")
+            documents.append((where, doc))
+    if not documents and not lists:
         raise InvalidResource("the input holds no resources.")
     objects = []
     seen: dict[tuple[str, str], int] = {}
-    for number, doc in enumerate(flat, 1):
+    for index, (where, doc) in enumerate(documents):
         try:
             if not isinstance(doc, dict):
                 raise InvalidResource("it is not a mapping with apiVersion, kind, metadata and "
@@ -204,78 +251,305 @@ def read_objects(text: str) -> list[tuple[Kind, Any]]:
             obj = kind.parse(document)
             if kind.check_input is not None:
                 kind.check_input(document)
-            earlier = seen.setdefault((kind.name, kind.name_of(obj)), number)
-            if earlier != number:
-                raise InvalidResource(f"{kind.word} {kind.name_of(obj)!r} is also document "
-                                      f"{earlier}; give each resource once.")
-            objects.append((kind, obj))
+            earlier = seen.setdefault((kind.name, kind.name_of(obj)), index)
+            if earlier != index:
+                first = documents[earlier][0].rstrip(": ") or "given earlier"
+                raise InvalidResource(f"{kind.word} {kind.name_of(obj)!r} is also {first}; give "
+                                      "each resource once.")
+            objects.append(Incoming(kind, obj, document.resource_version, where))
         except InvalidResource as error:
-            prefix = f"document {number}: " if len(flat) > 1 else ""
-            raise InvalidResource(f"{prefix}{error}") from None
+            raise InvalidResource(f"{where}{error}") from None
     return objects
 
 
-async def _stored(changes: Changes, kind: Kind) -> dict[str, Any]:
-    """Every stored object of a kind, each read recorded so a concurrent change fails the txn."""
-    found = {}
-    for entry in await changes.store.list(kind.prefix):
-        changes.saw(entry.key, entry.mod_revision)
+# -- what etcd holds ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Stored:
+    """A stored resource: its object (None when it fails today's validation), the reason it
+    fails, and the mod_revision it had when read (its resourceVersion)."""
+    kind: Kind
+    name: str
+    revision: int
+    value: Any  # the stored JSON document
+    obj: Any = None
+    invalid: str | None = None
+
+    @property
+    def labels(self) -> Mapping[str, str]:
+        if self.obj is not None:
+            return self.obj.labels
+        metadata = self.value.get("metadata") if isinstance(self.value, dict) else None
+        labels = metadata.get("labels") if isinstance(metadata, dict) else None
+        return labels if isinstance(labels, dict) else {}
+
+    def document(self) -> dict:
+        """As `get -o yaml|json` shows it: with metadata.resourceVersion."""
+        if self.obj is not None:
+            document = self.kind.to_document(self.obj)
+        elif isinstance(self.value, dict):
+            document = dict(self.value)
+        else:  # not even JSON: what can be said of it
+            document = make_document(self.kind.name, self.name, {})
+        metadata = dict(document.get("metadata") or {})
+        document["metadata"] = {"name": metadata.pop("name", self.name),
+                                "resourceVersion": str(self.revision), **metadata}
+        return document
+
+
+@dataclass
+class Listing:
+    """Every stored resource of one kind, by name, and the etcd revision it was read at."""
+    kind: Kind
+    items: dict[str, Stored]
+    revision: int
+
+    @property
+    def valid(self) -> dict[str, Any]:
+        return {n: s.obj for n, s in self.items.items() if s.obj is not None}
+
+
+def _name_of_key(kind: Kind, key: str) -> str:
+    return key.removeprefix(kind.prefix)
+
+
+async def read_kind(store: Store, kind: Kind) -> Listing:
+    entries, revision = await store.list_with_revision(kind.prefix)
+    items = {}
+    for entry in entries:
+        name = _name_of_key(kind, entry.key)
         try:
+            if not isinstance(entry.value, dict):
+                raise InvalidResource("it is not a JSON object.")
             document = read_document(entry.value)
-            found[document.name] = kind.parse(document)
-        except PipitError as error:
-            log.warning("ignoring invalid stored %s at %s: %s", kind.name, entry.key, error)
+            obj = kind.parse(document)
+            if kind.name_of(obj) != name:
+                raise InvalidResource(f"it is named {kind.name_of(obj)!r} inside.")
+            items[name] = Stored(kind, name, entry.mod_revision, entry.value, obj)
+        except PipitError as error:  # shown as invalid, with the reason, by get
+            items[name] = Stored(kind, name, entry.mod_revision, entry.value,
+                                 invalid=str(error))
+    return Listing(kind, items, revision)
+
+
+# -- apply, create, replace ---------------------------------------------------------------------
+
+APPLY, CREATE, REPLACE = "apply", "create", "replace"
+
+
+class StaleVersion(Conflict):
+    """A document's resourceVersion is not the stored resource's any more."""
+
+
+def plan_writes(objects: Sequence[Incoming], listings: dict[Kind, Listing], mode: str = APPLY,
+                skip_existing: bool = False) -> tuple[list[Write], dict[str, int], list[str]]:
+    """Decide every object against the listings (and the documents before it): the writes,
+    the prefixes whose whole listing the decisions rest on (at their revisions), and one line
+    per object saying what happens to it. Raises on the first object that cannot be written."""
+    current = {kind: listing.valid for kind, listing in listings.items()}
+    objects = list(objects)
+    writes: list[Write] = []
+    ranges: dict[str, int] = {}
+    lines = []
+    for incoming in objects:
+        kind, obj, name = incoming.kind, incoming.obj, incoming.name
+        listing, where = listings[kind], incoming.where
+        stored = listing.items.get(name)
+        what = f"{where}{kind.word} {name!r}"
+        if stored is not None and mode == CREATE:
+            if skip_existing:
+                lines.append(f"{kind.word} {name!r} already exists (skipped)")
+                continue
+            raise AlreadyExists(f"{what} already exists; use `pipitctl apply` to change it.")
+        if stored is None and mode == REPLACE:
+            raise NotFound(f"{what} does not exist; use `pipitctl apply` or `pipitctl create` "
+                           "to create it.")
+        revision = stored.revision if stored is not None else 0
+        if incoming.resource_version is not None:
+            if mode == CREATE:
+                raise InvalidResource(f"{what} has metadata.resourceVersion, which only a "
+                                      "resource that exists has; remove it to create one.")
+            if incoming.resource_version != revision:
+                now = (f"it is at resourceVersion {revision}" if stored is not None
+                       else "it was deleted")
+                raise StaleVersion(f"{what} changed since resourceVersion "
+                               f"{incoming.resource_version} ({now}); get it again, make your "
+                               "change to that and apply it.")
+        same_kind = list(current[kind].values())
+        try:
+            kind.check(obj, same_kind)
+            if kind.check_with is not None:
+                others = {plural: list(current[kind_named(plural)].values())
+                          for plural in kind.needs}
+                kind.check_with(obj, same_kind, others)
+        except InvalidResource as error:
+            raise InvalidResource(f"{where}{error}") from None
+        if kind.reads_all:
+            ranges[kind.prefix] = listing.revision
+        if stored is None:
+            action = "created"
+        elif stored.obj == obj:
+            action = "unchanged"
+        else:
+            action = "configured"
+        if action != "unchanged":
+            depends = tuple((key, _revision_of(listings, key))
+                            for key in (kind.depends_on(obj) if kind.depends_on else ()))
+            writes.append(Write(kind.key(name), revision, kind.to_document(obj),
+                                old=stored.value if stored is not None else None,
+                                depends=depends))
+        current[kind][name] = obj
+        lines.append(f"{kind.word} {name!r} {action}")
+    return writes, ranges, lines
+
+
+def _revision_of(listings: dict[Kind, Listing], key: str) -> int:
+    for listing in listings.values():
+        if key.startswith(listing.kind.prefix):
+            stored = listing.items.get(_name_of_key(listing.kind, key))
+            return stored.revision if stored is not None else 0
+    raise ValueError(f"{key} is in no listing")
+
+
+async def apply_objects(store: Store, objects: Sequence[Incoming], mode: str = APPLY,
+                        skip_existing: bool = False) -> list[str]:
+    """Create or update every object, all or nothing, also when there are more than one etcd
+    transaction holds; one line per object saying what happened."""
+    kinds = {i.kind for i in objects}
+    kinds |= {kind_named(p) for k in kinds for p in k.needs}
+    for _ in range(MAX_ATTEMPTS):
+        listings = {kind: await read_kind(store, kind) for kind in kinds}
+        writes, ranges, lines = plan_writes(objects, listings, mode, skip_existing)
+        if await commit(store, writes, ranges):
+            return lines
+    raise Conflict(f"applying the resources kept colliding with concurrent changes after "
+                   f"{MAX_ATTEMPTS} attempts; try again.")
+
+
+async def get_objects(store: Store, kind: Kind, names: Sequence[str] = (),
+                      selector: str | None = None) -> list[Stored]:
+    """The stored resources of a kind (sorted by name), those named, or those whose labels
+    the selector (Calico's syntax) matches; a name that is not there is an error."""
+    listing = await read_kind(store, kind)
+    missing = [n for n in names if n not in listing.items]
+    if missing:
+        raise NotFound(f"{kind.word} {missing[0]!r} not found.")
+    found = [listing.items[n] for n in dict.fromkeys(names)] if names else \
+        [listing.items[n] for n in sorted(listing.items)]
+    if selector is not None:
+        matches = parse_selector(selector).matches
+        found = [s for s in found if matches(s.labels)]
     return found
 
 
-async def apply_objects(store: Store, objects: Sequence[tuple[Kind, Any]],
-                        create_only: bool = False) -> list[str]:
-    """Create or replace every object (all or nothing); one line per object saying what happened."""
-    async def decide(changes: Changes) -> list[str]:
-        stored: dict[Kind, dict[str, Any]] = {}
-        lines = []
-        for number, (kind, obj) in enumerate(objects, 1):
-            current = stored.get(kind)
-            if current is None:
-                current = stored[kind] = await _stored(changes, kind)
-            name = kind.name_of(obj)
-            prefix = f"document {number}: " if len(objects) > 1 else ""
-            if create_only and name in current:
-                raise AlreadyExists(f"{prefix}{kind.word} {name!r} already exists; use "
-                                    "`pipitctl apply` to change it.")
-            try:
-                kind.check(obj, list(current.values()))
-                if kind.check_with is not None:
-                    others = {}
-                    for plural in kind.needs:
-                        other = kind_named(plural)
-                        if other not in stored:
-                            stored[other] = await _stored(changes, other)
-                        others[plural] = list(stored[other].values())
-                    kind.check_with(obj, list(current.values()), others)
-            except InvalidResource as error:
-                raise InvalidResource(f"{prefix}{error}") from None
-            if name not in current:
-                action = "created"
-            elif current[name] == obj:
-                action = "unchanged"
-            else:
-                action = "configured"
-            if action != "unchanged":
-                changes.put(kind.key(name), kind.to_document(obj))
-            current[name] = obj
-            lines.append(f"{kind.word} {name!r} {action}")
-        return lines
-    return await transact(store, decide, "applying the resources")
+# -- patch and label: read, change, write back unless it changed meanwhile ---------------------
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: mappings merge, null removes, anything else replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
 
 
-async def get_objects(store: Store, kind: Kind, name: str | None = None) -> list[Any]:
-    objects = await _stored(Changes(store), kind)
-    if name is None:
-        return [objects[n] for n in sorted(objects)]
-    if name not in objects:
-        raise NotFound(f"{kind.word} {name!r} not found.")
-    return [objects[name]]
+async def edit_object(store: Store, kind: Kind, name: str,
+                      change: Callable[[dict], dict]) -> str:
+    """Write `change(stored document)` over the resource, validated as `replace` would, if
+    the resource did not change in between (else read it and change it again); the line
+    saying what happened. A document with its own metadata.resourceVersion is written only
+    over that version."""
+    for _ in range(MAX_ATTEMPTS):
+        listing = await read_kind(store, kind)
+        stored = listing.items.get(name)
+        if stored is None:
+            raise NotFound(f"{kind.word} {name!r} not found.")
+        current = {k: v for k, v in stored.value.items()} if isinstance(stored.value, dict) \
+            else {}
+        changed = change(current)
+        metadata = changed.get("metadata") if isinstance(changed.get("metadata"), dict) else {}
+        if metadata.get("name", name) != name:
+            raise InvalidResource(f"{kind.word} {name!r} cannot be renamed; create the new one "
+                                  "and delete this one.")
+        if changed.get("kind", kind.name) != kind.name:
+            raise InvalidResource(f"{kind.word} {name!r} cannot change its kind.")
+        version = metadata.get("resourceVersion")
+        if version is None:
+            changed = {**changed, "metadata": {**metadata,
+                                               "resourceVersion": str(stored.revision)}}
+        [incoming] = read_objects([("", json.dumps(changed))])
+        try:
+            [line] = await apply_objects(store, [incoming], REPLACE)
+            return line
+        except StaleVersion:
+            if version is not None:
+                raise
+    raise Conflict(f"changing {kind.word} {name!r} kept colliding with concurrent changes "
+                   f"after {MAX_ATTEMPTS} attempts; try again.")
+
+
+def parse_label_changes(items: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """`key=value` to set and `key-` to remove, as kubectl writes them."""
+    setting: dict[str, str] = {}
+    removing: list[str] = []
+    for item in items:
+        key, equals, value = item.partition("=")
+        if equals and key:
+            setting[key] = value
+        elif not equals and item.endswith("-") and len(item) > 1:
+            removing.append(item[:-1])
+        else:
+            raise InvalidResource(f"{shown(item)} is neither KEY=VALUE (set a label) nor KEY- "
+                                  "(remove one).")
+    both = set(setting) & set(removing)
+    if both:
+        raise InvalidResource(f"label {sorted(both)[0]!r} is both set and removed; say one.")
+    return setting, removing
+
+
+def relabel(document: dict, setting: Mapping[str, str], removing: Sequence[str],
+            overwrite: bool, what: str) -> dict:
+    metadata = dict(document.get("metadata") or {})
+    labels = dict(metadata.get("labels") or {})
+    for key, value in setting.items():
+        if key in labels and labels[key] != value and not overwrite:
+            raise InvalidResource(f"{what} already has label {key}={labels[key]!r}; add "
+                                  "--overwrite to change it.")
+        labels[key] = value
+    for key in removing:
+        labels.pop(key, None)
+    metadata["labels"] = labels
+    return {**document, "metadata": metadata}
+
+
+# -- delete --------------------------------------------------------------------------------------
+
+async def delete_objects(store: Store, targets: Sequence[tuple[Kind, str]], force: bool = False,
+                         skip_missing: bool = False) -> list[str]:
+    """Delete every target, or none: each is checked first (it exists, or --skip-not-exists;
+    an IP pool has no address in use, or --force), then they go in order."""
+    targets = list(dict.fromkeys(targets))
+    listings = {kind: await read_kind(store, kind) for kind in {k for k, _ in targets}}
+    missing = {(k, n) for k, n in targets if n not in listings[k].items}
+    if missing and not skip_missing:
+        kind, name = next(t for t in targets if t in missing)
+        raise NotFound(f"{kind.word} {name!r} not found" + (
+            ", so nothing was deleted (add --skip-not-exists to delete the others)."
+            if len(targets) > 1 else "."))
+    for kind, name in targets:
+        if (kind, name) not in missing and kind.delete_check is not None:
+            await kind.delete_check(store, name, force, len(targets) > 1)
+    lines = []
+    for kind, name in targets:
+        if (kind, name) in missing:
+            lines.append(f"{kind.word} {name!r} does not exist (skipped)")
+        else:
+            lines.append(await delete_object(store, kind, name, force))
+    return lines
 
 
 async def delete_object(store: Store, kind: Kind, name: str, force: bool = False) -> str:

@@ -71,3 +71,26 @@ def test_registration_keeps_labels_reports_changes_and_refuses_a_duplicate(etcd)
             await register(store, NodeRecord("n2", IPv4Interface("10.0.0.9/24")))
         assert await store.snapshot() == before
     with_store(etcd, scenario)
+
+
+def test_an_agent_without_bgp_registers_and_says_so_in_its_status(etcd, tmp_path):
+    """`pipit-agent --no-bgp` (IPAM only) is listed by `get nodes` and answers `node status`."""
+    import tempfile
+    from pathlib import Path
+
+    from lab.agent import AgentProcess
+    from tests.test_pipitctl import ok, pipitctl
+
+    endpoint = etcd.endpoints[0]
+    with tempfile.TemporaryDirectory(dir="/tmp") as directory:  # a unix socket path is short
+        agent = AgentProcess("ipam-only", Path(directory) / "a.sock", endpoint,
+                             tmp_path / "agent.log", extra_args=["--ip", "10.77.0.5/24",
+                                                                 "--labels", "role=edge"])
+        with agent:
+            rows = ok(pipitctl("get", "nodes", "-o", "wide", endpoints=endpoint)).splitlines()
+            assert rows[1].split() == ["ipam-only", "10.77.0.5/24", "(cluster)", "-", "role=edge"]
+            status = ok(pipitctl("node", "status", "--socket", str(agent.status_path)))
+            assert status.splitlines() == [
+                "Pipit agent is running on node ipam-only (10.77.0.5/24).",
+                "BGP is off on this node (pipit-agent --no-bgp): it hands out pod addresses, "
+                "and has no sessions and programs no routes."]

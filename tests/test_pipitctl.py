@@ -7,6 +7,7 @@ mod_revision, so not even an identical rewrite slipped through).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -329,7 +330,7 @@ def test_delete_by_name_and_by_file(etcd, ctl, tmp_path):
     assert snapshot(etcd) == {}
     assert ok(ctl("get", "ippools")) == "NAME   CIDR   SELECTOR\n"
 
-    one_sentence(ctl("delete", "ippool", "a"), "'a'", "does not exist")
+    one_sentence(ctl("delete", "ippool", "a"), "ippool 'a' not found")
     one_sentence(ctl("delete"), "pipitctl delete ippool NAME")
 
 
@@ -440,7 +441,10 @@ def test_ipam_release_frees_an_address_once(etcd, ctl):
     with_store(etcd, lambda s: add_pool(s, "p", "10.5.0.0/24"))
     [[address, other]] = assign(etcd, ("node-1", "pod-x", 2, {"pod": "x"}))
 
-    assert ok(ctl("ipam", "release", "--ip", str(address))) == f"released {address}\n"
+    one_sentence(ctl("ipam", "release", "--ip", str(address)), f"{address} is in use by "
+                 "handle pod-x (node=node-1 pod=x)", "--force", "nothing was released")
+    assert ok(ctl("ipam", "release", "--ip", str(address), "--force")) == \
+        f"released {address}\n"
     assert f"{address} is free" in ok(ctl("ipam", "show", "--ip", str(address)))
     assert "in use by handle pod-x" in ok(ctl("ipam", "show", "--ip", str(other)))
     handle = handles.from_json(snapshot(etcd)[keys.handle_key("pod-x")][1])
@@ -451,7 +455,15 @@ def test_ipam_release_frees_an_address_once(etcd, ctl):
     again = ctl("ipam", "release", "--ip", str(address))
     one_sentence(again, str(address), "not in use")
     assert snapshot(etcd) == before
-    one_sentence(ctl("ipam", "release", "--ip", "192.0.2.7"), "192.0.2.7", "not in use")
+    one_sentence(ctl("ipam", "release", "--ip", "192.0.2.7"), "192.0.2.7 is outside every IP "
+                 "pool")
+    gateway = IPv4Network((address, 26), strict=False).network_address
+    one_sentence(ctl("ipam", "release", "--ip", str(gateway)), f"{gateway} is the gateway of "
+                 "block", "never handed out")
+    # several: all or none
+    one_sentence(ctl("ipam", "release", "--ip", str(other), "--ip", str(address), "--force"),
+                 f"{address} is not in use", "nothing was released")
+    assert snapshot(etcd) == before
 
 
 def test_ipam_configure_shows_and_changes_the_settings(etcd, ctl):
@@ -516,18 +528,129 @@ def block_without_affinity(config):
     (affinity_without_block, "affinity-without-block", "node-2/10.6.0.128/26", "no block"),
     (block_without_affinity, "block-without-affinity", "10.6.0.64/26", "missing"),
 ])
-def test_ipam_check_finds_each_inconsistency(etcd, ctl, damage, kind, subject, detail):
+def test_ipam_check_finds_each_inconsistency_and_its_report_fixes_it(etcd, ctl, tmp_path,
+                                                                       damage, kind, subject,
+                                                                       detail):
     consistent_state(etcd)
     assert ok(ctl("ipam", "check")) == (
         "checked 1 blocks, 1 handles and 1 affinities: no problems found.\n")
+    healthy = snapshot(etcd)
     damage(etcd)
-    result = ctl("ipam", "check")
+    report = tmp_path / "report.json"
+    result = ctl("ipam", "check", "-o", str(report))
     assert result.returncode == 1 and result.stderr == "", result
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["PROBLEM", "SUBJECT", "DETAIL"]
+    assert lines[0].split() == ["PROBLEM", "SUBJECT", "DETAIL", "FIX"]
     assert [line.split()[:2] for line in lines[1:-1]] == [[kind, subject]], result.stdout
     assert detail in lines[1]
-    assert lines[-1].endswith(": 1 problem(s) found.")
+    assert lines[1].endswith(f"pipitctl ipam release --from-report {report}")
+    assert lines[-1].endswith(f": 1 problem(s) found; written to {report}.")
+    [problem] = json.loads(report.read_text())["problems"]
+    assert (problem["kind"], problem["subject"]) == (kind, subject)
+
+    fixed = ok(ctl("ipam", "release", "--from-report", str(report)))
+    assert fixed and "left:" not in fixed, fixed
+    assert "no problems found" in ok(ctl("ipam", "check"))
+    after = snapshot(etcd)
+    if damage in (orphan_handle, affinity_without_block, block_without_affinity):
+        # what was there before the damage is what is there now (revisions aside)
+        assert {k: v for k, (_, v) in after.items()} == \
+            {k: v for k, (_, v) in healthy.items()} | ({} if damage is not
+                                                      block_without_affinity else {
+                k: v for k, (_, v) in after.items() if "10.6.0.64" in k})
+    # run again, it finds the problem gone and changes nothing
+    assert ok(ctl("ipam", "release", "--from-report", str(report))) == \
+        f"left: {kind} {subject}: no longer found\n"
+    assert snapshot(etcd) == after
+
+
+def test_a_leaked_address_is_released_without_force(etcd, ctl):
+    consistent_state(etcd)
+    leak(etcd)
+    block = blocks.from_json(snapshot(etcd)[keys.block_key(BLOCK)][1])
+    leaked = [a for a in BLOCK if (h := block.holder(a)) and h.handle_id == "ghost"]
+    live = [a for a in BLOCK if (h := block.holder(a)) and h.handle_id == "pod-a"]
+    assert len(leaked) == 2 and len(live) == 1
+    one_sentence(ctl("ipam", "release", "--ip", str(live[0])), "in use by handle pod-a")
+    assert ok(ctl("ipam", "release", *(f"--ip={a}" for a in leaked))) == "".join(
+        f"released {a}\n" for a in leaked)
+    assert "no problems found" in ok(ctl("ipam", "check"))
+
+
+def test_the_report_fixes_blocks_of_gone_nodes_and_empty_blocks_outside_pools(etcd, ctl,
+                                                                               tmp_path):
+    consistent_state(etcd)  # node-1's block, one address in use
+    outside = IPv4Network("10.99.0.0/26")
+    put(etcd, (keys.node_key("node-2"), {"apiVersion": "pipit.dev/v1", "kind": "Node",
+                                         "metadata": {"name": "node-2"}, "spec": {}}),
+        (keys.block_key(outside), blocks.to_json(blocks.new_block(outside, "node-2"))),
+        (keys.affinity_key("node-2", outside), {"state": "confirmed"}))
+    report = tmp_path / "report.json"
+    kinds = {p["kind"] for p in json.loads(
+        (ctl("ipam", "check", "-o", str(report)), report.read_text())[1])["problems"]}
+    assert kinds == {"block-of-unknown-node", "block-outside-pools"}
+    assert ok(ctl("ipam", "release", "--from-report", str(report))).splitlines() == [
+        f"released block {BLOCK} of unregistered node node-1: kept without an owner",
+        f"removed empty block {outside}, outside every pool"]
+    assert "no problems found" in ok(ctl("ipam", "check"))
+    held = ok(ctl("ipam", "show", "--ip", str(BLOCK.network_address + 1)))
+    assert "in use by handle pod-a" in held and "(node none)" in held
+
+
+def test_problem_ips_a_stale_report_and_problems_only_a_person_can_fix(etcd, ctl, tmp_path):
+    consistent_state(etcd)
+    leak(etcd)
+    block = blocks.from_json(snapshot(etcd)[keys.block_key(BLOCK)][1])
+    leaked = sorted(a for a in BLOCK if (h := block.holder(a)) and h.handle_id == "ghost")
+    report = tmp_path / "report.json"
+    out = ctl("ipam", "check", "--show-problem-ips", "-o", str(report)).stdout
+    problem_rows = out.split("\n\n")[1].splitlines()
+    assert problem_rows[0].split() == ["ADDRESS", "BLOCK", "HANDLE", "PROBLEM"]
+    assert [r.split() for r in problem_rows[1:3]] == [
+        [str(a), str(BLOCK), "ghost", "leaked-address"] for a in leaked]
+
+    # meanwhile one leaked address is released and handed to a new pod: the report must not
+    # free it
+    ok(ctl("ipam", "release", "--ip", str(leaked[0])))
+    freed = blocks.from_json(snapshot(etcd)[keys.block_key(BLOCK)][1])
+    first = freed.ordinal(leaked[0])
+    freed = dataclasses.replace(freed, unallocated=(first, *(o for o in freed.unallocated
+                                                             if o != first)))
+    again, [reused] = blocks.assign(freed, 1, "pod-new", {"pod": "new"})
+    assert reused == leaked[0]
+    put(etcd, (keys.block_key(BLOCK), blocks.to_json(again)),
+        (keys.handle_key("pod-new"), handles.to_json(handles.Handle("pod-new",
+                                                                    {str(BLOCK): 1}))))
+    done = ok(ctl("ipam", "release", "--from-report", str(report)))
+    assert done == f"released {leaked[1]} (leaked by handle ghost)\n"
+    assert "in use by handle pod-new" in ok(ctl("ipam", "show", "--ip", str(reused)))
+    assert "no problems found" in ok(ctl("ipam", "check"))
+
+    # what pipitctl leaves to a person says what to do
+    put(etcd, (keys.affinity_key("node-9", IPv4Network("10.6.0.192/26")), {"state": "pending"}),
+        (keys.block_key(IPv4Network("10.99.0.0/26")),
+         blocks.to_json(blocks.assign(blocks.new_block(IPv4Network("10.99.0.0/26"), None), 1,
+                                      "x", {})[0])),
+        (keys.handle_key("x"), handles.to_json(handles.Handle("x", {"10.99.0.0/26": 1}))))
+    with_store(etcd, lambda s: s._call("Put", __import__("aetcd").rpc.PutRequest(
+        key=(keys.HANDLES + "garbled").encode(), value=b"{")))
+    result = ctl("ipam", "check", "-o", str(report))
+    assert result.returncode == 1
+    text = " ".join(result.stdout.split())
+    assert "none needed while node node-9 runs: its agent settles the claim; if the node is " \
+           "gone: pipitctl delete node node-9" in text
+    assert "apply a pool covering 10.99.0.0/26, or release its addresses" in text
+    assert f"etcdctl del {keys.HANDLES}garbled" in text
+    before = snapshot(etcd)
+    left = ok(ctl("ipam", "release", "--from-report", str(report))).splitlines()
+    assert len(left) == 3 and all(line.startswith("left: ") for line in left), left
+    assert snapshot(etcd) == before
+    one_sentence(ctl("ipam", "release", "--from-report", str(tmp_path / "nope.json")),
+                 "cannot read the report")
+    (tmp_path / "bad.json").write_text('{"kind": "IPPool"}')
+    one_sentence(ctl("ipam", "release", "--from-report", str(tmp_path / "bad.json")),
+                 "is not one `pipitctl ipam check -o FILE` wrote")
+    one_sentence(ctl("ipam", "release"), "--ip ADDRESS... or --from-report FILE")
 
 
 # --------------------------------------------------------------------------------------------
@@ -724,3 +847,98 @@ def test_aliases_within_bounds_and_merge_keys_still_work(etcd, ctl):
     assert ok(ctl("apply", "-f", "-", input=text)) == "ippool 'a' created\nippool 'b' created\n"
     spec = yaml.safe_load(ok(ctl("get", "ippool", "b", "-o", "yaml")))["spec"]
     assert (spec["cidr"], spec["blockSize"], spec["natOutgoing"]) == ("10.51.0.0/24", 28, True)
+
+
+# --------------------------------------------------------------------------------------------
+# 11. Where etcd is: the configuration file, and what to do when none was named
+
+
+def test_a_configuration_file_names_etcd_and_flags_and_environment_win(existing, tmp_path):
+    endpoint = existing.endpoints[0]
+    closed = f"http://127.0.0.1:{free_port()}"
+    config = tmp_path / "pipitctl.yaml"
+    config.write_text(yaml.safe_dump({"apiVersion": "pipit.dev/v1", "kind": "PipitctlConfig",
+                                      "spec": {"etcdEndpoints": endpoint}}))
+    assert "existing" in ok(pipitctl("--config", str(config), "get", "ippools"))
+    assert "existing" in ok(pipitctl("get", "ippools", "-c", str(config)))
+    one_sentence(pipitctl("get", "ippools", "--config", str(config), endpoints=closed), closed)
+    one_sentence(pipitctl("get", "ippools", "--config", str(config), "--etcd-endpoints", closed),
+                 closed)
+    # relative certificate paths are the file's neighbours
+    config.write_text(yaml.safe_dump({"apiVersion": "pipit.dev/v1", "kind": "PipitctlConfig",
+                                      "spec": {"etcdEndpoints": endpoint,
+                                               "etcdCACertFile": "ca.pem"}}))
+    one_sentence(pipitctl("get", "ippools", "--config", str(config)),
+                 f"etcd TLS file {tmp_path / 'ca.pem'} does not exist")
+    for text, facts in [
+            ("kind: CalicoAPIConfig\n", ["must say apiVersion: pipit.dev/v1 and kind: "
+                                         "PipitctlConfig"]),
+            ("apiVersion: pipit.dev/v1\nkind: PipitctlConfig\nspec: {datastoreType: etcdv3}\n",
+             ["unknown spec field 'datastoreType'", "etcdEndpoints"]),
+            ("apiVersion: pipit.dev/v1\nkind: PipitctlConfig\nspec: {etcdEndpoints: [a]}\n",
+             ["etcdEndpoints must be a string"]),
+            ("a: 1\na: 2\n", ["gives key 'a' twice"])]:
+        config.write_text(text)
+        one_sentence(pipitctl("get", "ippools", "--config", str(config)), str(config), *facts)
+    one_sentence(pipitctl("get", "ippools", "--config", str(tmp_path / "nope.yaml")),
+                 "nope.yaml does not exist")
+
+
+def test_the_default_etcd_refusing_says_how_to_name_yours():
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", 2379)) == 0:
+            pytest.skip("something listens on etcd's default port here")
+    one_sentence(pipitctl("get", "ippools"), "cannot reach etcd at http://127.0.0.1:2379",
+                 "--etcd-endpoints", "PIPIT_ETCD_ENDPOINTS", "/etc/pipit/pipitctl.yaml")
+    # named etcds that refuse get no such advice: the user knows where they pointed
+    closed = f"http://127.0.0.1:{free_port()}"
+    assert "no etcd was named" not in pipitctl("get", "ippools", endpoints=closed).stderr
+
+
+# --------------------------------------------------------------------------------------------
+# 12. ipam show --show-borrowed, ipam split
+
+
+def test_show_borrowed_lists_who_borrowed_what_from_whom(etcd, ctl):
+    with_store(etcd, lambda s: add_pool(s, "p", "10.13.0.0/29", blockSize=30))
+    ok(ctl("ipam", "configure", "--max-blocks-per-host", "1"))
+    assign(etcd, ("n1", "a", 3, {"pod": "a"}), ("n2", "b", 1, {"pod": "b"}))
+    [borrowed] = assign(etcd, ("n1", "c", 2, {"pod": "c"}))
+    out = ok(ctl("ipam", "show", "--show-borrowed")).split("\n\n")[1].splitlines()
+    assert out[0].split() == ["ADDRESS", "BLOCK", "BLOCK", "OWNER", "BORROWED", "BY", "HANDLE"]
+    block = str(IPv4Network((borrowed[0], 30), strict=False))
+    assert sorted(line.split() for line in out[1:]) == sorted(
+        [str(a), block, "n2", "n1", "c"] for a in borrowed)
+
+
+def test_split_keeps_every_block_and_address_and_allocation_goes_on(etcd, ctl):
+    ok(ctl("apply", "-f", "-", input=yaml.safe_dump({
+        "apiVersion": "pipit.dev/v1", "kind": "IPPool",
+        "metadata": {"name": "big", "labels": {"team": "net"}},
+        "spec": {"cidr": "10.20.0.0/22", "blockSize": 26, "natOutgoing": True}})))
+    held = assign(etcd, *[(f"n{i}", f"pod-{i}", 3, {"pod": str(i)}) for i in range(6)])
+    before = {k: v for k, (_, v) in snapshot(etcd).items() if not k.startswith(keys.POOLS)}
+    assert ok(ctl("ipam", "split", "big", "4")) == (
+        "ippool 'split-big-0' created with cidr 10.20.0.0/24\n"
+        "ippool 'split-big-1' created with cidr 10.20.1.0/24\n"
+        "ippool 'split-big-2' created with cidr 10.20.2.0/24\n"
+        "ippool 'split-big-3' created with cidr 10.20.3.0/24\n"
+        "ippool 'big' deleted (split into 4)\n")
+    after = snapshot(etcd)
+    assert {k: v for k, (_, v) in after.items() if not k.startswith(keys.POOLS)} == before
+    pools = yaml.safe_load_all(ok(ctl("get", "ippools", "-o", "yaml")))
+    for pool in pools:
+        assert pool["spec"]["natOutgoing"] is True and pool["spec"]["blockSize"] == 26
+        assert pool["metadata"]["labels"] == {"team": "net"}
+    assert "no problems found" in ok(ctl("ipam", "check"))
+    more = assign(etcd, ("n0", "pod-more", 40, {}))[0]
+    assert not set(more) & {a for addresses in held for a in addresses}
+
+    before = snapshot(etcd)
+    for args, facts in [(("split-big-0", "3"), ["power of two", "not 3"]),
+                        (("split-big-0", "8"), ["/27, smaller than its blockSize /26"]),
+                        (("nope", "2"), ["'nope' not found"])]:
+        one_sentence(ctl("ipam", "split", *args), *facts)
+    assert snapshot(etcd) == before
+    ok(ctl("apply", "-f", "-", input=pool_yaml("split-split-big-1-0", cidr="10.30.0.0/16")))
+    one_sentence(ctl("ipam", "split", "split-big-1", "2"), "'split-split-big-1-0' exists")

@@ -88,5 +88,50 @@ def test_the_agent_refuses_labels_no_selector_could_match_and_keeps_annotations(
         record = await register(store, NodeRecord("n1", labels={"zone": "z1"}))
         assert record.labels == {"rack": "a", "zone": "z1"}
         stored = (await store.get(keys.node_key("n1"))).value["metadata"]
-        assert stored["annotations"] == {"pipit.dev/note": "kept"}
+        assert stored["annotations"]["pipit.dev/note"] == "kept"
     with_store(etcd, scenario)
+
+
+# --------------------------------------------------------------------------------------------
+# resourceVersion: optimistic concurrency for edits
+
+
+def test_a_stale_edit_is_a_conflict_instead_of_overwriting_someone_elses(etcd, ctl):
+    ok(ctl("apply", "-f", "-", input=document("IPPool", "p1", {"cidr": "10.80.0.0/16"})))
+    mine = ok(ctl("get", "ippool", "p1", "-o", "yaml"))
+    version = yaml.safe_load(mine)["metadata"]["resourceVersion"]
+    assert version == str(snapshot(etcd)[keys.pool_key("p1")][0])
+    assert ok(ctl("apply", "-f", "-", input=mine)) == "ippool 'p1' unchanged\n"
+    # someone else changes the pool...
+    theirs = yaml.safe_load(mine)
+    theirs["spec"]["natOutgoing"] = True
+    assert ok(ctl("apply", "-f", "-", input=yaml.safe_dump(theirs))) == \
+        "ippool 'p1' configured\n"
+    # ...so my edit of the old copy is refused, and theirs stands
+    before = snapshot(etcd)
+    edited = yaml.safe_load(mine)
+    edited["spec"]["disabled"] = True
+    stale = yaml.safe_dump(edited)
+    one_sentence(ctl("apply", "-f", "-", input=stale), "ippool 'p1' changed since "
+                 f"resourceVersion {version}", "get it again")
+    assert snapshot(etcd) == before
+    # a document without resourceVersion still applies over whatever is there
+    fresh = yaml.safe_load(stale)
+    del fresh["metadata"]["resourceVersion"]
+    assert ok(ctl("apply", "-f", "-", input=yaml.safe_dump(fresh))) == \
+        "ippool 'p1' configured\n"
+
+
+def test_resource_version_of_a_deleted_object_or_on_create_or_malformed(etcd, ctl):
+    ok(ctl("apply", "-f", "-", input=document("IPPool", "p1", {"cidr": "10.80.0.0/16"})))
+    shown = ok(ctl("get", "ippool", "p1", "-o", "yaml"))
+    ok(ctl("delete", "ippool", "p1"))
+    one_sentence(ctl("apply", "-f", "-", input=shown), "ippool 'p1' changed since",
+                 "it was deleted")
+    one_sentence(ctl("create", "-f", "-", input=shown), "metadata.resourceVersion",
+                 "remove it to create one")
+    for bad in ("abc", "-1", "0", "1.5", "１２"):
+        text = document("IPPool", "p1", {"cidr": "10.80.0.0/16"}, resourceVersion=bad)
+        one_sentence(ctl("apply", "-f", "-", input=text), "metadata.resourceVersion",
+                     "remove it")
+    assert snapshot(etcd) == {}

@@ -1,0 +1,140 @@
+"""Writing a set of resource changes to etcd as one change, whatever its size.
+
+etcd takes at most 128 operations per transaction (`--max-txn-ops`) and 1.5 MiB per request.
+A change is guarded only by what it was decided on:
+
+- each written key by the mod_revision it had when read (0: it did not exist);
+- the keys a write depends on (a BGPPeer on the node it names), by theirs;
+- a whole kind, when the decision read all of it (an IPPool must not overlap any other), by
+  ONE range comparison: no key under the prefix was modified after the listing.
+
+A change that fits is one transaction. A larger one is written in parts, in order; each part
+re-checks the ranges against the revision of the part before, so nothing else may touch them
+in between. If a part fails, the parts already written are undone (each key back to what it
+held, guarded by the revision our write gave it) and the caller decides again: all of it lands
+or, in the end, none of it.
+
+This talks to etcd below `Store.txn` (which compares single keys only); it uses the store's
+connection and error handling through `Store._call`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from aetcd import rpc
+
+from ipam.errors import Conflict
+from ipam.store import Store, encode
+from ipam.txn import TXN_KEY_BUDGET
+
+log = logging.getLogger(__name__)
+MAX_REQUEST_BYTES = 1024 * 1024  # below etcd's default --max-request-bytes (1.5 MiB)
+
+
+@dataclass(frozen=True)
+class Write:
+    key: str
+    revision: int  # the key's mod_revision the change was decided on (0: absent)
+    value: dict | None  # None deletes the key
+    old: dict | None = None  # what the key held, to restore if a later part fails
+    depends: tuple[tuple[str, int], ...] = ()  # other keys the write rests on, at revisions
+
+    @property
+    def compares(self) -> int:
+        return 1 + len(self.depends)
+
+
+def _range_end(prefix: bytes) -> bytes:
+    from aetcd.utils import prefix_range_end
+    return prefix_range_end(prefix)
+
+
+def _key_unchanged(key: str, revision: int):
+    return rpc.Compare(key=key.encode(), target=rpc.Compare.MOD, result=rpc.Compare.EQUAL,
+                       mod_revision=revision)
+
+
+def _range_unchanged(prefix: str, revision: int):
+    """No key under prefix was created or modified after `revision` (deletions pass)."""
+    raw = prefix.encode()
+    return rpc.Compare(key=raw, range_end=_range_end(raw), target=rpc.Compare.MOD,
+                       result=rpc.Compare.LESS, mod_revision=revision + 1)
+
+
+def _operation(key: str, value: dict | None):
+    if value is None:
+        return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key.encode()))
+    return rpc.RequestOp(request_put=rpc.PutRequest(key=key.encode(), value=encode(value)))
+
+
+async def _txn(store: Store, compares: list, operations: list) -> tuple[bool, int]:
+    response = await store._call("Txn", rpc.TxnRequest(compare=compares, success=operations))
+    return response.succeeded, response.header.revision
+
+
+def split(writes: Sequence[Write], fixed_compares: int,
+          budget: int = TXN_KEY_BUDGET) -> list[list[Write]]:
+    """Consecutive parts that each fit one transaction beside `fixed_compares` range checks:
+    at most `budget` comparisons and operations, and MAX_REQUEST_BYTES of values."""
+    parts: list[list[Write]] = [[]]
+    compares = size = 0
+    for write in writes:
+        cost = len(encode(write.value)) if write.value is not None else 0
+        if parts[-1] and (fixed_compares + compares + write.compares > budget
+                          or len(parts[-1]) + 1 > budget or size + cost > MAX_REQUEST_BYTES):
+            parts.append([])
+            compares = size = 0
+        parts[-1].append(write)
+        compares += write.compares
+        size += cost
+    return [p for p in parts if p]
+
+
+async def commit(store: Store, writes: Sequence[Write], ranges: Mapping[str, int]) -> bool:
+    """Write everything if nothing it was decided on has changed: True. False if something
+    has (then nothing stays written; decide again on fresh reads)."""
+    if not writes:
+        return True
+    ranges = dict(ranges)
+    done: list[tuple[list[Write], int]] = []
+    for part in split(writes, len(ranges)):
+        compares = [_range_unchanged(prefix, revision) for prefix, revision in ranges.items()]
+        for write in part:
+            compares.append(_key_unchanged(write.key, write.revision))
+            compares += [_key_unchanged(k, r) for k, r in write.depends]
+        succeeded, revision = await _txn(store, compares,
+                                         [_operation(w.key, w.value) for w in part])
+        if not succeeded:
+            await _undo(store, done)
+            return False
+        done.append((part, revision))
+        ranges = dict.fromkeys(ranges, revision)  # nothing else may touch them from here on
+    return True
+
+
+async def _restore(store: Store, writes: list[Write]) -> bool:
+    succeeded, _ = await _txn(store, [_key_unchanged(w.key, w.revision) for w in writes],
+                              [_operation(w.key, w.value) for w in writes])
+    return succeeded
+
+
+async def _undo(store: Store, done: list[tuple[list[Write], int]]) -> None:
+    """Put back what the written parts changed (newest first), each key only if it still holds
+    our write."""
+    lost = []
+    for part, revision in reversed(done):
+        restores = [Write(w.key, revision, w.old) for w in part]
+        for chunk in split(restores, 0):
+            if await _restore(store, chunk):
+                continue
+            for write in chunk:  # one of them changed since: put back the others one by one
+                if not await _restore(store, [write]):  # someone changed it: theirs stands
+                    lost.append(write.key)
+    if lost:
+        raise Conflict(f"the resources changed while being applied and {len(lost)} of the "
+                       f"keys written could not be put back (first {lost[0]}); check them and "
+                       "apply again.")
+    log.info("undid %d part(s) of a change that collided with another", len(done))

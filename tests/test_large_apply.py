@@ -1,0 +1,129 @@
+"""pipitctl against an etcd holding many resources: etcd takes at most 128 operations per
+transaction, so an apply that guarded every stored object of its kind could not be written
+past ~125 nodes or pools. With 1,000 nodes and 300 pools stored, applies still work, a file
+of 1,000 resources lands whole, and a change that needs several transactions is still all or
+nothing when someone else writes in between."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Network
+
+import pytest
+import yaml
+
+from ipam import keys
+from ipam.pool import pool_from_spec, pool_to_document
+from ipam.store import Store
+from pipitctl import commit as commit_module
+from pipitctl.resources import apply_objects, read_objects
+from tests.helpers import with_store
+from tests.test_pipitctl import ctl, ok, one_sentence, snapshot  # noqa: F401 (ctl: a fixture)
+
+NODES, POOLS = 1000, 300
+
+
+def node_document(i: int) -> dict:
+    return {"apiVersion": "pipit.dev/v1", "kind": "Node",
+            "metadata": {"name": f"node-{i:04d}", "labels": {"rack": f"r{i % 20}"}},
+            "spec": {"bgp": {"ipv4Address": f"10.{100 + i // 250}.{i % 250}.1/16"}}}
+
+
+def pool_document(i: int, name: str | None = None) -> dict:
+    cidr = IPv4Network((0x0A000000 + (i << 16), 16))  # 10.i.0.0/16 ... 10.255, then 11.x
+    return {"apiVersion": "pipit.dev/v1", "kind": "IPPool",
+            "metadata": {"name": name or f"pool-{i:03d}"},
+            "spec": {"cidr": str(cidr), "blockSize": 26}}
+
+
+def dump(documents: list[dict]) -> str:
+    return yaml.safe_dump_all(documents, sort_keys=False)
+
+
+def test_a_thousand_nodes_and_three_hundred_pools(etcd, ctl, tmp_path):
+    nodes = tmp_path / "nodes.yaml"
+    nodes.write_text(dump([node_document(i) for i in range(NODES)]))
+    out = ok(ctl("apply", "-f", str(nodes))).splitlines()
+    assert len(out) == NODES and all(line.endswith(" created") for line in out)
+    stored = snapshot(etcd)
+    assert len([k for k in stored if k.startswith(keys.NODES)]) == NODES
+
+    before = snapshot(etcd)
+    out = ok(ctl("apply", "-f", str(nodes))).splitlines()
+    assert len(out) == NODES and all(line.endswith(" unchanged") for line in out)
+    assert snapshot(etcd) == before
+
+    # one more node, and a peer that rests on the nodes, beside 1,000 stored nodes
+    assert ok(ctl("apply", "-f", "-", input=dump([node_document(NODES)]))) == \
+        f"node 'node-{NODES:04d}' created\n"
+    peer = {"apiVersion": "pipit.dev/v1", "kind": "BGPPeer", "metadata": {"name": "tor"},
+            "spec": {"peerIP": "10.99.1.1", "asNumber": 65101, "nodeSelector": "rack == 'r1'"}}
+    assert ok(ctl("apply", "-f", "-", input=dump([peer]))) == "bgppeer 'tor' created\n"
+
+    pools = tmp_path / "pools.yaml"
+    pools.write_text(dump([pool_document(i) for i in range(1, POOLS + 1)]))
+    out = ok(ctl("apply", "-f", str(pools))).splitlines()
+    assert len(out) == POOLS and all(line.endswith(" created") for line in out)
+    assert ok(ctl("apply", "-f", "-", input=dump([pool_document(POOLS + 1)]))) == \
+        f"ippool 'pool-{POOLS + 1:03d}' created\n"
+    # the overlap check still sees every stored pool
+    before = snapshot(etcd)
+    one_sentence(ctl("apply", "-f", "-", input=dump([pool_document(7, "intruder")])),
+                 "overlaps pool 'pool-007'")
+    assert snapshot(etcd) == before
+    assert len(ok(ctl("get", "nodes")).splitlines()) == NODES + 2  # header, 1,001 nodes
+
+
+# --------------------------------------------------------------------------------------------
+# All or nothing across transactions
+
+
+def pools_file(count: int) -> list:
+    return read_objects(dump([pool_document(i) for i in range(1, count + 1)]))
+
+
+@pytest.fixture
+def interference(monkeypatch):
+    """Runs `write(store)` once, right after the first transaction of a change lands."""
+    actions = []
+    real = commit_module._txn
+
+    async def txn(store, compares, operations):
+        result = await real(store, compares, operations)
+        if result[0] and actions:
+            await actions.pop()(store)
+        return result
+    monkeypatch.setattr(commit_module, "_txn", txn)
+    return actions.append
+
+
+def test_a_write_between_parts_undoes_them_and_the_apply_decides_again(etcd, interference):
+    """A pool created elsewhere while 250 pools are being written: the parts already written
+    are undone and the apply runs again on what is there now, so the file lands whole."""
+    async def other_writer(store: Store):
+        pool = pool_from_spec("elsewhere", {"cidr": "172.16.0.0/16"})
+        await store.put(keys.pool_key("elsewhere"), pool_to_document(pool))
+
+    interference(other_writer)
+
+    async def scenario(store: Store):
+        lines = await apply_objects(store, pools_file(250))
+        assert len(lines) == 250 and all(line.endswith(" created") for line in lines)
+        names = {k.removeprefix(keys.POOLS) for k in await store.list_keys(keys.POOLS)}
+        assert len(names) == 251 and "elsewhere" in names
+    with_store(etcd, scenario)
+
+
+def test_an_overlap_appearing_between_parts_leaves_nothing_of_the_file(etcd, interference):
+    async def overlapping_writer(store: Store):
+        pool = pool_from_spec("squatter", {"cidr": "10.200.0.0/16"})  # = pool-200's
+        await store.put(keys.pool_key("squatter"), pool_to_document(pool))
+
+    interference(overlapping_writer)
+
+    async def scenario(store: Store):
+        from ipam.errors import InvalidResource
+        with pytest.raises(InvalidResource, match="document 200: .* overlaps pool 'squatter'"):
+            await apply_objects(store, pools_file(250))
+        assert [k.removeprefix(keys.POOLS) for k in await store.list_keys(keys.POOLS)] == \
+            ["squatter"]
+    with_store(etcd, scenario)
