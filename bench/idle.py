@@ -1,15 +1,18 @@
 """Idle cost per node: a lab of N nodes, converged and then left alone, measured over fixed
 windows (pipit-agent, pipit-exabgp-bridge and ExaBGP separately, in % of one core, and their
-memory), against N BIRD 2 instances with the same sessions, idle in the same windows.
+memory), against BIRD 2 routers holding the same sessions, idle in the same windows.
 
-    sudo .venv/bin/python -m bench.idle [--nodes 10] [--pods-per-node 1] [--window 30]
-                                        [--repeat 3] [--settle 10]
+    sudo .venv/bin/python -m bench.idle [--nodes 10] [--topology mesh|rr] [--reflectors 2]
+                                        [--pods-per-node 1] [--window 30] [--repeat 3]
+                                        [--settle 10]
 
-The lab is `lab.cluster.Lab` (a full mesh: N-1 sessions per node, hold time 9 s) in a temp dir,
-with `pipit-bench-pid<pid>-` namespaces, removed at the end (those of benches that died are
-removed at the start). The reference: N BIRD 2 routers (lab.routers) on a bridge of their own,
-a full mesh of eBGP sessions with the same hold time, each announcing a /26 and installing what
-it learns into its namespace's kernel table, as a node does. Both run during the same windows.
+The lab is `lab.cluster.Lab` (hold time 9 s, as `pipitctl lab up`) in a temp dir, with
+`pipit-bench-pid<pid>-` namespaces, removed at the end (those of benches that died are removed
+at the start); mesh: every node peers with every other; rr (where the lab has it): the nodes
+peer with dedicated pipit-rr reflectors. The reference: one BIRD 2 router per lab node on a
+bridge of their own, with a session wherever the lab has one (eBGP, the same hold time), each
+announcing a /26 and installing what it learns into its namespace's kernel table, as a node
+does. Both run during the same windows.
 
 CPU time is what the kernel accounts to each process's threads (/proc/PID/task/*/schedstat, in
 ns) plus its children reaped meanwhile. ExaBGP's wake-ups per second (voluntary context
@@ -32,16 +35,16 @@ from pathlib import Path
 from bench.converge import rss_mib
 from bgp_agent.exabgp_process import ENV_FILE
 from lab import netns
-from lab.cluster import Lab
+from lab.cluster import TOPOLOGIES, Lab
 from lab.netns import Namespaces
 from lab.process import command_line, wait
 from lab.routers import FabricRouter, RouterPeer, RouterSpec, make_router
 
 GOAL = 1.0  # % of a core per node: agent + bridge + ExaBGP
-KINDS = {"pipit-agent": "agent", "pipit-exabgp-bridge": "bridge", "pipit-exabgp": "exabgp",
-         "exabgp": "exabgp"}
+KINDS = {"pipit-agent": "agent", "pipit-rr": "agent", "pipit-exabgp-bridge": "bridge",
+         "pipit-exabgp": "exabgp", "exabgp": "exabgp"}
+LABELS = {"agent": "pipit-agent", "bridge": "pipit-exabgp-bridge", "exabgp": "ExaBGP"}
 TICK = os.sysconf("SC_CLK_TCK")
-BIRD_FABRIC = "10.98.0"  # 10.98.0.<10+i>/24 in the BIRD mesh's own namespaces
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,8 +62,7 @@ def usage(pid: int) -> Usage:
     (ticks); and how often its threads went to sleep. (A thread that exits between two
     readings takes its time with it; idle, none do.)"""
     cpu, wakeups = 0.0, 0
-    task_dir = Path(f"/proc/{pid}/task")
-    for task in task_dir.iterdir():
+    for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             cpu += int((task / "schedstat").read_text().split()[0]) / 1e9
             for line in (task / "status").read_text().splitlines():
@@ -83,7 +85,7 @@ def rate(before: Usage, after: Usage) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# The processes measured
+# The lab's processes and sessions
 
 def node_processes(lab: Lab, node: str) -> dict[str, int]:
     """The node's agent, bridge and ExaBGP: what runs in its namespace, by program name."""
@@ -93,15 +95,23 @@ def node_processes(lab: Lab, node: str) -> dict[str, int]:
         kind = next((KINDS[n] for n in names if n in KINDS), None)
         if kind:
             found[kind] = pid
-    missing = {"agent", "bridge", "exabgp"} - set(found)
+    missing = set(LABELS) - set(found)
     if missing:
         raise RuntimeError(f"{node}: no {', '.join(sorted(missing))} running in its namespace")
     return found
 
 
-def exabgp_settings(lab: Lab, node: str) -> str:
+def sessions(lab: Lab) -> dict[str, list[str]]:
+    """node -> the other lab nodes it has a session up with (from their status)."""
+    statuses = {node: lab.status(node) or {} for node in lab.nodes()}
+    by_address = {str(s.get("address", "")).split("/")[0]: node for node, s in statuses.items()}
+    return {node: sorted(by_address[p["address"]] for p in s.get("peers", [])
+                         if p["state"] == "up" and p["address"] in by_address)
+            for node, s in statuses.items()}
+
+
+def exabgp_settings(lab: Lab, node: str, pid: int) -> str:
     """How the node's ExaBGP runs: its program and reactor speed."""
-    pid = node_processes(lab, node)["exabgp"]
     program = next(os.path.basename(a) for a in command_line(pid) if "exabgp" in a)
     env = (lab.node_dir(node) / "exabgp" / ENV_FILE).read_text()
     speed = next((line.split("=", 1)[1].strip() for line in env.splitlines()
@@ -109,35 +119,43 @@ def exabgp_settings(lab: Lab, node: str) -> str:
     return f"{program}, exabgp.reactor.speed {speed}"
 
 
-def bird_mesh(count: int, hold_time: int, namespaces: Namespaces, directory: Path
-              ) -> list[FabricRouter]:
-    """`count` BIRD routers on one bridge, every one peering with every other (eBGP, AS
-    65000+i), each announcing 10.240.<i>.0/26; started, not yet established."""
+# --------------------------------------------------------------------------------------------
+# The reference: BIRD routers with the lab's sessions
+
+def bird_twins(graph: dict[str, list[str]], hold_time: int, namespaces: Namespaces,
+               directory: Path) -> dict[str, FabricRouter]:
+    """node -> a BIRD router in a namespace of its own, on one bridge with the others, with an
+    eBGP session (AS 65000+i) wherever the node has one, announcing 10.240.<i>.0/26; started."""
+    nodes = sorted(graph)
+    index = {node: i for i, node in enumerate(nodes, 1)}
+    address = {node: IPv4Interface(f"10.98.{i // 200}.{10 + i % 200}/16")
+               for node, i in index.items()}
     switch = namespaces.create("birdfabric")
     _ip("-n", switch, "link", "add", "br0", "type", "bridge")
     _ip("-n", switch, "link", "set", "br0", "up")
-    names = namespaces.create_many("bird", count)
-    addresses = [IPv4Interface(f"{BIRD_FABRIC}.{10 + i}/24") for i in range(1, count + 1)]
-    for i, (ns, address) in enumerate(zip(names, addresses), 1):
-        _ip("-n", switch, "link", "add", f"b{i}", "type", "veth", "peer", "name", "eth0",
+    spaces = dict(zip(nodes, namespaces.create_many("bird", len(nodes))))
+    for node, ns in spaces.items():
+        port = f"b{index[node]}"
+        _ip("-n", switch, "link", "add", port, "type", "veth", "peer", "name", "eth0",
             "netns", ns)
-        _ip("-n", switch, "link", "set", f"b{i}", "master", "br0", "up")
-        _ip("-n", ns, "addr", "add", str(address), "dev", "eth0")
+        _ip("-n", switch, "link", "set", port, "master", "br0", "up")
+        _ip("-n", ns, "addr", "add", str(address[node]), "dev", "eth0")
         _ip("-n", ns, "link", "set", "eth0", "up")
-    routers = []
-    for i, (ns, address) in enumerate(zip(names, addresses), 1):
-        peers = tuple(RouterPeer(f"b{j}", other.ip, 65000 + j, local_address=address.ip,
-                                 hold_time=hold_time)
-                      for j, other in enumerate(addresses, 1) if j != i)
-        spec = RouterSpec(f"b{i}", address.ip, 65000 + i, peers,
-                          originate=(IPv4Network(f"10.240.{i}.0/26"),))
-        routers.append(make_router("bird", spec, ns, directory / f"bird{i}").start())
+    routers = {}
+    for node, ns in spaces.items():
+        i = index[node]
+        peers = tuple(RouterPeer(f"p{index[other]}", address[other].ip, 65000 + index[other],
+                                 local_address=address[node].ip, hold_time=hold_time)
+                      for other in graph[node])
+        spec = RouterSpec(f"b{i}", address[node].ip, 65000 + i, peers,
+                          originate=(IPv4Network(f"10.240.{i // 4}.{i % 4 * 64}/26"),))
+        routers[node] = make_router("bird", spec, ns, directory / f"bird{i}").start()
     return routers
 
 
 def bird_established(router) -> bool:
     protocols = router.protocols()  # one birdc call for all its sessions
-    return all(protocols[p.name].established for p in router.spec.peers)
+    return all(p.name in protocols and protocols[p.name].established for p in router.spec.peers)
 
 
 def _ip(*args: str) -> None:
@@ -145,7 +163,7 @@ def _ip(*args: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Measuring
+# Measuring and reporting
 
 def measure(groups: dict[str, dict[str, int]], window: float
             ) -> dict[str, dict[str, tuple[float, float]]]:
@@ -162,44 +180,41 @@ def mean(values) -> float:
     return sum(values) / len(values)
 
 
-def report(nodes: list[str], birds: list[str], windows: list[dict],
-           rss: dict[str, dict[str, float]], header: str) -> None:
-    print(header)
-    width = 12 * len(windows)
-    print(f"{'% of one core, mean per node':34}"
-          + "".join(f"{f'window {w + 1}':>12}" for w in range(len(windows)))
-          + f"{'worst node':>12}{'RSS MiB':>10}")
+def report_role(title: str, nodes: list[str], windows: list[dict],
+                rss: dict[str, dict[str, float]]) -> float:
+    """One block of rows for some nodes (and their BIRD twins, `bird:<node>`); returns the
+    worst node total of any window."""
+    print(f"{title:34}" + "".join(f"{f'window {w + 1}':>12}" for w in range(len(windows)))
+          + f"{'worst':>10}{'RSS MiB':>10}")
 
-    def row(label: str, values: list[float], worst: float, memory: float | None) -> None:
-        print(f"{label:34}" + "".join(f"{v:12.3f}" for v in values) + f"{worst:12.3f}"
-              + (f"{memory:10.1f}" if memory is not None else ""))
+    def row(label, values, worst, memory) -> None:
+        print(f"  {label:32}" + "".join(f"{v:12.3f}" for v in values) + f"{worst:10.3f}"
+              + f"{memory:10.1f}")
 
-    for kind, label in (("agent", "pipit-agent"), ("bridge", "pipit-exabgp-bridge"),
-                        ("exabgp", "ExaBGP")):
+    for kind, label in LABELS.items():
         row(label, [mean(w[n][kind][0] for n in nodes) for w in windows],
-            max(w[n][kind][0] for w in windows for n in nodes),
-            mean(rss[n][kind] for n in nodes))
-    print(f"{'  ExaBGP reactor turns/s':34}" + "".join(
+            max(w[n][kind][0] for w in windows for n in nodes), mean(rss[n][kind] for n in nodes))
+    print(f"  {'  ExaBGP reactor turns/s':32}" + "".join(
         f"{mean(w[n]['exabgp'][1] for n in nodes):12.1f}" for w in windows))
     totals = [{n: sum(v[0] for v in w[n].values()) for n in nodes} for w in windows]
     node_total = [mean(t.values()) for t in totals]
-    worst_node = max(max(t.values()) for t in totals)
-    row("node: agent + bridge + ExaBGP", node_total, worst_node,
-        mean(sum(rss[n].values()) for n in nodes))
+    worst = max(max(t.values()) for t in totals)
+    row("agent + bridge + ExaBGP", node_total, worst, mean(sum(rss[n].values()) for n in nodes))
+    birds = [f"bird:{n}" for n in nodes]
     bird = [mean(w[b]["bird"][0] for b in birds) for w in windows]
     row("reference: BIRD 2, same sessions", bird,
         max(w[b]["bird"][0] for w in windows for b in birds), mean(rss[b]["bird"] for b in birds))
-    print(f"{'ratio node / BIRD':34}" + "".join(
-        f"{(f'{t / b:.0f}x' if b > 0 else 'inf'):>12}" for t, b in zip(node_total, bird)))
-    print("-" * (34 + width + 22))
-    print(f"goal: agent + bridge + ExaBGP <= {GOAL:g} % of a core per node -> "
-          f"{'met' if worst_node <= GOAL else 'MISSED'} (mean {min(node_total):.2f}-{max(node_total):.2f} %, "
-          f"worst node in any window {worst_node:.2f} %)")
+    print(f"  {'ratio to BIRD':32}" + "".join(
+        f"{(f'{t / b:.0f}x' if b > 0 else '-'):>12}" for t, b in zip(node_total, bird)))
+    return worst
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=10)
+    parser.add_argument("--topology", default="mesh",
+                        choices=[t for t in TOPOLOGIES if t != "racks"])
+    parser.add_argument("--reflectors", type=int, default=2, help="rr: dedicated reflectors")
     parser.add_argument("--pods-per-node", type=int, default=1)
     parser.add_argument("--window", type=float, default=30.0, help="seconds per measurement")
     parser.add_argument("--repeat", type=int, default=3, help="windows, one after the other")
@@ -208,43 +223,54 @@ def main() -> None:
     args = parser.parse_args()
     if args.nodes < 2:
         parser.error("--nodes must be at least 2 (a node alone has no session)")
+    options = {"reflectors": args.reflectors} if args.topology == "rr" else {}
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the cleanup runs
     with tempfile.TemporaryDirectory(prefix="pipit-bench-") as tmp, \
             Namespaces("pipit-bench-") as namespaces:  # also removes dead benches' leftovers
         tmp = Path(tmp)
         lab = Lab(directory=tmp / "lab", prefix=f"pipit-bench-pid{os.getpid()}-",
-                  log=lambda *a: None)
-        routers: list[FabricRouter] = []
+                  topology=args.topology, log=lambda *a: None, **options)
+        routers: dict[str, FabricRouter] = {}
         try:
             started = time.monotonic()
             if not lab.up(node_count=args.nodes, pods_per_node=args.pods_per_node):
                 raise RuntimeError("the lab did not converge (sessions or pings failed)")
             up = time.monotonic() - started
-            routers = bird_mesh(args.nodes, lab.hold_time, namespaces, tmp / "birds")
-            wait(lambda: all(bird_established(r) for r in routers), 60,
+            graph = sessions(lab)
+            routers = bird_twins(graph, lab.hold_time, namespaces, tmp / "birds")
+            wait(lambda: all(bird_established(r) for r in routers.values()), 60 + len(graph),
                  "every BIRD session to establish", interval=0.5)
-            wait(lambda: all(len(r.routes()) == args.nodes - 1 for r in routers), 60,
-                 "every BIRD to learn every other's route", interval=0.5)
-            nodes = lab.nodes()
-            groups = {n: node_processes(lab, n) for n in nodes}
-            birds = [r.spec.name for r in routers]
-            groups.update({r.spec.name: {"bird": r.pids()[0]} for r in routers})
+            groups = {n: node_processes(lab, n) for n in graph}
+            groups.update({f"bird:{n}": {"bird": r.pids()[0]} for n, r in routers.items()})
             time.sleep(args.settle)
             load = os.getloadavg()[0]
             windows = [measure(groups, args.window) for _ in range(args.repeat)]
             load_after = os.getloadavg()[0]
             rss = {g: {k: rss_mib(pid) for k, pid in kinds.items()} for g, kinds in groups.items()}
-            how = exabgp_settings(lab, nodes[0])
+            first = sorted(graph)[0]
+            how = exabgp_settings(lab, first, groups[first]["exabgp"])
+            reflectors = set(getattr(lab, "reflector_names", list)())
         finally:
-            for router in routers:
+            for router in routers.values():
                 router.destroy()
             lab.down()
-    sessions = args.nodes - 1
-    header = (f"idle cost per node: {args.nodes} nodes, full mesh ({sessions} sessions each, "
-              f"hold time {lab.hold_time} s), {args.pods_per_node} pod(s) per node; lab up in "
-              f"{up:.1f} s\nExaBGP: {how}; {args.repeat} windows of {args.window:g} s after "
-              f"{args.settle:g} s idle; load average {load:.1f} before, {load_after:.1f} after")
-    report(nodes, birds, windows, rss, header)
+    print(f"idle cost per node: {args.topology} lab, {args.nodes} nodes"
+          + (f" and {len(reflectors)} reflectors" if reflectors else "")
+          + f", hold time {lab.hold_time} s, {args.pods_per_node} pod(s) per node; up in "
+          f"{up:.1f} s")
+    print(f"ExaBGP: {how}; {args.repeat} windows of {args.window:g} s after {args.settle:g} s "
+          f"idle; load average {load:.1f} before, {load_after:.1f} after")
+    print("% of one core (mean per node in each window, worst node in any window)")
+    worst = 0.0
+    for title, members in (("nodes", [n for n in sorted(graph) if n not in reflectors]),
+                           ("reflectors", sorted(reflectors))):
+        if members:
+            counts = sorted({len(graph[n]) for n in members})
+            worst = max(worst, report_role(
+                f"{title} ({len(members)}, {'/'.join(map(str, counts))} sessions)",
+                members, windows, rss))
+    print(f"goal: agent + bridge + ExaBGP <= {GOAL:g} % of a core on every node -> "
+          f"{'met' if worst <= GOAL else 'MISSED'} (worst {worst:.2f} %)")
 
 
 if __name__ == "__main__":
