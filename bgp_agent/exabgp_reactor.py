@@ -17,10 +17,11 @@ and these fixes remove both:
    no wait while commands are half done.
 2. A closed socket is never taken out of the poll set. After a session ends (or a connection
    attempt fails) its descriptor stays registered, so every poll() returns POLLNVAL at once;
-   the loop treats that as spinning and calls time.sleep(speed / 100), during which nothing,
-   not even the API, is served. With speed 10 and one peer down, the agent's commands waited
-   ~50 ms on average (up to 100). Fixed: a descriptor poll() reports as invalid is unregistered
-   (the peer registers its next socket again when it has one).
+   the loop takes that for spinning and, past `speed` such turns in a second, calls
+   time.sleep(speed / 100) every turn, during which nothing, not even the API, is served.
+   With speed 10 and one peer down, the agent's commands waited ~50 ms on average (up to
+   100). Fixed: a descriptor poll() reports as invalid is unregistered (the peer registers its
+   next socket again when it has one).
 
 Both fixes replace one method, Reactor._wait_for_io, and are applied only to the release
 they were written against (5.0.x); with any other, pipit-exabgp says so on stderr and runs
