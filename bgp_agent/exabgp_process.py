@@ -34,10 +34,13 @@ def exabgp_command(state_dir: Path) -> list[str]:
     """How ExaBGP runs on the files in `state_dir` (spawned here, or as a sidecar):
 
         until [ -s STATE/exabgp.conf ]; do sleep 1; done
-        exec exabgp --env-file STATE/exabgp.env server STATE/exabgp.conf
+        exec pipit-exabgp --env-file STATE/exabgp.env server STATE/exabgp.conf
+
+    pipit-exabgp is ExaBGP with fixes to its reactor loop (bgp_agent.exabgp_reactor) that
+    the settings in exabgp.env count on.
     """
     state_dir = Path(state_dir)
-    return [tool("exabgp"), "--env-file", str(state_dir / ENV_FILE), "server",
+    return [tool("pipit-exabgp"), "--env-file", str(state_dir / ENV_FILE), "server",
             str(state_dir / CONFIG_FILE)]
 
 

@@ -143,7 +143,7 @@ def test_environment_avoids_the_traps_and_exabgp_reads_the_file(tmp_path):
     assert sections["exabgp.daemon.drop"] == "false"
     assert sections["exabgp.log.level"] == "WARNING"
     assert sections["exabgp.api.cli"] == "false"
-    assert sections["exabgp.reactor.speed"] == "0.1"
+    assert sections["exabgp.reactor.speed"] == "10.0"
     assert sections["exabgp.tcp.attempts"] == "3"
 
 

@@ -170,6 +170,8 @@ def test_routes_flow_both_ways_with_bird(net1, state_dir):
             async with running(make_speaker(state_dir, net1)) as speaker:
                 await speaker.set_neighbors([neighbor(1, password="pipit-md5")])
                 await eventually(lambda: established(speaker, net1.peer_address(1)), what="up")
+                # pipit-exabgp: the settings in exabgp.env count on its reactor fixes
+                assert "with Pipit's reactor fixes" in speaker.process.log_path.read_text()
                 received = speaker.received[net1.peer_address(1)]
                 assert set(received) == set(own)
                 assert all(p.next_hop == net1.peer_address(1) and p.as_path == (65001,)

@@ -1,0 +1,87 @@
+"""pipit-exabgp: ExaBGP 5.0 with two fixes to its reactor loop, so that it can sleep when idle
+and still answer at once. The agent runs it in place of `exabgp` (same arguments); a sidecar
+should too.
+
+ExaBGP's reactor is one loop: each turn it runs every peer, tries accept() on each listening
+socket, polls the API helper's pipe, then waits in poll() on the peers' sockets and the helper's
+pipe for at most `exabgp.reactor.speed / 100` seconds. Idle, every turn is pure overhead
+(~0.2 ms of Python here, more per peer), so the idle cost is turns per second: speed 0.1 (1 ms)
+burned ~8 % of a core with two sessions, the default 1.0 ~2 %. Pipit runs with speed 10
+(100 ms, ~0.3 %). Two things in ExaBGP 5.0.15 make a long period slow where it should not be,
+and these fixes remove both:
+
+1. An API command that is not done within one turn waits a whole period for the next. ExaBGP
+   runs a command's work (e.g. `announce attributes ... nlri` yields once per prefix) 50 steps
+   per turn, and `ASYNC.run()` returns whether work is left, but the loop ignores that and
+   sleeps anyway. With speed 10, 10k batched announcements took ~24 s instead of ~2.5 s. Fixed:
+   no wait while commands are half done.
+2. A closed socket is never taken out of the poll set. After a session ends (or a connection
+   attempt fails) its descriptor stays registered, so every poll() returns POLLNVAL at once;
+   the loop takes that for spinning and, past `speed` such turns in a second, calls
+   time.sleep(speed / 100) every turn, during which nothing, not even the API, is served.
+   With speed 10 and one peer down, the agent's commands waited ~50 ms on average (up to
+   100). Fixed: a descriptor poll() reports as invalid is unregistered (the peer registers its
+   next socket again when it has one).
+
+Both fixes replace one method, Reactor._wait_for_io, and are applied only to the release
+they were written against (5.0.x); with any other, pipit-exabgp says so on stderr and runs
+ExaBGP unchanged (correct, only slower to answer as above).
+"""
+
+from __future__ import annotations
+
+import select
+import sys
+
+FIXED_RELEASES = ("5.0.",)  # prefixes of the ExaBGP releases the fixes were written against
+READABLE = select.POLLIN | select.POLLPRI
+
+
+def wait_for_io(reactor, sleeptime: int):
+    """Reactor._wait_for_io with the two fixes: yields the descriptors that are readable."""
+    if not reactor.asynchronous.ready():
+        sleeptime = 0  # (1) a command is half done: come straight back to it
+    spinning = False
+    try:
+        for fd, event in reactor._poller.poll(sleeptime):
+            if event & READABLE:
+                yield fd
+            elif event & select.POLLNVAL and fd not in reactor.processes.fds:
+                # (2) a peer's socket that was closed: forget it (the API helper's pipes are
+                # the reactor's own business, it registers and unregisters them itself)
+                reactor._poller.unregister(fd)
+            elif event & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                spinning = True  # a hang-up or error its owner has not handled yet
+        if spinning:
+            reactor._prevent_spin()
+    except KeyboardInterrupt:
+        reactor._termination("^C received", reactor.Exit.normal)
+    except Exception:
+        reactor._prevent_spin()
+
+
+def apply() -> str | None:
+    """Install the fixes into ExaBGP's Reactor. None if done, else why not."""
+    from exabgp.reactor.loop import Reactor
+    from exabgp.version import release
+    if not release.startswith(FIXED_RELEASES) or not hasattr(Reactor, "_wait_for_io"):
+        return f"ExaBGP {release} is not a release these fixes were written for"
+    Reactor._wait_for_io = wait_for_io
+    return None
+
+
+def main() -> None:
+    from exabgp.version import release
+    problem = apply()
+    if problem:
+        print(f"pipit-exabgp: running ExaBGP without Pipit's reactor fixes: {problem}; it will "
+              "answer slowly after a session ends and on long commands", file=sys.stderr)
+    else:
+        print(f"pipit-exabgp: ExaBGP {release} with Pipit's reactor fixes", file=sys.stderr)
+    sys.stderr.flush()
+    from exabgp.application.main import main as exabgp_main
+    sys.exit(exabgp_main())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""pipit-exabgp's fixes to ExaBGP's reactor loop (bgp_agent.exabgp_reactor): the fixed
+Reactor._wait_for_io on ExaBGP's own ASYNC queue and a real poll set, and pipit-exabgp
+running ExaBGP with them. (That the agent's ExaBGP runs through it: tests/test_speaker.py.)"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import subprocess
+import sys
+import threading
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+from exabgp.environment import getenv
+from exabgp.logger import log
+from exabgp.reactor.asynchronous import ASYNC
+from exabgp.reactor.loop import Reactor
+
+from bgp_agent import exabgp_reactor
+from bgp_agent.exabgp_config import render
+from bgp_agent.exabgp_reactor import wait_for_io
+
+PIPIT_EXABGP = str(Path(sys.executable).parent / "pipit-exabgp")
+WATCHED = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLNVAL | select.POLLERR
+AN_HOUR_MS = 3_600_000
+
+
+class Processes:
+    def __init__(self):
+        self.fds: list[int] = []  # the API helpers' pipes
+
+
+class ReactorParts:
+    """What Reactor._wait_for_io uses of the reactor. (A whole Reactor cannot be built in a
+    test process: it changes directory to / and sets the umask.) _prevent_spin, which sleeps
+    in ExaBGP, only counts here."""
+    Exit = Reactor.Exit
+
+    def __init__(self):
+        self._poller = select.poll()
+        self.asynchronous = ASYNC()
+        self.processes = Processes()
+        self.spins = 0
+
+    def _prevent_spin(self) -> bool:
+        self.spins += 1
+        return True
+
+    def _termination(self, reason, exit_code) -> None:
+        raise AssertionError(f"the reactor would stop: {reason}")
+
+
+@pytest.fixture
+def reactor():
+    log.init(getenv())  # ExaBGP's logger, as its own start-up sets it (ASYNC logs through it)
+    return ReactorParts()
+
+
+def closed_socket_fd() -> int:
+    """The number of a socket descriptor that has been closed again."""
+    one, other = socket.socketpair()
+    fd = one.fileno()
+    one.close()
+    other.close()
+    return fd
+
+
+def test_a_closed_peer_socket_leaves_the_poll_set_instead_of_making_the_loop_sleep(reactor):
+    fd = closed_socket_fd()  # a session that ended; ExaBGP never unregisters its socket
+    reactor._poller.register(fd, WATCHED)
+    assert list(wait_for_io(reactor, 0)) == []
+    assert reactor.spins == 0  # ExaBGP's version sleeps speed/100 s here, on every turn
+    assert reactor._poller.poll(0) == []  # gone: the next turns wait on the live sockets
+
+
+def test_a_closed_api_pipe_is_left_to_the_reactor(reactor):
+    """The reactor unregisters its helpers' pipes itself (and would fail on one already gone)."""
+    fd = closed_socket_fd()
+    reactor.processes.fds = [fd]
+    reactor._poller.register(fd, WATCHED)
+    list(wait_for_io(reactor, 0))
+    assert reactor.spins == 1
+    assert reactor._poller.poll(0) == [(fd, select.POLLNVAL)]
+
+
+def test_readable_descriptors_are_still_handed_out(reactor):
+    read, write = os.pipe()
+    try:
+        reactor._poller.register(read, WATCHED)
+        os.write(write, b"announce route 10.1.0.0/26 next-hop self\n")
+        assert list(wait_for_io(reactor, AN_HOUR_MS)) == [read]
+        assert reactor.spins == 0
+    finally:
+        os.close(read)
+        os.close(write)
+
+
+def test_a_half_done_command_is_resumed_without_waiting_for_the_period(reactor):
+    """ExaBGP works through a command 50 steps per turn (one step per prefix of an `announce
+    attributes`); with work left the loop must come straight back, not wait a period."""
+    def announcement():
+        for _ in range(120):
+            yield False
+    reactor.asynchronous.schedule("pipit", "announce attributes ... nlri ...", announcement())
+    reactor.asynchronous.run()
+    assert not reactor.asynchronous.ready()  # 50 of 120 steps done
+    wake, waker = os.pipe()  # frees the wait below, should it block after all
+    reactor._poller.register(wake, WATCHED)
+    returned = threading.Event()
+    waiting = threading.Thread(
+        target=lambda: (list(wait_for_io(reactor, AN_HOUR_MS)), returned.set()), daemon=True)
+    try:
+        waiting.start()
+        came_back = returned.wait(30)  # a deadline for the test, not a figure: the period is 1 h
+    finally:
+        os.write(waker, b"x")
+        waiting.join(10)
+        os.close(wake)
+        os.close(waker)
+    assert came_back, "the loop waited for the period with a command half done"
+
+
+def test_the_fixes_are_installed_only_on_the_release_they_were_written_for(monkeypatch):
+    import exabgp.version
+    original = Reactor._wait_for_io
+    monkeypatch.setattr(Reactor, "_wait_for_io", original)  # restored after the test
+    monkeypatch.setattr(exabgp.version, "release", "5.1.0")
+    assert "5.1.0" in exabgp_reactor.apply()
+    assert Reactor._wait_for_io is original
+    monkeypatch.setattr(exabgp.version, "release", "5.0.15")
+    assert exabgp_reactor.apply() is None
+    assert Reactor._wait_for_io is wait_for_io
+
+
+def test_pipit_exabgp_runs_exabgp_with_the_fixes(tmp_path):
+    config = tmp_path / "exabgp.conf"
+    me = IPv4Address("10.0.0.1")
+    config.write_text(render(me, me, 64512, [], ["/bin/true"]))
+    result = subprocess.run([PIPIT_EXABGP, "validate", str(config)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "with Pipit's reactor fixes" in result.stderr
