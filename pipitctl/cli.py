@@ -204,13 +204,21 @@ def describe_address(snap, address: IPv4Address) -> str:
 
 
 @ipam.command(name="check")
+@click.option("--kubeconfig", metavar="PATH", envvar="KUBECONFIG",
+              help="Also compare with the pods in Kubernetes: report addresses whose pod is "
+                   "gone or has another IP [env KUBECONFIG].")
 @etcd_options
-async def check_command(store: Store) -> None:
+async def check_command(store: Store, kubeconfig: str | None) -> None:
     """Find leaked addresses, orphaned handles and affinities without blocks (exit 1 if any)."""
     snap = await load_snapshot(store)
     problems = check(snap)
     summary = (f"checked {len(snap.blocks)} blocks, {len(snap.handles)} handles and "
                f"{len(snap.affinities)} affinities")
+    if kubeconfig:
+        from pipitctl.kube_check import unclaimed_problems
+        found, pods = await unclaimed_problems(snap, kubeconfig)
+        problems += found
+        summary += f" against {pods} pods"
     if not problems:
         click.echo(f"{summary}: no problems found.")
         return
