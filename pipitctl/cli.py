@@ -325,8 +325,12 @@ def lab_errors() -> Iterator[None]:
                                       "nodes peer eBGP with a top-of-rack router each.")
 @click.option("--router", type=click.Choice(["bird", "frr", "gobgp"]), default="bird",
               show_default=True, help="racks: the top-of-rack routers' implementation.")
+@click.option("--kubernetes", is_flag=True,
+              help="mesh: also an API server (Pipit's fake) with the nodes as Nodes and the "
+                   "pods as Pods, agents using it, and pipit-controller (lab/kube.py).")
 @lab_dir
-def lab_up(nodes: int, pods_per_node: int, topology: str, router: str, directory: str) -> None:
+def lab_up(nodes: int, pods_per_node: int, topology: str, router: str, directory: str,
+           kubernetes: bool) -> None:
     """Start (or complete) the lab; print node status and a pod-to-pod ping matrix."""
     from lab.cluster import Lab
     running = Lab(Path(directory)).running_topology()
@@ -334,8 +338,8 @@ def lab_up(nodes: int, pods_per_node: int, topology: str, router: str, directory
         raise InvalidResource(f"a {running} lab is running in {directory}; re-running up "
                               "completes only a mesh lab: `pipitctl lab down` first.")
     with lab_errors():
-        ok = Lab(Path(directory), topology=topology, router=router).up(nodes, pods_per_node,
-                                                                        render_status)
+        ok = Lab(Path(directory), topology=topology, router=router,
+                 kubernetes=kubernetes).up(nodes, pods_per_node, render_status)
     if not ok:
         raise SystemExit(1)
 
