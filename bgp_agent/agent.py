@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -43,7 +45,13 @@ DEFAULT_STATE_DIR = "/run/pipit"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="pipit-agent", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"pipit-agent {software_version()}")
-    parser.add_argument("--node", required=True, help="This node's name (as in Kubernetes).")
+    parser.add_argument("--node", default=os.environ.get("NODENAME") or socket.gethostname(),
+                        help="This node's name, as in Kubernetes (default: NODENAME, which "
+                             "the chart sets from spec.nodeName, else the host name).")
+    parser.add_argument("--kubeconfig", metavar="PATH",
+                        help="Use the Kubernetes API (default: only when running in a pod): "
+                             "node identity, labels and annotations, pool selection by pod "
+                             "and namespace annotations, NetworkUnavailable.")
     parser.add_argument("--ipam-socket", default=DEFAULT_SOCKET, metavar="PATH",
                         help=f"Unix socket of the local IPAM service (default {DEFAULT_SOCKET}).")
     parser.add_argument("--no-bgp", action="store_true",
@@ -54,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          help="This node's BGP address, e.g. 10.0.0.11/24 (default: detected).")
     address.add_argument("--ip-autodetection-method", default="first-found", metavar="METHOD",
                          help="first-found | interface=REGEX | skip-interface=REGEX | cidr=CIDR "
-                              "| can-reach=IP (default first-found).")
+                              "| can-reach=IP | kubernetes-internal-ip (default first-found).")
     parser.add_argument("--as", dest="as_number", metavar="N",
                         help="This node's AS number, such as 65001 or asdot 1.10 (default: "
                              f"the cluster's, {DEFAULT_AS}).")
@@ -154,9 +162,12 @@ async def run(args: argparse.Namespace) -> None:
     if args.metrics_address:
         from bgp_agent import metrics
         metrics.serve(args.metrics_address)
+    from bgp_agent.kube_node import AgentKubernetes
+    kube = await AgentKubernetes.connect(args)  # None without Kubernetes
     async with Store(config) as store:
         ipam = IPAM(store)
-        service = None if args.reflector_only else IPAMService(ipam, args.node, args.ipam_socket)
+        service = None if args.reflector_only else IPAMService(
+            ipam, args.node, args.ipam_socket, pod_request=kube.pods.request if kube else None)
         if service is not None:
             await service.start()
         try:
@@ -169,15 +180,17 @@ async def run(args: argparse.Namespace) -> None:
                 finally:
                     await status.close()
             else:
-                await route(store, ipam, args, stop, lambda: retire)
+                await route(store, ipam, args, stop, lambda: retire, kube)
             log.info("stopping")
         finally:
             if service is not None:
                 await service.close()
+            if kube is not None:
+                await kube.close()
 
 
 async def route(store: Store, ipam: IPAM, args: argparse.Namespace, stop: asyncio.Event,
-                retiring) -> None:
+                retiring, kube=None) -> None:
     """Register the node, then run the BGP speaker and the routing loop until `stop`."""
     from bgp_agent.node_dataplane import NodeDataplane
     from bgp_agent.model import SpeakerError
@@ -186,7 +199,9 @@ async def route(store: Store, ipam: IPAM, args: argparse.Namespace, stop: asynci
     from ipip.kernel_routes import KernelRoutes
     from ipip.route_table import RouteTable
 
-    me = await register(store, await asyncio.to_thread(node_identity, args))  # pyroute2 inside
+    identify = (lambda: kube.identity(args, parse_labels(args.labels))) if kube else (
+        lambda: node_identity(args))
+    me = await register(store, await asyncio.to_thread(identify))  # pyroute2 inside
     log.info("node %s registered with address %s", me.name, me.address)
     if args.reflector_only and me.route_reflector_cluster_id is None:
         raise InvalidResource(f"node {me.name} has no route reflector cluster id: give "
@@ -212,6 +227,8 @@ async def route(store: Store, ipam: IPAM, args: argparse.Namespace, stop: asynci
     await speaker.start()
     await status.start()
     task = asyncio.create_task(router.run())
+    if kube is not None:  # NetworkUnavailable=False once the routes are programmed
+        asyncio.create_task(kube.network_available(router.programmed))
     stopping = asyncio.create_task(stop.wait())
     try:
         await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -42,6 +42,9 @@ class NodeRecord:
     ipip_tunnel_address: IPv4Address | None = None  # on tunl0
     vxlan_tunnel_address: IPv4Address | None = None  # on vxlan.pipit (the VTEP)
     vxlan_mac: str | None = None  # vxlan.pipit's MAC, for the other nodes' FDB
+    # The Kubernetes Node this record belongs to (Calico's spec.orchRefs, orchestrator k8s);
+    # None: a node outside Kubernetes, which pipit-controller never cleans up
+    kubernetes_node: str | None = None
 
     @property
     def tunnel_fields(self) -> tuple:
@@ -54,7 +57,7 @@ _MAC = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
 def node_from_document(doc: Mapping) -> NodeRecord:
     document = read_document(doc)
     read = SpecReader(KIND, document.name, document.spec,
-                      {"bgp", "ipv4VXLANTunnelAddr", "vxlanTunnelMACAddr"})
+                      {"bgp", "ipv4VXLANTunnelAddr", "vxlanTunnelMACAddr", "orchRefs"})
     bgp = document.spec.get("bgp") or {}
     if not isinstance(bgp, dict):
         raise read.fail("spec.bgp must be a mapping.")
@@ -84,7 +87,21 @@ def node_from_document(doc: Mapping) -> NodeRecord:
                                                   if cluster_id else None),
                       ipip_tunnel_address=_optional_address(bgp_read, "ipv4IPIPTunnelAddr"),
                       vxlan_tunnel_address=_optional_address(read, "ipv4VXLANTunnelAddr"),
-                      vxlan_mac=mac)
+                      vxlan_mac=mac, kubernetes_node=_kubernetes_node(read, document.spec))
+
+
+def _kubernetes_node(read: SpecReader, spec: Mapping) -> str | None:
+    """The Kubernetes node name of spec.orchRefs ([{orchestrator: k8s, nodeName: NAME}])."""
+    refs = spec.get("orchRefs") or []
+    if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
+        raise read.fail("orchRefs must be a list of {orchestrator, nodeName} mappings.")
+    for ref in refs:
+        if ref.get("orchestrator") == "k8s":
+            name = ref.get("nodeName")
+            if not isinstance(name, str) or not name:
+                raise read.fail("orchRefs: the k8s entry has no nodeName.")
+            return name
+    return None
 
 
 def parse_cluster_id(text: object, where: str) -> IPv4Address:
@@ -124,6 +141,8 @@ def node_to_document(node: NodeRecord) -> dict:
         spec["ipv4VXLANTunnelAddr"] = str(node.vxlan_tunnel_address)
     if node.vxlan_mac is not None:
         spec["vxlanTunnelMACAddr"] = node.vxlan_mac
+    if node.kubernetes_node is not None:
+        spec["orchRefs"] = [{"orchestrator": "k8s", "nodeName": node.kubernetes_node}]
     return make_document(KIND, node.name, spec, node.labels, node.annotations)
 
 
@@ -254,6 +273,8 @@ async def register(store: Store, node: NodeRecord) -> NodeRecord:
                          else stored.as_number if stored else None,
                          route_reflector_cluster_id=node.route_reflector_cluster_id
                          or (stored.route_reflector_cluster_id if stored else None),
+                         kubernetes_node=node.kubernetes_node
+                         or (stored.kubernetes_node if stored else None),
                          labels={**(stored.labels if stored else {}), **node.labels},
                          annotations={**(stored.annotations if stored else node.annotations),
                                       VERSION_ANNOTATION: software_version()})

@@ -106,6 +106,9 @@ class Router:
         self.dataplane = dataplane
         self.clock = clock
         self.changed = asyncio.Event()
+        # set after the first pass that programmed the kernel knowing what peers sent, without
+        # errors (the agent then reports the node's network available to Kubernetes)
+        self.programmed = asyncio.Event()
         self.status = Status(node=me.name)
         self.nodes = Mirror(store, keys.NODES, lambda e: node_from_document(e.value),
                             self.changed)
@@ -276,7 +279,8 @@ class Router:
         next_hop = policy.native
         if self.dataplane is not None:  # tunnel devices up before routes use them
             next_hop = await self.dataplane.prepare(me, pools, self.nodes.items.values())
-        await self._program_kernel(accepted, own, learned_known=True, next_hop=next_hop)
+        if await self._program_kernel(accepted, own, learned_known=True, next_hop=next_hop):
+            self.programmed.set()
         if self.dataplane is not None:  # and devices no pool needs go after the routes
             await self.dataplane.retire()
         exports = policy.announcements(
@@ -324,9 +328,9 @@ class Router:
 
     async def _program_kernel(self, accepted: Mapping[IPv4Address, Mapping[IPv4Network, Path]],
                               own: set[IPv4Network], learned_known: bool,
-                              next_hop: Callable[[Path], NextHop] = policy.native) -> None:
-        """Make the kernel's routes match (no route table: a dedicated reflector, pipit-rr,
-        programs none)."""
+                              next_hop: Callable[[Path], NextHop] = policy.native) -> bool:
+        """Sync the kernel's routes; whether the kernel took them all (no route table: a
+        dedicated reflector, pipit-rr, programs none)."""
         now = self.clock()
         if now < self._grace_until and self._all_peers_settled():
             self._grace_until = 0.0  # start-up is over: from now on a lost peer's routes go
@@ -357,6 +361,7 @@ class Router:
         applied = self.routes.applied.values()
         self.status.blackholes = sum(1 for r in applied if r.blackhole)
         self.status.kernel_routes = len(applied) - self.status.blackholes
+        return not stats.errors
 
     def _all_peers_settled(self) -> bool:
         neighbors = self._neighbors or []

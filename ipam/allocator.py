@@ -54,6 +54,7 @@ class AssignRequest:
     attributes: Mapping[str, str] = field(default_factory=dict)
     pools: tuple[str, ...] = ()  # by name; empty: every enabled pool that selects the node
     reuse: bool = False  # if the handle already holds addresses, answer with those (idempotent)
+    addresses: tuple[IPv4Address, ...] = ()  # these addresses, not any free ones
 
 
 @dataclass(frozen=True)
@@ -179,16 +180,22 @@ class IPAM:
 
     async def assign(self, node: str, handle_id: str, count: int = 1,
                      attributes: Mapping[str, str] | None = None,
-                     pools: Iterable[str] = (), reuse: bool = False) -> list[IPv4Address]:
+                     pools: Iterable[str] = (), reuse: bool = False,
+                     addresses: Iterable[IPv4Address] = ()) -> list[IPv4Address]:
         """Allocate `count` addresses for the handle on this node; all or nothing. With
-        `reuse`, a handle that already holds addresses gets those back instead. Cancelling
-        the caller leaves nothing allocated for it."""
+        `reuse`, a handle that already holds addresses gets those back instead. With
+        `addresses`, exactly those (a block not claimed yet is claimed for this node; one of
+        another node's is borrowed from): one that lies in no pool or is not free fails the
+        whole request. Cancelling the caller leaves nothing allocated for it."""
         check_handle_id(handle_id)
+        addresses = tuple(dict.fromkeys(addresses))
+        if addresses:
+            count = len(addresses)
         if not isinstance(count, int) or count < 1:
             raise InvalidResource(f"the number of addresses must be 1 or more, not {count!r}.")
         attrs = {"node": node, **(attributes or {})}
         return await self._submit(node, AssignRequest(handle_id, count, attrs, tuple(pools),
-                                                      reuse))
+                                                      reuse, addresses))
 
     async def release(self, node: str, handle_id: str) -> list[IPv4Address]:
         """Free every address of the handle (batched with the node's other requests)."""
@@ -354,6 +361,8 @@ class IPAM:
             held = self._held(plan, request.handle_id)
             if held:
                 return held
+        if request.addresses:
+            return await self._plan_assign_addresses(plan, request)
         pools = view.eligible_pools(request.pools)
         for pool in pools:  # the decision depends on each pool as the view read it
             plan.revisions.setdefault(keys.pool_key(pool.name), view.pools[pool.name][1])
@@ -402,6 +411,60 @@ class IPAM:
         plan.handles[request.handle_id] = handle
         plan.fresh.add(request.handle_id)
         return got
+
+    async def _plan_assign_addresses(self, plan: _Plan, request: AssignRequest
+                                     ) -> list[IPv4Address]:
+        view = plan.view
+        taken: dict[IPv4Network, Block] = {}
+        for address in request.addresses:
+            pool = next((p for p, _ in view.pools.values() if address in p.cidr), None)
+            if pool is None:
+                raise InvalidResource(f"{address} is not in any IP pool.")
+            if pool.disabled:
+                raise InvalidResource(f"{address} is in IP pool {pool.name!r}, which is "
+                                      "disabled.")
+            plan.revisions.setdefault(keys.pool_key(pool.name), view.pools[pool.name][1])
+            cidr = IPv4Network((address, pool.block_size), strict=False)
+            block = taken.get(cidr) or await self._block_at(plan, pool, cidr)
+            try:
+                taken[cidr] = blocks.assign_address(block, address, request.handle_id,
+                                                    request.attributes)
+            except ValueError as error:
+                raise InvalidResource(f"{error}.") from None
+        plan.blocks.update(taken)
+        handle = plan.read_handle(request.handle_id)
+        for cidr in taken:
+            handle = handles.add(handle, str(cidr), sum(1 for a in request.addresses
+                                                          if a in cidr))
+        plan.handles[request.handle_id] = handle
+        plan.fresh.add(request.handle_id)
+        return sorted(request.addresses)
+
+    async def _block_at(self, plan: _Plan, pool: IPPool, cidr: IPv4Network) -> Block:
+        """The block `cidr` as this batch sees it: ours, another node's (read), or claimed
+        for this node now."""
+        view = plan.view
+        if cidr in plan.blocks or cidr in view.blocks:
+            return plan.read_block(cidr)
+        if cidr not in plan.foreign:
+            entry = await self.store.get(keys.block_key(cidr))
+            if entry is None:
+                try:
+                    claimed = await BlockClaim(self.store, view.node, pool,
+                                               view.pools[pool.name][1], cidr).run()
+                except PoolChanged:
+                    view.stale = True
+                    raise
+                if claimed is not None:
+                    view.blocks[cidr] = claimed
+                    log.info("node %s claimed block %s in pool %s for a requested address",
+                             view.node, cidr, pool.name)
+                    return plan.read_block(cidr)
+                entry = await self.store.get(keys.block_key(cidr))  # someone else was faster
+            if entry is None:
+                raise Conflict(f"block {cidr} changed while being claimed; try again.")
+            plan.foreign[cidr] = (blocks.from_json(entry.value), entry.mod_revision)
+        return plan.read_block(cidr, plan.foreign)
 
     @staticmethod
     def _exhausted(view: NodeView, pools: list[IPPool], count: int) -> str:

@@ -125,6 +125,25 @@ def assign(block: Block, count: int, handle_id: str,
     return updated, [block.address(o) for o in take]
 
 
+def assign_address(block: Block, address: IPv4Address, handle_id: str,
+                   secondary: Mapping[str, str] | None = None) -> Block:
+    """Take one given address for a handle; ValueError if it is not free (in use, or the
+    block's gateway)."""
+    ordinal = block.ordinal(address)
+    if ordinal not in block.unallocated:
+        what = ("the gateway of block" if block.gateway == address and ordinal == 0
+                else "already in use in block")
+        raise ValueError(f"{address} is {what} {block.cidr}")
+    attributes = block.attributes + (Attribute(handle_id, dict(secondary or {})),)
+    allocations = list(block.allocations)
+    allocations[ordinal] = len(attributes) - 1
+    seqs = {**block.seq_for_allocation, ordinal: block.sequence_number}
+    return replace(block, allocations=tuple(allocations),
+                   unallocated=tuple(o for o in block.unallocated if o != ordinal),
+                   attributes=attributes, sequence_number=block.sequence_number + 1,
+                   seq_for_allocation=seqs)
+
+
 @dataclass(frozen=True)
 class Release:
     """One address to free; the release is refused (frees nothing) if `sequence` or `handle_id`

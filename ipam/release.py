@@ -18,7 +18,7 @@ from ipam.block import Block, Release
 from ipam.errors import InUse
 from ipam.handle import Handle
 from ipam.store import Store
-from ipam.txn import Changes, transact
+from ipam.txn import TXN_KEY_BUDGET, Changes, transact
 
 
 def stage_block(changes: Changes, block: Block) -> None:
@@ -153,3 +153,61 @@ def stale_attachments(found: Iterable[Block], node: str, prefix: str,
     return sorted({a.handle_id for block in found for a in block.attributes
                    if a.secondary.get("node") == node and a.handle_id.startswith(prefix)
                    and a.handle_id not in valid})
+
+
+async def release_leaks(store: Store, leaks: Iterable, budget: int = TXN_KEY_BUDGET // 2
+                        ) -> list[str]:
+    """Release leaked handles (ipam.gc.Leak: a handle and every address it holds, each with
+    its sequence number), several per transaction. Each handle goes whole or not at all: if
+    any of its addresses is no longer that allocation (freed, given to someone else) or it
+    holds addresses the leak does not name, the handle is left alone. Returns the handles
+    released; running it again releases nothing twice."""
+    pending = list(leaks)
+    released: list[str] = []
+    while pending:
+        batch, keys_used = [], 0
+        while pending:
+            cost = 1 + max(1, len(pending[0].blocks))
+            if batch and keys_used + cost > budget:
+                break
+            batch.append(pending.pop(0))
+            keys_used += cost
+        released += await transact(store, lambda changes, batch=batch: _decide_leaks(
+            changes, batch), f"releasing {len(batch)} leaked handle(s)")
+    return released
+
+
+async def _decide_leaks(changes: Changes, batch: list) -> list[str]:
+    handle_entries = await changes.get_many(keys.handle_key(leak.handle_id) for leak in batch)
+    cidrs = {c: None for leak in batch for c in getattr(leak, "blocks", ())}
+    for entry in handle_entries.values():
+        if entry is not None:
+            for text in handles.from_json(entry.value).blocks:
+                cidrs[IPv4Network(text)] = None
+    block_entries = await changes.get_many(keys.block_key(c) for c in cidrs)
+    current = {keys.block_cidr(k): blocks.from_json(e.value)
+               for k, e in block_entries.items() if e is not None}
+    done: list[str] = []
+    for leak in batch:
+        named = {r.address for r in leak.releases}
+        held = [a for block in current.values()
+                for a in blocks.addresses_of(block, leak.handle_id)]
+        if not held or set(held) != named:
+            continue  # released already, or changed since the snapshot: not ours to judge
+        trial = dict(current)
+        for cidr, block in current.items():
+            group = [r for r in leak.releases if r.address in cidr]
+            if group:
+                updated, freed, _ = blocks.release(block, group)
+                if len(freed) != len(group):
+                    break  # an address is another allocation now
+                trial[cidr] = updated
+        else:
+            current = trial
+            done.append(leak.handle_id)
+    for cidr, block in current.items():
+        if block_entries[keys.block_key(cidr)].value != blocks.to_json(block):
+            stage_block(changes, block)
+    for handle_id in done:
+        changes.delete(keys.handle_key(handle_id))
+    return done

@@ -37,13 +37,16 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from ipaddress import IPv4Address, IPv4Network
 
 from ipam import block as blocks
 from ipam import cni, keys
 from ipam.allocator import IPAM
 from ipam.block import block_capacity
-from ipam.errors import DatastoreUnavailable, InvalidResource, MalformedRequest, PipitError
+from ipam.annotations import PodRequest, pool_names
+from ipam.errors import (Conflict, DatastoreUnavailable, InvalidResource, MalformedRequest,
+                         PipitError)
 from ipam.local_socket import start_private_server
 from ipam.metrics import IPAM_REQUEST_SECONDS, IPAM_REQUESTS
 from ipam.pool import IPPool, pool_of, read_pools
@@ -79,10 +82,15 @@ def describe(pools: list[IPPool], address: IPv4Address) -> dict:
 
 
 class IPAMService:
-    def __init__(self, ipam: IPAM, node: str, path: str = DEFAULT_SOCKET):
+    """`pod_request`, when the agent has the Kubernetes API: an async (namespace, pod) ->
+    ipam.annotations.PodRequest, the pools and addresses the pod's annotations ask for."""
+
+    def __init__(self, ipam: IPAM, node: str, path: str = DEFAULT_SOCKET,
+                 pod_request: Callable[[str, str], Awaitable[PodRequest]] | None = None):
         self.ipam = ipam
         self.node = node
         self.path = path
+        self.pod_request = pod_request
         self._server: asyncio.base_events.Server | None = None
         self._known_pools: list[IPPool] = []  # for describing answers (see _describe)
         self._pools_read = float("-inf")
@@ -148,10 +156,7 @@ class IPAMService:
         command = request.get("command")
         try:
             if command == "ADD":
-                addresses = await self.ipam.assign(
-                    self.node, _handle(request), attributes=_attributes(request),
-                    pools=_names(request.get("pools")), reuse=True)
-                return {"ips": await self._describe(addresses)}
+                return {"ips": await self._describe(await self._add(request))}
             if command == "DEL":
                 released = await self.ipam.release(self.node, _handle(request))
                 return {"released": [str(a) for a in released]}
@@ -170,6 +175,29 @@ class IPAMService:
         except Exception as error:  # a bug: say so instead of dropping the connection
             log.exception("%s failed", command)
             return _error(DatastoreUnavailable(f"pipit-agent failed: {error}."))
+
+    async def _add(self, request: dict) -> list[IPv4Address]:
+        """Allocate for an ADD: the pools (or addresses) the pod's annotations ask for, else
+        the CNI configuration's; an error caused by an annotation names it."""
+        attributes, pools = _attributes(request), _names(request.get("pools"))
+        handle = _handle(request)
+        chosen = PodRequest()
+        namespace, pod = attributes.get("namespace"), attributes.get("pod")
+        if self.pod_request is not None and namespace and pod:
+            chosen = await self.pod_request(namespace, pod)
+        try:
+            if chosen.pools:
+                pools = list(pool_names(chosen, await self._pools()))
+            return await self.ipam.assign(self.node, handle, attributes=attributes,
+                                          pools=pools, reuse=True,
+                                          addresses=chosen.addresses)
+        except (DatastoreUnavailable, Conflict):
+            raise
+        except PipitError as error:
+            source = chosen.addresses_from if chosen.addresses else chosen.pools_from
+            if not source or str(error).startswith(source):
+                raise
+            raise type(error)(f"{source}: {error}") from None
 
     async def cni_call(self, request: dict) -> bytes:
         """A CNI call forwarded whole by the native plugin: the answer line it prints from

@@ -24,6 +24,8 @@ class Snapshot:
     affinities: dict[tuple[str, IPv4Network], str] = field(default_factory=dict)  # -> state
     handles: dict[str, Handle] = field(default_factory=dict)
     nodes: set[str] = field(default_factory=set)  # registered node records
+    # node record -> the Kubernetes Node it belongs to (spec.orchRefs), None outside Kubernetes
+    kubernetes_nodes: dict[str, str | None] = field(default_factory=dict)
     revision: int = 0
     malformed: list[str] = field(default_factory=list)  # keys whose value cannot be read
 
@@ -54,7 +56,11 @@ def _add(snap: Snapshot, key: str, value) -> None:
         handle = handles.from_json(value)
         snap.handles[handle.handle_id] = handle
     elif key.startswith(keys.NODES):
-        snap.nodes.add(key.removeprefix(keys.NODES))
+        name = key.removeprefix(keys.NODES)
+        snap.nodes.add(name)
+        refs = (value.get("spec") or {}).get("orchRefs") or []
+        snap.kubernetes_nodes[name] = next((r.get("nodeName") for r in refs
+                                            if r.get("orchestrator") == "k8s"), None)
 
 
 @dataclass(frozen=True)

@@ -137,10 +137,19 @@ class Lab:
     etcd_tls: bool = False  # etcd with TLS client certificates (made with openssl)
     routers: dict[int, FabricRouter] = field(default_factory=dict, repr=False)  # racks: rack -> ToR
     _pods_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    kubernetes: bool = False  # mesh: an API server, Nodes, Pods, pipit-controller (lab/kube.py)
 
     def __post_init__(self) -> None:
         if self.topology not in TOPOLOGIES:
             raise ValueError(f"topology must be one of {', '.join(TOPOLOGIES)}")
+        if self.kubernetes and self.topology != "mesh":
+            raise ValueError("the lab's Kubernetes comes with the mesh topology only")
+        self.kubernetes = self.kubernetes or bool(self._state().get("kube"))
+
+    def kube(self):
+        """The lab's Kubernetes side (lab/kube.py), or None."""
+        from lab.kube import LabKube
+        return LabKube(self) if self.kubernetes else None
 
     # -- names and places ----------------------------------------------------------------
 
@@ -240,6 +249,8 @@ class Lab:
             self.ensure_racks()
         else:
             self.ensure_fabric()
+        if self.kube():
+            self.kube().start()
         if self.topology == "rr" and self.reflector == "pipit":
             for k in range(1, self.reflectors + 1):
                 self.add_node(f"rr{k}", 1000 + k, reflector=True)
@@ -253,6 +264,8 @@ class Lab:
         for node in self.workers():
             for p in range(1, pods_per_node + 1):
                 self.add_pod(node, f"{node}-p{p}")
+        if self.kube():
+            self.kube().start_controller()
         return self.report(render)
 
     def start_etcd(self) -> None:
@@ -470,6 +483,8 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
         nodes[node] = {**nodes.get(node, {}), "index": index, "netns": ns,
                        "address": str(address), **({"reflector": True} if reflector else {})}
         self._save(nodes=nodes)
+        if self.kube():
+            self.kube().add_node(node, str(address), {"lab": "pipit", "node": node})
         self.start_agent(node)
         if self.topology == "racks" and self.routers:
             self.start_tors()  # a new node: its ToR needs a session to it
@@ -484,7 +499,8 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
                 "--state-dir", str(state), "--ipam-socket", str(self.ipam_socket(node)),
                 "--status-socket", str(self.status_socket(node)), "--exabgp", "spawn",
                 "--metrics-address", f"127.0.0.1:{METRICS_PORT}",
-                *self._node_options(node, info["index"])]
+                *self._node_options(node, info["index"]),
+                *(self.kube().agent_args() if self.kube() else ())]
 
     def _node_options(self, node: str, index: int) -> list[str]:
         if index > 1000:
@@ -593,17 +609,21 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
         return CNIRuntime(bin_dir, netns=self.node_ns(node),
                           cache_dir=self.node_dir(node) / "cni")
 
-    def add_pod(self, node: str, name: str) -> Pod:
+    def add_pod(self, node: str, name: str, annotations: dict | None = None) -> Pod:
         ns = f"{self.prefix}{name}"
         known = self._state().get("pods", {}).get(name)
         if known and netns.exists(ns) and netns.addresses(ns):
             return Pod(name, node, ns, known["address"])  # attached already
         if not netns.exists(ns):
             netns.create(ns)
+        if self.kube():  # the Pod exists before its ADD, and gets its address after
+            self.kube().create_pod(name, node, annotations)
         attachment = Attachment(container_id=f"lab-{name}", netns=netns.path_of(ns),
                                 args=(("K8S_POD_NAMESPACE", "lab"), ("K8S_POD_NAME", name)))
         result = self.runtime(node).add(self.network(node), attachment)
         address = result["ips"][0]["address"].split("/")[0]
+        if self.kube():
+            self.kube().pod_started(name, address)
         with self._pods_lock:  # pods come and go from several threads (the soak test)
             pods = self._state().get("pods", {})
             pods[name] = {"node": node, "netns": ns, "address": address}

@@ -275,9 +275,12 @@ def lab_errors() -> Iterator[None]:
                                       "2 on port 1179).")
 @click.option("--etcd-tls", is_flag=True, help="etcd with TLS client certificates (a CA and "
                                                "certificates made with openssl).")
+@click.option("--kubernetes", is_flag=True,
+              help="mesh: also an API server (Pipit's fake) with the nodes as Nodes and the "
+                   "pods as Pods, agents using it, and pipit-controller (lab/kube.py).")
 @lab_dir
 def lab_up(nodes: int, pods_per_node: int, topology: str, router: str, route_reflectors: int,
-           reflector: str, etcd_tls: bool, directory: str) -> None:
+           reflector: str, etcd_tls: bool, directory: str, kubernetes: bool) -> None:
     """Start (or complete) the lab; print node status and a pod-to-pod ping matrix."""
     from lab.cluster import Lab
     running = Lab(Path(directory)).running_topology()
@@ -288,7 +291,8 @@ def lab_up(nodes: int, pods_per_node: int, topology: str, router: str, route_ref
     with lab_errors():
         ok = Lab(Path(directory), topology=topology, router=router,
                  reflectors=route_reflectors, reflector=reflector,
-                 etcd_tls=etcd_tls).up(nodes, pods_per_node, render_status)
+                 etcd_tls=etcd_tls, kubernetes=kubernetes).up(nodes, pods_per_node,
+                                                              render_status)
     if not ok:
         raise SystemExit(1)
 

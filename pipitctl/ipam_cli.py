@@ -15,7 +15,7 @@ from ipam.snapshot import blocks_of, load_snapshot, lookup, pool_usage
 from ipam.store import Store
 from ipam.txn import Changes, transact
 from pipitctl import output
-from pipitctl.ipam_report import (borrowed, fix_report, findings, read_report, release_verdict,
+from pipitctl.ipam_report import (Finding, borrowed, fix_report, findings, read_report, release_verdict,
                                    report_document)
 from pipitctl.options import echo_lines, etcd_options
 from pipitctl.split import split_stored_pool
@@ -97,14 +97,25 @@ def describe_address(snap, address: IPv4Address) -> str:
               help="Also list every address a problem concerns, with its handle.")
 @click.option("-o", "--output", "report", metavar="FILE",
               help="Write the findings as JSON, for `ipam release --from-report FILE`.")
+@click.option("--kubeconfig", metavar="PATH", envvar="KUBECONFIG",
+              help="Also compare with the pods in Kubernetes: report addresses whose pod is "
+                   "gone or has another IP [env KUBECONFIG].")
 @etcd_options
-async def check_command(store: Store, show_problem_ips: bool, report: str | None) -> None:
+async def check_command(store: Store, show_problem_ips: bool, report: str | None,
+                        kubeconfig: str | None) -> None:
     """Find leaked addresses, orphaned handles, stale claims and the like, each with the
     command that fixes it (exit 1 if any)."""
     snap = await load_snapshot(store)
     found = findings(snap, report or "REPORT")
     summary = (f"checked {len(snap.blocks)} blocks, {len(snap.handles)} handles and "
                f"{len(snap.affinities)} affinities")
+    if kubeconfig:
+        from pipitctl.kube_check import unclaimed_problems
+        problems, pods = await unclaimed_problems(snap, kubeconfig)
+        found += [Finding(problem, "pipit-controller releases it after its grace period (or "
+                          "pipitctl ipam release --ip ADDRESS --force)")
+                  for problem in problems]
+        summary += f" against {pods} pods"
     if report:
         try:
             with open(report, "w") as f:

@@ -1,0 +1,221 @@
+"""pipit-controller: cleans up after Kubernetes in Pipit's etcd. One active instance (a Lease).
+
+- Node deletion: a Kubernetes Node deleted (or deleted while the controller was down) has its
+  leaked and tunnel addresses and its block affinities released and its node record deleted,
+  once a direct GET confirms it is gone and nothing valid is left on it.
+- Leak GC (Calico's rules, ipam.gc): an address whose pod is gone, or has another IP, is
+  released after --gc-grace-period (at once if its node is gone); empty blocks are given
+  back on their second sighting, never a node's last.
+- Label sync: Kubernetes Node labels onto the node records (controller.labels).
+
+It watches Nodes and Pods (bgp_agent.kube_api.Informer: re-lists after 410, backs off while
+the API server is away), runs a pass every half grace period (at most a minute apart) and
+soon after a Node or Pod is deleted, and keeps going through API server restarts and etcd
+outages, saying what it waits for in its log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+from bgp_agent.kube_api import DELETED, Event, Informer, KubeAPI, KubernetesUnavailable
+from controller.ipam_gc import IPAMCollector
+from controller.labels import sync_node_labels
+from controller.leader import LeaseElection, LostLeadership
+from ipam import gc
+from ipam.errors import PipitError
+from ipam.resource import duration_seconds
+from ipam.store import ENV_CA, ENV_CERT, ENV_ENDPOINTS, ENV_KEY, EtcdConfig, Store
+
+log = logging.getLogger("pipit-controller")
+DEBOUNCE = 1.0  # seconds: deletions coming together make one pass
+MAX_INTERVAL = 60.0
+
+
+def duration(text: str) -> float:
+    seconds = duration_seconds(text) if not text.replace(".", "", 1).isdigit() else float(text)
+    if seconds is None or seconds < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 15m, 90s or 900")
+    return float(seconds)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="pipit-controller",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--kubeconfig", metavar="PATH", default=os.environ.get("KUBECONFIG"),
+                        help="Kubernetes API access [env KUBECONFIG]; default: the pod's "
+                             "service account.")
+    parser.add_argument("--gc-grace-period", type=duration, default=gc.DEFAULT_GRACE_SECONDS,
+                        metavar="DURATION",
+                        help="How long an address whose pod is gone (or has another IP) is "
+                             "kept before it is released (default 15m; 0 releases at once).")
+    parser.add_argument("--no-leader-elect", dest="leader_elect", action="store_false",
+                        help="Run without the Lease (only with a single replica).")
+    parser.add_argument("--lease-name", default="pipit-controller", metavar="NAME")
+    parser.add_argument("--lease-namespace", default="kube-system", metavar="NAMESPACE")
+    parser.add_argument("--lease-duration", type=duration, default=15.0, metavar="DURATION",
+                        help="How long a Lease not renewed keeps others out (default 15s).")
+    parser.add_argument("--identity", default=f"{socket.gethostname()}-{os.getpid()}",
+                        help="This instance's name in the Lease (default HOSTNAME-PID).")
+    parser.add_argument("--etcd-endpoints", metavar="URLS",
+                        help=f"Comma-separated etcd URLs [env {ENV_ENDPOINTS}].")
+    parser.add_argument("--etcd-ca-cert", metavar="FILE", help=f"[env {ENV_CA}]")
+    parser.add_argument("--etcd-cert", metavar="FILE", help=f"[env {ENV_CERT}]")
+    parser.add_argument("--etcd-key", metavar="FILE", help=f"[env {ENV_KEY}]")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser.parse_args(argv)
+
+
+class Controller:
+    def __init__(self, store: Store, api: KubeAPI, grace: float):
+        self.store, self.api = store, api
+        self.collector = IPAMCollector(store, api, grace)
+        self.interval = min(max(grace / 2, 1.0), MAX_INTERVAL)
+        self.wake = asyncio.Event()
+        self.nodes = Informer(api, api.core.list_node, "nodes", on_event=self._on_node)
+        self.pods = Informer(api, api.core.list_pod_for_all_namespaces, "pods",
+                             on_event=self._on_pod)
+        self.labels_due = True
+        self._labels: dict[str, dict | None] = {}  # Node -> labels last seen
+        self.passes = 0
+
+    def _on_node(self, event: Event) -> None:
+        """A deleted Node, or a Node whose labels changed (not a status heartbeat), wakes a
+        pass."""
+        meta = event.obj.get("metadata") or {}
+        name = meta.get("name")
+        if event.type == DELETED:
+            log.info("Node %s deleted", name)
+            self._labels.pop(name, None)
+            self.wake.set()
+        elif self._labels.get(name) != meta.get("labels"):
+            self._labels[name] = meta.get("labels")
+            self.labels_due = True
+            self.wake.set()
+
+    def _on_pod(self, event: Event) -> None:
+        if event.type == DELETED:
+            self.wake.set()
+
+    def cluster(self) -> gc.Cluster:
+        return gc.cluster_from_json(self.nodes.items.values(), self.pods.items.values())
+
+    async def run(self) -> None:
+        tasks = [asyncio.create_task(i.run()) for i in (self.nodes, self.pods)]
+        try:
+            log.info("listing Nodes and Pods from %s", self.api.url)
+            await asyncio.gather(self.nodes.ready.wait(), self.pods.ready.wait())
+            log.info("%d Nodes and %d Pods known; collecting every %gs", len(self.nodes.items),
+                     len(self.pods.items), self.interval)
+            pause = 1.0
+            while True:
+                try:
+                    await self.run_pass()
+                    pause = 1.0
+                    timeout = self.interval
+                except PipitError as error:  # etcd or the API away: say so, try again
+                    log.warning("GC pass failed: %s; trying again in %gs", error, pause)
+                    timeout, pause = pause, min(pause * 2, 30.0)
+                try:
+                    await asyncio.wait_for(self.wake.wait(), timeout)
+                    await asyncio.sleep(DEBOUNCE)
+                except asyncio.TimeoutError:
+                    pass
+                self.wake.clear()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def run_pass(self) -> None:
+        if self.labels_due:
+            self.labels_due = False
+            try:
+                await sync_node_labels(self.store, {
+                    n["metadata"]["name"]: (n["metadata"].get("labels") or {})
+                    for n in self.nodes.items.values()})
+            except PipitError:
+                self.labels_due = True
+                raise
+        started = time.monotonic()
+        result = await self.collector.run_pass(self.cluster())
+        self.passes += 1
+        if result.released or result.blocks or result.nodes:
+            log.info("GC pass: released %d address(es) of %d handle(s), %d empty block(s), "
+                     "%d node(s) in %.2fs; %d candidate leak(s) within the grace period",
+                     result.addresses, len(result.released), len(result.blocks),
+                     len(result.nodes), time.monotonic() - started, result.waiting)
+        elif result.waiting:
+            log.info("GC pass: %d candidate leak(s) within the grace period", result.waiting)
+
+
+async def run(args: argparse.Namespace) -> None:
+    config = EtcdConfig.from_options(args.etcd_endpoints, args.etcd_ca_cert, args.etcd_cert,
+                                     args.etcd_key)
+    api = KubeAPI.connect(args.kubeconfig)
+    if api is None:
+        raise KubernetesUnavailable("pipit-controller needs the Kubernetes API: pass "
+                                    "--kubeconfig, set KUBECONFIG, or run it in a pod.")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    election = None
+    try:
+        async with Store(config) as store:
+            work: list[asyncio.Task] = []
+            if args.leader_elect:
+                election = LeaseElection(api, args.lease_name, args.lease_namespace,
+                                         args.identity, lease_duration=args.lease_duration,
+                                         renew_deadline=args.lease_duration * 2 / 3,
+                                         retry=max(args.lease_duration / 7, 0.5))
+                acquiring = asyncio.create_task(election.acquire())
+                stopping = asyncio.create_task(stop.wait())
+                await asyncio.wait({acquiring, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                stopping.cancel()
+                if not acquiring.done():
+                    acquiring.cancel()
+                    return
+                work.append(asyncio.create_task(election.hold()))
+            work.append(asyncio.create_task(Controller(store, api,
+                                                       args.gc_grace_period).run()))
+            work.append(asyncio.create_task(stop.wait()))
+            done, _ = await asyncio.wait(work, return_when=asyncio.FIRST_COMPLETED)
+            for task in work:
+                task.cancel()
+            await asyncio.gather(*work, return_exceptions=True)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()
+            log.info("stopping")
+            if election is not None:
+                await election.release()
+    finally:
+        api.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s pipit-controller %(levelname)s %(name)s: "
+                               "%(message)s")
+    try:
+        asyncio.run(run(args))
+    except LostLeadership as error:
+        log.error("%s Exiting, to start again as a candidate.", error)
+        sys.exit(1)
+    except PipitError as error:
+        log.error("%s", error)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Pool and address selection per pod, from Kubernetes annotations (pure: the agent looks the
+pod and its namespace up, see bgp_agent.kube_pods):
+
+    pipit.dev/ipv4pools: '["blue", "10.250.0.0/16"]'   on the Namespace or the Pod (the Pod's
+                                                        wins): pools by name or CIDR
+    pipit.dev/ip-addrs:  '["10.250.3.7"]'              on the Pod: exactly these addresses
+
+Without them the CNI configuration's `pools` (or every pool selecting the node) apply. A pool
+named here serves the pod whatever its nodeSelector says (a `nodeSelector: "!all()"` pool is
+for such pods only). Anything wrong is an error naming the annotation, before anything is
+allocated."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+from ipam.errors import InvalidResource, NotFound
+from ipam.pool import IPPool
+
+POOLS = "pipit.dev/ipv4pools"
+ADDRESSES = "pipit.dev/ip-addrs"
+
+
+@dataclass(frozen=True)
+class PodRequest:
+    pools: tuple[str, ...] = ()  # as written: names or CIDRs
+    addresses: tuple[IPv4Address, ...] = ()
+    pools_from: str = ""  # e.g. "annotation pipit.dev/ipv4pools of pod ns/web"
+    addresses_from: str = ""
+
+
+def _list(text: str, where: str) -> list[str]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise InvalidResource(f"{where} is not JSON: write a list such as "
+                              '["name"].') from None
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v
+                                                            for v in value):
+        raise InvalidResource(f"{where} must be a JSON list of strings, not {text!r}.")
+    return value
+
+
+def pod_request(namespace: str, pod: str, namespace_annotations: Mapping[str, str],
+                pod_annotations: Mapping[str, str]) -> PodRequest:
+    pools, pools_from = (), ""
+    if POOLS in pod_annotations:
+        pools_from = f"annotation {POOLS} of pod {namespace}/{pod}"
+        pools = tuple(_list(pod_annotations[POOLS], pools_from))
+    elif POOLS in namespace_annotations:
+        pools_from = f"annotation {POOLS} of namespace {namespace}"
+        pools = tuple(_list(namespace_annotations[POOLS], pools_from))
+    addresses, addresses_from = (), ""
+    if ADDRESSES in pod_annotations:
+        addresses_from = f"annotation {ADDRESSES} of pod {namespace}/{pod}"
+        parsed = []
+        for text in _list(pod_annotations[ADDRESSES], addresses_from):
+            try:
+                parsed.append(IPv4Address(text))
+            except ValueError:
+                raise InvalidResource(f"{addresses_from}: {text!r} is not an IPv4 "
+                                      "address.") from None
+        addresses = tuple(parsed)
+    return PodRequest(pools, addresses, pools_from, addresses_from)
+
+
+def pool_names(request: PodRequest, pools: Sequence[IPPool]) -> tuple[str, ...]:
+    """The pools a request names, CIDRs turned into the names of the pools with that CIDR."""
+    names = []
+    by_name = {p.name: p for p in pools}
+    for item in request.pools:
+        if item in by_name:
+            names.append(item)
+            continue
+        try:
+            cidr = IPv4Network(item)
+        except ValueError:
+            raise NotFound(f"{request.pools_from}: IP pool {item!r} does not exist.") from None
+        match = next((p.name for p in pools if p.cidr == cidr), None)
+        if match is None:
+            raise NotFound(f"{request.pools_from}: no IP pool has the CIDR {cidr}.")
+        names.append(match)
+    return tuple(dict.fromkeys(names))

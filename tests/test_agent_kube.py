@@ -1,0 +1,195 @@
+"""The agent with the Kubernetes API (tests/fakekube) and a real etcd: pools and addresses
+chosen by namespace and pod annotations at CNI ADD (bad ones fail naming the annotation and
+leave nothing allocated), the node's identity from its Node (name, labels, annotations,
+kubernetes-internal-ip), and NetworkUnavailable set to False once, never flipped back."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from ipaddress import IPv4Address, IPv4Interface
+
+import pytest
+
+from bgp_agent import kube_node
+from bgp_agent.agent import parse_args
+from bgp_agent.kube_api import KubeAPI
+from bgp_agent.node import InterfaceAddress
+from ipam import cni
+from ipam.errors import InvalidResource
+from ipam.snapshot import load_snapshot
+from lab.agent import AgentProcess
+from tests.fakekube.resources import NAMESPACES, NODES, PODS
+from tests.cni_support import short_dir  # noqa: F401 (a fixture)
+from tests.helpers import add_pool, with_store
+
+pytestmark = pytest.mark.kube
+
+NETWORK = {"cniVersion": "1.0.0", "name": "pipit-net", "type": "ptp",
+           "ipam": {"type": "pipit-ipam", "pools": ["default"]}}
+
+
+def namespace(name: str, annotations: dict | None = None) -> dict:
+    return {"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "annotations": annotations or {}}}
+
+
+def pod(name: str, annotations: dict | None = None, node: str = "node-1") -> dict:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "annotations": annotations or {}},
+            "spec": {"nodeName": node, "containers": [{"name": "c", "image": "x"}]}}
+
+
+def add(socket_path, ns: str, name: str, container: str | None = None) -> dict:
+    """A CNI ADD through the Python plugin, as the runtime makes it for a pod."""
+    config = {**NETWORK, "ipam": {**NETWORK["ipam"], "socket": str(socket_path)}}
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": container or f"c-{ns}-{name}",
+           "CNI_IFNAME": "eth0", "CNI_NETNS": "/var/run/netns/x",
+           "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name}"}
+    try:
+        return cni.run("ADD", env, json.dumps(config))
+    except cni.CNIError as error:
+        return {"code": error.code, "msg": error.msg}
+
+
+@pytest.fixture
+def kube_agent(fakekube, etcd, short_dir):
+    fakekube.store.create(NODES, None, {"apiVersion": "v1", "kind": "Node",
+                                        "metadata": {"name": "node-1"}})
+    with_store(etcd, lambda s: add_pool(s, "default", "10.30.0.0/24", blockSize=28))
+    with_store(etcd, lambda s: add_pool(s, "blue", "10.31.0.0/24", blockSize=28,
+                                        nodeSelector="!all()"))
+    with_store(etcd, lambda s: add_pool(s, "green", "10.32.0.0/24", blockSize=28))
+    kubeconfig = fakekube.write_kubeconfig(short_dir / "kubeconfig")
+    agent = AgentProcess("node-1", short_dir / "ipam.sock", etcd.endpoints,
+                         short_dir / "agent.log", extra_args=["--kubeconfig", str(kubeconfig)])
+    with agent:
+        yield agent
+
+
+def address_of(result: dict) -> IPv4Address:
+    return IPv4Interface(result["ips"][0]["address"]).ip
+
+
+def handles(etcd) -> set[str]:
+    return set(with_store(etcd, load_snapshot).handles)
+
+
+def test_annotations_choose_the_pool_and_the_address(fakekube, etcd, kube_agent):
+    store = fakekube.store
+    store.create(NAMESPACES, None, namespace("plain"))
+    store.create(NAMESPACES, None, namespace("team", {"pipit.dev/ipv4pools": '["blue"]'}))
+    store.create(PODS, "plain", pod("web"))
+    store.create(PODS, "team", pod("api"))
+    store.create(PODS, "team", pod("db", {"pipit.dev/ipv4pools": '["10.32.0.0/24"]'}))
+    store.create(PODS, "team", pod("fixed", {"pipit.dev/ip-addrs": '["10.31.0.77"]'}))
+    socket = kube_agent.socket_path
+    assert address_of(add(socket, "plain", "web")) in IPv4Interface("10.30.0.0/24").network
+    # the namespace's pool, although its nodeSelector selects no node
+    assert address_of(add(socket, "team", "api")) in IPv4Interface("10.31.0.0/24").network
+    # the pod's annotation wins over its namespace's; a pool named by its CIDR
+    assert address_of(add(socket, "team", "db")) in IPv4Interface("10.32.0.0/24").network
+    # exactly the address asked for (its block claimed for this node)
+    assert address_of(add(socket, "team", "fixed")) == IPv4Address("10.31.0.77")
+    # a pod created just now (not yet in the agent's cache) is looked up directly
+    store.create(PODS, "team", pod("late", {"pipit.dev/ipv4pools": '["green"]'}))
+    assert address_of(add(socket, "team", "late")) in IPv4Interface("10.32.0.0/24").network
+
+
+@pytest.mark.parametrize("annotations, code, words", [
+    ({"pipit.dev/ipv4pools": "blue"}, 7, "annotation pipit.dev/ipv4pools of pod team/bad is "
+                                         "not JSON"),
+    ({"pipit.dev/ipv4pools": '["nope"]'}, 101, "annotation pipit.dev/ipv4pools of pod team/bad:"
+                                               " IP pool 'nope' does not exist"),
+    ({"pipit.dev/ipv4pools": '["10.99.0.0/24"]'}, 101, "no IP pool has the CIDR 10.99.0.0/24"),
+    ({"pipit.dev/ip-addrs": '["10.40.0.1"]'}, 7, "annotation pipit.dev/ip-addrs of pod team/bad:"
+                                                 " 10.40.0.1 is not in any IP pool"),
+    ({"pipit.dev/ip-addrs": '["10.31.0.77"]'}, 7, "10.31.0.77 is already in use in block "
+                                                  "10.31.0.64/28"),
+    ({"pipit.dev/ip-addrs": '["10.31.0.81", "10.31.0.64"]'}, 7, "10.31.0.64 is the gateway of"),
+    ({"pipit.dev/ip-addrs": '["ten"]'}, 7, "'ten' is not an IPv4 address"),
+])
+def test_bad_annotations_fail_the_add_naming_them_and_leave_nothing(
+        fakekube, etcd, kube_agent, annotations, code, words):
+    fakekube.store.create(NAMESPACES, None, namespace("team"))
+    fakekube.store.create(PODS, "team", pod("fixed", {"pipit.dev/ip-addrs": '["10.31.0.77"]'}))
+    assert address_of(add(kube_agent.socket_path, "team", "fixed")) == IPv4Address("10.31.0.77")
+    before = handles(etcd)
+    fakekube.store.create(PODS, "team", pod("bad", annotations))
+    answer = add(kube_agent.socket_path, "team", "bad")
+    assert answer["code"] == code and words in answer["msg"], answer
+    assert handles(etcd) == before
+
+
+def test_the_node_name_comes_from_nodename_then_the_host_name(monkeypatch):
+    monkeypatch.setenv("NODENAME", "from-spec")
+    assert parse_args([]).node == "from-spec"
+    assert parse_args(["--node", "given"]).node == "given"
+    monkeypatch.delenv("NODENAME")
+    import socket
+    assert parse_args([]).node == socket.gethostname()
+
+
+def node_object(annotations=None, labels=None, internal="10.0.0.11") -> dict:
+    return {"metadata": {"name": "k1", "labels": labels or {}, "annotations": annotations or {}},
+            "status": {"addresses": [{"type": "Hostname", "address": "k1"},
+                                     {"type": "InternalIP", "address": internal}]}}
+
+
+def agent_args(*argv: str) -> argparse.Namespace:
+    return parse_args(["--node", "k1", *argv])
+
+
+def test_identity_from_the_node(monkeypatch):
+    local = [InterfaceAddress("eth0", IPv4Interface("10.0.0.11/24")),
+             InterfaceAddress("eth1", IPv4Interface("192.168.5.2/24"))]
+    monkeypatch.setattr(kube_node, "local_addresses", lambda: local)
+    node = node_object({"pipit.dev/as-number": "1.10",
+                        "pipit.dev/route-reflector-cluster-id": "244.0.0.1"},
+                       {"topology.kubernetes.io/zone": "z1"})
+    me = kube_node.identity(agent_args("--ip-autodetection-method", "kubernetes-internal-ip",
+                                       "--labels", "rack=a"), node, {"rack": "a"})
+    assert me.address == IPv4Interface("10.0.0.11/24")  # with its interface's prefix
+    assert me.as_number == 65546 and str(me.route_reflector_cluster_id) == "244.0.0.1"
+    assert me.labels == {"topology.kubernetes.io/zone": "z1", "rack": "a"}
+    assert me.kubernetes_node == "k1"
+    # flags win over annotations; the address annotation over autodetection
+    node = node_object({"pipit.dev/ipv4-address": "192.168.5.2/24",
+                        "pipit.dev/as-number": "65001"})
+    me = kube_node.identity(agent_args("--as", "65002"), node, {})
+    assert me.address == IPv4Interface("192.168.5.2/24") and me.as_number == 65002
+    with pytest.raises(InvalidResource, match="annotation pipit.dev/ipv4-address '10.0.0.11' "
+                                              "is not an IPv4 address with its prefix length"):
+        kube_node.identity(agent_args(), node_object({"pipit.dev/ipv4-address": "10.0.0.11"}),
+                           {})
+    with pytest.raises(InvalidResource, match="no IPv4 address on this node matches"):
+        kube_node.identity(agent_args("--ip-autodetection-method", "kubernetes-internal-ip"),
+                           node_object(internal="10.7.7.7"), {})
+
+
+def test_network_unavailable_is_set_false_once(fakekube, tmp_path):
+    api = KubeAPI.connect(str(fakekube.write_kubeconfig(tmp_path / "kubeconfig")))
+    ready = {"type": "Ready", "status": "True", "reason": "KubeletReady"}
+    fakekube.store.create(NODES, None, {"apiVersion": "v1", "kind": "Node",
+                                        "metadata": {"name": "n1"}})
+    fakekube.store.patch(NODES, None, "n1", lambda n: {**n, "status": {"conditions": [
+        ready, {"type": "NetworkUnavailable", "status": "True", "reason": "NoRouteCreated"}]}},
+        subresource="status")
+
+    async def scenario():
+        programmed = asyncio.Event()
+        task = asyncio.create_task(kube_node.mark_network_available(api, "n1", programmed))
+        await asyncio.sleep(0.2)
+        assert not task.done()  # nothing before the routes are programmed
+        programmed.set()
+        await asyncio.wait_for(task, 10)
+        node = fakekube.store.get(NODES, None, "n1")
+        conditions = {c["type"]: c for c in node["status"]["conditions"]}
+        assert conditions["NetworkUnavailable"]["status"] == "False"
+        assert conditions["Ready"] == ready  # merged by type, the others kept
+        version = node["metadata"]["resourceVersion"]
+        # an agent restart: already False, nothing written
+        await asyncio.wait_for(kube_node.mark_network_available(api, "n1", programmed), 10)
+        assert fakekube.store.get(NODES, None, "n1")["metadata"]["resourceVersion"] == version
+    asyncio.run(scenario())
