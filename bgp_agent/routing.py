@@ -119,6 +119,10 @@ class Router:
         self._neighbors: list[Neighbor] | None = None
         self._grace_until = clock() + STARTUP_GRACE_SECONDS
         self._grace_wake_set = False  # the pass at the end of the grace is scheduled
+        # for health checks: set once the kernel was programmed knowing what the peers sent;
+        # when the pass that runs now started (None between passes)
+        self.programmed = asyncio.Event()
+        self.pass_started: float | None = None
 
     # -- inputs ------------------------------------------------------------------------
 
@@ -161,11 +165,14 @@ class Router:
             while True:
                 await self.changed.wait()
                 self.changed.clear()
+                self.pass_started = self.clock()
                 try:
                     await self.reconcile()
                 except Exception as error:  # keep routing; say what went wrong
                     log.exception("reconcile failed")
                     self._error(f"reconcile failed: {error}")
+                finally:
+                    self.pass_started = None
         finally:
             for task in tasks:
                 task.cancel()
@@ -309,6 +316,8 @@ class Router:
                                     keep_unlisted=not learned_known or in_grace)
 
         stats = await asyncio.to_thread(sync)
+        if learned_known:
+            self.programmed.set()
         if stats.resynced:
             self._wake_at(self.routes.resync_at)
         if stats.errors:
