@@ -45,6 +45,7 @@ import yaml
 
 from bgp_agent.status import read_status
 from lab import netns
+from lab.chart import ChartNodes
 from lab.cni import Attachment, CNIRuntime, NetworkConfig, install_bin_dir
 from lab.etcd import EtcdServer
 from lab.process import alive, command_line, kill, wait
@@ -123,10 +124,14 @@ class Lab:
     nodes_per_rack: int = 2
     password: str | None = None  # racks: TCP MD5 between nodes and ToRs, from a secret
     routers: dict[int, FabricRouter] = field(default_factory=dict, repr=False)  # racks: rack -> ToR
+    # the rendered Helm chart runs the nodes (lab.chart) instead of agents started here
+    chart: ChartNodes | None = None
 
     def __post_init__(self) -> None:
         if self.topology not in TOPOLOGIES:
             raise ValueError(f"topology must be one of {', '.join(TOPOLOGIES)}")
+        if self.chart is None:
+            self.chart = ChartNodes.attached(self.directory)
 
     # -- names and places ----------------------------------------------------------------
 
@@ -167,9 +172,13 @@ class Lab:
         return self.directory / "secrets"
 
     def status_socket(self, node: str) -> Path:
+        if self.chart:
+            return self.chart.status_socket(self, node)
         return self.node_dir(node) / "status.sock"
 
     def ipam_socket(self, node: str) -> Path:
+        if self.chart:
+            return self.chart.ipam_socket(self, node)
         return self.node_dir(node) / "ipam.sock"
 
     @property
@@ -213,6 +222,8 @@ class Lab:
             self.ensure_fabric()
         for index in range(1, node_count + 1):
             self.add_node(f"n{index}", index)
+        if self.chart:
+            self.chart.run_hooks(self, "post-install")
         if self.topology == "racks":
             self.start_tors()
         self.wait_mesh()
@@ -236,6 +247,10 @@ class Lab:
                               capture_output=True)
 
     def configure_cluster(self) -> None:
+        if self.chart:  # the chart's post-install hook does it, once the nodes are up
+            self._save(chart=self.chart.to_json())
+            self.chart.render(self)
+            return
         documents = f"""\
 apiVersion: pipit.dev/v1
 kind: IPPool
@@ -392,6 +407,8 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
                 "--secrets-dir", str(self.secrets_dir)]
 
     def start_agent(self, node: str, timeout: float = 60.0) -> None:
+        if self.chart:
+            return self.chart.start_pod(self, node)
         info = self._state()["nodes"][node]
         if self._agent_pid(node) and self.status(node) is not None:
             return
@@ -410,6 +427,8 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
         self.log(f"{node}: agent running ({info['address']})")
 
     def stop_agent(self, node: str, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
+        if self.chart:
+            return self.chart.stop_pod(self, node, sig, timeout)
         pid = self._agent_pid(node)
         if pid:
             os.kill(pid, sig)
@@ -471,6 +490,8 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
     def network(self, node: str) -> NetworkConfig:
         """The node's CNI configuration, with the pod MTU its agent publishes (as the chart's
         installer writes it on a real node)."""
+        if self.chart:
+            return self.chart.network(self, node)
         try:
             mtu = int((self.node_dir(node) / "pod-mtu").read_text())
         except (FileNotFoundError, ValueError):
@@ -480,6 +501,8 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
             "ipam": {"type": "pipit-ipam", "socket": str(self.ipam_socket(node))}})
 
     def runtime(self, node: str) -> CNIRuntime:
+        if self.chart:
+            return self.chart.runtime(self, node)
         bin_dir = install_bin_dir(self.directory / "cni-bin") if not (
             self.directory / "cni-bin" / "pipit-ipam").exists() else self.directory / "cni-bin"
         return CNIRuntime(bin_dir, netns=self.node_ns(node),
