@@ -17,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+from ipam.cni import _write_executable
+
 PIPIT_BIN = "/opt/pipit/cni/bin"  # where the image keeps pipit-ipam (scripts/build-image)
 REFERENCE_BIN = "/usr/lib/cni"  # Debian's containernetworking-plugins
 
@@ -31,23 +33,19 @@ def install(source: Path, destination: Path) -> bool:
             return False
     except OSError:
         pass
-    temp = destination / f".{source.name}.tmp"
-    with open(temp, "wb") as out:
-        out.write(content)
-        out.flush()
-        os.fsync(out.fileno())
-    os.chmod(temp, 0o755)
-    os.replace(temp, target)
+    _write_executable(str(target), content)  # the CNI plugin's own installer's way
     return True
 
 
 def sources(pipit_bin: Path, reference_bin: Path, plugins: list[str]) -> list[Path]:
-    found = [pipit_bin / "pipit-ipam"] + [reference_bin / name for name in plugins]
-    for path in found:
-        if not path.is_file():
-            raise ValueError(f"{path} is not in this image; the plugins it has are "
-                             f"{', '.join(sorted(p.name for p in reference_bin.glob('*')))}.")
-    return found
+    if not (pipit_bin / "pipit-ipam").is_file():
+        raise ValueError(f"{pipit_bin / 'pipit-ipam'} is not in this image; build it with "
+                         "scripts/build-image.")
+    for name in plugins:
+        if not (reference_bin / name).is_file():
+            have = ", ".join(sorted(p.name for p in reference_bin.glob("*"))) or "none"
+            raise ValueError(f"this image has no CNI plugin {name!r} (it has: {have}).")
+    return [pipit_bin / "pipit-ipam"] + [reference_bin / name for name in plugins]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

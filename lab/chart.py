@@ -382,10 +382,16 @@ class ChartNodes:
         """`helm upgrade` with more values: render again, then replace each node's pod the
         way the DaemonSet's rolling update does (maxUnavailable nodes at a time, each batch
         ready before the next), then the post-upgrade hooks."""
+        before = (self.values, dict(self.set_values))
         self.values = self.values + tuple(Path(v).resolve() for v in values)
         self.set_values.update(set_values or {})
+        try:
+            self.render(lab)
+        except ChartError:  # refused values change nothing
+            self.values, self.set_values = before
+            self.render(lab)
+            raise
         lab._save(chart=self.to_json())
-        self.render(lab)
         strategy = self.daemonset()["spec"].get("updateStrategy", {})
         step = int(strategy.get("rollingUpdate", {}).get("maxUnavailable", 1))
         nodes = lab.nodes()

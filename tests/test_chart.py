@@ -351,3 +351,13 @@ def test_bad_values_are_refused_with_the_key_named(values, words):
         render(set_values=values)
     assert "don't meet the specifications of the schema" in str(refused.value)
     assert words in str(refused.value)
+
+
+def test_extra_volumes_args_and_env_reach_their_component():
+    objects = rendered("reflectors")
+    spec = pod(objects, "Deployment", "pipit-controller")
+    entry = container(spec, "controller")
+    assert {"name": "kubeconfig", "secret": {"secretName": "pipit-kubeconfig"}} in spec["volumes"]
+    assert {"name": "kubeconfig", "mountPath": "/etc/pipit/kube",
+            "readOnly": True} in entry["volumeMounts"]
+    assert entry["args"][-1] == "--kubeconfig=/etc/pipit/kube/config"
