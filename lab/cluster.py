@@ -22,6 +22,11 @@ ToRs peer with each other over a core bridge.
     <prefix>core            bridge br0 joining the ToRs' up0
     <prefix>n<i>            node i in rack r: eth0 = 10.99.<r>.<10+i>/24, AS 65000+r
 
+With a chart (`Lab(chart=lab.chart.ChartNodes(...))`, `pipitctl lab up --from-chart`), the
+mesh's nodes run the rendered Helm chart instead of agents started here: each node's DaemonSet
+pod from Pipit's image, run by lab.kubelet; the chart's post-install Job configures the
+cluster, and pods are attached through the conflist the agent wrote (lab.chart says how).
+
 Every step is idempotent, so `up` on a running lab only adds what is missing; `down` finds
 what to remove by name and by the state directory, so it also cleans up after a crash.
 """
