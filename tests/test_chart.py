@@ -361,3 +361,25 @@ def test_extra_volumes_args_and_env_reach_their_component():
     assert {"name": "kubeconfig", "mountPath": "/etc/pipit/kube",
             "readOnly": True} in entry["volumeMounts"]
     assert entry["args"][-1] == "--kubeconfig=/etc/pipit/kube/config"
+
+
+def notes(*values: Path) -> str:
+    """NOTES.txt as `helm install --dry-run=client` prints it (offline)."""
+    argv = [str(HELM), "install", "pipit", str(CHART), "--dry-run=client", "-n", "kube-system"]
+    for path in values:
+        argv += ["--values", str(path)]
+    result = subprocess.run(argv, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split("NOTES:", 1)[1]
+
+
+def test_notes_say_how_to_check_the_rollout_and_warn_where_it_is_risky():
+    mesh = notes(CHART / "ci" / "mesh-values.yaml")
+    assert "kubectl -n kube-system rollout status daemonset/pipit-node" in mesh
+    assert "WARNING: etcd is reached without TLS" in mesh
+    assert "fine up to about 100 nodes" in mesh
+    reflectors = notes(CHART / "ci" / "reflectors-values.yaml")
+    assert "A single route reflector is a single point of\nfailure" in reflectors
+    assert "rollout status daemonset/pipit-route-reflector" in reflectors
+    tls = notes(CHART / "ci" / "etcd-tls-values.yaml")
+    assert "WARNING" not in tls  # TLS and a mesh (of no known size): nothing to warn of
