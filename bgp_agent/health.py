@@ -170,7 +170,7 @@ class AgentParts:
     """What the checks look at; the routing parts are filled in once they exist (until then
     readiness fails with "starting")."""
     store: object
-    service: object
+    service: object  # the IPAM service (None: none served)
     routing: bool = True  # False with --no-bgp: nothing routes, so nothing to wait for
     router: object = None
     speaker: object = None
@@ -184,12 +184,14 @@ def agent_health(parts: AgentParts, clock: Callable[[], float],
 
     def ipam_serving() -> str | None:
         return None if parts.service.serving else "the IPAM socket is not accepting requests"
-    health.live("ipam", ipam_serving)
+    if parts.service is not None:  # a dedicated route reflector serves no IPAM
+        health.live("ipam", ipam_serving)
 
     async def etcd_answers() -> str | None:
         await parts.store.get("/pipit/")  # any read: a DatastoreUnavailable says why not
         return None
-    health.ready("ipam", ipam_serving)
+    if parts.service is not None:
+        health.ready("ipam", ipam_serving)
     health.ready("etcd", etcd_answers)
     if parts.conflist is not None:
         health.ready("cni-config", parts.conflist.check)

@@ -19,7 +19,7 @@ import pytest
 from bgp_agent import agent
 from bgp_agent.cni_conflist import ConflistWriter
 from bgp_agent.exabgp_process import exabgp_command
-from ipam import install_cni
+from ipam import image_plugins
 from lab.chart import CHART, HELM, ChartError, container, find, of_kind, render
 from pipitctl.resources import read_objects
 from tests.helpers import require
@@ -136,7 +136,7 @@ def test_the_agent_arguments_the_chart_renders_are_pipit_agents():
         assert args.cni_conf_file == "/host/etc/cni/net.d/10-pipit.conflist"
         install = container(spec, "install-cni")
         assert install["command"][0] == "pipit-install-cni"
-        parsed = install_cni.parse_args(install["command"][1:] + install["args"])
+        parsed = image_plugins.parse_args(install["command"][1:] + install["args"])
         assert parsed.to == "/host/opt/cni/bin" and parsed.plugin
 
 

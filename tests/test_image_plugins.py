@@ -9,7 +9,7 @@ import stat
 
 import pytest
 
-from ipam import install_cni
+from ipam import image_plugins
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def image(tmp_path):
 
 def run(image, *plugins: str) -> None:
     pipit, reference, destination = image
-    install_cni.main(["--to", str(destination), "--from", str(pipit), "--reference-plugins",
+    image_plugins.main(["--to", str(destination), "--from", str(pipit), "--reference-plugins",
                       str(reference), *(f"--plugin={p}" for p in plugins)])
 
 
@@ -56,4 +56,4 @@ def test_a_plugin_the_image_lacks_is_refused_before_anything_is_copied(image):
 
 def test_a_destination_that_is_not_mounted_is_refused(image, tmp_path):
     with pytest.raises(SystemExit, match="is not a directory; mount the node's CNI bin"):
-        install_cni.main(["--to", str(tmp_path / "missing"), "--from", str(image[0])])
+        image_plugins.main(["--to", str(tmp_path / "missing"), "--from", str(image[0])])
