@@ -4,10 +4,15 @@ It serves the local IPAM service the CNI plugin talks to, registers the node, an
 announces the node's blocks over BGP through an ExaBGP sidecar and installs the routes it
 learns into the kernel.
 
-Signals: SIGTERM / SIGINT retire the node from routing (its routes are withdrawn from every
-peer, ExaBGP stops if the agent started it), then exit. SIGUSR1 exits without touching
-anything: ExaBGP keeps its sessions, the kernel keeps its routes, and the next agent adopts
-them (for upgrades). SIGKILL has the same effect as SIGUSR1.
+Signals: SIGTERM, with `--sigterm retire` (the default), and SIGINT retire the node from
+routing (its routes are withdrawn from every peer, ExaBGP stops if the agent started it), then
+exit. SIGUSR1, and SIGTERM with `--sigterm exit` (what a DaemonSet wants: a rolling update
+sends SIGTERM to every agent), exit without touching anything: ExaBGP keeps its sessions (or,
+stopped beside the agent, leaves them to graceful restart), the kernel keeps its routes, and
+the next agent adopts them. SIGKILL has the same effect as SIGUSR1.
+
+For a kubelet: /livez and /readyz (bgp_agent.health, `--health-listen`), and the node's CNI
+configuration written once IPAM can be served (bgp_agent.cni_conflist, `--cni-conf-file`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import socket
 import sys
 from pathlib import Path
 
+from bgp_agent import cni_conflist, health
 from bgp_agent.bgp_config import parse_as_number
 from bgp_agent.model import DEFAULT_AS
 from bgp_agent.node import (
@@ -102,6 +108,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "given; :9091 for every address).")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--sigterm", choices=["retire", "exit"], default="retire",
+                        help="On SIGTERM, retire the node (withdraw its routes, stop ExaBGP) "
+                             "or exit leaving sessions, routes and ExaBGP to the next agent, "
+                             "as SIGUSR1 does (default retire; a DaemonSet wants exit).")
+    health.add_arguments(parser)
+    cni_conflist.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -145,6 +157,8 @@ def node_identity(args: argparse.Namespace) -> NodeRecord:
 async def run(args: argparse.Namespace) -> None:
     config = EtcdConfig.from_options(args.etcd_endpoints, args.etcd_ca_cert, args.etcd_cert,
                                      args.etcd_key)
+    listen = health.parse_listen(args.health_listen) if args.health_listen else None
+    conflist = cni_conflist.ConflistWriter.from_args(args)
     stop = asyncio.Event()
     retire = True
     loop = asyncio.get_running_loop()
@@ -155,7 +169,7 @@ async def run(args: argparse.Namespace) -> None:
             retire = retire_node
             stop.set()
         return handler
-    loop.add_signal_handler(signal.SIGTERM, stop_and(True))
+    loop.add_signal_handler(signal.SIGTERM, stop_and(args.sigterm == "retire"))
     loop.add_signal_handler(signal.SIGINT, stop_and(True))
     loop.add_signal_handler(signal.SIGUSR1, stop_and(False))
 
@@ -170,19 +184,28 @@ async def run(args: argparse.Namespace) -> None:
             ipam, args.node, args.ipam_socket, pod_request=kube.pods.request if kube else None)
         if service is not None:
             await service.start()
+        parts = health.AgentParts(store, service, routing=not args.no_bgp, conflist=conflist)
+        probes = (health.HealthServer(listen, health.agent_health(parts, loop.time))
+                  if listen else None)
         try:
+            if probes:
+                await probes.start()
             if args.no_bgp:  # registered all the same, so that it is listed and has a status
                 me = await register(store, node_identity(args))
                 status = StatusServer(args.status_socket, lambda: ipam_only_status(me))
                 await status.start()
+                if conflist:  # IPAM can be served: etcd answered the registration
+                    conflist.publish(args.mtu or cni_conflist.DEFAULT_MTU)
                 try:
                     await stop.wait()
                 finally:
                     await status.close()
             else:
-                await route(store, ipam, args, stop, lambda: retire, kube)
+                await route(store, ipam, args, stop, lambda: retire, kube, parts, conflist)
             log.info("stopping")
         finally:
+            if probes:
+                await probes.close()
             if service is not None:
                 await service.close()
             if kube is not None:
@@ -190,7 +213,8 @@ async def run(args: argparse.Namespace) -> None:
 
 
 async def route(store: Store, ipam: IPAM, args: argparse.Namespace, stop: asyncio.Event,
-                retiring, kube=None) -> None:
+                retiring, kube=None, parts: health.AgentParts | None = None,
+                conflist: cni_conflist.ConflistWriter | None = None) -> None:
     """Register the node, then run the BGP speaker and the routing loop until `stop`."""
     from bgp_agent.node_dataplane import NodeDataplane
     from bgp_agent.model import SpeakerError
@@ -218,6 +242,8 @@ async def route(store: Store, ipam: IPAM, args: argparse.Namespace, stop: asynci
     router = Router(store, me, speaker, kernel and RouteTable(kernel),
                     secrets_dir=args.secrets_dir, dataplane=dataplane)
     speaker.on_change = router.changed.set
+    if conflist and dataplane is not None:
+        dataplane.on_pod_mtu = conflist.publish  # the first once IPAM and routing are up
     status = StatusServer(args.status_socket, router.status.to_json)
     if args.metrics_address:
         from bgp_agent import metrics
@@ -229,6 +255,8 @@ async def route(store: Store, ipam: IPAM, args: argparse.Namespace, stop: asynci
     task = asyncio.create_task(router.run())
     if kube is not None:  # NetworkUnavailable=False once the routes are programmed
         asyncio.create_task(kube.network_available(router.programmed))
+    if parts:
+        parts.router, parts.speaker, parts.task = router, speaker, task
     stopping = asyncio.create_task(stop.wait())
     try:
         await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -62,6 +62,7 @@ class NodeDataplane:
         self._capability_kinds: frozenset[str] = frozenset()  # as of the last pass
         self._supported: dict[str, bool] = {}  # kernel probe per encapsulation in use
         self._nat_pools: list[IPPool] | None = None
+        self.on_pod_mtu: Callable[[int], None] | None = None  # told each new pod MTU
 
     async def _netlink(self):
         """pyroute2's IPRoute, made (and used) in worker threads: it runs an event loop of
@@ -110,6 +111,8 @@ class NodeDataplane:
         await self._apply_nat(pools, problems)
         if pod_mtu and pod_mtu != self.status.pod_mtu:
             mtu.publish(self.mtu_path, pod_mtu)
+            if self.on_pod_mtu is not None:
+                self.on_pod_mtu(pod_mtu)
         for problem in problems:
             if problem not in self.status.problems:
                 log.error("%s", problem)

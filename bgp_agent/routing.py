@@ -106,8 +106,8 @@ class Router:
         self.dataplane = dataplane
         self.clock = clock
         self.changed = asyncio.Event()
-        # set after the first pass that programmed the kernel knowing what peers sent, without
-        # errors (the agent then reports the node's network available to Kubernetes)
+        # set after the first pass that programmed the kernel knowing what peers sent (the
+        # agent then reports the node ready, and its network available to Kubernetes)
         self.programmed = asyncio.Event()
         self.status = Status(node=me.name)
         self.nodes = Mirror(store, keys.NODES, lambda e: node_from_document(e.value),
@@ -133,6 +133,8 @@ class Router:
         self._neighbors: list[Neighbor] | None = None
         self._grace_until = clock() + STARTUP_GRACE_SECONDS
         self._grace_wake_set = False  # the pass at the end of the grace is scheduled
+        # for health checks: when the pass that runs now started (None between passes)
+        self.pass_started: float | None = None
 
     # -- inputs ------------------------------------------------------------------------
 
@@ -192,6 +194,7 @@ class Router:
                 await self.changed.wait()
                 self.changed.clear()
                 started = time.monotonic()
+                self.pass_started = self.clock()
                 try:
                     await self.reconcile()
                     RECONCILE_PASSES.labels("ok").inc()
@@ -199,6 +202,8 @@ class Router:
                     log.exception("reconcile failed")
                     self._error(f"reconcile failed: {error}")
                     RECONCILE_PASSES.labels("error").inc()
+                finally:
+                    self.pass_started = None
                 RECONCILE_SECONDS.observe(time.monotonic() - started)
         finally:
             for task in tasks:
@@ -329,8 +334,9 @@ class Router:
     async def _program_kernel(self, accepted: Mapping[IPv4Address, Mapping[IPv4Network, Path]],
                               own: set[IPv4Network], learned_known: bool,
                               next_hop: Callable[[Path], NextHop] = policy.native) -> bool:
-        """Sync the kernel's routes; whether the kernel took them all (no route table: a
-        dedicated reflector, pipit-rr, programs none)."""
+        """Sync the kernel's routes (no route table: a dedicated reflector, pipit-rr, programs
+        none); whether the routes learned from peers were known to this pass (the kernel
+        holds what they sent, less any route it refused, which is reported)."""
         now = self.clock()
         if now < self._grace_until and self._all_peers_settled():
             self._grace_until = 0.0  # start-up is over: from now on a lost peer's routes go
@@ -340,7 +346,7 @@ class Router:
             self._grace_wake_set = True
 
         if self.routes is None:
-            return
+            return learned_known
 
         def sync():
             # Learned routes we cannot vouch for yet (agent just started, speaker not
@@ -361,7 +367,7 @@ class Router:
         applied = self.routes.applied.values()
         self.status.blackholes = sum(1 for r in applied if r.blackhole)
         self.status.kernel_routes = len(applied) - self.status.blackholes
-        return not stats.errors
+        return learned_known  # a refused route is reported; it does not hold the node back
 
     def _all_peers_settled(self) -> bool:
         neighbors = self._neighbors or []

@@ -26,6 +26,7 @@ import sys
 import time
 
 from bgp_agent.kube_api import DELETED, Event, Informer, KubeAPI, KubernetesUnavailable
+from controller import metrics
 from controller.ipam_gc import IPAMCollector
 from controller.labels import sync_node_labels
 from controller.leader import LeaseElection, LostLeadership
@@ -69,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--etcd-ca-cert", metavar="FILE", help=f"[env {ENV_CA}]")
     parser.add_argument("--etcd-cert", metavar="FILE", help=f"[env {ENV_CERT}]")
     parser.add_argument("--etcd-key", metavar="FILE", help=f"[env {ENV_KEY}]")
+    parser.add_argument("--metrics-address", type=_metrics_address, metavar="HOST:PORT",
+                        help="Serve Prometheus metrics on http://HOST:PORT/metrics (off "
+                             "unless given).")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser.parse_args(argv)
@@ -146,7 +150,17 @@ class Controller:
                 self.labels_due = True
                 raise
         started = time.monotonic()
-        result = await self.collector.run_pass(self.cluster())
+        try:
+            result = await self.collector.run_pass(self.cluster())
+        except Exception:
+            metrics.GC_PASSES.labels("error").inc()
+            raise
+        metrics.GC_PASSES.labels("ok").inc()
+        metrics.GC_PASS_SECONDS.observe(time.monotonic() - started)
+        metrics.RELEASED_ADDRESSES.inc(result.addresses)
+        metrics.RELEASED_BLOCKS.inc(len(result.blocks))
+        metrics.CLEANED_NODES.inc(len(result.nodes))
+        metrics.WAITING_LEAKS.set(result.waiting)
         self.passes += 1
         if result.released or result.blocks or result.nodes:
             log.info("GC pass: released %d address(es) of %d handle(s), %d empty block(s), "
@@ -155,6 +169,14 @@ class Controller:
                      len(result.nodes), time.monotonic() - started, result.waiting)
         elif result.waiting:
             log.info("GC pass: %d candidate leak(s) within the grace period", result.waiting)
+
+
+def _metrics_address(text: str) -> str:
+    from bgp_agent.metrics import metrics_address
+    try:
+        return metrics_address(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -168,6 +190,9 @@ async def run(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if args.metrics_address:
+        from bgp_agent.metrics import serve
+        serve(args.metrics_address)
     election = None
     try:
         async with Store(config) as store:
@@ -185,6 +210,7 @@ async def run(args: argparse.Namespace) -> None:
                     acquiring.cancel()
                     return
                 work.append(asyncio.create_task(election.hold()))
+            metrics.LEADER.set(1)
             work.append(asyncio.create_task(Controller(store, api,
                                                        args.gc_grace_period).run()))
             work.append(asyncio.create_task(stop.wait()))
@@ -196,6 +222,7 @@ async def run(args: argparse.Namespace) -> None:
                 if not task.cancelled() and task.exception() is not None:
                     raise task.exception()
             log.info("stopping")
+            metrics.LEADER.set(0)
             if election is not None:
                 await election.release()
     finally:

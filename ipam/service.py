@@ -101,6 +101,10 @@ class IPAMService:
         self._server = await start_private_server(self._serve, self.path, limit=MAX_REQUEST)
         log.info("IPAM service listening on %s for node %s", self.path, self.node)
 
+    @property
+    def serving(self) -> bool:
+        return self._server is not None and self._server.is_serving()
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()

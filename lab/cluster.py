@@ -28,6 +28,11 @@ pods; one BGPPeer peers every node with every reflector by peerSelector, the ref
 among themselves), or with reflector="bird" BIRD 2 (`rr client`, listening on port 1179; one
 BGPPeer per reflector, peerIP 10.99.0.<200+k>:1179, the nodes' own AS).
 
+With a chart (`Lab(chart=lab.chart.ChartNodes(...))`, `pipitctl lab up --from-chart`), the
+mesh's nodes run the rendered Helm chart instead of agents started here: each node's DaemonSet
+pod from Pipit's image, run by lab.kubelet; the chart's post-install Job configures the
+cluster, and pods are attached through the conflist the agent wrote (lab.chart says how).
+
 Every step is idempotent, so `up` on a running lab only adds what is missing; `down` finds
 what to remove by name and by the state directory, so it also cleans up after a crash.
 """
@@ -52,6 +57,7 @@ import yaml
 
 from bgp_agent.status import read_status
 from lab import netns
+from lab.chart import ChartNodes
 from lab.cni import Attachment, CNIRuntime, NetworkConfig, install_bin_dir
 from lab.etcd import EtcdServer, make_tls_files
 from lab.process import alive, command_line, kill, wait
@@ -138,6 +144,8 @@ class Lab:
     routers: dict[int, FabricRouter] = field(default_factory=dict, repr=False)  # racks: rack -> ToR
     _pods_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     kubernetes: bool = False  # mesh: an API server, Nodes, Pods, pipit-controller (lab/kube.py)
+    # the rendered Helm chart runs the nodes (lab.chart) instead of agents started here
+    chart: ChartNodes | None = None
 
     def __post_init__(self) -> None:
         if self.topology not in TOPOLOGIES:
@@ -150,6 +158,8 @@ class Lab:
         """The lab's Kubernetes side (lab/kube.py), or None."""
         from lab.kube import LabKube
         return LabKube(self) if self.kubernetes else None
+        if self.chart is None:
+            self.chart = ChartNodes.attached(self.directory)
 
     # -- names and places ----------------------------------------------------------------
 
@@ -192,9 +202,13 @@ class Lab:
         return self.directory / "secrets"
 
     def status_socket(self, node: str) -> Path:
+        if self.chart:
+            return self.chart.status_socket(self, node)
         return self.node_dir(node) / "status.sock"
 
     def ipam_socket(self, node: str) -> Path:
+        if self.chart:
+            return self.chart.ipam_socket(self, node)
         return self.node_dir(node) / "ipam.sock"
 
     @property
@@ -256,6 +270,8 @@ class Lab:
                 self.add_node(f"rr{k}", 1000 + k, reflector=True)
         for index in range(1, node_count + 1):
             self.add_node(f"n{index}", index)
+        if self.chart:
+            self.chart.run_hooks(self, "post-install")
         if self.topology == "racks":
             self.start_tors()
         if self.topology == "rr" and self.reflector == "bird":
@@ -292,6 +308,10 @@ class Lab:
                               input=input, text=True, capture_output=True)
 
     def configure_cluster(self) -> None:
+        if self.chart:  # the chart's post-install hook does it, once the nodes are up
+            self._save(chart=self.chart.to_json())
+            self.chart.render(self)
+            return
         documents = f"""\
 apiVersion: pipit.dev/v1
 kind: IPPool
@@ -513,6 +533,8 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
                 "--secrets-dir", str(self.secrets_dir)]
 
     def start_agent(self, node: str, timeout: float = 60.0) -> None:
+        if self.chart:
+            return self.chart.start_pod(self, node)
         info = self._state()["nodes"][node]
         if self._agent_pid(node) and self.status(node) is not None:
             return
@@ -531,6 +553,8 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
         self.log(f"{node}: agent running ({info['address']})")
 
     def stop_agent(self, node: str, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
+        if self.chart:
+            return self.chart.stop_pod(self, node, sig, timeout)
         pid = self._agent_pid(node)
         if pid:
             os.kill(pid, sig)
@@ -595,6 +619,8 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
     def network(self, node: str) -> NetworkConfig:
         """The node's CNI configuration, with the pod MTU its agent publishes (as the chart's
         installer writes it on a real node)."""
+        if self.chart:
+            return self.chart.network(self, node)
         try:
             mtu = int((self.node_dir(node) / "pod-mtu").read_text())
         except (FileNotFoundError, ValueError):
@@ -604,6 +630,8 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
             "ipam": {"type": "pipit-ipam", "socket": str(self.ipam_socket(node))}})
 
     def runtime(self, node: str) -> CNIRuntime:
+        if self.chart:
+            return self.chart.runtime(self, node)
         bin_dir = install_bin_dir(self.directory / "cni-bin") if not (
             self.directory / "cni-bin" / "pipit-ipam").exists() else self.directory / "cni-bin"
         return CNIRuntime(bin_dir, netns=self.node_ns(node),

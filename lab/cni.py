@@ -250,11 +250,13 @@ class Invocation:
 
 class CNIRuntime:
     """Runs CNI plugins from `bin_dirs` (CNI_PATH), inside network namespace `netns` (a name
-    under /var/run/netns) if given. Thread-safe: many attachments may be added at once."""
+    under /var/run/netns) if given, through `wrapper` (an argv prefix, e.g. one that gives the
+    plugin a lab node's own /run: lab.chart.node_view) if given. Thread-safe: many attachments
+    may be added at once."""
 
     def __init__(self, bin_dirs: str | Path | Sequence[str | Path], *, netns: str | None = None,
                  cache_dir: str | Path | None = None, timeout: float = DEFAULT_TIMEOUT,
-                 env: Mapping[str, str] | None = None):
+                 env: Mapping[str, str] | None = None, wrapper: Sequence[str] = ()):
         if isinstance(bin_dirs, (str, Path)):
             bin_dirs = [bin_dirs]
         self.bin_dirs = [str(d) for d in bin_dirs]
@@ -262,6 +264,7 @@ class CNIRuntime:
         self.cache = ResultCache(cache_dir)
         self.timeout = timeout
         self.env = dict(env or {})  # added to (or replacing) the inherited environment
+        self.wrapper = list(wrapper)
 
     # -- network lists ------------------------------------------------------------------
 
@@ -426,9 +429,9 @@ class CNIRuntime:
     def invoke(self, path: str, env: Mapping[str, str], stdin: bytes) -> Invocation:
         """Execute a plugin binary with exactly this environment and stdin (inside the
         runtime's namespace); the raw exchange, whatever the exit code."""
-        argv = [path]
+        argv = [*self.wrapper, path]
         if self.netns:
-            argv = ["ip", "netns", "exec", self.netns, path]
+            argv = ["ip", "netns", "exec", self.netns, *argv]
         process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, env=dict(env),
                                    start_new_session=True)

@@ -278,21 +278,66 @@ def lab_errors() -> Iterator[None]:
 @click.option("--kubernetes", is_flag=True,
               help="mesh: also an API server (Pipit's fake) with the nodes as Nodes and the "
                    "pods as Pods, agents using it, and pipit-controller (lab/kube.py).")
+@click.option("--from-chart", "chart", type=click.Path(exists=True, file_okay=False),
+              help="Run the nodes from this Helm chart (charts/pipit) as a kubelet would: "
+                   "the rendered DaemonSet's pod on each node, from the image "
+                   "scripts/build-image made.")
+@click.option("--values", "values", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="--from-chart: a values file (repeat for more).")
+@click.option("--image", type=click.Path(exists=True, dir_okay=False),
+              help="--from-chart: the OCI image archive (default: build/image/"
+                   "pipit-<appVersion>.oci.tar).")
 @lab_dir
 def lab_up(nodes: int, pods_per_node: int, topology: str, router: str, route_reflectors: int,
-           reflector: str, etcd_tls: bool, directory: str, kubernetes: bool) -> None:
+           reflector: str, etcd_tls: bool, kubernetes: bool, chart: str | None,
+           values: tuple[str, ...], image: str | None, directory: str) -> None:
     """Start (or complete) the lab; print node status and a pod-to-pod ping matrix."""
+    from lab.chart import ChartNodes
     from lab.cluster import Lab
     running = Lab(Path(directory)).running_topology()
     if running and (running != topology or topology == "racks"):
         raise InvalidResource(f"a {running} lab is running in {directory}; re-running up "
                               "completes a mesh or rr lab of the same topology only: "
                               "`pipitctl lab down` first.")
+    if (values or image) and not chart:
+        raise InvalidResource("--values and --image go with --from-chart.")
+    if chart and (topology != "mesh" or kubernetes or etcd_tls):
+        raise InvalidResource("--from-chart runs the mesh topology only, without --kubernetes "
+                              "or --etcd-tls.")
+    nodes_from = (ChartNodes(Path(directory), Path(chart), tuple(map(Path, values)),
+                             image=Path(image) if image else None) if chart else None)
     with lab_errors():
         ok = Lab(Path(directory), topology=topology, router=router,
-                 reflectors=route_reflectors, reflector=reflector,
-                 etcd_tls=etcd_tls, kubernetes=kubernetes).up(nodes, pods_per_node,
-                                                              render_status)
+                 reflectors=route_reflectors, reflector=reflector, etcd_tls=etcd_tls,
+                 kubernetes=kubernetes, chart=nodes_from).up(nodes, pods_per_node,
+                                                             render_status)
+    if not ok:
+        raise SystemExit(1)
+
+
+@lab.command(name="upgrade")
+@click.option("--values", "values", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="A values file to add (repeat for more).")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="A value to set, as helm's --set (repeat for more).")
+@lab_dir
+def lab_upgrade(values: tuple[str, ...], settings: tuple[str, ...], directory: str) -> None:
+    """A lab started --from-chart: render the chart again with these values and replace each
+    node's pod the way the DaemonSet's rolling update does; then node status and the ping
+    matrix."""
+    from lab.cluster import Lab
+    lab = Lab(Path(directory))
+    if lab.chart is None:
+        raise InvalidResource(f"no lab started --from-chart is running in {directory}.")
+    pairs = {}
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if not sep or not key:
+            raise InvalidResource(f"--set {setting!r} is not KEY=VALUE.")
+        pairs[key] = value
+    with lab_errors():
+        lab.chart.upgrade(lab, tuple(map(Path, values)), pairs)
+        ok = lab.report(render_status)
     if not ok:
         raise SystemExit(1)
 

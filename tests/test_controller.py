@@ -19,6 +19,7 @@ from ipam import keys
 from ipam.allocator import IPAM
 from ipam.snapshot import check, load_snapshot
 from ipam.store import EtcdConfig, Store
+from lab.etcd import free_port
 from lab.process import stop_group, wait, wait_async
 from tests.fakekube.resources import NODES, PODS
 from tests.helpers import add_pool, with_store
@@ -227,13 +228,15 @@ def test_survives_an_api_server_restart_and_an_etcd_outage(fakekube, own_etcd, t
     assert with_store(config, scenario)
 
 
-def controller_process(fakekube, etcd, tmp_path, name: str, grace: str = "1h"):
+def controller_process(fakekube, etcd, tmp_path, name: str, grace: str = "1h",
+                       metrics_port: int | None = None):
     log = open(tmp_path / f"{name}.log", "ab")
+    metrics = ["--metrics-address", f"127.0.0.1:{metrics_port}"] if metrics_port else []
     return subprocess.Popen(
         [sys.executable, "-m", "controller.main", "--kubeconfig",
          str(fakekube.write_kubeconfig(tmp_path / "kubeconfig")), "--etcd-endpoints",
          etcd.endpoints[0], "--identity", name, "--lease-duration", "3s",
-         "--gc-grace-period", grace, "--log-level", "DEBUG"],
+         "--gc-grace-period", grace, "--log-level", "DEBUG", *metrics],
         cwd=ROOT, stdout=log, stderr=log, start_new_session=True)
 
 
@@ -250,10 +253,10 @@ def test_one_instance_leads_and_another_takes_over_when_it_dies(fakekube, etcd, 
 
     with_store(etcd, lambda store: cluster_with_pods(store, fakekube, nodes=("n1",)))
     a = controller_process(fakekube, etcd, tmp_path, "a")
-    b = None
+    b, port = None, free_port()
     try:
         wait(lambda: holder() == "a", 30, "a to lead")
-        b = controller_process(fakekube, etcd, tmp_path, "b")
+        b = controller_process(fakekube, etcd, tmp_path, "b", metrics_port=port)
         # b waits: it never takes the Lease while a renews it
         wait(lambda: "waiting to lead" in (tmp_path / "b.log").read_text(), 30, "b to wait")
         assert holder() == "a"
@@ -268,6 +271,11 @@ def test_one_instance_leads_and_another_takes_over_when_it_dies(fakekube, etcd, 
             return not snap.handles and not snap.affinities and "n1" not in snap.nodes
         wait(cleaned, 30, "n1 to be cleaned up by b")
         assert check(with_store(etcd, load_snapshot)) == []
+        from tests.test_metrics import scrape
+        found = scrape(f"http://127.0.0.1:{port}/metrics")  # b's counters say what it did
+        assert found[("pipit_controller_cleaned_nodes_total", ())] == 1
+        assert found[("pipit_controller_leader", ())] == 1
+        assert found[("pipit_controller_gc_passes_total", (("result", "ok"),))] >= 1
         assert stop_group(b) == 0  # SIGTERM: a clean stop gives the Lease up
         assert holder() is None
     finally:

@@ -365,3 +365,17 @@ async def test_a_reflector_that_stops_reflecting_withdraws_what_it_reflected():
         await c.sync()
         assert c.router.reflection is None
         assert all(not reflected_to(c, p) for p in c.speaker.announced)
+
+
+@run
+async def test_the_node_counts_as_programmed_once_a_pass_knew_what_its_peers_sent():
+    async with running(Cluster()) as c:
+        c.speaker.connected = False
+        await c.sync()
+        assert not c.router.programmed.is_set()  # blackholes only: nothing learned known yet
+        c.speaker.connected = True
+        c.kernel.refuse.add(BLOCK2)  # a refused route is reported, it does not hold it back
+        c.settle_peers(N2, N3)
+        c.speaker.send(N2, Path(BLOCK2, N2))
+        await c.sync()
+        assert c.router.programmed.is_set()

@@ -1,0 +1,275 @@
+"""What a DaemonSet needs of the agent: the health endpoints its probes use, the CNI
+configuration written once IPAM can be served (atomically, never removed), and SIGTERM that
+exits without withdrawing anything (`--sigterm exit`) or retires the node (`retire`).
+
+The pure parts are unit tests; an agent without routing runs against a real etcd; the routing
+agent runs in a network namespace with ExaBGP against a real BIRD peer (netns tier)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bgp_agent import health
+from bgp_agent.cni_conflist import DEFAULT_TEMPLATE, ConflistWriter
+from ipam.cni import ask_agent
+from ipam.errors import InvalidResource
+from ipam.store import EtcdConfig
+from lab.agent import AgentProcess
+from lab.process import alive, wait
+from tests.cni_support import short_dir  # noqa: F401 (a fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------------
+# Pure parts
+
+@pytest.mark.parametrize("text, expected", [
+    ("127.0.0.1:9199", health.Listen(host="127.0.0.1", port=9199)),
+    ("[::1]:9199", health.Listen(host="::1", port=9199)),
+    ("unix:/run/pipit/health.sock", health.Listen(path="/run/pipit/health.sock")),
+])
+def test_health_listen_takes_a_port_or_a_socket(text, expected):
+    assert health.parse_listen(text) == expected
+
+
+@pytest.mark.parametrize("text", ["9199", "127.0.0.1:", "127.0.0.1:70000", ":9199",
+                                  "unix:health.sock", "localhost:http"])
+def test_a_bad_health_listen_is_one_sentence(text):
+    with pytest.raises(InvalidResource, match=r"--health-listen .*\.$"):
+        health.parse_listen(text)
+
+
+def test_a_failing_check_fails_the_endpoint_and_says_why():
+    checks = health.Health()
+    checks.ready("etcd", lambda: None)
+    checks.ready("exabgp", lambda: "ExaBGP's bridge is not connected")
+
+    def broken():
+        raise KeyError("x")
+    checks.live("routing", broken)
+    ok, body = asyncio.run(checks.run("readyz"))
+    assert not ok
+    assert body == ("[+]etcd ok\n[-]exabgp failed: ExaBGP's bridge is not connected\n"
+                    "readyz check failed\n")
+    ok, body = asyncio.run(checks.run("livez"))
+    assert not ok and "[-]routing failed: KeyError" in body
+
+
+def writer(tmp_path, template=DEFAULT_TEMPLATE, socket="/run/pipit/ipam.sock") -> ConflistWriter:
+    return ConflistWriter(tmp_path / "net.d" / "10-pipit.conflist", template, socket, "n1")
+
+
+def test_the_conflist_carries_the_pod_mtu_and_the_agents_socket(tmp_path):
+    conf = json.loads(writer(tmp_path).render(1450))
+    assert conf["name"] == "pipit"
+    ptp, portmap = conf["plugins"]
+    assert ptp == {"type": "ptp", "mtu": 1450,
+                   "ipam": {"type": "pipit-ipam", "socket": "/run/pipit/ipam.sock"}}
+    assert portmap["capabilities"] == {"portMappings": True}
+
+
+def test_a_socket_path_needing_escapes_stays_valid_json(tmp_path):
+    conf = json.loads(writer(tmp_path, socket='/run/a "b"\\c').render(1500))
+    assert conf["plugins"][0]["ipam"]["socket"] == '/run/a "b"\\c'
+
+
+@pytest.mark.parametrize("template, words", [
+    ("{not json", "is not JSON once its placeholders are filled in"),
+    ('{"cniVersion": "1.0.0", "plugins": []}', "it needs a `name`"),
+    ('{"name": "x", "plugins": [{"ipam": {}}]}', "each with a `type`"),
+    ('{"name": "x", "plugins": [{"type": "ptp", "ipam": {"type": "host-local"}}]}',
+     "no plugin whose ipam type is pipit-ipam"),
+])
+def test_a_template_that_makes_no_usable_conflist_is_refused(tmp_path, template, words):
+    with pytest.raises(InvalidResource) as refused:
+        writer(tmp_path, template).render(1500)
+    assert words in str(refused.value)
+    assert str(refused.value).count(".") >= 1 and "\n" not in str(refused.value)
+
+
+def test_the_conflist_is_replaced_atomically_and_only_when_it_changes(tmp_path):
+    conf = writer(tmp_path)
+    assert conf.check() is not None  # not ready before the first write
+    assert conf.publish(1500)
+    assert conf.check() is None
+    assert stat.S_IMODE(os.stat(conf.path).st_mode) == 0o644
+    inode = os.stat(conf.path).st_ino
+    assert not conf.publish(1500)  # the same: untouched
+    assert os.stat(conf.path).st_ino == inode
+    assert conf.publish(1450)  # a new file renamed over the old one
+    assert os.stat(conf.path).st_ino != inode
+    assert json.loads(conf.path.read_text())["plugins"][0]["mtu"] == 1450
+    assert sorted(p.name for p in conf.path.parent.iterdir()) == ["10-pipit.conflist"]
+
+
+def test_a_conflist_that_cannot_be_written_is_reported_not_raised(tmp_path):
+    (tmp_path / "net.d").write_text("a file where the directory should be")
+    conf = writer(tmp_path)
+    assert not conf.publish(1500)
+    assert "cannot write" in conf.check()
+
+
+# --------------------------------------------------------------------------------------------
+# An agent without routing, on a real etcd
+
+def no_bgp_agent(etcd: EtcdConfig, directory: Path, *extra: str) -> AgentProcess:
+    return AgentProcess("node-1", directory / "ipam.sock", etcd.endpoints,
+                        directory / "agent.log",
+                        extra_args=["--health-listen", f"unix:{directory}/health.sock",
+                                    "--cni-conf-file", str(directory / "net.d" / "10-pipit.conflist"),
+                                    *extra])
+
+
+def test_an_agent_writes_its_conflist_serves_probes_and_leaves_the_conflist_when_stopped(
+        etcd, short_dir):
+    conflist = short_dir / "net.d" / "10-pipit.conflist"
+    listen = health.Listen(path=str(short_dir / "health.sock"))
+    with no_bgp_agent(etcd, short_dir, "--sigterm", "exit") as agent:
+        wait(conflist.exists, 10, "the conflist")
+        conf = json.loads(conflist.read_text())
+        socket = conf["plugins"][0]["ipam"]["socket"]
+        assert socket == str(agent.socket_path)
+        assert ask_agent(socket, {"command": "STATUS"})  # what the conflist names answers
+        assert health.get(listen, "/livez") == (200, "[+]ipam ok\nlivez check passed\n")
+        code, body = health.get(listen, "/readyz")
+        assert code == 200, body
+        assert body.splitlines() == ["[+]ipam ok", "[+]etcd ok", "[+]cni-config ok",
+                                     "readyz check passed"]
+        assert health.get(listen, "/metrics")[0] == 404
+        agent.process.send_signal(signal.SIGTERM)
+        assert agent.process.wait(10) == 0
+    assert json.loads(conflist.read_text()) == conf  # never removed
+    assert not os.path.exists(listen.path)
+
+
+def test_readyz_fails_and_says_so_while_etcd_is_away(own_etcd, short_dir):
+    listen = health.Listen(path=str(short_dir / "health.sock"))
+    config = EtcdConfig(endpoints=(own_etcd.endpoint,))
+    with no_bgp_agent(config, short_dir):
+        wait(lambda: health.get(listen, "/readyz")[0] == 200, 10, "ready")
+        own_etcd.stop()
+        try:
+            code, body = health.get(listen, "/readyz", timeout=10)
+            assert code == 503
+            assert "[-]etcd failed: " in body and own_etcd.endpoint in body
+            assert health.get(listen, "/livez")[0] == 200  # alive: no reason to restart it
+        finally:
+            own_etcd.start()
+        wait(lambda: health.get(listen, "/readyz")[0] == 200, 20, "ready again")
+
+
+def test_a_bad_template_stops_the_agent_before_it_serves_or_writes_anything(etcd, short_dir):
+    template = short_dir / "template.json"
+    template.write_text('{"name": "pipit", "plugins": [{"type": "ptp", "mtu": __CNI_MTU__}]}')
+    result = subprocess.run(
+        [sys.executable, "-m", "bgp_agent.agent", "--node", "node-1", "--no-bgp",
+         "--ipam-socket", str(short_dir / "ipam.sock"), "--etcd-endpoints", etcd.endpoints[0],
+         "--cni-conf-file", str(short_dir / "net.d" / "x.conflist"),
+         "--cni-conf-template", str(template)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "no plugin whose ipam type is pipit-ipam" in result.stderr
+    assert not (short_dir / "net.d").exists() and not (short_dir / "ipam.sock").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# The routing agent in a namespace, ExaBGP spawned, a real BIRD peer (netns tier)
+
+PEER_AS = 65001
+
+
+def routing_agent(state: Path, netns: str, etcd_endpoint: str, sigterm: str
+                  ) -> subprocess.Popen:
+    argv = ["ip", "netns", "exec", netns, str(Path(sys.executable).parent / "pipit-agent"),
+            "--node", "node-1", "--ip", "10.99.1.1/24", "--etcd-endpoints", etcd_endpoint,
+            "--state-dir", str(state), "--ipam-socket", str(state / "ipam.sock"),
+            "--status-socket", str(state / "status.sock"), "--exabgp", "spawn",
+            "--health-listen", f"unix:{state}/health.sock",
+            "--cni-conf-file", str(state / "net.d" / "10-pipit.conflist"), "--sigterm", sigterm]
+    with open(state / "agent.log", "ab") as log:
+        return subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+
+
+def exabgp_pid(state: Path) -> int:
+    return int((state / "exabgp" / "exabgp.pid").read_text())
+
+
+@pytest.mark.netns
+def test_sigterm_exit_leaves_the_session_and_routes_and_retire_withdraws_them(tmp_path):
+    from lab.etcd import EtcdServer
+    from tests.test_speaker import bird_peer, kill_exabgp, network
+
+    state = Path(tmp_path) / "s"  # unix socket paths stay short
+    state.mkdir()
+    listen = health.Listen(path=str(state / "health.sock"))
+    resources = f"""\
+apiVersion: pipit.dev/v1
+kind: IPPool
+metadata: {{name: default}}
+spec: {{cidr: 10.244.0.0/16, blockSize: 26}}
+---
+apiVersion: pipit.dev/v1
+kind: BGPPeer
+metadata: {{name: bird}}
+spec: {{peerIP: 10.99.1.2, asNumber: {PEER_AS}}}
+"""
+    agents: list[subprocess.Popen] = []
+    with EtcdServer(data_dir=tmp_path / "etcd", unix_socket=True) as etcd, network(1) as net, \
+            bird_peer(net, 1) as bird:
+        try:
+            subprocess.run([str(Path(sys.executable).parent / "pipitctl"), "--etcd-endpoints",
+                            etcd.endpoint, "apply", "-f", "-"], input=resources, text=True,
+                           check=True, capture_output=True)
+            endpoint = f"unix://{tmp_path / 'etcd'}/etcd.sock:0"
+            agents.append(routing_agent(state, net.node, endpoint, "exit"))
+            wait(listen_answers(listen), 30, "the health endpoint")
+            ask_agent(str(state / "ipam.sock"), {"command": "ADD", "handle": "pod-1"})
+            wait(lambda: bird.route_count("node") == 1, 30, "the node's block in BIRD")
+            wait(lambda: health.get(listen, "/readyz")[0] == 200, 30, "readiness")
+            conf = json.loads((state / "net.d" / "10-pipit.conflist").read_text())
+            assert conf["plugins"][0]["mtu"] == 1500  # the veth's: no encapsulation
+            since, exabgp = bird.protocol("node").since, exabgp_pid(state)
+
+            agents[0].send_signal(signal.SIGTERM)  # --sigterm exit: nothing changes
+            assert agents[0].wait(20) == 0
+            assert alive(exabgp)
+            assert bird.protocol("node").since == since and bird.route_count("node") == 1
+            assert (state / "net.d" / "10-pipit.conflist").exists()
+
+            agents.append(routing_agent(state, net.node, endpoint, "retire"))
+            wait(lambda: listen_answers(listen)() and
+                 health.get(listen, "/readyz")[0] == 200, 60, "the next agent to be ready")
+            assert exabgp_pid(state) == exabgp  # adopted
+            assert bird.protocol("node").since == since and bird.route_count("node") == 1
+
+            agents[1].send_signal(signal.SIGTERM)  # --sigterm retire: withdrawn, ExaBGP gone
+            assert agents[1].wait(30) == 0
+            assert bird.route_count("node") == 0
+            assert not alive(exabgp)
+        finally:
+            for agent in agents:
+                if agent.poll() is None:
+                    agent.kill()
+                    agent.wait()
+            kill_exabgp(state / "exabgp")
+
+
+def listen_answers(listen: health.Listen):
+    def answers() -> bool:
+        try:
+            health.get(listen, "/livez", timeout=2)
+            return True
+        except OSError:
+            return False
+    return answers
