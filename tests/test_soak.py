@@ -29,7 +29,8 @@ PODS_PER_NODE = 4
 
 
 def churn(lab: Lab, node: str, stop: threading.Event, tally: Counter) -> None:
-    """Keep about PODS_PER_NODE pods on the node: add one, remove the oldest, repeat."""
+    """Keep PODS_PER_NODE pods on the node, one coming and one going at a time: add one
+    when below, else remove the oldest."""
     numbers = itertools.count()
     mine: list[str] = []
     failed: list[str] = []  # pods whose ADD failed: DELed until that works, as a runtime does
@@ -38,7 +39,7 @@ def churn(lab: Lab, node: str, stop: threading.Event, tally: Counter) -> None:
             if failed:
                 lab.remove_pod(failed[0], node)
                 failed.pop(0)
-            elif len(mine) < PODS_PER_NODE or random.random() < 0.5:
+            elif len(mine) < PODS_PER_NODE:
                 name = f"{node}-s{next(numbers)}"
                 failed.append(name)
                 lab.add_pod(node, name)
