@@ -174,9 +174,10 @@ class Reflector:
 
     def update(self, peer: IPv4Address, announce: Iterable[Route] = (),
                withdraw: Iterable[IPv4Network] = ()) -> list[Update]:
-        """An UPDATE from an up peer: routes it announces (each replacing its previous route for
-        that prefix) and prefixes it withdraws. Routes that loop are ignored (and replace, so
-        withdraw, what the peer had sent for their prefix)."""
+        """An UPDATE from an up peer: prefixes it withdraws, then routes it announces (each
+        replacing its previous route for that prefix; a prefix twice: the last one counts).
+        Routes that loop are ignored (and replace, so withdraw, what the peer had sent for
+        their prefix)."""
         self._require(peer)
         if peer not in self._up:
             raise ValueError(f"peer {peer} is not up")

@@ -10,7 +10,13 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
 from route_reflector import (
     CLIENT,
@@ -94,10 +100,10 @@ BEST_PATH = [
      dict(originator_id=IPv4Address("10.9.0.1")), dict(), 1),
     ("the router id counts when the other has an ORIGINATOR_ID",
      dict(originator_id=IPv4Address("10.9.0.99")), dict(), 2),
-    ("shorter CLUSTER_LIST with the same originator",
-     dict(originator_id=IPv4Address("10.5.5.5"), cluster_list=(OTHER_CLUSTER,)),
+    ("shorter CLUSTER_LIST with the same originator (before the peer address)",
      dict(originator_id=IPv4Address("10.5.5.5"), cluster_list=(OTHER_CLUSTER, OTHER_CLUSTER)),
-     1),
+     dict(originator_id=IPv4Address("10.5.5.5"), cluster_list=(OTHER_CLUSTER,)),
+     2),
     ("lower peer address when all else is equal",
      dict(peer_router_id=IPv4Address("10.5.5.5")), dict(peer_router_id=IPv4Address("10.5.5.5")),
      1),
@@ -589,6 +595,8 @@ class ReflectorMachine(RuleBasedStateMachine):
         self.sent: dict[IPv4Address, dict] = {}
         self.sent_batched: dict[IPv4Address, dict] = {}
 
+    # the model
+
     def receive(self, updates: list[Update]) -> None:
         for peer, changes in per_peer(updates).items():
             assert peer in self.up, f"{peer} is down but was sent {changes}"
@@ -606,10 +614,31 @@ class ReflectorMachine(RuleBasedStateMachine):
             self.stale.pop(peer, None)
             self.deadline.pop(peer, None)
 
+    def accept(self, peer, r: Route) -> None:
+        if r.originator_id == ROUTER_ID or CLUSTER_ID in r.cluster_list:
+            self.ribs[peer].pop(r.prefix, None)
+        else:
+            self.ribs[peer][r.prefix] = r
+        self.stale.get(peer, set()).discard(r.prefix)
+        self.drop(peer, [])  # no stale routes left: no deadline
+
     def session_ended(self, peer) -> None:
         self.up.discard(peer)
         self.sent.pop(peer, None)
         self.sent_batched.pop(peer, None)
+
+    def pick(self, data, peers):
+        return data.draw(st.sampled_from(sorted(peers)))
+
+    # the steps
+
+    @initialize(roles=st.lists(st.sampled_from([CLIENT, NON_CLIENT]), min_size=4, max_size=4),
+                up=st.sets(st.sampled_from(PEERS), min_size=2))
+    def start(self, roles, up):
+        for peer, role in zip(PEERS, roles):
+            self.add_peer(peer, role)
+        self.up |= {addr(p) for p in up}
+        self.receive(self.rr.peers_up(addr(p) for p in sorted(up)))
 
     @rule(peer=st.sampled_from(PEERS), role=st.sampled_from([CLIENT, NON_CLIENT]))
     def add_peer(self, peer, role):
@@ -617,69 +646,85 @@ class ReflectorMachine(RuleBasedStateMachine):
         self.roles[addr(peer)] = role
         self.ribs.setdefault(addr(peer), {})
 
-    @rule(peer=st.sampled_from(PEERS))
-    def remove_peer(self, peer):
-        self.session_ended(addr(peer))
-        self.receive(self.rr.remove_peer(addr(peer)))
-        if addr(peer) in self.roles:
-            self.drop(addr(peer), list(self.ribs[addr(peer)]))
-            del self.roles[addr(peer)], self.ribs[addr(peer)]
+    @precondition(lambda self: self.roles)
+    @rule(data=st.data())
+    def remove_peer(self, data):
+        peer = self.pick(data, self.roles)
+        self.session_ended(peer)
+        self.receive(self.rr.remove_peer(peer))
+        self.drop(peer, list(self.ribs[peer]))
+        del self.roles[peer], self.ribs[peer]
 
-    @rule(peer=st.sampled_from(PEERS))
-    def peer_up(self, peer):
-        if addr(peer) not in self.roles or addr(peer) in self.up:
-            return
-        self.up.add(addr(peer))
-        self.receive(self.rr.peer_up(addr(peer)))
+    @precondition(lambda self: set(self.roles) - self.up)
+    @rule(data=st.data())
+    def peers_up(self, data):
+        peers = data.draw(st.sets(st.sampled_from(sorted(set(self.roles) - self.up)), min_size=1))
+        self.up |= peers
+        self.receive(self.rr.peers_up(sorted(peers)))
 
-    @rule(peer=st.sampled_from(PEERS), graceful_restart=st.booleans(),
-          notification=st.booleans(), restart_time=st.sampled_from([0, 5, 30]))
-    def peer_down(self, peer, graceful_restart, notification, restart_time):
-        a = addr(peer)
-        if a not in self.roles:
-            return
-        was_up = a in self.up
-        self.session_ended(a)
-        self.receive(self.rr.peer_down(a, now=self.now, graceful_restart=graceful_restart,
+    @precondition(lambda self: self.roles)
+    @rule(data=st.data(), graceful_restart=st.booleans(), notification=st.booleans(),
+          restart_time=st.sampled_from([0, 5, 30]))
+    def peer_down(self, data, graceful_restart, notification, restart_time):
+        peer = self.pick(data, self.roles)
+        was_up = peer in self.up
+        self.session_ended(peer)
+        self.receive(self.rr.peer_down(peer, now=self.now, graceful_restart=graceful_restart,
                                        notification=notification, restart_time=restart_time))
         if was_up:
-            if graceful_restart and not notification and restart_time and self.ribs[a]:
-                self.stale[a] = set(self.ribs[a])
-                self.deadline[a] = self.now + restart_time
+            if graceful_restart and not notification and restart_time and self.ribs[peer]:
+                self.stale[peer] = set(self.ribs[peer])
+                self.deadline[peer] = self.now + restart_time
             else:
-                self.drop(a, list(self.ribs[a]))
+                self.drop(peer, list(self.ribs[peer]))
         elif notification:
-            self.drop(a, list(self.stale.get(a, ())))
+            self.drop(peer, list(self.stale.get(peer, ())))
 
-    @rule(peer=st.sampled_from(PEERS), prefix=st.sampled_from(PREFIXES), attributes=routes_of)
-    def announce(self, peer, prefix, attributes):
-        a = addr(peer)
-        if a not in self.up:
-            return
-        r = route(peer, prefix, **attributes)
-        self.receive(self.rr.update(a, [r]))
-        if r.originator_id == ROUTER_ID or CLUSTER_ID in r.cluster_list:
-            self.ribs[a].pop(r.prefix, None)
-        else:
-            self.ribs[a][r.prefix] = r
-        self.stale.get(a, set()).discard(r.prefix)
-        self.drop(a, [])
+    @precondition(lambda self: self.up)
+    @rule(data=st.data(), prefix=st.sampled_from(PREFIXES), attributes=routes_of)
+    def announce(self, data, prefix, attributes):
+        peer = self.pick(data, self.up)
+        r = route(int(peer.packed[3]), prefix, **attributes)
+        self.receive(self.rr.update(peer, [r]))
+        self.accept(peer, r)
 
-    @rule(peer=st.sampled_from(PEERS), prefix=st.sampled_from(PREFIXES))
-    def withdraw(self, peer, prefix):
-        a = addr(peer)
-        if a not in self.up:
-            return
-        self.receive(self.rr.update(a, withdraw=[net(prefix)]))
-        self.drop(a, [net(prefix)])
+    @precondition(lambda self: self.up)
+    @rule(data=st.data(), prefix=st.sampled_from(PREFIXES))
+    def withdraw(self, data, prefix):
+        peer = self.pick(data, self.up)
+        self.receive(self.rr.update(peer, withdraw=[net(prefix)]))
+        self.drop(peer, [net(prefix)])
 
-    @rule(peer=st.sampled_from(PEERS))
-    def end_of_rib(self, peer):
-        a = addr(peer)
-        if a not in self.up:
-            return
-        self.receive(self.rr.end_of_rib(a))
-        self.drop(a, list(self.stale.get(a, ())))
+    @precondition(lambda self: self.up)
+    @rule(data=st.data(), withdrawn=st.lists(st.sampled_from(PREFIXES), max_size=2),
+          announced=st.lists(st.tuples(st.sampled_from(PREFIXES), routes_of), max_size=3))
+    def one_update_of_several(self, data, withdrawn, announced):
+        """Withdrawals first, then announcements in order, a prefix maybe more than once."""
+        peer = self.pick(data, self.up)
+        routes = [route(int(peer.packed[3]), p, **a) for p, a in announced]
+        self.receive(self.rr.update(peer, routes, [net(p) for p in withdrawn]))
+        self.drop(peer, [net(p) for p in withdrawn])
+        for r in routes:
+            self.accept(peer, r)
+
+    @precondition(lambda self: self.up)
+    @rule(data=st.data(),
+          table=st.dictionaries(st.sampled_from(PREFIXES), routes_of, max_size=3))
+    def whole_table(self, data, table):
+        peer = self.pick(data, self.up)
+        routes = {net(p): route(int(peer.packed[3]), p, **a) for p, a in table.items()}
+        self.receive(self.rr.set_table(peer, routes))
+        stale = self.stale.get(peer, set())
+        self.drop(peer, [p for p in self.ribs[peer] if p not in routes and p not in stale])
+        for r in routes.values():
+            self.accept(peer, r)
+
+    @precondition(lambda self: self.up)
+    @rule(data=st.data())
+    def end_of_rib(self, data):
+        peer = self.pick(data, self.up)
+        self.receive(self.rr.end_of_rib(peer))
+        self.drop(peer, list(self.stale.get(peer, ())))
 
     @rule(seconds=st.sampled_from([1, 10, 40]))
     def time_passes(self, seconds):
@@ -688,6 +733,8 @@ class ReflectorMachine(RuleBasedStateMachine):
         for peer, until in list(self.deadline.items()):
             if until <= self.now:
                 self.drop(peer, list(self.stale[peer]))
+
+    # what must hold
 
     @invariant()
     def every_peer_holds_what_the_rules_give_it(self):
