@@ -96,6 +96,8 @@ def _render(router_id, local_address, local_as, neighbors, bridge_command, diges
         # ExaBGP does not listen unless told; `listen` binds local-address:port with this
         # peer's MD5 key, so sessions come up whichever side connects first
         lines.append(f"    listen {n.listen_port};")
+        if n.passive:  # the peer connects (see model.Neighbor.passive)
+            lines.append("    passive true;")
         if n.peer_port != 179:
             lines.append(f"    connect {n.peer_port};")
         # End-of-RIB only when the agent says (after it has announced): on its own ExaBGP

@@ -33,6 +33,10 @@ class Neighbor:
     password: str | None = None  # TCP MD5
     restart_time: int = DEFAULT_RESTART_TIME  # graceful restart; 0 disables it
     listen_port: int = 179  # where this node accepts the session (BGPConfiguration listenPort)
+    # only wait for the peer to connect: between two nodes, the one with the lower address
+    # (ExaBGP on both ends drops both connections of a collision, and two nodes that keep
+    # connecting at the same moment never come up)
+    passive: bool = False
     peer_port: int = 179  # where the peer accepts it (another node: the same listenPort)
     # import policy for this peer (not part of ExaBGP's configuration: changing them does
     # not touch the session)

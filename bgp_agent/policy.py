@@ -50,7 +50,7 @@ def node_neighbor(me: NodeRecord, other: NodeRecord, config: BGPConfig, kind: st
     return Neighbor(address=other.address.ip, peer_as=their_as, local_address=me.address.ip,
                     local_as=my_as, kind=kind, name=other.name, hold_time=times[0],
                     restart_time=times[1], password=password, listen_port=config.listen_port,
-                    peer_port=config.listen_port,
+                    peer_port=config.listen_port, passive=me.address.ip < other.address.ip,
                     rr_client=(cluster is not None and my_as == their_as
                                and other.route_reflector_cluster_id != cluster),
                     **limits)

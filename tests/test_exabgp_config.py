@@ -74,6 +74,7 @@ SEVERAL = [
     neighbor("10.0.0.4", 65004, restart_time=0, kind="global", name="tor"),
     Neighbor(A("10.0.1.9"), 64512, A("10.0.1.1"), 65000, kind="reflector"),
     neighbor("10.0.0.5", listen_port=1179, peer_port=1179),  # listenPort 1179 on every node
+    neighbor("10.0.0.6", passive=True),  # a node with a higher address connects to us
 ]
 
 
@@ -98,6 +99,7 @@ def test_configuration_carries_each_neighbour_setting():
     assert "local-address 10.0.1.1;" in blocks["10.0.1.9"] and "local-as 65000;" in blocks["10.0.1.9"]
     assert "listen 179;" in blocks["10.0.0.2"] and "connect" not in blocks["10.0.0.2"]
     assert "listen 1179;" in blocks["10.0.0.5"] and "connect 1179;" in blocks["10.0.0.5"]
+    assert "passive true;" in blocks["10.0.0.6"] and "passive" not in blocks["10.0.0.2"]
     assert "encoder json;" in text and "family { ipv4 unicast; }" in text
     assert f"run {' '.join(BRIDGE)};" in text
 

@@ -251,6 +251,15 @@ def sessions(name: str, peers=(), mesh=True) -> dict[str, tuple[str, bool]]:
     return {n.name: (n.kind, n.rr_client) for n in selection.neighbors}
 
 
+def test_of_two_nodes_only_the_one_with_the_higher_address_connects():
+    """ExaBGP on both ends of a collision drops both connections: two nodes that connect at
+    the same moment could keep doing so for ever (seen in the lab). One side waits."""
+    me = node("b", "10.0.0.2/24")
+    nodes = [node("a", "10.0.0.1/24"), me, node("c", "10.0.0.3/24")]
+    passive = {n.name: n.passive for n in policy.mesh_neighbors(me, nodes, BGPConfig())}
+    assert passive == {"a": False, "c": True}
+
+
 def test_reflectors_join_no_mesh_and_mesh_among_their_cluster():
     # the mesh skips reflectors; reflectors of one cluster id peer as non-clients
     assert sessions("a") == {"b": ("mesh", False), "c": ("mesh", False)}
