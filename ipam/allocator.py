@@ -494,6 +494,9 @@ class IPAM:
                 except PoolChanged:
                     view.stale = True  # decide again on the pool as it is now
                     raise
+                except DatastoreUnavailable:
+                    view.stale = True  # the claim may be half done: settle it first
+                    raise
                 existing.add(cidr)  # ours now, or someone else's
                 if claimed is not None:
                     view.blocks[cidr] = claimed

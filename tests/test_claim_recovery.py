@@ -9,11 +9,13 @@ from ipam import keys
 from ipam.allocator import IPAM
 from ipam.block import addresses_of
 from ipam.claim import BlockClaim, PoolChanged
+from ipam.errors import DatastoreUnavailable
 from ipam.pool import pool_from_document
 from ipam.snapshot import check, load_snapshot
 from tests.helpers import add_pool, with_store
 
 CIDR = IPv4Network("10.30.0.64/28")
+CIDR0 = IPv4Network("10.30.0.0/28")
 
 
 async def interrupted_claim(store, node: str, steps: int) -> None:
@@ -145,4 +147,28 @@ def test_a_claim_borrowed_from_before_its_confirmation_never_gives_the_address_a
         [borrowed] = addresses_of(block, "borrower")
         assert addresses_of(block, "pod-1") == [first] and addresses_of(block, "pod-2") == [second]
         assert len({borrowed, first, second}) == 3
+    with_store(etcd, scenario)
+
+
+def test_a_claim_cut_by_etcd_going_away_is_settled_by_the_same_agent_s_next_request(etcd):
+    """etcd fails the confirming write (a leader dies): that ADD fails, and the running agent's
+    next request finishes the claim rather than serving from a view that never saw it."""
+    async def scenario(store):
+        await add_pool(store, "p", "10.30.0.0/28", blockSize=28)  # one block: it must be ours
+        real_txn = store.txn
+
+        async def txn(compare, puts, deletes=()):
+            if any(v == {"state": "confirmed"} for v in puts.values()):
+                store.txn = real_txn  # only this once
+                raise DatastoreUnavailable("etcd is unavailable: the leader died")
+            return await real_txn(compare, puts, deletes)
+
+        store.txn = txn
+        ipam = IPAM(store)
+        with pytest.raises(DatastoreUnavailable):
+            await ipam.assign("n1", "first")
+        assert (await load_snapshot(store)).affinities == {("n1", CIDR0): "pending"}
+        [address] = await ipam.assign("n1", "second")
+        assert address in CIDR0
+        assert (await owners(store)) == {CIDR0: ("n1", "confirmed")}
     with_store(etcd, scenario)
