@@ -114,6 +114,8 @@ def bgp_config(router_id: IPv4Address, local_address: IPv4Address, local_as: int
             f" as {local_as};",
             f"  neighbor {peer.address} as {peer.peer_as};",
             f"  hold time {peer.hold_time};",
+            # lab timers: a refused or collided attempt is retried in seconds, not minutes
+            "  connect retry time 5;", "  error wait time 1, 10;",
             f"  graceful restart {'on' if peer.graceful_restart else 'off'};",
             "  direct;",  # iBGP: next hops on the shared link, no recursive lookup
         ]
@@ -323,6 +325,8 @@ def tor_config(spec: RouterSpec, log_path: Path | None = None) -> str:
             f"  {local}as {spec.local_as};",
             f"  neighbor {peer.address} as {peer.peer_as};",
             f"  hold time {peer.hold_time};",
+            # lab timers: a refused or collided attempt is retried in seconds, not minutes
+            "  connect retry time 5;", "  error wait time 1, 10;",
             f"  graceful restart {'on' if peer.graceful_restart else 'off'};",
             "  connect delay time 1;",  # a restarted peer is tried again soon
             "  error wait time 1, 5;",  # (default 60-300 s of refusing everything after an error)

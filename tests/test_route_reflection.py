@@ -96,6 +96,10 @@ def test_clients_of_two_pipit_reflectors_reach_every_pod(rr_lab):
     assert "Route reflectors: rr1, rr2." in out
 
 
+def peer_status(lab, node: str, peer: str) -> dict:
+    return next((p for p in lab.status(node)["peers"] if p["name"] == peer), {})
+
+
 def test_a_bird_client_of_the_reflectors_learns_every_block(rr_lab, tmp_path):
     bird_address = IPv4Interface("10.99.0.250/24")
     ns = rr_lab.attach("bird", bird_address)
@@ -117,8 +121,10 @@ spec: {peerIP: 10.99.0.250, asNumber: 64512, nodeSelector: route-reflector == 't
                 owner = next(n for n in rr_lab.workers()
                              if rr_lab.pipit_routes(n).get(str(prefix)) == "blackhole")
                 assert route.via == address(rr_lab, owner)
-        status = {p["name"]: p for p in rr_lab.status("rr1")["peers"]}
-        assert status["bird-client"]["rrClient"] and status["bird-client"]["state"] == "up"
+        for reflector in ("rr1", "rr2"):  # BIRD may have learnt it all through one of them
+            wait(lambda: peer_status(rr_lab, reflector, "bird-client").get("state") == "up",
+                 30, f"{reflector}'s session with the BIRD client")
+            assert peer_status(rr_lab, reflector, "bird-client")["rrClient"]
     finally:
         bird.destroy()
         rr_lab.pipitctl("delete", "bgppeer", "bird-client")
