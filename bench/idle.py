@@ -3,8 +3,8 @@ windows (pipit-agent, pipit-exabgp-bridge and ExaBGP separately, in % of one cor
 memory), against BIRD 2 routers holding the same sessions, idle in the same windows.
 
     sudo .venv/bin/python -m bench.idle [--nodes 10] [--topology mesh|rr] [--reflectors 2]
-                                        [--pods-per-node 1] [--window 30] [--repeat 3]
-                                        [--settle 10]
+                                        [--pods-per-node 1] [--hold-time 9] [--window 30]
+                                        [--repeat 3] [--settle 10]
 
 The lab is `lab.cluster.Lab` (hold time 9 s, as `pipitctl lab up`) in a temp dir, with
 `pipit-bench-pid<pid>-` namespaces, removed at the end (those of benches that died are removed
@@ -216,6 +216,9 @@ def main() -> None:
                         choices=[t for t in TOPOLOGIES if t != "racks"])
     parser.add_argument("--reflectors", type=int, default=2, help="rr: dedicated reflectors")
     parser.add_argument("--pods-per-node", type=int, default=1)
+    parser.add_argument("--hold-time", type=int, default=Lab.hold_time,
+                        help="BGP hold time of every session (the lab's, 9 s, by default; "
+                             "Pipit's default outside the lab is 90 s)")
     parser.add_argument("--window", type=float, default=30.0, help="seconds per measurement")
     parser.add_argument("--repeat", type=int, default=3, help="windows, one after the other")
     parser.add_argument("--settle", type=float, default=10.0,
@@ -229,7 +232,8 @@ def main() -> None:
             Namespaces("pipit-bench-") as namespaces:  # also removes dead benches' leftovers
         tmp = Path(tmp)
         lab = Lab(directory=tmp / "lab", prefix=f"pipit-bench-pid{os.getpid()}-",
-                  topology=args.topology, log=lambda *a: None, **options)
+                  topology=args.topology, hold_time=args.hold_time, log=lambda *a: None,
+                  **options)
         routers: dict[str, FabricRouter] = {}
         try:
             started = time.monotonic()

@@ -263,6 +263,10 @@ class Lab:
             self.ensure_racks()
         else:
             self.ensure_fabric()
+        hosts = node_count + self.reflectors + 2  # the nodes resolve each other (and a router)
+        raised = netns.ensure_neighbour_table(hosts * hosts + 4 * node_count * pods_per_node)
+        if raised:
+            self.log(f"ARP table limits raised for {node_count} nodes: {', '.join(raised)}")
         if self.kube():
             self.kube().start()
         if self.topology == "rr" and self.reflector == "pipit":

@@ -163,6 +163,24 @@ class Namespaces:
         self.close()
 
 
+NEIGHBOUR_SYSCTL = "/proc/sys/net/ipv4/neigh/default/gc_thresh{}"
+
+
+def ensure_neighbour_table(entries: int) -> list[str]:
+    """Make the kernel's ARP table hold `entries` neighbours. It is one table for every
+    namespace (its limits exist only in the root's /proc): at the default 1,024 a 50-node lab
+    (each node resolving every other) overflows and pings between some pods fail. Limits are
+    only raised, never lowered; returns what was changed, as "name old -> new"."""
+    changed = []
+    for level, wanted in ((1, entries // 2), (2, entries), (3, 2 * entries)):
+        path = Path(NEIGHBOUR_SYSCTL.format(level))
+        current = int(path.read_text())
+        if current < wanted:
+            path.write_text(str(wanted))
+            changed.append(f"gc_thresh{level} {current} -> {wanted}")
+    return changed
+
+
 def addresses(name: str, ifname: str = "eth0") -> list[str]:
     """IPv4 addresses (`ADDR/LEN`) configured on an interface inside a namespace."""
     out = subprocess.run(["ip", "-n", name, "-j", "-4", "addr", "show", "dev", ifname],
