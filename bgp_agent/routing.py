@@ -311,10 +311,10 @@ class Router:
         deadline = reflection.next_deadline()
         if deadline is not None:
             self._wake_at(deadline)
-        sends = reflection.sends(updates)
-        if reflection.due_check(now):
-            sends += reflection.check(self.speaker.announced, now)
-        if not await self._send_reflected(sends):
+        sent = await self._send_reflected(reflection.sends(updates))
+        if sent and reflection.due_check(now):  # against what the speaker holds after them
+            sent = await self._send_reflected(reflection.check(self.speaker.announced, now))
+        if not sent:
             reflection.check(self.speaker.announced, now, failed=True)  # again in a second
             self._wake_at(now + 1.0)
 

@@ -80,6 +80,7 @@ class MemorySpeaker:
         self.announced: dict[IPv4Address, dict[IPv4Network, Announcement]] = {}
         self.neighbors: list[Neighbor] = []
         self.end_of_rib_sent: list[IPv4Address] = []
+        self.announcements_sent: list[tuple[IPv4Address, IPv4Network]] = []  # announce_to's
         self._time = 0.0
 
     # what the routing loop calls
@@ -100,6 +101,7 @@ class MemorySpeaker:
     async def announce_to(self, neighbors: Sequence[IPv4Address],
                           routes: Sequence[Announcement]) -> None:
         for neighbor in neighbors:
+            self.announcements_sent += [(neighbor, r.prefix) for r in routes]
             await self.announce(neighbor, routes)
 
     async def withdraw_from(self, neighbors: Sequence[IPv4Address],

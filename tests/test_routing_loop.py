@@ -16,6 +16,7 @@ import pytest
 from bgp_agent.bgp_peer import peer_from_spec, peer_to_document
 from bgp_agent.model import Announcement, Path
 from bgp_agent.node import NodeRecord, node_to_document
+from bgp_agent.reflection import RESYNC_SECONDS
 from bgp_agent.routing import STARTUP_GRACE_SECONDS, Router
 from ipam import block as blocks
 from ipam import keys
@@ -320,6 +321,20 @@ async def test_a_reflector_reflects_a_clients_routes_to_everyone_and_a_non_clien
         # a non-client's route goes to the clients only (n3 drops its own by ORIGINATOR_ID)
         assert all(reflected_to(c, p)[BLOCK3].next_hop == N3 for p in (N1, N2, N3))
         assert BLOCK3 not in reflected_to(c, R2)
+
+
+@run
+async def test_a_route_reflected_in_the_pass_of_the_periodic_check_is_sent_once():
+    """The full check compares with what the speaker holds after the pass's own sends: before
+    them, everything the pass reflects looks missing and went out twice."""
+    async with running(Cluster(reflector=True)) as c:
+        c.settle_peers(N1, N2, N3, R2)
+        await c.sync()
+        c.clock.advance(RESYNC_SECONDS)  # the check is due in the next pass
+        c.speaker.send(N2, Path(BLOCK2, N2))
+        await c.sync()
+        sent = [peer for peer, prefix in c.speaker.announcements_sent if prefix == BLOCK2]
+        assert sorted(sent) == sorted([N1, N3, R2])
 
 
 @run
