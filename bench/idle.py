@@ -251,9 +251,13 @@ def main() -> None:
             windows = [measure(groups, args.window) for _ in range(args.repeat)]
             load_after = os.getloadavg()[0]
             rss = {g: {k: rss_mib(pid) for k, pid in kinds.items()} for g, kinds in groups.items()}
-            first = sorted(graph)[0]
-            how = exabgp_settings(lab, first, groups[first]["exabgp"])
             reflectors = set(getattr(lab, "reflector_names", list)())
+            first = sorted(set(graph) - reflectors)[0]
+            how = exabgp_settings(lab, first, groups[first]["exabgp"])
+            if reflectors:
+                reflector = sorted(reflectors)[0]
+                how += "; reflectors: " + exabgp_settings(lab, reflector,
+                                                          groups[reflector]["exabgp"])
         finally:
             for router in routers.values():
                 router.destroy()

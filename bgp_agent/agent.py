@@ -236,7 +236,8 @@ async def route(store: Store, ipam: IPAM, args: argparse.Namespace, stop: asynci
     kernel = None if args.reflector_only else KernelRoutes()
     speaker = ExaBGPSpeaker(state_dir / "exabgp", state_dir / "exabgp.sock", args.exabgp,
                             router_id=me.address.ip, local_address=me.address.ip,
-                            local_as=me.as_number or DEFAULT_AS)
+                            local_as=me.as_number or DEFAULT_AS,
+                            reflector=me.route_reflector_cluster_id is not None)
     dataplane = (None if args.reflector_only
                  else NodeDataplane(store, ipam, state_dir / "pod-mtu", args.mtu))
     router = Router(store, me, speaker, kernel and RouteTable(kernel),

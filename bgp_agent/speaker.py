@@ -58,7 +58,7 @@ class ExaBGPSpeaker:
                  router_id: IPv4Address, local_address: IPv4Address, local_as: int,
                  exabgp_env_extra: dict | None = None, *, netns: str | None = None,
                  bridge_command: list[str] | None = None,
-                 on_change: Callable[[], None] | None = None):
+                 on_change: Callable[[], None] | None = None, reflector: bool = False):
         if mode not in ("spawn", "sidecar"):
             raise ValueError(f"mode must be 'spawn' or 'sidecar', not {mode!r}")
         self.state_dir = Path(state_dir)
@@ -67,7 +67,7 @@ class ExaBGPSpeaker:
         self.router_id = IPv4Address(router_id)
         self.local_address = IPv4Address(local_address)
         self.local_as = local_as
-        self.env = exabgp_environment(exabgp_env_extra)
+        self.env = exabgp_environment(exabgp_env_extra, reflector=reflector)
         self.netns = netns  # spawn ExaBGP inside this network namespace (lab, tests)
         self.bridge_command = bridge_command or [
             tool("pipit-exabgp-bridge"), "--socket", str(self.socket_path.absolute())]

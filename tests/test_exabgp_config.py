@@ -149,6 +149,14 @@ def test_environment_avoids_the_traps_and_exabgp_reads_the_file(tmp_path):
     assert sections["exabgp.tcp.attempts"] == "3"
 
 
+def test_a_reflector_s_exabgp_turns_less_often_than_a_node_s():
+    """A turn runs every peer: a reflector's many sessions make each turn dear."""
+    node, reflector = exabgp_environment(), exabgp_environment(reflector=True)
+    assert float(node["exabgp_reactor_speed"]) < float(reflector["exabgp_reactor_speed"])
+    assert {k: v for k, v in node.items() if k != "exabgp_reactor_speed"} == \
+        {k: v for k, v in reflector.items() if k != "exabgp_reactor_speed"}
+
+
 def test_environment_file_refuses_foreign_names():
     with pytest.raises(ValueError):
         environment_file({"PATH": "/bin"})
