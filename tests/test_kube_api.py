@@ -139,3 +139,17 @@ def test_calls_say_what_failed_in_one_sentence(fakekube, tmp_path):
             await api.node("x")
         fakekube.start()
     asyncio.run(scenario())
+
+
+def test_an_agent_without_kubernetes_never_imports_the_client():
+    """The client costs ~17 MiB of the agent's memory (bench/README.md, converge: the goal is
+    60 MiB): without --kubeconfig and outside a pod there is no Kubernetes and no import."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
+    out = subprocess.run([sys.executable, "-c", (
+        "import sys; from bgp_agent.kube_api import KubeAPI; "
+        "assert KubeAPI.connect(None) is None; print('kubernetes' in sys.modules)")],
+        capture_output=True, text=True, env=env, check=True).stdout
+    assert out.strip() == "False"
