@@ -142,7 +142,9 @@ class Lab:
     password: str | None = None  # racks: TCP MD5 between nodes and ToRs, from a secret
     etcd_tls: bool = False  # etcd with TLS client certificates (made with openssl)
     routers: dict[int, FabricRouter] = field(default_factory=dict, repr=False)  # racks: rack -> ToR
-    _pods_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # lab.json is read, changed and written again by several threads (the soak test's pods
+    # and agent restarts): one lock, or one thread's write undoes another's
+    _state_lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     kubernetes: bool = False  # mesh: an API server, Nodes, Pods, pipit-controller (lab/kube.py)
     # the rendered Helm chart runs the nodes (lab.chart) instead of agents started here
     chart: ChartNodes | None = None
@@ -228,11 +230,12 @@ class Lab:
             return {}
 
     def _save(self, **changes) -> None:
-        state = {**self._state(), **changes}
-        path = self.directory / "lab.json"
-        tmp = path.with_name(f"lab.json.{os.getpid()}.{threading.get_ident()}")
-        tmp.write_text(json.dumps(state, indent=2))
-        os.replace(tmp, path)  # readers never see half a file
+        with self._state_lock:
+            state = {**self._state(), **changes}
+            path = self.directory / "lab.json"
+            tmp = path.with_name(f"lab.json.{os.getpid()}.{threading.get_ident()}")
+            tmp.write_text(json.dumps(state, indent=2))
+            os.replace(tmp, path)  # readers never see half a file
 
     def running_topology(self) -> str | None:
         """The topology of the lab in this directory, if one is up."""
@@ -547,9 +550,10 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
         with open(state / "agent.log", "ab") as log:
             process = subprocess.Popen(self.agent_argv(node), stdout=log, stderr=log,
                                        stdin=subprocess.DEVNULL, start_new_session=True)
-        nodes = self._state()["nodes"]
-        nodes[node]["pid"] = process.pid
-        self._save(nodes=nodes)
+        with self._state_lock:
+            nodes = self._state()["nodes"]
+            nodes[node]["pid"] = process.pid
+            self._save(nodes=nodes)
         wait(lambda: self.status(node) is not None or process.poll() is not None, timeout,
              f"agent of {node} to answer")
         if process.poll() is not None:
@@ -656,7 +660,7 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
         address = result["ips"][0]["address"].split("/")[0]
         if self.kube():
             self.kube().pod_started(name, address)
-        with self._pods_lock:  # pods come and go from several threads (the soak test)
+        with self._state_lock:
             pods = self._state().get("pods", {})
             pods[name] = {"node": node, "netns": ns, "address": address}
             self._save(pods=pods)
@@ -675,7 +679,7 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
         self.runtime(pod["node"]).delete(self.network(pod["node"]), attachment)
         if netns.exists(pod["netns"]):
             netns.delete(pod["netns"])
-        with self._pods_lock:
+        with self._state_lock:
             pods = self._state().get("pods", {})
             pods.pop(name, None)
             self._save(pods=pods)
