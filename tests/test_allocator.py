@@ -198,6 +198,23 @@ def test_a_pool_edited_under_a_warm_cache_still_serves_new_blocks(etcd):
     with_store(etcd, scenario)
 
 
+def test_a_pool_enabled_under_a_warm_cache_serves_the_next_request(etcd):
+    """A refusal is confirmed on fresh reads: the pool created (or enabled) since the view was
+    cached serves the request, instead of "no enabled IP pool" until the view is refreshed."""
+    async def scenario(store):
+        await add_pool(store, "old", "10.17.0.0/24")
+        ipam = IPAM(store, refresh_seconds=3600)
+        await ipam.assign("n1", "before")
+        await add_pool(store, "old", "10.17.0.0/24", disabled=True)
+        with pytest.raises(NotFound, match="no enabled IP pool"):
+            await ipam.assign("n1", "refused")
+        await add_pool(store, "new", "10.18.0.0/24")
+        [got] = await ipam.assign("n1", "after")
+        assert got in IPv4Network("10.18.0.0/24")
+        await assert_consistent(store)
+    with_store(etcd, scenario)
+
+
 def test_two_allocators_sharing_blocks_never_hand_out_an_address_twice(etcd):
     async def scenario(store):
         await add_pool(store, "p", "10.18.0.0/28", blockSize=28)
