@@ -45,6 +45,8 @@ from ipam.txn import MAX_ATTEMPTS, TXN_KEY_BUDGET, Changes, outcome
 
 log = logging.getLogger(__name__)
 
+# What a request is refused for that fresher pools or settings may grant (see _serve).
+REFUSALS = (NotFound, PoolExhausted)
 
 
 @dataclass(frozen=True)
@@ -296,6 +298,7 @@ class IPAM:
             if not live:
                 return [], set()
             named = {p for r, _ in live if isinstance(r, AssignRequest) for p in r.pools}
+            cached = self._views.get(node)
             view = await self._view(node, named)
             plan = _Plan(view)
             await self._prefetch_handles(plan, [request for request, _ in live])
@@ -313,6 +316,12 @@ class IPAM:
                     decided.append((item, error))
                 except PoolChanged:
                     break  # the batch is decided again on the fresh view
+            if view is cached and any(isinstance(result, REFUSALS) for _, result in decided):
+                # A refusal commits nothing, so no transaction would tell that the pools or
+                # settings it was decided on are old (a pool created or enabled since):
+                # confirm it on fresh reads.
+                view.stale = True
+                continue
             changes = Changes(self.store)
             plan.stage(changes)
             if changes.empty:

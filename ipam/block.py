@@ -8,7 +8,11 @@ names a sequence number frees the address only if it is still that same allocati
 
 The first address of a block of four or more is its gateway: never queued for allocation,
 it is what pods with addresses in the block route through (the reference CNI plugins `ptp`
-and `bridge` put it on the host side), as host-local keeps a subnet's first address.
+and `bridge` put it on the host side), as host-local keeps a subnet's first address. The
+last is never queued either, as host-local keeps a subnet's last: pods get ADDRESS/blockSize,
+so to every pod of the block it is the broadcast address of its subnet, and a pod holding it
+could not be reached from them (a block stored by an older version may still list it as free:
+`from_json` drops it; held, it is never queued again once released).
 
 Functions never mutate their argument: they return a new Block.
 """
@@ -60,6 +64,15 @@ class Block:
             return self.cidr.network_address
         return None
 
+    def reserved_as(self, address: IPv4Address) -> str:
+        """What a reserved address of the block is ("the gateway", "the broadcast address"),
+        or "" for one that is held or may be handed out."""
+        ordinal = self.ordinal(address)
+        if ordinal not in reserved_ordinals(len(self.allocations)) \
+                or self.allocations[ordinal] is not None:
+            return ""
+        return "the gateway" if ordinal == 0 else "the broadcast address"
+
     @property
     def node(self) -> str | None:
         """The node this block is affine to, if any."""
@@ -91,18 +104,25 @@ def affinity_for(node: str) -> str:
     return f"host:{node}"
 
 
-GATEWAY_MIN_SIZE = 4  # blocks of /30 or larger keep their first address as the gateway
+GATEWAY_MIN_SIZE = 4  # blocks of /30 or larger keep their first address (the gateway) and last
+
+
+def reserved_ordinals(size: int) -> tuple[int, ...]:
+    """The ordinals a block of `size` addresses never hands out: its gateway and its
+    broadcast address, in blocks of four or more."""
+    return (0, size - 1) if size >= GATEWAY_MIN_SIZE else ()
 
 
 def block_capacity(size: int) -> int:
-    return size - 1 if size >= GATEWAY_MIN_SIZE else size
+    return size - len(reserved_ordinals(size))
 
 
 def new_block(cidr: IPv4Network, node: str | None) -> Block:
     size = cidr.num_addresses
-    first = size - block_capacity(size)
+    reserved = reserved_ordinals(size)
     return Block(cidr=cidr, affinity=affinity_for(node) if node else None,
-                 allocations=(None,) * size, unallocated=tuple(range(first, size)))
+                 allocations=(None,) * size,
+                 unallocated=tuple(o for o in range(size) if o not in reserved))
 
 
 def assign(block: Block, count: int, handle_id: str,
@@ -128,11 +148,11 @@ def assign(block: Block, count: int, handle_id: str,
 def assign_address(block: Block, address: IPv4Address, handle_id: str,
                    secondary: Mapping[str, str] | None = None) -> Block:
     """Take one given address for a handle; ValueError if it is not free (in use, or the
-    block's gateway)."""
+    block's gateway or broadcast address)."""
     ordinal = block.ordinal(address)
     if ordinal not in block.unallocated:
-        what = ("the gateway of block" if block.gateway == address and ordinal == 0
-                else "already in use in block")
+        reserved = block.reserved_as(address)
+        what = f"{reserved} of block" if reserved else "already in use in block"
         raise ValueError(f"{address} is {what} {block.cidr}")
     attributes = block.attributes + (Attribute(handle_id, dict(secondary or {})),)
     allocations = list(block.allocations)
@@ -159,6 +179,7 @@ def release(block: Block, releases: Iterable[Release]) -> tuple[Block, list[IPv4
     allocations = list(block.allocations)
     seqs = dict(block.seq_for_allocation)
     unallocated = list(block.unallocated)
+    reserved = reserved_ordinals(len(allocations))
     freed: list[IPv4Address] = []
     per_handle: Counter[str] = Counter()
     for r in releases:
@@ -173,7 +194,8 @@ def release(block: Block, releases: Iterable[Release]) -> tuple[Block, list[IPv4
             continue
         allocations[ordinal] = None
         seqs.pop(ordinal, None)
-        unallocated.append(ordinal)
+        if ordinal not in reserved:  # the broadcast address an older version handed out
+            unallocated.append(ordinal)
         freed.append(r.address)
         per_handle[holder] += 1
     if not freed:
@@ -221,11 +243,13 @@ def to_json(block: Block) -> dict:
 
 
 def from_json(value: Mapping) -> Block:
+    reserved = reserved_ordinals(len(value["allocations"]))
     return Block(
         cidr=IPv4Network(value["cidr"]),
         affinity=value.get("affinity"),
         allocations=tuple(value["allocations"]),
-        unallocated=tuple(value["unallocated"]),
+        # without the broadcast address a block stored by an older version lists as free
+        unallocated=tuple(o for o in value["unallocated"] if o not in reserved),
         attributes=tuple(Attribute(a["handle_id"], a.get("secondary") or {})
                          for a in value.get("attributes", ())),
         sequence_number=value.get("sequenceNumber", 0),

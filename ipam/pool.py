@@ -56,7 +56,7 @@ class IPPool:
 
     @property
     def capacity(self) -> int:
-        """Addresses pods can get: all but each block's gateway."""
+        """Addresses pods can get: all but each block's gateway and broadcast address."""
         return self.block_count * block_capacity(1 << (32 - self.block_size))
 
     def block(self, index: int) -> IPv4Network:

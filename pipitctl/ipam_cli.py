@@ -83,8 +83,9 @@ def describe_address(snap, address: IPv4Address) -> str:
     if info.block is None:
         return f"{address} is free: it is in pool {info.pool.name!r}, in no block yet."
     where = f"block {info.block.cidr} (node {info.block.node or 'none'})"
-    if info.block.gateway == address:
-        return f"{address} is reserved as the gateway of {where}."
+    reserved = info.block.reserved_as(address)
+    if reserved:
+        return f"{address} is reserved as {reserved} of {where}."
     if info.holder is None:
         return f"{address} is free, in {where}."
     attrs = " ".join(f"{k}={v}" for k, v in sorted(info.holder.secondary.items()))

@@ -53,13 +53,14 @@ def release_verdict(snap: Snapshot, address: IPv4Address,
                     force: bool) -> tuple[Release | None, str | None]:
     """The Release that frees `address` as the snapshot holds it (it frees nothing if the
     address has been handed out again since), or why the address is not to be released: not
-    in use, a block's gateway, outside every pool, or held by a live allocation (a handle that
-    counts it: a pod has it) unless forced."""
+    in use, a block's gateway or broadcast address, outside every pool, or held by a live
+    allocation (a handle that counts it: a pod has it) unless forced."""
     info = lookup(snap, address)
     if info.pool is None and info.block is None:
         return None, f"{address} is outside every IP pool"
-    if info.block is not None and info.block.gateway == address:
-        return None, (f"{address} is the gateway of block {info.block.cidr}, which is never "
+    reserved = info.block.reserved_as(address) if info.block is not None else ""
+    if reserved:
+        return None, (f"{address} is {reserved} of block {info.block.cidr}, which is never "
                       "handed out")
     if info.holder is None:
         return None, f"{address} is not in use"

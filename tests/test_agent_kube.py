@@ -108,6 +108,7 @@ def test_annotations_choose_the_pool_and_the_address(fakekube, etcd, kube_agent)
     ({"pipit.dev/ip-addrs": '["10.31.0.77"]'}, 7, "10.31.0.77 is already in use in block "
                                                   "10.31.0.64/28"),
     ({"pipit.dev/ip-addrs": '["10.31.0.81", "10.31.0.64"]'}, 7, "10.31.0.64 is the gateway of"),
+    ({"pipit.dev/ip-addrs": '["10.31.0.79"]'}, 7, "10.31.0.79 is the broadcast address of"),
     ({"pipit.dev/ip-addrs": '["ten"]'}, 7, "'ten' is not an IPv4 address"),
 ])
 def test_bad_annotations_fail_the_add_naming_them_and_leave_nothing(

@@ -86,13 +86,14 @@ def test_borrows_from_other_nodes_blocks_unless_strict(etcd):
     """maxBlocksPerHost > 0 without strictAffinity is meaningful in Pipit (Calico refuses it):
     past its limit a node borrows."""
     async def scenario(store):
-        await add_pool(store, "p", "10.13.0.0/29", blockSize=30)  # two blocks of 3 (+gateway)
+        # two blocks of 6 (+ gateway and broadcast address)
+        await add_pool(store, "p", "10.13.0.0/28", blockSize=29)
         await configure(store, max_blocks_per_host=1)
         ipam = IPAM(store)
-        own = await ipam.assign("n1", "a", 3)
+        own = await ipam.assign("n1", "a", 6)
         other = await ipam.assign("n2", "b", 1)  # n2 claims the second block
         borrowed = await ipam.assign("n1", "c", 2)
-        n2_block = IPv4Network((other[0], 30), strict=False)
+        n2_block = IPv4Network((other[0], 29), strict=False)
         assert all(a in n2_block for a in borrowed) and not set(borrowed) & set(own + other)
         snap = await load_snapshot(store)
         assert snap.blocks[n2_block].node == "n2"  # borrowing does not change the owner
@@ -122,13 +123,13 @@ def test_request_larger_than_what_is_left_takes_nothing(etcd):
     async def scenario(store):
         await add_pool(store, "p", "10.15.0.0/28", blockSize=28)
         ipam = IPAM(store)
-        await ipam.assign("n1", "first", 10)  # of 15: the block's first address is its gateway
+        await ipam.assign("n1", "first", 10)  # of 14: the gateway and broadcast are not given
         before = await load_snapshot(store)
         with pytest.raises(PoolExhausted):
-            await ipam.assign("n1", "too-many", 6)
+            await ipam.assign("n1", "too-many", 5)
         after = await load_snapshot(store)
         assert after.blocks == before.blocks and after.handles == before.handles
-        assert len(await ipam.assign("n1", "fits", 5)) == 5
+        assert len(await ipam.assign("n1", "fits", 4)) == 4
     with_store(etcd, scenario)
 
 
@@ -188,12 +189,29 @@ def test_disabling_a_pool_stops_allocation_even_with_a_warm_cache(etcd):
 
 def test_a_pool_edited_under_a_warm_cache_still_serves_new_blocks(etcd):
     async def scenario(store):
-        await add_pool(store, "p", "10.17.0.0/24", blockSize=30)  # 3 addresses per block
+        await add_pool(store, "p", "10.17.0.0/24", blockSize=30)  # 2 addresses per block
         ipam = IPAM(store, refresh_seconds=3600)
-        await ipam.assign("n1", "first", 3)  # fills the first block; the view is cached
+        await ipam.assign("n1", "first", 2)  # fills the first block; the view is cached
         await add_pool(store, "p", "10.17.0.0/24", blockSize=30, natOutgoing=True)
-        got = await ipam.assign("n1", "second", 3)  # needs a new block: the claim sees the
-        assert len(got) == 3                        # pool changed, and decides again
+        got = await ipam.assign("n1", "second", 2)  # needs a new block: the claim sees the
+        assert len(got) == 2                        # pool changed, and decides again
+        await assert_consistent(store)
+    with_store(etcd, scenario)
+
+
+def test_a_pool_enabled_under_a_warm_cache_serves_the_next_request(etcd):
+    """A refusal is confirmed on fresh reads: the pool created (or enabled) since the view was
+    cached serves the request, instead of "no enabled IP pool" until the view is refreshed."""
+    async def scenario(store):
+        await add_pool(store, "old", "10.17.0.0/24")
+        ipam = IPAM(store, refresh_seconds=3600)
+        await ipam.assign("n1", "before")
+        await add_pool(store, "old", "10.17.0.0/24", disabled=True)
+        with pytest.raises(NotFound, match="no enabled IP pool"):
+            await ipam.assign("n1", "refused")
+        await add_pool(store, "new", "10.18.0.0/24")
+        [got] = await ipam.assign("n1", "after")
+        assert got in IPv4Network("10.18.0.0/24")
         await assert_consistent(store)
     with_store(etcd, scenario)
 

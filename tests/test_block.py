@@ -2,6 +2,7 @@
 
 from ipaddress import IPv4Address, IPv4Network
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -23,15 +24,42 @@ def test_assign_takes_oldest_freed_first():
     assert rest[-2:] == [first[1], first[0]]
 
 
-def test_first_address_is_the_gateway_and_never_handed_out():
+def test_first_and_last_addresses_are_the_gateway_and_broadcast_never_handed_out():
+    """Pods get ADDRESS/blockSize: the last address is their subnet's broadcast address, which
+    a pod of the block pinging it would broadcast to (as host-local, it is never handed out)."""
     block = blocks.new_block(CIDR, "n1")
-    assert block.gateway == CIDR.network_address and block.capacity == 15
+    assert block.gateway == CIDR.network_address and block.capacity == 14
     block, got = blocks.assign(block, 100, "all")
-    assert len(got) == 15 and CIDR.network_address not in got
+    assert len(got) == 14 and not {CIDR.network_address, CIDR.broadcast_address} & set(got)
     assert block.gateway == CIDR.network_address and block.free == 0
+    assert block.reserved_as(CIDR.network_address) == "the gateway"
+    assert block.reserved_as(CIDR.broadcast_address) == "the broadcast address"
+    assert block.reserved_as(got[0]) == ""
+    block, _ = blocks.release_handle(block, "all")
+    for reserved, what in ((CIDR.network_address, "the gateway"),
+                           (CIDR.broadcast_address, "the broadcast address")):
+        with pytest.raises(ValueError, match=f"{reserved} is {what} of block {CIDR}"):
+            blocks.assign_address(block, reserved, "asked")
     # Blocks too small for a gateway use every address.
     tiny = blocks.new_block(IPv4Network("10.1.3.0/31"), "n1")
     assert tiny.gateway is None and tiny.capacity == 2
+
+
+def test_a_block_stored_by_an_older_version_stops_handing_out_its_broadcast_address():
+    """Older versions handed out the last address: a stored block that lists it as free is
+    read without it; one that holds it keeps it until its release, then never queues it."""
+    free = blocks.to_json(blocks.new_block(CIDR, "n1"))
+    free["unallocated"] = list(range(1, 16))  # as older versions stored a new block
+    block = blocks.from_json(free)
+    assert 15 not in block.unallocated and block.capacity == 14
+    held = dict(free, unallocated=list(range(1, 15)), allocations=[None] * 15 + [0],
+                attributes=[{"handle_id": "old", "secondary": {}}],
+                sequenceNumberForAllocation={"15": 0}, sequenceNumber=1)
+    block = blocks.from_json(held)
+    assert block.holder(CIDR.broadcast_address).handle_id == "old"
+    block, freed = blocks.release_handle(block, "old")
+    assert freed == [CIDR.broadcast_address] and 15 not in block.unallocated
+    assert block.reserved_as(CIDR.broadcast_address) == "the broadcast address"
 
 
 def test_stale_sequence_number_frees_nothing():
@@ -114,9 +142,10 @@ class BlockMachine(RuleBasedStateMachine):
     @invariant()
     def capacity_is_conserved(self):
         assert self.block.used == len(self.held)
-        assert self.block.free + self.block.used == CIDR.num_addresses - 1  # minus the gateway
+        # minus the gateway and the broadcast address
+        assert self.block.free + self.block.used == CIDR.num_addresses - 2
         assert sorted(self.block.unallocated) == sorted(
-            o for o, i in enumerate(self.block.allocations) if i is None and o != 0)
+            o for o, i in enumerate(self.block.allocations) if i is None and 0 < o < 15)
         assert self.block.gateway == CIDR.network_address
 
     @invariant()

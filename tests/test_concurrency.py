@@ -42,12 +42,13 @@ async def allocate_then_release(endpoint: str, node: str, per_node: int, start, 
 
 
 @pytest.mark.parametrize("cidr, block_size, per_node", [
-    # 32 blocks of 63 (+ gateway) = 2016 addresses for 2000 pods: blocks are fought over
-    # until none is left, then the last addresses come from whichever block has room.
-    ("10.40.0.0/21", 26, 500),
+    # 32 blocks of 62 (+ gateway and broadcast address) = 1984 addresses for 1960 pods:
+    # blocks are fought over until none is left, then the last addresses come from whichever
+    # block has room.
+    ("10.40.0.0/21", 26, 490),
     # One block for everyone: one node owns it, the others borrow; all write the same key.
     ("10.41.0.0/24", 24, 60),
-], ids=["2000-pods-in-2016", "one-shared-block"])
+], ids=["1960-pods-in-1984", "one-shared-block"])
 def test_node_processes_racing_on_one_small_pool(etcd, cidr, block_size, per_node):
     with_store(etcd, lambda store: add_pool(store, "small", cidr, blockSize=block_size))
     context = multiprocessing.get_context("spawn")

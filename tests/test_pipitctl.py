@@ -400,10 +400,11 @@ def test_delete_node_releases_its_tunnel_addresses_and_block_claims(etcd, ctl):
 
 
 def test_ipam_show_totals_bar_blocks_and_addresses(etcd, ctl):
-    # Each /26 block keeps its first address as the gateway: 63 for pods, 4 x 63 in the /24.
+    # Each /26 block keeps its first address as the gateway and its last as the broadcast
+    # address: 62 for pods, 4 x 62 in the /24.
     with_store(etcd, lambda s: add_pool(s, "small", "10.3.0.0/24", blockSize=26))
     with_store(etcd, lambda s: add_pool(s, "big", "10.4.0.0/16"))
-    [pods] = assign(etcd, ("node-1", "web", 63, {"namespace": "prod", "pod": "web-1"},
+    [pods] = assign(etcd, ("node-1", "web", 62, {"namespace": "prod", "pod": "web-1"},
                            ["small"]))
     assign(etcd, ("node-2", "db", 1, {"namespace": "prod", "pod": "db-0"}, ["small"]),
            ("node-2", "tiny", 1, {"pod": "tiny"}, ["big"]))
@@ -411,8 +412,8 @@ def test_ipam_show_totals_bar_blocks_and_addresses(etcd, ctl):
     rows = [line.split() for line in ok(ctl("ipam", "show")).splitlines()]
     assert rows == [
         ["POOL", "CIDR", "TOTAL", "IN", "USE", "FREE", "USED"],
-        ["big", "10.4.0.0/16", "64512", "1", "64511", "[#-------------------]", "<0.1%"],
-        ["small", "10.3.0.0/24", "252", "64", "188", "[#####---------------]", "25.4%"],
+        ["big", "10.4.0.0/16", "63488", "1", "63487", "[#-------------------]", "<0.1%"],
+        ["small", "10.3.0.0/24", "248", "63", "185", "[#####---------------]", "25.4%"],
     ]
 
     out = ok(ctl("ipam", "show", "--show-blocks")).split("\n\n")
@@ -421,9 +422,9 @@ def test_ipam_show_totals_bar_blocks_and_addresses(etcd, ctl):
     assert block_rows[0] == ["POOL", "BLOCK", "NODE", "IN", "USE", "FREE"]
     web_block = str(IPv4Network((pods[0], 26), strict=False))
     by_pool_and_node = sorted((row[0], row[2], row[3], row[4]) for row in block_rows[1:])
-    assert by_pool_and_node == [("big", "node-2", "1", "62"), ("small", "node-1", "63", "0"),
-                                ("small", "node-2", "1", "62")]
-    assert ["small", web_block, "node-1", "63", "0"] in block_rows
+    assert by_pool_and_node == [("big", "node-2", "1", "61"), ("small", "node-1", "62", "0"),
+                                ("small", "node-2", "1", "61")]
+    assert ["small", web_block, "node-1", "62", "0"] in block_rows
     node_2_block = next(row for row in block_rows if row[:3:2] == ["small", "node-2"])
 
     held = ok(ctl("ipam", "show", "--ip", str(pods[5])))
@@ -433,6 +434,10 @@ def test_ipam_show_totals_bar_blocks_and_addresses(etcd, ctl):
     unused = IPv4Network(node_2_block[1]).network_address + 10
     assert ok(ctl("ipam", "show", "--ip", str(unused))) == (
         f"{unused} is free, in block {node_2_block[1]} (node node-2).\n")
+    broadcast = IPv4Network(node_2_block[1]).broadcast_address
+    assert ok(ctl("ipam", "show", "--ip", str(broadcast))) == (
+        f"{broadcast} is reserved as the broadcast address of block {node_2_block[1]} "
+        "(node node-2).\n")
     assert ok(ctl("ipam", "show", "--ip", "192.0.2.1")) == "192.0.2.1 is not in any IP pool.\n"
     one_sentence(ctl("ipam", "show", "--ip", "10.3.0.999"), "'10.3.0.999'", "IPv4 address")
 
@@ -460,6 +465,9 @@ def test_ipam_release_frees_an_address_once(etcd, ctl):
     gateway = IPv4Network((address, 26), strict=False).network_address
     one_sentence(ctl("ipam", "release", "--ip", str(gateway)), f"{gateway} is the gateway of "
                  "block", "never handed out")
+    broadcast = IPv4Network((address, 26), strict=False).broadcast_address
+    one_sentence(ctl("ipam", "release", "--ip", str(broadcast)), f"{broadcast} is the "
+                 "broadcast address of block", "never handed out")
     # several: all or none
     one_sentence(ctl("ipam", "release", "--ip", str(other), "--ip", str(address), "--force"),
                  f"{address} is not in use", "nothing was released")
@@ -900,13 +908,13 @@ def test_the_default_etcd_refusing_says_how_to_name_yours():
 
 
 def test_show_borrowed_lists_who_borrowed_what_from_whom(etcd, ctl):
-    with_store(etcd, lambda s: add_pool(s, "p", "10.13.0.0/29", blockSize=30))
+    with_store(etcd, lambda s: add_pool(s, "p", "10.13.0.0/28", blockSize=29))
     ok(ctl("ipam", "configure", "--max-blocks-per-host", "1"))
-    assign(etcd, ("n1", "a", 3, {"pod": "a"}), ("n2", "b", 1, {"pod": "b"}))
+    assign(etcd, ("n1", "a", 6, {"pod": "a"}), ("n2", "b", 1, {"pod": "b"}))
     [borrowed] = assign(etcd, ("n1", "c", 2, {"pod": "c"}))
     out = ok(ctl("ipam", "show", "--show-borrowed")).split("\n\n")[1].splitlines()
     assert out[0].split() == ["ADDRESS", "BLOCK", "BLOCK", "OWNER", "BORROWED", "BY", "HANDLE"]
-    block = str(IPv4Network((borrowed[0], 30), strict=False))
+    block = str(IPv4Network((borrowed[0], 29), strict=False))
     assert sorted(line.split() for line in out[1:]) == sorted(
         [str(a), block, "n2", "n1", "c"] for a in borrowed)
 
