@@ -770,6 +770,18 @@ def test_lab_status_without_a_lab_and_a_lab_that_cannot_start_are_one_sentence(t
                  "Not a directory", str(blocker / "lab"))
 
 
+def test_a_lab_keeps_the_namespace_prefix_it_was_started_with(tmp_path):
+    (tmp_path / "lab.json").write_text(json.dumps({"topology": "mesh",
+                                                   "prefix": "pipit-lab-mine-"}))
+    one_sentence(pipitctl("lab", "down", "--dir", str(tmp_path), "--prefix", "other-"),
+                 f"the lab in {tmp_path} was started with --prefix pipit-lab-mine-, not other-")
+    one_sentence(pipitctl("lab", "status", "--dir", str(tmp_path),
+                          env={"PIPIT_LAB_PREFIX": "other-"}), "--prefix pipit-lab-mine-")
+    assert (tmp_path / "lab.json").exists()  # refused: nothing removed
+    one_sentence(pipitctl("lab", "status", "--dir", str(tmp_path / "none"), "--prefix",
+                          "no spaces"), "--prefix 'no spaces' is not a plain name")
+
+
 # --------------------------------------------------------------------------------------------
 # 9. Calico's resource rules seen through pipitctl
 
