@@ -237,6 +237,10 @@ class Lab:
             tmp.write_text(json.dumps(state, indent=2))
             os.replace(tmp, path)  # readers never see half a file
 
+    def recorded_prefix(self) -> str | None:
+        """The namespace prefix the lab in this directory was started with, if one is."""
+        return self._state().get("prefix")
+
     def running_topology(self) -> str | None:
         """The topology of the lab in this directory, if one is up."""
         state = self._state()
@@ -260,7 +264,7 @@ class Lab:
            render: Callable[[dict], str] = brief) -> bool:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.start_etcd()
-        self._save(topology=self.topology)
+        self._save(topology=self.topology, prefix=self.prefix)
         self.configure_cluster()
         if self.topology == "racks":
             self.ensure_racks()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -242,6 +243,25 @@ def lab() -> None:
 
 lab_dir = click.option("--dir", "directory", default="/tmp/pipit-lab", show_default=True,
                        type=click.Path(file_okay=False), help="The lab's state directory.")
+lab_prefix = click.option("--prefix", envvar="PIPIT_LAB_PREFIX", metavar="PREFIX",
+                          help="What the names of the lab's network namespaces start with "
+                               "[env PIPIT_LAB_PREFIX; default pipit-lab-]; a running lab "
+                               "keeps the one it was started with.")
+
+
+def lab_prefix_for(directory: str, given: str | None) -> str:
+    """The namespace prefix of the lab in `directory`: the one it was started with, else the
+    one given, else the default."""
+    from lab.cluster import DEFAULT_PREFIX, Lab
+    recorded = Lab(Path(directory)).recorded_prefix()
+    if recorded and given and given != recorded:
+        raise InvalidResource(f"the lab in {directory} was started with --prefix {recorded}, "
+                              f"not {given}.")
+    prefix = recorded or given or DEFAULT_PREFIX
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", prefix):
+        raise InvalidResource(f"--prefix {prefix!r} is not a plain name (letters, digits, "
+                              "'.', '_' and '-').")
+    return prefix
 
 
 @contextlib.contextmanager
@@ -288,12 +308,15 @@ def lab_errors() -> Iterator[None]:
               help="--from-chart: the OCI image archive (default: build/image/"
                    "pipit-<appVersion>.oci.tar).")
 @lab_dir
+@lab_prefix
 def lab_up(nodes: int, pods_per_node: int, topology: str, router: str, route_reflectors: int,
            reflector: str, etcd_tls: bool, kubernetes: bool, chart: str | None,
-           values: tuple[str, ...], image: str | None, directory: str) -> None:
+           values: tuple[str, ...], image: str | None, directory: str,
+           prefix: str | None) -> None:
     """Start (or complete) the lab; print node status and a pod-to-pod ping matrix."""
     from lab.chart import ChartNodes
     from lab.cluster import Lab
+    prefix = lab_prefix_for(directory, prefix)
     running = Lab(Path(directory)).running_topology()
     if running and (running != topology or topology == "racks"):
         raise InvalidResource(f"a {running} lab is running in {directory}; re-running up "
@@ -307,7 +330,7 @@ def lab_up(nodes: int, pods_per_node: int, topology: str, router: str, route_ref
     nodes_from = (ChartNodes(Path(directory), Path(chart), tuple(map(Path, values)),
                              image=Path(image) if image else None) if chart else None)
     with lab_errors():
-        ok = Lab(Path(directory), topology=topology, router=router,
+        ok = Lab(Path(directory), prefix=prefix, topology=topology, router=router,
                  reflectors=route_reflectors, reflector=reflector, etcd_tls=etcd_tls,
                  kubernetes=kubernetes, chart=nodes_from).up(nodes, pods_per_node,
                                                              render_status)
@@ -321,12 +344,14 @@ def lab_up(nodes: int, pods_per_node: int, topology: str, router: str, route_ref
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="A value to set, as helm's --set (repeat for more).")
 @lab_dir
-def lab_upgrade(values: tuple[str, ...], settings: tuple[str, ...], directory: str) -> None:
+@lab_prefix
+def lab_upgrade(values: tuple[str, ...], settings: tuple[str, ...], directory: str,
+                prefix: str | None) -> None:
     """A lab started --from-chart: render the chart again with these values and replace each
     node's pod the way the DaemonSet's rolling update does; then node status and the ping
     matrix."""
     from lab.cluster import Lab
-    lab = Lab(Path(directory))
+    lab = Lab(Path(directory), prefix=lab_prefix_for(directory, prefix))
     if lab.chart is None:
         raise InvalidResource(f"no lab started --from-chart is running in {directory}.")
     pairs = {}
@@ -344,10 +369,11 @@ def lab_upgrade(values: tuple[str, ...], settings: tuple[str, ...], directory: s
 
 @lab.command(name="status")
 @lab_dir
-def lab_status(directory: str) -> None:
+@lab_prefix
+def lab_status(directory: str, prefix: str | None) -> None:
     """Node status of every lab node and the ping matrix."""
     from lab.cluster import Lab
-    lab = Lab(Path(directory))
+    lab = Lab(Path(directory), prefix=lab_prefix_for(directory, prefix))
     if lab.running_topology() is None:
         raise InvalidResource(f"no lab is running in {directory}.")
     with lab_errors():
@@ -358,11 +384,13 @@ def lab_status(directory: str) -> None:
 
 @lab.command(name="down")
 @lab_dir
-def lab_down(directory: str) -> None:
+@lab_prefix
+def lab_down(directory: str, prefix: str | None) -> None:
     """Remove every namespace, process and file of the lab (also after a crash)."""
     from lab.cluster import Lab
+    prefix = lab_prefix_for(directory, prefix)
     with lab_errors():
-        Lab(Path(directory)).down()
+        Lab(Path(directory), prefix=prefix).down()
     click.echo("lab removed")
 
 

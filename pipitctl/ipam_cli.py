@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from ipaddress import IPv4Address
 
 import click
 
+from bgp_agent.kube_api import KubernetesUnavailable
 from ipam import keys
 from ipam.config import DEFAULT_MAX_BLOCKS_PER_HOST, IPAMConfig, config_from_spec, config_to_document
-from ipam.errors import Conflict, InUse, InvalidResource
+from ipam.errors import Conflict, DatastoreUnavailable, InUse, InvalidResource
 from ipam.release import release_addresses
 from ipam.snapshot import blocks_of, load_snapshot, lookup, pool_usage
 from ipam.store import Store
@@ -93,6 +96,25 @@ def describe_address(snap, address: IPv4Address) -> str:
             f"sequence {info.sequence}.")
 
 
+CHECK_NOT_DONE = 3  # `ipam check`'s exit code when it could not read what it checks
+
+
+class CheckNotDone(click.ClickException):
+    """etcd (or the Kubernetes API to compare with) could not be read: nothing was checked,
+    which is not "problems found" (exit 1)."""
+    exit_code = CHECK_NOT_DONE
+
+
+def not_done_if_unreadable(command: Callable) -> Callable:
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        try:
+            return command(**kwargs)
+        except (DatastoreUnavailable, KubernetesUnavailable) as error:
+            raise CheckNotDone(str(error)) from None
+    return wrapper
+
+
 @ipam.command(name="check")
 @click.option("--show-problem-ips", is_flag=True,
               help="Also list every address a problem concerns, with its handle.")
@@ -101,11 +123,13 @@ def describe_address(snap, address: IPv4Address) -> str:
 @click.option("--kubeconfig", metavar="PATH", envvar="KUBECONFIG",
               help="Also compare with the pods in Kubernetes: report addresses whose pod is "
                    "gone or has another IP [env KUBECONFIG].")
+@not_done_if_unreadable
 @etcd_options
 async def check_command(store: Store, show_problem_ips: bool, report: str | None,
                         kubeconfig: str | None) -> None:
     """Find leaked addresses, orphaned handles, stale claims and the like, each with the
-    command that fixes it (exit 1 if any)."""
+    command that fixes it (exit 1 if any; 3 if etcd or the Kubernetes API could not be
+    read)."""
     snap = await load_snapshot(store)
     found = findings(snap, report or "REPORT")
     summary = (f"checked {len(snap.blocks)} blocks, {len(snap.handles)} handles and "

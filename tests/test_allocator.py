@@ -234,6 +234,8 @@ def test_two_allocators_sharing_blocks_never_hand_out_an_address_twice(etcd):
 def test_release_by_address_updates_the_handle_and_honours_sequence(etcd):
     async def scenario(store):
         await add_pool(store, "p", "10.19.0.0/24")
+        older = IPAM(store, refresh_seconds=3600)  # its view of the block: before a and b
+        await older.assign("n1", "first")
         ipam = IPAM(store)
         a, b = await ipam.assign("n1", "pod", 2)
         snap = await load_snapshot(store)
@@ -244,9 +246,14 @@ def test_release_by_address_updates_the_handle_and_honours_sequence(etcd):
         assert await ipam.addresses("pod") == [b]
         assert (await load_snapshot(store)).handles["pod"].total == 1
         await assert_consistent(store)
-        # The allocator's cached view is now stale; its next request must still be right.
+        # The allocators' cached views are now stale (ipam's holds a, older's holds neither
+        # a nor b); their next requests must still be right.
         [c] = await ipam.assign("n1", "next")
-        assert c != b  # b is still held
+        got = await older.assign("n1", "later", 2)  # its view offers a and b first
+        assert b not in got and c not in got and len(set(got)) == 2
+        snap = await load_snapshot(store)
+        holders = {x: snap.blocks[block.cidr].holder(x).handle_id for x in (b, c, *got)}
+        assert holders == {b: "pod", c: "next", **{x: "later" for x in got}}
         await assert_consistent(store)
     with_store(etcd, scenario)
 
@@ -333,5 +340,9 @@ def test_reuse_answers_with_the_addresses_a_handle_already_holds(etcd):
         assert all(a == fresh[0] for a in fresh)
         assert (await load_snapshot(store)).handles["new"].total == 1
         await ipam.release("n1", "pod")
-        assert await ipam.assign("n1", "pod", reuse=True) != []
+        # released, the handle holds nothing: reuse gets it a new address, really held
+        again = await ipam.assign("n1", "pod", reuse=True)
+        assert len(again) == 1 and await IPAM(store).addresses("pod") == again
+        assert (await load_snapshot(store)).handles["pod"].total == 1
+        await assert_consistent(store)
     with_store(etcd, scenario)

@@ -195,6 +195,13 @@ def test_labels_follow_the_kubernetes_node(fakekube, etcd, tmp_path):
     assert with_store(etcd, scenario)
 
 
+def failed_passes() -> float:
+    """GC passes that failed in this process (pipit_controller_gc_passes_total, error)."""
+    from prometheus_client import REGISTRY
+    return REGISTRY.get_sample_value("pipit_controller_gc_passes_total",
+                                     {"result": "error"}) or 0.0
+
+
 def test_survives_an_api_server_restart_and_an_etcd_outage(fakekube, own_etcd, tmp_path):
     api = api_of(fakekube, tmp_path)
     config = EtcdConfig((own_etcd.endpoint,), timeout=2.0)
@@ -205,6 +212,7 @@ def test_survives_an_api_server_restart_and_an_etcd_outage(fakekube, own_etcd, t
         task = asyncio.create_task(controller.run())
         try:
             await wait_async(lambda: controller.passes >= 1, 20, "a first pass")
+            failed = failed_passes()
             fakekube.stop()
             own_etcd.stop()
             fakekube.store.delete(NODES, None, "n2")
@@ -213,7 +221,8 @@ def test_survives_an_api_server_restart_and_an_etcd_outage(fakekube, own_etcd, t
             fakekube.start()
             await wait_async(lambda: "n2" not in controller.nodes.items, 30,
                              "the informer to see n2 gone")
-            await asyncio.sleep(1.5)  # let a pass fail against the stopped etcd
+            await wait_async(lambda: failed_passes() > failed, 30,
+                             "a pass to fail against the stopped etcd")
             assert not task.done()
             own_etcd.start()
 

@@ -6,7 +6,10 @@ kernel lacks: test_ipip_vm.py covers it, and here the missing module must be sai
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
 
 import pytest
 from pyroute2 import IPRoute
@@ -168,10 +171,18 @@ def test_vxlan_is_supported_by_this_kernel():
 
 
 def test_probe_leaves_no_device_behind():
-    before = run("ip", "-o", "link").stdout
-    capability.kernel_supports(VXLAN)
-    capability.kernel_supports(IPIP)
-    assert run("ip", "-o", "link").stdout == before
+    """Probed from a namespace of this test's own (as an agent probes from its node's), not
+    the machine's, whose devices other runs change meanwhile."""
+    with Namespaces() as namespaces:
+        ns = namespaces.create("probe")
+        before = run("ip", "-n", ns, "-o", "link").stdout
+        probe = ("from ipip import capability; from ipip.encap import IPIP, VXLAN; "
+                 "print(capability.kernel_supports(VXLAN), capability.kernel_supports(IPIP))")
+        result = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", probe],
+                                capture_output=True, text=True, timeout=60,
+                                cwd=Path(__file__).resolve().parents[1])
+        assert result.stdout.split()[:1] == ["True"], result  # the vxlan probe made one
+        assert run("ip", "-n", ns, "-o", "link").stdout == before
 
 
 @pytest.mark.skipif(capability.kernel_supports(IPIP),

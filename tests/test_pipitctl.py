@@ -685,6 +685,26 @@ def test_etcd_stopping_midway_is_one_sentence_and_loses_nothing(own_etcd):
     assert "10.7.0.0/16" in ok(pipitctl("get", "ippools", endpoints=endpoint))
 
 
+def test_ipam_check_that_cannot_read_etcd_exits_3_not_1(own_etcd, tmp_path):
+    """1 means problems were found; 3 that nothing could be checked."""
+    endpoint = own_etcd.endpoint
+    assert "no problems found" in ok(pipitctl("ipam", "check", endpoints=endpoint))
+    own_etcd.stop()
+    result = pipitctl("ipam", "check", endpoints=endpoint)
+    one_sentence(result, "cannot reach etcd", endpoint)
+    assert result.returncode == 3 and result.stdout == ""
+    own_etcd.start()
+    kubeconfig = tmp_path / "kubeconfig"  # an API server nobody runs
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "k", "cluster": {"server": f"http://127.0.0.1:{free_port()}"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+        "users": [{"name": "u", "user": {}}]}))
+    result = pipitctl("ipam", "check", "--kubeconfig", str(kubeconfig), endpoints=endpoint)
+    one_sentence(result, "cannot reach the Kubernetes API")
+    assert result.returncode == 3 and result.stdout == ""
+
+
 @pytest.fixture(scope="module")
 def tls_etcd(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tls")
@@ -758,6 +778,18 @@ def test_lab_status_without_a_lab_and_a_lab_that_cannot_start_are_one_sentence(t
                  "Not a directory", str(blocker / "lab"))
 
 
+def test_a_lab_keeps_the_namespace_prefix_it_was_started_with(tmp_path):
+    (tmp_path / "lab.json").write_text(json.dumps({"topology": "mesh",
+                                                   "prefix": "pipit-lab-mine-"}))
+    one_sentence(pipitctl("lab", "down", "--dir", str(tmp_path), "--prefix", "other-"),
+                 f"the lab in {tmp_path} was started with --prefix pipit-lab-mine-, not other-")
+    one_sentence(pipitctl("lab", "status", "--dir", str(tmp_path),
+                          env={"PIPIT_LAB_PREFIX": "other-"}), "--prefix pipit-lab-mine-")
+    assert (tmp_path / "lab.json").exists()  # refused: nothing removed
+    one_sentence(pipitctl("lab", "status", "--dir", str(tmp_path / "none"), "--prefix",
+                          "no spaces"), "--prefix 'no spaces' is not a plain name")
+
+
 # --------------------------------------------------------------------------------------------
 # 9. Calico's resource rules seen through pipitctl
 
@@ -792,6 +824,54 @@ def test_mesh_settings_without_a_mesh_are_refused_and_durations_read(etcd, ctl):
                                                       nodeMeshHoldTime="1m30s")))
     spec = yaml.safe_load(ok(ctl("get", "bgpconfig", "-o", "yaml")))["spec"]
     assert (spec["nodeMeshMaxRestartTime"], spec["nodeMeshHoldTime"]) == (120, 90)
+
+
+@pytest.mark.parametrize("metadata, spec, facts", [
+    ({"name": "other"}, {}, ["'other'", "only the BGPConfiguration named 'default'"]),
+    ({"name": "default"}, {"listenPort": 0}, ["listenPort 0 is outside 1-65535"]),
+    ({"name": "default"}, {"listenPort": 65536}, ["listenPort 65536 is outside 1-65535"]),
+    ({"name": "default"}, {"communities": "64512:100"}, ["communities must be a list"]),
+    ({"name": "default"}, {"communities": ["64512/100"]},
+     ["community '64512/100' is neither AS:VALUE", "AS:VALUE:VALUE"]),
+    ({"name": "default"}, {"communities": ["64512:100", "65536:1"]},
+     ["community '65536:1'", "both parts 0-65535"]),
+])
+def test_a_bgp_configuration_refused_is_one_sentence_and_writes_nothing(etcd, ctl, metadata,
+                                                                        spec, facts):
+    ok(ctl("apply", "-f", "-", input=bgp_config_yaml(listenPort=1179)))
+    before = snapshot(etcd)
+    document = yaml.safe_dump({"apiVersion": "pipit.dev/v1", "kind": "BGPConfiguration",
+                               "metadata": metadata, "spec": spec})
+    one_sentence(ctl("apply", "-f", "-", input=document), *facts)
+    assert snapshot(etcd) == before
+
+
+def test_get_bgpconfig_and_get_nodes_show_what_is_stored(etcd, ctl):
+    assert ok(ctl("get", "bgpconfig")).split() == ["NAME", "ASNUMBER", "MESH"]
+    ok(ctl("apply", "-f", "-", input=stream(
+        bgp_config_yaml(asNumber="1.10", listenPort=1179, nodeMeshHoldTime="30s",
+                        communities=["64512:100", "4200000000:1:2"]),
+        "apiVersion: pipit.dev/v1\nkind: Node\nmetadata: {name: n1, labels: {rack: a, zone: z1}}\n"
+        "spec: {bgp: {ipv4Address: 10.0.0.1/24, asNumber: 65001, "
+        "routeReflectorClusterID: 244.0.0.1}}\n",
+        "apiVersion: pipit.dev/v1\nkind: Node\nmetadata: {name: n2}\n"
+        "spec: {bgp: {ipv4Address: 10.0.0.2/24}}\n",
+        "apiVersion: pipit.dev/v1\nkind: Node\nmetadata: {name: n3}\nspec: {}\n")))
+    rows = [line.split() for line in ok(ctl("get", "bgpconfig")).splitlines()]
+    assert rows == [["NAME", "ASNUMBER", "MESH"], ["default", "65546", "true"]]
+    rows = [line.split() for line in ok(ctl("get", "bgpconfig", "-o", "wide")).splitlines()]
+    assert rows == [["NAME", "ASNUMBER", "MESH", "LISTENPORT", "COMMUNITIES", "MESHHOLDTIME",
+                     "MESHRESTARTTIME"],
+                    ["default", "65546", "true", "1179", "64512:100,4200000000:1:2", "30", "120"]]
+    rows = [line.split() for line in ok(ctl("get", "nodes")).splitlines()]
+    assert rows == [["NAME", "ADDRESS", "AS"], ["n1", "10.0.0.1/24", "65001"],
+                    ["n2", "10.0.0.2/24", "(cluster)"], ["n3", "-", "(cluster)"]]
+    rows = [line.split() for line in ok(ctl("get", "nodes", "-o", "wide")).splitlines()]
+    assert rows == [["NAME", "ADDRESS", "AS", "RRCLUSTERID", "LABELS"],
+                    ["n1", "10.0.0.1/24", "65001", "244.0.0.1", "rack=a,zone=z1"],
+                    ["n2", "10.0.0.2/24", "(cluster)", "-", "-"],
+                    ["n3", "-", "(cluster)", "-", "-"]]
+    assert ok(ctl("get", "nodes", "n2", "-o", "name")) == "node/n2\n"
 
 
 # --------------------------------------------------------------------------------------------
