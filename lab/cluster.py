@@ -175,6 +175,19 @@ class Lab:
     def node_dir(self, node: str) -> Path:
         return self.directory / node
 
+    def node_record(self, node: str) -> dict:
+        """What lab.json holds of a running node: index, netns, address, pid (and, from a
+        chart, its pod)."""
+        return self._state()["nodes"][node]
+
+    def node_ip(self, node: str) -> IPv4Address:
+        """A running node's address on the fabric."""
+        return IPv4Interface(self.node_record(node)["address"]).ip
+
+    def etcd_pid(self) -> int | None:
+        """The lab's etcd process, while it runs."""
+        return self._etcd_pid()
+
     def node_address(self, index: int) -> IPv4Interface:
         if index > 1000:  # rr: reflector k has index 1000 + k
             return IPv4Interface(f"10.99.0.{200 + index - 1000}/24")

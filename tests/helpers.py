@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 from collections.abc import Awaitable, Callable
+from ipaddress import IPv4Network
 from typing import TYPE_CHECKING
 
 import pytest
@@ -52,3 +54,13 @@ def assert_pods_reach_each_other(lab: Lab) -> None:
     matrix = lab.ping_matrix(timeout=20)
     failed = [pair for pair, ok in matrix.items() if not ok]
     assert not failed, f"pods that cannot reach each other: {failed}"
+
+
+def blocks(count: int, second_octet: int = 1) -> list[IPv4Network]:
+    """`count` distinct /26s from 10.<second_octet>.0.0 on (1024 per /16, then the next)."""
+    return [IPv4Network((0x0A000000 + (second_octet << 16) + 64 * i, 26)) for i in range(count)]
+
+
+def sh(*args: str) -> str:
+    """A command's output; it must succeed."""
+    return subprocess.run(args, check=True, capture_output=True, text=True).stdout

@@ -43,16 +43,12 @@ from bgp_agent.exabgp_config import (
     render,
 )
 from bgp_agent.model import Announcement, Neighbor, Path, PeerState
+from tests.helpers import blocks
 
 A, N = IPv4Address, IPv4Network
 EXABGP = str(FilePath(sys.executable).parent / "exabgp")
 ME = A("10.0.0.1")
 BRIDGE = [str(FilePath(sys.executable).parent / "pipit-exabgp-bridge"), "--socket", "/run/x.sock"]
-
-
-def blocks(count: int, second_octet: int = 1) -> list[IPv4Network]:
-    """`count` distinct /26s inside 10.<second_octet>.0.0/16."""
-    return [N((0x0A000000 + (second_octet << 16) + 64 * i, 26)) for i in range(count)]
 
 
 def neighbor(address: str, peer_as: int = 64512, **kw) -> Neighbor:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import json
-import subprocess
 from dataclasses import dataclass
 
 import pytest
@@ -15,15 +14,12 @@ from ipip.route_table import RouteTable
 from ipip.routes import RTPROT_PIPIT, NextHop, Route, diff
 from lab.netns import Namespaces
 from tests.route_support import GW1, GW2, GW3, A, N, blackhole, by_dst, via
+from tests.helpers import sh
 
 pytestmark = pytest.mark.netns
 
 # --------------------------------------------------------------------------------------------
 # Real kernel, in network namespaces
-
-def sh(*args: str) -> str:
-    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
-
 
 @dataclass
 class Node:

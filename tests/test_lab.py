@@ -63,7 +63,7 @@ def test_full_mesh_routes_every_pod_to_every_pod(lab):
         own = own_blocks(lab, node)
         assert own, f"{node} has no blackhole for its own block"
         for other in set(nodes) - {node}:
-            address = lab._state()["nodes"][other]["address"].split("/")[0]
+            address = str(lab.node_ip(other))
             for block in own_blocks(lab, other):
                 assert routes.get(block) == address, f"{node} lacks {block} via {other}"
         for pod in lab.all_pods():  # every pod address is inside a block routed somewhere

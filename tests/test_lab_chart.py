@@ -57,7 +57,7 @@ def lab(image, tmp_path_factory):
 
 
 def pod_dir(lab: Lab, node: str) -> Path:
-    return Path(lab._state()["nodes"][node]["pod"]["dir"])
+    return Path(lab.node_record(node)["pod"]["dir"])
 
 
 def containers(lab: Lab, node: str) -> dict:

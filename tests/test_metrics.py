@@ -86,7 +86,7 @@ def test_a_lab_node_reports_its_sessions_prefixes_routes_and_blocks(tmp_path_fac
                                "urlopen('http://127.0.0.1:9091/metrics', timeout=5).read()"
                                ".decode())"], capture_output=True, text=True, check=True).stdout
         found = samples(text)
-        n2 = lab._state()["nodes"]["n2"]["address"].split("/")[0]
+        n2 = str(lab.node_ip("n2"))
         assert found[("pipit_bgp_sessions", (("state", "up"), ("type", "mesh")))] == 1
         assert found[("pipit_bgp_prefixes_accepted", (("peer", n2), ("type", "mesh")))] == 1
         assert found[("pipit_kernel_routes", (("kind", "learned"),))] == 1

@@ -42,7 +42,7 @@ def rr_lab(tmp_path_factory):
 
 
 def address(lab: Lab, node: str) -> IPv4Address:
-    return IPv4Interface(lab._state()["nodes"][node]["address"]).ip
+    return lab.node_ip(node)
 
 
 def learned(lab: Lab, node: str) -> dict[str, str]:

@@ -12,7 +12,6 @@ import signal
 import threading
 import time
 from collections import Counter
-from ipaddress import IPv4Address
 
 import pytest
 
@@ -57,7 +56,7 @@ def churn(lab: Lab, node: str, stop: threading.Event, tally: Counter) -> None:
 
 def faults(lab: Lab, stop: threading.Event, tally: Counter) -> None:
     """Every ~20 s, in turn: SIGKILL one agent and start it again; pause etcd for 3 s."""
-    etcd_pid = lab._state()["etcd"]["pid"]
+    etcd_pid = lab.etcd_pid()
     for turn in itertools.count():
         if stop.wait(20):
             return
@@ -76,7 +75,7 @@ def faults(lab: Lab, stop: threading.Event, tally: Counter) -> None:
 def routes_match_etcd(lab: Lab, etcd: EtcdConfig) -> bool:
     snap = with_store(etcd, load_snapshot)
     owners = {cidr: block.node for cidr, block in snap.blocks.items() if block.node}
-    addresses = {n: IPv4Address(lab._state()["nodes"][n]["address"].split("/")[0])
+    addresses = {n: lab.node_ip(n)
                  for n in lab.nodes()}
     for node in lab.nodes():
         want = {str(cidr): "blackhole" if owner == node else str(addresses[owner])

@@ -29,6 +29,7 @@ from bgp_agent.speaker import ExaBGPSpeaker
 from lab.bird import Bird, BirdPeer, bgp_config
 from lab.netns import Namespaces
 from lab.process import command_line, wait, wait_async
+from tests.helpers import blocks, sh
 
 A, N = IPv4Address, IPv4Network
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,22 +39,8 @@ BRIDGE = str(Path(sys.executable).parent / "pipit-exabgp-bridge")
 needs_root = pytest.mark.netns  # real ExaBGP and BIRD in network namespaces
 
 
-def blocks(count: int, second_octet: int = 1) -> list[IPv4Network]:
-    """`count` distinct /26s inside 10.<second_octet>.0.0/16 (up to 1024)."""
-    return [N((0x0A000000 + (second_octet << 16) + 64 * i, 26)) for i in range(count)]
-
-
-def many_blocks(count: int, first: int = 20) -> list[IPv4Network]:
-    """`count` distinct /26s from 10.<first>.0.0 on, for counts beyond 1024."""
-    return [N((0x0A000000 + (first << 16) + 64 * i, 26)) for i in range(count)]
-
-
 # --------------------------------------------------------------------------------------------
 # Network namespaces: the node, and one namespace per peer on its own link 10.99.<k>.0/24
-
-def sh(*args: str) -> str:
-    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
-
 
 @dataclass
 class Net:
@@ -230,7 +217,7 @@ def test_a_peer_going_down_is_reported_and_its_routes_dropped(net1, state_dir):
 @needs_root
 def test_changing_the_neighbour_set_keeps_the_other_sessions(net2, state_dir):
     first, second = net2.peer_address(1), net2.peer_address(2)
-    ours = many_blocks(5000)
+    ours = blocks(5000, 20)
 
     async def scenario():
         with bird_peer(net2, 1) as bird1, bird_peer(net2, 2) as bird2:
@@ -418,7 +405,7 @@ def test_the_bridge_keeps_exabgp_alive_while_no_agent_listens(net1, state_dir):
     buffer that 13k unread acks fill (trap 2). A bridge that stopped reading would freeze
     ExaBGP (no keepalives: the session dies) and could not hand over the routes afterwards."""
     address = net1.peer_address(1)
-    flood = many_blocks(20000)
+    flood = blocks(20000, 20)
 
     def export(bird: Bird, routes) -> None:
         bird.configure(bgp_config(net1.peer_address(1), net1.peer_address(1), 65001,
@@ -472,7 +459,7 @@ def test_ten_thousand_announcements_reach_bird_and_are_withdrawn(net1, state_dir
                 await speaker.set_neighbors([neighbor(1)])
                 await eventually(lambda: established(speaker, address), what="up")
                 for count, first in ((1000, 20), (10000, 40)):
-                    routes = [Announcement(p) for p in many_blocks(count, first)]
+                    routes = [Announcement(p) for p in blocks(count, first)]
                     await speaker.announce(address, routes)
                     await eventually(bird_count(bird, count), what=f"{count} in BIRD", timeout=120)
                     await speaker.withdraw(address, [r.prefix for r in routes])

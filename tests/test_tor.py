@@ -60,7 +60,7 @@ def bird_lab(tmp_path_factory):
 # Looking at the lab
 
 def address(lab: Lab, node: str) -> IPv4Address:
-    return lab.node_address(lab._state()["nodes"][node]["index"]).ip
+    return lab.node_ip(node)
 
 
 def block_of(lab: Lab, node: str) -> IPv4Network:
