@@ -178,6 +178,17 @@ async def run(args: argparse.Namespace) -> None:
         metrics.serve(args.metrics_address)
     from bgp_agent.kube_node import AgentKubernetes
     kube = await AgentKubernetes.connect(args)  # None without Kubernetes
+    try:
+        # Who this node is, its address found on its interfaces, before anything is served:
+        # a node that cannot tell says so in one sentence and has served nothing.
+        if kube is not None and not args.no_bgp:
+            identity = await asyncio.to_thread(kube.identity, args, parse_labels(args.labels))
+        else:
+            identity = await asyncio.to_thread(node_identity, args)  # pyroute2 inside
+    except BaseException:
+        if kube is not None:
+            await kube.close()
+        raise
     async with Store(config) as store:
         ipam = IPAM(store)
         service = None if args.reflector_only else IPAMService(
@@ -191,7 +202,7 @@ async def run(args: argparse.Namespace) -> None:
             if probes:
                 await probes.start()
             if args.no_bgp:  # registered all the same, so that it is listed and has a status
-                me = await register(store, node_identity(args))
+                me = await register(store, identity)
                 status = StatusServer(args.status_socket, lambda: ipam_only_status(me))
                 await status.start()
                 if conflist:  # IPAM can be served: etcd answered the registration
@@ -201,7 +212,8 @@ async def run(args: argparse.Namespace) -> None:
                 finally:
                     await status.close()
             else:
-                await route(store, ipam, args, stop, lambda: retire, kube, parts, conflist)
+                await route(store, ipam, args, identity, stop, lambda: retire, kube, parts,
+                            conflist)
             log.info("stopping")
         finally:
             if probes:
@@ -212,10 +224,12 @@ async def run(args: argparse.Namespace) -> None:
                 await kube.close()
 
 
-async def route(store: Store, ipam: IPAM, args: argparse.Namespace, stop: asyncio.Event,
-                retiring, kube=None, parts: health.AgentParts | None = None,
+async def route(store: Store, ipam: IPAM, args: argparse.Namespace, identity: NodeRecord,
+                stop: asyncio.Event, retiring, kube=None,
+                parts: health.AgentParts | None = None,
                 conflist: cni_conflist.ConflistWriter | None = None) -> None:
-    """Register the node, then run the BGP speaker and the routing loop until `stop`."""
+    """Register the node (`identity`), then run the BGP speaker and the routing loop until
+    `stop`."""
     from bgp_agent.node_dataplane import NodeDataplane
     from bgp_agent.model import SpeakerError
     from bgp_agent.routing import Router
@@ -223,9 +237,7 @@ async def route(store: Store, ipam: IPAM, args: argparse.Namespace, stop: asynci
     from ipip.kernel_routes import KernelRoutes
     from ipip.route_table import RouteTable
 
-    identify = (lambda: kube.identity(args, parse_labels(args.labels))) if kube else (
-        lambda: node_identity(args))
-    me = await register(store, await asyncio.to_thread(identify))  # pyroute2 inside
+    me = await register(store, identity)
     log.info("node %s registered with address %s", me.name, me.address)
     if args.reflector_only and me.route_reflector_cluster_id is None:
         raise InvalidResource(f"node {me.name} has no route reflector cluster id: give "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -23,6 +24,8 @@ from aetcd import rpc
 
 from ipam.errors import DatastoreUnavailable, InvalidResource
 from ipam.metrics import ETCD_TRANSACTIONS, ETCD_UNAVAILABLE
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINTS = "http://127.0.0.1:2379"
 ENV_ENDPOINTS = "PIPIT_ETCD_ENDPOINTS"
@@ -84,6 +87,8 @@ class EtcdConfig:
 # gRPC's words (any case) for a failed TLS set-up in its error details -> what to check.
 _TLS_FAILURES = (
     ("CERTIFICATE_VERIFY_FAILED", "its TLS certificate is not trusted (check --etcd-ca-cert)"),
+    ("hostname verification", "its TLS certificate does not name it (give the endpoint by a "
+                              "host name or address its certificate carries)"),
     ("security handshaker", "the TLS set-up failed (are --etcd-ca-cert, --etcd-cert and "
                             "--etcd-key PEM files, and the key the certificate's?)"),
     ("TSI_DATA_CORRUPTED", "it refused the TLS connection (it may require a client certificate: "
@@ -110,32 +115,58 @@ def connect_timeout_ms(config: EtcdConfig) -> int:
 
 
 class _Client(aetcd.Client):
-    """aetcd's client with what it lacks: TLS and several endpoints (gRPC picks a live one)."""
+    """aetcd's client with what it lacks: TLS and several endpoints.
+
+    The endpoints are grouped by the name a TLS server certificate must carry (without TLS:
+    one group). Each group is one gRPC channel over the group's addresses, on which gRPC
+    picks a live one; with several groups (members with certificates of their own), a call
+    that reaches no member of one group is tried on the next (`fail_over`). An endpoint whose
+    name does not resolve is left out while another one does."""
 
     def __init__(self, config: EtcdConfig):
         super().__init__(timeout=config.timeout)
         self._config = config
+        self.channels: list = []
+        self._current = 0
 
     async def connect(self) -> None:  # replaces aetcd's insecure-only channel set-up
         if self._connected.is_set():
             return
         config = self._config
-        addresses, names = [], []
+        groups: dict[str, list[str]] = {}  # TLS name -> addresses
+        unresolved: list[tuple[str, str]] = []
         for endpoint in config.endpoints:
             if endpoint.startswith("unix://"):  # etcd's unix listener (the lab's nodes use it)
-                names.append("localhost")
+                groups["localhost"] = ["unix:" + endpoint.removeprefix("unix://")]
                 break
             host, port = _host_port(endpoint)
-            names.append(host)
             try:
                 infos = await asyncio.get_running_loop().getaddrinfo(
                     host, port, family=socket.AF_INET, type=socket.SOCK_STREAM)
             except socket.gaierror as error:
-                raise DatastoreUnavailable(
-                    f"cannot resolve etcd endpoint {endpoint}: {error.strerror}.") from None
-            addresses.extend(dict.fromkeys(f"{info[4][0]}:{port}" for info in infos))
-        if config.endpoints[0].startswith("unix://"):
-            target = "unix:" + config.endpoints[0].removeprefix("unix://")
+                unresolved.append((endpoint, error.strerror))
+                continue
+            group = groups.setdefault(host if config.uses_tls else "", [])
+            group.extend(a for a in dict.fromkeys(f"{info[4][0]}:{port}" for info in infos)
+                         if a not in group)
+        if not groups:
+            if len(unresolved) == 1:
+                endpoint, reason = unresolved[0]
+                raise DatastoreUnavailable(f"cannot resolve etcd endpoint {endpoint}: {reason}.")
+            raise DatastoreUnavailable(
+                "cannot resolve any etcd endpoint: "
+                + ", ".join(f"{endpoint} ({reason})" for endpoint, reason in unresolved) + ".")
+        for endpoint, reason in unresolved:
+            log.warning("etcd endpoint %s left out: its name does not resolve (%s)", endpoint,
+                        reason)
+        self.channels = [self._channel(name, addresses) for name, addresses in groups.items()]
+        self._use(0)
+        self._connected.set()
+
+    def _channel(self, name: str, addresses: list[str]):
+        config = self._config
+        if addresses[0].startswith("unix:"):
+            target = addresses[0]
         else:
             target = "ipv4:" + ",".join(addresses)
         options = [
@@ -149,24 +180,38 @@ class _Client(aetcd.Client):
             # distant etcd (TLS at 100 ms is half a second to connect) is reached at all.
             ("grpc.min_reconnect_backoff_ms", connect_timeout_ms(config)),
         ]
-        if config.uses_tls:
-            def read(path):
-                with open(path, "rb") as f:
-                    return f.read()
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=read(config.ca_file) if config.ca_file else None,
-                private_key=read(config.key_file) if config.key_file else None,
-                certificate_chain=read(config.cert_file) if config.cert_file else None,
-            )
-            options.append(("grpc.ssl_target_name_override", names[0]))
-            self.channel = rpc.secure_channel(target, credentials, options=options)
-        else:
-            self.channel = rpc.insecure_channel(target, options=options)
+        if not config.uses_tls:
+            return rpc.insecure_channel(target, options=options)
+
+        def read(path):
+            with open(path, "rb") as f:
+                return f.read()
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=read(config.ca_file) if config.ca_file else None,
+            private_key=read(config.key_file) if config.key_file else None,
+            certificate_chain=read(config.cert_file) if config.cert_file else None,
+        )
+        options.append(("grpc.ssl_target_name_override", name))
+        return rpc.secure_channel(target, credentials, options=options)
+
+    def _use(self, index: int) -> None:
+        self._current = index
+        self.channel = self.channels[index]
         self.kvstub = rpc.KVStub(self.channel)
         self.clusterstub = rpc.ClusterStub(self.channel)
         self.leasestub = rpc.LeaseStub(self.channel)
         self.maintenancestub = rpc.MaintenanceStub(self.channel)
-        self._connected.set()
+
+    def fail_over(self) -> None:
+        """Use the next group's channel (the current one reached none of its members)."""
+        self._use((self._current + 1) % len(self.channels))
+
+    async def close(self) -> None:
+        channels, self.channels = self.channels, []
+        for channel in channels:
+            await channel.close()
+        self._init_channel_attrs()
+        self._connected.clear()
 
 
 def _never_sent(error: grpc.aio.AioRpcError) -> bool:
@@ -266,8 +311,19 @@ class Store:
                     writes: bool = False):
         await self._client.connect()
         timeout = self.config.timeout if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         try:
-            return await getattr(self._client.kvstub, method)(request, timeout=timeout)
+            for _ in range(len(self._client.channels) - 1):
+                try:
+                    return await getattr(self._client.kvstub, method)(
+                        request, timeout=max(0.0, deadline - loop.time()))
+                except grpc.aio.AioRpcError as error:
+                    if not _never_sent(error) or loop.time() >= deadline:
+                        raise
+                    self._client.fail_over()  # that group's members are all away: the next
+            return await getattr(self._client.kvstub, method)(
+                request, timeout=max(0.0, deadline - loop.time()))
         except grpc.aio.AioRpcError as error:
             failure = await self._unavailable(error, timeout)
             failure.maybe_written = writes and not _never_sent(error)

@@ -125,3 +125,44 @@ class AgentProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class NodeAgentProcess(AgentProcess):
+    """pipit-agent with routing (ExaBGP spawned unless `extra_args` say `--exabgp sidecar`)
+    inside network namespace `netns`, keeping everything (its sockets, ExaBGP's files, the pod
+    MTU, its log) in `state`. Ready, as AgentProcess, once its IPAM socket answers.
+
+        agent = NodeAgentProcess("a", "pipit-t-pid1-node-1", state, "unix:///.../etcd.sock:0",
+                                 extra_args=["--ip", "192.168.1.10/24"]).start()
+        agent.status()["address"]
+    """
+
+    def __init__(self, node: str, netns: str, state: str | Path,
+                 etcd_endpoints: str | Sequence[str], *, extra_args: Sequence[str] = (),
+                 python: str = sys.executable, log_level: str = "INFO"):
+        self.netns = netns
+        self.state = Path(state)
+        super().__init__(node, self.state / "ipam.sock", etcd_endpoints,
+                         self.state / "agent.log", extra_args=extra_args, python=python,
+                         log_level=log_level)
+
+    @property
+    def argv(self) -> list[str]:
+        return ["ip", "netns", "exec", self.netns, self.python, "-m", "bgp_agent.agent",
+                "--node", self.node, "--etcd-endpoints", self.endpoints,
+                "--state-dir", str(self.state), "--ipam-socket", str(self.socket_path),
+                "--status-socket", str(self.status_path), "--exabgp", "spawn",
+                "--log-level", self.log_level, *self.extra_args]
+
+    @property
+    def status_path(self) -> Path:
+        return self.state / "status.sock"
+
+    def status(self) -> dict | None:
+        """Its status document (what `pipitctl node status` shows), None while it does not
+        answer."""
+        from bgp_agent.status import AgentUnavailable, read_status
+        try:
+            return read_status(str(self.status_path), timeout=2.0)
+        except AgentUnavailable:
+            return None

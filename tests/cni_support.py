@@ -12,6 +12,8 @@ import subprocess
 import sys
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
@@ -53,14 +55,22 @@ def cni_bin() -> Path:
         shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
-def short_dir():
-    """A temp dir with a short path (unix socket paths are limited to 107 bytes)."""
+@contextmanager
+def short_temp_dir() -> Iterator[Path]:
+    """A temp dir with a short path (unix socket paths are limited to 107 bytes), removed
+    afterwards."""
     path = Path(tempfile.mkdtemp(prefix=NS_PREFIX, dir="/tmp"))
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def short_dir():
+    """A temp dir with a short path (unix socket paths are limited to 107 bytes)."""
+    with short_temp_dir() as path:
+        yield path
 
 
 @pytest.fixture

@@ -1,11 +1,11 @@
 """Namespaces wired as an underlay with nodes and pods, packet captures and pings, for the
-encapsulation tests (test_ipip_*.py). Everything lives in namespaces made through a
-lab.netns.Namespaces, which removes them (and with them every device and process route) at the
-end of the test, also on failure.
+encapsulation tests (test_ipip_*.py, test_agent_encapsulation.py). Everything lives in
+namespaces made through a lab.netns.Namespaces, which removes them (and with them every device
+and process route) at the end of the test, also on failure.
 
     underlay:  node A eth0 192.168.1.10/24 --- to-a [router] to-b --- eth0 192.168.2.10/24 node B
-    pods:      pod eth0 10.244.x.y/32, default via 169.254.1.1 onlink; the node side of the
-               veth holds 169.254.1.1/32 and a /32 route to the pod (Calico's shape)
+               (or several nodes on one bridge of the router: Underlay.lan)
+    pods:      attached by the CNI plugins through the agents (test_agent_encapsulation.py)
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from pathlib import Path
 
 from lab.netns import Namespaces
 
-POD_GATEWAY = "169.254.1.1"
 _TIMESTAMP = re.compile(r"\d\d:\d\d:\d\d\.\d+ ")
 
 
@@ -64,49 +63,43 @@ class Pod:
 
 
 class Underlay:
-    """Builds nodes, routers and pods inside `namespaces`."""
+    """Builds nodes and routers inside `namespaces`."""
 
     def __init__(self, namespaces: Namespaces):
         self.namespaces = namespaces
-        self._pods = 0
 
     def router(self, tag: str = "router") -> str:
         ns = self.namespaces.create(tag)
         forwarding(ns)
         return ns
 
+    def lan(self, router: str, bridge: str, gateway: str) -> None:
+        """A bridge in `router` holding `gateway` (ADDR/LEN): the nodes attached to it
+        (`node(..., router=router, bridge=bridge)`) share one subnet and reach each other
+        directly."""
+        ip(router, "link", "add", bridge, "type", "bridge")
+        ip(router, "addr", "add", gateway, "dev", bridge)
+        ip(router, "link", "set", bridge, "up")
+
     def node(self, tag: str, address: str, *, router: str | None = None,
-             router_if: str = "", mtu: int = 1500) -> Node:
+             router_if: str = "", mtu: int = 1500, bridge: str | None = None) -> Node:
         """A node whose eth0 holds `address`; attached to `router` (which gets the subnet's
-        first address on `router_if`, and is the node's default gateway) when given."""
+        first address on `router_if`, or has it on `bridge`, which `router_if` then joins;
+        the node's default gateway) when given."""
         ns = self.namespaces.create(tag)
         forwarding(ns)
         node = Node(ns, IPv4Interface(address))
         if router is not None:
             gateway = next(node.address.network.hosts())
             veth(router, router_if, ns, "eth0", mtu)
-            ip(router, "addr", "add", f"{gateway}/{node.address.network.prefixlen}", "dev",
-               router_if)
+            if bridge is not None:
+                ip(router, "link", "set", router_if, "master", bridge)
+            else:
+                ip(router, "addr", "add", f"{gateway}/{node.address.network.prefixlen}",
+                   "dev", router_if)
             ip(ns, "addr", "add", address, "dev", "eth0")
             ip(ns, "route", "add", "default", "via", str(gateway))
         return node
-
-    def join(self, a: Node, b: Node, mtu: int = 1500) -> None:
-        """Connect two nodes' eth0 directly (one subnet, no router)."""
-        veth(a.ns, "eth0", b.ns, "eth0", mtu)
-        ip(a.ns, "addr", "add", str(a.address), "dev", "eth0")
-        ip(b.ns, "addr", "add", str(b.address), "dev", "eth0")
-
-    def pod(self, node: Node, address: str, mtu: int = 1500) -> Pod:
-        self._pods += 1
-        ns = self.namespaces.create("pod")
-        host_if = f"pod{self._pods}"
-        veth(node.ns, host_if, ns, "eth0", mtu)
-        ip(ns, "addr", "add", f"{address}/32", "dev", "eth0")
-        ip(ns, "route", "add", "default", "via", POD_GATEWAY, "dev", "eth0", "onlink")
-        ip(node.ns, "addr", "add", f"{POD_GATEWAY}/32", "dev", host_if)
-        ip(node.ns, "route", "add", f"{address}/32", "dev", host_if)
-        return Pod(ns, IPv4Address(address), node)
 
 
 def ping(source: Pod | str, target: IPv4Address | str, *, size: int | None = None,

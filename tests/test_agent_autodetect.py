@@ -1,0 +1,120 @@
+"""The agent's own start without --ip: it finds the node's address on the real interfaces of
+its network namespace (first-found, the default; interface=REGEX; skip-interface=REGEX;
+cidr=CIDR; can-reach=DEST through the kernel's routes), registers it in the node record and
+serves it in its status. A method that matches nothing stops the agent with one sentence and
+a non-zero exit, before it serves or registers anything.
+
+The namespace, made here (no dummy module on this kernel: veth pairs):
+
+    lo      127.0.0.1/8         never (loopback)
+    veth-x  192.168.9.5/24      first in interface order; first-found skips veth*, cni*
+    cni0    (veth-x's peer, no address)
+    eth0    192.168.10.5/24     what first-found takes
+    eth1    10.20.0.5/24        and the route 172.30.0.0/16 via 10.20.0.1
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from lab.agent import NodeAgentProcess
+from lab.etcd import EtcdServer
+from lab.netns import Namespaces
+from lab.process import wait
+from tests.cni_support import short_dir  # noqa: F401 (a fixture)
+from tests.ipip_support import ip
+from tests.test_pipitctl import ok, pipitctl
+
+pytestmark = pytest.mark.netns
+
+ROOT = Path(__file__).resolve().parents[1]
+NODE = "n1"
+
+
+@pytest.fixture(scope="module")
+def host():
+    """The node's namespace with the interfaces above (no traffic ever leaves it)."""
+    with Namespaces() as namespaces:
+        ns = namespaces.create("node")
+        # (a veth pair's peer is made first, so it gets the lower interface index)
+        ip(ns, "link", "add", "cni0", "type", "veth", "peer", "name", "veth-x")
+        ip(ns, "link", "add", "eth1", "type", "veth", "peer", "name", "eth0")
+        for device, address in (("veth-x", "192.168.9.5/24"), ("eth0", "192.168.10.5/24"),
+                                ("eth1", "10.20.0.5/24")):
+            ip(ns, "addr", "add", address, "dev", device)
+        for device in ("veth-x", "cni0", "eth0", "eth1"):
+            ip(ns, "link", "set", device, "up")
+        ip(ns, "route", "add", "172.30.0.0/16", "via", "10.20.0.1", "dev", "eth1")
+        index = {link["ifname"]: link["ifindex"]
+                 for link in json.loads(ip(ns, "-j", "link", "show"))}
+        assert index["lo"] < index["veth-x"] < index["eth0"] < index["eth1"], index
+        yield ns
+
+
+@pytest.fixture
+def etcd(short_dir):
+    """An etcd of this test's own, which the agent inside the namespace reaches through its
+    unix socket (pipitctl, outside, through TCP)."""
+    with EtcdServer(data_dir=short_dir / "etcd", unix_socket=True) as server:
+        yield server
+
+
+def node_agent(host: str, etcd: EtcdServer, directory, method: str | None) -> NodeAgentProcess:
+    # sidecar: no ExaBGP needed to register and serve the status
+    extra = ["--exabgp", "sidecar", "--sigterm", "exit"]
+    if method is not None:
+        extra += ["--ip-autodetection-method", method]
+    return NodeAgentProcess(NODE, host, directory / "state",
+                            f"unix://{etcd.data_dir}/etcd.sock:0", extra_args=extra)
+
+
+def node_records(etcd: EtcdServer) -> dict[str, dict]:
+    listed = json.loads(ok(pipitctl("get", "nodes", "-o", "json", endpoints=etcd.endpoint)))
+    return {item["metadata"]["name"]: item["spec"] for item in listed["items"]}
+
+
+@pytest.mark.parametrize("method, chosen", [
+    (None, "192.168.10.5/24"),  # the default, first-found: not lo, not veth-x
+    ("first-found", "192.168.10.5/24"),
+    ("interface=eth1", "10.20.0.5/24"),
+    ("interface=veth-.*", "192.168.9.5/24"),  # an excluded name, when asked for by name
+    ("skip-interface=veth-x|eth0", "10.20.0.5/24"),
+    ("cidr=10.16.0.0/12", "10.20.0.5/24"),
+    ("can-reach=172.30.1.1", "10.20.0.5/24"),  # through the route via eth1
+    ("can-reach=192.168.9.77", "192.168.9.5/24"),  # on veth-x's subnet
+])
+def test_the_agent_finds_its_address_on_the_namespaces_interfaces(host, etcd, short_dir, method,
+                                                                   chosen):
+    with node_agent(host, etcd, short_dir, method) as agent:
+        status = wait(agent.status, 30, "the agent's status")
+        assert status["address"] == chosen, agent.log_tail()
+        assert node_records(etcd) == {NODE: {"bgp": {"ipv4Address": chosen}}}
+        assert f"node {NODE} registered with address {chosen}" in agent.log_tail()
+
+
+@pytest.mark.parametrize("method, sentence", [
+    ("interface=wlan0",
+     "no IPv4 address on this node matches 'interface=wlan0' (have: veth-x 192.168.9.5/24, "
+     "eth0 192.168.10.5/24, eth1 10.20.0.5/24)."),
+    ("cidr=10.99.0.0/16",
+     "no IPv4 address on this node matches 'cidr=10.99.0.0/16' (have: veth-x 192.168.9.5/24, "
+     "eth0 192.168.10.5/24, eth1 10.20.0.5/24)."),
+    ("can-reach=203.0.113.9", "this node has no route to 203.0.113.9 (Network is unreachable)."),
+])
+def test_no_address_found_is_one_sentence_and_the_agent_serves_nothing(host, etcd, short_dir,
+                                                                       method, sentence):
+    agent = node_agent(host, etcd, short_dir, method)
+    (short_dir / "state").mkdir()
+    result = subprocess.run(agent.argv, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert re.fullmatch(rf".* pipit-agent\[{NODE}\] ERROR pipit-agent: {re.escape(sentence)}",
+                        lines[0]), lines[0]
+    assert node_records(etcd) == {}
+    assert sorted(p.name for p in (short_dir / "state").iterdir()) == []  # no socket, no file
