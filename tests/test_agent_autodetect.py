@@ -91,7 +91,9 @@ def node_records(etcd: EtcdServer) -> dict[str, dict]:
 def test_the_agent_finds_its_address_on_the_namespaces_interfaces(host, etcd, short_dir, method,
                                                                    chosen):
     with node_agent(host, etcd, short_dir, method) as agent:
-        status = wait(agent.status, 30, "the agent's status")
+        # the status is served before the first routing pass fills the address in
+        status = wait(lambda: (s := agent.status()) and s.get("address") and s, 30,
+                      "the agent's status to show its address")
         assert status["address"] == chosen, agent.log_tail()
         assert node_records(etcd) == {NODE: {"bgp": {"ipv4Address": chosen}}}
         assert f"node {NODE} registered with address {chosen}" in agent.log_tail()

@@ -255,7 +255,7 @@ def assert_failed_cleanly(node: Node, net: NetworkConfig, pod: Attachment, code:
 
 
 def test_errors_through_ptp_carry_pipit_codes_and_leave_nothing(node, etcd):
-    add_pools(etcd, ("tiny", "10.245.0.0/30", {"blockSize": 30}))  # 3 usable addresses
+    add_pools(etcd, ("tiny", "10.245.0.0/30", {"blockSize": 30}))  # 2 usable addresses
     pods = node.new_pods(6)
 
     missing = node.network("ptp", ipam=node.ipam(pools=["nope"]))
@@ -265,16 +265,16 @@ def test_errors_through_ptp_carry_pipit_codes_and_leave_nothing(node, etcd):
     assert_failed_cleanly(node, unknown, pods[0], 2, "'subnet'")
 
     tiny = node.network("ptp", ipam=node.ipam(pools=["tiny"]))
-    for pod in pods[1:4]:
+    for pod in pods[1:3]:
         node.runtime.add(tiny, pod)
-    error = assert_failed_cleanly(node, tiny, pods[4], 100, "'tiny'")
+    error = assert_failed_cleanly(node, tiny, pods[3], 100, "'tiny'")
     assert "cannot provide" in error.msg
 
     snap = snapshot(etcd)
-    assert used(snap, "tiny") == 3 and used(snap, "default") == 0
-    for pod in (pods[0], pods[4]):
+    assert used(snap, "tiny") == 2 and used(snap, "default") == 0
+    for pod in (pods[0], pods[3]):
         assert holdings(snap, pod.container_id) == []
-    for pod in pods[1:4]:
+    for pod in pods[1:3]:
         node.runtime.delete(tiny, pod)
 
     node.agent.stop()
