@@ -1,6 +1,7 @@
-"""Route reflection end to end: Pipit's reflector (`pipit-rr`, its ExaBGP run as
-`pipit-exabgp`) against BIRD 2 as the reflector on the same topology, measured in the same run
-(issue 11's figures).
+"""Route reflection end to end: Pipit's reflector against BIRD 2, same topology, same run.
+
+Pipit's reflector is `pipit-rr` (its ExaBGP run as `pipit-exabgp`); the reference, measured in
+the same run, is BIRD 2 as the reflector. Issue 11's figures.
 
     sudo .venv/bin/python -m bench.rr [--clients 200] [--prefixes 5000] [--spread 2,50]
                                       [--joins 30] [--repeat 2] [--only cold,prefixes,join]
