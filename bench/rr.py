@@ -1,9 +1,11 @@
-"""Route reflection end to end: Pipit's reflector (`pipit-rr`, its ExaBGP run as
-`pipit-exabgp`) against BIRD 2 as the reflector on the same topology, measured in the same run
-(issue 11's figures).
+"""Route reflection end to end: Pipit's reflector against BIRD 2, same topology, same run.
+
+Pipit's reflector is `pipit-rr` (its ExaBGP run as `pipit-exabgp`); the reference, measured in
+the same run, is BIRD 2 as the reflector. Issue 11's figures.
 
     sudo .venv/bin/python -m bench.rr [--clients 200] [--prefixes 5000] [--spread 2,50]
                                       [--joins 30] [--repeat 2] [--only cold,prefixes,join]
+                                      [--timeout 300] [--keep DIR]
 
 Topology, in `pipit-bench-pid<pid>-` namespaces (removed at the end, also on error, Ctrl-C or
 SIGTERM; those of benches that died are removed at the start):
@@ -56,6 +58,7 @@ from datetime import datetime
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
+from bench.converge import percentile
 from bench.idle import usage
 from bgp_agent.node import NodeRecord, node_to_document
 from bgp_agent.status import read_status
@@ -469,7 +472,7 @@ class Trial:
 
 
 def cpu_of(ns: str) -> Callable[[], dict[str, float]]:
-    """CPU seconds each reflector process (and the clients' BIRD) used since this call."""
+    """CPU seconds each process in the reflector's namespace has used since this call."""
     pids = processes(ns)
     before = {name: usage(pid).cpu for name, pid in pids.items()}
 
@@ -543,11 +546,6 @@ def join(clients: Clients, client: int, n: int, prefix: IPv4Network, timeout: fl
 
 # --------------------------------------------------------------------------------------------
 # Report
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
-
 
 def span(values: list[float], unit: float = 1e3, digits: int = 0) -> str:
     low, high = min(values) * unit, max(values) * unit
