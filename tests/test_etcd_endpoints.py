@@ -14,6 +14,8 @@ import yaml
 
 from ipam.cni import handle_id
 from lab.agent import AgentProcess
+from lab.cni import CNIError
+from lab.process import wait
 from lab.etcd import EtcdCluster, EtcdServer, free_port, make_tls_files
 from tests.cni_support import NET, Plugin, cni_bin, short_dir  # noqa: F401 (fixtures)
 from tests.tcp_proxy import TCPProxy
@@ -88,7 +90,15 @@ def serves_with(endpoints: str, cni_bin, short_dir, flags: list[str] = (),
     agent.start(timeout=60)
     try:
         plugin = Plugin(cni_bin, agent)
-        address = plugin("ADD", plugin.config(), "c1")["ips"][0]["address"]
+
+        def add():  # code 11 is "try again", and a runtime does (seen once under load)
+            try:
+                return plugin("ADD", plugin.config(), "c1")["ips"][0]["address"]
+            except CNIError as error:
+                if error.code != 11:
+                    raise
+                return None
+        address = wait(add, 60, "a CNI ADD to succeed")
     finally:
         agent.stop()
     nodes = ok(pipitctl("get", "nodes", "-o", "name", *flags, endpoints=endpoints))
