@@ -7,7 +7,7 @@ socket, polls the API helper's pipe, then waits in poll() on the peers' sockets 
 pipe for at most `exabgp.reactor.speed / 100` seconds. Idle, every turn is pure overhead
 (~0.2 ms of Python here, more per peer), so the idle cost is turns per second: speed 0.1 (1 ms)
 burned ~8 % of a core with two sessions, the default 1.0 ~2 %. Pipit runs with speed 10
-(100 ms, ~0.3 %). Two things in ExaBGP 5.0.15 make a long period slow where it should not be,
+(100 ms, ~0.3 %), a reflector with 25 (its turns run many peers; exabgp_config). Two things in ExaBGP 5.0.15 make a long period slow where it should not be,
 and these fixes remove both:
 
 1. An API command that is not done within one turn waits a whole period for the next. ExaBGP
