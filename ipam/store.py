@@ -202,9 +202,19 @@ class _Client(aetcd.Client):
         self.leasestub = rpc.LeaseStub(self.channel)
         self.maintenancestub = rpc.MaintenanceStub(self.channel)
 
-    def fail_over(self) -> None:
-        """Use the next group's channel (the current one reached none of its members)."""
-        self._use((self._current + 1) % len(self.channels))
+    def groups_in_turn(self) -> list[tuple[int, object]]:
+        """(index, KV stub) of every group, the one that last answered first: a call tries
+        them in this order. Each call walks its own list, so calls failing at the same time
+        on a dead group do not move each other back onto it."""
+        count = len(self.channels)
+        order = [(self._current + step) % count for step in range(count)]
+        return [(i, self.kvstub if i == self._current else rpc.KVStub(self.channels[i]))
+                for i in order]
+
+    def answered(self, index: int) -> None:
+        """Group `index` answered a call: calls start there from now on."""
+        if index != self._current and index < len(self.channels):
+            self._use(index)
 
     async def close(self) -> None:
         channels, self.channels = self.channels, []
@@ -314,16 +324,18 @@ class Store:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
-            for _ in range(len(self._client.channels) - 1):
+            groups = self._client.groups_in_turn()
+            for index, stub in groups:
                 try:
-                    return await getattr(self._client.kvstub, method)(
+                    response = await getattr(stub, method)(
                         request, timeout=max(0.0, deadline - loop.time()))
                 except grpc.aio.AioRpcError as error:
-                    if not _never_sent(error) or loop.time() >= deadline:
+                    if (index == groups[-1][0] or not _never_sent(error)
+                            or loop.time() >= deadline):
                         raise
-                    self._client.fail_over()  # that group's members are all away: the next
-            return await getattr(self._client.kvstub, method)(
-                request, timeout=max(0.0, deadline - loop.time()))
+                    continue  # that group's members are all away: the next
+                self._client.answered(index)
+                return response
         except grpc.aio.AioRpcError as error:
             failure = await self._unavailable(error, timeout)
             failure.maybe_written = writes and not _never_sent(error)

@@ -9,13 +9,14 @@ socket exercise."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import yaml
 
 from ipam.cni import handle_id
+from ipam.store import EtcdConfig, Store
 from lab.agent import AgentProcess
-from lab.cni import CNIError
-from lab.process import wait
 from lab.etcd import EtcdCluster, EtcdServer, free_port, make_tls_files
 from tests.cni_support import NET, Plugin, cni_bin, short_dir  # noqa: F401 (fixtures)
 from tests.tcp_proxy import TCPProxy
@@ -90,15 +91,7 @@ def serves_with(endpoints: str, cni_bin, short_dir, flags: list[str] = (),
     agent.start(timeout=60)
     try:
         plugin = Plugin(cni_bin, agent)
-
-        def add():  # code 11 is "try again", and a runtime does (seen once under load)
-            try:
-                return plugin("ADD", plugin.config(), "c1")["ips"][0]["address"]
-            except CNIError as error:
-                if error.code != 11:
-                    raise
-                return None
-        address = wait(add, 60, "a CNI ADD to succeed")
+        address = plugin("ADD", plugin.config(), "c1")["ips"][0]["address"]
     finally:
         agent.stop()
     nodes = ok(pipitctl("get", "nodes", "-o", "name", *flags, endpoints=endpoints))
@@ -131,3 +124,21 @@ def test_a_tls_member_down_the_next_is_checked_against_its_own_name(cni_bin, sho
             one_sentence(pipitctl("get", "ippools", *tls_flags(tls),
                                   endpoints=proxy.url("https")),
                          proxy.url("https"), "its TLS certificate does not name it")
+
+
+def test_calls_at_once_with_the_first_tls_member_down_all_reach_the_next(short_dir):
+    """Many calls on a fresh client (an agent's first moments: registration, the first ADDs,
+    the status probe) all find the first member down at once; each must go on to the next
+    member. (They used to move one shared "current member" forward in turn, so half of them
+    moved it back onto the dead one and failed: the agent exited at registration.)"""
+    tls = make_tls_files(short_dir / "certs", host="127.0.0.2")
+    with EtcdServer(data_dir=short_dir / "etcd", host="127.0.0.2", tls=tls) as server:
+        config = EtcdConfig((f"https://127.0.0.1:{free_port()}", server.endpoint),
+                            tls.ca, tls.client_cert, tls.client_key)
+
+        async def many_at_once():
+            async with Store(config) as store:
+                first = await asyncio.gather(*(store.list("/pipit/") for _ in range(20)))
+                later = await asyncio.gather(*(store.list("/pipit/") for _ in range(20)))
+                return first + later
+        assert asyncio.run(many_at_once()) == [[]] * 40
