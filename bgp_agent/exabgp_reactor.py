@@ -25,7 +25,8 @@ and these fixes remove both:
 
 Both fixes replace one method, Reactor._wait_for_io, and are applied only to the release
 they were written against (5.0.x); with any other, pipit-exabgp says so on stderr and runs
-ExaBGP unchanged (correct, only slower to answer as above).
+ExaBGP unchanged (correct, only slower to answer as above). pipit-exabgp also installs
+bgp_agent.exabgp_fanout's changes (one command to many neighbours, a reflector's).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def apply() -> str | None:
 
 
 def main() -> None:
+    from bgp_agent import exabgp_fanout
     from exabgp.version import release
     problem = apply()
     if problem:
@@ -78,6 +80,10 @@ def main() -> None:
               "answer slowly after a session ends and on long commands", file=sys.stderr)
     else:
         print(f"pipit-exabgp: ExaBGP {release} with Pipit's reactor fixes", file=sys.stderr)
+    problem = exabgp_fanout.apply()
+    if problem:
+        print(f"pipit-exabgp: running ExaBGP without Pipit's fan-out changes: {problem}; "
+              "commands to many neighbours (a reflector's) will be slow", file=sys.stderr)
     sys.stderr.flush()
     from exabgp.application.main import main as exabgp_main
     sys.exit(exabgp_main())

@@ -1,0 +1,104 @@
+"""pipit-exabgp's fan-out changes (bgp_agent.exabgp_fanout) against ExaBGP's own code: matching
+by address picks exactly the peers ExaBGP's regular expressions pick, in the same order; a
+route whose next hop is not `self` is handed to every neighbour uncopied, one with `self` is
+still copied and rewritten per neighbour. (The reflector end to end, real BIRD and FRR clients
+receiving what it sends through pipit-exabgp: test_route_reflection.py.)"""
+
+from __future__ import annotations
+
+import pytest
+from exabgp.bgp.neighbor import Neighbor
+from exabgp.configuration.configuration import Configuration
+from exabgp.environment import getenv
+from exabgp.logger import log
+from exabgp.protocol.ip import IP
+from exabgp.reactor.api.command import announce, limit, rib
+from exabgp.reactor.api.command.limit import extract_neighbors
+
+from bgp_agent import exabgp_fanout
+
+pytestmark = pytest.mark.unit
+
+PEERS = [
+    f"neighbor {address} local-ip 10.77.0.1 local-as 64512 peer-as {asn} router-id 10.77.0.1 "
+    "family-allowed in-open"
+    for address, asn in [("10.77.1.5", 64512), ("10.77.1.50", 64512), ("10.77.1.6", 64513),
+                         ("10.77.2.5", 64512)]
+]
+ORIGINAL = exabgp_fanout.matcher(limit.match_neighbors).__wrapped__
+
+
+@pytest.mark.parametrize("command", [
+    "neighbor 10.77.1.5 announce route 10.1.0.0/26 next-hop 10.77.1.5",
+    "neighbor 10.77.1.5 , neighbor 10.77.2.5 announce attributes next-hop 10.77.1.5 nlri "
+    "10.1.0.0/26 10.1.0.64/26",
+    "neighbor 10.77.2.5 , neighbor 10.77.1.5 , neighbor 10.77.1.5 withdraw attributes nlri "
+    "10.1.0.0/26",  # the order is the peers', a repeat counts once
+    "neighbor 10.77.1.50 announce route 10.1.0.0/26 next-hop 10.77.1.5",  # not 10.77.1.5
+    "neighbor 10.77.9.9 announce route 10.1.0.0/26 next-hop 10.77.1.5",  # nobody
+    "neighbor * announce route 10.1.0.0/26 next-hop 10.77.1.5",
+    "neighbor 10.77.1.6 peer-as 64513 announce route 10.1.0.0/26 next-hop 10.77.1.5",
+    "neighbor 10.77.1.6 peer-as 64512 announce route 10.1.0.0/26 next-hop 10.77.1.5",
+    "neighbor 10.77.1.5 , neighbor 10.77.1.6 local-as 64512 announce eor ipv4 unicast",
+    "announce route 10.1.0.0/26 next-hop 10.77.1.5",  # no selector: every peer
+])
+def test_matching_by_address_picks_what_exabgp_picks(command):
+    descriptions, _ = extract_neighbors(command)
+    fast = exabgp_fanout.matcher(ORIGINAL)
+    assert fast(PEERS, descriptions) == ORIGINAL(PEERS, descriptions)
+
+
+def test_plain_selectors_do_not_reach_the_regular_expressions():
+    def refuse(peers, descriptions):
+        raise AssertionError("ExaBGP's matching was used")
+    descriptions, _ = extract_neighbors(  # 10.77.0.0 to 10.77.1.49
+        " , ".join(f"neighbor 10.77.{i // 250}.{i % 250}" for i in range(300))
+        + " announce attributes next-hop 10.77.1.5 nlri 10.1.0.0/26")
+    picked = exabgp_fanout.matcher(refuse)(PEERS, descriptions)
+    assert picked == [PEERS[0], PEERS[2]] == ORIGINAL(PEERS, descriptions)
+
+
+def parsed_route(line: str):
+    log.init(getenv())
+    configuration = Configuration([])
+    assert configuration.partial("static", line, "announce")
+    (change,) = configuration.scope.pop_routes()
+    return change
+
+
+def neighbor(local: str) -> Neighbor:
+    n = Neighbor()
+    n["local-address"] = IP.create(local)
+    return n
+
+
+def test_a_route_with_its_own_next_hop_is_given_to_every_neighbour_uncopied():
+    change = parsed_route("route 10.1.0.0/26 next-hop 10.77.1.5 origin igp")
+    remove_self = exabgp_fanout.sharing(Neighbor.remove_self)
+    given = [remove_self(neighbor(f"10.77.0.{i}"), change) for i in (1, 2)]
+    assert all(g is change for g in given)
+    assert str(change.nlri.nexthop) == "10.77.1.5"
+
+
+def test_a_route_with_next_hop_self_is_still_copied_and_rewritten_per_neighbour():
+    change = parsed_route("route 10.1.0.64/26 next-hop self")
+    remove_self = exabgp_fanout.sharing(Neighbor.remove_self)
+    first, second = (remove_self(neighbor(f"10.77.0.{i}"), change) for i in (1, 2))
+    assert first is not change and second is not change
+    assert (str(first.nlri.nexthop), str(second.nlri.nexthop)) == ("10.77.0.1", "10.77.0.2")
+    assert change.nlri.nexthop.SELF  # the command's own change is left as it was
+
+
+def test_apply_installs_both_once_into_every_module_that_matches():
+    try:
+        assert exabgp_fanout.apply() is None
+        assert exabgp_fanout.apply() is None  # twice: still one layer
+        for module in (limit, announce, rib):
+            assert module.match_neighbors.__wrapped__ is ORIGINAL
+        assert Neighbor.remove_self.__wrapped__.__name__ == "remove_self"
+        assert not hasattr(Neighbor.remove_self.__wrapped__, "__wrapped__")
+    finally:
+        for module in (limit, announce, rib):
+            module.match_neighbors = ORIGINAL
+        Neighbor.remove_self = getattr(Neighbor.remove_self, "__wrapped__",
+                                       Neighbor.remove_self)
