@@ -5,7 +5,7 @@ JSON objects, one per line, over a unix socket (the agent listens, the bridge co
 Addresses and prefixes are strings.
 
 Bridge to agent, first on every connection:
-    {"type": "hello", "protocol": 1, "bridge_pid": 12, "exabgp_pid": 11, "digest": "ab12.."|null}
+    {"type": "hello", "protocol": 3, "bridge_pid": 12, "exabgp_pid": 11, "digest": "ab12.."|null}
         digest: the configuration the bridge last saw ExaBGP apply (see exabgp_config)
     {"type": "snapshot-begin"}
     state messages (below) for everything the bridge knows: peers, received, announced
@@ -21,8 +21,11 @@ then live, in the order things happen, the state messages:
         restart_time are from the last OPEN exchange. ExaBGP's "connected" is not reported: it
         repeats every second while a peer refuses (trap 5).
     {"type": "received", "peer": A, "announce": [Path...], "withdraw": [prefix...]}
-    {"type": "announced", "neighbor": A, "routes": [Announcement...]}   ExaBGP accepted these
-    {"type": "withdrawn", "neighbor": A, "prefixes": [prefix...]}       ExaBGP accepted these
+    {"type": "announced", "neighbors": [A...], "routes": [Announcement...]}
+    {"type": "withdrawn", "neighbors": [A...], "prefixes": [prefix...]}
+        ExaBGP accepted these for every neighbour listed (one message per command, however
+        many neighbours it named; protocol 2 sent one per neighbour, `"neighbor": A`, which
+        is still read)
     {"type": "forget", "peer": A}          no longer configured: drop everything about it
 and the answers and notices:
     {"type": "done", "id": N, "output": [...]} / {"type": "error", "id": N, "message": "..."}
@@ -60,7 +63,8 @@ from bgp_agent.model import Announcement, Path, PeerState
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = 2  # 2: announce/withdraw to several neighbours, the eor op, peer notification
+PROTOCOL = 3  # 2: announce/withdraw to several neighbours, the eor op, peer notification;
+#               3: announced/withdrawn name several neighbours
 CHUNK = 1000  # routes per snapshot message
 LINE_LIMIT = 64 * 2**20  # longest line either side accepts
 
@@ -151,13 +155,13 @@ class Received:
 
 @dataclass(frozen=True)
 class Announced:
-    neighbor: IPv4Address
+    neighbors: tuple[IPv4Address, ...]
     routes: tuple[Announcement, ...]
 
 
 @dataclass(frozen=True)
 class Withdrawn:
-    neighbor: IPv4Address
+    neighbors: tuple[IPv4Address, ...]
     prefixes: tuple[IPv4Network, ...]
 
 
@@ -178,10 +182,10 @@ def encode(message: StateMessage) -> dict:
                 "announce": [path_to_json(p) for p in message.announce],
                 "withdraw": [str(p) for p in message.withdraw]}
     if isinstance(message, Announced):
-        return {"type": "announced", "neighbor": str(message.neighbor),
+        return {"type": "announced", "neighbors": [str(n) for n in message.neighbors],
                 "routes": [announcement_to_json(r) for r in message.routes]}
     if isinstance(message, Withdrawn):
-        return {"type": "withdrawn", "neighbor": str(message.neighbor),
+        return {"type": "withdrawn", "neighbors": [str(n) for n in message.neighbors],
                 "prefixes": [str(p) for p in message.prefixes]}
     return {"type": "forget", "peer": str(message.peer)}
 
@@ -196,13 +200,21 @@ def decode(d: dict) -> StateMessage:
         return Received(IPv4Address(d["peer"]), tuple(map(path_from_json, d["announce"])),
                         tuple(IPv4Network(p) for p in d["withdraw"]))
     if kind == "announced":
-        return Announced(IPv4Address(d["neighbor"]),
-                         tuple(map(announcement_from_json, d["routes"])))
+        return Announced(_neighbors(d), tuple(map(announcement_from_json, d["routes"])))
     if kind == "withdrawn":
-        return Withdrawn(IPv4Address(d["neighbor"]), tuple(IPv4Network(p) for p in d["prefixes"]))
+        return Withdrawn(_neighbors(d), tuple(IPv4Network(p) for p in d["prefixes"]))
     if kind == "forget":
         return Forget(IPv4Address(d["peer"]))
     raise ValueError(f"{kind!r} is not a state message")
+
+
+def _neighbors(d: dict) -> tuple[IPv4Address, ...]:
+    """An announced/withdrawn message's neighbours (protocol 2 named one, as "neighbor")."""
+    if "neighbors" in d:
+        if not isinstance(d["neighbors"], list):
+            raise ValueError("neighbors is not a list")
+        return tuple(map(IPv4Address, d["neighbors"]))
+    return (IPv4Address(d["neighbor"]),)
 
 
 @dataclass
@@ -229,15 +241,16 @@ class RouteTables:
             for path in message.announce:
                 table[path.prefix] = path
         elif isinstance(message, Announced):
-            table = self.announced.setdefault(message.neighbor, {})
-            for route in message.routes:
-                table[route.prefix] = route
+            routes = {route.prefix: route for route in message.routes}
+            for neighbor in message.neighbors:
+                self.announced.setdefault(neighbor, {}).update(routes)
         elif isinstance(message, Withdrawn):
-            table = self.announced.get(message.neighbor, {})
-            for prefix in message.prefixes:
-                table.pop(prefix, None)
-            if not table:
-                self.announced.pop(message.neighbor, None)
+            for neighbor in message.neighbors:
+                table = self.announced.get(neighbor, {})
+                for prefix in message.prefixes:
+                    table.pop(prefix, None)
+                if not table:
+                    self.announced.pop(neighbor, None)
         else:
             for table in (self.peers, self.received, self.announced):
                 table.pop(message.peer, None)
@@ -253,7 +266,7 @@ class RouteTables:
         for address, routes in self.announced.items():
             listed = tuple(routes.values())
             for i in range(0, len(listed), CHUNK):
-                yield Announced(address, listed[i:i + CHUNK])
+                yield Announced((address,), listed[i:i + CHUNK])
 
 
 # --------------------------------------------------------------------------------------------

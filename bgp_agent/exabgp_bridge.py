@@ -315,11 +315,13 @@ class BridgeState:
             return [self._send(PeerChanged(replace(peer, end_of_rib=True)))]
         return [self._send(Received(event.peer, event.announce, event.withdraw))]
 
-    def record_announced(self, neighbor: IPv4Address, routes: list[Announcement]) -> dict:
-        return self._send(Announced(neighbor, tuple(routes)))
+    def record_announced(self, neighbors: Sequence[IPv4Address],
+                         routes: list[Announcement]) -> dict:
+        return self._send(Announced(tuple(neighbors), tuple(routes)))
 
-    def record_withdrawn(self, neighbor: IPv4Address, prefixes: list[IPv4Network]) -> dict:
-        return self._send(Withdrawn(neighbor, tuple(prefixes)))
+    def record_withdrawn(self, neighbors: Sequence[IPv4Address],
+                         prefixes: list[IPv4Network]) -> dict:
+        return self._send(Withdrawn(tuple(neighbors), tuple(prefixes)))
 
     def set_configured(self, neighbors: set[IPv4Address], digest: str | None) -> list[dict]:
         self.configured, self.digest = set(neighbors), digest
@@ -492,19 +494,19 @@ class Bridge:
             neighbors = [IPv4Address(a) for a in request["neighbors"]]
             routes = [announcement_from_json(r) for r in request["routes"]]
             return await self._each(announce_commands(neighbors, routes), lambda part: [
-                self.state.record_announced(n, part) for n in neighbors])
+                self.state.record_announced(neighbors, part)])
         if op == "withdraw":
             neighbors = [IPv4Address(a) for a in request["neighbors"]]
             prefixes = [IPv4Network(p) for p in request["prefixes"]]
             return await self._each(withdraw_commands(neighbors, prefixes), lambda part: [
-                self.state.record_withdrawn(n, part) for n in neighbors])
+                self.state.record_withdrawn(neighbors, part)])
         if op == "eor":
             return await self.command(end_of_rib_command(IPv4Address(request["neighbor"])))
         if op == "clear":
             neighbor = IPv4Address(request["neighbor"])
             output = await self.command(f"neighbor {neighbor} clear adj-rib out")
             self._send_agent(self.state.record_withdrawn(
-                neighbor, list(self.state.tables.announced.get(neighbor, {}))))
+                [neighbor], list(self.state.tables.announced.get(neighbor, {}))))
             return output
         if op == "reload":
             return await self._reload(request.get("digest"),
@@ -582,7 +584,7 @@ class Bridge:
                 output = await self.command("clear adj-rib out")
                 for neighbor in list(tables.announced):
                     self._send_agent(self.state.record_withdrawn(
-                        neighbor, list(tables.announced[neighbor])))
+                        [neighbor], list(tables.announced[neighbor])))
             else:  # ours only, one command per group of neighbours with the same routes
                 groups: dict[tuple[IPv4Network, ...], list[IPv4Address]] = {}
                 for neighbor, prefixes in own.items():
@@ -592,7 +594,7 @@ class Bridge:
                 for prefixes, neighbors in groups.items():
                     output += await self._each(
                         withdraw_commands(neighbors, prefixes), lambda part, n=neighbors: [
-                            self.state.record_withdrawn(a, part) for a in n])
+                            self.state.record_withdrawn(n, part)])
             try:
                 await asyncio.wait_for(self._retired.wait(), timeout)
             except asyncio.TimeoutError:

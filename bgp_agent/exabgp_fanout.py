@@ -1,4 +1,4 @@
-"""pipit-exabgp: two changes to how ExaBGP 5.0 hands one API command to many neighbours, which
+"""pipit-exabgp: four changes to how ExaBGP 5.0 hands one API command to many neighbours, which
 is what a reflector's batched commands are (`neighbor A , neighbor B , ... announce attributes
 ... nlri ...` to every client at once). Same results, far less work per neighbour:
 
@@ -16,8 +16,16 @@ is what a reflector's batched commands are (`neighbor A , neighbor B , ... annou
    change: nothing changes a change once it is in a RIB (a withdrawal is made on a copy,
    `exabgp.rib.outgoing.OutgoingRIB.del_from_rib`), nor its attributes (packed per session,
    never cached by session).
+3. Which neighbours get a route: `Configuration.inject_change` looked each configured
+   neighbour up in the command's list of peers, a list: 200 x 200 comparisons per route. It
+   is given a set.
+4. The path attributes of one route were packed again for every neighbour's UPDATE. They are
+   packed once per kind of session (the local and peer AS, 4-octet AS and AIGP, all that an
+   attribute's encoding depends on) and kept on the attributes object, which ExaBGP already
+   treats as settled once a route is in a RIB (it keeps its index and text the same way).
+   Attributes with a next hop `self` are packed per session as before.
 
-`apply()` installs both, only into the releases they were written against (5.0.x, as
+`apply()` installs them all, only into the releases they were written against (5.0.x, as
 bgp_agent.exabgp_reactor).
 """
 
@@ -68,17 +76,57 @@ def sharing(original):
     return remove_self
 
 
+def to_set(original):
+    """Configuration.inject_change(peers, change) with `peers` as a set."""
+    def inject_change(configuration, peers, change):
+        return original(configuration, peers if isinstance(peers, (set, frozenset))
+                        else set(peers), change)
+    inject_change.__wrapped__ = original
+    return inject_change
+
+
+PACKED = "_pipit_packed"  # the attribute of an Attributes object holding its packed forms
+
+
+def packed_once(original):
+    """Attributes.pack(negotiated, with_default) computed once per kind of session."""
+    from exabgp.bgp.message.update.attribute import Attribute
+    next_hop_code = Attribute.CODE.NEXT_HOP
+
+    def pack(attributes, negotiated, with_default=True):
+        next_hop = attributes.get(next_hop_code)
+        if next_hop is not None and getattr(next_hop, "SELF", False):
+            return original(attributes, negotiated, with_default)
+        key = (negotiated.local_as, negotiated.peer_as, negotiated.asn4, negotiated.aigp,
+               with_default)
+        cache = attributes.__dict__.get(PACKED)
+        if cache is None:
+            cache = attributes.__dict__[PACKED] = {}
+        packed = cache.get(key)
+        if packed is None:
+            packed = cache[key] = original(attributes, negotiated, with_default)
+        return packed
+    pack.__wrapped__ = original
+    return pack
+
+
+def unwrapped(function):
+    return getattr(function, "__wrapped__", function)
+
+
 def apply() -> str | None:
-    """Install both into ExaBGP. None if done, else why not."""
+    """Install them into ExaBGP. None if done, else why not."""
+    from exabgp.bgp.message.update.attribute.attributes import Attributes
     from exabgp.bgp.neighbor import Neighbor
+    from exabgp.configuration.configuration import Configuration
     from exabgp.reactor.api.command import announce, limit, rib
     from exabgp.version import release
     if not release.startswith(FIXED_RELEASES):
         return f"ExaBGP {release} is not a release these changes were written for"
-    original = getattr(limit.match_neighbors, "__wrapped__", limit.match_neighbors)
-    fast = matcher(original)
+    fast = matcher(unwrapped(limit.match_neighbors))
     for module in (limit, announce, rib):  # each imported the function by name
         module.match_neighbors = fast
-    Neighbor.remove_self = sharing(getattr(Neighbor.remove_self, "__wrapped__",
-                                           Neighbor.remove_self))
+    Neighbor.remove_self = sharing(unwrapped(Neighbor.remove_self))
+    Configuration.inject_change = to_set(unwrapped(Configuration.inject_change))
+    Attributes.pack = packed_once(unwrapped(Attributes.pack))
     return None

@@ -323,7 +323,7 @@ def test_a_down_says_whether_a_notification_ended_the_session(reason, notificati
 def test_unconfigured_peers_are_forgotten_and_ignored():
     state = BridgeState()
     feed(state, UP, ANNOUNCE)
-    state.record_announced(PEER, [Announcement(N("10.1.0.0/26"))])
+    state.record_announced([PEER], [Announcement(N("10.1.0.0/26"))])
     assert state.set_configured({A("10.99.0.3")}, "d1") == [{"type": "forget", "peer": str(PEER)}]
     assert not state.tables.peers and not state.tables.received and not state.tables.announced
     assert feed(state, DOWN) == []
@@ -353,8 +353,8 @@ def test_sent_withdrawals_count_down_a_retirement():
 def test_the_snapshot_rebuilds_the_agents_tables():
     state = BridgeState()
     feed(state, OPEN_SENT, OPEN_RECEIVED, UP, ANNOUNCE, EOR)
-    state.record_announced(PEER, [Announcement(p) for p in blocks(2500)])
-    state.record_withdrawn(PEER, blocks(1))
+    state.record_announced([PEER], [Announcement(p) for p in blocks(2500)])
+    state.record_withdrawn([PEER], blocks(1))
     messages = list(state.snapshot(exabgp_pid=42))
     assert messages[0]["type"] == "hello" and messages[0]["exabgp_pid"] == 42
     tables = RouteTables()
@@ -409,3 +409,21 @@ def test_peer_state_survives_json():
                      graceful_restart=True, restart_time=120, router_id=A("10.99.0.2"),
                      end_of_rib=True, extra={"a": 1})
     assert peer_from_json(json.loads(json.dumps(peer_to_json(peer)))) == peer
+
+
+def test_one_announced_message_covers_every_neighbour_of_a_command():
+    """A reflector's command names a few hundred clients: the bridge tells the agent once,
+    not once per client; a protocol 2 bridge's one-neighbour form is still read."""
+    state, tables = BridgeState(), RouteTables()
+    neighbors = [A(f"10.99.1.{i}") for i in range(1, 201)]
+    routes = [Announcement(p, next_hop=A("10.99.1.7")) for p in blocks(3)]
+    messages = [state.record_announced(neighbors, routes),
+                state.record_withdrawn(neighbors[:100], blocks(1))]
+    assert [m["type"] for m in messages] == ["announced", "withdrawn"]
+    for message in messages:
+        tables.apply(decode(json.loads(json.dumps(message))))
+    assert tables.announced == state.tables.announced
+    assert [len(tables.announced[n]) for n in (neighbors[0], neighbors[150])] == [2, 3]
+    old = {"type": "announced", "neighbor": "10.99.2.1", "routes": [{"prefix": "10.1.0.0/26"}]}
+    tables.apply(decode(old))
+    assert list(tables.announced[A("10.99.2.1")]) == [N("10.1.0.0/26")]

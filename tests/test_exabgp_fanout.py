@@ -7,6 +7,7 @@ receiving what it sends through pipit-exabgp: test_route_reflection.py.)"""
 from __future__ import annotations
 
 import pytest
+from exabgp.bgp.message.update.attribute.attributes import Attributes
 from exabgp.bgp.neighbor import Neighbor
 from exabgp.configuration.configuration import Configuration
 from exabgp.environment import getenv
@@ -89,16 +90,66 @@ def test_a_route_with_next_hop_self_is_still_copied_and_rewritten_per_neighbour(
     assert change.nlri.nexthop.SELF  # the command's own change is left as it was
 
 
-def test_apply_installs_both_once_into_every_module_that_matches():
+def test_apply_installs_each_change_once_into_every_place_that_uses_it():
+    methods = [(Neighbor, "remove_self"), (Configuration, "inject_change"), (Attributes, "pack")]
+    originals = [getattr(owner, name) for owner, name in methods]
     try:
         assert exabgp_fanout.apply() is None
         assert exabgp_fanout.apply() is None  # twice: still one layer
         for module in (limit, announce, rib):
             assert module.match_neighbors.__wrapped__ is ORIGINAL
-        assert Neighbor.remove_self.__wrapped__.__name__ == "remove_self"
-        assert not hasattr(Neighbor.remove_self.__wrapped__, "__wrapped__")
+        for (owner, name), original in zip(methods, originals):
+            assert getattr(owner, name).__wrapped__ is original
     finally:
         for module in (limit, announce, rib):
             module.match_neighbors = ORIGINAL
-        Neighbor.remove_self = getattr(Neighbor.remove_self, "__wrapped__",
-                                       Neighbor.remove_self)
+        for (owner, name), original in zip(methods, originals):
+            setattr(owner, name, original)
+
+
+def session(local_as: int, peer_as: int, asn4: bool = True):
+    """What packing path attributes reads of ExaBGP's Negotiated."""
+    from types import SimpleNamespace
+
+    from exabgp.bgp.message.open.asn import ASN
+    return SimpleNamespace(local_as=ASN(local_as), peer_as=ASN(peer_as), asn4=asn4, aigp=False)
+
+
+REFLECTED = ("route 10.1.0.0/26 next-hop 10.77.1.5 origin igp local-preference 100 "
+             "originator-id 10.77.1.5 cluster-list 244.0.0.1 as-path [ 64999 70000 ]")
+
+
+def test_attributes_are_packed_once_per_kind_of_session_and_as_exabgp_packs_them():
+    calls = []
+
+    def counting(attributes, negotiated, with_default=True):
+        calls.append(negotiated)
+        return Attributes.pack(attributes, negotiated, with_default)
+    pack = exabgp_fanout.packed_once(counting)
+    attributes = parsed_route(REFLECTED).attributes
+    kinds = [session(64512, 64512), session(64512, 64513), session(64512, 64512, asn4=False)]
+    for _ in range(3):  # three rounds of every kind: packed once per kind
+        for kind in kinds:
+            assert pack(attributes, kind) == Attributes.pack(attributes, kind)
+    assert calls == kinds
+    assert len({pack(attributes, kind) for kind in kinds}) == 3  # they do differ
+
+
+def test_attributes_with_next_hop_self_are_packed_per_session():
+    calls = []
+
+    def counting(attributes, negotiated, with_default=True):
+        calls.append(negotiated)
+        return b"per session"
+    pack = exabgp_fanout.packed_once(counting)
+    attributes = parsed_route("route 10.1.0.64/26 next-hop self").attributes
+    pack(attributes, session(64512, 64512))
+    pack(attributes, session(64512, 64512))
+    assert len(calls) == 2
+
+
+def test_routes_are_injected_with_the_peers_as_a_set():
+    seen = []
+    inject = exabgp_fanout.to_set(lambda configuration, peers, change: seen.append(peers))
+    inject(None, PEERS, "change")
+    assert seen == [set(PEERS)]
