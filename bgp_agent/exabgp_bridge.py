@@ -26,7 +26,9 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network
 
@@ -53,6 +55,11 @@ log = logging.getLogger("pipit-exabgp-bridge")
 BATCH = 1000  # prefixes per ExaBGP command line (ExaBGP's limit is 1 MiB a line)
 AGENT_BUFFER_LIMIT = 64 * 2**20  # an agent this far behind is dropped; it gets a snapshot back
 COMMAND_TIMEOUT = 120.0  # ExaBGP acks every command; this only guards against a lost ack
+# Announce/withdraw commands of one request sent before the first is answered: ExaBGP reads
+# them all in one turn of its loop and answers them in order, instead of one command per turn
+# (a reflector's pass is hundreds of commands, and every turn runs every peer).
+PIPELINE = 32
+ROUTE_OPS = ("announce", "withdraw")
 # How ExaBGP words a session that ended with a NOTIFICATION (reactor/peer.py); any such end
 # rules out graceful restart (RFC 4724).
 NOTIFICATION = re.compile(r"notification (sent|received) \(\d+,\d+\)")
@@ -354,7 +361,9 @@ class Bridge:
         self.agent: asyncio.StreamWriter | None = None
         self.queue: asyncio.Queue[tuple[asyncio.StreamWriter, dict]] = asyncio.Queue()
         self._stdout: asyncio.WriteTransport | None = None
-        self._ack: asyncio.Future | None = None  # the one command in flight
+        # the commands in flight, oldest first: ExaBGP answers announcements in order; a
+        # future whose caller gave up stays until its answer comes, so answers stay matched
+        self._acks: deque[asyncio.Future] = deque()
         self._output: list[str] = []
         self._retired = asyncio.Event()
         self._retire_armed = False
@@ -383,10 +392,11 @@ class Bridge:
 
     def _on_exabgp_line(self, line: str) -> None:
         if line in ("done", "error"):
-            if self._ack and not self._ack.done():
-                self._ack.set_result((line == "done", self._output))
-            else:
+            ack = self._acks.popleft() if self._acks else None
+            if ack is None:
                 log.warning("ExaBGP answered %r to no command", line)
+            elif not ack.done():
+                ack.set_result((line == "done", self._output))
             self._output = []
             return
         if line.startswith("{") and '"exabgp"' in line[:20]:
@@ -398,24 +408,33 @@ class Bridge:
                 if self._retire_armed and not any(self.state.retiring.values()):
                     self._retired.set()
             return
-        if self._ack is None:
+        if not self._acks:
             log.warning("unexpected line from ExaBGP: %.300s", line)
             return
         self._output.append(line)  # output of the command in flight ("show ...", "reload ...")
 
     async def command(self, line: str) -> list[str]:
-        """Send one command and wait for ExaBGP's done/error: one at a time, because ExaBGP
-        answers "reload" and unknown commands before earlier announcements (acks are not FIFO)."""
-        self._ack = asyncio.get_running_loop().create_future()
-        self._output = []
+        """Send one command and wait for ExaBGP's done/error. Other than announcements
+        (`_pipelined`), one at a time: ExaBGP answers "reload" and unknown commands before earlier
+        announcements (acks are not FIFO)."""
+        return await self._answer(self._send(line), line)
+
+    def _send(self, line: str) -> asyncio.Future:
+        ack = asyncio.get_running_loop().create_future()
+        if not self._acks:
+            self._output = []
+        self._acks.append(ack)
         self._stdout.write(line.encode() + b"\n")
+        return ack
+
+    @staticmethod
+    async def _answer(ack: asyncio.Future, line: str) -> list[str]:
         try:
-            ok, output = await asyncio.wait_for(self._ack, COMMAND_TIMEOUT)
+            ok, output = await asyncio.wait_for(asyncio.shield(ack), COMMAND_TIMEOUT)
         except asyncio.TimeoutError:
+            ack.cancel()  # stays in line for its answer, if one ever comes
             raise CommandFailed(f"ExaBGP did not answer within {COMMAND_TIMEOUT:g} s: "
                                 f"{line[:200]}") from None
-        finally:
-            self._ack = None
         if not ok:
             raise CommandFailed(f"ExaBGP refused: {line[:200]}" + (f" ({output})" if output else ""))
         return output
@@ -473,33 +492,83 @@ class Bridge:
             self.agent = None
 
     async def _worker(self) -> None:
+        held = None  # a request taken from the queue while gathering, run next
         while True:
-            writer, request = await self.queue.get()
+            writer, request = held or await self.queue.get()
+            held = None
             if writer is not self.agent:
                 continue  # from an agent that has gone: its successor decides afresh
+            if request.get("op") in ROUTE_OPS:  # with those queued behind it, pipelined
+                group = [request]
+                while len(group) < PIPELINE and not self.queue.empty():
+                    held = self.queue.get_nowait()
+                    if held[0] is not writer or held[1].get("op") not in ROUTE_OPS:
+                        break
+                    group.append(held[1])
+                    held = None
+                await self._route_requests(writer, group)
+                continue
             try:
                 output = await self._execute(request)
                 reply = {"type": "done", "id": request.get("id"), "output": output}
             except Exception as error:
-                if not isinstance(error, (CommandFailed, KeyError, ValueError, TypeError)):
-                    log.exception("request failed: %.300s", request)
-                log.error("%s", error)  # ExaBGP never logs API errors itself
-                reply = {"type": "error", "id": request.get("id"), "message": str(error)}
+                reply = self._error_reply(request, error)
             if writer is self.agent:
                 self._send_agent(reply)
 
-    async def _execute(self, request: dict) -> list[str]:
-        op = request["op"]
-        if op == "announce":
-            neighbors = [IPv4Address(a) for a in request["neighbors"]]
+    @staticmethod
+    def _error_reply(request: dict, error: Exception) -> dict:
+        if not isinstance(error, (CommandFailed, KeyError, ValueError, TypeError)):
+            log.exception("request failed: %.300s", request)
+        log.error("%s", error)  # ExaBGP never logs API errors itself
+        return {"type": "error", "id": request.get("id"), "message": str(error)}
+
+    async def _route_requests(self, writer: asyncio.StreamWriter, requests: list[dict]) -> None:
+        """Announce/withdraw requests, their commands pipelined together (ExaBGP answers
+        them in order); each is answered once its own commands are."""
+        jobs = []
+        for request in requests:
+            try:
+                jobs.append((request, self._route_commands(request)))
+            except (KeyError, ValueError, TypeError) as error:
+                self._send_agent(self._error_reply(request, error))
+        lines = [(line, record, request) for request, commands in jobs
+                 for line, record in commands]
+        left = {id(request): len(commands) for request, commands in jobs}
+        errors: dict[int, list[str]] = {id(request): [] for request, _ in jobs}
+
+        def settled(request: dict, failure: str | None) -> None:
+            if failure is not None:
+                errors[id(request)].append(failure)
+            left[id(request)] -= 1
+            if left[id(request)] == 0 and writer is self.agent:
+                self._send_agent(self._route_reply(request, errors[id(request)]))
+        for request, commands in jobs:
+            if not commands and writer is self.agent:
+                self._send_agent(self._route_reply(request, []))
+        await self._pipelined(lines, settled)
+
+    def _route_reply(self, request: dict, errors: list[str]) -> dict:
+        if not errors:
+            return {"type": "done", "id": request.get("id"), "output": []}
+        return self._error_reply(request, CommandFailed(
+            f"{len(errors)} commands failed: " + "; ".join(errors[:3])))
+
+    def _route_commands(self, request: dict) -> list[tuple[str, Callable[[], dict]]]:
+        """An announce or withdraw request's ExaBGP commands, each with what makes its state
+        message once ExaBGP took it."""
+        neighbors = [IPv4Address(a) for a in request["neighbors"]]
+        if request["op"] == "announce":
             routes = [announcement_from_json(r) for r in request["routes"]]
-            return await self._each(announce_commands(neighbors, routes), lambda part: [
-                self.state.record_announced(neighbors, part)])
-        if op == "withdraw":
-            neighbors = [IPv4Address(a) for a in request["neighbors"]]
-            prefixes = [IPv4Network(p) for p in request["prefixes"]]
-            return await self._each(withdraw_commands(neighbors, prefixes), lambda part: [
-                self.state.record_withdrawn(neighbors, part)])
+            return [(line, partial(self.state.record_announced, neighbors, part))
+                    for line, part in announce_commands(neighbors, routes)]
+        prefixes = [IPv4Network(p) for p in request["prefixes"]]
+        return [(line, partial(self.state.record_withdrawn, neighbors, part))
+                for line, part in withdraw_commands(neighbors, prefixes)]
+
+    async def _execute(self, request: dict) -> list[str]:
+        """Any request but announce/withdraw (`_route_requests`)."""
+        op = request["op"]
         if op == "eor":
             return await self.command(end_of_rib_command(IPv4Address(request["neighbor"])))
         if op == "clear":
@@ -518,20 +587,28 @@ class Bridge:
             return await self.command(str(request["line"]))
         raise ValueError(f"unknown op {op!r}")
 
-    async def _each(self, commands, record) -> list[str]:
-        errors = []
-        for line, part in commands:
+    async def _pipelined(self, lines: list[tuple[str, Callable[[], dict], object]],
+                         settled: Callable[[object, str | None], None]) -> None:
+        """Send announce/withdraw commands, up to PIPELINE before the oldest is answered; for
+        each one ExaBGP took, its state message `record()` goes to the agent, in order; then
+        `settled(tag, None)`, or `settled(tag, why)` for one it refused."""
+        in_flight: deque[tuple[asyncio.Future, str, Callable[[], dict], object]] = deque()
+
+        async def settle_oldest() -> None:
+            ack, line, record, tag = in_flight.popleft()
             try:
-                await self.command(line)
+                await self._answer(ack, line)
             except CommandFailed as error:
-                errors.append(str(error))
-                continue
-            for message in record(part):
-                self._send_agent(message)
-        if errors:
-            raise CommandFailed(f"{len(errors)} of {len(commands)} commands failed: "
-                                + "; ".join(errors[:3]))
-        return []
+                settled(tag, str(error))
+                return
+            self._send_agent(record())
+            settled(tag, None)
+        for line, record, tag in lines:
+            if len(in_flight) >= PIPELINE:
+                await settle_oldest()
+            in_flight.append((self._send(line), line, record, tag))
+        while in_flight:
+            await settle_oldest()
 
     async def _reload(self, digest: str | None, neighbors: set[IPv4Address], timeout: float
                       ) -> list[str]:
@@ -590,11 +667,16 @@ class Bridge:
                 for neighbor, prefixes in own.items():
                     if prefixes:
                         groups.setdefault(tuple(sorted(prefixes)), []).append(neighbor)
+                errors: list[str] = []
+                await self._pipelined(
+                    [(line, partial(self.state.record_withdrawn, neighbors, part), None)
+                     for prefixes, neighbors in groups.items()
+                     for line, part in withdraw_commands(neighbors, prefixes)],
+                    lambda _, failure: errors.append(failure) if failure else None)
+                if errors:
+                    raise CommandFailed(f"{len(errors)} commands failed: "
+                                        + "; ".join(errors[:3]))
                 output = []
-                for prefixes, neighbors in groups.items():
-                    output += await self._each(
-                        withdraw_commands(neighbors, prefixes), lambda part, n=neighbors: [
-                            self.state.record_withdrawn(n, part)])
             try:
                 await asyncio.wait_for(self._retired.wait(), timeout)
             except asyncio.TimeoutError:

@@ -319,8 +319,9 @@ class Router:
             self._wake_at(now + 1.0)
 
     async def _send_reflected(self, sends: list[Send]) -> bool:
-        ok = True
-        for send in sends:
+        """Send them all at once: they are for different (neighbour, prefix) pairs, and the
+        bridge pipelines what is queued to ExaBGP (one turn of its loop for many commands)."""
+        async def send_one(send: Send) -> bool:
             try:
                 if send.routes:
                     await self.speaker.announce_to(send.neighbors, send.routes)
@@ -328,8 +329,9 @@ class Router:
                     await self.speaker.withdraw_from(send.neighbors, send.prefixes)
             except SpeakerError as error:  # a session went down meanwhile, ExaBGP away
                 log.warning("reflecting to %s: %s", ", ".join(map(str, send.neighbors)), error)
-                ok = False
-        return ok
+                return False
+            return True
+        return all(await asyncio.gather(*map(send_one, sends)))
 
     async def _program_kernel(self, accepted: Mapping[IPv4Address, Mapping[IPv4Network, Path]],
                               own: set[IPv4Network], learned_known: bool,

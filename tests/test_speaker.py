@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import select
+import time
 import signal
 import subprocess
 import sys
@@ -488,15 +489,25 @@ class ScriptedExaBGP:
         self.process = subprocess.Popen([BRIDGE, "--socket", str(socket_path)],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE)
+        self.unread = b""
 
     def send(self, *lines: str) -> None:
         self.process.stdin.write("".join(line + "\n" for line in lines).encode())
         self.process.stdin.flush()
 
     def command(self, timeout: float = 10) -> str:
-        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
-        assert ready, "the bridge sent no command"
-        return self.process.stdout.readline().decode().rstrip("\n")
+        """The bridge's next command line (read from the pipe itself: the bridge may write
+        several at once, more than one readline() would leave for select() to see)."""
+        deadline = time.monotonic() + timeout
+        fd = self.process.stdout.fileno()
+        while b"\n" not in self.unread:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, "the bridge sent no command"
+            chunk = os.read(fd, 65536)
+            assert chunk, "the bridge exited"
+            self.unread += chunk
+        line, self.unread = self.unread.split(b"\n", 1)
+        return line.decode()
 
     def close(self) -> str:
         self.process.stdin.close()
@@ -661,6 +672,45 @@ def test_bridge_retires_once_the_withdrawals_were_sent(tmp_path):
         assert [m["type"] for m in await receive(reader, "received")] == ["received"]
         exabgp.send(sent_withdraw % "10.9.0.64/26")
         assert await receive(reader, "done") == [{"type": "done", "id": 2, "output": []}]
+        writer.close()
+        await agent.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        exabgp.close()
+
+
+def test_queued_announcements_go_to_exabgp_together_and_are_answered_each(tmp_path):
+    """A reflector's pass is hundreds of requests: the bridge writes those queued without
+    waiting for each answer (ExaBGP then takes them in one turn of its loop), and still
+    answers each request with its own outcome, in ExaBGP's order."""
+    socket_path = tmp_path / "bridge.sock"
+    exabgp = ScriptedExaBGP(socket_path)
+
+    async def scenario():
+        agent = FakeAgent(socket_path)
+        await agent.start()
+        exabgp.send(UP)
+        reader, writer = await agent.accept()
+        await receive(reader, "snapshot-end")
+        writer.write(b"".join(  # queued together, as an agent's pass leaves them
+            json.dumps({"id": 10 + i, "op": "announce", "neighbors": ["10.0.0.2", "10.0.0.3"],
+                        "routes": [{"prefix": f"10.9.{i}.0/26", "next_hop": "10.0.0.7"}]}
+                       ).encode() + b"\n" for i in range(3)))
+        await writer.drain()
+        commands = [exabgp.command() for _ in range(3)]  # all three before any answer
+        assert [c.split(" nlri ")[1] for c in commands] == [f"10.9.{i}.0/26" for i in range(3)]
+        exabgp.send("done", "error", "done")
+        messages = []
+        while len([m for m in messages if m["type"] in ("done", "error")]) < 3:
+            messages += await receive(reader, "done")
+        replies = {m["id"]: m["type"] for m in messages if m["type"] in ("done", "error")}
+        assert replies == {10: "done", 11: "error", 12: "done"}
+        announced = [(m["neighbors"], m["routes"][0]["prefix"]) for m in messages
+                     if m["type"] == "announced"]
+        assert announced == [(["10.0.0.2", "10.0.0.3"], "10.9.0.0/26"),
+                             (["10.0.0.2", "10.0.0.3"], "10.9.2.0/26")]
         writer.close()
         await agent.close()
 
