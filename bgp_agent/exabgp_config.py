@@ -78,8 +78,9 @@ def _render(router_id, local_address, local_as, neighbors, bridge_command, diges
         "        family { ipv4 unicast; }",
         f"        api {{ processes [ {PROCESS} ]; neighbor-changes;",
         "              receive { parsed; update; open; }",
-        # sent UPDATEs tell the bridge when a withdrawal really left (retire); the sent OPEN
-        # tells it whether graceful restart was negotiated
+        # sent UPDATEs tell the bridge when a withdrawal really left (retire; pipit-exabgp
+        # reports only those that withdraw, exabgp_fanout); the sent OPEN tells it whether
+        # graceful restart was negotiated
         "              send { parsed; update; open; } }",
         "    }",
         "}",

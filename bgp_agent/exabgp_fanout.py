@@ -1,4 +1,4 @@
-"""pipit-exabgp: four changes to how ExaBGP 5.0 hands one API command to many neighbours, which
+"""pipit-exabgp: five changes to how ExaBGP 5.0 hands one API command to many neighbours, which
 is what a reflector's batched commands are (`neighbor A , neighbor B , ... announce attributes
 ... nlri ...` to every client at once). Same results, far less work per neighbour:
 
@@ -24,6 +24,12 @@ is what a reflector's batched commands are (`neighbor A , neighbor B , ... annou
    attribute's encoding depends on) and kept on the attributes object, which ExaBGP already
    treats as settled once a route is in a RIB (it keeps its index and text the same way).
    Attributes with a next hop `self` are packed per session as before.
+5. Every UPDATE sent was parsed back and written to the bridge as JSON (`api { send { update;
+   } }`), which the bridge reads only to see withdrawals leave (a retirement waits for
+   them): a reflector's cold start is tens of thousands of announcements, parsed and encoded
+   for nothing (as much CPU as sending them, and as much again in the bridge). An UPDATE
+   that withdraws nothing (no withdrawn routes, no MP_UNREACH_NLRI) is now sent without
+   being reported; withdrawals are reported as before.
 
 `apply()` installs them all, only into the releases they were written against (5.0.x, as
 bgp_agent.exabgp_reactor).
@@ -110,6 +116,46 @@ def packed_once(original):
     return pack
 
 
+UPDATE = 2  # the BGP message type
+MP_UNREACH_NLRI = 15  # the path attribute type
+HEADER = 19  # marker, length, type
+
+
+def withdraws(raw: bytes) -> bool:
+    """Whether a BGP message (header included) is an UPDATE that withdraws anything: routes
+    in its Withdrawn Routes field or an MP_UNREACH_NLRI attribute. Anything that cannot be
+    read as an UPDATE counts as withdrawing (it is reported, as ExaBGP always did)."""
+    if len(raw) < HEADER + 4 or raw[18] != UPDATE:
+        return True
+    withdrawn = int.from_bytes(raw[19:21], "big")
+    if withdrawn:
+        return True
+    at = HEADER + 2 + withdrawn
+    end = at + 2 + int.from_bytes(raw[at:at + 2], "big")
+    at += 2
+    while at + 3 <= end:
+        flags, code = raw[at], raw[at + 1]
+        if flags & 0x10:  # extended length
+            length, at = int.from_bytes(raw[at + 2:at + 4], "big"), at + 4
+        else:
+            length, at = raw[at + 2], at + 3
+        if code == MP_UNREACH_NLRI:
+            return True
+        at += length
+    return at != end  # attributes that do not add up: report it
+
+
+def reporting_withdrawals(original):
+    """Protocol.send(raw) reporting to the API only the UPDATEs that withdraw."""
+    def send(protocol, raw):
+        if withdraws(raw):
+            return original(protocol, raw)
+        protocol.peer.stats["send-update"] += 1  # as ExaBGP counts every one
+        return protocol.connection.writer(raw)
+    send.__wrapped__ = original
+    return send
+
+
 def unwrapped(function):
     return getattr(function, "__wrapped__", function)
 
@@ -120,6 +166,7 @@ def apply() -> str | None:
     from exabgp.bgp.neighbor import Neighbor
     from exabgp.configuration.configuration import Configuration
     from exabgp.reactor.api.command import announce, limit, rib
+    from exabgp.reactor.protocol import Protocol
     from exabgp.version import release
     if not release.startswith(FIXED_RELEASES):
         return f"ExaBGP {release} is not a release these changes were written for"
@@ -129,4 +176,5 @@ def apply() -> str | None:
     Neighbor.remove_self = sharing(unwrapped(Neighbor.remove_self))
     Configuration.inject_change = to_set(unwrapped(Configuration.inject_change))
     Attributes.pack = packed_once(unwrapped(Attributes.pack))
+    Protocol.send = reporting_withdrawals(unwrapped(Protocol.send))
     return None

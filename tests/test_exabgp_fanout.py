@@ -15,6 +15,7 @@ from exabgp.logger import log
 from exabgp.protocol.ip import IP
 from exabgp.reactor.api.command import announce, limit, rib
 from exabgp.reactor.api.command.limit import extract_neighbors
+from exabgp.reactor.protocol import Protocol
 
 from bgp_agent import exabgp_fanout
 
@@ -91,7 +92,8 @@ def test_a_route_with_next_hop_self_is_still_copied_and_rewritten_per_neighbour(
 
 
 def test_apply_installs_each_change_once_into_every_place_that_uses_it():
-    methods = [(Neighbor, "remove_self"), (Configuration, "inject_change"), (Attributes, "pack")]
+    methods = [(Neighbor, "remove_self"), (Configuration, "inject_change"), (Attributes, "pack"),
+               (Protocol, "send")]
     originals = [getattr(owner, name) for owner, name in methods]
     try:
         assert exabgp_fanout.apply() is None
@@ -153,3 +155,26 @@ def test_routes_are_injected_with_the_peers_as_a_set():
     inject = exabgp_fanout.to_set(lambda configuration, peers, change: seen.append(peers))
     inject(None, PEERS, "change")
     assert seen == [set(PEERS)]
+
+
+def update(withdrawn: bytes = b"", attributes: bytes = b"", nlri: bytes = b"") -> bytes:
+    body = (len(withdrawn).to_bytes(2, "big") + withdrawn
+            + len(attributes).to_bytes(2, "big") + attributes + nlri)
+    return b"\xff" * 16 + (19 + len(body)).to_bytes(2, "big") + b"\x02" + body
+
+
+ORIGIN_NEXT_HOP = bytes.fromhex("40010100" "4003040a4d0105")  # IGP, next hop 10.77.1.5
+A_26 = bytes.fromhex("1a0a010000")  # 10.1.0.0/26
+
+
+@pytest.mark.parametrize("raw,reported", [
+    (update(attributes=ORIGIN_NEXT_HOP, nlri=A_26), False),  # an announcement
+    (update(withdrawn=A_26), True),
+    (update(attributes=bytes.fromhex("800f03000201")), True),  # MP_UNREACH_NLRI (IPv6)
+    (update(attributes=bytes.fromhex("900f0003000201") + ORIGIN_NEXT_HOP), True),  # extended
+    (update(), False),  # IPv4 End-of-RIB: nothing withdrawn
+    (update(attributes=bytes.fromhex("4001")), True),  # cut short: reported, as ExaBGP did
+    (b"\xff" * 16 + b"\x00\x13\x04", True),  # not an UPDATE
+])
+def test_only_updates_that_withdraw_are_reported_as_sent(raw, reported):
+    assert exabgp_fanout.withdraws(raw) is reported
