@@ -85,8 +85,7 @@ def pod_of(lab: Lab, node: str):
 
 
 def ping(lab: Lab, source_node: str, target: str) -> bool:
-    return subprocess.run([*netns.exec_prefix(pod_of(lab, source_node).netns), "ping", "-c",
-                           "1", "-W", "1", "-q", target], capture_output=True).returncode == 0
+    return netns.ping(pod_of(lab, source_node).netns, target, "-q").returncode == 0
 
 
 def node_sees_only_its_tor_routes(lab: Lab, node: str) -> bool:
