@@ -708,9 +708,7 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
     # -- checks --------------------------------------------------------------------------
 
     def ping(self, source: Pod, target: Pod) -> bool:
-        result = subprocess.run([*netns.exec_prefix(source.netns), "ping", "-c", "1", "-W",
-                                 "1", "-q", target.address], capture_output=True)
-        return result.returncode == 0
+        return netns.ping(source.netns, target.address, "-q").returncode == 0
 
     def ping_matrix(self, timeout: float = 30.0) -> dict[tuple[str, str], bool]:
         """Every pod pings every other pod (retrying while routes converge)."""

@@ -39,6 +39,16 @@ def exec_prefix(name: str) -> list[str]:
     return ["ip", "netns", "exec", name]
 
 
+def ping(name: str, target: object, *options: str, count: int = 1, reply_wait: float = 1,
+         timeout: float | None = None) -> subprocess.CompletedProcess:
+    """`ping -c count -W reply_wait [options] target` run inside the named namespace, its
+    output captured as text (returncode 0: a reply came). `options` are more of ping's flags
+    (-q, -n, -s SIZE, ...); `timeout` bounds the whole run (None: ping's own end)."""
+    return subprocess.run([*exec_prefix(name), "ping", "-c", str(count), "-W", f"{reply_wait:g}",
+                           *options, str(target)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def names(prefix: str = "") -> list[str]:
     """Existing named namespaces whose name starts with `prefix`."""
     try:

@@ -4,6 +4,7 @@ whether a process runs (and is the one we started), and stopping or killing a pr
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import signal
 import subprocess
@@ -26,11 +27,14 @@ def wait(condition: Callable[[], object], timeout: float = 30.0, what: str = "co
 
 async def wait_async(condition: Callable[[], object], timeout: float = 30.0,
                      what: str = "condition", interval: float = 0.05):
-    """`wait` for coroutines: polls `condition` (a plain function) with `asyncio.sleep` between
-    tries, so the event loop runs on meanwhile."""
+    """`wait` for coroutines: polls `condition` with `asyncio.sleep` between tries, so the
+    event loop runs on meanwhile. `condition` is a plain function or one returning an
+    awaitable (an `async def`), whose result is then awaited."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if time.monotonic() > deadline:

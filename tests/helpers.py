@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from ipaddress import IPv4Network
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -47,6 +49,27 @@ def with_store(config: EtcdConfig, scenario: Callable[[Store], Awaitable]):
         async with Store(config) as store:
             return await scenario(store)
     return asyncio.run(main())
+
+
+@contextmanager
+def running_lab(directory: Path, name: str, *, node_count: int = 3, pods_per_node: int = 2,
+                healthy: bool = False, **options) -> Iterator[Lab]:
+    """A lab cluster keeping its state in `directory`, its namespaces named
+    <TEST_PREFIX>pid<pid>-<name>-..., brought up with `node_count` nodes of `pods_per_node`
+    pods each (with `healthy`, `up` must report every agent answering and every pod reaching
+    every other), and taken down again whatever happens. `options` go to Lab (hold_time,
+    topology, chart...)."""
+    from lab import netns
+    from lab.cluster import Lab
+    lab = Lab(directory=directory, prefix=f"{netns.TEST_PREFIX}pid{os.getpid()}-{name}-",
+              log=lambda *a: None, **options)
+    try:
+        up = lab.up(node_count=node_count, pods_per_node=pods_per_node)
+        if healthy:
+            assert up, "the lab's pods cannot reach each other"
+        yield lab
+    finally:
+        lab.down()
 
 
 def assert_pods_reach_each_other(lab: Lab) -> None:

@@ -13,12 +13,13 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-import time
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 
+from lab import netns
 from lab.netns import Namespaces
+from lab.process import wait
 
 _TIMESTAMP = re.compile(r"\d\d:\d\d:\d\d\.\d+ ")
 
@@ -105,24 +106,26 @@ class Underlay:
 def ping(source: Pod | str, target: IPv4Address | str, *, size: int | None = None,
          df: bool = False, count: int = 1) -> subprocess.CompletedProcess:
     ns = source.ns if isinstance(source, Pod) else source
-    argv = ["ip", "netns", "exec", ns, "ping", "-n", "-c", str(count), "-W", "2", "-i", "0.2"]
+    options = ["-n", "-i", "0.2"]
     if size is not None:
-        argv += ["-s", str(size)]
+        options += ["-s", str(size)]
     if df:
-        argv += ["-M", "do"]
-    return run(*argv, str(target), check=False)
+        options += ["-M", "do"]
+    return netns.ping(ns, target, *options, count=count, reply_wait=2, timeout=30)
 
 
 def wait_ping(source: Pod | str, target: IPv4Address | str, timeout: float = 15) -> None:
     """Ping until a reply comes (the first packets may wait for ARP), or fail at `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = ping(source, target)
-        if result.returncode == 0:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no reply from {target} within {timeout:g} s:\n"
-                                 f"{result.stdout}{result.stderr}")
+    last: list[subprocess.CompletedProcess] = []
+
+    def replied() -> bool:
+        last[:] = [ping(source, target)]
+        return last[0].returncode == 0
+    try:
+        wait(replied, timeout, f"a reply from {target}")
+    except TimeoutError:
+        raise AssertionError(f"no reply from {target} within {timeout:g} s:\n"
+                             f"{last[0].stdout}{last[0].stderr}") from None
 
 
 class Capture:
@@ -141,13 +144,16 @@ class Capture:
                 ["ip", "netns", "exec", self.ns, "tcpdump", "-i", self.ifname, "-n", "-U",
                  "--immediate-mode", "-Z", "root", "-w", str(self.path)],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 15
-        while "listening on" not in self._log.read_text():
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"tcpdump on {self.ns}/{self.ifname} did not start: "
-                                   f"{self._log.read_text().strip()}")
-            time.sleep(0.05)
+        def listening() -> bool:
+            return "listening on" in self._log.read_text()
+        try:
+            wait(lambda: listening() or self._process.poll() is not None, 15, "tcpdump")
+        except TimeoutError:
+            pass
+        if not listening():
+            self.stop()
+            raise RuntimeError(f"tcpdump on {self.ns}/{self.ifname} did not start: "
+                               f"{self._log.read_text().strip()}")
         return self
 
     def stop(self) -> None:

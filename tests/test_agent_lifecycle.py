@@ -23,7 +23,7 @@ from bgp_agent.cni_conflist import DEFAULT_TEMPLATE, ConflistWriter
 from ipam.cni import ask_agent
 from ipam.errors import InvalidResource
 from ipam.store import EtcdConfig
-from lab.agent import AgentProcess
+from lab.agent import AgentProcess, NodeAgentProcess
 from lab.process import alive, wait
 from tests.cni_support import short_dir  # noqa: F401 (a fixture)
 
@@ -189,16 +189,11 @@ PEER_AS = 65001
 
 
 def routing_agent(state: Path, netns: str, etcd_endpoint: str, sigterm: str
-                  ) -> subprocess.Popen:
-    argv = ["ip", "netns", "exec", netns, str(Path(sys.executable).parent / "pipit-agent"),
-            "--node", "node-1", "--ip", "10.99.1.1/24", "--etcd-endpoints", etcd_endpoint,
-            "--state-dir", str(state), "--ipam-socket", str(state / "ipam.sock"),
-            "--status-socket", str(state / "status.sock"), "--exabgp", "spawn",
-            "--health-listen", f"unix:{state}/health.sock",
-            "--cni-conf-file", str(state / "net.d" / "10-pipit.conflist"), "--sigterm", sigterm]
-    with open(state / "agent.log", "ab") as log:
-        return subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+                  ) -> NodeAgentProcess:
+    """Not started yet: `start()` returns once its IPAM socket answers."""
+    return NodeAgentProcess("node-1", netns, state, etcd_endpoint, extra_args=[
+        "--ip", "10.99.1.1/24", "--health-listen", f"unix:{state}/health.sock",
+        "--cni-conf-file", str(state / "net.d" / "10-pipit.conflist"), "--sigterm", sigterm])
 
 
 def exabgp_pid(state: Path) -> int:
@@ -224,7 +219,7 @@ kind: BGPPeer
 metadata: {{name: bird}}
 spec: {{peerIP: 10.99.1.2, asNumber: {PEER_AS}}}
 """
-    agents: list[subprocess.Popen] = []
+    agents: list[NodeAgentProcess] = []
     with EtcdServer(data_dir=tmp_path / "etcd", unix_socket=True) as etcd, network(1) as net, \
             bird_peer(net, 1) as bird:
         try:
@@ -232,7 +227,7 @@ spec: {{peerIP: 10.99.1.2, asNumber: {PEER_AS}}}
                             etcd.endpoint, "apply", "-f", "-"], input=resources, text=True,
                            check=True, capture_output=True)
             endpoint = f"unix://{tmp_path / 'etcd'}/etcd.sock:0"
-            agents.append(routing_agent(state, net.node, endpoint, "exit"))
+            agents.append(routing_agent(state, net.node, endpoint, "exit").start(timeout=30))
             wait(listen_answers(listen), 30, "the health endpoint")
             ask_agent(str(state / "ipam.sock"), {"command": "ADD", "handle": "pod-1"})
             wait(lambda: bird.route_count("node") == 1, 30, "the node's block in BIRD")
@@ -241,27 +236,26 @@ spec: {{peerIP: 10.99.1.2, asNumber: {PEER_AS}}}
             assert conf["plugins"][0]["mtu"] == 1500  # the veth's: no encapsulation
             since, exabgp = bird.protocol("node").since, exabgp_pid(state)
 
-            agents[0].send_signal(signal.SIGTERM)  # --sigterm exit: nothing changes
-            assert agents[0].wait(20) == 0
+            agents[0].process.send_signal(signal.SIGTERM)  # --sigterm exit: nothing changes
+            assert agents[0].process.wait(20) == 0
             assert alive(exabgp)
             assert bird.protocol("node").since == since and bird.route_count("node") == 1
             assert (state / "net.d" / "10-pipit.conflist").exists()
 
-            agents.append(routing_agent(state, net.node, endpoint, "retire"))
+            agents.append(routing_agent(state, net.node, endpoint, "retire").start(timeout=60))
             wait(lambda: listen_answers(listen)() and
                  health.get(listen, "/readyz")[0] == 200, 60, "the next agent to be ready")
             assert exabgp_pid(state) == exabgp  # adopted
             assert bird.protocol("node").since == since and bird.route_count("node") == 1
 
-            agents[1].send_signal(signal.SIGTERM)  # --sigterm retire: withdrawn, ExaBGP gone
-            assert agents[1].wait(30) == 0
+            # --sigterm retire: withdrawn, ExaBGP gone
+            agents[1].process.send_signal(signal.SIGTERM)
+            assert agents[1].process.wait(30) == 0
             assert bird.route_count("node") == 0
             assert not alive(exabgp)
         finally:
             for agent in agents:
-                if agent.poll() is None:
-                    agent.kill()
-                    agent.wait()
+                agent.kill()
             kill_exabgp(state / "exabgp")
 
 

@@ -46,14 +46,9 @@ pytestmark = pytest.mark.netns
 POOL = IPv4Network(DEFAULT_POOL[1])
 
 
-def ping(source_netns: str, address: IPv4Interface) -> subprocess.CompletedProcess:
-    return subprocess.run([*exec_prefix(source_netns), "ping", "-c", "1", "-W", "5",
-                           str(address.ip)], capture_output=True, text=True)
-
-
 def assert_pods_talk(a: Attachment, b: Attachment, ip_a: IPv4Interface, ip_b: IPv4Interface):
     for source, target in ((a, ip_b), (b, ip_a)):
-        result = ping(pod_name(source), target)
+        result = netns.ping(pod_name(source), target.ip, reply_wait=5)
         assert result.returncode == 0, f"{pod_name(source)} cannot ping {target}: {result.stdout}"
 
 
@@ -165,7 +160,8 @@ def test_bridge_pods_get_pool_addresses_and_talk_through_the_gateway_bridge(node
     gateway = IPv4Interface(f"{ip_a.network.network_address}/{ip_a.network.prefixlen}")
     assert addresses(node.netns, bridge) == [str(gateway)]
     assert_pods_talk(a, b, ip_a, ip_b)
-    assert ping(pod_name(a), gateway).returncode == 0  # the bridge is the pods' gateway
+    # the bridge is the pods' gateway
+    assert netns.ping(pod_name(a), gateway.ip, reply_wait=5).returncode == 0
     node.runtime.check(net, a)
     node.runtime.check(net, b)
     node.runtime.delete(net, b)

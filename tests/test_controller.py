@@ -104,7 +104,7 @@ def test_a_deleted_node_and_a_deleted_pod_are_cleaned_up(fakekube, etcd, tmp_pat
 
             async def n1_gone():
                 return (await store.get(keys.node_key("n1"))) is None
-            await wait_async_coro(n1_gone, 20, "n1's record to go")
+            await wait_async(n1_gone, 20, "n1's record to go")
             snap = await load_snapshot(store)
             assert set(snap.handles) == {"net.n2-p0.eth0", "net.n2-p1.eth0"}
             assert {n for n, _ in snap.affinities} == {"n2"}
@@ -125,14 +125,6 @@ def test_a_deleted_node_and_a_deleted_pod_are_cleaned_up(fakekube, etcd, tmp_pat
         assert await in_use(store) == {"net.n2-p1.eth0"}
         return True
     assert with_store(etcd, scenario)
-
-
-async def wait_async_coro(condition, timeout: float, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 def test_a_pod_with_another_address_and_the_informers_lag(fakekube, etcd, tmp_path):
@@ -186,7 +178,7 @@ def test_labels_follow_the_kubernetes_node(fakekube, etcd, tmp_path):
 
             async def moved():
                 return await labels("n1") == {"rack": "a", "topology.kubernetes.io/zone": "z2"}
-            await wait_async_coro(moved, 20, "the zone label to follow")
+            await wait_async(moved, 20, "the zone label to follow")
             assert await labels("outside") == {"rack": "b"}
         finally:
             task.cancel()
@@ -228,7 +220,7 @@ def test_survives_an_api_server_restart_and_an_etcd_outage(fakekube, own_etcd, t
 
             async def n2_gone():
                 return (await store.get(keys.node_key("n2"))) is None
-            await wait_async_coro(n2_gone, 60, "n2's record to go")
+            await wait_async(n2_gone, 60, "n2's record to go")
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)

@@ -14,8 +14,6 @@ import pytest
 
 from ipam.snapshot import check
 from ipam.store import EtcdConfig
-from lab import netns
-from lab.cluster import Lab
 from lab.etcd import EtcdCluster
 from lab.process import wait
 from tests.cni_support import (  # noqa: F401 (fixtures)
@@ -28,7 +26,7 @@ from tests.cni_support import (  # noqa: F401 (fixtures)
     snapshot,
     start_agent,
 )
-from tests.helpers import assert_pods_reach_each_other
+from tests.helpers import assert_pods_reach_each_other, running_lab
 
 BURST = 200
 
@@ -79,11 +77,9 @@ def test_a_burst_of_adds_survives_the_etcd_leader_being_killed(cni_bin, short_di
 
 @pytest.mark.lab
 def test_a_lab_over_etcd_with_tls_client_certificates(tmp_path_factory):
-    lab = Lab(directory=tmp_path_factory.mktemp("tls"),
-              prefix=f"{netns.TEST_PREFIX}pid{os.getpid()}-tls-", log=lambda *a: None,
-              etcd_tls=True)
-    try:
-        lab.up(node_count=2, pods_per_node=1)  # agents, pods (the plugin path), pipitctl
+    # a lab over TLS: agents, pods (the plugin path), pipitctl
+    with running_lab(tmp_path_factory.mktemp("tls"), "tls", node_count=2, pods_per_node=1,
+                     etcd_tls=True) as lab:
         assert_pods_reach_each_other(lab)
         assert lab.etcd_host_endpoint.startswith("https://")
         out = lab.pipitctl("ipam", "check")
@@ -97,5 +93,3 @@ def test_a_lab_over_etcd_with_tls_client_certificates(tmp_path_factory):
         assert result.returncode != 0
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert "TLS" in result.stderr or "certificate" in result.stderr, result.stderr
-    finally:
-        lab.down()

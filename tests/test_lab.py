@@ -4,7 +4,6 @@ run in order: mesh, foreign routes, agent restart, a node joining, a node leavin
 the pool's encapsulation, a VXLAN pool that selects no node."""
 
 import ipaddress
-import os
 import signal
 import subprocess
 
@@ -17,7 +16,7 @@ from ipip.encap import IPIP
 from lab import netns
 from lab.cluster import Lab
 from lab.process import wait
-from tests.helpers import assert_pods_reach_each_other, with_store
+from tests.helpers import assert_pods_reach_each_other, running_lab, with_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.lab]
 FOREIGN = ["192.0.2.0/24 via 10.99.0.254 proto static", "198.51.100.0/24 via 10.99.0.254 proto 12",
@@ -26,18 +25,13 @@ FOREIGN = ["192.0.2.0/24 via 10.99.0.254 proto static", "198.51.100.0/24 via 10.
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    cluster = Lab(directory=tmp_path_factory.mktemp("lab"),
-                  prefix=f"{netns.TEST_PREFIX}pid{os.getpid()}-lab-",
-                  hold_time=6, restart_time=20, log=lambda *a: None)
-    try:
-        cluster.up(node_count=3, pods_per_node=2)
+    with running_lab(tmp_path_factory.mktemp("lab"), "lab", node_count=3, pods_per_node=2,
+                     hold_time=6, restart_time=20) as cluster:
         for node in cluster.nodes():  # routes of other daemons, which Pipit must never touch
             for route in FOREIGN:
                 subprocess.run(["ip", "-n", cluster.node_ns(node), "route", "add", *route.split()],
                                check=True)
         yield cluster
-    finally:
-        cluster.down()
 
 
 def foreign_routes(lab: Lab, node: str) -> list[str]:

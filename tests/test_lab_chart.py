@@ -23,7 +23,7 @@ from lab.chart import CHART, ChartNodes, image_archive
 from lab.cluster import Lab
 from lab.oci_image import built_from, source_digest, unpack
 from lab.process import wait
-from tests.helpers import assert_pods_reach_each_other, require
+from tests.helpers import assert_pods_reach_each_other, require, running_lab
 
 pytestmark = [pytest.mark.slow, pytest.mark.lab]
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,14 +46,9 @@ def image() -> Path:
 @pytest.fixture(scope="module")
 def lab(image, tmp_path_factory):
     directory = tmp_path_factory.mktemp("chart-lab")
-    cluster = Lab(directory=directory, prefix=f"{netns.TEST_PREFIX}pid{os.getpid()}-chart-",
-                  hold_time=6, restart_time=30, log=lambda *a: None,
-                  chart=ChartNodes(directory, CHART, image=image))
-    try:
-        cluster.up(node_count=3, pods_per_node=1)
+    with running_lab(directory, "chart", node_count=3, pods_per_node=1, hold_time=6,
+                     restart_time=30, chart=ChartNodes(directory, CHART, image=image)) as cluster:
         yield cluster
-    finally:
-        cluster.down()
 
 
 def pod_dir(lab: Lab, node: str) -> Path:

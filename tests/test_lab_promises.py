@@ -27,7 +27,7 @@ from lab import netns
 from lab.cluster import Lab
 from lab.cni import CNIError
 from lab.process import command_line, wait
-from tests.helpers import assert_pods_reach_each_other
+from tests.helpers import assert_pods_reach_each_other, running_lab
 
 pytestmark = [pytest.mark.slow, pytest.mark.lab]
 
@@ -50,14 +50,9 @@ TIGHT = ipaddress.ip_network("10.251.0.0/29")
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    cluster = Lab(directory=tmp_path_factory.mktemp("lab"),
-                  prefix=f"{netns.TEST_PREFIX}pid{os.getpid()}-promise-",
-                  hold_time=6, restart_time=20, log=lambda *a: None)
-    try:
-        cluster.up(node_count=3, pods_per_node=2)
+    with running_lab(tmp_path_factory.mktemp("lab"), "promise", node_count=3, pods_per_node=2,
+                     hold_time=6, restart_time=20) as cluster:
         yield cluster
-    finally:
-        cluster.down()
 
 
 def apply(lab: Lab, documents: str) -> None:

@@ -22,6 +22,7 @@ from tests.cni_support import (  # noqa: F401 (fixtures)
     short_dir,
     start_agent,
 )
+from tests.helpers import running_lab
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -73,14 +74,9 @@ def test_a_bad_metrics_address_is_one_sentence(tmp_path):
 
 @pytest.mark.lab
 def test_a_lab_node_reports_its_sessions_prefixes_routes_and_blocks(tmp_path_factory):
-    import os
-
     from lab import netns
-    from lab.cluster import Lab
-    lab = Lab(directory=tmp_path_factory.mktemp("metrics"),
-              prefix=f"{netns.TEST_PREFIX}pid{os.getpid()}-metrics-", log=lambda *a: None)
-    try:
-        lab.up(node_count=2, pods_per_node=1)
+    with running_lab(tmp_path_factory.mktemp("metrics"), "metrics", node_count=2,
+                     pods_per_node=1) as lab:
         text = subprocess.run([*netns.exec_prefix(lab.node_ns("n1")), sys.executable, "-c",
                                "import urllib.request, sys; sys.stdout.write(urllib.request."
                                "urlopen('http://127.0.0.1:9091/metrics', timeout=5).read()"
@@ -95,5 +91,3 @@ def test_a_lab_node_reports_its_sessions_prefixes_routes_and_blocks(tmp_path_fac
         assert found[("pipit_ipam_addresses_in_use", (("pool", "default"),))] == 1
         assert found[("pipit_reconcile_passes_total", (("result", "ok"),))] > 0
         assert found[("pipit_speaker_connected", ())] == 1
-    finally:
-        lab.down()

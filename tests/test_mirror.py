@@ -7,6 +7,8 @@ from ipam.store import EtcdConfig, Store
 
 
 async def wait_for(condition, event: asyncio.Event, seconds: float = 20.0) -> None:
+    """Until `condition` holds, woken only by `event` (the mirror's `changed`): not
+    lab.process.wait_async, whose polling would also pass a mirror that never signals."""
     async def loop():
         while not condition():
             event.clear()

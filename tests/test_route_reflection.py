@@ -19,26 +19,22 @@ from lab import netns
 from lab.bird import Bird, BirdPeer, bgp_config
 from lab.cluster import CLUSTER_ID, Lab
 from lab.process import wait
-from tests.helpers import assert_pods_reach_each_other
+from tests.helpers import assert_pods_reach_each_other, running_lab
 
 pytestmark = [pytest.mark.slow, pytest.mark.lab]
 HOLD, RESTART = 6, 20
 
 
-def make_lab(tmp_path_factory, name: str, **options) -> Lab:
-    return Lab(directory=tmp_path_factory.mktemp(name),
-               prefix=f"{netns.TEST_PREFIX}pid{os.getpid()}-{name}-",
-               hold_time=HOLD, restart_time=RESTART, log=lambda *a: None, **options)
+def three_node_lab(tmp_path_factory, name: str, **options):
+    """A running lab of three nodes with one pod each (a context manager)."""
+    return running_lab(tmp_path_factory.mktemp(name), name, node_count=3, pods_per_node=1,
+                       hold_time=HOLD, restart_time=RESTART, **options)
 
 
 @pytest.fixture(scope="module")
 def rr_lab(tmp_path_factory):
-    lab = make_lab(tmp_path_factory, "rr", topology="rr")
-    try:
-        lab.up(node_count=3, pods_per_node=1)
+    with three_node_lab(tmp_path_factory, "rr", topology="rr") as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 def address(lab: Lab, node: str) -> IPv4Address:
@@ -194,22 +190,16 @@ def test_both_reflectors_killed_routes_are_held_for_the_restart_time(rr_lab):
 def test_clients_of_bird_reflectors_on_port_1179_take_the_pod_routes(tmp_path_factory):
     """A plain BGPPeer (peerIP with a port, the nodes' own AS, no allowPoolPrefixes): the
     reflected blocks are accepted because etcd says who owns them."""
-    lab = make_lab(tmp_path_factory, "birdrr", topology="rr", reflector="bird")
-    try:
-        lab.up(node_count=3, pods_per_node=1)
+    with three_node_lab(tmp_path_factory, "birdrr", topology="rr", reflector="bird") as lab:
         assert_pods_reach_each_other(lab)
         for node in lab.workers():
             peers = lab.status(node)["peers"]
             assert {(p["name"], p["rejected"]) for p in peers} == {("rr1", 0), ("rr2", 0)}
             assert len(learned(lab, node)) == 2
-    finally:
-        lab.down()
 
 
 def test_a_mesh_moves_to_reflectors_without_losing_a_ping(tmp_path_factory):
-    lab = make_lab(tmp_path_factory, "move")
-    try:
-        lab.up(node_count=3, pods_per_node=1)
+    with three_node_lab(tmp_path_factory, "move") as lab:
         with pinging(lab, "n1", "n3", seconds=25) as lost:
             for k in (1, 2):  # reflectors join; the mesh and the reflectors coexist
                 lab.add_node(f"rr{k}", 1000 + k, reflector=True)
@@ -229,5 +219,3 @@ spec: {nodeToNodeMeshEnabled: false}
             lab.wait_mesh()  # only the reflectors left
         assert lost() == 0
         assert_pods_reach_each_other(lab)
-    finally:
-        lab.down()

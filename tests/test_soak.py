@@ -17,10 +17,9 @@ import pytest
 
 from ipam.snapshot import check, load_snapshot
 from ipam.store import EtcdConfig
-from lab import netns
 from lab.cluster import Lab
 from lab.process import wait
-from tests.helpers import with_store
+from tests.helpers import running_lab, with_store
 
 SECONDS = float(os.environ.get("PIPIT_SOAK_SECONDS", "150"))
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(SECONDS + 600)]
@@ -104,11 +103,8 @@ def diagnose(lab: Lab, name: str) -> str:
 
 
 def test_pods_churn_through_agent_kills_and_etcd_pauses(tmp_path_factory):
-    lab = Lab(directory=tmp_path_factory.mktemp("soak"),
-              prefix=f"{netns.TEST_PREFIX}pid{os.getpid()}-soak-", hold_time=6,
-              restart_time=20, log=lambda *a: None)
-    try:
-        lab.up(node_count=3, pods_per_node=0)
+    with running_lab(tmp_path_factory.mktemp("soak"), "soak", node_count=3, pods_per_node=0,
+                     hold_time=6, restart_time=20) as lab:
         etcd = EtcdConfig.from_options(lab.etcd_host_endpoint)
         stop, tally = threading.Event(), Counter()
         workers = [threading.Thread(target=churn, args=(lab, n, stop, tally))
@@ -140,5 +136,3 @@ def test_pods_churn_through_agent_kills_and_etcd_pauses(tmp_path_factory):
         lost = sorted({b for (a, b), ok in matrix.items() if not ok})
         assert not lost, f"pods others cannot reach: {lost}\n" + "\n".join(
             diagnose(lab, name) for name in lost[:3])
-    finally:
-        lab.down()

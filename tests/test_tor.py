@@ -28,7 +28,7 @@ import yaml
 from lab import netns
 from lab.cluster import COMMUNITY, POOL, Lab, tor_address, tor_loopback, tor_uplink
 from lab.process import wait  # returns what the condition returned
-from tests.helpers import assert_pods_reach_each_other
+from tests.helpers import assert_pods_reach_each_other, running_lab
 
 pytestmark = [pytest.mark.slow, pytest.mark.lab]
 
@@ -39,15 +39,10 @@ TOR_ROUTES = {"default", "192.0.2.1", "192.0.2.2"}  # what a node should learn f
 
 @contextmanager
 def rack_lab(tmp_path_factory, router: str):
-    lab = Lab(directory=tmp_path_factory.mktemp(f"racks-{router}"),
-              prefix=f"{netns.TEST_PREFIX}pid{os.getpid()}-{router}-", hold_time=6,
-              restart_time=8, log=lambda *a: None, topology="racks", router=router,
-              password=PASSWORD)
-    try:
-        assert lab.up(node_count=4, pods_per_node=1), "the lab's pods cannot reach each other"
+    with running_lab(tmp_path_factory.mktemp(f"racks-{router}"), router, node_count=4,
+                     pods_per_node=1, healthy=True, hold_time=6, restart_time=8,
+                     topology="racks", router=router, password=PASSWORD) as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +80,7 @@ def pod_of(lab: Lab, node: str):
 
 
 def ping(lab: Lab, source_node: str, target: str) -> bool:
-    return subprocess.run([*netns.exec_prefix(pod_of(lab, source_node).netns), "ping", "-c",
-                           "1", "-W", "1", "-q", target], capture_output=True).returncode == 0
+    return netns.ping(pod_of(lab, source_node).netns, target, "-q").returncode == 0
 
 
 def node_sees_only_its_tor_routes(lab: Lab, node: str) -> bool:
