@@ -1,6 +1,7 @@
-"""Fixtures and helpers shared by the CNI tests (test_cni.py, test_cni_plugin.py): a CNI bin
-directory, a pipit-agent per test, node and pod namespaces, and ways to look at what etcd and
-`pipitctl` say about a container's addresses."""
+"""Helpers shared by the CNI tests (test_cni.py, test_cni_plugin.py and the others that run
+pipit-ipam): a pipit-agent per test, a node with its pods, and ways to look at what etcd and
+`pipitctl` say about a container's addresses. Their fixtures (short_dir, cni_bin) are in
+conftest.py; test_cni.py's node (cni_node) is in test_cni.py."""
 
 from __future__ import annotations
 
@@ -18,41 +19,24 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 
-import pytest
-
 from ipam.snapshot import Snapshot, load_snapshot, pool_usage
 from ipam.store import EtcdConfig
 from lab.agent import AgentProcess
 from lab.cni import (
-    PLUGIN_DIR,
     Attachment,
     CNIRuntime,
     Invocation,
     NetworkConfig,
-    install_bin_dir,
-    ipv4_only_iptables,
     parse_output,
 )
 from lab.netns import Namespaces, path_of
-from tests.helpers import add_pool, require, with_store
+from tests.helpers import add_pool, with_store
 
 ROOT = Path(__file__).resolve().parent.parent
 NS_PREFIX = "pipit-t-"
 NODE = "node-1"
 DEFAULT_POOL = ("default", "10.244.0.0/22", {"blockSize": 26})  # four /26 blocks
 NET = "pipit-net"
-
-@pytest.fixture(scope="session")
-def cni_bin() -> Path:
-    """Symlinks to the reference plugins plus pipit-ipam as installed (native front)."""
-    require(os.access(Path(PLUGIN_DIR) / "ptp", os.X_OK),
-            f"needs the CNI reference plugins in {PLUGIN_DIR} (Debian "
-            "containernetworking-plugins): run scripts/setup.sh")
-    path = Path(tempfile.mkdtemp(prefix="pipit-t-cni-bin-"))
-    try:
-        yield install_bin_dir(path)
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextmanager
@@ -64,19 +48,6 @@ def short_temp_dir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def short_dir():
-    """A temp dir with a short path (unix socket paths are limited to 107 bytes)."""
-    with short_temp_dir() as path:
-        yield path
-
-
-@pytest.fixture
-def namespaces():
-    with Namespaces(NS_PREFIX) as ns:
-        yield ns
 
 
 class Plugin:
@@ -173,20 +144,12 @@ def pipitctl_in_use(etcd: EtcdConfig, pool: str) -> int:
     raise AssertionError(f"pool {pool} is not in `pipitctl ipam show`:\n{out.stdout}")
 
 
-def assert_actionable(msg: str, *facts: str) -> None:
-    """One short sentence for a person, naming what is wrong (the facts)."""
-    assert msg and len(msg) < 300 and msg[-1] in ".?", msg
-    assert "Traceback" not in msg and "\n" not in msg, msg
-    for fact in facts:
-        assert fact in msg, (fact, msg)
-
-
 def new_container_id() -> str:
     return uuid.uuid4().hex
 
 
 @dataclass
-class Node:
+class CNINode:
     """One node: its namespace, its agent, a CNI runtime that runs plugins inside it."""
     etcd: EtcdConfig
     netns: str
@@ -213,20 +176,6 @@ class Node:
         return [Attachment(new_container_id(), path_of(n), "eth0",
                            (("IgnoreUnknown", "1"), ("K8S_POD_NAMESPACE", "default"),
                             ("K8S_POD_NAME", n))) for n in names]
-
-
-@pytest.fixture
-def node(etcd, cni_bin, namespaces, short_dir) -> Node:
-    """Node `node-1`: a namespace, a pipit-agent on the shared (wiped) etcd, a runtime."""
-    add_pools(etcd, DEFAULT_POOL)
-    netns = namespaces.create("node")
-    agent = start_agent(etcd, short_dir)
-    try:
-        runtime = CNIRuntime(cni_bin, netns=netns, cache_dir=short_dir / "cni",
-                             env=ipv4_only_iptables(short_dir / "shim"))
-        yield Node(etcd, netns, agent, runtime, namespaces)
-    finally:
-        agent.stop()
 
 
 def pod_name(attachment: Attachment) -> str:

@@ -1,5 +1,7 @@
-"""Test tiers, and shared fixtures: a real etcd server (Debian etcd-server) on a free loopback
-port; the network namespaces (and what runs in them) of crashed earlier runs swept once.
+"""Test tiers, and the fixtures more than one test module uses (pytest finds them here: no
+test module imports a fixture): a real etcd server (Debian etcd-server) on a free loopback port;
+the network namespaces (and what runs in them) of crashed earlier runs swept once; a short temp
+dir, a CNI bin dir, pipitctl bound to the test's etcd, a node namespace with BIRD peers' ones.
 
 Every test is in one tier (`scripts/test -m unit` runs one; `scripts/test` runs them all):
 
@@ -21,14 +23,22 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from ipam import keys
 from ipam.store import EtcdConfig, Store
 from lab import netns
+from lab.cni import PLUGIN_DIR, install_bin_dir
 from lab.etcd import EtcdServer
+from tests.cni_support import short_temp_dir
 from tests.helpers import require
+from tests.pipitctl_support import pipitctl
+from tests.speaker_support import kill_exabgp, network
 
 
 TIERS = ("unit", "etcd", "kube", "netns", "lab", "vm", "soak")
@@ -104,3 +114,54 @@ def fakekube():
     from tests.fakekube import FakeKube
     with FakeKube() as kube:
         yield kube
+
+
+@pytest.fixture
+def short_dir():
+    """A temp dir with a short path (unix socket paths are limited to 107 bytes)."""
+    with short_temp_dir() as path:
+        yield path
+
+
+@pytest.fixture(scope="session")
+def cni_bin() -> Path:
+    """Symlinks to the reference plugins plus pipit-ipam as installed (native front).
+    test_cni_plugin.py and test_etcd_faults.py override it with a dir holding pipit-ipam alone."""
+    require(os.access(Path(PLUGIN_DIR) / "ptp", os.X_OK),
+            f"needs the CNI reference plugins in {PLUGIN_DIR} (Debian "
+            "containernetworking-plugins): run scripts/setup.sh")
+    path = Path(tempfile.mkdtemp(prefix="pipit-t-cni-bin-"))
+    try:
+        yield install_bin_dir(path)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def ctl(etcd):
+    """pipitctl bound to the test's etcd (through PIPIT_ETCD_ENDPOINTS): ctl(*args, input=)
+    runs it in a subprocess and returns the CompletedProcess (tests/pipitctl_support.py)."""
+    def run(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
+        return pipitctl(*args, input=input, endpoints=etcd.endpoints[0])
+    return run
+
+
+@pytest.fixture
+def net1():
+    """A node namespace linked to one BIRD peer's namespace (tests/speaker_support.network)."""
+    with network(1) as net:
+        yield net
+
+
+@pytest.fixture
+def net2():
+    """A node namespace linked to two peers' namespaces (tests/speaker_support.network)."""
+    with network(2) as net:
+        yield net
+
+
+@pytest.fixture
+def state_dir(tmp_path):
+    """The Speaker's directory; any ExaBGP still recorded in it is killed afterwards."""
+    yield tmp_path / "state"
+    kill_exabgp(tmp_path / "state")

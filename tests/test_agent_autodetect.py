@@ -26,9 +26,8 @@ from lab.agent import NodeAgentProcess
 from lab.etcd import EtcdServer
 from lab.netns import Namespaces
 from lab.process import wait
-from tests.cni_support import short_dir  # noqa: F401 (a fixture)
 from tests.ipip_support import ip
-from tests.test_pipitctl import ok, pipitctl
+from tests.pipitctl_support import ok, pipitctl
 
 pytestmark = pytest.mark.netns
 

@@ -32,7 +32,7 @@ from lab.agent import NodeAgentProcess
 from lab.cni import Attachment, CNIRuntime, NetworkConfig, ipv4_only_iptables
 from lab.etcd import EtcdServer
 from lab.process import kill, wait
-from tests.cni_support import cni_bin, short_temp_dir  # noqa: F401 (cni_bin: a fixture)
+from tests.cni_support import short_temp_dir
 from tests.ipip_support import (
     Capture,
     Node,
@@ -44,7 +44,7 @@ from tests.ipip_support import (
     pipit_routes,
     wait_ping,
 )
-from tests.test_pipitctl import ok, pipitctl, pool_yaml
+from tests.pipitctl_support import ok, pipitctl, pool_yaml
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns]
 

@@ -21,7 +21,6 @@ from ipam.errors import InvalidResource
 from ipam.snapshot import load_snapshot
 from lab.agent import AgentProcess
 from tests.fakekube.resources import NAMESPACES, NODES, PODS
-from tests.cni_support import short_dir  # noqa: F401 (a fixture)
 from tests.helpers import add_pool, with_store
 
 pytestmark = pytest.mark.kube

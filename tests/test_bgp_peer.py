@@ -24,26 +24,21 @@ from bgp_agent.bgp_peer import (
 from bgp_agent.node import NodeRecord, node_to_document
 from ipam import keys
 from ipam.errors import InvalidResource
-from tests.test_pipitctl import ctl, ok, one_sentence, put, snapshot  # noqa: F401 (ctl: a fixture)
+from tests.pipitctl_support import ok, put, snapshot
+from tests.sentences import one_sentence
+from tests.speaker_support import (
+    bird_peer, established, eventually, make_speaker, needs_root, running)
 
 TOR = {"peerIP": "10.99.1.1", "asNumber": 65101}
 
 
-def sentence(error: Exception) -> str:
-    """The message is one sentence ending in a full stop."""
-    text = str(error)
-    assert text.endswith("."), text
-    assert not re.search(r"[.!?]\s+[A-Z]", text), f"more than one sentence: {text}"
-    return text
-
-
-def refused(spec: dict, name: str = "tor") -> str:
+def refused(spec: dict, *facts: str, name: str = "tor") -> str:
     with pytest.raises(InvalidResource) as caught:
         peer_from_spec(name, spec)
-    return sentence(caught.value)
+    return one_sentence(caught.value, *facts, prefix=f"BGPPeer '{name}': ")
 
 
-def node(name: str, address: str | None = None, **labels: str) -> NodeRecord:
+def node_record(name: str, address: str | None = None, **labels: str) -> NodeRecord:
     return NodeRecord(name, IPv4Interface(address) if address else None, None, labels)
 
 
@@ -67,10 +62,10 @@ def test_every_field_round_trips():
     assert peer.scope == "node" and peer.password == PasswordRef(secret="bgp-secrets",
                                                                  key="rack-a")
     assert peer_from_spec("rack-a", peer_to_spec(peer)) == peer
-    assert peer.applies_to(node("n1", tor="x", rack="a"))
-    assert not peer.applies_to(node("n2", rack="a"))
+    assert peer.applies_to(node_record("n1", tor="x", rack="a"))
+    assert not peer.applies_to(node_record("n2", rack="a"))
     by_node = peer_from_spec("one", {**TOR, "node": "n1", "password": {"file": "/etc/p"}})
-    assert by_node.applies_to(node("n1")) and not by_node.applies_to(node("n2"))
+    assert by_node.applies_to(node_record("n1")) and not by_node.applies_to(node_record("n2"))
     assert peer_from_spec("one", peer_to_spec(by_node)) == by_node
 
 
@@ -137,18 +132,15 @@ REFUSALS = [
 
 @pytest.mark.parametrize("spec,facts", REFUSALS, ids=[str(i) for i in range(len(REFUSALS))])
 def test_every_invalid_peer_is_one_sentence(spec, facts):
-    message = refused(spec)
-    assert message.startswith("BGPPeer 'tor': ")
-    for fact in facts:
-        assert fact in message, (fact, message)
+    refused(spec, *facts)
 
 
 def test_a_node_specific_peer_cannot_be_the_node_itself():
-    nodes = [node("n1", "10.99.1.11/24"), node("n2", "10.99.1.12/24")]
+    nodes = [node_record("n1", "10.99.1.11/24"), node_record("n2", "10.99.1.12/24")]
     with pytest.raises(InvalidResource) as caught:
         check_peer(peer_from_spec("self", {**TOR, "peerIP": "10.99.1.11", "node": "n1"}),
                    [], nodes)
-    assert "10.99.1.11 is the address of node n1 itself" in sentence(caught.value)
+    one_sentence(caught.value, "10.99.1.11 is the address of node n1 itself")
     # a global peer at a node's address is how every other node peers with that node (a
     # reflector); the node itself skips it at run time (test_policy)
     check_peer(peer_from_spec("rr", {**TOR, "peerIP": "10.99.1.11"}), [], nodes)
@@ -168,17 +160,17 @@ DUPLICATES = [
 
 @pytest.mark.parametrize("stored,new,overlap", DUPLICATES)
 def test_a_second_peer_for_the_same_address_and_node_is_a_duplicate(stored, new, overlap):
-    nodes = [node("n1", "10.99.1.11/24", rack="a", tor="yes"), node("n2", "10.99.2.12/24",
-                                                                    rack="b")]
+    nodes = [node_record("n1", "10.99.1.11/24", rack="a", tor="yes"),
+             node_record("n2", "10.99.2.12/24", rack="b")]
     existing = peer_from_spec("first", {**TOR, **stored})
     with pytest.raises(InvalidResource) as caught:
         check_peer(peer_from_spec("second", {**TOR, **new}), [existing], nodes)
-    message = sentence(caught.value)
-    assert "BGPPeer 'first' already peers with 10.99.1.1 for" in message and overlap in message
+    one_sentence(caught.value, "BGPPeer 'first' already peers with 10.99.1.1 for", overlap)
 
 
 def test_peers_for_the_same_address_on_different_nodes_are_fine():
-    nodes = [node("n1", "10.99.1.11/24", rack="a"), node("n2", "10.99.2.12/24", rack="b")]
+    nodes = [node_record("n1", "10.99.1.11/24", rack="a"),
+             node_record("n2", "10.99.2.12/24", rack="b")]
     stored = [peer_from_spec("a", {**TOR, "nodeSelector": "rack == 'a'"}),
               peer_from_spec("one", {**TOR, "node": "n3"})]
     check_peer(peer_from_spec("b", {**TOR, "nodeSelector": "rack == 'b'"}), stored, nodes)
@@ -336,12 +328,8 @@ def test_node_status_shows_type_state_counts_and_why_a_session_is_down():
 # --------------------------------------------------------------------------------------------
 # A peer on another port, for real: ExaBGP connects to BIRD listening on 1179 only
 
-from tests.test_speaker import (  # noqa: E402, F401 (net1, state_dir: fixtures)
-    bird_peer, established, eventually, make_speaker, needs_root, net1, running, state_dir)
-
-
 @needs_root
-def test_a_peer_listening_on_another_port_gets_its_session(net1, state_dir):  # noqa: F811
+def test_a_peer_listening_on_another_port_gets_its_session(net1, state_dir):
     import asyncio
     from ipaddress import IPv4Network
 

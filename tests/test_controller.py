@@ -272,7 +272,7 @@ def test_one_instance_leads_and_another_takes_over_when_it_dies(fakekube, etcd, 
             return not snap.handles and not snap.affinities and "n1" not in snap.nodes
         wait(cleaned, 30, "n1 to be cleaned up by b")
         assert check(with_store(etcd, load_snapshot)) == []
-        from tests.test_metrics import scrape
+        from tests.metrics_support import scrape
         found = scrape(f"http://127.0.0.1:{port}/metrics")  # b's counters say what it did
         assert found[("pipit_controller_cleaned_nodes_total", ())] == 1
         assert found[("pipit_controller_leader", ())] == 1

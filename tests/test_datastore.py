@@ -16,13 +16,10 @@ from ipam.snapshot import check
 from ipam.store import EtcdConfig
 from lab.etcd import EtcdCluster
 from lab.process import wait
-from tests.cni_support import (  # noqa: F401 (fixtures)
-    DEFAULT_POOL,
+from tests.cni_support import (
     Plugin,
     add_pools,
-    cni_bin,
     holdings,
-    short_dir,
     snapshot,
     start_agent,
 )

@@ -18,9 +18,10 @@ from ipam.cni import handle_id
 from ipam.store import EtcdConfig, Store
 from lab.agent import AgentProcess
 from lab.etcd import EtcdCluster, EtcdServer, free_port, make_tls_files
-from tests.cni_support import NET, Plugin, cni_bin, short_dir  # noqa: F401 (fixtures)
+from tests.cni_support import NET, Plugin
 from tests.tcp_proxy import TCPProxy
-from tests.test_pipitctl import ok, one_sentence, pipitctl, pool_yaml
+from tests.pipitctl_support import ok, pipitctl, pool_yaml
+from tests.sentences import one_sentence
 
 pytestmark = pytest.mark.etcd
 

@@ -30,7 +30,7 @@ PEER_2 = RemoteVTEP(IPv4Address("192.168.2.12"), IPv4Address("10.244.3.1"), "02:
 
 
 @pytest.fixture
-def node():
+def ipip_node_netns():
     """A node namespace whose eth0 (MTU 9000) holds LOCAL."""
     with Namespaces() as namespaces:
         ns = namespaces.create("node")
@@ -53,19 +53,19 @@ def vxlan_device(**changes) -> vxlan.Device:
     return vxlan.Device(**{**settings, **changes})
 
 
-def test_uplink_is_the_interface_holding_the_node_address(node):
-    with ipr_in(node) as ipr:
+def test_uplink_is_the_interface_holding_the_node_address(ipip_node_netns):
+    with ipr_in(ipip_node_netns) as ipr:
         found = uplink(ipr, LOCAL.ip)
         assert (found.name, found.mtu) == ("eth0", 9000)
         with pytest.raises(LookupError, match="no interface holds the node address 10.9.9.9"):
             uplink(ipr, IPv4Address("10.9.9.9"))
 
 
-def test_vxlan_device_is_created_as_asked_and_left_alone_when_right(node):
-    with ipr_in(node) as ipr:
+def test_vxlan_device_is_created_as_asked_and_left_alone_when_right(ipip_node_netns):
+    with ipr_in(ipip_node_netns) as ipr:
         index = vxlan.ensure(ipr, vxlan_device())
         assert vxlan.ensure(ipr, vxlan_device()) == index
-    info = link_json(node, VXLAN_DEVICE)
+    info = link_json(ipip_node_netns, VXLAN_DEVICE)
     data = info["linkinfo"]["info_data"]
     assert (data["id"], data["port"], data["local"], data["learning"]) == \
         (4096, 4789, "192.168.1.10", False)
@@ -74,22 +74,23 @@ def test_vxlan_device_is_created_as_asked_and_left_alone_when_right(node):
         == [("10.244.1.1", 32)]
 
 
-def test_vxlan_device_changes_in_place_or_is_recreated(node):
-    with ipr_in(node) as ipr:
+def test_vxlan_device_changes_in_place_or_is_recreated(ipip_node_netns):
+    with ipr_in(ipip_node_netns) as ipr:
         index = vxlan.ensure(ipr, vxlan_device())
         # MTU, MAC and VTEP address change in place ...
         assert vxlan.ensure(ipr, vxlan_device(mtu=1400, mac="02:00:00:00:00:99",
                                               vtep=IPv4Address("10.244.1.5"))) == index
-        ip(node, "addr", "add", "10.9.9.9/32", "dev", VXLAN_DEVICE)  # stale: removed
+        ip(ipip_node_netns, "addr", "add", "10.9.9.9/32", "dev", VXLAN_DEVICE)  # stale: removed
         assert vxlan.ensure(ipr, vxlan_device(mtu=1400, mac="02:00:00:00:00:99",
                                               vtep=IPv4Address("10.244.1.5"))) == index
-        info = link_json(node, VXLAN_DEVICE)
+        info = link_json(ipip_node_netns, VXLAN_DEVICE)
         assert (info["mtu"], info["address"]) == (1400, "02:00:00:00:00:99")
         assert [a["local"] for a in info["addr_info"] if a["family"] == "inet"] == ["10.244.1.5"]
         # ... a new local address needs a new device.
-        ip(node, "addr", "add", "192.168.1.20/24", "dev", "eth0")
+        ip(ipip_node_netns, "addr", "add", "192.168.1.20/24", "dev", "eth0")
         assert vxlan.ensure(ipr, vxlan_device(local=IPv4Address("192.168.1.20"))) != index
-    assert link_json(node, VXLAN_DEVICE)["linkinfo"]["info_data"]["local"] == "192.168.1.20"
+    data = link_json(ipip_node_netns, VXLAN_DEVICE)["linkinfo"]["info_data"]
+    assert data["local"] == "192.168.1.20"
 
 
 def neighbours(ns: str) -> set[tuple[str, str, str]]:
@@ -102,34 +103,34 @@ def fdb(ns: str) -> set[tuple[str, str]]:
     return {(e["mac"], e["dst"]) for e in entries if "dst" in e}
 
 
-def test_vtep_entries_are_exactly_the_wanted_set(node):
-    with ipr_in(node) as ipr:
+def test_vtep_entries_are_exactly_the_wanted_set(ipip_node_netns):
+    with ipr_in(ipip_node_netns) as ipr:
         index = vxlan.ensure(ipr, vxlan_device())
         vxlan.set_vteps(ipr, index, [PEER_1, PEER_2])
-        assert neighbours(node) == {("10.244.2.1", "02:00:00:00:00:01", "PERMANENT"),
+        assert neighbours(ipip_node_netns) == {("10.244.2.1", "02:00:00:00:00:01", "PERMANENT"),
                                     ("10.244.3.1", "02:00:00:00:00:02", "PERMANENT")}
-        assert fdb(node) == {("02:00:00:00:00:01", "192.168.1.11"),
+        assert fdb(ipip_node_netns) == {("02:00:00:00:00:01", "192.168.1.11"),
                              ("02:00:00:00:00:02", "192.168.2.12")}
         # peer 2 leaves, peer 1 moves to a new node address, a stray entry appears
-        ip(node, "neigh", "add", "10.244.7.7", "lladdr", "02:00:00:00:00:77", "dev",
+        ip(ipip_node_netns, "neigh", "add", "10.244.7.7", "lladdr", "02:00:00:00:00:77", "dev",
            VXLAN_DEVICE)
         moved = RemoteVTEP(IPv4Address("192.168.1.99"), PEER_1.address, PEER_1.mac)
         vxlan.set_vteps(ipr, index, [moved])
-        assert neighbours(node) == {("10.244.2.1", "02:00:00:00:00:01", "PERMANENT")}
-        assert fdb(node) == {("02:00:00:00:00:01", "192.168.1.99")}
+        assert neighbours(ipip_node_netns) == {("10.244.2.1", "02:00:00:00:00:01", "PERMANENT")}
+        assert fdb(ipip_node_netns) == {("02:00:00:00:00:01", "192.168.1.99")}
         vxlan.set_vteps(ipr, index, [])
-        assert neighbours(node) == set() and fdb(node) == set()
+        assert neighbours(ipip_node_netns) == set() and fdb(ipip_node_netns) == set()
 
 
-def test_prepare_and_retire_vxlan(node):
+def test_prepare_and_retire_vxlan(ipip_node_netns):
     desired = dataplane.Desired(local=LOCAL, kinds=frozenset({VXLAN}),
                                 vtep_address=IPv4Address("10.244.1.1"), vtep_mac=MAC,
                                 vteps=(PEER_1,))
-    with ipr_in(node) as ipr:
+    with ipr_in(ipip_node_netns) as ipr:
         prepared = dataplane.prepare(ipr, desired)
         assert prepared.devices.tunl0 is None and prepared.devices.vxlan is not None
         assert (prepared.uplink.name, prepared.pod_mtu) == ("eth0", 9000 - 50)
-        assert link_json(node, VXLAN_DEVICE)["mtu"] == 8950
+        assert link_json(ipip_node_netns, VXLAN_DEVICE)["mtu"] == 8950
         dataplane.retire(ipr, desired)  # still wanted: kept
         assert links.lookup(ipr, VXLAN_DEVICE) == prepared.devices.vxlan
         dataplane.retire(ipr, dataplane.Desired(local=LOCAL))
@@ -148,22 +149,22 @@ def nft_table(ns: str) -> str:
     return run("ip", "netns", "exec", ns, "nft", "list", "table", "ip", "pipit-nat").stdout
 
 
-def test_nat_table_is_rewritten_whole_and_nothing_else_is_touched(node):
-    run("ip", "netns", "exec", node, "nft", "add table inet someone-else; "
+def test_nat_table_is_rewritten_whole_and_nothing_else_is_touched(ipip_node_netns):
+    run("ip", "netns", "exec", ipip_node_netns, "nft", "add table inet someone-else; "
         "add chain inet someone-else c { type filter hook forward priority 0; }")
     pools = [IPPool("a", IPv4Network("10.244.0.0/16"), nat_outgoing=True),
              IPPool("b", IPv4Network("10.10.0.0/16"))]
-    nat.apply(pools, netns=node)
-    nat.apply(pools, netns=node)  # idempotent
-    assert "elements = { 10.244.0.0/16 }" in nft_table(node)
-    run("ip", "netns", "exec", node, "nft", "add rule ip pipit-nat postrouting counter")
-    nat.apply([IPPool("a", IPv4Network("10.244.0.0/16"), nat_outgoing=True)], netns=node)
-    table = nft_table(node)
+    nat.apply(pools, netns=ipip_node_netns)
+    nat.apply(pools, netns=ipip_node_netns)  # idempotent
+    assert "elements = { 10.244.0.0/16 }" in nft_table(ipip_node_netns)
+    run("ip", "netns", "exec", ipip_node_netns, "nft", "add rule ip pipit-nat postrouting counter")
+    nat.apply([IPPool("a", IPv4Network("10.244.0.0/16"), nat_outgoing=True)], netns=ipip_node_netns)
+    table = nft_table(ipip_node_netns)
     assert "10.10.0.0/16" not in table and "counter" not in table  # rewritten whole
-    nat.apply(pools[1:], netns=node)  # no natOutgoing pool left: no table
-    assert nft_tables(node) == ["table inet someone-else"]
-    nat.remove(netns=node)  # already gone: fine
-    assert nft_tables(node) == ["table inet someone-else"]
+    nat.apply(pools[1:], netns=ipip_node_netns)  # no natOutgoing pool left: no table
+    assert nft_tables(ipip_node_netns) == ["table inet someone-else"]
+    nat.remove(netns=ipip_node_netns)  # already gone: fine
+    assert nft_tables(ipip_node_netns) == ["table inet someone-else"]
 
 
 def test_vxlan_is_supported_by_this_kernel():
@@ -187,13 +188,13 @@ def test_probe_leaves_no_device_behind():
 
 @pytest.mark.skipif(capability.kernel_supports(IPIP),
                     reason="this kernel has ipip (test_ipip_vm.py covers IPIP)")
-def test_missing_ipip_is_said_in_one_sentence_at_start_up_and_by_tunl0(node):
+def test_missing_ipip_is_said_in_one_sentence_at_start_up_and_by_tunl0(ipip_node_netns):
     pools = [IPPool("edge", IPv4Network("10.1.0.0/16"), ipip_mode="Always"),
              IPPool("plain", IPv4Network("10.2.0.0/16"))]
     assert capability.check(pools) == [capability.message(IPIP, ["edge"])]
-    with ipr_in(node) as ipr, pytest.raises(links.DataplaneError, match="ipip module"):
+    with ipr_in(ipip_node_netns) as ipr, pytest.raises(links.DataplaneError, match="ipip module"):
         tunnel.ensure(ipr, IPv4Address("10.1.0.1"), 1480)
-    with ipr_in(node) as ipr:
+    with ipr_in(ipip_node_netns) as ipr:
         tunnel.disable(ipr)  # nothing to disable: fine
         # The agent's pass goes on without tunl0: VXLAN still set up, the error reported.
         prepared = dataplane.prepare(ipr, dataplane.Desired(
@@ -203,8 +204,9 @@ def test_missing_ipip_is_said_in_one_sentence_at_start_up_and_by_tunl0(node):
     assert len(prepared.errors) == 1 and "ipip module" in prepared.errors[0]
 
 
-def test_tunl0_name_taken_by_another_kind_is_refused(node):
-    ip(node, "link", "add", "tunl0", "type", "veth", "peer", "name", "tunl0-peer")
-    with ipr_in(node) as ipr, pytest.raises(links.DataplaneError, match="not an ipip tunnel"):
+def test_tunl0_name_taken_by_another_kind_is_refused(ipip_node_netns):
+    ip(ipip_node_netns, "link", "add", "tunl0", "type", "veth", "peer", "name", "tunl0-peer")
+    with ipr_in(ipip_node_netns) as ipr, \
+            pytest.raises(links.DataplaneError, match="not an ipip tunnel"):
         tunnel.ensure(ipr, None, 1480)
 

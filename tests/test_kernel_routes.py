@@ -22,7 +22,7 @@ pytestmark = pytest.mark.netns
 # Real kernel, in network namespaces
 
 @dataclass
-class Node:
+class RoutingNetns:
     """A node's network namespace: v0 (192.168.0.1/24) towards a peer namespace holding
     192.168.0.2-4, and tun0, an unaddressed device standing in for tunl0 / vxlan.pipit."""
 
@@ -45,7 +45,9 @@ class Node:
 
 
 @pytest.fixture
-def node():
+def routing_netns():
+    """A node namespace with v0 towards a peer namespace and tun0 (RoutingNetns), removed
+    afterwards."""
     with Namespaces() as namespaces:
         name, peer = namespaces.create("node"), namespaces.create("peer")
         for dev, peer_dev in (("v0", "p0"), ("tun0", "p1")):
@@ -58,12 +60,12 @@ def node():
             sh("ip", "-n", peer, "addr", "add", address, "dev", "p0")
         links = {link["ifname"]: link["ifindex"]
                  for link in json.loads(sh("ip", "-n", name, "-j", "link", "show"))}
-        yield Node(name, links["v0"], links["tun0"])
+        yield RoutingNetns(name, links["v0"], links["tun0"])
 
 
 @pytest.fixture
-def kernel(node):
-    with KernelRoutes(node.netns) as kernel:
+def kernel(routing_netns):
+    with KernelRoutes(routing_netns.netns) as kernel:
         yield kernel
 
 
@@ -72,38 +74,40 @@ def reconcile(kernel: KernelRoutes, desired: dict, table: int = 254):
     return RouteTable(kernel, table).sync(desired)
 
 
-def add_foreign_routes(node: Node) -> None:
+def add_foreign_routes(node: RoutingNetns) -> None:
     node.ip("route", "add", "10.9.0.0/24", "via", "192.168.0.2", "proto", "static")
     node.ip("route", "add", "10.9.1.0/24", "via", "192.168.0.3", "proto", "bird")  # 12
     node.ip("route", "add", "blackhole", "10.9.2.0/24", "proto", "static")
     node.ip("route", "add", "10.9.3.0/24", "via", "192.168.0.2", "proto", "static", "table", "1000")
 
 
-def test_install_via_route(node, kernel):
+def test_install_via_route(routing_netns, kernel):
     assert kernel.apply([via("10.1.0.0/26", GW1)]) == []
-    assert node.routes("proto", "91") == [
+    assert routing_netns.routes("proto", "91") == [
         {"dst": "10.1.0.0/26", "gateway": "192.168.0.2", "dev": "v0", "flags": []}]
-    assert node.routes("10.1.0.0/26")[0]["protocol"] == "91"
+    assert routing_netns.routes("10.1.0.0/26")[0]["protocol"] == "91"
 
 
-def test_ecmp_route_has_both_nexthops(node, kernel):
+def test_ecmp_route_has_both_nexthops(routing_netns, kernel):
     assert kernel.apply([via("10.1.0.0/26", GW2, GW1)]) == []
-    [route] = node.routes("proto", "91")
+    [route] = routing_netns.routes("proto", "91")
     assert [(hop["gateway"], hop["dev"]) for hop in route["nexthops"]] == [
         ("192.168.0.2", "v0"), ("192.168.0.3", "v0")]
 
 
-def test_blackhole(node, kernel):
+def test_blackhole(routing_netns, kernel):
     assert kernel.apply([blackhole("10.1.0.0/26")]) == []
-    assert node.routes("proto", "91") == [{"type": "blackhole", "dst": "10.1.0.0/26", "flags": []}]
+    assert routing_netns.routes("proto", "91") == [
+        {"type": "blackhole", "dst": "10.1.0.0/26", "flags": []}]
 
 
-def test_onlink_via_device(node, kernel):
+def test_onlink_via_device(routing_netns, kernel):
     # tun0 has no address in 172.16/12: without onlink the kernel would refuse this gateway.
-    onlink = [via("10.1.0.0/26", A("172.16.0.1"), ifindex=node.tun0, onlink=True),
-              via("10.1.1.0/26", A("172.16.0.1"), A("172.16.0.2"), ifindex=node.tun0, onlink=True)]
+    onlink = [via("10.1.0.0/26", A("172.16.0.1"), ifindex=routing_netns.tun0, onlink=True),
+              via("10.1.1.0/26", A("172.16.0.1"), A("172.16.0.2"), ifindex=routing_netns.tun0,
+                  onlink=True)]
     assert kernel.apply(onlink) == []
-    routes = node.pipit_routes()
+    routes = routing_netns.pipit_routes()
     assert routes["10.1.0.0/26"] == {
         "dst": "10.1.0.0/26", "gateway": "172.16.0.1", "dev": "tun0", "flags": ["onlink"]}
     hops = routes["10.1.1.0/26"]["nexthops"]
@@ -112,23 +116,23 @@ def test_onlink_via_device(node, kernel):
     assert kernel.dump() == by_dst(*onlink)
 
 
-def test_replace_changes_a_route_in_place(node, kernel):
+def test_replace_changes_a_route_in_place(routing_netns, kernel):
     assert kernel.apply([via("10.1.0.0/26", GW1), via("10.1.1.0/26", GW1)]) == []
     assert kernel.apply([via("10.1.0.0/26", GW2), blackhole("10.1.1.0/26")]) == []
-    routes = node.pipit_routes()
+    routes = routing_netns.pipit_routes()
     assert routes["10.1.0.0/26"]["gateway"] == "192.168.0.3"
     assert routes["10.1.1.0/26"]["type"] == "blackhole"
-    assert len(node.routes("10.1.0.0/26")) == 1
+    assert len(routing_netns.routes("10.1.0.0/26")) == 1
 
 
-def test_dump_after_apply_equals_desired(node, kernel):
+def test_dump_after_apply_equals_desired(routing_netns, kernel):
     desired = by_dst(
-        via("10.1.0.0/26", GW1, ifindex=node.v0),
-        via("10.1.1.0/26", GW1, GW2, GW3, ifindex=node.v0),
-        via("10.1.2.0/26", A("172.16.0.9"), ifindex=node.tun0, onlink=True),
+        via("10.1.0.0/26", GW1, ifindex=routing_netns.v0),
+        via("10.1.1.0/26", GW1, GW2, GW3, ifindex=routing_netns.v0),
+        via("10.1.2.0/26", A("172.16.0.9"), ifindex=routing_netns.tun0, onlink=True),
         blackhole("10.1.3.0/26"),
         blackhole("10.2.0.0/16"),
-        via("10.1.4.0/32", GW1, ifindex=node.v0),
+        via("10.1.4.0/32", GW1, ifindex=routing_netns.v0),
     )
     assert kernel.apply(desired.values()) == []
     assert kernel.dump() == desired
@@ -138,8 +142,8 @@ def test_dump_after_apply_equals_desired(node, kernel):
     assert diff(no_devices, kernel.dump()) == ([], [])
 
 
-def test_dump_reads_other_tables_and_reuses_given_networks(node, kernel):
-    in_table = via("10.1.0.0/26", GW1, ifindex=node.v0, table=1000)
+def test_dump_reads_other_tables_and_reuses_given_networks(routing_netns, kernel):
+    in_table = via("10.1.0.0/26", GW1, ifindex=routing_netns.v0, table=1000)
     assert kernel.apply([in_table, via("10.1.1.0/26", GW1)]) == []
     assert kernel.dump(1000) == by_dst(in_table)
     assert kernel.dump(2000) == {}  # no such table
@@ -148,22 +152,22 @@ def test_dump_reads_other_tables_and_reuses_given_networks(node, kernel):
     assert dumped is prefix
 
 
-def test_reconcile_adds_replaces_and_removes_stale_routes(node, kernel):
+def test_reconcile_adds_replaces_and_removes_stale_routes(routing_netns, kernel):
     assert kernel.apply([via("10.1.0.0/26", GW1), via("10.1.1.0/26", GW1),
                          via("10.1.2.0/26", GW1)]) == []
     desired = by_dst(via("10.1.0.0/26", GW1), via("10.1.1.0/26", GW2), blackhole("10.1.3.0/26"))
     stats = reconcile(kernel, desired)
     assert (stats.resynced, stats.added, stats.replaced, stats.deleted) == (True, 1, 1, 1)
     assert stats.errors == []
-    assert sorted(node.pipit_routes()) == ["10.1.0.0/26", "10.1.1.0/26", "10.1.3.0/26"]
+    assert sorted(routing_netns.pipit_routes()) == ["10.1.0.0/26", "10.1.1.0/26", "10.1.3.0/26"]
     assert diff(desired, kernel.dump()) == ([], [])
     again = reconcile(kernel, desired)
     assert (again.added, again.replaced, again.deleted) == (0, 0, 0)
 
 
-def test_other_protocols_routes_are_never_touched(node, kernel):
-    add_foreign_routes(node)
-    before = node.foreign_routes()
+def test_other_protocols_routes_are_never_touched(routing_netns, kernel):
+    add_foreign_routes(routing_netns)
+    before = routing_netns.foreign_routes()
     assert {r["dst"]: r["protocol"] for r in before if r["dst"].startswith("10.9.")} == {
         "10.9.0.0/24": "static", "10.9.1.0/24": "bird",
         "10.9.2.0/24": "static", "10.9.3.0/24": "static"}
@@ -178,22 +182,23 @@ def test_other_protocols_routes_are_never_touched(node, kernel):
     assert kernel.apply(delete=foreign) == []
     assert reconcile(kernel, {}).deleted == 1
     assert reconcile(kernel, {}, table=1000).deleted == 0
-    assert node.foreign_routes() == before
-    assert node.pipit_routes() == {}
+    assert routing_netns.foreign_routes() == before
+    assert routing_netns.pipit_routes() == {}
 
 
-def test_reconcile_does_not_overwrite_another_protocols_route_for_the_same_prefix(node, kernel):
-    add_foreign_routes(node)
-    before = node.foreign_routes()
+def test_reconcile_does_not_overwrite_another_protocols_route_for_the_same_prefix(routing_netns,
+                                                                                   kernel):
+    add_foreign_routes(routing_netns)
+    before = routing_netns.foreign_routes()
     desired = by_dst(via("10.9.0.0/24", GW3), via("10.9.1.0/24", GW3), via("10.1.0.0/26", GW1))
     stats = reconcile(kernel, desired)
     assert sorted((str(e.route.dst), e.op, e.errno) for e in stats.errors) == [
         ("10.9.0.0/24", "add", errno.EEXIST), ("10.9.1.0/24", "add", errno.EEXIST)]
-    assert node.foreign_routes() == before
-    assert sorted(node.pipit_routes()) == ["10.1.0.0/26"]
+    assert routing_netns.foreign_routes() == before
+    assert sorted(routing_netns.pipit_routes()) == ["10.1.0.0/26"]
 
 
-def test_a_refused_route_is_reported_and_the_rest_applied(node, kernel):
+def test_a_refused_route_is_reported_and_the_rest_applied(routing_netns, kernel):
     unreachable = via("10.1.1.0/26", A("172.16.0.1"))  # not on any link, and not onlink
     missing_device = via("10.1.3.0/26", GW1, ifindex=999)
     routes = [via("10.1.0.0/26", GW1), unreachable, via("10.1.2.0/26", GW2), missing_device]
@@ -202,40 +207,41 @@ def test_a_refused_route_is_reported_and_the_rest_applied(node, kernel):
         (unreachable, "replace", errno.ENETUNREACH), (missing_device, "replace", errno.ENETUNREACH)]
     assert errors[0].message  # the kernel's reason, via extended ACK
     assert "10.1.1.0/26" in str(errors[0])
-    assert sorted(node.pipit_routes()) == ["10.1.0.0/26", "10.1.2.0/26"]
+    assert sorted(routing_netns.pipit_routes()) == ["10.1.0.0/26", "10.1.2.0/26"]
 
 
-def test_errors_across_many_batches_are_all_reported(node):
+def test_errors_across_many_batches_are_all_reported(routing_netns):
     good = [Route(N((0x0A000000 + i * 64, 26)), (NextHop(GW1),)) for i in range(300)]
     bad = [Route(N((0x0B000000 + i * 64, 26)), (NextHop(A("172.16.0.1")),)) for i in range(300)]
     mixed = [route for pair in zip(good, bad) for route in pair]  # every batch ends with a failure
-    with KernelRoutes(node.netns, batch=16) as kernel:
+    with KernelRoutes(routing_netns.netns, batch=16) as kernel:
         errors = kernel.apply(mixed)
         assert [e.route for e in errors] == bad
         assert set(kernel.dump()) == {r.dst for r in good}
-    with KernelRoutes(node.netns) as kernel:  # full default-size batches of nothing but errors
+    # full default-size batches of nothing but errors
+    with KernelRoutes(routing_netns.netns) as kernel:
         assert [e.route for e in kernel.apply(bad * 10)] == bad * 10
 
 
-def test_many_routes_round_trip(node, kernel):
+def test_many_routes_round_trip(routing_netns, kernel):
     desired = by_dst(*(Route(N((0x0A000000 + i * 64, 26)), (NextHop((GW1, GW2)[i % 2]),))
                        for i in range(5000)))
     stats = reconcile(kernel, desired)
     assert (stats.added, stats.errors) == (5000, [])
     assert diff(desired, kernel.dump()) == ([], [])
-    assert len(node.routes("proto", "91")) == 5000
+    assert len(routing_netns.routes("proto", "91")) == 5000
     assert reconcile(kernel, {}).deleted == 5000
-    assert node.pipit_routes() == {}
+    assert routing_netns.pipit_routes() == {}
 
 
-def test_routes_go_to_the_named_namespace_only(node, kernel):
+def test_routes_go_to_the_named_namespace_only(routing_netns, kernel):
     def in_root_namespace():
         return sh("ip", "route", "show", "table", "all", "10.254.77.0/26")
 
     before = in_root_namespace()
     assert kernel.apply([via("10.254.77.0/26", GW1)]) == []
     assert in_root_namespace() == before
-    assert list(node.pipit_routes()) == ["10.254.77.0/26"]
+    assert list(routing_netns.pipit_routes()) == ["10.254.77.0/26"]
 
 
 def test_unknown_namespace_is_a_clear_error():
@@ -251,39 +257,40 @@ class Clock:
         return self.now
 
 
-def test_route_table_diffs_against_what_it_applied_and_resyncs_on_time(node, kernel):
+def test_route_table_diffs_against_what_it_applied_and_resyncs_on_time(routing_netns, kernel):
     clock = Clock()
     table = RouteTable(kernel, resync_seconds=60, clock=clock)
     desired = by_dst(via("10.1.0.0/26", GW1), via("10.1.1.0/26", GW2), blackhole("10.1.2.0/26"))
     first = table.sync(desired)
     assert (first.resynced, first.added, first.errors) == (True, 3, [])
     assert table.applied == desired
-    node.ip("route", "del", "10.1.1.0/26", "proto", "91")  # someone else removes one
+    routing_netns.ip("route", "del", "10.1.1.0/26", "proto", "91")  # someone else removes one
     clock.now += 59
     again = table.sync(desired)
     assert (again.resynced, again.changes) == (False, 0)  # a pass costs only its changes
-    assert "10.1.1.0/26" not in node.pipit_routes()
+    assert "10.1.1.0/26" not in routing_netns.pipit_routes()
     clock.now += 1
     repaired = table.sync(desired)
     assert (repaired.resynced, repaired.added) == (True, 1)
-    assert sorted(node.pipit_routes()) == ["10.1.0.0/26", "10.1.1.0/26", "10.1.2.0/26"]
+    assert sorted(routing_netns.pipit_routes()) == ["10.1.0.0/26", "10.1.1.0/26", "10.1.2.0/26"]
     assert table.sync(desired, resync=True).resynced  # asked for
 
 
-def test_route_table_retries_a_refused_route_and_keeps_unlisted_routes_when_asked(node, kernel):
+def test_route_table_retries_a_refused_route_and_keeps_unlisted_routes_when_asked(routing_netns,
+                                                                                   kernel):
     table = RouteTable(kernel)
     unreachable = via("10.1.1.0/26", A("192.168.5.1"))  # not on any link yet
     desired = by_dst(via("10.1.0.0/26", GW1), unreachable, blackhole("10.1.2.0/26"))
     stats = table.sync(desired)
     assert [(e.route, e.op) for e in stats.errors] == [(unreachable, "add")]
     assert stats.added == 2 and unreachable.dst not in table.applied
-    node.ip("addr", "add", "192.168.5.9/24", "dev", "v0")  # now it can be installed
+    routing_netns.ip("addr", "add", "192.168.5.9/24", "dev", "v0")  # now it can be installed
     retried = table.sync(desired)
     assert (retried.resynced, retried.added, retried.errors) == (False, 1, [])
-    assert sorted(node.pipit_routes()) == ["10.1.0.0/26", "10.1.1.0/26", "10.1.2.0/26"]
+    assert sorted(routing_netns.pipit_routes()) == ["10.1.0.0/26", "10.1.1.0/26", "10.1.2.0/26"]
     # keep_unlisted: learned routes that are no longer desired stay, blackholes go
     kept = table.sync({}, keep_unlisted=True)
     assert kept.deleted == 1
-    assert sorted(node.pipit_routes()) == ["10.1.0.0/26", "10.1.1.0/26"]
+    assert sorted(routing_netns.pipit_routes()) == ["10.1.0.0/26", "10.1.1.0/26"]
     assert table.sync({}).deleted == 2
-    assert node.pipit_routes() == {}
+    assert routing_netns.pipit_routes() == {}

@@ -17,7 +17,8 @@ from ipam.store import Store
 from pipitctl import commit as commit_module
 from pipitctl.resources import apply_objects, read_objects
 from tests.helpers import with_store
-from tests.test_pipitctl import ctl, ok, one_sentence, snapshot  # noqa: F401 (ctl: a fixture)
+from tests.pipitctl_support import ok, snapshot
+from tests.sentences import one_sentence
 
 NODES, POOLS = 1000, 300
 

@@ -7,33 +7,19 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from lab.etcd import free_port
-from tests.cni_support import (  # noqa: F401 (fixtures)
+from tests.cni_support import (
     DEFAULT_POOL,
     NET,
     Plugin,
     add_pools,
-    cni_bin,
-    short_dir,
     start_agent,
 )
 from tests.helpers import running_lab
-
-
-def samples(text: str) -> dict[tuple[str, tuple], float]:
-    """(sample name, sorted labels) -> value."""
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    with urllib.request.urlopen(url, timeout=5) as answer:
-        return samples(answer.read().decode())
+from tests.metrics_support import samples, scrape
 
 
 def test_ipam_requests_latency_and_etcd_transactions_are_counted(etcd, cni_bin, short_dir):

@@ -10,14 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
-from ipaddress import IPv4Address, IPv4Network
-from pathlib import Path
+from ipaddress import IPv4Network
 
 import pytest
 import yaml
@@ -25,86 +21,11 @@ import yaml
 from ipam import block as blocks
 from ipam import handle as handles
 from ipam import keys
-from ipam.allocator import IPAM
-from ipam.store import ENV_CA, ENV_CERT, ENV_ENDPOINTS, ENV_KEY, EtcdConfig, Store
+from ipam.store import ENV_CA, ENV_CERT, ENV_KEY, EtcdConfig
 from lab.etcd import EtcdServer, free_port, make_tls_files
 from tests.helpers import add_pool, with_store
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-# --------------------------------------------------------------------------------------------
-# Helpers
-
-
-def pipitctl(*args: str, input: str | None = None, endpoints: str | None = None,
-             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m pipitctl ARGS` with only the etcd settings given here."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("PIPIT_ETCD_")}
-    if endpoints:
-        environ[ENV_ENDPOINTS] = endpoints
-    environ.update(env or {})
-    return subprocess.run([sys.executable, "-m", "pipitctl", *args], input=input, env=environ,
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
-
-
-def ok(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
-    assert result.stderr == "", result.stderr
-    return result.stdout
-
-
-def one_sentence(result: subprocess.CompletedProcess, *facts: str) -> str:
-    """The command failed with a single `Error: ... .` line holding every fact."""
-    assert result.returncode != 0, result.stdout
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    line = lines[0]
-    assert line.startswith("Error: ") and line.endswith("."), line
-    assert not re.search(r"[.!?]\s+[A-Z]", line), f"more than one sentence: {line}"
-    for fact in facts:
-        assert fact in line, (fact, line)
-    return line
-
-
-def snapshot(config: EtcdConfig) -> dict[str, tuple[int, dict]]:
-    """Every key under /pipit/ -> (mod_revision, value)."""
-    async def read(store: Store):
-        return {e.key: (e.mod_revision, e.value) for e in await store.list(keys.ROOT)}
-    return with_store(config, read)
-
-
-def put(config: EtcdConfig, *items: tuple[str, dict]) -> None:
-    async def write(store: Store):
-        for key, value in items:
-            await store.put(key, value)
-    with_store(config, write)
-
-
-def assign(config: EtcdConfig, *requests: tuple) -> list[list[IPv4Address]]:
-    """(node, handle, count, attributes[, pools]) each, through the real allocator."""
-    async def run(store: Store):
-        ipam = IPAM(store)
-        return [await ipam.assign(*r) for r in requests]
-    return with_store(config, run)
-
-
-def pool_yaml(name: str = "new", **spec) -> str:
-    return yaml.safe_dump({"apiVersion": "pipit.dev/v1", "kind": "IPPool",
-                           "metadata": {"name": name}, "spec": spec}, sort_keys=False)
-
-
-def stream(*documents: str) -> str:
-    return "---\n".join(documents)
-
-
-@pytest.fixture
-def ctl(etcd):
-    """pipitctl bound to the test's etcd (through PIPIT_ETCD_ENDPOINTS)."""
-    def run(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
-        return pipitctl(*args, input=input, endpoints=etcd.endpoints[0])
-    return run
+from tests.pipitctl_support import assign, ok, pipitctl, pool_yaml, put, snapshot, stream
+from tests.sentences import one_sentence
 
 
 @pytest.fixture

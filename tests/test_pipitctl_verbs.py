@@ -15,8 +15,8 @@ import yaml
 from ipam import keys
 from lab.process import wait
 from tests.helpers import add_pool, with_store
-from tests.test_pipitctl import (  # noqa: F401 (ctl: a fixture)
-    ROOT, assign, ctl, ok, one_sentence, pool_yaml, snapshot, stream)
+from tests.pipitctl_support import ROOT, assign, ok, pool_yaml, snapshot, stream
+from tests.sentences import one_sentence
 
 
 def spec_of(ctl, kind: str, name: str) -> dict:

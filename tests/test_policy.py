@@ -23,13 +23,14 @@ def net(text: str) -> IPv4Network:
     return IPv4Network(text)
 
 
-def node(name: str, address: str | None, as_number: int | None = None) -> NodeRecord:
+def node_record(name: str, address: str | None, as_number: int | None = None) -> NodeRecord:
     return NodeRecord(name, IPv4Interface(address) if address else None, as_number)
 
 
 def test_mesh_is_every_other_node_with_an_address():
-    me = node("a", "10.0.0.1/24")
-    nodes = [me, node("b", "10.0.0.2/24", 65010), node("c", "10.0.0.3/24"), node("d", None)]
+    me = node_record("a", "10.0.0.1/24")
+    nodes = [me, node_record("b", "10.0.0.2/24", 65010), node_record("c", "10.0.0.3/24"),
+             node_record("d", None)]
     neighbors = policy.mesh_neighbors(me, nodes, BGPConfig(node_mesh_hold_time=9))
     assert [(n.address, n.peer_as, n.name, n.hold_time) for n in neighbors] == [
         (B, 65010, "b", 9), (C, 64512, "c", 9)]
@@ -141,7 +142,7 @@ def no_password(ref):
 
 def test_peers_are_the_mesh_global_peers_and_the_ones_picking_this_node():
     me = NodeRecord("a", IPv4Interface("10.0.0.1/24"), 65001, labels={"rack": "r1"})
-    nodes = [me, node("b", "10.0.0.2/24"), node("c", "10.0.0.3/24")]
+    nodes = [me, node_record("b", "10.0.0.2/24"), node_record("c", "10.0.0.3/24")]
     peers = [peer("tor", "10.0.0.254", holdTime=9, maxPrefixes=50, allowPoolPrefixes=True,
                   numAllowedLocalASNumbers=1),
              peer("rack1", "10.0.1.254", nodeSelector="rack == 'r1'"),
@@ -163,8 +164,8 @@ def test_peers_are_the_mesh_global_peers_and_the_ones_picking_this_node():
 
 
 def test_an_explicit_peer_wins_over_the_mesh_and_the_most_specific_peer_wins():
-    me = node("a", "10.0.0.1/24")
-    nodes = [me, node("b", "10.0.0.2/24")]
+    me = node_record("a", "10.0.0.1/24")
+    nodes = [me, node_record("b", "10.0.0.2/24")]
     peers = [peer("z-global", "10.0.0.2", 64512), peer("for-a", "10.0.0.2", 64512, node="a"),
              peer("b-global", "10.0.0.9"), peer("a-global", "10.0.0.9")]
     selection = policy.select_neighbors(me, nodes, BGPConfig(), peers, no_password)
@@ -177,7 +178,7 @@ def test_an_explicit_peer_wins_over_the_mesh_and_the_most_specific_peer_wins():
 
 
 def test_a_peer_at_this_nodes_own_address_or_without_its_password_is_skipped():
-    me = node("a", "10.0.0.1/24")
+    me = node_record("a", "10.0.0.1/24")
     peers = [peer("rr", "10.0.0.1", 64512),  # the other nodes' reflector: this node itself
              peer("tor", "10.0.0.254", password={"file": "/missing"}),
              peer("ok", "10.0.0.253", password={"secretKeyRef": {"name": "s", "key": "k"}})]
@@ -191,7 +192,7 @@ def test_a_peer_at_this_nodes_own_address_or_without_its_password_is_skipped():
     assert [(s.name, s.reason) for s in selection.skipped] == [
         ("rr", "its peerIP is this node's own address"),
         ("tor", "the password (file:/missing) cannot be read")]
-    assert policy.select_neighbors(node("x", None), [], BGPConfig(), peers,
+    assert policy.select_neighbors(node_record("x", None), [], BGPConfig(), peers,
                                    password).neighbors == []
 
 
@@ -237,7 +238,8 @@ def reflector(name: str, address: str, cluster=RR, **labels) -> NodeRecord:
                       labels={"route-reflector": "true", **labels})
 
 
-CLUSTER = [node("a", "10.0.0.1/24"), node("b", "10.0.0.2/24"), node("c", "10.0.0.3/24", 65010),
+CLUSTER = [node_record("a", "10.0.0.1/24"), node_record("b", "10.0.0.2/24"),
+           node_record("c", "10.0.0.3/24", 65010),
            reflector("rr1", "10.0.0.11/24"), reflector("rr2", "10.0.0.12/24"),
            reflector("rr3", "10.0.0.13/24", IPv4Address("244.0.0.2"))]
 TO_REFLECTORS = peer("to-rr", None, peerSelector="route-reflector == 'true'",
@@ -254,8 +256,8 @@ def sessions(name: str, peers=(), mesh=True) -> dict[str, tuple[str, bool]]:
 def test_of_two_nodes_only_the_one_with_the_higher_address_connects():
     """ExaBGP on both ends of a collision drops both connections: two nodes that connect at
     the same moment could keep doing so for ever (seen in the lab). One side waits."""
-    me = node("b", "10.0.0.2/24")
-    nodes = [node("a", "10.0.0.1/24"), me, node("c", "10.0.0.3/24")]
+    me = node_record("b", "10.0.0.2/24")
+    nodes = [node_record("a", "10.0.0.1/24"), me, node_record("c", "10.0.0.3/24")]
     passive = {n.name: n.passive for n in policy.mesh_neighbors(me, nodes, BGPConfig())}
     assert passive == {"a": False, "c": True}
 

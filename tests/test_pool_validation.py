@@ -22,6 +22,7 @@ from ipam.pool import (
     unclaimed_blocks,
 )
 from ipam.resource import parse_documents, read_document
+from tests.sentences import one_sentence
 
 DOC = {"apiVersion": "pipit.dev/v1", "kind": "IPPool", "metadata": {"name": "p"},
        "spec": {"cidr": "10.0.0.0/16"}}
@@ -30,12 +31,7 @@ DOC = {"apiVersion": "pipit.dev/v1", "kind": "IPPool", "metadata": {"name": "p"}
 def rejected(spec: dict, *facts: str) -> str:
     with pytest.raises(InvalidResource) as caught:
         pool_from_spec("p", spec)
-    message = str(caught.value)
-    assert message.startswith("IPPool 'p': ") and message.endswith("."), message
-    assert "\n" not in message
-    for fact in facts:
-        assert fact in message, (fact, message)
-    return message
+    return one_sentence(caught.value, *facts, prefix="IPPool 'p': ")
 
 
 def test_defaults_are_calicos():
@@ -208,10 +204,7 @@ def test_pool_of():
 def test_invalid_envelopes_are_one_sentence(change, facts):
     with pytest.raises(InvalidResource) as caught:
         read_document({**DOC, **change})
-    message = str(caught.value)
-    assert message.endswith(".") and "\n" not in message, message
-    for fact in facts:
-        assert fact in message, (fact, message)
+    one_sentence(caught.value, *facts)
 
 
 def test_names_may_use_dots_and_dashes_and_labels_are_read():
@@ -236,7 +229,4 @@ def test_parse_documents_skips_empty_documents_and_reads_json():
 def test_parse_documents_errors_are_one_sentence(text, facts):
     with pytest.raises(InvalidResource) as caught:
         parse_documents(text)
-    message = str(caught.value)
-    assert message.endswith(".") and "\n" not in message, message
-    for fact in facts:
-        assert fact in message, (fact, message)
+    one_sentence(caught.value, *facts)

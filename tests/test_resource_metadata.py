@@ -10,7 +10,8 @@ from bgp_agent.node import NodeRecord, register
 from ipam import keys
 from ipam.errors import InvalidResource
 from tests.helpers import with_store
-from tests.test_pipitctl import ctl, ok, one_sentence, snapshot  # noqa: F401 (ctl: a fixture)
+from tests.pipitctl_support import ok, snapshot
+from tests.sentences import one_sentence
 
 
 def document(kind: str, name: str, spec: dict, **metadata) -> str:

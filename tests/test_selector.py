@@ -26,6 +26,7 @@ from ipam.selector import (
     StartsWith,
     parse_selector,
 )
+from tests.sentences import one_sentence
 
 NODE = {
     "rack": "r1",
@@ -305,13 +306,8 @@ ERROR_CASES = [
 def test_errors(text: str, position: int, fragment: str) -> None:
     with pytest.raises(InvalidResource) as info:
         parse_selector(text)
-    message = str(info.value)
-    assert message.startswith(f'selector "{text}" is not valid: ')
-    assert fragment in message
-    assert f"at position {position}" in message
-    # One sentence.
-    assert message.endswith(".")
-    assert "\n" not in message
+    one_sentence(info.value, fragment, f"at position {position}",
+                 prefix=f'selector "{text}" is not valid: ')
 
 
 def test_error_examples_from_the_brief() -> None:
