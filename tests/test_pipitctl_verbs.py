@@ -196,7 +196,8 @@ def test_ctrl_c_interrupts_apply_waiting_on_stdin(etcd):
     env = {**os.environ, "PIPIT_ETCD_ENDPOINTS": etcd.endpoints[0]}
     process = subprocess.Popen([sys.executable, "-m", "pipitctl", "apply", "-f", "-"],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, cwd=ROOT, env=env, text=True)
+                               stderr=subprocess.PIPE, cwd=ROOT, env=env, text=True,
+                               preexec_fn=as_in_a_terminal)
     try:
         wait(lambda: _reading_stdin(process.pid), 20, "pipitctl to wait on stdin")
         process.send_signal(signal.SIGINT)
@@ -209,6 +210,13 @@ def test_ctrl_c_interrupts_apply_waiting_on_stdin(etcd):
         process.stdin.close()
         process.stdout.close()
         process.stderr.close()
+
+
+def as_in_a_terminal() -> None:
+    """Ctrl-C as a terminal delivers it: to a process that does not ignore SIGINT. (A run
+    started in the background by a script without job control inherits SIGINT ignored, and
+    Python then leaves it ignored: Ctrl-C could not be tested from there.)"""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _reading_stdin(pid: int) -> bool:
