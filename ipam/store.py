@@ -127,6 +127,7 @@ class _Client(aetcd.Client):
         super().__init__(timeout=config.timeout)
         self._config = config
         self.channels: list = []
+        self.kvstubs: list = []  # one per channel, made with it
         self._current = 0
 
     async def connect(self) -> None:  # replaces aetcd's insecure-only channel set-up
@@ -160,6 +161,7 @@ class _Client(aetcd.Client):
             log.warning("etcd endpoint %s left out: its name does not resolve (%s)", endpoint,
                         reason)
         self.channels = [self._channel(name, addresses) for name, addresses in groups.items()]
+        self.kvstubs = [rpc.KVStub(channel) for channel in self.channels]
         self._use(0)
         self._connected.set()
 
@@ -197,7 +199,7 @@ class _Client(aetcd.Client):
     def _use(self, index: int) -> None:
         self._current = index
         self.channel = self.channels[index]
-        self.kvstub = rpc.KVStub(self.channel)
+        self.kvstub = self.kvstubs[index]
         self.clusterstub = rpc.ClusterStub(self.channel)
         self.leasestub = rpc.LeaseStub(self.channel)
         self.maintenancestub = rpc.MaintenanceStub(self.channel)
@@ -207,9 +209,8 @@ class _Client(aetcd.Client):
         them in this order. Each call walks its own list, so calls failing at the same time
         on a dead group do not move each other back onto it."""
         count = len(self.channels)
-        order = [(self._current + step) % count for step in range(count)]
-        return [(i, self.kvstub if i == self._current else rpc.KVStub(self.channels[i]))
-                for i in order]
+        return [((self._current + step) % count, self.kvstubs[(self._current + step) % count])
+                for step in range(count)]
 
     def answered(self, index: int) -> None:
         """Group `index` answered a call: calls start there from now on."""
@@ -217,7 +218,7 @@ class _Client(aetcd.Client):
             self._use(index)
 
     async def close(self) -> None:
-        channels, self.channels = self.channels, []
+        channels, self.channels, self.kvstubs = self.channels, [], []
         for channel in channels:
             await channel.close()
         self._init_channel_attrs()

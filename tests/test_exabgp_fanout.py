@@ -27,7 +27,7 @@ PEERS = [
     for address, asn in [("10.77.1.5", 64512), ("10.77.1.50", 64512), ("10.77.1.6", 64513),
                          ("10.77.2.5", 64512)]
 ]
-ORIGINAL = exabgp_fanout.matcher(limit.match_neighbors).__wrapped__
+ORIGINAL = exabgp_fanout.unwrapped(limit.match_neighbors)  # ExaBGP's own
 
 
 @pytest.mark.parametrize("command", [
