@@ -56,7 +56,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
+from functools import lru_cache
 from ipaddress import IPv4Address, IPv4Network
 
 from bgp_agent.model import Announcement, Path, PeerState
@@ -72,52 +73,70 @@ LINE_LIMIT = 64 * 2**20  # longest line either side accepts
 # --------------------------------------------------------------------------------------------
 # JSON forms of the model types
 
-def _plain(value):
-    if isinstance(value, (IPv4Address, IPv4Network)):
-        return str(value)
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _to_json(obj) -> dict:
-    out = {}
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        if value is None or value == () or (f.name == "origin" and value == "igp"):
-            continue
-        out[f.name] = _plain(value)
-    return out
+# Parsed forms are kept and handed out again: a table's addresses repeat (next hops,
+# originators, cluster ids) and its prefixes come back (received, announced to other peers,
+# reported announced); parsing them was most of what reading a message cost.
+address_of = lru_cache(maxsize=2**14)(IPv4Address)
+prefix_of = lru_cache(maxsize=2**15)(IPv4Network)
 
 
 def _address(value) -> IPv4Address | None:
-    return None if value is None else IPv4Address(value)
+    return None if value is None else address_of(value)
+
+
+def _text(value: IPv4Address | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def _attributes_to_json(route: Path | Announcement, out: dict) -> dict:
+    """The path attributes Path and Announcement share, into `out`: empty and None left out,
+    and the origin when it is igp."""
+    if route.as_path:
+        out["as_path"] = list(route.as_path)
+    if route.communities:
+        out["communities"] = [list(c) for c in route.communities]
+    if route.local_pref is not None:
+        out["local_pref"] = route.local_pref
+    if route.med is not None:
+        out["med"] = route.med
+    if route.origin != "igp":
+        out["origin"] = route.origin
+    if route.originator_id is not None:
+        out["originator_id"] = str(route.originator_id)
+    if route.cluster_list:
+        out["cluster_list"] = [str(a) for a in route.cluster_list]
+    return out
 
 
 def path_to_json(path: Path) -> dict:
-    return _to_json(path)
+    return _attributes_to_json(path, {"prefix": str(path.prefix), "next_hop": str(path.next_hop)})
 
 
 def path_from_json(d: dict) -> Path:
     return Path(
-        prefix=IPv4Network(d["prefix"]), next_hop=IPv4Address(d["next_hop"]),
+        prefix=prefix_of(d["prefix"]), next_hop=address_of(d["next_hop"]),
         as_path=tuple(d.get("as_path", ())), communities=tuple(map(tuple, d.get("communities", ()))),
         local_pref=d.get("local_pref"), med=d.get("med"), origin=d.get("origin", "igp"),
         originator_id=_address(d.get("originator_id")),
-        cluster_list=tuple(IPv4Address(a) for a in d.get("cluster_list", ())))
+        cluster_list=tuple(map(address_of, d.get("cluster_list", ()))))
 
 
 def announcement_to_json(route: Announcement) -> dict:
-    return _to_json(route)
+    out = {"prefix": str(route.prefix)}
+    if route.next_hop is not None:
+        out["next_hop"] = str(route.next_hop)
+    if route.large_communities:
+        out["large_communities"] = [list(c) for c in route.large_communities]
+    return _attributes_to_json(route, out)
 
 
 def announcement_from_json(d: dict) -> Announcement:
     return Announcement(
-        prefix=IPv4Network(d["prefix"]), next_hop=_address(d.get("next_hop")),
+        prefix=prefix_of(d["prefix"]), next_hop=_address(d.get("next_hop")),
         communities=tuple(map(tuple, d.get("communities", ()))), as_path=tuple(d.get("as_path", ())),
         local_pref=d.get("local_pref"), med=d.get("med"),
         originator_id=_address(d.get("originator_id")),
-        cluster_list=tuple(IPv4Address(a) for a in d.get("cluster_list", ())),
+        cluster_list=tuple(map(address_of, d.get("cluster_list", ()))),
         large_communities=tuple(map(tuple, d.get("large_communities", ()))),
         origin=d.get("origin", "igp"))
 
@@ -126,7 +145,7 @@ def peer_to_json(peer: PeerState) -> dict:
     return {"address": str(peer.address), "state": peer.state, "since": peer.since,
             "reason": peer.reason, "notification": peer.notification,
             "graceful_restart": peer.graceful_restart, "restart_time": peer.restart_time,
-            "router_id": _plain(peer.router_id), "end_of_rib": peer.end_of_rib,
+            "router_id": _text(peer.router_id), "end_of_rib": peer.end_of_rib,
             "extra": peer.extra}
 
 
@@ -198,11 +217,11 @@ def decode(d: dict) -> StateMessage:
         return PeerChanged(peer_from_json(d))
     if kind == "received":
         return Received(IPv4Address(d["peer"]), tuple(map(path_from_json, d["announce"])),
-                        tuple(IPv4Network(p) for p in d["withdraw"]))
+                        tuple(map(prefix_of, d["withdraw"])))
     if kind == "announced":
         return Announced(_neighbors(d), tuple(map(announcement_from_json, d["routes"])))
     if kind == "withdrawn":
-        return Withdrawn(_neighbors(d), tuple(IPv4Network(p) for p in d["prefixes"]))
+        return Withdrawn(_neighbors(d), tuple(map(prefix_of, d["prefixes"])))
     if kind == "forget":
         return Forget(IPv4Address(d["peer"]))
     raise ValueError(f"{kind!r} is not a state message")

@@ -404,6 +404,21 @@ def test_announcements_survive_json(route):
     assert announcement_from_json(json.loads(json.dumps(announcement_to_json(route)))) == route
 
 
+@pytest.mark.parametrize("route", [
+    Path(N("10.1.0.0/26"), A("10.0.0.2"), (64512, 65000), ((64512, 1),), 200, 5, "egp",
+         A("10.0.0.2"), (A("244.0.0.1"),)),
+    Announcement(N("10.1.0.0/26"), A("10.0.0.2"), ((64512, 1),), (64512,), 200, 5, A("10.0.0.2"),
+                 (A("244.0.0.1"),), ((64512, 1, 2),), "incomplete"),
+])
+def test_every_field_of_a_route_goes_into_its_json(route):
+    """The JSON forms are written out field by field: a field added to the model must be added
+    to them (every field here differs from its default)."""
+    from dataclasses import fields
+    encode = path_to_json if isinstance(route, Path) else announcement_to_json
+    assert all(getattr(route, f.name) != f.default for f in fields(route))
+    assert set(encode(route)) == {f.name for f in fields(route)}
+
+
 def test_peer_state_survives_json():
     peer = PeerState(PEER, "down", 12.5, "notification sent (4,0)", notification=True,
                      graceful_restart=True, restart_time=120, router_id=A("10.99.0.2"),

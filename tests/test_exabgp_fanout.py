@@ -93,7 +93,7 @@ def test_a_route_with_next_hop_self_is_still_copied_and_rewritten_per_neighbour(
 
 def test_apply_installs_each_change_once_into_every_place_that_uses_it():
     methods = [(Neighbor, "remove_self"), (Configuration, "inject_change"), (Attributes, "pack"),
-               (Protocol, "send")]
+               (Protocol, "new_update")]
     originals = [getattr(owner, name) for owner, name in methods]
     try:
         assert exabgp_fanout.apply() is None
@@ -150,11 +150,67 @@ def test_attributes_with_next_hop_self_are_packed_per_session():
     assert len(calls) == 2
 
 
-def test_routes_are_injected_with_the_peers_as_a_set():
-    seen = []
-    inject = exabgp_fanout.to_set(lambda configuration, peers, change: seen.append(peers))
-    inject(None, PEERS, "change")
-    assert seen == [set(PEERS)]
+class Neighbour:
+    """What Configuration.inject_change uses of a configured neighbour: its families, its
+    outgoing RIB (ExaBGP's), remove_self (as pipit-exabgp installs it)."""
+    remove_self = exabgp_fanout.sharing(exabgp_fanout.unwrapped(Neighbor.remove_self))
+
+    def __init__(self, families):
+        from types import SimpleNamespace
+
+        from exabgp.rib.outgoing import OutgoingRIB
+        self._families = families
+        self.rib = SimpleNamespace(outgoing=OutgoingRIB(True, families))
+
+    def families(self):
+        return list(self._families)
+
+
+def rib_state(rib) -> tuple:
+    """An outgoing RIB's queues and its record of what the peer has, by index and object."""
+    def ids(table):
+        return [(k, id(v)) for k, v in table.items()]
+    return (ids(rib._new_nlri), ids(rib._new_attribute),
+            {a: {f: ids(q) for f, q in by.items()} for a, by in rib._new_attr_af_nlri.items()},
+            {f: ids(seen) for f, seen in rib._seen.items()})
+
+
+def withdrawal(change):
+    from copy import deepcopy
+
+    from exabgp.bgp.message.action import Action
+    gone = deepcopy(change)
+    gone.nlri.action = Action.WITHDRAW
+    return gone
+
+
+def test_routes_go_into_each_named_neighbours_rib_as_exabgp_puts_them():
+    from types import SimpleNamespace
+
+    from exabgp.protocol.family import AFI, SAFI
+    a = parsed_route(REFLECTED)
+    a_again = parsed_route(REFLECTED)  # the same route and attributes: the peer has it
+    a_moved = parsed_route(REFLECTED.replace("local-preference 100", "local-preference 50"))
+    b = parsed_route("route 10.1.0.64/26 next-hop 10.77.1.6 originator-id 10.77.1.6")
+    steps = [({0, 1}, a), ({0, 1}, b), ({0, 1, 2, 3}, a_again), ([1], a_moved), ([0], withdrawal(b)),
+             ("drain", None), ({0, 1, 2}, a_again), ([0], b), ([9], a)]
+    ribs = {}
+    for inject in (exabgp_fanout.unwrapped(Configuration.inject_change),
+                   exabgp_fanout.injecting(exabgp_fanout.unwrapped(Configuration.inject_change))):
+        configuration = SimpleNamespace(neighbors={
+            PEERS[i]: Neighbour([] if i == 3 else [(AFI.ipv4, SAFI.unicast)]) for i in range(4)})
+        results, states = [], []
+        for peers, change in steps:
+            if peers == "drain":
+                for neighbour in configuration.neighbors.values():
+                    list(neighbour.rib.outgoing.updates(True))
+                continue
+            results.append(inject(configuration, [PEERS[i] for i in peers if i < 4], change))
+            states.append([rib_state(n.rib.outgoing) for n in configuration.neighbors.values()])
+        ribs[inject] = (results, states)
+    (theirs, ours) = ribs.values()
+    assert ours == theirs
+    assert theirs[0] == [True, True, True, True, True, True, True, False]  # [9]: nobody
 
 
 def update(withdrawn: bytes = b"", attributes: bytes = b"", nlri: bytes = b"") -> bytes:
@@ -165,6 +221,92 @@ def update(withdrawn: bytes = b"", attributes: bytes = b"", nlri: bytes = b"") -
 
 ORIGIN_NEXT_HOP = bytes.fromhex("40010100" "4003040a4d0105")  # IGP, next hop 10.77.1.5
 A_26 = bytes.fromhex("1a0a010000")  # 10.1.0.0/26
+
+
+class Recorded:
+    """What Protocol.new_update reads and writes of a session: its neighbour's outgoing RIB
+    and API settings, the negotiated session, the peer's counters, and the socket, whose
+    writes are recorded (each written at once)."""
+
+    def __init__(self, changes, report_sent: bool):
+        from collections import Counter
+        from types import SimpleNamespace
+
+        from exabgp.protocol.family import AFI, SAFI
+        from exabgp.rib.outgoing import OutgoingRIB
+        ipv4 = (AFI.ipv4, SAFI.unicast)
+        rib = OutgoingRIB(True, [ipv4])
+        for change in changes:
+            rib.add_to_rib(change)
+        self.neighbor = Settings({"group-updates": True}, rib=SimpleNamespace(outgoing=rib),
+                                 api={"send-update": report_sent})
+        self.negotiated = SimpleNamespace(
+            families=[ipv4], msg_size=4096, addpath=SimpleNamespace(send=lambda afi, safi: False),
+            cached_attributes=None, cached_wire=b"", **vars(session(64512, 64512)))
+        self.peer = SimpleNamespace(stats=Counter())
+        self.writes: list[bytes] = []
+        self.reported: list[bytes] = []
+        self.connection = SimpleNamespace(writer=self._writer, session=lambda: "test")
+
+    def _writer(self, data):
+        self.writes.append(data)
+        yield True
+
+    def _to_api(self, direction, message, raw):
+        self.reported.append(raw)
+
+    send = Protocol.send  # ExaBGP's, which its new_update calls per UPDATE
+
+
+class Settings(dict):
+    def __init__(self, items, **attributes):
+        super().__init__(items)
+        self.__dict__.update(attributes)
+
+
+def reflected_routes(count: int, withdrawn: int = 0):
+    """`count` routes from as many clients (one attribute set each, as a reflector's), then
+    `withdrawn` withdrawals."""
+    client = [f"10.77.{1 + n // 250}.{1 + n % 250}" for n in range(count)]
+    changes = [parsed_route(f"route 10.{1 + n // 250}.{n % 250}.0/26 next-hop {client[n]} "
+                            f"origin igp local-preference 100 originator-id {client[n]} "
+                            "cluster-list 244.0.0.1")
+               for n in range(count)]
+    for change in changes[:withdrawn]:
+        from copy import deepcopy
+
+        from exabgp.bgp.message.action import Action
+        gone = deepcopy(change)
+        gone.nlri.action = Action.WITHDRAW
+        changes.append(gone)
+    return changes
+
+
+def drain(new_update, session: Recorded) -> None:
+    for _ in new_update(session, True):
+        pass
+
+
+@pytest.mark.parametrize("routes,withdrawn", [(1, 0), (400, 0), (1500, 0), (50, 20)])
+def test_a_peers_updates_go_out_as_exabgp_sends_them_in_far_fewer_writes(routes, withdrawn):
+    original = exabgp_fanout.unwrapped(Protocol.new_update)
+    theirs = Recorded(reflected_routes(routes, withdrawn), report_sent=True)
+    ours = Recorded(reflected_routes(routes, withdrawn), report_sent=True)
+    drain(original, theirs)
+    drain(exabgp_fanout.batched(original), ours)
+    sent = b"".join(theirs.writes)
+    assert b"".join(ours.writes) == sent  # the same bytes, in order
+    updates = theirs.peer.stats["send-update"]
+    assert len(theirs.writes) == updates >= routes - withdrawn  # ExaBGP: a write per UPDATE
+    assert ours.peer.stats == theirs.peer.stats  # every UPDATE counted
+    # ours: WRITE_SIZE bytes or more at a time (a whole UPDATE past it), the rest last
+    assert len(ours.writes) <= len(sent) // exabgp_fanout.WRITE_SIZE + 1
+    assert all(exabgp_fanout.WRITE_SIZE <= len(w) < exabgp_fanout.WRITE_SIZE + 4096
+               for w in ours.writes[:-1])
+    # ExaBGP reported every UPDATE to the API, ours the withdrawals, one per attribute set
+    assert len(theirs.reported) == updates
+    assert ours.reported == [raw for raw in theirs.reported if exabgp_fanout.withdraws(raw)]
+    assert len(ours.reported) == withdrawn
 
 
 @pytest.mark.parametrize("raw,reported", [
