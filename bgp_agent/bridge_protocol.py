@@ -20,19 +20,20 @@ then live, in the order things happen, the state messages:
         with a NOTIFICATION (which ends graceful restart, RFC 4724), graceful_restart and
         restart_time are from the last OPEN exchange. ExaBGP's "connected" is not reported: it
         repeats every second while a peer refuses (trap 5).
-    {"type": "received", "peer": A, "announce": [Path...], "withdraw": [prefix...]}
-    {"type": "announced", "neighbors": [A...], "routes": [Announcement...]}
+    {"type": "received", "peer": A, "groups": [Group...], "withdraw": [prefix...]}
+    {"type": "announced", "neighbors": [A...], "groups": [Group...]}
     {"type": "withdrawn", "neighbors": [A...], "prefixes": [prefix...]}
         ExaBGP accepted these for every neighbour listed (one message per command, however
-        many neighbours it named; protocol 2 sent one per neighbour, `"neighbor": A`, which
-        is still read)
+        many neighbours it named; protocol 2 sent one per neighbour, `"neighbor": A`, and
+        protocols 2 and 3 listed routes one by one, `"announce"`/`"routes": [Path...]`: both
+        still read)
     {"type": "forget", "peer": A}          no longer configured: drop everything about it
 and the answers and notices:
     {"type": "done", "id": N, "output": [...]} / {"type": "error", "id": N, "message": "..."}
     {"type": "exabgp-shutdown"}
 
 Agent to bridge (executed one at a time, in order; each answered by done/error with its id):
-    {"id": N, "op": "announce", "neighbors": [A...], "routes": [Announcement...]}
+    {"id": N, "op": "announce", "neighbors": [A...], "groups": [Group...]}
     {"id": N, "op": "withdraw", "neighbors": [A...], "prefixes": [prefix...]}
         the same routes to (or from) every neighbour listed, in one ExaBGP command per
         attribute set (a reflector's fan-out)
@@ -45,6 +46,9 @@ Agent to bridge (executed one at a time, in order; each answered by done/error w
         the withdrawals left; what it reflects stays
     {"id": N, "op": "command", "line": "show neighbor summary"}     raw, output in the reply
 A Path / Announcement is the model's dataclass as an object, empty and None fields left out.
+Routes travel in groups of consecutive routes with the same attributes (a reflector's
+commands and ExaBGP's UPDATEs are such groups), their attributes written and read once:
+    Group: {"attributes": <Path / Announcement without "prefix">, "prefixes": [prefix...]}
 An error reply still comes after the announced/withdrawn messages for the lines ExaBGP took.
 
 Each state message has a dataclass here; `RouteTables.apply(message)` is how both ends change
@@ -55,8 +59,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from ipaddress import IPv4Address, IPv4Network
 
@@ -64,8 +68,8 @@ from bgp_agent.model import Announcement, Path, PeerState
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = 3  # 2: announce/withdraw to several neighbours, the eor op, peer notification;
-#               3: announced/withdrawn name several neighbours
+PROTOCOL = 4  # 2: announce/withdraw to several neighbours, the eor op, peer notification;
+#               3: announced/withdrawn name several neighbours; 4: routes in groups
 CHUNK = 1000  # routes per snapshot message
 LINE_LIMIT = 64 * 2**20  # longest line either side accepts
 
@@ -141,6 +145,47 @@ def announcement_from_json(d: dict) -> Announcement:
         origin=d.get("origin", "igp"))
 
 
+ATTRIBUTES = {kind: tuple(f.name for f in fields(kind) if f.name != "prefix")
+              for kind in (Path, Announcement)}  # in field order, after the prefix (first)
+
+
+def same_attributes(a: Path | Announcement, b: Path | Announcement) -> bool:
+    """Whether two routes of one kind differ in their prefix only."""
+    return all(x is y or x == y for x, y in
+               zip(map(a.__getattribute__, ATTRIBUTES[type(a)]),
+                   map(b.__getattribute__, ATTRIBUTES[type(b)])))
+
+
+def groups_to_json(routes: Iterable[Path | Announcement],
+                   to_json: Callable[[Path | Announcement], dict]) -> list[dict]:
+    """Routes as groups of consecutive routes with the same attributes, each attribute set
+    encoded (by `to_json`, path_to_json or announcement_to_json) once."""
+    groups: list[dict] = []
+    previous = None
+    for route in routes:
+        if previous is None or not same_attributes(route, previous):
+            attributes = to_json(route)
+            del attributes["prefix"]
+            prefixes: list[str] = []
+            groups.append({"attributes": attributes, "prefixes": prefixes})
+            previous = route
+        prefixes.append(str(route.prefix))
+    return groups
+
+
+def routes_from_groups(groups: list, from_json: Callable[[dict], Path | Announcement]) -> list:
+    """The routes of groups_to_json's groups, each group's attributes decoded once (by
+    `from_json`, path_from_json or announcement_from_json)."""
+    routes: list = []
+    for group in groups:
+        first, *rest = group["prefixes"]
+        template = from_json({**group["attributes"], "prefix": first})
+        kind, same = type(template), [getattr(template, n) for n in ATTRIBUTES[type(template)]]
+        routes.append(template)
+        routes.extend(kind(prefix_of(p), *same) for p in rest)
+    return routes
+
+
 def peer_to_json(peer: PeerState) -> dict:
     return {"address": str(peer.address), "state": peer.state, "since": peer.since,
             "reason": peer.reason, "notification": peer.notification,
@@ -198,11 +243,11 @@ def encode(message: StateMessage) -> dict:
         return {"type": "peer", **peer_to_json(message.peer)}
     if isinstance(message, Received):
         return {"type": "received", "peer": str(message.peer),
-                "announce": [path_to_json(p) for p in message.announce],
+                "groups": groups_to_json(message.announce, path_to_json),
                 "withdraw": [str(p) for p in message.withdraw]}
     if isinstance(message, Announced):
         return {"type": "announced", "neighbors": [str(n) for n in message.neighbors],
-                "routes": [announcement_to_json(r) for r in message.routes]}
+                "groups": groups_to_json(message.routes, announcement_to_json)}
     if isinstance(message, Withdrawn):
         return {"type": "withdrawn", "neighbors": [str(n) for n in message.neighbors],
                 "prefixes": [str(p) for p in message.prefixes]}
@@ -216,15 +261,23 @@ def decode(d: dict) -> StateMessage:
     if kind == "peer":
         return PeerChanged(peer_from_json(d))
     if kind == "received":
-        return Received(IPv4Address(d["peer"]), tuple(map(path_from_json, d["announce"])),
+        return Received(IPv4Address(d["peer"]), routes_of(d, "announce", path_from_json),
                         tuple(map(prefix_of, d["withdraw"])))
     if kind == "announced":
-        return Announced(_neighbors(d), tuple(map(announcement_from_json, d["routes"])))
+        return Announced(_neighbors(d), routes_of(d, "routes", announcement_from_json))
     if kind == "withdrawn":
         return Withdrawn(_neighbors(d), tuple(map(prefix_of, d["prefixes"])))
     if kind == "forget":
         return Forget(IPv4Address(d["peer"]))
     raise ValueError(f"{kind!r} is not a state message")
+
+
+def routes_of(d: dict, listed: str, from_json: Callable[[dict], Path | Announcement]) -> tuple:
+    """The routes of a message or request: its "groups", or as protocols 2 and 3 listed them,
+    one by one under `listed`."""
+    if "groups" in d:
+        return tuple(routes_from_groups(d["groups"], from_json))
+    return tuple(map(from_json, d[listed]))
 
 
 def _neighbors(d: dict) -> tuple[IPv4Address, ...]:

@@ -44,7 +44,10 @@ from bgp_agent.bridge_protocol import (
     Withdrawn,
     announcement_from_json,
     encode,
+    prefix_of,
     read_lines,
+    routes_of,
+    same_attributes,
 )
 from bgp_agent.exabgp_config import DESCRIPTION_PREFIX
 from bgp_agent.model import Announcement, Path, PeerState
@@ -101,8 +104,11 @@ def announce_commands(neighbors: Sequence[IPv4Address], routes: Iterable[Announc
     `neighbors` at once (one line per prefix, or per neighbour, is many times slower in
     ExaBGP)."""
     groups: dict[str, list[Announcement]] = {}
+    previous, text = None, ""
     for route in routes:
-        groups.setdefault(_attributes(route), []).append(route)
+        if previous is None or not same_attributes(route, previous):
+            previous, text = route, _attributes(route)
+        groups.setdefault(text, []).append(route)
     commands = []
     target = _selector(neighbors)
     for attributes, group in groups.items():
@@ -222,7 +228,7 @@ def _address(value) -> IPv4Address | None:
 
 
 def _nlri_prefix(item) -> IPv4Network:
-    return IPv4Network(item if isinstance(item, str) else item["nlri"])  # api.compact gives strings
+    return prefix_of(item if isinstance(item, str) else item["nlri"])  # api.compact gives strings
 
 
 def _paths(update: dict) -> Iterator[Path]:
@@ -241,8 +247,9 @@ def _paths(update: dict) -> Iterator[Path]:
         if family != "ipv4 unicast":
             continue
         for next_hop, items in by_next_hop.items():
+            address = IPv4Address(next_hop)
             for item in items:
-                yield Path(prefix=_nlri_prefix(item), next_hop=IPv4Address(next_hop), **common)
+                yield Path(prefix=_nlri_prefix(item), next_hop=address, **common)
 
 
 def _withdrawn(update: dict) -> Iterator[IPv4Network]:
@@ -559,7 +566,7 @@ class Bridge:
         message once ExaBGP took it."""
         neighbors = [IPv4Address(a) for a in request["neighbors"]]
         if request["op"] == "announce":
-            routes = [announcement_from_json(r) for r in request["routes"]]
+            routes = routes_of(request, "routes", announcement_from_json)
             return [(line, partial(self.state.record_announced, neighbors, part))
                     for line, part in announce_commands(neighbors, routes)]
         prefixes = [IPv4Network(p) for p in request["prefixes"]]

@@ -98,39 +98,39 @@ def sharing(original):
     return remove_self
 
 
-def add_shared(rib, change, family, index, attributes_index, next_hop_index) -> None:
-    """ExaBGP's OutgoingRIB.add_to_rib(change) (5.0: skip a route the peer already has with the
-    same attributes and next hop; queue it by attributes, family and index; remember it as
-    seen), given what depends only on the change: its family, index, its attributes' and
-    next hop's index."""
-    from exabgp.bgp.message.action import Action
-    action = change.nlri.action
-    if rib.cache and action != Action.WITHDRAW:
-        seen = rib._seen.get(family)
-        cached = seen.get(index) if seen else None
-        if (cached is not None and cached.attributes.index() == attributes_index
-                and cached.nlri.nexthop.index() == next_hop_index):
-            return  # the peer has it (OutgoingRIB.in_cache)
-    by_family = rib._new_attr_af_nlri.get(attributes_index)
-    if by_family is None:
-        by_family = rib._new_attr_af_nlri[attributes_index] = {}
-    queued = by_family.get(family)
-    if queued is None:
-        queued = by_family[family] = {}
-    queued[index] = change
-    rib._new_nlri[index] = change
-    rib._new_attribute[attributes_index] = change.attributes
-    if rib.cache:  # OutgoingRIB.update_cache
-        if action == Action.ANNOUNCE:
-            rib._seen.setdefault(family, {})[index] = change
-        elif family in rib._seen:
-            rib._seen[family].pop(index, None)
-
-
 def injecting(original):
     """Configuration.inject_change(peers, change) (3): `peers` as a set, a shared change's
     family and indexes worked out once, and put into each RIB by add_shared."""
+    from exabgp.bgp.message.action import Action
     from exabgp.logger import log
+    WITHDRAW, ANNOUNCE = Action.WITHDRAW, Action.ANNOUNCE
+
+    def add_shared(rib, change, family, index, attributes_index, next_hop_index) -> None:
+        """ExaBGP's OutgoingRIB.add_to_rib(change) (5.0: skip a route the peer already has
+        with the same attributes and next hop; queue it by attributes, family and index;
+        remember it as seen), given what depends only on the change: its family, index, its
+        attributes' and next hop's index."""
+        action = change.nlri.action
+        if rib.cache and action != WITHDRAW:
+            seen = rib._seen.get(family)
+            cached = seen.get(index) if seen else None
+            if (cached is not None and cached.attributes.index() == attributes_index
+                    and cached.nlri.nexthop.index() == next_hop_index):
+                return  # the peer has it (OutgoingRIB.in_cache)
+        by_family = rib._new_attr_af_nlri.get(attributes_index)
+        if by_family is None:
+            by_family = rib._new_attr_af_nlri[attributes_index] = {}
+        queued = by_family.get(family)
+        if queued is None:
+            queued = by_family[family] = {}
+        queued[index] = change
+        rib._new_nlri[index] = change
+        rib._new_attribute[attributes_index] = change.attributes
+        if rib.cache:  # OutgoingRIB.update_cache
+            if action == ANNOUNCE:
+                rib._seen.setdefault(family, {})[index] = change
+            elif family in rib._seen:
+                rib._seen[family].pop(index, None)
 
     def inject_change(configuration, peers, change):
         if not isinstance(peers, (set, frozenset)):
@@ -145,7 +145,7 @@ def injecting(original):
         for name, neighbor in configuration.neighbors.items():
             if name not in peers:
                 continue
-            if family not in neighbor.families():
+            if family not in neighbor._families:  # families() is a copy of it
                 log.error(lambda name=name: f"the route family ({nlri.short()}) is not "
                           f"configured on neighbor {name}", "configuration")
                 continue

@@ -392,8 +392,8 @@ class Router:
             have = self.speaker.announced.get(address, {})
             changed = [a for p, a in wanted.items() if have.get(p) != a]
             # what this node reflects is the reflection's to withdraw (while it reflects)
-            gone = [p for p, a in have.items() if p not in wanted
-                    and (self.reflection is None or not reflected(a))]
+            gone = [p for p, a in have.items()
+                    if (self.reflection is None or not reflected(a)) and p not in wanted]
             if changed:
                 await self.speaker.announce(address, changed)
             if gone:

@@ -32,7 +32,13 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 from bgp_agent import bridge_protocol
-from bgp_agent.bridge_protocol import LINE_LIMIT, RouteTables, announcement_to_json, read_lines
+from bgp_agent.bridge_protocol import (
+    LINE_LIMIT,
+    RouteTables,
+    announcement_to_json,
+    groups_to_json,
+    read_lines,
+)
 from bgp_agent.exabgp_config import digest_of, environment_file, exabgp_environment, render
 from bgp_agent.exabgp_process import CONFIG_FILE, ENV_FILE, ExaBGPProcess, tool
 from bgp_agent.model import Announcement, Neighbor, Path as BGPPath, PeerState, SpeakerError
@@ -342,8 +348,8 @@ class ExaBGPSpeaker:
         for all of them (a reflector's fan-out)."""
         routes, targets = list(routes), [str(n) for n in neighbors]
         await self._requests([
-            ("announce", {"neighbors": targets, "routes": [
-                announcement_to_json(r) for r in routes[i:i + REQUEST_ROUTES]]})
+            ("announce", {"neighbors": targets, "groups": groups_to_json(
+                routes[i:i + REQUEST_ROUTES], announcement_to_json)})
             for i in range(0, len(routes), REQUEST_ROUTES)])
 
     async def withdraw_from(self, neighbors: Sequence[IPv4Address],

@@ -20,10 +20,12 @@ from bgp_agent.bridge_protocol import (
     announcement_from_json,
     announcement_to_json,
     decode,
+    groups_to_json,
     path_from_json,
     path_to_json,
     peer_from_json,
     peer_to_json,
+    routes_from_groups,
 )
 from bgp_agent.exabgp_bridge import (
     BridgeState,
@@ -424,6 +426,46 @@ def test_peer_state_survives_json():
                      graceful_restart=True, restart_time=120, router_id=A("10.99.0.2"),
                      end_of_rib=True, extra={"a": 1})
     assert peer_from_json(json.loads(json.dumps(peer_to_json(peer)))) == peer
+
+
+ROUTE_ATTRIBUTES = [  # a few attribute sets, so that lists of routes repeat them
+    dict(next_hop=A("10.99.1.7")),
+    dict(next_hop=A("10.99.1.8"), originator_id=A("10.99.1.8"), cluster_list=(A("244.0.0.1"),)),
+    dict(next_hop=A("10.99.1.8"), originator_id=A("10.99.1.8"), cluster_list=(A("244.0.0.1"),),
+         local_pref=50),
+]
+
+
+@given(st.lists(st.tuples(prefixes, st.sampled_from(range(len(ROUTE_ATTRIBUTES))),
+                          st.booleans()), max_size=30))
+def test_routes_survive_json_in_groups(drawn):
+    """Routes in any order and mix of attribute sets come back the same, in order; a run of
+    routes with one attribute set is one group, however its attributes were made."""
+    for kind, to_json, from_json in ((Path, path_to_json, path_from_json),
+                                     (Announcement, announcement_to_json, announcement_from_json)):
+        # equal attributes made afresh (announcements without a next hop: "self")
+        routes = [kind(prefix, **{k: v for k, v in ROUTE_ATTRIBUTES[i].items()
+                                  if own or kind is Path or k != "next_hop"})
+                  for prefix, i, own in drawn]
+        groups = json.loads(json.dumps(groups_to_json(routes, to_json)))
+        assert routes_from_groups(groups, from_json) == routes
+        runs = sum(1 for i, route in enumerate(routes)
+                   if i == 0 or _attributes_of(route) != _attributes_of(routes[i - 1]))
+        assert len(groups) == runs
+        assert all("prefix" not in g["attributes"] for g in groups)
+
+
+def _attributes_of(route) -> tuple:
+    from dataclasses import astuple
+    return astuple(route)[1:]
+
+
+def test_protocol_3_received_routes_are_still_read():
+    old = {"type": "received", "peer": "10.99.1.7", "withdraw": ["10.1.1.0/26"],
+           "announce": [{"prefix": "10.1.0.0/26", "next_hop": "10.99.1.7"}]}
+    message = decode(old)
+    assert message.announce == (Path(N("10.1.0.0/26"), A("10.99.1.7")),)
+    assert message.withdraw == (N("10.1.1.0/26"),)
 
 
 def test_one_announced_message_covers_every_neighbour_of_a_command():

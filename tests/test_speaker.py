@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from bgp_agent.model import Announcement
+from bgp_agent.bridge_protocol import decode
 from bgp_agent.exabgp_process import exabgp_command
-from bgp_agent.model import SpeakerError
+from bgp_agent.model import Announcement, SpeakerError
 from lab.bird import Bird, BirdPeer, bgp_config
 from lab.process import wait
 from tests.helpers import blocks
@@ -459,10 +459,10 @@ def test_bridge_survives_bad_input_and_the_agent_coming_and_going(tmp_path):
         reader, writer = await agent.accept()
         snapshot = await receive(reader, "snapshot-end")
         assert snapshot[0]["type"] == "hello" and snapshot[0]["digest"] is None
-        routes = sum(len(m["announce"]) for m in snapshot if m["type"] == "received")
+        routes = sum(len(decode(m).announce) for m in snapshot if m["type"] == "received")
         while routes < 5000:  # the rest, live, if the bridge had not read them all yet
             message = (await receive(reader, "received"))[-1]
-            routes += len(message["announce"])
+            routes += len(decode(message).announce)
         assert routes == 5000
 
         writer.write(b"garbage\n[1, 2]\n" + json.dumps({"id": 1, "op": "nonsense"}).encode()
@@ -488,8 +488,8 @@ def test_bridge_survives_bad_input_and_the_agent_coming_and_going(tmp_path):
         writer.close()
         reader, writer = await agent.accept()
         snapshot = await receive(reader, "snapshot-end")
-        announced = [r for m in snapshot if m["type"] == "announced" for r in m["routes"]]
-        assert announced == [{"prefix": "10.9.0.0/26"}]
+        announced = [r for m in snapshot if m["type"] == "announced" for r in decode(m).routes]
+        assert announced == [Announcement(N("10.9.0.0/26"))]
         writer.close()
         await agent.close()
 
@@ -610,10 +610,10 @@ def test_queued_announcements_go_to_exabgp_together_and_are_answered_each(tmp_pa
             messages += await receive(reader, "done")
         replies = {m["id"]: m["type"] for m in messages if m["type"] in ("done", "error")}
         assert replies == {10: "done", 11: "error", 12: "done"}
-        announced = [(m["neighbors"], m["routes"][0]["prefix"]) for m in messages
+        announced = [(m["neighbors"], m["groups"][0]["prefixes"]) for m in messages
                      if m["type"] == "announced"]
-        assert announced == [(["10.0.0.2", "10.0.0.3"], "10.9.0.0/26"),
-                             (["10.0.0.2", "10.0.0.3"], "10.9.2.0/26")]
+        assert announced == [(["10.0.0.2", "10.0.0.3"], ["10.9.0.0/26"]),
+                             (["10.0.0.2", "10.0.0.3"], ["10.9.2.0/26"])]
         writer.close()
         await agent.close()
 
