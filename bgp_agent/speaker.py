@@ -88,6 +88,7 @@ class ExaBGPSpeaker:
         self._neighbors: dict[IPv4Address, Neighbor] | None = None  # desired, once known
         self._config_text: str | None = None
         self._bridge_digest: str | None = None  # the configuration the bridge saw applied
+        self._bridge_protocol = bridge_protocol.PROTOCOL  # as its hello says
         self._server: asyncio.AbstractServer | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._staging: RouteTables | None = None
@@ -221,6 +222,7 @@ class ExaBGPSpeaker:
         if kind == "hello":
             self.exabgp_pid = message.get("exabgp_pid")
             self._bridge_digest = message.get("digest")
+            self._bridge_protocol = message.get("protocol")
             if message.get("protocol") != bridge_protocol.PROTOCOL:
                 log.error("ExaBGP's bridge speaks protocol %s, this agent %d (an ExaBGP left "
                           "running by an older Pipit?); restart ExaBGP (its sessions go "
@@ -348,9 +350,16 @@ class ExaBGPSpeaker:
         for all of them (a reflector's fan-out)."""
         routes, targets = list(routes), [str(n) for n in neighbors]
         await self._requests([
-            ("announce", {"neighbors": targets, "groups": groups_to_json(
-                routes[i:i + REQUEST_ROUTES], announcement_to_json)})
+            ("announce", {"neighbors": targets,
+                          **self._routes_json(routes[i:i + REQUEST_ROUTES])})
             for i in range(0, len(routes), REQUEST_ROUTES)])
+
+    def _routes_json(self, routes: list[Announcement]) -> dict:
+        """A request's routes, in groups; listed one by one to a bridge older than protocol 4
+        (an ExaBGP left running by an older Pipit, until it is restarted)."""
+        if isinstance(self._bridge_protocol, int) and self._bridge_protocol < 4:
+            return {"routes": [announcement_to_json(r) for r in routes]}
+        return {"groups": groups_to_json(routes, announcement_to_json)}
 
     async def withdraw_from(self, neighbors: Sequence[IPv4Address],
                             prefixes: Sequence[IPv4Network]) -> None:

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from bgp_agent.bridge_protocol import decode
+from bgp_agent.bridge_protocol import announcement_from_json, decode, routes_of
 from bgp_agent.exabgp_process import exabgp_command
 from bgp_agent.model import Announcement, SpeakerError
+from bgp_agent.speaker import ExaBGPSpeaker
 from lab.bird import Bird, BirdPeer, bgp_config
-from lab.process import wait
+from lab.process import wait, wait_async
 from tests.helpers import blocks
 from tests.speaker_support import (
     NODE_AS,
@@ -443,6 +444,36 @@ async def receive(reader, until: str, timeout: float = 10) -> list[dict]:
         messages.append(json.loads(line))
         if messages[-1]["type"] == until:
             return messages
+
+
+@pytest.mark.parametrize("protocol,form", [(3, "routes"), (4, "groups")])
+def test_routes_are_sent_in_the_form_the_connected_bridge_reads(tmp_path, protocol, form):
+    """A bridge older than protocol 4 (an ExaBGP left running by an older Pipit) reads routes
+    listed one by one; a current one, in groups. The same routes either way."""
+    socket_path = tmp_path / "bridge.sock"
+    routes = [Announcement(p, next_hop=A("10.0.0.7")) for p in blocks(3)]
+
+    async def scenario():
+        speaker = ExaBGPSpeaker(tmp_path, socket_path, "sidecar", A("10.0.0.1"),
+                                A("10.0.0.1"), 64512)
+        await speaker.start()
+        reader, writer = await asyncio.open_unix_connection(str(socket_path))
+        try:
+            writer.write(b"".join(json.dumps(m).encode() + b"\n" for m in (
+                {"type": "hello", "protocol": protocol, "bridge_pid": 1, "exabgp_pid": 2,
+                 "digest": None}, {"type": "snapshot-begin"}, {"type": "snapshot-end"})))
+            await wait_async(lambda: speaker.connected, 10, "the speaker sees the bridge")
+            sending = asyncio.create_task(speaker.announce_to([A("10.0.0.2")], routes))
+            request = json.loads(await asyncio.wait_for(reader.readline(), 10))
+            assert request["op"] == "announce" and request["neighbors"] == ["10.0.0.2"]
+            assert {"routes", "groups"} & set(request) == {form}
+            assert routes_of(request, "routes", announcement_from_json) == tuple(routes)
+            writer.write(json.dumps({"type": "done", "id": request["id"]}).encode() + b"\n")
+            await asyncio.wait_for(sending, 10)
+        finally:
+            writer.close()
+            await speaker.stop(stop_exabgp=False)
+    asyncio.run(scenario())
 
 
 def test_bridge_survives_bad_input_and_the_agent_coming_and_going(tmp_path):
