@@ -1,4 +1,4 @@
-"""pipit-exabgp: seven changes to how ExaBGP 5.0 hands one API command to many neighbours, which
+"""pipit-exabgp: eight changes to how ExaBGP 5.0 hands one API command to many neighbours, which
 is what a reflector's batched commands are (`neighbor A , neighbor B , ... announce attributes
 ... nlri ...` to every client at once). Same results, far less work per neighbour:
 
@@ -46,6 +46,12 @@ is what a reflector's batched commands are (`neighbor A , neighbor B , ... annou
    same group of routes with the same attributes: the UPDATEs built for one peer are kept
    (`SharedUpdates`) and reused for the next whose group is the same objects, in the same
    order, on the same kind of session.
+8. An `announce attributes ... nlri ...` command put its routes into the RIBs one route per
+   step of ExaBGP's API work (50 steps per turn of its loop, each turn running every peer),
+   and formatted a log line per route naming every neighbour of the command, logged or not.
+   Its routes (one attributes object, one next hop) now go into each neighbour's RIB with one
+   dict update (`SharedInjection`, as 3), in one step, and the log line is made only if it
+   is logged.
 
 `apply()` installs them all, only into the releases they were written against (5.0.x, as
 bgp_agent.exabgp_reactor).
@@ -98,63 +104,160 @@ def sharing(original):
     return remove_self
 
 
-def injecting(original):
-    """Configuration.inject_change(peers, change) (3): `peers` as a set, a shared change's
-    family and indexes worked out once, and put into each RIB by add_shared."""
-    from exabgp.bgp.message.action import Action
-    from exabgp.logger import log
-    WITHDRAW, ANNOUNCE = Action.WITHDRAW, Action.ANNOUNCE
+class SharedInjection:
+    """Putting shared routes (2) into the outgoing RIB of every neighbour a command names: the
+    changes ExaBGP's Configuration.inject_change and OutgoingRIB.add_to_rib (5.0) make one
+    route and one neighbour at a time, made with what depends only on the routes worked out
+    once (3), and for a group of routes with one attribute set, next hop and family (an
+    `announce attributes ... nlri ...`: 8), with one dict update per neighbour."""
 
-    def add_shared(rib, change, family, index, attributes_index, next_hop_index) -> None:
-        """ExaBGP's OutgoingRIB.add_to_rib(change) (5.0: skip a route the peer already has
-        with the same attributes and next hop; queue it by attributes, family and index;
-        remember it as seen), given what depends only on the change: its family, index, its
-        attributes' and next hop's index."""
-        action = change.nlri.action
-        if rib.cache and action != WITHDRAW:
+    def __init__(self):
+        from exabgp.bgp.message.action import Action
+        from exabgp.logger import log
+        self.WITHDRAW, self.ANNOUNCE, self.log = Action.WITHDRAW, Action.ANNOUNCE, log
+
+    def inject(self, configuration, peers, changes: list) -> bool | None:
+        """Into the RIB of each configured neighbour named in `peers` (in configuration
+        order); whether any took them. None, having done nothing, unless the changes are
+        one group: next hop not `self` (copied per neighbour: ExaBGP's way), one attributes
+        object, next hop, family and action, each prefix once."""
+        first = changes[0].nlri
+        if first.nexthop.SELF:
+            return None
+        attributes, action = changes[0].attributes, first.action
+        afi, safi, next_hop_index = first.afi, first.safi, first.nexthop.index()
+        batch = {}
+        for change in changes:
+            nlri = change.nlri
+            if (change.attributes is not attributes or nlri.action != action
+                    or nlri.afi != afi or nlri.safi != safi or nlri.nexthop.SELF
+                    or nlri.nexthop.index() != next_hop_index):
+                return None
+            batch[change.index()] = change
+        if len(batch) != len(changes):
+            return None  # a prefix twice: ExaBGP's order decides which stays
+        family = first.family().afi_safi()
+        attributes_index = attributes.index()
+        if not isinstance(peers, (set, frozenset)):
+            peers = set(peers)
+        taken = False
+        for name, neighbor in configuration.neighbors.items():
+            if name not in peers:
+                continue
+            if family not in neighbor._families:  # families() is a copy of it
+                for change in changes:
+                    self.log.error(lambda name=name, change=change: (
+                        f"the route family ({change.nlri.short()}) is not configured on "
+                        f"neighbor {name}"), "configuration")
+                continue
+            self.add(neighbor.rib.outgoing, batch, family, attributes, attributes_index,
+                     next_hop_index, action)
+            taken = True
+        return taken
+
+    def add(self, rib, batch: dict, family, attributes, attributes_index, next_hop_index,
+            action) -> None:
+        """add_to_rib(change) for each change of `batch` (index -> change, one group): skip a
+        route the peer already has with the same attributes and next hop (in_cache), queue
+        the rest by attributes, family and index, remember them as seen (update_cache)."""
+        fresh = batch
+        if rib.cache and action != self.WITHDRAW:
             seen = rib._seen.get(family)
-            cached = seen.get(index) if seen else None
-            if (cached is not None and cached.attributes.index() == attributes_index
-                    and cached.nlri.nexthop.index() == next_hop_index):
-                return  # the peer has it (OutgoingRIB.in_cache)
+            if seen and not seen.keys().isdisjoint(batch):
+                fresh = {index: change for index, change in batch.items()
+                         if not self._has(seen.get(index), attributes_index, next_hop_index)}
+                if not fresh:
+                    return
         by_family = rib._new_attr_af_nlri.get(attributes_index)
         if by_family is None:
             by_family = rib._new_attr_af_nlri[attributes_index] = {}
         queued = by_family.get(family)
         if queued is None:
             queued = by_family[family] = {}
-        queued[index] = change
-        rib._new_nlri[index] = change
-        rib._new_attribute[attributes_index] = change.attributes
-        if rib.cache:  # OutgoingRIB.update_cache
-            if action == ANNOUNCE:
-                rib._seen.setdefault(family, {})[index] = change
+        queued.update(fresh)
+        rib._new_nlri.update(fresh)
+        rib._new_attribute[attributes_index] = attributes
+        if rib.cache:
+            if action == self.ANNOUNCE:
+                rib._seen.setdefault(family, {}).update(fresh)
             elif family in rib._seen:
-                rib._seen[family].pop(index, None)
+                seen = rib._seen[family]
+                for index in fresh:
+                    seen.pop(index, None)
 
+    @staticmethod
+    def _has(cached, attributes_index, next_hop_index) -> bool:
+        return (cached is not None and cached.attributes.index() == attributes_index
+                and cached.nlri.nexthop.index() == next_hop_index)
+
+
+def injecting(original, shared: SharedInjection):
+    """Configuration.inject_change(peers, change) (3): by `shared` unless the change's next
+    hop is `self`, then ExaBGP's own, given `peers` as a set."""
     def inject_change(configuration, peers, change):
-        if not isinstance(peers, (set, frozenset)):
-            peers = set(peers)
-        nlri = change.nlri
-        if nlri.nexthop.SELF:  # copied and rewritten per neighbour: ExaBGP's way
-            return original(configuration, peers, change)
-        family = nlri.family().afi_safi()
-        index, attributes_index = change.index(), change.attributes.index()
-        next_hop_index = nlri.nexthop.index()
-        result = False
-        for name, neighbor in configuration.neighbors.items():
-            if name not in peers:
-                continue
-            if family not in neighbor._families:  # families() is a copy of it
-                log.error(lambda name=name: f"the route family ({nlri.short()}) is not "
-                          f"configured on neighbor {name}", "configuration")
-                continue
-            add_shared(neighbor.rib.outgoing, change, family, index, attributes_index,
-                       next_hop_index)
-            result = True
-        return result
+        taken = shared.inject(configuration, peers, [change])
+        if taken is None:
+            return original(configuration, peers if isinstance(peers, (set, frozenset))
+                            else set(peers), change)
+        return taken
     inject_change.__wrapped__ = original
     return inject_change
+
+
+def announcing_at_once(original, shared: SharedInjection):
+    """ExaBGP's `announce attributes <attributes> nlri <prefix> ...` command
+    (reactor.api.command.announce.announce_attributes) with its routes put into the RIBs by
+    `shared` at once (8): ExaBGP injects them one route per step of its API work, 50 steps per
+    turn of its loop, and formats a log line per route naming every neighbour (200 for a
+    reflector's command) whether it logs or not. The same answers, the same RIBs; the log
+    line made only if it is logged. Anything `shared` does not take goes ExaBGP's way."""
+    from exabgp.bgp.message import Action
+    from exabgp.reactor.api.command import announce
+    from exabgp.reactor.api.command.limit import extract_neighbors
+
+    def added(peers, change) -> None:
+        """ExaBGP's log line for a route the command added (API.log_message), made only if
+        it is logged."""
+        shared.log.info(lambda: f"route added to {', '.join(peers) if peers else 'all peers'}"
+                        f" : {change.extensive()}", "processes", "INFO")
+
+    def announce_attributes(self, reactor, service, line, use_json):
+        def callback():
+            try:
+                descriptions, command = extract_neighbors(line)
+                peers = announce.match_neighbors(reactor.peers(service), descriptions)
+                if not peers:
+                    self.log_failure(f"no neighbor matching the command : {command}")
+                    reactor.processes.answer_error(service)
+                    yield True
+                    return
+                changes = self.api_attributes(command, peers)
+                if not changes:
+                    self.log_failure(f"command could not parse route in : {command}")
+                    reactor.processes.answer_error(service)
+                    yield True
+                    return
+                for change in changes:
+                    change.nlri.action = Action.ANNOUNCE
+                if shared.inject(reactor.configuration, peers, changes) is None:
+                    for change in changes:  # ExaBGP's way
+                        reactor.configuration.inject_change(peers, change)
+                        added(peers, change)
+                        yield False
+                else:
+                    for change in changes:
+                        added(peers, change)
+                    yield False
+                reactor.processes.answer_done(service)
+            except (ValueError, IndexError):
+                self.log_failure("issue parsing the route")
+                reactor.processes.answer_error(service)
+                yield True
+        reactor.asynchronous.schedule(service, line, callback())
+        return True
+    announce_attributes.__wrapped__ = original
+    announce_attributes.func_name = getattr(original, "func_name", "announce_attributes")
+    return announce_attributes
 
 
 PACKED = "_pipit_packed"  # the attribute of an Attributes object holding its packed forms
@@ -302,6 +405,7 @@ def apply() -> str | None:
     from exabgp.bgp.neighbor import Neighbor
     from exabgp.configuration.configuration import Configuration
     from exabgp.reactor.api.command import announce, limit, rib
+    from exabgp.reactor.api.command.command import Command
     from exabgp.reactor.protocol import Protocol
     from exabgp.version import release
     if not release.startswith(FIXED_RELEASES):
@@ -310,7 +414,13 @@ def apply() -> str | None:
     for module in (limit, announce, rib):  # each imported the function by name
         module.match_neighbors = fast
     Neighbor.remove_self = sharing(unwrapped(Neighbor.remove_self))
-    Configuration.inject_change = injecting(unwrapped(Configuration.inject_change))
+    shared = SharedInjection()
+    Configuration.inject_change = injecting(unwrapped(Configuration.inject_change), shared)
+    for name in ("announce attribute", "announce attributes"):
+        for api in ("text", "json"):
+            if name in Command.callback[api]:
+                Command.callback[api][name] = announcing_at_once(
+                    unwrapped(Command.callback[api][name]), shared)
     Attributes.pack = packed_once(unwrapped(Attributes.pack))
     Protocol.new_update = batched(unwrapped(Protocol.new_update), SharedUpdates())
     return None

@@ -14,6 +14,7 @@ from exabgp.environment import getenv
 from exabgp.logger import log
 from exabgp.protocol.ip import IP
 from exabgp.reactor.api.command import announce, limit, rib
+from exabgp.reactor.api.command.command import Command
 from exabgp.reactor.api.command.limit import extract_neighbors
 from exabgp.reactor.protocol import Protocol
 
@@ -95,6 +96,7 @@ def test_apply_installs_each_change_once_into_every_place_that_uses_it():
     methods = [(Neighbor, "remove_self"), (Configuration, "inject_change"), (Attributes, "pack"),
                (Protocol, "new_update")]
     originals = [getattr(owner, name) for owner, name in methods]
+    commands = {api: dict(Command.callback[api]) for api in ("text", "json")}
     try:
         assert exabgp_fanout.apply() is None
         assert exabgp_fanout.apply() is None  # twice: still one layer
@@ -102,11 +104,15 @@ def test_apply_installs_each_change_once_into_every_place_that_uses_it():
             assert module.match_neighbors.__wrapped__ is ORIGINAL
         for (owner, name), original in zip(methods, originals):
             assert getattr(owner, name).__wrapped__ is original
+        for name in ("announce attribute", "announce attributes"):
+            assert Command.callback["text"][name].__wrapped__ is commands["text"][name]
     finally:
         for module in (limit, announce, rib):
             module.match_neighbors = ORIGINAL
         for (owner, name), original in zip(methods, originals):
             setattr(owner, name, original)
+        for api, callbacks in commands.items():
+            Command.callback[api].update(callbacks)
 
 
 def session(local_as: int, peer_as: int, asn4: bool = True):
@@ -165,6 +171,9 @@ class Neighbour:
     def families(self):
         return list(self._families)
 
+    def ip_self(self, afi):
+        return IP.create("10.77.0.1")
+
 
 def rib_state(rib) -> tuple:
     """An outgoing RIB's queues and its record of what the peer has, by index and object."""
@@ -196,7 +205,8 @@ def test_routes_go_into_each_named_neighbours_rib_as_exabgp_puts_them():
              ("drain", None), ({0, 1, 2}, a_again), ([0], b), ([9], a)]
     ribs = {}
     for inject in (exabgp_fanout.unwrapped(Configuration.inject_change),
-                   exabgp_fanout.injecting(exabgp_fanout.unwrapped(Configuration.inject_change))):
+                   exabgp_fanout.injecting(exabgp_fanout.unwrapped(Configuration.inject_change),
+                                           exabgp_fanout.SharedInjection())):
         configuration = SimpleNamespace(neighbors={
             PEERS[i]: Neighbour([] if i == 3 else [(AFI.ipv4, SAFI.unicast)]) for i in range(4)})
         results, states = [], []
@@ -211,6 +221,88 @@ def test_routes_go_into_each_named_neighbours_rib_as_exabgp_puts_them():
     (theirs, ours) = ribs.values()
     assert ours == theirs
     assert theirs[0] == [True, True, True, True, True, True, True, False]  # [9]: nobody
+
+
+class Reactor:
+    """What an API command's handler uses of ExaBGP's reactor: its peers, configuration (with
+    Neighbour doubles holding ExaBGP's RIBs), the answers it gives and the work it schedules."""
+
+    def __init__(self, inject_change):
+        from types import SimpleNamespace
+
+        from exabgp.protocol.family import AFI, SAFI
+        ipv4 = [(AFI.ipv4, SAFI.unicast)]
+        self.configuration = SimpleNamespace(
+            neighbors={name: Neighbour([] if name == PEERS[3] else ipv4) for name in PEERS})
+        self.configuration.inject_change = lambda peers, change: inject_change(
+            self.configuration, peers, change)
+        self.answers: list[str] = []
+        self.processes = SimpleNamespace(answer_done=lambda s: self.answers.append("done"),
+                                         answer_error=lambda s: self.answers.append("error"))
+        self.asynchronous = SimpleNamespace(schedule=lambda s, line, work: self.work.append(work))
+        self.work: list = []
+
+    def peers(self, service):
+        return list(self.configuration.neighbors)
+
+    def run(self, handler, line: str) -> None:
+        from exabgp.reactor.api import API
+        handler(API(self), self, "test", line, False)
+        for work in self.work:
+            for _ in work:
+                pass
+        self.work = []
+
+    def sent(self) -> list[bytes]:
+        """The UPDATEs each neighbour's RIB gives now, as bytes."""
+        from types import SimpleNamespace
+        out = []
+        for neighbour in self.configuration.neighbors.values():
+            session = Recorded([], report_sent=False)
+            session.neighbor.rib = SimpleNamespace(outgoing=neighbour.rib.outgoing)
+            for _ in Protocol.new_update(session, True):
+                pass
+            out.append(b"".join(session.writes))
+        return out
+
+
+CLIENTS = " , ".join(f"neighbor {p.split()[1]}" for p in PEERS[:2])
+
+
+@pytest.mark.parametrize("commands", [
+    [f"{CLIENTS} announce attributes next-hop 10.77.1.5 originator-id 10.77.1.5 "
+     "cluster-list [ 244.0.0.1 ] local-preference 100 nlri 10.1.0.0/26 10.1.0.64/26 10.1.0.128/26",
+     # again, one moved: the peers have two of them already
+     f"{CLIENTS} announce attributes next-hop 10.77.1.5 originator-id 10.77.1.5 "
+     "cluster-list [ 244.0.0.1 ] local-preference 100 nlri 10.1.0.0/26 10.1.1.0/26",
+     # to a neighbour without the family, and one with
+     "neighbor 10.77.2.5 , neighbor 10.77.1.6 announce attributes next-hop 10.77.1.5 "
+     "nlri 10.1.2.0/26"],
+    ["neighbor 10.77.1.5 announce attributes next-hop 10.77.1.6 nlri 10.1.0.0/26 10.1.0.0/26",
+     "neighbor 10.77.1.5 announce attributes next-hop self nlri 10.1.0.64/26",  # ExaBGP's way
+     "neighbor 10.77.9.9 announce attributes next-hop 10.77.1.6 nlri 10.1.0.0/26",  # nobody
+     "neighbor 10.77.1.5 announce attributes next-hop 10.77.1.6 nlri 10.1.0.0/33"],  # bad
+])
+def test_an_announce_attributes_command_does_what_exabgps_does(commands):
+    log.init(getenv())
+    original = exabgp_fanout.unwrapped(Command.callback["text"]["announce attributes"])
+    exabgp_inject = exabgp_fanout.unwrapped(Configuration.inject_change)
+    shared = exabgp_fanout.SharedInjection()
+    ours = exabgp_fanout.announcing_at_once(original, shared)
+    results = []
+    for handler, inject in ((original, exabgp_inject),
+                            (ours, exabgp_fanout.injecting(exabgp_inject, shared))):
+        reactor = Reactor(inject)
+        steps = []
+        for command in commands:
+            reactor.run(handler, command)
+            steps.append(([rib_state(n.rib.outgoing)[0] for n in
+                           reactor.configuration.neighbors.values()], reactor.sent()))
+        results.append((reactor.answers, [[[k for k, _ in rib] for rib in ribs]
+                                          for ribs, _ in steps], [sent for _, sent in steps]))
+    assert results[1] == results[0]
+    assert results[0][0] == (["done", "done", "done"] if len(commands) == 3
+                             else ["done", "done", "error", "error"])
 
 
 def update(withdrawn: bytes = b"", attributes: bytes = b"", nlri: bytes = b"") -> bytes:
