@@ -58,9 +58,9 @@ log = logging.getLogger("pipit-exabgp-bridge")
 BATCH = 1000  # prefixes per ExaBGP command line (ExaBGP's limit is 1 MiB a line)
 AGENT_BUFFER_LIMIT = 64 * 2**20  # an agent this far behind is dropped; it gets a snapshot back
 COMMAND_TIMEOUT = 120.0  # ExaBGP acks every command; this only guards against a lost ack
-# Announce/withdraw commands of one request sent before the first is answered: ExaBGP reads
-# them all in one turn of its loop and answers them in order, instead of one command per turn
-# (a reflector's pass is hundreds of commands, and every turn runs every peer).
+# Announce/withdraw commands written to ExaBGP ahead of its answers: ExaBGP reads them all in
+# one turn of its loop and answers them in order, instead of one command per turn (a
+# reflector's pass is hundreds of commands, and every turn runs every peer).
 PIPELINE = 32
 ROUTE_OPS = ("announce", "withdraw")
 # How ExaBGP words a session that ended with a NOTIFICATION (reactor/peer.py); any such end
@@ -367,6 +367,8 @@ class Bridge:
         self.state = BridgeState()
         self.agent: asyncio.StreamWriter | None = None
         self.queue: asyncio.Queue[tuple[asyncio.StreamWriter, dict]] = asyncio.Queue()
+        self._held: tuple[asyncio.StreamWriter, dict] | None = None  # taken, run next
+        self._arrived = asyncio.Event()  # a request was queued
         self._stdout: asyncio.WriteTransport | None = None
         # the commands in flight, oldest first: ExaBGP answers announcements in order; a
         # future whose caller gave up stays until its answer comes, so answers stay matched
@@ -487,6 +489,7 @@ class Bridge:
                 log.error("bad request from the agent (%s): %.300s", error, raw)
                 continue
             self.queue.put_nowait((writer, request))
+            self._arrived.set()
 
     def _send_agent(self, message: dict) -> None:
         agent = self.agent
@@ -499,21 +502,15 @@ class Bridge:
             self.agent = None
 
     async def _worker(self) -> None:
-        held = None  # a request taken from the queue while gathering, run next
         while True:
-            writer, request = held or await self.queue.get()
-            held = None
+            if self._held is not None:  # taken from the queue by _route_requests, next
+                (writer, request), self._held = self._held, None
+            else:
+                writer, request = await self.queue.get()
             if writer is not self.agent:
                 continue  # from an agent that has gone: its successor decides afresh
             if request.get("op") in ROUTE_OPS:  # with those queued behind it, pipelined
-                group = [request]
-                while len(group) < PIPELINE and not self.queue.empty():
-                    held = self.queue.get_nowait()
-                    if held[0] is not writer or held[1].get("op") not in ROUTE_OPS:
-                        break
-                    group.append(held[1])
-                    held = None
-                await self._route_requests(writer, group)
+                await self._route_requests(writer, request)
                 continue
             try:
                 output = await self._execute(request)
@@ -530,30 +527,48 @@ class Bridge:
         log.error("%s", error)  # ExaBGP never logs API errors itself
         return {"type": "error", "id": request.get("id"), "message": str(error)}
 
-    async def _route_requests(self, writer: asyncio.StreamWriter, requests: list[dict]) -> None:
-        """Announce/withdraw requests, their commands pipelined together (ExaBGP answers
+    async def _route_requests(self, writer: asyncio.StreamWriter, first: dict) -> None:
+        """Announce/withdraw requests: `first`, then those queued behind it as they come (up
+        to another kind of request, left in `_held`), their commands pipelined (ExaBGP answers
         them in order); each is answered once its own commands are."""
-        jobs = []
-        for request in requests:
+        left: dict[int, int] = {}  # id(request) -> its commands not yet answered
+        errors: dict[int, list[str]] = {}
+
+        def take(request: dict) -> list[tuple[str, Callable[[], dict], dict]]:
             try:
-                jobs.append((request, self._route_commands(request)))
+                commands = self._route_commands(request)
             except (KeyError, ValueError, TypeError) as error:
                 self._send_agent(self._error_reply(request, error))
-        lines = [(line, record, request) for request, commands in jobs
-                 for line, record in commands]
-        left = {id(request): len(commands) for request, commands in jobs}
-        errors: dict[int, list[str]] = {id(request): [] for request, _ in jobs}
+                return []
+            if not commands:
+                self._send_agent(self._route_reply(request, []))
+                return []
+            left[id(request)], errors[id(request)] = len(commands), []
+            return [(line, record, request) for line, record in commands]
+
+        def more() -> list[tuple[str, Callable[[], dict], dict]]:
+            while self._held is None and not self.queue.empty():
+                queued = self.queue.get_nowait()
+                if queued[0] is not self.agent:
+                    continue  # from an agent that has gone
+                if queued[0] is not writer or queued[1].get("op") not in ROUTE_OPS:
+                    self._held = queued  # after these
+                    break
+                lines = take(queued[1])
+                if lines:
+                    return lines
+            return []
 
         def settled(request: dict, failure: str | None) -> None:
             if failure is not None:
                 errors[id(request)].append(failure)
             left[id(request)] -= 1
-            if left[id(request)] == 0 and writer is self.agent:
-                self._send_agent(self._route_reply(request, errors[id(request)]))
-        for request, commands in jobs:
-            if not commands and writer is self.agent:
-                self._send_agent(self._route_reply(request, []))
-        await self._pipelined(lines, settled)
+            if left[id(request)] == 0:
+                del left[id(request)]
+                failures = errors.pop(id(request))
+                if writer is self.agent:
+                    self._send_agent(self._route_reply(request, failures))
+        await self._pipelined(take(first), settled, more)
 
     def _route_reply(self, request: dict, errors: list[str]) -> dict:
         if not errors:
@@ -595,11 +610,15 @@ class Bridge:
         raise ValueError(f"unknown op {op!r}")
 
     async def _pipelined(self, lines: list[tuple[str, Callable[[], dict], object]],
-                         settled: Callable[[object, str | None], None]) -> None:
+                         settled: Callable[[object, str | None], None],
+                         more: Callable[[], list] | None = None) -> None:
         """Send announce/withdraw commands, up to PIPELINE before the oldest is answered; for
         each one ExaBGP took, its state message `record()` goes to the agent, in order; then
-        `settled(tag, None)`, or `settled(tag, why)` for one it refused."""
+        `settled(tag, None)`, or `settled(tag, why)` for one it refused. Once `lines` are
+        written, `more()` gives the next ones (none: none yet), asked again after each answer
+        until none are in flight."""
         in_flight: deque[tuple[asyncio.Future, str, Callable[[], dict], object]] = deque()
+        pending = deque(lines)
 
         async def settle_oldest() -> None:
             ack, line, record, tag = in_flight.popleft()
@@ -610,12 +629,30 @@ class Bridge:
                 return
             self._send_agent(record())
             settled(tag, None)
-        for line, record, tag in lines:
-            if len(in_flight) >= PIPELINE:
+        while True:
+            room = len(in_flight) < PIPELINE
+            if not pending and more is not None and room:
+                self._arrived.clear()
+                pending.extend(more())
+            if pending and room:
+                line, record, tag = pending.popleft()
+                in_flight.append((self._send(line), line, record, tag))
+            elif not in_flight:
+                return
+            elif more is not None and room and self._held is None and not in_flight[0][0].done():
+                await self._answer_or_request(in_flight[0][0])  # whichever comes first
+            else:
                 await settle_oldest()
-            in_flight.append((self._send(line), line, record, tag))
-        while in_flight:
-            await settle_oldest()
+
+    async def _answer_or_request(self, ack: asyncio.Future) -> None:
+        """Until ExaBGP answers `ack` or the agent queues a request (at most COMMAND_TIMEOUT;
+        the answer's own wait has its timeout too)."""
+        arrival = asyncio.ensure_future(self._arrived.wait())
+        try:
+            await asyncio.wait([ack, arrival], timeout=COMMAND_TIMEOUT,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            arrival.cancel()
 
     async def _reload(self, digest: str | None, neighbors: set[IPv4Address], timeout: float
                       ) -> list[str]:

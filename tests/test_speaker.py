@@ -654,6 +654,50 @@ def test_queued_announcements_go_to_exabgp_together_and_are_answered_each(tmp_pa
         exabgp.close()
 
 
+def test_a_request_coming_while_commands_await_answers_is_written_at_once(tmp_path):
+    """An agent's pass sends its requests one after another: one that reaches the bridge while
+    earlier commands wait for ExaBGP's answers joins them in the pipeline (not after they are
+    all answered); a request of another kind (End-of-RIB) waits until the announcements
+    before it are answered."""
+    socket_path = tmp_path / "bridge.sock"
+    exabgp = ScriptedExaBGP(socket_path)
+
+    def announce(i: int) -> bytes:
+        return json.dumps({"id": i, "op": "announce", "neighbors": ["10.0.0.2"],
+                           "groups": [{"attributes": {"next_hop": "10.0.0.7"},
+                                       "prefixes": [f"10.9.{i}.0/26"]}]}).encode() + b"\n"
+
+    async def scenario():
+        agent = FakeAgent(socket_path)
+        await agent.start()
+        exabgp.send(UP)
+        reader, writer = await agent.accept()
+        await receive(reader, "snapshot-end")
+        writer.write(announce(1))
+        await writer.drain()
+        assert exabgp.command().endswith("nlri 10.9.1.0/26")
+        writer.write(announce(2) + json.dumps({"id": 3, "op": "eor", "neighbor": "10.0.0.2"})
+                     .encode() + b"\n")
+        await writer.drain()
+        assert exabgp.command().endswith("nlri 10.9.2.0/26")  # the first still unanswered
+        with pytest.raises(AssertionError, match="no command"):
+            exabgp.command(timeout=0.5)  # and End-of-RIB not yet
+        exabgp.send("done", "done")
+        assert "eor" in exabgp.command()
+        exabgp.send("done")
+        messages = []
+        while len([m for m in messages if m["type"] == "done"]) < 3:
+            messages += await receive(reader, "done")
+        assert [m["id"] for m in messages if m["type"] == "done"] == [1, 2, 3]
+        writer.close()
+        await agent.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        exabgp.close()
+
+
 def test_a_retiring_reflector_withdraws_its_own_routes_and_leaves_what_it_reflects(tmp_path):
     socket_path = tmp_path / "bridge.sock"
     exabgp = ScriptedExaBGP(socket_path)
