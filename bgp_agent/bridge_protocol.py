@@ -296,6 +296,9 @@ class RouteTables:
     peers: dict[IPv4Address, PeerState] = field(default_factory=dict)
     received: dict[IPv4Address, dict[IPv4Network, Path]] = field(default_factory=dict)
     announced: dict[IPv4Address, dict[IPv4Network, Announcement]] = field(default_factory=dict)
+    # of `announced`, the prefixes of this node's own routes (next hop self), per neighbour:
+    # a reflector's own are a few among the many it reflects
+    own: dict[IPv4Address, set[IPv4Network]] = field(default_factory=dict)
 
     def apply(self, message: StateMessage) -> None:
         if isinstance(message, PeerChanged):
@@ -314,17 +317,27 @@ class RouteTables:
                 table[path.prefix] = path
         elif isinstance(message, Announced):
             routes = {route.prefix: route for route in message.routes}
+            mine = [p for p, route in routes.items() if route.next_hop is None]
             for neighbor in message.neighbors:
                 self.announced.setdefault(neighbor, {}).update(routes)
+                own = self.own.get(neighbor)
+                if own and len(mine) < len(routes):  # a prefix of ours now reflected
+                    own.difference_update(p for p, r in routes.items() if r.next_hop)
+                if mine:
+                    self.own.setdefault(neighbor, set()).update(mine)
         elif isinstance(message, Withdrawn):
             for neighbor in message.neighbors:
                 table = self.announced.get(neighbor, {})
                 for prefix in message.prefixes:
                     table.pop(prefix, None)
+                own = self.own.get(neighbor)
+                if own:
+                    own.difference_update(message.prefixes)
                 if not table:
                     self.announced.pop(neighbor, None)
+                    self.own.pop(neighbor, None)
         else:
-            for table in (self.peers, self.received, self.announced):
+            for table in (self.peers, self.received, self.announced, self.own):
                 table.pop(message.peer, None)
 
     def snapshot(self) -> Iterator[StateMessage]:

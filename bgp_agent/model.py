@@ -4,7 +4,7 @@ data, no I/O."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Protocol
@@ -112,6 +112,11 @@ class Speaker(Protocol):
     @property
     def announced(self) -> Mapping[IPv4Address, Mapping[IPv4Network, Announcement]]:
         """Per neighbour, what the speaker holds to send it (sent, or sent once it is up)."""
+
+    @property
+    def own(self) -> Mapping[IPv4Address, Set[IPv4Network]]:
+        """Per neighbour, the prefixes of `announced` that are this node's own routes (next
+        hop self), not reflected ones."""
 
     async def set_neighbors(self, neighbors: Sequence[Neighbor]) -> None:
         """The whole set of sessions to have; unchanged neighbours keep their sessions."""

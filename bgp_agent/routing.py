@@ -30,7 +30,7 @@ from bgp_agent.metrics import (
 )
 from bgp_agent.model import Neighbor, Path, Speaker, SpeakerError
 from bgp_agent.node import NodeRecord, node_from_document
-from bgp_agent.reflection import Reflection, Send, reflected
+from bgp_agent.reflection import Reflection, Send
 from bgp_agent.retention import GracefulRestart
 from bgp_agent.status import MD5Watch, PeerStatus, Status, read_md5_counters
 from ipip.route_table import RouteTable
@@ -392,8 +392,8 @@ class Router:
             have = self.speaker.announced.get(address, {})
             changed = [a for p, a in wanted.items() if have.get(p) != a]
             # what this node reflects is the reflection's to withdraw (while it reflects)
-            gone = [p for p, a in have.items()
-                    if (self.reflection is None or not reflected(a)) and p not in wanted]
+            mine = have if self.reflection is None else self.speaker.own.get(address, ())
+            gone = [p for p in mine if p not in wanted]
             if changed:
                 await self.speaker.announce(address, changed)
             if gone:

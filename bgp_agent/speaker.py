@@ -27,7 +27,7 @@ import itertools
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
@@ -111,6 +111,10 @@ class ExaBGPSpeaker:
     @property
     def announced(self) -> Mapping[IPv4Address, Mapping[IPv4Network, Announcement]]:
         return self.tables.announced
+
+    @property
+    def own(self) -> Mapping[IPv4Address, Set[IPv4Network]]:
+        return self.tables.own
 
     # --- files -------------------------------------------------------------------------------
 

@@ -84,6 +84,11 @@ class MemorySpeaker:
         self._time = 0.0
 
     # what the routing loop calls
+    @property
+    def own(self) -> dict[IPv4Address, set[IPv4Network]]:
+        return {n: {p for p, a in table.items() if a.next_hop is None}
+                for n, table in self.announced.items()}
+
     async def set_neighbors(self, neighbors: Sequence[Neighbor]) -> None:
         self.neighbors = list(neighbors)
         wanted = {n.address for n in neighbors}

@@ -16,10 +16,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bgp_agent.bridge_protocol import (
+    Announced,
+    Forget,
     RouteTables,
+    Withdrawn,
     announcement_from_json,
     announcement_to_json,
     decode,
+    encode,
     groups_to_json,
     path_from_json,
     path_to_json,
@@ -458,6 +462,29 @@ def test_routes_survive_json_in_groups(drawn):
 def _attributes_of(route) -> tuple:
     from dataclasses import astuple
     return astuple(route)[1:]
+
+
+def test_the_tables_know_which_announced_routes_are_the_nodes_own():
+    """A reflector's own routes (next hop self) are a few among the many it reflects: the
+    tables keep them apart, through announcements, re-announcements as reflected and back,
+    withdrawals and forgetting, also as a snapshot rebuilds them."""
+    tables = RouteTables()
+    a, b = A("10.99.1.1"), A("10.99.1.2")
+    own, other, moved = blocks(3)
+    for message in (Announced((a, b), (Announcement(own), Announcement(moved))),
+                    Announced((a, b), (Announcement(other, next_hop=A("10.99.1.7")),)),
+                    Announced((a,), (Announcement(moved, next_hop=A("10.99.1.7")),)),
+                    Withdrawn((b,), (own,))):
+        tables.apply(decode(json.loads(json.dumps(encode(message)))))
+    assert tables.own == {a: {own}, b: {moved}}
+    copy = RouteTables()
+    for message in tables.snapshot():
+        copy.apply(message)
+    assert copy.own == tables.own
+    tables.apply(Announced((b,), (Announcement(moved),)))
+    tables.apply(Withdrawn((b,), (moved, other)))
+    tables.apply(Forget(a))
+    assert tables.own == {} and tables.announced == {}
 
 
 def test_protocol_3_received_routes_are_still_read():

@@ -370,6 +370,22 @@ async def test_a_restarted_reflector_withdraws_what_it_no_longer_reflects_and_ho
 
 
 @run
+async def test_a_reflector_withdraws_its_own_block_once_gone_and_keeps_what_it_reflects():
+    mine = N("10.244.5.0/26")
+    async with running(Cluster(reflector=True)) as c:
+        c.settle_peers(N1, N2, N3, R2)
+        c.claim(mine, "rr1")
+        c.speaker.send(N2, Path(BLOCK2, N2))
+        await c.sync()
+        assert all(c.speaker.announced[p][mine].next_hop is None for p in (N1, N2, N3, R2))
+        assert BLOCK2 in reflected_to(c, N1)
+        c.claim(mine, "n3")  # the block is n3's now
+        await c.sync()
+        assert all(mine not in c.speaker.announced[p] for p in (N1, N2, N3, R2))
+        assert BLOCK2 in reflected_to(c, N1) and BLOCK2 in reflected_to(c, N3)
+
+
+@run
 async def test_a_reflector_that_stops_reflecting_withdraws_what_it_reflected():
     async with running(Cluster(reflector=True)) as c:
         c.settle_peers(N1, N2, N3, R2)
