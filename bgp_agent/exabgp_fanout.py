@@ -326,23 +326,24 @@ class SharedUpdates:
     the kept ones refer to more than `budget` routes."""
 
     def __init__(self, budget: int = SHARED_ROUTES):
+        from exabgp.protocol.family import AFI, SAFI
         self.budget = budget
         self.kept: dict[tuple, tuple[object, list, list[bytes]]] = {}
         self.routes = 0
+        self.ipv4, self.unicast = AFI.ipv4, SAFI.unicast
 
     def messages(self, update, negotiated, include_withdraw: bool, build):
         """`build(update, negotiated, include_withdraw)`'s UPDATEs, built once per group."""
-        from exabgp.protocol.family import AFI, SAFI
-        nlris = update.nlris
+        ipv4, unicast, nlris = self.ipv4, self.unicast, update.nlris
         key = (id(update.attributes), tuple(map(id, nlris)), include_withdraw,
                negotiated.local_as, negotiated.peer_as, negotiated.asn4, negotiated.aigp,
                negotiated.msg_size, tuple(negotiated.families),
-               negotiated.addpath.send(AFI.ipv4, SAFI.unicast))
+               negotiated.addpath.send(ipv4, unicast))
         kept = self.kept.get(key)
         if kept is not None:
             return kept[2]
         built = list(build(update, negotiated, include_withdraw))
-        if all(n.afi == AFI.ipv4 and n.safi == SAFI.unicast for n in nlris):
+        if all(n.afi == ipv4 and n.safi == unicast for n in nlris):
             self.kept[key] = (update.attributes, nlris, built)
             self.routes += len(nlris)
             while self.routes > self.budget:
