@@ -321,18 +321,22 @@ class RouteTables:
             for neighbor in message.neighbors:
                 self.announced.setdefault(neighbor, {}).update(routes)
                 own = self.own.get(neighbor)
-                if own and len(mine) < len(routes):  # a prefix of ours now reflected
-                    own.difference_update(p for p, r in routes.items() if r.next_hop)
+                if own and len(mine) < len(routes):  # a prefix of ours now reflected?
+                    # (own is a few prefixes, the message may be thousands: look up own's)
+                    own.difference_update([p for p in own if p in routes
+                                           and routes[p].next_hop is not None])
                 if mine:
                     self.own.setdefault(neighbor, set()).update(mine)
         elif isinstance(message, Withdrawn):
+            gone = None
             for neighbor in message.neighbors:
                 table = self.announced.get(neighbor, {})
                 for prefix in message.prefixes:
                     table.pop(prefix, None)
                 own = self.own.get(neighbor)
                 if own:
-                    own.difference_update(message.prefixes)
+                    gone = set(message.prefixes) if gone is None else gone
+                    own.difference_update([p for p in own if p in gone])
                 if not table:
                     self.announced.pop(neighbor, None)
                     self.own.pop(neighbor, None)

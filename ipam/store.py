@@ -209,8 +209,8 @@ class _Client(aetcd.Client):
         them in this order. Each call walks its own list, so calls failing at the same time
         on a dead group do not move each other back onto it."""
         count = len(self.channels)
-        return [((self._current + step) % count, self.kvstubs[(self._current + step) % count])
-                for step in range(count)]
+        order = [(self._current + step) % count for step in range(count)]
+        return [(i, self.kvstubs[i]) for i in order]
 
     def answered(self, index: int) -> None:
         """Group `index` answered a call: calls start there from now on."""

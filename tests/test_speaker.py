@@ -536,24 +536,45 @@ def request(writer, **fields) -> None:
     writer.write(json.dumps(fields).encode() + b"\n")
 
 
+# ExaBGP's report of a withdrawal it sent (api send-update): ROUTE % prefix, as a sent withdraw
+SENT_WITHDRAW = (ROUTE.replace('"receive"', '"send"').replace('"announce"', '"withdraw"')
+                 .replace('{ "10.0.0.2": [ { "nlri": "%s" } ] }', '[ { "nlri": "%s" } ]'))
+
+
+def with_bridge(socket_path: Path, scenario, peers: tuple[str, ...] = ("10.0.0.2",)) -> None:
+    """`await scenario(exabgp, agent, reader, writer)` against a real bridge process, its ExaBGP
+    played by ScriptedExaBGP, once a FakeAgent has the bridge's snapshot and `peers` up; the
+    agent's connection, the agent and the bridge are closed after, also when it fails."""
+    exabgp = ScriptedExaBGP(socket_path)
+
+    async def run():
+        agent = FakeAgent(socket_path)
+        await agent.start()
+        exabgp.send(*(UP.replace("10.0.0.2", peer) for peer in peers))
+        reader, writer = await agent.accept()
+        try:
+            snapshot = await receive(reader, "snapshot-end")
+            while sum(m["type"] == "peer" for m in snapshot) < len(peers):
+                snapshot += await receive(reader, "peer")
+            await scenario(exabgp, agent, reader, writer)
+        finally:
+            writer.close()
+            await agent.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        exabgp.close()
+
+
 def test_bridge_asks_again_until_exabgp_shows_the_reload_applied(tmp_path):
     """ExaBGP drops a reload that arrives while routes are queued for a peer, and says nothing:
     the bridge only answers once `show neighbor configuration` carries the new digest, and then
     tells the agent to forget the peers that are no longer configured."""
-    socket_path = tmp_path / "bridge.sock"
-    exabgp = ScriptedExaBGP(socket_path)
-
     def configuration(digest: str) -> list[str]:
         return ["neighbor 10.0.0.2 {", f'\tdescription "pipit:{digest}";', "}", "done"]
 
-    async def scenario():
-        agent = FakeAgent(socket_path)
-        await agent.start()
-        exabgp.send(UP, UP.replace("10.0.0.2", "10.0.0.3"))
-        reader, writer = await agent.accept()
-        snapshot = await receive(reader, "snapshot-end")
-        while sum(m["type"] == "peer" for m in snapshot) < 2:
-            snapshot += await receive(reader, "peer")
+    async def scenario(exabgp, agent, reader, writer):
         request(writer, id=1, op="reload", digest="bbbb", neighbors=["10.0.0.2"])
         for answer in (configuration("aaaa"), configuration("bbbb")):
             assert exabgp.command() == "reload"
@@ -568,28 +589,12 @@ def test_bridge_asks_again_until_exabgp_shows_the_reload_applied(tmp_path):
         hello = (await receive(reader, "snapshot-end"))[0]
         assert hello["digest"] == "bbbb"
         writer.close()
-        await agent.close()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        exabgp.close()
+    with_bridge(tmp_path / "bridge.sock", scenario, peers=("10.0.0.2", "10.0.0.3"))
 
 
 def test_bridge_retires_once_the_withdrawals_were_sent(tmp_path):
-    socket_path = tmp_path / "bridge.sock"
-    exabgp = ScriptedExaBGP(socket_path)
-    sent = ROUTE.replace('"receive"', '"send"').replace('"announce"', '"withdraw"')
-    sent_withdraw = sent.replace('{ "10.0.0.2": [ { "nlri": "%s" } ] }', '[ { "nlri": "%s" } ]')
-
-    async def scenario():
-        agent = FakeAgent(socket_path)
-        await agent.start()
-        exabgp.send(UP)
-        reader, writer = await agent.accept()
-        snapshot = await receive(reader, "snapshot-end")
-        if not any(m["type"] == "peer" for m in snapshot):
-            await receive(reader, "peer")
+    async def scenario(exabgp, agent, reader, writer):
         request(writer, id=1, op="announce", neighbors=["10.0.0.2"],
                 routes=[{"prefix": "10.9.0.0/26"}, {"prefix": "10.9.0.64/26"}])
         exabgp.command()
@@ -598,40 +603,26 @@ def test_bridge_retires_once_the_withdrawals_were_sent(tmp_path):
 
         request(writer, id=2, op="retire", timeout=10)
         assert exabgp.command() == "clear adj-rib out"
-        exabgp.send(sent_withdraw % "10.9.0.0/26", "done")  # a withdrawal may leave first
+        exabgp.send(SENT_WITHDRAW % "10.9.0.0/26", "done")  # a withdrawal may leave first
         messages = await receive(reader, "withdrawn")
         assert messages[-1]["prefixes"] == ["10.9.0.0/26", "10.9.0.64/26"]
         # one withdrawal is still to leave: an answer now would come before this "received"
         exabgp.send(ROUTE % "10.7.0.0/24")
         assert [m["type"] for m in await receive(reader, "received")] == ["received"]
-        exabgp.send(sent_withdraw % "10.9.0.64/26")
+        exabgp.send(SENT_WITHDRAW % "10.9.0.64/26")
         assert await receive(reader, "done") == [{"type": "done", "id": 2, "output": []}]
-        writer.close()
-        await agent.close()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        exabgp.close()
+    with_bridge(tmp_path / "bridge.sock", scenario)
 
 
 def test_queued_announcements_go_to_exabgp_together_and_are_answered_each(tmp_path):
     """A reflector's pass is hundreds of requests: the bridge writes those queued without
     waiting for each answer (ExaBGP then takes them in one turn of its loop), and still
     answers each request with its own outcome, in ExaBGP's order."""
-    socket_path = tmp_path / "bridge.sock"
-    exabgp = ScriptedExaBGP(socket_path)
-
-    async def scenario():
-        agent = FakeAgent(socket_path)
-        await agent.start()
-        exabgp.send(UP)
-        reader, writer = await agent.accept()
-        await receive(reader, "snapshot-end")
-        writer.write(b"".join(  # queued together, as an agent's pass leaves them
-            json.dumps({"id": 10 + i, "op": "announce", "neighbors": ["10.0.0.2", "10.0.0.3"],
-                        "routes": [{"prefix": f"10.9.{i}.0/26", "next_hop": "10.0.0.7"}]}
-                       ).encode() + b"\n" for i in range(3)))
+    async def scenario(exabgp, agent, reader, writer):
+        for i in range(3):  # queued together, as an agent's pass leaves them
+            request(writer, id=10 + i, op="announce", neighbors=["10.0.0.2", "10.0.0.3"],
+                    routes=[{"prefix": f"10.9.{i}.0/26", "next_hop": "10.0.0.7"}])
         await writer.drain()
         commands = [exabgp.command() for _ in range(3)]  # all three before any answer
         assert [c.split(" nlri ")[1] for c in commands] == [f"10.9.{i}.0/26" for i in range(3)]
@@ -645,13 +636,8 @@ def test_queued_announcements_go_to_exabgp_together_and_are_answered_each(tmp_pa
                      if m["type"] == "announced"]
         assert announced == [(["10.0.0.2", "10.0.0.3"], ["10.9.0.0/26"]),
                              (["10.0.0.2", "10.0.0.3"], ["10.9.2.0/26"])]
-        writer.close()
-        await agent.close()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        exabgp.close()
+    with_bridge(tmp_path / "bridge.sock", scenario)
 
 
 def test_a_request_coming_while_commands_await_answers_is_written_at_once(tmp_path):
@@ -659,25 +645,16 @@ def test_a_request_coming_while_commands_await_answers_is_written_at_once(tmp_pa
     earlier commands wait for ExaBGP's answers joins them in the pipeline (not after they are
     all answered); a request of another kind (End-of-RIB) waits until the announcements
     before it are answered."""
-    socket_path = tmp_path / "bridge.sock"
-    exabgp = ScriptedExaBGP(socket_path)
+    def announce(writer, i: int) -> None:
+        request(writer, id=i, op="announce", neighbors=["10.0.0.2"],
+                groups=[{"attributes": {"next_hop": "10.0.0.7"}, "prefixes": [f"10.9.{i}.0/26"]}])
 
-    def announce(i: int) -> bytes:
-        return json.dumps({"id": i, "op": "announce", "neighbors": ["10.0.0.2"],
-                           "groups": [{"attributes": {"next_hop": "10.0.0.7"},
-                                       "prefixes": [f"10.9.{i}.0/26"]}]}).encode() + b"\n"
-
-    async def scenario():
-        agent = FakeAgent(socket_path)
-        await agent.start()
-        exabgp.send(UP)
-        reader, writer = await agent.accept()
-        await receive(reader, "snapshot-end")
-        writer.write(announce(1))
+    async def scenario(exabgp, agent, reader, writer):
+        announce(writer, 1)
         await writer.drain()
         assert exabgp.command().endswith("nlri 10.9.1.0/26")
-        writer.write(announce(2) + json.dumps({"id": 3, "op": "eor", "neighbor": "10.0.0.2"})
-                     .encode() + b"\n")
+        announce(writer, 2)
+        request(writer, id=3, op="eor", neighbor="10.0.0.2")
         await writer.drain()
         assert exabgp.command().endswith("nlri 10.9.2.0/26")  # the first still unanswered
         with pytest.raises(AssertionError, match="no command"):
@@ -689,29 +666,12 @@ def test_a_request_coming_while_commands_await_answers_is_written_at_once(tmp_pa
         while len([m for m in messages if m["type"] == "done"]) < 3:
             messages += await receive(reader, "done")
         assert [m["id"] for m in messages if m["type"] == "done"] == [1, 2, 3]
-        writer.close()
-        await agent.close()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        exabgp.close()
+    with_bridge(tmp_path / "bridge.sock", scenario)
 
 
 def test_a_retiring_reflector_withdraws_its_own_routes_and_leaves_what_it_reflects(tmp_path):
-    socket_path = tmp_path / "bridge.sock"
-    exabgp = ScriptedExaBGP(socket_path)
-    sent = ROUTE.replace('"receive"', '"send"').replace('"announce"', '"withdraw"')
-    sent_withdraw = sent.replace('{ "10.0.0.2": [ { "nlri": "%s" } ] }', '[ { "nlri": "%s" } ]')
-
-    async def scenario():
-        agent = FakeAgent(socket_path)
-        await agent.start()
-        exabgp.send(UP)
-        reader, writer = await agent.accept()
-        snapshot = await receive(reader, "snapshot-end")
-        if not any(m["type"] == "peer" for m in snapshot):
-            await receive(reader, "peer")
+    async def scenario(exabgp, agent, reader, writer):
         request(writer, id=1, op="announce", neighbors=["10.0.0.2"],
                 routes=[{"prefix": "10.9.0.0/26"}])  # our own block
         exabgp.command()
@@ -726,17 +686,13 @@ def test_a_retiring_reflector_withdraws_its_own_routes_and_leaves_what_it_reflec
 
         request(writer, id=3, op="retire", timeout=10)
         assert exabgp.command() == "neighbor 10.0.0.2 withdraw attributes nlri 10.9.0.0/26"
-        exabgp.send("done", sent_withdraw % "10.9.0.0/26")
+        exabgp.send("done", SENT_WITHDRAW % "10.9.0.0/26")
         messages = await receive(reader, "done")
         assert [m["prefixes"] for m in messages if m["type"] == "withdrawn"] == [
             ["10.9.0.0/26"]]
-        writer.close()
-        await agent.close()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        exabgp.close()
+    with_bridge(tmp_path / "bridge.sock", scenario)
+
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["agent"]:
