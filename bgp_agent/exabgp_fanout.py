@@ -13,16 +13,17 @@ is what a reflector's batched commands are (`neighbor A , neighbor B , ... annou
    copy then worked out its own index and text. The copy is needed only to write that
    neighbour's own address into it. For a route whose next hop is not `self` (everything a
    reflector sends: it keeps the next hop), every neighbour's outgoing RIB now holds the same
-   change: nothing changes a change once it is in a RIB (a withdrawal is made on a copy,
-   `exabgp.rib.outgoing.OutgoingRIB.del_from_rib`), nor its attributes (packed per session,
-   never cached by session).
+   change (`remove_self` copies only for `self`; an API command's routes go into the RIBs by
+   3 and 8, without it): nothing changes a change once it is in a RIB (a withdrawal is made
+   on a copy, `exabgp.rib.outgoing.OutgoingRIB.del_from_rib`), nor its attributes (packed
+   per session, never cached by session).
 3. Putting a route into each named neighbour's outgoing RIB (`Configuration.inject_change`)
    looked each configured neighbour up in the command's list of peers (200 x 200 comparisons
    per route) and then, per neighbour, worked out the route's family (a new object each
    time, four times), its indexes, and built a throw-away dict per call: half of the
    reflector's ExaBGP time for 5000 prefixes among 50 clients. The peers are a set; what
    depends only on the route is worked out once; a shared route (2) goes into each RIB by
-   `add_shared`, which makes ExaBGP's `OutgoingRIB.add_to_rib` changes, no more.
+   `SharedInjection`, which makes ExaBGP's `OutgoingRIB.add_to_rib` changes, no more.
 4. The path attributes of one route were packed again for every neighbour's UPDATE. They are
    packed once per kind of session (the local and peer AS, 4-octet AS and AIGP, all that an
    attribute's encoding depends on) and kept on the attributes object, which ExaBGP already
