@@ -613,6 +613,10 @@ def main() -> None:
     spread = [int(n) for n in args.spread.split(",") if n]
     if args.clients < 2 or any(n < 2 for n in spread):
         parser.error("a reflector needs at least 2 clients")
+    blocks = POOL.num_addresses // 64
+    if max(args.prefixes, args.clients * 2 + args.joins) > blocks:
+        parser.error(f"the pool {POOL} holds {blocks} blocks: ask for fewer prefixes or "
+                     "clients (routes outside it are rejected, as they should be)")
     workloads = []
     if only & {"cold", "join"}:
         workloads.append(cold_workload(args.clients, args.joins if "join" in only else 0))

@@ -86,6 +86,30 @@ def test_exabgp_accepts_the_rendered_configuration(tmp_path, neighbors):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_exabgp_keeps_no_copy_of_received_routes(tmp_path):
+    """The agent and the bridge keep the received tables; ExaBGP's own Adj-RIB-In, on by
+    default, would hold every route a second time and index each one as it arrives."""
+    path = tmp_path / "exabgp.conf"
+    path.write_text(render(ME, ME, 64512, SEVERAL, BRIDGE))
+    script = ("import sys\n"
+              "from exabgp.environment import getenv\n"
+              "from exabgp.logger import log\n"
+              "log.init(getenv())\n"
+              "from exabgp.configuration.configuration import Configuration\n"
+              "c = Configuration([sys.argv[1]])\n"
+              "assert c.reload(), c.error\n"
+              "for n in c.neighbors.values():\n"
+              "    print(n['peer-address'], n['adj-rib-in'], n.rib.incoming.cache,"
+              " n['adj-rib-out'])\n")
+    result = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    kept = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()}
+    assert set(kept) == {str(n.address) for n in SEVERAL}
+    # no Adj-RIB-In; the Adj-RIB-Out stays (route refresh and the reflector's fan-out use it)
+    assert all(flags == ["False", "False", "True"] for flags in kept.values()), kept
+
+
 def test_validation_is_real(tmp_path):
     broken = render(ME, ME, 64512, SEVERAL, BRIDGE).replace("encoder json;", "")
     assert validate(tmp_path, broken).returncode != 0
