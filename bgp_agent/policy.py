@@ -250,11 +250,17 @@ class Ownership:
 class ImportResult:
     accepted: dict[IPv4Network, Path] = field(default_factory=dict)
     rejected: dict[IPv4Network, str] = field(default_factory=dict)  # prefix -> why
+    # for the next pass: what decided (the inputs other than the routes), and the rejected
+    # routes' Paths (the accepted ones are in `accepted`)
+    basis: tuple = field(default=(), repr=False, compare=False)
+    rejected_paths: dict[IPv4Network, Path] = field(default_factory=dict, repr=False,
+                                                    compare=False)
 
 
 def import_routes(neighbor: Neighbor, paths: Mapping[IPv4Network, Path],
                   pools: list[IPPool], own_blocks: set[IPv4Network],
-                  my_as: int, ownership: Ownership = Ownership()) -> ImportResult:
+                  my_as: int, ownership: Ownership = Ownership(),
+                  previous: ImportResult | None = None) -> ImportResult:
     """Routes over pod addresses (equal to or inside a pool) are taken from nodes and
     reflectors, the mesh and any same-AS peer (a BIRD or FRR route reflector), only where
     they match etcd (Ownership); from an external peer (a ToR) never, unless the neighbour's
@@ -262,29 +268,52 @@ def import_routes(neighbor: Neighbor, paths: Mapping[IPv4Network, Path],
     other peers may send any other route (a covering route, a default route, loses to the
     nodes' more specific blocks and is fine). Our own AS may appear in an AS path as often as
     the neighbour's allowed_local_as says (an AS per rack: routes of the other nodes of our
-    rack come back through the ToR with our AS in them)."""
-    result = ImportResult()
+    rack come back through the ToR with our AS in them).
+
+    `previous`, the neighbour's result of the pass before: where the neighbour, pools, own
+    blocks, AS and ownership are the same, a route that is the very Path decided then keeps
+    its verdict (a pass over thousands of routes, a few of them new, decides only those)."""
+    basis = (neighbor, tuple(pools), frozenset(own_blocks), my_as, ownership)
+    result = ImportResult(basis=basis)
+    accepted, rejected, rejected_paths = result.accepted, result.rejected, result.rejected_paths
+    if previous is not None and previous.basis == basis:
+        was_accepted, was_rejected = previous.accepted, previous.rejected_paths
+        reasons = previous.rejected
+    else:
+        was_accepted = was_rejected = reasons = {}
     internal = neighbor.kind in INTERNAL_KINDS
     ibgp = internal or neighbor.peer_as == my_as
     for prefix, path in paths.items():
-        pod_addresses = in_pools(prefix, pools)
-        if path.as_path.count(my_as) > neighbor.allowed_local_as:
-            why = "our own AS is in its AS path (a loop)"
-        elif prefix in own_blocks:
-            why = "it is one of this node's own blocks"
-        elif not pod_addresses:
-            why = "it is not inside an IP pool" if internal else ""
-        elif neighbor.allow_pool_prefixes:
+        if was_accepted.get(prefix) is path:
             why = ""
-        elif ibgp:
-            why = ownership.disagrees(path)
+        elif was_rejected.get(prefix) is path:
+            why = reasons[prefix]
         else:
-            why = "it is inside an IP pool (only nodes announce pod addresses)"
+            why = _rejection(neighbor, prefix, path, pools, own_blocks, my_as, ownership,
+                             internal, ibgp)
         if why:
-            result.rejected[prefix] = why
+            rejected[prefix] = why
+            rejected_paths[prefix] = path
         else:
-            result.accepted[prefix] = path
+            accepted[prefix] = path
     return result
+
+
+def _rejection(neighbor: Neighbor, prefix: IPv4Network, path: Path, pools: list[IPPool],
+               own_blocks: set[IPv4Network], my_as: int, ownership: Ownership,
+               internal: bool, ibgp: bool) -> str:
+    """Why import_routes rejects the route ("" if it takes it)."""
+    if path.as_path.count(my_as) > neighbor.allowed_local_as:
+        return "our own AS is in its AS path (a loop)"
+    if prefix in own_blocks:
+        return "it is one of this node's own blocks"
+    if not in_pools(prefix, pools):
+        return "it is not inside an IP pool" if internal else ""
+    if neighbor.allow_pool_prefixes:
+        return ""
+    if ibgp:
+        return ownership.disagrees(path)
+    return "it is inside an IP pool (only nodes announce pod addresses)"
 
 
 def over_limit(neighbor: Neighbor, received: int) -> str:
@@ -300,10 +329,13 @@ def over_limit(neighbor: Neighbor, received: int) -> str:
 def import_all(neighbors: Iterable[Neighbor],
                received: Mapping[IPv4Address, Mapping[IPv4Network, Path]],
                pools: list[IPPool], own_blocks: set[IPv4Network],
-               my_as: int, ownership: Ownership = Ownership()) -> dict[IPv4Address, ImportResult]:
-    """import_routes for every neighbour."""
+               my_as: int, ownership: Ownership = Ownership(),
+               previous: Mapping[IPv4Address, ImportResult] | None = None
+               ) -> dict[IPv4Address, ImportResult]:
+    """import_routes for every neighbour (`previous`: the pass before's results)."""
+    previous = previous or {}
     return {n.address: import_routes(n, received.get(n.address, {}), pools, own_blocks, my_as,
-                                     ownership)
+                                     ownership, previous.get(n.address))
             for n in neighbors}
 
 

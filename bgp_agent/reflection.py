@@ -58,6 +58,9 @@ class Reflection:
         self.core = Reflector(router_id, cluster_id)
         self.local_as = local_as
         self._seen: dict[IPv4Address, PeerState] = {}  # each peer's state at the last pass
+        # each up peer's accepted routes as given to the core at the last pass, with the
+        # session (its "since") and router id they were given for
+        self._fed: dict[IPv4Address, tuple[tuple, Mapping[IPv4Network, Path]]] = {}
         self._check_at = 0.0  # when to compare with the speaker's tables in full
 
     @property
@@ -79,6 +82,7 @@ class Reflection:
         for address in set(core.peers()) - set(members):
             out += core.remove_peer(address)
             self._seen.pop(address, None)
+            self._fed.pop(address, None)
         for address, role in members.items():
             out += core.add_peer(address, role)
         known = core.peers()
@@ -96,6 +100,7 @@ class Reflection:
                                       notification=bool(lost and not up and lost.notification),
                                       restart_time=lost.restart_time if lost else 0)
                 was_up = False
+                self._fed.pop(address, None)
             elif not up and state is not None and state.notification:
                 out += core.peer_down(address, now=now, notification=True)  # learnt later
             if up and not was_up:
@@ -108,12 +113,33 @@ class Reflection:
             if state is None or state.state != "up":
                 continue
             router_id = state.router_id or address
-            out += core.set_table(address, {p: route(path, address, router_id)
-                                            for p, path in accepted.get(address, {}).items()})
+            out += self._feed(address, (state.since, router_id), accepted.get(address, {}))
             if state.end_of_rib and not known[address].end_of_rib:
                 out += core.end_of_rib(address)
         out += core.expire(now)
         return out
+
+    def _feed(self, address: IPv4Address, session: tuple,
+              table: Mapping[IPv4Network, Path]) -> list[Update]:
+        """Give the core the peer's accepted routes: on the session fed at the last pass,
+        only what differs from then (a route that is not the very Path given then, a prefix
+        no longer there: a pass over thousands of routes, a few new, makes a few Routes),
+        else the whole table."""
+        fed, (router_id,) = self._fed.get(address), session[1:]
+        self._fed[address] = session, dict(table)  # (a caller may change its own)
+        if fed is None or fed[0] != session:
+            return self.core.set_table(address, {p: route(path, address, router_id)
+                                                 for p, path in table.items()})
+        last = fed[1]
+        changed, kept = [], 0
+        for prefix, path in table.items():
+            before = last.get(prefix)
+            if before is not path:
+                changed.append(route(path, address, router_id))
+            if before is not None:
+                kept += 1
+        gone = [p for p in last if p not in table] if kept < len(last) else []
+        return self.core.update(address, changed, gone)
 
     def sends(self, updates: Iterable[Update]) -> list[Send]:
         """The updates as the speaker sends them: one command per attribute set and group of

@@ -125,6 +125,8 @@ class Router:
         self.secrets_dir = secrets_dir
         self.graceful_restart = GracefulRestart(clock)
         self.reflection: Reflection | None = None  # while this node is a route reflector
+        self._imports: dict[IPv4Address, policy.ImportResult] = {}  # the last pass's
+        self._ownership: tuple[tuple, policy.Ownership] | None = None  # and what it was of
         self.md5 = MD5Watch()
         self._skipped: list[policy.Skipped] = []
         self._disabled: dict[IPv4Address, _Disabled] = {}
@@ -173,7 +175,14 @@ class Router:
         return usage
 
     def ownership(self) -> policy.Ownership:
-        """Which node's address may announce each block and borrowed address (etcd's word)."""
+        """Which node's address may announce each block and borrowed address (etcd's word);
+        the same object while the blocks and nodes are (import_all keeps its verdicts)."""
+        generations = (self.blocks.generation, self.nodes.generation)
+        if self._ownership is None or self._ownership[0] != generations:
+            self._ownership = generations, self._read_ownership()
+        return self._ownership[1]
+
+    def _read_ownership(self) -> policy.Ownership:
         address = {n.name: n.address.ip for n in self.nodes.items.values() if n.address}
         owners, holders = {}, {}
         for block in self.blocks.items.values():
@@ -278,7 +287,8 @@ class Router:
         # The table-wide computations run in a worker thread: with many routes they take
         # long enough (~1 s at 100k) to stall the agent's IPAM service and its BGP bridge.
         imports = await asyncio.to_thread(policy.import_all, neighbors, received, pools, own,
-                                          my_as, self.ownership())
+                                          my_as, self.ownership(), self._imports)
+        self._imports = imports
         accepted = {address: result.accepted for address, result in imports.items()}
         await self._reflect(me, my_as, neighbors, accepted)
         next_hop = policy.native

@@ -28,6 +28,7 @@ class Mirror(Generic[T]):
         self.decode = decode
         self.items: dict[str, T] = {}
         self.revision = 0
+        self.generation = 0  # counts the changes applied (a deletion too): "has it changed?"
         self.ready = asyncio.Event()  # set once the first listing is in
         self.changed = changed or asyncio.Event()
         self.retry_seconds = retry_seconds
@@ -41,6 +42,7 @@ class Mirror(Generic[T]):
                 log.warning("ignoring %s: %s", key, error)
             except Exception as error:  # malformed beyond what the decoder checks
                 log.warning("ignoring %s: cannot decode it (%r)", key, error)
+        self.generation += 1
         if value is None:
             self.items.pop(key, None)
         else:
@@ -54,6 +56,7 @@ class Mirror(Generic[T]):
             try:
                 entries, revision = await self.store.list_with_revision(self.prefix)
                 self.items = {}
+                self.generation += 1
                 for entry in entries:
                     self._apply(entry.key, entry)
                 self.revision = revision

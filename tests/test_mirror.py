@@ -1,4 +1,5 @@
-"""A mirror follows etcd: puts, deletes, and etcd restarts (it lists again)."""
+"""A mirror follows etcd: puts, deletes, and etcd restarts (it lists again); its generation
+moves with every change (the routing loop keeps what it derived while it stays)."""
 
 import asyncio
 
@@ -27,18 +28,28 @@ def test_mirror_follows_changes_and_survives_an_etcd_restart(own_etcd):
             mirror = Mirror(store, "/pipit/t/", lambda e: e.value["n"] or None,
                             retry_seconds=0.2)
             task = asyncio.create_task(mirror.run())
+            seen = []
+
+            def moved() -> bool:  # the generation differs from every one seen before
+                fresh = mirror.generation not in seen
+                seen.append(mirror.generation)
+                return fresh
             try:
                 await wait_for(lambda: mirror.items == {"/pipit/t/a": 1}, mirror.changed)
+                assert moved()
                 await writer.put("/pipit/t/b", {"n": 2})
                 await writer.put("/pipit/t/a", {"n": 0})  # decodes to None: left out
                 await wait_for(lambda: mirror.items == {"/pipit/t/b": 2}, mirror.changed)
+                assert moved()
                 own_etcd.stop()
                 own_etcd.start()
                 await writer.put("/pipit/t/c", {"n": 3})
                 await wait_for(lambda: mirror.items == {"/pipit/t/b": 2, "/pipit/t/c": 3},
                                mirror.changed)
+                assert moved()
                 await writer.txn({}, delete=["/pipit/t/b"])
                 await wait_for(lambda: mirror.items == {"/pipit/t/c": 3}, mirror.changed)
+                assert moved()
             finally:
                 task.cancel()
     asyncio.run(scenario())

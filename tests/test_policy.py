@@ -3,6 +3,8 @@
 from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
+import pytest
+
 from bgp_agent import policy
 from bgp_agent.status import md5_diagnosis
 from bgp_agent.bgp_config import BGPConfig
@@ -46,6 +48,55 @@ OWNERSHIP = policy.Ownership(
     blocks={net("10.244.1.0/26"): ("b", B), net("10.244.2.0/26"): ("b", B),
             net("10.244.9.0/26"): ("c", C), net("10.244.3.0/26"): ("c", C)},
     borrowed={IPv4Address("10.244.9.7"): ("b", B)})
+
+
+def mixed_paths() -> dict[IPv4Network, Path]:
+    """Routes of every verdict from the mesh peer b, with `own` = 10.244.0.0/26."""
+    paths = {p: Path(p, B) for p in map(net, ["10.244.1.0/26", "10.244.9.7/32", "0.0.0.0/0",
+                                              "10.244.0.0/26", "10.244.3.0/26"])}
+    paths[net("10.244.2.0/26")] = Path(net("10.244.2.0/26"), B, as_path=(64512,))
+    return paths
+
+
+def test_a_pass_keeps_the_verdicts_of_the_very_routes_decided_before(monkeypatch):
+    paths, own = mixed_paths(), {net("10.244.0.0/26")}
+    first = policy.import_routes(MESH, paths, POOLS, own, 64512, OWNERSHIP)
+    decided = []
+    rejection = policy._rejection
+    monkeypatch.setattr(policy, "_rejection", lambda *a: decided.append(a[1]) or rejection(*a))
+    # the same Paths again, one replaced, one new, one gone: only the replaced and the new
+    # are decided again, and the result is what a first pass would give
+    later = dict(paths)
+    later[net("10.244.3.0/26")] = Path(net("10.244.3.0/26"), C)  # now from its owner c
+    later[net("10.244.5.0/26")] = Path(net("10.244.5.0/26"), B)
+    del later[net("0.0.0.0/0")]
+    again = policy.import_routes(MESH, later, POOLS, own, 64512, OWNERSHIP, previous=first)
+    assert sorted(decided) == [net("10.244.3.0/26"), net("10.244.5.0/26")]
+    fresh = policy.import_routes(MESH, later, POOLS, own, 64512, OWNERSHIP)
+    assert (again.accepted, again.rejected) == (fresh.accepted, fresh.rejected)
+    assert net("10.244.3.0/26") in again.accepted and net("0.0.0.0/0") not in again.accepted
+
+
+@pytest.mark.parametrize("change", ["ownership", "own blocks", "pools", "neighbour", "as"])
+def test_any_other_input_changed_decides_every_route_again(change):
+    paths, own, ownership, pools, neighbor, my_as = (
+        mixed_paths(), {net("10.244.0.0/26")}, OWNERSHIP, POOLS, MESH, 64512)
+    first = policy.import_routes(neighbor, paths, pools, own, my_as, ownership)
+    if change == "ownership":  # 10.244.1.0/26 moved from b to c
+        ownership = policy.Ownership({**OWNERSHIP.blocks, net("10.244.1.0/26"): ("c", C)},
+                                     OWNERSHIP.borrowed)
+    elif change == "own blocks":
+        own = {net("10.244.1.0/26")}
+    elif change == "pools":
+        pools = POOLS[1:]  # 10.244.0.0/16 gone
+    elif change == "neighbour":
+        neighbor = replace(MESH, allow_pool_prefixes=True)
+    else:
+        my_as = 64513
+    again = policy.import_routes(neighbor, paths, pools, own, my_as, ownership, previous=first)
+    fresh = policy.import_routes(neighbor, paths, pools, own, my_as, ownership)
+    assert (again.accepted, again.rejected) == (fresh.accepted, fresh.rejected)
+    assert (again.accepted, again.rejected) != (first.accepted, first.rejected)
 
 
 def test_mesh_peers_may_only_announce_pod_addresses_they_own():
