@@ -52,13 +52,19 @@ is what a reflector's batched commands are (`neighbor A , neighbor B , ... annou
    and formatted a log line per route naming every neighbour of the command, logged or not.
    Its routes (one attributes object, one next hop) now go into each neighbour's RIB with one
    dict update (`SharedInjection`, as 3), in one step, and the log line is made only if it
-   is logged.
+   is logged. And its routes are parsed as ExaBGP would, without its tokeniser (~11 us a
+   prefix, 3x the rest): the attributes and the first prefix by ExaBGP's parser, the other
+   prefixes as ExaBGP's own `attributes` parser builds each one from the first
+   (`routes_of_command`); a command whose prefixes are not all plain IPv4 `a.b.c.d/n`, or
+   whose route carries labels, a route distinguisher or a path id, is parsed ExaBGP's way.
 
 `apply()` installs them all, only into the releases they were written against (5.0.x, as
 bgp_agent.exabgp_reactor).
 """
 
 from __future__ import annotations
+
+import re
 
 FIXED_RELEASES = ("5.0.",)
 
@@ -205,6 +211,58 @@ def injecting(original, shared: SharedInjection):
     return inject_change
 
 
+PLAIN_IPV4_PREFIX = re.compile(r"(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}"
+                               r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)/(?:3[0-2]|[12]?\d)")
+
+
+def routes_of_command(api, command: str, peers) -> list:
+    """What ExaBGP's `api.api_attributes(command, peers)` gives for an `announce attributes
+    <attributes> nlri <prefix> ...` command (8): the command with its first prefix parsed by
+    ExaBGP, the other prefixes added as its `attributes` parser adds them (a new INET of the
+    first's family sharing its attributes and next hop, with the prefix's CIDR). Anything but
+    plain IPv4 prefixes on a plain unicast route goes to ExaBGP's parser whole."""
+    from exabgp.bgp.message import Action
+    from exabgp.bgp.message.update.nlri.cidr import CIDR
+    from exabgp.bgp.message.update.nlri.inet import INET
+    from exabgp.bgp.message.update.nlri.qualifier import PathInfo
+    from exabgp.configuration.static.parser import prefix
+    from exabgp.protocol.family import AFI
+    from exabgp.rib.change import Change
+
+    head, nlri, tail = command.partition(" nlri ")
+    prefixes = tail.split()
+    if (not nlri or len(prefixes) < 2
+            or not all(PLAIN_IPV4_PREFIX.fullmatch(p) for p in prefixes)):
+        return api.api_attributes(command, peers)
+    first = api.api_attributes(f"{head} nlri {prefixes[0]}", peers)
+    if len(first) != 1:  # not one route: an error, or a form this does not know
+        return api.api_attributes(command, peers)
+    template = first[0].nlri
+    if (type(template) is not INET or template.afi != AFI.ipv4
+            or template.path_info is not PathInfo.NOPATH):
+        return api.api_attributes(command, peers)
+    attributes, next_hop = first[0].attributes, template.nexthop
+    changes = first
+    for text in prefixes[1:]:
+        try:
+            ipmask = prefix(_token(text))  # ExaBGP's parser of a prefix, with its checks
+        except ValueError:  # a prefix it refuses: its parser says so, in its words
+            return api.api_attributes(command, peers)
+        change = Change(INET(template.afi, template.safi, Action.UNSET), attributes)
+        change.nlri.cidr = CIDR(ipmask.pack(), ipmask.mask)
+        change.nlri.nexthop = next_hop
+        changes.append(change)
+    return changes
+
+
+def _token(text: str):
+    """A tokeniser giving one token, for ExaBGP's parsers of one value (they also note the
+    family on it)."""
+    def tokeniser():
+        return text
+    return tokeniser
+
+
 def announcing_at_once(original, shared: SharedInjection):
     """ExaBGP's `announce attributes <attributes> nlri <prefix> ...` command
     (reactor.api.command.announce.announce_attributes) with its routes put into the RIBs by
@@ -232,7 +290,7 @@ def announcing_at_once(original, shared: SharedInjection):
                     reactor.processes.answer_error(service)
                     yield True
                     return
-                changes = self.api_attributes(command, peers)
+                changes = routes_of_command(self, command, peers)
                 if not changes:
                     self.log_failure(f"command could not parse route in : {command}")
                     reactor.processes.answer_error(service)

@@ -269,21 +269,40 @@ class Reactor:
 CLIENTS = " , ".join(f"neighbor {p.split()[1]}" for p in PEERS[:2])
 
 
-@pytest.mark.parametrize("commands", [
-    [f"{CLIENTS} announce attributes next-hop 10.77.1.5 originator-id 10.77.1.5 "
-     "cluster-list [ 244.0.0.1 ] local-preference 100 nlri 10.1.0.0/26 10.1.0.64/26 10.1.0.128/26",
-     # again, one moved: the peers have two of them already
-     f"{CLIENTS} announce attributes next-hop 10.77.1.5 originator-id 10.77.1.5 "
-     "cluster-list [ 244.0.0.1 ] local-preference 100 nlri 10.1.0.0/26 10.1.1.0/26",
-     # to a neighbour without the family, and one with
-     "neighbor 10.77.2.5 , neighbor 10.77.1.6 announce attributes next-hop 10.77.1.5 "
-     "nlri 10.1.2.0/26"],
-    ["neighbor 10.77.1.5 announce attributes next-hop 10.77.1.6 nlri 10.1.0.0/26 10.1.0.0/26",
-     "neighbor 10.77.1.5 announce attributes next-hop self nlri 10.1.0.64/26",  # ExaBGP's way
-     "neighbor 10.77.9.9 announce attributes next-hop 10.77.1.6 nlri 10.1.0.0/26",  # nobody
-     "neighbor 10.77.1.5 announce attributes next-hop 10.77.1.6 nlri 10.1.0.0/33"],  # bad
+DONE3 = ["done"] * 3
+
+
+@pytest.mark.parametrize("commands, answers", [
+    ([f"{CLIENTS} announce attributes next-hop 10.77.1.5 originator-id 10.77.1.5 "
+      "cluster-list [ 244.0.0.1 ] local-preference 100 nlri 10.1.0.0/26 10.1.0.64/26 "
+      "10.1.0.128/26",
+      # again, one moved: the peers have two of them already
+      f"{CLIENTS} announce attributes next-hop 10.77.1.5 originator-id 10.77.1.5 "
+      "cluster-list [ 244.0.0.1 ] local-preference 100 nlri 10.1.0.0/26 10.1.1.0/26",
+      # to a neighbour without the family, and one with
+      "neighbor 10.77.2.5 , neighbor 10.77.1.6 announce attributes next-hop 10.77.1.5 "
+      "nlri 10.1.2.0/26"], DONE3),
+    (["neighbor 10.77.1.5 announce attributes next-hop 10.77.1.6 nlri 10.1.0.0/26 10.1.0.0/26",
+      "neighbor 10.77.1.5 announce attributes next-hop self nlri 10.1.0.64/26",  # ExaBGP's way
+      "neighbor 10.77.9.9 announce attributes next-hop 10.77.1.6 nlri 10.1.0.0/26",  # nobody
+      "neighbor 10.77.1.5 announce attributes next-hop 10.77.1.6 nlri 10.1.0.0/33"],  # bad
+     ["done", "done", "error", "error"]),
+    # prefixes ExaBGP's parser takes or refuses, in the middle of a command
+    ([f"{CLIENTS} announce attributes next-hop 10.77.1.5 nlri 10.1.0.0/26 10.1.0.77/26",
+      f"{CLIENTS} announce attributes next-hop 10.77.1.5 nlri 10.1.0.0/26 10.1.0.64/33",
+      f"{CLIENTS} announce attributes next-hop 10.77.1.5 nlri 10.1.0.0/26 10.1.999.0/26",
+      f"{CLIENTS} announce attributes next-hop 10.77.1.5 nlri 10.1.0.0/26 10.1.3.1 "
+      "10.1.4.0/32"],  # no mask: a host
+     ["error", "error", "error", "done"]),
+    # forms whose routes are not plain unicast: ExaBGP's own parser
+    ([f"{CLIENTS} announce attributes next-hop 10.77.1.5 path-information 7 "
+      "nlri 10.1.0.0/26 10.1.0.64/26",
+      f"{CLIENTS} announce attributes next-hop 10.77.1.5 label 100 nlri 10.1.0.0/26 10.1.0.64/26",
+      f"{CLIENTS} announce attributes next-hop 10.77.1.5 local-preference 200 med 5 "
+      "community [ 64512:1 ] as-path [ 64513 ] origin incomplete nlri "
+      + " ".join(f"10.2.{i // 4}.{i % 4 * 64}/26" for i in range(300))], DONE3),
 ])
-def test_an_announce_attributes_command_does_what_exabgps_does(commands):
+def test_an_announce_attributes_command_does_what_exabgps_does(commands, answers):
     log.init(getenv())
     original = exabgp_fanout.unwrapped(Command.callback["text"]["announce attributes"])
     exabgp_inject = exabgp_fanout.unwrapped(Configuration.inject_change)
@@ -301,8 +320,56 @@ def test_an_announce_attributes_command_does_what_exabgps_does(commands):
         results.append((reactor.answers, [[[k for k, _ in rib] for rib in ribs]
                                           for ribs, _ in steps], [sent for _, sent in steps]))
     assert results[1] == results[0]
-    assert results[0][0] == (["done", "done", "done"] if len(commands) == 3
-                             else ["done", "done", "error", "error"])
+    assert results[0][0] == answers
+
+
+@pytest.mark.parametrize("command, count", [  # count: the routes ExaBGP's parser makes
+    ("announce attributes next-hop 10.77.1.5 originator-id 10.77.1.5 cluster-list [ 244.0.0.1 ] "
+     "local-preference 100 nlri 10.1.0.0/26 10.1.0.64/26 10.1.0.0/26 0.0.0.0/0 10.1.0.7/32", 5),
+    ("announce attributes next-hop 10.77.1.5 as-path [ 64513 64514 ] med 10 community "
+     "[ 64512:1 64512:2 ] origin egp nlri 10.1.0.0/26 10.1.0.64/26", 2),
+    ("announce attributes next-hop 10.77.1.5 nlri 10.1.0.0/26 10.1.0.77/26", 0),  # host bits
+    ("announce attributes next-hop 10.77.1.5 nlri 10.1.0.0/26 10.1.0.1 10.1.0.64/26", 3),
+    ("announce attributes next-hop 10.77.1.5 nlri 10.1.0.0/26 10.1.0.64/40", 0),
+    ("announce attributes next-hop 10.77.1.5 label 100 nlri 10.1.0.0/26 10.1.0.64/26", 2),
+    ("announce attributes next-hop 10.77.1.5 nlri 10.1.0.0/26", 1),
+    ("announce attributes next-hop 10.77.1.5 nlri", 0),
+])
+def test_a_commands_routes_are_what_exabgps_parser_makes(command, count):
+    from types import SimpleNamespace
+
+    from exabgp.reactor.api import API
+    log.init(getenv())
+    api = API(SimpleNamespace(configuration=Configuration([])))
+    theirs = api.api_attributes(command, [])
+    ours = exabgp_fanout.routes_of_command(api, command, [])
+    assert len(theirs) == count
+
+    def described(change):
+        nlri = change.nlri
+        return (type(nlri), nlri.afi, nlri.safi, nlri.action, nlri.cidr.pack_nlri(),
+                nlri.cidr.mask, nlri.nexthop.index(), change.index(), change.extensive(),
+                change.attributes.index())
+    assert [described(c) for c in ours] == [described(c) for c in theirs]
+    # one attributes object and one next hop for all, as ExaBGP's parser shares them
+    assert len({id(c.attributes) for c in ours}) == len({id(c.attributes) for c in theirs})
+    assert len({id(c.nlri.nexthop) for c in ours}) == len({id(c.nlri.nexthop) for c in theirs})
+
+
+def test_a_long_command_is_parsed_by_exabgp_for_its_first_prefix_only():
+    from types import SimpleNamespace
+
+    from exabgp.reactor.api import API
+    log.init(getenv())
+    api = API(SimpleNamespace(configuration=Configuration([])))
+    parsed = []
+    original = api.api_attributes
+    api.api_attributes = lambda command, peers: parsed.append(command) or original(command, peers)
+    prefixes = [f"10.2.{i // 4}.{i % 4 * 64}/26" for i in range(1000)]
+    changes = exabgp_fanout.routes_of_command(
+        api, "announce attributes next-hop 10.77.1.5 nlri " + " ".join(prefixes), [])
+    assert parsed == ["announce attributes next-hop 10.77.1.5 nlri 10.2.0.0/26"]
+    assert [str(c.nlri.cidr.prefix()) for c in changes] == prefixes
 
 
 def update(withdrawn: bytes = b"", attributes: bytes = b"", nlri: bytes = b"") -> bytes:
