@@ -53,7 +53,7 @@ is what a reflector's batched commands are (`neighbor A , neighbor B , ... annou
    Its routes (one attributes object, one next hop) now go into each neighbour's RIB with one
    dict update (`SharedInjection`, as 3), in one step, and the log line is made only if it
    is logged. And its routes are parsed as ExaBGP would, without its tokeniser (~11 us a
-   prefix, 3x the rest): the attributes and the first prefix by ExaBGP's parser, the other
+   prefix, twice the rest): the attributes and the first prefix by ExaBGP's parser, the other
    prefixes as ExaBGP's own `attributes` parser builds each one from the first
    (`routes_of_command`); a command whose prefixes are not all plain IPv4 `a.b.c.d/n`, or
    whose route carries labels, a route distinguisher or a path id, is parsed ExaBGP's way.
