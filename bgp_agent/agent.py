@@ -26,7 +26,7 @@ import socket
 import sys
 from pathlib import Path
 
-from bgp_agent import cni_conflist, health
+from bgp_agent import cni_conflist, health, long_lived
 from bgp_agent.bgp_config import parse_as_number
 from bgp_agent.model import DEFAULT_AS
 from bgp_agent.node import (
@@ -266,6 +266,7 @@ async def route(store: Store, ipam: IPAM, args: argparse.Namespace, identity: No
     await speaker.start()
     await status.start()
     task = asyncio.create_task(router.run())
+    freezing = asyncio.create_task(freeze_when_loaded(router))
     if kube is not None:  # NetworkUnavailable=False once the routes are programmed
         asyncio.create_task(kube.network_available(router.programmed))
     if parts:
@@ -277,6 +278,7 @@ async def route(store: Store, ipam: IPAM, args: argparse.Namespace, identity: No
             task.result()
     finally:
         stopping.cancel()
+        freezing.cancel()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await status.close()
@@ -291,6 +293,13 @@ async def route(store: Store, ipam: IPAM, args: argparse.Namespace, identity: No
             if kernel is not None:
                 kernel.close()
                 dataplane.close()
+
+
+async def freeze_when_loaded(router) -> None:
+    """Once the cluster state is in, the objects alive stay for good: out of the garbage
+    collector's walks (bgp_agent.long_lived)."""
+    await asyncio.gather(*(m.ready.wait() for m in router.mirrors))
+    log.debug("%d long-lived objects left out of garbage collection", long_lived.freeze())
 
 
 def main_reflector(argv: list[str] | None = None) -> None:

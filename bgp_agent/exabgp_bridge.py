@@ -49,6 +49,7 @@ from bgp_agent.bridge_protocol import (
     routes_of,
     same_attributes,
 )
+from bgp_agent import long_lived
 from bgp_agent.exabgp_config import DESCRIPTION_PREFIX
 from bgp_agent.model import Announcement, Path, PeerState
 from bgp_agent.version import software_version
@@ -744,6 +745,7 @@ def main(argv: list[str] | None = None) -> None:
     # stderr is ExaBGP's: it ends up in ExaBGP's log / the container log
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s pipit-exabgp-bridge %(levelname)s %(message)s")
+    long_lived.freeze()  # its modules and classes, out of the garbage collector's walks
     try:
         asyncio.run(Bridge(args.socket).run())
     except KeyboardInterrupt:

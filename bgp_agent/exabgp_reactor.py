@@ -72,7 +72,7 @@ def apply() -> str | None:
 
 
 def main() -> None:
-    from bgp_agent import exabgp_fanout
+    from bgp_agent import exabgp_fanout, long_lived
     from exabgp.version import release
     problem = apply()
     if problem:
@@ -86,6 +86,7 @@ def main() -> None:
               "commands to many neighbours (a reflector's) will be slow", file=sys.stderr)
     sys.stderr.flush()
     from exabgp.application.main import main as exabgp_main
+    long_lived.freeze()  # ExaBGP's modules and classes, out of the collector's walks
     sys.exit(exabgp_main())
 
 
