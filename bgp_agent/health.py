@@ -22,7 +22,7 @@ import contextlib
 import inspect
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ipam.errors import InvalidResource, PipitError
