@@ -123,16 +123,72 @@ def test_a_half_done_command_is_resumed_without_waiting_for_the_period(reactor):
     assert came_back, "the loop waited for the period with a command half done"
 
 
+def listening(count: int):
+    """ExaBGP's Listener on a real non-blocking socket on loopback, and `count` clients
+    connected to it (from 127.0.0.1 .. 127.0.0.count), not yet accepted."""
+    from exabgp.reactor.listener import Listener
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    server.setblocking(False)
+    listener = Listener(reactor=None)
+    listener.serving = True
+    listener._sockets[server] = ("127.0.0.1", server.getsockname()[1], False, False)
+    clients = []
+    for n in range(1, count + 1):
+        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        client.bind((f"127.0.0.{n}", 0))
+        client.connect(server.getsockname())
+        clients.append(client)
+    return listener, server, clients
+
+
+def described(incoming) -> tuple:
+    return (incoming.afi, incoming.peer, incoming.local, incoming.io.getpeername())
+
+
+def test_every_waiting_connection_is_accepted_in_one_turn_as_exabgp_would_take_them():
+    from exabgp.reactor.listener import Listener
+    log.init(getenv())
+    theirs_listener, theirs_server, theirs_clients = listening(5)
+    ours_listener, ours_server, ours_clients = listening(5)
+    theirs, ours = [], []
+    try:
+        # ExaBGP: one connection per turn (taken, then handed on), five turns
+        for _ in range(5):
+            assert Listener.incoming(theirs_listener)
+            theirs += Listener._connected(theirs_listener)
+        # pipit-exabgp: one turn takes them all, in the order they came
+        assert exabgp_reactor.incoming(ours_listener)
+        ours += exabgp_reactor.connected(ours_listener)
+        assert not exabgp_reactor.incoming(ours_listener)  # nothing left waiting
+        assert list(exabgp_reactor.connected(ours_listener)) == []
+        assert [described(i)[:3] for i in ours] == [described(i)[:3] for i in theirs]
+        assert [described(i)[3][0] for i in ours] == [f"127.0.0.{n}" for n in range(1, 6)]
+        assert ({described(i)[3][0] for i in theirs}
+                == {f"127.0.0.{n}" for n in range(1, 6)})
+    finally:
+        for sock in [theirs_server, ours_server, *theirs_clients, *ours_clients,
+                     *(i.io for i in theirs + ours)]:
+            sock.close()
+
+
 def test_the_fixes_are_installed_only_on_the_release_they_were_written_for(monkeypatch):
     import exabgp.version
-    original = Reactor._wait_for_io
-    monkeypatch.setattr(Reactor, "_wait_for_io", original)  # restored after the test
+    from exabgp.reactor.listener import Listener
+    originals = Reactor._wait_for_io, Listener.incoming, Listener._connected
+    for owner, name, original in ((Reactor, "_wait_for_io", originals[0]),
+                                  (Listener, "incoming", originals[1]),
+                                  (Listener, "_connected", originals[2])):
+        monkeypatch.setattr(owner, name, original)  # restored after the test
     monkeypatch.setattr(exabgp.version, "release", "5.1.0")
     assert "5.1.0" in exabgp_reactor.apply()
-    assert Reactor._wait_for_io is original
+    assert (Reactor._wait_for_io, Listener.incoming, Listener._connected) == originals
     monkeypatch.setattr(exabgp.version, "release", "5.0.15")
     assert exabgp_reactor.apply() is None
     assert Reactor._wait_for_io is wait_for_io
+    assert (Listener.incoming, Listener._connected) == (exabgp_reactor.incoming,
+                                                         exabgp_reactor.connected)
 
 
 def test_pipit_exabgp_runs_exabgp_with_the_fixes(tmp_path):
