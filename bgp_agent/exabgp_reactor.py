@@ -1,14 +1,15 @@
-"""pipit-exabgp: ExaBGP 5.0 with two fixes to its reactor loop, so that it can sleep when idle
-and still answer at once. The agent runs it in place of `exabgp` (same arguments); a sidecar
-should too.
+"""pipit-exabgp: ExaBGP 5.0 with three fixes to its reactor loop, so that it can sleep when
+idle and still answer at once, and take many connections at once. The agent runs it in place
+of `exabgp` (same arguments); a sidecar should too.
 
 ExaBGP's reactor is one loop: each turn it runs every peer, tries accept() on each listening
 socket, polls the API helper's pipe, then waits in poll() on the peers' sockets and the helper's
 pipe for at most `exabgp.reactor.speed / 100` seconds. Idle, every turn is pure overhead
 (~0.2 ms of Python here, more per peer), so the idle cost is turns per second: speed 0.1 (1 ms)
 burned ~8 % of a core with two sessions, the default 1.0 ~2 %. Pipit runs with speed 10
-(100 ms, ~0.3 %), a reflector with 25 (its turns run many peers; exabgp_config). Two things in ExaBGP 5.0.15 make a long period slow where it should not be,
-and these fixes remove both:
+(100 ms, ~0.3 %), a reflector with 25 (its turns run many peers; exabgp_config). Two things
+in ExaBGP 5.0.15 make a long period slow where it should not be, and the first two fixes
+remove both; the third is about turns that are busy:
 
 1. An API command that is not done within one turn waits a whole period for the next. ExaBGP
    runs a command's work (e.g. `announce attributes ... nlri` yields once per prefix) 50 steps
