@@ -82,6 +82,8 @@ LINE_LIMIT = 64 * 2**20  # longest line either side accepts
 # reported announced); parsing them was most of what reading a message cost.
 address_of = lru_cache(maxsize=2**14)(IPv4Address)
 prefix_of = lru_cache(maxsize=2**15)(IPv4Network)
+# and the other way: a reflector's messages name its ~200 clients again and again
+text_of = lru_cache(maxsize=2**14)(str)
 
 
 def _address(value) -> IPv4Address | None:
@@ -246,10 +248,10 @@ def encode(message: StateMessage) -> dict:
                 "groups": groups_to_json(message.announce, path_to_json),
                 "withdraw": [str(p) for p in message.withdraw]}
     if isinstance(message, Announced):
-        return {"type": "announced", "neighbors": [str(n) for n in message.neighbors],
+        return {"type": "announced", "neighbors": [text_of(n) for n in message.neighbors],
                 "groups": groups_to_json(message.routes, announcement_to_json)}
     if isinstance(message, Withdrawn):
-        return {"type": "withdrawn", "neighbors": [str(n) for n in message.neighbors],
+        return {"type": "withdrawn", "neighbors": [text_of(n) for n in message.neighbors],
                 "prefixes": [str(p) for p in message.prefixes]}
     return {"type": "forget", "peer": str(message.peer)}
 
@@ -285,8 +287,8 @@ def _neighbors(d: dict) -> tuple[IPv4Address, ...]:
     if "neighbors" in d:
         if not isinstance(d["neighbors"], list):
             raise ValueError("neighbors is not a list")
-        return tuple(map(IPv4Address, d["neighbors"]))
-    return (IPv4Address(d["neighbor"]),)
+        return tuple(map(address_of, d["neighbors"]))
+    return (address_of(d["neighbor"]),)
 
 
 @dataclass

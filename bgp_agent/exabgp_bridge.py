@@ -42,12 +42,14 @@ from bgp_agent.bridge_protocol import (
     RouteTables,
     StateMessage,
     Withdrawn,
+    address_of,
     announcement_from_json,
     encode,
     prefix_of,
     read_lines,
     routes_of,
     same_attributes,
+    text_of,
 )
 from bgp_agent import long_lived
 from bgp_agent.exabgp_config import DESCRIPTION_PREFIX
@@ -96,7 +98,7 @@ def _attributes(route: Announcement) -> str:
 
 def _selector(neighbors: Sequence[IPv4Address]) -> str:
     """ExaBGP's prefix of a command for one or several neighbours."""
-    return " , ".join(f"neighbor {n}" for n in neighbors)
+    return " , ".join(["neighbor " + text_of(n) for n in neighbors])
 
 
 def announce_commands(neighbors: Sequence[IPv4Address], routes: Iterable[Announcement],
@@ -225,7 +227,7 @@ def parse_event(event: dict) -> Event | None:
 
 
 def _address(value) -> IPv4Address | None:
-    return None if value is None else IPv4Address(value)
+    return None if value is None else address_of(value)
 
 
 def _nlri_prefix(item) -> IPv4Network:
@@ -243,12 +245,12 @@ def _paths(update: dict) -> Iterator[Path]:
         local_pref=attributes.get("local-preference"), med=attributes.get("med"),
         origin=attributes.get("origin", "igp"),
         originator_id=_address(attributes.get("originator-id")),
-        cluster_list=tuple(IPv4Address(a) for a in attributes.get("cluster-list", ())))
+        cluster_list=tuple(map(address_of, attributes.get("cluster-list", ()))))
     for family, by_next_hop in update.get("announce", {}).items():
         if family != "ipv4 unicast":
             continue
         for next_hop, items in by_next_hop.items():
-            address = IPv4Address(next_hop)
+            address = address_of(next_hop)
             for item in items:
                 yield Path(prefix=_nlri_prefix(item), next_hop=address, **common)
 
@@ -580,7 +582,7 @@ class Bridge:
     def _route_commands(self, request: dict) -> list[tuple[str, Callable[[], dict]]]:
         """An announce or withdraw request's ExaBGP commands, each with what makes its state
         message once ExaBGP took it."""
-        neighbors = [IPv4Address(a) for a in request["neighbors"]]
+        neighbors = [address_of(a) for a in request["neighbors"]]
         if request["op"] == "announce":
             routes = routes_of(request, "routes", announcement_from_json)
             return [(line, partial(self.state.record_announced, neighbors, part))
