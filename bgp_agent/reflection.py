@@ -10,6 +10,10 @@ eBGP peers (a ToR) take no part: their routes are not reflected.
 The core keeps what it sent; the speaker's tables say what ExaBGP holds. They are compared
 in full once after a start (an agent restart finds ExaBGP's Adj-RIB-Out from before: routes
 no longer right are withdrawn), after a failed send, and every RESYNC_SECONDS.
+
+A pass hands the core only what changed in a peer's accepted routes since the pass before on
+the same session (a route that is not the very Path of then, a prefix gone); a new session,
+or a peer first seen, gets its whole table given.
 """
 
 from __future__ import annotations
