@@ -59,6 +59,7 @@ class Reflector:
         self._looped: dict[IPv4Address, set[IPv4Network]] = {}
         self._end_of_rib: set[IPv4Address] = set()
         self._targets: dict[IPv4Address, frozenset[IPv4Address]] = {}
+        self._last_reflected: tuple[Route, Attributes] | None = None  # see _reflected
 
     # ----------------------------------------------------------------------------------------
     # what it holds
@@ -341,7 +342,7 @@ class Reflector:
             route = best_path(state.routes.values(), self.always_compare_med)
             if route is old:
                 continue
-            attributes = reflected(route, self.cluster_id)
+            attributes = self._reflected(route)
             state.best, state.attributes = route, attributes
             targets = self._fan_out(route.peer)
             if old is None:
@@ -355,6 +356,26 @@ class Reflector:
             else:
                 self._send(out, targets, state.prefix, attributes)
         return out
+
+    def _reflected(self, route: Route) -> Attributes:
+        """reflected(route), the same object as for the route before when the two share
+        their attributes, object for object (a peer's routes of one UPDATE do): batching
+        groups prefixes by attributes, and hashing and comparing equal but distinct ones
+        (their addresses hash in Python) was most of a big pass's grouping."""
+        last = self._last_reflected
+        if last is not None:
+            other = last[0]
+            if (route.next_hop is other.next_hop and route.as_path is other.as_path
+                    and route.communities is other.communities
+                    and route.local_pref is other.local_pref and route.med is other.med
+                    and route.origin is other.origin
+                    and route.originator_id is other.originator_id
+                    and route.cluster_list is other.cluster_list
+                    and route.peer_router_id is other.peer_router_id):
+                return last[1]
+        attributes = reflected(route, self.cluster_id)
+        self._last_reflected = route, attributes
+        return attributes
 
     @staticmethod
     def _send(out: list[Update], peers: frozenset[IPv4Address], prefix: IPv4Network,

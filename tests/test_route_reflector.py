@@ -5,6 +5,7 @@ properties against a small reference model of RFC 4456 kept here."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import fields, replace
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -232,6 +233,32 @@ def test_a_peer_gets_nothing_for_a_prefix_whose_best_route_may_not_go_to_it():
 
 # ---------------------------------------------------------------------------------------------
 # incremental output
+
+OTHER_VALUES = {"next_hop": IPv4Address("10.0.9.9"), "as_path": (65001,),
+                "communities": ((64512, 1),), "local_pref": 200, "med": 5, "origin": "egp",
+                "originator_id": IPv4Address("10.0.9.8"), "cluster_list": (OTHER_CLUSTER,),
+                "peer_router_id": IPv4Address("10.0.9.7")}
+
+
+@pytest.mark.parametrize("name", [f.name for f in fields(Route) if f.name not in ("prefix", "peer")])
+def test_routes_differing_in_any_attribute_are_reflected_each_with_its_own(name):
+    """The reflector hands consecutive routes that share their attributes, object for object,
+    one Attributes object (batching then groups them without hashing each): one attribute
+    apart, each must still go out with its own."""
+    first = route(1, 1)
+    second = replace(first, prefix=net(2), **{name: OTHER_VALUES[name]})
+    out = reflector({1: CLIENT, 2: CLIENT}).update(addr(1), [first, second])
+    assert [u.attributes for u in out] == [reflected(first), reflected(second)]
+    assert out[0].attributes != out[1].attributes
+
+
+def test_routes_sharing_their_attributes_share_one_attributes_object():
+    first = route(1, 1, as_path=(65001,), local_pref=200)
+    rest = [replace(first, prefix=net(i)) for i in range(2, 6)]
+    out = reflector({1: CLIENT, 2: CLIENT}).update(addr(1), [first, *rest])
+    assert {id(u.attributes) for u in out} == {id(out[0].attributes)}
+    assert out[0].attributes == reflected(first)
+
 
 def test_only_changes_are_sent():
     rr = reflector({1: CLIENT, 2: CLIENT, 3: NON_CLIENT})
