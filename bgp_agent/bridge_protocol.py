@@ -82,8 +82,10 @@ LINE_LIMIT = 64 * 2**20  # longest line either side accepts
 # reported announced); parsing them was most of what reading a message cost.
 address_of = lru_cache(maxsize=2**14)(IPv4Address)
 prefix_of = lru_cache(maxsize=2**15)(IPv4Network)
-# and the other way: a reflector's messages name its ~200 clients again and again
+# and the other way: a reflector's messages name its ~200 clients again and again, and a
+# route's prefix is written out again at each step (announced, a command, reported back)
 text_of = lru_cache(maxsize=2**14)(str)
+prefix_text = lru_cache(maxsize=2**15)(str)
 
 
 def _address(value) -> IPv4Address | None:
@@ -171,7 +173,7 @@ def groups_to_json(routes: Iterable[Path | Announcement],
             prefixes: list[str] = []
             groups.append({"attributes": attributes, "prefixes": prefixes})
             previous = route
-        prefixes.append(str(route.prefix))
+        prefixes.append(prefix_text(route.prefix))
     return groups
 
 
@@ -246,13 +248,13 @@ def encode(message: StateMessage) -> dict:
     if isinstance(message, Received):
         return {"type": "received", "peer": str(message.peer),
                 "groups": groups_to_json(message.announce, path_to_json),
-                "withdraw": [str(p) for p in message.withdraw]}
+                "withdraw": [prefix_text(p) for p in message.withdraw]}
     if isinstance(message, Announced):
         return {"type": "announced", "neighbors": [text_of(n) for n in message.neighbors],
                 "groups": groups_to_json(message.routes, announcement_to_json)}
     if isinstance(message, Withdrawn):
         return {"type": "withdrawn", "neighbors": [text_of(n) for n in message.neighbors],
-                "prefixes": [str(p) for p in message.prefixes]}
+                "prefixes": [prefix_text(p) for p in message.prefixes]}
     return {"type": "forget", "peer": str(message.peer)}
 
 

@@ -46,6 +46,7 @@ from bgp_agent.bridge_protocol import (
     announcement_from_json,
     encode,
     prefix_of,
+    prefix_text,
     read_lines,
     routes_of,
     same_attributes,
@@ -117,7 +118,7 @@ def announce_commands(neighbors: Sequence[IPv4Address], routes: Iterable[Announc
     for attributes, group in groups.items():
         for i in range(0, len(group), batch):
             part = group[i:i + batch]
-            nlri = " ".join(str(r.prefix) for r in part)
+            nlri = " ".join([prefix_text(r.prefix) for r in part])
             commands.append((f"{target} announce attributes {attributes} nlri {nlri}", part))
     return commands
 
@@ -127,7 +128,7 @@ def withdraw_commands(neighbors: Sequence[IPv4Address], prefixes: Iterable[IPv4N
     prefixes = list(prefixes)
     target = _selector(neighbors)
     return [(f"{target} withdraw attributes nlri "
-             + " ".join(str(p) for p in prefixes[i:i + batch]), prefixes[i:i + batch])
+             + " ".join(map(prefix_text, prefixes[i:i + batch])), prefixes[i:i + batch])
             for i in range(0, len(prefixes), batch)]
 
 

@@ -37,7 +37,9 @@ from bgp_agent.bridge_protocol import (
     RouteTables,
     announcement_to_json,
     groups_to_json,
+    prefix_text,
     read_lines,
+    text_of,
 )
 from bgp_agent.exabgp_config import digest_of, environment_file, exabgp_environment, render
 from bgp_agent.exabgp_process import CONFIG_FILE, ENV_FILE, ExaBGPProcess, tool
@@ -352,7 +354,7 @@ class ExaBGPSpeaker:
                           routes: Sequence[Announcement]) -> None:
         """announce() to several neighbours at once: one ExaBGP command per attribute set
         for all of them (a reflector's fan-out)."""
-        routes, targets = list(routes), [str(n) for n in neighbors]
+        routes, targets = list(routes), list(map(text_of, neighbors))
         await self._requests([
             ("announce", {"neighbors": targets,
                           **self._routes_json(routes[i:i + REQUEST_ROUTES])})
@@ -367,7 +369,7 @@ class ExaBGPSpeaker:
 
     async def withdraw_from(self, neighbors: Sequence[IPv4Address],
                             prefixes: Sequence[IPv4Network]) -> None:
-        prefixes, targets = [str(p) for p in prefixes], [str(n) for n in neighbors]
+        prefixes, targets = list(map(prefix_text, prefixes)), list(map(text_of, neighbors))
         await self._requests([
             ("withdraw", {"neighbors": targets, "prefixes": prefixes[i:i + REQUEST_ROUTES]})
             for i in range(0, len(prefixes), REQUEST_ROUTES)])
