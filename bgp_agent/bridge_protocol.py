@@ -88,7 +88,8 @@ text_of = lru_cache(maxsize=2**14)(str)
 prefix_text = lru_cache(maxsize=2**15)(str)
 
 
-def _address(value) -> IPv4Address | None:
+def optional_address(value) -> IPv4Address | None:
+    """address_of(value), or None for None."""
     return None if value is None else address_of(value)
 
 
@@ -125,7 +126,7 @@ def path_from_json(d: dict) -> Path:
         prefix=prefix_of(d["prefix"]), next_hop=address_of(d["next_hop"]),
         as_path=tuple(d.get("as_path", ())), communities=tuple(map(tuple, d.get("communities", ()))),
         local_pref=d.get("local_pref"), med=d.get("med"), origin=d.get("origin", "igp"),
-        originator_id=_address(d.get("originator_id")),
+        originator_id=optional_address(d.get("originator_id")),
         cluster_list=tuple(map(address_of, d.get("cluster_list", ()))))
 
 
@@ -140,10 +141,10 @@ def announcement_to_json(route: Announcement) -> dict:
 
 def announcement_from_json(d: dict) -> Announcement:
     return Announcement(
-        prefix=prefix_of(d["prefix"]), next_hop=_address(d.get("next_hop")),
+        prefix=prefix_of(d["prefix"]), next_hop=optional_address(d.get("next_hop")),
         communities=tuple(map(tuple, d.get("communities", ()))), as_path=tuple(d.get("as_path", ())),
         local_pref=d.get("local_pref"), med=d.get("med"),
-        originator_id=_address(d.get("originator_id")),
+        originator_id=optional_address(d.get("originator_id")),
         cluster_list=tuple(map(address_of, d.get("cluster_list", ()))),
         large_communities=tuple(map(tuple, d.get("large_communities", ()))),
         origin=d.get("origin", "igp"))
@@ -202,7 +203,7 @@ def peer_from_json(d: dict) -> PeerState:
     return PeerState(address=IPv4Address(d["address"]), state=d["state"], since=d["since"],
                      reason=d["reason"], notification=bool(d.get("notification", False)),
                      graceful_restart=d["graceful_restart"], restart_time=d["restart_time"],
-                     router_id=_address(d.get("router_id")), end_of_rib=d["end_of_rib"],
+                     router_id=optional_address(d.get("router_id")), end_of_rib=d["end_of_rib"],
                      extra=d.get("extra") or {})
 
 

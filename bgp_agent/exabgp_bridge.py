@@ -45,6 +45,7 @@ from bgp_agent.bridge_protocol import (
     address_of,
     announcement_from_json,
     encode,
+    optional_address,
     prefix_of,
     prefix_text,
     read_lines,
@@ -216,7 +217,7 @@ def parse_event(event: dict) -> Event | None:
                    if isinstance(c, dict) and c.get("name") == "graceful restart"]
         return OpenEvent(peer, neighbor.get("direction", ""), bool(restart),
                          int(restart[0].get("time", 0)) if restart else 0,
-                         _address(message.get("router_id")))
+                         optional_address(message.get("router_id")))
     if kind == "update":
         message = neighbor["message"]
         direction = neighbor.get("direction", "")
@@ -225,10 +226,6 @@ def parse_event(event: dict) -> Event | None:
         update = message.get("update", {})
         return UpdateEvent(peer, direction, tuple(_paths(update)), tuple(_withdrawn(update)))
     return None
-
-
-def _address(value) -> IPv4Address | None:
-    return None if value is None else address_of(value)
 
 
 def _nlri_prefix(item) -> IPv4Network:
@@ -245,7 +242,7 @@ def _paths(update: dict) -> Iterator[Path]:
         communities=tuple(tuple(c) for c in attributes.get("community", ())),
         local_pref=attributes.get("local-preference"), med=attributes.get("med"),
         origin=attributes.get("origin", "igp"),
-        originator_id=_address(attributes.get("originator-id")),
+        originator_id=optional_address(attributes.get("originator-id")),
         cluster_list=tuple(map(address_of, attributes.get("cluster-list", ()))))
     for family, by_next_hop in update.get("announce", {}).items():
         if family != "ipv4 unicast":
