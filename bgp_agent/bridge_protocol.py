@@ -63,8 +63,9 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from ipaddress import IPv4Address, IPv4Network
+from socket import AF_INET, inet_pton
 
-from bgp_agent.model import Announcement, Path, PeerState
+from bgp_agent.model import Announcement, Path, PeerState, with_prefix
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,24 @@ LINE_LIMIT = 64 * 2**20  # longest line either side accepts
 # originators, cluster ids) and its prefixes come back (received, announced to other peers,
 # reported announced); parsing them was most of what reading a message cost.
 address_of = lru_cache(maxsize=2**14)(IPv4Address)
-prefix_of = lru_cache(maxsize=2**15)(IPv4Network)
+_LENGTHS = {str(n): n for n in range(33)}
+
+
+def parse_prefix(text: str) -> IPv4Network:
+    """IPv4Network(text), twice as fast for the form every table uses (`a.b.c.d/n`): the
+    address read by the C library's inet_pton (which, as ipaddress, refuses leading zeros),
+    the network built from integers. Anything else, and every error, is ipaddress's own."""
+    address, _, length = text.partition("/") if isinstance(text, str) else ("", "", "")
+    n = _LENGTHS.get(length)
+    if n is not None:
+        try:
+            return IPv4Network((int.from_bytes(inet_pton(AF_INET, address), "big"), n))
+        except (OSError, ValueError):
+            pass  # not an address, or host bits set: ipaddress says so in its own words
+    return IPv4Network(text)
+
+
+prefix_of = lru_cache(maxsize=2**15)(parse_prefix)
 # and the other way: a reflector's messages name its ~200 clients again and again, and a
 # route's prefix is written out again at each step (announced, a command, reported back)
 text_of = lru_cache(maxsize=2**14)(str)
@@ -185,9 +203,8 @@ def routes_from_groups(groups: list, from_json: Callable[[dict], Path | Announce
     for group in groups:
         first, *rest = group["prefixes"]
         template = from_json({**group["attributes"], "prefix": first})
-        kind, same = type(template), [getattr(template, n) for n in ATTRIBUTES[type(template)]]
         routes.append(template)
-        routes.extend(kind(prefix_of(p), *same) for p in rest)
+        routes.extend(with_prefix(template, prefix_of(p)) for p in rest)
     return routes
 
 

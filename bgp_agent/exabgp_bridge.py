@@ -55,7 +55,7 @@ from bgp_agent.bridge_protocol import (
 )
 from bgp_agent import long_lived
 from bgp_agent.exabgp_config import DESCRIPTION_PREFIX
-from bgp_agent.model import Announcement, Path, PeerState
+from bgp_agent.model import Announcement, Path, PeerState, with_prefix
 from bgp_agent.version import software_version
 
 log = logging.getLogger("pipit-exabgp-bridge")
@@ -248,9 +248,14 @@ def _paths(update: dict) -> Iterator[Path]:
         if family != "ipv4 unicast":
             continue
         for next_hop, items in by_next_hop.items():
-            address = address_of(next_hop)
+            template = None
             for item in items:
-                yield Path(prefix=_nlri_prefix(item), next_hop=address, **common)
+                if template is None:
+                    template = Path(prefix=_nlri_prefix(item), next_hop=address_of(next_hop),
+                                    **common)
+                    yield template
+                else:
+                    yield with_prefix(template, _nlri_prefix(item))
 
 
 def _withdrawn(update: dict) -> Iterator[IPv4Network]:

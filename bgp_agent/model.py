@@ -75,6 +75,18 @@ class Announcement:
     origin: str = "igp"  # igp | egp | incomplete (a reflected route keeps its own)
 
 
+def with_prefix(route: Path | Announcement, prefix: IPv4Network) -> Path | Announcement:
+    """dataclasses.replace(route, prefix=prefix), three times as fast: a frozen dataclass's
+    __init__ sets its fields one by one through object.__setattr__, and tables are made of
+    thousands of routes that differ in their prefix only. Path and Announcement keep their
+    fields in their __dict__ and check nothing on creation (no __post_init__)."""
+    clone = object.__new__(type(route))
+    fields_of = clone.__dict__
+    fields_of.update(route.__dict__)
+    fields_of["prefix"] = prefix
+    return clone
+
+
 @dataclass(frozen=True)
 class PeerState:
     address: IPv4Address

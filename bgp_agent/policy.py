@@ -215,7 +215,7 @@ def reflector_warnings(me: NodeRecord, nodes: Iterable[NodeRecord],
 
 def in_pools(prefix: IPv4Network, pools: Iterable[IPPool]) -> bool:
     """Equal to or inside one of the pools."""
-    return any(prefix.subnet_of(p.cidr) for p in pools)
+    return any(p.holds(prefix) for p in pools)
 
 
 @dataclass(frozen=True)

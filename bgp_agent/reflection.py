@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
-from bgp_agent.model import Announcement, Neighbor, Path, PeerState
+from bgp_agent.model import Announcement, Neighbor, Path, PeerState, with_prefix
 from route_reflector import CLIENT, NON_CLIENT, Attributes, Reflector, Route, Update, batch
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,8 @@ class Reflection:
             if part.attributes is None:
                 withdraw.append(Send(neighbors, prefixes=part.prefixes))
             else:
-                routes = tuple(announcement(p, part.attributes) for p in part.prefixes)
+                first = announcement(part.prefixes[0], part.attributes)
+                routes = (first, *(with_prefix(first, p) for p in part.prefixes[1:]))
                 announce.append(Send(neighbors, routes=routes))
         return withdraw + announce
 

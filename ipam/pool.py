@@ -63,6 +63,14 @@ class IPPool:
         size = 1 << (32 - self.block_size)
         return IPv4Network((int(self.cidr.network_address) + index * size, self.block_size))
 
+    def holds(self, prefix: IPv4Network) -> bool:
+        """prefix.subnet_of(self.cidr) (equal to or inside the pool), on integers: subnet_of
+        works out both networks' broadcast addresses, and a route's prefix is a new object
+        that would work its own out for this (a few microseconds a route)."""
+        cidr = self.cidr
+        return (prefix.prefixlen >= cidr.prefixlen and
+                int(prefix.network_address) & int(cidr.netmask) == int(cidr.network_address))
+
     def selects(self, labels: Mapping[str, str]) -> bool:
         return parse_selector(self.node_selector).matches(labels)
 

@@ -84,7 +84,7 @@ def encapsulation_for(pools: Iterable[IPPool], prefix: IPv4Network) -> Encap:
     """The encapsulation of the pool that holds `prefix` (a block, or a borrowed /32); native
     outside every pool. Disabled pools count: their pods keep their addresses."""
     for pool in pools:
-        if prefix.subnet_of(pool.cidr):
+        if pool.holds(prefix):
             return pool_encap(pool)
     return NATIVE
 

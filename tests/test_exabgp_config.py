@@ -25,6 +25,7 @@ from bgp_agent.bridge_protocol import (
     decode,
     encode,
     groups_to_json,
+    parse_prefix,
     path_from_json,
     path_to_json,
     peer_from_json,
@@ -48,7 +49,7 @@ from bgp_agent.exabgp_config import (
     exabgp_environment,
     render,
 )
-from bgp_agent.model import Announcement, Neighbor, Path, PeerState
+from bgp_agent.model import Announcement, Neighbor, Path, PeerState, with_prefix
 from tests.helpers import blocks
 
 A, N = IPv4Address, IPv4Network
@@ -447,6 +448,50 @@ def test_every_field_of_a_route_goes_into_its_json(route):
     encode = path_to_json if isinstance(route, Path) else announcement_to_json
     assert all(getattr(route, f.name) != f.default for f in fields(route))
     assert set(encode(route)) == {f.name for f in fields(route)}
+
+
+@given(st.one_of(
+    st.builds(Path, prefix=prefixes, next_hop=addresses, as_path=st.tuples(asns),
+              originator_id=st.one_of(st.none(), addresses), local_pref=optional),
+    st.builds(Announcement, prefix=prefixes, next_hop=st.one_of(st.none(), addresses),
+              med=optional, cluster_list=st.lists(addresses, max_size=2).map(tuple))),
+    prefixes)
+def test_a_route_for_another_prefix_is_the_route_replaced_field_by_field(route, prefix):
+    from dataclasses import replace
+    before = repr(route)
+    clone, expected = with_prefix(route, prefix), replace(route, prefix=prefix)
+    assert type(clone) is type(expected) and clone == expected and hash(clone) == hash(expected)
+    assert repr(clone) == repr(expected)
+    assert repr(route) == before  # the route it was made from is left as it was
+    with pytest.raises(AttributeError):  # still frozen
+        clone.prefix = route.prefix
+    assert not hasattr(type(route), "__post_init__")  # nothing skipped by not running __init__
+
+
+def _parsed(function, text):
+    try:
+        return function(text)
+    except ValueError as error:  # the same error: its type and its words
+        return type(error), str(error)
+
+
+octet_texts = st.one_of(st.integers(0, 300).map(str), st.sampled_from(["00", "01", "010", "0x1",
+                                                                         "", " 1", "+1", "١"]))
+prefix_texts = st.one_of(
+    st.builds("{}.{}.{}.{}/{}".format, octet_texts, octet_texts, octet_texts, octet_texts,
+              st.one_of(st.integers(0, 40).map(str), st.sampled_from(["", "024", "255.255.255.0",
+                                                                      " 24", "24 ", "-1"]))),
+    st.builds("{}.{}.{}/{}".format, octet_texts, octet_texts, octet_texts,
+              st.integers(0, 32).map(str)),
+    st.text(alphabet="0123456789./ x\x00", max_size=20), prefixes.map(str))
+
+
+@given(prefix_texts)
+def test_prefixes_are_parsed_as_ipaddress_parses_them(text):
+    """The quick parse of a.b.c.d/n gives ipaddress's network, and for anything else
+    (leading zeros, host bits set, a netmask, spaces, a length past 32) its result or its
+    error, word for word."""
+    assert _parsed(parse_prefix, text) == _parsed(IPv4Network, text)
 
 
 def test_peer_state_survives_json():

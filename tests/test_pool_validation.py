@@ -163,6 +163,19 @@ def test_host_bits_suggest_the_network(address, length):
         pytest.fail(f"{text} was accepted")
 
 
+networks = st.tuples(st.integers(0, (1 << 32) - 1), st.integers(0, 32)).map(
+    lambda t: IPv4Network(t, strict=False))
+
+
+@given(networks, networks)
+def test_a_pool_holds_a_prefix_equal_to_or_inside_it(cidr, prefix):
+    pool = IPPool("p", cidr)
+    assert pool.holds(prefix) == prefix.subnet_of(cidr)
+    assert pool.holds(cidr) and pool.holds(IPv4Network((int(cidr.broadcast_address), 32)))
+    if cidr.prefixlen:
+        assert not pool.holds(cidr.supernet())
+
+
 def test_blocks_cover_the_pool_once_in_a_node_specific_order():
     pool = pool_from_spec("p", {"cidr": "10.0.0.0/22", "blockSize": 26})
     order_a = list(unclaimed_blocks(pool, "node-a", set()))
