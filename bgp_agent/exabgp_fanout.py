@@ -1,4 +1,4 @@
-"""pipit-exabgp: eight changes to how ExaBGP 5.0 hands one API command to many neighbours, which
+"""pipit-exabgp: nine changes to how ExaBGP 5.0 hands one API command to many neighbours, which
 is what a reflector's batched commands are (`neighbor A , neighbor B , ... announce attributes
 ... nlri ...` to every client at once). Same results, far less work per neighbour:
 
@@ -57,6 +57,14 @@ is what a reflector's batched commands are (`neighbor A , neighbor B , ... annou
    prefixes as ExaBGP's own `attributes` parser builds each one from the first
    (`routes_of_command`); a command whose prefixes are not all plain IPv4 `a.b.c.d/n`, or
    whose route carries labels, a route distinguisher or a path id, is parsed ExaBGP's way.
+
+9. Each UPDATE's routes were sorted with NLRI.__lt__, which works out both routes' index (a
+   family object, the packed prefix) for every comparison, and each route's family was made
+   again to see it negotiated: ~10 % of a reflector's ExaBGP time for 5000 prefixes between
+   two clients. A group of plain IPv4 unicast routes (`INET`, announced with an IPv4 next hop
+   or withdrawn) on a session that negotiated IPv4 unicast is sorted on each route's index
+   worked out once (`Update._split_nlris`): the same routes in the same order, stable as
+   ExaBGP's sort is; any other group is split ExaBGP's way.
 
 `apply()` installs them all, only into the releases they were written against (5.0.x, as
 bgp_agent.exabgp_reactor).
@@ -455,12 +463,34 @@ def batched(original, shared: SharedUpdates | None = None):
     return new_update
 
 
+def split_sorted_once(original):
+    """Update._split_nlris (9): plain IPv4 unicast routes sorted on their index, each worked
+    out once; any other group by `original`."""
+    from exabgp.bgp.message.action import Action
+    from exabgp.bgp.message.update.nlri.inet import INET
+    from exabgp.protocol.family import AFI, SAFI
+    ipv4, unicast, family = AFI.ipv4, SAFI.unicast, (AFI.ipv4, SAFI.unicast)
+    announce, withdraw, index = Action.ANNOUNCE, Action.WITHDRAW, INET.index
+
+    def _split_nlris(self, negotiated):
+        nlris = self.nlris
+        if family in negotiated.families and all(
+                type(n) is INET and n.afi == ipv4 and n.safi == unicast
+                and (n.action == withdraw or n.action == announce and n.nexthop.afi == ipv4)
+                for n in nlris):
+            return sorted(nlris, key=index), {}
+        return original(self, negotiated)
+    _split_nlris.__wrapped__ = original
+    return _split_nlris
+
+
 def unwrapped(function):
     return getattr(function, "__wrapped__", function)
 
 
 def apply() -> str | None:
     """Install them into ExaBGP. None if done, else why not."""
+    from exabgp.bgp.message.update import Update
     from exabgp.bgp.message.update.attribute.attributes import Attributes
     from exabgp.bgp.neighbor import Neighbor
     from exabgp.configuration.configuration import Configuration
@@ -483,4 +513,5 @@ def apply() -> str | None:
                     unwrapped(Command.callback[api][name]), shared)
     Attributes.pack = packed_once(unwrapped(Attributes.pack))
     Protocol.new_update = batched(unwrapped(Protocol.new_update), SharedUpdates())
+    Update._split_nlris = split_sorted_once(unwrapped(Update._split_nlris))
     return None

@@ -7,6 +7,9 @@ receiving what it sends through pipit-exabgp: test_route_reflection.py.)"""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from exabgp.bgp.message.update import Update
 from exabgp.bgp.message.update.attribute.attributes import Attributes
 from exabgp.bgp.neighbor import Neighbor
 from exabgp.configuration.configuration import Configuration
@@ -94,7 +97,7 @@ def test_a_route_with_next_hop_self_is_still_copied_and_rewritten_per_neighbour(
 
 def test_apply_installs_each_change_once_into_every_place_that_uses_it():
     methods = [(Neighbor, "remove_self"), (Configuration, "inject_change"), (Attributes, "pack"),
-               (Protocol, "new_update")]
+               (Protocol, "new_update"), (Update, "_split_nlris")]
     originals = [getattr(owner, name) for owner, name in methods]
     commands = {api: dict(Command.callback[api]) for api in ("text", "json")}
     try:
@@ -479,3 +482,57 @@ def test_a_peers_updates_go_out_as_exabgp_sends_them_in_far_fewer_writes(routes,
 ])
 def test_only_updates_that_withdraw_are_reported_as_sent(raw, reported):
     assert exabgp_fanout.withdraws(raw) is reported
+
+
+def split_update(nlris):
+    from exabgp.bgp.message.update.attribute.attributes import Attributes
+    return Update(nlris, Attributes())
+
+
+@given(st.lists(st.tuples(st.integers(0, 40), st.sampled_from(["announce", "withdraw"])),
+                max_size=40),
+       st.randoms(use_true_random=False))
+def test_an_updates_routes_are_sorted_into_the_order_exabgp_sorts_them(drawn, random):
+    """Routes in any order, some of one prefix both announced and withdrawn: the same route
+    objects come out in the same order, none left out or added."""
+    from copy import deepcopy
+
+    from exabgp.bgp.message.action import Action
+    nlris = []
+    for n, action in drawn:
+        nlri = parsed_route(f"route 10.{n % 3}.{n}.0/{24 + n % 3} next-hop 10.77.1.5").nlri
+        if action == "withdraw":
+            nlri = deepcopy(nlri)
+            nlri.action = Action.WITHDRAW
+        nlris.append(nlri)
+    random.shuffle(nlris)
+    negotiated = Recorded([], report_sent=False).negotiated
+    ours = exabgp_fanout.split_sorted_once(exabgp_fanout.unwrapped(Update._split_nlris))
+    theirs = exabgp_fanout.unwrapped(Update._split_nlris)
+    mine, expected = ours(split_update(nlris), negotiated), theirs(split_update(nlris), negotiated)
+    assert [id(n) for n in mine[0]] == [id(n) for n in expected[0]] and mine[1] == expected[1]
+
+
+@pytest.mark.parametrize("other", ["an IPv6 route", "an IPv6 next hop",
+                                   "IPv4 unicast not negotiated"])
+def test_an_update_with_anything_but_negotiated_ipv4_unicast_routes_is_split_by_exabgp(other):
+    nlris = [parsed_route(f"route 10.1.{n}.0/24 next-hop 10.77.1.5").nlri for n in (3, 1, 2)]
+    negotiated = Recorded([], report_sent=False).negotiated
+    if other == "an IPv6 route":
+        nlris.append(parsed_route("route 2001:db8::/64 next-hop 2001:db8::1").nlri)
+        from exabgp.protocol.family import AFI, SAFI
+        negotiated.families = [*negotiated.families, (AFI.ipv6, SAFI.unicast)]
+    elif other == "an IPv6 next hop":  # RFC 5549: it goes in an MP_REACH_NLRI
+        nlris.append(parsed_route("route 10.1.9.0/24 next-hop 2001:db8::1").nlri)
+    else:
+        negotiated.families = []
+    calls = []
+    original = exabgp_fanout.unwrapped(Update._split_nlris)
+
+    def theirs(update, negotiated):
+        calls.append(update)
+        return original(update, negotiated)
+    update = split_update(nlris)
+    assert exabgp_fanout.split_sorted_once(theirs)(update, negotiated) == original(update,
+                                                                                  negotiated)
+    assert calls == [update]  # ExaBGP's own split decided
