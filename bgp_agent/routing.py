@@ -126,7 +126,8 @@ class Router:
         self.graceful_restart = GracefulRestart(clock)
         self.reflection: Reflection | None = None  # while this node is a route reflector
         self._imports: dict[IPv4Address, policy.ImportResult] = {}  # the last pass's
-        self._ownership: tuple[tuple, policy.Ownership] | None = None  # and what it was of
+        # what is worked out of etcd's tables, and the generations of the mirrors it was of
+        self._derived: dict[str, tuple[tuple[int, ...], object]] = {}
         self.md5 = MD5Watch()
         self._skipped: list[policy.Skipped] = []
         self._disabled: dict[IPv4Address, _Disabled] = {}
@@ -146,17 +147,30 @@ class Router:
     def node_record(self) -> NodeRecord:
         return self.nodes.items.get(keys.node_key(self.me.name), self.me)
 
-    def own_blocks(self) -> set[IPv4Network]:
+    def _derive(self, name: str, mirrors: tuple[Mirror, ...], read):
+        """read(), worked out again only once one of `mirrors` changed: passes come often,
+        each went over every block in etcd (tens of thousands in a large cluster)."""
+        generations = tuple(m.generation for m in mirrors)
+        kept = self._derived.get(name)
+        if kept is None or kept[0] != generations:
+            kept = self._derived[name] = generations, read()
+        return kept[1]
+
+    def own_blocks(self) -> frozenset[IPv4Network]:
         """Blocks this node owns with a confirmed affinity (a pending claim is not announced)."""
+        return self._derive("own blocks", (self.affinities, self.blocks), self._read_own_blocks)
+
+    def _read_own_blocks(self) -> frozenset[IPv4Network]:
         confirmed = {keys.affinity_parts(k)[1] for k, state in self.affinities.items.items()
                      if state == "confirmed"}
-        return {b.cidr for b in self.blocks.items.values()
-                if b.node == self.me.name and b.cidr in confirmed}
+        return frozenset(b.cidr for b in self.blocks.items.values()
+                         if b.node == self.me.name and b.cidr in confirmed)
 
-    def borrowed(self) -> set[IPv4Address]:
+    def borrowed(self) -> frozenset[IPv4Address]:
         """Addresses this node holds in other nodes' blocks."""
-        return {a for b in self.blocks.items.values() for a, holder in b.borrowers.items()
-                if holder == self.me.name}
+        return self._derive("borrowed", (self.blocks,), lambda: frozenset(
+            a for b in self.blocks.items.values() for a, holder in b.borrowers.items()
+            if holder == self.me.name))
 
     def ipam_usage(self) -> dict[str, dict[str, int]]:
         """This node's blocks and the addresses it holds, per pool (for metrics)."""
@@ -177,10 +191,7 @@ class Router:
     def ownership(self) -> policy.Ownership:
         """Which node's address may announce each block and borrowed address (etcd's word);
         the same object while the blocks and nodes are (import_all keeps its verdicts)."""
-        generations = (self.blocks.generation, self.nodes.generation)
-        if self._ownership is None or self._ownership[0] != generations:
-            self._ownership = generations, self._read_ownership()
-        return self._ownership[1]
+        return self._derive("ownership", (self.blocks, self.nodes), self._read_ownership)
 
     def _read_ownership(self) -> policy.Ownership:
         address = {n.name: n.address.ip for n in self.nodes.items.values() if n.address}

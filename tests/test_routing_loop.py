@@ -122,6 +122,37 @@ def run(test):
 
 
 @run
+async def test_own_blocks_borrowed_addresses_and_owners_follow_etcd_between_passes():
+    """Worked out once per change of etcd's tables, not per pass: the same answer while they
+    stay, a new one as soon as a block, an affinity, a borrowed address or a node changes."""
+    async with running(Cluster()) as c:
+        router = c.router
+        await c.store.settled()
+        own, borrowed, owners = router.own_blocks(), router.borrowed(), router.ownership()
+        assert own == {OWN_BLOCK} and borrowed == set()
+        assert router.own_blocks() is own and router.ownership() is owners  # nothing changed
+        fresh = N("10.244.7.0/26")
+        c.store.put(keys.block_key(fresh), blocks.to_json(blocks.new_block(fresh, "n1")))
+        await c.store.settled()
+        assert router.own_blocks() == {OWN_BLOCK}  # its affinity not confirmed yet
+        c.store.put(keys.affinity_key("n1", fresh), {"state": "confirmed"})
+        await c.store.settled()
+        assert router.own_blocks() == {OWN_BLOCK, fresh}
+        lent = blocks.assign_address(blocks.new_block(BLOCK2, "n2"), BLOCK2[5], "h",
+                                     {"node": "n1"})
+        c.store.put(keys.block_key(BLOCK2), blocks.to_json(lent))
+        await c.store.settled()
+        assert router.borrowed() == {BLOCK2[5]}
+        assert router.ownership().borrowed[BLOCK2[5]] == ("n1", A("10.0.0.1"))
+        c.add_node("n1", "10.0.0.9/24")
+        await c.store.settled()
+        assert router.ownership().borrowed[BLOCK2[5]] == ("n1", A("10.0.0.9"))
+        c.store.delete(keys.block_key(fresh))
+        await c.store.settled()
+        assert router.own_blocks() == {OWN_BLOCK}
+
+
+@run
 async def test_mesh_routes_are_imported_announced_and_end_of_rib_follows_the_table():
     async with running(Cluster()) as c:
         await c.sync()
