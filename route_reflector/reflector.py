@@ -284,6 +284,8 @@ class Reflector:
 
     def _tables(self, peers: list[IPv4Address]) -> list[Update]:
         """Whole tables for `peers`: per best route, one update to those of them it goes to."""
+        if not peers:
+            return []  # (a pass with no session come up: not a walk over every prefix)
         new = frozenset(peers)
         by_source: dict[IPv4Address, frozenset[IPv4Address]] = {}
         out = []
