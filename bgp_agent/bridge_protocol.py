@@ -62,6 +62,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
+from operator import attrgetter
 from ipaddress import IPv4Address, IPv4Network
 from socket import AF_INET, inet_pton
 
@@ -172,11 +173,13 @@ ATTRIBUTES = {kind: tuple(f.name for f in fields(kind) if f.name != "prefix")
               for kind in (Path, Announcement)}  # in field order, after the prefix (first)
 
 
+_ATTRIBUTE_VALUES = {kind: attrgetter(*names) for kind, names in ATTRIBUTES.items()}
+
+
 def same_attributes(a: Path | Announcement, b: Path | Announcement) -> bool:
-    """Whether two routes of one kind differ in their prefix only."""
-    return all(x is y or x == y for x, y in
-               zip(map(a.__getattribute__, ATTRIBUTES[type(a)]),
-                   map(b.__getattribute__, ATTRIBUTES[type(b)])))
+    """Whether two routes of one kind differ in their prefix only (their attribute values
+    taken and compared as tuples: in C, each value by identity first)."""
+    return _ATTRIBUTE_VALUES[type(a)](a) == _ATTRIBUTE_VALUES[type(b)](b)
 
 
 def groups_to_json(routes: Iterable[Path | Announcement],

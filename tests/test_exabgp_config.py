@@ -6,6 +6,7 @@ state machine and its messages to the agent."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import subprocess
 import sys
 from ipaddress import IPv4Address, IPv4Network
@@ -24,6 +25,7 @@ from bgp_agent.bridge_protocol import (
     announcement_to_json,
     decode,
     encode,
+    ATTRIBUTES,
     groups_to_json,
     parse_prefix,
     path_from_json,
@@ -457,7 +459,6 @@ def test_every_field_of_a_route_goes_into_its_json(route):
               med=optional, cluster_list=st.lists(addresses, max_size=2).map(tuple))),
     prefixes)
 def test_a_route_for_another_prefix_is_the_route_replaced_field_by_field(route, prefix):
-    from dataclasses import replace
     before = repr(route)
     clone, expected = with_prefix(route, prefix), replace(route, prefix=prefix)
     assert type(clone) is type(expected) and clone == expected and hash(clone) == hash(expected)
@@ -526,6 +527,22 @@ def test_routes_survive_json_in_groups(drawn):
                    if i == 0 or _attributes_of(route) != _attributes_of(routes[i - 1]))
         assert len(groups) == runs
         assert all("prefix" not in g["attributes"] for g in groups)
+
+
+OTHER_VALUE = {"next_hop": A("10.99.1.9"), "as_path": (64999,), "communities": ((64512, 7),),
+               "local_pref": 300, "med": 9, "origin": "egp", "originator_id": A("10.99.1.9"),
+               "cluster_list": (A("244.0.0.2"),), "large_communities": ((64512, 1, 1),)}
+
+
+@pytest.mark.parametrize("kind,field", [(kind, name) for kind in (Path, Announcement)
+                                        for name in ATTRIBUTES[kind]])
+def test_routes_one_attribute_apart_go_in_groups_of_their_own(kind, field):
+    first = kind(N("10.1.0.0/26"), A("10.99.1.8"))
+    routes = [first, with_prefix(first, N("10.1.0.64/26")),
+              replace(first, prefix=N("10.1.0.128/26"), **{field: OTHER_VALUE[field]})]
+    to_json = path_to_json if kind is Path else announcement_to_json
+    assert [g["prefixes"] for g in groups_to_json(routes, to_json)] == [
+        ["10.1.0.0/26", "10.1.0.64/26"], ["10.1.0.128/26"]]
 
 
 def _attributes_of(route) -> tuple:
