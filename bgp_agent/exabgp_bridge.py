@@ -590,7 +590,7 @@ class Bridge:
             routes = routes_of(request, "routes", announcement_from_json)
             return [(line, partial(self.state.record_announced, neighbors, part))
                     for line, part in announce_commands(neighbors, routes)]
-        prefixes = [IPv4Network(p) for p in request["prefixes"]]
+        prefixes = [prefix_of(p) for p in request["prefixes"]]
         return [(line, partial(self.state.record_withdrawn, neighbors, part))
                 for line, part in withdraw_commands(neighbors, prefixes)]
 
