@@ -492,7 +492,11 @@ def test_prefixes_are_parsed_as_ipaddress_parses_them(text):
     """The quick parse of a.b.c.d/n gives ipaddress's network, and for anything else
     (leading zeros, host bits set, a netmask, spaces, a length past 32) its result or its
     error, word for word."""
-    assert _parsed(parse_prefix, text) == _parsed(IPv4Network, text)
+    ours, theirs = _parsed(parse_prefix, text), _parsed(IPv4Network, text)
+    assert ours == theirs
+    if isinstance(theirs, IPv4Network):  # and as the same key in a table, and in words
+        assert hash(ours) == hash(theirs) == hash(ours) and {theirs: 1}[ours] == 1
+        assert (repr(ours), str(ours)) == (repr(theirs), str(theirs))
 
 
 def test_peer_state_survives_json():
