@@ -87,10 +87,12 @@ _LENGTHS = {str(n): n for n in range(33)}
 
 
 class Prefix(IPv4Network):
-    """An IPv4Network that works out its hash once. Every table is keyed by prefix, and
-    IPv4Network works its hash out again at every lookup (two Python calls: a sixth of a
-    reflector agent's time); this one keeps it. Equal to, hashing as and written as the
-    IPv4Network of the same prefix, so either finds the other in a table."""
+    """An IPv4Network that works out its hash and its text once. Every table is keyed by
+    prefix, and IPv4Network works its hash out again at every lookup (two Python calls: a
+    sixth of a reflector agent's time), and its text each time it is written (in Python,
+    octet by octet); this one keeps them (parse_prefix gives it the text it was read from).
+    Equal to, hashing as and written as the IPv4Network of the same prefix, so either finds
+    the other in a table."""
 
     def __hash__(self) -> int:
         try:
@@ -98,6 +100,13 @@ class Prefix(IPv4Network):
         except AttributeError:
             self._hash = IPv4Network.__hash__(self)
             return self._hash
+
+    def __str__(self) -> str:
+        try:
+            return self._text
+        except AttributeError:
+            self._text = IPv4Network.__str__(self)
+            return self._text
 
     def __repr__(self) -> str:
         return f"IPv4Network('{self}')"
@@ -112,9 +121,12 @@ def parse_prefix(text: str) -> IPv4Network:
     n = _LENGTHS.get(length)
     if n is not None:
         try:
-            return Prefix((int.from_bytes(inet_pton(AF_INET, address), "big"), n))
+            prefix = Prefix((int.from_bytes(inet_pton(AF_INET, address), "big"), n))
         except (OSError, ValueError):
             pass  # not an address, or host bits set: ipaddress says so in its own words
+        else:
+            prefix._text = text  # as ipaddress writes it: no leading zeros, n in 0-32
+            return prefix
     return Prefix(text)
 
 
