@@ -15,7 +15,8 @@ ROLES = (CLIENT, NON_CLIENT)
 def looped(route: Route, router_id: IPv4Address, cluster_id: IPv4Address) -> bool:
     """The route has been through this cluster already (our cluster id in its CLUSTER_LIST) or
     started here (our router id as its ORIGINATOR_ID): it is ignored (RFC 4456 §8)."""
-    return route.originator_id == router_id or cluster_id in route.cluster_list
+    originator = route.originator_id  # (None == an address: an exception inside ipaddress)
+    return originator is not None and originator == router_id or cluster_id in route.cluster_list
 
 
 def reflects(source_role: str, target_role: str) -> bool:

@@ -15,15 +15,17 @@ from pathlib import Path
 
 import pytest
 from exabgp.environment import getenv
-from exabgp.logger import log
+from exabgp.logger import _log, log
 from exabgp.reactor.asynchronous import ASYNC
 from exabgp.reactor.loop import Reactor
+from exabgp.reactor.peer import Peer
 
 from bgp_agent import exabgp_reactor
 from bgp_agent.exabgp_config import render
 from bgp_agent.exabgp_reactor import wait_for_io
 
 PIPIT_EXABGP = str(Path(sys.executable).parent / "pipit-exabgp")
+EXABGP_PEER_ID = Peer.__dict__["id"]  # (pipit-exabgp's fix 4 replaces it in its own process)
 WATCHED = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLNVAL | select.POLLERR
 AN_HOUR_MS = 3_600_000
 
@@ -173,22 +175,76 @@ def test_every_waiting_connection_is_accepted_in_one_turn_as_exabgp_would_take_t
             sock.close()
 
 
-def test_the_fixes_are_installed_only_on_the_release_they_were_written_for(monkeypatch):
+@pytest.fixture
+def original_logger():
+    """log.debug as ExaBGP has it, put back after the test (apply() replaces it)."""
+    had = log.__dict__.get("debug")
+    yield
+    if had is None:
+        if "debug" in log.__dict__:
+            delattr(log, "debug")
+    else:
+        log.debug = had
+
+
+def test_the_fixes_are_installed_only_on_the_release_they_were_written_for(monkeypatch,
+                                                                           original_logger):
     import exabgp.version
     from exabgp.reactor.listener import Listener
-    originals = Reactor._wait_for_io, Listener.incoming, Listener._connected
+    originals = (Reactor._wait_for_io, Listener.incoming, Listener._connected, Peer.id,
+                 log.debug)
     for owner, name, original in ((Reactor, "_wait_for_io", originals[0]),
                                   (Listener, "incoming", originals[1]),
-                                  (Listener, "_connected", originals[2])):
+                                  (Listener, "_connected", originals[2]),
+                                  (Peer, "id", originals[3])):
         monkeypatch.setattr(owner, name, original)  # restored after the test
     monkeypatch.setattr(exabgp.version, "release", "5.1.0")
     assert "5.1.0" in exabgp_reactor.apply()
-    assert (Reactor._wait_for_io, Listener.incoming, Listener._connected) == originals
+    assert (Reactor._wait_for_io, Listener.incoming, Listener._connected, Peer.id,
+            log.debug) == originals
     monkeypatch.setattr(exabgp.version, "release", "5.0.15")
-    assert exabgp_reactor.apply() is None
-    assert Reactor._wait_for_io is wait_for_io
-    assert (Listener.incoming, Listener._connected) == (exabgp_reactor.incoming,
-                                                         exabgp_reactor.connected)
+    for _ in range(2):  # twice: still one layer
+        assert exabgp_reactor.apply() is None
+        assert Reactor._wait_for_io is wait_for_io
+        assert (Listener.incoming, Listener._connected) == (exabgp_reactor.incoming,
+                                                             exabgp_reactor.connected)
+        assert Peer.id is exabgp_reactor.peer_id
+        assert log.debug.__func__.__wrapped__ is _log.__dict__["debug"].__func__
+
+
+def test_a_peer_s_name_is_made_once_per_neighbour_object_as_exabgp_makes_it():
+    from types import SimpleNamespace
+    first, second = SimpleNamespace(uid="7"), SimpleNamespace(uid="8")
+    peer = SimpleNamespace(neighbor=first)
+    assert exabgp_reactor.peer_id(peer) == EXABGP_PEER_ID(peer) == "peer-7"
+    first.uid = "changed"  # (ExaBGP never does: a neighbour's uid is set when it is made)
+    assert exabgp_reactor.peer_id(peer) == "peer-7"  # kept
+    peer.neighbor = second  # a reload gave the peer another neighbour object
+    assert exabgp_reactor.peer_id(peer) == EXABGP_PEER_ID(peer) == "peer-8"
+
+
+@pytest.mark.parametrize("logged", [False, True])
+def test_a_debug_line_is_made_only_if_it_is_logged(logged, monkeypatch, original_logger):
+    from exabgp.logger.history import _history, history
+    from exabgp.logger.option import option
+    log.init(getenv())
+    _history.clear()
+    monkeypatch.setitem(option.logit, "DEBUG", logged)
+    monkeypatch.setitem(option.enabled, "reactor", True)
+    log.debug = exabgp_reactor.quiet_debug(_log.__dict__["debug"].__func__)
+    made = []
+    log.debug(lambda: made.append(1) or "a line for the test", "reactor")
+    assert made == ([1] if logged else [])
+    assert ("a line for the test" in history()) is logged
+    log.debug("not lazy", "reactor")  # ExaBGP warns of it, logged or not: still its logger
+    assert "non-callable log message detected" in history()
+    # and what goes through ExaBGP's logger: only what it would not drop on the spot
+    calls = []
+    debug = exabgp_reactor.quiet_debug(lambda cls, *args: calls.append(args)).__get__(None, log)
+    debug(str, "reactor")
+    debug("not lazy", "reactor")
+    assert calls == [(str, "reactor", "DEBUG"), ("not lazy", "reactor", "DEBUG")][
+        0 if logged else 1:]
 
 
 def test_pipit_exabgp_runs_exabgp_with_the_fixes(tmp_path):
