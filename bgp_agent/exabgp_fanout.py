@@ -73,6 +73,8 @@ bgp_agent.exabgp_reactor).
 from __future__ import annotations
 
 import re
+from functools import lru_cache
+from socket import inet_aton
 
 FIXED_RELEASES = ("5.0.",)
 
@@ -227,13 +229,13 @@ def routes_of_command(api, command: str, peers) -> list:
     """What ExaBGP's `api.api_attributes(command, peers)` gives for an `announce attributes
     <attributes> nlri <prefix> ...` command (8): the command with its first prefix parsed by
     ExaBGP, the other prefixes added as its `attributes` parser adds them (a new INET of the
-    first's family sharing its attributes and next hop, with the prefix's CIDR). Anything but
-    plain IPv4 prefixes on a plain unicast route goes to ExaBGP's parser whole."""
+    first's family sharing its attributes and next hop, with the prefix's CIDR, made as its
+    prefix() makes it, ~5 us a prefix quicker). Anything but plain IPv4 prefixes on a plain
+    unicast route, or a prefix with host bits set, goes to ExaBGP's parser whole."""
     from exabgp.bgp.message import Action
     from exabgp.bgp.message.update.nlri.cidr import CIDR
     from exabgp.bgp.message.update.nlri.inet import INET
     from exabgp.bgp.message.update.nlri.qualifier import PathInfo
-    from exabgp.configuration.static.parser import prefix
     from exabgp.protocol.family import AFI
     from exabgp.rib.change import Change
 
@@ -250,25 +252,28 @@ def routes_of_command(api, command: str, peers) -> list:
             or template.path_info is not PathInfo.NOPATH):
         return api.api_attributes(command, peers)
     attributes, next_hop = first[0].attributes, template.nexthop
+    afi, safi = template.afi, template.safi
     changes = first
     for text in prefixes[1:]:
-        try:
-            ipmask = prefix(_token(text))  # ExaBGP's parser of a prefix, with its checks
-        except ValueError:  # a prefix it refuses: its parser says so, in its words
-            return api.api_attributes(command, peers)
-        change = Change(INET(template.afi, template.safi, Action.UNSET), attributes)
-        change.nlri.cidr = CIDR(ipmask.pack(), ipmask.mask)
+        # ExaBGP's prefix() for a plain prefix (the pattern checked its octets and length):
+        # the address packed, the length as its cached NetMask, host bits refused
+        address, _, length = text.partition("/")
+        packed, mask = inet_aton(address), _netmask(length)
+        if int.from_bytes(packed, "big") & ((1 << (32 - mask)) - 1):
+            return api.api_attributes(command, peers)  # host bits: its parser says so
+        change = Change(INET(afi, safi, Action.UNSET), attributes)
+        change.nlri.cidr = CIDR(packed, mask)
         change.nlri.nexthop = next_hop
         changes.append(change)
     return changes
 
 
-def _token(text: str):
-    """A tokeniser giving one token, for ExaBGP's parsers of one value (they also note the
-    family on it)."""
-    def tokeniser():
-        return text
-    return tokeniser
+@lru_cache(maxsize=None)
+def _netmask(length: str):
+    """ExaBGP's NetMask of an IPv4 prefix length, as its prefix() makes it (a cached object)."""
+    from exabgp.protocol.family import AFI
+    from exabgp.protocol.ip.netmask import NetMask
+    return NetMask.create(length, AFI.ipv4)
 
 
 def announcing_at_once(original, shared: SharedInjection):

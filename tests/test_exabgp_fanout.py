@@ -332,6 +332,9 @@ def test_an_announce_attributes_command_does_what_exabgps_does(commands, answers
     ("announce attributes next-hop 10.77.1.5 as-path [ 64513 64514 ] med 10 community "
      "[ 64512:1 64512:2 ] origin egp nlri 10.1.0.0/26 10.1.0.64/26", 2),
     ("announce attributes next-hop 10.77.1.5 nlri 10.1.0.0/26 10.1.0.77/26", 0),  # host bits
+    ("announce attributes next-hop 10.77.1.5 nlri 10.1.0.0/26 10.1.0.0/15", 0),  # host bits
+    ("announce attributes next-hop 10.77.1.5 nlri 10.1.0.0/26 10.1.0.128/25 10.0.0.0/8 "
+     "0.0.0.0/0 255.255.255.255/32 10.1.0.0/16 192.168.0.0/32", 7),  # every length's mask
     ("announce attributes next-hop 10.77.1.5 nlri 10.1.0.0/26 10.1.0.1 10.1.0.64/26", 3),
     ("announce attributes next-hop 10.77.1.5 nlri 10.1.0.0/26 10.1.0.64/40", 0),
     ("announce attributes next-hop 10.77.1.5 label 100 nlri 10.1.0.0/26 10.1.0.64/26", 2),
@@ -351,7 +354,8 @@ def test_a_commands_routes_are_what_exabgps_parser_makes(command, count):
     def described(change):
         nlri = change.nlri
         return (type(nlri), nlri.afi, nlri.safi, nlri.action, nlri.cidr.pack_nlri(),
-                nlri.cidr.mask, nlri.nexthop.index(), change.index(), change.extensive(),
+                nlri.cidr.mask, type(nlri.cidr.mask), nlri.cidr.pack_ip(), str(nlri.cidr),
+                nlri.nexthop.index(), change.index(), change.extensive(),
                 change.attributes.index())
     assert [described(c) for c in ours] == [described(c) for c in theirs]
     # one attributes object and one next hop for all, as ExaBGP's parser shares them
