@@ -4,7 +4,7 @@ data, no I/O."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence, Set
+from collections.abc import Awaitable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Protocol
@@ -137,12 +137,15 @@ class Speaker(Protocol):
 
     async def withdraw(self, neighbor: IPv4Address, prefixes: Sequence[IPv4Network]) -> None: ...
 
-    async def announce_to(self, neighbors: Sequence[IPv4Address],
-                          routes: Sequence[Announcement]) -> None:
-        """announce() to several neighbours at once (a reflector's fan-out)."""
+    def announce_to(self, neighbors: Sequence[IPv4Address],
+                    routes: Sequence[Announcement]) -> Awaitable[None]:
+        """announce() to several neighbours at once (a reflector's fan-out). Asked when it is
+        called, not when awaited: what is asked after it is sent after it (a reflector's
+        next pass does not wait for its last pass's sends to be done)."""
 
-    async def withdraw_from(self, neighbors: Sequence[IPv4Address],
-                            prefixes: Sequence[IPv4Network]) -> None: ...
+    def withdraw_from(self, neighbors: Sequence[IPv4Address],
+                      prefixes: Sequence[IPv4Network]) -> Awaitable[None]:
+        """withdraw() from several neighbours at once; asked when called, as announce_to."""
 
     async def send_end_of_rib(self, neighbor: IPv4Address) -> None:
         """Tell the neighbour our table is complete (after a session comes up)."""

@@ -159,14 +159,22 @@ class Reflection:
                 announce.append(Send(neighbors, routes=routes))
         return withdraw + announce
 
+    def reflects(self, address: IPv4Address, prefix: IPv4Network) -> bool:
+        """Whether the member is sent a reflected route for the prefix."""
+        return self.core.sends(address, prefix)
+
     def due_check(self, now: float) -> bool:
         return now >= self._check_at
 
+    def check_again(self, when: float) -> None:
+        """Compare with the speaker's tables at `when` (a send failed)."""
+        self._check_at = min(self._check_at, when)
+
     def check(self, announced: Mapping[IPv4Address, Mapping[IPv4Network, Announcement]],
-              now: float, failed: bool = False) -> list[Send]:
+              now: float) -> list[Send]:
         """What to send so that every member holds exactly what the core says it was sent;
-        after a start, a failed send (`failed`: look again soon) and every RESYNC_SECONDS."""
-        self._check_at = now + (1.0 if failed else RESYNC_SECONDS)
+        after a start, a failed send (check_again) and every RESYNC_SECONDS."""
+        self._check_at = now + RESYNC_SECONDS
         fixes: list[Send] = []
         for address, peer in self.core.peers().items():
             if not peer.up:

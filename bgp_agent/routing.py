@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
@@ -48,6 +48,8 @@ BGP_CONFIG_PREFIX = keys.resource_prefix("bgpconfig")
 BGP_PEERS_PREFIX = keys.resource_prefix("bgppeers")
 DIAGNOSE_SECONDS = 3.0  # how often to look again at why a session is not up (MD5 counters)
 STARTUP_GRACE_SECONDS = 120.0  # after a start, learned routes stay until every peer sent its table
+# a reflector's passes whose sends may still await ExaBGP's answers while the next one runs
+REFLECTED_IN_FLIGHT = 4
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,7 @@ class Router:
         self.secrets_dir = secrets_dir
         self.graceful_restart = GracefulRestart(clock)
         self.reflection: Reflection | None = None  # while this node is a route reflector
+        self._in_flight: list[asyncio.Future] = []  # its passes' sends, each: all taken?
         self._imports: dict[IPv4Address, policy.ImportResult] = {}  # the last pass's
         # what is worked out of etcd's tables, and the generations of the mirrors it was of
         self._derived: dict[str, tuple[tuple[int, ...], object]] = {}
@@ -226,7 +229,7 @@ class Router:
                     self.pass_started = None
                 RECONCILE_SECONDS.observe(time.monotonic() - started)
         finally:
-            for task in tasks:
+            for task in tasks + self._in_flight:
                 task.cancel()
 
     def _error(self, message: str) -> None:
@@ -332,27 +335,60 @@ class Router:
         deadline = reflection.next_deadline()
         if deadline is not None:
             self._wake_at(deadline)
-        sent = await self._send_reflected(reflection.sends(updates))
+        # The pass's sends are asked now and answered meanwhile: the next pass need not wait
+        # for them (routes keep arriving while ExaBGP sends), and, asked in order, what it
+        # sends a peer goes after them. At most REFLECTED_IN_FLIGHT passes ahead of ExaBGP.
+        self._in_flight.append(self._start_reflected(reflection.sends(updates)))
+        if len(self._in_flight) > REFLECTED_IN_FLIGHT:
+            await asyncio.wait([self._in_flight[0]])
+        landed = [f for f in self._in_flight if f.done()]
+        self._in_flight = [f for f in self._in_flight if not f.done()]
+        sent = all(f.result() for f in landed)
         if sent and reflection.due_check(now):  # against what the speaker holds after them
-            sent = await self._send_reflected(reflection.check(self.speaker.announced, now))
+            sent = all(await asyncio.gather(*self._in_flight))
+            self._in_flight = []
+            sent = sent and await self._start_reflected(
+                reflection.check(self.speaker.announced, now))
         if not sent:
-            reflection.check(self.speaker.announced, now, failed=True)  # again in a second
+            reflection.check_again(now + 1.0)
             self._wake_at(now + 1.0)
 
-    async def _send_reflected(self, sends: list[Send]) -> bool:
-        """Send them all at once: they are for different (neighbour, prefix) pairs, and the
-        bridge pipelines what is queued to ExaBGP (one turn of its loop for many commands)."""
-        async def send_one(send: Send) -> bool:
-            try:
+    def _start_reflected(self, sends: list[Send]) -> asyncio.Future:
+        """Ask the speaker for them all now, in order; a future of whether all were taken.
+        They go at once: they are for different (neighbour, prefix) pairs, and the bridge
+        pipelines what is queued to ExaBGP (one turn of its loop for many commands)."""
+        asked, refused = [], False
+        try:
+            for send in sends:
                 if send.routes:
-                    await self.speaker.announce_to(send.neighbors, send.routes)
+                    asked.append((send, self.speaker.announce_to(send.neighbors, send.routes)))
                 if send.prefixes:
-                    await self.speaker.withdraw_from(send.neighbors, send.prefixes)
-            except SpeakerError as error:  # a session went down meanwhile, ExaBGP away
-                log.warning("reflecting to %s: %s", ", ".join(map(str, send.neighbors)), error)
-                return False
-            return True
-        return all(await asyncio.gather(*map(send_one, sends)))
+                    asked.append((send, self.speaker.withdraw_from(send.neighbors,
+                                                                   send.prefixes)))
+        except SpeakerError as error:  # ExaBGP away
+            log.warning("reflecting: %s", error)
+            refused = True
+        flight = asyncio.ensure_future(self._answers(asked, refused))
+        flight.add_done_callback(self._flight_landed)
+        return flight
+
+    @staticmethod
+    async def _answers(asked: list[tuple[Send, Awaitable]], refused: bool) -> bool:
+        results = await asyncio.gather(*(a for _, a in asked), return_exceptions=True)
+        for (send, _), result in zip(asked, results):
+            if not isinstance(result, BaseException):
+                continue
+            refused = True
+            to = ", ".join(map(str, send.neighbors))
+            if isinstance(result, SpeakerError):  # a session went down meanwhile, ExaBGP away
+                log.warning("reflecting to %s: %s", to, result)
+            else:  # a bug: said, and checked again as for any failed send
+                log.error("reflecting to %s failed", to, exc_info=result)
+        return not refused
+
+    def _flight_landed(self, flight: asyncio.Future) -> None:
+        if not flight.cancelled() and not flight.result():
+            self.changed.set()  # a pass sees it and checks against the speaker soon
 
     async def _program_kernel(self, accepted: Mapping[IPv4Address, Mapping[IPv4Network, Path]],
                               own: set[IPv4Network], learned_known: bool,
@@ -412,9 +448,13 @@ class Router:
                 continue  # announced once the session is up (the speaker keeps adj-rib-out)
             have = self.speaker.announced.get(address, {})
             changed = [a for p, a in wanted.items() if have.get(p) != a]
-            # what this node reflects is the reflection's to withdraw (while it reflects)
-            mine = have if self.reflection is None else self.speaker.own.get(address, ())
-            gone = [p for p in mine if p not in wanted]
+            # what this node reflects is the reflection's to withdraw (while it reflects),
+            # and a block of ours now another node's that it reflects is replaced by that
+            # node's route, maybe still in flight: a withdrawal after it would remove it
+            reflection = self.reflection
+            mine = have if reflection is None else self.speaker.own.get(address, ())
+            gone = [p for p in mine if p not in wanted
+                    and (reflection is None or not reflection.reflects(address, p))]
             if changed:
                 await self.speaker.announce(address, changed)
             if gone:

@@ -27,7 +27,7 @@ import itertools
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence, Set
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence, Set
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
@@ -53,6 +53,21 @@ REQUEST_ROUTES = 5000  # routes per request to the bridge (it batches them for E
 
 class SpeakerUnavailable(SpeakerError, ConnectionError):
     """The bridge is not connected (ExaBGP down or still starting)."""
+
+
+def _answered(reply: dict) -> dict:
+    if reply["type"] == "error":
+        raise SpeakerError(reply.get("message", "failed"))
+    return reply
+
+
+async def _all_answered(replies: list[asyncio.Future]) -> None:
+    """Once every reply is in: the first error raised, if any."""
+    results = await asyncio.gather(*replies, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+        _answered(result)
 
 
 def _exabgp_key(local_address, local_as, peer_as, router_id) -> tuple[str, ...]:
@@ -265,7 +280,8 @@ class ExaBGPSpeaker:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _request(self, op: str, **fields) -> dict:
+    def _submit(self, op: str, **fields) -> asyncio.Future:
+        """Write a request now; a future of the bridge's reply."""
         if not self.connected or self._writer is None:
             raise SpeakerUnavailable("ExaBGP's bridge is not connected")
         request_id = next(self._ids)
@@ -273,19 +289,16 @@ class ExaBGPSpeaker:
         self._pending[request_id] = future
         self._writer.write(json.dumps({"id": request_id, "op": op, **fields},
                                       separators=(",", ":")).encode() + b"\n")
-        reply = await future
-        if reply["type"] == "error":
-            raise SpeakerError(reply.get("message", "failed"))
-        return reply
+        return future
 
-    async def _requests(self, requests: list[tuple[str, dict]]) -> None:
-        """Pipeline several requests (the bridge runs them in order); raise the first error
-        once all have finished."""
-        results = await asyncio.gather(*(self._request(op, **fields) for op, fields in requests),
-                                       return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+    async def _request(self, op: str, **fields) -> dict:
+        return _answered(await self._submit(op, **fields))
+
+    def _requests(self, requests: list[tuple[str, dict]]) -> asyncio.Future:
+        """Pipeline several requests, written now in order (the bridge runs them in order): a
+        future that settles once all have answered, with the first error."""
+        replies = [self._submit(op, **fields) for op, fields in requests]
+        return asyncio.ensure_future(_all_answered(replies))
 
     # --- neighbours --------------------------------------------------------------------------
 
@@ -350,12 +363,13 @@ class ExaBGPSpeaker:
     async def withdraw(self, neighbor: IPv4Address, prefixes: Sequence[IPv4Network]) -> None:
         await self.withdraw_from([neighbor], prefixes)
 
-    async def announce_to(self, neighbors: Sequence[IPv4Address],
-                          routes: Sequence[Announcement]) -> None:
+    def announce_to(self, neighbors: Sequence[IPv4Address],
+                    routes: Sequence[Announcement]) -> Awaitable[None]:
         """announce() to several neighbours at once: one ExaBGP command per attribute set
-        for all of them (a reflector's fan-out)."""
+        for all of them (a reflector's fan-out). The requests are written when it is called
+        (what is asked after goes after them); the awaitable settles once they are done."""
         routes, targets = list(routes), list(map(text_of, neighbors))
-        await self._requests([
+        return self._requests([
             ("announce", {"neighbors": targets,
                           **self._routes_json(routes[i:i + REQUEST_ROUTES])})
             for i in range(0, len(routes), REQUEST_ROUTES)])
@@ -367,10 +381,11 @@ class ExaBGPSpeaker:
             return {"routes": [announcement_to_json(r) for r in routes]}
         return {"groups": groups_to_json(routes, announcement_to_json)}
 
-    async def withdraw_from(self, neighbors: Sequence[IPv4Address],
-                            prefixes: Sequence[IPv4Network]) -> None:
+    def withdraw_from(self, neighbors: Sequence[IPv4Address],
+                      prefixes: Sequence[IPv4Network]) -> Awaitable[None]:
+        """withdraw() from several neighbours at once; written when called, as announce_to."""
         prefixes, targets = list(map(prefix_text, prefixes)), list(map(text_of, neighbors))
-        await self._requests([
+        return self._requests([
             ("withdraw", {"neighbors": targets, "prefixes": prefixes[i:i + REQUEST_ROUTES]})
             for i in range(0, len(prefixes), REQUEST_ROUTES)])
 

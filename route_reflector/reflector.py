@@ -85,6 +85,12 @@ class Reflector:
         """What the peer has been sent, if it is up: its whole table as the rules give it."""
         return {u.prefix: u.attributes for u in self.full_table(peer)}
 
+    def sends(self, peer: IPv4Address, prefix: IPv4Network) -> bool:
+        """Whether the peer, up, is sent a route for the prefix (its best route goes to it)."""
+        state = self._prefixes.get(prefix)
+        return (peer in self._up and state is not None and state.best is not None
+                and peer in self._fan_out(state.best.peer))
+
     def full_table(self, peer: IPv4Address) -> list[Update]:
         """Updates that give an up peer its whole table (e.g. after the speaker restarted)."""
         return self._tables([peer]) if peer in self._up else []

@@ -6,7 +6,7 @@ a clock. The real parts have their own tests; these only stand beside them."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 
@@ -81,6 +81,8 @@ class MemorySpeaker:
         self.neighbors: list[Neighbor] = []
         self.end_of_rib_sent: list[IPv4Address] = []
         self.announcements_sent: list[tuple[IPv4Address, IPv4Network]] = []  # announce_to's
+        # every route asked for, as (announce|withdraw, neighbour, prefix), in the order asked
+        self.requests: list[tuple[str, IPv4Address, IPv4Network]] = []
         self._time = 0.0
 
     # what the routing loop calls
@@ -97,22 +99,40 @@ class MemorySpeaker:
                 del table[address]
 
     async def announce(self, neighbor: IPv4Address, routes: Sequence[Announcement]) -> None:
+        self.requests += [("announce", neighbor, r.prefix) for r in routes]
         self.announced.setdefault(neighbor, {}).update({r.prefix: r for r in routes})
 
     async def withdraw(self, neighbor: IPv4Address, prefixes: Sequence[IPv4Network]) -> None:
+        self.requests += [("withdraw", neighbor, p) for p in prefixes]
         for prefix in prefixes:
             self.announced.get(neighbor, {}).pop(prefix, None)
 
-    async def announce_to(self, neighbors: Sequence[IPv4Address],
-                          routes: Sequence[Announcement]) -> None:
+    def announce_to(self, neighbors: Sequence[IPv4Address],
+                    routes: Sequence[Announcement]) -> Awaitable[None]:
+        self.requests += [("announce", n, r.prefix) for n in neighbors for r in routes]
+        return self._asked(self._announce_to, neighbors, routes)
+
+    def withdraw_from(self, neighbors: Sequence[IPv4Address],
+                      prefixes: Sequence[IPv4Network]) -> Awaitable[None]:
+        self.requests += [("withdraw", n, p) for n in neighbors for p in prefixes]
+        return self._asked(self._withdraw_from, neighbors, prefixes)
+
+    def _announce_to(self, neighbors, routes) -> None:
         for neighbor in neighbors:
             self.announcements_sent += [(neighbor, r.prefix) for r in routes]
-            await self.announce(neighbor, routes)
+            self.announced.setdefault(neighbor, {}).update({r.prefix: r for r in routes})
 
-    async def withdraw_from(self, neighbors: Sequence[IPv4Address],
-                            prefixes: Sequence[IPv4Network]) -> None:
+    def _withdraw_from(self, neighbors, prefixes) -> None:
         for neighbor in neighbors:
-            await self.withdraw(neighbor, prefixes)
+            for prefix in prefixes:
+                self.announced.get(neighbor, {}).pop(prefix, None)
+
+    def _asked(self, do, *arguments) -> asyncio.Future:
+        """Done at once (as asked: in order); a future of it. (HeldSpeaker holds them.)"""
+        do(*arguments)
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
 
     async def send_end_of_rib(self, neighbor: IPv4Address) -> None:
         self.end_of_rib_sent.append(neighbor)
@@ -138,6 +158,33 @@ class MemorySpeaker:
 
     def end_of_rib(self, address: IPv4Address) -> None:
         self.peers[address] = replace(self.peers[address], end_of_rib=True)
+
+
+class HeldSpeaker(MemorySpeaker):
+    """A MemorySpeaker whose fan-out requests (announce_to, withdraw_from) wait for the test,
+    as ExaBGP's answers come later: asked in order (`requests`), done in that order by
+    release() or failed by fail()."""
+
+    def __init__(self):
+        super().__init__()
+        self.held: list[tuple[object, tuple, asyncio.Future]] = []
+
+    def _asked(self, do, *arguments) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        self.held.append((do, arguments, future))
+        return future
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for do, arguments, future in held:
+            do(*arguments)
+            future.set_result(None)
+
+    def fail(self) -> None:
+        from bgp_agent.model import SpeakerError
+        held, self.held = self.held, []
+        for _, _, future in held:
+            future.set_exception(SpeakerError("the session went down meanwhile"))
 
 
 class MemoryKernel:

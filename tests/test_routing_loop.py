@@ -24,7 +24,7 @@ from ipam.pool import pool_from_spec, pool_to_document
 from ipam.resource import make_document
 from ipip.route_table import RouteTable
 from ipip.routes import NextHop, Route
-from tests.doubles import Clock, MemoryKernel, MemorySpeaker, MemoryStore
+from tests.doubles import Clock, HeldSpeaker, MemoryKernel, MemorySpeaker, MemoryStore
 
 A, N = IPv4Address, IPv4Network
 ME = NodeRecord("n1", IPv4Interface("10.0.0.1/24"))
@@ -47,9 +47,9 @@ class Cluster:
     route reflector, n1-n3 its clients and rr2 a fellow reflector (mesh off, one BGPPeer
     peering every node with every reflector)."""
 
-    def __init__(self, kernel_routes=(), reflector: bool = False):
+    def __init__(self, kernel_routes=(), reflector: bool = False, speaker=None):
         self.store = MemoryStore()
-        self.speaker = MemorySpeaker()
+        self.speaker = speaker or MemorySpeaker()
         self.kernel = MemoryKernel(kernel_routes)
         self.clock = Clock()
         me = replace(RR1, labels={"route-reflector": "true"}) if reflector else ME
@@ -414,6 +414,76 @@ async def test_a_reflector_withdraws_its_own_block_once_gone_and_keeps_what_it_r
         await c.sync()
         assert all(mine not in c.speaker.announced[p] for p in (N1, N2, N3, R2))
         assert BLOCK2 in reflected_to(c, N1) and BLOCK2 in reflected_to(c, N3)
+
+
+@run
+async def test_a_reflectors_pass_does_not_wait_for_the_last_ones_sends_and_asks_after_them():
+    """Routes keep arriving while ExaBGP sends the last pass's: the next pass runs and asks
+    for its own, after those (in order: what is asked of a peer later goes after)."""
+    async with running(Cluster(reflector=True, speaker=HeldSpeaker())) as c:
+        c.settle_peers(N1, N2, N3, R2)
+        await c.sync()
+        c.speaker.send(N2, Path(BLOCK2, N2))
+        await c.sync()
+        c.claim(BLOCK3, "n3")
+        await c.store.settled()
+        c.speaker.send(N3, Path(BLOCK3, N3))
+        await c.sync()  # returns with the first pass's sends still unanswered
+        assert not reflected_to(c, N1)
+        assert c.speaker.requests == [
+            *[("announce", n, BLOCK2) for n in sorted((N1, N3, R2))],
+            *[("announce", n, BLOCK3) for n in sorted((N1, N2, R2))]]
+        c.speaker.release()
+        assert set(reflected_to(c, N1)) == {BLOCK2, BLOCK3}
+
+
+@run
+async def test_a_block_of_the_reflector_that_another_node_took_is_not_withdrawn_after_its_route():
+    """The block's new owner's route, reflected, replaces the reflector's own in ExaBGP; a
+    withdrawal of the reflector's own asked after it (its answer not in yet) would take it
+    away from the peers."""
+    mine = N("10.244.5.0/26")
+    async with running(Cluster(reflector=True, speaker=HeldSpeaker())) as c:
+        c.settle_peers(N1, N2, N3, R2)
+        c.claim(mine, "rr1")
+        await c.sync()
+        assert all(c.speaker.announced[p][mine].next_hop is None for p in (N1, N2, N3, R2))
+        c.claim(mine, "n3")
+        c.speaker.send(N3, Path(mine, N3))
+        await c.sync()
+        withdrawn = {n for kind, n, p in c.speaker.requests if (kind, p) == ("withdraw", mine)}
+        assert withdrawn == {N3}  # n3 is not sent its own route back: ours goes from it
+        c.speaker.release()
+        assert all(c.speaker.announced[p][mine].next_hop == N3 for p in (N1, N2, R2))
+        assert mine not in c.speaker.announced[N3]
+
+
+@run
+async def test_a_reflected_send_that_fails_is_made_good_a_second_later():
+    async with running(Cluster(reflector=True, speaker=HeldSpeaker())) as c:
+        c.settle_peers(N1, N2, N3, R2)
+        await c.sync()
+        c.speaker.send(N2, Path(BLOCK2, N2))
+        await c.sync()
+        c.router.changed.clear()  # (the test runs the passes; nothing else sets it now)
+        c.speaker.fail()  # the session to ExaBGP went down meanwhile, say
+        for _ in range(10):  # the failure lands
+            await asyncio.sleep(0)
+        assert c.router.changed.is_set()  # and wakes a pass
+        await c.sync()
+        assert not c.speaker.held  # nothing asked again yet
+        c.clock.advance(1.0)
+        checking = asyncio.create_task(c.sync())  # against what the speaker holds, it waits
+        for _ in range(100):  # for what it asks
+            if c.speaker.held:
+                break
+            await asyncio.sleep(0)
+        assert sorted(c.speaker.requests[3:]) == sorted(
+            ("announce", n, BLOCK2) for n in (N1, N3, R2))
+        c.speaker.release()
+        await asyncio.wait_for(checking, 5)
+        assert BLOCK2 in reflected_to(c, N1) and BLOCK2 in reflected_to(c, N3)
+        assert not c.router.reflection.due_check(c.clock())  # the next in a minute
 
 
 @run

@@ -449,7 +449,8 @@ async def receive(reader, until: str, timeout: float = 10) -> list[dict]:
 @pytest.mark.parametrize("protocol,form", [(3, "routes"), (4, "groups")])
 def test_routes_are_sent_in_the_form_the_connected_bridge_reads(tmp_path, protocol, form):
     """A bridge older than protocol 4 (an ExaBGP left running by an older Pipit) reads routes
-    listed one by one; a current one, in groups. The same routes either way."""
+    listed one by one; a current one, in groups. The same routes either way. What is asked is
+    written at the call, in order, awaited or not."""
     socket_path = tmp_path / "bridge.sock"
     routes = [Announcement(p, next_hop=A("10.0.0.7")) for p in blocks(3)]
 
@@ -463,13 +464,17 @@ def test_routes_are_sent_in_the_form_the_connected_bridge_reads(tmp_path, protoc
                 {"type": "hello", "protocol": protocol, "bridge_pid": 1, "exabgp_pid": 2,
                  "digest": None}, {"type": "snapshot-begin"}, {"type": "snapshot-end"})))
             await wait_async(lambda: speaker.connected, 10, "the speaker sees the bridge")
-            sending = asyncio.create_task(speaker.announce_to([A("10.0.0.2")], routes))
+            sending = speaker.announce_to([A("10.0.0.2")], routes)  # written now: not awaited
+            withdrawing = speaker.withdraw_from([A("10.0.0.2")], [routes[0].prefix])
             request = json.loads(await asyncio.wait_for(reader.readline(), 10))
             assert request["op"] == "announce" and request["neighbors"] == ["10.0.0.2"]
             assert {"routes", "groups"} & set(request) == {form}
             assert routes_of(request, "routes", announcement_from_json) == tuple(routes)
-            writer.write(json.dumps({"type": "done", "id": request["id"]}).encode() + b"\n")
-            await asyncio.wait_for(sending, 10)
+            after = json.loads(await asyncio.wait_for(reader.readline(), 10))
+            assert after["op"] == "withdraw" and after["id"] > request["id"]  # asked after it
+            writer.write(b"".join(json.dumps({"type": "done", "id": r["id"]}).encode() + b"\n"
+                                  for r in (request, after)))
+            await asyncio.wait_for(asyncio.gather(sending, withdrawing), 10)
         finally:
             writer.close()
             await speaker.stop(stop_exabgp=False)
