@@ -67,7 +67,7 @@ COMMAND_TIMEOUT = 120.0  # ExaBGP acks every command; this only guards against a
 # one turn of its loop and answers them in order, instead of one command per turn (a
 # reflector's pass is hundreds of commands, and every turn runs every peer).
 PIPELINE = 32
-ROUTE_OPS = ("announce", "withdraw")
+ROUTE_OPS = ("announce", "withdraw", "eor")  # pipelined: ExaBGP takes them in order
 # How ExaBGP words a session that ended with a NOTIFICATION (reactor/peer.py); any such end
 # rules out graceful restart (RFC 4724).
 NOTIFICATION = re.compile(r"notification (sent|received) \(\d+,\d+\)")
@@ -534,7 +534,7 @@ class Bridge:
         return {"type": "error", "id": request.get("id"), "message": str(error)}
 
     async def _route_requests(self, writer: asyncio.StreamWriter, first: dict) -> None:
-        """Announce/withdraw requests: `first`, then those queued behind it as they come (up
+        """Route requests (ROUTE_OPS): `first`, then those queued behind it as they come (up
         to another kind of request, left in `_held`), their commands pipelined (ExaBGP answers
         them in order); each is answered once its own commands are."""
         left: dict[int, int] = {}  # id(request) -> its commands not yet answered
@@ -582,9 +582,12 @@ class Bridge:
         return self._error_reply(request, CommandFailed(
             f"{len(errors)} commands failed: " + "; ".join(errors[:3])))
 
-    def _route_commands(self, request: dict) -> list[tuple[str, Callable[[], dict]]]:
-        """An announce or withdraw request's ExaBGP commands, each with what makes its state
-        message once ExaBGP took it."""
+    def _route_commands(self, request: dict) -> list[tuple[str, Callable[[], dict | None]]]:
+        """An announce, withdraw or End-of-RIB request's ExaBGP commands, each with what
+        makes its state message (if any) once ExaBGP took it."""
+        if request["op"] == "eor":  # after the routes before it: ExaBGP sends it once
+            neighbor = address_of(request["neighbor"])  # those queued for the peer are out
+            return [(end_of_rib_command(neighbor), lambda: None)]
         neighbors = [address_of(a) for a in request["neighbors"]]
         if request["op"] == "announce":
             routes = routes_of(request, "routes", announcement_from_json)
@@ -595,10 +598,8 @@ class Bridge:
                 for line, part in withdraw_commands(neighbors, prefixes)]
 
     async def _execute(self, request: dict) -> list[str]:
-        """Any request but announce/withdraw (`_route_requests`)."""
+        """Any request but those of ROUTE_OPS (`_route_requests`)."""
         op = request["op"]
-        if op == "eor":
-            return await self.command(end_of_rib_command(IPv4Address(request["neighbor"])))
         if op == "clear":
             neighbor = IPv4Address(request["neighbor"])
             output = await self.command(f"neighbor {neighbor} clear adj-rib out")
@@ -618,7 +619,7 @@ class Bridge:
     async def _pipelined(self, lines: list[tuple[str, Callable[[], dict], object]],
                          settled: Callable[[object, str | None], None],
                          more: Callable[[], list] | None = None) -> None:
-        """Send announce/withdraw commands, up to PIPELINE before the oldest is answered; for
+        """Send route commands (ROUTE_OPS), up to PIPELINE before the oldest is answered; for
         each one ExaBGP took, its state message `record()` goes to the agent, in order; then
         `settled(tag, None)`, or `settled(tag, why)` for one it refused. Once `lines` are
         written, `more()` gives the next ones (none: none yet), asked again after each answer
@@ -633,7 +634,9 @@ class Bridge:
             except CommandFailed as error:
                 settled(tag, str(error))
                 return
-            self._send_agent(record())
+            message = record()
+            if message is not None:  # (End-of-RIB: nothing to tell the agent's tables)
+                self._send_agent(message)
             settled(tag, None)
         while True:
             room = len(in_flight) < PIPELINE

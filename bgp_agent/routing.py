@@ -442,6 +442,7 @@ class Router:
 
     async def _announce(self, exports: Mapping[IPv4Address, Mapping]) -> None:
         peers = self.speaker.peers
+        end_of_rib = []  # (neighbour, its session) to send End-of-RIB to, after our table
         for address, wanted in exports.items():
             state = peers.get(address)
             if state is None or state.state != "up":
@@ -460,13 +461,19 @@ class Router:
             if gone:
                 await self.speaker.withdraw(address, gone)
             if self._eor_sent.get(address) != state.since and not self._reflector_waiting():
-                # End-of-RIB after our table, so a peer keeping our routes through a graceful
-                # restart never flushes them early
-                try:
-                    await self.speaker.send_end_of_rib(address)
-                    self._eor_sent[address] = state.since
-                except SpeakerError as error:  # the session went down meanwhile: next pass
-                    log.warning("could not send End-of-RIB to %s: %s", address, error)
+                end_of_rib.append((address, state.since))
+        # End-of-RIB after our table, so a peer keeping our routes through a graceful restart
+        # never flushes them early; asked of all at once (a reflector's 200 clients, one at a
+        # time, held its pass ~0.3 s)
+        results = await asyncio.gather(*(self.speaker.send_end_of_rib(a) for a, _ in end_of_rib),
+                                       return_exceptions=True)
+        for (address, since), result in zip(end_of_rib, results):
+            if isinstance(result, SpeakerError):  # the session went down meanwhile: next pass
+                log.warning("could not send End-of-RIB to %s: %s", address, result)
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                self._eor_sent[address] = since
         for address in set(self._eor_sent) - set(exports):
             del self._eor_sent[address]
 

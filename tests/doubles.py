@@ -161,13 +161,19 @@ class MemorySpeaker:
 
 
 class HeldSpeaker(MemorySpeaker):
-    """A MemorySpeaker whose fan-out requests (announce_to, withdraw_from) wait for the test,
-    as ExaBGP's answers come later: asked in order (`requests`), done in that order by
-    release() or failed by fail()."""
+    """A MemorySpeaker whose fan-out requests (announce_to, withdraw_from; End-of-RIB if
+    asked) wait for the test, as ExaBGP's answers come later: asked in order (`requests`),
+    done in that order by release() or failed by fail()."""
 
-    def __init__(self):
+    def __init__(self, hold_end_of_rib: bool = False):
         super().__init__()
         self.held: list[tuple[object, tuple, asyncio.Future]] = []
+        self.hold_end_of_rib = hold_end_of_rib  # End-of-RIB waits for the test too
+
+    async def send_end_of_rib(self, neighbor: IPv4Address) -> None:
+        if not self.hold_end_of_rib:
+            return await super().send_end_of_rib(neighbor)
+        await self._asked(self.end_of_rib_sent.append, neighbor)
 
     def _asked(self, do, *arguments) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()

@@ -487,6 +487,25 @@ async def test_a_reflected_send_that_fails_is_made_good_a_second_later():
 
 
 @run
+async def test_end_of_rib_is_asked_of_every_peer_at_once():
+    """Not one peer after another, each waiting for the last one's answer: a reflector's
+    hundreds of clients held its pass (and so every route it reflects next) for ~0.3 s."""
+    async with running(Cluster(reflector=True, speaker=HeldSpeaker(hold_end_of_rib=True))) as c:
+        c.settle_peers(N1, N2, N3, R2)
+        passing = asyncio.create_task(c.sync())
+        for _ in range(100):
+            if len(c.speaker.held) == 4 or passing.done():
+                break
+            await asyncio.sleep(0)
+        assert len(c.speaker.held) == 4 and c.speaker.end_of_rib_sent == []  # none answered
+        c.speaker.release()
+        await asyncio.wait_for(passing, 5)
+        assert sorted(c.speaker.end_of_rib_sent) == sorted([N1, N2, N3, R2])
+        await c.sync()
+        assert len(c.speaker.end_of_rib_sent) == 4  # once per session
+
+
+@run
 async def test_a_reflector_that_stops_reflecting_withdraws_what_it_reflected():
     async with running(Cluster(reflector=True)) as c:
         c.settle_peers(N1, N2, N3, R2)

@@ -648,8 +648,8 @@ def test_queued_announcements_go_to_exabgp_together_and_are_answered_each(tmp_pa
 def test_a_request_coming_while_commands_await_answers_is_written_at_once(tmp_path):
     """An agent's pass sends its requests one after another: one that reaches the bridge while
     earlier commands wait for ExaBGP's answers joins them in the pipeline (not after they are
-    all answered); a request of another kind (End-of-RIB) waits until the announcements
-    before it are answered."""
+    all answered), End-of-RIB too (ExaBGP sends it once the routes queued before it are out);
+    a request of another kind (a raw command) waits until those before it are answered."""
     def announce(writer, i: int) -> None:
         request(writer, id=i, op="announce", neighbors=["10.0.0.2"],
                 groups=[{"attributes": {"next_hop": "10.0.0.7"}, "prefixes": [f"10.9.{i}.0/26"]}])
@@ -660,17 +660,20 @@ def test_a_request_coming_while_commands_await_answers_is_written_at_once(tmp_pa
         assert exabgp.command().endswith("nlri 10.9.1.0/26")
         announce(writer, 2)
         request(writer, id=3, op="eor", neighbor="10.0.0.2")
+        request(writer, id=4, op="command", line="show neighbor summary")
         await writer.drain()
         assert exabgp.command().endswith("nlri 10.9.2.0/26")  # the first still unanswered
+        assert exabgp.command() == "neighbor 10.0.0.2 announce eor ipv4 unicast"
         with pytest.raises(AssertionError, match="no command"):
-            exabgp.command(timeout=0.5)  # and End-of-RIB not yet
-        exabgp.send("done", "done")
-        assert "eor" in exabgp.command()
+            exabgp.command(timeout=0.5)  # and the raw command not yet
+        exabgp.send("done", "done", "done")
+        assert exabgp.command() == "show neighbor summary"
         exabgp.send("done")
         messages = []
-        while len([m for m in messages if m["type"] == "done"]) < 3:
+        while len([m for m in messages if m["type"] == "done"]) < 4:
             messages += await receive(reader, "done")
-        assert [m["id"] for m in messages if m["type"] == "done"] == [1, 2, 3]
+        assert [m["id"] for m in messages if m["type"] == "done"] == [1, 2, 3, 4]
+        assert not [m for m in messages if m["type"] not in ("done", "announced")]
 
     with_bridge(tmp_path / "bridge.sock", scenario)
 
