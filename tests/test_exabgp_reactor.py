@@ -191,17 +191,18 @@ def test_the_fixes_are_installed_only_on_the_release_they_were_written_for(monke
                                                                            original_logger):
     import exabgp.version
     from exabgp.reactor.listener import Listener
+    from exabgp.reactor.api import processes
     originals = (Reactor._wait_for_io, Listener.incoming, Listener._connected, Peer.id,
-                 log.debug)
+                 log.debug, processes.os)
     for owner, name, original in ((Reactor, "_wait_for_io", originals[0]),
                                   (Listener, "incoming", originals[1]),
                                   (Listener, "_connected", originals[2]),
-                                  (Peer, "id", originals[3])):
+                                  (Peer, "id", originals[3]), (processes, "os", originals[5])):
         monkeypatch.setattr(owner, name, original)  # restored after the test
     monkeypatch.setattr(exabgp.version, "release", "5.1.0")
     assert "5.1.0" in exabgp_reactor.apply()
     assert (Reactor._wait_for_io, Listener.incoming, Listener._connected, Peer.id,
-            log.debug) == originals
+            log.debug, processes.os) == originals
     monkeypatch.setattr(exabgp.version, "release", "5.0.15")
     for _ in range(2):  # twice: still one layer
         assert exabgp_reactor.apply() is None
@@ -210,6 +211,37 @@ def test_the_fixes_are_installed_only_on_the_release_they_were_written_for(monke
                                                              exabgp_reactor.connected)
         assert Peer.id is exabgp_reactor.peer_id
         assert log.debug.__func__.__wrapped__ is _log.__dict__["debug"].__func__
+        assert processes.os.os is os
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_one_turn_takes_every_command_waiting_in_the_api_pipe(fixed, monkeypatch):
+    """ExaBGP's own Processes.received() over a real pipe full of a reflector's commands
+    (each names 199 clients, ~2.5 KB): one call, one turn of its loop, yields 6 of them;
+    with fix 5 all the pipe holds."""
+    import fcntl
+    from types import SimpleNamespace
+
+    from exabgp.reactor.api import processes
+    if fixed:
+        monkeypatch.setattr(processes, "os", exabgp_reactor.ReadingMore(os))
+    log.init(getenv())
+    reader, writer = os.pipe()
+    fcntl.fcntl(reader, fcntl.F_SETFL, os.O_NONBLOCK)
+    size = fcntl.fcntl(writer, 1032)  # F_GETPIPE_SZ
+    clients = " , ".join(f"neighbor 10.77.{i // 250}.{i % 250 + 1}" for i in range(199))
+    command = f"{clients} announce attributes next-hop 10.77.1.5 nlri 10.1.0.0/26\n".encode()
+    fitting = size // len(command)
+    try:
+        os.write(writer, command * fitting)
+        api = processes.Processes()
+        api._process = {"bridge": SimpleNamespace(stdout=os.fdopen(reader, "rb", buffering=0),
+                                                  poll=lambda: None)}
+        taken = [line for _, line in api.received()]
+        assert len(taken) == (fitting if fixed else 16384 // len(command))
+        assert all(line == command.decode().strip() for line in taken)
+    finally:
+        os.close(writer)
 
 
 def test_a_peer_s_name_is_made_once_per_neighbour_object_as_exabgp_makes_it():
