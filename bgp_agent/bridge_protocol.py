@@ -62,8 +62,8 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
-from operator import attrgetter
 from ipaddress import IPv4Address, IPv4Network
+from operator import attrgetter
 from socket import AF_INET, inet_pton
 
 from bgp_agent.model import Announcement, Path, PeerState, with_prefix
