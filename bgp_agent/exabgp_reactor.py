@@ -1,7 +1,7 @@
 """pipit-exabgp: ExaBGP 5.0 with five fixes to its reactor loop, so that it can sleep when
 idle and still answer at once, take many connections and commands at once, and not format
-log lines it drops. The agent runs it in place
-of `exabgp` (same arguments); a sidecar should too.
+log lines it drops. The agent runs it in place of `exabgp` (same arguments); a sidecar
+should too.
 
 ExaBGP's reactor is one loop: each turn it runs every peer, tries accept() on each listening
 socket, polls the API helper's pipe, then waits in poll() on the peers' sockets and the helper's
@@ -166,8 +166,8 @@ class ReadingMore:
 
 
 def apply() -> str | None:
-    """Install the fixes into ExaBGP's Reactor, Listener, Peer and logger. None if done, else
-    why not."""
+    """Install the fixes into ExaBGP's Reactor, Listener, Peer, logger and API Processes.
+    None if done, else why not."""
     from exabgp.logger import _log, log
     from exabgp.reactor.api import processes
     from exabgp.reactor.listener import Listener
