@@ -61,7 +61,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from ipaddress import IPv4Address, IPv4Network
 from operator import attrgetter
 from socket import AF_INET, inet_pton
@@ -94,19 +94,14 @@ class Prefix(IPv4Network):
     Equal to, hashing as and written as the IPv4Network of the same prefix, so either finds
     the other in a table."""
 
+    _hash = cached_property(IPv4Network.__hash__)
+    _text = cached_property(IPv4Network.__str__)
+
     def __hash__(self) -> int:
-        try:
-            return self._hash
-        except AttributeError:
-            self._hash = IPv4Network.__hash__(self)
-            return self._hash
+        return self._hash
 
     def __str__(self) -> str:
-        try:
-            return self._text
-        except AttributeError:
-            self._text = IPv4Network.__str__(self)
-            return self._text
+        return self._text
 
     def __repr__(self) -> str:
         return f"IPv4Network('{self}')"

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from ipaddress import IPv4Address, IPv4Network
 
+from bgp_agent import long_lived
 from bgp_agent.bridge_protocol import (
     LINE_LIMIT,
     PROTOCOL,
@@ -53,7 +54,6 @@ from bgp_agent.bridge_protocol import (
     same_attributes,
     text_of,
 )
-from bgp_agent import long_lived
 from bgp_agent.exabgp_config import DESCRIPTION_PREFIX
 from bgp_agent.model import Announcement, Path, PeerState, with_prefix
 from bgp_agent.version import software_version
@@ -540,7 +540,7 @@ class Bridge:
         left: dict[int, int] = {}  # id(request) -> its commands not yet answered
         errors: dict[int, list[str]] = {}
 
-        def take(request: dict) -> list[tuple[str, Callable[[], dict], dict]]:
+        def take(request: dict) -> list[tuple[str, Callable[[], dict | None], dict]]:
             try:
                 commands = self._route_commands(request)
             except (KeyError, ValueError, TypeError) as error:
@@ -552,7 +552,7 @@ class Bridge:
             left[id(request)], errors[id(request)] = len(commands), []
             return [(line, record, request) for line, record in commands]
 
-        def more() -> list[tuple[str, Callable[[], dict], dict]]:
+        def more() -> list[tuple[str, Callable[[], dict | None], dict]]:
             while self._held is None and not self.queue.empty():
                 queued = self.queue.get_nowait()
                 if queued[0] is not self.agent:
@@ -616,7 +616,7 @@ class Bridge:
             return await self.command(str(request["line"]))
         raise ValueError(f"unknown op {op!r}")
 
-    async def _pipelined(self, lines: list[tuple[str, Callable[[], dict], object]],
+    async def _pipelined(self, lines: list[tuple[str, Callable[[], dict | None], object]],
                          settled: Callable[[object, str | None], None],
                          more: Callable[[], list] | None = None) -> None:
         """Send route commands (ROUTE_OPS), up to PIPELINE before the oldest is answered; for
@@ -624,7 +624,7 @@ class Bridge:
         `settled(tag, None)`, or `settled(tag, why)` for one it refused. Once `lines` are
         written, `more()` gives the next ones (none: none yet), asked again after each answer
         until none are in flight."""
-        in_flight: deque[tuple[asyncio.Future, str, Callable[[], dict], object]] = deque()
+        in_flight: deque[tuple[asyncio.Future, str, Callable[[], dict | None], object]] = deque()
         pending = deque(lines)
 
         async def settle_oldest() -> None:

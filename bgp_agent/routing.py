@@ -181,7 +181,7 @@ class Router:
         own = self.own_blocks()
         usage: dict[str, dict[str, int]] = {"blocks": {}, "addresses": {}}
         for block in list(self.blocks.items.values()):
-            pool = next((p.name for p in pools if block.cidr.subnet_of(p.cidr)), None)
+            pool = next((p.name for p in pools if p.holds(block.cidr)), None)
             if pool is None:
                 continue
             if block.cidr in own:

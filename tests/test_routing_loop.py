@@ -24,6 +24,7 @@ from ipam.pool import pool_from_spec, pool_to_document
 from ipam.resource import make_document
 from ipip.route_table import RouteTable
 from ipip.routes import NextHop, Route
+from lab.process import wait_async
 from tests.doubles import Clock, HeldSpeaker, MemoryKernel, MemorySpeaker, MemoryStore
 
 A, N = IPv4Address, IPv4Network
@@ -467,17 +468,12 @@ async def test_a_reflected_send_that_fails_is_made_good_a_second_later():
         await c.sync()
         c.router.changed.clear()  # (the test runs the passes; nothing else sets it now)
         c.speaker.fail()  # the session to ExaBGP went down meanwhile, say
-        for _ in range(10):  # the failure lands
-            await asyncio.sleep(0)
-        assert c.router.changed.is_set()  # and wakes a pass
+        await asyncio.wait_for(c.router.changed.wait(), 5)  # the failure lands, wakes a pass
         await c.sync()
         assert not c.speaker.held  # nothing asked again yet
         c.clock.advance(1.0)
         checking = asyncio.create_task(c.sync())  # against what the speaker holds, it waits
-        for _ in range(100):  # for what it asks
-            if c.speaker.held:
-                break
-            await asyncio.sleep(0)
+        await wait_async(lambda: c.speaker.held, 5, "the check's sends")  # for what it asks
         assert sorted(c.speaker.requests[3:]) == sorted(
             ("announce", n, BLOCK2) for n in (N1, N3, R2))
         c.speaker.release()
@@ -493,10 +489,8 @@ async def test_end_of_rib_is_asked_of_every_peer_at_once():
     async with running(Cluster(reflector=True, speaker=HeldSpeaker(hold_end_of_rib=True))) as c:
         c.settle_peers(N1, N2, N3, R2)
         passing = asyncio.create_task(c.sync())
-        for _ in range(100):
-            if len(c.speaker.held) == 4 or passing.done():
-                break
-            await asyncio.sleep(0)
+        await wait_async(lambda: len(c.speaker.held) == 4 or passing.done(), 2,
+                         "every End-of-RIB asked")
         assert len(c.speaker.held) == 4 and c.speaker.end_of_rib_sent == []  # none answered
         c.speaker.release()
         await asyncio.wait_for(passing, 5)
