@@ -40,12 +40,16 @@ from bgp_agent.node import (
 from bgp_agent.version import software_version
 from bgp_agent.status import DEFAULT_STATUS_SOCKET, StatusServer
 from ipam.allocator import IPAM
-from ipam.errors import InvalidResource, PipitError
+from ipam.errors import DatastoreUnavailable, InvalidResource, PipitError
 from ipam.service import DEFAULT_SOCKET, IPAMService
 from ipam.store import ENV_CA, ENV_CERT, ENV_ENDPOINTS, ENV_KEY, EtcdConfig, Store
 
 log = logging.getLogger("pipit-agent")
 DEFAULT_STATE_DIR = "/run/pipit"
+# Registering while etcd cannot be reached is tried again, 1 s after the first failure, then
+# twice as long each time up to REGISTER_RETRY_MAX; a still-failing etcd is said again
+# every REGISTER_REPORT_EVERY.
+REGISTER_RETRY_FIRST, REGISTER_RETRY_MAX, REGISTER_REPORT_EVERY = 1.0, 8.0, 60.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -202,7 +206,9 @@ async def run(args: argparse.Namespace) -> None:
             if probes:
                 await probes.start()
             if args.no_bgp:  # registered all the same, so that it is listed and has a status
-                me = await register(store, identity)
+                me = await register_when_reachable(store, identity, stop)
+                if me is None:
+                    return
                 status = StatusServer(args.status_socket, lambda: ipam_only_status(me))
                 await status.start()
                 if conflist:  # IPAM can be served: etcd answered the registration
@@ -224,6 +230,39 @@ async def run(args: argparse.Namespace) -> None:
                 await kube.close()
 
 
+async def register_when_reachable(store: Store, identity: NodeRecord, stop: asyncio.Event,
+                                  first: float = REGISTER_RETRY_FIRST,
+                                  longest: float = REGISTER_RETRY_MAX,
+                                  report_every: float = REGISTER_REPORT_EVERY
+                                  ) -> NodeRecord | None:
+    """register(), tried again for as long as etcd cannot be reached, as calico-node waits
+    for its datastore: nodes and etcd powered on together come up together, instead of each
+    agent exiting into a kubelet's growing restart back-off. None if `stop` comes first
+    (nothing has been written). Any other refusal (an address another node holds...) ends it."""
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    delay, reported = first, None
+    while True:
+        try:
+            me = await register(store, identity)
+        except DatastoreUnavailable as error:
+            now = loop.time()
+            if reported is None or now - reported >= report_every:
+                log.warning("node %s not registered yet, trying again: %s", identity.name,
+                            error)
+                reported = now
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+                return None
+            except asyncio.TimeoutError:
+                delay = min(delay * 2, longest)
+            continue
+        if reported is not None:
+            log.info("etcd answered after %.0f s: node %s registered", loop.time() - began,
+                     me.name)
+        return me
+
+
 async def route(store: Store, ipam: IPAM, args: argparse.Namespace, identity: NodeRecord,
                 stop: asyncio.Event, retiring, kube=None,
                 parts: health.AgentParts | None = None,
@@ -237,7 +276,9 @@ async def route(store: Store, ipam: IPAM, args: argparse.Namespace, identity: No
     from ipip.kernel_routes import KernelRoutes
     from ipip.route_table import RouteTable
 
-    me = await register(store, identity)
+    me = await register_when_reachable(store, identity, stop)
+    if me is None:
+        return
     log.info("node %s registered with address %s", me.name, me.address)
     if args.reflector_only and me.route_reflector_cluster_id is None:
         raise InvalidResource(f"node {me.name} has no route reflector cluster id: give "

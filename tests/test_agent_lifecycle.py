@@ -22,7 +22,9 @@ from bgp_agent import health
 from bgp_agent.cni_conflist import DEFAULT_TEMPLATE, ConflistWriter
 from ipam.cni import ask_agent
 from ipam.errors import InvalidResource
-from ipam.store import EtcdConfig
+from bgp_agent.node import NodeRecord, parse_explicit_address, register
+from ipam import keys
+from ipam.store import EtcdConfig, Store
 from lab.agent import AgentProcess, NodeAgentProcess
 from lab.process import alive, wait
 from tests.sentences import one_sentence
@@ -166,6 +168,69 @@ def test_readyz_fails_and_says_so_while_etcd_is_away(own_etcd, short_dir):
         finally:
             own_etcd.start()
         wait(lambda: health.get(listen, "/readyz")[0] == 200, 20, "ready again")
+
+
+def node_record(config: EtcdConfig, node: str):
+    async def read():
+        async with Store(config) as store:
+            return await store.get(keys.node_key(node))
+    return asyncio.run(read())
+
+
+def logged(path: Path, words: str):
+    return lambda: words in path.read_text()
+
+
+def test_an_agent_started_before_etcd_waits_for_it_then_registers(own_etcd, short_dir):
+    """As calico-node waits for its datastore: a rack powered on together must not leave every
+    agent exited (or in a kubelet's restart back-off) because etcd came up a little later."""
+    listen = health.Listen(path=str(short_dir / "health.sock"))
+    conflist = short_dir / "net.d" / "10-pipit.conflist"
+    config = EtcdConfig(endpoints=(own_etcd.endpoint,))
+    own_etcd.stop()
+    with no_bgp_agent(config, short_dir) as agent:
+        wait(logged(agent.log_path, "node node-1 not registered yet, trying again: cannot "
+                    f"reach etcd at {own_etcd.endpoint}"), 20, "the agent saying it waits")
+        assert agent.running
+        code, body = health.get(listen, "/readyz", timeout=10)
+        assert code == 503 and "[-]etcd failed: cannot reach etcd" in body
+        assert health.get(listen, "/livez")[0] == 200  # waiting is no reason to restart it
+        assert not conflist.exists()  # nothing that says IPAM can be served
+        own_etcd.start()
+        wait(conflist.exists, 30, "the conflist, once registered")
+        assert node_record(config, "node-1") is not None
+        assert "etcd answered after" in agent.log_path.read_text()
+        agent.process.send_signal(signal.SIGTERM)
+        assert agent.process.wait(10) == 0
+
+
+def test_sigterm_while_waiting_for_etcd_exits_having_written_nothing(own_etcd, short_dir):
+    config = EtcdConfig(endpoints=(own_etcd.endpoint,))
+    own_etcd.stop()
+    with no_bgp_agent(config, short_dir) as agent:
+        wait(logged(agent.log_path, "not registered yet"), 20, "the agent saying it waits")
+        agent.process.send_signal(signal.SIGTERM)
+        assert agent.process.wait(10) == 0
+    own_etcd.start()
+    assert node_record(config, "node-1") is None
+    assert not (short_dir / "net.d").exists()
+
+
+def test_a_refused_registration_still_ends_the_agent_in_one_sentence(etcd, short_dir):
+    asyncio.run(_register_other(etcd))
+    result = subprocess.run(
+        [sys.executable, "-m", "bgp_agent.agent", "--node", "node-1", "--no-bgp",
+         "--ip", "10.99.1.1/24", "--ipam-socket", str(short_dir / "ipam.sock"),
+         "--status-socket", str(short_dir / "status.sock"), "--etcd-endpoints",
+         etcd.endpoints[0]], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "node node-0 already has the address 10.99.1.1" in result.stderr
+    assert node_record(etcd, "node-1") is None
+
+
+async def _register_other(config: EtcdConfig) -> None:
+    async with Store(config) as store:
+        await register(store, NodeRecord("node-0", parse_explicit_address("10.99.1.1/24")))
 
 
 def test_a_bad_template_stops_the_agent_before_it_serves_or_writes_anything(etcd, short_dir):
