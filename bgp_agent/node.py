@@ -204,7 +204,7 @@ def _address(text: str, method: str) -> IPv4Address:
 
 def local_addresses() -> list[InterfaceAddress]:
     """Global IPv4 addresses on this network namespace's interfaces, in interface order."""
-    from pyroute2 import IPRoute  # heavy import, only for the agent
+    from ipip.pyroute2_core import IPRoute  # heavy import, only for the agent
     with IPRoute() as ipr:
         names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
         found = []

@@ -68,7 +68,7 @@ class NodeDataplane:
         """pyroute2's IPRoute, made (and used) in worker threads: it runs an event loop of
         its own, which cannot start inside the agent's."""
         if self._ipr is None:
-            from pyroute2 import IPRoute  # heavy: only once a node routes
+            from ipip.pyroute2_core import IPRoute  # heavy: only once a node routes
             self._ipr = await asyncio.to_thread(IPRoute)
         return self._ipr
 

@@ -65,7 +65,7 @@ def _probe(kind: str) -> bool:
         if libc.unshare(CLONE_NEWNET) != 0:
             code = ctypes.get_errno()
             raise OSError(code, f"unshare(CLONE_NEWNET): {os.strerror(code)}")
-        from pyroute2 import IPRoute, NetlinkError  # the socket opens in the new namespace
+        from ipip.pyroute2_core import IPRoute, NetlinkError  # opens in the new namespace
 
         with IPRoute() as ipr:
             try:

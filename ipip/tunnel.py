@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 from ipaddress import IPv4Address, IPv4Interface
 
-from pyroute2 import NetlinkError
+from ipip.pyroute2_core import NetlinkError
 
 from ipip.encap import IPIP, TUNL0
 from ipip.links import DataplaneError, link, lookup, set_addresses, set_state

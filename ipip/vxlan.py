@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
 
-from pyroute2 import NetlinkError
+from ipip.pyroute2_core import NetlinkError
 
 from ipip.encap import VXLAN, VXLAN_DEVICE, VXLAN_PORT, VXLAN_VNI, RemoteVTEP
 from ipip.links import DataplaneError, link, lookup, set_addresses, set_state
