@@ -126,7 +126,9 @@ async def _undo(store: Store, done: list[tuple[list[Write], int]]) -> None:
     our write."""
     lost = []
     for part, revision in reversed(done):
-        restores = [Write(w.key, revision, w.old) for w in part]
+        # our write is still there: a key we put is at the part's revision, one we deleted
+        # is absent (etcd compares an absent key's mod_revision as 0)
+        restores = [Write(w.key, revision if w.value is not None else 0, w.old) for w in part]
         for chunk in split(restores, 0):
             if await _restore(store, chunk):
                 continue

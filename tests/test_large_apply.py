@@ -128,3 +128,40 @@ def test_an_overlap_appearing_between_parts_leaves_nothing_of_the_file(etcd, int
         assert [k.removeprefix(keys.POOLS) for k in await store.list_keys(keys.POOLS)] == \
             ["squatter"]
     with_store(etcd, scenario)
+
+
+def test_a_split_into_many_pools_undone_between_parts_keeps_the_pool_it_deleted(
+        etcd, interference):
+    """A split into 256 pools is three transactions, the first deleting the pool split. A pool
+    written elsewhere after the first: the undo must bring the deleted pool back (its key is
+    absent, not at the revision of our write) and the split then runs again on what is there."""
+    from pipitctl.split import split_stored_pool
+
+    async def other_writer(store: Store):
+        pool = pool_from_spec("elsewhere", {"cidr": "172.16.0.0/16"})
+        await store.put(keys.pool_key("elsewhere"), pool_to_document(pool))
+
+    async def scenario(store: Store):
+        pool = pool_from_spec("big", {"cidr": "10.0.0.0/16", "blockSize": 26})
+        await store.put(keys.pool_key("big"), pool_to_document(pool))
+        interference(other_writer)
+        new = await split_stored_pool(store, "big", 256)
+        names = {k.removeprefix(keys.POOLS) for k in await store.list_keys(keys.POOLS)}
+        assert names == {p.name for p in new} | {"elsewhere"} and len(new) == 256
+    with_store(etcd, scenario)
+
+
+def test_an_undo_whose_keys_were_deleted_puts_them_back(etcd):
+    """The undo alone: a part that deleted a key and wrote another, undone."""
+    async def scenario(store: Store):
+        await store.put("/pipit/test/a", {"v": 1})
+        entry = await store.get("/pipit/test/a")
+        writes = [commit_module.Write("/pipit/test/a", entry.mod_revision, None, old={"v": 1}),
+                  commit_module.Write("/pipit/test/b", 0, {"v": 2})]
+        succeeded, revision = await commit_module._txn(
+            store, [commit_module._key_unchanged(w.key, w.revision) for w in writes],
+            [commit_module._operation(w.key, w.value) for w in writes])
+        assert succeeded
+        await commit_module._undo(store, [(writes, revision)])
+        assert await store.snapshot("/pipit/test/") == {"/pipit/test/a": {"v": 1}}
+    with_store(etcd, scenario)
