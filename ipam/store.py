@@ -462,6 +462,13 @@ class Store:
                 result.current[key] = _entry(kvs[0]) if kvs else None
         return result
 
+    async def transaction(self, compare: list, success: list) -> tuple[bool, int]:
+        """A transaction of etcd's own comparisons and operations (range comparisons, for
+        pipitctl.commit): whether its comparisons held, and the revision it was decided at."""
+        response = await self._call("Txn", rpc.TxnRequest(compare=compare, success=success),
+                                    writes=True)
+        return response.succeeded, response.header.revision
+
     async def put(self, key: str, value: Mapping, timeout: float | None = None) -> int:
         """Unconditional write (tests, tools, the allocator's fence); returns the new
         mod_revision."""

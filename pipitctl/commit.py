@@ -12,26 +12,33 @@ A change that fits is one transaction. A larger one is written in parts, in orde
 re-checks the ranges against the revision of the part before, so nothing else may touch them
 in between. If a part fails, the parts already written are undone (each key back to what it
 held, guarded by the revision our write gave it) and the caller decides again: all of it lands
-or, in the end, none of it.
+or, in the end, none of it. If etcd stops answering in the middle, the written parts are
+undone once it answers again (a few tries, a second apart); a change whose last transaction
+was written but whose answer was lost has landed. Only an etcd that stays away leaves part
+of a change written, and the error says so.
 
-This talks to etcd below `Store.txn` (which compares single keys only); it uses the store's
-connection and error handling through `Store._call`.
+This talks to etcd below `Store.txn` (which compares single keys only), through
+`Store.transaction` (etcd's own comparisons and operations, the store's connection and errors).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from aetcd import rpc
 
-from ipam.errors import Conflict
+from ipam.errors import Conflict, DatastoreUnavailable
 from ipam.store import Store, encode
 from ipam.txn import TXN_KEY_BUDGET
 
 log = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 1024 * 1024  # below etcd's default --max-request-bytes (1.5 MiB)
+# etcd gone in the middle of a change: its written parts are undone, tried again while etcd
+# comes back (each try waits for etcd as long as any call does)
+UNDO_ATTEMPTS, UNDO_PAUSE = 3, 1.0
 
 
 @dataclass(frozen=True)
@@ -71,8 +78,7 @@ def _operation(key: str, value: dict | None):
 
 
 async def _txn(store: Store, compares: list, operations: list) -> tuple[bool, int]:
-    response = await store._call("Txn", rpc.TxnRequest(compare=compares, success=operations))
-    return response.succeeded, response.header.revision
+    return await store.transaction(compares, operations)
 
 
 def split(writes: Sequence[Write], fixed_compares: int,
@@ -100,19 +106,83 @@ async def commit(store: Store, writes: Sequence[Write], ranges: Mapping[str, int
         return True
     ranges = dict(ranges)
     done: list[tuple[list[Write], int]] = []
-    for part in split(writes, len(ranges)):
+    parts = split(writes, len(ranges))
+    for part in parts:
         compares = [_range_unchanged(prefix, revision) for prefix, revision in ranges.items()]
         for write in part:
             compares.append(_key_unchanged(write.key, write.revision))
             compares += [_key_unchanged(k, r) for k, r in write.depends]
-        succeeded, revision = await _txn(store, compares,
-                                         [_operation(w.key, w.value) for w in part])
+        try:
+            succeeded, revision = await _txn(store, compares,
+                                             [_operation(w.key, w.value) for w in part])
+        except DatastoreUnavailable as error:
+            if not done and not error.maybe_written:
+                raise  # nothing was written
+            if await _after_outage(store, done, part, part is parts[-1], len(parts), error):
+                return True
         if not succeeded:
             await _undo(store, done)
             return False
         done.append((part, revision))
         ranges = dict.fromkeys(ranges, revision)  # nothing else may touch them from here on
     return True
+
+
+async def _landed(store: Store, part: list[Write]) -> int | None:
+    """The revision at which `part` was written, if it was (its answer lost): every key holds
+    what the part wrote (a put key its value, at the one revision of the transaction; a
+    deleted key nothing). None if it was not."""
+    current = await store.get_many(w.key for w in part)
+    revisions = set()
+    for write in part:
+        entry = current[write.key]
+        if write.value is None:
+            if entry is not None:
+                return None
+        elif entry is None or entry.value != write.value:
+            return None
+        else:
+            revisions.add(entry.mod_revision)
+    if len(revisions) > 1:
+        return None
+    return revisions.pop() if revisions else 0  # deletes only: guarded by absence anyway
+
+
+async def _after_outage(store: Store, done: list[tuple[list[Write], int]], part: list[Write],
+                        last: bool, count: int, error: DatastoreUnavailable) -> bool:
+    """etcd stopped answering during a change: True if it landed whole after all (its last
+    part was written, only the answer was lost). Otherwise what was written of it is undone
+    (the part it failed on too, if that was written), tried again while etcd comes back, up
+    to UNDO_ATTEMPTS, and the error raised says whether anything of the change stays."""
+    reason = str(error).rstrip(".")
+    for attempt in range(UNDO_ATTEMPTS):
+        try:
+            written = list(done)
+            if error.maybe_written:
+                revision = await _landed(store, part)
+                if revision is not None:
+                    if last:
+                        return True
+                    written.append((part, revision))
+            if not written:
+                raise error  # the one part in doubt was not written: nothing was
+            await _undo(store, written)
+        except DatastoreUnavailable as again:
+            if again is error:
+                raise
+            if attempt + 1 < UNDO_ATTEMPTS:
+                await asyncio.sleep(UNDO_PAUSE)
+            continue
+        raise DatastoreUnavailable(f"{reason}; what was written of the change was undone, so "
+                                   "nothing of it stays.")
+    if not done:
+        raise DatastoreUnavailable(f"{reason}; whether the change was written is not known "
+                                   "(etcd's answer was lost): check with `pipitctl get` once "
+                                   "etcd answers.")
+    raise DatastoreUnavailable(
+        f"{reason}; the change is partly written ({len(done)} of its {count} etcd "
+        f"transactions{', perhaps one more' if error.maybe_written else ''}) and could not be "
+        "undone: check with `pipitctl get` once etcd answers, then apply it again.")
 
 
 async def _restore(store: Store, writes: list[Write]) -> bool:

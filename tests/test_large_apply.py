@@ -6,6 +6,7 @@ nothing when someone else writes in between."""
 
 from __future__ import annotations
 
+import threading
 from ipaddress import IPv4Network
 
 import pytest
@@ -13,7 +14,8 @@ import yaml
 
 from ipam import keys
 from ipam.pool import pool_from_spec, pool_to_document
-from ipam.store import Store
+from ipam.errors import DatastoreUnavailable
+from ipam.store import EtcdConfig, Store
 from pipitctl import commit as commit_module
 from pipitctl.resources import apply_objects, read_objects
 from tests.helpers import with_store
@@ -164,4 +166,107 @@ def test_an_undo_whose_keys_were_deleted_puts_them_back(etcd):
         assert succeeded
         await commit_module._undo(store, [(writes, revision)])
         assert await store.snapshot("/pipit/test/") == {"/pipit/test/a": {"v": 1}}
+    with_store(etcd, scenario)
+
+
+# --------------------------------------------------------------------------------------------
+# etcd going away in the middle of a change written in parts
+
+
+@pytest.fixture
+def after_first_part(monkeypatch):
+    """Runs `action(store)` once, right after the first transaction of a change lands (as
+    `interference`, for actions that are not writes)."""
+    actions = []
+    real = commit_module._txn
+
+    async def txn(store, compares, operations):
+        result = await real(store, compares, operations)
+        if actions:
+            actions.pop()()
+        return result
+    monkeypatch.setattr(commit_module, "_txn", txn)
+    return actions.append
+
+
+def test_etcd_gone_between_parts_and_back_leaves_nothing_of_the_file(
+        own_etcd, after_first_part, monkeypatch):
+    monkeypatch.setattr(commit_module, "UNDO_ATTEMPTS", 60)  # however long etcd takes to start
+    config = EtcdConfig(endpoints=(own_etcd.endpoint,))
+    restart = threading.Thread(target=own_etcd.start)
+
+    def outage():
+        own_etcd.stop()
+        restart.start()  # back while the undo is tried again
+    after_first_part(outage)
+
+    async def scenario(store: Store):
+        with pytest.raises(DatastoreUnavailable) as raised:
+            await apply_objects(store, pools_file(250))
+        restart.join()
+        one_sentence(str(raised.value), "cannot reach etcd",
+                     "what was written of the change was undone, so nothing of it stays")
+        assert await store.list_keys(keys.POOLS) == []
+    try:
+        with_store(config, scenario)
+    finally:
+        if restart.is_alive():
+            restart.join()
+
+
+def test_etcd_gone_for_good_between_parts_says_the_change_is_partly_written(
+        own_etcd, after_first_part, monkeypatch):
+    monkeypatch.setattr(commit_module, "UNDO_PAUSE", 0.1)
+    config = EtcdConfig(endpoints=(own_etcd.endpoint,))
+    after_first_part(own_etcd.stop)
+
+    async def scenario(store: Store):
+        with pytest.raises(DatastoreUnavailable) as raised:
+            await apply_objects(store, pools_file(250))
+        one_sentence(str(raised.value), "cannot reach etcd", "the change is partly written "
+                     "(1 of its 3 etcd transactions) and could not be undone",
+                     "check with `pipitctl get` once etcd answers, then apply it again")
+    with_store(config, scenario)
+    own_etcd.start()
+    written = with_store(config, lambda store: store.list_keys(keys.POOLS))
+    assert 0 < len(written) < 250  # what the sentence said: the first part is there
+
+
+def losing_answers(monkeypatch, *which: int):
+    """etcd's answers to the `which`-th transactions (counted from 1) of a change lost after
+    they were written, as a connection cut after the request went out loses them."""
+    real, count = commit_module._txn, [0]
+
+    async def txn(store, compares, operations):
+        result = await real(store, compares, operations)
+        count[0] += 1
+        if count[0] in which:
+            lost = DatastoreUnavailable(f"etcd at {store.config.describe()} did not answer "
+                                        "within 5 s.")
+            lost.maybe_written = True
+            raise lost
+        return result
+    monkeypatch.setattr(commit_module, "_txn", txn)
+    return count
+
+
+@pytest.mark.parametrize("count, parts", [(3, 1), (250, 3)])
+def test_a_change_whose_last_answer_was_lost_has_landed(etcd, monkeypatch, count, parts):
+    transactions = losing_answers(monkeypatch, parts)
+
+    async def scenario(store: Store):
+        lines = await apply_objects(store, pools_file(count))
+        assert len(lines) == count and all(line.endswith(" created") for line in lines)
+        assert len(await store.list_keys(keys.POOLS)) == count
+    with_store(etcd, scenario)
+    assert transactions == [parts]  # the lost one was the last
+
+
+def test_a_lost_answer_to_a_written_first_part_is_undone_with_the_rest(etcd, monkeypatch):
+    losing_answers(monkeypatch, 1)
+
+    async def scenario(store: Store):
+        with pytest.raises(DatastoreUnavailable, match="undone, so nothing of it stays"):
+            await apply_objects(store, pools_file(250))
+        assert await store.list_keys(keys.POOLS) == []
     with_store(etcd, scenario)
