@@ -121,7 +121,8 @@ class _Client(aetcd.Client):
     one group). Each group is one gRPC channel over the group's addresses, on which gRPC
     picks a live one; with several groups (members with certificates of their own), a call
     that reaches no member of one group is tried on the next (`fail_over`). An endpoint whose
-    name does not resolve is left out while another one does."""
+    name does not resolve is left out while another one does, until no member answers: then
+    every name is resolved again (`reconnect_if_names_were_left_out`)."""
 
     def __init__(self, config: EtcdConfig):
         super().__init__(timeout=config.timeout)
@@ -129,6 +130,8 @@ class _Client(aetcd.Client):
         self.channels: list = []
         self.kvstubs: list = []  # one per channel, made with it
         self._current = 0
+        self.unresolved: list[str] = []  # endpoints left out at the last connect
+        self.generation = 0  # how many times the channels were made
 
     async def connect(self) -> None:  # replaces aetcd's insecure-only channel set-up
         if self._connected.is_set():
@@ -160,6 +163,8 @@ class _Client(aetcd.Client):
         for endpoint, reason in unresolved:
             log.warning("etcd endpoint %s left out: its name does not resolve (%s)", endpoint,
                         reason)
+        self.unresolved = [endpoint for endpoint, _ in unresolved]
+        self.generation += 1
         self.channels = [self._channel(name, addresses) for name, addresses in groups.items()]
         self.kvstubs = [rpc.KVStub(channel) for channel in self.channels]
         self._use(0)
@@ -211,6 +216,16 @@ class _Client(aetcd.Client):
         count = len(self.channels)
         order = [(self._current + step) % count for step in range(count)]
         return [(i, self.kvstubs[i]) for i in order]
+
+    async def reconnect_if_names_were_left_out(self, generation: int) -> None:
+        """No member answered a call made on the channels of `generation`: if endpoints were
+        left out because their names did not resolve, close those channels, so that the next
+        call resolves every name again (a member whose name has come back since may be the one
+        still up). Channels made since are left alone."""
+        if self.unresolved and self._connected.is_set() and generation == self.generation:
+            log.info("no etcd member answers: resolving %s again",
+                     ", ".join(self.unresolved))
+            await self.close()
 
     def answered(self, index: int) -> None:
         """Group `index` answered a call: calls start there from now on."""
@@ -321,6 +336,7 @@ class Store:
     async def _call(self, method: str, request, timeout: float | None = None,
                     writes: bool = False):
         await self._client.connect()
+        generation = self._client.generation
         timeout = self.config.timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -340,6 +356,8 @@ class Store:
         except grpc.aio.AioRpcError as error:
             failure = await self._unavailable(error, timeout)
             failure.maybe_written = writes and not _never_sent(error)
+            if _never_sent(error):
+                await self._client.reconnect_if_names_were_left_out(generation)
         except asyncio.TimeoutError:
             failure = DatastoreUnavailable(
                 f"etcd at {self.config.describe()} did not answer within {timeout:g} s.")

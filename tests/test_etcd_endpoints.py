@@ -10,6 +10,10 @@ socket exercise."""
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -25,6 +29,7 @@ from tests.sentences import one_sentence
 
 pytestmark = pytest.mark.etcd
 
+ROOT = Path(__file__).resolve().parents[1]
 GONE = "http://etcd-gone.invalid:2379"  # a member whose name was taken out of DNS
 
 
@@ -143,3 +148,54 @@ def test_calls_at_once_with_the_first_tls_member_down_all_reach_the_next(short_d
                 later = await asyncio.gather(*(store.list("/pipit/") for _ in range(20)))
                 return first + later
         assert asyncio.run(many_at_once()) == [[]] * 40
+
+
+# --------------------------------------------------------------------------------------------
+# A member's name that did not resolve at first, and does once the others are gone
+
+RESOLVING_AGAIN = """
+import asyncio, json, sys, time
+from pathlib import Path
+from ipam.errors import DatastoreUnavailable
+from ipam.store import EtcdConfig, Store
+from lab.etcd import EtcdCluster
+
+hosts, work = Path(sys.argv[1]), Path(sys.argv[2])
+with EtcdCluster(3, work) as cluster:
+    first, second, _ = cluster.members
+    named = "http://etcd-m1.pipit.test:" + second.endpoint.rsplit(":", 1)[1]
+
+    async def main():
+        async with Store(EtcdConfig(endpoints=(first.endpoint, named), timeout=2)) as store:
+            await store.put("/pipit/test/a", {"v": 1})  # the name resolves to nothing yet
+            first.stop()
+            with hosts.open("a") as f:  # in place: the bind mount shows the same file
+                f.write("127.0.0.1 etcd-m1.pipit.test\\n")
+            errors, deadline = [], time.monotonic() + 20
+            while time.monotonic() < deadline:
+                try:
+                    entry = await store.get("/pipit/test/a")
+                    return {"value": entry.value, "errors": errors}
+                except DatastoreUnavailable as error:
+                    errors.append(str(error))
+                    await asyncio.sleep(0.2)
+            return {"value": None, "errors": errors}
+    print(json.dumps(asyncio.run(main())))
+"""
+
+
+@pytest.mark.netns  # root: a mount namespace of its own, where /etc/hosts is the test's file
+def test_a_name_left_out_at_first_is_resolved_again_once_no_member_answers(tmp_path):
+    """An endpoint whose name did not resolve when the client connected (a member not yet in
+    DNS) must not stay out for the process's lifetime: once the members it did reach are all
+    gone, every name is resolved again and the member now named is used."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n")
+    result = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", 'mount --bind "$1" /etc/hosts && exec "$2" -c "$3" '
+         '"$1" "$4"', "-", str(hosts), sys.executable, RESOLVING_AGAIN, str(tmp_path / "etcd")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout)
+    assert outcome["value"] == {"v": 1}, outcome["errors"]
+    assert len(outcome["errors"]) <= 1  # the call that found no member; the next one resolves
