@@ -238,7 +238,9 @@ async def register_when_reachable(store: Store, identity: NodeRecord, stop: asyn
     """register(), tried again for as long as etcd cannot be reached, as calico-node waits
     for its datastore: nodes and etcd powered on together come up together, instead of each
     agent exiting into a kubelet's growing restart back-off. None if `stop` comes first
-    (nothing has been written). Any other refusal (an address another node holds...) ends it."""
+    (nothing has been written). etcd refusing the agent (authentication, permissions: as
+    calico-node stops when unauthorised) and any other refusal (an address another node
+    holds...) end it."""
     loop = asyncio.get_running_loop()
     began = loop.time()
     delay, reported = first, None
@@ -246,6 +248,8 @@ async def register_when_reachable(store: Store, identity: NodeRecord, stop: asyn
         try:
             me = await register(store, identity)
         except DatastoreUnavailable as error:
+            if error.refused:
+                raise
             now = loop.time()
             if reported is None or now - reported >= report_every:
                 log.warning("node %s not registered yet, trying again: %s", identity.name,

@@ -43,3 +43,5 @@ class DatastoreUnavailable(PipitError):
     # A write that failed this way may still have reached etcd and be applied (the request
     # went out, the answer never came): its outcome is unknown until read back.
     maybe_written = False
+    # etcd answered, refusing (authentication, permissions): waiting will not change that
+    refused = False

@@ -378,8 +378,10 @@ class Store:
         if code == grpc.StatusCode.DEADLINE_EXCEEDED and (connected or single):
             return DatastoreUnavailable(f"etcd at {where} did not answer within {timeout:g} s.")
         if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            return DatastoreUnavailable(
+            refused = DatastoreUnavailable(
                 f"etcd at {where} refused the request: {error.details() or code.name}.")
+            refused.refused = True
+            return refused
         if single:
             return DatastoreUnavailable(f"cannot reach etcd at {where}: "
                                         f"{_reason(error, timeout)}.")

@@ -216,6 +216,22 @@ def test_sigterm_while_waiting_for_etcd_exits_having_written_nothing(own_etcd, s
     assert not (short_dir / "net.d").exists()
 
 
+def test_an_etcd_refusing_the_agent_ends_it_in_one_sentence(own_etcd, short_dir):
+    """Waiting does not help an agent etcd will not serve (auth enabled, no credentials):
+    it stops, saying so, as calico-node stops when the datastore says it is unauthorised."""
+    for command in (["user", "add", "root:pipit-test"], ["auth", "enable"]):
+        subprocess.run(["etcdctl", "--endpoints", own_etcd.endpoint, *command], check=True,
+                       capture_output=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "bgp_agent.agent", "--node", "node-1", "--no-bgp",
+         "--ipam-socket", str(short_dir / "ipam.sock"), "--status-socket",
+         str(short_dir / "status.sock"), "--etcd-endpoints", own_etcd.endpoint],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"etcd at {own_etcd.endpoint} refused the request: " in result.stderr
+    assert "trying again" not in result.stderr
+
+
 def test_a_refused_registration_still_ends_the_agent_in_one_sentence(etcd, short_dir):
     asyncio.run(_register_other(etcd))
     result = subprocess.run(
