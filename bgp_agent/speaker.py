@@ -113,6 +113,7 @@ class ExaBGPSpeaker:
         self._ids = itertools.count(1)
         self._config_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
+        self._stopping = False  # stop() called: the bridge going away is expected
         self.process = ExaBGPProcess(self.state_dir, netns) if mode == "spawn" else None
 
     # --- what the routing loop reads (bgp_agent.model.Speaker) --------------------------------
@@ -186,6 +187,7 @@ class ExaBGPSpeaker:
                 await asyncio.wait_for(self._request("command", line="shutdown"), 10)
             except (SpeakerError, asyncio.TimeoutError) as error:
                 log.warning("could not ask ExaBGP to shut down: %s", error)
+        self._stopping = True
         if self._server:
             self._server.close()
         if self._writer:
@@ -210,6 +212,10 @@ class ExaBGPSpeaker:
                     self._on_message(json.loads(raw))
                 except Exception:
                     log.exception("could not handle a message from the bridge: %.300s", raw)
+        except asyncio.CancelledError:
+            # the agent stopping: end as a handler that finished (Python 3.11's stream server
+            # logs a cancelled handler as an error, with its traceback, at every exit)
+            pass
         finally:
             writer.close()
             self._disconnected(writer)
@@ -225,7 +231,10 @@ class ExaBGPSpeaker:
                 future.set_exception(SpeakerUnavailable("the bridge disconnected"))
         self._pending.clear()
         if was_connected:
-            log.warning("ExaBGP's bridge disconnected")
+            if self._stopping:
+                log.info("closed the connection to ExaBGP's bridge")
+            else:
+                log.warning("ExaBGP's bridge disconnected")
             self._signal()
 
     def _signal(self) -> None:

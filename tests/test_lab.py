@@ -4,6 +4,7 @@ run in order: mesh, foreign routes, agent restart, a node joining, a node leavin
 the pool's encapsulation, a VXLAN pool that selects no node."""
 
 import ipaddress
+import json
 import signal
 import subprocess
 
@@ -117,6 +118,37 @@ def test_a_node_leaving_is_forgotten_by_the_others_within_the_hold_time(lab):
         assert foreign_routes(lab, node) == EXPECTED_FOREIGN
     lab.remove_node(leaving)
     assert leaving not in lab.nodes() and all(p.node != leaving for p in lab.all_pods())
+
+
+def test_a_node_readdressed_is_followed_by_the_mesh_once_its_agent_restarts(lab):
+    """The address is found when the agent starts (README): a node whose address changes gets
+    a restart of its agent as a DaemonSet gives it (SIGUSR1/`--sigterm exit`: ExaBGP and the
+    kernel's routes left to the next agent), which registers the new address; every other
+    node then peers with the new one and routes its blocks there, and no pod loses another."""
+    node, new = "n3", ipaddress.IPv4Interface("10.99.0.33/24")
+    old = lab.node_record(node)["address"]  # 10.99.0.13/24
+    blocks = own_blocks(lab, node)
+    lab.stop_agent(node, signal.SIGUSR1)
+    ns = lab.node_ns(node)
+    subprocess.run(["ip", "-n", ns, "addr", "del", old, "dev", "eth0"], check=True)
+    subprocess.run(["ip", "-n", ns, "addr", "add", str(new), "dev", "eth0"], check=True)
+    nodes = lab._state()["nodes"]
+    nodes[node]["address"] = str(new)
+    lab._save(nodes=nodes)
+    lab.start_agent(node)
+    stored = lab.pipitctl("get", "node", node, "-o", "json")
+    assert json.loads(stored.stdout)["spec"]["bgp"]["ipv4Address"] == str(new), stored.stderr
+    others = [n for n in lab.nodes() if n != node]
+    wait(lambda: all(lab.pipit_routes(n).get(b) == str(new.ip) for n in others for b in blocks),
+         30, f"the other nodes to route {node}'s blocks to {new.ip}")
+
+    def sessions(n: str) -> dict[str, str]:
+        return {p["address"]: p["state"] for p in (lab.status(n) or {}).get("peers", [])}
+    wait(lambda: all(sessions(n).get(str(new.ip)) == "up" for n in others)
+         and all(sessions(node).get(str(lab.node_ip(n))) == "up" for n in others), 30,
+         f"sessions between {node} at its new address and the others")
+    assert all(old.split("/")[0] not in sessions(n) for n in others)  # the old peer is gone
+    assert_pods_reach_each_other(lab)
 
 
 def ipam_snapshot(lab: Lab) -> Snapshot:

@@ -147,8 +147,13 @@ def test_agent_sigusr1_exits_and_changes_nothing_and_the_next_agent_adopts_exabg
     assert all(state == "up" for n in lab.nodes() for state, _ in before_since[n].values())
     [exabgp] = exabgp_pids(lab, node)
     events = {n: RouteEvents(lab.node_ns(n)) for n in lab.nodes()}
+    log = lab.node_dir(node) / "agent.log"
+    logged_before = log.stat().st_size
     try:
         lab.stop_agent(node, signal.SIGUSR1)  # returns once the agent has exited
+        # an exit as every rolling update makes: nothing in the log that calls for attention
+        said = log.read_bytes()[logged_before:].decode(errors="replace")
+        assert " ERROR " not in said and " WARNING " not in said, said
         # The agent is gone; its ExaBGP runs on, holding the sessions and the routes.
         assert exabgp_pids(lab, node) == [exabgp], "ExaBGP did not outlive the agent"
         assert lab.pipit_routes(node) == before_routes[node]
