@@ -230,10 +230,7 @@ async def run(args: argparse.Namespace) -> None:
                 await kube.close()
 
 
-async def register_when_reachable(store: Store, identity: NodeRecord, stop: asyncio.Event,
-                                  first: float = REGISTER_RETRY_FIRST,
-                                  longest: float = REGISTER_RETRY_MAX,
-                                  report_every: float = REGISTER_REPORT_EVERY
+async def register_when_reachable(store: Store, identity: NodeRecord, stop: asyncio.Event
                                   ) -> NodeRecord | None:
     """register(), tried again for as long as etcd cannot be reached, as calico-node waits
     for its datastore: nodes and etcd powered on together come up together, instead of each
@@ -243,7 +240,7 @@ async def register_when_reachable(store: Store, identity: NodeRecord, stop: asyn
     holds...) end it."""
     loop = asyncio.get_running_loop()
     began = loop.time()
-    delay, reported = first, None
+    delay, reported = REGISTER_RETRY_FIRST, None
     while True:
         try:
             me = await register(store, identity)
@@ -251,7 +248,7 @@ async def register_when_reachable(store: Store, identity: NodeRecord, stop: asyn
             if error.refused:
                 raise
             now = loop.time()
-            if reported is None or now - reported >= report_every:
+            if reported is None or now - reported >= REGISTER_REPORT_EVERY:
                 log.warning("node %s not registered yet, trying again: %s", identity.name,
                             error)
                 reported = now
@@ -259,7 +256,7 @@ async def register_when_reachable(store: Store, identity: NodeRecord, stop: asyn
                 await asyncio.wait_for(stop.wait(), delay)
                 return None
             except asyncio.TimeoutError:
-                delay = min(delay * 2, longest)
+                delay = min(delay * 2, REGISTER_RETRY_MAX)
             continue
         if reported is not None:
             log.info("etcd answered after %.0f s: node %s registered", loop.time() - began,

@@ -118,10 +118,9 @@ async def commit(store: Store, writes: Sequence[Write], ranges: Mapping[str, int
         except DatastoreUnavailable as error:
             if not done and not error.maybe_written:
                 raise  # nothing was written
-            if await _after_outage(store, done, part, part is parts[-1], len(parts), error):
-                return True
+            return await _after_outage(store, done, part, part is parts[-1], len(parts), error)
         if not succeeded:
-            await _undo(store, done)
+            await _put_back(store, _restores(done))
             return False
         done.append((part, revision))
         ranges = dict.fromkeys(ranges, revision)  # nothing else may touch them from here on
@@ -151,22 +150,26 @@ async def _landed(store: Store, part: list[Write]) -> int | None:
 async def _after_outage(store: Store, done: list[tuple[list[Write], int]], part: list[Write],
                         last: bool, count: int, error: DatastoreUnavailable) -> bool:
     """etcd stopped answering during a change: True if it landed whole after all (its last
-    part was written, only the answer was lost). Otherwise what was written of it is undone
+    part was written, only the answer was lost). Otherwise what was written of it is put back
     (the part it failed on too, if that was written), tried again while etcd comes back, up
-    to UNDO_ATTEMPTS, and the error raised says whether anything of the change stays."""
+    to UNDO_ATTEMPTS, going on from where the last try stopped; the error raised says whether
+    anything of the change stays."""
     reason = str(error).rstrip(".")
+    chunks: list[list[Write]] | None = None  # what is left to put back, once known
     for attempt in range(UNDO_ATTEMPTS):
         try:
-            written = list(done)
-            if error.maybe_written:
-                revision = await _landed(store, part)
-                if revision is not None:
-                    if last:
-                        return True
-                    written.append((part, revision))
-            if not written:
-                raise error  # the one part in doubt was not written: nothing was
-            await _undo(store, written)
+            if chunks is None:
+                written = list(done)
+                if error.maybe_written:
+                    revision = await _landed(store, part)
+                    if revision is not None:
+                        if last:
+                            return True
+                        written.append((part, revision))
+                if not written:
+                    raise error  # the one part in doubt was not written: nothing was
+                chunks = _restores(written)
+            await _put_back(store, chunks)
         except DatastoreUnavailable as again:
             if again is error:
                 raise
@@ -191,22 +194,30 @@ async def _restore(store: Store, writes: list[Write]) -> bool:
     return succeeded
 
 
-async def _undo(store: Store, done: list[tuple[list[Write], int]]) -> None:
-    """Put back what the written parts changed (newest first), each key only if it still holds
-    our write."""
+def _restores(done: list[tuple[list[Write], int]]) -> list[list[Write]]:
+    """What puts back the written parts (newest first), in transactions: each key to what it
+    held, only if it still holds our write (a key we put is at its part's revision, one we
+    deleted is absent: etcd compares an absent key's mod_revision as 0)."""
+    return [chunk for part, revision in reversed(done)
+            for chunk in split([Write(w.key, revision if w.value is not None else 0, w.old)
+                                for w in part], 0)]
+
+
+async def _put_back(store: Store, chunks: list[list[Write]]) -> None:
+    """Apply `_restores` chunks, taking each off the list once applied (and each key of a
+    chunk put back one by one), so that a call cut short by etcd going away goes on from
+    there when made again."""
     lost = []
-    for part, revision in reversed(done):
-        # our write is still there: a key we put is at the part's revision, one we deleted
-        # is absent (etcd compares an absent key's mod_revision as 0)
-        restores = [Write(w.key, revision if w.value is not None else 0, w.old) for w in part]
-        for chunk in split(restores, 0):
-            if await _restore(store, chunk):
-                continue
-            for write in chunk:  # one of them changed since: put back the others one by one
-                if not await _restore(store, [write]):  # someone changed it: theirs stands
-                    lost.append(write.key)
+    while chunks:
+        chunk = chunks[0]
+        if not await _restore(store, chunk):
+            while chunk:  # one of them changed since: put back the others one by one
+                if not await _restore(store, chunk[:1]):  # someone changed it: theirs stands
+                    lost.append(chunk[0].key)
+                del chunk[0]
+        chunks.pop(0)
     if lost:
         raise Conflict(f"the resources changed while being applied and {len(lost)} of the "
                        f"keys written could not be put back (first {lost[0]}); check them and "
                        "apply again.")
-    log.info("undid %d part(s) of a change that collided with another", len(done))
+    log.info("put back what a change that could not be completed had written")

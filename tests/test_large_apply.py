@@ -164,7 +164,7 @@ def test_an_undo_whose_keys_were_deleted_puts_them_back(etcd):
             store, [commit_module._key_unchanged(w.key, w.revision) for w in writes],
             [commit_module._operation(w.key, w.value) for w in writes])
         assert succeeded
-        await commit_module._undo(store, [(writes, revision)])
+        await commit_module._put_back(store, commit_module._restores([(writes, revision)]))
         assert await store.snapshot("/pipit/test/") == {"/pipit/test/a": {"v": 1}}
     with_store(etcd, scenario)
 
@@ -270,3 +270,26 @@ def test_a_lost_answer_to_a_written_first_part_is_undone_with_the_rest(etcd, mon
             await apply_objects(store, pools_file(250))
         assert await store.list_keys(keys.POOLS) == []
     with_store(etcd, scenario)
+
+
+def test_an_undo_cut_short_by_etcd_goes_on_from_where_it_stopped(etcd, monkeypatch):
+    """Three parts: the third finds no etcd; putting back the second works, then etcd is away
+    for the first; the next try puts back the first only (the second, already back, is not
+    put back again, which would fail its guard and count its keys as lost)."""
+    monkeypatch.setattr(commit_module, "UNDO_PAUSE", 0.1)
+    real, calls = commit_module._txn, [0]
+
+    async def txn(store, compares, operations):
+        calls[0] += 1
+        if calls[0] in (3, 5):  # the third part, then the second put-back: etcd away
+            raise DatastoreUnavailable(f"cannot reach etcd at {store.config.describe()}: "
+                                       "connection refused.")
+        return await real(store, compares, operations)
+    monkeypatch.setattr(commit_module, "_txn", txn)
+
+    async def scenario(store: Store):
+        with pytest.raises(DatastoreUnavailable, match="undone, so nothing of it stays"):
+            await apply_objects(store, pools_file(250))
+        assert await store.list_keys(keys.POOLS) == []
+    with_store(etcd, scenario)
+    assert calls == [6]  # 3 parts, put back: the second, the first (away), the first again
