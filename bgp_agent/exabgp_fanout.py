@@ -63,8 +63,10 @@ is what a reflector's batched commands are (`neighbor A , neighbor B , ... annou
    again to see it negotiated: ~10 % of a reflector's ExaBGP time for 5000 prefixes between
    two clients. A group of plain IPv4 unicast routes (`INET`, announced with an IPv4 next hop
    or withdrawn) on a session that negotiated IPv4 unicast is sorted on each route's index
-   worked out once (`Update._split_nlris`): the same routes in the same order, stable as
-   ExaBGP's sort is; any other group is split ExaBGP's way.
+   worked out once (`Update._split_nlris`), or, when no route carries a path id, on its
+   packed prefix alone (what follows the family and the path id in the index, which they
+   then all share; half the cost): the same routes in the same order, stable as ExaBGP's
+   sort is; any other group is split ExaBGP's way.
 
 `apply()` installs them all, only into the releases they were written against (5.0.x, as
 bgp_agent.exabgp_reactor).
@@ -473,9 +475,11 @@ def split_sorted_once(original):
     out once; any other group by `original`."""
     from exabgp.bgp.message.action import Action
     from exabgp.bgp.message.update.nlri.inet import INET
+    from exabgp.bgp.message.update.nlri.qualifier import PathInfo
     from exabgp.protocol.family import AFI, SAFI
     ipv4, unicast, family = AFI.ipv4, SAFI.unicast, (AFI.ipv4, SAFI.unicast)
     announce, withdraw, index = Action.ANNOUNCE, Action.WITHDRAW, INET.index
+    no_path = PathInfo.NOPATH
 
     def _split_nlris(self, negotiated):
         nlris = self.nlris
@@ -483,10 +487,18 @@ def split_sorted_once(original):
                 type(n) is INET and n.afi == ipv4 and n.safi == unicast
                 and (n.action == withdraw or n.action == announce and n.nexthop.afi == ipv4)
                 for n in nlris):
+            # the index is the family's, the path id's, then the packed prefix: without path
+            # ids, the packed prefix alone orders them the same (and costs half as much)
+            if all(n.path_info is no_path for n in nlris):
+                return sorted(nlris, key=_packed_prefix), {}
             return sorted(nlris, key=index), {}
         return original(self, negotiated)
     _split_nlris.__wrapped__ = original
     return _split_nlris
+
+
+def _packed_prefix(nlri) -> bytes:
+    return nlri.cidr.pack_nlri()
 
 
 def unwrapped(function):

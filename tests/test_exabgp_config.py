@@ -10,6 +10,7 @@ from dataclasses import replace
 import subprocess
 import sys
 from ipaddress import IPv4Address, IPv4Network
+from itertools import islice
 from pathlib import Path as FilePath
 
 import pytest
@@ -497,6 +498,15 @@ def test_prefixes_are_parsed_as_ipaddress_parses_them(text):
     if isinstance(theirs, IPv4Network):  # and as the same key in a table, and in words
         assert hash(ours) == hash(theirs) == hash(ours) and {theirs: 1}[ours] == 1
         assert (repr(ours), str(ours)) == (repr(theirs), str(theirs))
+        # built as IPv4Network.__init__ builds one: the same state, the same answers
+        state = ("network_address", "netmask", "_prefixlen")
+        assert [getattr(ours, a) for a in state] == [getattr(theirs, a) for a in state]
+        assert (type(ours.network_address), type(ours.netmask)) == (IPv4Address, IPv4Address)
+        assert list(islice(ours.hosts(), 3)) == list(islice(theirs.hosts(), 3))
+        assert (ours.broadcast_address, ours.num_addresses, ours.with_netmask,
+                ours.supernet() if ours.prefixlen else None, ours.is_private) == \
+            (theirs.broadcast_address, theirs.num_addresses, theirs.with_netmask,
+             theirs.supernet() if theirs.prefixlen else None, theirs.is_private)
 
 
 def test_peer_state_survives_json():

@@ -493,18 +493,21 @@ def split_update(nlris):
     return Update(nlris, Attributes())
 
 
-@given(st.lists(st.tuples(st.integers(0, 40), st.sampled_from(["announce", "withdraw"])),
+@given(st.lists(st.tuples(st.integers(0, 40), st.sampled_from(["announce", "withdraw"]),
+                          st.sampled_from([None, None, None, 1, 2]), st.integers(24, 26)),
                 max_size=40),
        st.randoms(use_true_random=False))
 def test_an_updates_routes_are_sorted_into_the_order_exabgp_sorts_them(drawn, random):
-    """Routes in any order, some of one prefix both announced and withdrawn: the same route
-    objects come out in the same order, none left out or added."""
+    """Routes in any order, some of one prefix both announced and withdrawn, with or without
+    path ids: the same route objects come out in the same order, none left out or added."""
     from copy import deepcopy
 
     from exabgp.bgp.message.action import Action
     nlris = []
-    for n, action in drawn:
-        nlri = parsed_route(f"route 10.{n % 3}.{n}.0/{24 + n % 3} next-hop 10.77.1.5").nlri
+    for n, action, path_id, length in drawn:  # lengths and addresses in any mix
+        path = f" path-information 0.0.0.{path_id}" if path_id else ""
+        nlri = parsed_route(f"route 10.{n % 3}.{n}.0/{length} next-hop 10.77.1.5"
+                            + path).nlri
         if action == "withdraw":
             nlri = deepcopy(nlri)
             nlri.action = Action.WITHDRAW
