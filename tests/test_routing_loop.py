@@ -13,6 +13,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 import pytest
 
+from bgp_agent import routing
 from bgp_agent.bgp_peer import peer_from_spec, peer_to_document
 from bgp_agent.model import Announcement, Path
 from bgp_agent.node import NodeRecord, node_to_document
@@ -173,8 +174,10 @@ async def test_mesh_routes_are_imported_announced_and_end_of_rib_follows_the_tab
         assert c.speaker.end_of_rib_sent == [N2, N3, N2]
 
 
+@pytest.mark.parametrize("inline", [True, False])  # a small table in the loop, a big one not
 @run
-async def test_an_import_that_policy_rejects_is_not_installed_and_says_why():
+async def test_an_import_that_policy_rejects_is_not_installed_and_says_why(inline, monkeypatch):
+    monkeypatch.setattr(routing, "INLINE_IMPORT_ROUTES", 10_000 if inline else 0)
     async with running(Cluster()) as c:
         c.settle_peers(N2, N3)
         outside, own = Path(N("192.168.7.0/24"), N2), Path(OWN_BLOCK, N2)
