@@ -115,7 +115,7 @@ class Router:
         # set after the first pass that programmed the kernel knowing what peers sent (the
         # agent then reports the node ready, and its network available to Kubernetes)
         self.programmed = asyncio.Event()
-        self.status = Status(node=me.name)
+        self.status = Status(node=me.name, address=str(me.address or ""))  # before any pass
         self.nodes = Mirror(store, keys.NODES, lambda e: node_from_document(e.value),
                             self.changed)
         self.pools = Mirror(store, keys.POOLS, lambda e: pool_from_document(e.value),

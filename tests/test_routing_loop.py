@@ -123,6 +123,14 @@ def run(test):
     return wrapper
 
 
+def test_the_status_names_the_node_and_its_address_before_the_first_pass():
+    """`pipitctl node status` asked while the agent has just started (the status socket opens
+    before the routing loop's first pass) shows what the node registered, not an empty
+    address."""
+    status = Cluster().router.status.to_json()
+    assert (status["node"], status["address"]) == (ME.name, str(ME.address))
+
+
 @run
 async def test_own_blocks_borrowed_addresses_and_owners_follow_etcd_between_passes():
     """Worked out once per change of etcd's tables, not per pass: the same answer while they
