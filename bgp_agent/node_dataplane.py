@@ -100,7 +100,9 @@ class NodeDataplane:
         desired = dataplane.Desired(
             local=me.address, kinds=kinds, tunnel_address=ipip_address,
             vtep_address=vxlan_address, vtep_mac=mac, vteps=vteps,
-            mtu_override=self.mtu_override)
+            mtu_override=self.mtu_override,
+            # a device the kernel cannot make is not tried: its failure would say it again
+            unsupported=frozenset(k for k in kinds if not self._supported.get(k, True)))
         devices, pod_mtu = encap.Devices(), self.status.pod_mtu
         try:
             prepared = await self._prepare_devices(desired)

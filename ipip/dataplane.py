@@ -30,6 +30,9 @@ class Desired:
     vtep_mac: str = ""  # encap.vtep_mac(node)
     vteps: tuple[RemoteVTEP, ...] = ()  # every other node's VTEP, from its node record
     mtu_override: int | None = None  # pod and tunnel MTU, instead of the uplink's less overhead
+    # of `kinds`, those the kernel cannot make (capability.kernel_supports): not tried, their
+    # lack already said; the pod MTU still leaves room for them
+    unsupported: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -43,17 +46,18 @@ class Prepared:
 def prepare(ipr, desired: Desired) -> Prepared:
     """Create or update the devices `desired` needs; touch none it does not (see retire).
     A device the kernel cannot make (module missing, name taken) is reported in `errors` and
-    left out of `devices`, so the other encapsulation and the routes still go ahead."""
+    left out of `devices`, so the other encapsulation and the routes still go ahead; one of
+    `unsupported` kind is left out without a word."""
     link = uplink(ipr, desired.local.ip)
     tunl0 = vxlan_index = None
     errors = []
-    if IPIP in desired.kinds:
+    if IPIP in desired.kinds - desired.unsupported:
         try:
             tunl0 = tunnel.ensure(ipr, desired.tunnel_address,
                                   tunnel_mtu(link.mtu, IPIP, desired.mtu_override))
         except DataplaneError as error:
             errors.append(str(error))
-    if VXLAN in desired.kinds:
+    if VXLAN in desired.kinds - desired.unsupported:
         if not desired.vtep_mac:
             raise ValueError("VXLAN needs the node's VTEP MAC (encap.vtep_mac)")
         try:

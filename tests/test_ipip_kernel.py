@@ -202,6 +202,14 @@ def test_missing_ipip_is_said_in_one_sentence_at_start_up_and_by_tunl0(ipip_node
             vtep_mac=MAC))
     assert prepared.devices.tunl0 is None and prepared.devices.vxlan is not None
     assert len(prepared.errors) == 1 and "ipip module" in prepared.errors[0]
+    # known missing (the agent's capability check said so): not tried, so not said again;
+    # the pod MTU still leaves room for IPIP, for when the module comes
+    with ipr_in(ipip_node_netns) as ipr:
+        known = dataplane.prepare(ipr, dataplane.Desired(
+            local=LOCAL, kinds=frozenset({IPIP, VXLAN}), tunnel_address=IPv4Address("10.1.0.1"),
+            vtep_mac=MAC, unsupported=frozenset({IPIP})))
+    assert known.errors == () and known.devices.tunl0 is None and known.devices.vxlan
+    assert known.pod_mtu == prepared.pod_mtu
 
 
 def test_tunl0_name_taken_by_another_kind_is_refused(ipip_node_netns):
@@ -210,3 +218,31 @@ def test_tunl0_name_taken_by_another_kind_is_refused(ipip_node_netns):
             pytest.raises(links.DataplaneError, match="not an ipip tunnel"):
         tunnel.ensure(ipr, None, 1480)
 
+
+
+@pytest.mark.skipif(capability.kernel_supports(IPIP),
+                    reason="this kernel has ipip (test_ipip_vm.py covers IPIP)")
+def test_an_agent_whose_pool_needs_ipip_the_kernel_lacks_says_so_once(tmp_path):
+    """The agent's status names the missing module in one sentence, not twice (once from the
+    capability check, again from tunl0 failing to be made); routes go native meanwhile."""
+    from lab.agent import NodeAgentProcess
+    from lab.etcd import EtcdServer
+    from lab.process import wait
+    from tests.speaker_support import network
+
+    state = tmp_path / "s"  # unix socket paths stay short
+    state.mkdir()
+    pool = ("apiVersion: pipit.dev/v1\nkind: IPPool\nmetadata: {name: edge}\n"
+            "spec: {cidr: 10.244.0.0/16, blockSize: 26, ipipMode: Always}\n")
+    with EtcdServer(data_dir=tmp_path / "etcd", unix_socket=True) as etcd, network(1) as net:
+        subprocess.run([str(Path(sys.executable).parent / "pipitctl"), "--etcd-endpoints",
+                        etcd.endpoint, "apply", "-f", "-"], input=pool, text=True, check=True,
+                       capture_output=True)
+        agent = NodeAgentProcess("node-1", net.node, state,
+                                 f"unix://{tmp_path / 'etcd'}/etcd.sock:0",
+                                 extra_args=["--ip", "10.99.1.1/24"])
+        with agent:
+            def problems():
+                return ((agent.status() or {}).get("dataplane") or {}).get("problems")
+            said = wait(problems, 30, "the dataplane's problems in the status")
+    assert len(said) == 1 and "ipip" in said[0] and "edge" in said[0], said
