@@ -244,6 +244,7 @@ async def register_when_reachable(store: Store, identity: NodeRecord, stop: asyn
     while True:
         try:
             me = await register(store, identity)
+            break
         except DatastoreUnavailable as error:
             if error.refused:
                 raise
@@ -252,16 +253,14 @@ async def register_when_reachable(store: Store, identity: NodeRecord, stop: asyn
                 log.warning("node %s not registered yet, trying again: %s", identity.name,
                             error)
                 reported = now
-            try:
-                await asyncio.wait_for(stop.wait(), delay)
-                return None
-            except asyncio.TimeoutError:
-                delay = min(delay * 2, REGISTER_RETRY_MAX)
-            continue
-        if reported is not None:
-            log.info("etcd answered after %.0f s: node %s registered", loop.time() - began,
-                     me.name)
-        return me
+        try:
+            await asyncio.wait_for(stop.wait(), delay)
+            return None
+        except asyncio.TimeoutError:
+            delay = min(delay * 2, REGISTER_RETRY_MAX)
+    if reported is not None:
+        log.info("etcd answered after %.0f s: node %s registered", loop.time() - began, me.name)
+    return me
 
 
 async def route(store: Store, ipam: IPAM, args: argparse.Namespace, identity: NodeRecord,

@@ -121,26 +121,25 @@ def parse_prefix(text: str) -> IPv4Network:
     else, and every error, is ipaddress's own."""
     address, _, length = text.partition("/") if isinstance(text, str) else ("", "", "")
     n = _LENGTHS.get(length)
-    if n is not None:
-        try:
-            value = int.from_bytes(inet_pton(AF_INET, address), "big")
-        except OSError:
-            value = None  # not an address: ipaddress says so in its own words
-        if value is not None:
-            netmask = _NETMASKS.get(n)
-            if netmask is not None and value & netmask._ip == value:
-                network = _new(IPv4Address)
-                network._ip = value
-                prefix = _new(Prefix)
-                prefix.network_address, prefix.netmask, prefix._prefixlen = network, netmask, n
-                prefix._text = text  # as ipaddress writes it: no leading zeros, n in 0-32
-                prefix._hash = hash(value ^ netmask._ip)  # as IPv4Network.__hash__ works it out
-                return prefix
-            if netmask is None:  # /31, /32
-                prefix = Prefix((value, n))
-                prefix._text = text
-                return prefix
-    return Prefix(text)  # host bits set, and the rest: ipaddress's result or error
+    try:
+        value = None if n is None else int.from_bytes(inet_pton(AF_INET, address), "big")
+    except OSError:
+        value = None  # not an address
+    if value is None:
+        return Prefix(text)  # ipaddress's result, or its error in its own words
+    netmask = _NETMASKS.get(n)
+    if netmask is None:  # /31, /32 (host bits set: ipaddress's error, as for the text)
+        prefix = Prefix((value, n))
+    elif value & netmask._ip != value:
+        return Prefix(text)  # host bits set: ipaddress's error
+    else:
+        network = _new(IPv4Address)
+        network._ip = value
+        prefix = _new(Prefix)
+        prefix.network_address, prefix.netmask, prefix._prefixlen = network, netmask, n
+        prefix._hash = hash(value ^ netmask._ip)  # as IPv4Network.__hash__ works it out
+    prefix._text = text  # as ipaddress writes it: no leading zeros, n in 0-32
+    return prefix
 
 
 prefix_of = lru_cache(maxsize=2**15)(parse_prefix)

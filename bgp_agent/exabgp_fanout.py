@@ -471,8 +471,8 @@ def batched(original, shared: SharedUpdates | None = None):
 
 
 def split_sorted_once(original):
-    """Update._split_nlris (9): plain IPv4 unicast routes sorted on their index, each worked
-    out once; any other group by `original`."""
+    """Update._split_nlris (9): plain IPv4 unicast routes sorted on their index (their packed
+    prefix when none has a path id), each worked out once; any other group by `original`."""
     from exabgp.bgp.message.action import Action
     from exabgp.bgp.message.update.nlri.inet import INET
     from exabgp.bgp.message.update.nlri.qualifier import PathInfo

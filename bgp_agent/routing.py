@@ -302,8 +302,9 @@ class Router:
             neighbors, self.speaker.peers, self.speaker.received)  # copies: safe in a thread
         for deadline in deadlines:
             self._wake_at(deadline)
-        # The table-wide computations run in a worker thread: with many routes they take
-        # long enough (~1 s at 100k) to stall the agent's IPAM service and its BGP bridge.
+        # With many routes the table-wide computations run in a worker thread: they take long
+        # enough (~1 s at 100k) to stall the agent's IPAM service and its BGP bridge. Up to
+        # INLINE_IMPORT_ROUTES, here: the hand-off would cost more than the work.
         work = (neighbors, received, pools, own, my_as, self.ownership(), self._imports)
         if sum(map(len, received.values())) <= INLINE_IMPORT_ROUTES:
             imports = policy.import_all(*work)

@@ -100,10 +100,16 @@ class MemorySpeaker:
 
     async def announce(self, neighbor: IPv4Address, routes: Sequence[Announcement]) -> None:
         self.requests += [("announce", neighbor, r.prefix) for r in routes]
-        self.announced.setdefault(neighbor, {}).update({r.prefix: r for r in routes})
+        self._put(neighbor, routes)
 
     async def withdraw(self, neighbor: IPv4Address, prefixes: Sequence[IPv4Network]) -> None:
         self.requests += [("withdraw", neighbor, p) for p in prefixes]
+        self._drop(neighbor, prefixes)
+
+    def _put(self, neighbor: IPv4Address, routes: Sequence[Announcement]) -> None:
+        self.announced.setdefault(neighbor, {}).update({r.prefix: r for r in routes})
+
+    def _drop(self, neighbor: IPv4Address, prefixes: Sequence[IPv4Network]) -> None:
         for prefix in prefixes:
             self.announced.get(neighbor, {}).pop(prefix, None)
 
@@ -120,12 +126,11 @@ class MemorySpeaker:
     def _announce_to(self, neighbors, routes) -> None:
         for neighbor in neighbors:
             self.announcements_sent += [(neighbor, r.prefix) for r in routes]
-            self.announced.setdefault(neighbor, {}).update({r.prefix: r for r in routes})
+            self._put(neighbor, routes)
 
     def _withdraw_from(self, neighbors, prefixes) -> None:
         for neighbor in neighbors:
-            for prefix in prefixes:
-                self.announced.get(neighbor, {}).pop(prefix, None)
+            self._drop(neighbor, prefixes)
 
     def _asked(self, do, *arguments) -> asyncio.Future:
         """Done at once (as asked: in order); a future of it. (HeldSpeaker holds them.)"""

@@ -86,7 +86,8 @@ def pools_file(count: int) -> list:
 
 @pytest.fixture
 def interference(monkeypatch):
-    """Runs `write(store)` once, right after the first transaction of a change lands."""
+    """Runs `action(store)` once, right after the first transaction of a change lands (another
+    writer, or etcd going away)."""
     actions = []
     real = commit_module._txn
 
@@ -173,32 +174,16 @@ def test_an_undo_whose_keys_were_deleted_puts_them_back(etcd):
 # etcd going away in the middle of a change written in parts
 
 
-@pytest.fixture
-def after_first_part(monkeypatch):
-    """Runs `action(store)` once, right after the first transaction of a change lands (as
-    `interference`, for actions that are not writes)."""
-    actions = []
-    real = commit_module._txn
-
-    async def txn(store, compares, operations):
-        result = await real(store, compares, operations)
-        if actions:
-            actions.pop()()
-        return result
-    monkeypatch.setattr(commit_module, "_txn", txn)
-    return actions.append
-
-
 def test_etcd_gone_between_parts_and_back_leaves_nothing_of_the_file(
-        own_etcd, after_first_part, monkeypatch):
+        own_etcd, interference, monkeypatch):
     monkeypatch.setattr(commit_module, "UNDO_ATTEMPTS", 60)  # however long etcd takes to start
     config = EtcdConfig(endpoints=(own_etcd.endpoint,))
     restart = threading.Thread(target=own_etcd.start)
 
-    def outage():
+    async def outage(store: Store):
         own_etcd.stop()
         restart.start()  # back while the undo is tried again
-    after_first_part(outage)
+    interference(outage)
 
     async def scenario(store: Store):
         with pytest.raises(DatastoreUnavailable) as raised:
@@ -215,10 +200,13 @@ def test_etcd_gone_between_parts_and_back_leaves_nothing_of_the_file(
 
 
 def test_etcd_gone_for_good_between_parts_says_the_change_is_partly_written(
-        own_etcd, after_first_part, monkeypatch):
+        own_etcd, interference, monkeypatch):
     monkeypatch.setattr(commit_module, "UNDO_PAUSE", 0.1)
     config = EtcdConfig(endpoints=(own_etcd.endpoint,))
-    after_first_part(own_etcd.stop)
+
+    async def outage(store: Store):
+        own_etcd.stop()
+    interference(outage)
 
     async def scenario(store: Store):
         with pytest.raises(DatastoreUnavailable) as raised:
