@@ -37,19 +37,16 @@ from bgp_agent.node import (
     parse_explicit_address,
     register,
 )
+from bgp_agent.reachable import when_reachable
 from bgp_agent.version import software_version
 from bgp_agent.status import DEFAULT_STATUS_SOCKET, StatusServer
 from ipam.allocator import IPAM
-from ipam.errors import DatastoreUnavailable, InvalidResource, PipitError
+from ipam.errors import InvalidResource, PipitError
 from ipam.service import DEFAULT_SOCKET, IPAMService
 from ipam.store import ENV_CA, ENV_CERT, ENV_ENDPOINTS, ENV_KEY, EtcdConfig, Store
 
 log = logging.getLogger("pipit-agent")
 DEFAULT_STATE_DIR = "/run/pipit"
-# Registering while etcd cannot be reached is tried again, 1 s after the first failure, then
-# twice as long each time up to REGISTER_RETRY_MAX; a still-failing etcd is said again
-# every REGISTER_REPORT_EVERY.
-REGISTER_RETRY_FIRST, REGISTER_RETRY_MAX, REGISTER_REPORT_EVERY = 1.0, 8.0, 60.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -181,86 +178,75 @@ async def run(args: argparse.Namespace) -> None:
         from bgp_agent import metrics
         metrics.serve(args.metrics_address)
     from bgp_agent.kube_node import AgentKubernetes
-    kube = await AgentKubernetes.connect(args)  # None without Kubernetes
+    # The probes answer from the start: alive, and not ready until the agent's parts exist,
+    # saying what it waits for (the Kubernetes API, then etcd).
+    starting = health.Starting()
+    probes = health.HealthServer(listen, starting.health()) if listen else None
+    kube = None
     try:
-        # Who this node is, its address found on its interfaces, before anything is served:
-        # a node that cannot tell says so in one sentence and has served nothing.
+        if probes:
+            await probes.start()
+        kube = await AgentKubernetes.connect(  # None without Kubernetes, or stopped waiting
+            args, stop, starting.waiting_for("the Kubernetes API"))
+        if stop.is_set():
+            return
+        # Who this node is, its address found on its interfaces, before IPAM is served: a
+        # node that cannot tell says so in one sentence and has written nothing.
         if kube is not None and not args.no_bgp:
             identity = await asyncio.to_thread(kube.identity, args, parse_labels(args.labels))
         else:
             identity = await asyncio.to_thread(node_identity, args)  # pyroute2 inside
-    except BaseException:
+        async with Store(config) as store:
+            await serve(args, store, identity, stop, lambda: retire, kube, probes, conflist)
+    finally:
         if kube is not None:
             await kube.close()
-        raise
-    async with Store(config) as store:
-        ipam = IPAM(store)
-        service = None if args.reflector_only else IPAMService(
-            ipam, args.node, args.ipam_socket, pod_request=kube.pods.request if kube else None)
+        if probes:
+            await probes.close()
+
+
+async def serve(args: argparse.Namespace, store: Store, identity: NodeRecord,
+                stop: asyncio.Event, retiring, kube, probes: health.HealthServer | None,
+                conflist: cni_conflist.ConflistWriter | None) -> None:
+    """IPAM, the node's registration and routing, until `stop`."""
+    ipam = IPAM(store)
+    service = None if args.reflector_only else IPAMService(
+        ipam, args.node, args.ipam_socket, pod_request=kube.pods.request if kube else None)
+    try:
         if service is not None:
             await service.start()
         parts = health.AgentParts(store, service, routing=not args.no_bgp, conflist=conflist)
-        probes = (health.HealthServer(listen, health.agent_health(parts, loop.time))
-                  if listen else None)
-        try:
-            if probes:
-                await probes.start()
-            if args.no_bgp:  # registered all the same, so that it is listed and has a status
-                me = await register_when_reachable(store, identity, stop)
-                if me is None:
-                    return
-                status = StatusServer(args.status_socket, lambda: ipam_only_status(me))
-                await status.start()
-                if conflist:  # IPAM can be served: etcd answered the registration
-                    conflist.publish(args.mtu or cni_conflist.DEFAULT_MTU)
-                try:
-                    await stop.wait()
-                finally:
-                    await status.close()
-            else:
-                await route(store, ipam, args, identity, stop, lambda: retire, kube, parts,
-                            conflist)
-            log.info("stopping")
-        finally:
-            if probes:
-                await probes.close()
-            if service is not None:
-                await service.close()
-            if kube is not None:
-                await kube.close()
+        if probes:
+            probes.health = health.agent_health(parts, asyncio.get_running_loop().time)
+        if args.no_bgp:  # registered all the same, so that it is listed and has a status
+            me = await register_when_reachable(store, identity, stop)
+            if me is None:
+                return
+            status = StatusServer(args.status_socket, lambda: ipam_only_status(me))
+            await status.start()
+            if conflist:  # IPAM can be served: etcd answered the registration
+                conflist.publish(args.mtu or cni_conflist.DEFAULT_MTU)
+            try:
+                await stop.wait()
+            finally:
+                await status.close()
+        else:
+            await route(store, ipam, args, identity, stop, retiring, kube, parts, conflist)
+        log.info("stopping")
+    finally:
+        if service is not None:
+            await service.close()
 
 
 async def register_when_reachable(store: Store, identity: NodeRecord, stop: asyncio.Event
                                   ) -> NodeRecord | None:
-    """register(), tried again for as long as etcd cannot be reached, as calico-node waits
-    for its datastore: nodes and etcd powered on together come up together, instead of each
-    agent exiting into a kubelet's growing restart back-off. None if `stop` comes first
-    (nothing has been written). etcd refusing the agent (authentication, permissions: as
-    calico-node stops when unauthorised) and any other refusal (an address another node
-    holds...) end it."""
-    loop = asyncio.get_running_loop()
-    began = loop.time()
-    delay, reported = REGISTER_RETRY_FIRST, None
-    while True:
-        try:
-            me = await register(store, identity)
-            break
-        except DatastoreUnavailable as error:
-            if error.refused:
-                raise
-            now = loop.time()
-            if reported is None or now - reported >= REGISTER_REPORT_EVERY:
-                log.warning("node %s not registered yet, trying again: %s", identity.name,
-                            error)
-                reported = now
-        try:
-            await asyncio.wait_for(stop.wait(), delay)
-            return None
-        except asyncio.TimeoutError:
-            delay = min(delay * 2, REGISTER_RETRY_MAX)
-    if reported is not None:
-        log.info("etcd answered after %.0f s: node %s registered", loop.time() - began, me.name)
-    return me
+    """register(), tried again for as long as etcd cannot be reached (bgp_agent.reachable).
+    None if `stop` comes first (nothing has been written). etcd refusing the agent
+    (authentication, permissions: as calico-node stops when unauthorised) and any other
+    refusal (an address another node holds...) end it."""
+    return await when_reachable(lambda: register(store, identity), stop,
+                                f"node {identity.name} not registered yet",
+                                f"node {identity.name} registered: etcd answered")
 
 
 async def route(store: Store, ipam: IPAM, args: argparse.Namespace, identity: NodeRecord,

@@ -162,6 +162,24 @@ class HealthServer:
 # --------------------------------------------------------------------------------------------
 # The agent's checks
 
+@dataclass
+class Starting:
+    """The agent's health before its parts exist: alive (waiting is no reason to restart
+    it) and not ready, saying what it waits for."""
+    problem: str = "starting"
+
+    def health(self) -> Health:
+        health = Health()
+        health.ready("start", lambda: self.problem)
+        return health
+
+    def waiting_for(self, what: str) -> Callable[[str], None]:
+        """What bgp_agent.reachable tells of each failure to reach `what`."""
+        def problem(error: str) -> None:
+            self.problem = f"waiting for {what}: {error}"
+        return problem
+
+
 STUCK_AFTER = 300.0  # a routing pass running longer than this is stuck (livez fails)
 
 

@@ -40,6 +40,9 @@ BACKOFF_FIRST, BACKOFF_MAX = 0.2, 10.0
 
 class KubernetesUnavailable(PipitError):
     """The Kubernetes API could not be reached, or refused a request."""
+    # the API answered with a client error (401, 403, 404...; not 408 or 429): asking again
+    # later will not change its answer
+    refused = False
 
 
 def in_cluster() -> bool:
@@ -106,8 +109,10 @@ class KubeAPI:
         except ApiException as error:
             if missing_ok and error.status == 404:
                 return None
-            raise KubernetesUnavailable(f"the Kubernetes API at {self.url} answered "
-                                        f"{_describe(error)}.") from None
+            answer = KubernetesUnavailable(f"the Kubernetes API at {self.url} answered "
+                                           f"{_describe(error)}.")
+            answer.refused = 400 <= (error.status or 0) < 500 and error.status not in (408, 429)
+            raise answer from None
         except Exception as error:  # urllib3's connection errors, timeouts
             raise KubernetesUnavailable(f"cannot reach the Kubernetes API at {self.url}: "
                                         f"{_describe(error)}.") from None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from collections.abc import Callable
 from datetime import datetime, timezone
 from ipaddress import IPv4Address, IPv4Interface
 
@@ -22,6 +23,7 @@ from bgp_agent.bgp_config import parse_as_number
 from bgp_agent.kube_api import KubeAPI, KubernetesUnavailable
 from bgp_agent.node import (NodeRecord, choose_address, detect_address, local_addresses,
                             parse_cluster_id)
+from bgp_agent.reachable import when_reachable
 from ipam.errors import InvalidResource
 
 log = logging.getLogger(__name__)
@@ -132,7 +134,12 @@ class AgentKubernetes:
         self.pods = PodAnnotations(api, self.name)
 
     @classmethod
-    async def connect(cls, args: argparse.Namespace) -> AgentKubernetes | None:
+    async def connect(cls, args: argparse.Namespace, stop: asyncio.Event,
+                      problem: Callable[[str], None] | None = None
+                      ) -> AgentKubernetes | None:
+        """The agent's Node read, waiting while the API cannot be reached (or answers 5xx,
+        408, 429) as for etcd (bgp_agent.reachable; `problem` is told each failure). None
+        without the API, or when `stop` comes while waiting."""
         api = KubeAPI.connect(args.kubeconfig)
         if api is None:
             if args.ip_autodetection_method == INTERNAL_IP and not args.ip:
@@ -140,10 +147,16 @@ class AgentKubernetes:
                                       "Kubernetes API: pass --kubeconfig or run in a pod.")
             return None
         try:
-            node = await read_node(api, args.node)
+            node = await when_reachable(lambda: read_node(api, args.node), stop,
+                                        f"Node {args.node} not read yet",
+                                        f"Node {args.node} read: the Kubernetes API answered",
+                                        problem)
         except BaseException:
             api.close()
             raise
+        if node is None:
+            api.close()
+            return None
         log.info("Kubernetes API at %s: this is Node %s", api.url, args.node)
         kube = cls(api, node)
         kube.pods.start()

@@ -58,8 +58,9 @@ class AgentProcess:
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
 
-    def start(self, timeout: float = 30.0) -> AgentProcess:
-        """Start it and wait until the socket answers a STATUS request."""
+    def start(self, timeout: float = 30.0, *, answering: bool = True) -> AgentProcess:
+        """Start it and wait until the socket answers a STATUS request (unless not
+        `answering`: an agent that waits for the Kubernetes API serves no socket)."""
         if self.running:
             raise RuntimeError(f"pipit-agent for {self.node} is already running")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,6 +70,8 @@ class AgentProcess:
             self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
                                             stderr=log, cwd=ROOT, env=env,
                                             start_new_session=True)
+        if not answering:
+            return self
         try:
             self.wait_ready(timeout)
         except BaseException:

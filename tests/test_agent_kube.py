@@ -8,20 +8,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
+from contextlib import contextmanager
 from ipaddress import IPv4Address, IPv4Interface
 
 import pytest
 
-from bgp_agent import kube_node
+from bgp_agent import health, kube_node
 from bgp_agent.agent import parse_args
 from bgp_agent.kube_api import KubeAPI
 from bgp_agent.node import InterfaceAddress
-from ipam import cni
+from ipam import cni, keys
 from ipam.errors import InvalidResource
 from ipam.snapshot import load_snapshot
+from ipam.store import Store
 from lab.agent import AgentProcess
+from lab.process import wait
 from tests.fakekube.resources import NAMESPACES, NODES, PODS
-from tests.helpers import add_pool, with_store
+from tests.helpers import add_pool, run, with_store
 
 pytestmark = pytest.mark.kube
 
@@ -193,3 +197,96 @@ def test_network_unavailable_is_set_false_once(fakekube, tmp_path):
         await asyncio.wait_for(kube_node.mark_network_available(api, "n1", programmed), 10)
         assert fakekube.store.get(NODES, None, "n1")["metadata"]["resourceVersion"] == version
     asyncio.run(scenario())
+
+
+# --------------------------------------------------------------------------------------------
+# The API away when the agent starts: waited for, as etcd is
+
+def waiting_agent(fakekube, etcd, directory) -> AgentProcess:
+    """An agent with the API, probes and a CNI configuration, not started yet (started_now()
+    does not wait for its IPAM socket: waiting for the API, it serves none)."""
+    fakekube.store.create(NODES, None, {"apiVersion": "v1", "kind": "Node",
+                                        "metadata": {"name": "node-1"}})
+    kubeconfig = fakekube.write_kubeconfig(directory / "kubeconfig")
+    return AgentProcess("node-1", directory / "ipam.sock", etcd.endpoints,
+                        directory / "agent.log", extra_args=[
+                            "--kubeconfig", str(kubeconfig),
+                            "--health-listen", f"unix:{directory}/health.sock",
+                            "--cni-conf-file", str(directory / "net.d" / "10-pipit.conflist")])
+
+
+@contextmanager
+def started_now(agent: AgentProcess):
+    """The agent's process, not waiting for its IPAM socket (waiting for the API, it serves
+    none); killed at the end."""
+    agent.start(answering=False)
+    try:
+        yield agent.process
+    finally:
+        agent.kill()
+
+
+def node_record(etcd, name: str):
+    return run(_read(etcd, keys.node_key(name)))
+
+
+async def _read(config, key: str):
+    async with Store(config) as store:
+        return await store.get(key)
+
+
+def logged(agent: AgentProcess, words: str):
+    return lambda: words in agent.log_path.read_text()
+
+
+def test_an_agent_started_before_the_api_waits_for_it_then_serves(fakekube, etcd, short_dir):
+    """A node rebooted with its control plane: the agent does not exit into the kubelet's
+    restart back-off (minutes without networking for new pods) because the API server came
+    up a little later."""
+    listen = health.Listen(path=str(short_dir / "health.sock"))
+    conflist = short_dir / "net.d" / "10-pipit.conflist"
+    agent = waiting_agent(fakekube, etcd, short_dir)
+    fakekube.stop()
+    with started_now(agent) as process:
+        wait(logged(agent, "Node node-1 not read yet, trying again: cannot reach the Kubernetes "
+                    f"API at {fakekube.url}"), 20, "the agent saying it waits")
+        code, body = health.get(listen, "/readyz", timeout=10)
+        assert code == 503
+        assert "[-]start failed: waiting for the Kubernetes API: cannot reach" in body
+        assert health.get(listen, "/livez")[0] == 200  # waiting is no reason to restart it
+        assert process.poll() is None
+        assert not agent.socket_path.exists() and not conflist.exists()
+        assert node_record(etcd, "node-1") is None
+        fakekube.fail(503, times=1, path="/nodes/node-1")  # starting: answers 503 first
+        fakekube.start()
+        wait(conflist.exists, 30, "the conflist, once the Node is read and the node registered")
+        assert node_record(etcd, "node-1") is not None
+        assert "Node node-1 read: the Kubernetes API answered after" in agent.log_path.read_text()
+        wait(lambda: health.get(listen, "/readyz")[0] == 200, 20, "ready")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+
+
+def test_sigterm_while_waiting_for_the_api_exits_having_written_nothing(
+        fakekube, etcd, short_dir):
+    agent = waiting_agent(fakekube, etcd, short_dir)
+    fakekube.stop()
+    with started_now(agent) as process:
+        wait(logged(agent, "not read yet"), 20, "the agent saying it waits")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+    fakekube.start()
+    assert node_record(etcd, "node-1") is None
+    assert not (short_dir / "net.d").exists() and not (short_dir / "health.sock").exists()
+
+
+def test_an_api_refusing_the_agent_ends_it_in_one_sentence(fakekube, etcd, short_dir):
+    """Its credentials or RBAC are wrong: asking again will not help."""
+    agent = waiting_agent(fakekube, etcd, short_dir)
+    fakekube.fail(403, times=None, path="/nodes/node-1", message='nodes "node-1" is forbidden')
+    with started_now(agent) as process:
+        assert process.wait(60) == 1
+    text = agent.log_path.read_text()
+    assert f"the Kubernetes API at {fakekube.url} answered HTTP 403: nodes " in text
+    assert "trying again" not in text
+    assert node_record(etcd, "node-1") is None

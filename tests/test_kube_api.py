@@ -141,6 +141,19 @@ def test_calls_say_what_failed_in_one_sentence(fakekube, tmp_path):
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("code, refused", [(401, True), (403, True),
+                                           (408, False), (429, False), (500, False),
+                                           (503, False)])
+def test_a_refusal_is_told_from_a_passing_failure(fakekube, tmp_path, code, refused):
+    """The agent waits at start through what may pass (an API server starting or
+    overloaded), never through an answer that asking again will not change."""
+    api = connect(fakekube, tmp_path)
+    fakekube.fail(code, times=None, path="/nodes/x")  # the client retries some itself
+    with pytest.raises(KubernetesUnavailable, match=f"answered HTTP {code}") as error:
+        asyncio.run(api.node("x"))
+    assert error.value.refused is refused
+
+
 def test_an_agent_without_kubernetes_never_imports_the_client():
     """The client costs ~17 MiB of the agent's memory (bench/README.md, converge: the goal is
     60 MiB): without --kubeconfig and outside a pod there is no Kubernetes and no import."""
