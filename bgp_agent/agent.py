@@ -42,6 +42,7 @@ from bgp_agent.version import software_version
 from bgp_agent.status import DEFAULT_STATUS_SOCKET, StatusServer
 from ipam.allocator import IPAM
 from ipam.errors import InvalidResource, PipitError
+from ipam.resource import duration_argument
 from ipam.service import DEFAULT_SOCKET, IPAMService
 from ipam.store import ENV_CA, ENV_CERT, ENV_ENDPOINTS, ENV_KEY, EtcdConfig, Store
 
@@ -70,6 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     address.add_argument("--ip-autodetection-method", default="first-found", metavar="METHOD",
                          help="first-found | interface=REGEX | skip-interface=REGEX | cidr=CIDR "
                               "| can-reach=IP | kubernetes-internal-ip (default first-found).")
+    parser.add_argument("--autodetect-poll-interval", type=duration_argument,
+                        default=os.environ.get("AUTODETECT_POLL_INTERVAL", "60s"),
+                        metavar="DURATION",
+                        help="How often a detected address is looked for again; a new one is "
+                             "registered and the node's sessions move to it (default 60s; 0: "
+                             "never) [env AUTODETECT_POLL_INTERVAL, as calico-node's].")
     parser.add_argument("--as", dest="as_number", metavar="N",
                         help="This node's AS number, such as 65001 or asdot 1.10 (default: "
                              f"the cluster's, {DEFAULT_AS}).")
@@ -155,6 +162,13 @@ def node_identity(args: argparse.Namespace) -> NodeRecord:
                       route_reflector_cluster_id=cluster_id)
 
 
+def find_identity(args: argparse.Namespace, kube) -> NodeRecord:
+    """This node's record as the flags, its Kubernetes Node (if any) and its interfaces say."""
+    if kube is not None and not args.no_bgp:
+        return kube.identity(args, parse_labels(args.labels))
+    return node_identity(args)
+
+
 async def run(args: argparse.Namespace) -> None:
     config = EtcdConfig.from_options(args.etcd_endpoints, args.etcd_ca_cert, args.etcd_cert,
                                      args.etcd_key)
@@ -192,10 +206,7 @@ async def run(args: argparse.Namespace) -> None:
             return
         # Who this node is, its address found on its interfaces, before IPAM is served: a
         # node that cannot tell says so in one sentence and has written nothing.
-        if kube is not None and not args.no_bgp:
-            identity = await asyncio.to_thread(kube.identity, args, parse_labels(args.labels))
-        else:
-            identity = await asyncio.to_thread(node_identity, args)  # pyroute2 inside
+        identity = await asyncio.to_thread(find_identity, args, kube)  # pyroute2 inside
         async with Store(config) as store:
             await serve(args, store, identity, stop, lambda: retire, kube, probes, conflist)
     finally:
@@ -231,7 +242,9 @@ async def serve(args: argparse.Namespace, store: Store, identity: NodeRecord,
             finally:
                 await status.close()
         else:
-            await route(store, ipam, args, identity, stop, retiring, kube, parts, conflist)
+            while identity is not None:  # a new identity: the node's address changed
+                identity = await route(store, ipam, args, identity, stop, retiring, kube, parts,
+                                       conflist)
         log.info("stopping")
     finally:
         if service is not None:
@@ -252,9 +265,10 @@ async def register_when_reachable(store: Store, identity: NodeRecord, stop: asyn
 async def route(store: Store, ipam: IPAM, args: argparse.Namespace, identity: NodeRecord,
                 stop: asyncio.Event, retiring, kube=None,
                 parts: health.AgentParts | None = None,
-                conflist: cni_conflist.ConflistWriter | None = None) -> None:
+                conflist: cni_conflist.ConflistWriter | None = None) -> NodeRecord | None:
     """Register the node (`identity`), then run the BGP speaker and the routing loop until
-    `stop`."""
+    `stop` (None), or until the node's detected address changes: then its new record, left
+    as SIGUSR1 leaves (nothing withdrawn, ExaBGP running), for a new pass to adopt."""
     from bgp_agent.node_dataplane import NodeDataplane
     from bgp_agent.model import SpeakerError
     from bgp_agent.routing import Router
@@ -264,7 +278,7 @@ async def route(store: Store, ipam: IPAM, args: argparse.Namespace, identity: No
 
     me = await register_when_reachable(store, identity, stop)
     if me is None:
-        return
+        return None
     log.info("node %s registered with address %s", me.name, me.address)
     if args.reflector_only and me.route_reflector_cluster_id is None:
         raise InvalidResource(f"node {me.name} has no route reflector cluster id: give "
@@ -285,11 +299,12 @@ async def route(store: Store, ipam: IPAM, args: argparse.Namespace, identity: No
     if conflist and dataplane is not None:
         dataplane.on_pod_mtu = conflist.publish  # the first once IPAM and routing are up
     status = StatusServer(args.status_socket, router.status.to_json)
+    collector = None
     if args.metrics_address:
         from bgp_agent import metrics
-        metrics.register(metrics.StatusCollector(router.status.to_json,
-                                                 None if args.reflector_only
-                                                 else router.ipam_usage))
+        collector = metrics.StatusCollector(router.status.to_json,
+                                            None if args.reflector_only else router.ipam_usage)
+        metrics.register(collector)
     await speaker.start()
     await status.start()
     task = asyncio.create_task(router.run())
@@ -299,27 +314,58 @@ async def route(store: Store, ipam: IPAM, args: argparse.Namespace, identity: No
     if parts:
         parts.router, parts.speaker, parts.task = router, speaker, task
     stopping = asyncio.create_task(stop.wait())
+    watching = (asyncio.create_task(address_change(store, args, kube, me))
+                if not args.ip and args.autodetect_poll_interval > 0 else None)
+    moved = None
     try:
-        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, stopping} | ({watching} if watching else set()),
+                           return_when=asyncio.FIRST_COMPLETED)
         if task.done():  # the routing loop ended by itself: a bug; say so and stop
             task.result()
+        if watching is not None and watching.done() and not stopping.done():
+            moved = watching.result()
+            log.info("node %s moves to its new address %s: its sessions and routes follow",
+                     me.name, moved.address)
+            return moved
+        return None
     finally:
         stopping.cancel()
+        if watching is not None:
+            watching.cancel()
         freezing.cancel()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await status.close()
+        if collector is not None:
+            metrics.unregister(collector)
+        retire = moved is None and retiring()
         try:
-            if retiring():
+            if retire:
                 log.info("retiring: withdrawing this node's routes from every peer")
                 await speaker.retire()
         except SpeakerError as error:  # ExaBGP away or slow: stop it all the same
             log.error("could not withdraw this node's routes before stopping: %s", error)
         finally:
-            await speaker.stop(stop_exabgp=retiring())
+            await speaker.stop(stop_exabgp=retire)
             if kernel is not None:
                 kernel.close()
                 dataplane.close()
+
+
+async def address_change(store: Store, args: argparse.Namespace, kube, me: NodeRecord
+                         ) -> NodeRecord:
+    """The node's record, registered anew, once the address detected on its interfaces is no
+    longer `me`'s (looked for every --autodetect-poll-interval, as calico-node looks every
+    AUTODETECT_POLL_INTERVAL). A detection that finds nothing, etcd away, or a registration
+    refused (another node's record holds the address) keep the old address, saying why."""
+    while True:
+        await asyncio.sleep(args.autodetect_poll_interval)
+        try:
+            found = await asyncio.to_thread(find_identity, args, kube)
+            if found.address != me.address:
+                return await register(store, found)
+        except PipitError as error:
+            log.warning("node %s keeps its address %s: %s", me.name, me.address, error)
 
 
 async def freeze_when_loaded(router) -> None:

@@ -99,6 +99,10 @@ def register(collector: Collector) -> None:
     REGISTRY.register(collector)
 
 
+def unregister(collector: Collector) -> None:
+    REGISTRY.unregister(collector)
+
+
 def metrics_address(text: str) -> str:
     """--metrics-address: HOST:PORT (HOST may be empty for every address)."""
     host, sep, port = text.rpartition(":")

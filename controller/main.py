@@ -32,19 +32,12 @@ from controller.labels import sync_node_labels
 from controller.leader import LeaseElection, LostLeadership
 from ipam import gc
 from ipam.errors import PipitError
-from ipam.resource import duration_seconds
+from ipam.resource import duration_argument
 from ipam.store import ENV_CA, ENV_CERT, ENV_ENDPOINTS, ENV_KEY, EtcdConfig, Store
 
 log = logging.getLogger("pipit-controller")
 DEBOUNCE = 1.0  # seconds: deletions coming together make one pass
 MAX_INTERVAL = 60.0
-
-
-def duration(text: str) -> float:
-    seconds = duration_seconds(text) if not text.replace(".", "", 1).isdigit() else float(text)
-    if seconds is None or seconds < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 15m, 90s or 900")
-    return float(seconds)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,15 +46,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kubeconfig", metavar="PATH", default=os.environ.get("KUBECONFIG"),
                         help="Kubernetes API access [env KUBECONFIG]; default: the pod's "
                              "service account.")
-    parser.add_argument("--gc-grace-period", type=duration, default=gc.DEFAULT_GRACE_SECONDS,
-                        metavar="DURATION",
+    parser.add_argument("--gc-grace-period", type=duration_argument,
+                        default=gc.DEFAULT_GRACE_SECONDS, metavar="DURATION",
                         help="How long an address whose pod is gone (or has another IP) is "
                              "kept before it is released (default 15m; 0 releases at once).")
     parser.add_argument("--no-leader-elect", dest="leader_elect", action="store_false",
                         help="Run without the Lease (only with a single replica).")
     parser.add_argument("--lease-name", default="pipit-controller", metavar="NAME")
     parser.add_argument("--lease-namespace", default="kube-system", metavar="NAMESPACE")
-    parser.add_argument("--lease-duration", type=duration, default=15.0, metavar="DURATION",
+    parser.add_argument("--lease-duration", type=duration_argument, default=15.0,
+                        metavar="DURATION",
                         help="How long a Lease not renewed keeps others out (default 15s).")
     parser.add_argument("--identity", default=f"{socket.gethostname()}-{os.getpid()}",
                         help="This instance's name in the Lease (default HOSTNAME-PID).")

@@ -54,6 +54,15 @@ def duration_seconds(text: str) -> Fraction | None:
     return total
 
 
+def duration_argument(text: str) -> float:
+    """A command line's duration, in seconds: a Go duration (15m, 90s) or a number (900)."""
+    import argparse
+    seconds = duration_seconds(text) if not text.replace(".", "", 1).isdigit() else float(text)
+    if seconds is None or seconds < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 15m, 90s or 900")
+    return float(seconds)
+
+
 def shown(value: object, limit: int = 60) -> str:
     """A value as an error message quotes it: its repr, cut short when it is long."""
     if isinstance(value, int) and value.bit_length() > 200:  # (repr fails past 4300 digits)

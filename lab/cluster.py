@@ -537,8 +537,13 @@ spec: {{nodeToNodeMeshEnabled: false, communities: ['{COMMUNITY}']}}
         info = self._state()["nodes"][node]
         state = self.node_dir(node)
         program = "pipit-rr" if info.get("reflector") else "pipit-agent"
+        # a node with `detect` (an --ip-autodetection-method) finds its address itself, and
+        # looks again every second
+        address = (["--ip-autodetection-method", info["detect"],
+                    "--autodetect-poll-interval", "1s"] if info.get("detect")
+                   else ["--ip", info["address"]])
         return [*netns.exec_prefix(info["netns"]), str(BIN / program), "--node", node,
-                "--ip", info["address"], "--etcd-endpoints", self.etcd_endpoint,
+                *address, "--etcd-endpoints", self.etcd_endpoint,
                 *self.etcd_tls_flags(),
                 "--state-dir", str(state), "--ipam-socket", str(self.ipam_socket(node)),
                 "--status-socket", str(self.status_socket(node)), "--exabgp", "spawn",

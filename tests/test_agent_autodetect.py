@@ -22,10 +22,13 @@ from pathlib import Path
 
 import pytest
 
+from bgp_agent.node import NodeRecord, parse_explicit_address, register
+from ipam.store import EtcdConfig
 from lab.agent import NodeAgentProcess
 from lab.etcd import EtcdServer
 from lab.netns import Namespaces
 from lab.process import wait
+from tests.helpers import with_store
 from tests.ipip_support import ip
 from tests.pipitctl_support import ok, pipitctl
 
@@ -63,9 +66,10 @@ def etcd(short_dir):
         yield server
 
 
-def node_agent(host: str, etcd: EtcdServer, directory, method: str | None) -> NodeAgentProcess:
+def node_agent(host: str, etcd: EtcdServer, directory, method: str | None,
+               *more: str) -> NodeAgentProcess:
     # sidecar: no ExaBGP needed to register and serve the status
-    extra = ["--exabgp", "sidecar", "--sigterm", "exit"]
+    extra = ["--exabgp", "sidecar", "--sigterm", "exit", *more]
     if method is not None:
         extra += ["--ip-autodetection-method", method]
     return NodeAgentProcess(NODE, host, directory / "state",
@@ -119,3 +123,40 @@ def test_no_address_found_is_one_sentence_and_the_agent_serves_nothing(host, etc
                         lines[0]), lines[0]
     assert node_records(etcd) == {}
     assert sorted(p.name for p in (short_dir / "state").iterdir()) == []  # no socket, no file
+
+
+def test_the_running_agent_registers_its_new_address_unless_another_node_holds_it(
+        host, etcd, short_dir):
+    """As calico-node looks again every AUTODETECT_POLL_INTERVAL: eth1 readdressed, the agent
+    registers the new address by itself (its sessions move there: tests/test_lab.py). An
+    address another node's record holds, or none at all, keeps the old one, saying why."""
+    with_store(EtcdConfig((etcd.endpoint,)), lambda store: register(
+        store, NodeRecord("n0", parse_explicit_address("10.20.0.6/24"))))
+    try:
+        with node_agent(host, etcd, short_dir, "interface=eth1",
+                        "--autodetect-poll-interval", "0.2s") as agent:
+            wait(lambda: (agent.status() or {}).get("address") == "10.20.0.5/24", 30,
+                 "the agent's first address")
+            readdress(host, "10.20.0.5/24", None)
+            wait(lambda: "node n1 keeps its address 10.20.0.5/24: no IPv4 address on this node "
+                 "matches 'interface=eth1'" in agent.log_tail(), 20, "no address found, said")
+            readdress(host, None, "10.20.0.6/24")
+            wait(lambda: "node n1 keeps its address 10.20.0.5/24: node n0 already has the "
+                 "address 10.20.0.6" in agent.log_tail(), 20, "the refusal, said")
+            assert node_records(etcd)[NODE] == {"bgp": {"ipv4Address": "10.20.0.5/24"}}
+            readdress(host, "10.20.0.6/24", "10.20.0.7/24")
+            wait(lambda: node_records(etcd)[NODE] == {"bgp": {"ipv4Address": "10.20.0.7/24"}},
+                 20, "the new address registered")
+            wait(lambda: (agent.status() or {}).get("address") == "10.20.0.7/24", 20,
+                 "the status to show it")
+            assert agent.running
+    finally:
+        readdress(host, "10.20.0.7/24", "10.20.0.5/24", missing_ok=True)
+        ip(host, "route", "replace", "172.30.0.0/16", "via", "10.20.0.1", "dev", "eth1")
+
+
+def readdress(ns: str, old: str | None, new: str | None, missing_ok: bool = False) -> None:
+    for verb, address in (("del", old), ("add", new)):
+        if address is not None:
+            subprocess.run(["ip", "-n", ns, "addr", verb, address, "dev", "eth1"],
+                           check=not missing_ok, capture_output=True)

@@ -52,6 +52,30 @@ def test_a_bad_health_listen_is_one_sentence(text):
     one_sentence(caught.value, "--health-listen ")
 
 
+@pytest.mark.parametrize("argv, env, seconds", [
+    ([], None, 60.0),  # calico-node's default
+    ([], "90s", 90.0),  # calico-node's variable
+    (["--autodetect-poll-interval", "5m"], "90s", 300.0),
+    (["--autodetect-poll-interval", "0"], None, 0.0),  # never
+])
+def test_the_address_is_looked_for_again_as_calico_node_looks(monkeypatch, argv, env, seconds):
+    from bgp_agent.agent import parse_args
+    if env is None:
+        monkeypatch.delenv("AUTODETECT_POLL_INTERVAL", raising=False)
+    else:
+        monkeypatch.setenv("AUTODETECT_POLL_INTERVAL", env)
+    assert parse_args(["--node", "n1", *argv]).autodetect_poll_interval == seconds
+
+
+def test_a_poll_interval_that_is_no_duration_is_one_sentence(capsys):
+    from bgp_agent.agent import parse_args
+    with pytest.raises(SystemExit) as exit:
+        parse_args(["--node", "n1", "--autodetect-poll-interval", "soon"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        "argument --autodetect-poll-interval: 'soon' is not a duration such as 15m, 90s or 900")
+
+
 def test_a_failing_check_fails_the_endpoint_and_says_why():
     checks = health.Health()
     checks.ready("etcd", lambda: None)

@@ -16,7 +16,7 @@ from ipip import capability
 from ipip.encap import IPIP
 from lab import netns
 from lab.cluster import Lab
-from lab.process import wait
+from lab.process import alive, wait
 from tests.helpers import assert_pods_reach_each_other, running_lab, with_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.lab]
@@ -121,23 +121,53 @@ def test_a_node_leaving_is_forgotten_by_the_others_within_the_hold_time(lab):
 
 
 def test_a_node_readdressed_is_followed_by_the_mesh_once_its_agent_restarts(lab):
-    """The address is found when the agent starts (README): a node whose address changes gets
-    a restart of its agent as a DaemonSet gives it (SIGUSR1/`--sigterm exit`: ExaBGP and the
-    kernel's routes left to the next agent), which registers the new address; every other
-    node then peers with the new one and routes its blocks there, and no pod loses another."""
+    """An address given with --ip: a node whose address changes gets a restart of its agent
+    as a DaemonSet gives it (SIGUSR1/`--sigterm exit`: ExaBGP and the kernel's routes left to
+    the next agent), which registers the new address; every other node then peers with the
+    new one and routes its blocks there, and no pod loses another."""
     node, new = "n3", ipaddress.IPv4Interface("10.99.0.33/24")
     old = lab.node_record(node)["address"]  # 10.99.0.13/24
-    blocks = own_blocks(lab, node)
     lab.stop_agent(node, signal.SIGUSR1)
+    readdress(lab, node, old, new)
+    lab.start_agent(node)
+    assert_the_mesh_follows(lab, node, old, new)
+
+
+def test_a_node_readdressed_is_followed_by_the_mesh_without_a_restart(lab):
+    """An address detected (as calico-node looks again every AUTODETECT_POLL_INTERVAL): the
+    running agent finds the new address, registers it and moves its sessions there; every
+    other node follows and no pod loses another."""
+    node, new = "n3", ipaddress.IPv4Interface("10.99.0.43/24")
+    lab.stop_agent(node, signal.SIGUSR1)
+    nodes = lab._state()["nodes"]
+    nodes[node]["detect"] = "interface=eth0"
+    lab._save(nodes=nodes)
+    lab.start_agent(node)
+    old, pid = lab.node_record(node)["address"], lab._agent_pid(node)
+    readdress(lab, node, old, new)
+    assert_the_mesh_follows(lab, node, old, new)
+    assert lab._agent_pid(node) == pid and alive(pid)
+    log = (lab.node_dir(node) / "agent.log").read_text()
+    assert f"node {node} moves to its new address {new}" in log
+
+
+def readdress(lab, node: str, old: str, new: ipaddress.IPv4Interface) -> None:
+    """The node's address on the fabric changes (the old one removed first, as a DHCP
+    renewal with a new lease would)."""
     ns = lab.node_ns(node)
     subprocess.run(["ip", "-n", ns, "addr", "del", old, "dev", "eth0"], check=True)
     subprocess.run(["ip", "-n", ns, "addr", "add", str(new), "dev", "eth0"], check=True)
     nodes = lab._state()["nodes"]
     nodes[node]["address"] = str(new)
     lab._save(nodes=nodes)
-    lab.start_agent(node)
-    stored = lab.pipitctl("get", "node", node, "-o", "json")
-    assert json.loads(stored.stdout)["spec"]["bgp"]["ipv4Address"] == str(new), stored.stderr
+
+
+def assert_the_mesh_follows(lab, node: str, old: str, new: ipaddress.IPv4Interface) -> None:
+    def stored() -> str:
+        result = lab.pipitctl("get", "node", node, "-o", "json")
+        return json.loads(result.stdout)["spec"]["bgp"]["ipv4Address"]
+    wait(lambda: stored() == str(new), 30, f"{node}'s record in etcd to hold {new}")
+    blocks = own_blocks(lab, node)
     others = [n for n in lab.nodes() if n != node]
     wait(lambda: all(lab.pipit_routes(n).get(b) == str(new.ip) for n in others for b in blocks),
          30, f"the other nodes to route {node}'s blocks to {new.ip}")
