@@ -87,3 +87,26 @@ def blocks(count: int, second_octet: int = 1) -> list[IPv4Network]:
 def sh(*args: str) -> str:
     """A command's output; it must succeed."""
     return subprocess.run(args, check=True, capture_output=True, text=True).stdout
+
+
+@contextmanager
+def pinging(lab: Lab, source: str, target: str, seconds: float):
+    """A ping every 50 ms from `source`'s pod to `target`'s pod while the block runs; yields
+    a function that gives the number of lost replies once the ping ended."""
+    from lab import netns
+    pods = {p.node: p for p in lab.all_pods()}
+    count = int(seconds / 0.05)
+    process = subprocess.Popen([*netns.exec_prefix(pods[source].netns), "ping", "-i", "0.05",
+                                "-c", str(count), "-W", "1", "-q", pods[target].address],
+                               stdout=subprocess.PIPE, text=True)
+    result = {}
+
+    def lost() -> int:
+        out = result.get("out", "")
+        sent_line = next(line for line in out.splitlines() if "packets transmitted" in line)
+        sent, received = (int(sent_line.split()[i]) for i in (0, 3))
+        return sent - received
+    try:
+        yield lost
+    finally:
+        result["out"] = process.communicate(timeout=seconds + 30)[0]

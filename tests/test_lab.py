@@ -5,6 +5,7 @@ the pool's encapsulation, a VXLAN pool that selects no node."""
 
 import ipaddress
 import json
+import os
 import signal
 import subprocess
 
@@ -17,7 +18,7 @@ from ipip.encap import IPIP
 from lab import netns
 from lab.cluster import Lab
 from lab.process import alive, wait
-from tests.helpers import assert_pods_reach_each_other, running_lab, with_store
+from tests.helpers import assert_pods_reach_each_other, pinging, running_lab, with_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.lab]
 FOREIGN = ["192.0.2.0/24 via 10.99.0.254 proto static", "198.51.100.0/24 via 10.99.0.254 proto 12",
@@ -92,6 +93,28 @@ def test_agent_sigkill_and_restart_changes_no_route_and_resets_no_session(lab):
     assert_pods_reach_each_other(lab)
     for n in lab.nodes():
         assert foreign_routes(lab, n) == EXPECTED_FOREIGN
+
+
+def test_exabgp_killed_costs_no_route_and_no_ping_while_its_agent_starts_another(lab):
+    """The speaker dying is one process dying: the node keeps its kernel routes, the others
+    keep its blocks through graceful restart, the agent starts a new ExaBGP, the sessions
+    come back, and pods talking across the node lose nothing."""
+    node = "n1"
+    before = {n: lab.pipit_routes(n) for n in lab.nodes()}
+    pid_file = lab.node_dir(node) / "exabgp" / "exabgp.pid"
+    first = int(pid_file.read_text())
+    since = peer_since(lab, node)
+    with pinging(lab, "n2", node, seconds=6) as lost_in, \
+            pinging(lab, node, "n3", seconds=6) as lost_out:
+        os.kill(first, signal.SIGKILL)
+        wait(lambda: int(pid_file.read_text()) != first, 20, "the agent's new ExaBGP")
+        wait(lambda: (now := peer_since(lab, node)).keys() == since.keys()
+             and all(now[p] != since[p] for p in since)
+             and all(p["state"] == "up" for p in lab.status(node)["peers"]), 30,
+             f"{node}'s sessions back, new ones")
+        assert {n: lab.pipit_routes(n) for n in lab.nodes()} == before
+    assert lost_in() == 0 and lost_out() == 0
+    assert "ExaBGP (pid %d) exited" % first in (lab.node_dir(node) / "agent.log").read_text()
 
 
 def test_a_fourth_node_joins_and_is_reachable_from_all_pods(lab):

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-from contextlib import contextmanager
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 import pytest
@@ -19,7 +17,7 @@ from lab import netns
 from lab.bird import Bird, BirdPeer, bgp_config
 from lab.cluster import CLUSTER_ID, Lab
 from lab.process import wait
-from tests.helpers import assert_pods_reach_each_other, running_lab
+from tests.helpers import assert_pods_reach_each_other, pinging, running_lab
 
 pytestmark = [pytest.mark.slow, pytest.mark.lab]
 HOLD, RESTART = 6, 20
@@ -43,28 +41,6 @@ def address(lab: Lab, node: str) -> IPv4Address:
 
 def learned(lab: Lab, node: str) -> dict[str, str]:
     return {p: hop for p, hop in lab.pipit_routes(node).items() if hop != "blackhole"}
-
-
-@contextmanager
-def pinging(lab: Lab, source: str, target: str, seconds: float):
-    """A ping every 50 ms from `source`'s pod to `target`'s pod while the block runs; yields
-    a function that gives the number of lost replies once the ping ended."""
-    pods = {p.node: p for p in lab.all_pods()}
-    count = int(seconds / 0.05)
-    process = subprocess.Popen([*netns.exec_prefix(pods[source].netns), "ping", "-i", "0.05",
-                                "-c", str(count), "-W", "1", "-q", pods[target].address],
-                               stdout=subprocess.PIPE, text=True)
-    result = {}
-
-    def lost() -> int:
-        out = result.get("out", "")
-        sent_line = next(line for line in out.splitlines() if "packets transmitted" in line)
-        sent, received = (int(sent_line.split()[i]) for i in (0, 3))
-        return sent - received
-    try:
-        yield lost
-    finally:
-        result["out"] = process.communicate(timeout=seconds + 30)[0]
 
 
 def kill_node(lab: Lab, node: str) -> None:
