@@ -246,6 +246,11 @@ def _never_sent(error: grpc.aio.AioRpcError) -> bool:
             and "failed to connect to all addresses" in (error.details() or ""))
 
 
+# What etcd answers before applying anything: a write answered so was not written.
+_REFUSED_UNAPPLIED = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT,
+                      grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
+
+
 def _reason(error: grpc.aio.AioRpcError, timeout: float) -> str:
     """Why a call found no etcd, in a few words (gRPC's details name the last address)."""
     if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -355,7 +360,8 @@ class Store:
                 return response
         except grpc.aio.AioRpcError as error:
             failure = await self._unavailable(error, timeout)
-            failure.maybe_written = writes and not _never_sent(error)
+            failure.maybe_written = (writes and not _never_sent(error)
+                                     and error.code() not in _REFUSED_UNAPPLIED)
             if _never_sent(error):
                 await self._client.reconnect_if_names_were_left_out(generation)
         except asyncio.TimeoutError:
@@ -377,6 +383,14 @@ class Store:
         connected = self._client.channel.get_state() == grpc.ChannelConnectivity.READY
         if code == grpc.StatusCode.DEADLINE_EXCEEDED and (connected or single):
             return DatastoreUnavailable(f"etcd at {where} did not answer within {timeout:g} s.")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "space exceeded" in (error.details()
+                                                                              or ""):
+            # writes refused until an operator frees space: not the caller's doing, and over
+            # once they have (so the agent waits for it, as for an etcd away)
+            return DatastoreUnavailable(
+                f"etcd at {where} is full ({error.details()}): it takes no write until its "
+                "history is compacted, its members defragmented and its NOSPACE alarm disarmed "
+                "(etcdctl compact, etcdctl defrag, etcdctl alarm disarm).")
         if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             refused = DatastoreUnavailable(
                 f"etcd at {where} refused the request: {error.details() or code.name}.")

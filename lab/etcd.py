@@ -48,6 +48,7 @@ class EtcdServer:
     unix_socket: bool = False  # also listen on a unix socket (for nodes in other netns)
     name: str = "pipit"
     initial_cluster: str = ""  # name=peer-url,... of every member (empty: a cluster of one)
+    quota_bytes: int = 0  # --quota-backend-bytes (0: etcd's default, 2 GiB)
 
     @property
     def peer_url(self) -> str:
@@ -78,6 +79,8 @@ class EtcdServer:
             "--initial-cluster", self.initial_cluster or f"{self.name}={peer}",
             "--log-level", "error", "--logger", "zap",
         ]
+        if self.quota_bytes:
+            cmd += ["--quota-backend-bytes", str(self.quota_bytes)]
         if self.tls:
             cmd += ["--cert-file", self.tls.server_cert, "--key-file", self.tls.server_key,
                     "--trusted-ca-file", self.tls.ca, "--client-cert-auth"]

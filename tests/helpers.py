@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 from collections.abc import Awaitable, Callable, Iterator
@@ -110,3 +111,29 @@ def pinging(lab: Lab, source: str, target: str, seconds: float):
         yield lost
     finally:
         result["out"] = process.communicate(timeout=seconds + 30)[0]
+
+
+def fill_etcd(endpoint: str) -> None:
+    """Write 100 KB values under /junk/ until etcd is full (its NOSPACE alarm raised: it then
+    takes reads and deletes, no other write)."""
+    value = "x" * 100_000
+    for n in range(1000):
+        result = subprocess.run(["etcdctl", "--endpoints", endpoint, "put", f"/junk/{n}"],
+                                input=value, capture_output=True, text=True, timeout=30)
+        if result.returncode != 0:
+            assert "database space exceeded" in result.stderr, result.stderr
+            return
+    raise AssertionError(f"etcd at {endpoint} took 100 MB and is still not full")
+
+
+def free_etcd(endpoint: str) -> None:
+    """What an operator does for a full etcd: delete what filled it, compact the history,
+    defragment, disarm the alarm."""
+    def etcdctl(*args: str) -> str:
+        return sh("etcdctl", "--endpoints", endpoint, *args)
+    etcdctl("del", "--prefix", "/junk/")
+    revision = json.loads(etcdctl("endpoint", "status", "-w", "json"))[0]["Status"]["header"][
+        "revision"]
+    etcdctl("compact", str(revision))
+    etcdctl("defrag")
+    etcdctl("alarm", "disarm")
