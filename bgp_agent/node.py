@@ -14,6 +14,7 @@ from bgp_agent.bgp_config import parse_as_number
 from bgp_agent.version import software_version
 from ipam import keys
 from ipam.errors import InvalidResource, PipitError
+from ipam.pool import check_node_outside_pools, read_pools
 from ipam.resource import SpecReader, check_labels, check_name, make_document, read_document
 from ipam.store import Store
 from ipam.txn import Changes, transact
@@ -268,6 +269,8 @@ async def register(store: Store, node: NodeRecord) -> NodeRecord:
                     f"node {other.name} already has the address {node.address.ip}; if that node "
                     f"is gone, remove its record with `pipitctl delete node {other.name}`.")
         changes.saw(keys.node_key(node.name), changes.expect.get(keys.node_key(node.name), 0))
+        pools = [pool for pool, _ in read_pools(await changes.store.list(keys.POOLS))]
+        check_node_outside_pools(node, [stored] if stored else [], pools)
         merged = replace(node,
                          as_number=node.as_number if node.as_number is not None
                          else stored.as_number if stored else None,

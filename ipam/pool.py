@@ -179,6 +179,37 @@ def check_pool_fits(pool: IPPool, existing: Iterable[IPPool]) -> None:
                                   f"{other.name!r} ({other.cidr}).")
 
 
+# Why a node's address must stay out of every pool, for the sentences below.
+_NODE_IN_POOL = ("a pod could be given it, and the routes to the pool's blocks would take "
+                 "traffic meant for the node")
+
+
+def check_pool_holds_no_node(pool: IPPool, pools: Iterable[IPPool], nodes: Iterable) -> None:
+    """Refuse a new pool whose cidr holds a node's address (`nodes`: records with `name` and
+    `address`). A pool stored already is left alone: its cidr cannot change."""
+    if any(p.name == pool.name for p in pools):
+        return
+    for node in nodes:
+        if node.address is not None and node.address.ip in pool.cidr:
+            raise InvalidResource(
+                f"IPPool {pool.name!r}: cidr {pool.cidr} holds the address of node {node.name} "
+                f"({node.address.ip}): {_NODE_IN_POOL}; choose a cidr that holds no node's "
+                "address.")
+
+
+def check_node_outside_pools(node, nodes: Iterable, pools: Iterable[IPPool]) -> None:
+    """Refuse a node address inside a pool, when it is new to the node (a record whose
+    address is unchanged is left alone, as an agent restarting re-registers it)."""
+    if node.address is None or any(n.name == node.name and n.address == node.address
+                                   for n in nodes):
+        return
+    pool = pool_of(pools, node.address.ip)
+    if pool is not None:
+        raise InvalidResource(
+            f"node {node.name}: its address {node.address.ip} is inside IPPool {pool.name!r} "
+            f"({pool.cidr}): {_NODE_IN_POOL}; give the node an address outside every pool.")
+
+
 def search_start(pool: IPPool, node: str) -> int:
     """Where this node starts looking for a free block: spread by a hash of its name."""
     digest = hashlib.sha256(f"{node}/{pool.cidr}".encode()).digest()

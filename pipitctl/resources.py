@@ -17,7 +17,8 @@ from typing import Any
 
 from ipam import keys
 from ipam.errors import AlreadyExists, Conflict, InvalidResource, NotFound, PipitError
-from ipam.pool import check_pool_fits, pool_from_spec, pool_to_document
+from ipam.pool import (check_node_outside_pools, check_pool_fits, check_pool_holds_no_node,
+                       pool_from_spec, pool_to_document)
 from ipam.pool_delete import addresses_in_use, delete_pool, in_use_refusal
 from bgp_agent.bgp_config import config_from_spec as bgp_config_from_spec
 from bgp_agent.bgp_peer import check_peer, peer_from_spec, peer_to_document
@@ -86,7 +87,9 @@ IPPOOL = Kind(
     name="IPPool", plural="ippools", aliases=("ippool", "ipp", "pool", "pools"),
     parse=lambda d: with_metadata(pool_from_spec(d.name, dict(d.spec)), d),
     to_document=pool_to_document,
-    check=check_pool_fits, reads_all=True,
+    check=check_pool_fits, reads_all=True, needs=("nodes",),
+    check_with=lambda pool, pools, others: check_pool_holds_no_node(pool, pools,
+                                                                     others["nodes"]),
     columns=("NAME", "CIDR", "SELECTOR"),
     row=lambda p: (p.name, p.cidr, p.node_selector),
     wide_columns=("NAME", "CIDR", "BLOCKSIZE", "NAT", "IPIPMODE", "VXLANMODE", "DISABLED",
@@ -130,7 +133,9 @@ NODE = Kind(
     name="Node", plural="nodes", aliases=("node", "no"),
     parse=lambda d: node_from_document(make_document("Node", d.name, d.spec, d.labels,
                                                      d.annotations)),
-    to_document=node_to_document, check=_no_check,
+    to_document=node_to_document, check=_no_check, needs=("ippools",),
+    check_with=lambda node, nodes, others: check_node_outside_pools(node, nodes,
+                                                                    others["ippools"]),
     columns=("NAME", "ADDRESS", "AS"),
     row=lambda n: (n.name, n.address or "-", n.as_number or "(cluster)"),
     wide_columns=("NAME", "ADDRESS", "AS", "RRCLUSTERID", "LABELS"),

@@ -27,6 +27,7 @@ from ipam import keys
 from ipam.store import EtcdConfig, Store
 from lab.agent import AgentProcess, NodeAgentProcess
 from lab.process import alive, wait
+from tests.helpers import add_pool, with_store
 from tests.sentences import one_sentence
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -256,15 +257,22 @@ def test_an_etcd_refusing_the_agent_ends_it_in_one_sentence(own_etcd, short_dir)
     assert "trying again" not in result.stderr
 
 
-def test_a_refused_registration_still_ends_the_agent_in_one_sentence(etcd, short_dir):
+@pytest.mark.parametrize("address, refusal", [
+    ("10.99.1.1/24", "node node-0 already has the address 10.99.1.1"),
+    ("10.244.1.1/24", "node node-1: its address 10.244.1.1 is inside IPPool 'pods' "
+                      "(10.244.0.0/16): a pod could be given it"),
+])
+def test_a_refused_registration_still_ends_the_agent_in_one_sentence(etcd, short_dir, address,
+                                                                     refusal):
     asyncio.run(_register_other(etcd))
+    with_store(etcd, lambda store: add_pool(store, "pods", "10.244.0.0/16"))
     result = subprocess.run(
         [sys.executable, "-m", "bgp_agent.agent", "--node", "node-1", "--no-bgp",
-         "--ip", "10.99.1.1/24", "--ipam-socket", str(short_dir / "ipam.sock"),
+         "--ip", address, "--ipam-socket", str(short_dir / "ipam.sock"),
          "--status-socket", str(short_dir / "status.sock"), "--etcd-endpoints",
          etcd.endpoints[0]], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
-    assert "node node-0 already has the address 10.99.1.1" in result.stderr
+    assert refusal in result.stderr
     assert node_record(etcd, "node-1") is None
 
 

@@ -28,7 +28,7 @@ NODES, POOLS = 1000, 300
 def node_document(i: int) -> dict:
     return {"apiVersion": "pipit.dev/v1", "kind": "Node",
             "metadata": {"name": f"node-{i:04d}", "labels": {"rack": f"r{i % 20}"}},
-            "spec": {"bgp": {"ipv4Address": f"10.{100 + i // 250}.{i % 250}.1/16"}}}
+            "spec": {"bgp": {"ipv4Address": f"172.{16 + i // 250}.{i % 250}.1/16"}}}
 
 
 def pool_document(i: int, name: str | None = None) -> dict:

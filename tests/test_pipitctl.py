@@ -292,10 +292,27 @@ def test_delete_refuses_a_pool_in_use_unless_forced(etcd, ctl):
     assert "no problems found" in ok(ctl("ipam", "check"))
 
 
-def node_yaml(name: str) -> str:
+def node_yaml(name: str, address: str = "10.99.0.11/24") -> str:
     return yaml.safe_dump({"apiVersion": "pipit.dev/v1", "kind": "Node",
                            "metadata": {"name": name},
-                           "spec": {"bgp": {"ipv4Address": "10.99.0.11/24"}}})
+                           "spec": {"bgp": {"ipv4Address": address}}})
+
+
+def test_a_pool_holding_a_node_and_a_node_inside_a_pool_are_refused(existing, ctl):
+    """Either way round a pod could be given the node's address and the routes to the pool's
+    blocks would take the node's traffic: one sentence, nothing written."""
+    ok(ctl("apply", "-f", "-", input=node_yaml("n1")))  # 10.99.0.11/24
+    before = snapshot(existing)
+    one_sentence(ctl("apply", "-f", "-", input=pool_yaml(cidr="10.99.0.0/16")),
+                 "IPPool 'new': cidr 10.99.0.0/16 holds the address of node n1 (10.99.0.11)")
+    one_sentence(ctl("apply", "-f", "-", input=node_yaml("n2", "10.244.9.9/16")),
+                 "node n2: its address 10.244.9.9 is inside IPPool 'existing' (10.244.0.0/16)")
+    assert snapshot(existing) == before
+    # in one file too: the pool as the node would find it
+    one_sentence(ctl("apply", "-f", "-", input=stream(pool_yaml("later", cidr="10.98.0.0/16"),
+                                                       node_yaml("n3", "10.98.0.3/16"))),
+                 "node n3: its address 10.98.0.3 is inside IPPool 'later'")
+    assert snapshot(existing) == before
 
 
 def test_delete_node_releases_its_tunnel_addresses_and_block_claims(etcd, ctl):

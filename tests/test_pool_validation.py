@@ -4,7 +4,7 @@ test_pipitctl.py."""
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 import pytest
 from hypothesis import given
@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 from ipam.errors import InvalidResource
 from ipam.pool import (
     IPPool,
+    check_node_outside_pools,
     check_pool_fits,
+    check_pool_holds_no_node,
     pool_from_document,
     pool_from_spec,
     pool_of,
@@ -131,6 +133,55 @@ def test_a_pool_may_not_overlap_another_or_change_its_shape():
     for pool, fact in cases:
         with pytest.raises(InvalidResource, match=fact.replace("(", r"\(").replace(")", r"\)")):
             check_pool_fits(pool, [a])
+
+
+def node(name: str, address: str | None):
+    from bgp_agent.node import NodeRecord
+    return NodeRecord(name, IPv4Interface(address) if address else None)
+
+
+NODE_IN_POOL = ("a pod could be given it, and the routes to the pool's blocks would take "
+                "traffic meant for the node")
+
+
+@pytest.mark.parametrize("cidr, refused", [
+    ("10.99.0.0/24", "cidr 10.99.0.0/24 holds the address of node n2 (10.99.0.12)"),
+    ("10.99.0.0/26", "cidr 10.99.0.0/26 holds the address of node n2 (10.99.0.12)"),
+    ("10.0.0.0/8", "cidr 10.0.0.0/8 holds the address of node n2 (10.99.0.12)"),
+    ("10.99.1.0/24", None),  # the nodes' subnet, but no node's address: routed, not taken
+    ("10.244.0.0/16", None),
+])
+def test_a_new_pool_may_not_hold_a_nodes_address(cidr, refused):
+    nodes = [node("n1", None), node("n2", "10.99.0.12/16")]
+    pool = pool_from_spec("p", {"cidr": cidr})
+    if refused is None:
+        check_pool_holds_no_node(pool, [], nodes)
+        return
+    with pytest.raises(InvalidResource) as error:
+        check_pool_holds_no_node(pool, [], nodes)
+    one_sentence(error.value, f"IPPool 'p': {refused}: {NODE_IN_POOL}",
+                 "choose a cidr that holds no node's address")
+    check_pool_holds_no_node(pool, [pool], nodes)  # stored already: its cidr cannot change
+
+
+@pytest.mark.parametrize("stored, address, refused", [
+    (None, "10.244.3.7/24", "its address 10.244.3.7 is inside IPPool 'pods' (10.244.0.0/16)"),
+    ("10.99.0.11/24", "10.244.3.7/24", "its address 10.244.3.7 is inside IPPool 'pods'"),
+    ("10.244.3.7/24", "10.244.3.7/24", None),  # unchanged: an agent restarting re-registers
+    (None, "10.99.0.11/24", None),
+    (None, None, None),
+])
+def test_a_node_address_new_to_the_node_may_not_be_inside_a_pool(stored, address, refused):
+    pools = [pool_from_spec("pods", {"cidr": "10.244.0.0/16"})]
+    nodes = [node("n1", stored)] if stored else []
+    incoming = node("n1", address)
+    if refused is None:
+        check_node_outside_pools(incoming, nodes, pools)
+        return
+    with pytest.raises(InvalidResource) as error:
+        check_node_outside_pools(incoming, nodes, pools)
+    one_sentence(error.value, f"node n1: {refused}", NODE_IN_POOL,
+                 "give the node an address outside every pool")
 
 
 @given(st.integers(0, (1 << 32) - 1), st.integers(8, 32), st.integers(20, 32),
