@@ -38,7 +38,7 @@ from ipip.routes import NextHop, RouteError
 from ipam import block as blocks
 from ipam import keys
 from ipam.mirror import Mirror
-from ipam.pool import pool_from_document
+from ipam.pool import node_in_pool, pool_from_document
 from ipam.resource import read_document
 from ipam.store import Entry, Store
 
@@ -535,8 +535,10 @@ class Router:
         self.status.peers = sorted(peers, key=lambda p: (p.neighbor.address, p.state))
         me = self.node_record()
         self.status.route_reflector_cluster_id = str(me.route_reflector_cluster_id or "")
-        self.status.warnings = policy.reflector_warnings(me, self.nodes.items.values(),
-                                                         neighbors)
+        in_pool = node_in_pool(me, self.pools.items.values())
+        self.status.warnings = [*policy.reflector_warnings(me, self.nodes.items.values(),
+                                                           neighbors),
+                                *([f"node {me.name}: {in_pool}"] if in_pool else [])]
         self.status.exported = len(next(iter(exports.values()), {})) if exports else 0
         if not_up and self.clock() >= self._diagnose_at:
             self._diagnose_at = self.clock() + DIAGNOSE_SECONDS

@@ -197,17 +197,24 @@ def check_pool_holds_no_node(pool: IPPool, pools: Iterable[IPPool], nodes: Itera
                 "address.")
 
 
+def node_in_pool(node, pools: Iterable[IPPool]) -> str | None:
+    """What is wrong with a node whose address is inside a pool (None: nothing)."""
+    pool = pool_of(pools, node.address.ip) if node.address is not None else None
+    if pool is None:
+        return None
+    return (f"its address {node.address.ip} is inside IPPool {pool.name!r} ({pool.cidr}): "
+            f"{_NODE_IN_POOL}; give the node an address outside every pool")
+
+
 def check_node_outside_pools(node, nodes: Iterable, pools: Iterable[IPPool]) -> None:
     """Refuse a node address inside a pool, when it is new to the node (a record whose
-    address is unchanged is left alone, as an agent restarting re-registers it)."""
-    if node.address is None or any(n.name == node.name and n.address == node.address
-                                   for n in nodes):
+    address is unchanged is left alone, as an agent restarting re-registers it: its status
+    warns instead)."""
+    if any(n.name == node.name and n.address == node.address for n in nodes):
         return
-    pool = pool_of(pools, node.address.ip)
-    if pool is not None:
-        raise InvalidResource(
-            f"node {node.name}: its address {node.address.ip} is inside IPPool {pool.name!r} "
-            f"({pool.cidr}): {_NODE_IN_POOL}; give the node an address outside every pool.")
+    problem = node_in_pool(node, pools)
+    if problem is not None:
+        raise InvalidResource(f"node {node.name}: {problem}.")
 
 
 def search_start(pool: IPPool, node: str) -> int:

@@ -132,6 +132,25 @@ def test_the_status_names_the_node_and_its_address_before_the_first_pass():
 
 
 @run
+async def test_a_node_whose_address_a_pool_holds_is_warned_about_in_its_status():
+    """An address stored before pools were checked (or a pool made by hand) keeps working, as
+    an upgrade must, but `node status` says what is wrong until it is fixed."""
+    async with running(Cluster()) as c:
+        await c.sync()
+        assert c.router.status.to_json()["warnings"] == []
+        c.store.put(keys.pool_key("wide"), pool_to_document(
+            pool_from_spec("wide", {"cidr": "10.0.0.0/16"})))
+        await c.sync()
+        assert c.router.status.to_json()["warnings"] == [
+            "node n1: its address 10.0.0.1 is inside IPPool 'wide' (10.0.0.0/16): a pod could "
+            "be given it, and the routes to the pool's blocks would take traffic meant for the "
+            "node; give the node an address outside every pool"]
+        c.store.delete(keys.pool_key("wide"))
+        await c.sync()
+        assert c.router.status.to_json()["warnings"] == []
+
+
+@run
 async def test_own_blocks_borrowed_addresses_and_owners_follow_etcd_between_passes():
     """Worked out once per change of etcd's tables, not per pass: the same answer while they
     stay, a new one as soon as a block, an affinity, a borrowed address or a node changes."""
