@@ -39,8 +39,12 @@ Agent to bridge (executed one at a time, in order; each answered by done/error w
         attribute set (a reflector's fan-out)
     {"id": N, "op": "eor", "neighbor": A}            send End-of-RIB (ExaBGP runs manual-eor)
     {"id": N, "op": "clear", "neighbor": A}          withdraw everything sent to one neighbour
-    {"id": N, "op": "reload", "digest": D, "neighbors": [A...], "timeout": 30}
-        reload ExaBGP's configuration and answer only once ExaBGP shows it applied
+    {"id": N, "op": "reload", "digest": D, "neighbors": [A...], "renewed": [A...],
+     "timeout": 30}
+        reload ExaBGP's configuration and answer only once ExaBGP shows it applied;
+        `renewed` (optional) are neighbours the reload makes a different peer inside ExaBGP
+        (a new local address, AS or router id): what was sent to the old one is gone with
+        it, and reported withdrawn once the reload is applied
     {"id": N, "op": "retire", "timeout": 30}
         withdraw this node's own routes (next hop self) from every neighbour and answer once
         the withdrawals left; what it reflects stays

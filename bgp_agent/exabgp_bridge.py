@@ -609,7 +609,8 @@ class Bridge:
         if op == "reload":
             return await self._reload(request.get("digest"),
                                       {IPv4Address(a) for a in request["neighbors"]},
-                                      float(request.get("timeout", 30)))
+                                      float(request.get("timeout", 30)),
+                                      {IPv4Address(a) for a in request.get("renewed", ())})
         if op == "retire":
             return await self._retire(float(request.get("timeout", 30)))
         if op == "command":
@@ -663,10 +664,13 @@ class Bridge:
         finally:
             arrival.cancel()
 
-    async def _reload(self, digest: str | None, neighbors: set[IPv4Address], timeout: float
-                      ) -> list[str]:
+    async def _reload(self, digest: str | None, neighbors: set[IPv4Address], timeout: float,
+                      renewed: set[IPv4Address] = frozenset()) -> list[str]:
         """ExaBGP drops a reload (API or SIGUSR1) that arrives while any peer still has routes
-        queued to send, with no word: ask again until `show neighbor configuration` shows it."""
+        queued to send, with no word: ask again until `show neighbor configuration` shows it.
+        A `renewed` neighbour is a new peer inside ExaBGP once it has: what the old one was
+        sent (routes announced after the agent cleared it, before the reload) went with it,
+        and is reported withdrawn, so that the agent announces it again."""
         deadline = time.monotonic() + timeout
         pause = 0.02
         self.state.configuring = set(neighbors)
@@ -690,6 +694,10 @@ class Bridge:
             self.state.configuring = set()
         for message in self.state.set_configured(neighbors, digest):
             self._send_agent(message)
+        for neighbor in sorted(renewed & neighbors):
+            lost = list(self.state.tables.announced.get(neighbor, {}))
+            if lost:
+                self._send_agent(self.state.record_withdrawn([neighbor], lost))
         return []
 
     async def _retire(self, timeout: float) -> list[str]:

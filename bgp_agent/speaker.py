@@ -358,7 +358,8 @@ class ExaBGPSpeaker:
                 clear.append(address)
         await self._requests([("clear", {"neighbor": str(a)}) for a in clear])
         await self._request("reload", digest=digest, timeout=60,
-                            neighbors=[str(a) for a in sorted(wanted)])
+                            neighbors=[str(a) for a in sorted(wanted)],
+                            renewed=[str(a) for a in clear if a in wanted])
         self._bridge_digest = digest
 
     # --- routes ------------------------------------------------------------------------------

@@ -598,6 +598,35 @@ def test_bridge_asks_again_until_exabgp_shows_the_reload_applied(tmp_path):
     with_bridge(tmp_path / "bridge.sock", scenario, peers=("10.0.0.2", "10.0.0.3"))
 
 
+def test_a_neighbour_renewed_by_a_reload_has_lost_what_it_was_sent(tmp_path):
+    """A node readdressed: its neighbours become new peers inside ExaBGP (a new local
+    address). A route announced between the agent's clear and the reload went to the old peer
+    and is gone with it: once the reload is applied it is reported withdrawn, and the agent
+    announces it again (it was missing on a peer before)."""
+    def configuration(*neighbors: str) -> list[str]:
+        return [line for n in neighbors
+                for line in (f"neighbor {n} {{", '\tdescription "pipit:bbbb";', "}")] + ["done"]
+
+    async def scenario(exabgp, agent, reader, writer):
+        request(writer, id=1, op="announce", neighbors=["10.0.0.2", "10.0.0.3"],
+                routes=[{"prefix": "10.9.0.0/26"}])
+        exabgp.command()
+        exabgp.send("done")
+        await receive(reader, "done")
+        request(writer, id=2, op="reload", digest="bbbb", neighbors=["10.0.0.2", "10.0.0.3"],
+                renewed=["10.0.0.2"])
+        assert exabgp.command() == "reload"
+        exabgp.send("reload in progress", "done")
+        assert exabgp.command() == "show neighbor configuration"
+        exabgp.send(*configuration("10.0.0.2", "10.0.0.3"))
+        messages = await receive(reader, "done")
+        assert messages == [{"type": "withdrawn", "neighbors": ["10.0.0.2"],
+                             "prefixes": ["10.9.0.0/26"]},
+                            {"type": "done", "id": 2, "output": []}]
+
+    with_bridge(tmp_path / "bridge.sock", scenario, peers=("10.0.0.2", "10.0.0.3"))
+
+
 def test_bridge_retires_once_the_withdrawals_were_sent(tmp_path):
     async def scenario(exabgp, agent, reader, writer):
         request(writer, id=1, op="announce", neighbors=["10.0.0.2"],
