@@ -26,7 +26,7 @@ import socket
 import sys
 from pathlib import Path
 
-from bgp_agent import cni_conflist, health, long_lived
+from bgp_agent import cni_conflist, health, long_lived, name_claim
 from bgp_agent.bgp_config import parse_as_number
 from bgp_agent.model import DEFAULT_AS
 from bgp_agent.node import (
@@ -208,7 +208,8 @@ async def run(args: argparse.Namespace) -> None:
         # node that cannot tell says so in one sentence and has written nothing.
         identity = await asyncio.to_thread(find_identity, args, kube)  # pyroute2 inside
         async with Store(config) as store:
-            await serve(args, store, identity, stop, lambda: retire, kube, probes, conflist)
+            await serve(args, store, identity, stop, lambda: retire, kube, probes, starting,
+                        conflist)
     finally:
         if kube is not None:
             await kube.close()
@@ -218,8 +219,19 @@ async def run(args: argparse.Namespace) -> None:
 
 async def serve(args: argparse.Namespace, store: Store, identity: NodeRecord,
                 stop: asyncio.Event, retiring, kube, probes: health.HealthServer | None,
-                conflist: cni_conflist.ConflistWriter | None) -> None:
-    """IPAM, the node's registration and routing, until `stop`."""
+                starting: health.Starting, conflist: cni_conflist.ConflistWriter | None
+                ) -> None:
+    """The node's name claimed (bgp_agent.name_claim), then IPAM, the node's registration
+    and routing, until `stop`."""
+    claim = await when_reachable(
+        lambda: name_claim.claim_node_name(
+            store, identity.name, stop,
+            starting.waiting_for("another host's claim on the node name to lapse")),
+        stop, f"node {identity.name} not registered yet",
+        f"node {identity.name} claimed: etcd answered", starting.waiting_for("etcd"))
+    if claim is None:
+        return
+    keeping = asyncio.create_task(name_claim.keep(store, claim))
     ipam = IPAM(store)
     service = None if args.reflector_only else IPAMService(
         ipam, args.node, args.ipam_socket, pod_request=kube.pods.request if kube else None)
@@ -249,6 +261,8 @@ async def serve(args: argparse.Namespace, store: Store, identity: NodeRecord,
     finally:
         if service is not None:
             await service.close()
+        keeping.cancel()
+        await name_claim.release(store, claim)
 
 
 async def register_when_reachable(store: Store, identity: NodeRecord, stop: asyncio.Event

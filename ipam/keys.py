@@ -8,6 +8,7 @@ BLOCKS = ROOT + "ipam/v2/assignment/ipv4/block/"
 HOSTS = ROOT + "ipam/v2/host/"
 HANDLES = ROOT + "ipam/v2/handle/"
 FENCES = ROOT + "ipam/v2/fence/"
+AGENTS = ROOT + "agents/"  # <node>: the running agent's claim on the name, by a lease
 IPAM_CONFIG = RESOURCES + "ipamconfig/default"
 
 
@@ -29,6 +30,10 @@ NODES = resource_prefix("nodes")
 
 def node_key(node: str) -> str:
     return NODES + node
+
+
+def agent_key(node: str) -> str:
+    return AGENTS + node
 
 
 def _cidr_part(cidr: IPv4Network) -> str:

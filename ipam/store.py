@@ -291,6 +291,7 @@ class Entry:
     key: str
     value: dict
     mod_revision: int
+    lease: int = 0  # the etcd lease the key lives by (0: none, it stays until deleted)
 
 
 @dataclass
@@ -308,7 +309,7 @@ def _entry(kv) -> Entry:
         value = json.loads(kv.value)
     except ValueError:
         value = None
-    return Entry(kv.key.decode(), value, kv.mod_revision)
+    return Entry(kv.key.decode(), value, kv.mod_revision, kv.lease)
 
 
 def encode(value: Mapping) -> bytes:
@@ -339,7 +340,7 @@ class Store:
             pass
 
     async def _call(self, method: str, request, timeout: float | None = None,
-                    writes: bool = False):
+                    writes: bool = False, service: str = "KV"):
         await self._client.connect()
         generation = self._client.generation
         timeout = self.config.timeout if timeout is None else timeout
@@ -348,6 +349,8 @@ class Store:
         try:
             groups = self._client.groups_in_turn()
             for index, stub in groups:
+                if service != "KV":
+                    stub = getattr(rpc, f"{service}Stub")(self._client.channels[index])
                 try:
                     response = await getattr(stub, method)(
                         request, timeout=max(0.0, deadline - loop.time()))
@@ -509,6 +512,47 @@ class Store:
         response = await self._call("Put", rpc.PutRequest(key=key.encode(), value=encode(value)),
                                     timeout, writes=True)
         return response.header.revision
+
+    async def grant_lease(self, ttl: int) -> int:
+        """A new lease of `ttl` seconds: its id."""
+        response = await self._call("LeaseGrant", rpc.LeaseGrantRequest(TTL=ttl),
+                                    writes=True, service="Lease")
+        return response.ID
+
+    async def keep_lease_alive(self, lease: int) -> int:
+        """Renew a lease: the seconds it has again, 0 if it has lapsed (its keys are gone)."""
+        await self._client.connect()
+        stub = rpc.LeaseStub(self._client.channel)
+        call = stub.LeaseKeepAlive(iter([rpc.LeaseKeepAliveRequest(ID=lease)]),
+                                   timeout=self.config.timeout)
+        try:
+            async for response in call:
+                return response.TTL
+            return 0
+        except grpc.aio.AioRpcError as error:
+            raise await self._unavailable(error) from None
+        finally:
+            call.cancel()
+
+    async def revoke_lease(self, lease: int, timeout: float | None = None) -> None:
+        """End a lease now, deleting its keys (one that lapsed already: nothing to do)."""
+        try:
+            await self._call("LeaseRevoke", rpc.LeaseRevokeRequest(ID=lease), timeout,
+                             writes=True, service="Lease")
+        except DatastoreUnavailable as error:
+            if "lease not found" not in str(error):
+                raise
+
+    async def put_if(self, key: str, value: Mapping, mod_revision: int, lease: int = 0) -> bool:
+        """Write `key` if it is still at `mod_revision` (0: absent), living by `lease`
+        (0: none); whether it was written."""
+        response = await self._call("Txn", rpc.TxnRequest(
+            compare=[rpc.Compare(key=key.encode(), target=rpc.Compare.MOD,
+                                 result=rpc.Compare.EQUAL, mod_revision=mod_revision)],
+            success=[rpc.RequestOp(request_put=rpc.PutRequest(key=key.encode(),
+                                                              value=encode(value),
+                                                              lease=lease))]), writes=True)
+        return response.succeeded
 
     async def snapshot(self, prefix: str = "/pipit/") -> dict[str, dict]:
         """Every key and value under prefix (for checks and tests)."""

@@ -19,6 +19,7 @@ from ipam.pool import pool_from_spec, pool_to_document
 from ipam.store import EtcdConfig, Store
 
 if TYPE_CHECKING:
+    from lab.agent import AgentProcess
     from lab.cluster import Lab
 
 
@@ -137,3 +138,14 @@ def free_etcd(endpoint: str) -> None:
     etcdctl("compact", str(revision))
     etcdctl("defrag")
     etcdctl("alarm", "disarm")
+
+
+@contextmanager
+def started_now(agent: AgentProcess):
+    """The agent's process, not waiting for its IPAM socket (an agent waiting for etcd or
+    the Kubernetes API serves none yet); killed at the end."""
+    agent.start(answering=False)
+    try:
+        yield agent.process
+    finally:
+        agent.kill()

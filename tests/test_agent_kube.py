@@ -9,7 +9,6 @@ import argparse
 import asyncio
 import json
 import signal
-from contextlib import contextmanager
 from ipaddress import IPv4Address, IPv4Interface
 
 import pytest
@@ -25,7 +24,7 @@ from ipam.store import Store
 from lab.agent import AgentProcess
 from lab.process import wait
 from tests.fakekube.resources import NAMESPACES, NODES, PODS
-from tests.helpers import add_pool, run, with_store
+from tests.helpers import add_pool, run, started_now, with_store
 
 pytestmark = pytest.mark.kube
 
@@ -213,17 +212,6 @@ def waiting_agent(fakekube, etcd, directory) -> AgentProcess:
                             "--kubeconfig", str(kubeconfig),
                             "--health-listen", f"unix:{directory}/health.sock",
                             "--cni-conf-file", str(directory / "net.d" / "10-pipit.conflist")])
-
-
-@contextmanager
-def started_now(agent: AgentProcess):
-    """The agent's process, not waiting for its IPAM socket (waiting for the API, it serves
-    none); killed at the end."""
-    agent.start(answering=False)
-    try:
-        yield agent.process
-    finally:
-        agent.kill()
 
 
 def node_record(etcd, name: str):

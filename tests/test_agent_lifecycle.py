@@ -27,7 +27,7 @@ from ipam import keys
 from ipam.store import EtcdConfig, Store
 from lab.agent import AgentProcess, NodeAgentProcess
 from lab.process import alive, wait
-from tests.helpers import add_pool, with_store
+from tests.helpers import add_pool, started_now, with_store
 from tests.sentences import one_sentence
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,29 +213,31 @@ def test_an_agent_started_before_etcd_waits_for_it_then_registers(own_etcd, shor
     conflist = short_dir / "net.d" / "10-pipit.conflist"
     config = EtcdConfig(endpoints=(own_etcd.endpoint,))
     own_etcd.stop()
-    with no_bgp_agent(config, short_dir) as agent:
+    agent = no_bgp_agent(config, short_dir)
+    with started_now(agent) as process:
         wait(logged(agent.log_path, "node node-1 not registered yet, trying again: cannot "
                     f"reach etcd at {own_etcd.endpoint}"), 20, "the agent saying it waits")
         assert agent.running
         code, body = health.get(listen, "/readyz", timeout=10)
-        assert code == 503 and "[-]etcd failed: cannot reach etcd" in body
+        assert code == 503 and "[-]start failed: waiting for etcd: cannot reach etcd" in body
         assert health.get(listen, "/livez")[0] == 200  # waiting is no reason to restart it
-        assert not conflist.exists()  # nothing that says IPAM can be served
+        assert not conflist.exists() and not agent.socket_path.exists()  # no IPAM served
         own_etcd.start()
         wait(conflist.exists, 30, "the conflist, once registered")
         assert node_record(config, "node-1") is not None
         assert "etcd answered after" in agent.log_path.read_text()
-        agent.process.send_signal(signal.SIGTERM)
-        assert agent.process.wait(10) == 0
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
 
 
 def test_sigterm_while_waiting_for_etcd_exits_having_written_nothing(own_etcd, short_dir):
     config = EtcdConfig(endpoints=(own_etcd.endpoint,))
     own_etcd.stop()
-    with no_bgp_agent(config, short_dir) as agent:
+    agent = no_bgp_agent(config, short_dir)
+    with started_now(agent) as process:
         wait(logged(agent.log_path, "not registered yet"), 20, "the agent saying it waits")
-        agent.process.send_signal(signal.SIGTERM)
-        assert agent.process.wait(10) == 0
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
     own_etcd.start()
     assert node_record(config, "node-1") is None
     assert not (short_dir / "net.d").exists()

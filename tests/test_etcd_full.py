@@ -15,7 +15,7 @@ from ipam import cni
 from ipam.store import EtcdConfig
 from lab.etcd import EtcdServer
 from lab.process import wait
-from tests.helpers import add_pool, fill_etcd, free_etcd, with_store
+from tests.helpers import add_pool, fill_etcd, free_etcd, started_now, with_store
 from tests.pipitctl_support import ok, pipitctl, snapshot
 from tests.sentences import one_sentence
 from tests.test_agent_lifecycle import logged, no_bgp_agent, node_record
@@ -53,15 +53,16 @@ def test_an_agent_started_on_a_full_etcd_waits_until_it_is_freed(small_etcd, sho
     config = EtcdConfig(endpoints=(small_etcd.endpoint,))
     fill_etcd(small_etcd.endpoint)
     conflist = short_dir / "net.d" / "10-pipit.conflist"
-    with no_bgp_agent(config, short_dir) as agent:
+    agent = no_bgp_agent(config, short_dir)
+    with started_now(agent) as process:
         wait(logged(agent.log_path, "node node-1 not registered yet, trying again: etcd at "
                     f"{small_etcd.endpoint} is full"), 20, "the agent saying it waits")
         assert agent.running and not conflist.exists()
         free_etcd(small_etcd.endpoint)
         wait(conflist.exists, 30, "the conflist, once registered")
         assert node_record(config, "node-1") is not None
-        agent.process.send_signal(signal.SIGTERM)
-        assert agent.process.wait(10) == 0
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
 
 
 def add(socket_path, container: str) -> dict:
