@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network
 
 from bgp_agent import policy
@@ -152,7 +152,13 @@ class Router:
         return next(iter(self.bgp_config.items.values()), BGPConfig())
 
     def node_record(self) -> NodeRecord:
-        return self.nodes.items.get(keys.node_key(self.me.name), self.me)
+        """This node's record as etcd has it (its labels, AS, cluster id may change while the
+        agent runs), with the address the agent registered and runs its speaker on: a new
+        address is taken up by a new routing pass (agent.address_change), never half-way
+        through this one (its ExaBGP sessions and router id are the old address's)."""
+        stored = self.nodes.items.get(keys.node_key(self.me.name), self.me)
+        return (stored if stored.address == self.me.address
+                else replace(stored, address=self.me.address))
 
     def _derive(self, name: str, mirrors: tuple[Mirror, ...], read):
         """read(), worked out again only once one of `mirrors` changed: passes come often,

@@ -192,8 +192,12 @@ def assert_the_mesh_follows(lab, node: str, old: str, new: ipaddress.IPv4Interfa
     wait(lambda: stored() == str(new), 30, f"{node}'s record in etcd to hold {new}")
     blocks = own_blocks(lab, node)
     others = [n for n in lab.nodes() if n != node]
-    wait(lambda: all(lab.pipit_routes(n).get(b) == str(new.ip) for n in others for b in blocks),
-         30, f"the other nodes to route {node}'s blocks to {new.ip}")
+    try:
+        wait(lambda: all(lab.pipit_routes(n).get(b) == str(new.ip) for n in others
+                         for b in blocks), 30, f"the other nodes to route {node}'s blocks to "
+                                               f"{new.ip}")
+    except TimeoutError as error:
+        raise AssertionError(f"{error}:\n{lab_state(lab, node)}") from None
 
     def sessions(n: str) -> dict[str, str]:
         return {p["address"]: p["state"] for p in (lab.status(n) or {}).get("peers", [])}
@@ -202,6 +206,19 @@ def assert_the_mesh_follows(lab, node: str, old: str, new: ipaddress.IPv4Interfa
          f"sessions between {node} at its new address and the others")
     assert all(old.split("/")[0] not in sessions(n) for n in others)  # the old peer is gone
     assert_pods_reach_each_other(lab)
+
+
+def lab_state(lab, node: str) -> str:
+    """What a failing lab test needs to be understood: every node's routes and sessions, and
+    `node`'s log."""
+    lines = []
+    for n in lab.nodes():
+        status = lab.status(n) or {}
+        peers = [(p["address"], p["state"], p.get("received"), p.get("exported"))
+                 for p in status.get("peers", [])]
+        lines.append(f"{n}: routes {lab.pipit_routes(n)}; peers {peers}")
+    log = (lab.node_dir(node) / "agent.log").read_text().splitlines()
+    return "\n".join(lines + [f"{node}'s log:"] + log[-40:])
 
 
 def ipam_snapshot(lab: Lab) -> Snapshot:

@@ -74,8 +74,8 @@ class Cluster:
             self.claim(OWN_BLOCK)
         self.claim(BLOCK2, "n2")
 
-    def add_node(self, name: str, address: str, cluster_id=None) -> None:
-        labels = {"route-reflector": "true"} if cluster_id else {}
+    def add_node(self, name: str, address: str, cluster_id=None, labels=None) -> None:
+        labels = {"route-reflector": "true"} if cluster_id else (labels or {})
         self.store.put(keys.node_key(name), node_to_document(NodeRecord(
             name, IPv4Interface(address), labels=labels,
             route_reflector_cluster_id=cluster_id)))
@@ -129,6 +129,22 @@ def test_the_status_names_the_node_and_its_address_before_the_first_pass():
     address."""
     status = Cluster().router.status.to_json()
     assert (status["node"], status["address"]) == (ME.name, str(ME.address))
+
+
+@run
+async def test_a_new_address_in_the_nodes_own_record_waits_for_a_new_routing_pass():
+    """The agent's sessions and ExaBGP's router id are the registered address's: its record
+    readdressed in etcd (the agent registering a detected address, or a hand edit) changes
+    nothing in this pass's sessions; a new pass takes it up (a reconfiguration half-way,
+    while the agent moved to the new address, left a peer without the node's routes)."""
+    async with running(Cluster()) as c:
+        await c.sync()
+        assert {n.local_address for n in c.speaker.neighbors} == {A("10.0.0.1")}
+        c.add_node("n1", "10.0.0.9/24", labels={"zone": "z1"})
+        await c.sync()
+        assert {n.local_address for n in c.speaker.neighbors} == {A("10.0.0.1")}
+        assert c.router.node_record().labels == {"zone": "z1"}  # the rest is taken up
+        assert c.router.status.to_json()["address"] == "10.0.0.1/24"
 
 
 @run
