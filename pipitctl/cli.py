@@ -100,7 +100,8 @@ async def replace_command(store: Store, sources) -> None:
 @click.option("-s", "--skip-not-exists", is_flag=True,
               help="Delete the others when some do not exist.")
 @click.option("--force", is_flag=True,
-              help="Delete an IP pool even while addresses in it are in use (releases them).")
+              help="Delete an IP pool even while addresses in it are in use (releases "
+                   "them), or a node whose agent still runs.")
 @etcd_options
 async def delete(store: Store, kind: str | None, names: tuple[str, ...], sources,
                  skip_not_exists: bool, force: bool) -> None:

@@ -16,7 +16,7 @@ from operator import attrgetter
 from typing import Any
 
 from ipam import keys
-from ipam.errors import AlreadyExists, Conflict, InvalidResource, NotFound, PipitError
+from ipam.errors import AlreadyExists, Conflict, InUse, InvalidResource, NotFound, PipitError
 from ipam.pool import (check_node_outside_pools, check_pool_fits, check_pool_holds_no_node,
                        pool_from_spec, pool_to_document)
 from ipam.pool_delete import addresses_in_use, delete_pool, in_use_refusal
@@ -24,6 +24,7 @@ from bgp_agent.bgp_config import config_from_spec as bgp_config_from_spec
 from bgp_agent.bgp_peer import check_peer, peer_from_spec, peer_to_document
 from bgp_agent.bgp_config import check_config_input, community_texts
 from bgp_agent.bgp_config import config_to_document as bgp_config_to_document
+from bgp_agent.name_claim import holder_of
 from bgp_agent.node import node_from_document, node_to_document
 from ipam.release import release_handle, release_host_affinities
 from ipam.resource import (Document, check_metadata, make_document, parse_documents,
@@ -105,6 +106,20 @@ def _no_check(obj: Any, stored: list[Any]) -> None:
     pass
 
 
+async def _node_delete_check(store: Store, name: str, force: bool, several: bool) -> None:
+    """Refuse to delete a node whose agent still runs (it holds the node's name claim,
+    bgp_agent.name_claim): its block claims would go from under its pods, and every other
+    node would stop routing to them, while the agent carries on."""
+    if force:
+        return
+    holder = holder_of(await store.get(keys.agent_key(name)))
+    if holder is not None:
+        raise InUse(f"node {name!r} is run by an agent on {holder.describe()}"
+                    f"{', so nothing was deleted' if several else ''}: deleting it would take "
+                    "its blocks from its pods and the other nodes' routes to them; stop that "
+                    "agent first, or delete with --force.")
+
+
 async def delete_node(store: Store, name: str, force: bool) -> None:
     """Remove a node: its tunnel addresses, its claims on blocks (blocks still in use stay,
     unowned), then its record. The record goes last, so a delete that fails midway leaves the
@@ -142,7 +157,7 @@ NODE = Kind(
     wide_row=lambda n: (n.name, n.address or "-", n.as_number or "(cluster)",
                         n.route_reflector_cluster_id or "-",
                         ",".join(f"{k}={v}" for k, v in sorted(n.labels.items())) or "-"),
-    delete=delete_node,
+    delete=delete_node, delete_check=_node_delete_check,
 )
 
 BGP_CONFIGURATION = Kind(

@@ -333,6 +333,28 @@ def test_delete_node_releases_its_tunnel_addresses_and_block_claims(etcd, ctl):
     one_sentence(ctl("delete", "node", "node-1"), "'node-1'", "not found")
 
 
+def test_delete_refuses_a_node_whose_agent_runs_unless_forced(etcd, ctl):
+    """Its blocks would go from under its pods and every other node would stop routing to
+    them while the agent carries on: stop the agent first (which gives its claim up)."""
+    from bgp_agent.name_claim import Holder, release, take
+    ok(ctl("apply", "-f", "-", input=node_yaml("node-1")))
+    ok(ctl("apply", "-f", "-", input=node_yaml("node-2", "10.99.0.12/24")))
+    agent = Holder("boot/net:1", "rack1-host7", 4242, "2026-12-05T04:00:00Z")
+    claim = with_store(etcd, lambda store: take(store, "node-1", agent))
+    before = snapshot(etcd)
+    for argv in (["node-1"], ["node-2", "node-1"]):
+        one_sentence(ctl("delete", "node", *argv),
+                     "node 'node-1' is run by an agent on host rack1-host7 (pid 4242, since "
+                     "2026-12-05T04:00:00Z)", "stop that agent first, or delete with --force")
+        assert snapshot(etcd) == before
+    with_store(etcd, lambda store: release(store, claim))  # the agent stopped
+    assert ok(ctl("delete", "node", "node-2", "node-1")) == \
+        "node 'node-2' deleted\nnode 'node-1' deleted\n"
+    ok(ctl("apply", "-f", "-", input=node_yaml("node-1")))
+    with_store(etcd, lambda store: take(store, "node-1", agent))
+    assert ok(ctl("delete", "node", "node-1", "--force")) == "node 'node-1' deleted\n"
+
+
 # --------------------------------------------------------------------------------------------
 # 4. ipam show / release / configure
 
