@@ -3,8 +3,8 @@ Pods through ipam.gc.plan (Calico's rules), then the I/O, each step re-validated
 
 - a confirmed leak on a node that still exists is checked once more with a direct GET of its
   pod (the informer may lag); an API error counts as "the pod may exist";
-- a node is cleaned up only after a direct GET answers 404 for its Kubernetes Node: its leaked
-  and tunnel addresses released, its block affinities released (a block still holding other
+- a node is cleaned up only after a direct GET answers 404 for its Kubernetes Node and while
+  no agent holds its name (bgp_agent.name_claim): its leaked and tunnel addresses released, its block affinities released (a block still holding other
   nodes' borrowed addresses stays, unowned), then its record deleted, comparing the revision
   the decision read;
 - addresses go through ipam.release.release_leaks (sequence numbers: an address freed and
@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from bgp_agent.kube_api import KubeAPI, KubernetesUnavailable
+from bgp_agent.name_claim import holder_of
 from ipam import gc, keys
 from ipam.errors import InUse, PipitError
 from ipam.release import release_affinity, release_host_affinities, release_leaks
@@ -123,8 +124,16 @@ class IPAMCollector:
 
     async def _clean_node(self, node: str) -> bool:
         """A node gone from Kubernetes with nothing valid left: its affinities, then its
-        record (the record last: a clean-up cut short is finished by the next pass)."""
+        record (the record last: a clean-up cut short is finished by the next pass). Not while
+        its agent still runs (it holds the node's name claim: a Node deleted by hand, that its
+        kubelet registers again): its pods would lose their blocks and routes."""
         try:
+            holder = holder_of(await self.store.get(keys.agent_key(node)))
+            if holder is not None:
+                log.warning("node %s is gone from Kubernetes but its agent still runs, on %s: "
+                            "it is cleaned up once that agent has stopped", node,
+                            holder.describe())
+                return False
             released = await release_host_affinities(self.store, node)
             entry = await self.store.get(keys.node_key(node))
             if entry is not None:

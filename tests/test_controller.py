@@ -5,6 +5,7 @@ one leads; the leader killed mid-work, the other takes over and releases nothing
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -123,6 +124,32 @@ def test_a_deleted_node_and_a_deleted_pod_are_cleaned_up(fakekube, etcd, tmp_pat
         controller.collector.clock = lambda: 10**9
         await controller.collector.run_pass(controller.cluster())
         assert await in_use(store) == {"net.n2-p1.eth0"}
+        return True
+    assert with_store(etcd, scenario)
+
+
+def test_a_node_deleted_from_kubernetes_is_kept_while_its_agent_runs(fakekube, etcd, tmp_path,
+                                                                      caplog):
+    """`kubectl delete node` on a live node (its kubelet registers it again): cleaning it up
+    would take its pods' blocks and routes while its agent carries on. Kept until the agent
+    has stopped (given its name claim up)."""
+    from bgp_agent.name_claim import Holder, release, take
+    api = api_of(fakekube, tmp_path)
+
+    async def scenario(store):
+        await cluster_with_pods(store, fakekube)
+        claim = await take(store, "n1", Holder("boot/net:1", "host1", 77, "2026-12-05T05:00Z"))
+        fakekube.store.delete(NODES, None, "n1")
+        controller = Controller(store, api, grace=3600.0)
+        with caplog.at_level(logging.WARNING, logger="controller.ipam_gc"):
+            await controller.collector.run_pass(controller.cluster())
+        assert await store.get(keys.node_key("n1")) is not None
+        assert {n for n, _ in (await load_snapshot(store)).affinities} == {"n1", "n2"}
+        assert ("node n1 is gone from Kubernetes but its agent still runs, on host host1 "
+                "(pid 77") in caplog.text
+        await release(store, claim)  # the agent stopped
+        await controller.collector.run_pass(controller.cluster())
+        assert await store.get(keys.node_key("n1")) is None
         return True
     assert with_store(etcd, scenario)
 
