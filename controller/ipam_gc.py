@@ -4,9 +4,9 @@ Pods through ipam.gc.plan (Calico's rules), then the I/O, each step re-validated
 - a confirmed leak on a node that still exists is checked once more with a direct GET of its
   pod (the informer may lag); an API error counts as "the pod may exist";
 - a node is cleaned up only after a direct GET answers 404 for its Kubernetes Node and while
-  no agent holds its name (bgp_agent.name_claim): its leaked and tunnel addresses released, its block affinities released (a block still holding other
-  nodes' borrowed addresses stays, unowned), then its record deleted, comparing the revision
-  the decision read;
+  no agent holds its name (bgp_agent.name_claim): its leaked and tunnel addresses released,
+  its block affinities released (a block still holding other nodes' borrowed addresses
+  stays, unowned), then its record deleted, comparing the revision the decision read;
 - addresses go through ipam.release.release_leaks (sequence numbers: an address freed and
   handed out again since the snapshot is never taken), empty blocks through release_affinity
   with require_empty (a block that got an address meanwhile is kept).
@@ -93,14 +93,23 @@ class IPAMCollector:
         return outcome
 
     async def _really_gone(self, snap, node: str) -> bool:
+        """Whether `node` is gone: a direct GET answers 404 for its Kubernetes Node, and no
+        agent runs it (holds its name claim: a Node deleted by hand, which its kubelet
+        registers again, still has live pods, blocks and routes)."""
         name = gc.kubernetes_node(snap, node)
         if self.api is None or name is None:
             return False
         try:
-            return await self.api.node(name) is None
-        except KubernetesUnavailable as error:
-            log.warning("cannot confirm that Node %s is gone: %s", name, error)
+            if await self.api.node(name) is not None:
+                return False
+            holder = holder_of(await self.store.get(keys.agent_key(node)))
+        except (KubernetesUnavailable, PipitError) as error:
+            log.warning("cannot confirm that node %s is gone: %s", node, error)
             return False
+        if holder is not None:
+            log.warning("node %s is gone from Kubernetes but its agent still runs, on %s: it "
+                        "is cleaned up once that agent has stopped", node, holder.describe())
+        return holder is None
 
     async def _still_leaked(self, leak: gc.Leak, snap) -> bool:
         """Ask the API for the pods of a leak whose node exists (the informer may lag)."""
@@ -124,16 +133,8 @@ class IPAMCollector:
 
     async def _clean_node(self, node: str) -> bool:
         """A node gone from Kubernetes with nothing valid left: its affinities, then its
-        record (the record last: a clean-up cut short is finished by the next pass). Not while
-        its agent still runs (it holds the node's name claim: a Node deleted by hand, that its
-        kubelet registers again): its pods would lose their blocks and routes."""
+        record (the record last: a clean-up cut short is finished by the next pass)."""
         try:
-            holder = holder_of(await self.store.get(keys.agent_key(node)))
-            if holder is not None:
-                log.warning("node %s is gone from Kubernetes but its agent still runs, on %s: "
-                            "it is cleaned up once that agent has stopped", node,
-                            holder.describe())
-                return False
             released = await release_host_affinities(self.store, node)
             entry = await self.store.get(keys.node_key(node))
             if entry is not None:

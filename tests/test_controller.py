@@ -131,8 +131,8 @@ def test_a_deleted_node_and_a_deleted_pod_are_cleaned_up(fakekube, etcd, tmp_pat
 def test_a_node_deleted_from_kubernetes_is_kept_while_its_agent_runs(fakekube, etcd, tmp_path,
                                                                       caplog):
     """`kubectl delete node` on a live node (its kubelet registers it again): cleaning it up
-    would take its pods' blocks and routes while its agent carries on. Kept until the agent
-    has stopped (given its name claim up)."""
+    would take its pods' addresses, blocks and routes while its agent carries on. All of it
+    kept until the agent has stopped (given its name claim up)."""
     from bgp_agent.name_claim import Holder, release, take
     api = api_of(fakekube, tmp_path)
 
@@ -144,7 +144,9 @@ def test_a_node_deleted_from_kubernetes_is_kept_while_its_agent_runs(fakekube, e
         with caplog.at_level(logging.WARNING, logger="controller.ipam_gc"):
             await controller.collector.run_pass(controller.cluster())
         assert await store.get(keys.node_key("n1")) is not None
-        assert {n for n, _ in (await load_snapshot(store)).affinities} == {"n1", "n2"}
+        snap = await load_snapshot(store)
+        assert {n for n, _ in snap.affinities} == {"n1", "n2"}
+        assert "ipip-tunnel-addr-n1" in snap.handles  # its tunnel address too
         assert ("node n1 is gone from Kubernetes but its agent still runs, on host host1 "
                 "(pid 77") in caplog.text
         await release(store, claim)  # the agent stopped
