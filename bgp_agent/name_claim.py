@@ -84,20 +84,17 @@ class Claim:
     me: Holder
     lease: int
 
-    @property
-    def key(self) -> str:
-        return keys.agent_key(self.node)
 
-
-async def take(store: Store, node: str, me: Holder) -> Claim | None:
-    """The claim, if it is free or this host's (None: another host holds it)."""
+async def take(store: Store, node: str, me: Holder) -> Claim | Holder:
+    """The claim, if it is free or this host's; else who holds it."""
     key = keys.agent_key(node)
     while True:
         entry = await store.get(key)
         if not may_take(entry, me):
-            return None
+            return holder_of(entry)
         lease = await store.grant_lease(CLAIM_TTL)
-        if await store.put_if(key, asdict(me), entry.mod_revision if entry else 0, lease):
+        if (await store.txn({key: entry.mod_revision if entry else 0}, {key: asdict(me)},
+                            lease=lease)).succeeded:
             return Claim(node, me, lease)
         await store.revoke_lease(lease)  # another agent wrote in between: look again
 
@@ -114,15 +111,12 @@ async def claim_node_name(store: Store, node: str, stop: asyncio.Event,
     loop = asyncio.get_running_loop()
     seen_since = None
     while True:
-        claim = await take(store, node, me)
-        if claim is not None:
+        other = await take(store, node, me)
+        if isinstance(other, Claim):
             if seen_since is not None:
                 log.info("the other host's claim on node %s lapsed: this agent holds it now",
                          node)
-            return claim
-        other = holder_of(await store.get(keys.agent_key(node)))
-        if other is None:
-            continue  # it lapsed just now
+            return other
         now = loop.time()
         if seen_since is None:
             seen_since = now
@@ -152,15 +146,14 @@ async def keep(store: Store, claim: Claim) -> None:
             if await store.keep_lease_alive(claim.lease) > 0:
                 continue
             again = await take(store, claim.node, claim.me)
-            if again is not None:
+            if isinstance(again, Claim):
                 claim.lease = again.lease
                 log.info("node %s: the claim that lapsed while etcd was away is held again",
                          claim.node)
                 continue
-            other = holder_of(await store.get(claim.key))
             log.error("node %s is now also run by an agent on %s: two hosts share its name and "
                       "blocks; give each host its own node name (--node, or NODENAME)",
-                      claim.node, other.describe() if other else "another host")
+                      claim.node, again.describe())
         except DatastoreUnavailable as error:
             log.debug("could not renew the claim on node %s yet: %s", claim.node, error)
 

@@ -12,6 +12,7 @@ annotations follow Kubernetes' rules (`check_metadata`), checked where a resourc
 
 from __future__ import annotations
 
+import argparse
 import re
 from collections.abc import Mapping
 from fractions import Fraction
@@ -56,7 +57,6 @@ def duration_seconds(text: str) -> Fraction | None:
 
 def duration_argument(text: str) -> float:
     """A command line's duration, in seconds: a Go duration (15m, 90s) or a number (900)."""
-    import argparse
     seconds = duration_seconds(text) if not text.replace(".", "", 1).isdigit() else float(text)
     if seconds is None or seconds < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 15m, 90s or 900")

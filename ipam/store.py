@@ -478,12 +478,14 @@ class Store:
         return [kv.key.decode() for kv in response.kvs]
 
     async def txn(self, expect: Mapping[str, int], put: Mapping[str, Mapping] = {},
-                  delete: Iterable[str] = ()) -> TxnResult:
-        """Apply all puts and deletes if every key in `expect` still has that mod_revision."""
+                  delete: Iterable[str] = (), lease: int = 0) -> TxnResult:
+        """Apply all puts and deletes if every key in `expect` still has that mod_revision
+        (0: absent); the keys put live by `lease` (0: none)."""
         compare = [rpc.Compare(key=k.encode(), target=rpc.Compare.MOD,
                                result=rpc.Compare.EQUAL, mod_revision=rev)
                    for k, rev in expect.items()]
-        success = [rpc.RequestOp(request_put=rpc.PutRequest(key=k.encode(), value=encode(v)))
+        success = [rpc.RequestOp(request_put=rpc.PutRequest(key=k.encode(), value=encode(v),
+                                                             lease=lease))
                    for k, v in put.items()]
         success += [rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=k.encode()))
                     for k in delete]
@@ -542,17 +544,6 @@ class Store:
         except DatastoreUnavailable as error:
             if "lease not found" not in str(error):
                 raise
-
-    async def put_if(self, key: str, value: Mapping, mod_revision: int, lease: int = 0) -> bool:
-        """Write `key` if it is still at `mod_revision` (0: absent), living by `lease`
-        (0: none); whether it was written."""
-        response = await self._call("Txn", rpc.TxnRequest(
-            compare=[rpc.Compare(key=key.encode(), target=rpc.Compare.MOD,
-                                 result=rpc.Compare.EQUAL, mod_revision=mod_revision)],
-            success=[rpc.RequestOp(request_put=rpc.PutRequest(key=key.encode(),
-                                                              value=encode(value),
-                                                              lease=lease))]), writes=True)
-        return response.succeeded
 
     async def snapshot(self, prefix: str = "/pipit/") -> dict[str, dict]:
         """Every key and value under prefix (for checks and tests)."""

@@ -60,7 +60,7 @@ class AgentProcess:
 
     def start(self, timeout: float = 30.0, *, answering: bool = True) -> AgentProcess:
         """Start it and wait until the socket answers a STATUS request (unless not
-        `answering`: an agent that waits for the Kubernetes API serves no socket)."""
+        `answering`: an agent waiting for etcd or the Kubernetes API serves no socket yet)."""
         if self.running:
             raise RuntimeError(f"pipit-agent for {self.node} is already running")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

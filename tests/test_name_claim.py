@@ -23,7 +23,7 @@ from ipam.store import EtcdConfig, Entry, Store
 from lab.agent import AgentProcess
 from lab.etcd import EtcdServer
 from lab.netns import Namespaces, exec_prefix
-from lab.process import wait
+from lab.process import wait, wait_async
 from tests.sentences import one_sentence
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,8 +95,8 @@ def test_another_hosts_claim_still_renewed_is_one_sentence_and_one_lapsing_is_wa
         told = []
         waiting = asyncio.create_task(claim_node_name(store, "n1", stop, told.append, me=HERE,
                                                       patience=20))
-        await asyncio.sleep(1.5)
-        assert not waiting.done() and told == [THERE.describe()]
+        await wait_async(lambda: told, 10, "the newcomer to say whose claim it waits for")
+        assert told == [THERE.describe()] and not waiting.done()
         await store.revoke_lease(held.lease)  # that host died: its lease lapses
         claim = await asyncio.wait_for(waiting, 10)
         assert holder_of(await store.get(keys.agent_key("n1"))) == HERE
@@ -116,19 +116,16 @@ def test_a_claim_that_lapsed_is_taken_again_or_the_other_host_is_named(etcd, mon
         keeping = asyncio.create_task(name_claim.keep(store, claim))
         lapsed = claim.lease
         await store.revoke_lease(lapsed)  # etcd away longer than the lease: it lapsed
-        for _ in range(100):
+        async def taken_again():
             stored = await store.get(keys.agent_key("n1"))
-            if stored is not None and stored.lease not in (0, lapsed):
-                break
-            await asyncio.sleep(0.05)
+            return stored if stored is not None and stored.lease not in (0, lapsed) else None
+        stored = await wait_async(taken_again, 10, "the lapsed claim taken again")
         assert holder_of(stored) == HERE and claim.lease == stored.lease
         await store.revoke_lease(claim.lease)
         await claim_node_name(store, "n1", stop, me=THERE)  # another host, meanwhile
         with caplog.at_level(logging.ERROR, logger="pipit-agent"):
-            for _ in range(100):
-                if "node n1 is now also run by an agent on host beta" in caplog.text:
-                    break
-                await asyncio.sleep(0.05)
+            await wait_async(lambda: "node n1 is now also run by an agent on host beta"
+                             in caplog.text, 10, "the other host named")
         assert "give each host its own node name" in caplog.text
         keeping.cancel()
     scenario(etcd, body)
