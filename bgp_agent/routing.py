@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 from bgp_agent import policy
 from bgp_agent.bgp_config import BGPConfig, config_from_spec
@@ -33,6 +33,7 @@ from bgp_agent.node import NodeRecord, node_from_document
 from bgp_agent.reflection import Reflection, Send
 from bgp_agent.retention import GracefulRestart
 from bgp_agent.status import MD5Watch, PeerStatus, Status, read_md5_counters
+from ipip import recursive
 from ipip.route_table import RouteTable
 from ipip.routes import NextHop, RouteError
 from ipam import block as blocks
@@ -145,6 +146,12 @@ class Router:
         self._grace_wake_set = False  # the pass at the end of the grace is scheduled
         # for health checks: when the pass that runs now started (None between passes)
         self.pass_started: float | None = None
+        # next hops on none of the node's links (ipip.recursive), as of the last pass: their
+        # gateways, and what the kernel's routes to them resolved to
+        self._far: frozenset[IPv4Address] = frozenset()
+        self._underlay: dict[IPv4Address, tuple[NextHop, ...] | None] = {}
+        self._watch_underlay = asyncio.Event()  # set while there are far next hops
+        self._kernel_lock = asyncio.Lock()  # the route table's socket: one thread at a time
 
     # -- inputs ------------------------------------------------------------------------
 
@@ -220,6 +227,7 @@ class Router:
 
     async def run(self) -> None:
         tasks = [asyncio.create_task(m.run()) for m in self.mirrors]
+        tasks.append(asyncio.create_task(self._follow_underlay()))
         try:
             await asyncio.gather(*(m.ready.wait() for m in self.mirrors))
             log.info("cluster state loaded; routing")
@@ -322,7 +330,8 @@ class Router:
         next_hop = policy.native
         if self.dataplane is not None:  # tunnel devices up before routes use them
             next_hop = await self.dataplane.prepare(me, pools, self.nodes.items.values())
-        if await self._program_kernel(accepted, own, learned_known=True, next_hop=next_hop):
+        if await self._program_kernel(accepted, own, learned_known=True, next_hop=next_hop,
+                                      local=me.address):
             self.programmed.set()
         if self.dataplane is not None:  # and devices no pool needs go after the routes
             await self.dataplane.retire()
@@ -406,10 +415,12 @@ class Router:
 
     async def _program_kernel(self, accepted: Mapping[IPv4Address, Mapping[IPv4Network, Path]],
                               own: set[IPv4Network], learned_known: bool,
-                              next_hop: Callable[[Path], NextHop] = policy.native) -> bool:
+                              next_hop: Callable[[Path], NextHop] = policy.native,
+                              local: IPv4Interface | None = None) -> bool:
         """Sync the kernel's routes (no route table: a dedicated reflector, pipit-rr, programs
         none); whether the routes learned from peers were known to this pass (the kernel
-        holds what they sent, less any route it refused, which is reported)."""
+        holds what they sent, less any route it refused, which is reported). A next hop
+        outside `local`'s network that no link reaches goes via the kernel's route to it."""
         now = self.clock()
         if now < self._grace_until and self._all_peers_settled():
             self._grace_until = 0.0  # start-up is over: from now on a lost peer's routes go
@@ -422,12 +433,18 @@ class Router:
             return learned_known
 
         def sync():
+            desired = policy.kernel_routes(accepted, own, next_hop)
+            far = (recursive.far_gateways(desired.values(), local.network)
+                   if local is not None else frozenset())
+            underlay = self._look_up(far)
             # Learned routes we cannot vouch for yet (agent just started, speaker not
             # connected) are not withdrawn: only blackholes of blocks we no longer own go.
-            return self.routes.sync(policy.kernel_routes(accepted, own, next_hop),
-                                    keep_unlisted=not learned_known or in_grace)
+            return far, underlay, self.routes.sync(recursive.resolve(desired, underlay),
+                                                   keep_unlisted=not learned_known or in_grace)
 
-        stats = await asyncio.to_thread(sync)
+        async with self._kernel_lock:
+            far, underlay, stats = await asyncio.to_thread(sync)
+        self._note_underlay(far, underlay)
         if stats.resynced:
             self._wake_at(self.routes.resync_at)
         for op, count in (("add", stats.added), ("replace", stats.replaced),
@@ -441,6 +458,47 @@ class Router:
         self.status.blackholes = sum(1 for r in applied if r.blackhole)
         self.status.kernel_routes = len(applied) - self.status.blackholes
         return learned_known  # a refused route is reported; it does not hold the node back
+
+    def _look_up(self, far: frozenset[IPv4Address]
+                 ) -> dict[IPv4Address, tuple[NextHop, ...] | None]:
+        """What each far gateway resolves to through the kernel's routes (recursive.through);
+        one lookup each, in a worker thread, holding _kernel_lock."""
+        return {gateway: recursive.through(self.routes.kernel.lookup(gateway))
+                for gateway in sorted(far)}
+
+    def _note_underlay(self, far: frozenset[IPv4Address],
+                       underlay: dict[IPv4Address, tuple[NextHop, ...] | None]) -> None:
+        for gateway in sorted(far):
+            hops = underlay[gateway]
+            if gateway in self._far and hops == self._underlay[gateway]:
+                continue
+            if hops is None:
+                log.warning("next hop %s is on none of this node's links and no route of the "
+                            "kernel leads to it: its routes cannot be installed", gateway)
+            elif hops:
+                log.info("next hop %s is on none of this node's links: its routes go via %s, "
+                         "the kernel's route to it", gateway,
+                         ", ".join(str(h.gateway) for h in hops))
+        self._far, self._underlay = far, underlay
+        if far:
+            self._watch_underlay.set()
+        else:
+            self._watch_underlay.clear()
+
+    async def _follow_underlay(self) -> None:
+        """While routes go via far next hops, look their gateways up again every
+        UNDERLAY_CHECK_SECONDS: a pass follows when the kernel's way to one changed (the
+        node's router failed over, a route was added), as BIRD follows its kernel table."""
+        while True:
+            await self._watch_underlay.wait()
+            await asyncio.sleep(recursive.UNDERLAY_CHECK_SECONDS)
+            far = self._far
+            if not far or self.routes is None:
+                continue
+            async with self._kernel_lock:
+                now = await asyncio.to_thread(self._look_up, far)
+            if now != self._underlay and far == self._far:
+                self.changed.set()
 
     def _all_peers_settled(self) -> bool:
         neighbors = self._neighbors or []

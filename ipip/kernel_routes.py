@@ -14,7 +14,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Iterable
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from typing import TypeVar
 
 from ipip.route_netlink import (
@@ -28,13 +28,15 @@ from ipip.route_netlink import (
     NLMSGHDR,
     RTM_NEWROUTE,
     decode_error,
+    decode_fib_match,
     decode_route,
     encode_delroute,
     encode_dump_request,
+    encode_fib_lookup,
     encode_newroute,
     split_messages,
 )
-from ipip.routes import MAIN_TABLE, NextHop, Route, RouteError
+from ipip.routes import MAIN_TABLE, FibMatch, NextHop, Route, RouteError
 
 T = TypeVar("T")
 
@@ -192,6 +194,26 @@ class KernelRoutes:
                         text = f"route dump of table {table}: {os.strerror(code)} {message}"
                         raise OSError(code, text.strip())
                 pos = (end + 3) & ~3
+
+    def lookup(self, address: IPv4Address) -> FibMatch | None:
+        """The route, of any protocol, that the kernel's tables hold for traffic to `address`
+        (`ip route get fibmatch`), or None when none leads there."""
+        seq = self._take_seqs(1)
+        self._sock.send(encode_fib_lookup(address, seq))
+        while True:
+            data = self._sock.recv(1 << 16)
+            for kind, flags, msg_seq, start, end in split_messages(data):
+                if msg_seq != seq:
+                    continue  # a late reply to an earlier request
+                if kind == RTM_NEWROUTE:
+                    return decode_fib_match(data, start - NLMSGHDR.size, end)
+                if kind == NLMSG_ERROR:
+                    code, _, message = decode_error(data, flags, start, end)
+                    if code in (errno_codes.ENETUNREACH, errno_codes.EHOSTUNREACH,
+                                errno_codes.EINVAL, errno_codes.EACCES):
+                        return None  # no route, or an unreachable / prohibit one
+                    raise OSError(code, f"route lookup of {address}: {os.strerror(code)} "
+                                        f"{message}".strip())
 
     def apply(
         self,

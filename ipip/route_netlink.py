@@ -12,7 +12,7 @@ import struct
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network
 
-from ipip.routes import RTPROT_PIPIT, NextHop, Route
+from ipip.routes import RTPROT_PIPIT, FibMatch, NextHop, Route
 
 # --- netlink constants (linux/netlink.h, linux/rtnetlink.h) ---------------------------------
 NLMSG_ERROR = 2
@@ -42,6 +42,7 @@ RTN_BLACKHOLE = 6
 RT_SCOPE_UNIVERSE = 0
 RT_SCOPE_NOWHERE = 255
 RTNH_F_ONLINK = 4
+RTM_F_FIB_MATCH = 0x2000  # RTM_GETROUTE: answer the matching route, not a resolved one
 
 NLMSGERR_ATTR_MSG = 1
 
@@ -135,6 +136,39 @@ def encode_dump_request(table: int, seq: int) -> bytes:
         + _RTMSG.pack(socket.AF_INET, 0, 0, 0, rtm_table, RTPROT_PIPIT, 0, 0, 0)
         + attrs
     )
+
+
+def encode_fib_lookup(address: IPv4Address, seq: int) -> bytes:
+    """RTM_GETROUTE for the route the kernel would send `address`'s traffic by, as it stands
+    in its table (`ip route get fibmatch ADDRESS`)."""
+    attrs = _attr(RTA_DST, address.packed)
+    return (
+        NLMSGHDR.pack(_HEADERS + len(attrs), RTM_GETROUTE, NLM_F_REQUEST, seq, 0)
+        + _RTMSG.pack(socket.AF_INET, 32, 0, 0, 0, 0, 0, 0, RTM_F_FIB_MATCH)
+        + attrs
+    )
+
+
+def decode_fib_match(data: bytes, pos: int, end: int) -> FibMatch:
+    """The route in the kernel's RTM_NEWROUTE answer to encode_fib_lookup (header included)."""
+    _, dst_len, _, _, _, protocol, _, rtm_type, rtm_flags = _RTMSG.unpack_from(
+        data, pos + NLMSGHDR.size)
+    dst = b"\0\0\0\0"
+    gateway = ifindex = None
+    nexthops: tuple[NextHop, ...] = ()
+    for kind, start, stop in _attrs(data, pos + _HEADERS, end):
+        if kind == RTA_DST:
+            dst = data[start:stop]
+        elif kind == RTA_GATEWAY:
+            gateway = IPv4Address(data[start:stop])
+        elif kind == RTA_OIF:
+            ifindex = _I32.unpack_from(data, start)[0] or None
+        elif kind == RTA_MULTIPATH:
+            nexthops = _multipath(data, start, stop)
+    if gateway is not None:
+        nexthops = (NextHop(gateway, ifindex, bool(rtm_flags & RTNH_F_ONLINK and ifindex)),)
+    return FibMatch(IPv4Network((int.from_bytes(dst, "big"), dst_len)), rtm_type, protocol,
+                    nexthops, ifindex)
 
 
 def _attrs(data: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int]]:

@@ -17,10 +17,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from typing import Protocol
 
-from ipip.routes import MAIN_TABLE, Route, RouteError, diff
+from ipip.routes import MAIN_TABLE, FibMatch, Route, RouteError, diff
 
 RESYNC_SECONDS = 60.0
 
@@ -33,6 +33,8 @@ class Kernel(Protocol):
 
     def apply(self, replace: Iterable[Route] = (), delete: Iterable[Route] = (), *,
               add: Iterable[Route] = ()) -> list[RouteError]: ...
+
+    def lookup(self, address: IPv4Address) -> FibMatch | None: ...
 
 
 @dataclass(frozen=True)

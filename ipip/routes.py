@@ -69,6 +69,19 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
+class FibMatch:
+    """The kernel's route that carries traffic to one address (`ip route get fibmatch`), any
+    protocol's: its prefix, type (RTN_*), protocol, next hops (each with its device) and, for
+    a route straight onto a link (no gateway), that link's device."""
+
+    dst: IPv4Network
+    kind: int
+    protocol: int
+    nexthops: tuple[NextHop, ...] = ()
+    ifindex: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class RouteError:
     """A route the kernel refused; the routes around it were still applied."""
 

@@ -12,7 +12,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 from bgp_agent.model import Announcement, Neighbor, Path, PeerState
 from ipam.store import Entry
-from ipip.routes import MAIN_TABLE, Route, RouteError
+from ipip.routes import MAIN_TABLE, FibMatch, Route, RouteError
 
 
 class Clock:
@@ -205,10 +205,16 @@ class MemoryKernel:
         self.routes: dict[IPv4Network, Route] = {r.dst: r for r in routes}
         self.refuse: set[IPv4Network] = set()
         self.dumps = 0
+        self.underlay: dict[IPv4Address, FibMatch] = {}  # lookup(): the kernel's other routes
+        self.lookups: list[IPv4Address] = []
 
     def dump(self, table: int = MAIN_TABLE, reuse=()) -> dict[IPv4Network, Route]:
         self.dumps += 1
         return dict(self.routes)
+
+    def lookup(self, address: IPv4Address) -> FibMatch | None:
+        self.lookups.append(address)
+        return self.underlay.get(address)
 
     def apply(self, replace: Iterable[Route] = (), delete: Iterable[Route] = (), *,
               add: Iterable[Route] = ()) -> list[RouteError]:

@@ -12,7 +12,8 @@ is checked is what the agents did: their routes and devices, the pod MTU they pu
                                           +- [bridge, router] - 192.168.4.10/24 node e
                   node d 192.168.3.11/24 -+
 
-The routers know no pod address: between subnets only encapsulated pod traffic gets across.
+The routers know no pod address (until a test routes blocks on one, as a ToR that learned them
+would): between subnets only encapsulated pod traffic gets across.
 IPIP needs a kernel with the ipip module: test_ipip_vm.py boots one.
 """
 
@@ -316,7 +317,7 @@ class TestCrossSubnet:
     def test_switching_to_always_and_to_never_rewires_routes_and_devices(self, cross_subnet,
                                                                         tmp_path):
         """Changes the pool: the last test of the class."""
-        cluster, _, pods = cross_subnet
+        cluster, router, pods = cross_subnet
         c, d = cluster.nodes["c"], cluster.nodes["d"]
         own = f"blackhole {block_of(pods['c'])}"
 
@@ -329,11 +330,48 @@ class TestCrossSubnet:
         assert wire.count("udp dst port 4789") >= 6
         assert wire.count(f"icmp and src {pods['c'].address}") == 0
 
-        cluster.patch_pool(vxlanMode="Never")  # e is out of reach: its subnet is not c's
-        wait_routes(c.ns, [own, f"{block_of(pods['d'])} via {d.ip} dev eth0"],
-                    "node c's native route to d's block")
+        cluster.patch_pool(vxlanMode="Never")
+        router_c = "192.168.3.1"  # e is on none of c's links: its block goes via c's router
+        wait_routes(c.ns, [own, f"{block_of(pods['d'])} via {d.ip} dev eth0",
+                           f"{block_of(pods['e'])} via {router_c} dev eth0"],
+                    "node c's native routes to d's block, and to e's via its router")
         wait(lambda: not exists(c.ns, VXLAN_DEVICE), 60, f"node c to remove {VXLAN_DEVICE}")
         with Capture(c.ns, "eth0", tmp_path) as wire:
             reaches(pods["c"], pods["d"].address)
         assert wire.count("udp port 4789") == 0
         assert wire.count(f"icmp and src {pods['c'].address}") >= 3
+
+        self.across_the_router_once_it_knows_the_blocks(cluster, router, pods, tmp_path)
+        self.the_route_follows_the_kernels_way_to_the_far_node(cluster, pods)
+
+    @staticmethod
+    def across_the_router_once_it_knows_the_blocks(cluster, router, pods, tmp_path):
+        """Pods in two subnets without encapsulation reach each other when the router between
+        them routes their blocks (a ToR that learned them over BGP; here by hand)."""
+        c, e = cluster.nodes["c"], cluster.nodes["e"]
+        ip(router, "route", "add", str(block_of(pods["c"])), "via", str(c.ip))
+        ip(router, "route", "add", str(block_of(pods["e"])), "via", str(e.ip))
+        wait_routes(e.ns, [f"blackhole {block_of(pods['e'])}",
+                           f"{block_of(pods['c'])} via 192.168.4.1 dev eth0",
+                           f"{block_of(pods['d'])} via 192.168.4.1 dev eth0"],
+                    "node e's routes to c's and d's blocks via its router")
+        with Capture(router, "to-e", tmp_path) as underlay_e:
+            reaches(pods["c"], pods["e"].address)
+        assert underlay_e.count("udp port 4789") == 0
+        assert underlay_e.count(f"icmp and src {pods['c'].address} and "
+                                f"dst {pods['e'].address}") >= 3
+
+    @staticmethod
+    def the_route_follows_the_kernels_way_to_the_far_node(cluster, pods):
+        """A new route on c to e's address (a router failing over, an operator's change)
+        moves c's route to e's block with it, without any BGP change; and back."""
+        c, d, e = cluster.nodes["c"], cluster.nodes["d"], cluster.nodes["e"]
+        expected = [f"blackhole {block_of(pods['c'])}",
+                    f"{block_of(pods['d'])} via {d.ip} dev eth0"]
+        ip(c.ns, "route", "add", f"{e.ip}/32", "via", str(d.ip))
+        wait_routes(c.ns, expected + [f"{block_of(pods['e'])} via {d.ip} dev eth0"],
+                    "node c's route to e's block via d, its new way to e")
+        reaches(pods["c"], pods["e"].address)  # d forwards it to the router
+        ip(c.ns, "route", "del", f"{e.ip}/32")
+        wait_routes(c.ns, expected + [f"{block_of(pods['e'])} via 192.168.3.1 dev eth0"],
+                    "node c's route to e's block back via its router")

@@ -116,6 +116,32 @@ def test_onlink_via_device(routing_netns, kernel):
     assert kernel.dump() == by_dst(*onlink)
 
 
+def test_lookup_answers_the_kernels_route_to_an_address_whoever_installed_it(routing_netns,
+                                                                            kernel):
+    """What `ip route get fibmatch` shows: the route of any protocol that carries the
+    address's traffic, its gateways with their device; None where nothing leads."""
+    routing_netns.ip("route", "add", "default", "via", "192.168.0.2")
+    routing_netns.ip("route", "add", "10.9.0.0/24", "nexthop", "via", "192.168.0.3",
+                     "nexthop", "via", "192.168.0.4")
+    routing_netns.ip("route", "add", "unreachable", "10.9.1.0/24")
+    assert kernel.apply([via("10.1.0.0/26", GW1)]) == []
+    v0 = routing_netns.v0
+
+    far = kernel.lookup(A("198.51.100.7"))
+    assert (far.dst, far.kind, far.nexthops) == (N("0.0.0.0/0"), 1, (NextHop(GW1, v0),))
+    assert far.protocol != RTPROT_PIPIT
+    ecmp = kernel.lookup(A("10.9.0.1"))
+    assert (ecmp.dst, ecmp.nexthops) == (N("10.9.0.0/24"), (NextHop(GW2, v0), NextHop(GW3, v0)))
+    link = kernel.lookup(A("192.168.0.9"))
+    assert (link.dst, link.nexthops, link.ifindex) == (N("192.168.0.0/24"), (), v0)
+    ours = kernel.lookup(A("10.1.0.5"))
+    assert (ours.dst, ours.protocol, ours.nexthops) == (N("10.1.0.0/26"), RTPROT_PIPIT,
+                                                       (NextHop(GW1, v0),))
+    assert kernel.lookup(A("10.9.1.1")) is None
+    routing_netns.ip("route", "del", "default")
+    assert kernel.lookup(A("198.51.100.7")) is None
+
+
 def test_replace_changes_a_route_in_place(routing_netns, kernel):
     assert kernel.apply([via("10.1.0.0/26", GW1), via("10.1.1.0/26", GW1)]) == []
     assert kernel.apply([via("10.1.0.0/26", GW2), blackhole("10.1.1.0/26")]) == []

@@ -24,7 +24,9 @@ from ipam import keys
 from ipam.pool import pool_from_spec, pool_to_document
 from ipam.resource import make_document
 from ipip.route_table import RouteTable
-from ipip.routes import NextHop, Route
+from ipip import recursive
+from ipip.route_netlink import RTN_UNICAST
+from ipip.routes import FibMatch, NextHop, Route
 from lab.process import wait_async
 from tests.doubles import Clock, HeldSpeaker, MemoryKernel, MemorySpeaker, MemoryStore
 
@@ -364,6 +366,42 @@ async def test_a_route_the_kernel_refuses_is_reported_and_tried_again():
         await c.sync()  # the next pass, without a resync
         assert c.kernel.routes[BLOCK2] == via(BLOCK2, N2)
         assert c.kernel.dumps == 1
+
+
+@run
+async def test_a_next_hop_on_no_link_goes_via_the_kernels_route_to_it(monkeypatch):
+    """n4 is in another subnet and the pool has no encapsulation: the kernel would refuse
+    `via 10.0.1.4`, so its block goes via the router the kernel reaches 10.0.1.4 by (BIRD's
+    `gateway recursive`, as in Calico); when that route changes, between passes, a pass
+    follows."""
+    monkeypatch.setattr(recursive, "UNDERLAY_CHECK_SECONDS", 0.01)
+    far, block4, eth0 = A("10.0.1.4"), N("10.244.3.0/26"), 2
+    async with running(Cluster()) as c:
+        c.add_node("n4", "10.0.1.4/24")
+        c.claim(block4, "n4")
+        c.kernel.underlay[far] = FibMatch(N("0.0.0.0/0"), RTN_UNICAST, 3, (NextHop(TOR, eth0),))
+        c.settle_peers(N2, N3, far)
+        c.speaker.send(N2, Path(BLOCK2, N2))
+        c.speaker.send(far, Path(block4, far))
+        await c.sync()
+        assert c.kernel.routes[block4] == Route(block4, (NextHop(TOR, eth0),))
+        assert c.kernel.routes[BLOCK2] == via(BLOCK2, N2)  # on the node's network: no lookup
+        assert c.kernel.lookups == [far]
+
+        follower = asyncio.create_task(c.router._follow_underlay())
+        try:
+            c.router.changed.clear()
+            other = A("10.0.0.253")
+            c.kernel.underlay[far] = FibMatch(N("10.0.1.0/24"), RTN_UNICAST, 3,
+                                              (NextHop(other, eth0),))
+            await wait_async(c.router.changed.is_set, 5, "a pass after the route to n4 moved")
+            await c.sync()
+            assert c.kernel.routes[block4] == Route(block4, (NextHop(other, eth0),))
+            del c.kernel.underlay[far]  # nothing leads there now: the kernel is left to refuse
+            await c.sync()
+            assert c.kernel.routes[block4] == via(block4, far)
+        finally:
+            follower.cancel()
 
 
 # --------------------------------------------------------------------------------------------
