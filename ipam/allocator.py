@@ -40,6 +40,7 @@ from ipam.handle import Handle, check_handle_id
 from ipam.metrics import ETCD_GAVE_UP
 from ipam.pool import IPPool, read_pools, unclaimed_blocks
 from ipam.release import stage_block, stage_handle
+from ipam.reservation import Reserved, read_reservations, reserved_by
 from ipam.store import Entry, Store
 from ipam.txn import MAX_ATTEMPTS, TXN_KEY_BUDGET, Changes, outcome
 
@@ -130,6 +131,7 @@ class _Plan:
         self.foreign: dict[IPv4Network, tuple[Block, int]] = {}
         self.listed_all = False
         self.fresh: set[str] = set()  # handles given new addresses (not ones they held)
+        self.reserved = Reserved()  # what automatic assignments must skip (IPReservations)
 
     def peek_block(self, cidr: IPv4Network, source: Mapping | None = None) -> Block | None:
         """The working copy of a block, without making the decision depend on it."""
@@ -301,6 +303,10 @@ class IPAM:
             cached = self._views.get(node)
             view = await self._view(node, named)
             plan = _Plan(view)
+            if any(isinstance(r, AssignRequest) and not r.addresses for r, _ in live):
+                # consulted for every automatic assignment, as Calico does
+                plan.reserved = reserved_by(read_reservations(
+                    await self.store.list(keys.RESERVATIONS)))
             await self._prefetch_handles(plan, [request for request, _ in live])
             decided: list[tuple[Item, object]] = []
             for item in live:
@@ -378,9 +384,12 @@ class IPAM:
         taken: dict[IPv4Network, Block] = {}  # this request's changes, merged only if complete
         got: list[IPv4Address] = []
 
+        reserved = plan.reserved
+
         def take(cidr: IPv4Network, block: Block) -> None:
             updated, addresses = blocks.assign(block, request.count - len(got), request.handle_id,
-                                               request.attributes)
+                                               request.attributes,
+                                               reserved.ordinals(cidr) if reserved else frozenset())
             if addresses:
                 taken[cidr] = updated
                 got.extend(addresses)
@@ -400,7 +409,7 @@ class IPAM:
             if block.free and in_pools(cidr):
                 take(cidr, plan.read_block(cidr))
         while len(got) < request.count and len(view.blocks) < view.config.block_limit:
-            claimed = await self._claim(view, pools)
+            claimed = await self._claim(view, pools, reserved)
             if claimed is None:
                 break
             take(claimed, plan.read_block(claimed))
@@ -487,13 +496,18 @@ class IPAM:
             why += " and no other block has a free address"
         return f"IP pool {names} cannot provide {count} more address(es): {why}."
 
-    async def _claim(self, view: NodeView, pools: list[IPPool]) -> IPv4Network | None:
+    async def _claim(self, view: NodeView, pools: list[IPPool],
+                     reserved: Reserved = Reserved()) -> IPv4Network | None:
+        """Claim a new block for the node in the first of `pools` that has one unclaimed,
+        passing over blocks whose every address is reserved."""
         if view.known_blocks is None:
             view.known_blocks = {keys.block_cidr(k)
                                  for k in await self.store.list_keys(keys.BLOCKS)}
         existing = view.known_blocks
         for pool in pools:
-            for attempt, cidr in enumerate(unclaimed_blocks(pool, view.node, existing)):
+            candidates = (c for c in unclaimed_blocks(pool, view.node, existing)
+                          if not reserved.covers(c))
+            for attempt, cidr in enumerate(candidates):
                 if attempt >= 16:  # heavy contention: list again, let the caller retry
                     view.known_blocks = None
                     break

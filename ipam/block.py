@@ -126,9 +126,16 @@ def new_block(cidr: IPv4Network, node: str | None) -> Block:
 
 
 def assign(block: Block, count: int, handle_id: str,
-           secondary: Mapping[str, str] | None = None) -> tuple[Block, list[IPv4Address]]:
-    """Take up to `count` free addresses, oldest-freed first, for one handle."""
-    take = block.unallocated[:count]
+           secondary: Mapping[str, str] | None = None,
+           skip: frozenset[int] = frozenset()) -> tuple[Block, list[IPv4Address]]:
+    """Take up to `count` free addresses, oldest-freed first, for one handle; never the
+    ordinals in `skip` (reserved: ipam.reservation), which keep their place in the queue."""
+    if skip:
+        take = tuple(o for o in block.unallocated if o not in skip)[:count]
+        taken = set(take)
+        left = tuple(o for o in block.unallocated if o not in taken)
+    else:
+        take, left = block.unallocated[:count], block.unallocated[count:]
     if not take:
         return block, []
     attributes = block.attributes + (Attribute(handle_id, dict(secondary or {})),)
@@ -140,7 +147,7 @@ def assign(block: Block, count: int, handle_id: str,
         allocations[ordinal] = index
         seqs[ordinal] = seq
         seq += 1
-    updated = replace(block, allocations=tuple(allocations), unallocated=block.unallocated[count:],
+    updated = replace(block, allocations=tuple(allocations), unallocated=left,
                       attributes=attributes, sequence_number=seq, seq_for_allocation=seqs)
     return updated, [block.address(o) for o in take]
 

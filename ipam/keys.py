@@ -25,6 +25,7 @@ def pool_key(name: str) -> str:
 
 
 POOLS = resource_prefix("ippools")
+RESERVATIONS = resource_prefix("ipreservations")
 NODES = resource_prefix("nodes")
 
 

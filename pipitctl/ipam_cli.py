@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address
 
 import click
@@ -14,6 +14,7 @@ from ipam import keys
 from ipam.config import DEFAULT_MAX_BLOCKS_PER_HOST, IPAMConfig, config_from_spec, config_to_document
 from ipam.errors import Conflict, DatastoreUnavailable, InUse, InvalidResource
 from ipam.release import release_addresses
+from ipam.reservation import read_reservations, reservations_holding
 from ipam.snapshot import blocks_of, load_snapshot, lookup, pool_usage
 from ipam.store import Store
 from ipam.txn import Changes, transact
@@ -40,7 +41,9 @@ async def show(store: Store, show_blocks: bool, show_borrowed: bool,
     """Pool usage: addresses in use and free, per pool (and per block)."""
     snap = await load_snapshot(store)
     if address:
-        click.echo(describe_address(snap, parse_address(address)))
+        parsed = parse_address(address)
+        reservations = read_reservations(await store.list(keys.RESERVATIONS))
+        click.echo(describe_address(snap, parsed, reservations_holding(reservations, parsed)))
         return
     rows = []
     for pool in snap.pools:
@@ -79,7 +82,18 @@ def parse_address(text: str) -> IPv4Address:
         raise InvalidResource(f"{text!r} is not an IPv4 address.") from None
 
 
-def describe_address(snap, address: IPv4Address) -> str:
+def describe_address(snap, address: IPv4Address, reserved_by: Sequence[str] = ()) -> str:
+    """Who holds `address`, and which IPReservations (`reserved_by`, their names) hold it."""
+    text = _holder_of(snap, address)
+    if reserved_by:
+        names = ", ".join(repr(name) for name in reserved_by)
+        whose = f"IP reservations {names} hold" if len(reserved_by) > 1 else \
+            f"IP reservation {names} holds"
+        text += f" {whose} it: IPAM gives it only to a pod that asks for it."
+    return text
+
+
+def _holder_of(snap, address: IPv4Address) -> str:
     info = lookup(snap, address)
     if info.pool is None and info.block is None:
         return f"{address} is not in any IP pool."

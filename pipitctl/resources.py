@@ -27,6 +27,7 @@ from bgp_agent.bgp_config import config_to_document as bgp_config_to_document
 from bgp_agent.name_claim import holder_of
 from bgp_agent.node import node_from_document, node_to_document
 from ipam.release import release_handle, release_host_affinities
+from ipam.reservation import reservation_from_spec, reservation_to_document
 from ipam.resource import (Document, check_metadata, make_document, parse_documents,
                            read_document, shown, with_metadata)
 from ipam.selector import parse_selector
@@ -202,7 +203,24 @@ BGP_PEER = Kind(
                         yes_no(p.allow_pool_prefixes), p.allowed_local_as),
 )
 
-KINDS: tuple[Kind, ...] = (IPPOOL, BGP_CONFIGURATION, BGP_PEER, NODE)
+def _reserved_text(reservation, limit: int | None = None) -> str:
+    """The reserved CIDRs, comma-separated; cut at `limit` characters (as calicoctl's table)."""
+    text = ",".join(reservation_to_document(reservation)["spec"]["reservedCIDRs"])
+    return text if limit is None or len(text) <= limit else text[:limit - 3] + "..."
+
+
+IPRESERVATION = Kind(
+    name="IPReservation", plural="ipreservations",
+    aliases=("ipreservation", "reservation", "reservations"),
+    parse=lambda d: with_metadata(reservation_from_spec(d.name, dict(d.spec)), d),
+    to_document=reservation_to_document, check=_no_check,
+    columns=("NAME", "CIDRS"),
+    row=lambda r: (r.name, _reserved_text(r, 80)),
+    wide_columns=("NAME", "CIDRS"),
+    wide_row=lambda r: (r.name, _reserved_text(r)),
+)
+
+KINDS: tuple[Kind, ...] = (IPPOOL, BGP_CONFIGURATION, BGP_PEER, NODE, IPRESERVATION)
 
 
 def kind_named(word: str) -> Kind:
