@@ -35,9 +35,9 @@ class CountingStore(Store):
     """A Store that counts the transactions that write (Txn with puts or deletes)."""
     writes = 0
 
-    async def txn(self, expect, put={}, delete=()):
+    async def txn(self, expect, put={}, delete=(), **options):
         self.writes += 1
-        return await super().txn(expect, put, delete)
+        return await super().txn(expect, put, delete, **options)
 
 
 async def populate(store: Store, nodes: int, per_node: int, round_: int) -> dict:

@@ -78,6 +78,10 @@ class NodeView:
     config: IPAMConfig = IPAMConfig()
     config_revision: int = 0
     fence_revision: int = 0  # of keys.fence_key(node), which every batch compares
+    # the IPReservations, and the revision they were listed at: a batch that assigns on its
+    # own commits only if none was written since
+    reserved: Reserved = Reserved()
+    reserved_revision: int = 0
     labels: dict[str, str] = field(default_factory=dict)
     blocks: dict[IPv4Network, tuple[Block, int]] = field(default_factory=dict)  # confirmed, ours
     handles: dict[str, tuple[Handle, int]] = field(default_factory=dict)
@@ -303,10 +307,9 @@ class IPAM:
             cached = self._views.get(node)
             view = await self._view(node, named)
             plan = _Plan(view)
-            if any(isinstance(r, AssignRequest) and not r.addresses for r, _ in live):
-                # consulted for every automatic assignment, as Calico does
-                plan.reserved = reserved_by(read_reservations(
-                    await self.store.list(keys.RESERVATIONS)))
+            automatic = any(isinstance(r, AssignRequest) and not r.addresses for r, _ in live)
+            if automatic:
+                plan.reserved = view.reserved
             await self._prefetch_handles(plan, [request for request, _ in live])
             decided: list[tuple[Item, object]] = []
             for item in live:
@@ -334,6 +337,8 @@ class IPAM:
                 return decided, plan.fresh
             changes.saw(keys.IPAM_CONFIG, view.config_revision)
             changes.saw(keys.fence_key(node), view.fence_revision)
+            if automatic:
+                changes.saw_prefix(keys.RESERVATIONS, view.reserved_revision)
             try:
                 result = await changes.commit()
             except DatastoreUnavailable as error:
@@ -348,6 +353,10 @@ class IPAM:
                 self._remember(view, plan, result.revision)
                 return decided, plan.fresh
             self._absorb(view, result.current)
+            if keys.RESERVATIONS in result.current_prefixes:
+                view.reserved = reserved_by(read_reservations(
+                    result.current_prefixes[keys.RESERVATIONS]))
+                view.reserved_revision = result.revision
         ETCD_GAVE_UP.inc()
         raise Conflict(f"allocation on node {node} kept colliding with concurrent changes after "
                        f"{MAX_ATTEMPTS} attempts; try again.")
@@ -607,6 +616,8 @@ class IPAM:
 
     async def _load(self, node: str, previous: NodeView | None) -> NodeView:
         view = NodeView(node, handles=previous.handles if previous else {})
+        entries, view.reserved_revision = await self.store.list_with_revision(keys.RESERVATIONS)
+        view.reserved = reserved_by(read_reservations(entries))
         for pool, revision in read_pools(await self.store.list(keys.POOLS)):
             view.pools[pool.name] = (pool, revision)
         found = await self.store.get_many([keys.IPAM_CONFIG, keys.node_key(node),

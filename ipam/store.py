@@ -300,6 +300,8 @@ class TxnResult:
     revision: int
     # On failure: the current entry (or None) of every expected key.
     current: dict[str, Entry | None] = field(default_factory=dict)
+    # ... and the entries under every prefix expected unchanged (read at `revision`)
+    current_prefixes: dict[str, list[Entry]] = field(default_factory=dict)
 
 
 def _entry(kv) -> Entry:
@@ -478,27 +480,38 @@ class Store:
         return [kv.key.decode() for kv in response.kvs]
 
     async def txn(self, expect: Mapping[str, int], put: Mapping[str, Mapping] = {},
-                  delete: Iterable[str] = (), lease: int = 0) -> TxnResult:
+                  delete: Iterable[str] = (), lease: int = 0,
+                  unchanged_since: Mapping[str, int] = {}) -> TxnResult:
         """Apply all puts and deletes if every key in `expect` still has that mod_revision
-        (0: absent); the keys put live by `lease` (0: none)."""
+        (0: absent) and no key under a prefix in `unchanged_since` was written after that
+        revision (one deleted since is not seen); the keys put live by `lease` (0: none)."""
         compare = [rpc.Compare(key=k.encode(), target=rpc.Compare.MOD,
                                result=rpc.Compare.EQUAL, mod_revision=rev)
                    for k, rev in expect.items()]
+        compare += [rpc.Compare(key=p.encode(), range_end=_range_end(p.encode()),
+                                target=rpc.Compare.MOD, result=rpc.Compare.LESS,
+                                mod_revision=rev + 1)
+                    for p, rev in unchanged_since.items()]
         success = [rpc.RequestOp(request_put=rpc.PutRequest(key=k.encode(), value=encode(v),
                                                              lease=lease))
                    for k, v in put.items()]
         success += [rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=k.encode()))
                     for k in delete]
         failure = [rpc.RequestOp(request_range=rpc.RangeRequest(key=k.encode())) for k in expect]
+        failure += [rpc.RequestOp(request_range=rpc.RangeRequest(
+            key=p.encode(), range_end=_range_end(p.encode()))) for p in unchanged_since]
         response = await self._call(
             "Txn", rpc.TxnRequest(compare=compare, success=success, failure=failure),
             writes=True)
         result = TxnResult(response.succeeded, response.header.revision)
         ETCD_TRANSACTIONS.labels("committed" if response.succeeded else "conflict").inc()
         if not response.succeeded:
-            for key, op in zip(expect, response.responses):
+            answers = iter(response.responses)
+            for key, op in zip(expect, answers):
                 kvs = op.response_range.kvs
                 result.current[key] = _entry(kvs[0]) if kvs else None
+            for prefix, op in zip(unchanged_since, answers):
+                result.current_prefixes[prefix] = [_entry(kv) for kv in op.response_range.kvs]
         return result
 
     async def transaction(self, compare: list, success: list) -> tuple[bool, int]:

@@ -24,12 +24,18 @@ class Changes:
     def __init__(self, store: Store):
         self.store = store
         self.expect: dict[str, int] = {}
+        self.unchanged_since: dict[str, int] = {}  # prefix -> revision it was read at
         self.puts: dict[str, dict] = {}
         self.deletes: set[str] = set()
 
     def saw(self, key: str, revision: int) -> None:
         """Record that the decision depends on `key` being at `revision` (0: absent)."""
         self.expect.setdefault(key, revision)
+
+    def saw_prefix(self, prefix: str, revision: int) -> None:
+        """Record that the decision depends on no key under `prefix` having been written
+        after `revision` (the one it was listed at)."""
+        self.unchanged_since.setdefault(prefix, revision)
 
     async def get(self, key: str) -> Entry | None:
         entry = await self.store.get(key)
@@ -57,7 +63,8 @@ class Changes:
     async def commit(self) -> TxnResult:
         for key in self.puts:
             self.expect.setdefault(key, 0)  # a put of a key not read means "create it"
-        return await self.store.txn(self.expect, self.puts, self.deletes)
+        return await self.store.txn(self.expect, self.puts, self.deletes,
+                                    unchanged_since=self.unchanged_since)
 
 
 async def transact(store: Store, decide: Callable[[Changes], Awaitable[T]], what: str) -> T:

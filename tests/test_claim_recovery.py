@@ -157,11 +157,11 @@ def test_a_claim_cut_by_etcd_going_away_is_settled_by_the_same_agent_s_next_requ
         await add_pool(store, "p", "10.30.0.0/28", blockSize=28)  # one block: it must be ours
         real_txn = store.txn
 
-        async def txn(compare, puts, deletes=()):
+        async def txn(compare, puts, deletes=(), **options):
             if any(v == {"state": "confirmed"} for v in puts.values()):
                 store.txn = real_txn  # only this once
                 raise DatastoreUnavailable("etcd is unavailable: the leader died")
-            return await real_txn(compare, puts, deletes)
+            return await real_txn(compare, puts, deletes, **options)
 
         store.txn = txn
         ipam = IPAM(store)

@@ -11,6 +11,7 @@ import yaml
 
 from ipam import block as blocks
 from ipam import keys
+from ipam.allocator import IPAM
 from ipam.errors import InvalidResource, PoolExhausted
 from ipam.reservation import (IPReservation, Reserved, reservation_from_spec,
                               reservation_to_document, reserved_by)
@@ -101,6 +102,24 @@ def test_automatic_assignments_pass_over_reserved_addresses_and_wholly_reserved_
         assign(two_blocks, ("n1", "more", 1, {}))
 
 
+def test_a_reservation_made_while_an_allocator_runs_holds_for_its_next_assignment(two_blocks):
+    """The allocator caches what it read (10 s), but a batch that assigns on its own commits
+    only if no reservation was written since it read them: the next pod does not get an
+    address reserved a moment ago."""
+    _reserve(two_blocks, "first-block", "10.244.0.0/29")
+
+    async def scenario(store):
+        ipam = IPAM(store)
+        first = await ipam.assign("n1", "one")
+        await store.put(keys.resource_key("ipreservations", "late"), reservation_to_document(
+            reservation_from_spec("late", {"reservedCIDRs": ["10.244.0.10/31"]})))
+        second = await ipam.assign("n1", "two")
+        return first, second, ipam.transactions
+    first, second, transactions = with_store(two_blocks, scenario)
+    assert (first, second) == ([A("10.244.0.9")], [A("10.244.0.12")])
+    assert transactions == 2
+
+
 def test_a_requested_address_is_given_reserved_or_not_and_held_ones_are_kept(two_blocks):
     """Calico's rules: a pod asking for an address gets it; a reservation made after an
     address was handed out releases nothing."""
@@ -110,7 +129,6 @@ def test_a_requested_address_is_given_reserved_or_not_and_held_ones_are_kept(two
     assert asked == [held[0] + 1]
 
     async def holders(store):
-        from ipam.allocator import IPAM
         return await IPAM(store).addresses("early")
     assert with_store(two_blocks, holders) == held
     with pytest.raises(PoolExhausted):
