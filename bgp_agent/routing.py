@@ -602,7 +602,9 @@ class Router:
         in_pool = node_in_pool(me, self.pools.items.values())
         self.status.warnings = [*policy.reflector_warnings(me, self.nodes.items.values(),
                                                            neighbors),
-                                *([f"node {me.name}: {in_pool}"] if in_pool else [])]
+                                *([f"node {me.name}: {in_pool} (meanwhile an IPReservation "
+                                   f"of {me.address.ip} keeps it from pods)"] if in_pool
+                                  else [])]
         self.status.exported = len(next(iter(exports.values()), {})) if exports else 0
         if not_up and self.clock() >= self._diagnose_at:
             self._diagnose_at = self.clock() + DIAGNOSE_SECONDS

@@ -162,7 +162,8 @@ async def test_a_node_whose_address_a_pool_holds_is_warned_about_in_its_status()
         assert c.router.status.to_json()["warnings"] == [
             "node n1: its address 10.0.0.1 is inside IPPool 'wide' (10.0.0.0/16): a pod could "
             "be given it, and the routes to the pool's blocks would take traffic meant for the "
-            "node; give the node an address outside every pool"]
+            "node; give the node an address outside every pool (meanwhile an IPReservation "
+            "of 10.0.0.1 keeps it from pods)"]
         c.store.delete(keys.pool_key("wide"))
         await c.sync()
         assert c.router.status.to_json()["warnings"] == []
