@@ -151,24 +151,36 @@ def encode_fib_lookup(address: IPv4Address, seq: int) -> bytes:
 
 def decode_fib_match(data: bytes, pos: int, end: int) -> FibMatch:
     """The route in the kernel's RTM_NEWROUTE answer to encode_fib_lookup (header included)."""
-    _, dst_len, _, _, _, protocol, _, rtm_type, rtm_flags = _RTMSG.unpack_from(
+    _, dst_len, _, _, rtm_table, protocol, _, rtm_type, rtm_flags = _RTMSG.unpack_from(
         data, pos + NLMSGHDR.size)
+    dst, gateway, ifindex, _, nexthops = _route_attributes(data, pos, end, rtm_table)
+    if gateway is not None:
+        nexthops = (NextHop(IPv4Address(gateway), ifindex or None,
+                            bool(rtm_flags & RTNH_F_ONLINK and ifindex)),)
+    return FibMatch(IPv4Network((int.from_bytes(dst, "big"), dst_len)), rtm_type, protocol,
+                    nexthops, ifindex or None)
+
+
+def _route_attributes(data: bytes, pos: int, end: int, rtm_table: int
+                      ) -> tuple[bytes, bytes | None, int, int, tuple[NextHop, ...]]:
+    """(destination, gateway, device, table, multipath next hops) of the route message at
+    data[pos:end]: 0.0.0.0, None and 0 where absent; the table from RTA_TABLE if given."""
     dst = b"\0\0\0\0"
-    gateway = ifindex = None
+    gateway = None
+    ifindex = 0
     nexthops: tuple[NextHop, ...] = ()
     for kind, start, stop in _attrs(data, pos + _HEADERS, end):
         if kind == RTA_DST:
             dst = data[start:stop]
         elif kind == RTA_GATEWAY:
-            gateway = IPv4Address(data[start:stop])
+            gateway = data[start:stop]
         elif kind == RTA_OIF:
-            ifindex = _I32.unpack_from(data, start)[0] or None
+            ifindex = _I32.unpack_from(data, start)[0]
+        elif kind == RTA_TABLE:
+            rtm_table = _U32.unpack_from(data, start)[0]
         elif kind == RTA_MULTIPATH:
             nexthops = _multipath(data, start, stop)
-    if gateway is not None:
-        nexthops = (NextHop(gateway, ifindex, bool(rtm_flags & RTNH_F_ONLINK and ifindex)),)
-    return FibMatch(IPv4Network((int.from_bytes(dst, "big"), dst_len)), rtm_type, protocol,
-                    nexthops, ifindex)
+    return dst, gateway, ifindex, rtm_table, nexthops
 
 
 def _attrs(data: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
@@ -245,20 +257,7 @@ def decode_route(
         data, pos + NLMSGHDR.size)
     if family != socket.AF_INET or protocol != RTPROT_PIPIT:
         return None
-    dst = b"\0\0\0\0"
-    gateway = ifindex = None
-    nexthops: tuple[NextHop, ...] = ()
-    for kind, start, stop in _attrs(data, pos + _HEADERS, end):
-        if kind == RTA_DST:
-            dst = data[start:stop]
-        elif kind == RTA_GATEWAY:
-            gateway = data[start:stop]
-        elif kind == RTA_OIF:
-            ifindex = _I32.unpack_from(data, start)[0]
-        elif kind == RTA_TABLE:
-            rtm_table = _U32.unpack_from(data, start)[0]
-        elif kind == RTA_MULTIPATH:
-            nexthops = _multipath(data, start, stop)
+    dst, gateway, ifindex, rtm_table, nexthops = _route_attributes(data, pos, end, rtm_table)
     if rtm_table != table:
         return None
     network = _decode_network(dst, dst_len, known)
