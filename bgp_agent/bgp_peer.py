@@ -24,9 +24,9 @@ as AS its own; Calico's route-reflector topology). Stored at /pipit/resources/bg
       reversePeering: Auto             # Auto: the selected nodes peer back (Manual: they
                                        # need a BGPPeer of their own)
 
-The password itself never appears in the resource (nor in etcd, nor in `get` output): only
-where to read it. The agent reads it whenever it recomputes its sessions (on any change, and
-at least once a minute), so a rotated password file or Secret is picked up by itself.
+The password itself never appears in the resource (bgp_agent.md5_password): only where to
+read it. The agent reads it whenever it recomputes its sessions (on any change, and at least
+once a minute), so a rotated password file or Secret is picked up by itself.
 
 maxPrefixes counts every prefix the peer sent, accepted or not; one more disconnects the peer
 (as BIRD's `receive limit N action disable`): it stays down, shown as disabled in `pipitctl
@@ -46,10 +46,9 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, ip_address
-from pathlib import Path
 
 from bgp_agent.bgp_config import check_hold_time, check_restart_time, parse_as_number
-from bgp_agent.exabgp_config import MD5_RULE, usable_md5_password
+from bgp_agent.md5_password import PasswordRef, parse_password
 from bgp_agent.model import DEFAULT_HOLD_TIME, DEFAULT_RESTART_TIME
 from bgp_agent.node import NodeRecord
 from ipam.errors import InvalidResource
@@ -61,32 +60,7 @@ _FIELDS = {"peerIP", "asNumber", "node", "nodeSelector", "peerSelector", "revers
            "password", "holdTime", "maxRestartTime", "maxPrefixes", "keepOriginalNextHop",
            "allowPoolPrefixes", "numAllowedLocalASNumbers"}
 REVERSE_PEERING = ("Auto", "Manual")
-_SECRET_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
-_SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]{1,253}")
 MAX_ALLOWED_LOCAL_AS = 10
-PASSWORD_HELP = ("write it into a file and give {file: /path/to/file}, or into a Kubernetes "
-                 "Secret and give {secretKeyRef: {name: SECRET, key: KEY}}")
-
-
-@dataclass(frozen=True)
-class PasswordRef:
-    """Where a peer's TCP MD5 password is: a file on the node, or a key of a Secret (mounted
-    into the agent as <secrets dir>/<name>/<key>, as a Secret volume provides it)."""
-    file: str | None = None
-    secret: str | None = None
-    key: str | None = None
-
-    def __str__(self) -> str:
-        return f"file:{self.file}" if self.file else f"secret:{self.secret}/{self.key}"
-
-    def to_spec(self) -> dict:
-        if self.file:
-            return {"file": self.file}
-        return {"secretKeyRef": {"name": self.secret, "key": self.key}}
-
-
-class PasswordUnavailable(Exception):
-    """The password a peer refers to cannot be read (one sentence)."""
 
 
 @dataclass(frozen=True)
@@ -200,7 +174,7 @@ def peer_from_spec(name: str, spec: Mapping) -> BGPPeer:
     return BGPPeer(
         name=name, peer_ip=peer_ip, as_number=as_number, node=node, node_selector=selector,
         peer_selector=peer_selector, reverse_peering=reverse,
-        password=_password(read, spec.get("password")),
+        password=parse_password(read, spec.get("password")),
         hold_time=check_hold_time(read.seconds("holdTime", DEFAULT_HOLD_TIME), where),
         restart_time=restart, max_prefixes=max_prefixes,
         keep_original_next_hop=read.boolean("keepOriginalNextHop"),
@@ -245,31 +219,6 @@ def _peer_address(read: SpecReader) -> tuple[IPv4Address, int]:
         if bad:
             raise read.fail(f"peerIP {address} is {what}, which no BGP router can have.")
     return address, port
-
-
-def _password(read: SpecReader, value) -> PasswordRef | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        raise read.fail(f"password must not be written into the resource: {PASSWORD_HELP}.")
-    if not isinstance(value, dict) or len(value) != 1 or not set(value) <= {"file",
-                                                                            "secretKeyRef"}:
-        raise read.fail(f"password must say where the password is: {PASSWORD_HELP}.")
-    if "file" in value:
-        path = value["file"]
-        if not isinstance(path, str) or not path.startswith("/"):
-            raise read.fail(f"password file {path!r} must be an absolute path.")
-        return PasswordRef(file=path)
-    ref = value["secretKeyRef"]
-    if not isinstance(ref, dict) or set(ref) != {"name", "key"}:
-        raise read.fail("password secretKeyRef must have exactly name and key.")
-    name, key = ref["name"], ref["key"]
-    if not isinstance(name, str) or not _SECRET_NAME.fullmatch(name):
-        raise read.fail(f"password secretKeyRef name {name!r} is not a valid Secret name.")
-    if not isinstance(key, str) or not _SECRET_KEY.fullmatch(key) or key in (".", ".."):
-        raise read.fail(f"password secretKeyRef key {key!r} is not a valid Secret key "
-                        "(letters, digits, '-', '_' and '.').")
-    return PasswordRef(secret=name, key=key)
 
 
 def peer_to_spec(peer: BGPPeer) -> dict:
@@ -347,28 +296,3 @@ def _overlap(a: BGPPeer, b: BGPPeer, nodes: list[NodeRecord]) -> str:
         return f"the nodes {a.node_selector!r} selects"
     both = sorted(n.name for n in nodes if a.applies_to(n) and b.applies_to(n))
     return f"node {', '.join(both)}" if both else ""
-
-
-# -- the password, at the edge ---------------------------------------------------------------
-
-def resolve_password(ref: PasswordRef, secrets_dir: str | Path | None) -> str:
-    """Read the password a peer refers to (a trailing newline is not part of it)."""
-    if ref.file:
-        path = Path(ref.file)
-    elif secrets_dir is None:
-        raise PasswordUnavailable(f"the password is in Secret {ref.secret!r}, but the agent "
-                                  "was not given a secrets directory (--secrets-dir)")
-    else:
-        path = Path(secrets_dir) / ref.secret / ref.key
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise PasswordUnavailable(f"the password ({ref}) cannot be read from {path}: "
-                                  f"{(error.strerror or str(error)).lower()}") from None
-    password = text[:-1] if text.endswith("\n") else text
-    password = password[:-1] if password.endswith("\r") else password
-    if not password:
-        raise PasswordUnavailable(f"the password file {path} ({ref}) is empty")
-    if not usable_md5_password(password):
-        raise PasswordUnavailable(f"the password in {path} ({ref}) must be {MD5_RULE}")
-    return password

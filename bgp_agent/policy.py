@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
 from bgp_agent.bgp_config import BGPConfig
-from bgp_agent.bgp_peer import BGPPeer, PasswordRef, PasswordUnavailable
+from bgp_agent.bgp_peer import BGPPeer
+from bgp_agent.md5_password import PasswordRef, PasswordUnavailable
 from ipip.routes import NextHop, Route
 from bgp_agent.model import Announcement, Neighbor, Path
 from bgp_agent.node import NodeRecord

@@ -20,7 +20,8 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 from bgp_agent import policy
 from bgp_agent.bgp_config import BGPConfig, config_from_spec
-from bgp_agent.bgp_peer import PasswordRef, peer_from_document, resolve_password
+from bgp_agent.bgp_peer import peer_from_document
+from bgp_agent.md5_password import PasswordRef, resolve_password
 from bgp_agent.node_dataplane import NodeDataplane
 from bgp_agent.metrics import (
     KERNEL_ROUTE_CHANGES,

@@ -12,15 +12,8 @@ from ipaddress import IPv4Address, IPv4Interface
 import pytest
 import yaml
 
-from bgp_agent.bgp_peer import (
-    BGPPeer,
-    PasswordRef,
-    PasswordUnavailable,
-    check_peer,
-    peer_from_spec,
-    peer_to_spec,
-    resolve_password,
-)
+from bgp_agent.bgp_peer import BGPPeer, check_peer, peer_from_spec, peer_to_spec
+from bgp_agent.md5_password import PasswordRef, PasswordUnavailable, resolve_password
 from bgp_agent.node import NodeRecord, node_to_document
 from ipam import keys
 from ipam.errors import InvalidResource

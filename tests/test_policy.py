@@ -8,7 +8,8 @@ import pytest
 from bgp_agent import policy
 from bgp_agent.status import md5_diagnosis
 from bgp_agent.bgp_config import BGPConfig
-from bgp_agent.bgp_peer import BGPPeer, PasswordUnavailable, peer_from_spec
+from bgp_agent.bgp_peer import BGPPeer, peer_from_spec
+from bgp_agent.md5_password import PasswordUnavailable
 from ipip.routes import NextHop, Route
 from bgp_agent.model import Neighbor, Path
 from bgp_agent.node import NodeRecord
