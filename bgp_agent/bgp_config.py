@@ -6,6 +6,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from bgp_agent.md5_password import PasswordRef, parse_password
 from bgp_agent.model import DEFAULT_AS, DEFAULT_HOLD_TIME, DEFAULT_RESTART_TIME, MAX_RESTART_TIME
 from ipam.errors import InvalidResource
 from ipam.resource import SpecReader, make_document, shown
@@ -13,7 +14,7 @@ from ipam.resource import SpecReader, make_document, shown
 KIND = "BGPConfiguration"
 NAME = "default"
 _FIELDS = {"asNumber", "nodeToNodeMeshEnabled", "listenPort", "communities",
-           "nodeMeshHoldTime", "nodeMeshMaxRestartTime"}
+           "nodeMeshHoldTime", "nodeMeshMaxRestartTime", "nodeMeshPassword"}
 _COMMUNITY = re.compile(r"\d+(:\d+){1,2}")
 Community = tuple[int, int]  # RFC 1997: AS:VALUE, 16 bits each
 LargeCommunity = tuple[int, int, int]  # RFC 8092: AS:VALUE:VALUE, 32 bits each
@@ -89,6 +90,7 @@ class BGPConfig:
     large_communities: tuple[LargeCommunity, ...] = ()
     node_mesh_hold_time: int = DEFAULT_HOLD_TIME
     node_mesh_restart_time: int = DEFAULT_RESTART_TIME
+    node_mesh_password: PasswordRef | None = None  # TCP MD5 on every mesh session
     labels: Mapping[str, str] = field(default_factory=dict, hash=False)
     annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
 
@@ -118,10 +120,12 @@ def config_from_spec(name: str, spec: Mapping) -> BGPConfig:
         node_mesh_hold_time=check_hold_time(read.seconds("nodeMeshHoldTime",
                                                          DEFAULT_HOLD_TIME), where),
         node_mesh_restart_time=restart,
+        node_mesh_password=parse_password(read, spec.get("nodeMeshPassword"),
+                                          "nodeMeshPassword"),
     )
 
 
-_MESH_FIELDS = ("nodeMeshHoldTime", "nodeMeshMaxRestartTime")
+_MESH_FIELDS = ("nodeMeshHoldTime", "nodeMeshMaxRestartTime", "nodeMeshPassword")
 
 
 def check_config_input(spec: Mapping) -> None:
@@ -148,4 +152,6 @@ def config_to_document(config: BGPConfig) -> dict:
     if config.node_to_node_mesh:
         spec.update(zip(_MESH_FIELDS, (config.node_mesh_hold_time,
                                        config.node_mesh_restart_time)))
+        if config.node_mesh_password is not None:
+            spec["nodeMeshPassword"] = config.node_mesh_password.to_spec()
     return make_document(KIND, NAME, spec, config.labels, config.annotations)

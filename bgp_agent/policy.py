@@ -8,7 +8,7 @@ keep their addresses, so their routes stay (Calico's meaning of "disabled").
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network
 
 from bgp_agent.bgp_config import BGPConfig
@@ -177,14 +177,26 @@ def select_neighbors(me: NodeRecord, nodes: Iterable[NodeRecord], config: BGPCon
         between_nodes.append(node_neighbor(me, other, config, _between(other), peer, secret))
     taken = set(chosen) | {n.address for n in between_nodes}
     selection.neighbors += between_nodes
-    for neighbor in mesh_neighbors(me, nodes, config):
+    mesh = mesh_neighbors(me, nodes, config)
+    mesh_secret = mesh_problem = None
+    if mesh and config.node_mesh_password is not None:
+        try:
+            mesh_secret = password(config.node_mesh_password)
+        except PasswordUnavailable as error:  # no mesh session goes up without it
+            mesh_problem = f"nodeMeshPassword: {error}"
+    for neighbor in mesh:
         if neighbor.address in chosen:
             selection.skipped.append(Skipped(
                 neighbor.name, neighbor.address, "mesh", neighbor.peer_as,
                 f"node {neighbor.name} is peered through BGPPeer "
                 f"{chosen[neighbor.address].name!r} instead"))
-        elif neighbor.address not in taken:
-            selection.neighbors.append(neighbor)
+        elif neighbor.address in taken:
+            continue
+        elif mesh_problem is not None:
+            selection.skipped.append(Skipped(neighbor.name, neighbor.address, "mesh",
+                                             neighbor.peer_as, mesh_problem))
+        else:
+            selection.neighbors.append(replace(neighbor, password=mesh_secret))
     selection.neighbors.sort(key=lambda n: n.address)
     return selection
 

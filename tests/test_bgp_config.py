@@ -135,8 +135,9 @@ def test_a_time_that_is_none_is_one_sentence(written, facts):
 
 def test_mesh_settings_while_the_mesh_is_off_are_refused_on_input_only():
     from bgp_agent.bgp_config import check_config_input
-    for field in ("nodeMeshMaxRestartTime", "nodeMeshHoldTime"):
-        spec = {"nodeToNodeMeshEnabled": False, field: "60s"}
+    for field, value in (("nodeMeshMaxRestartTime", "60s"), ("nodeMeshHoldTime", "60s"),
+                         ("nodeMeshPassword", {"file": "/etc/pipit/mesh"})):
+        spec = {"nodeToNodeMeshEnabled": False, field: value}
         with pytest.raises(InvalidResource, match=f"{field} cannot be set when "
                                                   "nodeToNodeMeshEnabled is false"):
             check_config_input(spec)
@@ -149,3 +150,27 @@ def test_mesh_settings_while_the_mesh_is_off_are_refused_on_input_only():
     document = config_to_document(off)
     check_config_input(document["spec"])
     assert round_trip(off) == off
+
+
+# --------------------------------------------------------------------------------------------
+# nodeMeshPassword: TCP MD5 on every mesh session (Calico's field)
+
+@pytest.mark.parametrize("where", [{"secretKeyRef": {"name": "bgp", "key": "mesh"}},
+                                   {"file": "/etc/pipit/mesh.secret"}])
+def test_the_mesh_password_says_where_it_is_and_survives_the_document(where):
+    from bgp_agent.md5_password import PasswordRef
+    config = config_from_spec("default", {"nodeMeshPassword": where})
+    assert isinstance(config.node_mesh_password, PasswordRef)
+    assert config_to_document(config)["spec"]["nodeMeshPassword"] == where
+    assert round_trip(config) == config
+    assert "nodeMeshPassword" not in config_to_document(config_from_spec("default", {}))["spec"]
+
+
+@pytest.mark.parametrize("written, facts", [
+    ("s3cret", ["nodeMeshPassword must not be written into the resource", "secretKeyRef"]),
+    ({"file": "relative/path"}, ["nodeMeshPassword file 'relative/path'", "absolute path"]),
+    ({"secretKeyRef": {"name": "Bad_Name", "key": "k"}}, ["nodeMeshPassword", "'Bad_Name'"]),
+    ({"env": "X"}, ["nodeMeshPassword must say where the password is"]),
+])
+def test_a_mesh_password_that_is_none_is_one_sentence(written, facts):
+    refused({"nodeMeshPassword": written}, *facts)

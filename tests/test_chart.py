@@ -208,6 +208,31 @@ def test_bgp_passwords_come_from_secrets_laid_out_for_the_agents_secrets_dir():
     assert "--secrets-dir=/etc/pipit/bgp-secrets" in container(spec, "agent")["args"]
 
 
+def test_the_mesh_password_comes_from_a_secret_mounted_once_beside_the_peers():
+    mesh = {"bgp.nodeMeshPassword.secretKeyRef.name": "bgp-passwords",
+            "bgp.nodeMeshPassword.secretKeyRef.key": "mesh"}
+    objects = rendered("reflectors", **mesh, **{"routeReflector.enabled": "false"})
+    [volume] = [v for v in pod(objects, "DaemonSet", "pipit-node")["volumes"]
+                if v["name"] == "bgp-secrets"]
+    assert volume["projected"]["sources"] == [
+        {"secret": {"name": "bgp-passwords", "items": [
+            {"key": key, "path": f"bgp-passwords/{key}", "mode": 0o400}]}}
+        for key in ("mesh", "rack-a")]
+    resources = read_objects(find(objects, "ConfigMap", "pipit-config")["data"]["resources.yaml"])
+    [config] = [i.obj for i in resources if i.kind.name == "BGPConfiguration"]
+    assert str(config.node_mesh_password) == "secret:bgp-passwords/mesh"
+    # the same key for a peer and the mesh is mounted once (a projected volume refuses a
+    # path twice)
+    same = rendered("reflectors", **{**mesh, "bgp.nodeMeshPassword.secretKeyRef.key": "rack-a",
+                                     "routeReflector.enabled": "false"})
+    [volume] = [v for v in pod(same, "DaemonSet", "pipit-node")["volumes"]
+                if v["name"] == "bgp-secrets"]
+    assert [item["path"] for source in volume["projected"]["sources"]
+            for item in source["secret"]["items"]] == ["bgp-passwords/rack-a"]
+    assert "bgp-secrets" not in {v["name"] for v in pod(rendered("mesh"), "DaemonSet",
+                                                         "pipit-node")["volumes"]}
+
+
 # -- route reflectors, controller, RBAC, hooks ----------------------------------------------------
 
 def test_route_reflectors_run_apart_from_the_agents_with_a_disruption_budget():

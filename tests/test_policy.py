@@ -9,7 +9,7 @@ from bgp_agent import policy
 from bgp_agent.status import md5_diagnosis
 from bgp_agent.bgp_config import BGPConfig
 from bgp_agent.bgp_peer import BGPPeer, peer_from_spec
-from bgp_agent.md5_password import PasswordUnavailable
+from bgp_agent.md5_password import PasswordRef, PasswordUnavailable
 from ipip.routes import NextHop, Route
 from bgp_agent.model import Neighbor, Path
 from bgp_agent.node import NodeRecord
@@ -246,6 +246,28 @@ def test_a_peer_at_this_nodes_own_address_or_without_its_password_is_skipped():
         ("tor", "the password (file:/missing) cannot be read")]
     assert policy.select_neighbors(node_record("x", None), [], BGPConfig(), peers,
                                    password).neighbors == []
+
+
+def test_the_mesh_password_signs_every_mesh_session_or_none_goes_up_without_it():
+    me, b, c = (node_record(n, f"10.0.0.{i}/24") for i, n in ((1, "a"), (2, "b"), (3, "c")))
+    config = BGPConfig(node_mesh_password=PasswordRef(secret="bgp", key="mesh"))
+    tor = peer("tor", "10.0.0.3", password={"file": "/etc/tor"})  # c through a BGPPeer
+
+    def password(ref):
+        return "tor-secret" if ref.file else "mesh-secret"
+    selection = policy.select_neighbors(me, [me, b, c], config, [tor], password)
+    assert [(n.name, n.kind, n.password) for n in selection.neighbors] == [
+        ("b", "mesh", "mesh-secret"), ("tor", "global", "tor-secret")]
+    assert policy.select_neighbors(me, [me, b], BGPConfig(), [], password
+                                   ).neighbors[0].password is None
+
+    def unreadable(ref):
+        raise PasswordUnavailable(f"the password ({ref}) cannot be read")
+    selection = policy.select_neighbors(me, [me, b, c], config, [], unreadable)
+    assert selection.neighbors == []
+    assert [(s.name, s.kind, s.reason) for s in selection.skipped] == [
+        (name, "mesh", "nodeMeshPassword: the password (secret:bgp/mesh) cannot be read")
+        for name in ("b", "c")]
 
 
 def test_our_own_as_may_come_back_as_often_as_the_peer_allows():

@@ -89,18 +89,25 @@ readOnlyRootFilesystem: true
 capabilities: {drop: [ALL]}
 {{- end -}}
 
-{{/* The BGP password Secrets the peers name, as one projected volume laid out the way the
-     agent's --secrets-dir reads them: DIR/<secret>/<key>. */}}
+{{/* The BGP password Secrets the peers and the mesh name, as one projected volume laid out
+     the way the agent's --secrets-dir reads them: DIR/<secret>/<key>, each key once. */}}
 {{- define "pipit.peerSecretSources" -}}
+{{- $refs := dict }}
 {{- range .Values.bgp.peers }}
-{{- if .password }}
-- secret:
-    name: {{ .password.secretKeyRef.name }}
-    items:
-      - key: {{ .password.secretKeyRef.key }}
-        path: {{ .password.secretKeyRef.name }}/{{ .password.secretKeyRef.key }}
-        mode: 0400
+{{- with .password }}
+{{- $_ := set $refs (printf "%s/%s" .secretKeyRef.name .secretKeyRef.key) .secretKeyRef }}
 {{- end }}
+{{- end }}
+{{- with (.Values.bgp.nodeMeshPassword | default dict).secretKeyRef }}
+{{- $_ := set $refs (printf "%s/%s" .name .key) . }}
+{{- end }}
+{{- range $path, $ref := $refs }}
+- secret:
+    name: {{ $ref.name }}
+    items:
+      - key: {{ $ref.key }}
+        path: {{ $path }}
+        mode: 0400
 {{- end }}
 {{- end -}}
 
@@ -205,6 +212,9 @@ spec:
   {{- if not $rr }}
   nodeMeshHoldTime: {{ .Values.bgp.nodeMeshHoldTime }}
   nodeMeshMaxRestartTime: {{ .Values.bgp.nodeMeshMaxRestartTime }}
+  {{- with (.Values.bgp.nodeMeshPassword | default dict).secretKeyRef }}
+  nodeMeshPassword: {secretKeyRef: {name: {{ .name | quote }}, key: {{ .key | quote }}}}
+  {{- end }}
   {{- end }}
   communities: {{ toJson .Values.bgp.communities }}
 {{- if $rr }}
