@@ -1,13 +1,14 @@
 """End to end: a lab cluster (etcd, nodes as namespaces running pipit-agent and ExaBGP, pods
 attached with the real ptp plugin) does what a user relies on. The tests share one lab and
 run in order: mesh, foreign routes, agent restart, a node joining, a node leaving, switching
-the pool's encapsulation, a VXLAN pool that selects no node."""
+the pool's encapsulation, a VXLAN pool that selects no node, a mesh password."""
 
 import ipaddress
 import json
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -341,3 +342,49 @@ def test_a_vxlan_pool_that_selects_no_node_stops_no_node_from_routing(lab):
     for node in lab.nodes():
         wait(lambda node=node: not dataplane_of(lab, node).get("kinds"), 30,
              f"{node} to forget pool edge")
+
+
+def bgp_segments(lab: Lab, node: str, directory, count: int = 4) -> list[str]:
+    """BGP segments with data (keepalives every hold_time / 3) on the node's fabric link,
+    as tcpdump prints them: their TCP options show a TCP MD5 signature as `md5`."""
+    from tests.ipip_support import Capture
+    with Capture(lab.node_ns(node), "eth0", directory) as wire:
+        wait(lambda: wire.path.exists() and wire.path.stat().st_size > 24 + 100 * count,
+             lab.hold_time * 2, f"{count} BGP segments on {node}'s link")
+    return wire.packets("tcp port 179 and tcp[tcpflags] & tcp-push != 0")
+
+
+def test_a_mesh_password_signs_every_mesh_session_and_taking_it_away_unsigns_them(lab, tmp_path):
+    """nodeMeshPassword, as Calico's: every mesh session carries a TCP MD5 signature (seen on
+    the wire), the mesh comes back up with it and pods still reach each other; without it the
+    sessions are plain again."""
+    secret = lab.directory / "mesh.secret"  # the lab's agents share one file system
+    secret.write_text("mesh-md5-secret\n")
+    shown = lab.pipitctl("get", "bgpconfig", "default", "-o", "json")
+    assert shown.returncode == 0, shown.stderr
+    config = json.loads(shown.stdout)
+    config["metadata"].pop("resourceVersion", None)
+    signed = json.loads(json.dumps(config))
+    signed["spec"]["nodeMeshPassword"] = {"file": str(secret)}
+
+    def reconnected_since(moment: float) -> bool:
+        return all(lab.established(n) and all(
+            p["since"] > moment for p in lab.status(n)["peers"] if p["state"] == "up")
+            for n in lab.nodes())
+
+    before = time.time()
+    result = lab.pipitctl("apply", "-f", "-", input=json.dumps(signed))
+    assert result.returncode == 0, result.stderr
+    try:
+        wait(lambda: reconnected_since(before), 90, "every mesh session to come up signed")
+        segments = bgp_segments(lab, "n1", tmp_path)
+        assert segments and all("md5" in s for s in segments), segments
+        assert_pods_reach_each_other(lab)
+    finally:
+        moment = time.time()
+        result = lab.pipitctl("apply", "-f", "-", input=json.dumps(config))
+        assert result.returncode == 0, result.stderr
+    wait(lambda: reconnected_since(moment), 90, "every mesh session to come up unsigned")
+    (tmp_path / "unsigned").mkdir()
+    segments = bgp_segments(lab, "n1", tmp_path / "unsigned")
+    assert segments and not any("md5" in s for s in segments), segments
