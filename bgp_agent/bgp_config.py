@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, ip_network
 
 from bgp_agent.md5_password import PasswordRef, parse_password
 from bgp_agent.model import DEFAULT_AS, DEFAULT_HOLD_TIME, DEFAULT_RESTART_TIME, MAX_RESTART_TIME
@@ -13,8 +14,10 @@ from ipam.resource import SpecReader, make_document, shown
 
 KIND = "BGPConfiguration"
 NAME = "default"
+# Kubernetes service ranges every node announces to its external peers (Calico's fields)
+SERVICE_FIELDS = ("serviceClusterIPs", "serviceExternalIPs", "serviceLoadBalancerIPs")
 _FIELDS = {"asNumber", "nodeToNodeMeshEnabled", "listenPort", "communities",
-           "nodeMeshHoldTime", "nodeMeshMaxRestartTime", "nodeMeshPassword"}
+           "nodeMeshHoldTime", "nodeMeshMaxRestartTime", "nodeMeshPassword", *SERVICE_FIELDS}
 _COMMUNITY = re.compile(r"\d+(:\d+){1,2}")
 Community = tuple[int, int]  # RFC 1997: AS:VALUE, 16 bits each
 LargeCommunity = tuple[int, int, int]  # RFC 8092: AS:VALUE:VALUE, 32 bits each
@@ -81,6 +84,33 @@ def check_restart_time(value: int, field: str, where: str) -> int:
     return value
 
 
+def _service_ranges(read: SpecReader, field_name: str) -> tuple[IPv4Network, ...]:
+    """A service field: a list of {cidr: 10.96.0.0/12}, as Calico writes it."""
+    value = read.spec.get(field_name)
+    if value is None:
+        return ()
+    example = f"{field_name} must be a list such as [{{cidr: 10.96.0.0/12}}]"
+    if not isinstance(value, list):
+        raise read.fail(f"{example}, not {shown(value)}.")
+    ranges = []
+    for entry in value:
+        if not isinstance(entry, Mapping) or set(entry) != {"cidr"} \
+                or not isinstance(entry["cidr"], str):
+            raise read.fail(f"{example}: {shown(entry)} is not one {{cidr: ...}}.")
+        text = entry["cidr"].strip()
+        try:
+            network = ip_network(text, strict=False)
+        except ValueError:
+            raise read.fail(f"{field_name}: {text!r} is not a CIDR such as 10.96.0.0/12.") \
+                from None
+        if network.version != 4:
+            raise read.fail(f"{field_name}: {text} is IPv6; Pipit is IPv4 only for now.")
+        if str(network.network_address) != text.partition("/")[0]:
+            raise read.fail(f"{field_name}: {text} has host bits set; write it as {network}.")
+        ranges.append(network)
+    return tuple(dict.fromkeys(ranges))
+
+
 @dataclass(frozen=True)
 class BGPConfig:
     as_number: int = DEFAULT_AS
@@ -91,8 +121,15 @@ class BGPConfig:
     node_mesh_hold_time: int = DEFAULT_HOLD_TIME
     node_mesh_restart_time: int = DEFAULT_RESTART_TIME
     node_mesh_password: PasswordRef | None = None  # TCP MD5 on every mesh session
+    # serviceClusterIPs, serviceExternalIPs, serviceLoadBalancerIPs, in that order
+    service_ranges: tuple[tuple[IPv4Network, ...], ...] = ((), (), ())
     labels: Mapping[str, str] = field(default_factory=dict, hash=False)
     annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+    @property
+    def service_prefixes(self) -> tuple[IPv4Network, ...]:
+        """Every service range, each once."""
+        return tuple(dict.fromkeys(p for ranges in self.service_ranges for p in ranges))
 
 
 def config_from_spec(name: str, spec: Mapping) -> BGPConfig:
@@ -122,6 +159,7 @@ def config_from_spec(name: str, spec: Mapping) -> BGPConfig:
         node_mesh_restart_time=restart,
         node_mesh_password=parse_password(read, spec.get("nodeMeshPassword"),
                                           "nodeMeshPassword"),
+        service_ranges=tuple(_service_ranges(read, f) for f in SERVICE_FIELDS),
     )
 
 
@@ -154,4 +192,7 @@ def config_to_document(config: BGPConfig) -> dict:
                                        config.node_mesh_restart_time)))
         if config.node_mesh_password is not None:
             spec["nodeMeshPassword"] = config.node_mesh_password.to_spec()
+    for field_name, ranges in zip(SERVICE_FIELDS, config.service_ranges):
+        if ranges:
+            spec[field_name] = [{"cidr": str(r)} for r in ranges]
     return make_document(KIND, NAME, spec, config.labels, config.annotations)

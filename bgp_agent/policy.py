@@ -273,7 +273,8 @@ class ImportResult:
 def import_routes(neighbor: Neighbor, paths: Mapping[IPv4Network, Path],
                   pools: list[IPPool], own_blocks: set[IPv4Network],
                   my_as: int, ownership: Ownership = Ownership(),
-                  previous: ImportResult | None = None) -> ImportResult:
+                  previous: ImportResult | None = None,
+                  services: tuple[IPv4Network, ...] = ()) -> ImportResult:
     """Routes over pod addresses (equal to or inside a pool) are taken from nodes and
     reflectors, the mesh and any same-AS peer (a BIRD or FRR route reflector), only where
     they match etcd (Ownership); from an external peer (a ToR) never, unless the neighbour's
@@ -281,12 +282,13 @@ def import_routes(neighbor: Neighbor, paths: Mapping[IPv4Network, Path],
     other peers may send any other route (a covering route, a default route, loses to the
     nodes' more specific blocks and is fine). Our own AS may appear in an AS path as often as
     the neighbour's allowed_local_as says (an AS per rack: routes of the other nodes of our
-    rack come back through the ToR with our AS in them).
+    rack come back through the ToR with our AS in them). A route equal to or inside one of
+    the cluster's service ranges (`services`) is never taken: kube-proxy serves those here.
 
     `previous`, the neighbour's result of the pass before: where the neighbour, pools, own
     blocks, AS and ownership are the same, a route that is the very Path decided then keeps
     its verdict (a pass over thousands of routes, a few of them new, decides only those)."""
-    basis = (neighbor, tuple(pools), frozenset(own_blocks), my_as, ownership)
+    basis = (neighbor, tuple(pools), frozenset(own_blocks), my_as, ownership, services)
     result = ImportResult(basis=basis)
     accepted, rejected, rejected_paths = result.accepted, result.rejected, result.rejected_paths
     if previous is not None and previous.basis == basis:
@@ -303,7 +305,7 @@ def import_routes(neighbor: Neighbor, paths: Mapping[IPv4Network, Path],
             why = reasons[prefix]
         else:
             why = _rejection(neighbor, prefix, path, pools, own_blocks, my_as, ownership,
-                             internal, ibgp)
+                             internal, ibgp, services)
         if why:
             rejected[prefix] = why
             rejected_paths[prefix] = path
@@ -314,12 +316,15 @@ def import_routes(neighbor: Neighbor, paths: Mapping[IPv4Network, Path],
 
 def _rejection(neighbor: Neighbor, prefix: IPv4Network, path: Path, pools: list[IPPool],
                own_blocks: set[IPv4Network], my_as: int, ownership: Ownership,
-               internal: bool, ibgp: bool) -> str:
+               internal: bool, ibgp: bool, services: tuple[IPv4Network, ...] = ()) -> str:
     """Why import_routes rejects the route ("" if it takes it)."""
     if path.as_path.count(my_as) > neighbor.allowed_local_as:
         return "our own AS is in its AS path (a loop)"
     if prefix in own_blocks:
         return "it is one of this node's own blocks"
+    for service in services:
+        if prefix.subnet_of(service):
+            return f"it is inside service range {service} (kube-proxy serves it on this node)"
     if not in_pools(prefix, pools):
         return "it is not inside an IP pool" if internal else ""
     if neighbor.allow_pool_prefixes:
@@ -343,12 +348,12 @@ def import_all(neighbors: Iterable[Neighbor],
                received: Mapping[IPv4Address, Mapping[IPv4Network, Path]],
                pools: list[IPPool], own_blocks: set[IPv4Network],
                my_as: int, ownership: Ownership = Ownership(),
-               previous: Mapping[IPv4Address, ImportResult] | None = None
-               ) -> dict[IPv4Address, ImportResult]:
+               previous: Mapping[IPv4Address, ImportResult] | None = None,
+               services: tuple[IPv4Network, ...] = ()) -> dict[IPv4Address, ImportResult]:
     """import_routes for every neighbour (`previous`: the pass before's results)."""
     previous = previous or {}
     return {n.address: import_routes(n, received.get(n.address, {}), pools, own_blocks, my_as,
-                                     ownership, previous.get(n.address))
+                                     ownership, previous.get(n.address), services)
             for n in neighbors}
 
 
@@ -398,14 +403,20 @@ def exported_prefixes(own_blocks: Iterable[IPv4Network], borrowed: Iterable[IPv4
 
 
 def announcements(prefixes: Iterable[IPv4Network], neighbors: Iterable[Neighbor],
-                  config: BGPConfig) -> dict[IPv4Address, dict[IPv4Network, Announcement]]:
+                  config: BGPConfig, services: Iterable[IPv4Network] = ()
+                  ) -> dict[IPv4Address, dict[IPv4Network, Announcement]]:
     """What to send to each neighbour: every exported prefix, next hop self; external peers
-    also get the configured communities."""
+    also get the configured communities, and `services`, the Kubernetes service ranges
+    (kube-proxy answers them on every node, so the fabric spreads them over the nodes:
+    Calico's serviceClusterIPs, serviceExternalIPs, serviceLoadBalancerIPs). Other nodes
+    never get the service ranges: they serve them themselves."""
     prefixes = sorted(prefixes)
+    external = sorted(set(prefixes) | set(services))
     result = {}
     for neighbor in neighbors:
-        internal = neighbor.kind in INTERNAL_KINDS
-        tags = {} if internal else {"communities": config.communities,
-                                    "large_communities": config.large_communities}
-        result[neighbor.address] = {p: Announcement(p, **tags) for p in prefixes}
+        if neighbor.kind in INTERNAL_KINDS:
+            result[neighbor.address] = {p: Announcement(p) for p in prefixes}
+            continue
+        tags = {"communities": config.communities, "large_communities": config.large_communities}
+        result[neighbor.address] = {p: Announcement(p, **tags) for p in external}
     return result

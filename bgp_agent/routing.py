@@ -320,7 +320,8 @@ class Router:
         # With many routes the table-wide computations run in a worker thread: they take long
         # enough (~1 s at 100k) to stall the agent's IPAM service and its BGP bridge. Up to
         # INLINE_IMPORT_ROUTES, here: the hand-off would cost more than the work.
-        work = (neighbors, received, pools, own, my_as, self.ownership(), self._imports)
+        work = (neighbors, received, pools, own, my_as, self.ownership(), self._imports,
+                config.service_prefixes)
         if sum(map(len, received.values())) <= INLINE_IMPORT_ROUTES:
             imports = policy.import_all(*work)
         else:
@@ -336,8 +337,10 @@ class Router:
             self.programmed.set()
         if self.dataplane is not None:  # and devices no pool needs go after the routes
             await self.dataplane.retire()
+        # a dedicated reflector (no route table) runs no kube-proxy: it announces no services
+        services = config.service_prefixes if self.routes is not None else ()
         exports = policy.announcements(
-            policy.exported_prefixes(own, self.borrowed(), pools), neighbors, config)
+            policy.exported_prefixes(own, self.borrowed(), pools), neighbors, config, services)
         await self._announce(exports)
         self._update_status(neighbors, imports, exports)
         if self.dataplane is not None:

@@ -174,3 +174,38 @@ def test_the_mesh_password_says_where_it_is_and_survives_the_document(where):
 ])
 def test_a_mesh_password_that_is_none_is_one_sentence(written, facts):
     refused({"nodeMeshPassword": written}, *facts)
+
+
+# --------------------------------------------------------------------------------------------
+# Service ranges (Calico's serviceClusterIPs, serviceExternalIPs, serviceLoadBalancerIPs)
+
+def test_service_ranges_go_to_external_peers_only_and_survive_the_document():
+    config = config_from_spec("default", {
+        "serviceClusterIPs": [{"cidr": "10.96.0.0/12"}],
+        "serviceExternalIPs": [{"cidr": "198.51.100.0/24"}, {"cidr": "10.96.0.0/12"}],
+        "serviceLoadBalancerIPs": [{"cidr": "203.0.113.8/29"}]})
+    assert config.service_prefixes == (IPv4Network("10.96.0.0/12"),
+                                       IPv4Network("198.51.100.0/24"),
+                                       IPv4Network("203.0.113.8/29"))
+    assert round_trip(config) == config
+    assert config_to_document(config)["spec"]["serviceExternalIPs"] == [
+        {"cidr": "198.51.100.0/24"}, {"cidr": "10.96.0.0/12"}]
+    block = IPv4Network("10.244.0.0/26")
+    exports = policy.announcements([block], [MESH, TOR], config, config.service_prefixes)
+    assert set(exports[MESH.address]) == {block}
+    assert set(exports[TOR.address]) == {block, *config.service_prefixes}
+    assert exports[TOR.address][IPv4Network("10.96.0.0/12")].communities == config.communities
+    assert "serviceClusterIPs" not in config_to_document(config_from_spec("default", {}))["spec"]
+
+
+@pytest.mark.parametrize("written, facts", [
+    ("10.96.0.0/12", ["serviceClusterIPs must be a list such as [{cidr: 10.96.0.0/12}]"]),
+    (["10.96.0.0/12"], ["serviceClusterIPs must be a list", "'10.96.0.0/12'"]),
+    ([{"cidr": "10.96.0.1/12"}], ["serviceClusterIPs: 10.96.0.1/12 has host bits set",
+                                  "10.96.0.0/12"]),
+    ([{"cidr": "fd00::/108"}], ["fd00::/108 is IPv6"]),
+    ([{"cidr": "ten/12"}], ["'ten/12' is not a CIDR"]),
+    ([{"cidr": "10.96.0.0/12", "name": "x"}], ["is not one {cidr: ...}"]),
+])
+def test_a_service_range_that_is_none_is_one_sentence(written, facts):
+    refused({"serviceClusterIPs": written}, *facts)

@@ -233,6 +233,17 @@ def test_the_mesh_password_comes_from_a_secret_mounted_once_beside_the_peers():
                                                          "pipit-node")["volumes"]}
 
 
+def test_service_ranges_reach_the_bgp_configuration():
+    objects = rendered("mesh", **{"bgp.serviceClusterIPs[0].cidr": "10.96.0.0/12",
+                                  "bgp.serviceLoadBalancerIPs[0].cidr": "203.0.113.0/24"})
+    resources = read_objects(find(objects, "ConfigMap", "pipit-config")["data"]["resources.yaml"])
+    [config] = [i.obj for i in resources if i.kind.name == "BGPConfiguration"]
+    assert [str(p) for p in config.service_prefixes] == ["10.96.0.0/12", "203.0.113.0/24"]
+    plain = read_objects(find(rendered("mesh"), "ConfigMap", "pipit-config")["data"][
+        "resources.yaml"])
+    assert [i.obj.service_prefixes for i in plain if i.kind.name == "BGPConfiguration"] == [()]
+
+
 # -- route reflectors, controller, RBAC, hooks ----------------------------------------------------
 
 def test_route_reflectors_run_apart_from_the_agents_with_a_disruption_budget():

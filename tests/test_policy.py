@@ -270,6 +270,20 @@ def test_the_mesh_password_signs_every_mesh_session_or_none_goes_up_without_it()
         for name in ("b", "c")]
 
 
+def test_a_service_range_is_never_taken_from_a_peer_but_a_covering_route_is():
+    """Another node's service announcement coming back through the fabric must not route
+    service addresses away from this node's kube-proxy."""
+    service = net("10.96.0.0/12")
+    paths = {prefix: Path(prefix, IPv4Address("10.0.0.254"), as_path=(65101, 65002))
+             for prefix in (service, net("10.96.1.0/24"), net("0.0.0.0/0"), net("10.0.0.0/8"))}
+    result = policy.import_routes(TOR, paths, POOLS, set(), 64512, services=(service,))
+    assert set(result.accepted) == {net("0.0.0.0/0"), net("10.0.0.0/8")}
+    assert result.rejected == {
+        prefix: "it is inside service range 10.96.0.0/12 (kube-proxy serves it on this node)"
+        for prefix in (service, net("10.96.1.0/24"))}
+    assert set(policy.import_routes(TOR, paths, POOLS, set(), 64512).accepted) == set(paths)
+
+
 def test_our_own_as_may_come_back_as_often_as_the_peer_allows():
     rack_tor = Neighbor(IPv4Address("10.0.0.254"), 65101, A, 65001, kind="node", name="tor",
                         allowed_local_as=1, allow_pool_prefixes=True)

@@ -15,6 +15,7 @@ topology and the hijacks.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -243,6 +244,40 @@ def test_allow_pool_prefixes_lets_nodes_learn_the_blocks_from_their_tor(bird_lab
     finally:
         assert lab.pipitctl("apply", "-f", "-", input=lab.tor_peer_document(1)).returncode == 0
     wait(lambda: node_sees_only_its_tor_routes(lab, "n1"), 30, "n1 to forget the blocks")
+
+
+def test_service_ranges_are_announced_to_the_tors_by_every_node_and_then_withdrawn(bird_lab):
+    """serviceClusterIPs and serviceLoadBalancerIPs (Calico's): every node announces them to
+    its ToR, so each ToR routes them to its own rack's nodes (kube-proxy answers them on
+    each); no node takes them back into its kernel; taken out, they are withdrawn."""
+    lab = bird_lab
+    services = {N("10.96.0.0/12"), N("198.18.100.0/24")}
+    shown = lab.pipitctl("get", "bgpconfig", "default", "-o", "json")
+    assert shown.returncode == 0, shown.stderr
+    config = json.loads(shown.stdout)
+    config["metadata"].pop("resourceVersion", None)
+    announced = json.loads(json.dumps(config))
+    announced["spec"].update(serviceClusterIPs=[{"cidr": "10.96.0.0/12"}],
+                             serviceLoadBalancerIPs=[{"cidr": "198.18.100.0/24"}])
+
+    def tor_routes_them(rack: int) -> bool:
+        table = lab.routers[rack].routes()
+        rack_nodes = {address(lab, n) for n in lab.nodes() if lab.node_rack(n) == rack}
+        return all(s in table and table[s].next_hop in rack_nodes for s in services)
+
+    assert lab.pipitctl("apply", "-f", "-", input=json.dumps(announced)).returncode == 0
+    try:
+        for rack in lab.routers:
+            wait(lambda rack=rack: tor_routes_them(rack), 30,
+                 f"tor{rack} to route the service ranges to its rack's nodes")
+        for n in lab.nodes():
+            assert node_sees_only_its_tor_routes(lab, n)
+        assert_pods_reach_each_other(lab)
+    finally:
+        assert lab.pipitctl("apply", "-f", "-", input=json.dumps(config)).returncode == 0
+    for rack, router in lab.routers.items():
+        wait(lambda router=router: not services & set(router.routes()), 30,
+             f"tor{rack} to see the service ranges withdrawn")
 
 
 def test_a_tor_sending_more_than_max_prefixes_is_disconnected_and_stays_down(bird_lab):

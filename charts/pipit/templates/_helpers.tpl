@@ -217,6 +217,11 @@ spec:
   {{- end }}
   {{- end }}
   communities: {{ toJson .Values.bgp.communities }}
+  {{- range $field := list "serviceClusterIPs" "serviceExternalIPs" "serviceLoadBalancerIPs" }}
+  {{- with index $.Values.bgp $field }}
+  {{ $field }}: {{ toJson . }}
+  {{- end }}
+  {{- end }}
 {{- if $rr }}
 ---
 # every node that is not a reflector peers with every reflector; the reflectors peer back
