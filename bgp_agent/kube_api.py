@@ -90,6 +90,7 @@ class KubeAPI:
         self.client = client
         self.core = k8s.CoreV1Api(client)
         self.coordination = k8s.CoordinationV1Api(client)
+        self.discovery = k8s.DiscoveryV1Api(client)
         self.timeout = timeout
         self.url = client.configuration.host
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import TYPE_CHECKING
 
 from bgp_agent import policy
 from bgp_agent.bgp_config import BGPConfig, config_from_spec
@@ -43,6 +44,9 @@ from ipam.mirror import Mirror
 from ipam.pool import node_in_pool, pool_from_document
 from ipam.resource import read_document
 from ipam.store import Entry, Store
+
+if TYPE_CHECKING:
+    from bgp_agent.kube_services import LocalServices
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +156,8 @@ class Router:
         self._far: frozenset[IPv4Address] = frozenset()
         self._underlay: dict[IPv4Address, tuple[NextHop, ...] | None] = {}
         self._watch_underlay = asyncio.Event()  # set while there are far next hops
+        # the cluster's Services and EndpointSlices (kube_services), with the Kubernetes API
+        self.local_services: LocalServices | None = None
         self._kernel_lock = asyncio.Lock()  # the route table's socket: one thread at a time
 
     # -- inputs ------------------------------------------------------------------------
@@ -339,6 +345,10 @@ class Router:
             await self.dataplane.retire()
         # a dedicated reflector (no route table) runs no kube-proxy: it announces no services
         services = config.service_prefixes if self.routes is not None else ()
+        if services and self.local_services is not None:
+            self.local_services.start(self.changed)
+            local = self.local_services.prefixes(me.name, config.service_ranges)
+            services = (*services, *sorted((local or frozenset()) - set(services)))
         exports = policy.announcements(
             policy.exported_prefixes(own, self.borrowed(), pools), neighbors, config, services)
         await self._announce(exports)

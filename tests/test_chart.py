@@ -295,7 +295,9 @@ def test_rbac_per_component_grants_only_what_each_needs():
     assert rules(objects, "ClusterRole", "pipit-node") == [
         (("",), ("nodes",), ("get", "list", "watch"), ()),
         (("",), ("nodes/status",), ("patch",), ()),
-        (("",), ("pods", "namespaces"), ("get", "list", "watch"), ())]
+        (("",), ("pods", "namespaces"), ("get", "list", "watch"), ()),
+        (("",), ("services",), ("list", "watch"), ()),
+        (("discovery.k8s.io",), ("endpointslices",), ("list", "watch"), ())]
     assert rules(objects, "ClusterRole", "pipit-route-reflector") == [
         (("",), ("nodes",), ("get", "list", "watch"), ())]
     assert rules(objects, "Role", "pipit-controller") == [

@@ -6,6 +6,7 @@ against the fake passes for reasons that hold against a real API server."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import queue
@@ -28,7 +29,7 @@ from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
 
 from lab.etcd import free_port
 from lab.process import stop_group, wait
-from tests.fakekube.resources import NODES
+from tests.fakekube.resources import NODES, SERVICE_NAME_LABEL
 from tests.fakekube.server import PATCH_TYPES
 from tests.helpers import require
 
@@ -133,6 +134,25 @@ def node(name: str, labels: dict | None = None) -> dict:
             "metadata": {"name": name, "labels": labels or {}}}
 
 
+def service(name: str, **spec) -> dict:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+            "spec": {"selector": {"app": name},
+                     "ports": [{"name": "http", "port": 80, "targetPort": 8080}], **spec}}
+
+
+def endpoint_slice(name: str, service_name: str, *ready: bool, node: str = "n1") -> dict:
+    """An EndpointSlice of `service_name` (by its label), one endpoint per `ready`."""
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": name, "labels": {SERVICE_NAME_LABEL: service_name}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [f"10.244.1.{i + 1}"], "conditions": {"ready": r},
+                           "nodeName": node} for i, r in enumerate(ready)],
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]}
+
+
+SERVICE_RANGE = ipaddress.ip_network("10.96.0.0/12")     # the apiserver's default
+
+
 def status_of(error: ApiException) -> dict:
     return json.loads(error.body)
 
@@ -189,6 +209,49 @@ def test_kubectl_creates_configmaps_and_secrets_from_literals(kubectl):
     assert kubectl.get("configmap", "settings")["data"] == {"mtu": "1450"}
     secret = kubectl.get("secret", "bgp")
     assert secret["data"] == {"tor": "czNjcmV0"} and secret["type"] == "pipit.dev/bgp-password"
+
+
+def test_kubectl_applies_gets_and_deletes_services_and_endpoint_slices(kubectl):
+    """A Service as the server completes it (defaults, a clusterIP from the service range, an
+    empty load balancer status) and the EndpointSlices found by their Service's label."""
+    manifest = [service("web"), endpoint_slice("web-a", "web", True, False),
+                endpoint_slice("dns-a", "dns", True)]
+    applied = kubectl("apply", "-f", "-", "--validate=false", input=yaml.safe_dump_all(manifest))
+    assert applied.stdout.split("\n")[:3] == [
+        "service/web created", "endpointslice.discovery.k8s.io/web-a created",
+        "endpointslice.discovery.k8s.io/dns-a created"]
+
+    got = kubectl.get("svc", "web")                       # the short name, from discovery
+    spec = got["spec"]
+    assert (spec["type"], spec["sessionAffinity"], spec["internalTrafficPolicy"]) == \
+        ("ClusterIP", "None", "Cluster")
+    assert ipaddress.ip_address(spec["clusterIP"]) in SERVICE_RANGE
+    assert spec["clusterIPs"] == [spec["clusterIP"]] and spec["ipFamilies"] == ["IPv4"]
+    assert spec["ports"] == [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]
+    assert got["status"] == {"loadBalancer": {}}
+    assert kubectl("get", "all", "-o", "name").stdout.split() == ["service/web"]
+
+    slices = kubectl.get("endpointslices", "-l", f"{SERVICE_NAME_LABEL}=web")["items"]
+    assert [s["metadata"]["name"] for s in slices] == ["web-a"]
+    assert slices[0]["addressType"] == "IPv4"
+    assert [(e["addresses"], e["conditions"]["ready"], e["nodeName"])
+            for e in slices[0]["endpoints"]] == [(["10.244.1.1"], True, "n1"),
+                                                 (["10.244.1.2"], False, "n1")]
+    assert slices[0]["ports"] == [{"name": "http", "port": 8080, "protocol": "TCP"}]
+
+    # applied again with another selector: what the server allocated stays
+    kubectl("apply", "-f", "-", "--validate=false",
+            input=yaml.safe_dump({**service("web"), "spec": {**service("web")["spec"],
+                                                              "selector": {"app": "web2"}}}))
+    again = kubectl.get("svc", "web")["spec"]
+    assert again["selector"] == {"app": "web2"} and again["clusterIP"] == spec["clusterIP"]
+
+    kubectl("delete", "svc", "web")
+    kubectl("delete", "endpointslices", "-l", f"{SERVICE_NAME_LABEL}=web")
+    assert 'services "web" not found' in kubectl("get", "svc", "web", check=False).stderr
+    assert 'endpointslices.discovery.k8s.io "web-a" not found' in kubectl(
+        "get", "endpointslice", "web-a", check=False).stderr
+    assert [s["metadata"]["name"] for s in kubectl.get("endpointslices")["items"]] == ["dns-a"]
 
 
 def test_kubectl_errors_are_the_real_servers(fakekube, kubectl):
@@ -538,6 +601,66 @@ def test_status_subresource_and_main_resource_each_keep_the_other(core):
         "default", field_selector="status.podIP=10.244.0.5").items] == ["p1"]
 
 
+def test_python_client_services_their_status_and_endpoint_slices(api, core):
+    """What a controller announcing Services reads: Services of every namespace, the load
+    balancer's address in the status subresource (which the main resource keeps), and the
+    EndpointSlices of one Service by label."""
+    slices = client.DiscoveryV1Api(api)
+    core.create_namespace({"metadata": {"name": "other"}})
+    core.create_namespaced_service("default", service("web", type="LoadBalancer",
+                                                      externalTrafficPolicy="Local"))
+    core.create_namespaced_service("other", service("dns", clusterIP="10.96.0.10"))
+
+    services = core.list_service_for_all_namespaces().items
+    assert [(s.metadata.namespace, s.metadata.name) for s in services] == \
+        [("default", "web"), ("other", "dns")]
+    web, dns = services
+    assert web.spec.external_traffic_policy == "Local" and web.spec.health_check_node_port
+    assert 30000 <= web.spec.ports[0].node_port <= 32767
+    assert web.status.load_balancer.ingress is None
+    assert (dns.spec.cluster_ip, dns.spec.external_traffic_policy) == ("10.96.0.10", None)
+    assert [s.metadata.name for s in core.list_service_for_all_namespaces(
+        field_selector="spec.type=LoadBalancer").items] == ["web"]
+
+    # the status subresource writes the status only
+    core.patch_namespaced_service_status("web", "default", {
+        "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.10"}]}},
+        "spec": {"externalTrafficPolicy": "Cluster"}})
+    # the main resource writes all but the status
+    core.patch_namespaced_service("web", "default", {"metadata": {"labels": {"bgp": "yes"}},
+                                                     "status": {"loadBalancer": None}})
+    got = core.read_namespaced_service("web", "default")
+    got.status.load_balancer.ingress = []
+    got.spec.cluster_ip = got.spec.cluster_ips = None      # an update keeps the allocated
+    core.replace_namespaced_service("web", "default", got)
+    got = core.read_namespaced_service("web", "default")
+    assert [(i.ip, i.ip_mode) for i in got.status.load_balancer.ingress] == \
+        [("192.0.2.10", "VIP")]
+    assert got.spec.external_traffic_policy == "Local" and got.metadata.labels == {"bgp": "yes"}
+    assert got.spec.cluster_ip == web.spec.cluster_ip
+
+    slices.create_namespaced_endpoint_slice("default", endpoint_slice("web-a", "web", True))
+    slices.create_namespaced_endpoint_slice("default", endpoint_slice("web-b", "web", False,
+                                                                      node="n2"))
+    slices.create_namespaced_endpoint_slice("other", endpoint_slice("dns-a", "dns", True))
+    found = slices.list_endpoint_slice_for_all_namespaces(
+        label_selector=f"{SERVICE_NAME_LABEL}=web").items
+    assert [(s.metadata.name, [(e.node_name, e.conditions.ready) for e in s.endpoints])
+            for s in found] == [("web-a", [("n1", True)]), ("web-b", [("n2", False)])]
+    assert [s.metadata.namespace for s in slices.list_endpoint_slice_for_all_namespaces(
+        label_selector=f"{SERVICE_NAME_LABEL} in (dns)").items] == ["other"]
+    with pytest.raises(ApiException) as bad_address_type:
+        slices.create_namespaced_endpoint_slice("default", {"metadata": {"name": "bad"},
+                                                            "addressType": "IPv5"})
+    assert (bad_address_type.value.status, status_of(bad_address_type.value)["details"][
+        "causes"][0]["field"]) == (422, "addressType")
+
+    deleted = core.delete_namespaced_service("web", "default")   # answers the Service
+    assert (deleted.metadata.name, deleted.status.load_balancer.ingress[0].ip) == \
+        ("web", "192.0.2.10")
+    assert [s.metadata.name for s in core.list_service_for_all_namespaces().items] == ["dns"]
+
+
 def test_label_and_field_selectors(core):
     for name, labels in [("a", {"rack": "r1", "edge": ""}), ("b", {"rack": "r2"}),
                          ("c", {"rack": "r3", "weight": "5"}), ("d", {})]:
@@ -633,6 +756,44 @@ def test_watch_from_a_resource_version_through_a_selector(core):
     by_node = watch.Watch().stream(core.list_pod_for_all_namespaces, timeout_seconds=1,
                                    field_selector="spec.nodeName=n1")
     assert sorted(e["object"].metadata.name for e in by_node) == ["a", "before"]
+
+
+def test_watch_endpoint_slices_of_one_service_through_a_label_selector(fakekube, api):
+    """A live watch of one Service's EndpointSlices, as a controller keeps its endpoints:
+    slices of other Services never show; one relabelled to it is ADDED."""
+    slices = client.DiscoveryV1Api(api)
+    rv = slices.list_endpoint_slice_for_all_namespaces().metadata.resource_version
+    events: queue.Queue = queue.Queue()
+    seen: list = []
+
+    def follow() -> None:
+        stream = watch.Watch().stream(slices.list_endpoint_slice_for_all_namespaces,
+                                      label_selector=f"{SERVICE_NAME_LABEL}=web",
+                                      resource_version=rv, timeout_seconds=60)
+        for event in stream:
+            got = event["object"]
+            events.put((event["type"], got.metadata.name,
+                        [e.conditions.ready for e in got.endpoints or []]))
+
+    following = threading.Thread(target=follow, daemon=True)
+    following.start()
+    try:
+        slices.create_namespaced_endpoint_slice("default", endpoint_slice("web-a", "web", True))
+        expect_event(events, ("ADDED", "web-a", [True]), seen)
+        slices.create_namespaced_endpoint_slice("default", endpoint_slice("dns-a", "dns", True))
+        slices.patch_namespaced_endpoint_slice("web-a", "default", {
+            "endpoints": endpoint_slice("web-a", "web", True, False)["endpoints"]})
+        expect_event(events, ("MODIFIED", "web-a", [True, False]), seen)
+        slices.patch_namespaced_endpoint_slice("dns-a", "default", {
+            "metadata": {"labels": {SERVICE_NAME_LABEL: "web"}}})
+        expect_event(events, ("ADDED", "dns-a", [True]), seen)
+        slices.delete_namespaced_endpoint_slice("web-a", "default")
+        expect_event(events, ("DELETED", "web-a", [True, False]), seen)
+        assert [e[:2] for e in seen] == [("ADDED", "web-a"), ("MODIFIED", "web-a"),
+                                         ("ADDED", "dns-a"), ("DELETED", "web-a")]
+    finally:   # the server ends the watch (Watch.stop() would cut the connection under it)
+        wait(lambda: fakekube.end_watches() or not following.is_alive(), 20,
+             "the watch to end")
 
 
 def test_watch_bookmarks_carry_the_current_resource_version(fakekube, core):

@@ -8,6 +8,7 @@ nothing twice and nothing live; a deleted Node's blocks, addresses and record go
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 
 import pytest
@@ -117,6 +118,86 @@ def test_the_controller_killed_mid_gc_releases_nothing_twice_or_live(lab):
     snap = snapshot(lab)
     assert live <= set(snap.handles)  # nothing live was taken
     assert check(snap) == []  # and nothing was released twice (counts agree)
+
+
+EDGE_AS = 65100
+SERVICES = {"serviceClusterIPs": [{"cidr": "10.96.0.0/12"}],
+            "serviceLoadBalancerIPs": [{"cidr": "198.18.100.0/24"}]}
+
+
+def test_a_local_service_is_announced_by_the_nodes_holding_its_endpoints(lab, tmp_path):
+    """An edge router (BIRD, in the fabric) peers with every node. With service ranges in the
+    BGPConfiguration, every node announces the ranges, and only the node holding an endpoint
+    of a service with externalTrafficPolicy Local announces its cluster IP and load-balancer
+    IP as /32s (Calico's rule); the endpoint moving moves them; the service deleted, they go."""
+    from ipaddress import IPv4Address, IPv4Network
+
+    from lab.kube import API_ADDRESS
+    from lab.routers import RouterPeer, RouterSpec, make_router
+
+    kube, nodes = lab.kube(), sorted(lab.nodes())
+    edge_address = IPv4Address(API_ADDRESS)  # the fabric's own address
+    spec = RouterSpec("edge", edge_address, EDGE_AS, tuple(
+        RouterPeer(n, lab.node_ip(n), 64512, local_address=edge_address, hold_time=9)
+        for n in nodes), kernel=False)
+    edge = make_router("bird", spec, lab.fabric, tmp_path / "edge").start()
+    shown = lab.pipitctl("get", "bgpconfig", "default", "-o", "json")
+    config = json.loads(shown.stdout) if shown.returncode == 0 else {
+        "apiVersion": "pipit.dev/v1", "kind": "BGPConfiguration",
+        "metadata": {"name": "default"}, "spec": {}}
+    config["metadata"].pop("resourceVersion", None)
+    with_ranges = json.loads(json.dumps(config))
+    with_ranges["spec"].update(SERVICES)
+    peer = {"apiVersion": "pipit.dev/v1", "kind": "BGPPeer", "metadata": {"name": "edge"},
+            "spec": {"peerIP": str(edge_address), "asNumber": EDGE_AS}}
+    cluster_ip, balancer_ip = "10.96.0.20", "198.18.100.5"
+    service = {"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": "shop", "namespace": POD_NAMESPACE},
+               "spec": {"type": "LoadBalancer", "clusterIP": cluster_ip,
+                        "clusterIPs": [cluster_ip], "externalTrafficPolicy": "Local",
+                        "ports": [{"port": 80, "protocol": "TCP"}]}}
+
+    def endpoints_on(node: str) -> dict:
+        return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": "shop-1", "namespace": POD_NAMESPACE,
+                             "labels": {"kubernetes.io/service-name": "shop"}},
+                "addressType": "IPv4", "ports": [{"port": 80, "protocol": "TCP"}],
+                "endpoints": [{"addresses": ["10.244.0.9"], "nodeName": node,
+                               "conditions": {"ready": True}}]}
+
+    def edge_routes(expected: dict[str, set]) -> bool:
+        table = edge.routes()
+        return all(prefix in table and table[prefix].next_hop in via
+                   for prefix, via in ((IPv4Network(p), v) for p, v in expected.items()))
+
+    everyone = {lab.node_ip(n) for n in nodes}
+    ranges = {"10.96.0.0/12": everyone, "198.18.100.0/24": everyone}
+    local = [f"{cluster_ip}/32", f"{balancer_ip}/32"]
+    try:
+        for document in (peer, with_ranges):
+            result = lab.pipitctl("apply", "-f", "-", input=json.dumps(document))
+            assert result.returncode == 0, result.stderr
+        kube.apply(service)
+        kube.set_status("service", "shop", {"loadBalancer": {"ingress": [{"ip": balancer_ip}]}},
+                        POD_NAMESPACE)
+        kube.apply(endpoints_on(nodes[0]))
+        first = {lab.node_ip(nodes[0])}
+        wait(lambda: edge_routes({**ranges, **{p: first for p in local}}), 60,
+             f"the edge to route the ranges to every node and the /32s to {nodes[0]}")
+        kube.apply(endpoints_on(nodes[1]))  # the endpoint moved
+        second = {lab.node_ip(nodes[1])}
+        wait(lambda: edge_routes({p: second for p in local}), 60,
+             f"the /32s to move to {nodes[1]}")
+        kube.kubectl("delete", "service", "shop", "-n", POD_NAMESPACE)
+        wait(lambda: not {IPv4Network(p) for p in local} & set(edge.routes()), 60,
+             "the /32s to be withdrawn with the service")
+        assert edge_routes(ranges)
+    finally:
+        kube.kubectl("delete", "endpointslice", "shop-1", "-n", POD_NAMESPACE, "--ignore-not-found")
+        kube.kubectl("delete", "service", "shop", "-n", POD_NAMESPACE, "--ignore-not-found")
+        lab.pipitctl("delete", "bgppeer", "edge", "--skip-not-exists")
+        lab.pipitctl("apply", "-f", "-", input=json.dumps(config))
+        edge.destroy()
 
 
 def test_a_deleted_node_is_cleaned_up(lab):

@@ -1,8 +1,12 @@
 """Pipit's own small Kubernetes API server, for tests and the lab where no real kube-apiserver
-can run: discovery, namespaces, nodes, pods, secrets, configmaps, events and leases, with
-resourceVersions, watches (bookmarks, 410 Expired after compaction), label and field
-selectors, the three patch types and the real server's Status errors. Proven against kubectl
-and the official Python client in tests/test_fakekube.py.
+can run: discovery, namespaces, nodes, pods, secrets, configmaps, events, leases, services
+(a cluster IP allocated) and endpoint slices, with resourceVersions, watches (bookmarks, 410
+Expired after compaction), label and field selectors, the three patch types and the real
+server's Status errors. Proven against kubectl and the official Python client in
+tests/test_fakekube.py. Not served: tables (kubectl shows NAME and AGE only), protobuf
+bodies (`kubectl create service` sends one; create from YAML instead), and strategic merge
+keys by path (every `ports` list merges on containerPort, so a strategic patch of a
+Service's ports is refused).
 
     with FakeKube() as kube:                 # 127.0.0.1, a free port
         kube.write_kubeconfig(path)          # for kubectl / helm / kubernetes.config

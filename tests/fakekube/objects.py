@@ -9,12 +9,14 @@ import base64
 import binascii
 import copy
 import datetime
+import ipaddress
 import re
 import secrets
 import uuid
 
 from tests.fakekube.errors import bad_request, invalid
-from tests.fakekube.resources import NAMESPACES, PODS, SECRETS, Resource
+from tests.fakekube.resources import ENDPOINTSLICES, NAMESPACES, PODS, SECRETS, SERVICES, \
+    Resource
 
 _DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 _DNS_SUBDOMAIN = rf"{_DNS_LABEL}(\.{_DNS_LABEL})*"
@@ -37,6 +39,14 @@ LABEL_VALUE_MESSAGE = (
 
 # What `kubectl`'s pod update may change in a pod's spec (the rest is immutable).
 POD_MUTABLE_SPEC = ("activeDeadlineSeconds", "tolerations", "terminationGracePeriodSeconds")
+
+# Where a Service's clusterIP and nodePorts come from: the apiserver's defaults
+# (--service-cluster-ip-range 10.96.0.0/12, --service-node-port-range 30000-32767); the first
+# address is the `kubernetes` Service's. Allocated at random, as the real allocators do.
+SERVICE_CIDR = ipaddress.ip_network("10.96.0.0/12")
+NODE_PORTS = (30000, 32767)
+SERVICE_TYPES = ("ClusterIP", "ExternalName", "LoadBalancer", "NodePort")
+ADDRESS_TYPES = ("FQDN", "IPv4", "IPv6")
 
 
 def now() -> str:
@@ -103,6 +113,44 @@ def _secret_problems(secret: dict) -> list[tuple[str, str, str]]:
     return problems
 
 
+def _service_problems(service: dict) -> list[tuple[str, str, str]]:
+    spec = service["spec"]
+    kind = spec.get("type")
+    if kind not in SERVICE_TYPES:
+        return [("FieldValueNotSupported", "spec.type", f"Unsupported value: {_quoted(kind)}: "
+                 "supported values: " + ", ".join(_quoted(t) for t in SERVICE_TYPES))]
+    problems = []
+    if kind == "ExternalName" and not spec.get("externalName"):
+        problems.append(("FieldValueRequired", "spec.externalName", "Required value"))
+    ports = spec.get("ports") or []
+    if not ports and kind != "ExternalName" and spec.get("clusterIP") != "None":
+        problems.append(("FieldValueRequired", "spec.ports", "Required value"))
+    for i, port in enumerate(ports):
+        number = port.get("port") if isinstance(port, dict) else None
+        if not isinstance(number, int) or isinstance(number, bool) or not 0 < number < 65536:
+            problems.append(("FieldValueInvalid", f"spec.ports[{i}].port",
+                             f"Invalid value: {number}: must be between 1 and 65535, "
+                             "inclusive"))
+    return problems
+
+
+def _endpoint_slice_problems(slice_: dict) -> list[tuple[str, str, str]]:
+    address_type = slice_.get("addressType")
+    if not address_type:
+        problems = [("FieldValueRequired", "addressType", "Required value")]
+    elif address_type not in ADDRESS_TYPES:
+        problems = [("FieldValueNotSupported", "addressType",
+                     f"Unsupported value: {_quoted(address_type)}: supported values: "
+                     + ", ".join(_quoted(t) for t in ADDRESS_TYPES))]
+    else:
+        problems = []
+    for i, endpoint in enumerate(slice_.get("endpoints") or []):
+        if not (isinstance(endpoint, dict) and endpoint.get("addresses")):
+            problems.append(("FieldValueRequired", f"endpoints[{i}].addresses",
+                             "Required value: must contain at least 1 address"))
+    return problems
+
+
 def validate(resource: Resource, obj: dict) -> None:
     meta = obj["metadata"]
     problems = _name_problems(resource, meta["name"]) + _label_problems(meta.get("labels"))
@@ -110,6 +158,10 @@ def validate(resource: Resource, obj: dict) -> None:
         problems += _pod_problems(obj)
     if resource is SECRETS:
         problems += _secret_problems(obj)
+    if resource is SERVICES:
+        problems += _service_problems(obj)
+    if resource is ENDPOINTSLICES:
+        problems += _endpoint_slice_problems(obj)
     if problems:
         raise invalid(resource.kind, meta["name"], problems, resource.group)
 
@@ -172,6 +224,10 @@ def prepare_create(resource: Resource, obj: dict) -> dict:
         obj["status"] = {"phase": "Pending"}   # the kubelet reports the rest
     if resource is SECRETS:
         _fold_string_data(obj)
+    if resource is SERVICES:
+        obj["status"] = {"loadBalancer": {}}   # a load balancer controller reports it
+        _default_service(obj)
+        _allocate(obj)
     validate(resource, obj)
     return obj
 
@@ -182,6 +238,11 @@ def _fill(resource: Resource, obj: dict) -> None:
     for part in resource.always:
         if not isinstance(obj.get(part), dict):
             obj[part] = {}
+    if resource is SERVICES and not isinstance(obj["status"].get("loadBalancer"), dict):
+        obj["status"]["loadBalancer"] = {}
+    if resource is ENDPOINTSLICES:       # not omitempty in Go: null when there are none
+        obj.setdefault("endpoints", None)
+        obj.setdefault("ports", None)
     meta = obj["metadata"]
     for field in ("labels", "annotations", "finalizers", "ownerReferences", "managedFields"):
         if field in meta and not meta[field]:
@@ -221,10 +282,133 @@ def prepare_update(resource: Resource, old: dict, new: dict, subresource: str | 
         _check_pod_spec_change(old, new)
     if resource is SECRETS:
         _fold_string_data(new)
+    if resource is SERVICES:
+        _default_service(new)
+        _keep_allocated(old, new)
+        _allocate(new)
+    if resource is ENDPOINTSLICES and old.get("addressType") != new.get("addressType"):
+        raise invalid(resource.kind, meta["name"], [(
+            "FieldValueInvalid", "addressType",
+            f"Invalid value: {_quoted(new.get('addressType'))}: field is immutable")],
+            resource.group)
     if "generation" in old_meta and new.get("spec") != old.get("spec"):
         meta["generation"] = old_meta["generation"] + 1
     validate(resource, new)
     return new
+
+
+def _externally_accessible(spec: dict) -> bool:
+    return spec.get("type") in ("NodePort", "LoadBalancer") or (
+        spec.get("type") == "ClusterIP" and bool(spec.get("externalIPs")))
+
+
+def _default_service(service: dict) -> None:
+    """The defaults Go's SetDefaults_Service fills on every write."""
+    spec = service["spec"]
+    if not spec.get("sessionAffinity"):
+        spec["sessionAffinity"] = "None"
+    if spec["sessionAffinity"] == "None":
+        spec.pop("sessionAffinityConfig", None)
+    elif spec["sessionAffinity"] == "ClientIP" and not (
+            (spec.get("sessionAffinityConfig") or {}).get("clientIP") or {}).get(
+            "timeoutSeconds"):
+        spec["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": 10800}}
+    if not spec.get("type"):
+        spec["type"] = "ClusterIP"
+    for port in spec.get("ports") or []:
+        if isinstance(port, dict):
+            if not port.get("protocol"):
+                port["protocol"] = "TCP"
+            if port.get("targetPort") in (None, 0, ""):
+                port["targetPort"] = port.get("port")
+    if _externally_accessible(spec) and not spec.get("externalTrafficPolicy"):
+        spec["externalTrafficPolicy"] = "Cluster"
+    if spec.get("internalTrafficPolicy") is None and \
+            spec["type"] in ("ClusterIP", "NodePort", "LoadBalancer"):
+        spec["internalTrafficPolicy"] = "Cluster"
+    if spec["type"] == "LoadBalancer":
+        spec.setdefault("allocateLoadBalancerNodePorts", True)
+        for ingress in service.get("status", {}).get("loadBalancer", {}).get("ingress") or []:
+            if isinstance(ingress, dict) and ingress.get("ip") and not ingress.get("ipMode"):
+                ingress["ipMode"] = "VIP"
+
+
+def _needs_node_ports(spec: dict) -> bool:
+    return spec["type"] == "NodePort" or (
+        spec["type"] == "LoadBalancer" and spec.get("allocateLoadBalancerNodePorts") is True)
+
+
+def _needs_health_check_node_port(spec: dict) -> bool:
+    return spec["type"] == "LoadBalancer" and spec.get("externalTrafficPolicy") == "Local"
+
+
+def _ip_family(name: str, address: str, field: str) -> str:
+    try:
+        return f"IPv{ipaddress.ip_address(address).version}"
+    except ValueError:
+        raise invalid("Service", name, [(
+            "FieldValueInvalid", field, f"Invalid value: {_quoted(address)}: must be a valid "
+            "IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)")]) from None
+
+
+def _allocate(service: dict) -> None:
+    """What the real registry allocates where the spec leaves it out: a clusterIP (with
+    clusterIPs, ipFamilies and ipFamilyPolicy), nodePorts and a healthCheckNodePort. Random,
+    as there; the fake does not check them against the other Services."""
+    spec = service["spec"]
+    if spec["type"] == "ExternalName":
+        return
+    if not spec.get("clusterIP"):
+        spec["clusterIP"] = spec["clusterIPs"][0] if spec.get("clusterIPs") else str(
+            SERVICE_CIDR[2 + secrets.randbelow(SERVICE_CIDR.num_addresses - 3)])
+    if not spec.get("clusterIPs"):
+        spec["clusterIPs"] = [spec["clusterIP"]]
+    if not spec.get("ipFamilies"):
+        spec["ipFamilies"] = ["IPv4"] if spec["clusterIP"] == "None" else [
+            _ip_family(service["metadata"]["name"], ip, f"spec.clusterIPs[{i}]")
+            for i, ip in enumerate(spec["clusterIPs"])]
+    spec.setdefault("ipFamilyPolicy", "SingleStack")
+
+    def node_port() -> int:
+        return NODE_PORTS[0] + secrets.randbelow(NODE_PORTS[1] - NODE_PORTS[0] + 1)
+
+    if _needs_node_ports(spec):
+        for port in spec.get("ports") or []:
+            if isinstance(port, dict) and not port.get("nodePort"):
+                port["nodePort"] = node_port()
+    if _needs_health_check_node_port(spec) and not spec.get("healthCheckNodePort"):
+        spec["healthCheckNodePort"] = node_port()
+
+
+def _keep_allocated(old: dict, new: dict) -> None:
+    """An update keeps what was allocated where it leaves it out (the real registry's
+    patchAllocatedValues); the clusterIP may not change."""
+    before, after = old["spec"], new["spec"]
+    if "ExternalName" in (before["type"], after["type"]):
+        return
+    if not after.get("clusterIP"):
+        after["clusterIP"] = before.get("clusterIP")
+    if not after.get("clusterIPs"):
+        after["clusterIPs"] = before.get("clusterIPs")
+    for field in ("ipFamilies", "ipFamilyPolicy"):
+        if not after.get(field) and before.get(field):
+            after[field] = before[field]
+    if after["clusterIP"] != before.get("clusterIP"):
+        raise invalid("Service", new["metadata"]["name"], [(
+            "FieldValueInvalid", "spec.clusterIPs[0]",
+            f"Invalid value: {_quoted(after['clusterIP'])}: may not change once set")])
+    if _needs_node_ports(before) and _needs_node_ports(after):
+        ports = [p for p in after.get("ports") or [] if isinstance(p, dict)]
+        used = {p.get("nodePort") for p in ports}
+        for port in ports:
+            if not port.get("nodePort"):
+                kept = next((p.get("nodePort") for p in before.get("ports") or []
+                             if p.get("name") == port.get("name")), None)
+                if kept and kept not in used:
+                    port["nodePort"] = kept
+    if _needs_health_check_node_port(before) and _needs_health_check_node_port(after) and \
+            not after.get("healthCheckNodePort"):
+        after["healthCheckNodePort"] = before.get("healthCheckNodePort")
 
 
 def _check_pod_spec_change(old: dict, new: dict) -> None:

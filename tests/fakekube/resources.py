@@ -22,6 +22,7 @@ class Resource:
     fields: frozenset[str] = frozenset()   # field selectors beyond metadata.name/namespace
     returns_deleted: bool = False   # DELETE answers with the object, not a Status (pods)
     always: tuple[str, ...] = ()    # top-level fields always there ({} when empty), as from Go
+    categories: tuple[str, ...] = ()   # as `kubectl get all` finds them
 
     @property
     def api_version(self) -> str:
@@ -46,7 +47,7 @@ NAMESPACES = Resource("", "v1", "namespaces", "Namespace", False, ("ns",), statu
 NODES = Resource("", "v1", "nodes", "Node", False, ("no",), status=True,
                  fields=frozenset({"spec.unschedulable"}), always=("spec", "status"))
 PODS = Resource("", "v1", "pods", "Pod", True, ("po",), status=True, returns_deleted=True,
-                always=("spec", "status"),
+                always=("spec", "status"), categories=("all",),
                 fields=frozenset({"spec.nodeName", "spec.restartPolicy", "spec.schedulerName",
                                   "spec.serviceAccountName", "spec.hostNetwork", "status.phase",
                                   "status.podIP", "status.nominatedNodeName"}))
@@ -57,8 +58,18 @@ EVENTS = Resource("", "v1", "events", "Event", True, ("ev",), fields=frozenset({
     "involvedObject.uid", "involvedObject.apiVersion", "involvedObject.resourceVersion",
     "involvedObject.fieldPath", "reason", "reportingComponent", "source", "type"}))
 LEASES = Resource("coordination.k8s.io", "v1", "leases", "Lease", True, always=("spec",))
+# A Service's DELETE answers the deleted object, as a pod's; its status holds the load
+# balancer's ingress (objects.py fills the defaults and allocates a clusterIP).
+SERVICES = Resource("", "v1", "services", "Service", True, ("svc",), status=True,
+                    returns_deleted=True, always=("spec", "status"), categories=("all",),
+                    fields=frozenset({"spec.clusterIP", "spec.type"}))
+# Only stored as given (no controller makes slices from Services and pods); tied to their
+# Service by a label.
+ENDPOINTSLICES = Resource("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", True)
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
-RESOURCES = (NAMESPACES, NODES, PODS, SECRETS, CONFIGMAPS, EVENTS, LEASES)
+RESOURCES = (NAMESPACES, NODES, PODS, SECRETS, CONFIGMAPS, EVENTS, SERVICES, LEASES,
+             ENDPOINTSLICES)
 _BY_PATH = {(r.group, r.version, r.plural): r for r in RESOURCES}
 
 
@@ -105,6 +116,8 @@ def api_resource_list(group: str, version: str) -> dict | None:
                  "kind": r.kind, "verbs": VERBS}
         if r.short_names:
             entry["shortNames"] = list(r.short_names)
+        if r.categories:
+            entry["categories"] = list(r.categories)
         entries.append(entry)
         if r.status:
             entries.append({"name": f"{r.plural}/status", "singularName": "",
