@@ -17,7 +17,9 @@ NAME = "default"
 # Kubernetes service ranges every node announces to its external peers (Calico's fields)
 SERVICE_FIELDS = ("serviceClusterIPs", "serviceExternalIPs", "serviceLoadBalancerIPs")
 _FIELDS = {"asNumber", "nodeToNodeMeshEnabled", "listenPort", "communities",
-           "nodeMeshHoldTime", "nodeMeshMaxRestartTime", "nodeMeshPassword", *SERVICE_FIELDS}
+           "prefixAdvertisements", "nodeMeshHoldTime", "nodeMeshMaxRestartTime",
+           "nodeMeshPassword", *SERVICE_FIELDS}
+_COMMUNITY_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 _COMMUNITY = re.compile(r"\d+(:\d+){1,2}")
 Community = tuple[int, int]  # RFC 1997: AS:VALUE, 16 bits each
 LargeCommunity = tuple[int, int, int]  # RFC 8092: AS:VALUE:VALUE, 32 bits each
@@ -97,18 +99,21 @@ def _service_ranges(read: SpecReader, field_name: str) -> tuple[IPv4Network, ...
         if not isinstance(entry, Mapping) or set(entry) != {"cidr"} \
                 or not isinstance(entry["cidr"], str):
             raise read.fail(f"{example}: {shown(entry)} is not one {{cidr: ...}}.")
-        text = entry["cidr"].strip()
-        try:
-            network = ip_network(text, strict=False)
-        except ValueError:
-            raise read.fail(f"{field_name}: {text!r} is not a CIDR such as 10.96.0.0/12.") \
-                from None
-        if network.version != 4:
-            raise read.fail(f"{field_name}: {text} is IPv6; Pipit is IPv4 only for now.")
-        if str(network.network_address) != text.partition("/")[0]:
-            raise read.fail(f"{field_name}: {text} has host bits set; write it as {network}.")
-        ranges.append(network)
+        ranges.append(_cidr(read, field_name, entry["cidr"]))
     return tuple(dict.fromkeys(ranges))
+
+
+def _cidr(read: SpecReader, field_name: str, text: str) -> IPv4Network:
+    text = text.strip()
+    try:
+        network = ip_network(text, strict=False)
+    except ValueError:
+        raise read.fail(f"{field_name}: {text!r} is not a CIDR such as 10.96.0.0/12.") from None
+    if network.version != 4:
+        raise read.fail(f"{field_name}: {text} is IPv6; Pipit is IPv4 only for now.")
+    if str(network.network_address) != text.partition("/")[0]:
+        raise read.fail(f"{field_name}: {text} has host bits set; write it as {network}.")
+    return network
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,11 @@ class BGPConfig:
     node_mesh_password: PasswordRef | None = None  # TCP MD5 on every mesh session
     # serviceClusterIPs, serviceExternalIPs, serviceLoadBalancerIPs, in that order
     service_ranges: tuple[tuple[IPv4Network, ...], ...] = ((), (), ())
+    # Calico's named communities ({name, value} in `communities`), used only where a
+    # prefixAdvertisement names them; and each prefixAdvertisement: its cidr and its
+    # communities as written (a name or a value)
+    named_communities: tuple[tuple[str, Community | LargeCommunity], ...] = ()
+    prefix_advertisements: tuple[tuple[IPv4Network, tuple[str, ...]], ...] = ()
     labels: Mapping[str, str] = field(default_factory=dict, hash=False)
     annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
 
@@ -130,6 +140,20 @@ class BGPConfig:
     def service_prefixes(self) -> tuple[IPv4Network, ...]:
         """Every service range, each once."""
         return tuple(dict.fromkeys(p for ranges in self.service_ranges for p in ranges))
+
+    def communities_for(self, prefix: IPv4Network
+                        ) -> tuple[tuple[Community, ...], tuple[LargeCommunity, ...]]:
+        """The (standard, large) communities an export of `prefix` carries: the cluster's,
+        and those of every prefixAdvertisement whose cidr holds it (equal or inside)."""
+        if not self.prefix_advertisements:
+            return self.communities, self.large_communities
+        named = dict(self.named_communities)
+        extra = [named.get(token) or parse_community(token, KIND)
+                 for cidr, tokens in self.prefix_advertisements if prefix.subnet_of(cidr)
+                 for token in tokens]
+        return (tuple(dict.fromkeys((*self.communities, *(c for c in extra if len(c) == 2)))),
+                tuple(dict.fromkeys((*self.large_communities,
+                                     *(c for c in extra if len(c) == 3)))))
 
 
 def config_from_spec(name: str, spec: Mapping) -> BGPConfig:
@@ -145,7 +169,8 @@ def config_from_spec(name: str, spec: Mapping) -> BGPConfig:
     communities = spec.get("communities") or []
     if not isinstance(communities, list):
         raise read.fail("communities must be a list such as ['64512:100', '4200000000:1:2'].")
-    parsed = [parse_community(c, where) for c in communities]
+    named = _named_communities(read, [c for c in communities if isinstance(c, Mapping)])
+    parsed = [parse_community(c, where) for c in communities if not isinstance(c, Mapping)]
     restart = check_restart_time(read.seconds("nodeMeshMaxRestartTime", DEFAULT_RESTART_TIME),
                                  "nodeMeshMaxRestartTime", where)
     return BGPConfig(
@@ -160,7 +185,60 @@ def config_from_spec(name: str, spec: Mapping) -> BGPConfig:
         node_mesh_password=parse_password(read, spec.get("nodeMeshPassword"),
                                           "nodeMeshPassword"),
         service_ranges=tuple(_service_ranges(read, f) for f in SERVICE_FIELDS),
+        named_communities=named,
+        prefix_advertisements=_prefix_advertisements(read, dict(named)),
     )
+
+
+def _named_communities(read: SpecReader, entries: list[Mapping]
+                       ) -> tuple[tuple[str, Community | LargeCommunity], ...]:
+    """Calico's form of `communities`: {name, value}, a value to name in prefixAdvertisements
+    (attached to nothing by itself)."""
+    named: dict[str, Community | LargeCommunity] = {}
+    for entry in entries:
+        if set(entry) != {"name", "value"}:
+            raise read.fail(f"a community is either a value such as '64512:100' or {{name, "
+                            f"value}} to use in prefixAdvertisements, not {shown(dict(entry))}.")
+        name = entry["name"]
+        if not isinstance(name, str) or not _COMMUNITY_NAME.fullmatch(name):
+            raise read.fail(f"community name {shown(name)} is not lower-case letters, digits, "
+                            "'-' and '.'.")
+        if name in named:
+            raise read.fail(f"community name {name!r} is given twice.")
+        named[name] = parse_community(entry["value"], read.where)
+    return tuple(named.items())
+
+
+def _prefix_advertisements(read: SpecReader, named: Mapping[str, object]
+                           ) -> tuple[tuple[IPv4Network, tuple[str, ...]], ...]:
+    """prefixAdvertisements: [{cidr, communities: [a name from `communities`, or a value]}]."""
+    value = read.spec.get("prefixAdvertisements")
+    if value is None:
+        return ()
+    example = ("prefixAdvertisements must be a list such as [{cidr: 10.244.0.0/16, "
+               "communities: ['64512:120']}]")
+    if not isinstance(value, list):
+        raise read.fail(f"{example}, not {shown(value)}.")
+    advertisements = []
+    for entry in value:
+        if not isinstance(entry, Mapping) or set(entry) != {"cidr", "communities"} \
+                or not isinstance(entry["cidr"], str) \
+                or not isinstance(entry["communities"], list) or not entry["communities"]:
+            raise read.fail(f"{example}: {shown(entry)} is not one {{cidr, communities}} with "
+                            "at least one community.")
+        cidr = _cidr(read, "prefixAdvertisements", entry["cidr"])
+        tokens = []
+        for token in entry["communities"]:
+            if not (isinstance(token, str) and token in named):
+                try:
+                    parse_community(token, read.where)
+                except InvalidResource:
+                    raise read.fail(f"prefixAdvertisements: community {shown(token)} for "
+                                    f"{cidr} is neither a name given in communities nor a "
+                                    "value such as '64512:120' or '4200000000:1:2'.") from None
+            tokens.append(token.strip())
+        advertisements.append((cidr, tuple(tokens)))
+    return tuple(advertisements)
 
 
 _MESH_FIELDS = ("nodeMeshHoldTime", "nodeMeshMaxRestartTime", "nodeMeshPassword")
@@ -185,8 +263,13 @@ def config_to_document(config: BGPConfig) -> dict:
         "asNumber": config.as_number,
         "nodeToNodeMeshEnabled": config.node_to_node_mesh,
         "listenPort": config.listen_port,
-        "communities": community_texts(config),
+        "communities": [*community_texts(config),
+                        *({"name": name, "value": ":".join(map(str, value))}
+                          for name, value in config.named_communities)],
     }
+    if config.prefix_advertisements:
+        spec["prefixAdvertisements"] = [{"cidr": str(cidr), "communities": list(tokens)}
+                                        for cidr, tokens in config.prefix_advertisements]
     if config.node_to_node_mesh:
         spec.update(zip(_MESH_FIELDS, (config.node_mesh_hold_time,
                                        config.node_mesh_restart_time)))

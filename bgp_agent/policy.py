@@ -406,17 +406,22 @@ def announcements(prefixes: Iterable[IPv4Network], neighbors: Iterable[Neighbor]
                   config: BGPConfig, services: Iterable[IPv4Network] = ()
                   ) -> dict[IPv4Address, dict[IPv4Network, Announcement]]:
     """What to send to each neighbour: every exported prefix, next hop self; external peers
-    also get the configured communities, and `services`, the Kubernetes service ranges
+    also get the configured communities (the cluster's, and those of the prefixAdvertisements
+    holding each prefix), and `services`, the Kubernetes service ranges
     (kube-proxy answers them on every node, so the fabric spreads them over the nodes:
     Calico's serviceClusterIPs, serviceExternalIPs, serviceLoadBalancerIPs). Other nodes
     never get the service ranges: they serve them themselves."""
     prefixes = sorted(prefixes)
-    external = sorted(set(prefixes) | set(services))
+    tagged: dict[IPv4Network, Announcement] | None = None  # the same for every external peer
     result = {}
     for neighbor in neighbors:
         if neighbor.kind in INTERNAL_KINDS:
             result[neighbor.address] = {p: Announcement(p) for p in prefixes}
             continue
-        tags = {"communities": config.communities, "large_communities": config.large_communities}
-        result[neighbor.address] = {p: Announcement(p, **tags) for p in external}
+        if tagged is None:
+            tagged = {}
+            for p in sorted(set(prefixes) | set(services)):
+                communities, large = config.communities_for(p)
+                tagged[p] = Announcement(p, communities=communities, large_communities=large)
+        result[neighbor.address] = dict(tagged)
     return result

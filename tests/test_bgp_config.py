@@ -209,3 +209,42 @@ def test_service_ranges_go_to_external_peers_only_and_survive_the_document():
 ])
 def test_a_service_range_that_is_none_is_one_sentence(written, facts):
     refused({"serviceClusterIPs": written}, *facts)
+
+
+# --------------------------------------------------------------------------------------------
+# prefixAdvertisements and named communities (Calico's form)
+
+def test_prefix_advertisements_add_communities_to_the_prefixes_they_hold():
+    config = config_from_spec("default", {
+        "communities": ["64512:100", {"name": "rack-a", "value": "4200000000:1:2"}],
+        "prefixAdvertisements": [{"cidr": "10.244.0.0/16", "communities": ["rack-a"]},
+                                 {"cidr": "10.244.8.0/24", "communities": ["64512:120"]}]})
+    assert round_trip(config) == config
+    assert config.communities == ((64512, 100),)  # a named community goes nowhere by itself
+    inside, deeper, outside = (IPv4Network(p) for p in (
+        "10.244.1.0/26", "10.244.8.64/26", "10.96.0.0/12"))
+    assert config.communities_for(inside) == (((64512, 100),), ((4200000000, 1, 2),))
+    assert config.communities_for(deeper) == (((64512, 100), (64512, 120)),
+                                              ((4200000000, 1, 2),))
+    assert config.communities_for(outside) == (((64512, 100),), ())
+    exports = policy.announcements([inside, outside], [MESH, TOR], config)
+    assert exports[TOR.address][inside].large_communities == ((4200000000, 1, 2),)
+    assert exports[MESH.address][inside].communities == ()  # other nodes get none
+
+
+@pytest.mark.parametrize("spec, facts", [
+    ({"communities": [{"name": "a"}]}, ["is either a value such as '64512:100' or {name, value}"]),
+    ({"communities": [{"name": "A_b", "value": "1:2"}]}, ["community name 'A_b'"]),
+    ({"communities": [{"name": "a", "value": "1:2"}, {"name": "a", "value": "1:3"}]},
+     ["community name 'a' is given twice"]),
+    ({"communities": [{"name": "a", "value": "70000:1"}]}, ["'70000:1'", "0-65535"]),
+    ({"prefixAdvertisements": {"cidr": "10.0.0.0/8"}}, ["prefixAdvertisements must be a list"]),
+    ({"prefixAdvertisements": [{"cidr": "10.0.0.0/8", "communities": []}]},
+     ["at least one community"]),
+    ({"prefixAdvertisements": [{"cidr": "10.0.0.1/8", "communities": ["1:2"]}]},
+     ["10.0.0.1/8 has host bits set", "10.0.0.0/8"]),
+    ({"prefixAdvertisements": [{"cidr": "10.0.0.0/8", "communities": ["nosuch"]}]},
+     ["community 'nosuch' for 10.0.0.0/8 is neither a name given in communities"]),
+])
+def test_a_bad_prefix_advertisement_or_named_community_is_one_sentence(spec, facts):
+    refused(spec, *facts)

@@ -249,7 +249,8 @@ def test_allow_pool_prefixes_lets_nodes_learn_the_blocks_from_their_tor(bird_lab
 def test_service_ranges_are_announced_to_the_tors_by_every_node_and_then_withdrawn(bird_lab):
     """serviceClusterIPs and serviceLoadBalancerIPs (Calico's): every node announces them to
     its ToR, so each ToR routes them to its own rack's nodes (kube-proxy answers them on
-    each); no node takes them back into its kernel; taken out, they are withdrawn."""
+    each), a prefixAdvertisement adding its community to the one range it holds; no node
+    takes them back into its kernel; taken out, they are withdrawn."""
     lab = bird_lab
     services = {N("10.96.0.0/12"), N("198.18.100.0/24")}
     shown = lab.pipitctl("get", "bgpconfig", "default", "-o", "json")
@@ -258,7 +259,11 @@ def test_service_ranges_are_announced_to_the_tors_by_every_node_and_then_withdra
     config["metadata"].pop("resourceVersion", None)
     announced = json.loads(json.dumps(config))
     announced["spec"].update(serviceClusterIPs=[{"cidr": "10.96.0.0/12"}],
-                             serviceLoadBalancerIPs=[{"cidr": "198.18.100.0/24"}])
+                             serviceLoadBalancerIPs=[{"cidr": "198.18.100.0/24"}],
+                             # Calico's named communities and per-prefix advertisements
+                             prefixAdvertisements=[{"cidr": "10.96.0.0/12",
+                                                    "communities": ["services"]}])
+    announced["spec"]["communities"].append({"name": "services", "value": "64512:200"})
 
     def tor_routes_them(rack: int) -> bool:
         table = lab.routers[rack].routes()
@@ -272,6 +277,10 @@ def test_service_ranges_are_announced_to_the_tors_by_every_node_and_then_withdra
                  f"tor{rack} to route the service ranges to its rack's nodes")
         for n in lab.nodes():
             assert node_sees_only_its_tor_routes(lab, n)
+        table, cluster = lab.routers[1].routes(), tuple(int(x) for x in COMMUNITY.split(":"))
+        assert table[N("10.96.0.0/12")].communities == (cluster, (64512, 200))
+        assert table[N("198.18.100.0/24")].communities == (cluster,)
+        assert table[block_of(lab, "n1")].communities == (cluster,)
         assert_pods_reach_each_other(lab)
     finally:
         assert lab.pipitctl("apply", "-f", "-", input=json.dumps(config)).returncode == 0
