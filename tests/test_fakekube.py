@@ -391,6 +391,22 @@ def test_kubectl_apply_three_way_merges_with_what_others_changed(fakekube, kubec
     assert b'{"$patch":"delete","uid":"uid-n2"}' in bodies
 
 
+
+def test_kubectl_apply_adds_and_removes_a_services_ports(fakekube, kubectl, tmp_path):
+    """A Service's ports merge on their port (ServiceSpec's patchMergeKey), not on a
+    container port's containerPort: apply adds one, then removes the other."""
+    manifest = tmp_path / "service.yaml"
+    http = {"name": "http", "port": 80, "targetPort": 8080}
+    https = {"name": "https", "port": 443, "targetPort": 8443}
+    for ports in ([http], [http, https], [https]):
+        manifest.write_text(yaml.safe_dump(service("web", ports=ports)))
+        kubectl("apply", "-f", str(manifest), "--validate=false")
+        got = kubectl.get("svc", "web")["spec"]["ports"]
+        assert got == [{**p, "protocol": "TCP"} for p in ports]
+    patches = [r for r in fakekube.requests if r.method == "PATCH"]
+    assert {r.content_type for r in patches} == {"application/strategic-merge-patch+json"}
+    assert b'{"$patch":"delete","port":80}' in patches[-1].body
+
 def test_kubectl_get_watch_streams_added_modified_deleted(fakekube, kubectl):
     kubectl("create", "-f", "-", "--validate=false", input=json.dumps(pod("p1")))
     watching = kubectl.start("get", "pods", "--watch", "--output-watch-events")
@@ -660,6 +676,46 @@ def test_python_client_services_their_status_and_endpoint_slices(api, core):
         ("web", "192.0.2.10")
     assert [s.metadata.name for s in core.list_service_for_all_namespaces().items] == ["dns"]
 
+
+
+def test_python_client_strategic_patch_of_one_service_port_keeps_the_others(fakekube, core):
+    core.create_namespaced_service("default", service("web", ports=[
+        {"name": "http", "port": 80, "targetPort": 8080},
+        {"name": "https", "port": 443, "targetPort": 8443}]))
+    core.patch_namespaced_service("web", "default", {"spec": {"ports": [
+        {"port": 443, "targetPort": 9443}]}})
+    ports = core.read_namespaced_service("web", "default").spec.ports
+    assert [(p.name, p.port, p.target_port) for p in ports] == [("http", 80, 8080),
+                                                                ("https", 443, 9443)]
+    assert [r.content_type for r in fakekube.requests if r.method == "PATCH"] == \
+        ["application/strategic-merge-patch+json"]           # the client's default
+
+
+def test_python_client_strategic_patch_replaces_an_endpoint_slices_ports(api):
+    """An EndpointSlice's ports have no patch strategy: a strategic patch replaces them whole
+    (merged on their port, http would stay; on containerPort, the patch is refused)."""
+    slices = client.DiscoveryV1Api(api)
+    slices.create_namespaced_endpoint_slice("default", endpoint_slice("web-a", "web", True))
+    slices.patch_namespaced_endpoint_slice("web-a", "default", {"ports": [
+        {"name": "metrics", "port": 9090, "protocol": "TCP"}]})
+    got = slices.read_namespaced_endpoint_slice("web-a", "default")
+    assert [(p.name, p.port) for p in got.ports] == [("metrics", 9090)]
+    assert [e.addresses for e in got.endpoints] == [["10.244.1.1"]]
+
+
+def test_python_client_strategic_patch_merges_container_ports_on_container_port(core):
+    """A pod's container ports may not change: the patch below is accepted only because its
+    port merges into the existing one with that containerPort."""
+    ports = [{"name": "http", "containerPort": 8080, "protocol": "TCP"},
+             {"name": "metrics", "containerPort": 9090, "protocol": "TCP"}]
+    core.create_namespaced_pod("default", pod("p1", containers=[
+        {"name": "c", "image": "busybox", "ports": ports}]))
+    core.patch_namespaced_pod("p1", "default", {"spec": {"containers": [
+        {"name": "c", "image": "busybox:1.37", "ports": [{"containerPort": 9090}]}]}})
+    got = core.read_namespaced_pod("p1", "default").spec.containers
+    assert [(c.name, c.image) for c in got] == [("c", "busybox:1.37")]
+    assert [(p.name, p.container_port) for p in got[0].ports] == [("http", 8080),
+                                                                   ("metrics", 9090)]
 
 def test_label_and_field_selectors(core):
     for name, labels in [("a", {"rack": "r1", "edge": ""}), ("b", {"rack": "r2"}),

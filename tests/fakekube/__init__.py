@@ -3,10 +3,10 @@ can run: discovery, namespaces, nodes, pods, secrets, configmaps, events, leases
 (a cluster IP allocated) and endpoint slices, with resourceVersions, watches (bookmarks, 410
 Expired after compaction), label and field selectors, the three patch types and the real
 server's Status errors. Proven against kubectl and the official Python client in
-tests/test_fakekube.py. Not served: tables (kubectl shows NAME and AGE only), protobuf
-bodies (`kubectl create service` sends one; create from YAML instead), and strategic merge
-keys by path (every `ports` list merges on containerPort, so a strategic patch of a
-Service's ports is refused).
+tests/test_fakekube.py. A strategic merge patch merges a list on the key its kind's type
+declares at that path (a Service's ports on `port`, a container's on `containerPort`; an
+EndpointSlice's are replaced whole). Not served: tables (kubectl shows NAME and AGE only) and
+protobuf bodies (`kubectl create service` sends one; create from YAML instead).
 
     with FakeKube() as kube:                 # 127.0.0.1, a free port
         kube.write_kubeconfig(path)          # for kubectl / helm / kubernetes.config

@@ -8,18 +8,46 @@ from __future__ import annotations
 import copy
 import json
 
-# Lists merged item by item on this key (the `patchMergeKey` of the Kubernetes types Pipit
-# and kubectl touch); other lists of objects are replaced whole.
-MERGE_KEYS = {
-    "containers": "name", "initContainers": "name", "ephemeralContainers": "name",
-    "env": "name", "volumes": "name", "volumeMounts": "mountPath",
-    "volumeDevices": "devicePath", "imagePullSecrets": "name", "ports": "containerPort",
-    "conditions": "type", "addresses": "type", "ownerReferences": "uid",
-    "hostAliases": "ip", "resourceClaims": "name", "topologySpreadConstraints": "topologyKey",
-    "podIPs": "ip", "hostIPs": "ip",
+# The lists a strategic merge patch merges item by item, by kind and by path in the object
+# (a list's items add no step: "spec.containers.ports" are the ports of any container), with
+# their `patchMergeKey`, from the struct tags of k8s.io/api 1.35 for the kinds the fake
+# serves; "*" holds those of every kind. Other lists are replaced whole: an EndpointSlice's
+# `endpoints`, `ports` and endpoints' `addresses` (strings), a Node's `taints`, a Service's
+# `loadBalancer.ingress`, a Pod's `containerStatuses`...
+_CONTAINER_LISTS = {"ports": "containerPort", "env": "name", "volumeMounts": "mountPath",
+                    "volumeDevices": "devicePath"}
+_CONTAINERS = ("containers", "initContainers", "ephemeralContainers")
+MERGE_KEYS: dict[str, dict[str, str]] = {
+    "*": {"metadata.ownerReferences": "uid"},
+    "Pod": {
+        **{f"spec.{group}": "name" for group in _CONTAINERS},
+        **{f"spec.{group}.{field}": key
+           for group in _CONTAINERS for field, key in _CONTAINER_LISTS.items()},
+        "spec.volumes": "name", "spec.imagePullSecrets": "name", "spec.hostAliases": "ip",
+        "spec.topologySpreadConstraints": "topologyKey", "spec.schedulingGates": "name",
+        "spec.resourceClaims": "name", "status.conditions": "type", "status.podIPs": "ip",
+        "status.hostIPs": "ip", "status.resourceClaimStatuses": "name",
+    },
+    "Node": {"status.conditions": "type", "status.addresses": "type"},
+    "Namespace": {"status.conditions": "type"},
+    "Service": {"spec.ports": "port", "status.conditions": "type"},
 }
-# Lists of scalars merged as sets (`patchStrategy: merge` without a key).
-MERGED_SCALAR_LISTS = {"finalizers"}
+# Lists of scalars merged as sets (`patchStrategy: merge` without a key), by kind and path (a
+# Namespace's `spec.finalizers` has no strategy: replaced whole).
+MERGED_SCALAR_LISTS: dict[str, set[str]] = {
+    "*": {"metadata.finalizers"},
+    "Node": {"spec.podCIDRs"},
+}
+
+
+def merge_key(kind: str, path: str) -> str | None:
+    """The key the list at `path` in an object of `kind` merges on; None if it has none."""
+    return MERGE_KEYS["*"].get(path) or MERGE_KEYS.get(kind, {}).get(path)
+
+
+def _merged_as_set(kind: str, path: str) -> bool:
+    return path in MERGED_SCALAR_LISTS["*"] | MERGED_SCALAR_LISTS.get(kind, set())
+
 
 MEDIA_MERGE = "application/merge-patch+json"
 MEDIA_STRATEGIC = "application/strategic-merge-patch+json"
@@ -88,12 +116,19 @@ def _strip_directives(value: object) -> object:
 
 
 def strategic_merge_patch(original: dict, patch: dict) -> dict | None:
-    """`original` with `patch` applied; None when the patch says `$patch: delete`."""
-    result = _merge_map(original if isinstance(original, dict) else {}, patch)
+    """`original` with `patch` applied, its lists merged as in `original`'s kind; None when the
+    patch says `$patch: delete`."""
+    original = original if isinstance(original, dict) else {}
+    result = _merge_map(original, patch, original.get("kind", ""), "")
     return None if result is _DELETE else result
 
 
-def _merge_map(original: dict, patch: dict) -> object:
+def _join(path: str, field: str) -> str:
+    return f"{path}.{field}" if path else field
+
+
+def _merge_map(original: dict, patch: dict, kind: str, path: str) -> object:
+    """`original` (the map at `path` in an object of `kind`) with `patch` applied."""
     directive = patch.get("$patch")
     if directive == "delete":
         return _DELETE
@@ -115,14 +150,15 @@ def _merge_map(original: dict, patch: dict) -> object:
             result.pop(key, None)
         elif isinstance(value, dict):
             merged = _merge_map(result.get(key) if isinstance(result.get(key), dict) else {},
-                                value)
+                                value, kind, _join(path, key))
             if merged is _DELETE:
                 result.pop(key, None)
             else:
                 result[key] = merged
         elif isinstance(value, list):
             old = result.get(key)
-            result[key] = _merge_list(key, old if isinstance(old, list) else [], value)
+            result[key] = _merge_list(kind, _join(path, key),
+                                      old if isinstance(old, list) else [], value)
         else:
             result[key] = value
     for key, values in removals.items():
@@ -130,23 +166,24 @@ def _merge_map(original: dict, patch: dict) -> object:
             result[key] = [v for v in result[key] if v not in values]
     for key, order in orders.items():
         if isinstance(result.get(key), list):
-            result[key] = _reorder(key, result[key], order)
+            result[key] = _reorder(merge_key(kind, _join(path, key)), result[key], order)
     return result
 
 
-def _merge_list(field: str, original: list, patch: list) -> list:
+def _merge_list(kind: str, path: str, original: list, patch: list) -> list:
+    """`original` (the list at `path` in an object of `kind`) with `patch` applied."""
     if any(isinstance(i, dict) and i.get("$patch") == "replace" for i in patch):
         return _strip_directives([i for i in patch
                                   if not (isinstance(i, dict) and i.get("$patch"))])
-    key = MERGE_KEYS.get(field)
+    key = merge_key(kind, path)
     if key is None:
-        if field in MERGED_SCALAR_LISTS:
+        if _merged_as_set(kind, path):
             return original + [v for v in patch if v not in original]
         return _strip_directives(patch)
     result = copy.deepcopy(original)
     for item in patch:
         if not isinstance(item, dict):
-            raise PatchError(f"{field}: a list merged on {key!r} takes objects")
+            raise PatchError(f"{path}: a list merged on {key!r} takes objects")
         if key not in item:
             raise PatchError(f"map: {item} does not contain declared merge key: {key}")
         at = next((i for i, old in enumerate(result)
@@ -157,13 +194,11 @@ def _merge_list(field: str, original: list, patch: list) -> list:
         elif at is None:
             result.append(_strip_directives(item))
         else:
-            result[at] = _merge_map(result[at], item)
+            result[at] = _merge_map(result[at], item, kind, path)
     return result
 
 
-def _reorder(field: str, items: list, order: list) -> list:
-    key = MERGE_KEYS.get(field)
-
+def _reorder(key: str | None, items: list, order: list) -> list:
     def ident(item: object) -> object:
         return item.get(key) if key and isinstance(item, dict) else item
 
