@@ -3,7 +3,8 @@ kernels, tests/fakekube as the API server, pipit-controller with a short grace p
 order: the nodes report their network available; an annotation picks the pool; a pod
 restarted under its name keeps working while its old address is collected; a pod deleted
 without a CNI DEL has its address freed; the controller killed mid-GC and restarted releases
-nothing twice and nothing live; a deleted Node's blocks, addresses and record go."""
+nothing twice and nothing live; a Local service's /32s come from the node holding its
+endpoint, at an edge router; a deleted Node's blocks, addresses and record go."""
 
 from __future__ import annotations
 
