@@ -344,14 +344,31 @@ def test_a_vxlan_pool_that_selects_no_node_stops_no_node_from_routing(lab):
              f"{node} to forget pool edge")
 
 
-def bgp_segments(lab: Lab, node: str, directory, count: int = 4) -> list[str]:
+def bgp_segments(lab: Lab, node: str, directory, count: int = 6) -> list[str]:
     """BGP segments with data (keepalives every hold_time / 3) on the node's fabric link,
     as tcpdump prints them: their TCP options show a TCP MD5 signature as `md5`."""
     from tests.ipip_support import Capture
+    directory.mkdir(parents=True, exist_ok=True)
     with Capture(lab.node_ns(node), "eth0", directory) as wire:
         wait(lambda: wire.path.exists() and wire.path.stat().st_size > 24 + 100 * count,
              lab.hold_time * 2, f"{count} BGP segments on {node}'s link")
     return wire.packets("tcp port 179 and tcp[tcpflags] & tcp-push != 0")
+
+
+def bgp_signed_everywhere(lab: Lab, node: str, directory, signed: bool, timeout: float
+                          ) -> list[str]:
+    """Capture windows of the node's BGP segments until one holds only signed ones (or only
+    unsigned ones): while the agents take a new password up one after the other, a session
+    can come up the old way for a moment and be closed again. The last window."""
+    windows = iter(range(1000))
+
+    def settled():
+        segments = bgp_segments(lab, node, directory / f"window-{next(windows)}")
+        if segments and all(("md5" in s) == signed for s in segments):
+            return segments
+        return None
+    return wait(settled, timeout, f"{node}'s BGP segments all {'un' if not signed else ''}"
+                                  "signed")
 
 
 def test_a_mesh_password_signs_every_mesh_session_and_taking_it_away_unsigns_them(lab, tmp_path):
@@ -368,23 +385,36 @@ def test_a_mesh_password_signs_every_mesh_session_and_taking_it_away_unsigns_the
     signed["spec"]["nodeMeshPassword"] = {"file": str(secret)}
 
     def reconnected_since(moment: float) -> bool:
-        return all(lab.established(n) and all(
-            p["since"] > moment for p in lab.status(n)["peers"] if p["state"] == "up")
-            for n in lab.nodes())
+        """Every session between the lab's nodes up again since `moment` (a node that left
+        earlier may still have a record, and a session that stays down)."""
+        nodes = set(lab.nodes())
+        for n in nodes:
+            peers = {p["name"]: p for p in (lab.status(n) or {}).get("peers", [])}
+            if not all(o in peers and peers[o]["state"] == "up" and peers[o]["since"] > moment
+                       for o in nodes - {n}):
+                return False
+        return True
+
+    def sessions() -> str:
+        return "; ".join(f"{n}: " + ", ".join(
+            f"{p['name']} {p['state']} since {p['since']:.1f} {p['reason']}".strip()
+            for p in (lab.status(n) or {}).get("peers", [])) for n in lab.nodes())
 
     before = time.time()
     result = lab.pipitctl("apply", "-f", "-", input=json.dumps(signed))
     assert result.returncode == 0, result.stderr
     try:
-        wait(lambda: reconnected_since(before), 90, "every mesh session to come up signed")
-        segments = bgp_segments(lab, "n1", tmp_path)
-        assert segments and all("md5" in s for s in segments), segments
+        try:
+            wait(lambda: reconnected_since(before), 90, "every mesh session to come up signed")
+        except TimeoutError:
+            raise AssertionError(f"applied at {before:.1f}; sessions: {sessions()}") from None
+        bgp_signed_everywhere(lab, "n1", tmp_path / "signed", True, 60)
+        wait(lambda: reconnected_since(before), 30, "every mesh session up, signed")
         assert_pods_reach_each_other(lab)
     finally:
         moment = time.time()
         result = lab.pipitctl("apply", "-f", "-", input=json.dumps(config))
         assert result.returncode == 0, result.stderr
     wait(lambda: reconnected_since(moment), 90, "every mesh session to come up unsigned")
-    (tmp_path / "unsigned").mkdir()
-    segments = bgp_segments(lab, "n1", tmp_path / "unsigned")
-    assert segments and not any("md5" in s for s in segments), segments
+    bgp_signed_everywhere(lab, "n1", tmp_path / "unsigned", False, 60)
+    wait(lambda: reconnected_since(moment), 30, "every mesh session up, unsigned")
