@@ -20,10 +20,10 @@ class LocalServices:
         self._tasks: list[asyncio.Task] = []
         self._waker: asyncio.Task | None = None
         self._changed = asyncio.Event()
-
-    @property
-    def started(self) -> bool:
-        return bool(self._tasks)
+        # the last answer, with what it was worked out of: every pass asks, and going over
+        # every Service and EndpointSlice of a large cluster on each would slow them all
+        self._changes = 0
+        self._answer: tuple[tuple, frozenset[IPv4Network]] | None = None
 
     def start(self, changed: asyncio.Event) -> None:
         """Follow Services and EndpointSlices; `changed` (the routing loop's; a new loop
@@ -44,6 +44,7 @@ class LocalServices:
                     wait.cancel()
             self.services.changed.clear()
             self.slices.changed.clear()
+            self._changes += 1
             self._changed.set()
 
     def prefixes(self, node: str, ranges: tuple[tuple[IPv4Network, ...], ...]
@@ -51,8 +52,11 @@ class LocalServices:
         """The /32s `node` announces, or None until both informers have listed once."""
         if not (self.services.ready.is_set() and self.slices.ready.is_set()):
             return None
-        return local_service_prefixes(self.services.items.values(),
-                                      self.slices.items.values(), node, ranges)
+        basis = (self._changes, node, ranges)
+        if self._answer is None or self._answer[0] != basis:
+            self._answer = (basis, local_service_prefixes(
+                self.services.items.values(), self.slices.items.values(), node, ranges))
+        return self._answer[1]
 
     async def close(self) -> None:
         tasks = [*self._tasks, *([self._waker] if self._waker else [])]
