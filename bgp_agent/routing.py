@@ -349,6 +349,7 @@ class Router:
             self.local_services.start(self.changed)
             local = self.local_services.prefixes(me.name, config.service_ranges)
             services = (*services, *sorted((local or frozenset()) - set(services)))
+        self.status.services = [str(p) for p in services]
         exports = policy.announcements(
             policy.exported_prefixes(own, self.borrowed(), pools), neighbors, config, services)
         await self._announce(exports)
@@ -494,6 +495,8 @@ class Router:
                          "the kernel's route to it", gateway,
                          ", ".join(str(h.gateway) for h in hops))
         self._far, self._underlay = far, underlay
+        self.status.underlay = {str(gateway): [str(h.gateway) for h in hops or ()]
+                                for gateway, hops in underlay.items() if hops != ()}
         if far:
             self._watch_underlay.set()
         else:

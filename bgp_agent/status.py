@@ -60,6 +60,10 @@ class Status:
     dataplane: dict = field(default_factory=dict)
     route_reflector_cluster_id: str = ""  # this node reflects routes for this cluster id
     warnings: list[str] = field(default_factory=list)
+    # the service ranges and Local /32s announced to external peers
+    services: list[str] = field(default_factory=list)
+    # each next hop on none of the node's links -> what it goes via ([]: nothing leads there)
+    underlay: dict[str, list[str]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -70,6 +74,7 @@ class Status:
             "kernelRoutes": self.kernel_routes, "blackholes": self.blackholes,
             "exported": self.exported, "lastError": self.last_error,
             "lastErrorAt": self.last_error_at, "dataplane": self.dataplane,
+            "services": self.services, "underlay": self.underlay,
             "peers": [{
                 "address": str(p.neighbor.address), "asNumber": p.neighbor.peer_as,
                 "type": p.neighbor.kind, "name": p.neighbor.name, "state": p.state,

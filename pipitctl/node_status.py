@@ -104,6 +104,13 @@ def render(status: dict) -> str:
     lines += ["", f"Kernel: {status.get('kernelRoutes', 0)} routes learned, "
                   f"{status.get('blackholes', 0)} blackholes for own blocks; "
                   f"exporting {status.get('exported', 0)} prefixes."]
+    if status.get("services"):
+        lines.append("Service addresses announced to external peers: "
+                     f"{', '.join(status['services'])}.")
+    if status.get("underlay"):
+        lines.append("Next hops on none of this node's links: " + "; ".join(
+            f"{gateway} via {', '.join(via)}" if via else f"{gateway} (no route leads there)"
+            for gateway, via in sorted(status["underlay"].items())) + ".")
     lines += describe_dataplane(status.get("dataplane") or {})
     if status.get("lastError"):
         lines.append(f"Last error ({duration(now - status['lastErrorAt'])} ago): "

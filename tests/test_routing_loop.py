@@ -28,6 +28,7 @@ from ipip import recursive
 from ipip.route_netlink import RTN_UNICAST
 from ipip.routes import FibMatch, NextHop, Route
 from lab.process import wait_async
+from pipitctl.node_status import render
 from tests.doubles import Clock, HeldSpeaker, MemoryKernel, MemorySpeaker, MemoryStore
 
 A, N = IPv4Address, IPv4Network
@@ -388,6 +389,10 @@ async def test_a_next_hop_on_no_link_goes_via_the_kernels_route_to_it(monkeypatc
         assert c.kernel.routes[block4] == Route(block4, (NextHop(TOR, eth0),))
         assert c.kernel.routes[BLOCK2] == via(BLOCK2, N2)  # on the node's network: no lookup
         assert c.kernel.lookups == [far]
+        status = c.router.status.to_json()
+        assert status["underlay"] == {"10.0.1.4": ["10.0.0.254"]}
+        assert "Next hops on none of this node's links: 10.0.1.4 via 10.0.0.254." in \
+            render(status)
 
         follower = asyncio.create_task(c.router._follow_underlay())
         try:
@@ -401,6 +406,7 @@ async def test_a_next_hop_on_no_link_goes_via_the_kernels_route_to_it(monkeypatc
             del c.kernel.underlay[far]  # nothing leads there now: the kernel is left to refuse
             await c.sync()
             assert c.kernel.routes[block4] == via(block4, far)
+            assert "10.0.1.4 (no route leads there)" in render(c.router.status.to_json())
         finally:
             follower.cancel()
 

@@ -281,6 +281,9 @@ def test_service_ranges_are_announced_to_the_tors_by_every_node_and_then_withdra
         assert table[N("10.96.0.0/12")].communities == (cluster, (64512, 200))
         assert table[N("198.18.100.0/24")].communities == (cluster,)
         assert table[block_of(lab, "n1")].communities == (cluster,)
+        out = lab.pipitctl("node", "status", "--socket", str(lab.status_socket("n1"))).stdout
+        assert ("Service addresses announced to external peers: 10.96.0.0/12, "
+                "198.18.100.0/24.") in out
         assert_pods_reach_each_other(lab)
     finally:
         assert lab.pipitctl("apply", "-f", "-", input=json.dumps(config)).returncode == 0
