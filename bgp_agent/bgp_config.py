@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network, ip_network
+from ipaddress import IPv4Network
 
 from bgp_agent.md5_password import PasswordRef, parse_password
 from bgp_agent.model import DEFAULT_AS, DEFAULT_HOLD_TIME, DEFAULT_RESTART_TIME, MAX_RESTART_TIME
@@ -19,6 +19,7 @@ SERVICE_FIELDS = ("serviceClusterIPs", "serviceExternalIPs", "serviceLoadBalance
 _FIELDS = {"asNumber", "nodeToNodeMeshEnabled", "listenPort", "communities",
            "prefixAdvertisements", "nodeMeshHoldTime", "nodeMeshMaxRestartTime",
            "nodeMeshPassword", *SERVICE_FIELDS}
+_A_CIDR = "a CIDR such as 10.96.0.0/12"
 _COMMUNITY_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 _COMMUNITY = re.compile(r"\d+(:\d+){1,2}")
 Community = tuple[int, int]  # RFC 1997: AS:VALUE, 16 bits each
@@ -99,21 +100,8 @@ def _service_ranges(read: SpecReader, field_name: str) -> tuple[IPv4Network, ...
         if not isinstance(entry, Mapping) or set(entry) != {"cidr"} \
                 or not isinstance(entry["cidr"], str):
             raise read.fail(f"{example}: {shown(entry)} is not one {{cidr: ...}}.")
-        ranges.append(_cidr(read, field_name, entry["cidr"]))
+        ranges.append(read.ipv4_network(f"{field_name}:", entry["cidr"], _A_CIDR))
     return tuple(dict.fromkeys(ranges))
-
-
-def _cidr(read: SpecReader, field_name: str, text: str) -> IPv4Network:
-    text = text.strip()
-    try:
-        network = ip_network(text, strict=False)
-    except ValueError:
-        raise read.fail(f"{field_name}: {text!r} is not a CIDR such as 10.96.0.0/12.") from None
-    if network.version != 4:
-        raise read.fail(f"{field_name}: {text} is IPv6; Pipit is IPv4 only for now.")
-    if str(network.network_address) != text.partition("/")[0]:
-        raise read.fail(f"{field_name}: {text} has host bits set; write it as {network}.")
-    return network
 
 
 @dataclass(frozen=True)
@@ -226,7 +214,7 @@ def _prefix_advertisements(read: SpecReader, named: Mapping[str, object]
                 or not isinstance(entry["communities"], list) or not entry["communities"]:
             raise read.fail(f"{example}: {shown(entry)} is not one {{cidr, communities}} with "
                             "at least one community.")
-        cidr = _cidr(read, "prefixAdvertisements", entry["cidr"])
+        cidr = read.ipv4_network("prefixAdvertisements:", entry["cidr"], _A_CIDR)
         tokens = []
         for token in entry["communities"]:
             if not (isinstance(token, str) and token in named):

@@ -151,9 +151,8 @@ class Router:
         self._grace_wake_set = False  # the pass at the end of the grace is scheduled
         # for health checks: when the pass that runs now started (None between passes)
         self.pass_started: float | None = None
-        # next hops on none of the node's links (ipip.recursive), as of the last pass: their
-        # gateways, and what the kernel's routes to them resolved to
-        self._far: frozenset[IPv4Address] = frozenset()
+        # next hops on none of the node's links (ipip.recursive), as of the last pass: each
+        # gateway, and what the kernel's route to it resolved to
         self._underlay: dict[IPv4Address, tuple[NextHop, ...] | None] = {}
         self._watch_underlay = asyncio.Event()  # set while there are far next hops
         # the cluster's Services and EndpointSlices (kube_services), with the Kubernetes API
@@ -454,12 +453,12 @@ class Router:
             underlay = self._look_up(far)
             # Learned routes we cannot vouch for yet (agent just started, speaker not
             # connected) are not withdrawn: only blackholes of blocks we no longer own go.
-            return far, underlay, self.routes.sync(recursive.resolve(desired, underlay),
-                                                   keep_unlisted=not learned_known or in_grace)
+            return underlay, self.routes.sync(recursive.resolve(desired, underlay),
+                                              keep_unlisted=not learned_known or in_grace)
 
         async with self._kernel_lock:
-            far, underlay, stats = await asyncio.to_thread(sync)
-        self._note_underlay(far, underlay)
+            underlay, stats = await asyncio.to_thread(sync)
+        self._note_underlay(underlay)
         if stats.resynced:
             self._wake_at(self.routes.resync_at)
         for op, count in (("add", stats.added), ("replace", stats.replaced),
@@ -481,11 +480,9 @@ class Router:
         return {gateway: recursive.through(self.routes.kernel.lookup(gateway))
                 for gateway in sorted(far)}
 
-    def _note_underlay(self, far: frozenset[IPv4Address],
-                       underlay: dict[IPv4Address, tuple[NextHop, ...] | None]) -> None:
-        for gateway in sorted(far):
-            hops = underlay[gateway]
-            if gateway in self._far and hops == self._underlay[gateway]:
+    def _note_underlay(self, underlay: dict[IPv4Address, tuple[NextHop, ...] | None]) -> None:
+        for gateway, hops in underlay.items():
+            if gateway in self._underlay and hops == self._underlay[gateway]:
                 continue
             if hops is None:
                 log.warning("next hop %s is on none of this node's links and no route of the "
@@ -494,10 +491,10 @@ class Router:
                 log.info("next hop %s is on none of this node's links: its routes go via %s, "
                          "the kernel's route to it", gateway,
                          ", ".join(str(h.gateway) for h in hops))
-        self._far, self._underlay = far, underlay
+        self._underlay = underlay
         self.status.underlay = {str(gateway): [str(h.gateway) for h in hops or ()]
                                 for gateway, hops in underlay.items() if hops != ()}
-        if far:
+        if underlay:
             self._watch_underlay.set()
         else:
             self._watch_underlay.clear()
@@ -509,12 +506,12 @@ class Router:
         while True:
             await self._watch_underlay.wait()
             await asyncio.sleep(recursive.UNDERLAY_CHECK_SECONDS)
-            far = self._far
-            if not far or self.routes is None:
+            seen = self._underlay
+            if not seen or self.routes is None:
                 continue
             async with self._kernel_lock:
-                now = await asyncio.to_thread(self._look_up, far)
-            if now != self._underlay and far == self._far:
+                now = await asyncio.to_thread(self._look_up, frozenset(seen))
+            if now != seen and seen is self._underlay:  # no pass looked again meanwhile
                 self.changed.set()
 
     def _all_peers_settled(self) -> bool:

@@ -6,7 +6,7 @@ import hashlib
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, ip_network
+from ipaddress import IPv4Address, IPv4Network
 
 from ipam.block import block_capacity
 from ipam.errors import InvalidResource, PipitError
@@ -110,19 +110,10 @@ def pool_from_spec(name: str, spec: Mapping) -> IPPool:
 
 
 def _parse_cidr(text: str, read: SpecReader) -> IPv4Network:
-    text = text.strip()
-    address, slash, length = text.partition("/")
     example = "such as 10.244.0.0/16"
-    try:
-        network = ip_network(text, strict=False)
-    except ValueError:
-        raise read.fail(f"cidr {text!r} is not an IP network in CIDR form, {example}.") from None
-    if not slash:
-        raise read.fail(f"cidr {text!r} needs a prefix length, {example}.")
-    if network.version != 4:
-        raise read.fail(f"cidr {text} is IPv6; Pipit pools are IPv4 only for now.")
-    if network.network_address != IPv4Address(address):
-        raise read.fail(f"cidr {text} has host bits set; write it as {network}.")
+    network = read.ipv4_network("cidr", text, f"an IP network in CIDR form, {example}")
+    if "/" not in text:
+        raise read.fail(f"cidr {text.strip()!r} needs a prefix length, {example}.")
     return network
 
 

@@ -9,10 +9,10 @@ asks for a given address (the `ipAddrs` annotation) gets it, reserved or not.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, ip_network
+from ipaddress import IPv4Address, IPv4Network
 
 from ipam.block import reserved_ordinals
 from ipam.errors import InvalidResource, PipitError
@@ -31,23 +31,13 @@ class IPReservation:
     annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
 
 
+_EXPECTED = "an address or a CIDR such as 10.244.0.7 or 10.244.1.0/28"
+
+
 def _parse_cidr(text: object, read: SpecReader) -> IPv4Network:
     if not isinstance(text, str):
-        raise read.fail(f"reservedCIDRs holds {shown(text)}, which is not an address or a CIDR "
-                        "such as 10.244.0.7 or 10.244.1.0/28.")
-    text = text.strip()
-    address = text.partition("/")[0]
-    try:
-        network = ip_network(text, strict=False)
-    except ValueError:
-        raise read.fail(f"reservedCIDRs entry {text!r} is not an address or a CIDR such as "
-                        "10.244.0.7 or 10.244.1.0/28.") from None
-    if network.version != 4:
-        raise read.fail(f"reservedCIDRs entry {text} is IPv6; Pipit pools are IPv4 only for "
-                        "now.")
-    if network.network_address != IPv4Address(address):
-        raise read.fail(f"reservedCIDRs entry {text} has host bits set; write it as {network}.")
-    return network
+        raise read.fail(f"reservedCIDRs holds {shown(text)}, which is not {_EXPECTED}.")
+    return read.ipv4_network("reservedCIDRs entry", text, _EXPECTED)
 
 
 def reservation_from_spec(name: str, spec: Mapping) -> IPReservation:

@@ -16,6 +16,7 @@ import argparse
 import re
 from collections.abc import Mapping
 from fractions import Fraction
+from ipaddress import IPv4Network, ip_address, ip_network
 from dataclasses import dataclass, field, replace
 
 import yaml
@@ -371,6 +372,21 @@ class SpecReader:
         if seconds.denominator != 1:
             raise self.fail(f"{field} {shown(value)} is not a whole number of seconds.")
         return int(seconds)
+
+    def ipv4_network(self, label: str, text: str, what: str) -> IPv4Network:
+        """`text` as an IPv4 network without host bits (a bare address is a /32); `label`
+        starts each sentence about it, `what` says what was expected ("a CIDR such as
+        10.96.0.0/12")."""
+        text = text.strip()
+        try:
+            network = ip_network(text, strict=False)
+        except ValueError:
+            raise self.fail(f"{label} {text!r} is not {what}.") from None
+        if network.version != 4:
+            raise self.fail(f"{label} {text} is IPv6; Pipit is IPv4 only for now.")
+        if network.network_address != ip_address(text.partition("/")[0]):
+            raise self.fail(f"{label} {text} has host bits set; write it as {network}.")
+        return network
 
     def choice(self, field: str, default: str, choices: tuple[str, ...]) -> str:
         """One of `choices`; "" means the default, as in Calico's enums (ipipMode: "")."""
