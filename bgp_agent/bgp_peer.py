@@ -17,6 +17,7 @@ as AS its own; Calico's route-reflector topology). Stored at /pipit/resources/bg
       keepOriginalNextHop: false
       allowPoolPrefixes: false         # accept routes inside IP pools from this peer
       numAllowedLocalASNumbers: 0      # how often our AS may appear in a received AS path
+      filters: [tor-in, tor-out]       # BGPFilters over what is imported and exported, in order
 
     spec:                              # every node peers with every route reflector
       nodeSelector: all()
@@ -52,13 +53,14 @@ from bgp_agent.md5_password import PasswordRef, parse_password
 from bgp_agent.model import DEFAULT_HOLD_TIME, DEFAULT_RESTART_TIME
 from bgp_agent.node import NodeRecord
 from ipam.errors import InvalidResource
-from ipam.resource import SpecReader, check_name, make_document, read_document, with_metadata
+from ipam.resource import (SpecReader, check_name, make_document, read_document, shown,
+                           with_metadata)
 from ipam.selector import parse_selector
 
 KIND = "BGPPeer"
 _FIELDS = {"peerIP", "asNumber", "node", "nodeSelector", "peerSelector", "reversePeering",
            "password", "holdTime", "maxRestartTime", "maxPrefixes", "keepOriginalNextHop",
-           "allowPoolPrefixes", "numAllowedLocalASNumbers"}
+           "allowPoolPrefixes", "numAllowedLocalASNumbers", "filters"}
 REVERSE_PEERING = ("Auto", "Manual")
 MAX_ALLOWED_LOCAL_AS = 10
 
@@ -80,6 +82,7 @@ class BGPPeer:
     allow_pool_prefixes: bool = False
     allowed_local_as: int = 0  # numAllowedLocalASNumbers
     peer_port: int = 179  # where the peer accepts the session (peerIP's optional :port)
+    filters: tuple[str, ...] = ()  # BGPFilter names, applied in this order
     labels: Mapping[str, str] = field(default_factory=dict, hash=False)
     annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
 
@@ -179,7 +182,24 @@ def peer_from_spec(name: str, spec: Mapping) -> BGPPeer:
         restart_time=restart, max_prefixes=max_prefixes,
         keep_original_next_hop=read.boolean("keepOriginalNextHop"),
         allow_pool_prefixes=read.boolean("allowPoolPrefixes"),
-        allowed_local_as=allowed, peer_port=peer_port)
+        allowed_local_as=allowed, peer_port=peer_port, filters=_filter_names(read))
+
+
+def _filter_names(read: SpecReader) -> tuple[str, ...]:
+    names = read.spec.get("filters")
+    if names is None:
+        return ()
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise read.fail(f"filters must list BGPFilter names, not {shown(names)}.")
+    for name in names:
+        try:
+            check_name("BGPFilter", name)
+        except InvalidResource:
+            raise read.fail(f"filters: {shown(name)} is not a valid BGPFilter name.") from None
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise read.fail(f"filters names BGPFilter {twice!r} twice.")
+    return tuple(names)
 
 
 _WITH_PORT = re.compile(r"(\d+\.\d+\.\d+\.\d+):(\d+)|\[([0-9a-fA-F:.]+)\]:(\d+)")
@@ -239,6 +259,8 @@ def peer_to_spec(peer: BGPPeer) -> dict:
         "allowPoolPrefixes": peer.allow_pool_prefixes,
         "numAllowedLocalASNumbers": peer.allowed_local_as,
     })
+    if peer.filters:
+        spec["filters"] = list(peer.filters)
     return spec
 
 
@@ -253,12 +275,20 @@ def peer_from_document(doc: Mapping) -> BGPPeer:
 
 # -- checks against the other resources ----------------------------------------------------
 
-def check_peer(peer: BGPPeer, peers: Iterable[BGPPeer], nodes: Iterable[NodeRecord]) -> None:
+def check_peer(peer: BGPPeer, peers: Iterable[BGPPeer], nodes: Iterable[NodeRecord],
+               filters: Iterable[str] | None = None) -> None:
     """Refuse a peer that is the node it applies to, or that a stored peer already covers
     (same address for an overlapping set of nodes); a peerSelector that would only ever
-    peer a node with itself."""
+    peer a node with itself; one naming a BGPFilter that is not among `filters` (names)."""
     nodes = list(nodes)
     where = f"{KIND} {peer.name!r}"
+    if filters is not None:
+        known = set(filters)
+        for name in peer.filters:
+            if name not in known:
+                raise InvalidResource(f"{where}: filters names BGPFilter {name!r}, which does "
+                                      "not exist (apply the BGPFilter first, or before the "
+                                      "BGPPeer in the same input).")
     if peer.peer_selector is not None:
         pairs = {(a.name, b.name) for a in nodes if peer.applies_to(a)
                  for b in nodes if peer.selects_peer(b)}

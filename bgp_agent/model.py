@@ -44,6 +44,8 @@ class Neighbor:
     allow_pool_prefixes: bool = False  # accept routes equal to or inside an IP pool
     allowed_local_as: int = 0  # times our own AS may appear in a received AS path
     keep_original_next_hop: bool = False
+    # the BGPFilters (bgp_agent.bgp_filter) of its BGPPeer, in the order it names them
+    filters: tuple = ()
 
 
 @dataclass(frozen=True)

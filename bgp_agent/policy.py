@@ -11,7 +11,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network
 
+from bgp_agent import bgp_filter
 from bgp_agent.bgp_config import BGPConfig
+from bgp_agent.bgp_filter import BGPFilter
 from bgp_agent.bgp_peer import BGPPeer
 from bgp_agent.md5_password import PasswordRef, PasswordUnavailable
 from ipip.routes import NextHop, Route
@@ -37,7 +39,8 @@ def _other_nodes(me: NodeRecord, nodes: Iterable[NodeRecord]) -> list[NodeRecord
 
 
 def node_neighbor(me: NodeRecord, other: NodeRecord, config: BGPConfig, kind: str,
-                  peer: BGPPeer | None = None, password: str | None = None) -> Neighbor:
+                  peer: BGPPeer | None = None, password: str | None = None,
+                  filters: tuple[BGPFilter, ...] = ()) -> Neighbor:
     """A session between two nodes. Calico's rule for reflectors: when this node is one, a
     same-AS peer whose cluster id is empty or another is its client, the same id a
     non-client (a fellow reflector of the cluster)."""
@@ -47,7 +50,7 @@ def node_neighbor(me: NodeRecord, other: NodeRecord, config: BGPConfig, kind: st
              else (config.node_mesh_hold_time, config.node_mesh_restart_time))
     limits = {} if peer is None else dict(
         max_prefixes=peer.max_prefixes, allow_pool_prefixes=peer.allow_pool_prefixes,
-        allowed_local_as=peer.allowed_local_as)
+        allowed_local_as=peer.allowed_local_as, filters=filters)
     return Neighbor(address=other.address.ip, peer_as=their_as, local_address=me.address.ip,
                     local_as=my_as, kind=kind, name=other.name, hold_time=times[0],
                     restart_time=times[1], password=password, listen_port=config.listen_port,
@@ -109,18 +112,35 @@ class Skipped:
 class Selection:
     neighbors: list[Neighbor] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # e.g. a BGPFilter that is not there
+
+    def filters_of(self, peer: BGPPeer | None, known: Mapping[str, BGPFilter]
+                   ) -> tuple[BGPFilter, ...]:
+        """The peer's filters, in its order; one it names that does not exist (deleted
+        behind pipitctl's back) is left out and warned about, as Calico leaves it out."""
+        if peer is None:
+            return ()
+        for name in peer.filters:
+            if name not in known:
+                warning = (f"BGPPeer {peer.name!r} names BGPFilter {name!r}, which does not "
+                           "exist: its sessions run without it")
+                if warning not in self.warnings:
+                    self.warnings.append(warning)
+        return tuple(known[name] for name in peer.filters if name in known)
 
 
 def select_neighbors(me: NodeRecord, nodes: Iterable[NodeRecord], config: BGPConfig,
                      peers: Iterable[BGPPeer],
-                     password: Callable[[PasswordRef], str]) -> Selection:
+                     password: Callable[[PasswordRef], str],
+                     filters: Mapping[str, BGPFilter] = {}) -> Selection:
     """This node's sessions: the mesh (if on, and this node no route reflector), every
     global BGPPeer and every BGPPeer whose node or nodeSelector picks this node, and the
     sessions between nodes (reflector_neighbors). A BGPPeer with a peerIP wins over a
     session between nodes to the same address, and that over the mesh; between BGPPeers for
     one address the most specific wins (node, then selector, then global), then the first
     name. `password` reads a password reference and raises PasswordUnavailable; a peer
-    whose password cannot be read is skipped, never configured without it."""
+    whose password cannot be read is skipped, never configured without it. `filters`: the
+    BGPFilters by name, for the peers' `filters`."""
     selection = Selection()
     if me.address is None:
         return selection
@@ -157,7 +177,8 @@ def select_neighbors(me: NodeRecord, nodes: Iterable[NodeRecord], config: BGPCon
             listen_port=config.listen_port, peer_port=peer.peer_port,
             max_prefixes=peer.max_prefixes, allow_pool_prefixes=peer.allow_pool_prefixes,
             allowed_local_as=peer.allowed_local_as,
-            keep_original_next_hop=peer.keep_original_next_hop))
+            keep_original_next_hop=peer.keep_original_next_hop,
+            filters=selection.filters_of(peer, filters)))
     nodes = list(nodes)
     between_nodes: list[Neighbor] = []
     for other, peer in reflector_neighbors(me, nodes, config, peers):
@@ -174,7 +195,8 @@ def select_neighbors(me: NodeRecord, nodes: Iterable[NodeRecord], config: BGPCon
                                              local_as(other, config), str(error)))
             chosen[address] = peer
             continue
-        between_nodes.append(node_neighbor(me, other, config, _between(other), peer, secret))
+        between_nodes.append(node_neighbor(me, other, config, _between(other), peer, secret,
+                                           selection.filters_of(peer, filters)))
     taken = set(chosen) | {n.address for n in between_nodes}
     selection.neighbors += between_nodes
     mesh = mesh_neighbors(me, nodes, config)
@@ -317,7 +339,13 @@ def import_routes(neighbor: Neighbor, paths: Mapping[IPv4Network, Path],
 def _rejection(neighbor: Neighbor, prefix: IPv4Network, path: Path, pools: list[IPPool],
                own_blocks: set[IPv4Network], my_as: int, ownership: Ownership,
                internal: bool, ibgp: bool, services: tuple[IPv4Network, ...] = ()) -> str:
-    """Why import_routes rejects the route ("" if it takes it)."""
+    """Why import_routes rejects the route ("" if it takes it): the peer's BGPFilters first,
+    then Pipit's own rules, which a filter's Accept does not lift."""
+    if neighbor.filters:
+        why = bgp_filter.import_rejection(neighbor.filters, prefix, ibgp, path.communities,
+                                          path.as_path)
+        if why:
+            return why
     if path.as_path.count(my_as) > neighbor.allowed_local_as:
         return "our own AS is in its AS path (a loop)"
     if prefix in own_blocks:
@@ -410,18 +438,25 @@ def announcements(prefixes: Iterable[IPv4Network], neighbors: Iterable[Neighbor]
     holding each prefix), and `services`, the Kubernetes service ranges
     (kube-proxy answers them on every node, so the fabric spreads them over the nodes:
     Calico's serviceClusterIPs, serviceExternalIPs, serviceLoadBalancerIPs). Other nodes
-    never get the service ranges: they serve them themselves."""
+    never get the service ranges: they serve them themselves. A neighbour's BGPFilters
+    hold back what their export rules reject."""
     prefixes = sorted(prefixes)
     tagged: dict[IPv4Network, Announcement] | None = None  # the same for every external peer
     result = {}
     for neighbor in neighbors:
         if neighbor.kind in INTERNAL_KINDS:
-            result[neighbor.address] = {p: Announcement(p) for p in prefixes}
-            continue
-        if tagged is None:
-            tagged = {}
-            for p in sorted(set(prefixes) | set(services)):
-                communities, large = config.communities_for(p)
-                tagged[p] = Announcement(p, communities=communities, large_communities=large)
-        result[neighbor.address] = dict(tagged)
+            wanted = {p: Announcement(p) for p in prefixes}
+        else:
+            if tagged is None:
+                tagged = {}
+                for p in sorted(set(prefixes) | set(services)):
+                    communities, large = config.communities_for(p)
+                    tagged[p] = Announcement(p, communities=communities,
+                                             large_communities=large)
+            wanted = dict(tagged)
+        if neighbor.filters:
+            ibgp = neighbor.peer_as == neighbor.local_as
+            wanted = {p: a for p, a in wanted.items()
+                      if bgp_filter.exports(neighbor.filters, p, ibgp, remote=False)}
+        result[neighbor.address] = wanted
     return result

@@ -11,6 +11,11 @@ The core keeps what it sent; the speaker's tables say what ExaBGP holds. They ar
 in full once after a start (an agent restart finds ExaBGP's Adj-RIB-Out from before: routes
 no longer right are withdrawn), after a failed send, and every RESYNC_SECONDS.
 
+A member's BGPFilters (its BGPPeer's) act on what is reflected to it after the core: a route
+their export rules reject goes to it as a withdrawal instead (the core's fan-out is the same
+for every member, and most have none); a change of filters compares every table with the
+speaker's at that pass.
+
 A pass hands the core only what changed in a peer's accepted routes since the pass before on
 the same session (a route that is not the very Path of then, a prefix gone); a new session,
 or a peer first seen, gets its whole table given.
@@ -23,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
+from bgp_agent import bgp_filter
 from bgp_agent.model import Announcement, Neighbor, Path, PeerState, with_prefix
 from route_reflector import CLIENT, NON_CLIENT, Attributes, Reflector, Route, Update, batch
 
@@ -66,6 +72,7 @@ class Reflection:
         # session (its "since") and router id they were given for
         self._fed: dict[IPv4Address, tuple[tuple, Mapping[IPv4Network, Path]]] = {}
         self._check_at = 0.0  # when to compare with the speaker's tables in full
+        self._filters: dict[IPv4Address, tuple] = {}  # members with BGPFilters: theirs
 
     @property
     def cluster_id(self) -> IPv4Address:
@@ -82,7 +89,13 @@ class Reflection:
         """One pass: sessions that came, went or finished their table, what each sent; the
         updates to send (in order)."""
         core, out = self.core, []
+        neighbors = list(neighbors)
         members = self.members(neighbors)
+        filters = {n.address: n.filters for n in neighbors
+                   if n.filters and n.address in members}
+        if filters != self._filters:
+            self._filters = filters
+            self._check_at = 0.0  # what they let through changed: compare at this pass
         for address in set(core.peers()) - set(members):
             out += core.remove_peer(address)
             self._seen.pop(address, None)
@@ -149,6 +162,8 @@ class Reflection:
         """The updates as the speaker sends them: one command per attribute set and group of
         peers, withdrawals first."""
         announce, withdraw = [], []
+        if self._filters:
+            updates = self._filtered(updates)
         for part in batch(updates):
             neighbors = tuple(sorted(part.peers))
             if part.attributes is None:
@@ -159,9 +174,35 @@ class Reflection:
                 announce.append(Send(neighbors, routes=routes))
         return withdraw + announce
 
+    def _passes(self, address: IPv4Address, prefix: IPv4Network,
+                attributes: Attributes | Route) -> bool:
+        """Whether the member's filters (if any) let the reflected route through."""
+        filters = self._filters.get(address)
+        return not filters or bgp_filter.exports(filters, prefix, True, True,
+                                                 attributes.communities, attributes.as_path)
+
+    def _filtered(self, updates: Iterable[Update]) -> list[Update]:
+        """The updates with each route a member's filters reject withdrawn from it instead
+        (it may hold the route from before, under attributes the filters let through)."""
+        out = []
+        for update in updates:
+            held_back = frozenset(
+                a for a in update.peers if a in self._filters and update.attributes is not None
+                and not self._passes(a, update.prefix, update.attributes))
+            if not held_back:
+                out.append(update)
+                continue
+            if update.peers - held_back:
+                out.append(Update(update.peers - held_back, update.prefix, update.attributes))
+            out.append(Update(held_back, update.prefix, None))
+        return out
+
     def reflects(self, address: IPv4Address, prefix: IPv4Network) -> bool:
         """Whether the member is sent a reflected route for the prefix."""
-        return self.core.sends(address, prefix)
+        if not self.core.sends(address, prefix):
+            return False
+        return address not in self._filters or self._passes(address, prefix,
+                                                            self.core.best(prefix))
 
     def due_check(self, now: float) -> bool:
         return now >= self._check_at
@@ -179,7 +220,8 @@ class Reflection:
         for address, peer in self.core.peers().items():
             if not peer.up:
                 continue
-            want = {p: announcement(p, a) for p, a in self.core.advertised(address).items()}
+            want = {p: announcement(p, a) for p, a in self.core.advertised(address).items()
+                    if address not in self._filters or self._passes(address, p, a)}
             have = {p: a for p, a in announced.get(address, {}).items() if reflected(a)}
             wrong = tuple(a for p, a in want.items() if have.get(p) != a)
             extra = tuple(p for p in have if p not in want)

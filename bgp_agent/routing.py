@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from bgp_agent import policy
 from bgp_agent.bgp_config import BGPConfig, config_from_spec
+from bgp_agent.bgp_filter import filter_from_document
 from bgp_agent.bgp_peer import peer_from_document
 from bgp_agent.md5_password import PasswordRef, resolve_password
 from bgp_agent.node_dataplane import NodeDataplane
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 
 BGP_CONFIG_PREFIX = keys.resource_prefix("bgpconfig")
 BGP_PEERS_PREFIX = keys.resource_prefix("bgppeers")
+BGP_FILTERS_PREFIX = keys.resource_prefix("bgpfilters")
 DIAGNOSE_SECONDS = 3.0  # how often to look again at why a session is not up (MD5 counters)
 STARTUP_GRACE_SECONDS = 120.0  # after a start, learned routes stay until every peer sent its table
 # a reflector's passes whose sends may still await ExaBGP's answers while the next one runs
@@ -129,11 +131,13 @@ class Router:
         self.bgp_config = Mirror(store, BGP_CONFIG_PREFIX, decode_bgp_config, self.changed)
         self.bgp_peers = Mirror(store, BGP_PEERS_PREFIX, lambda e: peer_from_document(e.value),
                                 self.changed)
+        self.bgp_filters = Mirror(store, BGP_FILTERS_PREFIX,
+                                  lambda e: filter_from_document(e.value), self.changed)
         self.affinities = Mirror(store, keys.affinity_prefix(me.name),
                                  lambda e: e.value.get("state"), self.changed)
         self.blocks = Mirror(store, keys.BLOCKS, summarize, self.changed)
         self.mirrors = (self.nodes, self.pools, self.bgp_config, self.bgp_peers,
-                         self.affinities, self.blocks)
+                        self.bgp_filters, self.affinities, self.blocks)
         self.secrets_dir = secrets_dir
         self.graceful_restart = GracefulRestart(clock)
         self.reflection: Reflection | None = None  # while this node is a route reflector
@@ -143,6 +147,7 @@ class Router:
         self._derived: dict[str, tuple[tuple[int, ...], object]] = {}
         self.md5 = MD5Watch()
         self._skipped: list[policy.Skipped] = []
+        self._selection_warnings: list[str] = []
         self._disabled: dict[IPv4Address, _Disabled] = {}
         self._diagnose_at = 0.0
         self._eor_sent: dict[IPv4Address, float] = {}  # peer -> session (since) it went to
@@ -270,9 +275,12 @@ class Router:
     def _select(self, me: NodeRecord, config: BGPConfig) -> list[Neighbor]:
         """The neighbours the speaker should have: the selection, minus peers disabled for
         exceeding maxPrefixes (a disabled peer whose BGPPeer changed may try again)."""
+        filters = {f.name: f for f in self.bgp_filters.items.values()}
         selection = policy.select_neighbors(me, self.nodes.items.values(), config,
-                                            self.bgp_peers.items.values(), self._password)
+                                            self.bgp_peers.items.values(), self._password,
+                                            filters)
         self._skipped = selection.skipped
+        self._selection_warnings = selection.warnings
         wanted = {n.address: n for n in selection.neighbors}
         for address, disabled in list(self._disabled.items()):
             if wanted.get(address) != disabled.neighbor:
@@ -616,6 +624,7 @@ class Router:
         in_pool = node_in_pool(me, self.pools.items.values())
         self.status.warnings = [*policy.reflector_warnings(me, self.nodes.items.values(),
                                                            neighbors),
+                                *self._selection_warnings,
                                 *([f"node {me.name}: {in_pool} (meanwhile an IPReservation "
                                    f"of {me.address.ip} keeps it from pods)"] if in_pool
                                   else [])]

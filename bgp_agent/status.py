@@ -83,6 +83,7 @@ class Status:
                 "stale": p.stale, "rejectedReasons": p.rejected_reasons,
                 "maxPrefixes": p.neighbor.max_prefixes, "rrClient": p.neighbor.rr_client,
                 "password": p.neighbor.password is not None,
+                "filters": [f.name for f in p.neighbor.filters],
             } for p in self.peers],
         }
 

@@ -85,6 +85,8 @@ def render(status: dict) -> str:
         if up and reasons:
             info += " (" + "; ".join(f"{count} rejected: {why}" for why, count in
                                      sorted(reasons.items())) + ")"
+        if peer.get("filters"):
+            info += f" (BGPFilters: {', '.join(peer['filters'])})"
         rows.append((peer["address"], peer_type(peer, bool(cluster)),
                      peer.get("name") or "-", peer["asNumber"] or "-", peer["state"],
                      since if up else "-", since if not up else "-", peer["received"],

@@ -21,6 +21,7 @@ from ipam.pool import (check_node_outside_pools, check_pool_fits, check_pool_hol
                        pool_from_spec, pool_to_document)
 from ipam.pool_delete import addresses_in_use, delete_pool, in_use_refusal
 from bgp_agent.bgp_config import config_from_spec as bgp_config_from_spec
+from bgp_agent.bgp_filter import filter_from_spec, filter_to_document, rule_counts
 from bgp_agent.bgp_peer import check_peer, peer_from_spec, peer_to_document
 from bgp_agent.bgp_config import check_config_input, community_texts
 from bgp_agent.bgp_config import config_to_document as bgp_config_to_document
@@ -190,17 +191,58 @@ BGP_PEER = Kind(
     name="BGPPeer", plural="bgppeers", aliases=("bgppeer", "peer", "peers"),
     parse=lambda d: with_metadata(peer_from_spec(d.name, dict(d.spec)), d),
     to_document=peer_to_document,
-    check=_no_check, needs=("nodes",), reads_all=True,
-    depends_on=lambda peer: [keys.node_key(peer.node)] if peer.node else [],
-    check_with=lambda peer, peers, others: check_peer(peer, peers, others["nodes"]),
+    check=_no_check, needs=("nodes", "bgpfilters"), reads_all=True,
+    depends_on=lambda peer: ([keys.node_key(peer.node)] if peer.node else []) + [
+        keys.resource_key("bgpfilters", name) for name in peer.filters],
+    check_with=lambda peer, peers, others: check_peer(
+        peer, peers, others["nodes"], [f.name for f in others["bgpfilters"]]),
     columns=("NAME", "PEERIP", "NODE", "ASN"),
     row=lambda p: (p.name, p.endpoint, _peer_scope(p), _peer_as(p)),
     wide_columns=("NAME", "PEERIP", "NODE", "ASN", "PASSWORD", "HOLDTIME", "RESTARTTIME",
-                  "MAXPREFIXES", "KEEPNEXTHOP", "ALLOWPOOLPREFIXES", "ALLOWEDLOCALAS"),
+                  "MAXPREFIXES", "KEEPNEXTHOP", "ALLOWPOOLPREFIXES", "ALLOWEDLOCALAS",
+                  "FILTERS"),
     wide_row=lambda p: (p.name, p.endpoint, _peer_scope(p), _peer_as(p),
                         str(p.password) if p.password else "-", p.hold_time, p.restart_time,
                         p.max_prefixes or "-", yes_no(p.keep_original_next_hop),
-                        yes_no(p.allow_pool_prefixes), p.allowed_local_as),
+                        yes_no(p.allow_pool_prefixes), p.allowed_local_as,
+                        ",".join(p.filters) or "-"),
+)
+
+
+def _names_filter(document: object, name: str) -> bool:
+    """Whether a stored BGPPeer document (valid or not) lists the filter."""
+    spec = document.get("spec") if isinstance(document, dict) else None
+    names = spec.get("filters") if isinstance(spec, dict) else None
+    return isinstance(names, list) and name in names
+
+
+async def delete_filter(store: Store, name: str, force: bool) -> None:
+    """Delete a BGPFilter no BGPPeer names (in one transaction with the read of the peers:
+    a peer applied meanwhile that names it makes the delete look again)."""
+    key, peers_prefix = BGP_FILTER.key(name), BGP_PEER.prefix
+
+    async def decide(changes: Changes) -> None:
+        if await changes.get(key) is None:
+            raise NotFound(f"bgpfilter {name!r} not found.")
+        entries, revision = await store.list_with_revision(peers_prefix)
+        changes.saw_prefix(peers_prefix, revision)
+        users = sorted(e.key.removeprefix(peers_prefix) for e in entries
+                       if _names_filter(e.value, name))
+        if users:
+            raise InUse(f"bgpfilter {name!r} is used by BGPPeer {', '.join(map(repr, users))}; "
+                        "take it out of their filters first (nothing was deleted).")
+        changes.delete(key)
+    await transact(store, decide, f"deleting bgpfilter {name!r}")
+
+
+BGP_FILTER = Kind(
+    name="BGPFilter", plural="bgpfilters", aliases=("bgpfilter", "filter", "filters"),
+    parse=lambda d: with_metadata(filter_from_spec(d.name, dict(d.spec)), d),
+    to_document=filter_to_document, check=_no_check, delete=delete_filter,
+    columns=("NAME", "RULES"),
+    row=lambda f: (f.name, rule_counts(f)),
+    wide_columns=("NAME", "RULES"),
+    wide_row=lambda f: (f.name, rule_counts(f)),
 )
 
 def _reserved_text(reservation, limit: int | None = None) -> str:
@@ -220,7 +262,8 @@ IPRESERVATION = Kind(
     wide_row=lambda r: (r.name, _reserved_text(r)),
 )
 
-KINDS: tuple[Kind, ...] = (IPPOOL, BGP_CONFIGURATION, BGP_PEER, NODE, IPRESERVATION)
+KINDS: tuple[Kind, ...] = (IPPOOL, BGP_CONFIGURATION, BGP_FILTER, BGP_PEER, NODE,
+                           IPRESERVATION)
 
 
 def kind_named(word: str) -> Kind:

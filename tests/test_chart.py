@@ -322,7 +322,8 @@ def test_rbac_create_false_renders_no_rbac_and_uses_the_named_accounts():
 
 def test_the_hook_applies_resources_pipitctl_accepts():
     for name, expect in (("mesh", {"IPPool", "BGPConfiguration"}),
-                         ("reflectors", {"IPPool", "BGPConfiguration", "BGPPeer"}),
+                         ("reflectors", {"IPPool", "BGPConfiguration", "BGPFilter",
+                                         "BGPPeer"}),
                          ("vxlan", {"IPPool", "BGPConfiguration"})):
         objects = rendered(name)
         config = find(objects, "ConfigMap", "pipit-config")
@@ -362,6 +363,7 @@ def test_the_hook_resources_apply_twice_to_a_real_etcd(etcd, tmp_path):
     listed = subprocess.run([*pipitctl, "get", "bgppeers", "-o", "json"], capture_output=True,
                             text=True, check=True).stdout
     assert "pipit-route-reflectors" in listed and "rack-a-tor" in listed
+    assert json.loads(listed)["items"][-1]["spec"]["filters"] == ["tor-in"]
 
 
 # -- values the schema refuses --------------------------------------------------------------------

@@ -326,7 +326,7 @@ def test_bash_completes_verbs_kinds_and_the_names_etcd_holds(etcd, ctl):
     env = {"PIPIT_ETCD_ENDPOINTS": etcd.endpoints[0]}
     assert sorted(complete(["pipitctl", "la"], env)) == ["lab", "label"]
     assert sorted(complete(["pipitctl", "get", "bgp"], env)) == ["bgpconfigurations",
-                                                                   "bgppeers"]
+                                                                   "bgpfilters", "bgppeers"]
     assert complete(["pipitctl", "get", "ippools", "web"], env) == ["web-a", "web-b"]
     assert complete(["pipitctl", "delete", "ippool", "web-a", ""], env) == ["db", "web-b"]
     assert complete(["pipitctl", "patch", "ipp", "d"], env) == ["db"]

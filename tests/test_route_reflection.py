@@ -97,9 +97,38 @@ spec: {peerIP: 10.99.0.250, asNumber: 64512, nodeSelector: route-reflector == 't
             wait(lambda: peer_status(rr_lab, reflector, "bird-client").get("state") == "up",
                  30, f"{reflector}'s session with the BIRD client")
             assert peer_status(rr_lab, reflector, "bird-client")["rrClient"]
+        # A BGPFilter on the session: the reflectors reflect all but one worker's block to it
+        held_back = min(blocks)
+        applied = rr_lab.pipitctl("apply", "-f", "-", input=f"""\
+apiVersion: pipit.dev/v1
+kind: BGPFilter
+metadata: {{name: not-one}}
+spec:
+  exportV4: [{{action: Reject, matchOperator: Equal, cidr: {held_back}, source: RemotePeers}}]
+---
+apiVersion: pipit.dev/v1
+kind: BGPPeer
+metadata: {{name: bird-client}}
+spec: {{peerIP: 10.99.0.250, asNumber: 64512, nodeSelector: route-reflector == 'true',
+        filters: [not-one]}}
+""")
+        assert applied.returncode == 0, applied.stderr
+        wait(lambda: held_back not in bird.routes(), 30, "BIRD to lose the filtered block")
+        assert blocks - {held_back} <= set(bird.routes())
+        # its sessions start over: each reflector sends its whole table again, past the filter
+        since = {r: peer_status(rr_lab, r, "bird-client")["since"] for r in ("rr1", "rr2")}
+        bird.birdc("restart", "all")
+        wait(lambda: all(peer_status(rr_lab, r, "bird-client")["since"] != since[r] and
+                         peer_status(rr_lab, r, "bird-client")["state"] == "up"
+                         for r in ("rr1", "rr2")) and blocks - {held_back} <= set(bird.routes()),
+             30, "BIRD's new sessions to take the reflected blocks again")
+        assert held_back not in bird.routes()
+        for reflector in ("rr1", "rr2"):
+            assert not rr_lab.status(reflector).get("lastError"), rr_lab.status(reflector)
     finally:
         bird.destroy()
         rr_lab.pipitctl("delete", "bgppeer", "bird-client")
+        rr_lab.pipitctl("delete", "bgpfilter", "not-one")
 
 
 def test_a_client_peering_with_part_of_a_cluster_is_warned(rr_lab):

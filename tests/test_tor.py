@@ -246,6 +246,51 @@ def test_allow_pool_prefixes_lets_nodes_learn_the_blocks_from_their_tor(bird_lab
     wait(lambda: node_sees_only_its_tor_routes(lab, "n1"), 30, "n1 to forget the blocks")
 
 
+def test_bgp_filters_choose_what_a_rack_takes_from_its_tor_and_gives_it(bird_lab):
+    """Calico's BGPFilter on rack 1's BGPPeer: its nodes take only the default route from the
+    ToR (the loopbacks rejected by the filter, the pod blocks still by Pipit's own rule), and
+    n2's block is held back from the ToR, which withdraws it; the sessions stay up throughout.
+    The filter cannot be deleted while the peer names it; without it, all is as before."""
+    lab, tor = bird_lab, bird_lab.routers[1]
+    since = tor_peer(lab, "n1")["since"]
+    n2_block = block_of(lab, "n2")
+    tor_filter = yaml.safe_dump({
+        "apiVersion": "pipit.dev/v1", "kind": "BGPFilter", "metadata": {"name": "rack1"},
+        "spec": {"importV4": [{"action": "Accept", "matchOperator": "Equal",
+                               "cidr": "0.0.0.0/0"},
+                              {"action": "Reject", "matchOperator": "In",
+                               "cidr": "192.0.2.0/24"}],
+                 "exportV4": [{"action": "Reject", "matchOperator": "Equal",
+                               "cidr": str(n2_block)}]}})
+    default_only = {"default": str(tor_address(1))}
+    applied = lab.pipitctl("apply", "-f", "-", input=f"---\n{tor_filter}" +
+                           lab.tor_peer_document(1, filters=["rack1"]))
+    assert applied.returncode == 0, applied.stderr
+    try:
+        for n in ("n1", "n2"):
+            wait(lambda n=n: {d: h for d, h in lab.pipit_routes(n).items() if h != "blackhole"}
+                 == default_only, 30, f"{n} to hold only the ToR's default route")
+        wait(lambda: n2_block not in tor.routes(), 30, "tor1 to lose n2's block")
+        assert block_of(lab, "n1") in tor.routes()
+        peer = tor_peer(lab, "n1")
+        assert peer["filters"] == ["rack1"] and peer["since"] == since
+        assert peer["rejectedReasons"]["BGPFilter 'rack1' rejects it (importV4 rule 2)"] == 2
+        assert "it is inside an IP pool (only nodes announce pod addresses)" in \
+            peer["rejectedReasons"]
+        out = lab.pipitctl("node", "status", "--socket", str(lab.status_socket("n1"))).stdout
+        assert "(BGPFilters: rack1)" in out
+        refused = lab.pipitctl("delete", "bgpfilter", "rack1")
+        assert refused.returncode != 0 and "BGPPeer 'tor-r1'" in refused.stderr
+    finally:
+        assert lab.pipitctl("apply", "-f", "-", input=lab.tor_peer_document(1)).returncode == 0
+    wait(lambda: n2_block in tor.routes(), 30, "tor1 to learn n2's block again")
+    for n in ("n1", "n2"):
+        wait(lambda n=n: node_sees_only_its_tor_routes(lab, n), 30, f"{n} to take it all again")
+    assert lab.pipitctl("delete", "bgpfilter", "rack1").returncode == 0
+    assert tor_peer(lab, "n1")["since"] == since
+    assert_pods_reach_each_other(lab)
+
+
 def test_service_ranges_are_announced_to_the_tors_by_every_node_and_then_withdrawn(bird_lab):
     """serviceClusterIPs and serviceLoadBalancerIPs (Calico's): every node announces them to
     its ToR, so each ToR routes them to its own rack's nodes (kube-proxy answers them on

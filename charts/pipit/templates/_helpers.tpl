@@ -235,6 +235,13 @@ spec:
   holdTime: {{ .Values.bgp.nodeMeshHoldTime }}
   maxRestartTime: {{ .Values.bgp.nodeMeshMaxRestartTime }}
 {{- end }}
+{{- range .Values.bgp.filters }}
+---
+apiVersion: pipit.dev/v1
+kind: BGPFilter
+metadata: {name: {{ .name }}}
+spec: {{- toYaml (omit . "name") | nindent 2 }}
+{{- end }}
 {{- range .Values.bgp.peers }}
 ---
 apiVersion: pipit.dev/v1
