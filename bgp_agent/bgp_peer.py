@@ -18,6 +18,7 @@ as AS its own; Calico's route-reflector topology). Stored at /pipit/resources/bg
       allowPoolPrefixes: false         # accept routes inside IP pools from this peer
       numAllowedLocalASNumbers: 0      # how often our AS may appear in a received AS path
       filters: [tor-in, tor-out]       # BGPFilters over what is imported and exported, in order
+      ttlSecurity: 1                   # GTSM (RFC 5082): the peer is this many hops away
 
     spec:                              # every node peers with every route reflector
       nodeSelector: all()
@@ -34,6 +35,9 @@ maxPrefixes counts every prefix the peer sent, accepted or not; one more disconn
 node status`, until its BGPPeer changes (raise the limit, or touch any field) or the agent
 restarts. numAllowedLocalASNumbers is Calico's: with an AS per rack, routes of the other
 nodes of the rack come back through the ToR with our own AS in their path.
+ttlSecurity is Calico's GTSM (RFC 5082, BIRD's `ttl security on`): the node sends with TTL 255
+and its kernel drops what arrives from the peer with a TTL below 256 - ttlSecurity, so a
+spoofed segment from farther away cannot reach the session; the peer must run GTSM too.
 keepOriginalNextHop is accepted for Calico compatibility; a node only announces its own
 blocks, whose next hop is the node itself either way.
 
@@ -60,7 +64,7 @@ from ipam.selector import parse_selector
 KIND = "BGPPeer"
 _FIELDS = {"peerIP", "asNumber", "node", "nodeSelector", "peerSelector", "reversePeering",
            "password", "holdTime", "maxRestartTime", "maxPrefixes", "keepOriginalNextHop",
-           "allowPoolPrefixes", "numAllowedLocalASNumbers", "filters"}
+           "allowPoolPrefixes", "numAllowedLocalASNumbers", "filters", "ttlSecurity"}
 REVERSE_PEERING = ("Auto", "Manual")
 MAX_ALLOWED_LOCAL_AS = 10
 
@@ -83,6 +87,7 @@ class BGPPeer:
     allowed_local_as: int = 0  # numAllowedLocalASNumbers
     peer_port: int = 179  # where the peer accepts the session (peerIP's optional :port)
     filters: tuple[str, ...] = ()  # BGPFilter names, applied in this order
+    ttl_security: int = 0  # GTSM: the peer's distance in hops (0: off)
     labels: Mapping[str, str] = field(default_factory=dict, hash=False)
     annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
 
@@ -182,7 +187,16 @@ def peer_from_spec(name: str, spec: Mapping) -> BGPPeer:
         restart_time=restart, max_prefixes=max_prefixes,
         keep_original_next_hop=read.boolean("keepOriginalNextHop"),
         allow_pool_prefixes=read.boolean("allowPoolPrefixes"),
-        allowed_local_as=allowed, peer_port=peer_port, filters=_filter_names(read))
+        allowed_local_as=allowed, peer_port=peer_port, filters=_filter_names(read),
+        ttl_security=_ttl_security(read))
+
+
+def _ttl_security(read: SpecReader) -> int:
+    hops = read.integer("ttlSecurity", 0)
+    if not 0 <= hops <= 254:
+        raise read.fail(f"ttlSecurity {hops} must be the number of hops to the peer, 1-254 "
+                        "(0 or none: off).")
+    return hops
 
 
 def _filter_names(read: SpecReader) -> tuple[str, ...]:
@@ -261,6 +275,8 @@ def peer_to_spec(peer: BGPPeer) -> dict:
     })
     if peer.filters:
         spec["filters"] = list(peer.filters)
+    if peer.ttl_security:
+        spec["ttlSecurity"] = peer.ttl_security
     return spec
 
 

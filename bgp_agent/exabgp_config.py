@@ -113,6 +113,10 @@ def _render(router_id, local_address, local_as, neighbors, bridge_command, diges
             if not usable_md5_password(n.password):
                 raise ValueError(f"neighbour {n.address}: the MD5 password must be {MD5_RULE}")
             lines.append(f'    md5-password "{n.password}";')
+        if n.ttl_security:
+            # GTSM (RFC 5082): nothing from the peer below this TTL; ExaBGP then sends with
+            # 255 (pipit-exabgp checks it per session, not on the shared listening socket)
+            lines.append(f"    incoming-ttl {256 - n.ttl_security};")
         capabilities = ["route-refresh;"]
         if n.restart_time > 0:
             capabilities.insert(0, f"graceful-restart {min(n.restart_time, MAX_RESTART_TIME)};")

@@ -1,4 +1,4 @@
-"""pipit-exabgp: ExaBGP 5.0 with five fixes to its reactor loop, so that it can sleep when
+"""pipit-exabgp: ExaBGP 5.0 with six fixes to its reactor loop, so that it can sleep when
 idle and still answer at once, take many connections and commands at once, and not format
 log lines it drops. The agent runs it in place of `exabgp` (same arguments); a sidecar
 should too.
@@ -47,8 +47,20 @@ remove both; the third is about turns that are busy:
    turns and ~13,000 writes where the commands were waiting in the pipe. Read up to
    API_READ_SIZE (all the pipe holds) per turn: ExaBGP splits the lines as before.
 
+6. GTSM (`incoming-ttl`, ttlSecurity) broke every other session on the address: ExaBGP set the
+   minimum TTL on the listening socket, which every neighbour on the node's address and port
+   shares, so a node peering with a ToR under GTSM dropped the SYNs of the other nodes (TTL
+   64) too. Sessions the other side opens were also checked only from the moment their socket
+   was accepted, after the peer's OPEN may already have been queued. Fixed: the listening
+   sockets keep the SYN of each connection (TCP_SAVE_SYN) and have no minimum (but answer with
+   TTL 255 once a GTSM neighbour listens on them: the SYN-ACK goes with it); a connection
+   from a neighbour with a minimum is refused (closed before its peer sees it) when its SYN
+   came with a lower TTL, and otherwise gets the minimum on its own socket. Sessions ExaBGP
+   opens itself it already checks on their socket.
+
 The first two fixes replace one method, Reactor._wait_for_io, the third two of Listener's,
-the fourth Peer.id and log.debug, the fifth the `os` the API's Processes read with;
+the fourth Peer.id and log.debug, the fifth the `os` the API's Processes read with, the sixth
+Listener._listen and (with the third's) _connected, and the listener's own minimum-TTL call;
 they are applied only to the release they were written against (5.0.x); with any other,
 pipit-exabgp says so on stderr and runs ExaBGP unchanged (correct, only slower to answer as
 above). pipit-exabgp also installs bgp_agent.exabgp_fanout's changes (one command to many
@@ -130,6 +142,79 @@ def connected(listener):
         log.critical(lambda exc=exc: str(exc), "network")
 
 
+def connected_checked(listener):
+    """connected() refusing a connection whose SYN came with a TTL below the minimum
+    (`incoming-ttl`) of the neighbour at its address, and giving the others that minimum on
+    their own socket (6)."""
+    for connection in connected(listener):
+        # (ExaBGP's Incoming names the peer's address `local`, as connected() says)
+        minimum = _minimum_ttl(listener, connection.local)
+        if not minimum:
+            yield connection
+            continue
+        arrived = syn_ttl(connection.io)
+        if arrived is not None and arrived < minimum:
+            from exabgp.logger import log
+            log.warning(lambda c=connection, a=arrived, m=minimum: (
+                f"refused the connection from {c.local}: it came with TTL {a}, below the "
+                f"{m} GTSM (ttlSecurity) wants: the peer does not run GTSM or is farther away"),
+                "network")
+            connection.close()
+            continue
+        from exabgp.reactor.network.tcp import set_minimum_ttl
+        set_minimum_ttl(connection.io, connection.afi, connection.local, minimum)
+        yield connection
+
+
+def _minimum_ttl(listener, address: str) -> int | None:
+    """The highest minimum TTL a configured neighbour at `address` asks for (None: none)."""
+    reactor, found = listener._reactor, None
+    for key in reactor.peers():
+        neighbor = reactor.neighbor(key)
+        minimum = neighbor["incoming-ttl"]
+        if minimum and neighbor["peer-address"].top() == address:
+            found = max(found or 0, minimum)
+    return found
+
+
+TCP_SAVE_SYN, TCP_SAVED_SYN = 27, 28  # linux/tcp.h (Python's socket module has neither)
+
+
+def syn_ttl(io) -> int | None:
+    """The TTL (hop limit) of the SYN an accepted socket came from, as its listening socket
+    saved it (TCP_SAVE_SYN); None if it did not."""
+    import socket
+    try:
+        syn = io.getsockopt(socket.IPPROTO_TCP, TCP_SAVED_SYN, 512)
+    except OSError:
+        return None
+    if len(syn) >= 20 and syn[0] >> 4 == 4:
+        return syn[8]
+    if len(syn) >= 40 and syn[0] >> 4 == 6:
+        return syn[7]
+    return None
+
+
+def listen_saving_syns(original):
+    """Listener._listen with every listening socket keeping each connection's SYN, and,
+    once a neighbour with a minimum TTL listens on it, answering SYNs with TTL 255: the
+    kernel sends the SYN-ACK with the listening socket's TTL, and a GTSM peer drops one
+    below its own minimum (anyone else takes 255 as well as 64) (6)."""
+    def _listen(listener, local_ip, peer_ip, local_port, use_md5, md5_base64, ttl_in):
+        import socket
+        original(listener, local_ip, peer_ip, local_port, use_md5, md5_base64, ttl_in)
+        for sock, (address, port, *_) in listener._sockets.items():
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_SAVE_SYN, 1)
+            if ttl_in and (address, port) == (local_ip.top(), local_port):
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 255)
+    _listen.__wrapped__ = original
+    return _listen
+
+
+def _no_shared_minimum(io, afi, ip, minimum) -> None:
+    """The listener's set_minimum_ttl: a listening socket is every neighbour's (6)."""
+
+
 def peer_id(peer) -> str:
     """Peer.id, made once per neighbour object (4)."""
     kept = peer.__dict__.get("_pipit_id")
@@ -170,15 +255,20 @@ def apply() -> str | None:
     None if done, else why not."""
     from exabgp.logger import _log, log
     from exabgp.reactor.api import processes
+    from exabgp.reactor import listener as listener_module
     from exabgp.reactor.listener import Listener
     from exabgp.reactor.loop import Reactor
     from exabgp.reactor.peer import Peer
     from exabgp.version import release
     if (not release.startswith(FIXED_RELEASES) or not hasattr(Reactor, "_wait_for_io")
-            or not hasattr(Listener, "_connected")):
+            or not hasattr(Listener, "_connected") or not hasattr(Listener, "_listen")
+            or not hasattr(listener_module, "set_minimum_ttl")):
         return f"ExaBGP {release} is not a release these fixes were written for"
     Reactor._wait_for_io = wait_for_io
-    Listener.incoming, Listener._connected = incoming, connected
+    Listener.incoming, Listener._connected = incoming, connected_checked
+    Listener._listen = listen_saving_syns(getattr(Listener._listen, "__wrapped__",
+                                                  Listener._listen))
+    listener_module.set_minimum_ttl = _no_shared_minimum
     Peer.id = peer_id
     processes.os = ReadingMore(getattr(processes.os, "os", processes.os))
     log.debug = quiet_debug(_log.__dict__["debug"].__func__)  # (log's base keeps ExaBGP's)

@@ -50,7 +50,8 @@ def node_neighbor(me: NodeRecord, other: NodeRecord, config: BGPConfig, kind: st
              else (config.node_mesh_hold_time, config.node_mesh_restart_time))
     limits = {} if peer is None else dict(
         max_prefixes=peer.max_prefixes, allow_pool_prefixes=peer.allow_pool_prefixes,
-        allowed_local_as=peer.allowed_local_as, filters=filters)
+        allowed_local_as=peer.allowed_local_as, filters=filters,
+        ttl_security=peer.ttl_security)
     return Neighbor(address=other.address.ip, peer_as=their_as, local_address=me.address.ip,
                     local_as=my_as, kind=kind, name=other.name, hold_time=times[0],
                     restart_time=times[1], password=password, listen_port=config.listen_port,
@@ -178,7 +179,7 @@ def select_neighbors(me: NodeRecord, nodes: Iterable[NodeRecord], config: BGPCon
             max_prefixes=peer.max_prefixes, allow_pool_prefixes=peer.allow_pool_prefixes,
             allowed_local_as=peer.allowed_local_as,
             keep_original_next_hop=peer.keep_original_next_hop,
-            filters=selection.filters_of(peer, filters)))
+            filters=selection.filters_of(peer, filters), ttl_security=peer.ttl_security))
     nodes = list(nodes)
     between_nodes: list[Neighbor] = []
     for other, peer in reflector_neighbors(me, nodes, config, peers):

@@ -21,7 +21,8 @@ from ipam.local_socket import start_private_server
 
 DEFAULT_STATUS_SOCKET = "/run/pipit/status.sock"
 NETSTAT = "/proc/net/netstat"
-MD5_COUNTERS = ("TCPMD5Failure", "TCPMD5NotFound", "TCPMD5Unexpected")
+# the kernel's counters of segments dropped for a TCP MD5 signature, or a TTL below GTSM's
+MD5_COUNTERS = ("TCPMD5Failure", "TCPMD5NotFound", "TCPMD5Unexpected", "TCPMinTTLDrop")
 
 
 class AgentUnavailable(PipitError):
@@ -84,6 +85,7 @@ class Status:
                 "maxPrefixes": p.neighbor.max_prefixes, "rrClient": p.neighbor.rr_client,
                 "password": p.neighbor.password is not None,
                 "filters": [f.name for f in p.neighbor.filters],
+                "ttlSecurity": p.neighbor.ttl_security,
             } for p in self.peers],
         }
 
@@ -123,6 +125,18 @@ def md5_diagnosis(password_set: bool, grown: Mapping[str, int]) -> str:
     return ""
 
 
+def ttl_diagnosis(hops: int, grown: Mapping[str, int]) -> str:
+    """What the kernel's count of segments dropped for too low a TTL says about a session
+    under GTSM (ttlSecurity `hops`) that is not up."""
+    dropped = grown.get("TCPMinTTLDrop", 0)
+    if not hops or dropped <= 0:
+        return ""
+    return (f"the peer's segments arrive with a TTL below {256 - hops}, the least ttlSecurity "
+            f"{hops} accepts: it does not run GTSM (BIRD: ttl security on) or is more than "
+            f"{hops} hop{'' if hops == 1 else 's'} away (the kernel dropped "
+            f"{_segments(dropped)})")
+
+
 def _segments(count: int) -> str:
     return f"{count} segment{'' if count == 1 else 's'}"
 
@@ -141,7 +155,8 @@ class MD5Watch:
             self._base[neighbor.address] = (neighbor, counters)
             return ""
         grown = {k: counters.get(k, 0) - base[1].get(k, 0) for k in MD5_COUNTERS}
-        return md5_diagnosis(neighbor.password is not None, grown)
+        return (md5_diagnosis(neighbor.password is not None, grown)
+                or ttl_diagnosis(neighbor.ttl_security, grown))
 
     def keep_only(self, addresses: set[IPv4Address]) -> None:
         for address in set(self._base) - addresses:

@@ -333,6 +333,8 @@ def tor_config(spec: RouterSpec, log_path: Path | None = None) -> str:
         ]
         if peer.password:
             lines.append(f'  password "{peer.password}";')
+        if peer.ttl_security:
+            lines.append("  ttl security on;")  # sends 255, accepts 255 (one hop)
         lines += ["  ipv4 { import all; export all; };", "}"]
     return "\n".join(lines) + "\n"
 
@@ -367,6 +369,14 @@ class BirdRouter(Bird):
 
     def originate(self, prefixes: Iterable[IPv4Network]) -> None:
         self.spec = replace(self.spec, originate=tuple(prefixes))
+        self.configure(tor_config(self.spec, self.log_path))
+
+    def ttl_security(self, on: bool, addresses: Iterable[IPv4Address]) -> None:
+        """GTSM on the sessions with these peers, or off (BIRD restarts them)."""
+        addresses = set(addresses)
+        self.spec = replace(self.spec, peers=tuple(
+            replace(p, ttl_security=on) if p.address in addresses else p
+            for p in self.spec.peers))
         self.configure(tor_config(self.spec, self.log_path))
 
     def pids(self) -> list[int]:

@@ -33,6 +33,7 @@ class RouterPeer:
     password: str | None = None  # TCP MD5
     hold_time: int = 90
     graceful_restart: bool = True  # act as graceful-restart helper (keep a restarting peer's routes)
+    ttl_security: bool = False  # GTSM (RFC 5082) with the peer one hop away (BIRD only)
 
 
 @dataclass(frozen=True)

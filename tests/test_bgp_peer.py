@@ -50,8 +50,9 @@ def test_every_field_round_trips():
             "password": {"secretKeyRef": {"name": "bgp-secrets", "key": "rack-a"}},
             "holdTime": 9, "maxRestartTime": 30, "maxPrefixes": 100,
             "keepOriginalNextHop": True, "allowPoolPrefixes": True,
-            "numAllowedLocalASNumbers": 1}
+            "numAllowedLocalASNumbers": 1, "filters": ["tor-in", "tor-out"], "ttlSecurity": 1}
     peer = peer_from_spec("rack-a", spec)
+    assert (peer.filters, peer.ttl_security) == (("tor-in", "tor-out"), 1)
     assert peer.scope == "node" and peer.password == PasswordRef(secret="bgp-secrets",
                                                                  key="rack-a")
     assert peer_from_spec("rack-a", peer_to_spec(peer)) == peer
@@ -119,6 +120,9 @@ REFUSALS = [
     ({**TOR, "maxRestartTime": 5000}, ["maxRestartTime 5000", "0-4095"]),
     ({**TOR, "maxPrefixes": -1}, ["maxPrefixes -1"]),
     ({**TOR, "numAllowedLocalASNumbers": 11}, ["numAllowedLocalASNumbers 11"]),
+    ({**TOR, "ttlSecurity": 255}, ["ttlSecurity 255", "1-254"]),
+    ({**TOR, "ttlSecurity": -1}, ["ttlSecurity -1"]),
+    ({**TOR, "ttlSecurity": "on"}, ["ttlSecurity", "whole number"]),
     ({**TOR, "peerAS": 1}, ["unknown spec field 'peerAS'"]),
 ]
 

@@ -81,6 +81,7 @@ SEVERAL = [
     Neighbor(A("10.0.1.9"), 64512, A("10.0.1.1"), 65000, kind="reflector"),
     neighbor("10.0.0.5", listen_port=1179, peer_port=1179),  # listenPort 1179 on every node
     neighbor("10.0.0.6", passive=True),  # a node with a higher address connects to us
+    neighbor("10.0.0.7", 65007, ttl_security=2),  # GTSM, two hops away
 ]
 
 
@@ -130,6 +131,7 @@ def test_configuration_carries_each_neighbour_setting():
     assert "listen 179;" in blocks["10.0.0.2"] and "connect" not in blocks["10.0.0.2"]
     assert "listen 1179;" in blocks["10.0.0.5"] and "connect 1179;" in blocks["10.0.0.5"]
     assert "passive true;" in blocks["10.0.0.6"] and "passive" not in blocks["10.0.0.2"]
+    assert "incoming-ttl 254;" in blocks["10.0.0.7"] and "ttl" not in blocks["10.0.0.2"]
     assert "encoder json;" in text and "family { ipv4 unicast; }" in text
     assert f"run {' '.join(BRIDGE)};" in text
 

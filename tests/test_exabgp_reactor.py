@@ -175,6 +175,83 @@ def test_every_waiting_connection_is_accepted_in_one_turn_as_exabgp_would_take_t
             sock.close()
 
 
+IP_MINTTL = 21  # linux/in.h
+
+
+class Reactor6:
+    """What fix 6 asks of ExaBGP's reactor: its peers' neighbours, as ExaBGP holds them."""
+
+    def __init__(self, minimums: dict[str, int | None]):
+        from exabgp.protocol.ip import IP
+        self._neighbors = {address: {"peer-address": IP.create(address),
+                                     "incoming-ttl": minimum}
+                           for address, minimum in minimums.items()}
+
+    def peers(self):
+        return list(self._neighbors)
+
+    def neighbor(self, key):
+        return self._neighbors[key]
+
+
+def test_gtsm_is_checked_per_connection_never_on_the_shared_listening_socket(monkeypatch):
+    """ExaBGP's own Listener._listen and _connected with fix 6 on real loopback sockets: the
+    listening socket every neighbour shares gets no minimum TTL (the GTSM neighbour's 255
+    dropped the SYNs of every other one, TTL 64); a connection from the GTSM neighbour that
+    came with TTL 64 is refused, one that came with 255 gets the minimum on its own socket,
+    and a neighbour without GTSM connects as before."""
+    from exabgp.protocol.ip import IP
+    from exabgp.reactor import listener as listener_module
+    from exabgp.reactor.listener import Listener
+    from exabgp.reactor.network import tcp
+    log.init(getenv())
+    listen = getattr(Listener._listen, "__wrapped__", Listener._listen)
+    monkeypatch.setattr(listener_module, "set_minimum_ttl", tcp.set_minimum_ttl)
+    plain = Listener(None)  # ExaBGP as it is: the shared socket takes the GTSM minimum
+    listen(plain, IP.create("127.0.0.1"), IP.create("127.0.0.2"), 0, None, False, 255)
+    [shared] = plain._sockets
+    assert shared.getsockopt(socket.IPPROTO_IP, IP_MINTTL) == 255
+    shared.close()
+    monkeypatch.setattr(Listener, "_listen", exabgp_reactor.listen_saving_syns(listen))
+    monkeypatch.setattr(listener_module, "set_minimum_ttl", exabgp_reactor._no_shared_minimum)
+    listener = Listener(Reactor6({"127.0.0.2": 255, "127.0.0.3": 255, "127.0.0.4": None}))
+    listener._listen(IP.create("127.0.0.1"), IP.create("127.0.0.2"), 0, None, False, 255)
+    [server] = listener._sockets
+    assert server.getsockopt(socket.IPPROTO_IP, IP_MINTTL) == 0
+    assert server.getsockopt(socket.IPPROTO_IP, socket.IP_TTL) == 255  # SYN-ACKs for GTSM
+    clients = {}
+    for address, ttl in (("127.0.0.2", 64), ("127.0.0.3", 255), ("127.0.0.4", 64)):
+        client = clients[address] = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        client.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+        client.bind((address, 0))
+        client.connect(server.getsockname())
+    try:
+        assert exabgp_reactor.incoming(listener)
+        accepted = {c.local: c for c in exabgp_reactor.connected_checked(listener)}
+        assert set(accepted) == {"127.0.0.3", "127.0.0.4"}
+        assert accepted["127.0.0.3"].io.getsockopt(socket.IPPROTO_IP, IP_MINTTL) == 255
+        assert accepted["127.0.0.4"].io.getsockopt(socket.IPPROTO_IP, IP_MINTTL) == 0
+        clients["127.0.0.2"].settimeout(10)
+        assert clients["127.0.0.2"].recv(1) == b""  # closed on it
+    finally:
+        for sock in [server, *clients.values(), *(c.io for c in accepted.values())]:
+            sock.close()
+
+
+def test_a_syns_ttl_is_read_from_what_the_listening_socket_saved():
+    with socket.socket() as server:
+        server.setsockopt(socket.IPPROTO_TCP, exabgp_reactor.TCP_SAVE_SYN, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        with socket.socket() as client:
+            client.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 77)
+            client.connect(server.getsockname())
+            io, _ = server.accept()
+            with io:
+                assert exabgp_reactor.syn_ttl(io) == 77
+                assert exabgp_reactor.syn_ttl(io) is None  # saved once, read once
+
+
 @pytest.fixture
 def original_logger():
     """log.debug as ExaBGP has it, put back after the test (apply() replaces it)."""
@@ -190,25 +267,32 @@ def original_logger():
 def test_the_fixes_are_installed_only_on_the_release_they_were_written_for(monkeypatch,
                                                                            original_logger):
     import exabgp.version
+    from exabgp.reactor import listener as listener_module
     from exabgp.reactor.listener import Listener
     from exabgp.reactor.api import processes
+    listen = getattr(Listener._listen, "__wrapped__", Listener._listen)
     originals = (Reactor._wait_for_io, Listener.incoming, Listener._connected, Peer.id,
-                 log.debug, processes.os)
+                 log.debug, processes.os, listen, listener_module.set_minimum_ttl)
     for owner, name, original in ((Reactor, "_wait_for_io", originals[0]),
                                   (Listener, "incoming", originals[1]),
                                   (Listener, "_connected", originals[2]),
-                                  (Peer, "id", originals[3]), (processes, "os", originals[5])):
+                                  (Peer, "id", originals[3]), (processes, "os", originals[5]),
+                                  (Listener, "_listen", listen),
+                                  (listener_module, "set_minimum_ttl", originals[7])):
         monkeypatch.setattr(owner, name, original)  # restored after the test
     monkeypatch.setattr(exabgp.version, "release", "5.1.0")
     assert "5.1.0" in exabgp_reactor.apply()
     assert (Reactor._wait_for_io, Listener.incoming, Listener._connected, Peer.id,
-            log.debug, processes.os) == originals
+            log.debug, processes.os, Listener._listen,
+            listener_module.set_minimum_ttl) == originals
     monkeypatch.setattr(exabgp.version, "release", "5.0.15")
     for _ in range(2):  # twice: still one layer
         assert exabgp_reactor.apply() is None
         assert Reactor._wait_for_io is wait_for_io
         assert (Listener.incoming, Listener._connected) == (exabgp_reactor.incoming,
-                                                             exabgp_reactor.connected)
+                                                             exabgp_reactor.connected_checked)
+        assert Listener._listen.__wrapped__ is listen
+        assert listener_module.set_minimum_ttl is exabgp_reactor._no_shared_minimum
         assert Peer.id is exabgp_reactor.peer_id
         assert log.debug.__func__.__wrapped__ is _log.__dict__["debug"].__func__
         assert processes.os.os is os

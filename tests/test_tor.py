@@ -291,6 +291,39 @@ def test_bgp_filters_choose_what_a_rack_takes_from_its_tor_and_gives_it(bird_lab
     assert_pods_reach_each_other(lab)
 
 
+def test_ttl_security_keeps_a_tor_without_gtsm_out_and_lets_one_with_it_in(bird_lab):
+    """Calico's ttlSecurity (GTSM, RFC 5082) on rack 2's BGPPeer: tor2 without GTSM (its
+    segments come with TTL 1 or 64) holds no session with n3 or n4, whichever side connects,
+    and node status says why; with BIRD's `ttl security on` they come up and route as
+    before; both off again, as before."""
+    lab, tor = bird_lab, bird_lab.routers[2]
+    rack = ("n3", "n4")
+
+    def down_for_ttl(n: str) -> bool:
+        peer = tor_peer(lab, n)
+        return peer["state"] != "up" and "GTSM" in peer["reason"]
+
+    def routing(n: str) -> bool:
+        return tor_peer(lab, n)["state"] == "up" and node_sees_only_its_tor_routes(lab, n)
+
+    try:
+        assert lab.pipitctl("apply", "-f", "-", input=lab.tor_peer_document(
+            2, ttlSecurity=1)).returncode == 0
+        for n in rack:
+            wait(lambda n=n: down_for_ttl(n), 60, f"{n}'s session to stay down for its TTL")
+        assert "below 255, the least ttlSecurity 1 accepts" in tor_peer(lab, "n3")["reason"]
+        tor.ttl_security(True, [address(lab, n) for n in rack])
+        for n in rack:
+            wait(lambda n=n: routing(n), 60, f"{n} to peer with tor2 under GTSM")
+        assert tor_peer(lab, "n3")["ttlSecurity"] == 1
+        assert_pods_reach_each_other(lab)
+    finally:
+        assert lab.pipitctl("apply", "-f", "-", input=lab.tor_peer_document(2)).returncode == 0
+        tor.ttl_security(False, [address(lab, n) for n in rack])
+    for n in rack:
+        wait(lambda n=n: routing(n), 60, f"{n} to peer with tor2 without GTSM again")
+
+
 def test_service_ranges_are_announced_to_the_tors_by_every_node_and_then_withdrawn(bird_lab):
     """serviceClusterIPs and serviceLoadBalancerIPs (Calico's): every node announces them to
     its ToR, so each ToR routes them to its own rack's nodes (kube-proxy answers them on
