@@ -50,10 +50,9 @@ remove both; the third is about turns that are busy:
 6. GTSM (`incoming-ttl`, ttlSecurity) broke every other session on the address: ExaBGP set the
    minimum TTL on the listening socket, which every neighbour on the node's address and port
    shares, so a node peering with a ToR under GTSM dropped the SYNs of the other nodes (TTL
-   64) too. Sessions the other side opens were also checked only from the moment their socket
-   was accepted, after the peer's OPEN may already have been queued. Fixed: the listening
-   sockets keep the SYN of each connection (TCP_SAVE_SYN) and have no minimum (but answer with
-   TTL 255 once a GTSM neighbour listens on them: the SYN-ACK goes with it); a connection
+   64) too, and kept the minimum after that neighbour was gone. Fixed: no listening socket
+   has a minimum; one a GTSM neighbour uses keeps the SYN of each connection (TCP_SAVE_SYN)
+   and answers with TTL 255 (the SYN-ACK goes with the listening socket's); a connection
    from a neighbour with a minimum is refused (closed before its peer sees it) when its SYN
    came with a lower TTL, and otherwise gets the minimum on its own socket. Sessions ExaBGP
    opens itself it already checks on their socket.
@@ -146,9 +145,12 @@ def connected_checked(listener):
     """connected() refusing a connection whose SYN came with a TTL below the minimum
     (`incoming-ttl`) of the neighbour at its address, and giving the others that minimum on
     their own socket (6)."""
+    minimums = None  # address -> minimum TTL, read once per turn that has connections
     for connection in connected(listener):
+        if minimums is None:
+            minimums = _minimum_ttls(listener._reactor)
         # (ExaBGP's Incoming names the peer's address `local`, as connected() says)
-        minimum = _minimum_ttl(listener, connection.local)
+        minimum = minimums.get(connection.local)
         if not minimum:
             yield connection
             continue
@@ -166,14 +168,16 @@ def connected_checked(listener):
         yield connection
 
 
-def _minimum_ttl(listener, address: str) -> int | None:
-    """The highest minimum TTL a configured neighbour at `address` asks for (None: none)."""
-    reactor, found = listener._reactor, None
+def _minimum_ttls(reactor) -> dict[str, int]:
+    """The minimum TTL each configured neighbour's address asks for (the highest, if several
+    neighbours share one), for the neighbours that ask for one."""
+    found: dict[str, int] = {}
     for key in reactor.peers():
         neighbor = reactor.neighbor(key)
         minimum = neighbor["incoming-ttl"]
-        if minimum and neighbor["peer-address"].top() == address:
-            found = max(found or 0, minimum)
+        if minimum:
+            address = neighbor["peer-address"].top()
+            found[address] = max(found.get(address, 0), minimum)
     return found
 
 
@@ -196,16 +200,19 @@ def syn_ttl(io) -> int | None:
 
 
 def listen_saving_syns(original):
-    """Listener._listen with every listening socket keeping each connection's SYN, and,
-    once a neighbour with a minimum TTL listens on it, answering SYNs with TTL 255: the
-    kernel sends the SYN-ACK with the listening socket's TTL, and a GTSM peer drops one
-    below its own minimum (anyone else takes 255 as well as 64) (6)."""
+    """Listener._listen where a listening socket that a neighbour with a minimum TTL uses
+    keeps each connection's SYN (its TTL is checked once the connection's neighbour is
+    known) and answers SYNs with TTL 255: the kernel sends the SYN-ACK with the listening
+    socket's TTL, and a GTSM peer drops one below its own minimum (anyone else takes 255 as
+    well as 64) (6)."""
     def _listen(listener, local_ip, peer_ip, local_port, use_md5, md5_base64, ttl_in):
         import socket
         original(listener, local_ip, peer_ip, local_port, use_md5, md5_base64, ttl_in)
+        if not ttl_in:
+            return
         for sock, (address, port, *_) in listener._sockets.items():
-            sock.setsockopt(socket.IPPROTO_TCP, TCP_SAVE_SYN, 1)
-            if ttl_in and (address, port) == (local_ip.top(), local_port):
+            if (address, port) == (local_ip.top(), local_port):
+                sock.setsockopt(socket.IPPROTO_TCP, TCP_SAVE_SYN, 1)
                 sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 255)
     _listen.__wrapped__ = original
     return _listen
