@@ -9,6 +9,7 @@ as AS its own; Calico's route-reflector topology). Stored at /pipit/resources/bg
     spec:
       peerIP: 10.99.1.1                # or 10.99.1.1:1179: a peer that listens on another port
       asNumber: 65101
+      localASNumber: 65010             # the AS the node shows this peer (default: its own)
       nodeSelector: rack == 'a'        # or node: n1, or neither: every node
       password: {file: /etc/pipit/tor.secret}   # or {secretKeyRef: {name: bgp, key: tor}}
       holdTime: 90                     # seconds, 0 or 3-65535
@@ -35,6 +36,9 @@ maxPrefixes counts every prefix the peer sent, accepted or not; one more disconn
 node status`, until its BGPPeer changes (raise the limit, or touch any field) or the agent
 restarts. numAllowedLocalASNumbers is Calico's: with an AS per rack, routes of the other
 nodes of the rack come back through the ToR with our own AS in their path.
+localASNumber is Calico's: the AS number the node peers with this router as, in place of its
+own (BIRD's `local as`), e.g. while a rack moves from one AS to another; the node still
+refuses routes carrying its own AS, or this one, as loops.
 ttlSecurity is Calico's GTSM (RFC 5082, BIRD's `ttl security on`): the node sends with TTL 255
 and its kernel drops what arrives from the peer with a TTL below 256 - ttlSecurity, so a
 spoofed segment from farther away cannot reach the session; the peer must run GTSM too.
@@ -64,7 +68,8 @@ from ipam.selector import parse_selector
 KIND = "BGPPeer"
 _FIELDS = {"peerIP", "asNumber", "node", "nodeSelector", "peerSelector", "reversePeering",
            "password", "holdTime", "maxRestartTime", "maxPrefixes", "keepOriginalNextHop",
-           "allowPoolPrefixes", "numAllowedLocalASNumbers", "filters", "ttlSecurity"}
+           "allowPoolPrefixes", "numAllowedLocalASNumbers", "filters", "ttlSecurity",
+           "localASNumber"}
 REVERSE_PEERING = ("Auto", "Manual")
 MAX_ALLOWED_LOCAL_AS = 10
 
@@ -88,6 +93,7 @@ class BGPPeer:
     peer_port: int = 179  # where the peer accepts the session (peerIP's optional :port)
     filters: tuple[str, ...] = ()  # BGPFilter names, applied in this order
     ttl_security: int = 0  # GTSM: the peer's distance in hops (0: off)
+    local_as_number: int | None = None  # the AS the node peers as (None: its own)
     labels: Mapping[str, str] = field(default_factory=dict, hash=False)
     annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
 
@@ -156,6 +162,12 @@ def peer_from_spec(name: str, spec: Mapping) -> BGPPeer:
         if spec.get("asNumber") is None:
             raise read.fail("spec.asNumber is required (the peer's AS number, such as 65001).")
         as_number = parse_as_number(spec["asNumber"], where)
+    local_as_number = None
+    if spec.get("localASNumber") is not None:
+        if peer_selector is not None:
+            raise read.fail("localASNumber goes with peerIP: sessions between nodes use the "
+                            "nodes' own AS numbers.")
+        local_as_number = parse_as_number(spec["localASNumber"], where, "localASNumber")
     node = read.string("node") or None
     if node is not None:
         try:
@@ -188,7 +200,7 @@ def peer_from_spec(name: str, spec: Mapping) -> BGPPeer:
         keep_original_next_hop=read.boolean("keepOriginalNextHop"),
         allow_pool_prefixes=read.boolean("allowPoolPrefixes"),
         allowed_local_as=allowed, peer_port=peer_port, filters=_filter_names(read),
-        ttl_security=_ttl_security(read))
+        ttl_security=_ttl_security(read), local_as_number=local_as_number)
 
 
 def _ttl_security(read: SpecReader) -> int:
@@ -277,6 +289,8 @@ def peer_to_spec(peer: BGPPeer) -> dict:
         spec["filters"] = list(peer.filters)
     if peer.ttl_security:
         spec["ttlSecurity"] = peer.ttl_security
+    if peer.local_as_number is not None:
+        spec["localASNumber"] = peer.local_as_number
     return spec
 
 

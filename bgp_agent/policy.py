@@ -168,7 +168,7 @@ def select_neighbors(me: NodeRecord, nodes: Iterable[NodeRecord], config: BGPCon
             chosen[peer.peer_ip] = peer  # no weaker peer (or the mesh) stands in for it
             continue
         chosen[peer.peer_ip] = peer
-        my_as = local_as(me, config)
+        my_as = peer.local_as_number or local_as(me, config)
         selection.neighbors.append(Neighbor(
             address=peer.peer_ip, peer_as=peer.as_number, local_address=me.address.ip,
             local_as=my_as, kind=kind, name=peer.name,
@@ -320,7 +320,7 @@ def import_routes(neighbor: Neighbor, paths: Mapping[IPv4Network, Path],
     else:
         was_accepted = was_rejected = reasons = {}
     internal = neighbor.kind in INTERNAL_KINDS
-    ibgp = internal or neighbor.peer_as == my_as
+    ibgp = internal or neighbor.peer_as == neighbor.local_as  # (a BGPPeer's localASNumber)
     for prefix, path in paths.items():
         if was_accepted.get(prefix) is path:
             why = ""
@@ -347,7 +347,9 @@ def _rejection(neighbor: Neighbor, prefix: IPv4Network, path: Path, pools: list[
                                           path.as_path)
         if why:
             return why
-    if path.as_path.count(my_as) > neighbor.allowed_local_as:
+    if path.as_path.count(my_as) > neighbor.allowed_local_as or (
+            neighbor.local_as != my_as
+            and path.as_path.count(neighbor.local_as) > neighbor.allowed_local_as):
         return "our own AS is in its AS path (a loop)"
     if prefix in own_blocks:
         return "it is one of this node's own blocks"

@@ -86,6 +86,7 @@ class Status:
                 "password": p.neighbor.password is not None,
                 "filters": [f.name for f in p.neighbor.filters],
                 "ttlSecurity": p.neighbor.ttl_security,
+                "localAsNumber": p.neighbor.local_as,
             } for p in self.peers],
         }
 

@@ -371,12 +371,12 @@ class BirdRouter(Bird):
         self.spec = replace(self.spec, originate=tuple(prefixes))
         self.configure(tor_config(self.spec, self.log_path))
 
-    def ttl_security(self, on: bool, addresses: Iterable[IPv4Address]) -> None:
-        """GTSM on the sessions with these peers, or off (BIRD restarts them)."""
+    def change_peers(self, addresses: Iterable[IPv4Address], **changes) -> None:
+        """Change the sessions with these peers (RouterPeer fields: ttl_security, peer_as...);
+        BIRD restarts those that changed."""
         addresses = set(addresses)
         self.spec = replace(self.spec, peers=tuple(
-            replace(p, ttl_security=on) if p.address in addresses else p
-            for p in self.spec.peers))
+            replace(p, **changes) if p.address in addresses else p for p in self.spec.peers))
         self.configure(tor_config(self.spec, self.log_path))
 
     def pids(self) -> list[int]:

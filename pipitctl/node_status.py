@@ -85,6 +85,9 @@ def render(status: dict) -> str:
         if up and reasons:
             info += " (" + "; ".join(f"{count} rejected: {why}" for why, count in
                                      sorted(reasons.items())) + ")"
+        if peer.get("localAsNumber") and status.get("asNumber") and \
+                peer["localAsNumber"] != status["asNumber"]:
+            info += f" (peering as AS {peer['localAsNumber']})"
         if peer.get("filters"):
             info += f" (BGPFilters: {', '.join(peer['filters'])})"
         rows.append((peer["address"], peer_type(peer, bool(cluster)),

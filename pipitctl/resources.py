@@ -200,12 +200,13 @@ BGP_PEER = Kind(
     row=lambda p: (p.name, p.endpoint, _peer_scope(p), _peer_as(p)),
     wide_columns=("NAME", "PEERIP", "NODE", "ASN", "PASSWORD", "HOLDTIME", "RESTARTTIME",
                   "MAXPREFIXES", "KEEPNEXTHOP", "ALLOWPOOLPREFIXES", "ALLOWEDLOCALAS",
-                  "FILTERS", "TTLSECURITY"),
+                  "FILTERS", "TTLSECURITY", "LOCALASN"),
     wide_row=lambda p: (p.name, p.endpoint, _peer_scope(p), _peer_as(p),
                         str(p.password) if p.password else "-", p.hold_time, p.restart_time,
                         p.max_prefixes or "-", yes_no(p.keep_original_next_hop),
                         yes_no(p.allow_pool_prefixes), p.allowed_local_as,
-                        ",".join(p.filters) or "-", p.ttl_security or "-"),
+                        ",".join(p.filters) or "-", p.ttl_security or "-",
+                        p.local_as_number or "-"),
 )
 
 

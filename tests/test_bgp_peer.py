@@ -50,9 +50,11 @@ def test_every_field_round_trips():
             "password": {"secretKeyRef": {"name": "bgp-secrets", "key": "rack-a"}},
             "holdTime": 9, "maxRestartTime": 30, "maxPrefixes": 100,
             "keepOriginalNextHop": True, "allowPoolPrefixes": True,
-            "numAllowedLocalASNumbers": 1, "filters": ["tor-in", "tor-out"], "ttlSecurity": 1}
+            "numAllowedLocalASNumbers": 1, "filters": ["tor-in", "tor-out"], "ttlSecurity": 1,
+            "localASNumber": "1.10"}
     peer = peer_from_spec("rack-a", spec)
-    assert (peer.filters, peer.ttl_security) == (("tor-in", "tor-out"), 1)
+    assert (peer.filters, peer.ttl_security, peer.local_as_number) == (
+        ("tor-in", "tor-out"), 1, 65546)
     assert peer.scope == "node" and peer.password == PasswordRef(secret="bgp-secrets",
                                                                  key="rack-a")
     assert peer_from_spec("rack-a", peer_to_spec(peer)) == peer
@@ -121,6 +123,9 @@ REFUSALS = [
     ({**TOR, "maxPrefixes": -1}, ["maxPrefixes -1"]),
     ({**TOR, "numAllowedLocalASNumbers": 11}, ["numAllowedLocalASNumbers 11"]),
     ({**TOR, "ttlSecurity": 255}, ["ttlSecurity 255", "1-254"]),
+    ({**TOR, "localASNumber": 0}, ["AS number 0"]),
+    ({**TOR, "localASNumber": "x"}, ["localASNumber 'x'"]),
+    ({"peerSelector": "all()", "localASNumber": 65001}, ["localASNumber goes with peerIP"]),
     ({**TOR, "ttlSecurity": -1}, ["ttlSecurity -1"]),
     ({**TOR, "ttlSecurity": "on"}, ["ttlSecurity", "whole number"]),
     ({**TOR, "peerAS": 1}, ["unknown spec field 'peerAS'"]),

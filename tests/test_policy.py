@@ -92,8 +92,8 @@ def test_any_other_input_changed_decides_every_route_again(change):
         pools = POOLS[1:]  # 10.244.0.0/16 gone
     elif change == "neighbour":
         neighbor = replace(MESH, allow_pool_prefixes=True)
-    else:
-        my_as = 64513
+    else:  # the node's AS: its sessions' local AS with it
+        my_as, neighbor = 64513, replace(MESH, local_as=64513)
     again = policy.import_routes(neighbor, paths, pools, own, my_as, ownership, previous=first)
     fresh = policy.import_routes(neighbor, paths, pools, own, my_as, ownership)
     assert (again.accepted, again.rejected) == (fresh.accepted, fresh.rejected)
@@ -302,6 +302,25 @@ def test_max_prefixes_counts_everything_received():
     assert policy.over_limit(limited, 10) == ""
     assert policy.over_limit(limited, 11) == "it sent 11 prefixes, more than its maxPrefixes 10"
     assert policy.over_limit(TOR, 100000) == ""  # 0: no limit
+
+
+def test_a_peers_local_as_number_is_the_as_of_its_sessions():
+    """Calico's localASNumber: the session's local AS; a route carrying it is a loop as one
+    carrying the node's own, and a peer in it is an iBGP peer (pod routes checked against
+    etcd, not refused as from an external router)."""
+    me = NodeRecord("n1", address=IPv4Interface("10.0.0.1/24"))
+    peer = BGPPeer("tor", IPv4Address("10.0.0.254"), 65011, local_as_number=65011)
+    [session] = policy.select_neighbors(me, [me], BGPConfig(), [peer], lambda ref: "").neighbors
+    assert (session.local_as, session.peer_as) == (65011, 65011)
+    block = net("10.244.1.0/26")
+    paths = {net("0.0.0.0/0"): Path(net("0.0.0.0/0"), session.address, as_path=(65011,)),
+             block: Path(block, session.address)}
+    result = policy.import_routes(session, paths, POOLS, set(), 64512, OWNERSHIP)
+    assert result.rejected[net("0.0.0.0/0")] == "our own AS is in its AS path (a loop)"
+    assert result.rejected[block].startswith("its next hop 10.0.0.254 is not node b")
+    ebgp = replace(session, peer_as=65100)
+    assert policy.import_routes(ebgp, paths, POOLS, set(), 64512, OWNERSHIP).rejected[block] == (
+        "it is inside an IP pool (only nodes announce pod addresses)")
 
 
 def test_md5_counters_say_why_a_session_does_not_come_up():

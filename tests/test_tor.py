@@ -312,16 +312,47 @@ def test_ttl_security_keeps_a_tor_without_gtsm_out_and_lets_one_with_it_in(bird_
         for n in rack:
             wait(lambda n=n: down_for_ttl(n), 60, f"{n}'s session to stay down for its TTL")
         assert "below 255, the least ttlSecurity 1 accepts" in tor_peer(lab, "n3")["reason"]
-        tor.ttl_security(True, [address(lab, n) for n in rack])
+        tor.change_peers([address(lab, n) for n in rack], ttl_security=True)
         for n in rack:
             wait(lambda n=n: routing(n), 60, f"{n} to peer with tor2 under GTSM")
         assert tor_peer(lab, "n3")["ttlSecurity"] == 1
         assert_pods_reach_each_other(lab)
     finally:
         assert lab.pipitctl("apply", "-f", "-", input=lab.tor_peer_document(2)).returncode == 0
-        tor.ttl_security(False, [address(lab, n) for n in rack])
+        tor.change_peers([address(lab, n) for n in rack], ttl_security=False)
     for n in rack:
         wait(lambda n=n: routing(n), 60, f"{n} to peer with tor2 without GTSM again")
+
+
+def test_local_as_number_lets_a_rack_peer_as_another_as(bird_lab):
+    """Calico's localASNumber on rack 1's BGPPeer: n1 and n2 peer with tor1 as AS 65011 (tor1
+    expecting it), their blocks reach tor1 with that AS in the path and pods still reach
+    each other; then back to their own AS."""
+    lab, tor = bird_lab, bird_lab.routers[1]
+    rack, own_as = ("n1", "n2"), tor_peer(bird_lab, "n1")["localAsNumber"]
+    nodes = [address(lab, n) for n in rack]
+
+    def peering_as(local_as: int) -> bool:
+        table = tor.routes()
+        return all(tor_peer(lab, n)["state"] == "up"
+                   and tor_peer(lab, n)["localAsNumber"] == local_as
+                   and table.get(block_of(lab, n)) is not None
+                   and table[block_of(lab, n)].as_path == (local_as,) for n in rack)
+
+    try:
+        assert lab.pipitctl("apply", "-f", "-", input=lab.tor_peer_document(
+            1, localASNumber=65011)).returncode == 0
+        tor.change_peers(nodes, peer_as=65011)
+        wait(lambda: peering_as(65011), 60, "rack 1 to peer with tor1 as AS 65011")
+        out = lab.pipitctl("node", "status", "--socket", str(lab.status_socket("n1"))).stdout
+        assert "(peering as AS 65011)" in out
+        for n in rack:
+            wait(lambda n=n: node_sees_only_its_tor_routes(lab, n), 30, f"{n}'s ToR routes")
+        assert_pods_reach_each_other(lab)
+    finally:
+        assert lab.pipitctl("apply", "-f", "-", input=lab.tor_peer_document(1)).returncode == 0
+        tor.change_peers(nodes, peer_as=own_as)
+    wait(lambda: peering_as(own_as), 60, "rack 1 to peer with tor1 as its own AS again")
 
 
 def test_service_ranges_are_announced_to_the_tors_by_every_node_and_then_withdrawn(bird_lab):
