@@ -123,8 +123,8 @@ class Selection:
             return ()
         for name in peer.filters:
             if name not in known:
-                warning = (f"BGPPeer {peer.name!r} names BGPFilter {name!r}, which does not "
-                           "exist: its sessions run without it")
+                warning = (f"BGPPeer {peer.name!r} names BGPFilter {name!r}, which is not "
+                           "there or not valid: its sessions run without it")
                 if warning not in self.warnings:
                     self.warnings.append(warning)
         return tuple(known[name] for name in peer.filters if name in known)

@@ -613,7 +613,7 @@ def relabel(document: dict, setting: Mapping[str, str], removing: Sequence[str],
 async def delete_objects(store: Store, targets: Sequence[tuple[Kind, str]], force: bool = False,
                          skip_missing: bool = False) -> list[str]:
     """Delete every target, or none: each is checked first (it exists, or --skip-not-exists;
-    an IP pool has no address in use, or --force), then they go in order."""
+    an IP pool has no address in use, or --force), then they go in order (BGPFilters last)."""
     targets = list(dict.fromkeys(targets))
     listings = {kind: await read_kind(store, kind) for kind in {k for k, _ in targets}}
     missing = {(k, n) for k, n in targets if n not in listings[k].items}
@@ -626,7 +626,8 @@ async def delete_objects(store: Store, targets: Sequence[tuple[Kind, str]], forc
         if (kind, name) not in missing and kind.delete_check is not None:
             await kind.delete_check(store, name, force, len(targets) > 1)
     lines = []
-    for kind, name in targets:
+    # BGPFilters after the BGPPeers that may name them (one input deleting both)
+    for kind, name in sorted(targets, key=lambda target: target[0] is BGP_FILTER):
         if (kind, name) in missing:
             lines.append(f"{kind.word} {name!r} does not exist (skipped)")
         else:

@@ -228,8 +228,8 @@ def test_a_peer_naming_a_filter_that_is_gone_runs_without_it_and_the_status_says
                                         {"kept": kept})
     [neighbor] = selection.neighbors
     assert neighbor.filters == (kept,)
-    assert selection.warnings == ["BGPPeer 'tor' names BGPFilter 'gone', which does not "
-                                  "exist: its sessions run without it"]
+    assert selection.warnings == ["BGPPeer 'tor' names BGPFilter 'gone', which is not there "
+                                  "or not valid: its sessions run without it"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,6 +321,10 @@ def test_pipitctl_applies_shows_and_deletes_a_filter_only_once_no_peer_names_it(
     ok(ctl("apply", "-f", "-", input=PEER.replace(", filters: [tor-in]", "")))
     ok(ctl("delete", "bgpfilter", "tor-in"))
     assert ok(ctl("get", "bgpfilters")).splitlines()[1:] == []
+    # one input deleting both, the filter first: the peer goes first
+    ok(ctl("apply", "-f", "-", input=FILTER + "---\n" + PEER))
+    assert ok(ctl("delete", "-f", "-", input=FILTER + "---\n" + PEER)).splitlines() == [
+        "bgppeer 'tor' deleted", "bgpfilter 'tor-in' deleted"]
 
 
 def test_pipitctl_refuses_a_bad_filter_in_one_sentence_writing_nothing(etcd, ctl):
