@@ -1,7 +1,7 @@
 """The agent's view of the cluster's Services and EndpointSlices, for the /32s of services
 with externalTrafficPolicy Local (bgp_agent.service_addresses): two informers, started only
-once the BGPConfiguration names a service range (a cluster that announces no services pays
-no watch of every Service and EndpointSlice)."""
+once the BGPConfiguration names a service range and stopped when none is left (a cluster
+that announces no services pays no watch of every Service and EndpointSlice)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,8 @@ from bgp_agent.service_addresses import local_service_prefixes
 
 class LocalServices:
     def __init__(self, api: KubeAPI):
-        self.services = Informer(api, api.core.list_service_for_all_namespaces, "services")
-        self.slices = Informer(api, api.discovery.list_endpoint_slice_for_all_namespaces,
-                               "endpoint slices")
+        self.api = api
+        self._new_informers()
         self._tasks: list[asyncio.Task] = []
         self._waker: asyncio.Task | None = None
         self._changed = asyncio.Event()
@@ -24,6 +23,16 @@ class LocalServices:
         # every Service and EndpointSlice of a large cluster on each would slow them all
         self._changes = 0
         self._answer: tuple[tuple, frozenset[IPv4Network]] | None = None
+
+    def _new_informers(self) -> None:
+        api = self.api
+        self.services = Informer(api, api.core.list_service_for_all_namespaces, "services")
+        self.slices = Informer(api, api.discovery.list_endpoint_slice_for_all_namespaces,
+                               "endpoint slices")
+
+    @property
+    def running(self) -> bool:
+        return bool(self._tasks)
 
     def start(self, changed: asyncio.Event) -> None:
         """Follow Services and EndpointSlices; `changed` (the routing loop's; a new loop
@@ -59,7 +68,12 @@ class LocalServices:
         return self._answer[1]
 
     async def close(self) -> None:
+        """Stop following (the service ranges are gone, or the agent stops); start() again
+        lists afresh."""
         tasks = [*self._tasks, *([self._waker] if self._waker else [])]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            self._tasks, self._waker, self._answer = [], None, None
+            self._new_informers()

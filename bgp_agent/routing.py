@@ -356,7 +356,11 @@ class Router:
             self.local_services.start(self.changed)
             local = self.local_services.prefixes(me.name, config.service_ranges)
             services = (*services, *sorted((local or frozenset()) - set(services)))
+        elif self.local_services is not None and self.local_services.running:
+            log.info("no service range left: no longer following Services and EndpointSlices")
+            await self.local_services.close()
         self.status.services = [str(p) for p in services]
+        self.status.services_watched = bool(self.local_services and self.local_services.running)
         exports = policy.announcements(
             policy.exported_prefixes(own, self.borrowed(), pools), neighbors, config, services)
         await self._announce(exports)

@@ -63,6 +63,7 @@ class Status:
     warnings: list[str] = field(default_factory=list)
     # the service ranges and Local /32s announced to external peers
     services: list[str] = field(default_factory=list)
+    services_watched: bool = False  # following Services and EndpointSlices (service ranges)
     # each next hop on none of the node's links -> what it goes via ([]: nothing leads there)
     underlay: dict[str, list[str]] = field(default_factory=dict)
 
@@ -75,7 +76,8 @@ class Status:
             "kernelRoutes": self.kernel_routes, "blackholes": self.blackholes,
             "exported": self.exported, "lastError": self.last_error,
             "lastErrorAt": self.last_error_at, "dataplane": self.dataplane,
-            "services": self.services, "underlay": self.underlay,
+            "services": self.services, "servicesWatched": self.services_watched,
+            "underlay": self.underlay,
             "peers": [{
                 "address": str(p.neighbor.address), "asNumber": p.neighbor.peer_as,
                 "type": p.neighbor.kind, "name": p.neighbor.name, "state": p.state,

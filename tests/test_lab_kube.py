@@ -193,6 +193,14 @@ def test_a_local_service_is_announced_by_the_nodes_holding_its_endpoints(lab, tm
         wait(lambda: not {IPv4Network(p) for p in local} & set(edge.routes()), 60,
              "the /32s to be withdrawn with the service")
         assert edge_routes(ranges)
+        assert all(lab.status(n)["servicesWatched"] for n in nodes)
+        # the ranges gone, the nodes stop watching every Service and EndpointSlice
+        assert lab.pipitctl("apply", "-f", "-", input=json.dumps(config)).returncode == 0
+        for n in nodes:
+            wait(lambda n=n: not lab.status(n)["servicesWatched"], 60,
+                 f"{n} to stop following Services")
+        wait(lambda: not {IPv4Network(p) for p in ranges} & set(edge.routes()), 60,
+             "the ranges to be withdrawn")
     finally:
         kube.kubectl("delete", "endpointslice", "shop-1", "-n", POD_NAMESPACE, "--ignore-not-found")
         kube.kubectl("delete", "service", "shop", "-n", POD_NAMESPACE, "--ignore-not-found")
