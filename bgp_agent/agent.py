@@ -372,11 +372,13 @@ async def address_change(store: Store, args: argparse.Namespace, kube, me: NodeR
                          ) -> NodeRecord:
     """The node's record, registered anew, once the address detected on its interfaces is no
     longer `me`'s (looked for every --autodetect-poll-interval, as calico-node looks every
-    AUTODETECT_POLL_INTERVAL). A detection that finds nothing, etcd away, or a registration
+    AUTODETECT_POLL_INTERVAL, with the Kubernetes Node read again each time). A detection that finds nothing, etcd away, or a registration
     refused (another node's record holds the address) keep the old address, saying why."""
     while True:
         await asyncio.sleep(args.autodetect_poll_interval)
         try:
+            if kube is not None and not args.no_bgp:  # the Node as it is now
+                await kube.refresh()
             found = await asyncio.to_thread(find_identity, args, kube)
             if found.address != me.address:
                 return await register(store, found)

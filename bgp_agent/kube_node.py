@@ -167,6 +167,12 @@ class AgentKubernetes:
     def identity(self, args: argparse.Namespace, labels: dict[str, str]) -> NodeRecord:
         return identity(args, self.node, labels)
 
+    async def refresh(self) -> None:
+        """Read the Node again (its InternalIP, its address annotation may have changed
+        since the agent started); raises InvalidResource if it is gone,
+        KubernetesUnavailable while the API cannot answer."""
+        self.node = await read_node(self.api, self.name)
+
     async def network_available(self, programmed: asyncio.Event) -> None:
         await mark_network_available(self.api, self.name, programmed)
 

@@ -171,6 +171,37 @@ def test_identity_from_the_node(monkeypatch):
                            node_object(internal="10.7.7.7"), {})
 
 
+def test_each_address_check_reads_the_node_again(fakekube, tmp_path, monkeypatch):
+    """kubernetes-internal-ip follows the Node: its InternalIP changed (the node re-addressed),
+    the next check (agent.address_change) finds the interface holding the new one; a Node
+    gone is one sentence (the agent keeps its address, saying so)."""
+    local = [InterfaceAddress("eth0", IPv4Interface("10.0.0.11/24")),
+             InterfaceAddress("eth1", IPv4Interface("10.0.0.12/24"))]
+    monkeypatch.setattr(kube_node, "local_addresses", lambda: local)
+    api = KubeAPI.connect(str(fakekube.write_kubeconfig(tmp_path / "kubeconfig")))
+    fakekube.store.create(NODES, None, {"apiVersion": "v1", "kind": "Node",
+                                        "metadata": {"name": "k1"}})
+
+    def internal(address: str) -> None:
+        fakekube.store.patch(NODES, None, "k1", lambda n: {**n, "status": {"addresses": [
+            {"type": "InternalIP", "address": address}]}}, subresource="status")
+
+    async def scenario():
+        internal("10.0.0.11")
+        kube = kube_node.AgentKubernetes(api, await kube_node.read_node(api, "k1"))
+        args = agent_args("--ip-autodetection-method", "kubernetes-internal-ip")
+        assert kube.identity(args, {}).address == IPv4Interface("10.0.0.11/24")
+        internal("10.0.0.12")
+        assert kube.identity(args, {}).address == IPv4Interface("10.0.0.11/24")  # as read
+        await kube.refresh()
+        assert kube.identity(args, {}).address == IPv4Interface("10.0.0.12/24")
+        fakekube.store.delete(NODES, None, "k1")
+        with pytest.raises(InvalidResource, match="Kubernetes has no Node 'k1'"):
+            await kube.refresh()
+        await kube.close()
+    asyncio.run(scenario())
+
+
 def test_network_unavailable_is_set_false_once(fakekube, tmp_path):
     api = KubeAPI.connect(str(fakekube.write_kubeconfig(tmp_path / "kubeconfig")))
     ready = {"type": "Ready", "status": "True", "reason": "KubeletReady"}
