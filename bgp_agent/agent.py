@@ -372,8 +372,10 @@ async def address_change(store: Store, args: argparse.Namespace, kube, me: NodeR
                          ) -> NodeRecord:
     """The node's record, registered anew, once the address detected on its interfaces is no
     longer `me`'s (looked for every --autodetect-poll-interval, as calico-node looks every
-    AUTODETECT_POLL_INTERVAL, with the Kubernetes Node read again each time). A detection that finds nothing, etcd away, or a registration
-    refused (another node's record holds the address) keep the old address, saying why."""
+    AUTODETECT_POLL_INTERVAL, with the Kubernetes Node read again each time: one GET a
+    minute per node by default). A detection that finds nothing, etcd or the API away, or a
+    registration refused (another node's record holds the address) keep the old address,
+    saying why."""
     while True:
         await asyncio.sleep(args.autodetect_poll_interval)
         try:
