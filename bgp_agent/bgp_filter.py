@@ -35,9 +35,12 @@ node's own blocks, not inside a service range, pod addresses only from the node 
 them or with allowPoolPrefixes); an export Accept ends them too, and a node still announces
 only its own blocks, borrowed addresses and service ranges (a node is no transit router). On
 export, a node's own routes carry no community yet when the rules read them (Calico adds the
-configured communities after its filters too). Not supported, refused with a sentence:
-`interface` and `priority` (Pipit exports no interface routes and sets no route priorities),
-`operations`, and IPv6 rules (Pipit is IPv4 only for now).
+configured communities after its filters too). An export Accept may carry `operations`:
+`addCommunity` (a standard or large community; a reflected route carries standard ones only)
+and `prependASPath` (the AS numbers end up first in the path, in the order given, before the
+node's own AS that eBGP adds). Not supported, refused with a sentence: `interface` and
+`priority`, and the `setPriority` operation (Pipit exports no interface routes and sets no
+route priorities), operations on import, and IPv6 rules (Pipit is IPv4 only for now).
 """
 
 from __future__ import annotations
@@ -64,10 +67,8 @@ _UNSUPPORTED = {
     "interface": "interface is not supported: Pipit exports no interface routes (only its "
                  "blocks, borrowed addresses and service ranges).",
     "priority": "priority is not supported: Pipit sets no route priorities.",
-    "operations": "operations (addCommunity, prependASPath, setPriority) are not supported by "
-                  "Pipit yet; attach communities with the BGPConfiguration's "
-                  "prefixAdvertisements.",
 }
+MAX_OPERATIONS = 10  # Calico's limit
 _A_CIDR = "a CIDR such as 10.0.0.0/16"
 
 
@@ -83,6 +84,8 @@ class FilterRule:
     peer_type: str | None = None  # eBGP | iBGP
     community: tuple[int, int] | None = None
     as_path_prefix: tuple[int, ...] = ()
+    # operations of an export Accept, in order: communities added, AS numbers prepended
+    operations: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def matches(self, prefix: IPv4Network, ibgp: bool, remote: bool,
                 communities: Sequence[tuple[int, int]], as_path: Sequence[int]) -> bool:
@@ -120,11 +123,13 @@ class BGPFilter:
 
 @dataclass(frozen=True)
 class Verdict:
-    """The rule that decided: its action, and which filter and rule (1-based) it is."""
+    """The rule that decided: its action, which filter and rule (1-based) it is, and the
+    operations of an Accept."""
     action: str
     filter: str
     rule: int
     direction: str
+    operations: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def __str__(self) -> str:
         verb = "accepts" if self.action == "Accept" else "rejects"
@@ -139,7 +144,7 @@ def decide(filters: Iterable[BGPFilter], direction: str, prefix: IPv4Network, ib
     for one in filters:
         for number, rule in enumerate(one.rules(direction), 1):
             if rule.matches(prefix, ibgp, remote, communities, as_path):
-                return Verdict(rule.action, one.name, number, direction)
+                return Verdict(rule.action, one.name, number, direction, rule.operations)
     return None
 
 
@@ -150,11 +155,48 @@ def import_rejection(filters: Sequence[BGPFilter], prefix: IPv4Network, ibgp: bo
     return str(verdict) if verdict is not None and verdict.action == "Reject" else ""
 
 
+@dataclass(frozen=True)
+class Export:
+    """What the filters make of a route this node would send: held back, or sent with these
+    communities added and AS numbers prepended (none: as it is)."""
+    sent: bool
+    communities: tuple[tuple[int, int], ...] = ()
+    large_communities: tuple[tuple[int, int, int], ...] = ()
+    prepend: tuple[int, ...] = ()
+
+    @property
+    def changes(self) -> bool:
+        return bool(self.communities or self.large_communities or self.prepend)
+
+
+AS_IT_IS, HELD_BACK = Export(True), Export(False)
+
+
+def export(filters: Sequence[BGPFilter], prefix: IPv4Network, ibgp: bool, remote: bool,
+           communities: Sequence[tuple[int, int]] = (), as_path: Sequence[int] = ()) -> Export:
+    """A route this node would send, past the filters: held back if a rule rejects it; an
+    Accept's operations in order (addCommunity; prependASPath, whose AS numbers end up first
+    in the path in the order given, as Calico's)."""
+    verdict = decide(filters, EXPORT, prefix, ibgp, remote, communities, as_path)
+    if verdict is None:
+        return AS_IT_IS
+    if verdict.action != "Accept":
+        return HELD_BACK
+    if not verdict.operations:
+        return AS_IT_IS
+    standard, large, prepend = [], [], ()
+    for operation, value in verdict.operations:
+        if operation == "addCommunity":
+            (standard if len(value) == 2 else large).append(value)
+        else:
+            prepend = value + prepend
+    return Export(True, tuple(dict.fromkeys(standard)), tuple(dict.fromkeys(large)), prepend)
+
+
 def exports(filters: Sequence[BGPFilter], prefix: IPv4Network, ibgp: bool, remote: bool,
             communities: Sequence[tuple[int, int]] = (), as_path: Sequence[int] = ()) -> bool:
     """Whether a route this node would send goes out past the filters (no rule rejects it)."""
-    verdict = decide(filters, EXPORT, prefix, ibgp, remote, communities, as_path)
-    return verdict is None or verdict.action == "Accept"
+    return export(filters, prefix, ibgp, remote, communities, as_path).sent
 
 
 # -- the resource ---------------------------------------------------------------------------
@@ -216,7 +258,44 @@ def _rule(read: SpecReader, where: str, entry: object) -> FilterRule:
         raise read.fail(f"{where}: peerType {shown(peer_type)} must be eBGP or iBGP.")
     return FilterRule(action, cidr, operator, low, high, source is not None, peer_type,
                       _community(read, where, entry.get("communities")),
-                      _as_path_prefix(read, where, entry.get("asPathPrefix")))
+                      _as_path_prefix(read, where, entry.get("asPathPrefix")),
+                      _operations(read, where, entry.get("operations"), action))
+
+
+def _operations(read: SpecReader, where: str, value: object, action: str
+                ) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    if value in (None, []):
+        return ()
+    if action != "Accept":
+        raise read.fail(f"{where}: operations go with action Accept only.")
+    if where.startswith(IMPORT):
+        raise read.fail(f"{where}: operations on import are not supported by Pipit yet (on "
+                        "export: addCommunity, prependASPath).")
+    if not isinstance(value, list) or len(value) > MAX_OPERATIONS:
+        raise read.fail(f"{where}: operations must list 1-{MAX_OPERATIONS} operations such as "
+                        f"{{prependASPath: {{prefix: [64512]}}}}, not {shown(value)}.")
+    found = []
+    for number, entry in enumerate(value, 1):
+        here = f"{where} operation {number}"
+        if not isinstance(entry, Mapping) or len(entry) != 1:
+            raise read.fail(f"{here} must be exactly one of addCommunity, prependASPath, not "
+                            f"{shown(entry)}.")
+        [(name, body)] = entry.items()
+        if name == "setPriority":
+            raise read.fail(f"{here}: setPriority is not supported: Pipit sets no route "
+                            "priorities.")
+        if name == "addCommunity" and isinstance(body, Mapping) and set(body) == {"value"}:
+            found.append((name, parse_community(body["value"], f"{read.where}: {here}")))
+        elif name == "prependASPath" and isinstance(body, Mapping) and set(body) == {"prefix"} \
+                and isinstance(body["prefix"], list) and 1 <= len(body["prefix"]) <= 10:
+            found.append((name, tuple(parse_as_number(a, f"{read.where}: {here}",
+                                                      "prependASPath entry")
+                                      for a in body["prefix"])))
+        else:
+            raise read.fail(f"{here} must be {{addCommunity: {{value: '64512:7'}}}} or "
+                            f"{{prependASPath: {{prefix: [64512]}}}} (1-10 AS numbers), not "
+                            f"{shown(entry)}.")
+    return tuple(found)
 
 
 def _prefix_length(read: SpecReader, where: str, value: object, cidr: IPv4Network,
@@ -290,6 +369,10 @@ def _rule_to_spec(rule: FilterRule) -> dict:
         spec["communities"] = {"values": [":".join(map(str, rule.community))]}
     if rule.as_path_prefix:
         spec["asPathPrefix"] = list(rule.as_path_prefix)
+    if rule.operations:
+        spec["operations"] = [
+            {"addCommunity": {"value": ":".join(map(str, value))}} if name == "addCommunity"
+            else {"prependASPath": {"prefix": list(value)}} for name, value in rule.operations]
     return spec
 
 

@@ -442,7 +442,7 @@ def announcements(prefixes: Iterable[IPv4Network], neighbors: Iterable[Neighbor]
     (kube-proxy answers them on every node, so the fabric spreads them over the nodes:
     Calico's serviceClusterIPs, serviceExternalIPs, serviceLoadBalancerIPs). Other nodes
     never get the service ranges: they serve them themselves. A neighbour's BGPFilters
-    hold back what their export rules reject."""
+    hold back what their export rules reject, and change what an Accept's operations say."""
     prefixes = sorted(prefixes)
     tagged: dict[IPv4Network, Announcement] | None = None  # the same for every external peer
     result = {}
@@ -458,8 +458,32 @@ def announcements(prefixes: Iterable[IPv4Network], neighbors: Iterable[Neighbor]
                                              large_communities=large)
             wanted = dict(tagged)
         if neighbor.filters:
-            ibgp = neighbor.peer_as == neighbor.local_as
-            wanted = {p: a for p, a in wanted.items()
-                      if bgp_filter.exports(neighbor.filters, p, ibgp, remote=False)}
+            wanted = filtered_exports(neighbor, wanted)
         result[neighbor.address] = wanted
     return result
+
+
+def filtered_exports(neighbor: Neighbor, wanted: Mapping[IPv4Network, Announcement]
+                     ) -> dict[IPv4Network, Announcement]:
+    """The node's own routes for a neighbour past its BGPFilters: matched as they are before
+    the configured communities are added (as Calico's filters are), held back or sent with
+    an Accept's communities added and AS numbers prepended (after the node's own AS, to an
+    eBGP peer: ExaBGP sends a given AS path as it is)."""
+    ibgp = neighbor.peer_as == neighbor.local_as
+    out = {}
+    for prefix, announced in wanted.items():
+        verdict = bgp_filter.export(neighbor.filters, prefix, ibgp, remote=False)
+        if not verdict.sent:
+            continue
+        if verdict.changes:
+            as_path = announced.as_path
+            if verdict.prepend:  # an AS path given is sent as it is: to eBGP, ours first
+                as_path = (*(() if ibgp else (neighbor.local_as,)), *verdict.prepend, *as_path)
+            announced = replace(
+                announced,
+                communities=tuple(dict.fromkeys((*announced.communities, *verdict.communities))),
+                large_communities=tuple(dict.fromkeys((*announced.large_communities,
+                                                       *verdict.large_communities))),
+                as_path=as_path)
+        out[prefix] = announced
+    return out

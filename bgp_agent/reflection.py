@@ -12,9 +12,9 @@ in full once after a start (an agent restart finds ExaBGP's Adj-RIB-Out from bef
 no longer right are withdrawn), after a failed send, and every RESYNC_SECONDS.
 
 A member's BGPFilters (its BGPPeer's) act on what is reflected to it after the core: a route
-their export rules reject goes to it as a withdrawal instead (the core's fan-out is the same
-for every member, and most have none); a change of filters compares every table with the
-speaker's at that pass.
+their export rules reject goes to it as a withdrawal instead, one an Accept's operations
+change goes to it on its own (the core's fan-out is the same for every member, and most have
+none); a change of filters compares every table with the speaker's at that pass.
 
 A pass hands the core only what changed in a peer's accepted routes since the pass before on
 the same session (a route that is not the very Path of then, a prefix gone); a new session,
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network
 
 from bgp_agent import bgp_filter
@@ -174,35 +174,47 @@ class Reflection:
                 announce.append(Send(neighbors, routes=routes))
         return withdraw + announce
 
-    def _passes(self, address: IPv4Address, prefix: IPv4Network,
-                attributes: Attributes | Route) -> bool:
-        """Whether the member's filters (if any) let the reflected route through."""
+    def _exported(self, address: IPv4Address, prefix: IPv4Network,
+                  attributes: Attributes) -> Attributes | None:
+        """The attributes the member is sent a reflected route with past its filters (if
+        any): None if they hold it back, changed by an Accept's operations."""
         filters = self._filters.get(address)
-        return not filters or bgp_filter.exports(filters, prefix, True, True,
-                                                 attributes.communities, attributes.as_path)
+        if not filters:
+            return attributes
+        verdict = bgp_filter.export(filters, prefix, True, True, attributes.communities,
+                                    attributes.as_path)
+        if not verdict.sent:
+            return None
+        if verdict.communities or verdict.prepend:  # (reflected: standard communities only)
+            return replace(attributes, as_path=(*verdict.prepend, *attributes.as_path),
+                           communities=tuple(dict.fromkeys((*attributes.communities,
+                                                            *verdict.communities))))
+        return attributes
 
     def _filtered(self, updates: Iterable[Update]) -> list[Update]:
-        """The updates with each route a member's filters reject withdrawn from it instead
-        (it may hold the route from before, under attributes the filters let through)."""
+        """The updates past the members' filters: a route one holds back withdrawn from that
+        member instead (it may hold it from before, under attributes they let through), one
+        an operation changes sent to that member on its own."""
         out = []
         for update in updates:
-            held_back = frozenset(
-                a for a in update.peers if a in self._filters and update.attributes is not None
-                and not self._passes(a, update.prefix, update.attributes))
-            if not held_back:
+            if update.attributes is None or not self._filters.keys() & update.peers:
                 out.append(update)
                 continue
-            if update.peers - held_back:
-                out.append(Update(update.peers - held_back, update.prefix, update.attributes))
-            out.append(Update(held_back, update.prefix, None))
+            by_attributes: dict[Attributes | None, set[IPv4Address]] = {}
+            for address in update.peers:
+                by_attributes.setdefault(
+                    self._exported(address, update.prefix, update.attributes), set()
+                ).add(address)
+            out += [Update(frozenset(peers), update.prefix, attributes)
+                    for attributes, peers in by_attributes.items()]
         return out
 
     def reflects(self, address: IPv4Address, prefix: IPv4Network) -> bool:
         """Whether the member is sent a reflected route for the prefix."""
         if not self.core.sends(address, prefix):
             return False
-        return address not in self._filters or self._passes(address, prefix,
-                                                            self.core.best(prefix))
+        return address not in self._filters or self._exported(
+            address, prefix, self.core.reflected(prefix)) is not None
 
     def due_check(self, now: float) -> bool:
         return now >= self._check_at
@@ -220,8 +232,11 @@ class Reflection:
         for address, peer in self.core.peers().items():
             if not peer.up:
                 continue
-            want = {p: announcement(p, a) for p, a in self.core.advertised(address).items()
-                    if address not in self._filters or self._passes(address, p, a)}
+            want = {}
+            for p, a in self.core.advertised(address).items():
+                exported = self._exported(address, p, a)
+                if exported is not None:
+                    want[p] = announcement(p, exported)
             have = {p: a for p, a in announced.get(address, {}).items() if reflected(a)}
             wrong = tuple(a for p, a in want.items() if have.get(p) != a)
             extra = tuple(p for p in have if p not in want)

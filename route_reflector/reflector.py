@@ -78,6 +78,11 @@ class Reflector:
         state = self._prefixes.get(prefix)
         return state.best if state else None
 
+    def reflected(self, prefix: IPv4Network) -> Attributes | None:
+        """The attributes the prefix's best route is reflected with (None: no route)."""
+        state = self._prefixes.get(prefix)
+        return state.attributes if state else None
+
     def loc_rib(self) -> dict[IPv4Network, Route]:
         return {p.prefix: p.best for p in self._prefixes.values() if p.best is not None}
 

@@ -5,6 +5,7 @@ on real sessions."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 import pytest
@@ -12,8 +13,8 @@ import yaml
 
 from bgp_agent import policy
 from bgp_agent.bgp_config import BGPConfig
-from bgp_agent.bgp_filter import (EXPORT, IMPORT, decide, exports, filter_from_spec,
-                                  filter_to_document, import_rejection)
+from bgp_agent.bgp_filter import (EXPORT, IMPORT, Export, decide, export, exports,
+                                  filter_from_spec, filter_to_document, import_rejection)
 from bgp_agent.bgp_peer import BGPPeer, check_peer, peer_from_spec
 from bgp_agent.model import Neighbor, Path, PeerState
 from bgp_agent.node import NodeRecord
@@ -92,11 +93,29 @@ def test_the_first_matching_rule_decides_across_the_filters_in_the_peers_order()
     assert exports([deny], N("192.0.2.1/32"), False, False)  # (no export rule)
 
 
+def test_an_accepts_operations_add_communities_and_prepend_in_calicos_order():
+    tagged = filter_from_spec("tag", {EXPORT: [
+        {"action": "Accept", "matchOperator": "In", "cidr": "10.244.0.0/16", "operations": [
+            {"prependASPath": {"prefix": [65001, 65002]}},
+            {"addCommunity": {"value": "64512:7"}},
+            {"addCommunity": {"value": "4200000000:1:2"}},
+            {"prependASPath": {"prefix": [65003]}},
+            {"addCommunity": {"value": "64512:7"}}]},
+        {"action": "Accept", "matchOperator": "Equal", "cidr": "10.96.0.0/12"}]})
+    assert export([tagged], N("10.244.1.0/26"), False, False) == Export(
+        True, ((64512, 7),), ((4200000000, 1, 2),), (65003, 65001, 65002))
+    assert export([tagged], N("10.96.0.0/12"), False, False) == Export(True)  # as it is
+    assert export([tagged], N("10.97.0.0/16"), False, False) == Export(True)  # no rule
+
+
 def test_a_filter_document_reads_back_as_it_was_written():
     spec = {EXPORT: [{"action": "Reject", "cidr": "10.97.0.0/16", "matchOperator": "In",
                       "prefixLength": {"min": 16, "max": 28}, "source": "RemotePeers",
                       "peerType": "eBGP", "communities": {"values": ["64512:7"]},
-                      "asPathPrefix": [65001]}],
+                      "asPathPrefix": [65001]},
+                     {"action": "Accept", "operations": [
+                         {"prependASPath": {"prefix": [65001, 65001]}},
+                         {"addCommunity": {"value": "64512:9"}}]}],
             IMPORT: [{"action": "Accept", "cidr": "0.0.0.0/0", "matchOperator": "Equal"},
                      {"action": "Reject"}]}
     document = filter_to_document(filter_from_spec("f", spec))
@@ -141,8 +160,21 @@ def test_a_filter_document_reads_back_as_it_was_written():
     ({IMPORT: [{"action": "Accept", "asPathPrefix": [23456]}]}, ["23456", "AS_TRANS"]),
     ({EXPORT: [{"action": "Reject", "interface": "*.calico"}]}, ["interface", "not supported"]),
     ({EXPORT: [{"action": "Accept", "priority": 512}]}, ["priority", "not supported"]),
-    ({EXPORT: [{"action": "Accept", "operations": [{"addCommunity": {"value": "1:2"}}]}]},
-     ["operations", "not supported"]),
+    ({EXPORT: [{"action": "Reject", "operations": [{"addCommunity": {"value": "1:2"}}]}]},
+     ["operations go with action Accept"]),
+    ({IMPORT: [{"action": "Accept", "operations": [{"addCommunity": {"value": "1:2"}}]}]},
+     ["operations on import are not supported"]),
+    ({EXPORT: [{"action": "Accept", "operations": [{"setPriority": {"value": 5}}]}]},
+     ["operation 1", "setPriority is not supported"]),
+    ({EXPORT: [{"action": "Accept", "operations": [{"addCommunity": {"value": "1:2"},
+                                                    "prependASPath": {"prefix": [1]}}]}]},
+     ["operation 1", "exactly one"]),
+    ({EXPORT: [{"action": "Accept", "operations": [{"prependASPath": {"prefix": []}}]}]},
+     ["operation 1", "1-10 AS numbers"]),
+    ({EXPORT: [{"action": "Accept", "operations": [{"addCommunity": {"value": "1"}}]}]},
+     ["operation 1", "community '1'"]),
+    ({EXPORT: [{"action": "Accept", "operations": [{"prependASPath": {"prefix": [1]}}] * 11}]},
+     ["1-10 operations"]),
     ({"importV6": [{"action": "Reject"}]}, ["importV6", "IPv4 only"]),
     ({IMPORT: "reject all"}, ["list of rules"]),
     ({IMPORT: ["Reject"]}, ["importV4 rule 1", "mapping"]),
@@ -220,6 +252,25 @@ def test_export_filters_hold_back_what_they_reject_by_peer_type():
     assert set(out[TOR]) == {*blocks, *services}
 
 
+def test_an_export_accept_prepends_and_tags_the_nodes_own_routes():
+    """After the filter, the cluster's communities are added too (Calico's order)."""
+    prepend = filter_from_spec("backup-path", {EXPORT: [
+        {"action": "Accept", "matchOperator": "In", "cidr": "10.244.0.0/16", "operations": [
+            {"prependASPath": {"prefix": [64512, 64512]}},
+            {"addCommunity": {"value": "65535:666"}}]}]})
+    config = BGPConfig(communities=((64512, 100),))
+    out = policy.announcements([N("10.244.1.0/26")], [tor(prepend)], config,
+                               [N("10.96.0.0/12")])[TOR]
+    block, services = out[N("10.244.1.0/26")], out[N("10.96.0.0/12")]
+    # to this eBGP peer the node's own AS first (ExaBGP sends a given path as it is)
+    assert (block.as_path, block.communities) == ((64512, 64512, 64512),
+                                                  ((64512, 100), (65535, 666)))
+    assert (services.as_path, services.communities) == ((), ((64512, 100),))
+    ibgp = replace(tor(prepend), peer_as=64512)
+    out = policy.announcements([N("10.244.1.0/26")], [ibgp], config, [])[TOR]
+    assert out[N("10.244.1.0/26")].as_path == (64512, 64512)
+
+
 def test_a_peer_naming_a_filter_that_is_gone_runs_without_it_and_the_status_says_so():
     me = NodeRecord("n1", address=IPv4Interface("192.168.1.10/24"))
     peer = BGPPeer("tor", TOR, 65100, filters=("kept", "gone"))
@@ -282,6 +333,23 @@ def test_a_reflector_reflects_past_a_members_export_filter_and_follows_its_chang
     assert reflection.due_check(2)
     tables = held(tables, reflection.check(tables, now=2))
     assert set(tables[CLIENTS[1]]) == {BLOCKS[1]}
+
+
+def test_a_reflector_sends_a_member_its_filters_operations_and_the_others_the_route_as_is():
+    prepend = filter_from_spec("prepend", {EXPORT: [
+        {"action": "Accept", "source": "RemotePeers", "operations": [
+            {"prependASPath": {"prefix": [64512]}}, {"addCommunity": {"value": "64512:5"}}]}]})
+    reflection = Reflection(RR, CLUSTER, 64512)
+    peers = {a: PeerState(a, "up", since=1.0, router_id=a) for a in CLIENTS}
+    accepted = {CLIENTS[0]: {b: Path(b, CLIENTS[0], communities=((1, 1),)) for b in BLOCKS}}
+    tables = held({}, reflection.sends(reflection.step(members([prepend]), peers, accepted,
+                                                       now=0)))
+    changed, plain = tables[CLIENTS[1]][BLOCKS[0]], tables[CLIENTS[2]][BLOCKS[0]]
+    assert (changed.as_path, changed.communities) == ((64512,), ((1, 1), (64512, 5)))
+    assert (plain.as_path, plain.communities) == ((), ((1, 1),))
+    assert changed.originator_id == plain.originator_id == CLIENTS[0]  # reflected all the same
+    assert reflection.check(tables, now=0) == []
+    assert reflection.reflects(CLIENTS[1], BLOCKS[0])
 
 
 # --------------------------------------------------------------------------------------------

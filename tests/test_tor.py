@@ -248,12 +248,13 @@ def test_allow_pool_prefixes_lets_nodes_learn_the_blocks_from_their_tor(bird_lab
 
 def test_bgp_filters_choose_what_a_rack_takes_from_its_tor_and_gives_it(bird_lab):
     """Calico's BGPFilter on rack 1's BGPPeer: its nodes take only the default route from the
-    ToR (the loopbacks rejected by the filter, the pod blocks still by Pipit's own rule), and
-    n2's block is held back from the ToR, which withdraws it; the sessions stay up throughout.
+    ToR (the loopbacks rejected by the filter, the pod blocks still by Pipit's own rule),
+    n2's block is held back from the ToR, which withdraws it, and n1's goes prepended and
+    tagged (an Accept's operations); the sessions stay up throughout.
     The filter cannot be deleted while the peer names it; without it, all is as before."""
     lab, tor = bird_lab, bird_lab.routers[1]
     since = tor_peer(lab, "n1")["since"]
-    n2_block = block_of(lab, "n2")
+    n1_block, n2_block = block_of(lab, "n1"), block_of(lab, "n2")
     tor_filter = yaml.safe_dump({
         "apiVersion": "pipit.dev/v1", "kind": "BGPFilter", "metadata": {"name": "rack1"},
         "spec": {"importV4": [{"action": "Accept", "matchOperator": "Equal",
@@ -261,7 +262,11 @@ def test_bgp_filters_choose_what_a_rack_takes_from_its_tor_and_gives_it(bird_lab
                               {"action": "Reject", "matchOperator": "In",
                                "cidr": "192.0.2.0/24"}],
                  "exportV4": [{"action": "Reject", "matchOperator": "Equal",
-                               "cidr": str(n2_block)}]}})
+                               "cidr": str(n2_block)},
+                              {"action": "Accept", "matchOperator": "Equal",
+                               "cidr": str(n1_block), "operations": [
+                                   {"prependASPath": {"prefix": [65001, 65001]}},
+                                   {"addCommunity": {"value": "65535:7"}}]}]}})
     default_only = {"default": str(tor_address(1))}
     applied = lab.pipitctl("apply", "-f", "-", input=f"---\n{tor_filter}" +
                            lab.tor_peer_document(1, filters=["rack1"]))
@@ -271,7 +276,11 @@ def test_bgp_filters_choose_what_a_rack_takes_from_its_tor_and_gives_it(bird_lab
             wait(lambda n=n: {d: h for d, h in lab.pipit_routes(n).items() if h != "blackhole"}
                  == default_only, 30, f"{n} to hold only the ToR's default route")
         wait(lambda: n2_block not in tor.routes(), 30, "tor1 to lose n2's block")
-        assert block_of(lab, "n1") in tor.routes()
+        # n1's block prepended (before n1's own AS, which eBGP adds) and tagged
+        wait(lambda: tor.routes()[n1_block].as_path == (65001, 65001, 65001), 30,
+             "tor1 to see n1's block prepended")
+        cluster = tuple(int(x) for x in COMMUNITY.split(":"))
+        assert tor.routes()[n1_block].communities == tuple(sorted((cluster, (65535, 7))))
         peer = tor_peer(lab, "n1")
         assert peer["filters"] == ["rack1"] and peer["since"] == since
         assert peer["rejectedReasons"]["BGPFilter 'rack1' rejects it (importV4 rule 2)"] == 2
@@ -284,6 +293,7 @@ def test_bgp_filters_choose_what_a_rack_takes_from_its_tor_and_gives_it(bird_lab
     finally:
         assert lab.pipitctl("apply", "-f", "-", input=lab.tor_peer_document(1)).returncode == 0
     wait(lambda: n2_block in tor.routes(), 30, "tor1 to learn n2's block again")
+    wait(lambda: tor.routes()[n1_block].as_path == (65001,), 30, "n1's block as it was")
     for n in ("n1", "n2"):
         wait(lambda n=n: node_sees_only_its_tor_routes(lab, n), 30, f"{n} to take it all again")
     assert lab.pipitctl("delete", "bgpfilter", "rack1").returncode == 0
