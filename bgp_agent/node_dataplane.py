@@ -25,7 +25,7 @@ from bgp_agent.node import NodeRecord, set_tunnel_fields
 from bgp_agent.policy import native
 from ipam.allocator import IPAM
 from ipam.errors import PipitError
-from ipam.pool import IPPool
+from ipam.pool import TUNNEL, IPPool
 from ipam.store import Store
 from ipip import capability, dataplane, encap, mtu, nat
 
@@ -185,7 +185,7 @@ class NodeDataplane:
                 return None
             [address] = await self.ipam.assign(me.name, handle, pools=[wanted[0].name],
                                                attributes={"type": f"{kind}-tunnel"},
-                                               reuse=True)
+                                               reuse=True, use=TUNNEL)
         except PipitError as error:
             problems.append(f"no {kind} tunnel address: {error}")
             return None

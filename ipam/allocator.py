@@ -38,7 +38,7 @@ from ipam.errors import (Conflict, DatastoreUnavailable, InvalidResource, NotFou
                          PoolExhausted)
 from ipam.handle import Handle, check_handle_id
 from ipam.metrics import ETCD_GAVE_UP
-from ipam.pool import IPPool, read_pools, unclaimed_blocks
+from ipam.pool import WORKLOAD, IPPool, read_pools, unclaimed_blocks
 from ipam.release import stage_block, stage_handle
 from ipam.reservation import Reserved, read_reservations, reserved_by
 from ipam.store import Entry, Store
@@ -58,6 +58,7 @@ class AssignRequest:
     pools: tuple[str, ...] = ()  # by name; empty: every enabled pool that selects the node
     reuse: bool = False  # if the handle already holds addresses, answer with those (idempotent)
     addresses: tuple[IPv4Address, ...] = ()  # these addresses, not any free ones
+    use: str = WORKLOAD  # a pod's (Workload) or a tunnel's (Tunnel): the pools' allowedUses
 
 
 @dataclass(frozen=True)
@@ -100,11 +101,12 @@ class NodeView:
             self._block_pools[cidr] = name
         return name
 
-    def eligible_pools(self, names: Sequence[str]) -> list[IPPool]:
-        """The pools a request may use, or one sentence saying why there are none. A pool
-        the request names is used whatever its nodeSelector says (as in Calico: that is how a
-        `nodeSelector: "!all()"` pool serves only the pods that ask for it); the selector
-        picks the pools of requests that name none."""
+    def eligible_pools(self, names: Sequence[str], use: str = WORKLOAD) -> list[IPPool]:
+        """The pools a request for `use` (Workload, Tunnel) may use, or one sentence saying
+        why there are none. A pool the request names is used whatever its nodeSelector and
+        assignmentMode say (as in Calico: that is how a `nodeSelector: "!all()"` or Manual
+        pool serves only the pods that ask for it), if its allowedUses has `use`; the
+        selector picks the pools of requests that name none, among the Automatic ones."""
         if names:
             chosen = []
             for name in names:
@@ -113,10 +115,14 @@ class NodeView:
                 pool = self.pools[name][0]
                 if pool.disabled:
                     raise PoolExhausted(f"IP pool {name!r} is disabled.")
+                if use not in pool.allowed_uses:
+                    what = "pod" if use == WORKLOAD else "tunnel"
+                    raise PoolExhausted(f"IP pool {name!r} does not give {what} addresses (its "
+                                        f"allowedUses has no {use}).")
                 chosen.append(pool)
             return chosen
-        chosen = sorted((p for p, _ in self.pools.values()
-                         if not p.disabled and p.selects(self.labels)), key=lambda p: p.name)
+        chosen = sorted((p for p, _ in self.pools.values() if p.serves(use, self.labels)),
+                        key=lambda p: p.name)
         if not chosen:
             raise NotFound(f"no enabled IP pool selects node {self.node}; create one with "
                            "`pipitctl apply`.")
@@ -189,8 +195,10 @@ class IPAM:
     async def assign(self, node: str, handle_id: str, count: int = 1,
                      attributes: Mapping[str, str] | None = None,
                      pools: Iterable[str] = (), reuse: bool = False,
-                     addresses: Iterable[IPv4Address] = ()) -> list[IPv4Address]:
-        """Allocate `count` addresses for the handle on this node; all or nothing. With
+                     addresses: Iterable[IPv4Address] = (), use: str = WORKLOAD
+                     ) -> list[IPv4Address]:
+        """Allocate `count` addresses for the handle on this node; all or nothing, from
+        pools whose allowedUses has `use` (Workload: a pod's, Tunnel: a tunnel's). With
         `reuse`, a handle that already holds addresses gets those back instead. With
         `addresses`, exactly those (a block not claimed yet is claimed for this node; one of
         another node's is borrowed from): one that lies in no pool or is not free fails the
@@ -203,7 +211,7 @@ class IPAM:
             raise InvalidResource(f"the number of addresses must be 1 or more, not {count!r}.")
         attrs = {"node": node, **(attributes or {})}
         return await self._submit(node, AssignRequest(handle_id, count, attrs, tuple(pools),
-                                                      reuse, addresses))
+                                                      reuse, addresses, use))
 
     async def release(self, node: str, handle_id: str) -> list[IPv4Address]:
         """Free every address of the handle (batched with the node's other requests)."""
@@ -387,7 +395,7 @@ class IPAM:
                 return held
         if request.addresses:
             return await self._plan_assign_addresses(plan, request)
-        pools = view.eligible_pools(request.pools)
+        pools = view.eligible_pools(request.pools, request.use)
         for pool in pools:  # the decision depends on each pool as the view read it
             plan.revisions.setdefault(keys.pool_key(pool.name), view.pools[pool.name][1])
         taken: dict[IPv4Network, Block] = {}  # this request's changes, merged only if complete

@@ -10,7 +10,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 from ipam.block import block_capacity
 from ipam.errors import InvalidResource, PipitError
-from ipam.resource import SpecReader, make_document, read_document, with_metadata
+from ipam.resource import SpecReader, make_document, read_document, shown, with_metadata
 from ipam.selector import parse_selector
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,10 @@ _RESERVED = (
 )
 
 _FIELDS = {"cidr", "blockSize", "ipipMode", "vxlanMode", "natOutgoing", "disabled",
-           "nodeSelector", "disableBGPExport"}
+           "nodeSelector", "disableBGPExport", "allowedUses", "assignmentMode"}
+WORKLOAD, TUNNEL = "Workload", "Tunnel"
+USES = (WORKLOAD, TUNNEL)  # Calico's allowedUses (default both); LoadBalancer is refused
+ASSIGNMENT_MODES = ("Automatic", "Manual")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ class IPPool:
     disabled: bool = False
     node_selector: str = "all()"
     disable_bgp_export: bool = False
+    allowed_uses: tuple[str, ...] = USES  # pods (Workload), tunnel addresses (Tunnel)
+    assignment_mode: str = "Automatic"  # Manual: only for requests that name the pool
     labels: Mapping[str, str] = field(default_factory=dict, hash=False)
     annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
 
@@ -73,6 +78,13 @@ class IPPool:
 
     def selects(self, labels: Mapping[str, str]) -> bool:
         return parse_selector(self.node_selector).matches(labels)
+
+    def serves(self, use: str, labels: Mapping[str, str]) -> bool:
+        """Whether an automatic assignment for `use` (a pod: Workload, a tunnel address:
+        Tunnel) on a node with these labels may take from it: enabled, allowed that use, not
+        Manual, and its nodeSelector picks the node."""
+        return (not self.disabled and use in self.allowed_uses
+                and self.assignment_mode == "Automatic" and self.selects(labels))
 
 
 def pool_from_spec(name: str, spec: Mapping) -> IPPool:
@@ -106,7 +118,25 @@ def pool_from_spec(name: str, spec: Mapping) -> IPPool:
         raise read.fail(str(error)) from None
     return IPPool(name=name, cidr=cidr, block_size=block_size, ipip_mode=ipip, vxlan_mode=vxlan,
                   nat_outgoing=read.boolean("natOutgoing"), disabled=disabled,
-                  node_selector=selector, disable_bgp_export=read.boolean("disableBGPExport"))
+                  node_selector=selector, disable_bgp_export=read.boolean("disableBGPExport"),
+                  allowed_uses=_allowed_uses(read),
+                  assignment_mode=read.choice("assignmentMode", "Automatic", ASSIGNMENT_MODES))
+
+
+def _allowed_uses(read: SpecReader) -> tuple[str, ...]:
+    """Calico's allowedUses: Workload, Tunnel or both (none given: both)."""
+    uses = read.spec.get("allowedUses")
+    if uses in (None, []):
+        return USES
+    if not isinstance(uses, list):
+        raise read.fail(f"allowedUses must list Workload and/or Tunnel, not {shown(uses)}.")
+    for use in uses:
+        if use == "LoadBalancer":
+            raise read.fail("allowedUses LoadBalancer is not supported: Pipit assigns no "
+                            "load-balancer addresses (use Workload and/or Tunnel).")
+        if use not in USES:
+            raise read.fail(f"allowedUses {shown(use)} is not Workload or Tunnel.")
+    return tuple(u for u in USES if u in uses)
 
 
 def _parse_cidr(text: str, read: SpecReader) -> IPv4Network:
@@ -127,6 +157,9 @@ def pool_to_spec(pool: IPPool) -> dict:
         "disabled": pool.disabled,
         "nodeSelector": pool.node_selector,
         "disableBGPExport": pool.disable_bgp_export,
+        **({} if pool.allowed_uses == USES else {"allowedUses": list(pool.allowed_uses)}),
+        **({} if pool.assignment_mode == "Automatic" else
+           {"assignmentMode": pool.assignment_mode}),
     }
 
 

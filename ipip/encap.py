@@ -8,7 +8,7 @@ the blocks inside it look:
     VXLAN         <block> via <remote VTEP IP> dev vxlan.pipit onlink
     CrossSubnet   native when the remote node is in this node's own subnet, else as Always
 
-Pools are duck-typed (`cidr`, `ipip_mode`, `vxlan_mode`, `disabled`, `name`, `selects()`: what
+Pools are duck-typed (`cidr`, `ipip_mode`, `vxlan_mode`, `disabled`, `name`, `serves()`: what
 ipam.pool.IPPool has), so this package does not import the IPAM code.
 """
 
@@ -148,10 +148,11 @@ def pools_using(pools: Iterable[IPPool], kind: str) -> list[IPPool]:
 
 
 def tunnel_pools(pools: Iterable[IPPool], labels: Mapping[str, str], kind: str) -> list[IPPool]:
-    """Enabled pools of this encapsulation that select the node, by name: the node's tunnel
-    address (tunl0, or its VTEP) comes from the first. None: the node holds no tunnel address,
-    and the agent releases the one it had."""
-    return [p for p in pools_using(pools, kind) if not p.disabled and p.selects(labels)]
+    """Enabled pools of this encapsulation that select the node and allow tunnel addresses
+    (allowedUses Tunnel, assignmentMode Automatic), by name: the node's tunnel address (tunl0,
+    or its VTEP) comes from the first. None: the node holds no tunnel address, and the agent
+    releases the one it had."""
+    return [p for p in pools_using(pools, kind) if p.serves("Tunnel", labels)]
 
 
 def tunnel_handle(kind: str, node: str) -> str:

@@ -96,10 +96,10 @@ IPPOOL = Kind(
     columns=("NAME", "CIDR", "SELECTOR"),
     row=lambda p: (p.name, p.cidr, p.node_selector),
     wide_columns=("NAME", "CIDR", "BLOCKSIZE", "NAT", "IPIPMODE", "VXLANMODE", "DISABLED",
-                  "DISABLEBGPEXPORT", "SELECTOR"),
+                  "DISABLEBGPEXPORT", "SELECTOR", "ALLOWEDUSES", "ASSIGNMENTMODE"),
     wide_row=lambda p: (p.name, p.cidr, p.block_size, yes_no(p.nat_outgoing), p.ipip_mode,
                         p.vxlan_mode, yes_no(p.disabled), yes_no(p.disable_bgp_export),
-                        p.node_selector),
+                        p.node_selector, ",".join(p.allowed_uses), p.assignment_mode),
     delete=delete_pool, delete_check=_pool_delete_check,
 )
 

@@ -175,6 +175,33 @@ def test_a_pool_selecting_no_node_serves_only_the_requests_that_name_it(etcd):
     with_store(etcd, scenario)
 
 
+def test_allowed_uses_and_manual_pools_keep_pods_and_tunnels_apart(etcd):
+    """Calico's allowedUses and assignmentMode: a Tunnel-only pool gives tunnel addresses
+    (named or not) and never a pod's; a Workload-only one the reverse; a Manual pool only
+    what names it. The same allocator, one after the other, with a warm cache."""
+    async def scenario(store):
+        await add_pool(store, "pods", "10.18.0.0/24", blockSize=28, allowedUses=["Workload"])
+        await add_pool(store, "tunnels", "10.18.1.0/24", blockSize=28, allowedUses=["Tunnel"])
+        await add_pool(store, "manual", "10.18.2.0/24", blockSize=28, assignmentMode="Manual")
+        await register_node(store, "n1", {})
+        ipam = IPAM(store)
+        pods = [(await ipam.assign("n1", f"pod-{i}"))[0] for i in range(20)]
+        assert all(a in IPv4Network("10.18.0.0/24") for a in pods)
+        [tunnel] = await ipam.assign("n1", "ipip-tunnel-addr-n1", pools=["tunnels"],
+                                     use="Tunnel")
+        assert tunnel in IPv4Network("10.18.1.0/24")
+        [auto_tunnel] = await ipam.assign("n1", "vxlan-tunnel-addr-n1", use="Tunnel")
+        assert auto_tunnel in IPv4Network("10.18.1.0/24")
+        with pytest.raises(PoolExhausted, match="'tunnels' does not give pod addresses"):
+            await ipam.assign("n1", "pod-x", pools=["tunnels"])
+        with pytest.raises(PoolExhausted, match="'pods' does not give tunnel addresses"):
+            await ipam.assign("n1", "tunnel-x", pools=["pods"], use="Tunnel")
+        [asked] = await ipam.assign("n1", "asked", pools=["manual"])
+        assert asked in IPv4Network("10.18.2.0/24")
+        await assert_consistent(store)
+    with_store(etcd, scenario)
+
+
 def test_disabling_a_pool_stops_allocation_even_with_a_warm_cache(etcd):
     async def scenario(store):
         await add_pool(store, "p", "10.17.0.0/24")

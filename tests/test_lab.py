@@ -344,6 +344,42 @@ def test_a_vxlan_pool_that_selects_no_node_stops_no_node_from_routing(lab):
              f"{node} to forget pool edge")
 
 
+VTEP_POOL = """\
+apiVersion: pipit.dev/v1
+kind: IPPool
+metadata: {name: a-vteps}
+spec: {cidr: 10.246.0.0/24, blockSize: 29, vxlanMode: Always, allowedUses: [Tunnel]}
+"""
+
+
+def test_vteps_come_from_a_tunnel_only_pool_and_pods_never_do(lab):
+    """Calico's allowedUses: with a VXLAN pool for tunnel addresses only, every node's VTEP
+    address comes from it, while the pods keep theirs from the default pool (Never: native)
+    and reach each other; the pool deleted, the VTEPs go and their addresses are freed."""
+    vteps = ipaddress.IPv4Network("10.246.0.0/24")
+    result = lab.pipitctl("apply", "-f", "-", input=VTEP_POOL)
+    assert result.returncode == 0, result.stderr
+    try:
+        addresses = {}
+        for node in lab.nodes():
+            addresses[node] = wait(
+                lambda node=node: dataplane_of(lab, node).get("vxlanTunnelAddress"), 30,
+                f"{node}'s VTEP address")
+            assert ipaddress.IPv4Address(addresses[node]) in vteps
+        snap = ipam_snapshot(lab)
+        assert {node: holder(snap, a) for node, a in addresses.items()} == {
+            node: f"vxlan-tunnel-addr-{node}" for node in addresses}
+        assert not [p for p in lab.all_pods()
+                    if ipaddress.IPv4Interface(p.address).ip in vteps]
+        assert_pods_reach_each_other(lab)
+    finally:
+        result = lab.pipitctl("delete", "ippool", "a-vteps", "--force")
+        assert result.returncode == 0, result.stderr
+    for node in lab.nodes():
+        wait(lambda node=node: not dataplane_of(lab, node).get("kinds"), 30,
+             f"{node} to forget its VTEP")
+
+
 def bgp_segments(lab: Lab, node: str, directory, count: int = 6) -> list[str]:
     """BGP segments with data (keepalives every hold_time / 3) on the node's fabric link,
     as tcpdump prints them: their TCP options show a TCP MD5 signature as `md5`."""

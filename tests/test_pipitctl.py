@@ -196,10 +196,11 @@ def test_get_table_wide_yaml_json_and_the_output_applies_back_unchanged(etcd, ct
     wide = ok(ctl("get", "ippools", "-o", "wide")).splitlines()
     assert [line.split() for line in wide] == [
         ["NAME", "CIDR", "BLOCKSIZE", "NAT", "IPIPMODE", "VXLANMODE", "DISABLED",
-         "DISABLEBGPEXPORT", "SELECTOR"],
+         "DISABLEBGPEXPORT", "SELECTOR", "ALLOWEDUSES", "ASSIGNMENTMODE"],
         ["alpha", "10.91.0.0/24", "28", "false", "Never", "CrossSubnet", "true", "true",
-         "has(edge)"],
-        ["zeta", "10.90.0.0/16", "26", "true", "Always", "Never", "false", "false", "all()"],
+         "has(edge)", "Workload,Tunnel", "Automatic"],
+        ["zeta", "10.90.0.0/16", "26", "true", "Always", "Never", "false", "false", "all()",
+         "Workload,Tunnel", "Automatic"],
     ]
 
     as_yaml = ok(ctl("get", "ippools", "-o", "yaml"))

@@ -20,6 +20,7 @@ from ipam.pool import (
     pool_from_spec,
     pool_of,
     pool_to_document,
+    pool_to_spec,
     search_start,
     unclaimed_blocks,
 )
@@ -55,6 +56,25 @@ def test_every_field_is_read():
     assert pool.selects({"rack": "a"}) and not pool.selects({"rack": "b"})
 
 
+def test_allowed_uses_and_the_assignment_mode_say_what_assigns_from_a_pool_on_its_own():
+    """Calico's allowedUses (Workload: pods, Tunnel: tunnel addresses; none given: both) and
+    assignmentMode (Manual: only for requests that name the pool)."""
+    base = {"cidr": "10.0.0.0/16"}
+    both = pool_from_spec("p", base)
+    assert both.allowed_uses == ("Workload", "Tunnel") and both.assignment_mode == "Automatic"
+    assert both.serves("Workload", {}) and both.serves("Tunnel", {})
+    tunnels = pool_from_spec("p", {**base, "allowedUses": ["Tunnel"]})
+    assert tunnels.serves("Tunnel", {}) and not tunnels.serves("Workload", {})
+    manual = pool_from_spec("p", {**base, "assignmentMode": "Manual"})
+    assert not manual.serves("Workload", {}) and not manual.serves("Tunnel", {})
+    for pool in (tunnels, manual, pool_from_spec("p", {**base, "allowedUses": [
+            "Tunnel", "Workload"]})):
+        assert pool_from_spec("p", pool_to_spec(pool)) == pool
+    assert "allowedUses" not in pool_to_spec(both) and "assignmentMode" not in pool_to_spec(both)
+    assert not pool_from_spec("p", {**base, "disabled": True}).serves("Workload", {})
+    assert not pool_from_spec("p", {**base, "nodeSelector": "rack == 'a'"}).serves("Tunnel", {})
+
+
 @pytest.mark.parametrize("spec, facts", [
     ({"cidr": "10.0.0.1/16"}, ["host bits", "10.0.0.0/16"]),
     ({"cidr": "10.0.0.0"}, ["'10.0.0.0'", "prefix length"]),
@@ -86,6 +106,12 @@ def test_every_field_is_read():
                                                    "natOutgoing"]),
     ({"cidr": "10.0.0.0/16", "nodeSelector": "rack == "}, ["selector", "rack =="]),
     ({"cidr": "10.0.0.0/16", "nodeSelector": ["a"]}, ["nodeSelector must be a string"]),
+    ({"cidr": "10.0.0.0/16", "allowedUses": ["LoadBalancer"]}, ["LoadBalancer",
+                                                              "not supported"]),
+    ({"cidr": "10.0.0.0/16", "allowedUses": ["Pods"]}, ["allowedUses 'Pods'"]),
+    ({"cidr": "10.0.0.0/16", "allowedUses": "Tunnel"}, ["allowedUses must list"]),
+    ({"cidr": "10.0.0.0/16", "assignmentMode": "Auto"}, ["assignmentMode 'Auto'",
+                                                        "Automatic, Manual"]),
 ])
 def test_invalid_specs_are_one_sentence(spec, facts):
     rejected(spec, *facts)
