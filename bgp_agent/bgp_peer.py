@@ -42,7 +42,8 @@ refuses routes carrying its own AS, or this one, as loops.
 ttlSecurity is Calico's GTSM (RFC 5082, BIRD's `ttl security on`): the node sends with TTL 255
 and its kernel drops what arrives from the peer with a TTL below 256 - ttlSecurity, so a
 spoofed segment from farther away cannot reach the session; the peer must run GTSM too.
-keepOriginalNextHop is accepted for Calico compatibility; a node only announces its own
+sourceAddress is accepted as UseNodeIP (Calico's default, and what Pipit does); None (let the
+kernel choose) is refused. keepOriginalNextHop is accepted for Calico compatibility; a node only announces its own
 blocks, whose next hop is the node itself either way.
 
 Pure parsing and validation here; checks against other resources (the node itself,
@@ -69,7 +70,7 @@ KIND = "BGPPeer"
 _FIELDS = {"peerIP", "asNumber", "node", "nodeSelector", "peerSelector", "reversePeering",
            "password", "holdTime", "maxRestartTime", "maxPrefixes", "keepOriginalNextHop",
            "allowPoolPrefixes", "numAllowedLocalASNumbers", "filters", "ttlSecurity",
-           "localASNumber"}
+           "localASNumber", "sourceAddress"}
 REVERSE_PEERING = ("Auto", "Manual")
 MAX_ALLOWED_LOCAL_AS = 10
 
@@ -191,6 +192,10 @@ def peer_from_spec(name: str, spec: Mapping) -> BGPPeer:
     if not 0 <= allowed <= MAX_ALLOWED_LOCAL_AS:
         raise read.fail(f"numAllowedLocalASNumbers {allowed} is outside 0-"
                         f"{MAX_ALLOWED_LOCAL_AS}.")
+    source = read.string("sourceAddress") or "UseNodeIP"
+    if source != "UseNodeIP":
+        raise read.fail(f"sourceAddress {source!r} is not supported: Pipit peers from the "
+                        "node's address (UseNodeIP, Calico's default).")
     return BGPPeer(
         name=name, peer_ip=peer_ip, as_number=as_number, node=node, node_selector=selector,
         peer_selector=peer_selector, reverse_peering=reverse,

@@ -51,7 +51,7 @@ def test_every_field_round_trips():
             "holdTime": 9, "maxRestartTime": 30, "maxPrefixes": 100,
             "keepOriginalNextHop": True, "allowPoolPrefixes": True,
             "numAllowedLocalASNumbers": 1, "filters": ["tor-in", "tor-out"], "ttlSecurity": 1,
-            "localASNumber": "1.10"}
+            "localASNumber": "1.10", "sourceAddress": "UseNodeIP"}
     peer = peer_from_spec("rack-a", spec)
     assert (peer.filters, peer.ttl_security, peer.local_as_number) == (
         ("tor-in", "tor-out"), 1, 65546)
@@ -124,6 +124,7 @@ REFUSALS = [
     ({**TOR, "numAllowedLocalASNumbers": 11}, ["numAllowedLocalASNumbers 11"]),
     ({**TOR, "ttlSecurity": 255}, ["ttlSecurity 255", "1-254"]),
     ({**TOR, "localASNumber": 0}, ["AS number 0"]),
+    ({**TOR, "sourceAddress": "None"}, ["sourceAddress 'None'", "UseNodeIP"]),
     ({**TOR, "localASNumber": "x"}, ["localASNumber 'x'"]),
     ({"peerSelector": "all()", "localASNumber": 65001}, ["localASNumber goes with peerIP"]),
     ({**TOR, "ttlSecurity": -1}, ["ttlSecurity -1"]),
