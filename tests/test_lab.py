@@ -118,6 +118,44 @@ def test_exabgp_killed_costs_no_route_and_no_ping_while_its_agent_starts_another
     assert "ExaBGP (pid %d) exited" % first in (lab.node_dir(node) / "agent.log").read_text()
 
 
+def test_a_gtsm_peer_leaves_the_mesh_sessions_other_nodes_open_to_this_one(lab, tmp_path):
+    """ttlSecurity on a BGPPeer to an edge router (BIRD, `ttl security on`): its sessions come
+    up, and the mesh sessions the other nodes open to this node (TTL 64) still come up when
+    they start over: ExaBGP put GTSM's minimum TTL on the listening socket every neighbour
+    shares, which dropped their SYNs (pipit-exabgp fix 6 checks each connection instead)."""
+    from ipaddress import IPv4Interface
+
+    from lab.routers import RouterPeer, RouterSpec, make_router
+    edge_address = IPv4Interface("10.99.0.250/24")
+    nodes = sorted(lab.nodes(), key=lab.node_ip)
+    spec = RouterSpec("edge", edge_address.ip, 65100, tuple(
+        RouterPeer(n, lab.node_ip(n), 64512, local_address=edge_address.ip, hold_time=9,
+                   ttl_security=True) for n in nodes), kernel=False)
+    edge = make_router("bird", spec, lab.attach("edge", edge_address), tmp_path / "edge")
+    edge.start()
+    peer = ("apiVersion: pipit.dev/v1\nkind: BGPPeer\nmetadata: {name: edge}\n"
+            "spec: {peerIP: 10.99.0.250, asNumber: 65100, ttlSecurity: 1}\n")
+    try:
+        assert lab.pipitctl("apply", "-f", "-", input=peer).returncode == 0
+        for node in nodes:
+            wait(lambda node=node: edge.established(lab.node_ip(node)), 30,
+                 f"the edge's GTSM session with {node}")
+        middle = nodes[1]  # the lower node waits for it; it waits for the higher one
+        since = peer_since(lab, middle)
+        pid_file = lab.node_dir(middle) / "exabgp" / "exabgp.pid"
+        first = int(pid_file.read_text())
+        os.kill(first, signal.SIGKILL)
+        wait(lambda: int(pid_file.read_text()) != first, 20, f"{middle}'s new ExaBGP")
+        wait(lambda: (now := peer_since(lab, middle)).keys() == since.keys()
+             and all(now[p] != since[p] for p in since)
+             and all(p["state"] == "up" for p in lab.status(middle)["peers"]), 30,
+             f"{middle}'s mesh and edge sessions back, new ones")
+        assert_pods_reach_each_other(lab)
+    finally:
+        lab.pipitctl("delete", "bgppeer", "edge", "--skip-not-exists")
+        edge.destroy()
+
+
 def test_a_fourth_node_joins_and_is_reachable_from_all_pods(lab):
     lab.add_node("n4")
     lab.wait_mesh()
