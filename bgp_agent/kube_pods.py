@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 
 from bgp_agent.kube_api import Informer, KubeAPI, KubernetesUnavailable
 from ipam.annotations import PodRequest, pod_request
@@ -32,7 +33,7 @@ class PodAnnotations:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _annotations(self, informer: Informer, key: str, get) -> dict[str, str]:
+    async def _metadata(self, informer: Informer, key: str, get) -> dict:
         obj = informer.items.get(key)
         if obj is None:
             self.misses += 1
@@ -41,12 +42,15 @@ class PodAnnotations:
             except KubernetesUnavailable as error:
                 raise DatastoreUnavailable(f"cannot read {key} from Kubernetes for its "
                                            f"annotations: {error}") from None
-        return dict(((obj or {}).get("metadata") or {}).get("annotations") or {})
+        return (obj or {}).get("metadata") or {}
 
     async def request(self, namespace: str, pod: str) -> PodRequest:
-        """What the pod's (and its namespace's) annotations ask for."""
-        ns = await self._annotations(self.namespaces, namespace,
-                                     lambda: self.api.namespace(namespace))
-        own = await self._annotations(self.pods, f"{namespace}/{pod}",
-                                      lambda: self.api.pod(namespace, pod))
-        return pod_request(namespace, pod, ns, own)
+        """What the pod's (and its namespace's) annotations ask for, with the namespace's
+        labels (pools' namespaceSelector)."""
+        ns = await self._metadata(self.namespaces, namespace,
+                                  lambda: self.api.namespace(namespace))
+        own = await self._metadata(self.pods, f"{namespace}/{pod}",
+                                   lambda: self.api.pod(namespace, pod))
+        return replace(pod_request(namespace, pod, dict(ns.get("annotations") or {}),
+                                   dict(own.get("annotations") or {})),
+                       namespace_labels=dict(ns.get("labels") or {}))

@@ -59,6 +59,8 @@ class AssignRequest:
     reuse: bool = False  # if the handle already holds addresses, answer with those (idempotent)
     addresses: tuple[IPv4Address, ...] = ()  # these addresses, not any free ones
     use: str = WORKLOAD  # a pod's (Workload) or a tunnel's (Tunnel): the pools' allowedUses
+    # a pod's namespace's labels, for the pools' namespaceSelector (None: not known)
+    namespace_labels: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -101,12 +103,14 @@ class NodeView:
             self._block_pools[cidr] = name
         return name
 
-    def eligible_pools(self, names: Sequence[str], use: str = WORKLOAD) -> list[IPPool]:
+    def eligible_pools(self, names: Sequence[str], use: str = WORKLOAD,
+                       namespace_labels: Mapping[str, str] | None = None) -> list[IPPool]:
         """The pools a request for `use` (Workload, Tunnel) may use, or one sentence saying
         why there are none. A pool the request names is used whatever its nodeSelector and
         assignmentMode say (as in Calico: that is how a `nodeSelector: "!all()"` or Manual
         pool serves only the pods that ask for it), if its allowedUses has `use`; the
-        selector picks the pools of requests that name none, among the Automatic ones."""
+        selectors (nodeSelector, and a pod's namespace for namespaceSelector) pick the pools
+        of requests that name none, among the Automatic ones."""
         if names:
             chosen = []
             for name in names:
@@ -121,8 +125,8 @@ class NodeView:
                                         f"allowedUses has no {use}).")
                 chosen.append(pool)
             return chosen
-        chosen = sorted((p for p, _ in self.pools.values() if p.serves(use, self.labels)),
-                        key=lambda p: p.name)
+        chosen = sorted((p for p, _ in self.pools.values()
+                         if p.serves(use, self.labels, namespace_labels)), key=lambda p: p.name)
         if not chosen:
             raise NotFound(f"no enabled IP pool selects node {self.node}; create one with "
                            "`pipitctl apply`.")
@@ -195,10 +199,11 @@ class IPAM:
     async def assign(self, node: str, handle_id: str, count: int = 1,
                      attributes: Mapping[str, str] | None = None,
                      pools: Iterable[str] = (), reuse: bool = False,
-                     addresses: Iterable[IPv4Address] = (), use: str = WORKLOAD
-                     ) -> list[IPv4Address]:
+                     addresses: Iterable[IPv4Address] = (), use: str = WORKLOAD,
+                     namespace_labels: Mapping[str, str] | None = None) -> list[IPv4Address]:
         """Allocate `count` addresses for the handle on this node; all or nothing, from
-        pools whose allowedUses has `use` (Workload: a pod's, Tunnel: a tunnel's). With
+        pools whose allowedUses has `use` (Workload: a pod's, Tunnel: a tunnel's) and, for a
+        pod, whose namespaceSelector its namespace's labels match. With
         `reuse`, a handle that already holds addresses gets those back instead. With
         `addresses`, exactly those (a block not claimed yet is claimed for this node; one of
         another node's is borrowed from): one that lies in no pool or is not free fails the
@@ -211,7 +216,8 @@ class IPAM:
             raise InvalidResource(f"the number of addresses must be 1 or more, not {count!r}.")
         attrs = {"node": node, **(attributes or {})}
         return await self._submit(node, AssignRequest(handle_id, count, attrs, tuple(pools),
-                                                      reuse, addresses, use))
+                                                      reuse, addresses, use,
+                                                      namespace_labels))
 
     async def release(self, node: str, handle_id: str) -> list[IPv4Address]:
         """Free every address of the handle (batched with the node's other requests)."""
@@ -395,7 +401,7 @@ class IPAM:
                 return held
         if request.addresses:
             return await self._plan_assign_addresses(plan, request)
-        pools = view.eligible_pools(request.pools, request.use)
+        pools = view.eligible_pools(request.pools, request.use, request.namespace_labels)
         for pool in pools:  # the decision depends on each pool as the view read it
             plan.revisions.setdefault(keys.pool_key(pool.name), view.pools[pool.name][1])
         taken: dict[IPv4Network, Block] = {}  # this request's changes, merged only if complete

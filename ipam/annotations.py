@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
 from ipam.errors import InvalidResource, NotFound
@@ -30,6 +30,8 @@ class PodRequest:
     addresses: tuple[IPv4Address, ...] = ()
     pools_from: str = ""  # e.g. "annotation pipit.dev/ipv4pools of pod ns/web"
     addresses_from: str = ""
+    # the namespace's labels (for pools' namespaceSelector); None: not known (no Kubernetes)
+    namespace_labels: Mapping[str, str] | None = field(default=None, hash=False)
 
 
 def _list(text: str, where: str) -> list[str]:

@@ -29,7 +29,8 @@ _RESERVED = (
 )
 
 _FIELDS = {"cidr", "blockSize", "ipipMode", "vxlanMode", "natOutgoing", "disabled",
-           "nodeSelector", "disableBGPExport", "allowedUses", "assignmentMode"}
+           "nodeSelector", "disableBGPExport", "allowedUses", "assignmentMode",
+           "namespaceSelector"}
 WORKLOAD, TUNNEL = "Workload", "Tunnel"
 USES = (WORKLOAD, TUNNEL)  # Calico's allowedUses (default both); LoadBalancer is refused
 ASSIGNMENT_MODES = ("Automatic", "Manual")
@@ -48,6 +49,8 @@ class IPPool:
     disable_bgp_export: bool = False
     allowed_uses: tuple[str, ...] = USES  # pods (Workload), tunnel addresses (Tunnel)
     assignment_mode: str = "Automatic"  # Manual: only for requests that name the pool
+    # pods of the namespaces whose labels it matches (None: any); nodeSelector must match too
+    namespace_selector: str | None = None
     labels: Mapping[str, str] = field(default_factory=dict, hash=False)
     annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
 
@@ -79,12 +82,19 @@ class IPPool:
     def selects(self, labels: Mapping[str, str]) -> bool:
         return parse_selector(self.node_selector).matches(labels)
 
-    def serves(self, use: str, labels: Mapping[str, str]) -> bool:
+    def serves(self, use: str, labels: Mapping[str, str],
+               namespace_labels: Mapping[str, str] | None = None) -> bool:
         """Whether an automatic assignment for `use` (a pod: Workload, a tunnel address:
         Tunnel) on a node with these labels may take from it: enabled, allowed that use, not
-        Manual, and its nodeSelector picks the node."""
-        return (not self.disabled and use in self.allowed_uses
-                and self.assignment_mode == "Automatic" and self.selects(labels))
+        Manual, its nodeSelector picks the node and, for a pod, its namespaceSelector the
+        pod's namespace (whose labels, None when unknown, match no namespaceSelector)."""
+        if self.disabled or use not in self.allowed_uses or self.assignment_mode != "Automatic":
+            return False
+        if use == WORKLOAD and self.namespace_selector is not None and (
+                namespace_labels is None
+                or not parse_selector(self.namespace_selector).matches(namespace_labels)):
+            return False
+        return self.selects(labels)
 
 
 def pool_from_spec(name: str, spec: Mapping) -> IPPool:
@@ -112,15 +122,18 @@ def pool_from_spec(name: str, spec: Mapping) -> IPPool:
     if ipip != "Never" and vxlan != "Never":
         raise read.fail("ipipMode and vxlanMode cannot both be enabled; choose one encapsulation.")
     selector = read.string("nodeSelector", "all()") or "all()"
-    try:
-        parse_selector(selector)
-    except InvalidResource as error:
-        raise read.fail(str(error)) from None
+    namespaces = read.string("namespaceSelector") or None
+    for text in (selector, namespaces):
+        try:
+            parse_selector(text or "all()")
+        except InvalidResource as error:
+            raise read.fail(str(error)) from None
     return IPPool(name=name, cidr=cidr, block_size=block_size, ipip_mode=ipip, vxlan_mode=vxlan,
                   nat_outgoing=read.boolean("natOutgoing"), disabled=disabled,
                   node_selector=selector, disable_bgp_export=read.boolean("disableBGPExport"),
                   allowed_uses=_allowed_uses(read),
-                  assignment_mode=read.choice("assignmentMode", "Automatic", ASSIGNMENT_MODES))
+                  assignment_mode=read.choice("assignmentMode", "Automatic", ASSIGNMENT_MODES),
+                  namespace_selector=namespaces)
 
 
 def _allowed_uses(read: SpecReader) -> tuple[str, ...]:
@@ -160,6 +173,8 @@ def pool_to_spec(pool: IPPool) -> dict:
         **({} if pool.allowed_uses == USES else {"allowedUses": list(pool.allowed_uses)}),
         **({} if pool.assignment_mode == "Automatic" else
            {"assignmentMode": pool.assignment_mode}),
+        **({} if pool.namespace_selector is None else
+           {"namespaceSelector": pool.namespace_selector}),
     }
 
 

@@ -194,7 +194,8 @@ class IPAMService:
                 pools = list(pool_names(chosen, await self._pools()))
             return await self.ipam.assign(self.node, handle, attributes=attributes,
                                           pools=pools, reuse=True,
-                                          addresses=chosen.addresses)
+                                          addresses=chosen.addresses,
+                                          namespace_labels=chosen.namespace_labels)
         except (DatastoreUnavailable, Conflict):
             raise
         except PipitError as error:

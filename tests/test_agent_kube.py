@@ -99,6 +99,36 @@ def test_annotations_choose_the_pool_and_the_address(fakekube, etcd, kube_agent)
     assert address_of(add(socket, "team", "late")) in IPv4Interface("10.32.0.0/24").network
 
 
+def test_a_pools_namespace_selector_picks_the_pods_of_the_namespaces_it_matches(
+        fakekube, etcd, kube_agent):
+    """Calico's namespaceSelector: with a CNI configuration that names no pool, a pod of a
+    namespace labelled team=a gets its address from the pool selecting that namespace, one of
+    another namespace from the pool selecting it; the labels are the namespace's own."""
+    async def pools(store):
+        await add_pool(store, "default", "10.30.0.0/24", blockSize=28,
+                       namespaceSelector="!has(team)")
+        await add_pool(store, "green", "10.32.0.0/24", blockSize=28,
+                       namespaceSelector="team == 'b'")
+        await add_pool(store, "team-a", "10.33.0.0/24", blockSize=28,
+                       namespaceSelector="team == 'a'")
+    with_store(etcd, pools)
+    store = fakekube.store
+    store.create(NAMESPACES, None, {**namespace("alpha"), "metadata": {
+        "name": "alpha", "labels": {"team": "a"}}})
+    store.create(NAMESPACES, None, namespace("plain"))
+    store.create(PODS, "alpha", pod("web"))
+    store.create(PODS, "plain", pod("web"))
+    config = {**NETWORK, "ipam": {"type": "pipit-ipam", "socket": str(kube_agent.socket_path)}}
+
+    def added(ns: str) -> IPv4Address:
+        env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": f"c-{ns}", "CNI_IFNAME": "eth0",
+               "CNI_NETNS": "/var/run/netns/x",
+               "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME=web"}
+        return address_of(cni.run("ADD", env, json.dumps(config)))
+    assert added("alpha") in IPv4Interface("10.33.0.0/24").network
+    assert added("plain") in IPv4Interface("10.30.0.0/24").network
+
+
 @pytest.mark.parametrize("annotations, code, words", [
     ({"pipit.dev/ipv4pools": "blue"}, 7, "annotation pipit.dev/ipv4pools of pod team/bad is "
                                          "not JSON"),

@@ -73,6 +73,13 @@ def test_allowed_uses_and_the_assignment_mode_say_what_assigns_from_a_pool_on_it
     assert "allowedUses" not in pool_to_spec(both) and "assignmentMode" not in pool_to_spec(both)
     assert not pool_from_spec("p", {**base, "disabled": True}).serves("Workload", {})
     assert not pool_from_spec("p", {**base, "nodeSelector": "rack == 'a'"}).serves("Tunnel", {})
+    # namespaceSelector: a pod's namespace's labels (unknown: no match); not for tunnels
+    team = pool_from_spec("p", {**base, "namespaceSelector": "team == 'a'"})
+    assert team.serves("Workload", {}, {"team": "a"})
+    assert not team.serves("Workload", {}, {"team": "b"})
+    assert not team.serves("Workload", {}, None)
+    assert team.serves("Tunnel", {})
+    assert pool_from_spec("p", pool_to_spec(team)) == team
 
 
 @pytest.mark.parametrize("spec, facts", [
@@ -112,6 +119,7 @@ def test_allowed_uses_and_the_assignment_mode_say_what_assigns_from_a_pool_on_it
     ({"cidr": "10.0.0.0/16", "allowedUses": "Tunnel"}, ["allowedUses must list"]),
     ({"cidr": "10.0.0.0/16", "assignmentMode": "Auto"}, ["assignmentMode 'Auto'",
                                                         "Automatic, Manual"]),
+    ({"cidr": "10.0.0.0/16", "namespaceSelector": "team =="}, ["selector", "team =="]),
 ])
 def test_invalid_specs_are_one_sentence(spec, facts):
     rejected(spec, *facts)
