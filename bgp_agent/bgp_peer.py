@@ -322,7 +322,7 @@ def check_peer(peer: BGPPeer, peers: Iterable[BGPPeer], nodes: Iterable[NodeReco
         for name in peer.filters:
             if name not in known:
                 raise InvalidResource(f"{where}: filters names BGPFilter {name!r}, which does "
-                                      "not exist (apply the BGPFilter first, or before the "
+                                      "not exist (apply the BGPFilter first, or with the "
                                       "BGPPeer in the same input).")
     if peer.peer_selector is not None:
         pairs = {(a.name, b.name) for a in nodes if peer.applies_to(a)

@@ -496,7 +496,9 @@ def _revision_of(listings: dict[Kind, Listing], key: str) -> int:
 async def apply_objects(store: Store, objects: Sequence[Incoming], mode: str = APPLY,
                         skip_existing: bool = False) -> list[str]:
     """Create or update every object, all or nothing, also when there are more than one etcd
-    transaction holds; one line per object saying what happened."""
+    transaction holds; one line per object saying what happened. BGPFilters go before the
+    rest, so that a BGPPeer may name one that comes after it in the input."""
+    objects = sorted(objects, key=lambda incoming: incoming.kind is not BGP_FILTER)
     kinds = {i.kind for i in objects}
     kinds |= {kind_named(p) for k in kinds for p in k.needs}
     for _ in range(MAX_ATTEMPTS):

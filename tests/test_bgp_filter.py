@@ -375,7 +375,8 @@ def test_pipitctl_applies_shows_and_deletes_a_filter_only_once_no_peer_names_it(
     one_sentence(ctl("apply", "-f", "-", input=PEER), "BGPPeer 'tor'", "'tor-in'",
                  "does not exist")
     assert snapshot(etcd) == before
-    ok(ctl("apply", "-f", "-", input=FILTER + "---\n" + PEER))  # in order, in one input
+    assert ok(ctl("apply", "-f", "-", input=PEER + "---\n" + FILTER)).splitlines() == [
+        "bgpfilter 'tor-in' created", "bgppeer 'tor' created"]  # the filter first, in one go
     table = ok(ctl("get", "bgpfilters")).splitlines()
     assert [line.split() for line in table] == [["NAME", "RULES"],
                                                 ["tor-in", "2", "import,", "0", "export"]]
