@@ -18,7 +18,11 @@ NAME = "default"
 SERVICE_FIELDS = ("serviceClusterIPs", "serviceExternalIPs", "serviceLoadBalancerIPs")
 _FIELDS = {"asNumber", "nodeToNodeMeshEnabled", "listenPort", "communities",
            "prefixAdvertisements", "nodeMeshHoldTime", "nodeMeshMaxRestartTime",
-           "nodeMeshPassword", *SERVICE_FIELDS}
+           "nodeMeshPassword", "logSeverityScreen", *SERVICE_FIELDS}
+# Calico's logSeverityScreen values, as the agent's log levels (its ExaBGP stays at WARNING:
+# at INFO it logs every route)
+LOG_SEVERITIES = {"Debug": "DEBUG", "Info": "INFO", "Warning": "WARNING", "Error": "ERROR",
+                  "Fatal": "CRITICAL"}
 _A_CIDR = "a CIDR such as 10.96.0.0/12"
 _COMMUNITY_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 _COMMUNITY = re.compile(r"\d+(:\d+){1,2}")
@@ -121,6 +125,7 @@ class BGPConfig:
     # communities as written (a name or a value)
     named_communities: tuple[tuple[str, Community | LargeCommunity], ...] = ()
     prefix_advertisements: tuple[tuple[IPv4Network, tuple[str, ...]], ...] = ()
+    log_severity: str | None = None  # logSeverityScreen; None: the agent's --log-level
     labels: Mapping[str, str] = field(default_factory=dict, hash=False)
     annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
 
@@ -175,7 +180,16 @@ def config_from_spec(name: str, spec: Mapping) -> BGPConfig:
         service_ranges=tuple(_service_ranges(read, f) for f in SERVICE_FIELDS),
         named_communities=named,
         prefix_advertisements=_prefix_advertisements(read, dict(named)),
+        log_severity=_log_severity(read),
     )
+
+
+def _log_severity(read: SpecReader) -> str | None:
+    severity = read.string("logSeverityScreen") or None
+    if severity is not None and severity not in LOG_SEVERITIES:
+        raise read.fail(f"logSeverityScreen {severity!r} is not one of "
+                        f"{', '.join(LOG_SEVERITIES)}.")
+    return severity
 
 
 def _named_communities(read: SpecReader, entries: list[Mapping]
@@ -266,4 +280,6 @@ def config_to_document(config: BGPConfig) -> dict:
     for field_name, ranges in zip(SERVICE_FIELDS, config.service_ranges):
         if ranges:
             spec[field_name] = [{"cidr": str(r)} for r in ranges]
+    if config.log_severity is not None:
+        spec["logSeverityScreen"] = config.log_severity
     return make_document(KIND, NAME, spec, config.labels, config.annotations)

@@ -20,7 +20,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import TYPE_CHECKING
 
 from bgp_agent import policy
-from bgp_agent.bgp_config import BGPConfig, config_from_spec
+from bgp_agent.bgp_config import LOG_SEVERITIES, BGPConfig, config_from_spec
 from bgp_agent.bgp_filter import filter_from_document
 from bgp_agent.bgp_peer import peer_from_document
 from bgp_agent.md5_password import PasswordRef, resolve_password
@@ -163,6 +163,7 @@ class Router:
         # the cluster's Services and EndpointSlices (kube_services), with the Kubernetes API
         self.local_services: LocalServices | None = None
         self._kernel_lock = asyncio.Lock()  # the route table's socket: one thread at a time
+        self._start_log_level = logging.getLevelName(logging.getLogger().level)
 
     # -- inputs ------------------------------------------------------------------------
 
@@ -307,8 +308,19 @@ class Router:
                 tripped = True
         return tripped
 
+    def _follow_log_severity(self, config: BGPConfig) -> None:
+        """The agent's log level as the BGPConfiguration's logSeverityScreen says (Calico's),
+        or as it started (--log-level) once that is gone."""
+        level = LOG_SEVERITIES.get(config.log_severity or "", self._start_log_level)
+        root = logging.getLogger()
+        if logging.getLevelName(root.level) != level:
+            root.setLevel(level)
+            log.warning("log level now %s (BGPConfiguration logSeverityScreen %s)", level,
+                        config.log_severity or "unset")
+
     async def reconcile(self) -> None:
         me, config, pools = self.node_record(), self.config(), list(self.pools.items.values())
+        self._follow_log_severity(config)
         my_as = policy.local_as(me, config)
         neighbors = self._select(me, config)
         if self.speaker.connected and self._enforce_limits(neighbors):

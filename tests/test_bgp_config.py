@@ -248,3 +248,13 @@ def test_prefix_advertisements_add_communities_to_the_prefixes_they_hold():
 ])
 def test_a_bad_prefix_advertisement_or_named_community_is_one_sentence(spec, facts):
     refused(spec, *facts)
+
+
+def test_log_severity_screen_takes_calicos_levels_and_survives_the_document():
+    config = config_from_spec("default", {"logSeverityScreen": "Info"})
+    assert config.log_severity == "Info"
+    assert config_from_spec("default", dict(config_to_document(config)["spec"])) == config
+    assert config_from_spec("default", {}).log_severity is None
+    with pytest.raises(InvalidResource) as error:
+        config_from_spec("default", {"logSeverityScreen": "verbose"})
+    one_sentence(str(error.value), "logSeverityScreen 'verbose'", "Debug, Info, Warning")

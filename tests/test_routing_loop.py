@@ -126,6 +126,35 @@ def run(test):
     return wrapper
 
 
+@run
+async def test_log_severity_screen_sets_the_agents_log_level_and_unset_gives_it_back():
+    """Calico's logSeverityScreen in the BGPConfiguration: the agent logs at that level from
+    the next pass; taken out, at the level it started with."""
+    import logging
+    root = logging.getLogger()
+    started = root.level
+    try:
+        root.setLevel("WARNING")
+        c = Cluster()
+        async with running(c):
+            await c.sync()
+            assert root.level == logging.WARNING
+            config = keys.resource_key("bgpconfig", "default")
+            c.store.put(config, make_document("BGPConfiguration", "default",
+                                              {"logSeverityScreen": "Debug"}))
+            await c.sync()
+            assert root.level == logging.DEBUG
+            c.store.put(config, make_document("BGPConfiguration", "default",
+                                              {"logSeverityScreen": "Fatal"}))
+            await c.sync()
+            assert root.level == logging.CRITICAL
+            c.store.put(config, make_document("BGPConfiguration", "default", {}))
+            await c.sync()
+            assert root.level == logging.WARNING
+    finally:
+        root.setLevel(started)
+
+
 def test_the_status_names_the_node_and_its_address_before_the_first_pass():
     """`pipitctl node status` asked while the agent has just started (the status socket opens
     before the routing loop's first pass) shows what the node registered, not an empty
