@@ -52,6 +52,7 @@ from ipaddress import IPv4Network
 
 from bgp_agent.bgp_config import parse_as_number, parse_community
 from ipam.errors import InvalidResource
+from ipam.pool import network_holds
 from ipam.resource import (SpecReader, check_name, make_document, read_document, shown,
                            with_metadata)
 
@@ -103,10 +104,8 @@ class FilterRule:
             return True
         if self.operator in ("Equal", "NotEqual"):
             return (prefix == self.cidr) == (self.operator == "Equal")
-        cidr, length = self.cidr, prefix.prefixlen
-        inside = (length >= cidr.prefixlen and self.min_length <= length <= self.max_length
-                  and int(prefix.network_address) & int(cidr.netmask)
-                  == int(cidr.network_address))
+        inside = (self.min_length <= prefix.prefixlen <= self.max_length
+                  and network_holds(self.cidr, prefix))
         return inside == (self.operator == "In")
 
 
@@ -194,11 +193,6 @@ def export(filters: Sequence[BGPFilter], prefix: IPv4Network, ibgp: bool, remote
     return Export(True, tuple(dict.fromkeys(standard)), tuple(dict.fromkeys(large)), prepend)
 
 
-def exports(filters: Sequence[BGPFilter], prefix: IPv4Network, ibgp: bool, remote: bool,
-            communities: Sequence[tuple[int, int]] = (), as_path: Sequence[int] = ()) -> bool:
-    """Whether a route this node would send goes out past the filters (no rule rejects it)."""
-    return export(filters, prefix, ibgp, remote, communities, as_path).sent
-
 
 # -- the resource ---------------------------------------------------------------------------
 
@@ -219,11 +213,11 @@ def _rules(read: SpecReader, direction: str) -> tuple[FilterRule, ...]:
         return ()
     if not isinstance(entries, list):
         raise read.fail(f"{direction} must be a list of rules, not {shown(entries)}.")
-    return tuple(_rule(read, f"{direction} rule {n}", entry)
+    return tuple(_rule(read, direction, f"{direction} rule {n}", entry)
                  for n, entry in enumerate(entries, 1))
 
 
-def _rule(read: SpecReader, where: str, entry: object) -> FilterRule:
+def _rule(read: SpecReader, direction: str, where: str, entry: object) -> FilterRule:
     if not isinstance(entry, Mapping):
         raise read.fail(f"{where} must be a mapping such as {{action: Reject, matchOperator: "
                         f"In, cidr: 10.0.0.0/8}}, not {shown(entry)}.")
@@ -260,16 +254,16 @@ def _rule(read: SpecReader, where: str, entry: object) -> FilterRule:
     return FilterRule(action, cidr, operator, low, high, source is not None, peer_type,
                       _community(read, where, entry.get("communities")),
                       _as_path_prefix(read, where, entry.get("asPathPrefix")),
-                      _operations(read, where, entry.get("operations"), action))
+                      _operations(read, direction, where, entry.get("operations"), action))
 
 
-def _operations(read: SpecReader, where: str, value: object, action: str
+def _operations(read: SpecReader, direction: str, where: str, value: object, action: str
                 ) -> tuple[tuple[str, tuple[int, ...]], ...]:
     if value in (None, []):
         return ()
     if action != "Accept":
         raise read.fail(f"{where}: operations go with action Accept only.")
-    if where.startswith(IMPORT):
+    if direction == IMPORT:
         raise read.fail(f"{where}: operations on import are not supported by Pipit yet (on "
                         "export: addCommunity, prependASPath).")
     if not isinstance(value, list) or len(value) > MAX_OPERATIONS:

@@ -35,7 +35,7 @@ from bgp_agent.model import Neighbor, Path, Speaker, SpeakerError
 from bgp_agent.node import NodeRecord, node_from_document
 from bgp_agent.reflection import Reflection, Send
 from bgp_agent.retention import GracefulRestart
-from bgp_agent.status import MD5Watch, PeerStatus, Status, read_md5_counters
+from bgp_agent.status import DropWatch, PeerStatus, Status, read_drop_counters
 from ipip import recursive
 from ipip.route_table import RouteTable
 from ipip.routes import NextHop, RouteError
@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 BGP_CONFIG_PREFIX = keys.resource_prefix("bgpconfig")
 BGP_PEERS_PREFIX = keys.resource_prefix("bgppeers")
 BGP_FILTERS_PREFIX = keys.resource_prefix("bgpfilters")
-DIAGNOSE_SECONDS = 3.0  # how often to look again at why a session is not up (MD5 counters)
+DIAGNOSE_SECONDS = 3.0  # how often to look again at why a session is not up (drop counters)
 STARTUP_GRACE_SECONDS = 120.0  # after a start, learned routes stay until every peer sent its table
 # a reflector's passes whose sends may still await ExaBGP's answers while the next one runs
 REFLECTED_IN_FLIGHT = 4
@@ -145,7 +145,7 @@ class Router:
         self._imports: dict[IPv4Address, policy.ImportResult] = {}  # the last pass's
         # what is worked out of etcd's tables, and the generations of the mirrors it was of
         self._derived: dict[str, tuple[tuple[int, ...], object]] = {}
-        self.md5 = MD5Watch()
+        self.drops = DropWatch()
         self._skipped: list[policy.Skipped] = []
         self._selection_warnings: list[str] = []
         self._disabled: dict[IPv4Address, _Disabled] = {}
@@ -597,7 +597,7 @@ class Router:
     def _update_status(self, neighbors: list[Neighbor], imports: Mapping, exports: Mapping
                        ) -> None:
         peers = []
-        counters = read_md5_counters() if neighbors else {}
+        counters = read_drop_counters() if neighbors else {}
         not_up = False
         for neighbor in neighbors:
             state = self.speaker.peers.get(neighbor.address)
@@ -605,7 +605,7 @@ class Router:
             up = state is not None and state.state == "up"
             not_up |= not up
             reason = state.reason if state else ""
-            diagnosis = self.md5.diagnose(neighbor, up, counters)
+            diagnosis = self.drops.diagnose(neighbor, up, counters)
             if diagnosis:
                 reason = diagnosis + (f" (the last session ended: {reason})" if reason else "")
             rejected_reasons: dict[str, int] = {}
@@ -633,7 +633,7 @@ class Router:
                                   self.me.address.ip if self.me.address else skipped.address,
                                   0, kind=skipped.kind, name=skipped.name),
                 state="skipped", reason=skipped.reason))
-        self.md5.keep_only({n.address for n in neighbors})
+        self.drops.keep_only({n.address for n in neighbors})
         self.status.peers = sorted(peers, key=lambda p: (p.neighbor.address, p.state))
         me = self.node_record()
         self.status.route_reflector_cluster_id = str(me.route_reflector_cluster_id or "")

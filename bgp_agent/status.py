@@ -22,7 +22,7 @@ from ipam.local_socket import start_private_server
 DEFAULT_STATUS_SOCKET = "/run/pipit/status.sock"
 NETSTAT = "/proc/net/netstat"
 # the kernel's counters of segments dropped for a TCP MD5 signature, or a TTL below GTSM's
-MD5_COUNTERS = ("TCPMD5Failure", "TCPMD5NotFound", "TCPMD5Unexpected", "TCPMinTTLDrop")
+DROP_COUNTERS = ("TCPMD5Failure", "TCPMD5NotFound", "TCPMD5Unexpected", "TCPMinTTLDrop")
 
 
 class AgentUnavailable(PipitError):
@@ -94,11 +94,12 @@ class Status:
 
 
 # --------------------------------------------------------------------------------------------
-# Why a session does not come up: the kernel's TCP MD5 counters
+# Why a session does not come up: the kernel's counters of segments it dropped
 
-def read_md5_counters(path: str = NETSTAT) -> dict[str, int]:
-    """The kernel's TCP MD5 counters of this network namespace (TcpExt in /proc/net/netstat):
-    segments dropped for a wrong signature, a missing one, or one nobody expected."""
+def read_drop_counters(path: str = NETSTAT) -> dict[str, int]:
+    """The kernel's DROP_COUNTERS of this network namespace (TcpExt in /proc/net/netstat):
+    segments dropped for a wrong TCP MD5 signature, a missing one, one nobody expected, or a
+    TTL below GTSM's minimum."""
     try:
         lines = open(path).read().splitlines()
     except OSError:
@@ -106,7 +107,7 @@ def read_md5_counters(path: str = NETSTAT) -> dict[str, int]:
     for names, values in zip(lines, lines[1:]):
         if names.startswith("TcpExt:") and values.startswith("TcpExt:"):
             table = dict(zip(names.split()[1:], values.split()[1:]))
-            return {k: int(table[k]) for k in MD5_COUNTERS if k in table}
+            return {k: int(table[k]) for k in DROP_COUNTERS if k in table}
     return {}
 
 
@@ -144,7 +145,7 @@ def _segments(count: int) -> str:
     return f"{count} segment{'' if count == 1 else 's'}"
 
 
-class MD5Watch:
+class DropWatch:
     """The counters as they were when each session was last up (or its neighbour changed):
     their growth since is what a session that is not up has run into. The counters are the
     namespace's, not per peer."""
@@ -157,7 +158,7 @@ class MD5Watch:
         if up or base is None or base[0] != neighbor:
             self._base[neighbor.address] = (neighbor, counters)
             return ""
-        grown = {k: counters.get(k, 0) - base[1].get(k, 0) for k in MD5_COUNTERS}
+        grown = {k: counters.get(k, 0) - base[1].get(k, 0) for k in DROP_COUNTERS}
         return (md5_diagnosis(neighbor.password is not None, grown)
                 or ttl_diagnosis(neighbor.ttl_security, grown))
 

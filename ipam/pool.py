@@ -36,6 +36,14 @@ USES = (WORKLOAD, TUNNEL)  # Calico's allowedUses (default both); LoadBalancer i
 ASSIGNMENT_MODES = ("Automatic", "Manual")
 
 
+def network_holds(cidr: IPv4Network, prefix: IPv4Network) -> bool:
+    """prefix.subnet_of(cidr) (equal to or inside), on integers: subnet_of works out both
+    networks' broadcast addresses, and a route's prefix is a new object that would work its
+    own out for this (a few microseconds a route)."""
+    return (prefix.prefixlen >= cidr.prefixlen and
+            int(prefix.network_address) & int(cidr.netmask) == int(cidr.network_address))
+
+
 @dataclass(frozen=True)
 class IPPool:
     name: str
@@ -72,12 +80,8 @@ class IPPool:
         return IPv4Network((int(self.cidr.network_address) + index * size, self.block_size))
 
     def holds(self, prefix: IPv4Network) -> bool:
-        """prefix.subnet_of(self.cidr) (equal to or inside the pool), on integers: subnet_of
-        works out both networks' broadcast addresses, and a route's prefix is a new object
-        that would work its own out for this (a few microseconds a route)."""
-        cidr = self.cidr
-        return (prefix.prefixlen >= cidr.prefixlen and
-                int(prefix.network_address) & int(cidr.netmask) == int(cidr.network_address))
+        """Whether `prefix` is equal to or inside the pool (network_holds)."""
+        return network_holds(self.cidr, prefix)
 
     def selects(self, labels: Mapping[str, str]) -> bool:
         return parse_selector(self.node_selector).matches(labels)

@@ -13,8 +13,8 @@ import yaml
 
 from bgp_agent import policy
 from bgp_agent.bgp_config import BGPConfig
-from bgp_agent.bgp_filter import (EXPORT, IMPORT, Export, decide, export, exports,
-                                  filter_from_spec, filter_to_document, import_rejection)
+from bgp_agent.bgp_filter import (EXPORT, IMPORT, Export, decide, export, filter_from_spec,
+                                  filter_to_document, import_rejection)
 from bgp_agent.bgp_peer import BGPPeer, check_peer, peer_from_spec
 from bgp_agent.model import Neighbor, Path, PeerState
 from bgp_agent.node import NodeRecord
@@ -90,7 +90,7 @@ def test_the_first_matching_rule_decides_across_the_filters_in_the_peers_order()
     assert import_rejection([deny, allow], N("0.0.0.0/0"), False, (), ()) != ""
     assert decide([allow], IMPORT, N("10.0.0.0/8"), False, True) is None  # no rule: no say
     assert decide([allow], EXPORT, N("0.0.0.0/0"), False, False) is None  # import rules only
-    assert exports([deny], N("192.0.2.1/32"), False, False)  # (no export rule)
+    assert export([deny], N("192.0.2.1/32"), False, False).sent  # (no export rule)
 
 
 def test_an_accepts_operations_add_communities_and_prepend_in_calicos_order():

@@ -6,7 +6,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 import pytest
 
 from bgp_agent import policy
-from bgp_agent.status import MD5Watch, md5_diagnosis, ttl_diagnosis
+from bgp_agent.status import DropWatch, md5_diagnosis, ttl_diagnosis
 from bgp_agent.bgp_config import BGPConfig
 from bgp_agent.bgp_peer import BGPPeer, peer_from_spec
 from bgp_agent.md5_password import PasswordRef, PasswordUnavailable
@@ -342,7 +342,7 @@ def test_ttl_drops_say_why_a_session_under_gtsm_does_not_come_up():
         "does not run GTSM (BIRD: ttl security on) or is more than 2 hops away (the kernel "
         "dropped 3 segments)")
     # the watch: growth since the neighbour last changed, MD5 first
-    watch, tor = MD5Watch(), Neighbor(IPv4Address("10.0.0.254"), 65101, A, 64512,
+    watch, tor = DropWatch(), Neighbor(IPv4Address("10.0.0.254"), 65101, A, 64512,
                                       ttl_security=1)
     assert watch.diagnose(tor, False, {"TCPMinTTLDrop": 10}) == ""
     assert "more than 1 hop away (the kernel dropped 1 segment)" in watch.diagnose(
