@@ -311,7 +311,7 @@ async def route(store: Store, ipam: IPAM, args: argparse.Namespace, identity: No
                     secrets_dir=args.secrets_dir, dataplane=dataplane)
     speaker.on_change = router.changed.set
     if kube is not None and dataplane is not None:  # a node: /32s of its Local services
-        router.local_services = kube.services
+        router.node_services = kube.services
     if conflist and dataplane is not None:
         dataplane.on_pod_mtu = conflist.publish  # the first once IPAM and routing are up
     status = StatusServer(args.status_socket, router.status.to_json)

@@ -18,7 +18,9 @@ NAME = "default"
 SERVICE_FIELDS = ("serviceClusterIPs", "serviceExternalIPs", "serviceLoadBalancerIPs")
 _FIELDS = {"asNumber", "nodeToNodeMeshEnabled", "listenPort", "communities",
            "prefixAdvertisements", "nodeMeshHoldTime", "nodeMeshMaxRestartTime",
-           "nodeMeshPassword", "logSeverityScreen", *SERVICE_FIELDS}
+           "nodeMeshPassword", "logSeverityScreen", "serviceLoadBalancerAggregation",
+           *SERVICE_FIELDS}
+AGGREGATION = ("Enabled", "Disabled")  # serviceLoadBalancerAggregation (Calico's)
 # Calico's logSeverityScreen values, as the agent's log levels (its ExaBGP stays at WARNING:
 # at INFO it logs every route)
 LOG_SEVERITIES = {"Debug": "DEBUG", "Info": "INFO", "Warning": "WARNING", "Error": "ERROR",
@@ -120,6 +122,10 @@ class BGPConfig:
     node_mesh_password: PasswordRef | None = None  # TCP MD5 on every mesh session
     # serviceClusterIPs, serviceExternalIPs, serviceLoadBalancerIPs, in that order
     service_ranges: tuple[tuple[IPv4Network, ...], ...] = ((), (), ())
+    # serviceLoadBalancerAggregation: Enabled, every node announces the serviceLoadBalancerIPs
+    # ranges whole; Disabled, only each load-balancer service's own /32s
+    # (bgp_agent.service_addresses)
+    aggregate_balancers: bool = True
     # Calico's named communities ({name, value} in `communities`), used only where a
     # prefixAdvertisement names them; and each prefixAdvertisement: its cidr and its
     # communities as written (a name or a value)
@@ -131,8 +137,19 @@ class BGPConfig:
 
     @property
     def service_prefixes(self) -> tuple[IPv4Network, ...]:
-        """Every service range, each once."""
+        """Every service range, each once: none is taken from a peer."""
         return tuple(dict.fromkeys(p for ranges in self.service_ranges for p in ranges))
+
+    @property
+    def announced_service_ranges(self) -> tuple[IPv4Network, ...]:
+        """The service ranges every node announces whole, as Calico's: the cluster IP ranges,
+        the external IP ranges and (aggregated) the load-balancer ones, but no single address
+        (a /32 entry): that goes per service, from the nodes that answer it, else a service
+        with externalTrafficPolicy Local would be drawn to nodes that drop its traffic."""
+        cluster, external, balancer = self.service_ranges
+        return tuple(dict.fromkeys(
+            (*cluster, *(p for p in (*external, *(balancer if self.aggregate_balancers else ()))
+                         if p.prefixlen < 32))))
 
     def communities_for(self, prefix: IPv4Network
                         ) -> tuple[tuple[Community, ...], tuple[LargeCommunity, ...]]:
@@ -178,6 +195,8 @@ def config_from_spec(name: str, spec: Mapping) -> BGPConfig:
         node_mesh_password=parse_password(read, spec.get("nodeMeshPassword"),
                                           "nodeMeshPassword"),
         service_ranges=tuple(_service_ranges(read, f) for f in SERVICE_FIELDS),
+        aggregate_balancers=read.choice("serviceLoadBalancerAggregation", "Enabled",
+                                        AGGREGATION) == "Enabled",
         named_communities=named,
         prefix_advertisements=_prefix_advertisements(read, dict(named)),
         log_severity=_log_severity(read),
@@ -280,6 +299,8 @@ def config_to_document(config: BGPConfig) -> dict:
     for field_name, ranges in zip(SERVICE_FIELDS, config.service_ranges):
         if ranges:
             spec[field_name] = [{"cidr": str(r)} for r in ranges]
+    if not config.aggregate_balancers:
+        spec["serviceLoadBalancerAggregation"] = "Disabled"
     if config.log_severity is not None:
         spec["logSeverityScreen"] = config.log_severity
     return make_document(KIND, NAME, spec, config.labels, config.annotations)

@@ -128,12 +128,12 @@ class AgentKubernetes:
 
     def __init__(self, api: KubeAPI, node: dict):
         from bgp_agent.kube_pods import PodAnnotations
-        from bgp_agent.kube_services import LocalServices
+        from bgp_agent.kube_services import NodeServices
 
         self.api, self.node = api, node
         self.name = node["metadata"]["name"]
         self.pods = PodAnnotations(api, self.name)
-        self.services = LocalServices(api)  # started by the routing loop when it needs them
+        self.services = NodeServices(api)  # started by the routing loop when it needs them
 
     @classmethod
     async def connect(cls, args: argparse.Namespace, stop: asyncio.Event,

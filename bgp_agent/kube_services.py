@@ -1,7 +1,8 @@
-"""The agent's view of the cluster's Services and EndpointSlices, for the /32s of services
-with externalTrafficPolicy Local (bgp_agent.service_addresses): two informers, started only
-once the BGPConfiguration names a service range and stopped when none is left (a cluster
-that announces no services pays no watch of every Service and EndpointSlice)."""
+"""The agent's view of the cluster's Services and EndpointSlices, for the /32s the node
+announces for services (bgp_agent.service_addresses): two informers, started only once the
+BGPConfiguration names a service range and stopped when none is left, or the node is
+excluded from announcing services (a cluster that announces no services pays no watch of
+every Service and EndpointSlice)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import asyncio
 from ipaddress import IPv4Network
 
 from bgp_agent.kube_api import Informer, KubeAPI
-from bgp_agent.service_addresses import local_service_prefixes
+from bgp_agent.service_addresses import node_service_prefixes
 
 
-class LocalServices:
+class NodeServices:
     def __init__(self, api: KubeAPI):
         self.api = api
         self._new_informers()
@@ -56,15 +57,16 @@ class LocalServices:
             self._changes += 1
             self._changed.set()
 
-    def prefixes(self, node: str, ranges: tuple[tuple[IPv4Network, ...], ...]
-                 ) -> frozenset[IPv4Network] | None:
+    def prefixes(self, node: str, ranges: tuple[tuple[IPv4Network, ...], ...],
+                 aggregate_balancers: bool = True) -> frozenset[IPv4Network] | None:
         """The /32s `node` announces, or None until both informers have listed once."""
         if not (self.services.ready.is_set() and self.slices.ready.is_set()):
             return None
-        basis = (self._changes, node, ranges)
+        basis = (self._changes, node, ranges, aggregate_balancers)
         if self._answer is None or self._answer[0] != basis:
-            self._answer = (basis, local_service_prefixes(
-                self.services.items.values(), self.slices.items.values(), node, ranges))
+            self._answer = (basis, node_service_prefixes(
+                self.services.items.values(), self.slices.items.values(), node, ranges,
+                aggregate_balancers))
         return self._answer[1]
 
     async def close(self) -> None:

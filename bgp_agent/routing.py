@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import TYPE_CHECKING
 
-from bgp_agent import policy
+from bgp_agent import policy, service_addresses
 from bgp_agent.bgp_config import LOG_SEVERITIES, BGPConfig, config_from_spec
 from bgp_agent.bgp_filter import filter_from_document
 from bgp_agent.bgp_peer import peer_from_document
@@ -47,7 +47,7 @@ from ipam.resource import read_document
 from ipam.store import Entry, Store
 
 if TYPE_CHECKING:
-    from bgp_agent.kube_services import LocalServices
+    from bgp_agent.kube_services import NodeServices
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ class Router:
         self._underlay: dict[IPv4Address, tuple[NextHop, ...] | None] = {}
         self._watch_underlay = asyncio.Event()  # set while there are far next hops
         # the cluster's Services and EndpointSlices (kube_services), with the Kubernetes API
-        self.local_services: LocalServices | None = None
+        self.node_services: NodeServices | None = None
         self._kernel_lock = asyncio.Lock()  # the route table's socket: one thread at a time
         self._start_log_level = logging.getLevelName(logging.getLogger().level)
 
@@ -362,17 +362,24 @@ class Router:
             self.programmed.set()
         if self.dataplane is not None:  # and devices no pool needs go after the routes
             await self.dataplane.retire()
-        # a dedicated reflector (no route table) runs no kube-proxy: it announces no services
-        services = config.service_prefixes if self.routes is not None else ()
-        if services and self.local_services is not None:
-            self.local_services.start(self.changed)
-            local = self.local_services.prefixes(me.name, config.service_ranges)
-            services = (*services, *sorted((local or frozenset()) - set(services)))
-        elif self.local_services is not None and self.local_services.running:
-            log.info("no service range left: no longer following Services and EndpointSlices")
-            await self.local_services.close()
+        # a dedicated reflector (no route table) runs no kube-proxy, and a node labelled
+        # exclude-from-external-load-balancers is left out by choice: they announce no services
+        announcing = (self.routes is not None and bool(config.service_prefixes)
+                      and not service_addresses.excluded(me.labels))
+        services = config.announced_service_ranges if announcing else ()
+        if announcing and self.node_services is not None:
+            self.node_services.start(self.changed)
+            per_service = self.node_services.prefixes(me.name, config.service_ranges,
+                                                      config.aggregate_balancers)
+            services = (*services, *sorted((per_service or frozenset()) - set(services)))
+        elif self.node_services is not None and self.node_services.running:
+            log.info("no service range left, or this node is excluded from announcing them: no "
+                     "longer following Services and EndpointSlices")
+            await self.node_services.close()
         self.status.services = [str(p) for p in services]
-        self.status.services_watched = bool(self.local_services and self.local_services.running)
+        self.status.services_excluded = (bool(config.service_prefixes)
+                                         and service_addresses.excluded(me.labels))
+        self.status.services_watched = bool(self.node_services and self.node_services.running)
         exports = policy.announcements(
             policy.exported_prefixes(own, self.borrowed(), pools), neighbors, config, services)
         await self._announce(exports)

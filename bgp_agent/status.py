@@ -61,9 +61,10 @@ class Status:
     dataplane: dict = field(default_factory=dict)
     route_reflector_cluster_id: str = ""  # this node reflects routes for this cluster id
     warnings: list[str] = field(default_factory=list)
-    # the service ranges and Local /32s announced to external peers
+    # the service ranges and services' /32s announced to external peers
     services: list[str] = field(default_factory=list)
     services_watched: bool = False  # following Services and EndpointSlices (service ranges)
+    services_excluded: bool = False  # labelled exclude-from-external-load-balancers
     # each next hop on none of the node's links -> what it goes via ([]: nothing leads there)
     underlay: dict[str, list[str]] = field(default_factory=dict)
 
@@ -77,6 +78,7 @@ class Status:
             "exported": self.exported, "lastError": self.last_error,
             "lastErrorAt": self.last_error_at, "dataplane": self.dataplane,
             "services": self.services, "servicesWatched": self.services_watched,
+            "servicesExcluded": self.services_excluded,
             "underlay": self.underlay,
             "peers": [{
                 "address": str(p.neighbor.address), "asNumber": p.neighbor.peer_as,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from bgp_agent.service_addresses import EXCLUDED_LABEL
 from pipitctl.output import table
 
 STATE_WORDS = {"up": "Established", "connected": "Connect", "down": "Idle", "idle": "Idle",
@@ -112,6 +113,9 @@ def render(status: dict) -> str:
     if status.get("services"):
         lines.append("Service addresses announced to external peers: "
                      f"{', '.join(status['services'])}.")
+    if status.get("servicesExcluded"):
+        lines.append(f"Service addresses: none announced, the node is labelled "
+                     f"{EXCLUDED_LABEL}=true.")
     if status.get("underlay"):
         lines.append("Next hops on none of this node's links: " + "; ".join(
             f"{gateway} via {', '.join(via)}" if via else f"{gateway} (no route leads there)"

@@ -211,6 +211,38 @@ def test_a_service_range_that_is_none_is_one_sentence(written, facts):
     refused({"serviceClusterIPs": written}, *facts)
 
 
+def test_every_node_announces_ranges_but_not_single_addresses_or_disaggregated_balancers():
+    """As Calico: a /32 of serviceExternalIPs or serviceLoadBalancerIPs goes per service
+    (bgp_agent.service_addresses), and with serviceLoadBalancerAggregation Disabled so does
+    every load-balancer IP; a /32 of serviceClusterIPs is a range like any other. Routes inside
+    any of them are still refused from peers (service_prefixes)."""
+    spec = {"serviceClusterIPs": [{"cidr": "10.96.0.0/12"}, {"cidr": "10.112.0.1/32"}],
+            "serviceExternalIPs": [{"cidr": "198.51.100.0/24"}, {"cidr": "192.0.2.7/32"}],
+            "serviceLoadBalancerIPs": [{"cidr": "203.0.113.0/24"}, {"cidr": "192.0.2.9/32"}]}
+    config = config_from_spec("default", spec)
+    assert config.aggregate_balancers
+    assert config.announced_service_ranges == tuple(IPv4Network(p) for p in (
+        "10.96.0.0/12", "10.112.0.1/32", "198.51.100.0/24", "203.0.113.0/24"))
+    assert len(config.service_prefixes) == 6
+    assert "serviceLoadBalancerAggregation" not in config_to_document(config)["spec"]
+    disaggregated = config_from_spec("default", {**spec,
+                                                 "serviceLoadBalancerAggregation": "Disabled"})
+    assert not disaggregated.aggregate_balancers
+    assert disaggregated.announced_service_ranges == tuple(IPv4Network(p) for p in (
+        "10.96.0.0/12", "10.112.0.1/32", "198.51.100.0/24"))
+    assert disaggregated.service_prefixes == config.service_prefixes
+    assert round_trip(disaggregated) == disaggregated
+    assert config_to_document(disaggregated)["spec"]["serviceLoadBalancerAggregation"] == \
+        "Disabled"
+    assert config_from_spec("default", {"serviceLoadBalancerAggregation": "Enabled"}) == \
+        config_from_spec("default", {})
+
+
+def test_an_aggregation_that_is_none_is_one_sentence():
+    refused({"serviceLoadBalancerAggregation": "Off"},
+            "serviceLoadBalancerAggregation 'Off' is not one of Enabled, Disabled")
+
+
 # --------------------------------------------------------------------------------------------
 # prefixAdvertisements and named communities (Calico's form)
 

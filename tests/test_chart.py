@@ -242,6 +242,12 @@ def test_service_ranges_reach_the_bgp_configuration():
     plain = read_objects(find(rendered("mesh"), "ConfigMap", "pipit-config")["data"][
         "resources.yaml"])
     assert [i.obj.service_prefixes for i in plain if i.kind.name == "BGPConfiguration"] == [()]
+    assert [i.obj.aggregate_balancers for i in plain if i.kind.name == "BGPConfiguration"] == [
+        True]
+    objects = rendered("mesh", **{"bgp.serviceLoadBalancerAggregation": "Disabled"})
+    resources = read_objects(find(objects, "ConfigMap", "pipit-config")["data"]["resources.yaml"])
+    assert [i.obj.aggregate_balancers for i in resources
+            if i.kind.name == "BGPConfiguration"] == [False]
 
 
 # -- route reflectors, controller, RBAC, hooks ----------------------------------------------------

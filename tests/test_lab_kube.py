@@ -4,13 +4,17 @@ order: the nodes report their network available; an annotation picks the pool; a
 restarted under its name keeps working while its old address is collected; a pod deleted
 without a CNI DEL has its address freed; the controller killed mid-GC and restarted releases
 nothing twice and nothing live; a Local service's /32s come from the node holding its
-endpoint, at an edge router; a deleted Node's blocks, addresses and record go."""
+endpoint, at an edge router, and Calico's other service rules (single addresses,
+serviceLoadBalancerAggregation, the exclusion label) hold there; a deleted Node's blocks,
+addresses and record go."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
+from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
@@ -25,6 +29,7 @@ from tests.helpers import with_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.lab]
 GRACE = "4s"
+EXCLUDED = "node.kubernetes.io/exclude-from-external-load-balancers"
 
 
 @pytest.fixture(scope="module")
@@ -126,47 +131,78 @@ SERVICES = {"serviceClusterIPs": [{"cidr": "10.96.0.0/12"}],
             "serviceLoadBalancerIPs": [{"cidr": "198.18.100.0/24"}]}
 
 
-def test_a_local_service_is_announced_by_the_nodes_holding_its_endpoints(lab, tmp_path):
-    """An edge router (BIRD, in the fabric) peers with every node. With service ranges in the
-    BGPConfiguration, every node announces the ranges, and only the node holding an endpoint
-    of a service with externalTrafficPolicy Local announces its cluster IP and load-balancer
-    IP as /32s (Calico's rule); the endpoint moving moves them; the service deleted, they go."""
-    from ipaddress import IPv4Address, IPv4Network
-
+@contextlib.contextmanager
+def edge_router(lab: Lab, directory):
+    """An edge router (BIRD, in the fabric) peering with every node through a BGPPeer; the
+    BGPConfiguration as it was and the BGPPeer are put back at the end."""
     from lab.kube import API_ADDRESS
     from lab.routers import RouterPeer, RouterSpec, make_router
 
-    kube, nodes = lab.kube(), sorted(lab.nodes())
     edge_address = IPv4Address(API_ADDRESS)  # the fabric's own address
     spec = RouterSpec("edge", edge_address, EDGE_AS, tuple(
         RouterPeer(n, lab.node_ip(n), 64512, local_address=edge_address, hold_time=9)
-        for n in nodes), kernel=False)
-    edge = make_router("bird", spec, lab.fabric, tmp_path / "edge").start()
+        for n in sorted(lab.nodes())), kernel=False)
+    edge = make_router("bird", spec, lab.fabric, directory / "edge").start()
     shown = lab.pipitctl("get", "bgpconfig", "default", "-o", "json")
     config = json.loads(shown.stdout) if shown.returncode == 0 else {
         "apiVersion": "pipit.dev/v1", "kind": "BGPConfiguration",
         "metadata": {"name": "default"}, "spec": {}}
     config["metadata"].pop("resourceVersion", None)
-    with_ranges = json.loads(json.dumps(config))
-    with_ranges["spec"].update(SERVICES)
     peer = {"apiVersion": "pipit.dev/v1", "kind": "BGPPeer", "metadata": {"name": "edge"},
             "spec": {"peerIP": str(edge_address), "asNumber": EDGE_AS}}
+    try:
+        apply(lab, peer)
+        yield edge, config
+    finally:
+        lab.pipitctl("delete", "bgppeer", "edge", "--skip-not-exists")
+        lab.pipitctl("apply", "-f", "-", input=json.dumps(config))
+        edge.destroy()
+
+
+def apply(lab: Lab, document: dict) -> None:
+    result = lab.pipitctl("apply", "-f", "-", input=json.dumps(document))
+    assert result.returncode == 0, result.stderr
+
+
+def with_spec(config: dict, **fields) -> dict:
+    changed = json.loads(json.dumps(config))
+    changed["spec"].update(fields)
+    return changed
+
+
+def balancer(name: str, cluster_ip: str, policy: str) -> dict:
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": POD_NAMESPACE},
+            "spec": {"type": "LoadBalancer", "clusterIP": cluster_ip,
+                     "clusterIPs": [cluster_ip], "externalTrafficPolicy": policy,
+                     "ports": [{"port": 80, "protocol": "TCP"}]}}
+
+
+def endpoints_on(service: str, node: str) -> dict:
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": f"{service}-1", "namespace": POD_NAMESPACE,
+                         "labels": {"kubernetes.io/service-name": service}},
+            "addressType": "IPv4", "ports": [{"port": 80, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["10.244.0.9"], "nodeName": node,
+                           "conditions": {"ready": True}}]}
+
+
+def delete_services(kube, *names: str) -> None:
+    for name in names:
+        kube.kubectl("delete", "endpointslice", f"{name}-1", "-n", POD_NAMESPACE,
+                     "--ignore-not-found")
+        kube.kubectl("delete", "service", name, "-n", POD_NAMESPACE, "--ignore-not-found")
+
+
+def test_a_local_service_is_announced_by_the_nodes_holding_its_endpoints(lab, tmp_path):
+    """An edge router (BIRD, in the fabric) peers with every node. With service ranges in the
+    BGPConfiguration, every node announces the ranges, and only the node holding an endpoint
+    of a service with externalTrafficPolicy Local announces its cluster IP and load-balancer
+    IP as /32s (Calico's rule); the endpoint moving moves them; the service deleted, they go."""
+    kube, nodes = lab.kube(), sorted(lab.nodes())
     cluster_ip, balancer_ip = "10.96.0.20", "198.18.100.5"
-    service = {"apiVersion": "v1", "kind": "Service",
-               "metadata": {"name": "shop", "namespace": POD_NAMESPACE},
-               "spec": {"type": "LoadBalancer", "clusterIP": cluster_ip,
-                        "clusterIPs": [cluster_ip], "externalTrafficPolicy": "Local",
-                        "ports": [{"port": 80, "protocol": "TCP"}]}}
 
-    def endpoints_on(node: str) -> dict:
-        return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                "metadata": {"name": "shop-1", "namespace": POD_NAMESPACE,
-                             "labels": {"kubernetes.io/service-name": "shop"}},
-                "addressType": "IPv4", "ports": [{"port": 80, "protocol": "TCP"}],
-                "endpoints": [{"addresses": ["10.244.0.9"], "nodeName": node,
-                               "conditions": {"ready": True}}]}
-
-    def edge_routes(expected: dict[str, set]) -> bool:
+    def edge_routes(edge, expected: dict[str, set]) -> bool:
         table = edge.routes()
         return all(prefix in table and table[prefix].next_hop in via
                    for prefix, via in ((IPv4Network(p), v) for p, v in expected.items()))
@@ -174,39 +210,96 @@ def test_a_local_service_is_announced_by_the_nodes_holding_its_endpoints(lab, tm
     everyone = {lab.node_ip(n) for n in nodes}
     ranges = {"10.96.0.0/12": everyone, "198.18.100.0/24": everyone}
     local = [f"{cluster_ip}/32", f"{balancer_ip}/32"]
-    try:
-        for document in (peer, with_ranges):
-            result = lab.pipitctl("apply", "-f", "-", input=json.dumps(document))
-            assert result.returncode == 0, result.stderr
-        kube.apply(service)
-        kube.set_status("service", "shop", {"loadBalancer": {"ingress": [{"ip": balancer_ip}]}},
-                        POD_NAMESPACE)
-        kube.apply(endpoints_on(nodes[0]))
-        first = {lab.node_ip(nodes[0])}
-        wait(lambda: edge_routes({**ranges, **{p: first for p in local}}), 60,
-             f"the edge to route the ranges to every node and the /32s to {nodes[0]}")
-        kube.apply(endpoints_on(nodes[1]))  # the endpoint moved
-        second = {lab.node_ip(nodes[1])}
-        wait(lambda: edge_routes({p: second for p in local}), 60,
-             f"the /32s to move to {nodes[1]}")
-        kube.kubectl("delete", "service", "shop", "-n", POD_NAMESPACE)
-        wait(lambda: not {IPv4Network(p) for p in local} & set(edge.routes()), 60,
-             "the /32s to be withdrawn with the service")
-        assert edge_routes(ranges)
-        assert all(lab.status(n)["servicesWatched"] for n in nodes)
-        # the ranges gone, the nodes stop watching every Service and EndpointSlice
-        assert lab.pipitctl("apply", "-f", "-", input=json.dumps(config)).returncode == 0
-        for n in nodes:
-            wait(lambda n=n: not lab.status(n)["servicesWatched"], 60,
-                 f"{n} to stop following Services")
-        wait(lambda: not {IPv4Network(p) for p in ranges} & set(edge.routes()), 60,
-             "the ranges to be withdrawn")
-    finally:
-        kube.kubectl("delete", "endpointslice", "shop-1", "-n", POD_NAMESPACE, "--ignore-not-found")
-        kube.kubectl("delete", "service", "shop", "-n", POD_NAMESPACE, "--ignore-not-found")
-        lab.pipitctl("delete", "bgppeer", "edge", "--skip-not-exists")
-        lab.pipitctl("apply", "-f", "-", input=json.dumps(config))
-        edge.destroy()
+    with edge_router(lab, tmp_path) as (edge, config):
+        try:
+            apply(lab, with_spec(config, **SERVICES))
+            kube.apply(balancer("shop", cluster_ip, "Local"))
+            kube.set_status("service", "shop",
+                            {"loadBalancer": {"ingress": [{"ip": balancer_ip}]}}, POD_NAMESPACE)
+            kube.apply(endpoints_on("shop", nodes[0]))
+            first = {lab.node_ip(nodes[0])}
+            wait(lambda: edge_routes(edge, {**ranges, **{p: first for p in local}}), 60,
+                 f"the edge to route the ranges to every node and the /32s to {nodes[0]}")
+            kube.apply(endpoints_on("shop", nodes[1]))  # the endpoint moved
+            second = {lab.node_ip(nodes[1])}
+            wait(lambda: edge_routes(edge, {p: second for p in local}), 60,
+                 f"the /32s to move to {nodes[1]}")
+            kube.kubectl("delete", "service", "shop", "-n", POD_NAMESPACE)
+            wait(lambda: not {IPv4Network(p) for p in local} & set(edge.routes()), 60,
+                 "the /32s to be withdrawn with the service")
+            assert edge_routes(edge, ranges)
+            assert all(lab.status(n)["servicesWatched"] for n in nodes)
+            # the ranges gone, the nodes stop watching every Service and EndpointSlice
+            apply(lab, config)
+            for n in nodes:
+                wait(lambda n=n: not lab.status(n)["servicesWatched"], 60,
+                     f"{n} to stop following Services")
+            wait(lambda: not {IPv4Network(p) for p in ranges} & set(edge.routes()), 60,
+                 "the ranges to be withdrawn")
+        finally:
+            delete_services(kube, "shop")
+
+
+def test_single_addresses_disaggregated_balancers_and_excluded_nodes_follow_calico(lab,
+                                                                                   tmp_path):
+    """Calico's other service rules, at the edge router, per node: a load-balancer IP given
+    as a single address (a /32 entry) is not announced whole, but every node announces it for
+    the Cluster service holding it; with serviceLoadBalancerAggregation Disabled the
+    load-balancer range is not announced either, and every node announces a Cluster service's
+    /32s while it has a ready endpoint anywhere; a node labelled
+    node.kubernetes.io/exclude-from-external-load-balancers=true announces no service address
+    (the label reaches its record through the controller), and announces again once it goes."""
+    kube, nodes = lab.kube(), sorted(lab.nodes())
+    single, pooled = "198.18.101.7", "198.18.100.6"
+
+    def from_each(edge, node_names) -> dict[str, set[IPv4Network]]:
+        return {n: set(edge.routes_of(n)) for n in node_names}
+
+    def announced(edge, expected: dict[str, set[str]]) -> bool:
+        found = from_each(edge, expected)
+        return all(found[n] & SEEN == {IPv4Network(p) for p in e} for n, e in expected.items())
+
+    SEEN = {IPv4Network(p) for p in ("10.96.0.0/12", "198.18.100.0/24", f"{single}/32",
+                                     f"{pooled}/32", "10.96.0.30/32", "10.96.0.31/32")}
+    with edge_router(lab, tmp_path) as (edge, config):
+        try:
+            apply(lab, with_spec(config, serviceClusterIPs=[{"cidr": "10.96.0.0/12"}],
+                                 serviceLoadBalancerIPs=[{"cidr": "198.18.100.0/24"},
+                                                         {"cidr": f"{single}/32"}]))
+            for name, cluster_ip, address in (("till", "10.96.0.30", single),
+                                              ("cart", "10.96.0.31", pooled)):
+                kube.apply(balancer(name, cluster_ip, "Cluster"))
+                kube.set_status("service", name,
+                                {"loadBalancer": {"ingress": [{"ip": address}]}}, POD_NAMESPACE)
+            kube.apply(endpoints_on("cart", nodes[0]))
+            # till (no endpoint, but a single address): its /32s from every node; cart inside
+            # the range, which every node announces
+            aggregated = {"10.96.0.0/12", "198.18.100.0/24", f"{single}/32", "10.96.0.30/32"}
+            wait(lambda: announced(edge, {n: aggregated for n in nodes}), 60,
+                 "every node to announce the ranges and till's /32s, not the single address "
+                 "as a range")
+            apply(lab, with_spec(config, serviceClusterIPs=[{"cidr": "10.96.0.0/12"}],
+                                 serviceLoadBalancerIPs=[{"cidr": "198.18.100.0/24"},
+                                                         {"cidr": f"{single}/32"}],
+                                 serviceLoadBalancerAggregation="Disabled"))
+            disaggregated = {"10.96.0.0/12", f"{single}/32", "10.96.0.30/32",
+                             f"{pooled}/32", "10.96.0.31/32"}
+            wait(lambda: announced(edge, {n: disaggregated for n in nodes}), 60,
+                 "every node to announce cart's /32s in place of the load-balancer range")
+            kube.kubectl("label", "node", nodes[1], f"{EXCLUDED}=true", "--overwrite")
+            wait(lambda: announced(edge, {nodes[0]: disaggregated, nodes[1]: set()}), 60,
+                 f"{nodes[1]}, excluded, to announce no service address")
+            assert not lab.status(nodes[1])["servicesWatched"]
+            shown = lab.pipitctl("node", "status", "--socket",
+                                 str(lab.status_socket(nodes[1]))).stdout
+            assert f"Service addresses: none announced, the node is labelled {EXCLUDED}=true." \
+                in shown
+            kube.kubectl("label", "node", nodes[1], f"{EXCLUDED}-")
+            wait(lambda: announced(edge, {n: disaggregated for n in nodes}), 60,
+                 f"{nodes[1]} to announce them again once the label is gone")
+        finally:
+            kube.kubectl("label", "node", nodes[1], f"{EXCLUDED}-", check=False)
+            delete_services(kube, "till", "cart")
 
 
 def test_a_deleted_node_is_cleaned_up(lab):

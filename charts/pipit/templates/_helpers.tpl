@@ -222,6 +222,9 @@ spec:
   {{ $field }}: {{ toJson . }}
   {{- end }}
   {{- end }}
+  {{- if eq .Values.bgp.serviceLoadBalancerAggregation "Disabled" }}
+  serviceLoadBalancerAggregation: Disabled
+  {{- end }}
 {{- if $rr }}
 ---
 # every node that is not a reflector peers with every reflector; the reflectors peer back
