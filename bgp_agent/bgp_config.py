@@ -19,7 +19,7 @@ SERVICE_FIELDS = ("serviceClusterIPs", "serviceExternalIPs", "serviceLoadBalance
 _FIELDS = {"asNumber", "nodeToNodeMeshEnabled", "listenPort", "communities",
            "prefixAdvertisements", "nodeMeshHoldTime", "nodeMeshMaxRestartTime",
            "nodeMeshPassword", "logSeverityScreen", "serviceLoadBalancerAggregation",
-           *SERVICE_FIELDS}
+           "bindMode", *SERVICE_FIELDS}
 AGGREGATION = ("Enabled", "Disabled")  # serviceLoadBalancerAggregation (Calico's)
 # Calico's logSeverityScreen values, as the agent's log levels (its ExaBGP stays at WARNING:
 # at INFO it logs every route)
@@ -132,6 +132,9 @@ class BGPConfig:
     named_communities: tuple[tuple[str, Community | LargeCommunity], ...] = ()
     prefix_advertisements: tuple[tuple[IPv4Network, tuple[str, ...]], ...] = ()
     log_severity: str | None = None  # logSeverityScreen; None: the agent's --log-level
+    # bindMode NodeIP, written out (Calico's; what Pipit does anyway: ExaBGP listens on the
+    # node's address only, as each session's local address)
+    bind_node_ip: bool = False
     labels: Mapping[str, str] = field(default_factory=dict, hash=False)
     annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
 
@@ -200,7 +203,16 @@ def config_from_spec(name: str, spec: Mapping) -> BGPConfig:
         named_communities=named,
         prefix_advertisements=_prefix_advertisements(read, dict(named)),
         log_severity=_log_severity(read),
+        bind_node_ip=_bind_mode(read) == "NodeIP",
     )
+
+
+def _bind_mode(read: SpecReader) -> str | None:
+    mode = read.string("bindMode") or None
+    if mode not in (None, "NodeIP"):
+        raise read.fail(f"bindMode {shown(mode)} is not supported: Pipit listens for BGP on "
+                        "the node's address only (NodeIP), the local address of its sessions.")
+    return mode
 
 
 def _log_severity(read: SpecReader) -> str | None:
@@ -303,4 +315,6 @@ def config_to_document(config: BGPConfig) -> dict:
         spec["serviceLoadBalancerAggregation"] = "Disabled"
     if config.log_severity is not None:
         spec["logSeverityScreen"] = config.log_severity
+    if config.bind_node_ip:
+        spec["bindMode"] = "NodeIP"
     return make_document(KIND, NAME, spec, config.labels, config.annotations)

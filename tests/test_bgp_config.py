@@ -290,3 +290,15 @@ def test_log_severity_screen_takes_calicos_levels_and_survives_the_document():
     with pytest.raises(InvalidResource) as error:
         config_from_spec("default", {"logSeverityScreen": "verbose"})
     one_sentence(str(error.value), "logSeverityScreen 'verbose'", "Debug, Info, Warning")
+
+
+def test_bind_mode_node_ip_is_pipit_s_way_and_none_is_one_sentence():
+    """Calico's bindMode: NodeIP, listening on the node's address only, is what Pipit's
+    sessions do (ExaBGP listens on each session's local address); None (every address) is
+    refused rather than silently not done."""
+    config = config_from_spec("default", {"bindMode": "NodeIP"})
+    assert config.bind_node_ip and round_trip(config) == config
+    assert config_to_document(config)["spec"]["bindMode"] == "NodeIP"
+    assert "bindMode" not in config_to_document(config_from_spec("default", {}))["spec"]
+    refused({"bindMode": "None"}, "bindMode 'None' is not supported",
+            "the node's address only (NodeIP)")
