@@ -20,6 +20,7 @@ as AS its own; Calico's route-reflector topology). Stored at /pipit/resources/bg
       numAllowedLocalASNumbers: 0      # how often our AS may appear in a received AS path
       filters: [tor-in, tor-out]       # BGPFilters over what is imported and exported, in order
       ttlSecurity: 1                   # GTSM (RFC 5082): the peer is this many hops away
+      reachableBy: 10.99.1.254         # a /32 route to peerIP through this gateway
 
     spec:                              # every node peers with every route reflector
       nodeSelector: all()
@@ -42,7 +43,10 @@ refuses routes carrying its own AS, or this one, as loops.
 ttlSecurity is Calico's GTSM (RFC 5082, BIRD's `ttl security on`): the node sends with TTL 255
 and its kernel drops what arrives from the peer with a TTL below 256 - ttlSecurity, so a
 spoofed segment from farther away cannot reach the session; the peer must run GTSM too.
-sourceAddress is accepted as UseNodeIP (Calico's default, and what Pipit does); None (let the
+reachableBy is Calico's: the node holds a /32 route to peerIP through that gateway while it
+peers with it, over any route to peerIP learned from BGP, so a session to a router's loopback
+that the router itself announces does not flap with its own route (a session carried over a
+route it delivers). sourceAddress is accepted as UseNodeIP (Calico's default, and what Pipit does); None (let the
 kernel choose) is refused. keepOriginalNextHop is accepted for Calico compatibility; a node only announces its own
 blocks, whose next hop is the node itself either way.
 
@@ -70,7 +74,7 @@ KIND = "BGPPeer"
 _FIELDS = {"peerIP", "asNumber", "node", "nodeSelector", "peerSelector", "reversePeering",
            "password", "holdTime", "maxRestartTime", "maxPrefixes", "keepOriginalNextHop",
            "allowPoolPrefixes", "numAllowedLocalASNumbers", "filters", "ttlSecurity",
-           "localASNumber", "sourceAddress"}
+           "localASNumber", "sourceAddress", "reachableBy"}
 REVERSE_PEERING = ("Auto", "Manual")
 MAX_ALLOWED_LOCAL_AS = 10
 
@@ -95,6 +99,7 @@ class BGPPeer:
     filters: tuple[str, ...] = ()  # BGPFilter names, applied in this order
     ttl_security: int = 0  # GTSM: the peer's distance in hops (0: off)
     local_as_number: int | None = None  # the AS the node peers as (None: its own)
+    reachable_by: IPv4Address | None = None  # the gateway of a /32 route to peerIP
     labels: Mapping[str, str] = field(default_factory=dict, hash=False)
     annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
 
@@ -205,7 +210,31 @@ def peer_from_spec(name: str, spec: Mapping) -> BGPPeer:
         keep_original_next_hop=read.boolean("keepOriginalNextHop"),
         allow_pool_prefixes=read.boolean("allowPoolPrefixes"),
         allowed_local_as=allowed, peer_port=peer_port, filters=_filter_names(read),
-        ttl_security=_ttl_security(read), local_as_number=local_as_number)
+        ttl_security=_ttl_security(read), local_as_number=local_as_number,
+        reachable_by=_reachable_by(read, peer_ip))
+
+
+def _reachable_by(read: SpecReader, peer_ip: IPv4Address | None) -> IPv4Address | None:
+    text = read.string("reachableBy") or None
+    if text is None:
+        return None
+    if peer_ip is None:
+        raise read.fail("reachableBy goes with peerIP: it is the gateway of the route to that "
+                        "address.")
+    try:
+        gateway = ip_address(text.strip())
+    except ValueError:
+        raise read.fail(f"reachableBy {text!r} is not an IP address (the gateway through "
+                        "which peerIP is reached, such as 10.0.0.1).") from None
+    if gateway.version != 4:
+        raise read.fail(f"reachableBy {gateway} is IPv6, and peerIP {peer_ip} IPv4.")
+    if gateway == peer_ip:
+        raise read.fail(f"reachableBy {gateway} is peerIP itself; leave reachableBy out for a "
+                        "peer on the node's own network.")
+    if gateway.is_unspecified or gateway.is_loopback or gateway.is_multicast \
+            or gateway.is_reserved:
+        raise read.fail(f"reachableBy {gateway} cannot be a gateway.")
+    return gateway
 
 
 def _ttl_security(read: SpecReader) -> int:
@@ -296,6 +325,8 @@ def peer_to_spec(peer: BGPPeer) -> dict:
         spec["ttlSecurity"] = peer.ttl_security
     if peer.local_as_number is not None:
         spec["localASNumber"] = peer.local_as_number
+    if peer.reachable_by is not None:
+        spec["reachableBy"] = str(peer.reachable_by)
     return spec
 
 

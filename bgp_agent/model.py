@@ -47,6 +47,9 @@ class Neighbor:
     keep_original_next_hop: bool = False
     # the BGPFilters (bgp_agent.bgp_filter) of its BGPPeer, in the order it names them
     filters: tuple = ()
+    # BGPPeer reachableBy: the kernel holds a /32 route to the peer through this gateway
+    # (policy.peer_routes), over any route to it learned from BGP
+    reachable_by: IPv4Address | None = None
 
 
 @dataclass(frozen=True)

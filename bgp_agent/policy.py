@@ -179,7 +179,8 @@ def select_neighbors(me: NodeRecord, nodes: Iterable[NodeRecord], config: BGPCon
             max_prefixes=peer.max_prefixes, allow_pool_prefixes=peer.allow_pool_prefixes,
             allowed_local_as=peer.allowed_local_as,
             keep_original_next_hop=peer.keep_original_next_hop,
-            filters=selection.filters_of(peer, filters), ttl_security=peer.ttl_security))
+            filters=selection.filters_of(peer, filters), ttl_security=peer.ttl_security,
+            reachable_by=peer.reachable_by))
     nodes = list(nodes)
     between_nodes: list[Neighbor] = []
     for other, peer in reflector_neighbors(me, nodes, config, peers):
@@ -402,12 +403,19 @@ def native(path: Path) -> NextHop:
     return NextHop(path.next_hop)
 
 
+def peer_routes(neighbors: Iterable[Neighbor]) -> dict[IPv4Network, Route]:
+    """Calico's reachableBy: a /32 route to each such peer through its gateway."""
+    return {IPv4Network(n.address): Route(IPv4Network(n.address), (NextHop(n.reachable_by),))
+            for n in neighbors if n.reachable_by is not None}
+
+
 def kernel_routes(accepted: Mapping[IPv4Address, Mapping[IPv4Network, Path]],
                   own_blocks: Iterable[IPv4Network],
-                  next_hop: Callable[[Path], NextHop] = native) -> dict[IPv4Network, Route]:
+                  next_hop: Callable[[Path], NextHop] = native,
+                  static: Mapping[IPv4Network, Route] | None = None) -> dict[IPv4Network, Route]:
     """The routes this node's kernel should hold: the best received path(s) for every prefix
-    (several equal ones: ECMP), and a blackhole for each block the node owns, so traffic to
-    its unused addresses stops here."""
+    (several equal ones: ECMP), over which the `static` routes (peer_routes) win, and a
+    blackhole for each block the node owns, so traffic to its unused addresses stops here."""
     candidates: dict[IPv4Network, list[Path]] = {}
     for paths in accepted.values():
         for prefix, path in paths.items():
@@ -418,6 +426,7 @@ def kernel_routes(accepted: Mapping[IPv4Address, Mapping[IPv4Network, Path]],
         best = min(preference for preference, _ in ranked)
         hops = {next_hop(p) for preference, p in ranked if preference == best}
         routes[prefix] = Route(prefix, tuple(hops))
+    routes.update(static or {})
     for block in own_blocks:
         routes[block] = Route(block, blackhole=True)
     return routes

@@ -38,7 +38,7 @@ from bgp_agent.retention import GracefulRestart
 from bgp_agent.status import DropWatch, PeerStatus, Status, read_drop_counters
 from ipip import recursive
 from ipip.route_table import RouteTable
-from ipip.routes import NextHop, RouteError
+from ipip.routes import NextHop, Route, RouteError
 from ipam import block as blocks
 from ipam import keys
 from ipam.mirror import Mirror
@@ -335,7 +335,8 @@ class Router:
         if not self.speaker.connected:
             # Without the speaker's state, what peers sent is unknown: keep the kernel as it
             # is, except for our own blackholes.
-            await self._program_kernel({}, own, learned_known=False)
+            await self._program_kernel({}, own, learned_known=False,
+                                       static=policy.peer_routes(neighbors))
             self._update_status(neighbors, {}, {})
             return
         received, deadlines = self.graceful_restart.received(
@@ -358,7 +359,7 @@ class Router:
         if self.dataplane is not None:  # tunnel devices up before routes use them
             next_hop = await self.dataplane.prepare(me, pools, self.nodes.items.values())
         if await self._program_kernel(accepted, own, learned_known=True, next_hop=next_hop,
-                                      local=me.address):
+                                      local=me.address, static=policy.peer_routes(neighbors)):
             self.programmed.set()
         if self.dataplane is not None:  # and devices no pool needs go after the routes
             await self.dataplane.retire()
@@ -461,11 +462,13 @@ class Router:
     async def _program_kernel(self, accepted: Mapping[IPv4Address, Mapping[IPv4Network, Path]],
                               own: set[IPv4Network], learned_known: bool,
                               next_hop: Callable[[Path], NextHop] = policy.native,
-                              local: IPv4Interface | None = None) -> bool:
+                              local: IPv4Interface | None = None,
+                              static: Mapping[IPv4Network, Route] | None = None) -> bool:
         """Sync the kernel's routes (no route table: a dedicated reflector, pipit-rr, programs
         none); whether the routes learned from peers were known to this pass (the kernel
         holds what they sent, less any route it refused, which is reported). A next hop
-        outside `local`'s network that no link reaches goes via the kernel's route to it."""
+        outside `local`'s network that no link reaches goes via the kernel's route to it;
+        `static` routes (policy.peer_routes) win over learned ones."""
         now = self.clock()
         if now < self._grace_until and self._all_peers_settled():
             self._grace_until = 0.0  # start-up is over: from now on a lost peer's routes go
@@ -478,10 +481,14 @@ class Router:
             return learned_known
 
         def sync():
-            desired = policy.kernel_routes(accepted, own, next_hop)
+            desired = policy.kernel_routes(accepted, own, next_hop, static)
             far = (recursive.far_gateways(desired.values(), local.network)
                    if local is not None else frozenset())
-            underlay = self._look_up(far)
+            # a far next hop that is a reachableBy peer goes the way of its static route
+            # (the kernel's lookup would find that route, Pipit's own, and take it for none)
+            peers = {r.dst.network_address: r.nexthops for r in (static or {}).values()}
+            underlay = {**self._look_up(far - peers.keys()),
+                        **{gateway: peers[gateway] for gateway in far & peers.keys()}}
             # Learned routes we cannot vouch for yet (agent just started, speaker not
             # connected) are not withdrawn: only blackholes of blocks we no longer own go.
             return underlay, self.routes.sync(recursive.resolve(desired, underlay),

@@ -91,6 +91,7 @@ class Status:
                 "filters": [f.name for f in p.neighbor.filters],
                 "ttlSecurity": p.neighbor.ttl_security,
                 "localAsNumber": p.neighbor.local_as,
+                "reachableBy": str(p.neighbor.reachable_by or ""),
             } for p in self.peers],
         }
 

@@ -91,6 +91,8 @@ def render(status: dict) -> str:
             info += f" (peering as AS {peer['localAsNumber']})"
         if peer.get("filters"):
             info += f" (BGPFilters: {', '.join(peer['filters'])})"
+        if peer.get("reachableBy"):
+            info += f" (reached via {peer['reachableBy']})"
         rows.append((peer["address"], peer_type(peer, bool(cluster)),
                      peer.get("name") or "-", peer["asNumber"] or "-", peer["state"],
                      since if up else "-", since if not up else "-", peer["received"],

@@ -51,10 +51,10 @@ def test_every_field_round_trips():
             "holdTime": 9, "maxRestartTime": 30, "maxPrefixes": 100,
             "keepOriginalNextHop": True, "allowPoolPrefixes": True,
             "numAllowedLocalASNumbers": 1, "filters": ["tor-in", "tor-out"], "ttlSecurity": 1,
-            "localASNumber": "1.10", "sourceAddress": "UseNodeIP"}
+            "localASNumber": "1.10", "sourceAddress": "UseNodeIP", "reachableBy": "10.99.0.1"}
     peer = peer_from_spec("rack-a", spec)
-    assert (peer.filters, peer.ttl_security, peer.local_as_number) == (
-        ("tor-in", "tor-out"), 1, 65546)
+    assert (peer.filters, peer.ttl_security, peer.local_as_number, peer.reachable_by) == (
+        ("tor-in", "tor-out"), 1, 65546, IPv4Address("10.99.0.1"))
     assert peer.scope == "node" and peer.password == PasswordRef(secret="bgp-secrets",
                                                                  key="rack-a")
     assert peer_from_spec("rack-a", peer_to_spec(peer)) == peer
@@ -130,6 +130,11 @@ REFUSALS = [
     ({**TOR, "ttlSecurity": -1}, ["ttlSecurity -1"]),
     ({**TOR, "ttlSecurity": "on"}, ["ttlSecurity", "whole number"]),
     ({**TOR, "peerAS": 1}, ["unknown spec field 'peerAS'"]),
+    ({"peerSelector": "all()", "reachableBy": "10.99.0.1"}, ["reachableBy goes with peerIP"]),
+    ({**TOR, "reachableBy": "gw"}, ["reachableBy 'gw' is not an IP address"]),
+    ({**TOR, "reachableBy": "fd00::1"}, ["reachableBy fd00::1 is IPv6"]),
+    ({**TOR, "reachableBy": TOR["peerIP"]}, ["is peerIP itself"]),
+    ({**TOR, "reachableBy": "0.0.0.0"}, ["reachableBy 0.0.0.0 cannot be a gateway"]),
 ]
 
 

@@ -369,7 +369,8 @@ def test_the_hook_resources_apply_twice_to_a_real_etcd(etcd, tmp_path):
     listed = subprocess.run([*pipitctl, "get", "bgppeers", "-o", "json"], capture_output=True,
                             text=True, check=True).stdout
     assert "pipit-route-reflectors" in listed and "rack-a-tor" in listed
-    assert json.loads(listed)["items"][-1]["spec"]["filters"] == ["tor-in"]
+    tor = json.loads(listed)["items"][-1]["spec"]
+    assert (tor["filters"], tor["reachableBy"]) == (["tor-in"], "10.99.1.254")
 
 
 # -- values the schema refuses --------------------------------------------------------------------

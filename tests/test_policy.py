@@ -168,6 +168,24 @@ def test_kernel_routes_best_path_ecmp_and_blackholes():
     assert routes[net("10.244.0.0/26")] == Route(net("10.244.0.0/26"), blackhole=True)
 
 
+def test_a_reachable_by_peer_gets_a_route_over_any_learned_one():
+    """Calico's reachableBy: the node routes the peer's address through the gateway given,
+    whatever BGP says of it (here the peer announces its own loopback, the session's
+    address: installed, the session would ride on a route it carries)."""
+    loopback = IPv4Address("192.0.2.2")
+    gateway = IPv4Address("10.0.0.254")
+    tor = replace(TOR, address=loopback, reachable_by=gateway)
+    assert policy.peer_routes([MESH, TOR]) == {}
+    static = policy.peer_routes([MESH, tor])
+    assert static == {net("192.0.2.2/32"): Route(net("192.0.2.2/32"), (NextHop(gateway),))}
+    accepted = {loopback: {net("192.0.2.2/32"): Path(net("192.0.2.2/32"), loopback),
+                           net("0.0.0.0/0"): Path(net("0.0.0.0/0"), loopback)}}
+    routes = policy.kernel_routes(accepted, set(), static=static)
+    assert routes[net("192.0.2.2/32")] == static[net("192.0.2.2/32")]
+    assert routes[net("0.0.0.0/0")] == Route(net("0.0.0.0/0"), (NextHop(loopback),))
+    assert policy.kernel_routes({}, set(), static=static) == static
+
+
 def test_exports_own_blocks_and_borrowed_addresses_with_communities_for_external_peers():
     own = {net("10.244.0.0/26"), net("10.250.0.0/26")}
     borrowed = {IPv4Address("10.244.7.9")}

@@ -365,6 +365,40 @@ def test_local_as_number_lets_a_rack_peer_as_another_as(bird_lab):
     wait(lambda: peering_as(own_as), 60, "rack 1 to peer with tor1 as its own AS again")
 
 
+def test_reachable_by_lets_a_rack_peer_with_its_tor_s_loopback(bird_lab):
+    """Calico's reachableBy on rack 2's BGPPeer: n3 and n4 peer with tor2's loopback
+    192.0.2.2, which no link of theirs reaches and which tor2 itself announces, through a /32
+    route via tor2's address on the rack network that the agent holds over the learned one;
+    the rack routes as before, node status says how the peer is reached; then back."""
+    lab, tor = bird_lab, bird_lab.routers[2]
+    rack = ("n3", "n4")
+    nodes = [address(lab, n) for n in rack]
+    loopback, gateway = tor_loopback(2).network_address, tor_address(2)
+
+    def peering_with(peer_ip: IPv4Address) -> bool:
+        return all(tor_peer(lab, n)["state"] == "up" and tor_peer(lab, n)["address"] ==
+                   str(peer_ip) and node_sees_only_its_tor_routes(lab, n) for n in rack)
+
+    try:
+        assert lab.pipitctl("apply", "-f", "-", input=lab.tor_peer_document(
+            2, peerIP=str(loopback), reachableBy=str(gateway))).returncode == 0
+        tor.change_peers(nodes, local_address=loopback)
+        wait(lambda: peering_with(loopback), 60, "rack 2 to peer with tor2's loopback")
+        for n in rack:  # the way to the loopback is the agent's route, not tor2's, and the
+            # routes tor2 sends with the loopback as next hop go that way
+            assert lab.pipit_routes(n)[str(loopback)] == str(gateway)
+            assert tor_peer(lab, n)["reachableBy"] == str(gateway)
+            assert lab.status(n)["underlay"] == {str(loopback): [str(gateway)]}
+        out = lab.pipitctl("node", "status", "--socket", str(lab.status_socket("n3"))).stdout
+        assert f"(reached via {gateway})" in out
+        check_topology(lab)
+        assert_pods_reach_each_other(lab)
+    finally:
+        assert lab.pipitctl("apply", "-f", "-", input=lab.tor_peer_document(2)).returncode == 0
+        tor.change_peers(nodes, local_address=gateway)
+    wait(lambda: peering_with(gateway), 60, "rack 2 to peer with tor2's address again")
+
+
 def test_service_ranges_are_announced_to_the_tors_by_every_node_and_then_withdrawn(bird_lab):
     """serviceClusterIPs and serviceLoadBalancerIPs (Calico's): every node announces them to
     its ToR, so each ToR routes them to its own rack's nodes (kube-proxy answers them on
