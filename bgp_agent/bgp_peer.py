@@ -21,6 +21,7 @@ as AS its own; Calico's route-reflector topology). Stored at /pipit/resources/bg
       filters: [tor-in, tor-out]       # BGPFilters over what is imported and exported, in order
       ttlSecurity: 1                   # GTSM (RFC 5082): the peer is this many hops away
       reachableBy: 10.99.1.254         # a /32 route to peerIP through this gateway
+      nextHopMode: Auto                # Self: a reflector reflects to it with itself as next hop
 
     spec:                              # every node peers with every route reflector
       nodeSelector: all()
@@ -47,8 +48,11 @@ reachableBy is Calico's: the node holds a /32 route to peerIP through that gatew
 peers with it, over any route to peerIP learned from BGP, so a session to a router's loopback
 that the router itself announces does not flap with its own route (a session carried over a
 route it delivers). sourceAddress is accepted as UseNodeIP (Calico's default, and what Pipit does); None (let the
-kernel choose) is refused. keepOriginalNextHop is accepted for Calico compatibility; a node only announces its own
-blocks, whose next hop is the node itself either way.
+kernel choose) is refused. keepOriginalNextHop and nextHopMode (which replaces it) are
+Calico's: a node only announces its own blocks, whose next hop is the node itself in every
+mode, and a route reflector reflects routes with their next hop kept (Auto, Keep) unless the
+member's mode is Self: then with its own address, so that member sends the traffic through the
+reflector (which must forward it: a dedicated pipit-rr programs no routes, and node status warns).
 
 Pure parsing and validation here; checks against other resources (the node itself,
 duplicates) are in `check_peer`, over the stored peers and nodes it is given.
@@ -74,8 +78,9 @@ KIND = "BGPPeer"
 _FIELDS = {"peerIP", "asNumber", "node", "nodeSelector", "peerSelector", "reversePeering",
            "password", "holdTime", "maxRestartTime", "maxPrefixes", "keepOriginalNextHop",
            "allowPoolPrefixes", "numAllowedLocalASNumbers", "filters", "ttlSecurity",
-           "localASNumber", "sourceAddress", "reachableBy"}
+           "localASNumber", "sourceAddress", "reachableBy", "nextHopMode"}
 REVERSE_PEERING = ("Auto", "Manual")
+NEXT_HOP_MODES = ("Auto", "Self", "Keep")
 MAX_ALLOWED_LOCAL_AS = 10
 
 
@@ -100,6 +105,7 @@ class BGPPeer:
     ttl_security: int = 0  # GTSM: the peer's distance in hops (0: off)
     local_as_number: int | None = None  # the AS the node peers as (None: its own)
     reachable_by: IPv4Address | None = None  # the gateway of a /32 route to peerIP
+    next_hop_mode: str | None = None  # nextHopMode as written (None: not given, Auto)
     labels: Mapping[str, str] = field(default_factory=dict, hash=False)
     annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
 
@@ -211,7 +217,19 @@ def peer_from_spec(name: str, spec: Mapping) -> BGPPeer:
         allow_pool_prefixes=read.boolean("allowPoolPrefixes"),
         allowed_local_as=allowed, peer_port=peer_port, filters=_filter_names(read),
         ttl_security=_ttl_security(read), local_as_number=local_as_number,
-        reachable_by=_reachable_by(read, peer_ip))
+        reachable_by=_reachable_by(read, peer_ip), next_hop_mode=_next_hop_mode(read))
+
+
+def _next_hop_mode(read: SpecReader) -> str | None:
+    mode = read.string("nextHopMode") or None
+    if mode is None:
+        return None
+    if mode not in NEXT_HOP_MODES:
+        raise read.fail(f"nextHopMode {mode!r} is not one of {', '.join(NEXT_HOP_MODES)}.")
+    if read.boolean("keepOriginalNextHop"):
+        raise read.fail("give either nextHopMode or keepOriginalNextHop (which it replaces), "
+                        "not both.")
+    return mode
 
 
 def _reachable_by(read: SpecReader, peer_ip: IPv4Address | None) -> IPv4Address | None:
@@ -327,6 +345,8 @@ def peer_to_spec(peer: BGPPeer) -> dict:
         spec["localASNumber"] = peer.local_as_number
     if peer.reachable_by is not None:
         spec["reachableBy"] = str(peer.reachable_by)
+    if peer.next_hop_mode is not None:
+        spec["nextHopMode"] = peer.next_hop_mode
     return spec
 
 

@@ -50,6 +50,9 @@ class Neighbor:
     # BGPPeer reachableBy: the kernel holds a /32 route to the peer through this gateway
     # (policy.peer_routes), over any route to it learned from BGP
     reachable_by: IPv4Address | None = None
+    # BGPPeer nextHopMode Self: a reflector reflects to this member with its own address as
+    # next hop (bgp_agent.reflection)
+    next_hop_self: bool = False
 
 
 @dataclass(frozen=True)

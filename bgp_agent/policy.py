@@ -51,7 +51,7 @@ def node_neighbor(me: NodeRecord, other: NodeRecord, config: BGPConfig, kind: st
     limits = {} if peer is None else dict(
         max_prefixes=peer.max_prefixes, allow_pool_prefixes=peer.allow_pool_prefixes,
         allowed_local_as=peer.allowed_local_as, filters=filters,
-        ttl_security=peer.ttl_security)
+        ttl_security=peer.ttl_security, next_hop_self=peer.next_hop_mode == "Self")
     return Neighbor(address=other.address.ip, peer_as=their_as, local_address=me.address.ip,
                     local_as=my_as, kind=kind, name=other.name, hold_time=times[0],
                     restart_time=times[1], password=password, listen_port=config.listen_port,
@@ -180,7 +180,7 @@ def select_neighbors(me: NodeRecord, nodes: Iterable[NodeRecord], config: BGPCon
             allowed_local_as=peer.allowed_local_as,
             keep_original_next_hop=peer.keep_original_next_hop,
             filters=selection.filters_of(peer, filters), ttl_security=peer.ttl_security,
-            reachable_by=peer.reachable_by))
+            reachable_by=peer.reachable_by, next_hop_self=peer.next_hop_mode == "Self"))
     nodes = list(nodes)
     between_nodes: list[Neighbor] = []
     for other, peer in reflector_neighbors(me, nodes, config, peers):

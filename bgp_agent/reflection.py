@@ -14,7 +14,8 @@ no longer right are withdrawn), after a failed send, and every RESYNC_SECONDS.
 A member's BGPFilters (its BGPPeer's) act on what is reflected to it after the core: a route
 their export rules reject goes to it as a withdrawal instead, one an Accept's operations
 change goes to it on its own (the core's fan-out is the same for every member, and most have
-none); a change of filters compares every table with the speaker's at that pass.
+none); so does a member's nextHopMode Self (our address as next hop); a change of either
+compares every table with the speaker's at that pass.
 
 A pass hands the core only what changed in a peer's accepted routes since the pass before on
 the same session (a route that is not the very Path of then, a prefix gone); a new session,
@@ -73,6 +74,9 @@ class Reflection:
         self._fed: dict[IPv4Address, tuple[tuple, Mapping[IPv4Network, Path]]] = {}
         self._check_at = 0.0  # when to compare with the speaker's tables in full
         self._filters: dict[IPv4Address, tuple] = {}  # members with BGPFilters: theirs
+        # members whose BGPPeer's nextHopMode is Self: sent our address as next hop
+        self._next_hop_self: frozenset[IPv4Address] = frozenset()
+        self._shaped: frozenset[IPv4Address] = frozenset()  # members of either
 
     @property
     def cluster_id(self) -> IPv4Address:
@@ -93,9 +97,12 @@ class Reflection:
         members = self.members(neighbors)
         filters = {n.address: n.filters for n in neighbors
                    if n.filters and n.address in members}
-        if filters != self._filters:
-            self._filters = filters
-            self._check_at = 0.0  # what they let through changed: compare at this pass
+        next_hop_self = frozenset(n.address for n in neighbors
+                                  if n.next_hop_self and n.address in members)
+        if filters != self._filters or next_hop_self != self._next_hop_self:
+            self._filters, self._next_hop_self = filters, next_hop_self
+            self._shaped = frozenset(filters) | next_hop_self
+            self._check_at = 0.0  # what they are sent changed: compare at this pass
         for address in set(core.peers()) - set(members):
             out += core.remove_peer(address)
             self._seen.pop(address, None)
@@ -162,7 +169,7 @@ class Reflection:
         """The updates as the speaker sends them: one command per attribute set and group of
         peers, withdrawals first."""
         announce, withdraw = [], []
-        if self._filters:
+        if self._shaped:
             updates = self._filtered(updates)
         for part in batch(updates):
             neighbors = tuple(sorted(part.peers))
@@ -177,18 +184,21 @@ class Reflection:
     def _exported(self, address: IPv4Address, prefix: IPv4Network,
                   attributes: Attributes) -> Attributes | None:
         """The attributes the member is sent a reflected route with past its filters (if
-        any): None if they hold it back, changed by an Accept's operations."""
+        any): None if they hold it back, changed by an Accept's operations; with our own
+        address as next hop for a member whose nextHopMode is Self."""
         filters = self._filters.get(address)
-        if not filters:
-            return attributes
-        verdict = bgp_filter.export(filters, prefix, True, True, attributes.communities,
-                                    attributes.as_path)
-        if not verdict.sent:
-            return None
-        if verdict.communities or verdict.prepend:  # (reflected: standard communities only)
-            return replace(attributes, as_path=(*verdict.prepend, *attributes.as_path),
-                           communities=tuple(dict.fromkeys((*attributes.communities,
-                                                            *verdict.communities))))
+        if filters:
+            verdict = bgp_filter.export(filters, prefix, True, True, attributes.communities,
+                                        attributes.as_path)
+            if not verdict.sent:
+                return None
+            if verdict.communities or verdict.prepend:  # (reflected: standard communities)
+                attributes = replace(
+                    attributes, as_path=(*verdict.prepend, *attributes.as_path),
+                    communities=tuple(dict.fromkeys((*attributes.communities,
+                                                     *verdict.communities))))
+        if address in self._next_hop_self:
+            attributes = replace(attributes, next_hop=self.core.router_id)
         return attributes
 
     def _filtered(self, updates: Iterable[Update]) -> list[Update]:
@@ -197,7 +207,7 @@ class Reflection:
         an operation changes sent to that member on its own."""
         out = []
         for update in updates:
-            if update.attributes is None or not self._filters.keys() & update.peers:
+            if update.attributes is None or not self._shaped & update.peers:
                 out.append(update)
                 continue
             by_attributes: dict[Attributes | None, set[IPv4Address]] = {}

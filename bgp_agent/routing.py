@@ -511,6 +511,16 @@ class Router:
         self.status.kernel_routes = len(applied) - self.status.blackholes
         return learned_known  # a refused route is reported; it does not hold the node back
 
+    def _next_hop_self_warnings(self, me: NodeRecord, neighbors: list[Neighbor]) -> list[str]:
+        """nextHopMode Self draws a member's traffic to this reflector: one that programs no
+        routes (pipit-rr) drops it."""
+        drawn = sorted(n.name or str(n.address) for n in neighbors if n.next_hop_self)
+        if not drawn or self.routes is not None or me.route_reflector_cluster_id is None:
+            return []
+        return [f"nextHopMode Self sends {', '.join(drawn)} this reflector's address as next "
+                "hop, but it programs no routes (pipit-rr): their traffic to pods would stop "
+                "here (use Self only on reflectors that are nodes, or Auto)"]
+
     def _look_up(self, far: frozenset[IPv4Address]
                  ) -> dict[IPv4Address, tuple[NextHop, ...] | None]:
         """What each far gateway resolves to through the kernel's routes (recursive.through);
@@ -655,6 +665,7 @@ class Router:
         self.status.warnings = [*policy.reflector_warnings(me, self.nodes.items.values(),
                                                            neighbors),
                                 *self._selection_warnings,
+                                *self._next_hop_self_warnings(me, neighbors),
                                 *([f"node {me.name}: {in_pool} (meanwhile an IPReservation "
                                    f"of {me.address.ip} keeps it from pods)"] if in_pool
                                   else [])]

@@ -92,6 +92,7 @@ class Status:
                 "ttlSecurity": p.neighbor.ttl_security,
                 "localAsNumber": p.neighbor.local_as,
                 "reachableBy": str(p.neighbor.reachable_by or ""),
+                "nextHopSelf": p.neighbor.next_hop_self,
             } for p in self.peers],
         }
 

@@ -93,6 +93,8 @@ def render(status: dict) -> str:
             info += f" (BGPFilters: {', '.join(peer['filters'])})"
         if peer.get("reachableBy"):
             info += f" (reached via {peer['reachableBy']})"
+        if peer.get("nextHopSelf") and cluster:
+            info += " (reflected with this node as next hop)"
         rows.append((peer["address"], peer_type(peer, bool(cluster)),
                      peer.get("name") or "-", peer["asNumber"] or "-", peer["state"],
                      since if up else "-", since if not up else "-", peer["received"],

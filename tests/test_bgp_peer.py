@@ -53,6 +53,10 @@ def test_every_field_round_trips():
             "numAllowedLocalASNumbers": 1, "filters": ["tor-in", "tor-out"], "ttlSecurity": 1,
             "localASNumber": "1.10", "sourceAddress": "UseNodeIP", "reachableBy": "10.99.0.1"}
     peer = peer_from_spec("rack-a", spec)
+    with_mode = peer_from_spec("rack-a", {**spec, "keepOriginalNextHop": False,
+                                          "nextHopMode": "Self"})
+    assert with_mode.next_hop_mode == "Self"
+    assert peer_from_spec("rack-a", peer_to_spec(with_mode)) == with_mode
     assert (peer.filters, peer.ttl_security, peer.local_as_number, peer.reachable_by) == (
         ("tor-in", "tor-out"), 1, 65546, IPv4Address("10.99.0.1"))
     assert peer.scope == "node" and peer.password == PasswordRef(secret="bgp-secrets",
@@ -135,6 +139,9 @@ REFUSALS = [
     ({**TOR, "reachableBy": "fd00::1"}, ["reachableBy fd00::1 is IPv6"]),
     ({**TOR, "reachableBy": TOR["peerIP"]}, ["is peerIP itself"]),
     ({**TOR, "reachableBy": "0.0.0.0"}, ["reachableBy 0.0.0.0 cannot be a gateway"]),
+    ({**TOR, "nextHopMode": "self"}, ["nextHopMode 'self' is not one of Auto, Self, Keep"]),
+    ({**TOR, "nextHopMode": "Keep", "keepOriginalNextHop": True},
+     ["either nextHopMode or keepOriginalNextHop"]),
 ]
 
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from bgp_agent.model import Neighbor, Path, PeerState
 from bgp_agent.reflection import Reflection, route
 from route_reflector import CLIENT, NON_CLIENT, Reflector
+from tests.test_bgp_filter import held
 from tests.test_route_reflector import apply
 
 ME, CLUSTER = IPv4Address("10.0.0.100"), IPv4Address("244.0.0.1")
@@ -80,3 +81,28 @@ def test_a_table_the_caller_changes_in_place_is_still_read_in_full():
     updates = reflection.step(NEIGHBORS, peers, accepted, now=0)
     assert {u.prefix for u in updates} == {PREFIXES[1]}
     assert set(reflection.core.received(PEERS[0])) == {PREFIXES[0], PREFIXES[1]}
+
+
+def test_a_member_with_next_hop_self_is_sent_the_reflector_as_next_hop_and_follows_changes():
+    """BGPPeer nextHopMode Self (Calico's): that member gets every reflected route with the
+    reflector's address as next hop, the others with the owner's (Auto, Keep); the mode
+    changed, the next pass's check sends the member its routes again."""
+    reflection = Reflection(ME, CLUSTER, 64512)
+    peers = {a: up(a) for a in PEERS}
+    accepted = {PEERS[0]: {p: Path(p, PEERS[0]) for p in PREFIXES[:2]}}
+
+    def members(self_for=()):
+        return [Neighbor(a, 64512, ME, 64512, kind="node", rr_client=True,
+                         next_hop_self=a in self_for) for a in PEERS]
+
+    tables = held({}, reflection.sends(reflection.step(members([PEERS[1]]), peers, accepted,
+                                                       now=0)))
+    assert {a.next_hop for a in tables[PEERS[1]].values()} == {ME}
+    assert {a.next_hop for a in tables[PEERS[2]].values()} == {PEERS[0]}
+    assert {a.originator_id for a in tables[PEERS[1]].values()} == {PEERS[0]}
+    assert reflection.check(tables, now=0) == []
+    assert reflection.step(members(), peers, accepted, now=1) == []
+    assert reflection.due_check(1)
+    tables = held(tables, reflection.check(tables, now=1))
+    assert {a.next_hop for a in tables[PEERS[1]].values()} == {PEERS[0]}
+    assert reflection.check(tables, now=2) == []

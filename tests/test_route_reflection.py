@@ -125,6 +125,24 @@ spec: {{peerIP: 10.99.0.250, asNumber: 64512, nodeSelector: route-reflector == '
         assert held_back not in bird.routes()
         for reflector in ("rr1", "rr2"):
             assert not rr_lab.status(reflector).get("lastError"), rr_lab.status(reflector)
+        # nextHopMode Self (Calico's): the reflectors reflect every block to it with their own
+        # address as next hop; these, pipit-rr, program no routes, and say so
+        applied = rr_lab.pipitctl("apply", "-f", "-", input="""\
+apiVersion: pipit.dev/v1
+kind: BGPPeer
+metadata: {name: bird-client}
+spec: {peerIP: 10.99.0.250, asNumber: 64512, nodeSelector: route-reflector == 'true',
+       nextHopMode: Self}
+""")
+        assert applied.returncode == 0, applied.stderr
+        reflectors = {address(rr_lab, r) for r in ("rr1", "rr2")}
+        wait(lambda: blocks <= set(bird.routes()) and all(
+            bird.routes()[b].via in reflectors for b in blocks), 30,
+             "BIRD to take every block with a reflector as next hop")
+        for reflector in ("rr1", "rr2"):
+            assert peer_status(rr_lab, reflector, "bird-client")["nextHopSelf"]
+            assert any("nextHopMode Self sends bird-client this reflector's address" in w
+                       for w in rr_lab.status(reflector)["warnings"])
     finally:
         bird.destroy()
         rr_lab.pipitctl("delete", "bgppeer", "bird-client")
