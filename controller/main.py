@@ -7,6 +7,8 @@
   released after --gc-grace-period (at once if its node is gone); empty blocks are given
   back on their second sighting, never a node's last.
 - Label sync: Kubernetes Node labels onto the node records (controller.labels).
+- Load-balancer addresses: LoadBalancer services get theirs from the IP pools whose
+  allowedUses is LoadBalancer, in their status (controller.load_balancer).
 
 It watches Nodes and Pods (bgp_agent.kube_api.Informer: re-lists after 410, backs off while
 the API server is away), runs a pass every half grace period (at most a minute apart) and
@@ -29,8 +31,11 @@ from bgp_agent.kube_api import DELETED, Event, Informer, KubeAPI, KubernetesUnav
 from controller import metrics
 from controller.ipam_gc import IPAMCollector
 from controller.labels import sync_node_labels
+from controller.load_balancer import LoadBalancers
+from controller.passes import run_passes
 from controller.leader import LeaseElection, LostLeadership
 from ipam import gc
+from ipam import load_balancer as lb
 from ipam.errors import PipitError
 from ipam.resource import duration_argument
 from ipam.store import ENV_CA, ENV_CERT, ENV_ENDPOINTS, ENV_KEY, EtcdConfig, Store
@@ -50,6 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=gc.DEFAULT_GRACE_SECONDS, metavar="DURATION",
                         help="How long an address whose pod is gone (or has another IP) is "
                              "kept before it is released (default 15m; 0 releases at once).")
+    parser.add_argument("--load-balancer-ips", default=lb.ALL_SERVICES,
+                        choices=[*lb.ASSIGN_MODES, "Disabled"],
+                        help="Which LoadBalancer services get an address from the IP pools "
+                             "whose allowedUses is LoadBalancer (Calico's assignIPs; default "
+                             "AllServices, once such a pool exists).")
     parser.add_argument("--no-leader-elect", dest="leader_elect", action="store_false",
                         help="Run without the Lease (only with a single replica).")
     parser.add_argument("--lease-name", default="pipit-controller", metavar="NAME")
@@ -113,21 +123,7 @@ class Controller:
             await asyncio.gather(self.nodes.ready.wait(), self.pods.ready.wait())
             log.info("%d Nodes and %d Pods known; collecting every %gs", len(self.nodes.items),
                      len(self.pods.items), self.interval)
-            pause = 1.0
-            while True:
-                try:
-                    await self.run_pass()
-                    pause = 1.0
-                    timeout = self.interval
-                except PipitError as error:  # etcd or the API away: say so, try again
-                    log.warning("GC pass failed: %s; trying again in %gs", error, pause)
-                    timeout, pause = pause, min(pause * 2, 30.0)
-                try:
-                    await asyncio.wait_for(self.wake.wait(), timeout)
-                    await asyncio.sleep(DEBOUNCE)
-                except asyncio.TimeoutError:
-                    pass
-                self.wake.clear()
+            await run_passes(self.run_pass, self.wake, self.interval, "GC pass", DEBOUNCE)
         finally:
             for task in tasks:
                 task.cancel()
@@ -207,6 +203,9 @@ async def run(args: argparse.Namespace) -> None:
             metrics.LEADER.set(1)
             work.append(asyncio.create_task(Controller(store, api,
                                                        args.gc_grace_period).run()))
+            if args.load_balancer_ips != "Disabled":
+                work.append(asyncio.create_task(
+                    LoadBalancers(store, api, args.load_balancer_ips).run()))
             work.append(asyncio.create_task(stop.wait()))
             done, _ = await asyncio.wait(work, return_when=asyncio.FIRST_COMPLETED)
             for task in work:

@@ -38,7 +38,7 @@ from ipam.errors import (Conflict, DatastoreUnavailable, InvalidResource, NotFou
                          PoolExhausted)
 from ipam.handle import Handle, check_handle_id
 from ipam.metrics import ETCD_GAVE_UP
-from ipam.pool import WORKLOAD, IPPool, read_pools, unclaimed_blocks
+from ipam.pool import TUNNEL, WORKLOAD, IPPool, read_pools, unclaimed_blocks
 from ipam.release import stage_block, stage_handle
 from ipam.reservation import Reserved, read_reservations, reserved_by
 from ipam.store import Entry, Store
@@ -120,7 +120,7 @@ class NodeView:
                 if pool.disabled:
                     raise PoolExhausted(f"IP pool {name!r} is disabled.")
                 if use not in pool.allowed_uses:
-                    what = "pod" if use == WORKLOAD else "tunnel"
+                    what = {WORKLOAD: "pod", TUNNEL: "tunnel"}.get(use, "load-balancer")
                     raise PoolExhausted(f"IP pool {name!r} does not give {what} addresses (its "
                                         f"allowedUses has no {use}).")
                 chosen.append(pool)

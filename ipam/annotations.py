@@ -34,7 +34,7 @@ class PodRequest:
     namespace_labels: Mapping[str, str] | None = field(default=None, hash=False)
 
 
-def _list(text: str, where: str) -> list[str]:
+def string_list(text: str, where: str) -> list[str]:
     try:
         value = json.loads(text)
     except ValueError:
@@ -51,15 +51,15 @@ def pod_request(namespace: str, pod: str, namespace_annotations: Mapping[str, st
     pools, pools_from = (), ""
     if POOLS in pod_annotations:
         pools_from = f"annotation {POOLS} of pod {namespace}/{pod}"
-        pools = tuple(_list(pod_annotations[POOLS], pools_from))
+        pools = tuple(string_list(pod_annotations[POOLS], pools_from))
     elif POOLS in namespace_annotations:
         pools_from = f"annotation {POOLS} of namespace {namespace}"
-        pools = tuple(_list(namespace_annotations[POOLS], pools_from))
+        pools = tuple(string_list(namespace_annotations[POOLS], pools_from))
     addresses, addresses_from = (), ""
     if ADDRESSES in pod_annotations:
         addresses_from = f"annotation {ADDRESSES} of pod {namespace}/{pod}"
         parsed = []
-        for text in _list(pod_annotations[ADDRESSES], addresses_from):
+        for text in string_list(pod_annotations[ADDRESSES], addresses_from):
             try:
                 parsed.append(IPv4Address(text))
             except ValueError:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
 from ipam.block import Release
+from ipam.pool import LOAD_BALANCER_NODE
 from ipam.snapshot import Snapshot
 
 DEFAULT_GRACE_SECONDS = 15 * 60.0
@@ -87,8 +88,9 @@ class Cluster:
 
 
 def kubernetes_node(snap: Snapshot, node: str | None) -> str | None:
-    """The Kubernetes Node a Pipit node belongs to; None for a node outside Kubernetes."""
-    if node is None:
+    """The Kubernetes Node a Pipit node belongs to; None for a node outside Kubernetes (and
+    for the load balancers' virtual node, whose addresses controller.load_balancer keeps)."""
+    if node is None or node == LOAD_BALANCER_NODE:
         return None
     if node in snap.kubernetes_nodes:
         return snap.kubernetes_nodes[node]

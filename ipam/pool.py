@@ -31,8 +31,11 @@ _RESERVED = (
 _FIELDS = {"cidr", "blockSize", "ipipMode", "vxlanMode", "natOutgoing", "disabled",
            "nodeSelector", "disableBGPExport", "allowedUses", "assignmentMode",
            "namespaceSelector"}
-WORKLOAD, TUNNEL = "Workload", "Tunnel"
-USES = (WORKLOAD, TUNNEL)  # Calico's allowedUses (default both); LoadBalancer is refused
+WORKLOAD, TUNNEL, LOAD_BALANCER = "Workload", "Tunnel", "LoadBalancer"
+USES = (WORKLOAD, TUNNEL)  # Calico's allowedUses default: both
+# Where load-balancer addresses are allocated (Calico's virtual node of the same name): no
+# node's, none ever announces their blocks (controller.load_balancer)
+LOAD_BALANCER_NODE = "load-balancer"
 ASSIGNMENT_MODES = ("Automatic", "Manual")
 
 
@@ -89,12 +92,13 @@ class IPPool:
     def serves(self, use: str, labels: Mapping[str, str],
                namespace_labels: Mapping[str, str] | None = None) -> bool:
         """Whether an automatic assignment for `use` (a pod: Workload, a tunnel address:
-        Tunnel) on a node with these labels may take from it: enabled, allowed that use, not
-        Manual, its nodeSelector picks the node and, for a pod, its namespaceSelector the
-        pod's namespace (whose labels, None when unknown, match no namespaceSelector)."""
+        Tunnel, a service's: LoadBalancer) on a node with these labels may take from it:
+        enabled, allowed that use, not Manual, its nodeSelector picks the node and, for a pod
+        or a service, its namespaceSelector their namespace (whose labels, None when unknown,
+        match no namespaceSelector)."""
         if self.disabled or use not in self.allowed_uses or self.assignment_mode != "Automatic":
             return False
-        if use == WORKLOAD and self.namespace_selector is not None and (
+        if use in (WORKLOAD, LOAD_BALANCER) and self.namespace_selector is not None and (
                 namespace_labels is None
                 or not parse_selector(self.namespace_selector).matches(namespace_labels)):
             return False
@@ -141,18 +145,30 @@ def pool_from_spec(name: str, spec: Mapping) -> IPPool:
 
 
 def _allowed_uses(read: SpecReader) -> tuple[str, ...]:
-    """Calico's allowedUses: Workload, Tunnel or both (none given: both)."""
+    """Calico's allowedUses: Workload, Tunnel or both (none given: both), or LoadBalancer
+    alone (Kubernetes LoadBalancer services' addresses: no pod traffic, no node's blocks)."""
     uses = read.spec.get("allowedUses")
     if uses in (None, []):
         return USES
     if not isinstance(uses, list):
-        raise read.fail(f"allowedUses must list Workload and/or Tunnel, not {shown(uses)}.")
+        raise read.fail(f"allowedUses must list Workload and/or Tunnel, or LoadBalancer, not "
+                        f"{shown(uses)}.")
     for use in uses:
-        if use == "LoadBalancer":
-            raise read.fail("allowedUses LoadBalancer is not supported: Pipit assigns no "
-                            "load-balancer addresses (use Workload and/or Tunnel).")
-        if use not in USES:
-            raise read.fail(f"allowedUses {shown(use)} is not Workload or Tunnel.")
+        if use not in (*USES, LOAD_BALANCER):
+            raise read.fail(f"allowedUses {shown(use)} is not Workload, Tunnel or "
+                            "LoadBalancer.")
+    if LOAD_BALANCER in uses:
+        if set(uses) != {LOAD_BALANCER}:
+            raise read.fail("allowedUses LoadBalancer goes alone: a pool of load-balancer "
+                            "addresses gives no pod or tunnel addresses.")
+        for field_name in ("ipipMode", "vxlanMode"):
+            if read.choice(field_name, "Never", MODES) != "Never":
+                raise read.fail(f"a LoadBalancer pool carries no pod traffic: its {field_name} "
+                                "must be Never.")
+        if (read.string("nodeSelector", "all()") or "all()") != "all()":
+            raise read.fail("a LoadBalancer pool's addresses belong to no node: leave its "
+                            "nodeSelector out (all()).")
+        return (LOAD_BALANCER,)
     return tuple(u for u in USES if u in uses)
 
 

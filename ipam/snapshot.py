@@ -13,7 +13,7 @@ from ipam import keys
 from ipam.block import Attribute, Block
 from ipam.errors import PipitError
 from ipam.handle import Handle
-from ipam.pool import IPPool, pool_from_document, pool_of
+from ipam.pool import LOAD_BALANCER_NODE, IPPool, pool_from_document, pool_of
 from ipam.store import Store
 
 
@@ -131,7 +131,7 @@ def check(snap: Snapshot) -> list[Problem]:
                 add("block-without-affinity", str(cidr),
                     f"block {cidr} says it belongs to {node}, but that node's affinity is "
                     f"{state or 'missing'}")
-            if snap.nodes and node not in snap.nodes:
+            if snap.nodes and node not in snap.nodes and node != LOAD_BALANCER_NODE:
                 add("block-of-unknown-node", str(cidr),
                     f"block {cidr} belongs to node {node}, which is not registered")
     for handle_id, per_block in sorted(held.items()):

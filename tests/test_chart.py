@@ -285,8 +285,9 @@ def test_one_controller_with_the_flags_named_in_values():
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
     entry = container(deployment["spec"]["template"]["spec"], "controller")
     assert entry["command"] == ["pipit-controller"]
-    assert entry["args"][:3] == ["--grace=20m", "--lease-name=pipit-controller",
-                                 "--lease-namespace=kube-system"]
+    assert entry["args"][:4] == ["--grace=20m", "--lease-name=pipit-controller",
+                                 "--lease-namespace=kube-system",
+                                 "--load-balancer-ips=AllServices"]
     assert entry["securityContext"]["capabilities"] == {"drop": ["ALL"]}
 
 
@@ -306,6 +307,14 @@ def test_rbac_per_component_grants_only_what_each_needs():
         (("discovery.k8s.io",), ("endpointslices",), ("list", "watch"), ())]
     assert rules(objects, "ClusterRole", "pipit-route-reflector") == [
         (("",), ("nodes",), ("get", "list", "watch"), ())]
+    assert rules(objects, "ClusterRole", "pipit-controller") == [
+        (("",), ("nodes", "pods", "namespaces"), ("get", "list", "watch"), ()),
+        (("",), ("services",), ("get", "list", "watch"), ()),
+        (("",), ("services/status",), ("update",), ()),
+        (("", "events.k8s.io"), ("events",), ("create", "patch"), ())]
+    assert (("",), ("services",), ("get", "list", "watch"), ()) not in rules(
+        rendered("reflectors", **{"controller.loadBalancerIPs": "Disabled"}), "ClusterRole",
+        "pipit-controller")
     assert rules(objects, "Role", "pipit-controller") == [
         (("coordination.k8s.io",), ("leases",), ("create",), ()),
         (("coordination.k8s.io",), ("leases",), ("get", "update", "patch"),

@@ -193,6 +193,30 @@ def test_a_pod_restarted_under_its_name_frees_its_old_address_only():
     assert "has 10.0.0.2, not 10.0.0.1" in second.leaks[0].reason
 
 
+def test_load_balancer_addresses_are_left_to_their_controller(etcd):
+    """Addresses on the virtual node `load-balancer` (controller.load_balancer's): no
+    Kubernetes Node has that name and no record exists, yet the GC judges none of them and
+    never cleans that node up, even when its block is empty; `ipam check` finds nothing."""
+    async def scenario(store):
+        await add_pool(store, "public", "203.0.113.0/28", blockSize=28,
+                       allowedUses=["LoadBalancer"])
+        ipam = IPAM(store)
+        [address] = await ipam.assign("load-balancer", "lb.web.shop", use="LoadBalancer",
+                                      attributes={"namespace": "web", "service": "shop"})
+        snap = await load_snapshot(store)
+        cluster = gc.Cluster(frozenset({"n1"}), {})
+        first = gc.plan(snap, cluster, gc.State(), now=0.0, grace=0)
+        assert (first.leaks, first.nodes, first.kept) == ((), (), ())
+        from ipam.snapshot import check
+        assert check(snap) == []
+        await ipam.release("load-balancer", "lb.web.shop")
+        empty = await load_snapshot(store)
+        second = gc.plan(empty, cluster, first.state, now=1.0, grace=0)
+        assert (second.nodes, second.empty_blocks) == ((), ())  # its only block stays
+        return address
+    assert with_store(etcd, scenario) in IPv4Network("203.0.113.0/28")
+
+
 # -- etcd: releasing what was decided, re-validated ---------------------------------------------
 
 def test_release_leaks_takes_only_what_is_still_that_allocation(etcd):

@@ -302,6 +302,55 @@ def test_single_addresses_disaggregated_balancers_and_excluded_nodes_follow_cali
             delete_services(kube, "till", "cart")
 
 
+def test_a_load_balancer_service_gets_an_address_that_the_nodes_announce(lab, tmp_path):
+    """Calico's LoadBalancer IP pools: pipit-controller gives a LoadBalancer service an
+    address of the pool in its status (held in IPAM, `ipam check` clean), the nodes announce
+    it to the edge router (serviceLoadBalancerAggregation Disabled: its /32, from every node),
+    an annotation moves it to the address asked for, and deleting the service frees it."""
+    kube, nodes = lab.kube(), sorted(lab.nodes())
+    pool = IPv4Network("198.18.100.0/26")
+    handle = f"lb.{POD_NAMESPACE}.cart"
+
+    def ingress() -> list[str]:
+        found = kube.get("service", "cart", POD_NAMESPACE) or {}
+        return [i.get("ip") for i in ((found.get("status") or {}).get("loadBalancer") or {})
+                .get("ingress") or []]
+
+    def announced_by_every_node(address: str) -> bool:
+        return all(IPv4Network(f"{address}/32") in edge.routes_of(n) for n in nodes)
+
+    with edge_router(lab, tmp_path) as (edge, config):
+        try:
+            apply(lab, {"apiVersion": "pipit.dev/v1", "kind": "IPPool",
+                        "metadata": {"name": "public"},
+                        "spec": {"cidr": str(pool), "blockSize": 28,
+                                 "allowedUses": ["LoadBalancer"]}})
+            apply(lab, with_spec(config, serviceLoadBalancerIPs=[{"cidr": "198.18.100.0/24"}],
+                                 serviceLoadBalancerAggregation="Disabled"))
+            kube.apply(balancer("cart", "10.96.0.40", "Cluster"))
+            kube.apply(endpoints_on("cart", nodes[0]))
+            [given] = wait(lambda: ingress() or None, 60, "cart to get a load-balancer address")
+            assert IPv4Address(given) in pool
+            assert snapshot(lab).handles[handle] and check(snapshot(lab)) == []
+            wait(lambda: announced_by_every_node(given), 60,
+                 f"every node to announce {given} to the edge")
+            asked = "198.18.100.20"
+            service = balancer("cart", "10.96.0.40", "Cluster")
+            service["metadata"]["annotations"] = {"pipit.dev/loadBalancerIPs": f'["{asked}"]'}
+            kube.apply(service)
+            wait(lambda: ingress() == [asked], 60, f"cart's address to move to {asked}")
+            wait(lambda: announced_by_every_node(asked) and not any(
+                IPv4Network(f"{given}/32") in edge.routes_of(n) for n in nodes), 60,
+                 f"the nodes to announce {asked} in place of {given}")
+            kube.kubectl("delete", "service", "cart", "-n", POD_NAMESPACE)
+            wait(lambda: handle not in snapshot(lab).handles, 60, "cart's address to be freed")
+            assert check(snapshot(lab)) == []
+        finally:
+            delete_services(kube, "cart")
+            wait(lambda: handle not in snapshot(lab).handles, 60, "cart's address to be freed")
+            lab.pipitctl("delete", "ippool", "public")
+
+
 def test_a_deleted_node_is_cleaned_up(lab):
     lab.remove_node("n2")  # its agent retires, its namespaces go (etcd keeps its state)
     kube = lab.kube()

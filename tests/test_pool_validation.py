@@ -78,6 +78,15 @@ def test_allowed_uses_and_the_assignment_mode_say_what_assigns_from_a_pool_on_it
     assert team.serves("Workload", {}, {"team": "a"})
     assert not team.serves("Workload", {}, {"team": "b"})
     assert not team.serves("Workload", {}, None)
+    # LoadBalancer: services' addresses only, namespaceSelector by the service's namespace
+    balancers = pool_from_spec("p", {**base, "allowedUses": ["LoadBalancer"],
+                                     "namespaceSelector": "team == 'a'"})
+    assert balancers.allowed_uses == ("LoadBalancer",)
+    assert pool_from_spec("p", pool_to_spec(balancers)) == balancers
+    assert balancers.serves("LoadBalancer", {}, {"team": "a"})
+    assert not balancers.serves("LoadBalancer", {}, {"team": "b"})
+    assert not balancers.serves("Workload", {}, {"team": "a"})
+    assert not balancers.serves("Tunnel", {})
     assert team.serves("Tunnel", {})
     assert pool_from_spec("p", pool_to_spec(team)) == team
 
@@ -113,9 +122,16 @@ def test_allowed_uses_and_the_assignment_mode_say_what_assigns_from_a_pool_on_it
                                                    "natOutgoing"]),
     ({"cidr": "10.0.0.0/16", "nodeSelector": "rack == "}, ["selector", "rack =="]),
     ({"cidr": "10.0.0.0/16", "nodeSelector": ["a"]}, ["nodeSelector must be a string"]),
-    ({"cidr": "10.0.0.0/16", "allowedUses": ["LoadBalancer"]}, ["LoadBalancer",
-                                                              "not supported"]),
-    ({"cidr": "10.0.0.0/16", "allowedUses": ["Pods"]}, ["allowedUses 'Pods'"]),
+    ({"cidr": "10.0.0.0/16", "allowedUses": ["LoadBalancer", "Workload"]},
+     ["allowedUses LoadBalancer goes alone"]),
+    ({"cidr": "10.0.0.0/16", "allowedUses": ["LoadBalancer"], "ipipMode": "Always"},
+     ["LoadBalancer pool carries no pod traffic", "ipipMode must be Never"]),
+    ({"cidr": "10.0.0.0/16", "allowedUses": ["LoadBalancer"], "vxlanMode": "CrossSubnet"},
+     ["vxlanMode must be Never"]),
+    ({"cidr": "10.0.0.0/16", "allowedUses": ["LoadBalancer"], "nodeSelector": "a == 'b'"},
+     ["belong to no node", "nodeSelector"]),
+    ({"cidr": "10.0.0.0/16", "allowedUses": ["Pods"]}, ["allowedUses 'Pods'",
+                                                        "Workload, Tunnel or LoadBalancer"]),
     ({"cidr": "10.0.0.0/16", "allowedUses": "Tunnel"}, ["allowedUses must list"]),
     ({"cidr": "10.0.0.0/16", "assignmentMode": "Auto"}, ["assignmentMode 'Auto'",
                                                         "Automatic, Manual"]),
