@@ -42,6 +42,7 @@ from bgp_agent.version import software_version
 from bgp_agent.status import DEFAULT_STATUS_SOCKET, StatusServer
 from ipam.allocator import IPAM
 from ipam.errors import InvalidResource, PipitError
+from ipam.pool import LOAD_BALANCER_NODE
 from ipam.resource import duration_argument
 from ipam.service import DEFAULT_SOCKET, IPAMService
 from ipam.store import ENV_CA, ENV_CERT, ENV_ENDPOINTS, ENV_KEY, EtcdConfig, Store
@@ -122,7 +123,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "as SIGUSR1 does (default retire; a DaemonSet wants exit).")
     health.add_arguments(parser)
     cni_conflist.add_arguments(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.node == LOAD_BALANCER_NODE:
+        parser.error(f"node name {LOAD_BALANCER_NODE!r} is where load-balancer addresses are "
+                     "allocated (Calico's name for it); give this node another with --node.")
+    return args
 
 
 def _metrics_address(text: str) -> str:

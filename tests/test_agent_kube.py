@@ -164,6 +164,16 @@ def test_the_node_name_comes_from_nodename_then_the_host_name(monkeypatch):
     assert parse_args([]).node == socket.gethostname()
 
 
+def test_the_load_balancers_virtual_node_is_no_node_name(capsys):
+    """`load-balancer` is where LoadBalancer services' addresses are allocated (Calico's
+    name): an agent under that name would take them for its own."""
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--node", "load-balancer"])
+    assert exited.value.code == 2
+    assert "node name 'load-balancer' is where load-balancer addresses are allocated" in \
+        capsys.readouterr().err
+
+
 def node_object(annotations=None, labels=None, internal="10.0.0.11") -> dict:
     return {"metadata": {"name": "k1", "labels": labels or {}, "annotations": annotations or {}},
             "status": {"addresses": [{"type": "Hostname", "address": "k1"},
