@@ -38,7 +38,7 @@ from ipam.errors import (Conflict, DatastoreUnavailable, InvalidResource, NotFou
                          PoolExhausted)
 from ipam.handle import Handle, check_handle_id
 from ipam.metrics import ETCD_GAVE_UP
-from ipam.pool import TUNNEL, WORKLOAD, IPPool, read_pools, unclaimed_blocks
+from ipam.pool import LOAD_BALANCER, TUNNEL, WORKLOAD, IPPool, read_pools, unclaimed_blocks
 from ipam.release import stage_block, stage_handle
 from ipam.reservation import Reserved, read_reservations, reserved_by
 from ipam.store import Entry, Store
@@ -46,6 +46,8 @@ from ipam.txn import MAX_ATTEMPTS, TXN_KEY_BUDGET, Changes, outcome
 
 log = logging.getLogger(__name__)
 
+# What each use of an address is called in a refusal
+_WHAT = {WORKLOAD: "pod", TUNNEL: "tunnel", LOAD_BALANCER: "load-balancer"}
 # What a request is refused for that fresher pools or settings may grant (see _serve).
 REFUSALS = (NotFound, PoolExhausted)
 
@@ -120,9 +122,8 @@ class NodeView:
                 if pool.disabled:
                     raise PoolExhausted(f"IP pool {name!r} is disabled.")
                 if use not in pool.allowed_uses:
-                    what = {WORKLOAD: "pod", TUNNEL: "tunnel"}.get(use, "load-balancer")
-                    raise PoolExhausted(f"IP pool {name!r} does not give {what} addresses (its "
-                                        f"allowedUses has no {use}).")
+                    raise PoolExhausted(f"IP pool {name!r} does not give {_WHAT[use]} addresses "
+                                        f"(its allowedUses has no {use}).")
                 chosen.append(pool)
             return chosen
         chosen = sorted((p for p, _ in self.pools.values()
@@ -464,6 +465,10 @@ class IPAM:
             if pool.disabled:
                 raise InvalidResource(f"{address} is in IP pool {pool.name!r}, which is "
                                       "disabled.")
+            if request.use not in pool.allowed_uses:
+                raise InvalidResource(f"{address} is in IP pool {pool.name!r}, which gives no "
+                                      f"{_WHAT[request.use]} addresses (its allowedUses has no "
+                                      f"{request.use}).")
             plan.revisions.setdefault(keys.pool_key(pool.name), view.pools[pool.name][1])
             cidr = IPv4Network((address, pool.block_size), strict=False)
             block = taken.get(cidr) or await self._block_at(plan, pool, cidr)

@@ -1,7 +1,7 @@
 """The allocator against a real etcd: what a node gets, borrowing, limits, releases, pools."""
 
 import asyncio
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
@@ -9,7 +9,7 @@ from ipam import block as blocks
 from ipam import keys
 from ipam.allocator import IPAM
 from ipam.config import IPAMConfig, config_to_document
-from ipam.errors import InUse, NotFound, PoolExhausted
+from ipam.errors import InUse, InvalidResource, NotFound, PoolExhausted
 from ipam.pool import pool_from_spec, search_start
 from ipam.pool_delete import delete_pool
 from ipam.release import release_addresses, release_host_affinities
@@ -183,6 +183,8 @@ def test_allowed_uses_and_manual_pools_keep_pods_and_tunnels_apart(etcd):
         await add_pool(store, "pods", "10.18.0.0/24", blockSize=28, allowedUses=["Workload"])
         await add_pool(store, "tunnels", "10.18.1.0/24", blockSize=28, allowedUses=["Tunnel"])
         await add_pool(store, "manual", "10.18.2.0/24", blockSize=28, assignmentMode="Manual")
+        await add_pool(store, "public", "10.18.3.0/24", blockSize=28,
+                       allowedUses=["LoadBalancer"])
         await register_node(store, "n1", {})
         ipam = IPAM(store)
         pods = [(await ipam.assign("n1", f"pod-{i}"))[0] for i in range(20)]
@@ -198,7 +200,19 @@ def test_allowed_uses_and_manual_pools_keep_pods_and_tunnels_apart(etcd):
             await ipam.assign("n1", "tunnel-x", pools=["pods"], use="Tunnel")
         [asked] = await ipam.assign("n1", "asked", pools=["manual"])
         assert asked in IPv4Network("10.18.2.0/24")
+        # an address asked for by value goes by the same rule (no block claimed for it)
+        with pytest.raises(InvalidResource, match="10.18.3.5 is in IP pool 'public', which "
+                                                  "gives no pod addresses"):
+            await ipam.assign("n1", "pod-y", addresses=[IPv4Address("10.18.3.5")])
+        with pytest.raises(InvalidResource, match="gives no load-balancer addresses"):
+            await ipam.assign("load-balancer", "lb.web.shop", use="LoadBalancer",
+                              addresses=[IPv4Address("10.18.0.200")])
+        assert await ipam.assign("load-balancer", "lb.web.shop", use="LoadBalancer",
+                                 addresses=[IPv4Address("10.18.3.5")]) == [
+            IPv4Address("10.18.3.5")]
         await assert_consistent(store)
+        assert not any(n == "n1" and c in IPv4Network("10.18.3.0/24")
+                       for n, c in (await load_snapshot(store)).affinities)
     with_store(etcd, scenario)
 
 
