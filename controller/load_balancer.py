@@ -59,22 +59,23 @@ class LoadBalancers:
         assigning = any(LOAD_BALANCER in p.allowed_uses and not p.disabled for p in pools)
         services = {(s["metadata"].get("namespace"), s["metadata"]["name"]): s
                     for s in list(self.services.items.values())}
-        held = {lb.service_of(key.removeprefix(keys.HANDLES)): key.removeprefix(keys.HANDLES)
-                for key in await self.store.list_keys(keys.HANDLES + lb.HANDLE_PREFIX)}
+        addresses = await self.allocator.addresses_under(lb.HANDLE_PREFIX)
+        held = {lb.service_of(handle_id): handle_id for handle_id in addresses}
         held.pop(None, None)
         for key, service in sorted(services.items()):
             if lb.managed(service, self.mode) and (assigning or key in held):
-                await self._serve(service, pools)
+                await self._serve(service, pools, addresses.get(held.get(key), []))
         for key, handle_id in sorted(held.items()):
             service = services.get(key)
             if service is None or not lb.managed(service, self.mode):
                 await self._release(handle_id, service)
         self.passes += 1
 
-    async def _serve(self, service: Mapping, pools: list[IPPool]) -> None:
+    async def _serve(self, service: Mapping, pools: list[IPPool],
+                     had: list[IPv4Address]) -> None:
+        """Give the service what it asks for (`had`: what its handle holds)."""
         namespace, name = service["metadata"].get("namespace"), service["metadata"]["name"]
         handle_id = lb.handle_of(namespace, name)
-        had = await self.allocator.addresses(handle_id)
         try:
             wanted = lb.wanted(service, pools)
             have = had

@@ -228,12 +228,21 @@ class IPAM:
     async def addresses(self, handle_id: str) -> list[IPv4Address]:
         """The addresses a handle holds now (empty if the handle is unknown)."""
         entry = await self.store.get(keys.handle_key(check_handle_id(handle_id)))
-        if entry is None:
-            return []
-        handle = handles.from_json(entry.value)
-        found = await self.store.get_many(keys.block_key(IPv4Network(c)) for c in handle.blocks)
-        return sorted(a for e in found.values() if e is not None
-                      for a in blocks.addresses_of(blocks.from_json(e.value), handle_id))
+        return (await self._read_held([entry]))[handle_id] if entry is not None else []
+
+    async def addresses_under(self, prefix: str) -> dict[str, list[IPv4Address]]:
+        """The addresses of every handle whose id starts with `prefix`, in two reads."""
+        return await self._read_held(await self.store.list(keys.HANDLES + prefix))
+
+    async def _read_held(self, entries: Iterable[Entry]) -> dict[str, list[IPv4Address]]:
+        held = {e.key.removeprefix(keys.HANDLES): handles.from_json(e.value) for e in entries}
+        found = await self.store.get_many({keys.block_key(IPv4Network(c))
+                                           for h in held.values() for c in h.blocks})
+        read = {key: blocks.from_json(e.value) for key, e in found.items() if e is not None}
+        return {handle_id: sorted(a for c in handle.blocks
+                                  if (block := read.get(keys.block_key(IPv4Network(c))))
+                                  for a in blocks.addresses_of(block, handle_id))
+                for handle_id, handle in held.items()}
 
     # -- batching ------------------------------------------------------------------------
 

@@ -203,6 +203,9 @@ def test_load_balancer_addresses_are_left_to_their_controller(etcd):
         ipam = IPAM(store)
         [address] = await ipam.assign("load-balancer", "lb.web.shop", use="LoadBalancer",
                                       attributes={"namespace": "web", "service": "shop"})
+        assert await ipam.addresses_under("lb.") == {"lb.web.shop": [address]}
+        assert await ipam.addresses_under("lb.web.shop") == {
+            "lb.web.shop": await ipam.addresses("lb.web.shop")}
         snap = await load_snapshot(store)
         cluster = gc.Cluster(frozenset({"n1"}), {})
         first = gc.plan(snap, cluster, gc.State(), now=0.0, grace=0)
