@@ -4,8 +4,9 @@ what they ask for): it follows Services, gives each managed one its address from
 the service's status; it releases the address of a service deleted, no longer a
 LoadBalancer, given to another class, or asking for another address or pool, and takes that
 address out of the status. A pass runs soon after any Service changes, and every
-RESYNC_SECONDS; a service whose request cannot be met (bad annotation, pool exhausted) is
-logged once per problem and tried again at each pass."""
+RESYNC_SECONDS. Each address given is an Event on the service; a request that cannot be met
+(a bad annotation, a pool exhausted) is a Warning Event and a log line, once per problem, the
+service keeps what it had, and it is tried again at each pass."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import asyncio
 import copy
 import logging
 from collections.abc import Mapping
+from datetime import datetime, timezone
 from ipaddress import IPv4Address
 
 from bgp_agent.kube_api import Event, Informer, KubeAPI
@@ -26,6 +28,7 @@ from ipam.store import Store
 
 log = logging.getLogger("pipit-controller")
 RESYNC_SECONDS = 30.0
+COMPONENT = "pipit-controller"
 DEBOUNCE = 0.2  # seconds: changes coming together make one pass
 
 
@@ -94,6 +97,8 @@ class LoadBalancers:
                         namespace, pools))
                 log.info("service %s/%s: load-balancer address %s", namespace, name,
                          ", ".join(map(str, have)))
+                await self._event(service, "Normal", "LoadBalancerAddressAssigned",
+                                  f"Assigned load-balancer address {', '.join(map(str, have))}.")
         except PipitError as error:
             if _transient(error):
                 raise
@@ -101,9 +106,32 @@ class LoadBalancers:
                 self._problems[handle_id] = str(error)
                 log.warning("service %s/%s gets no load-balancer address: %s", namespace, name,
                             error)
+                await self._event(service, "Warning", "NoLoadBalancerAddress",
+                                  f"No load-balancer address: {error}")
             return
         self._problems.pop(handle_id, None)
         await self._report(service, have[0], set(had))
+
+    async def _event(self, service: Mapping, kind: str, reason: str, message: str) -> None:
+        """A Kubernetes Event on the service (`kubectl describe service` shows it); one that
+        cannot be written is only logged."""
+        metadata = service["metadata"]
+        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {"apiVersion": "v1", "kind": "Event",
+                "metadata": {"generateName": f"{metadata['name']}.",
+                             "namespace": metadata.get("namespace")},
+                "involvedObject": {"apiVersion": "v1", "kind": "Service",
+                                   "namespace": metadata.get("namespace"),
+                                   "name": metadata["name"], "uid": metadata.get("uid")},
+                "type": kind, "reason": reason, "message": message, "count": 1,
+                "firstTimestamp": now, "lastTimestamp": now,
+                "source": {"component": COMPONENT}, "reportingComponent": COMPONENT}
+        try:
+            await self.api.call(self.api.core.create_namespaced_event,
+                                metadata.get("namespace"), body)
+        except PipitError as error:
+            log.info("could not record an event on service %s/%s: %s",
+                     metadata.get("namespace"), metadata["name"], error)
 
     async def _namespace_labels(self, namespace: str, pools: list[IPPool]
                                 ) -> Mapping[str, str] | None:

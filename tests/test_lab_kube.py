@@ -304,9 +304,10 @@ def test_single_addresses_disaggregated_balancers_and_excluded_nodes_follow_cali
 
 def test_a_load_balancer_service_gets_an_address_that_the_nodes_announce(lab, tmp_path):
     """Calico's LoadBalancer IP pools: pipit-controller gives a LoadBalancer service an
-    address of the pool in its status (held in IPAM, `ipam check` clean), the nodes announce
-    it to the edge router (serviceLoadBalancerAggregation Disabled: its /32, from every node),
-    an annotation moves it to the address asked for, and deleting the service frees it."""
+    address of the pool in its status (held in IPAM, `ipam check` clean, an Event says so),
+    the nodes announce it to the edge router (serviceLoadBalancerAggregation Disabled: its
+    /32, from every node); an annotation naming no pool is a Warning Event and changes
+    nothing, one asking for an address moves it there, and deleting the service frees it."""
     kube, nodes = lab.kube(), sorted(lab.nodes())
     pool = IPv4Network("198.18.100.0/26")
     handle = f"lb.{POD_NAMESPACE}.cart"
@@ -318,6 +319,11 @@ def test_a_load_balancer_service_gets_an_address_that_the_nodes_announce(lab, tm
 
     def announced_by_every_node(address: str) -> bool:
         return all(IPv4Network(f"{address}/32") in edge.routes_of(n) for n in nodes)
+
+    def events(reason: str) -> str:
+        listed = kube.kubectl("get", "events", "-n", POD_NAMESPACE, "-o", "json",
+                              "--field-selector", f"involvedObject.name=cart,reason={reason}")
+        return " ".join(e["message"] for e in json.loads(listed.stdout)["items"])
 
     with edge_router(lab, tmp_path) as (edge, config):
         try:
@@ -334,8 +340,16 @@ def test_a_load_balancer_service_gets_an_address_that_the_nodes_announce(lab, tm
             assert snapshot(lab).handles[handle] and check(snapshot(lab)) == []
             wait(lambda: announced_by_every_node(given), 60,
                  f"every node to announce {given} to the edge")
-            asked = "198.18.100.20"
+            assert "Assigned load-balancer address" in events("LoadBalancerAddressAssigned")
+            # a request that cannot be met: one sentence on the service, its address kept
             service = balancer("cart", "10.96.0.40", "Cluster")
+            service["metadata"]["annotations"] = {"pipit.dev/ipv4pools": '["nope"]'}
+            kube.apply(service)
+            message = wait(lambda: events("NoLoadBalancerAddress"), 60,
+                           "a warning event on cart")
+            assert "IP pool 'nope' does not exist" in message
+            assert ingress() == [given]
+            asked = "198.18.100.20"
             service["metadata"]["annotations"] = {"pipit.dev/loadBalancerIPs": f'["{asked}"]'}
             kube.apply(service)
             wait(lambda: ingress() == [asked], 60, f"cart's address to move to {asked}")
