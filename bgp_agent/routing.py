@@ -514,7 +514,8 @@ class Router:
     def _next_hop_self_warnings(self, me: NodeRecord, neighbors: list[Neighbor]) -> list[str]:
         """nextHopMode Self draws a member's traffic to this reflector: one that programs no
         routes (pipit-rr) drops it."""
-        drawn = sorted(n.name or str(n.address) for n in neighbors if n.next_hop_self)
+        drawn = sorted(n.name or str(n.address) for n in neighbors
+                       if n.next_hop_self and n.peer_as == n.local_as)  # reflected to
         if not drawn or self.routes is not None or me.route_reflector_cluster_id is None:
             return []
         return [f"nextHopMode Self sends {', '.join(drawn)} this reflector's address as next "
