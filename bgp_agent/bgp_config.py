@@ -1,4 +1,7 @@
-"""The cluster's BGP settings: the BGPConfiguration resource named "default"."""
+"""The cluster's BGP settings: the BGPConfiguration resource named "default", and Calico's
+node-specific ones, named node.<node name>, of which Pipit takes logSeverityScreen (that
+node's log level over the default's; every other field is the cluster's, and refused
+there)."""
 
 from __future__ import annotations
 
@@ -10,10 +13,12 @@ from ipaddress import IPv4Network
 from bgp_agent.md5_password import PasswordRef, parse_password
 from bgp_agent.model import DEFAULT_AS, DEFAULT_HOLD_TIME, DEFAULT_RESTART_TIME, MAX_RESTART_TIME
 from ipam.errors import InvalidResource
-from ipam.resource import SpecReader, make_document, shown
+from ipam.resource import SpecReader, check_name, make_document, shown
 
 KIND = "BGPConfiguration"
 NAME = "default"
+NODE_PREFIX = "node."  # a node-specific one: node.<node name>
+NODE_FIELDS = {"logSeverityScreen"}
 # Kubernetes service ranges every node announces to its external peers (Calico's fields)
 SERVICE_FIELDS = ("serviceClusterIPs", "serviceExternalIPs", "serviceLoadBalancerIPs")
 _FIELDS = {"asNumber", "nodeToNodeMeshEnabled", "listenPort", "communities",
@@ -139,6 +144,10 @@ class BGPConfig:
     annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     @property
+    def name(self) -> str:
+        return NAME
+
+    @property
     def service_prefixes(self) -> tuple[IPv4Network, ...]:
         """Every service range, each once: none is taken from a peer."""
         return tuple(dict.fromkeys(p for ranges in self.service_ranges for p in ranges))
@@ -169,10 +178,27 @@ class BGPConfig:
                                      *(c for c in extra if len(c) == 3)))))
 
 
-def config_from_spec(name: str, spec: Mapping) -> BGPConfig:
+@dataclass(frozen=True)
+class NodeBGPConfig:
+    """Calico's node-specific BGPConfiguration (node.<node name>): that node's
+    logSeverityScreen, over the default's."""
+    node: str
+    log_severity: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False)
+    annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+    @property
+    def name(self) -> str:
+        return NODE_PREFIX + self.node
+
+
+def config_from_spec(name: str, spec: Mapping) -> BGPConfig | NodeBGPConfig:
+    if name.startswith(NODE_PREFIX):
+        return _node_config(name, spec)
     read = SpecReader(KIND, name, spec, _FIELDS)
     if name != NAME:
-        raise read.fail(f"Pipit reads only the BGPConfiguration named {NAME!r}.")
+        raise read.fail(f"Pipit reads the BGPConfiguration named {NAME!r}, and one named "
+                        f"{NODE_PREFIX}<node name> per node.")
     where = f"{KIND} {name!r}"
     given = spec.get("asNumber")
     as_number = parse_as_number(DEFAULT_AS if given is None else given, where)
@@ -213,6 +239,23 @@ def _bind_mode(read: SpecReader) -> str | None:
         raise read.fail(f"bindMode {shown(mode)} is not supported: Pipit listens for BGP on "
                         "the node's address only (NodeIP), the local address of its sessions.")
     return mode
+
+
+def _node_config(name: str, spec: Mapping) -> NodeBGPConfig:
+    node = name.removeprefix(NODE_PREFIX)
+    try:
+        check_name("node", node)
+    except InvalidResource:
+        raise InvalidResource(f"{KIND} {name!r}: {node!r} is not a valid node name (a "
+                              f"node-specific BGPConfiguration is named {NODE_PREFIX}<node "
+                              "name>).") from None
+    cluster_wide = sorted(f for f in spec if f in _FIELDS and f not in NODE_FIELDS)
+    if cluster_wide:
+        raise InvalidResource(f"{KIND} {name!r}: {cluster_wide[0]} is the cluster's, set in "
+                              f"the BGPConfiguration {NAME!r}; a node's may set only "
+                              f"{', '.join(sorted(NODE_FIELDS))}.")
+    read = SpecReader(KIND, name, spec, NODE_FIELDS)
+    return NodeBGPConfig(node, _log_severity(read))
 
 
 def _log_severity(read: SpecReader) -> str | None:
@@ -291,7 +334,10 @@ def community_texts(config: BGPConfig) -> list[str]:
     return [":".join(map(str, c)) for c in (*config.communities, *config.large_communities)]
 
 
-def config_to_document(config: BGPConfig) -> dict:
+def config_to_document(config: BGPConfig | NodeBGPConfig) -> dict:
+    if isinstance(config, NodeBGPConfig):
+        return make_document(KIND, config.name, {} if config.log_severity is None else {
+            "logSeverityScreen": config.log_severity}, config.labels, config.annotations)
     spec = {
         "asNumber": config.as_number,
         "nodeToNodeMeshEnabled": config.node_to_node_mesh,

@@ -20,7 +20,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import TYPE_CHECKING
 
 from bgp_agent import policy, service_addresses
-from bgp_agent.bgp_config import LOG_SEVERITIES, BGPConfig, config_from_spec
+from bgp_agent.bgp_config import LOG_SEVERITIES, BGPConfig, NodeBGPConfig, config_from_spec
 from bgp_agent.bgp_filter import filter_from_document
 from bgp_agent.bgp_peer import peer_from_document
 from bgp_agent.md5_password import PasswordRef, resolve_password
@@ -88,7 +88,7 @@ def summarize(entry: Entry) -> BlockSummary:
     return BlockSummary(block.cidr, block.node, borrowers, held)
 
 
-def decode_bgp_config(entry: Entry) -> BGPConfig:
+def decode_bgp_config(entry: Entry) -> BGPConfig | NodeBGPConfig:
     document = read_document(entry.value)
     return config_from_spec(document.name, dict(document.spec))
 
@@ -168,7 +168,14 @@ class Router:
     # -- inputs ------------------------------------------------------------------------
 
     def config(self) -> BGPConfig:
-        return next(iter(self.bgp_config.items.values()), BGPConfig())
+        """The cluster's BGPConfiguration ("default"; none: the defaults)."""
+        return next((c for c in self.bgp_config.items.values() if isinstance(c, BGPConfig)),
+                    BGPConfig())
+
+    def node_config(self, node: str) -> NodeBGPConfig | None:
+        """The node's own BGPConfiguration (node.<name>), if it has one."""
+        return next((c for c in self.bgp_config.items.values()
+                     if isinstance(c, NodeBGPConfig) and c.node == node), None)
 
     def node_record(self) -> NodeRecord:
         """This node's record as etcd has it (its labels, AS, cluster id may change while the
@@ -308,19 +315,20 @@ class Router:
                 tripped = True
         return tripped
 
-    def _follow_log_severity(self, config: BGPConfig) -> None:
-        """The agent's log level as the BGPConfiguration's logSeverityScreen says (Calico's),
-        or as it started (--log-level) once that is gone."""
-        level = LOG_SEVERITIES.get(config.log_severity or "", self._start_log_level)
+    def _follow_log_severity(self, config: BGPConfig, own: NodeBGPConfig | None) -> None:
+        """The agent's log level as logSeverityScreen says (Calico's): the node's own
+        BGPConfiguration's, else the default's, else as it started (--log-level)."""
+        source = own if own is not None and own.log_severity is not None else config
+        level = LOG_SEVERITIES.get(source.log_severity or "", self._start_log_level)
         root = logging.getLogger()
         if logging.getLevelName(root.level) != level:
             root.setLevel(level)
-            log.warning("log level now %s (BGPConfiguration logSeverityScreen %s)", level,
-                        config.log_severity or "unset")
+            log.warning("log level now %s (BGPConfiguration %s logSeverityScreen %s)", level,
+                        source.name, source.log_severity or "unset")
 
     async def reconcile(self) -> None:
         me, config, pools = self.node_record(), self.config(), list(self.pools.items.values())
-        self._follow_log_severity(config)
+        self._follow_log_severity(config, self.node_config(me.name))
         my_as = policy.local_as(me, config)
         neighbors = self._select(me, config)
         if self.speaker.connected and self._enforce_limits(neighbors):

@@ -23,7 +23,7 @@ from ipam.pool_delete import addresses_in_use, delete_pool, in_use_refusal
 from bgp_agent.bgp_config import config_from_spec as bgp_config_from_spec
 from bgp_agent.bgp_filter import filter_from_spec, filter_to_document, rule_counts
 from bgp_agent.bgp_peer import check_peer, peer_from_spec, peer_to_document
-from bgp_agent.bgp_config import check_config_input, community_texts
+from bgp_agent.bgp_config import NodeBGPConfig, check_config_input, community_texts
 from bgp_agent.bgp_config import config_to_document as bgp_config_to_document
 from bgp_agent.name_claim import holder_of
 from bgp_agent.node import node_from_document, node_to_document
@@ -166,16 +166,23 @@ BGP_CONFIGURATION = Kind(
     name="BGPConfiguration", plural="bgpconfigurations",
     aliases=("bgpconfiguration", "bgpconfig", "bgpconfigs"), segment="bgpconfig",
     parse=lambda d: with_metadata(bgp_config_from_spec(d.name, dict(d.spec)), d),
-    to_document=bgp_config_to_document, check=_no_check, name_of=lambda c: "default",
+    to_document=bgp_config_to_document, check=_no_check, name_of=lambda c: c.name,
     check_input=lambda d: check_config_input(d.spec),
-    columns=("NAME", "ASNUMBER", "MESH"),
-    row=lambda c: ("default", c.as_number, yes_no(c.node_to_node_mesh)),
-    wide_columns=("NAME", "ASNUMBER", "MESH", "LISTENPORT", "COMMUNITIES", "MESHHOLDTIME",
-                  "MESHRESTARTTIME"),
-    wide_row=lambda c: ("default", c.as_number, yes_no(c.node_to_node_mesh), c.listen_port,
-                        ",".join(community_texts(c)) or "-",
-                        c.node_mesh_hold_time, c.node_mesh_restart_time),
+    columns=("NAME", "ASNUMBER", "MESH", "LOGSEVERITY"),
+    row=lambda c: _bgp_config_row(c)[:4],
+    wide_columns=("NAME", "ASNUMBER", "MESH", "LOGSEVERITY", "LISTENPORT", "COMMUNITIES",
+                  "MESHHOLDTIME", "MESHRESTARTTIME"),
+    wide_row=lambda c: _bgp_config_row(c),
 )
+
+
+def _bgp_config_row(c) -> tuple:
+    """The default's settings, or a node's (node.<name>: its log level only)."""
+    if isinstance(c, NodeBGPConfig):
+        return (c.name, "-", "-", c.log_severity or "-", "-", "-", "-", "-")
+    return (c.name, c.as_number, yes_no(c.node_to_node_mesh), c.log_severity or "-",
+            c.listen_port, ",".join(community_texts(c)) or "-", c.node_mesh_hold_time,
+            c.node_mesh_restart_time)
 
 
 

@@ -302,3 +302,17 @@ def test_bind_mode_node_ip_is_pipit_s_way_and_none_is_one_sentence():
     assert "bindMode" not in config_to_document(config_from_spec("default", {}))["spec"]
     refused({"bindMode": "None"}, "bindMode 'None' is not supported",
             "the node's address only (NodeIP)")
+
+
+def test_a_node_specific_configuration_sets_that_nodes_log_level_only():
+    """Calico's node.<node name> BGPConfiguration: Pipit takes its logSeverityScreen (the
+    agent's routing loop prefers it over the default's); the cluster's fields are refused."""
+    node = config_from_spec("node.n1", {"logSeverityScreen": "Debug"})
+    assert (node.name, node.node, node.log_severity) == ("node.n1", "n1", "Debug")
+    assert config_from_spec("node.n1", config_to_document(node)["spec"]) == node
+    assert config_to_document(config_from_spec("node.n1", {}))["spec"] == {}
+    assert config_from_spec("default", {}).name == "default"
+    with pytest.raises(InvalidResource, match="asNumber is the cluster's"):
+        config_from_spec("node.n1", {"asNumber": 65001, "logSeverityScreen": "Info"})
+    with pytest.raises(InvalidResource, match="'N_1' is not a valid node name"):
+        config_from_spec("node.N_1", {})

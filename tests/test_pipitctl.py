@@ -788,7 +788,13 @@ def test_mesh_settings_without_a_mesh_are_refused_and_durations_read(etcd, ctl):
 
 
 @pytest.mark.parametrize("metadata, spec, facts", [
-    ({"name": "other"}, {}, ["'other'", "only the BGPConfiguration named 'default'"]),
+    ({"name": "other"}, {}, ["'other'", "the BGPConfiguration named 'default', and one named "
+                                        "node.<node name> per node"]),
+    ({"name": "node.n1"}, {"listenPort": 1179},
+     ["'node.n1': listenPort is the cluster's", "may set only logSeverityScreen"]),
+    ({"name": "node.n1"}, {"logSeverity": "Debug"}, ["unknown spec field 'logSeverity'"]),
+    ({"name": "node.N_1"}, {}, ["name 'node.N_1' is not valid"]),
+    ({"name": "node.n1"}, {"logSeverityScreen": "Verbose"}, ["logSeverityScreen 'Verbose'"]),
     ({"name": "default"}, {"listenPort": 0}, ["listenPort 0 is outside 1-65535"]),
     ({"name": "default"}, {"listenPort": 65536}, ["listenPort 65536 is outside 1-65535"]),
     ({"name": "default"}, {"communities": "64512:100"}, ["communities must be a list"]),
@@ -808,7 +814,7 @@ def test_a_bgp_configuration_refused_is_one_sentence_and_writes_nothing(etcd, ct
 
 
 def test_get_bgpconfig_and_get_nodes_show_what_is_stored(etcd, ctl):
-    assert ok(ctl("get", "bgpconfig")).split() == ["NAME", "ASNUMBER", "MESH"]
+    assert ok(ctl("get", "bgpconfig")).split() == ["NAME", "ASNUMBER", "MESH", "LOGSEVERITY"]
     ok(ctl("apply", "-f", "-", input=stream(
         bgp_config_yaml(asNumber="1.10", listenPort=1179, nodeMeshHoldTime="30s",
                         communities=["64512:100", "4200000000:1:2"]),
@@ -818,12 +824,22 @@ def test_get_bgpconfig_and_get_nodes_show_what_is_stored(etcd, ctl):
         "apiVersion: pipit.dev/v1\nkind: Node\nmetadata: {name: n2}\n"
         "spec: {bgp: {ipv4Address: 10.0.0.2/24}}\n",
         "apiVersion: pipit.dev/v1\nkind: Node\nmetadata: {name: n3}\nspec: {}\n")))
+    ok(ctl("apply", "-f", "-", input="apiVersion: pipit.dev/v1\nkind: BGPConfiguration\n"
+                                     "metadata: {name: node.n1}\nspec: {logSeverityScreen: "
+                                     "Debug}\n"))
     rows = [line.split() for line in ok(ctl("get", "bgpconfig")).splitlines()]
-    assert rows == [["NAME", "ASNUMBER", "MESH"], ["default", "65546", "true"]]
+    assert rows == [["NAME", "ASNUMBER", "MESH", "LOGSEVERITY"], ["default", "65546", "true", "-"],
+                    ["node.n1", "-", "-", "Debug"]]
     rows = [line.split() for line in ok(ctl("get", "bgpconfig", "-o", "wide")).splitlines()]
-    assert rows == [["NAME", "ASNUMBER", "MESH", "LISTENPORT", "COMMUNITIES", "MESHHOLDTIME",
-                     "MESHRESTARTTIME"],
-                    ["default", "65546", "true", "1179", "64512:100,4200000000:1:2", "30", "120"]]
+    assert rows[:2] == [["NAME", "ASNUMBER", "MESH", "LOGSEVERITY", "LISTENPORT", "COMMUNITIES",
+                         "MESHHOLDTIME", "MESHRESTARTTIME"],
+                        ["default", "65546", "true", "-", "1179", "64512:100,4200000000:1:2",
+                         "30", "120"]]
+    shown = yaml.safe_load(ok(ctl("get", "bgpconfig", "node.n1", "-o", "yaml")))
+    assert (shown["metadata"]["name"], shown["spec"]) == ("node.n1", {"logSeverityScreen": "Debug"})
+    ok(ctl("delete", "bgpconfig", "node.n1"))
+    assert [line.split()[0] for line in ok(ctl("get", "bgpconfig")).splitlines()] == [
+        "NAME", "default"]
     rows = [line.split() for line in ok(ctl("get", "nodes")).splitlines()]
     assert rows == [["NAME", "ADDRESS", "AS"], ["n1", "10.0.0.1/24", "65001"],
                     ["n2", "10.0.0.2/24", "(cluster)"], ["n3", "-", "(cluster)"]]

@@ -151,6 +151,24 @@ async def test_log_severity_screen_sets_the_agents_log_level_and_unset_gives_it_
             c.store.put(config, make_document("BGPConfiguration", "default", {}))
             await c.sync()
             assert root.level == logging.WARNING
+            # Calico's node-specific BGPConfiguration: this node's wins over the default's;
+            # another node's is not this one's
+            mine = keys.resource_key("bgpconfig", f"node.{ME.name}")
+            other = keys.resource_key("bgpconfig", "node.elsewhere")
+            c.store.put(other, make_document("BGPConfiguration", "node.elsewhere",
+                                             {"logSeverityScreen": "Debug"}))
+            c.store.put(config, make_document("BGPConfiguration", "default",
+                                              {"logSeverityScreen": "Error"}))
+            await c.sync()
+            assert root.level == logging.ERROR
+            c.store.put(mine, make_document("BGPConfiguration", f"node.{ME.name}",
+                                            {"logSeverityScreen": "Info"}))
+            await c.sync()
+            assert root.level == logging.INFO
+            assert c.router.config().log_severity == "Error"  # the cluster's stays the default
+            c.store.delete(mine)
+            await c.sync()
+            assert root.level == logging.ERROR
     finally:
         root.setLevel(started)
 
