@@ -9,7 +9,8 @@ pool's blocks), and reported in its `status.loadBalancer.ingress`:
     spec.loadBalancerIP: 203.0.113.7               (deprecated by Kubernetes) the same
 
 Which services: with `AllServices` (the default) every LoadBalancer service whose
-spec.loadBalancerClass is unset or Pipit's (`pipit.dev/load-balancer`); with
+spec.loadBalancerClass is unset or Pipit's (`pipit.dev/load-balancer`, or Calico's `calico`:
+the class of a Service cannot change); with
 `RequestedServicesOnly` those of Pipit's class, or unset and asking by annotation or
 loadBalancerIP. Another class is someone else's. Either way only once an enabled
 LoadBalancer pool exists, so a cluster with another load-balancer implementation and no such
@@ -29,6 +30,9 @@ from ipam.pool import LOAD_BALANCER, IPPool, pool_of
 
 ADDRESSES = "pipit.dev/loadBalancerIPs"
 CLASS = "pipit.dev/load-balancer"
+# Calico's class, Pipit's too: a Service's loadBalancerClass cannot change, so one made for
+# Calico's load-balancer IPAM is served as it was
+CLASSES = (CLASS, "calico")
 HANDLE_PREFIX = "lb."
 ALL_SERVICES, REQUESTED_ONLY = "AllServices", "RequestedServicesOnly"
 ASSIGN_MODES = (ALL_SERVICES, REQUESTED_ONLY)
@@ -58,9 +62,9 @@ def managed(service: Mapping, mode: str = ALL_SERVICES) -> bool:
     if spec.get("type") != "LoadBalancer" or "IPv4" not in (spec.get("ipFamilies") or ["IPv4"]):
         return False
     cls = spec.get("loadBalancerClass")
-    if cls not in (None, CLASS):
+    if cls is not None and cls not in CLASSES:
         return False
-    if mode == ALL_SERVICES or cls == CLASS:
+    if mode == ALL_SERVICES or cls in CLASSES:
         return True
     annotations = _annotations(service)
     return bool(annotations.get(POOLS) or annotations.get(ADDRESSES)

@@ -39,6 +39,7 @@ def service(kind: str = "LoadBalancer", cls: str | None = None, families=None,
     (service(families=["IPv6", "IPv4"]), lb.ALL_SERVICES, True),
     (service(), lb.REQUESTED_ONLY, False),
     (service(cls=lb.CLASS), lb.REQUESTED_ONLY, True),
+    (service(cls="calico"), lb.REQUESTED_ONLY, True),  # made for Calico's; class is immutable
     (service(annotations={"pipit.dev/ipv4pools": '["public"]'}), lb.REQUESTED_ONLY, True),
     (service(annotations={lb.ADDRESSES: '["203.0.113.7"]'}), lb.REQUESTED_ONLY, True),
     (service(ip="203.0.113.7"), lb.REQUESTED_ONLY, True),
