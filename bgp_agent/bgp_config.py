@@ -1,7 +1,7 @@
 """The cluster's BGP settings: the BGPConfiguration resource named "default", and Calico's
 node-specific ones, named node.<node name>, of which Pipit takes logSeverityScreen (that
-node's log level over the default's; every other field is the cluster's, and refused
-there)."""
+node's log level over the default's) and listenPort (where that node listens, and so where
+the other nodes connect to it); every other field is the cluster's, and refused there."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from ipam.resource import SpecReader, check_name, make_document, shown
 KIND = "BGPConfiguration"
 NAME = "default"
 NODE_PREFIX = "node."  # a node-specific one: node.<node name>
-NODE_FIELDS = {"logSeverityScreen"}
+NODE_FIELDS = {"logSeverityScreen", "listenPort"}
 # Kubernetes service ranges every node announces to its external peers (Calico's fields)
 SERVICE_FIELDS = ("serviceClusterIPs", "serviceExternalIPs", "serviceLoadBalancerIPs")
 _FIELDS = {"asNumber", "nodeToNodeMeshEnabled", "listenPort", "communities",
@@ -137,6 +137,8 @@ class BGPConfig:
     named_communities: tuple[tuple[str, Community | LargeCommunity], ...] = ()
     prefix_advertisements: tuple[tuple[IPv4Network, tuple[str, ...]], ...] = ()
     log_severity: str | None = None  # logSeverityScreen; None: the agent's --log-level
+    # the listenPort of the nodes whose node.<name> configuration gives one (see port_of)
+    node_listen_ports: tuple[tuple[str, int], ...] = ()
     # bindMode NodeIP, written out (Calico's; what Pipit does anyway: ExaBGP listens on the
     # node's address only, as each session's local address)
     bind_node_ip: bool = False
@@ -146,6 +148,10 @@ class BGPConfig:
     @property
     def name(self) -> str:
         return NAME
+
+    def port_of(self, node: str) -> int:
+        """Where `node` listens for BGP: its own listenPort, else the cluster's."""
+        return dict(self.node_listen_ports).get(node, self.listen_port)
 
     @property
     def service_prefixes(self) -> tuple[IPv4Network, ...]:
@@ -181,9 +187,10 @@ class BGPConfig:
 @dataclass(frozen=True)
 class NodeBGPConfig:
     """Calico's node-specific BGPConfiguration (node.<node name>): that node's
-    logSeverityScreen, over the default's."""
+    logSeverityScreen and listenPort, over the default's."""
     node: str
     log_severity: str | None = None
+    listen_port: int | None = None
     labels: Mapping[str, str] = field(default_factory=dict, hash=False)
     annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
 
@@ -202,9 +209,7 @@ def config_from_spec(name: str, spec: Mapping) -> BGPConfig | NodeBGPConfig:
     where = f"{KIND} {name!r}"
     given = spec.get("asNumber")
     as_number = parse_as_number(DEFAULT_AS if given is None else given, where)
-    port = read.integer("listenPort", 179)
-    if not 1 <= port <= 65535:
-        raise read.fail(f"listenPort {port} is outside 1-65535.")
+    port = _listen_port(read, 179)
     communities = spec.get("communities") or []
     if not isinstance(communities, list):
         raise read.fail("communities must be a list such as ['64512:100', '4200000000:1:2'].")
@@ -255,7 +260,15 @@ def _node_config(name: str, spec: Mapping) -> NodeBGPConfig:
                               f"the BGPConfiguration {NAME!r}; a node's may set only "
                               f"{', '.join(sorted(NODE_FIELDS))}.")
     read = SpecReader(KIND, name, spec, NODE_FIELDS)
-    return NodeBGPConfig(node, _log_severity(read))
+    return NodeBGPConfig(node, _log_severity(read),
+                         _listen_port(read, None) if spec.get("listenPort") is not None else None)
+
+
+def _listen_port(read: SpecReader, default: int | None) -> int:
+    port = read.integer("listenPort", default)
+    if not 1 <= port <= 65535:
+        raise read.fail(f"listenPort {port} is outside 1-65535.")
+    return port
 
 
 def _log_severity(read: SpecReader) -> str | None:
@@ -336,8 +349,10 @@ def community_texts(config: BGPConfig) -> list[str]:
 
 def config_to_document(config: BGPConfig | NodeBGPConfig) -> dict:
     if isinstance(config, NodeBGPConfig):
-        return make_document(KIND, config.name, {} if config.log_severity is None else {
-            "logSeverityScreen": config.log_severity}, config.labels, config.annotations)
+        spec = {field_name: value for field_name, value in (
+            ("logSeverityScreen", config.log_severity), ("listenPort", config.listen_port))
+            if value is not None}
+        return make_document(KIND, config.name, spec, config.labels, config.annotations)
     spec = {
         "asNumber": config.as_number,
         "nodeToNodeMeshEnabled": config.node_to_node_mesh,

@@ -54,8 +54,9 @@ def node_neighbor(me: NodeRecord, other: NodeRecord, config: BGPConfig, kind: st
         ttl_security=peer.ttl_security, next_hop_self=peer.next_hop_mode == "Self")
     return Neighbor(address=other.address.ip, peer_as=their_as, local_address=me.address.ip,
                     local_as=my_as, kind=kind, name=other.name, hold_time=times[0],
-                    restart_time=times[1], password=password, listen_port=config.listen_port,
-                    peer_port=config.listen_port, passive=me.address.ip < other.address.ip,
+                    restart_time=times[1], password=password,
+                    listen_port=config.port_of(me.name), peer_port=config.port_of(other.name),
+                    passive=me.address.ip < other.address.ip,
                     rr_client=(cluster is not None and my_as == their_as
                                and other.route_reflector_cluster_id != cluster),
                     **limits)
@@ -175,7 +176,7 @@ def select_neighbors(me: NodeRecord, nodes: Iterable[NodeRecord], config: BGPCon
             # a reflector's same-AS router (a BIRD, an FRR) is its client (Calico's rule)
             rr_client=is_reflector(me) and peer.as_number == my_as,
             hold_time=peer.hold_time, password=secret, restart_time=peer.restart_time,
-            listen_port=config.listen_port, peer_port=peer.peer_port,
+            listen_port=config.port_of(me.name), peer_port=peer.peer_port,
             max_prefixes=peer.max_prefixes, allow_pool_prefixes=peer.allow_pool_prefixes,
             allowed_local_as=peer.allowed_local_as,
             keep_original_next_hop=peer.keep_original_next_hop,

@@ -168,9 +168,13 @@ class Router:
     # -- inputs ------------------------------------------------------------------------
 
     def config(self) -> BGPConfig:
-        """The cluster's BGPConfiguration ("default"; none: the defaults)."""
-        return next((c for c in self.bgp_config.items.values() if isinstance(c, BGPConfig)),
-                    BGPConfig())
+        """The cluster's BGPConfiguration ("default"; none: the defaults), with the nodes'
+        own listenPorts (node.<name>)."""
+        configs = list(self.bgp_config.items.values())
+        config = next((c for c in configs if isinstance(c, BGPConfig)), BGPConfig())
+        ports = tuple(sorted((c.node, c.listen_port) for c in configs
+                             if isinstance(c, NodeBGPConfig) and c.listen_port is not None))
+        return replace(config, node_listen_ports=ports) if ports else config
 
     def node_config(self, node: str) -> NodeBGPConfig | None:
         """The node's own BGPConfiguration (node.<name>), if it has one."""

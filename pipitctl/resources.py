@@ -179,7 +179,7 @@ BGP_CONFIGURATION = Kind(
 def _bgp_config_row(c) -> tuple:
     """The default's settings, or a node's (node.<name>: its log level only)."""
     if isinstance(c, NodeBGPConfig):
-        return (c.name, "-", "-", c.log_severity or "-", "-", "-", "-", "-")
+        return (c.name, "-", "-", c.log_severity or "-", c.listen_port or "-", "-", "-", "-")
     return (c.name, c.as_number, yes_no(c.node_to_node_mesh), c.log_severity or "-",
             c.listen_port, ",".join(community_texts(c)) or "-", c.node_mesh_hold_time,
             c.node_mesh_restart_time)

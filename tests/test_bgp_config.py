@@ -304,11 +304,13 @@ def test_bind_mode_node_ip_is_pipit_s_way_and_none_is_one_sentence():
             "the node's address only (NodeIP)")
 
 
-def test_a_node_specific_configuration_sets_that_nodes_log_level_only():
+def test_a_node_specific_configuration_sets_that_nodes_log_level_and_port():
     """Calico's node.<node name> BGPConfiguration: Pipit takes its logSeverityScreen (the
-    agent's routing loop prefers it over the default's); the cluster's fields are refused."""
-    node = config_from_spec("node.n1", {"logSeverityScreen": "Debug"})
-    assert (node.name, node.node, node.log_severity) == ("node.n1", "n1", "Debug")
+    agent's routing loop prefers it over the default's) and listenPort (test_policy: where
+    the node listens and the others connect); the cluster's fields are refused."""
+    node = config_from_spec("node.n1", {"logSeverityScreen": "Debug", "listenPort": 1179})
+    assert (node.name, node.node, node.log_severity, node.listen_port) == (
+        "node.n1", "n1", "Debug", 1179)
     assert config_from_spec("node.n1", config_to_document(node)["spec"]) == node
     assert config_to_document(config_from_spec("node.n1", {}))["spec"] == {}
     assert config_from_spec("default", {}).name == "default"

@@ -429,6 +429,20 @@ def bgp_segments(lab: Lab, node: str, directory, count: int = 6) -> list[str]:
     return wire.packets("tcp port 179 and tcp[tcpflags] & tcp-push != 0")
 
 
+def mesh_up_since(lab: Lab, moment: float, of: set[str] | None = None) -> bool:
+    """Every session between the lab's nodes up, those of the nodes `of` (default: all) again
+    since `moment` (a node that left earlier may still have a record, and a session that
+    stays down)."""
+    nodes = set(lab.nodes())
+    for n in nodes:
+        peers = {p["name"]: p for p in (lab.status(n) or {}).get("peers", [])}
+        if not all(o in peers and peers[o]["state"] == "up" and (
+                peers[o]["since"] > moment or not {n, o} & (nodes if of is None else of))
+                for o in nodes - {n}):
+            return False
+    return True
+
+
 def bgp_signed_everywhere(lab: Lab, node: str, directory, signed: bool, timeout: float
                           ) -> list[str]:
     """Capture windows of the node's BGP segments until one holds only signed ones (or only
@@ -459,15 +473,7 @@ def test_a_mesh_password_signs_every_mesh_session_and_taking_it_away_unsigns_the
     signed["spec"]["nodeMeshPassword"] = {"file": str(secret)}
 
     def reconnected_since(moment: float) -> bool:
-        """Every session between the lab's nodes up again since `moment` (a node that left
-        earlier may still have a record, and a session that stays down)."""
-        nodes = set(lab.nodes())
-        for n in nodes:
-            peers = {p["name"]: p for p in (lab.status(n) or {}).get("peers", [])}
-            if not all(o in peers and peers[o]["state"] == "up" and peers[o]["since"] > moment
-                       for o in nodes - {n}):
-                return False
-        return True
+        return mesh_up_since(lab, moment)
 
     def sessions() -> str:
         return "; ".join(f"{n}: " + ", ".join(
@@ -492,3 +498,31 @@ def test_a_mesh_password_signs_every_mesh_session_and_taking_it_away_unsigns_the
     wait(lambda: reconnected_since(moment), 90, "every mesh session to come up unsigned")
     bgp_signed_everywhere(lab, "n1", tmp_path / "unsigned", False, 60)
     wait(lambda: reconnected_since(moment), 30, "every mesh session up, unsigned")
+
+
+def listening(lab: Lab, node: str, port: int) -> bool:
+    out = subprocess.run(["ip", "netns", "exec", lab.node_ns(node), "ss", "-Hltn",
+                          f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    return bool(out.strip())
+
+
+def test_a_nodes_own_listen_port_is_where_it_listens_and_the_mesh_connects(lab):
+    """Calico's node-specific BGPConfiguration (node.<name>) with listenPort: n2's ExaBGP
+    listens there and no longer on 179, every mesh session comes back (the others connect to
+    n2 there) and pods reach each other; deleted, n2 is back on the cluster's port."""
+    moment = time.time()
+    result = lab.pipitctl("apply", "-f", "-", input="apiVersion: pipit.dev/v1\n"
+                          "kind: BGPConfiguration\nmetadata: {name: node.n2}\n"
+                          "spec: {listenPort: 1179}\n")
+    assert result.returncode == 0, result.stderr
+    try:
+        wait(lambda: listening(lab, "n2", 1179) and not listening(lab, "n2", 179)
+             and mesh_up_since(lab, moment, {"n2"}), 90,
+             "n2 to listen on 1179 and its mesh sessions to come back")
+        assert all(listening(lab, n, 179) for n in set(lab.nodes()) - {"n2"})
+        assert_pods_reach_each_other(lab)
+    finally:
+        moment = time.time()
+        lab.pipitctl("delete", "bgpconfig", "node.n2")
+    wait(lambda: listening(lab, "n2", 179) and mesh_up_since(lab, moment, {"n2"}), 90,
+         "n2 back on port 179 with its mesh sessions")

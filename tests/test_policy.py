@@ -42,6 +42,11 @@ def test_mesh_is_every_other_node_with_an_address():
     # every node listens on the cluster's listenPort, so that is where mesh peers connect
     moved = policy.mesh_neighbors(me, nodes, BGPConfig(listen_port=1179))
     assert {(n.listen_port, n.peer_port) for n in moved} == {(1179, 1179)}
+    # a node's own listenPort (node.<name> BGPConfiguration): it listens there, and the
+    # others connect to it there
+    own = BGPConfig(listen_port=1179, node_listen_ports=(("a", 1180), ("c", 1181)))
+    assert [(n.name, n.listen_port, n.peer_port) for n in policy.mesh_neighbors(
+        me, nodes, own)] == [("b", 1180, 1179), ("c", 1180, 1181)]
 
 
 # etcd's word: b owns 10.244.1.0/26 and holds 10.244.9.7 (borrowed from c's block)
