@@ -47,12 +47,13 @@ spoofed segment from farther away cannot reach the session; the peer must run GT
 reachableBy is Calico's: the node holds a /32 route to peerIP through that gateway while it
 peers with it, over any route to peerIP learned from BGP, so a session to a router's loopback
 that the router itself announces does not flap with its own route (a session carried over a
-route it delivers). sourceAddress is accepted as UseNodeIP (Calico's default, and what Pipit does); None (let the
-kernel choose) is refused. keepOriginalNextHop and nextHopMode (which replaces it) are
-Calico's: a node only announces its own blocks, whose next hop is the node itself in every
-mode, and a route reflector reflects routes with their next hop kept (Auto, Keep) unless the
-member's mode is Self: then with its own address, so that member sends the traffic through the
-reflector (which must forward it: a dedicated pipit-rr programs no routes, and node status warns).
+route it delivers). sourceAddress is accepted as UseNodeIP (Calico's default, and what
+Pipit does); None (let the kernel choose) is refused. keepOriginalNextHop and nextHopMode
+(which replaces it) are Calico's: a node only announces its own blocks, whose next hop is the
+node itself in every mode, and a route reflector reflects routes with their next hop kept
+(Auto, Keep) unless the member's mode is Self: then with its own address, so that member
+sends the traffic through the reflector (which must forward it: a dedicated pipit-rr
+programs no routes, and node status warns).
 
 Pure parsing and validation here; checks against other resources (the node itself,
 duplicates) are in `check_peer`, over the stored peers and nodes it is given.
@@ -221,11 +222,9 @@ def peer_from_spec(name: str, spec: Mapping) -> BGPPeer:
 
 
 def _next_hop_mode(read: SpecReader) -> str | None:
-    mode = read.string("nextHopMode") or None
-    if mode is None:
+    if not read.string("nextHopMode"):
         return None
-    if mode not in NEXT_HOP_MODES:
-        raise read.fail(f"nextHopMode {mode!r} is not one of {', '.join(NEXT_HOP_MODES)}.")
+    mode = read.choice("nextHopMode", "Auto", NEXT_HOP_MODES)
     if read.boolean("keepOriginalNextHop"):
         raise read.fail("give either nextHopMode or keepOriginalNextHop (which it replaces), "
                         "not both.")
@@ -249,9 +248,9 @@ def _reachable_by(read: SpecReader, peer_ip: IPv4Address | None) -> IPv4Address 
     if gateway == peer_ip:
         raise read.fail(f"reachableBy {gateway} is peerIP itself; leave reachableBy out for a "
                         "peer on the node's own network.")
-    if gateway.is_unspecified or gateway.is_loopback or gateway.is_multicast \
-            or gateway.is_reserved:
-        raise read.fail(f"reachableBy {gateway} cannot be a gateway.")
+    special = _special(gateway)
+    if special:
+        raise read.fail(f"reachableBy {gateway} is {special}, which cannot be a gateway.")
     return gateway
 
 
@@ -309,14 +308,22 @@ def _peer_address(read: SpecReader) -> tuple[IPv4Address, int]:
                         "10.0.0.1:1179, without a prefix length).") from None
     if address.version != 4:
         raise read.fail(f"peerIP {address} is IPv6; Pipit peers over IPv4 only for now.")
+    special = _special(address)
+    if special:
+        raise read.fail(f"peerIP {address} is {special}, which no BGP router can have.")
+    return address, port
+
+
+def _special(address: IPv4Address) -> str:
+    """What makes an address no router's ("" for a usable one)."""
     for bad, what in ((address.is_unspecified, "the unspecified address"),
                       (address.is_loopback, "a loopback address"),
                       (address.is_multicast, "a multicast address"),
                       (address == IPv4Address("255.255.255.255"), "the broadcast address"),
                       (address.is_reserved, "a reserved (class E) address")):
         if bad:
-            raise read.fail(f"peerIP {address} is {what}, which no BGP router can have.")
-    return address, port
+            return what
+    return ""
 
 
 def peer_to_spec(peer: BGPPeer) -> dict:

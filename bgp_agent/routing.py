@@ -377,8 +377,8 @@ class Router:
             await self.dataplane.retire()
         # a dedicated reflector (no route table) runs no kube-proxy, and a node labelled
         # exclude-from-external-load-balancers is left out by choice: they announce no services
-        announcing = (self.routes is not None and bool(config.service_prefixes)
-                      and not service_addresses.excluded(me.labels))
+        excluded = service_addresses.excluded(me.labels)
+        announcing = self.routes is not None and bool(config.service_prefixes) and not excluded
         services = config.announced_service_ranges if announcing else ()
         if announcing and self.node_services is not None:
             self.node_services.start(self.changed)
@@ -390,8 +390,7 @@ class Router:
                      "longer following Services and EndpointSlices")
             await self.node_services.close()
         self.status.services = [str(p) for p in services]
-        self.status.services_excluded = (bool(config.service_prefixes)
-                                         and service_addresses.excluded(me.labels))
+        self.status.services_excluded = bool(config.service_prefixes) and excluded
         self.status.services_watched = bool(self.node_services and self.node_services.running)
         exports = policy.announcements(
             policy.exported_prefixes(own, self.borrowed(), pools), neighbors, config, services)

@@ -17,12 +17,12 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from ipaddress import IPv4Address
 
-from bgp_agent.kube_api import Event, Informer, KubeAPI
+from bgp_agent.kube_api import Event, Informer, KubeAPI, KubernetesUnavailable
 from controller.passes import run_passes
 from ipam import keys
 from ipam import load_balancer as lb
 from ipam.allocator import IPAM
-from ipam.errors import PipitError
+from ipam.errors import DatastoreUnavailable, PipitError
 from ipam.pool import LOAD_BALANCER, LOAD_BALANCER_NODE, IPPool, read_pools
 from ipam.store import Store
 
@@ -167,7 +167,5 @@ class LoadBalancers:
 def _transient(error: PipitError) -> bool:
     """etcd or the Kubernetes API away: the pass fails and is tried again, nothing logged per
     service."""
-    from bgp_agent.kube_api import KubernetesUnavailable
-    from ipam.errors import DatastoreUnavailable
     return isinstance(error, DatastoreUnavailable) or (
         isinstance(error, KubernetesUnavailable) and not getattr(error, "refused", False))

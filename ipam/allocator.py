@@ -60,8 +60,8 @@ class AssignRequest:
     pools: tuple[str, ...] = ()  # by name; empty: every enabled pool that selects the node
     reuse: bool = False  # if the handle already holds addresses, answer with those (idempotent)
     addresses: tuple[IPv4Address, ...] = ()  # these addresses, not any free ones
-    use: str = WORKLOAD  # a pod's (Workload) or a tunnel's (Tunnel): the pools' allowedUses
-    # a pod's namespace's labels, for the pools' namespaceSelector (None: not known)
+    use: str = WORKLOAD  # a pod's, a tunnel's or a service's: the pools' allowedUses
+    # its namespace's labels (a pod's, a service's), for namespaceSelector (None: not known)
     namespace_labels: Mapping[str, str] | None = None
 
 
@@ -107,12 +107,13 @@ class NodeView:
 
     def eligible_pools(self, names: Sequence[str], use: str = WORKLOAD,
                        namespace_labels: Mapping[str, str] | None = None) -> list[IPPool]:
-        """The pools a request for `use` (Workload, Tunnel) may use, or one sentence saying
-        why there are none. A pool the request names is used whatever its nodeSelector and
-        assignmentMode say (as in Calico: that is how a `nodeSelector: "!all()"` or Manual
-        pool serves only the pods that ask for it), if its allowedUses has `use`; the
-        selectors (nodeSelector, and a pod's namespace for namespaceSelector) pick the pools
-        of requests that name none, among the Automatic ones."""
+        """The pools a request for `use` (Workload, Tunnel, LoadBalancer) may use, or one
+        sentence saying why there are none. A pool the request names is used whatever its
+        nodeSelector and assignmentMode say (as in Calico: that is how a `nodeSelector:
+        "!all()"` or Manual pool serves only the pods that ask for it), if its allowedUses
+        has `use`; the selectors (nodeSelector, and a pod's or service's namespace for
+        namespaceSelector) pick the pools of requests that name none, among the Automatic
+        ones."""
         if names:
             chosen = []
             for name in names:
@@ -203,8 +204,9 @@ class IPAM:
                      addresses: Iterable[IPv4Address] = (), use: str = WORKLOAD,
                      namespace_labels: Mapping[str, str] | None = None) -> list[IPv4Address]:
         """Allocate `count` addresses for the handle on this node; all or nothing, from
-        pools whose allowedUses has `use` (Workload: a pod's, Tunnel: a tunnel's) and, for a
-        pod, whose namespaceSelector its namespace's labels match. With
+        pools whose allowedUses has `use` (Workload: a pod's, Tunnel: a tunnel's,
+        LoadBalancer: a service's) and, for a pod or a service, whose namespaceSelector its
+        namespace's labels match. With
         `reuse`, a handle that already holds addresses gets those back instead. With
         `addresses`, exactly those (a block not claimed yet is claimed for this node; one of
         another node's is borrowed from): one that lies in no pool or is not free fails the

@@ -76,6 +76,12 @@ def settled_counts(lab: Lab, node: str) -> dict | None:
     return peer if peer["accepted"] == 3 and peer["received"] == 3 + peer["rejected"] else None
 
 
+def apply_rack_peer(lab: Lab, rack: int, **spec) -> None:
+    """Apply rack r's BGPPeer as the lab makes it, with `spec`'s fields changed."""
+    result = lab.pipitctl("apply", "-f", "-", input=lab.tor_peer_document(rack, **spec))
+    assert result.returncode == 0, result.stderr
+
+
 def pod_of(lab: Lab, node: str):
     return next(p for p in lab.all_pods() if p.node == node)
 
@@ -206,8 +212,7 @@ def test_peers_are_followed_live_without_touching_the_other_sessions(bird_lab):
         wait(lambda n=n: extra_on(n) is None, 20, f"{n} to drop the now node-specific peer")
     assert extra_on("n1")["type"] == "node"
     # changing the ToR's BGPPeer in what only the agent uses resets nothing either
-    assert lab.pipitctl("apply", "-f", "-",
-                        input=lab.tor_peer_document(1, maxPrefixes=1000)).returncode == 0
+    apply_rack_peer(lab, 1, maxPrefixes=1000)
     assert lab.pipitctl("delete", "bgppeer", "extra").returncode == 0
     wait(lambda: extra_on("n1") is None, 20, "n1 to drop the deleted peer")
     assert "10.99.1.250" not in config.read_text()
@@ -228,21 +233,19 @@ def test_allow_pool_prefixes_lets_nodes_learn_the_blocks_from_their_tor(bird_lab
     blocks = {n: str(block_of(lab, n)) for n in lab.nodes()}
     tor = str(tor_address(1))
     try:
-        assert lab.pipitctl("apply", "-f", "-", input=lab.tor_peer_document(
-            1, allowPoolPrefixes=True, numAllowedLocalASNumbers=0)).returncode == 0
+        apply_rack_peer(lab, 1, allowPoolPrefixes=True, numAllowedLocalASNumbers=0)
         wait(lambda: lab.pipit_routes("n1").get(blocks["n3"]) == tor, 30, "n1 to learn n3's block")
         assert lab.pipit_routes("n1").get(blocks["n4"]) == tor
         assert blocks["n2"] not in lab.pipit_routes("n1")
         reasons = tor_peer(lab, "n1")["rejectedReasons"]
         assert reasons == {"our own AS is in its AS path (a loop)": 1}
-        assert lab.pipitctl("apply", "-f", "-", input=lab.tor_peer_document(
-            1, allowPoolPrefixes=True)).returncode == 0  # numAllowedLocalASNumbers: 1
+        apply_rack_peer(lab, 1, allowPoolPrefixes=True)  # numAllowedLocalASNumbers: 1
         wait(lambda: blocks["n2"] in lab.pipit_routes("n1"), 30, "n1 to learn n2's block")
         assert tor_peer(lab, "n1")["rejected"] == 0
         assert tor_peer(lab, "n1")["since"] == since
         assert_pods_reach_each_other(lab)
     finally:
-        assert lab.pipitctl("apply", "-f", "-", input=lab.tor_peer_document(1)).returncode == 0
+        apply_rack_peer(lab, 1)
     wait(lambda: node_sees_only_its_tor_routes(lab, "n1"), 30, "n1 to forget the blocks")
 
 
@@ -291,7 +294,7 @@ def test_bgp_filters_choose_what_a_rack_takes_from_its_tor_and_gives_it(bird_lab
         refused = lab.pipitctl("delete", "bgpfilter", "rack1")
         assert refused.returncode != 0 and "BGPPeer 'tor-r1'" in refused.stderr
     finally:
-        assert lab.pipitctl("apply", "-f", "-", input=lab.tor_peer_document(1)).returncode == 0
+        apply_rack_peer(lab, 1)
     wait(lambda: n2_block in tor.routes(), 30, "tor1 to learn n2's block again")
     wait(lambda: tor.routes()[n1_block].as_path == (65001,), 30, "n1's block as it was")
     for n in ("n1", "n2"):
@@ -317,8 +320,7 @@ def test_ttl_security_keeps_a_tor_without_gtsm_out_and_lets_one_with_it_in(bird_
         return tor_peer(lab, n)["state"] == "up" and node_sees_only_its_tor_routes(lab, n)
 
     try:
-        assert lab.pipitctl("apply", "-f", "-", input=lab.tor_peer_document(
-            2, ttlSecurity=1)).returncode == 0
+        apply_rack_peer(lab, 2, ttlSecurity=1)
         for n in rack:
             wait(lambda n=n: down_for_ttl(n), 60, f"{n}'s session to stay down for its TTL")
         assert "below 255, the least ttlSecurity 1 accepts" in tor_peer(lab, "n3")["reason"]
@@ -328,7 +330,7 @@ def test_ttl_security_keeps_a_tor_without_gtsm_out_and_lets_one_with_it_in(bird_
         assert tor_peer(lab, "n3")["ttlSecurity"] == 1
         assert_pods_reach_each_other(lab)
     finally:
-        assert lab.pipitctl("apply", "-f", "-", input=lab.tor_peer_document(2)).returncode == 0
+        apply_rack_peer(lab, 2)
         tor.change_peers([address(lab, n) for n in rack], ttl_security=False)
     for n in rack:
         wait(lambda n=n: routing(n), 60, f"{n} to peer with tor2 without GTSM again")
@@ -350,8 +352,7 @@ def test_local_as_number_lets_a_rack_peer_as_another_as(bird_lab):
                    and table[block_of(lab, n)].as_path == (local_as,) for n in rack)
 
     try:
-        assert lab.pipitctl("apply", "-f", "-", input=lab.tor_peer_document(
-            1, localASNumber=65011)).returncode == 0
+        apply_rack_peer(lab, 1, localASNumber=65011)
         tor.change_peers(nodes, peer_as=65011)
         wait(lambda: peering_as(65011), 60, "rack 1 to peer with tor1 as AS 65011")
         out = lab.pipitctl("node", "status", "--socket", str(lab.status_socket("n1"))).stdout
@@ -360,7 +361,7 @@ def test_local_as_number_lets_a_rack_peer_as_another_as(bird_lab):
             wait(lambda n=n: node_sees_only_its_tor_routes(lab, n), 30, f"{n}'s ToR routes")
         assert_pods_reach_each_other(lab)
     finally:
-        assert lab.pipitctl("apply", "-f", "-", input=lab.tor_peer_document(1)).returncode == 0
+        apply_rack_peer(lab, 1)
         tor.change_peers(nodes, peer_as=own_as)
     wait(lambda: peering_as(own_as), 60, "rack 1 to peer with tor1 as its own AS again")
 
@@ -380,8 +381,7 @@ def test_reachable_by_lets_a_rack_peer_with_its_tor_s_loopback(bird_lab):
                    str(peer_ip) and node_sees_only_its_tor_routes(lab, n) for n in rack)
 
     try:
-        assert lab.pipitctl("apply", "-f", "-", input=lab.tor_peer_document(
-            2, peerIP=str(loopback), reachableBy=str(gateway))).returncode == 0
+        apply_rack_peer(lab, 2, peerIP=str(loopback), reachableBy=str(gateway))
         tor.change_peers(nodes, local_address=loopback)
         wait(lambda: peering_with(loopback), 60, "rack 2 to peer with tor2's loopback")
         for n in rack:  # the way to the loopback is the agent's route, not tor2's, and the
@@ -394,7 +394,7 @@ def test_reachable_by_lets_a_rack_peer_with_its_tor_s_loopback(bird_lab):
         check_topology(lab)
         assert_pods_reach_each_other(lab)
     finally:
-        assert lab.pipitctl("apply", "-f", "-", input=lab.tor_peer_document(2)).returncode == 0
+        apply_rack_peer(lab, 2)
         tor.change_peers(nodes, local_address=gateway)
     wait(lambda: peering_with(gateway), 60, "rack 2 to peer with tor2's address again")
 
@@ -448,8 +448,7 @@ def test_service_ranges_are_announced_to_the_tors_by_every_node_and_then_withdra
 def test_a_tor_sending_more_than_max_prefixes_is_disconnected_and_stays_down(bird_lab):
     lab, tor2 = bird_lab, bird_lab.routers[2]
     received = tor_peer(lab, "n3")["received"]
-    assert lab.pipitctl("apply", "-f", "-", input=lab.tor_peer_document(
-        2, maxPrefixes=received + 2)).returncode == 0
+    apply_rack_peer(lab, 2, maxPrefixes=received + 2)
     flood = [N(f"198.18.{i}.0/24") for i in range(3)]
     tor2.originate([*tor2.spec.originate, *flood])
     try:
@@ -486,7 +485,7 @@ def test_a_tor_sending_more_than_max_prefixes_is_disconnected_and_stays_down(bir
         tor2.originate([p for p in tor2.spec.originate if p not in flood])
         lab.pipitctl("delete", "bgppeer", "poke", "--skip-not-exists")
     # changing the BGPPeer lets it come back
-    assert lab.pipitctl("apply", "-f", "-", input=lab.tor_peer_document(2)).returncode == 0
+    apply_rack_peer(lab, 2)
     lab.wait_mesh()
     for n in ("n3", "n4"):
         wait(lambda n=n: node_sees_only_its_tor_routes(lab, n), 30, f"{n}'s routes back")
@@ -507,8 +506,7 @@ def test_md5_wrong_or_missing_password_never_establishes_and_status_says_why(bir
              (None, "the peer signs with TCP MD5 but no password is set here")]
     try:
         for password, why in cases:
-            assert lab.pipitctl("apply", "-f", "-", input=lab.tor_peer_document(
-                1, password=password)).returncode == 0
+            apply_rack_peer(lab, 1, password=password)
             for n in ("n1", "n2"):
                 wait(lambda n=n: why in tor_peer(lab, n)["reason"], 30,
                      f"{n}'s status to say why the session is down")
@@ -522,7 +520,7 @@ def test_md5_wrong_or_missing_password_never_establishes_and_status_says_why(bir
             out = lab.pipitctl("node", "status", "--socket", str(lab.status_socket("n1")))
             assert why in out.stdout
     finally:
-        assert lab.pipitctl("apply", "-f", "-", input=lab.tor_peer_document(1)).returncode == 0
+        apply_rack_peer(lab, 1)
     lab.wait_mesh()  # the right password establishes again
     for n in ("n1", "n2"):
         wait(lambda n=n: node_sees_only_its_tor_routes(lab, n), 30, f"{n}'s routes back")
