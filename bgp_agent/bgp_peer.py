@@ -8,6 +8,8 @@ as AS its own; Calico's route-reflector topology). Stored at /pipit/resources/bg
     metadata: {name: rack-a-tor}
     spec:
       peerIP: 10.99.1.1                # or 10.99.1.1:1179: a peer that listens on another port
+                                       # (none given: 179, or the listenPort of the Pipit node
+                                       # whose address and AS these are, as Calico)
       asNumber: 65101
       localASNumber: 65010             # the AS the node shows this peer (default: its own)
       nodeSelector: rack == 'a'        # or node: n1, or neither: every node
@@ -101,7 +103,9 @@ class BGPPeer:
     keep_original_next_hop: bool = False
     allow_pool_prefixes: bool = False
     allowed_local_as: int = 0  # numAllowedLocalASNumbers
-    peer_port: int = 179  # where the peer accepts the session (peerIP's optional :port)
+    # peerIP's optional :port, where the peer accepts the session; None, not given: 179, or
+    # the listenPort of the Pipit node that has peerIP and asNumber (Calico's rule)
+    peer_port: int | None = None
     filters: tuple[str, ...] = ()  # BGPFilter names, applied in this order
     ttl_security: int = 0  # GTSM: the peer's distance in hops (0: off)
     local_as_number: int | None = None  # the AS the node peers as (None: its own)
@@ -112,11 +116,12 @@ class BGPPeer:
 
     @property
     def endpoint(self) -> str:
-        """peerIP as written: the address, with the port when it is not BGP's own (or the
+        """peerIP as written: the address, with the port if one was given (or the
         peerSelector)."""
         if self.peer_selector is not None:
             return f"selector {self.peer_selector}"
-        return str(self.peer_ip) if self.peer_port == 179 else f"{self.peer_ip}:{self.peer_port}"
+        return (str(self.peer_ip) if self.peer_port is None
+                else f"{self.peer_ip}:{self.peer_port}")
 
     @property
     def scope(self) -> str:
@@ -167,7 +172,7 @@ def peer_from_spec(name: str, spec: Mapping) -> BGPPeer:
             parse_selector(peer_selector)
         except InvalidResource as error:
             raise read.fail(f"peerSelector: {error}") from None
-        peer_ip, peer_port, as_number = None, 179, None
+        peer_ip, peer_port, as_number = None, None, None
     else:
         if "reversePeering" in spec:
             raise read.fail("reversePeering goes with peerSelector (sessions between nodes).")
@@ -282,16 +287,16 @@ def _filter_names(read: SpecReader) -> tuple[str, ...]:
 _WITH_PORT = re.compile(r"(\d+\.\d+\.\d+\.\d+):(\d+)|\[([0-9a-fA-F:.]+)\]:(\d+)")
 
 
-def _peer_address(read: SpecReader) -> tuple[IPv4Address, int]:
+def _peer_address(read: SpecReader) -> tuple[IPv4Address, int | None]:
     """peerIP: an address, or address:port for a peer that listens elsewhere than 179 (a
     reflector, a router with another daemon on 179), in Calico's forms 10.0.0.1:1179 and
-    [fd00::1]:1179."""
+    [fd00::1]:1179; the port None when not given."""
     text = read.string("peerIP")
     if not text:
         raise read.fail("spec.peerIP is required (the router's address, such as 10.0.0.1), "
                         "or peerSelector (the nodes to peer with).")
     text = text.strip()
-    port = 179
+    port = None
     with_port = _WITH_PORT.fullmatch(text)
     if with_port:
         host = with_port[1] or with_port[3]

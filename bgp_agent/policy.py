@@ -146,7 +146,7 @@ def select_neighbors(me: NodeRecord, nodes: Iterable[NodeRecord], config: BGPCon
     selection = Selection()
     if me.address is None:
         return selection
-    peers = list(peers)
+    peers, nodes = list(peers), list(nodes)
     mine = sorted((p for p in peers if p.applies_to(me) and p.peer_ip is not None),
                   key=lambda p: (p.rank, p.name))
     chosen: dict[IPv4Address, BGPPeer] = {}
@@ -176,13 +176,12 @@ def select_neighbors(me: NodeRecord, nodes: Iterable[NodeRecord], config: BGPCon
             # a reflector's same-AS router (a BIRD, an FRR) is its client (Calico's rule)
             rr_client=is_reflector(me) and peer.as_number == my_as,
             hold_time=peer.hold_time, password=secret, restart_time=peer.restart_time,
-            listen_port=config.port_of(me.name), peer_port=peer.peer_port,
+            listen_port=config.port_of(me.name), peer_port=peer_port(peer, nodes, config),
             max_prefixes=peer.max_prefixes, allow_pool_prefixes=peer.allow_pool_prefixes,
             allowed_local_as=peer.allowed_local_as,
             keep_original_next_hop=peer.keep_original_next_hop,
             filters=selection.filters_of(peer, filters), ttl_security=peer.ttl_security,
             reachable_by=peer.reachable_by, next_hop_self=peer.next_hop_mode == "Self"))
-    nodes = list(nodes)
     between_nodes: list[Neighbor] = []
     for other, peer in reflector_neighbors(me, nodes, config, peers):
         address = other.address.ip
@@ -224,6 +223,16 @@ def select_neighbors(me: NodeRecord, nodes: Iterable[NodeRecord], config: BGPCon
             selection.neighbors.append(replace(neighbor, password=mesh_secret))
     selection.neighbors.sort(key=lambda n: n.address)
     return selection
+
+
+def peer_port(peer: BGPPeer, nodes: Iterable[NodeRecord], config: BGPConfig) -> int:
+    """Where a BGPPeer's session goes: the port its peerIP gives, else, when peerIP and
+    asNumber are a Pipit node's, that node's listenPort (Calico's rule), else BGP's 179."""
+    if peer.peer_port is not None:
+        return peer.peer_port
+    node = next((n for n in nodes if n.address is not None and n.address.ip == peer.peer_ip
+                 and local_as(n, config) == peer.as_number), None)
+    return 179 if node is None else config.port_of(node.name)
 
 
 def reflector_warnings(me: NodeRecord, nodes: Iterable[NodeRecord],

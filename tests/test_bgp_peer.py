@@ -76,8 +76,12 @@ def test_peer_ip_may_carry_the_port_the_peer_listens_on():
                                                              "10.99.1.1:1179")
     assert peer_to_spec(peer)["peerIP"] == "10.99.1.1:1179"
     assert peer_from_spec("rr", peer_to_spec(peer)) == peer
-    # BGP's own port written out is the same peer as none
-    assert peer_from_spec("rr", {**TOR, "peerIP": "10.99.1.1:179"}) == peer_from_spec("rr", TOR)
+    # BGP's own port written out is kept (without one, a Pipit node's peerIP goes to that
+    # node's listenPort: test_policy)
+    explicit = peer_from_spec("rr", {**TOR, "peerIP": "10.99.1.1:179"})
+    assert (explicit.peer_port, explicit.endpoint) == (179, "10.99.1.1:179")
+    assert peer_from_spec("rr", peer_to_spec(explicit)) == explicit
+    assert peer_from_spec("rr", TOR).peer_port is None
     # one session per address: the same router on two ports is still a duplicate
     with pytest.raises(InvalidResource, match="already peers with 10.99.1.1"):
         check_peer(peer, [peer_from_spec("tor", TOR)], [])

@@ -49,6 +49,27 @@ def test_mesh_is_every_other_node_with_an_address():
         me, nodes, own)] == [("b", 1180, 1179), ("c", 1180, 1181)]
 
 
+def test_a_bgp_peer_to_a_node_without_a_port_connects_where_that_node_listens():
+    """Calico's rule: peerIP without a port, when it and asNumber are a node's, goes to that
+    node's listenPort (its own, else the cluster's); a port written out, or any other
+    router, as given (none: 179)."""
+    me = node_record("a", "10.0.0.1/24")
+    nodes = [me, node_record("b", "10.0.0.2/24", 65010), node_record("c", "10.0.0.3/24")]
+    config = BGPConfig(listen_port=1179, node_listen_ports=(("c", 1181),))
+
+    def port(peer_ip: str, as_number: int) -> int:
+        peer = peer_from_spec("p", {"peerIP": peer_ip, "asNumber": as_number})
+        [neighbor] = policy.select_neighbors(me, nodes, replace(config, node_to_node_mesh=False),
+                                             [peer], lambda ref: "").neighbors
+        return neighbor.peer_port
+
+    assert port("10.0.0.2", 65010) == 1179  # b: the cluster's listenPort
+    assert port("10.0.0.3", 64512) == 1181  # c: its own
+    assert port("10.0.0.3:179", 64512) == 179  # written out
+    assert port("10.0.0.3", 65099) == 179  # another AS at that address: not the node
+    assert port("10.0.0.9", 64512) == 179  # a router
+
+
 # etcd's word: b owns 10.244.1.0/26 and holds 10.244.9.7 (borrowed from c's block)
 OWNERSHIP = policy.Ownership(
     blocks={net("10.244.1.0/26"): ("b", B), net("10.244.2.0/26"): ("b", B),
