@@ -75,6 +75,15 @@ Request = AssignRequest | ReleaseRequest
 Item = tuple[Request, asyncio.Future]  # a queued request and its caller's future
 
 
+def _may_be_granted(request: Request, result: object) -> bool:
+    """Whether a refusal may be undone by fresher reads: a refusal as such, and an address
+    asked for by value refused by its pool (not in one, disabled, not for this use) or its
+    block (taken), as the cached view had them."""
+    return isinstance(result, REFUSALS) or (
+        isinstance(result, InvalidResource) and isinstance(request, AssignRequest)
+        and bool(request.addresses))
+
+
 @dataclass
 class NodeView:
     """What one node's allocator believes etcd holds, each value with its mod_revision."""
@@ -351,7 +360,8 @@ class IPAM:
                     decided.append((item, error))
                 except PoolChanged:
                     break  # the batch is decided again on the fresh view
-            if view is cached and any(isinstance(result, REFUSALS) for _, result in decided):
+            if view is cached and any(_may_be_granted(item[0], result)
+                                      for item, result in decided):
                 # A refusal commits nothing, so no transaction would tell that the pools or
                 # settings it was decided on are old (a pool created or enabled since):
                 # confirm it on fresh reads.

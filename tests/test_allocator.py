@@ -257,6 +257,32 @@ def test_a_pool_enabled_under_a_warm_cache_serves_the_next_request(etcd):
     with_store(etcd, scenario)
 
 
+def test_an_address_asked_for_in_a_pool_made_under_a_warm_cache_is_given(etcd):
+    """A pod's (or a Service's) own address in a pool created, enabled or opened to its use
+    since the view was cached: granted at once, not refused until the view is refreshed; and
+    a refusal that fresh reads confirm still stands, with nothing written."""
+    async def scenario(store):
+        await add_pool(store, "old", "10.17.0.0/24")
+        ipam = IPAM(store, refresh_seconds=3600)
+        await ipam.assign("n1", "before")
+        await add_pool(store, "new", "10.18.0.0/24")
+        assert await ipam.assign("n1", "created", addresses=[IPv4Address("10.18.0.9")]) == [
+            IPv4Address("10.18.0.9")]
+        await add_pool(store, "off", "10.19.0.0/24", disabled=True)
+        await ipam.assign("n1", "warm")  # the view knows "off" as disabled
+        await add_pool(store, "off", "10.19.0.0/24")
+        assert await ipam.assign("n1", "enabled", addresses=[IPv4Address("10.19.0.9")]) == [
+            IPv4Address("10.19.0.9")]
+        with pytest.raises(InvalidResource, match="not in any IP pool"):
+            await ipam.assign("n1", "nowhere", addresses=[IPv4Address("10.20.0.9")])
+        with pytest.raises(InvalidResource, match="already"):
+            await ipam.assign("n1", "twice", addresses=[IPv4Address("10.19.0.9")])
+        handles = (await load_snapshot(store)).handles
+        assert "nowhere" not in handles and "twice" not in handles
+        await assert_consistent(store)
+    with_store(etcd, scenario)
+
+
 def test_two_allocators_sharing_blocks_never_hand_out_an_address_twice(etcd):
     async def scenario(store):
         await add_pool(store, "p", "10.18.0.0/28", blockSize=28)
