@@ -1,13 +1,15 @@
 """The cluster's BGP settings: the BGPConfiguration resource named "default", and Calico's
 node-specific ones, named node.<node name>, of which Pipit takes logSeverityScreen (that
-node's log level over the default's) and listenPort (where that node listens, and so where
-the other nodes connect to it); every other field is the cluster's, and refused there."""
+node's log level over the default's), listenPort (where that node listens, and so where the
+other nodes connect to it) and prefixAdvertisements, with the named communities they use (that
+node's in place of the default's, as Calico's); every other field is the cluster's, and
+refused there."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Network
 
 from bgp_agent.md5_password import PasswordRef, parse_password
@@ -18,7 +20,7 @@ from ipam.resource import SpecReader, check_name, make_document, shown
 KIND = "BGPConfiguration"
 NAME = "default"
 NODE_PREFIX = "node."  # a node-specific one: node.<node name>
-NODE_FIELDS = {"logSeverityScreen", "listenPort"}
+NODE_FIELDS = {"logSeverityScreen", "listenPort", "communities", "prefixAdvertisements"}
 # Kubernetes service ranges every node announces to its external peers (Calico's fields)
 SERVICE_FIELDS = ("serviceClusterIPs", "serviceExternalIPs", "serviceLoadBalancerIPs")
 _FIELDS = {"asNumber", "nodeToNodeMeshEnabled", "listenPort", "communities",
@@ -187,10 +189,14 @@ class BGPConfig:
 @dataclass(frozen=True)
 class NodeBGPConfig:
     """Calico's node-specific BGPConfiguration (node.<node name>): that node's
-    logSeverityScreen and listenPort, over the default's."""
+    logSeverityScreen and listenPort, over the default's, and its prefixAdvertisements (None:
+    not given, the default's), with the named communities they use, in place of the
+    default's (see for_node)."""
     node: str
     log_severity: str | None = None
     listen_port: int | None = None
+    named_communities: tuple[tuple[str, Community | LargeCommunity], ...] = ()
+    prefix_advertisements: tuple[tuple[IPv4Network, tuple[str, ...]], ...] | None = None
     labels: Mapping[str, str] = field(default_factory=dict, hash=False)
     annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
 
@@ -210,9 +216,7 @@ def config_from_spec(name: str, spec: Mapping) -> BGPConfig | NodeBGPConfig:
     given = spec.get("asNumber")
     as_number = parse_as_number(DEFAULT_AS if given is None else given, where)
     port = _listen_port(read, 179)
-    communities = spec.get("communities") or []
-    if not isinstance(communities, list):
-        raise read.fail("communities must be a list such as ['64512:100', '4200000000:1:2'].")
+    communities = _communities(read)
     named = _named_communities(read, [c for c in communities if isinstance(c, Mapping)])
     parsed = [parse_community(c, where) for c in communities if not isinstance(c, Mapping)]
     restart = check_restart_time(read.seconds("nodeMeshMaxRestartTime", DEFAULT_RESTART_TIME),
@@ -260,8 +264,30 @@ def _node_config(name: str, spec: Mapping) -> NodeBGPConfig:
                               f"the BGPConfiguration {NAME!r}; a node's may set only "
                               f"{', '.join(sorted(NODE_FIELDS))}.")
     read = SpecReader(KIND, name, spec, NODE_FIELDS)
+    communities = _communities(read)
+    if any(not isinstance(c, Mapping) for c in communities):
+        raise read.fail("a node's communities only name values for its prefixAdvertisements "
+                        "({name, value}); communities on every export are the cluster's, set "
+                        f"in the BGPConfiguration {NAME!r}.")
+    named = _named_communities(read, communities)
+    advertisements = None
+    if spec.get("prefixAdvertisements") is not None:
+        advertisements = _prefix_advertisements(read, dict(named))
+    elif named:
+        raise read.fail("communities are named but no prefixAdvertisements uses them.")
     return NodeBGPConfig(node, _log_severity(read),
-                         _listen_port(read, None) if spec.get("listenPort") is not None else None)
+                         _listen_port(read, None) if spec.get("listenPort") is not None else None,
+                         named, advertisements)
+
+
+def for_node(config: BGPConfig, own: NodeBGPConfig | None) -> BGPConfig:
+    """The cluster's settings as one node applies them: its own prefixAdvertisements, if its
+    node.<name> configuration gives them (even none), in place of the default's (Calico's
+    rule); the cluster's communities on every export stay."""
+    if own is None or own.prefix_advertisements is None:
+        return config
+    return replace(config, named_communities=own.named_communities,
+                   prefix_advertisements=own.prefix_advertisements)
 
 
 def _listen_port(read: SpecReader, default: int | None) -> int:
@@ -277,6 +303,13 @@ def _log_severity(read: SpecReader) -> str | None:
         raise read.fail(f"logSeverityScreen {severity!r} is not one of "
                         f"{', '.join(LOG_SEVERITIES)}.")
     return severity
+
+
+def _communities(read: SpecReader) -> list:
+    communities = read.spec.get("communities") or []
+    if not isinstance(communities, list):
+        raise read.fail("communities must be a list such as ['64512:100', '4200000000:1:2'].")
+    return communities
 
 
 def _named_communities(read: SpecReader, entries: list[Mapping]
@@ -352,18 +385,20 @@ def config_to_document(config: BGPConfig | NodeBGPConfig) -> dict:
         spec = {field_name: value for field_name, value in (
             ("logSeverityScreen", config.log_severity), ("listenPort", config.listen_port))
             if value is not None}
+        if config.named_communities:
+            spec["communities"] = _named_community_specs(config.named_communities)
+        if config.prefix_advertisements is not None:
+            spec["prefixAdvertisements"] = _advertisement_specs(config.prefix_advertisements)
         return make_document(KIND, config.name, spec, config.labels, config.annotations)
     spec = {
         "asNumber": config.as_number,
         "nodeToNodeMeshEnabled": config.node_to_node_mesh,
         "listenPort": config.listen_port,
         "communities": [*community_texts(config),
-                        *({"name": name, "value": ":".join(map(str, value))}
-                          for name, value in config.named_communities)],
+                        *_named_community_specs(config.named_communities)],
     }
     if config.prefix_advertisements:
-        spec["prefixAdvertisements"] = [{"cidr": str(cidr), "communities": list(tokens)}
-                                        for cidr, tokens in config.prefix_advertisements]
+        spec["prefixAdvertisements"] = _advertisement_specs(config.prefix_advertisements)
     if config.node_to_node_mesh:
         spec.update(zip(_MESH_FIELDS, (config.node_mesh_hold_time,
                                        config.node_mesh_restart_time)))
@@ -379,3 +414,13 @@ def config_to_document(config: BGPConfig | NodeBGPConfig) -> dict:
     if config.bind_node_ip:
         spec["bindMode"] = "NodeIP"
     return make_document(KIND, NAME, spec, config.labels, config.annotations)
+
+
+def _named_community_specs(named: tuple[tuple[str, Community | LargeCommunity], ...]
+                           ) -> list[dict]:
+    return [{"name": name, "value": ":".join(map(str, value))} for name, value in named]
+
+
+def _advertisement_specs(advertisements: tuple[tuple[IPv4Network, tuple[str, ...]], ...]
+                         ) -> list[dict]:
+    return [{"cidr": str(cidr), "communities": list(tokens)} for cidr, tokens in advertisements]

@@ -20,7 +20,8 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import TYPE_CHECKING
 
 from bgp_agent import policy, service_addresses
-from bgp_agent.bgp_config import LOG_SEVERITIES, BGPConfig, NodeBGPConfig, config_from_spec
+from bgp_agent.bgp_config import (LOG_SEVERITIES, BGPConfig, NodeBGPConfig, config_from_spec,
+                                  for_node)
 from bgp_agent.bgp_filter import filter_from_document
 from bgp_agent.bgp_peer import peer_from_document
 from bgp_agent.md5_password import PasswordRef, resolve_password
@@ -331,8 +332,10 @@ class Router:
                         source.name, source.log_severity or "unset")
 
     async def reconcile(self) -> None:
-        me, config, pools = self.node_record(), self.config(), list(self.pools.items.values())
-        self._follow_log_severity(config, self.node_config(me.name))
+        me, pools = self.node_record(), list(self.pools.items.values())
+        own_config = self.node_config(me.name)
+        config = for_node(self.config(), own_config)
+        self._follow_log_severity(config, own_config)
         my_as = policy.local_as(me, config)
         neighbors = self._select(me, config)
         if self.speaker.connected and self._enforce_limits(neighbors):

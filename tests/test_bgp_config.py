@@ -9,7 +9,7 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from bgp_agent import policy
-from bgp_agent.bgp_config import BGPConfig, config_from_spec, config_to_document
+from bgp_agent.bgp_config import BGPConfig, config_from_spec, config_to_document, for_node
 from bgp_agent.exabgp_bridge import announce_commands
 from bgp_agent.model import Neighbor
 from ipam.errors import InvalidResource
@@ -318,3 +318,45 @@ def test_a_node_specific_configuration_sets_that_nodes_log_level_and_port():
         config_from_spec("node.n1", {"asNumber": 65001, "logSeverityScreen": "Info"})
     with pytest.raises(InvalidResource, match="'N_1' is not a valid node name"):
         config_from_spec("node.N_1", {})
+
+
+def test_a_nodes_prefix_advertisements_replace_the_defaults_for_that_node():
+    """Calico's rule: a node.<name> configuration's prefixAdvertisements, with the named
+    communities they use (its own), are that node's in place of the default's, even an
+    empty list; the cluster's communities on every export stay; not given, the default's."""
+    default = config_from_spec("default", {
+        "communities": ["64512:100", {"name": "svc", "value": "64512:200"}],
+        "prefixAdvertisements": [{"cidr": "10.96.0.0/12", "communities": ["svc"]}]})
+    node = config_from_spec("node.n1", {
+        "communities": [{"name": "rack", "value": "4200000000:1:2"}],
+        "prefixAdvertisements": [{"cidr": "10.244.0.0/16", "communities": ["rack", "64512:9"]}]})
+    assert config_from_spec("node.n1", config_to_document(node)["spec"]) == node
+    block, services = IPv4Network("10.244.1.0/26"), IPv4Network("10.96.0.0/12")
+    mine = for_node(default, node)
+    assert mine.communities_for(block) == (((64512, 100), (64512, 9)), ((4200000000, 1, 2),))
+    assert mine.communities_for(services) == (((64512, 100),), ())  # the default's: not n1's
+    exports = policy.announcements([block], [MESH, TOR], mine, [services])
+    assert exports[TOR.address][block].large_communities == ((4200000000, 1, 2),)
+    assert exports[MESH.address][block].communities == ()
+    none = config_from_spec("node.n1", {"prefixAdvertisements": []})
+    assert none.prefix_advertisements == () and round_trip(none) == none
+    assert for_node(default, none).communities_for(services) == (((64512, 100),), ())
+    for own in (None, config_from_spec("node.n1", {"logSeverityScreen": "Debug"})):
+        assert for_node(default, own) == default
+        assert for_node(default, own).communities_for(services) == (
+            ((64512, 100), (64512, 200)), ())
+
+
+@pytest.mark.parametrize("spec, facts", [
+    ({"communities": ["64512:1"], "prefixAdvertisements": []},
+     ["a node's communities only name values for its prefixAdvertisements",
+      "communities on every export are the cluster's"]),
+    ({"communities": [{"name": "rack", "value": "64512:1"}]},
+     ["communities are named but no prefixAdvertisements uses them"]),
+    ({"prefixAdvertisements": [{"cidr": "10.244.0.0/16", "communities": ["svc"]}]},
+     ["community 'svc' for 10.244.0.0/16 is neither a name given in communities"]),
+])
+def test_a_bad_node_prefix_advertisement_is_one_sentence(spec, facts):
+    with pytest.raises(InvalidResource) as caught:
+        config_from_spec("node.n1", spec)
+    one_sentence(caught.value, *facts, prefix="BGPConfiguration 'node.n1': ")

@@ -445,6 +445,34 @@ def test_service_ranges_are_announced_to_the_tors_by_every_node_and_then_withdra
              f"tor{rack} to see the service ranges withdrawn")
 
 
+def test_a_nodes_own_prefix_advertisements_tag_its_block_at_its_tor(bird_lab):
+    """Calico's node-specific prefixAdvertisements (BGPConfiguration node.<name>): n1's own,
+    over the whole pool, tag n1's block at its ToR with n1's community and no other node's
+    block; deleted, n1's block goes with the cluster's community alone again."""
+    lab = bird_lab
+    cluster = tuple(int(x) for x in COMMUNITY.split(":"))
+    own = {"apiVersion": "pipit.dev/v1", "kind": "BGPConfiguration",
+           "metadata": {"name": "node.n1"},
+           "spec": {"communities": [{"name": "n1", "value": "64512:301"}],
+                    "prefixAdvertisements": [{"cidr": POOL, "communities": ["n1"]}]}}
+
+    def communities(node: str) -> tuple | None:
+        route = lab.routers[lab.node_rack(node)].routes().get(block_of(lab, node))
+        return route and route.communities
+
+    result = lab.pipitctl("apply", "-f", "-", input=json.dumps(own))
+    assert result.returncode == 0, result.stderr
+    try:
+        wait(lambda: communities("n1") == (cluster, (64512, 301)), 30,
+             "n1's ToR to see n1's block with n1's community")
+        assert all(communities(n) == (cluster,) for n in lab.nodes() if n != "n1")
+    finally:
+        result = lab.pipitctl("delete", "bgpconfig", "node.n1")
+        assert result.returncode == 0, result.stderr
+    wait(lambda: communities("n1") == (cluster,), 30,
+         "n1's ToR to see n1's block with the cluster's community alone")
+
+
 def test_a_tor_sending_more_than_max_prefixes_is_disconnected_and_stays_down(bird_lab):
     lab, tor2 = bird_lab, bird_lab.routers[2]
     received = tor_peer(lab, "n3")["received"]
