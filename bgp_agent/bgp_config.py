@@ -28,10 +28,11 @@ _FIELDS = {"asNumber", "nodeToNodeMeshEnabled", "listenPort", "communities",
            "nodeMeshPassword", "logSeverityScreen", "serviceLoadBalancerAggregation",
            "bindMode", *SERVICE_FIELDS}
 AGGREGATION = ("Enabled", "Disabled")  # serviceLoadBalancerAggregation (Calico's)
-# Calico's logSeverityScreen values, as the agent's log levels (its ExaBGP stays at WARNING:
-# at INFO it logs every route)
-LOG_SEVERITIES = {"Debug": "DEBUG", "Info": "INFO", "Warning": "WARNING", "Error": "ERROR",
-                  "Fatal": "CRITICAL"}
+# Calico's logSeverityScreen values (read in any case, as Calico's), as the agent's log
+# levels (Trace: Python has none finer than DEBUG; its ExaBGP stays at WARNING: at INFO it
+# logs every route)
+LOG_SEVERITIES = {"Trace": "DEBUG", "Debug": "DEBUG", "Info": "INFO", "Warning": "WARNING",
+                  "Error": "ERROR", "Fatal": "CRITICAL"}
 _A_CIDR = "a CIDR such as 10.96.0.0/12"
 _COMMUNITY_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 _COMMUNITY = re.compile(r"\d+(:\d+){1,2}")
@@ -299,10 +300,13 @@ def _listen_port(read: SpecReader, default: int | None) -> int:
 
 def _log_severity(read: SpecReader) -> str | None:
     severity = read.string("logSeverityScreen") or None
-    if severity is not None and severity not in LOG_SEVERITIES:
+    if severity is None:
+        return None
+    known = next((s for s in LOG_SEVERITIES if s.lower() == severity.lower()), None)
+    if known is None:
         raise read.fail(f"logSeverityScreen {severity!r} is not one of "
                         f"{', '.join(LOG_SEVERITIES)}.")
-    return severity
+    return known
 
 
 def _communities(read: SpecReader) -> list:

@@ -9,7 +9,8 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from bgp_agent import policy
-from bgp_agent.bgp_config import BGPConfig, config_from_spec, config_to_document, for_node
+from bgp_agent.bgp_config import (LOG_SEVERITIES, BGPConfig, config_from_spec,
+                                  config_to_document, for_node)
 from bgp_agent.exabgp_bridge import announce_commands
 from bgp_agent.model import Neighbor
 from ipam.errors import InvalidResource
@@ -287,6 +288,10 @@ def test_log_severity_screen_takes_calicos_levels_and_survives_the_document():
     assert config.log_severity == "Info"
     assert config_from_spec("default", dict(config_to_document(config)["spec"])) == config
     assert config_from_spec("default", {}).log_severity is None
+    # in any case, as Calico's pattern; Trace is Debug's level (Python has none finer)
+    assert [config_from_spec("default", {"logSeverityScreen": s}).log_severity
+            for s in ("info", "WARNING", "trace")] == ["Info", "Warning", "Trace"]
+    assert LOG_SEVERITIES["Trace"] == LOG_SEVERITIES["Debug"] == "DEBUG"
     with pytest.raises(InvalidResource) as error:
         config_from_spec("default", {"logSeverityScreen": "verbose"})
     one_sentence(str(error.value), "logSeverityScreen 'verbose'", "Debug, Info, Warning")
