@@ -179,6 +179,10 @@ def _attributes_to_json(route: Path | Announcement, out: dict) -> dict:
         out["originator_id"] = str(route.originator_id)
     if route.cluster_list:
         out["cluster_list"] = [str(a) for a in route.cluster_list]
+    if route.large_communities:
+        out["large_communities"] = [list(c) for c in route.large_communities]
+    if route.extended_communities:
+        out["extended_communities"] = list(route.extended_communities)
     return out
 
 
@@ -192,15 +196,15 @@ def path_from_json(d: dict) -> Path:
         as_path=tuple(d.get("as_path", ())), communities=tuple(map(tuple, d.get("communities", ()))),
         local_pref=d.get("local_pref"), med=d.get("med"), origin=d.get("origin", "igp"),
         originator_id=optional_address(d.get("originator_id")),
-        cluster_list=tuple(map(address_of, d.get("cluster_list", ()))))
+        cluster_list=tuple(map(address_of, d.get("cluster_list", ()))),
+        large_communities=tuple(map(tuple, d.get("large_communities", ()))),
+        extended_communities=tuple(d.get("extended_communities", ())))
 
 
 def announcement_to_json(route: Announcement) -> dict:
     out = {"prefix": str(route.prefix)}
     if route.next_hop is not None:
         out["next_hop"] = str(route.next_hop)
-    if route.large_communities:
-        out["large_communities"] = [list(c) for c in route.large_communities]
     return _attributes_to_json(route, out)
 
 
@@ -212,7 +216,8 @@ def announcement_from_json(d: dict) -> Announcement:
         originator_id=optional_address(d.get("originator_id")),
         cluster_list=tuple(map(address_of, d.get("cluster_list", ()))),
         large_communities=tuple(map(tuple, d.get("large_communities", ()))),
-        origin=d.get("origin", "igp"))
+        origin=d.get("origin", "igp"),
+        extended_communities=tuple(d.get("extended_communities", ())))
 
 
 ATTRIBUTES = {kind: tuple(f.name for f in fields(kind) if f.name != "prefix")

@@ -91,6 +91,9 @@ def _attributes(route: Announcement) -> str:
     if route.large_communities:
         large = " ".join(":".join(map(str, c)) for c in route.large_communities)
         words.append(f"large-community [ {large} ]")
+    if route.extended_communities:  # as their octets, whatever their type (RFC 4360)
+        extended = " ".join(f"0x{c:016x}" for c in route.extended_communities)
+        words.append(f"extended-community [ {extended} ]")
     if route.originator_id is not None:
         words.append(f"originator-id {route.originator_id}")
     if route.cluster_list:
@@ -243,7 +246,10 @@ def _paths(update: dict) -> Iterator[Path]:
         local_pref=attributes.get("local-preference"), med=attributes.get("med"),
         origin=attributes.get("origin", "igp"),
         originator_id=optional_address(attributes.get("originator-id")),
-        cluster_list=tuple(map(address_of, attributes.get("cluster-list", ()))))
+        cluster_list=tuple(map(address_of, attributes.get("cluster-list", ()))),
+        large_communities=tuple(tuple(c) for c in attributes.get("large-community", ())),
+        extended_communities=tuple(c["value"] for c in attributes.get("extended-community",
+                                                                      ())))
     for family, by_next_hop in update.get("announce", {}).items():
         if family != "ipv4 unicast":
             continue

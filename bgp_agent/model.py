@@ -67,6 +67,8 @@ class Path:
     origin: str = "igp"
     originator_id: IPv4Address | None = None
     cluster_list: tuple[IPv4Address, ...] = ()
+    large_communities: tuple[tuple[int, int, int], ...] = ()  # RFC 8092
+    extended_communities: tuple[int, ...] = ()  # RFC 4360, each its 8 octets as a number
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ class Announcement:
     cluster_list: tuple[IPv4Address, ...] = ()
     large_communities: tuple[tuple[int, int, int], ...] = ()  # RFC 8092
     origin: str = "igp"  # igp | egp | incomplete (a reflected route keeps its own)
+    extended_communities: tuple[int, ...] = ()  # RFC 4360 (a reflected route keeps its own)
 
 
 def with_prefix(route: Path | Announcement, prefix: IPv4Network) -> Path | Announcement:

@@ -50,12 +50,15 @@ def announcement(prefix: IPv4Network, attributes: Attributes) -> Announcement:
     return Announcement(prefix, next_hop=attributes.next_hop, communities=attributes.communities,
                         as_path=attributes.as_path, local_pref=attributes.local_pref,
                         med=attributes.med, originator_id=attributes.originator_id,
-                        cluster_list=attributes.cluster_list, origin=attributes.origin)
+                        cluster_list=attributes.cluster_list, origin=attributes.origin,
+                        large_communities=attributes.large_communities,
+                        extended_communities=attributes.extended_communities)
 
 
 def route(path: Path, peer: IPv4Address, router_id: IPv4Address) -> Route:
     return Route(path.prefix, path.next_hop, path.as_path, path.communities, path.local_pref,
-                 path.med, path.origin, path.originator_id, path.cluster_list, peer=peer,
+                 path.med, path.origin, path.originator_id, path.cluster_list,
+                 path.large_communities, path.extended_communities, peer=peer,
                  peer_router_id=router_id)
 
 
@@ -192,11 +195,13 @@ class Reflection:
                                         attributes.as_path)
             if not verdict.sent:
                 return None
-            if verdict.communities or verdict.prepend:  # (reflected: standard communities)
+            if verdict.changes:
                 attributes = replace(
                     attributes, as_path=(*verdict.prepend, *attributes.as_path),
                     communities=tuple(dict.fromkeys((*attributes.communities,
-                                                     *verdict.communities))))
+                                                     *verdict.communities))),
+                    large_communities=tuple(dict.fromkeys((*attributes.large_communities,
+                                                           *verdict.large_communities))))
         if address in self._next_hop_self:
             attributes = replace(attributes, next_hop=self.core.router_id)
         return attributes

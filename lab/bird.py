@@ -93,19 +93,24 @@ class BirdRoute:
     as_path: tuple[int, ...] = ()
     communities: tuple[tuple[int, int], ...] = ()
     large_communities: tuple[tuple[int, int, int], ...] = ()
+    # as BIRD shows them: (rt, 64512, 7), (ro, ...), (generic, 0x43000000, 0x0)...
+    extended_communities: tuple[tuple[str, str, str], ...] = ()
 
 
 def bgp_config(router_id: IPv4Address, local_address: IPv4Address, local_as: int,
                peers: Iterable[BirdPeer], static_routes: Iterable[IPv4Network] = (),
-               log_path: Path | None = None) -> str:
-    """A BIRD 2 configuration: static routes (blackholes) exported to BGP peers, everything
-    received kept in BIRD's table only (no kernel protocol: the namespace's table is left alone)."""
+               log_path: Path | None = None, static_attributes: str = "") -> str:
+    """A BIRD 2 configuration: static routes (blackholes) exported to BGP peers, each with
+    `static_attributes` (BIRD statements such as `bgp_large_community.add((1, 2, 3));`),
+    everything received kept in BIRD's table only (no kernel protocol: the namespace's table
+    is left alone)."""
     lines = [f"router id {router_id};", "timeformat protocol iso long ms;",
              "timeformat route iso long ms;"]
     if log_path:
         lines.append(f'log "{log_path}" all;')
     lines += ["protocol device {}", "protocol static originated {", "  ipv4;"]
-    lines += [f"  route {prefix} blackhole;" for prefix in static_routes]
+    attributes = f" {{ {static_attributes} }}" if static_attributes else ""
+    lines += [f"  route {prefix} blackhole{attributes};" for prefix in static_routes]
     lines.append("}")
     for peer in peers:
         lines += [
@@ -187,6 +192,10 @@ def parse_routes(text: str) -> dict[IPv4Network, BirdRoute]:
             current["large_communities"] = tuple(
                 tuple(map(int, c)) for c in re.findall(r"\((\d+),\s*(\d+),\s*(\d+)\)",
                                                        large.group(1)))
+        extended = re.match(r"^\s+BGP\.ext_community:(.*)$", line)
+        if extended:
+            current["extended_communities"] = tuple(
+                re.findall(r"\((\w+),\s*([\w.:]+),\s*([\w.:]+)\)", extended.group(1)))
     flush()
     return routes
 

@@ -27,10 +27,12 @@ def reflects(source_role: str, target_role: str) -> bool:
 
 def reflected(route: Route, cluster_id: IPv4Address) -> Attributes:
     """What the route is sent with: everything as received (next hop, AS path, LOCAL_PREF, MED,
-    ORIGIN, communities), ORIGINATOR_ID set to the peer's router id if it had none, our cluster
-    id prepended to CLUSTER_LIST."""
+    ORIGIN, communities: standard, large and extended), ORIGINATOR_ID set to the peer's router
+    id if it had none, our cluster id prepended to CLUSTER_LIST."""
     return Attributes(
         next_hop=route.next_hop, as_path=route.as_path, communities=route.communities,
         local_pref=route.local_pref, med=route.med, origin=route.origin,
         originator_id=route.originator_id or route.peer_router_id,
-        cluster_list=(cluster_id, *route.cluster_list))
+        cluster_list=(cluster_id, *route.cluster_list),
+        large_communities=route.large_communities,
+        extended_communities=route.extended_communities)

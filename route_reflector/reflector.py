@@ -384,6 +384,8 @@ class Reflector:
                     and route.origin is other.origin
                     and route.originator_id is other.originator_id
                     and route.cluster_list is other.cluster_list
+                    and route.large_communities is other.large_communities
+                    and route.extended_communities is other.extended_communities
                     and route.peer_router_id is other.peer_router_id):
                 return last[1]
         attributes = reflected(route, self.cluster_id)

@@ -24,6 +24,8 @@ class Route:
     origin: str = "igp"
     originator_id: IPv4Address | None = None
     cluster_list: tuple[IPv4Address, ...] = ()
+    large_communities: tuple[tuple[int, int, int], ...] = ()
+    extended_communities: tuple[int, ...] = ()
     peer: IPv4Address = field(kw_only=True)
     peer_router_id: IPv4Address = field(kw_only=True)
 
@@ -45,6 +47,8 @@ class Attributes:
     origin: str = "igp"
     originator_id: IPv4Address | None = None
     cluster_list: tuple[IPv4Address, ...] = ()
+    large_communities: tuple[tuple[int, int, int], ...] = ()
+    extended_communities: tuple[int, ...] = ()
 
     def __hash__(self) -> int:
         return self._hash
@@ -54,7 +58,8 @@ class Attributes:
         # Batching groups by attributes, and one set of attributes is shared by every prefix
         # and peer its route goes to; ipaddress hashes in Python, so this is computed once.
         return hash((self.next_hop, self.as_path, self.communities, self.local_pref, self.med,
-                     self.origin, self.originator_id, self.cluster_list))
+                     self.origin, self.originator_id, self.cluster_list, self.large_communities,
+                     self.extended_communities))
 
 
 @dataclass(frozen=True, slots=True)

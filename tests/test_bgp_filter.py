@@ -338,15 +338,22 @@ def test_a_reflector_reflects_past_a_members_export_filter_and_follows_its_chang
 def test_a_reflector_sends_a_member_its_filters_operations_and_the_others_the_route_as_is():
     prepend = filter_from_spec("prepend", {EXPORT: [
         {"action": "Accept", "source": "RemotePeers", "operations": [
-            {"prependASPath": {"prefix": [64512]}}, {"addCommunity": {"value": "64512:5"}}]}]})
+            {"prependASPath": {"prefix": [64512]}}, {"addCommunity": {"value": "64512:5"}},
+            {"addCommunity": {"value": "4200000000:1:2"}}]}]})
     reflection = Reflection(RR, CLUSTER, 64512)
     peers = {a: PeerState(a, "up", since=1.0, router_id=a) for a in CLIENTS}
-    accepted = {CLIENTS[0]: {b: Path(b, CLIENTS[0], communities=((1, 1),)) for b in BLOCKS}}
+    accepted = {CLIENTS[0]: {b: Path(b, CLIENTS[0], communities=((1, 1),),
+                                     large_communities=((1, 1, 1),),
+                                     extended_communities=(0x0002FDE800000007,))
+                             for b in BLOCKS}}
     tables = held({}, reflection.sends(reflection.step(members([prepend]), peers, accepted,
                                                        now=0)))
     changed, plain = tables[CLIENTS[1]][BLOCKS[0]], tables[CLIENTS[2]][BLOCKS[0]]
     assert (changed.as_path, changed.communities) == ((64512,), ((1, 1), (64512, 5)))
-    assert (plain.as_path, plain.communities) == ((), ((1, 1),))
+    assert changed.large_communities == ((1, 1, 1), (4200000000, 1, 2))
+    assert (plain.as_path, plain.communities, plain.large_communities) == (
+        (), ((1, 1),), ((1, 1, 1),))
+    assert changed.extended_communities == plain.extended_communities == (0x0002FDE800000007,)
     assert changed.originator_id == plain.originator_id == CLIENTS[0]  # reflected all the same
     assert reflection.check(tables, now=0) == []
     assert reflection.reflects(CLIENTS[1], BLOCKS[0])

@@ -418,13 +418,16 @@ prefixes = st.tuples(addresses, st.integers(8, 32)).map(lambda t: N((int(t[0]), 
 asns = st.integers(1, 2**32 - 1)
 communities = st.tuples(st.integers(0, 65535), st.integers(0, 65535))
 optional = st.one_of(st.none(), st.integers(0, 2**32 - 1))
+large = st.lists(st.tuples(asns, asns, asns), max_size=2).map(tuple)
+extended = st.lists(st.integers(0, 2**64 - 1), max_size=2).map(tuple)
 
 
 @given(st.builds(Path, prefix=prefixes, next_hop=addresses, as_path=st.tuples(asns, asns),
                  communities=st.lists(communities, max_size=3).map(tuple), local_pref=optional,
                  med=optional, origin=st.sampled_from(["igp", "egp", "incomplete"]),
                  originator_id=st.one_of(st.none(), addresses),
-                 cluster_list=st.lists(addresses, max_size=2).map(tuple)))
+                 cluster_list=st.lists(addresses, max_size=2).map(tuple),
+                 large_communities=large, extended_communities=extended))
 def test_paths_survive_json(path):
     assert path_from_json(json.loads(json.dumps(path_to_json(path)))) == path
 
@@ -434,7 +437,7 @@ def test_paths_survive_json(path):
                  as_path=st.lists(asns, max_size=3).map(tuple), local_pref=optional, med=optional,
                  originator_id=st.one_of(st.none(), addresses),
                  cluster_list=st.lists(addresses, max_size=2).map(tuple),
-                 large_communities=st.lists(st.tuples(asns, asns, asns), max_size=2).map(tuple),
+                 large_communities=large, extended_communities=extended,
                  origin=st.sampled_from(["igp", "egp", "incomplete"])))
 def test_announcements_survive_json(route):
     assert announcement_from_json(json.loads(json.dumps(announcement_to_json(route)))) == route
@@ -442,9 +445,9 @@ def test_announcements_survive_json(route):
 
 @pytest.mark.parametrize("route", [
     Path(N("10.1.0.0/26"), A("10.0.0.2"), (64512, 65000), ((64512, 1),), 200, 5, "egp",
-         A("10.0.0.2"), (A("244.0.0.1"),)),
+         A("10.0.0.2"), (A("244.0.0.1"),), ((64512, 1, 2),), (0x0002FDE800000001,)),
     Announcement(N("10.1.0.0/26"), A("10.0.0.2"), ((64512, 1),), (64512,), 200, 5, A("10.0.0.2"),
-                 (A("244.0.0.1"),), ((64512, 1, 2),), "incomplete"),
+                 (A("244.0.0.1"),), ((64512, 1, 2),), "incomplete", (0x0002FDE800000001,)),
 ])
 def test_every_field_of_a_route_goes_into_its_json(route):
     """The JSON forms are written out field by field: a field added to the model must be added
@@ -547,7 +550,8 @@ def test_routes_survive_json_in_groups(drawn):
 
 OTHER_VALUE = {"next_hop": A("10.99.1.9"), "as_path": (64999,), "communities": ((64512, 7),),
                "local_pref": 300, "med": 9, "origin": "egp", "originator_id": A("10.99.1.9"),
-               "cluster_list": (A("244.0.0.2"),), "large_communities": ((64512, 1, 1),)}
+               "cluster_list": (A("244.0.0.2"),), "large_communities": ((64512, 1, 1),),
+               "extended_communities": (0x0002FDE800000002,)}
 
 
 @pytest.mark.parametrize("kind,field", [(kind, name) for kind in (Path, Announcement)

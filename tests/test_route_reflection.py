@@ -149,6 +149,44 @@ spec: {peerIP: 10.99.0.250, asNumber: 64512, nodeSelector: route-reflector == 't
         rr_lab.pipitctl("delete", "bgpfilter", "not-one")
 
 
+def test_reflected_routes_keep_their_large_and_extended_communities(rr_lab, tmp_path):
+    """RFC 4456: a reflector passes a route on with its attributes as received. A BIRD
+    client's route carrying standard, large and extended communities reaches another BIRD
+    client through Pipit's reflectors with all three."""
+    prefix = IPv4Network("198.51.100.0/24")
+    clients = {"birda": IPv4Interface("10.99.0.251/24"), "birdb": IPv4Interface("10.99.0.252/24")}
+    peers = [BirdPeer(name, address(rr_lab, name), 64512) for name in ("rr1", "rr2")]
+    birds = []
+    try:
+        for name, interface in clients.items():
+            applied = rr_lab.pipitctl("apply", "-f", "-", input=f"""\
+apiVersion: pipit.dev/v1
+kind: BGPPeer
+metadata: {{name: {name}}}
+spec: {{peerIP: {interface.ip}, asNumber: 64512, nodeSelector: route-reflector == 'true'}}
+""")
+            assert applied.returncode == 0, applied.stderr
+            ns = rr_lab.attach(name, interface)
+            config = bgp_config(interface.ip, interface.ip, 64512, peers,
+                                static_routes=[prefix] if name == "birda" else [],
+                                static_attributes="bgp_community.add((64512, 5)); "
+                                "bgp_large_community.add((4200000000, 1, 2)); "
+                                "bgp_ext_community.add((rt, 64512, 7)); "
+                                "bgp_ext_community.add((ro, 64512, 9));")
+            birds.append(Bird(name, config, netns=ns, directory=tmp_path / name).start())
+        wait(lambda: prefix in birds[1].routes(), 30, "birdb to learn birda's route")
+        route = birds[1].routes()[prefix]
+        assert route.via == clients["birda"].ip
+        assert route.communities == ((64512, 5),)
+        assert route.large_communities == ((4200000000, 1, 2),)
+        assert set(route.extended_communities) == {("rt", "64512", "7"), ("ro", "64512", "9")}
+    finally:
+        for bird in birds:
+            bird.destroy()
+        for name in clients:
+            rr_lab.pipitctl("delete", "bgppeer", name)
+
+
 def test_a_client_peering_with_part_of_a_cluster_is_warned(rr_lab):
     documents = """\
 apiVersion: pipit.dev/v1

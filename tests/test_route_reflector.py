@@ -75,7 +75,8 @@ def sent(updates: list[Update]) -> dict[int, dict[int, Attributes | None]]:
 def reflected(r: Route) -> Attributes:
     """What a route goes out with, spelled out."""
     return Attributes(r.next_hop, r.as_path, r.communities, r.local_pref, r.med, r.origin,
-                      r.originator_id or r.peer_router_id, (CLUSTER_ID, *r.cluster_list))
+                      r.originator_id or r.peer_router_id, (CLUSTER_ID, *r.cluster_list),
+                      r.large_communities, r.extended_communities)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,6 +183,12 @@ ATTRIBUTES = [
      dict(next_hop=IPv4Address("192.168.7.7"), as_path=(65001, 65002), local_pref=300, med=7,
           origin="incomplete", communities=((64512, 100), (65000, 1))),
      dict(originator_id=router_id(1), cluster_list=(CLUSTER_ID,))),
+    ("large and extended communities as received (RFC 8092, RFC 4360)",
+     dict(large_communities=((4200000000, 1, 2),),
+          extended_communities=(0x0002FDE800000001, 0x4300000000000000)),
+     dict(originator_id=router_id(1), cluster_list=(CLUSTER_ID,),
+          large_communities=((4200000000, 1, 2),),
+          extended_communities=(0x0002FDE800000001, 0x4300000000000000))),
 ]
 
 
@@ -237,6 +244,7 @@ def test_a_peer_gets_nothing_for_a_prefix_whose_best_route_may_not_go_to_it():
 OTHER_VALUES = {"next_hop": IPv4Address("10.0.9.9"), "as_path": (65001,),
                 "communities": ((64512, 1),), "local_pref": 200, "med": 5, "origin": "egp",
                 "originator_id": IPv4Address("10.0.9.8"), "cluster_list": (OTHER_CLUSTER,),
+                "large_communities": ((64512, 1, 2),), "extended_communities": (0x0002FDE800000001,),
                 "peer_router_id": IPv4Address("10.0.9.7")}
 
 
