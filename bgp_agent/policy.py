@@ -455,27 +455,23 @@ def exported_prefixes(own_blocks: Iterable[IPv4Network], borrowed: Iterable[IPv4
 def announcements(prefixes: Iterable[IPv4Network], neighbors: Iterable[Neighbor],
                   config: BGPConfig, services: Iterable[IPv4Network] = ()
                   ) -> dict[IPv4Address, dict[IPv4Network, Announcement]]:
-    """What to send to each neighbour: every exported prefix, next hop self; external peers
-    also get the configured communities (the cluster's, and those of the prefixAdvertisements
-    holding each prefix), and `services`, the Kubernetes service ranges
-    (kube-proxy answers them on every node, so the fabric spreads them over the nodes:
+    """What to send to each neighbour: every exported prefix, next hop self, with the
+    configured communities (the cluster's, and those of the prefixAdvertisements holding each
+    prefix; to every peer, as Calico's export filter adds them, so a route reflected on to a
+    router carries them too); external peers also get `services`, the Kubernetes service
+    ranges (kube-proxy answers them on every node, so the fabric spreads them over the nodes:
     Calico's serviceClusterIPs, serviceExternalIPs, serviceLoadBalancerIPs). Other nodes
     never get the service ranges: they serve them themselves. A neighbour's BGPFilters
     hold back what their export rules reject, and change what an Accept's operations say."""
     prefixes = sorted(prefixes)
-    tagged: dict[IPv4Network, Announcement] | None = None  # the same for every external peer
+    tagged: dict[IPv4Network, Announcement] = {}
+    for p in sorted(set(prefixes) | set(services)):
+        communities, large = config.communities_for(p)
+        tagged[p] = Announcement(p, communities=communities, large_communities=large)
+    internal = {p: tagged[p] for p in prefixes}
     result = {}
     for neighbor in neighbors:
-        if neighbor.kind in INTERNAL_KINDS:
-            wanted = {p: Announcement(p) for p in prefixes}
-        else:
-            if tagged is None:
-                tagged = {}
-                for p in sorted(set(prefixes) | set(services)):
-                    communities, large = config.communities_for(p)
-                    tagged[p] = Announcement(p, communities=communities,
-                                             large_communities=large)
-            wanted = dict(tagged)
+        wanted = dict(internal if neighbor.kind in INTERNAL_KINDS else tagged)
         if neighbor.filters:
             wanted = filtered_exports(neighbor, wanted)
         result[neighbor.address] = wanted

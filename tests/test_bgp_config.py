@@ -37,7 +37,7 @@ def round_trip(config: BGPConfig) -> BGPConfig:
 # --------------------------------------------------------------------------------------------
 # Communities: standard (RFC 1997) and large (RFC 8092)
 
-def test_large_communities_carry_32_bit_parts_to_external_peers_only():
+def test_large_communities_carry_32_bit_parts_to_every_peer():
     config = config_from_spec("default", {"asNumber": 4200000000, "communities": [
         "64512:100", "4200000000:1:2", "4294967295:4294967295:0"]})
     assert config.communities == ((64512, 100),)
@@ -45,7 +45,8 @@ def test_large_communities_carry_32_bit_parts_to_external_peers_only():
     assert round_trip(config) == config
     prefix = IPv4Network("10.244.0.0/26")
     exports = policy.announcements([prefix], [MESH, TOR], config)
-    assert exports[MESH.address][prefix].large_communities == ()
+    # to other nodes too, as Calico's export filter: a reflector passes them on to routers
+    assert exports[MESH.address][prefix] == exports[TOR.address][prefix]
     sent = exports[TOR.address][prefix]
     assert sent.large_communities == config.large_communities
     [(line, _)] = announce_commands([TOR.address], [sent])
@@ -262,7 +263,7 @@ def test_prefix_advertisements_add_communities_to_the_prefixes_they_hold():
     assert config.communities_for(outside) == (((64512, 100),), ())
     exports = policy.announcements([inside, outside], [MESH, TOR], config)
     assert exports[TOR.address][inside].large_communities == ((4200000000, 1, 2),)
-    assert exports[MESH.address][inside].communities == ()  # other nodes get none
+    assert exports[MESH.address][inside] == exports[TOR.address][inside]  # every peer
 
 
 @pytest.mark.parametrize("spec, facts", [
@@ -342,7 +343,7 @@ def test_a_nodes_prefix_advertisements_replace_the_defaults_for_that_node():
     assert mine.communities_for(services) == (((64512, 100),), ())  # the default's: not n1's
     exports = policy.announcements([block], [MESH, TOR], mine, [services])
     assert exports[TOR.address][block].large_communities == ((4200000000, 1, 2),)
-    assert exports[MESH.address][block].communities == ()
+    assert exports[MESH.address][block] == exports[TOR.address][block]
     none = config_from_spec("node.n1", {"prefixAdvertisements": []})
     assert none.prefix_advertisements == () and round_trip(none) == none
     assert for_node(default, none).communities_for(services) == (((64512, 100),), ())

@@ -212,15 +212,20 @@ def test_a_reachable_by_peer_gets_a_route_over_any_learned_one():
     assert policy.kernel_routes({}, set(), static=static) == static
 
 
-def test_exports_own_blocks_and_borrowed_addresses_with_communities_for_external_peers():
+def test_exports_own_blocks_and_borrowed_addresses_with_communities_to_every_peer():
+    """The configured communities go to other nodes too (Calico's export filter adds them on
+    every session), so a reflector passes them on; the service ranges only outside."""
     own = {net("10.244.0.0/26"), net("10.250.0.0/26")}
     borrowed = {IPv4Address("10.244.7.9")}
     prefixes = policy.exported_prefixes(own, borrowed, POOLS)
     assert prefixes == {net("10.244.0.0/26"), net("10.244.7.9/32")}  # quiet pool not exported
-    exports = policy.announcements(prefixes, [MESH, TOR], BGPConfig(communities=((64512, 7),)))
-    assert {a.communities for a in exports[B].values()} == {()}
+    services = [net("10.96.0.0/12")]
+    exports = policy.announcements(prefixes, [MESH, TOR], BGPConfig(communities=((64512, 7),)),
+                                   services)
+    assert {a.communities for a in exports[B].values()} == {((64512, 7),)}
     assert {a.communities for a in exports[TOR.address].values()} == {((64512, 7),)}
-    assert set(exports[TOR.address]) == prefixes
+    assert set(exports[TOR.address]) == prefixes | set(services)
+    assert set(exports[B]) == prefixes
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ with only part of a cluster's reflectors is warned about."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
@@ -149,14 +150,23 @@ spec: {peerIP: 10.99.0.250, asNumber: 64512, nodeSelector: route-reflector == 't
         rr_lab.pipitctl("delete", "bgpfilter", "not-one")
 
 
-def test_reflected_routes_keep_their_large_and_extended_communities(rr_lab, tmp_path):
+def test_reflected_routes_keep_their_communities(rr_lab, tmp_path):
     """RFC 4456: a reflector passes a route on with its attributes as received. A BIRD
     client's route carrying standard, large and extended communities reaches another BIRD
-    client through Pipit's reflectors with all three."""
+    client through Pipit's reflectors with all three; and the nodes' blocks reach it with the
+    cluster's communities, which nodes send to their reflectors too (as Calico's)."""
     prefix = IPv4Network("198.51.100.0/24")
     clients = {"birda": IPv4Interface("10.99.0.251/24"), "birdb": IPv4Interface("10.99.0.252/24")}
     peers = [BirdPeer(name, address(rr_lab, name), 64512) for name in ("rr1", "rr2")]
     birds = []
+    shown = rr_lab.pipitctl("get", "bgpconfig", "default", "-o", "json")
+    assert shown.returncode == 0, shown.stderr
+    bgp_configuration = json.loads(shown.stdout)
+    bgp_configuration["metadata"].pop("resourceVersion", None)
+    tagged = json.loads(json.dumps(bgp_configuration))
+    tagged["spec"]["communities"] = ["64512:77", "64512:1:77"]
+    applied = rr_lab.pipitctl("apply", "-f", "-", input=json.dumps(tagged))
+    assert applied.returncode == 0, applied.stderr
     try:
         for name, interface in clients.items():
             applied = rr_lab.pipitctl("apply", "-f", "-", input=f"""\
@@ -180,7 +190,17 @@ spec: {{peerIP: {interface.ip}, asNumber: 64512, nodeSelector: route-reflector =
         assert route.communities == ((64512, 5),)
         assert route.large_communities == ((4200000000, 1, 2),)
         assert set(route.extended_communities) == {("rt", "64512", "7"), ("ro", "64512", "9")}
+        blocks = {IPv4Network(p) for n in rr_lab.workers()
+                  for p, hop in rr_lab.pipit_routes(n).items() if hop == "blackhole"}
+
+        def tagged_blocks() -> bool:
+            table = birds[1].routes()
+            return all(b in table and table[b].communities == ((64512, 77),)
+                       and table[b].large_communities == ((64512, 1, 77),) for b in blocks)
+        wait(tagged_blocks, 30, "birdb to learn every block with the cluster's communities")
     finally:
+        restored = rr_lab.pipitctl("apply", "-f", "-", input=json.dumps(bgp_configuration))
+        assert restored.returncode == 0, restored.stderr
         for bird in birds:
             bird.destroy()
         for name in clients:
