@@ -15,6 +15,8 @@ as AS its own; Calico's route-reflector topology). Stored at /pipit/resources/bg
       nodeSelector: rack == 'a'        # or node: n1, or neither: every node
       password: {file: /etc/pipit/tor.secret}   # or {secretKeyRef: {name: bgp, key: tor}}
       holdTime: 90                     # seconds, 0 or 3-65535
+      keepaliveTime: 30                # seconds between keepalives, below holdTime (default
+                                       # a third of the hold time the session agrees on)
       maxRestartTime: 120              # graceful restart time we advertise, 0 turns it off
       maxPrefixes: 1000                # more received prefixes disconnect the peer; 0: no limit
       keepOriginalNextHop: false
@@ -81,7 +83,7 @@ KIND = "BGPPeer"
 _FIELDS = {"peerIP", "asNumber", "node", "nodeSelector", "peerSelector", "reversePeering",
            "password", "holdTime", "maxRestartTime", "maxPrefixes", "keepOriginalNextHop",
            "allowPoolPrefixes", "numAllowedLocalASNumbers", "filters", "ttlSecurity",
-           "localASNumber", "sourceAddress", "reachableBy", "nextHopMode"}
+           "localASNumber", "sourceAddress", "reachableBy", "nextHopMode", "keepaliveTime"}
 REVERSE_PEERING = ("Auto", "Manual")
 NEXT_HOP_MODES = ("Auto", "Self", "Keep")
 MAX_ALLOWED_LOCAL_AS = 10
@@ -98,6 +100,7 @@ class BGPPeer:
     reverse_peering: str = "Auto"
     password: PasswordRef | None = None
     hold_time: int = DEFAULT_HOLD_TIME
+    keepalive_time: int = 0  # seconds between keepalives; 0: a third of the hold time
     restart_time: int = DEFAULT_RESTART_TIME
     max_prefixes: int = 0  # 0: no limit
     keep_original_next_hop: bool = False
@@ -213,17 +216,33 @@ def peer_from_spec(name: str, spec: Mapping) -> BGPPeer:
     if source != "UseNodeIP":
         raise read.fail(f"sourceAddress {source!r} is not supported: Pipit peers from the "
                         "node's address (UseNodeIP, Calico's default).")
+    hold_time = check_hold_time(read.seconds("holdTime", DEFAULT_HOLD_TIME), where)
     return BGPPeer(
         name=name, peer_ip=peer_ip, as_number=as_number, node=node, node_selector=selector,
         peer_selector=peer_selector, reverse_peering=reverse,
         password=parse_password(read, spec.get("password")),
-        hold_time=check_hold_time(read.seconds("holdTime", DEFAULT_HOLD_TIME), where),
+        hold_time=hold_time, keepalive_time=_keepalive_time(read, hold_time),
         restart_time=restart, max_prefixes=max_prefixes,
         keep_original_next_hop=read.boolean("keepOriginalNextHop"),
         allow_pool_prefixes=read.boolean("allowPoolPrefixes"),
         allowed_local_as=allowed, peer_port=peer_port, filters=_filter_names(read),
         ttl_security=_ttl_security(read), local_as_number=local_as_number,
         reachable_by=_reachable_by(read, peer_ip), next_hop_mode=_next_hop_mode(read))
+
+
+def _keepalive_time(read: SpecReader, hold_time: int) -> int:
+    """keepaliveTime (Calico's): seconds between keepalives, below the hold time; not given,
+    a third of the hold time (0)."""
+    if read.spec.get("keepaliveTime") is None:
+        return 0
+    keepalive = read.seconds("keepaliveTime", 0)
+    if hold_time == 0:
+        raise read.fail("keepaliveTime cannot be set with holdTime 0: such a session sends no "
+                        "keepalives.")
+    if not 1 <= keepalive < hold_time:
+        raise read.fail(f"keepaliveTime {keepalive} must be 1 or more and below holdTime "
+                        f"{hold_time} (else the peer's hold timer expires between two).")
+    return keepalive
 
 
 def _next_hop_mode(read: SpecReader) -> str | None:
@@ -359,6 +378,8 @@ def peer_to_spec(peer: BGPPeer) -> dict:
         spec["reachableBy"] = str(peer.reachable_by)
     if peer.next_hop_mode is not None:
         spec["nextHopMode"] = peer.next_hop_mode
+    if peer.keepalive_time:
+        spec["keepaliveTime"] = peer.keepalive_time
     return spec
 
 

@@ -152,7 +152,8 @@ def parse_configured(output: Iterable[str]) -> dict[IPv4Address, str | None]:
             current = IPv4Address(head.group(1))
             found[current] = None
             continue
-        described = re.match(rf'^description "{DESCRIPTION_PREFIX}([0-9a-f]+)";', line.strip())
+        described = re.match(rf'^description "{DESCRIPTION_PREFIX}([0-9a-f]+)[^"]*";',
+                             line.strip())
         if described and current is not None:
             found[current] = described.group(1)
     return found

@@ -4,7 +4,8 @@ set. Pure: text in, text out. The settings avoid ExaBGP 5.0's traps: the helper 
 each setting is made).
 
 The file starts with `# pipit-digest: <digest>`, a digest of the whole configuration, and every
-neighbour carries it again as `description "pipit:<digest>"`.
+neighbour carries it again as `description "pipit:<digest>"` (followed by `keepalive N` for a
+neighbour with its own keepalive interval, which pipit-exabgp reads: exabgp_reactor).
 ExaBGP does not compare descriptions when it reloads (no session reset), but shows them in
 `show neighbor configuration`, so the bridge can tell whether a reload really took effect:
 ExaBGP silently drops a reload that arrives while routes are still queued for a peer.
@@ -90,9 +91,11 @@ def _render(router_id, local_address, local_as, neighbors, bridge_command, diges
         "}",
     ]
     for n in neighbors:
+        # the description also carries what ExaBGP has no setting for (pipit-exabgp reads it)
+        extra = f" keepalive {n.keepalive_time}" if n.keepalive_time else ""
         lines += ["", f"neighbor {n.address} {{",
                   f"    inherit {TEMPLATE};",
-                  f'    description "{DESCRIPTION_PREFIX}{digest}";']
+                  f'    description "{DESCRIPTION_PREFIX}{digest}{extra}";']
         lines += [f"    local-address {n.local_address};", f"    local-as {n.local_as};",
                   f"    peer-as {n.peer_as};"]
         if n.hold_time != 0 and n.hold_time < 3:

@@ -1,6 +1,6 @@
 """pipit-exabgp: ExaBGP 5.0 with six fixes to its reactor loop, so that it can sleep when
 idle and still answer at once, take many connections and commands at once, and not format
-log lines it drops. The agent runs it in place of `exabgp` (same arguments); a sidecar
+log lines it drops, and a seventh change: a keepalive interval per neighbour. The agent runs it in place of `exabgp` (same arguments); a sidecar
 should too.
 
 ExaBGP's reactor is one loop: each turn it runs every peer, tries accept() on each listening
@@ -57,9 +57,16 @@ remove both; the third is about turns that are busy:
    came with a lower TTL, and otherwise gets the minimum on its own socket. Sessions ExaBGP
    opens itself it already checks on their socket.
 
+7. ExaBGP sends keepalives every third of the negotiated hold time, and has no setting for
+   it. A BGPPeer's keepaliveTime (Calico's, BIRD's `keepalive time`) goes into its
+   neighbour's description as `keepalive N` (exabgp_config), and a session's keepalive timer
+   takes it when it is below the negotiated hold time (else ExaBGP's third: a peer may offer
+   a shorter hold time than ours, and keepalives as far apart as that would end the session).
+
 The first two fixes replace one method, Reactor._wait_for_io, the third two of Listener's,
 the fourth Peer.id and log.debug, the fifth the `os` the API's Processes read with, the sixth
-Listener._listen and (with the third's) _connected, and the listener's own minimum-TTL call;
+Listener._listen and (with the third's) _connected, and the listener's own minimum-TTL call,
+the seventh KA.__init__ (wrapped);
 they are applied only to the release they were written against (5.0.x); with any other,
 pipit-exabgp says so on stderr and runs ExaBGP unchanged (correct, only slower to answer as
 above). pipit-exabgp also installs bgp_agent.exabgp_fanout's changes (one command to many
@@ -68,12 +75,14 @@ neighbours, a reflector's).
 
 from __future__ import annotations
 
+import re
 import select
 import sys
 
 FIXED_RELEASES = ("5.0.",)  # prefixes of the ExaBGP releases the fixes were written against
 API_READ_SIZE = 1 << 20  # what a turn reads of the API helper's pipe, at most (5)
 READABLE = select.POLLIN | select.POLLPRI
+KEEPALIVE = re.compile(r"\bkeepalive (\d+)\b")  # in a neighbour's description (7)
 
 
 def wait_for_io(reactor, sleeptime: int):
@@ -243,6 +252,25 @@ def quiet_debug(original):
     return classmethod(debug)
 
 
+def keepalive_of(description: str | None) -> int:
+    """The keepalive interval a neighbour's description gives (`keepalive N`), 0 if none (7)."""
+    match = KEEPALIVE.search(description or "")
+    return int(match[1]) if match else 0
+
+
+def with_keepalive(original):
+    """KA.__init__ with the neighbour's own keepalive interval (7): taken when the session's
+    negotiated hold time is not 0 and longer than it. `original`: ExaBGP's."""
+    def __init__(self, session, proto):
+        original(self, session, proto)
+        wanted = keepalive_of(proto.neighbor["description"])
+        hold = int(proto.negotiated.holdtime)
+        if wanted and hold and wanted < hold:
+            self.send_timer.keepalive = wanted
+    __init__.__wrapped__ = original
+    return __init__
+
+
 class ReadingMore:
     """The `os` module as ExaBGP's API Processes use it, with read() taking up to
     API_READ_SIZE however little it is asked for (5); the rest is os's."""
@@ -263,6 +291,7 @@ def apply() -> str | None:
     from exabgp.logger import _log, log
     from exabgp.reactor.api import processes
     from exabgp.reactor import listener as listener_module
+    from exabgp.reactor.keepalive import KA
     from exabgp.reactor.listener import Listener
     from exabgp.reactor.loop import Reactor
     from exabgp.reactor.peer import Peer
@@ -279,6 +308,7 @@ def apply() -> str | None:
     Peer.id = peer_id
     processes.os = ReadingMore(getattr(processes.os, "os", processes.os))
     log.debug = quiet_debug(_log.__dict__["debug"].__func__)  # (log's base keeps ExaBGP's)
+    KA.__init__ = with_keepalive(getattr(KA.__init__, "__wrapped__", KA.__init__))
     return None
 
 

@@ -38,6 +38,7 @@ class Neighbor:
     # connecting at the same moment never come up)
     passive: bool = False
     peer_port: int = 179  # where the peer accepts it (another node: the same listenPort)
+    keepalive_time: int = 0  # seconds between keepalives; 0: a third of the hold time
     ttl_security: int = 0  # GTSM: the peer's distance in hops; 0: off
     # import policy for this peer (not part of ExaBGP's configuration: changing them does
     # not touch the session)

@@ -49,6 +49,7 @@ def node_neighbor(me: NodeRecord, other: NodeRecord, config: BGPConfig, kind: st
     times = ((peer.hold_time, peer.restart_time) if peer is not None
              else (config.node_mesh_hold_time, config.node_mesh_restart_time))
     limits = {} if peer is None else dict(
+        keepalive_time=peer.keepalive_time,
         max_prefixes=peer.max_prefixes, allow_pool_prefixes=peer.allow_pool_prefixes,
         allowed_local_as=peer.allowed_local_as, filters=filters,
         ttl_security=peer.ttl_security, next_hop_self=peer.next_hop_mode == "Self")
@@ -175,7 +176,8 @@ def select_neighbors(me: NodeRecord, nodes: Iterable[NodeRecord], config: BGPCon
             local_as=my_as, kind=kind, name=peer.name,
             # a reflector's same-AS router (a BIRD, an FRR) is its client (Calico's rule)
             rr_client=is_reflector(me) and peer.as_number == my_as,
-            hold_time=peer.hold_time, password=secret, restart_time=peer.restart_time,
+            hold_time=peer.hold_time, keepalive_time=peer.keepalive_time, password=secret,
+            restart_time=peer.restart_time,
             listen_port=config.port_of(me.name), peer_port=peer_port(peer, nodes, config),
             max_prefixes=peer.max_prefixes, allow_pool_prefixes=peer.allow_pool_prefixes,
             allowed_local_as=peer.allowed_local_as,

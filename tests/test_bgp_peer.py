@@ -51,8 +51,10 @@ def test_every_field_round_trips():
             "holdTime": 9, "maxRestartTime": 30, "maxPrefixes": 100,
             "keepOriginalNextHop": True, "allowPoolPrefixes": True,
             "numAllowedLocalASNumbers": 1, "filters": ["tor-in", "tor-out"], "ttlSecurity": 1,
-            "localASNumber": "1.10", "sourceAddress": "UseNodeIP", "reachableBy": "10.99.0.1"}
+            "localASNumber": "1.10", "sourceAddress": "UseNodeIP", "reachableBy": "10.99.0.1",
+            "keepaliveTime": "3s"}
     peer = peer_from_spec("rack-a", spec)
+    assert peer.keepalive_time == 3
     with_mode = peer_from_spec("rack-a", {**spec, "keepOriginalNextHop": False,
                                           "nextHopMode": "Self"})
     assert with_mode.next_hop_mode == "Self"
@@ -147,6 +149,10 @@ REFUSALS = [
     ({**TOR, "nextHopMode": "self"}, ["nextHopMode 'self' is not one of Auto, Self, Keep"]),
     ({**TOR, "nextHopMode": "Keep", "keepOriginalNextHop": True},
      ["either nextHopMode or keepOriginalNextHop"]),
+    ({**TOR, "keepaliveTime": 90}, ["keepaliveTime 90", "below holdTime 90"]),
+    ({**TOR, "keepaliveTime": 0}, ["keepaliveTime 0", "1 or more"]),
+    ({**TOR, "holdTime": 0, "keepaliveTime": 10}, ["keepaliveTime cannot be set with holdTime 0"]),
+    ({**TOR, "keepaliveTime": "soon"}, ["keepaliveTime must be whole seconds"]),
 ]
 
 

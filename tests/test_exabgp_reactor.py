@@ -270,7 +270,10 @@ def test_the_fixes_are_installed_only_on_the_release_they_were_written_for(monke
     from exabgp.reactor import listener as listener_module
     from exabgp.reactor.listener import Listener
     from exabgp.reactor.api import processes
+    from exabgp.reactor.keepalive import KA
     listen = getattr(Listener._listen, "__wrapped__", Listener._listen)
+    ka_init = getattr(KA.__init__, "__wrapped__", KA.__init__)
+    monkeypatch.setattr(KA, "__init__", ka_init)
     originals = (Reactor._wait_for_io, Listener.incoming, Listener._connected, Peer.id,
                  log.debug, processes.os, listen, listener_module.set_minimum_ttl)
     for owner, name, original in ((Reactor, "_wait_for_io", originals[0]),
@@ -285,6 +288,7 @@ def test_the_fixes_are_installed_only_on_the_release_they_were_written_for(monke
     assert (Reactor._wait_for_io, Listener.incoming, Listener._connected, Peer.id,
             log.debug, processes.os, Listener._listen,
             listener_module.set_minimum_ttl) == originals
+    assert KA.__init__ is ka_init
     monkeypatch.setattr(exabgp.version, "release", "5.0.15")
     for _ in range(2):  # twice: still one layer
         assert exabgp_reactor.apply() is None
@@ -296,6 +300,7 @@ def test_the_fixes_are_installed_only_on_the_release_they_were_written_for(monke
         assert Peer.id is exabgp_reactor.peer_id
         assert log.debug.__func__.__wrapped__ is _log.__dict__["debug"].__func__
         assert processes.os.os is os
+        assert KA.__init__.__wrapped__ is ka_init
 
 
 @pytest.mark.parametrize("fixed", [False, True])
@@ -326,6 +331,32 @@ def test_one_turn_takes_every_command_waiting_in_the_api_pipe(fixed, monkeypatch
         assert all(line == command.decode().strip() for line in taken)
     finally:
         os.close(writer)
+
+
+@pytest.mark.parametrize("description, hold, keepalive", [
+    ("pipit:0123abcd", 90, 30),  # none given: ExaBGP's third of the hold time
+    ("pipit:0123abcd keepalive 5", 90, 5),
+    ("pipit:0123abcd keepalive 5", 9, 5),
+    ("pipit:0123abcd keepalive 20", 9, 3),  # the peer offered a shorter hold time
+    ("pipit:0123abcd keepalive 5", 0, 0),  # no hold time: no keepalives
+    ("", 30, 10),
+])
+def test_a_session_sends_keepalives_at_its_neighbours_own_interval(description, hold, keepalive):
+    """Fix 7 on ExaBGP's own keepalive sender (KA) and its hold time: the description's
+    `keepalive N` where the negotiated hold time allows it, else ExaBGP's third."""
+    from types import SimpleNamespace
+
+    from exabgp.bgp.message.open.holdtime import HoldTime
+    from exabgp.reactor.keepalive import KA
+    original = getattr(KA.__init__, "__wrapped__", KA.__init__)
+    proto = SimpleNamespace(neighbor={"description": description},
+                            negotiated=SimpleNamespace(holdtime=HoldTime(hold)))
+    sender = object.__new__(KA)
+    exabgp_reactor.with_keepalive(original)(sender, lambda: "peer-1", proto)
+    assert sender.send_timer.keepalive == keepalive
+    plain = object.__new__(KA)
+    original(plain, lambda: "peer-1", proto)
+    assert plain.send_timer.keepalive == HoldTime(hold).keepalive()  # ExaBGP's, unchanged
 
 
 def test_a_peer_s_name_is_made_once_per_neighbour_object_as_exabgp_makes_it():

@@ -790,8 +790,10 @@ def test_mesh_settings_without_a_mesh_are_refused_and_durations_read(etcd, ctl):
 @pytest.mark.parametrize("metadata, spec, facts", [
     ({"name": "other"}, {}, ["'other'", "the BGPConfiguration named 'default', and one named "
                                         "node.<node name> per node"]),
-    ({"name": "node.n1"}, {"communities": ["64512:1"]},
-     ["'node.n1': communities is the cluster's", "may set only listenPort, logSeverityScreen"]),
+    ({"name": "node.n1"}, {"nodeMeshHoldTime": 30},
+     ["'node.n1': nodeMeshHoldTime is the cluster's", "may set only communities, listenPort"]),
+    ({"name": "node.n1"}, {"communities": ["64512:1"], "prefixAdvertisements": []},
+     ["'node.n1': a node's communities only name values for its prefixAdvertisements"]),
     ({"name": "node.n1"}, {"listenPort": 0}, ["listenPort 0 is outside 1-65535"]),
     ({"name": "node.n1"}, {"logSeverity": "Debug"}, ["unknown spec field 'logSeverity'"]),
     ({"name": "node.N_1"}, {}, ["name 'node.N_1' is not valid"]),

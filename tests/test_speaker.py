@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import select
 import time
 import signal
@@ -89,6 +90,39 @@ def test_routes_flow_both_ways_with_bird(net1, state_dir):
                     own[1:]))
                 await eventually(lambda: set(speaker.received[net1.peer_address(1)]) == set(own[1:]),
                                  what="BIRD's withdrawal to arrive")
+
+    asyncio.run(scenario())
+
+
+def segments_sent(netns_name: str, peer: IPv4Address) -> int:
+    """Segments with data the node's end of its BGP session to `peer` has sent (the kernel's
+    count, `ss -ti`): every BGP message goes in one of its own while nothing else is sent."""
+    out = subprocess.run(["ip", "netns", "exec", netns_name, "ss", "-tinH", "state",
+                          "established", "dst", str(peer)], capture_output=True, text=True,
+                         check=True).stdout
+    counts = re.findall(r"\bdata_segs_out:(\d+)", out)
+    assert len(counts) == 1, out
+    return int(counts[0])
+
+
+@needs_root
+@pytest.mark.parametrize("keepalive, least, most", [(0, 0, 1), (1, 3, 5)])
+def test_a_neighbour_s_keepalive_time_is_how_often_it_sends(net1, state_dir, keepalive,
+                                                              least, most):
+    """BGPPeer keepaliveTime through pipit-exabgp: with a 30 s hold time and keepaliveTime 1,
+    a keepalive a second (3-5 over 4 s, counted by the kernel); without it, one every 10 s
+    (a third of the hold time, ExaBGP's: at most one over those 4 s)."""
+    address = net1.peer_address(1)
+
+    async def scenario():
+        with bird_peer(net1, 1, hold_time=30):
+            async with running(make_speaker(state_dir, net1)) as speaker:
+                await speaker.set_neighbors([neighbor(1, hold_time=30,
+                                                      keepalive_time=keepalive)])
+                await eventually(lambda: established(speaker, address), what="up")
+                before = segments_sent(net1.node, address)
+                await asyncio.sleep(4)  # the window keepalives are counted over
+                assert least <= segments_sent(net1.node, address) - before <= most
 
     asyncio.run(scenario())
 
