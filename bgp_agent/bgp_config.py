@@ -28,6 +28,19 @@ _FIELDS = {"asNumber", "nodeToNodeMeshEnabled", "listenPort", "communities",
            "nodeMeshPassword", "logSeverityScreen", "serviceLoadBalancerAggregation",
            "bindMode", *SERVICE_FIELDS}
 AGGREGATION = ("Enabled", "Disabled")  # serviceLoadBalancerAggregation (Calico's)
+_NO_WORKLOAD_PEERING = "Pipit does not peer with workloads (pods) yet."
+# Calico's fields Pipit does not do, and why (refused in that sentence)
+UNSUPPORTED = {
+    "ignoredInterfaces": "Pipit reads no device routes to leave some out (a node announces "
+                         "only its blocks, borrowed addresses and service ranges).",
+    "localWorkloadPeeringIPV4": _NO_WORKLOAD_PEERING,
+    "localWorkloadPeeringIPV6": _NO_WORKLOAD_PEERING,
+    "programClusterRoutes": "pipit-agent programs every route to the other nodes' pods "
+                            "itself, whatever the encapsulation (there is no Felix to leave "
+                            "some to); leave it out.",
+    "ipv4NormalRoutePriority": "Pipit sets no route priorities (leave it out).",
+    "ipv6NormalRoutePriority": "Pipit sets no route priorities (leave it out).",
+}
 # Calico's logSeverityScreen values (read in any case, as Calico's), as the agent's log
 # levels (Trace: Python has none finer than DEBUG; its ExaBGP stays at WARNING: at INFO it
 # logs every route)
@@ -209,7 +222,7 @@ class NodeBGPConfig:
 def config_from_spec(name: str, spec: Mapping) -> BGPConfig | NodeBGPConfig:
     if name.startswith(NODE_PREFIX):
         return _node_config(name, spec)
-    read = SpecReader(KIND, name, spec, _FIELDS)
+    read = SpecReader(KIND, name, spec, _FIELDS, UNSUPPORTED)
     if name != NAME:
         raise read.fail(f"Pipit reads the BGPConfiguration named {NAME!r}, and one named "
                         f"{NODE_PREFIX}<node name> per node.")
@@ -264,7 +277,7 @@ def _node_config(name: str, spec: Mapping) -> NodeBGPConfig:
         raise InvalidResource(f"{KIND} {name!r}: {cluster_wide[0]} is the cluster's, set in "
                               f"the BGPConfiguration {NAME!r}; a node's may set only "
                               f"{', '.join(sorted(NODE_FIELDS))}.")
-    read = SpecReader(KIND, name, spec, NODE_FIELDS)
+    read = SpecReader(KIND, name, spec, NODE_FIELDS, UNSUPPORTED)
     communities = _communities(read)
     if any(not isinstance(c, Mapping) for c in communities):
         raise read.fail("a node's communities only name values for its prefixAdvertisements "

@@ -85,6 +85,8 @@ _FIELDS = {"peerIP", "asNumber", "node", "nodeSelector", "peerSelector", "revers
            "allowPoolPrefixes", "numAllowedLocalASNumbers", "filters", "ttlSecurity",
            "localASNumber", "sourceAddress", "reachableBy", "nextHopMode", "keepaliveTime"}
 REVERSE_PEERING = ("Auto", "Manual")
+# Calico's fields Pipit does not do, and why (refused in that sentence)
+UNSUPPORTED = {"localWorkloadSelector": "Pipit does not peer with workloads (pods) yet."}
 NEXT_HOP_MODES = ("Auto", "Self", "Keep")
 MAX_ALLOWED_LOCAL_AS = 10
 
@@ -159,7 +161,7 @@ class BGPPeer:
 def peer_from_spec(name: str, spec: Mapping) -> BGPPeer:
     """Build a peer from its resource spec; any problem is one InvalidResource sentence."""
     check_name(KIND, name)
-    read = SpecReader(KIND, name, spec, _FIELDS)
+    read = SpecReader(KIND, name, spec, _FIELDS, UNSUPPORTED)
     where = read.where
     peer_selector = read.string("peerSelector") or None
     reverse = read.string("reversePeering") or "Auto"

@@ -328,9 +328,15 @@ def make_document(kind: str, name: str, spec: Mapping, labels: Mapping[str, str]
 class SpecReader:
     """Typed access to a spec's fields with one-sentence errors naming the resource."""
 
-    def __init__(self, kind: str, name: str, spec: Mapping, fields: set[str]):
+    def __init__(self, kind: str, name: str, spec: Mapping, fields: set[str],
+                 unsupported: Mapping[str, str] = {}):
+        """`unsupported`: fields of Calico's Pipit does not do, each with why (refused in that
+        sentence when given a value, rather than as unknown)."""
         self.where = f"{kind} {name!r}"
-        unknown = sorted(set(spec) - fields)
+        for field_name, why in unsupported.items():
+            if spec.get(field_name) not in (None, "", [], {}):
+                raise InvalidResource(f"{self.where}: {field_name} is not supported: {why}")
+        unknown = sorted(set(spec) - fields - set(unsupported))
         if unknown:
             raise InvalidResource(f"{self.where}: unknown spec field {unknown[0]!r} (known: "
                                   f"{', '.join(sorted(fields))}).")

@@ -298,6 +298,21 @@ def test_log_severity_screen_takes_calicos_levels_and_survives_the_document():
     one_sentence(str(error.value), "logSeverityScreen 'verbose'", "Debug, Info, Warning")
 
 
+@pytest.mark.parametrize("spec, facts", [
+    ({"ignoredInterfaces": ["eth9"]}, ["ignoredInterfaces is not supported", "no device routes"]),
+    ({"localWorkloadPeeringIPV4": "169.254.0.179"},
+     ["localWorkloadPeeringIPV4 is not supported", "does not peer with workloads"]),
+    ({"programClusterRoutes": "Enabled"}, ["programClusterRoutes is not supported",
+                                           "programs every route"]),
+    ({"ipv4NormalRoutePriority": 1024}, ["ipv4NormalRoutePriority is not supported"]),
+])
+def test_calicos_fields_pipit_does_not_do_are_refused_saying_why(spec, facts):
+    refused(spec, *facts)
+    with pytest.raises(InvalidResource, match="is not supported"):  # a node's, the same way
+        config_from_spec("node.n1", spec)
+    assert config_from_spec("default", {"ignoredInterfaces": []}) == BGPConfig()  # empty: none
+
+
 def test_bind_mode_node_ip_is_pipit_s_way_and_none_is_one_sentence():
     """Calico's bindMode: NodeIP, listening on the node's address only, is what Pipit's
     sessions do (ExaBGP listens on each session's local address); None (every address) is

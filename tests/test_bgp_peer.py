@@ -153,6 +153,9 @@ REFUSALS = [
     ({**TOR, "keepaliveTime": 0}, ["keepaliveTime 0", "1 or more"]),
     ({**TOR, "holdTime": 0, "keepaliveTime": 10}, ["keepaliveTime cannot be set with holdTime 0"]),
     ({**TOR, "keepaliveTime": "soon"}, ["keepaliveTime must be whole seconds"]),
+    # Calico's fields Pipit does not do: why, not "unknown"
+    ({"peerIP": "169.254.0.179", "asNumber": 65001, "localWorkloadSelector": "app == 'vr'"},
+     ["localWorkloadSelector is not supported", "does not peer with workloads"]),
 ]
 
 
