@@ -250,6 +250,27 @@ def test_service_ranges_reach_the_bgp_configuration():
             if i.kind.name == "BGPConfiguration"] == [False]
 
 
+def test_listen_port_communities_and_prefix_advertisements_reach_the_bgp_configuration():
+    """A chart upgrade applies the BGPConfiguration whole: what it can carry, it must, or an
+    upgrade would drop what was set by hand."""
+    objects = rendered("mesh", **{"bgp.listenPort": "1179",
+                                  "bgp.communities[0]": "64512:100",
+                                  "bgp.communities[1].name": "rack-a",
+                                  "bgp.communities[1].value": "64512:300",
+                                  "bgp.prefixAdvertisements[0].cidr": "10.244.0.0/16",
+                                  "bgp.prefixAdvertisements[0].communities[0]": "rack-a"})
+    resources = read_objects(find(objects, "ConfigMap", "pipit-config")["data"]["resources.yaml"])
+    [config] = [i.obj for i in resources if i.kind.name == "BGPConfiguration"]
+    assert config.listen_port == 1179 and config.communities == ((64512, 100),)
+    assert config.named_communities == (("rack-a", (64512, 300)),)
+    assert [(str(cidr), tokens) for cidr, tokens in config.prefix_advertisements] == [
+        ("10.244.0.0/16", ("rack-a",))]
+    plain = read_objects(find(rendered("mesh"), "ConfigMap", "pipit-config")["data"][
+        "resources.yaml"])
+    assert [(i.obj.listen_port, i.obj.prefix_advertisements) for i in plain
+            if i.kind.name == "BGPConfiguration"] == [(179, ())]
+
+
 # -- route reflectors, controller, RBAC, hooks ----------------------------------------------------
 
 def test_route_reflectors_run_apart_from_the_agents_with_a_disruption_budget():
@@ -402,6 +423,8 @@ def test_the_hook_resources_apply_twice_to_a_real_etcd(etcd, tmp_path):
     ({"etcd.tls.source": "existingSecret", "etcd.tls.existingSecret": "etcd"},
      "/etcd/endpoints/0"),  # TLS needs https:// endpoints
     ({"controller.gcGracePeriod": "soon"}, "/controller/gcGracePeriod"),
+    ({"bgp.listenPort": "0"}, "/bgp/listenPort"),
+    ({"bgp.prefixAdvertisements[0].cidr": "10.0.0.0/8"}, "/bgp/prefixAdvertisements/0"),
 ])
 def test_bad_values_are_refused_with_the_key_named(values, words):
     values = {**({} if values == {} else ENDPOINTS), **values}

@@ -216,7 +216,11 @@ spec:
   nodeMeshPassword: {secretKeyRef: {name: {{ .name | quote }}, key: {{ .key | quote }}}}
   {{- end }}
   {{- end }}
+  listenPort: {{ .Values.bgp.listenPort }}
   communities: {{ toJson .Values.bgp.communities }}
+  {{- with .Values.bgp.prefixAdvertisements }}
+  prefixAdvertisements: {{ toJson . }}
+  {{- end }}
   {{- range $field := list "serviceClusterIPs" "serviceExternalIPs" "serviceLoadBalancerIPs" }}
   {{- with index $.Values.bgp $field }}
   {{ $field }}: {{ toJson . }}
