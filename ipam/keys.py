@@ -1,4 +1,4 @@
-"""The etcd key layout (see DESIGN.md "Datastore"). Block CIDRs appear in keys as 10.0.0.0-26."""
+"""The etcd key layout (README, "What etcd holds"). Block CIDRs appear in keys as 10.0.0.0-26."""
 
 from ipaddress import IPv4Network
 
