@@ -5,6 +5,11 @@ pod and its namespace up, see bgp_agent.kube_pods):
                                                         wins): pools by name or CIDR
     pipit.dev/ip-addrs:  '["10.250.3.7"]'              on the Pod: exactly these addresses
 
+Calico's names for the same, cni.projectcalico.org/ipv4pools and cni.projectcalico.org/ipAddrs,
+are read too (a cluster moving from Calico keeps its annotations); both names on one object
+with different values are refused. Calico's cni.projectcalico.org/ipAddrsNoIpam (an address
+outside IPAM) is refused: Pipit hands out addresses only through its IPAM.
+
 Without them the CNI configuration's `pools` (or every pool selecting the node) apply. A pool
 named here serves the pod whatever its nodeSelector says (a `nodeSelector: "!all()"` pool is
 for such pods only). Anything wrong is an error naming the annotation, before anything is
@@ -22,6 +27,10 @@ from ipam.pool import IPPool
 
 POOLS = "pipit.dev/ipv4pools"
 ADDRESSES = "pipit.dev/ip-addrs"
+# Calico's names for the same, read too
+CALICO_POOLS = "cni.projectcalico.org/ipv4pools"
+CALICO_ADDRESSES = "cni.projectcalico.org/ipAddrs"
+CALICO_NO_IPAM = "cni.projectcalico.org/ipAddrsNoIpam"
 
 
 @dataclass(frozen=True)
@@ -46,20 +55,38 @@ def string_list(text: str, where: str) -> list[str]:
     return value
 
 
+def annotation(annotations: Mapping[str, str], names: Sequence[str],
+               owner: str) -> tuple[str, str] | None:
+    """(name, value) of the first of `names` (Pipit's, then Calico's) `owner` carries, None if
+    it carries none; two of them with different values are refused."""
+    given = [(name, annotations[name]) for name in names if annotations.get(name)]
+    if len({value for _, value in given}) > 1:
+        raise InvalidResource(f"{owner} has both annotations {given[0][0]} and {given[1][0]}, "
+                              "with different values: keep one.")
+    return given[0] if given else None
+
+
 def pod_request(namespace: str, pod: str, namespace_annotations: Mapping[str, str],
                 pod_annotations: Mapping[str, str]) -> PodRequest:
+    owner = f"pod {namespace}/{pod}"
+    if pod_annotations.get(CALICO_NO_IPAM):
+        raise InvalidResource(f"annotation {CALICO_NO_IPAM} of {owner} is not supported: Pipit "
+                              f"hands out addresses only through its IPAM (ask for them with "
+                              f"{ADDRESSES}).")
     pools, pools_from = (), ""
-    if POOLS in pod_annotations:
-        pools_from = f"annotation {POOLS} of pod {namespace}/{pod}"
-        pools = tuple(string_list(pod_annotations[POOLS], pools_from))
-    elif POOLS in namespace_annotations:
-        pools_from = f"annotation {POOLS} of namespace {namespace}"
-        pools = tuple(string_list(namespace_annotations[POOLS], pools_from))
+    for on, carried in ((owner, pod_annotations),
+                        (f"namespace {namespace}", namespace_annotations)):
+        chosen = annotation(carried, (POOLS, CALICO_POOLS), on)
+        if chosen:  # the pod's wins
+            pools_from = f"annotation {chosen[0]} of {on}"
+            pools = tuple(string_list(chosen[1], pools_from))
+            break
     addresses, addresses_from = (), ""
-    if ADDRESSES in pod_annotations:
-        addresses_from = f"annotation {ADDRESSES} of pod {namespace}/{pod}"
+    chosen = annotation(pod_annotations, (ADDRESSES, CALICO_ADDRESSES), owner)
+    if chosen:
+        addresses_from = f"annotation {chosen[0]} of {owner}"
         parsed = []
-        for text in string_list(pod_annotations[ADDRESSES], addresses_from):
+        for text in string_list(chosen[1], addresses_from):
             try:
                 parsed.append(IPv4Address(text))
             except ValueError:

@@ -8,6 +8,9 @@ pool's blocks), and reported in its `status.loadBalancer.ingress`:
     pipit.dev/loadBalancerIPs: '["203.0.113.7"]'   on the Service: exactly this address
     spec.loadBalancerIP: 203.0.113.7               (deprecated by Kubernetes) the same
 
+Calico's names for the annotations, projectcalico.org/ipv4pools and
+projectcalico.org/loadBalancerIPs, are read too (both names with different values: refused).
+
 Which services: with `AllServices` (the default) every LoadBalancer service whose
 spec.loadBalancerClass is unset or Pipit's (`pipit.dev/load-balancer`, or Calico's `calico`:
 the class of a Service cannot change); with
@@ -24,11 +27,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from ipam.annotations import POOLS, PodRequest, pool_names, string_list
+from ipam.annotations import POOLS, PodRequest, annotation, pool_names, string_list
 from ipam.errors import InvalidResource
 from ipam.pool import LOAD_BALANCER, IPPool, pool_of
 
 ADDRESSES = "pipit.dev/loadBalancerIPs"
+# Calico's names for the annotations, read too
+CALICO_POOLS, CALICO_ADDRESSES = "projectcalico.org/ipv4pools", "projectcalico.org/loadBalancerIPs"
 CLASS = "pipit.dev/load-balancer"
 # Calico's class, Pipit's too: a Service's loadBalancerClass cannot change, so one made for
 # Calico's load-balancer IPAM is served as it was
@@ -67,7 +72,8 @@ def managed(service: Mapping, mode: str = ALL_SERVICES) -> bool:
     if mode == ALL_SERVICES or cls in CLASSES:
         return True
     annotations = _annotations(service)
-    return bool(annotations.get(POOLS) or annotations.get(ADDRESSES)
+    return bool(any(annotations.get(name) for name in (POOLS, ADDRESSES, CALICO_POOLS,
+                                                          CALICO_ADDRESSES))
                 or spec.get("loadBalancerIP"))
 
 
@@ -97,9 +103,10 @@ def wanted(service: Mapping, pools: Sequence[IPPool]) -> Wanted:
     metadata = service.get("metadata") or {}
     where = f"service {metadata.get('namespace')}/{metadata.get('name')}"
     annotations = _annotations(service)
-    if annotations.get(ADDRESSES):
-        source = f"annotation {ADDRESSES} of {where}"
-        texts = string_list(annotations[ADDRESSES], source)
+    asked = annotation(annotations, (ADDRESSES, CALICO_ADDRESSES), where)
+    if asked:
+        source = f"annotation {asked[0]} of {where}"
+        texts = string_list(asked[1], source)
     elif (service.get("spec") or {}).get("loadBalancerIP"):
         source = f"spec.loadBalancerIP of {where}"
         texts = [service["spec"]["loadBalancerIP"]]
@@ -118,9 +125,10 @@ def wanted(service: Mapping, pools: Sequence[IPPool]) -> Wanted:
             raise InvalidResource(f"{source} must name exactly one IPv4 address, not "
                                   f"{len(parsed)}.")
         return Wanted(address=parsed[0])
-    if annotations.get(POOLS):
-        source = f"annotation {POOLS} of {where}"
-        request = PodRequest(tuple(string_list(annotations[POOLS], source)), pools_from=source)
+    named = annotation(annotations, (POOLS, CALICO_POOLS), where)
+    if named:
+        source = f"annotation {named[0]} of {where}"
+        request = PodRequest(tuple(string_list(named[1], source)), pools_from=source)
         names = pool_names(request, pools)
         for name in names:
             pool = next(p for p in pools if p.name == name)

@@ -97,6 +97,15 @@ def test_annotations_choose_the_pool_and_the_address(fakekube, etcd, kube_agent)
     # a pod created just now (not yet in the agent's cache) is looked up directly
     store.create(PODS, "team", pod("late", {"pipit.dev/ipv4pools": '["green"]'}))
     assert address_of(add(socket, "team", "late")) in IPv4Interface("10.32.0.0/24").network
+    # Calico's names for the annotations (a cluster moving from Calico keeps them)
+    store.create(NAMESPACES, None, namespace("moved", {"cni.projectcalico.org/ipv4pools":
+                                                       '["blue"]'}))
+    store.create(PODS, "moved", pod("api"))
+    store.create(PODS, "moved", pod("fixed", {"cni.projectcalico.org/ipAddrs": '["10.31.0.78"]'}))
+    store.create(PODS, "moved", pod("db", {"cni.projectcalico.org/ipv4pools": '["green"]'}))
+    assert address_of(add(socket, "moved", "api")) in IPv4Interface("10.31.0.0/24").network
+    assert address_of(add(socket, "moved", "fixed")) == IPv4Address("10.31.0.78")
+    assert address_of(add(socket, "moved", "db")) in IPv4Interface("10.32.0.0/24").network
 
 
 def test_a_pools_namespace_selector_picks_the_pods_of_the_namespaces_it_matches(
@@ -142,6 +151,12 @@ def test_a_pools_namespace_selector_picks_the_pods_of_the_namespaces_it_matches(
     ({"pipit.dev/ip-addrs": '["10.31.0.81", "10.31.0.64"]'}, 7, "10.31.0.64 is the gateway of"),
     ({"pipit.dev/ip-addrs": '["10.31.0.79"]'}, 7, "10.31.0.79 is the broadcast address of"),
     ({"pipit.dev/ip-addrs": '["ten"]'}, 7, "'ten' is not an IPv4 address"),
+    ({"cni.projectcalico.org/ipAddrs": '["10.40.0.1"]'}, 7,
+     "annotation cni.projectcalico.org/ipAddrs of pod team/bad: 10.40.0.1 is not in any IP pool"),
+    ({"pipit.dev/ipv4pools": '["blue"]', "cni.projectcalico.org/ipv4pools": '["green"]'}, 7,
+     "pod team/bad has both annotations pipit.dev/ipv4pools and cni.projectcalico.org/ipv4pools"),
+    ({"cni.projectcalico.org/ipAddrsNoIpam": '["10.31.0.90"]'}, 7,
+     "annotation cni.projectcalico.org/ipAddrsNoIpam of pod team/bad is not supported"),
 ])
 def test_bad_annotations_fail_the_add_naming_them_and_leave_nothing(
         fakekube, etcd, kube_agent, annotations, code, words):

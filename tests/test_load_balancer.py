@@ -42,6 +42,8 @@ def service(kind: str = "LoadBalancer", cls: str | None = None, families=None,
     (service(cls="calico"), lb.REQUESTED_ONLY, True),  # made for Calico's; class is immutable
     (service(annotations={"pipit.dev/ipv4pools": '["public"]'}), lb.REQUESTED_ONLY, True),
     (service(annotations={lb.ADDRESSES: '["203.0.113.7"]'}), lb.REQUESTED_ONLY, True),
+    (service(annotations={lb.CALICO_ADDRESSES: '["203.0.113.7"]'}), lb.REQUESTED_ONLY, True),
+    (service(annotations={lb.CALICO_POOLS: '["public"]'}), lb.REQUESTED_ONLY, True),
     (service(ip="203.0.113.7"), lb.REQUESTED_ONLY, True),
     (service(cls="example.com/other", ip="203.0.113.7"), lb.REQUESTED_ONLY, False),
 ])
@@ -69,6 +71,15 @@ def test_what_a_service_asks_for_and_what_still_satisfies_it():
     # the annotation wins over the deprecated field
     assert lb.wanted(service(ip="203.0.113.8", annotations={lb.ADDRESSES: '["203.0.113.7"]'}),
                      POOLS).address == A("203.0.113.7")
+    # Calico's names for the annotations (a Service made for Calico keeps its request), and
+    # both names with the same value
+    assert lb.wanted(service(annotations={lb.CALICO_ADDRESSES: '["203.0.113.7"]'}),
+                     POOLS) == exact
+    assert lb.wanted(service(annotations={lb.CALICO_POOLS: '["198.51.100.0/28"]'}),
+                     POOLS) == named
+    assert lb.wanted(service(annotations={lb.ADDRESSES: '["203.0.113.7"]',
+                                          lb.CALICO_ADDRESSES: '["203.0.113.7"]'}),
+                     POOLS) == exact
 
 
 @pytest.mark.parametrize("annotations, ip, error, facts", [
@@ -81,6 +92,11 @@ def test_what_a_service_asks_for_and_what_still_satisfies_it():
     ({"pipit.dev/ipv4pools": '["nope"]'}, None, NotFound, ["IP pool 'nope' does not exist"]),
     ({"pipit.dev/ipv4pools": '["pods"]'}, None, InvalidResource,
      ["IP pool 'pods' gives no load-balancer addresses"]),
+    ({lb.ADDRESSES: '["203.0.113.7"]', lb.CALICO_ADDRESSES: '["203.0.113.8"]'}, None,
+     InvalidResource, ["service web/shop has both annotations pipit.dev/loadBalancerIPs and "
+                       "projectcalico.org/loadBalancerIPs, with different values"]),
+    ({lb.CALICO_POOLS: '["nope"]'}, None, NotFound,
+     ["annotation projectcalico.org/ipv4pools of service web/shop: IP pool 'nope'"]),
 ])
 def test_a_request_that_cannot_be_met_is_one_sentence(annotations, ip, error, facts):
     with pytest.raises(error) as caught:
