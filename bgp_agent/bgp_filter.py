@@ -38,10 +38,10 @@ export, a node's own routes carry no community yet when the rules read them (Cal
 configured communities after its filters too). An export Accept may carry `operations`:
 `addCommunity` (a standard or large community) and `prependASPath` (the AS numbers go at the
 front of the path in the order given; to an eBGP peer the node's own AS still comes first, as
-eBGP adds it). Not supported, refused with
-a sentence: `interface` and `priority`, and the `setPriority` operation (Pipit exports no
-interface routes and sets no route priorities), operations on import, a large community to
-match, and IPv6 rules (Pipit is IPv4 only for now).
+eBGP adds it). Not supported, refused with a sentence: `interface` and `priority`, and the
+`setPriority` operation (Pipit exports no interface routes and sets no route priorities),
+operations on import, a large community to match, and IPv6 rules (Pipit is IPv4 only for
+now).
 """
 
 from __future__ import annotations

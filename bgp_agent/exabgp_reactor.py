@@ -1,7 +1,7 @@
 """pipit-exabgp: ExaBGP 5.0 with six fixes to its reactor loop, so that it can sleep when
 idle and still answer at once, take many connections and commands at once, and not format
-log lines it drops, and a seventh change: a keepalive interval per neighbour. The agent runs it in place of `exabgp` (same arguments); a sidecar
-should too.
+log lines it drops, and a seventh change: a keepalive interval per neighbour. The agent runs
+it in place of `exabgp` (same arguments); a sidecar should too.
 
 ExaBGP's reactor is one loop: each turn it runs every peer, tries accept() on each listening
 socket, polls the API helper's pipe, then waits in poll() on the peers' sockets and the helper's
