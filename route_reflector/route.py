@@ -12,8 +12,8 @@ ORIGINS = ("igp", "egp", "incomplete")  # best first (RFC 4271 §9.1.2.2 b)
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """A route in a peer's Adj-RIB-In. The fields up to `cluster_list` are bgp_agent.model.Path's,
-    in its order; `peer` is the session it came from and `peer_router_id` that peer's BGP
+    """A route in a peer's Adj-RIB-In. The fields before `peer` are bgp_agent.model.Path's, in
+    its order; `peer` is the session it came from and `peer_router_id` that peer's BGP
     identifier (from its OPEN), which stands in for ORIGINATOR_ID when the route has none."""
     prefix: IPv4Network
     next_hop: IPv4Address
