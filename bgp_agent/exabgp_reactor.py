@@ -62,11 +62,13 @@ remove both; the third is about turns that are busy:
    neighbour's description as `keepalive N` (exabgp_config), and a session's keepalive timer
    takes it when it is below the negotiated hold time (else ExaBGP's third: a peer may offer
    a shorter hold time than ours, and keepalives as far apart as that would end the session).
+   A reload that changes only the description keeps the session (ExaBGP does not compare
+   descriptions) and gives its peer the new neighbour object: the timer follows it.
 
 The first two fixes replace one method, Reactor._wait_for_io, the third two of Listener's,
 the fourth Peer.id and log.debug, the fifth the `os` the API's Processes read with, the sixth
 Listener._listen and (with the third's) _connected, and the listener's own minimum-TTL call,
-the seventh KA.__init__ (wrapped);
+the seventh KA.__init__ and KA.__call__ (wrapped);
 they are applied only to the release they were written against (5.0.x); with any other,
 pipit-exabgp says so on stderr and runs ExaBGP unchanged (correct, only slower to answer as
 above). pipit-exabgp also installs bgp_agent.exabgp_fanout's changes (one command to many
@@ -258,17 +260,36 @@ def keepalive_of(description: str | None) -> int:
     return int(match[1]) if match else 0
 
 
+def keepalive_interval(description: str | None, holdtime) -> int:
+    """A session's keepalive interval (7): the description's when the negotiated hold time
+    (ExaBGP's HoldTime) is not 0 and longer than it, else ExaBGP's third of the hold time."""
+    wanted, hold = keepalive_of(description), int(holdtime)
+    return wanted if wanted and hold and wanted < hold else holdtime.keepalive()
+
+
 def with_keepalive(original):
-    """KA.__init__ with the neighbour's own keepalive interval (7): taken when the session's
-    negotiated hold time is not 0 and longer than it. `original`: ExaBGP's."""
+    """KA.__init__ with the neighbour's own keepalive interval (7). `original`: ExaBGP's."""
     def __init__(self, session, proto):
         original(self, session, proto)
-        wanted = keepalive_of(proto.neighbor["description"])
-        hold = int(proto.negotiated.holdtime)
-        if wanted and hold and wanted < hold:
-            self.send_timer.keepalive = wanted
+        self._pipit_proto, self._pipit_neighbor = proto, proto.neighbor
+        self.send_timer.keepalive = keepalive_interval(proto.neighbor["description"],
+                                                       proto.negotiated.holdtime)
     __init__.__wrapped__ = original
     return __init__
+
+
+def following_reloads(original):
+    """KA.__call__ (each turn of the session's loop) taking the interval of the neighbour
+    object a reload gave the peer (7). `original`: ExaBGP's."""
+    def __call__(self):
+        neighbor = self._pipit_proto.peer.neighbor
+        if neighbor is not self._pipit_neighbor:
+            self._pipit_neighbor = neighbor
+            self.send_timer.keepalive = keepalive_interval(
+                neighbor["description"], self._pipit_proto.negotiated.holdtime)
+        return original(self)
+    __call__.__wrapped__ = original
+    return __call__
 
 
 class ReadingMore:
@@ -309,6 +330,7 @@ def apply() -> str | None:
     processes.os = ReadingMore(getattr(processes.os, "os", processes.os))
     log.debug = quiet_debug(_log.__dict__["debug"].__func__)  # (log's base keeps ExaBGP's)
     KA.__init__ = with_keepalive(getattr(KA.__init__, "__wrapped__", KA.__init__))
+    KA.__call__ = following_reloads(getattr(KA.__call__, "__wrapped__", KA.__call__))
     return None
 
 

@@ -273,7 +273,9 @@ def test_the_fixes_are_installed_only_on_the_release_they_were_written_for(monke
     from exabgp.reactor.keepalive import KA
     listen = getattr(Listener._listen, "__wrapped__", Listener._listen)
     ka_init = getattr(KA.__init__, "__wrapped__", KA.__init__)
+    ka_call = getattr(KA.__call__, "__wrapped__", KA.__call__)
     monkeypatch.setattr(KA, "__init__", ka_init)
+    monkeypatch.setattr(KA, "__call__", ka_call)
     originals = (Reactor._wait_for_io, Listener.incoming, Listener._connected, Peer.id,
                  log.debug, processes.os, listen, listener_module.set_minimum_ttl)
     for owner, name, original in ((Reactor, "_wait_for_io", originals[0]),
@@ -288,7 +290,7 @@ def test_the_fixes_are_installed_only_on_the_release_they_were_written_for(monke
     assert (Reactor._wait_for_io, Listener.incoming, Listener._connected, Peer.id,
             log.debug, processes.os, Listener._listen,
             listener_module.set_minimum_ttl) == originals
-    assert KA.__init__ is ka_init
+    assert (KA.__init__, KA.__call__) == (ka_init, ka_call)
     monkeypatch.setattr(exabgp.version, "release", "5.0.15")
     for _ in range(2):  # twice: still one layer
         assert exabgp_reactor.apply() is None
@@ -300,7 +302,7 @@ def test_the_fixes_are_installed_only_on_the_release_they_were_written_for(monke
         assert Peer.id is exabgp_reactor.peer_id
         assert log.debug.__func__.__wrapped__ is _log.__dict__["debug"].__func__
         assert processes.os.os is os
-        assert KA.__init__.__wrapped__ is ka_init
+        assert (KA.__init__.__wrapped__, KA.__call__.__wrapped__) == (ka_init, ka_call)
 
 
 @pytest.mark.parametrize("fixed", [False, True])
@@ -349,7 +351,8 @@ def test_a_session_sends_keepalives_at_its_neighbours_own_interval(description, 
     from exabgp.bgp.message.open.holdtime import HoldTime
     from exabgp.reactor.keepalive import KA
     original = getattr(KA.__init__, "__wrapped__", KA.__init__)
-    proto = SimpleNamespace(neighbor={"description": description},
+    neighbor = {"description": description}
+    proto = SimpleNamespace(neighbor=neighbor, peer=SimpleNamespace(neighbor=neighbor),
                             negotiated=SimpleNamespace(holdtime=HoldTime(hold)))
     sender = object.__new__(KA)
     exabgp_reactor.with_keepalive(original)(sender, lambda: "peer-1", proto)
@@ -357,6 +360,30 @@ def test_a_session_sends_keepalives_at_its_neighbours_own_interval(description, 
     plain = object.__new__(KA)
     original(plain, lambda: "peer-1", proto)
     assert plain.send_timer.keepalive == HoldTime(hold).keepalive()  # ExaBGP's, unchanged
+
+
+def test_a_reload_changing_a_neighbours_keepalive_reaches_its_running_session():
+    """ExaBGP's reload gives the peer a new neighbour object when only the description
+    changed (the session stays): the session's next turn takes its interval."""
+    from types import SimpleNamespace
+
+    from exabgp.bgp.message.open.holdtime import HoldTime
+    from exabgp.reactor.keepalive import KA
+    original_init = getattr(KA.__init__, "__wrapped__", KA.__init__)
+    original_call = getattr(KA.__call__, "__wrapped__", KA.__call__)
+    first = {"description": "pipit:0123abcd"}
+    proto = SimpleNamespace(neighbor=first, peer=SimpleNamespace(neighbor=first),
+                            negotiated=SimpleNamespace(holdtime=HoldTime(30)))
+    sender = object.__new__(KA)
+    exabgp_reactor.with_keepalive(original_init)(sender, lambda: "peer-1", proto)
+    turn = exabgp_reactor.following_reloads(original_call)
+    assert turn(sender) is False and sender.send_timer.keepalive == 10  # nothing due yet
+    proto.peer.neighbor = {"description": "pipit:4567cdef keepalive 2"}  # reconfigure()
+    turn(sender)
+    assert sender.send_timer.keepalive == 2
+    proto.peer.neighbor = {"description": "pipit:89abcdef"}  # and taken out again
+    turn(sender)
+    assert sender.send_timer.keepalive == 10
 
 
 def test_a_peer_s_name_is_made_once_per_neighbour_object_as_exabgp_makes_it():
