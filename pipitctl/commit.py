@@ -156,6 +156,7 @@ async def _after_outage(store: Store, done: list[tuple[list[Write], int]], part:
     anything of the change stays."""
     reason = str(error).rstrip(".")
     chunks: list[list[Write]] | None = None  # what is left to put back, once known
+    lost: list[str] = []  # keys someone else changed meanwhile, over every try
     for attempt in range(UNDO_ATTEMPTS):
         try:
             if chunks is None:
@@ -169,7 +170,7 @@ async def _after_outage(store: Store, done: list[tuple[list[Write], int]], part:
                 if not written:
                     raise error  # the one part in doubt was not written: nothing was
                 chunks = _restores(written)
-            await _put_back(store, chunks)
+            await _put_back(store, chunks, lost)
         except DatastoreUnavailable as again:
             if again is error:
                 raise
@@ -203,11 +204,13 @@ def _restores(done: list[tuple[list[Write], int]]) -> list[list[Write]]:
                                 for w in part], 0)]
 
 
-async def _put_back(store: Store, chunks: list[list[Write]]) -> None:
+async def _put_back(store: Store, chunks: list[list[Write]], lost: list[str] | None = None
+                    ) -> None:
     """Apply `_restores` chunks, taking each off the list once applied (and each key of a
     chunk put back one by one), so that a call cut short by etcd going away goes on from
-    there when made again."""
-    lost = []
+    there when made again, with the same `lost` (the keys found changed by someone else, which
+    keep their value: a Conflict names them once everything else is back)."""
+    lost = [] if lost is None else lost
     while chunks:
         chunk = chunks[0]
         if not await _restore(store, chunk):

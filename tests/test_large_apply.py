@@ -170,6 +170,43 @@ def test_an_undo_whose_keys_were_deleted_puts_them_back(etcd):
     with_store(etcd, scenario)
 
 
+def test_an_undo_cut_short_and_resumed_still_names_the_key_someone_else_changed(
+        etcd, monkeypatch):
+    """etcd lost in the middle of a change: its undo finds one key changed by someone else
+    (theirs stands), then etcd goes away again before the next key is put back. Tried again,
+    the undo puts that one back and still says the first could not be (it had forgotten it,
+    and said everything of the change was undone)."""
+    from ipam.errors import Conflict
+    real_txn, calls = commit_module._txn, []
+
+    async def txn_cut_once(store, compares, operations):
+        calls.append(len(operations))
+        if len(calls) == 3:  # the whole chunk, then key a alone, then b: cut short
+            raise DatastoreUnavailable("cannot reach etcd at the test's endpoint.")
+        return await real_txn(store, compares, operations)
+
+    async def scenario(store: Store):
+        writes = [commit_module.Write("/pipit/test/a", 0, {"v": 1}),
+                  commit_module.Write("/pipit/test/b", 0, {"v": 2})]
+        succeeded, revision = await real_txn(
+            store, [commit_module._key_unchanged(w.key, 0) for w in writes],
+            [commit_module._operation(w.key, w.value) for w in writes])
+        assert succeeded
+        await store.put("/pipit/test/a", {"v": "theirs"})
+        monkeypatch.setattr(commit_module, "_txn", txn_cut_once)
+        monkeypatch.setattr(commit_module, "UNDO_PAUSE", 0)
+        outage = DatastoreUnavailable("cannot reach etcd at the test's endpoint.")
+        next_part = [commit_module.Write("/pipit/test/c", 0, {"v": 3})]  # never written
+        with pytest.raises(Conflict) as raised:  # etcd lost while writing the next part
+            await commit_module._after_outage(store, [(writes, revision)], next_part, False, 2,
+                                              outage)
+        assert len(calls) == 4  # the undo was tried again after the cut
+        one_sentence(str(raised.value), "1 of the keys written could not be put back",
+                     "/pipit/test/a")
+        assert await store.snapshot("/pipit/test/") == {"/pipit/test/a": {"v": "theirs"}}
+    with_store(etcd, scenario)
+
+
 # --------------------------------------------------------------------------------------------
 # etcd going away in the middle of a change written in parts
 
