@@ -193,8 +193,11 @@ class _Plan:
 class IPAM:
     """Address management for any number of nodes over one etcd connection."""
 
-    def __init__(self, store: Store, batch_limit: int = 50, refresh_seconds: float = 10.0):
+    def __init__(self, store: Store, batch_limit: int = 50, refresh_seconds: float = 10.0,
+                 clock=time.time):
+        """`clock`: Unix time, for ipCooldownSeconds (a test may pass its own)."""
         self.store = store
+        self.clock = clock
         self.batch_limit = batch_limit
         self.refresh_seconds = refresh_seconds
         self._views: dict[str, NodeView] = {}
@@ -430,11 +433,14 @@ class IPAM:
         got: list[IPv4Address] = []
 
         reserved = plan.reserved
+        now, cooldown = self.clock(), view.config.ip_cooldown_seconds
 
         def take(cidr: IPv4Network, block: Block) -> None:
+            skip = reserved.ordinals(cidr) if reserved else frozenset()
+            if cooldown:
+                skip = skip | blocks.cooling(block, now, cooldown)
             updated, addresses = blocks.assign(block, request.count - len(got), request.handle_id,
-                                               request.attributes,
-                                               reserved.ordinals(cidr) if reserved else frozenset())
+                                               request.attributes, skip)
             if addresses:
                 taken[cidr] = updated
                 got.extend(addresses)
@@ -465,7 +471,7 @@ class IPAM:
                 if in_pools(cidr) and plan.peek_block(cidr, plan.foreign).free:
                     take(cidr, plan.read_block(cidr, plan.foreign))
         if len(got) < request.count:
-            raise PoolExhausted(self._exhausted(view, pools, request.count))
+            raise PoolExhausted(self._exhausted(view, pools, request.count, now))
         plan.blocks.update(taken)
         handle = plan.read_handle(request.handle_id)
         for cidr, block in taken.items():
@@ -534,7 +540,7 @@ class IPAM:
         return plan.read_block(cidr, plan.foreign)
 
     @staticmethod
-    def _exhausted(view: NodeView, pools: list[IPPool], count: int) -> str:
+    def _exhausted(view: NodeView, pools: list[IPPool], count: int, now: float) -> str:
         names = ", ".join(repr(p.name) for p in pools)
         held = len(view.blocks)
         why = (f"node {view.node} holds {held} blocks (maxBlocksPerHost "
@@ -543,6 +549,12 @@ class IPAM:
             why += " and strictAffinity forbids borrowing"
         else:
             why += " and no other block has a free address"
+        cooldown = view.config.ip_cooldown_seconds
+        cooling = sum(len(blocks.cooling(block, now, cooldown))
+                      for block, _ in view.blocks.values()) if cooldown else 0
+        if cooling:
+            why += (f" ({cooling} of its addresses were given back less than "
+                    f"ipCooldownSeconds {cooldown} ago)")
         return f"IP pool {names} cannot provide {count} more address(es): {why}."
 
     async def _claim(self, view: NodeView, pools: list[IPPool],
@@ -635,7 +647,8 @@ class IPAM:
             block = plan.read_block(cidr) or plan.read_block(cidr, plan.foreign)
             if block is None:
                 continue
-            updated, done = blocks.release_handle(block, request.handle_id)
+            updated, done = blocks.release_handle(block, request.handle_id, self.clock(),
+                                                  plan.view.config.ip_cooldown_seconds)
             if done:
                 plan.blocks[cidr] = updated
                 freed += done

@@ -14,6 +14,11 @@ so to every pod of the block it is the broadcast address of its subnet, and a po
 could not be reached from them (a block stored by an older version may still list it as free:
 `from_json` drops it; held, it is never queued again once released).
 
+Calico's ipCooldownSeconds: a release made with the cooldown in force records when each
+address was freed (`released_at`), and `assign` passes over the ones freed less than that long
+ago (`cooling`), so a new pod does not get an address traffic for a pod just deleted may still
+be sent to; an address asked for by value is given even while it cools down.
+
 Functions never mutate their argument: they return a new Block.
 """
 
@@ -40,6 +45,8 @@ class Block:
     attributes: tuple[Attribute, ...] = ()
     sequence_number: int = 0
     seq_for_allocation: Mapping[int, int] = field(default_factory=dict)
+    # free ordinals -> when they were released (Unix time), while a cooldown keeps them
+    released_at: Mapping[int, float] = field(default_factory=dict)
 
     @property
     def free(self) -> int:
@@ -125,11 +132,27 @@ def new_block(cidr: IPv4Network, node: str | None) -> Block:
                  unallocated=tuple(o for o in range(size) if o not in reserved))
 
 
+def cooling(block: Block, now: float, cooldown: int) -> frozenset[int]:
+    """The free ordinals released less than `cooldown` seconds before `now`."""
+    if not cooldown or not block.released_at:
+        return frozenset()
+    since = now - cooldown
+    return frozenset(o for o, when in block.released_at.items() if when > since)
+
+
+def _without(released_at: Mapping[int, float], ordinals: Iterable[int]) -> dict[int, float]:
+    kept = dict(released_at)
+    for ordinal in ordinals:
+        kept.pop(ordinal, None)
+    return kept
+
+
 def assign(block: Block, count: int, handle_id: str,
            secondary: Mapping[str, str] | None = None,
            skip: frozenset[int] = frozenset()) -> tuple[Block, list[IPv4Address]]:
     """Take up to `count` free addresses, oldest-freed first, for one handle; never the
-    ordinals in `skip` (reserved: ipam.reservation), which keep their place in the queue."""
+    ordinals in `skip` (reserved: ipam.reservation; cooling down), which keep their place in
+    the queue."""
     if skip:
         take = tuple(o for o in block.unallocated if o not in skip)[:count]
         taken = set(take)
@@ -148,7 +171,9 @@ def assign(block: Block, count: int, handle_id: str,
         seqs[ordinal] = seq
         seq += 1
     updated = replace(block, allocations=tuple(allocations), unallocated=left,
-                      attributes=attributes, sequence_number=seq, seq_for_allocation=seqs)
+                      attributes=attributes, sequence_number=seq, seq_for_allocation=seqs,
+                      released_at=(_without(block.released_at, take) if block.released_at
+                                   else block.released_at))
     return updated, [block.address(o) for o in take]
 
 
@@ -168,7 +193,8 @@ def assign_address(block: Block, address: IPv4Address, handle_id: str,
     return replace(block, allocations=tuple(allocations),
                    unallocated=tuple(o for o in block.unallocated if o != ordinal),
                    attributes=attributes, sequence_number=block.sequence_number + 1,
-                   seq_for_allocation=seqs)
+                   seq_for_allocation=seqs,
+                   released_at=_without(block.released_at, (ordinal,)))
 
 
 @dataclass(frozen=True)
@@ -180,14 +206,17 @@ class Release:
     handle_id: str | None = None
 
 
-def release(block: Block, releases: Iterable[Release]) -> tuple[Block, list[IPv4Address],
-                                                                 Counter[str]]:
-    """Free the addresses that are allocated and match; returns (block, freed, freed per handle)."""
+def release(block: Block, releases: Iterable[Release], now: float | None = None,
+            cooldown: int = 0) -> tuple[Block, list[IPv4Address], Counter[str]]:
+    """Free the addresses that are allocated and match; returns (block, freed, freed per handle).
+    Given `now`, what is freed is recorded as released then if a `cooldown` is in force, and
+    the records it has outlived are dropped."""
     allocations = list(block.allocations)
     seqs = dict(block.seq_for_allocation)
     unallocated = list(block.unallocated)
     reserved = reserved_ordinals(len(allocations))
     freed: list[IPv4Address] = []
+    queued: list[int] = []
     per_handle: Counter[str] = Counter()
     for r in releases:
         ordinal = block.ordinal(r.address)
@@ -203,20 +232,27 @@ def release(block: Block, releases: Iterable[Release]) -> tuple[Block, list[IPv4
         seqs.pop(ordinal, None)
         if ordinal not in reserved:  # the broadcast address an older version handed out
             unallocated.append(ordinal)
+            queued.append(ordinal)
         freed.append(r.address)
         per_handle[holder] += 1
     if not freed:
         return block, [], per_handle
+    released_at = block.released_at
+    if now is not None and (cooldown or released_at):
+        released_at = {o: when for o, when in released_at.items() if when > now - cooldown}
+        if cooldown:
+            released_at.update(dict.fromkeys(queued, now))
     return _compact(replace(block, allocations=tuple(allocations), unallocated=tuple(unallocated),
-                            seq_for_allocation=seqs)), freed, per_handle
+                            seq_for_allocation=seqs, released_at=released_at)), freed, per_handle
 
 
-def release_handle(block: Block, handle_id: str) -> tuple[Block, list[IPv4Address]]:
-    """Free every address the handle holds in this block."""
+def release_handle(block: Block, handle_id: str, now: float | None = None,
+                   cooldown: int = 0) -> tuple[Block, list[IPv4Address]]:
+    """Free every address the handle holds in this block (`now`, `cooldown`: as release's)."""
     held = [Release(block.address(o), handle_id=handle_id)
             for o, i in enumerate(block.allocations)
             if i is not None and block.attributes[i].handle_id == handle_id]
-    updated, freed, _ = release(block, held)
+    updated, freed, _ = release(block, held, now, cooldown)
     return updated, freed
 
 
@@ -246,6 +282,8 @@ def to_json(block: Block) -> dict:
                        for a in block.attributes],
         "sequenceNumber": block.sequence_number,
         "sequenceNumberForAllocation": {str(k): v for k, v in block.seq_for_allocation.items()},
+        **({"releasedAt": {str(k): v for k, v in block.released_at.items()}}
+           if block.released_at else {}),
     }
 
 
@@ -262,4 +300,5 @@ def from_json(value: Mapping) -> Block:
         sequence_number=value.get("sequenceNumber", 0),
         seq_for_allocation={int(k): v for k, v in
                             (value.get("sequenceNumberForAllocation") or {}).items()},
+        released_at={int(k): float(v) for k, v in (value.get("releasedAt") or {}).items()},
     )

@@ -13,12 +13,16 @@ KIND = "IPAMConfiguration"
 # drain a pool by accident). A node at its limit borrows from other nodes' blocks unless
 # strictAffinity is set; Calico instead refuses maxBlocksPerHost > 0 without strictAffinity.
 DEFAULT_MAX_BLOCKS_PER_HOST = 20
+MAX_IP_COOLDOWN_SECONDS = 1200  # Calico's bound on ipCooldownSeconds
 
 
 @dataclass(frozen=True)
 class IPAMConfig:
     strict_affinity: bool = False
     max_blocks_per_host: int = 0
+    # Calico's ipCooldownSeconds: an address a pod gave back is not handed out again
+    # automatically for this long (ipam.block.cooling); 0: as soon as its turn comes
+    ip_cooldown_seconds: int = 0
 
     @property
     def block_limit(self) -> int:
@@ -26,14 +30,22 @@ class IPAMConfig:
 
 
 def config_from_spec(spec: Mapping) -> IPAMConfig:
-    read = SpecReader(KIND, "default", spec, {"strictAffinity", "maxBlocksPerHost"})
+    read = SpecReader(KIND, "default", spec,
+                      {"strictAffinity", "maxBlocksPerHost", "ipCooldownSeconds"})
     limit = read.integer("maxBlocksPerHost", 0)
     if limit < 0:
         raise InvalidResource(f"maxBlocksPerHost must be 0 (meaning "
                               f"{DEFAULT_MAX_BLOCKS_PER_HOST}) or more, not {limit}.")
-    return IPAMConfig(read.boolean("strictAffinity"), limit)
+    cooldown = read.integer("ipCooldownSeconds", 0)
+    if not 0 <= cooldown <= MAX_IP_COOLDOWN_SECONDS:
+        raise InvalidResource(f"ipCooldownSeconds must be 0-{MAX_IP_COOLDOWN_SECONDS}, not "
+                              f"{cooldown}.")
+    return IPAMConfig(read.boolean("strictAffinity"), limit, cooldown)
 
 
 def config_to_document(config: IPAMConfig) -> dict:
-    return make_document(KIND, "default", {"strictAffinity": config.strict_affinity,
-                                           "maxBlocksPerHost": config.max_blocks_per_host})
+    spec = {"strictAffinity": config.strict_affinity,
+            "maxBlocksPerHost": config.max_blocks_per_host}
+    if config.ip_cooldown_seconds:
+        spec["ipCooldownSeconds"] = config.ip_cooldown_seconds
+    return make_document(KIND, "default", spec)

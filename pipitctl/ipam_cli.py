@@ -11,7 +11,8 @@ import click
 
 from bgp_agent.kube_api import KubernetesUnavailable
 from ipam import keys
-from ipam.config import DEFAULT_MAX_BLOCKS_PER_HOST, IPAMConfig, config_from_spec, config_to_document
+from ipam.config import (DEFAULT_MAX_BLOCKS_PER_HOST, MAX_IP_COOLDOWN_SECONDS, IPAMConfig,
+                         config_from_spec, config_to_document)
 from ipam.errors import Conflict, DatastoreUnavailable, InUse, InvalidResource
 from ipam.release import release_addresses
 from ipam.reservation import read_reservations, reservations_holding
@@ -226,12 +227,17 @@ async def release_command(store: Store, addresses: tuple[str, ...], force: bool,
               help="Only use the node's own blocks; never borrow from other nodes' blocks.")
 @click.option("--max-blocks-per-host", type=int, metavar="N",
               help=f"Blocks one node may claim (0 means {DEFAULT_MAX_BLOCKS_PER_HOST}).")
+@click.option("--ip-cooldown-seconds", type=int, metavar="N",
+              help="Seconds an address a pod gave back waits before it is handed out again "
+                   f"(0-{MAX_IP_COOLDOWN_SECONDS}; 0: as soon as its turn comes).")
 @etcd_options
 async def configure(store: Store, strict_affinity: str | None,
-                    max_blocks_per_host: int | None) -> None:
+                    max_blocks_per_host: int | None, ip_cooldown_seconds: int | None) -> None:
     """Show or change the IPAM settings."""
     if max_blocks_per_host is not None:
         config_from_spec({"maxBlocksPerHost": max_blocks_per_host})  # the same check as stored
+    if ip_cooldown_seconds is not None:
+        config_from_spec({"ipCooldownSeconds": ip_cooldown_seconds})
     if strict_affinity is not None:
         strict_affinity = strict_affinity == "true"
 
@@ -240,7 +246,8 @@ async def configure(store: Store, strict_affinity: str | None,
         config = config_from_spec(entry.value.get("spec") or {}) if entry else IPAMConfig()
         new = IPAMConfig(
             config.strict_affinity if strict_affinity is None else strict_affinity,
-            config.max_blocks_per_host if max_blocks_per_host is None else max_blocks_per_host)
+            config.max_blocks_per_host if max_blocks_per_host is None else max_blocks_per_host,
+            config.ip_cooldown_seconds if ip_cooldown_seconds is None else ip_cooldown_seconds)
         if new != config:  # showing the settings writes nothing
             changes.put(keys.IPAM_CONFIG, config_to_document(new))
         return new
@@ -249,3 +256,4 @@ async def configure(store: Store, strict_affinity: str | None,
     click.echo(f"strictAffinity: {output.yes_no(config.strict_affinity)}")
     click.echo(f"maxBlocksPerHost: {limit}" + (f" (means {config.block_limit})" if not limit
                                                else ""))
+    click.echo(f"ipCooldownSeconds: {config.ip_cooldown_seconds}")

@@ -283,6 +283,34 @@ def test_an_address_asked_for_in_a_pool_made_under_a_warm_cache_is_given(etcd):
     with_store(etcd, scenario)
 
 
+def test_an_address_given_back_is_not_handed_out_again_within_the_cooldown(etcd):
+    """Calico's ipCooldownSeconds: a pod's address given back waits that long before another
+    pod gets it (traffic for the pod deleted may still come); the refusal says why; once the
+    cooldown has passed it is handed out; an address asked for by value is given at once."""
+    now = [1_000_000.0]
+
+    async def scenario(store):
+        await configure(store, strict_affinity=True, max_blocks_per_host=1,
+                        ip_cooldown_seconds=60)
+        await add_pool(store, "p", "10.17.0.0/24", blockSize=29)  # 6 addresses a block
+        ipam = IPAM(store, refresh_seconds=3600, clock=lambda: now[0])
+        got = [a for i in range(6) for a in await ipam.assign("n1", f"pod{i}")]
+        await ipam.release("n1", "pod0")
+        with pytest.raises(PoolExhausted) as refused:
+            await ipam.assign("n1", "next")
+        assert "1 of its addresses were given back less than ipCooldownSeconds 60 ago" in \
+            str(refused.value)
+        now[0] += 59
+        with pytest.raises(PoolExhausted):
+            await ipam.assign("n1", "next")
+        now[0] += 1
+        assert await ipam.assign("n1", "next") == [got[0]]
+        await ipam.release("n1", "pod1")
+        assert await ipam.assign("n1", "fixed", addresses=[got[1]]) == [got[1]]
+        await assert_consistent(store)
+    with_store(etcd, scenario)
+
+
 def test_two_allocators_sharing_blocks_never_hand_out_an_address_twice(etcd):
     async def scenario(store):
         await add_pool(store, "p", "10.18.0.0/28", blockSize=28)

@@ -159,6 +159,85 @@ TestBlockMachine = BlockMachine.TestCase
 TestBlockMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 
 
+COOLDOWN = 60
+
+
+class CoolingMachine(RuleBasedStateMachine):
+    """ipCooldownSeconds: random interleavings of assign, release (with the cooldown in force
+    or not, by address or handle) and time passing. No address is handed out again
+    automatically within COOLDOWN seconds of a release made with the cooldown in force, and
+    each one is again once its cooldown has passed."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = blocks.new_block(CIDR, "n1")
+        self.now = 1_000_000.0
+        self.held: dict[IPv4Address, str] = {}
+        self.freed_at: dict[IPv4Address, float] = {}  # model: released with the cooldown
+        self.counter = 0
+
+    def cooling(self) -> set[IPv4Address]:
+        return {a for a, when in self.freed_at.items() if when > self.now - COOLDOWN}
+
+    @rule(count=st.integers(1, 5))
+    def assign(self, count):
+        self.counter += 1
+        cooling = blocks.cooling(self.block, self.now, COOLDOWN)
+        assert {self.block.address(o) for o in cooling} == self.cooling()
+        available = self.block.free - len(cooling)
+        self.block, got = blocks.assign(self.block, count, f"h{self.counter}", skip=cooling)
+        assert len(got) == min(count, available)
+        assert not set(got) & self.cooling(), "handed out while cooling down"
+        for address in got:
+            self.held[address] = f"h{self.counter}"
+            self.freed_at.pop(address, None)
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data(), in_force=st.booleans())
+    def release(self, data, in_force):
+        address = data.draw(st.sampled_from(sorted(self.held)))
+        self.block, freed, _ = blocks.release(self.block, [Release(address)], self.now,
+                                              COOLDOWN if in_force else 0)
+        assert freed == [address]
+        del self.held[address]
+        if in_force:
+            self.freed_at[address] = self.now
+        else:  # the cooldown turned off: every record goes with the next release
+            self.freed_at.clear()
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data())
+    def release_handle_with_cooldown(self, data):
+        handle = data.draw(st.sampled_from(sorted(set(self.held.values()))))
+        self.block, freed = blocks.release_handle(self.block, handle, self.now, COOLDOWN)
+        for address in freed:
+            del self.held[address]
+            self.freed_at[address] = self.now
+
+    @rule(seconds=st.sampled_from([1, 30, 59, 60, 61, 600]))
+    def time_passes(self, seconds):
+        self.now += seconds
+
+    @invariant()
+    def records_are_of_free_addresses_only(self):
+        assert set(self.block.released_at) <= set(self.block.unallocated)
+        assert blocks.from_json(blocks.to_json(self.block)) == self.block
+
+
+TestCoolingMachine = CoolingMachine.TestCase
+TestCoolingMachine.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)
+
+
+def test_an_address_asked_for_by_value_is_given_while_it_cools_down():
+    block = blocks.new_block(CIDR, "n1")
+    block, [address] = blocks.assign(block, 1, "a")
+    block, _, _ = blocks.release(block, [Release(address)], 1000.0, COOLDOWN)
+    assert blocks.cooling(block, 1010.0, COOLDOWN) == {block.ordinal(address)}
+    assert blocks.cooling(block, 1060.0, COOLDOWN) == frozenset()  # exactly its cooldown later
+    block = blocks.assign_address(block, address, "b")
+    assert block.holder(address).handle_id == "b" and block.released_at == {}
+
+
 @given(st.lists(st.integers(1, 20), min_size=1, max_size=30))
 def test_releasing_everything_restores_full_capacity(counts):
     block = blocks.new_block(IPv4Network("10.9.0.0/26"), None)

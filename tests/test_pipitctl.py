@@ -437,11 +437,13 @@ def test_ipam_release_frees_an_address_once(etcd, ctl):
 
 def test_ipam_configure_shows_and_changes_the_settings(etcd, ctl):
     shown = ok(ctl("ipam", "configure"))
-    assert shown == "strictAffinity: false\nmaxBlocksPerHost: 0 (means 20)\n"
+    assert shown == ("strictAffinity: false\nmaxBlocksPerHost: 0 (means 20)\n"
+                     "ipCooldownSeconds: 0\n")
     assert snapshot(etcd) == {}  # showing writes nothing
 
     ok(ctl("ipam", "configure", "--strict-affinity", "true", "--max-blocks-per-host", "3"))
-    assert ok(ctl("ipam", "configure")) == "strictAffinity: true\nmaxBlocksPerHost: 3\n"
+    assert ok(ctl("ipam", "configure")) == ("strictAffinity: true\nmaxBlocksPerHost: 3\n"
+                                            "ipCooldownSeconds: 0\n")
     stored = snapshot(etcd)[keys.IPAM_CONFIG][1]["spec"]
     assert stored == {"strictAffinity": True, "maxBlocksPerHost": 3}
 
@@ -449,9 +451,13 @@ def test_ipam_configure_shows_and_changes_the_settings(etcd, ctl):
     one_sentence(ctl("ipam", "configure", "--max-blocks-per-host", "-1"), "maxBlocksPerHost",
                  "-1")
     one_sentence(ctl("ipam", "configure", "--strict-affinity", "maybe"), "'maybe'")
+    one_sentence(ctl("ipam", "configure", "--ip-cooldown-seconds", "1201"),
+                 "ipCooldownSeconds must be 0-1200, not 1201")
     assert snapshot(etcd) == before
-    ok(ctl("ipam", "configure", "--strict-affinity", "false"))
-    assert ok(ctl("ipam", "configure")) == "strictAffinity: false\nmaxBlocksPerHost: 3\n"
+    ok(ctl("ipam", "configure", "--strict-affinity", "false", "--ip-cooldown-seconds", "60"))
+    assert ok(ctl("ipam", "configure")) == ("strictAffinity: false\nmaxBlocksPerHost: 3\n"
+                                            "ipCooldownSeconds: 60\n")
+    assert snapshot(etcd)[keys.IPAM_CONFIG][1]["spec"]["ipCooldownSeconds"] == 60
 
 
 # --------------------------------------------------------------------------------------------
