@@ -459,7 +459,8 @@ class IPAM:
             # take from are compared in the transaction.
             if block.free and in_pools(cidr):
                 take(cidr, plan.read_block(cidr))
-        while len(got) < request.count and len(view.blocks) < view.config.block_limit:
+        while (len(got) < request.count and view.config.auto_allocate_blocks
+               and len(view.blocks) < view.config.block_limit):
             claimed = await self._claim(view, pools, reserved)
             if claimed is None:
                 break
@@ -544,7 +545,9 @@ class IPAM:
         names = ", ".join(repr(p.name) for p in pools)
         held = len(view.blocks)
         why = (f"node {view.node} holds {held} blocks (maxBlocksPerHost "
-               f"{view.config.block_limit})")
+               f"{view.config.block_limit})" if view.config.auto_allocate_blocks else
+               f"node {view.node} holds {held} blocks and claims no more by itself "
+               "(autoAllocateBlocks is false: an address asked for by value claims its block)")
         if view.config.strict_affinity:
             why += " and strictAffinity forbids borrowing"
         else:

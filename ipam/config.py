@@ -23,6 +23,9 @@ class IPAMConfig:
     # Calico's ipCooldownSeconds: an address a pod gave back is not handed out again
     # automatically for this long (ipam.block.cooling); 0: as soon as its turn comes
     ip_cooldown_seconds: int = 0
+    # Calico's autoAllocateBlocks: false, a node claims a block only for an address asked for
+    # by value in it (and, strictAffinity being required then, never borrows)
+    auto_allocate_blocks: bool = True
 
     @property
     def block_limit(self) -> int:
@@ -30,8 +33,8 @@ class IPAMConfig:
 
 
 def config_from_spec(spec: Mapping) -> IPAMConfig:
-    read = SpecReader(KIND, "default", spec,
-                      {"strictAffinity", "maxBlocksPerHost", "ipCooldownSeconds"})
+    read = SpecReader(KIND, "default", spec, {"strictAffinity", "maxBlocksPerHost",
+                                              "ipCooldownSeconds", "autoAllocateBlocks"})
     limit = read.integer("maxBlocksPerHost", 0)
     if limit < 0:
         raise InvalidResource(f"maxBlocksPerHost must be 0 (meaning "
@@ -40,7 +43,12 @@ def config_from_spec(spec: Mapping) -> IPAMConfig:
     if not 0 <= cooldown <= MAX_IP_COOLDOWN_SECONDS:
         raise InvalidResource(f"ipCooldownSeconds must be 0-{MAX_IP_COOLDOWN_SECONDS}, not "
                               f"{cooldown}.")
-    return IPAMConfig(read.boolean("strictAffinity"), limit, cooldown)
+    strict, automatic = read.boolean("strictAffinity"), read.boolean("autoAllocateBlocks", True)
+    if not strict and not automatic:
+        raise InvalidResource("autoAllocateBlocks false needs strictAffinity true (as Calico): "
+                              "a node that claims no block by itself must not borrow from "
+                              "other nodes' blocks either.")
+    return IPAMConfig(strict, limit, cooldown, automatic)
 
 
 def config_to_document(config: IPAMConfig) -> dict:
@@ -48,4 +56,6 @@ def config_to_document(config: IPAMConfig) -> dict:
             "maxBlocksPerHost": config.max_blocks_per_host}
     if config.ip_cooldown_seconds:
         spec["ipCooldownSeconds"] = config.ip_cooldown_seconds
+    if not config.auto_allocate_blocks:
+        spec["autoAllocateBlocks"] = False
     return make_document(KIND, "default", spec)

@@ -230,24 +230,32 @@ async def release_command(store: Store, addresses: tuple[str, ...], force: bool,
 @click.option("--ip-cooldown-seconds", type=int, metavar="N",
               help="Seconds an address a pod gave back waits before it is handed out again "
                    f"(0-{MAX_IP_COOLDOWN_SECONDS}; 0: as soon as its turn comes).")
+@click.option("--auto-allocate-blocks", type=click.Choice(["true", "false"]),
+              metavar="true|false",
+              help="false: a node claims a block only for an address asked for by value in "
+                   "it (needs --strict-affinity true).")
 @etcd_options
 async def configure(store: Store, strict_affinity: str | None,
-                    max_blocks_per_host: int | None, ip_cooldown_seconds: int | None) -> None:
+                    max_blocks_per_host: int | None, ip_cooldown_seconds: int | None,
+                    auto_allocate_blocks: str | None) -> None:
     """Show or change the IPAM settings."""
-    if max_blocks_per_host is not None:
-        config_from_spec({"maxBlocksPerHost": max_blocks_per_host})  # the same check as stored
-    if ip_cooldown_seconds is not None:
-        config_from_spec({"ipCooldownSeconds": ip_cooldown_seconds})
-    if strict_affinity is not None:
-        strict_affinity = strict_affinity == "true"
+    given = {field: value for field, value in (
+        ("strictAffinity", None if strict_affinity is None else strict_affinity == "true"),
+        ("maxBlocksPerHost", max_blocks_per_host), ("ipCooldownSeconds", ip_cooldown_seconds),
+        ("autoAllocateBlocks",
+         None if auto_allocate_blocks is None else auto_allocate_blocks == "true"))
+        if value is not None}
+    for field, value in given.items():  # each refused before anything is read
+        if field != "autoAllocateBlocks":
+            config_from_spec({field: value})
 
     async def decide(changes: Changes) -> IPAMConfig:
         entry = await changes.get(keys.IPAM_CONFIG)
         config = config_from_spec(entry.value.get("spec") or {}) if entry else IPAMConfig()
-        new = IPAMConfig(
-            config.strict_affinity if strict_affinity is None else strict_affinity,
-            config.max_blocks_per_host if max_blocks_per_host is None else max_blocks_per_host,
-            config.ip_cooldown_seconds if ip_cooldown_seconds is None else ip_cooldown_seconds)
+        spec = dict(config_to_document(config)["spec"])
+        spec.update(given)
+        # checked together (autoAllocateBlocks false needs strictAffinity)
+        new = config_from_spec(spec)
         if new != config:  # showing the settings writes nothing
             changes.put(keys.IPAM_CONFIG, config_to_document(new))
         return new
@@ -257,3 +265,4 @@ async def configure(store: Store, strict_affinity: str | None,
     click.echo(f"maxBlocksPerHost: {limit}" + (f" (means {config.block_limit})" if not limit
                                                else ""))
     click.echo(f"ipCooldownSeconds: {config.ip_cooldown_seconds}")
+    click.echo(f"autoAllocateBlocks: {output.yes_no(config.auto_allocate_blocks)}")

@@ -311,6 +311,30 @@ def test_an_address_given_back_is_not_handed_out_again_within_the_cooldown(etcd)
     with_store(etcd, scenario)
 
 
+def test_without_auto_allocated_blocks_a_node_uses_the_blocks_addresses_asked_for_claimed(
+        etcd):
+    """Calico's autoAllocateBlocks false (with strictAffinity): a node claims no block by
+    itself; an address asked for by value claims its block, whose other addresses then serve
+    the node's automatic assignments."""
+    async def scenario(store):
+        await configure(store, strict_affinity=True, auto_allocate_blocks=False)
+        await add_pool(store, "p", "10.17.0.0/24", blockSize=29)
+        ipam = IPAM(store)
+        with pytest.raises(PoolExhausted) as refused:
+            await ipam.assign("n1", "first")
+        assert "claims no more by itself (autoAllocateBlocks is false" in str(refused.value)
+        assert await store.list_keys(keys.BLOCKS) == []
+        fixed = IPv4Address("10.17.0.10")
+        assert await ipam.assign("n1", "fixed", addresses=[fixed]) == [fixed]
+        got = [a for i in range(5) for a in await ipam.assign("n1", f"pod{i}")]
+        assert all(a in IPv4Network("10.17.0.8/29") for a in got) and fixed not in got
+        with pytest.raises(PoolExhausted):  # the block is full, and no other is claimed
+            await ipam.assign("n1", "more")
+        assert len(await store.list_keys(keys.BLOCKS)) == 1
+        await assert_consistent(store)
+    with_store(etcd, scenario)
+
+
 def test_two_allocators_sharing_blocks_never_hand_out_an_address_twice(etcd):
     async def scenario(store):
         await add_pool(store, "p", "10.18.0.0/28", blockSize=28)

@@ -438,12 +438,12 @@ def test_ipam_release_frees_an_address_once(etcd, ctl):
 def test_ipam_configure_shows_and_changes_the_settings(etcd, ctl):
     shown = ok(ctl("ipam", "configure"))
     assert shown == ("strictAffinity: false\nmaxBlocksPerHost: 0 (means 20)\n"
-                     "ipCooldownSeconds: 0\n")
+                     "ipCooldownSeconds: 0\nautoAllocateBlocks: true\n")
     assert snapshot(etcd) == {}  # showing writes nothing
 
     ok(ctl("ipam", "configure", "--strict-affinity", "true", "--max-blocks-per-host", "3"))
     assert ok(ctl("ipam", "configure")) == ("strictAffinity: true\nmaxBlocksPerHost: 3\n"
-                                            "ipCooldownSeconds: 0\n")
+                                            "ipCooldownSeconds: 0\nautoAllocateBlocks: true\n")
     stored = snapshot(etcd)[keys.IPAM_CONFIG][1]["spec"]
     assert stored == {"strictAffinity": True, "maxBlocksPerHost": 3}
 
@@ -456,8 +456,17 @@ def test_ipam_configure_shows_and_changes_the_settings(etcd, ctl):
     assert snapshot(etcd) == before
     ok(ctl("ipam", "configure", "--strict-affinity", "false", "--ip-cooldown-seconds", "60"))
     assert ok(ctl("ipam", "configure")) == ("strictAffinity: false\nmaxBlocksPerHost: 3\n"
-                                            "ipCooldownSeconds: 60\n")
+                                            "ipCooldownSeconds: 60\nautoAllocateBlocks: true\n")
     assert snapshot(etcd)[keys.IPAM_CONFIG][1]["spec"]["ipCooldownSeconds"] == 60
+    # Calico's autoAllocateBlocks false needs strictAffinity, set before or with it
+    before = snapshot(etcd)
+    one_sentence(ctl("ipam", "configure", "--auto-allocate-blocks", "false"),
+                 "autoAllocateBlocks false needs strictAffinity true")
+    assert snapshot(etcd) == before
+    assert "autoAllocateBlocks: false" in ok(ctl("ipam", "configure", "--auto-allocate-blocks",
+                                                 "false", "--strict-affinity", "true"))
+    one_sentence(ctl("ipam", "configure", "--strict-affinity", "false"),
+                 "autoAllocateBlocks false needs strictAffinity true")
 
 
 # --------------------------------------------------------------------------------------------
