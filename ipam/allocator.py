@@ -33,7 +33,7 @@ from ipam import handle as handles
 from ipam import keys
 from ipam.block import Block
 from ipam.claim import BlockClaim, PoolChanged, settle_affinity
-from ipam.config import IPAMConfig, config_from_spec
+from ipam.config import IPAMConfig, config_from_document
 from ipam.errors import (Conflict, DatastoreUnavailable, InvalidResource, NotFound, PipitError,
                          PoolExhausted)
 from ipam.handle import Handle, check_handle_id
@@ -682,7 +682,7 @@ class IPAM:
         fence = found[keys.fence_key(node)]
         view.fence_revision = fence.mod_revision if fence else 0
         if config is not None:
-            view.config = config_from_spec(config.value.get("spec") or {})
+            view.config = config_from_document(config.value)
             view.config_revision = config.mod_revision
         if record is not None:
             view.labels = dict((record.value.get("metadata") or {}).get("labels") or {})

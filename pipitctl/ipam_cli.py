@@ -12,7 +12,7 @@ import click
 from bgp_agent.kube_api import KubernetesUnavailable
 from ipam import keys
 from ipam.config import (DEFAULT_MAX_BLOCKS_PER_HOST, MAX_IP_COOLDOWN_SECONDS, IPAMConfig,
-                         config_from_spec, config_to_document)
+                         config_from_document, config_from_spec, config_to_document)
 from ipam.errors import Conflict, DatastoreUnavailable, InUse, InvalidResource
 from ipam.release import release_addresses
 from ipam.reservation import read_reservations, reservations_holding
@@ -251,11 +251,11 @@ async def configure(store: Store, strict_affinity: str | None,
 
     async def decide(changes: Changes) -> IPAMConfig:
         entry = await changes.get(keys.IPAM_CONFIG)
-        config = config_from_spec(entry.value.get("spec") or {}) if entry else IPAMConfig()
-        spec = dict(config_to_document(config)["spec"])
-        spec.update(given)
-        # checked together (autoAllocateBlocks false needs strictAffinity)
-        new = config_from_spec(spec)
+        config = config_from_document(entry.value) if entry else IPAMConfig()
+        document = config_to_document(config)
+        document["spec"].update(given)
+        # checked together (autoAllocateBlocks false needs strictAffinity); labels kept
+        new = config_from_document(document)
         if new != config:  # showing the settings writes nothing
             changes.put(keys.IPAM_CONFIG, config_to_document(new))
         return new

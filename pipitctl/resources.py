@@ -19,6 +19,8 @@ from ipam import keys
 from ipam.errors import AlreadyExists, Conflict, InUse, InvalidResource, NotFound, PipitError
 from ipam.pool import (check_node_outside_pools, check_pool_fits, check_pool_holds_no_node,
                        pool_from_spec, pool_to_document)
+from ipam.config import config_from_spec as ipam_config_from_spec
+from ipam.config import config_to_document as ipam_config_to_document
 from ipam.pool_delete import addresses_in_use, delete_pool, in_use_refusal
 from bgp_agent.bgp_config import config_from_spec as bgp_config_from_spec
 from bgp_agent.bgp_filter import filter_from_spec, filter_to_document, rule_counts
@@ -176,6 +178,20 @@ BGP_CONFIGURATION = Kind(
 )
 
 
+IPAM_CONFIGURATION = Kind(
+    name="IPAMConfiguration", plural="ipamconfigurations",
+    aliases=("ipamconfiguration", "ipamconfig", "ipamconfigs"), segment="ipamconfig",
+    parse=lambda d: with_metadata(ipam_config_from_spec(dict(d.spec), d.name), d),
+    to_document=ipam_config_to_document, check=_no_check, name_of=lambda c: "default",
+    columns=("NAME", "STRICTAFFINITY", "MAXBLOCKSPERHOST"),
+    row=lambda c: ("default", yes_no(c.strict_affinity), c.max_blocks_per_host),
+    wide_columns=("NAME", "STRICTAFFINITY", "MAXBLOCKSPERHOST", "IPCOOLDOWNSECONDS",
+                  "AUTOALLOCATEBLOCKS"),
+    wide_row=lambda c: ("default", yes_no(c.strict_affinity), c.max_blocks_per_host,
+                        c.ip_cooldown_seconds, yes_no(c.auto_allocate_blocks)),
+)
+
+
 def _bgp_config_row(c) -> tuple:
     """The default's settings, or a node's (node.<name>: its log level only)."""
     if isinstance(c, NodeBGPConfig):
@@ -272,7 +288,7 @@ IPRESERVATION = Kind(
 )
 
 KINDS: tuple[Kind, ...] = (IPPOOL, BGP_CONFIGURATION, BGP_FILTER, BGP_PEER, NODE,
-                           IPRESERVATION)
+                           IPRESERVATION, IPAM_CONFIGURATION)
 
 
 def kind_named(word: str) -> Kind:

@@ -469,6 +469,37 @@ def test_ipam_configure_shows_and_changes_the_settings(etcd, ctl):
                  "autoAllocateBlocks false needs strictAffinity true")
 
 
+def test_the_ipam_configuration_is_a_resource_as_calicos(etcd, ctl):
+    """Calico's IPAMConfiguration 'default': applied whole, shown by get and by ipam
+    configure, its labels kept when ipam configure changes a field; deleted, the defaults."""
+    document = """apiVersion: pipit.dev/v1
+kind: IPAMConfiguration
+metadata: {name: default, labels: {team: net}}
+spec: {strictAffinity: true, maxBlocksPerHost: 4, ipCooldownSeconds: 30,
+       autoAllocateBlocks: false}
+"""
+    assert ok(ctl("apply", "-f", "-", input=document)) == \
+        "ipamconfiguration 'default' created\n"
+    assert ok(ctl("ipam", "configure")) == ("strictAffinity: true\nmaxBlocksPerHost: 4\n"
+                                            "ipCooldownSeconds: 30\nautoAllocateBlocks: false\n")
+    assert ok(ctl("get", "ipamconfig")).split() == [
+        "NAME", "STRICTAFFINITY", "MAXBLOCKSPERHOST", "default", "true", "4"]
+    ok(ctl("ipam", "configure", "--max-blocks-per-host", "5"))
+    shown = json.loads(ok(ctl("get", "ipamconfig", "default", "-o", "json")))
+    assert shown["metadata"]["labels"] == {"team": "net"}
+    assert shown["spec"] == {"strictAffinity": True, "maxBlocksPerHost": 5,
+                             "ipCooldownSeconds": 30, "autoAllocateBlocks": False}
+    before = snapshot(etcd)
+    one_sentence(ctl("apply", "-f", "-", input=document.replace("strictAffinity: true",
+                                                                "strictAffinity: false")),
+                 "autoAllocateBlocks false needs strictAffinity true")
+    one_sentence(ctl("apply", "-f", "-", input=document.replace("name: default", "name: x")),
+                 "Pipit reads the IPAMConfiguration named 'default' only")
+    assert snapshot(etcd) == before
+    ok(ctl("delete", "ipamconfig", "default"))
+    assert ok(ctl("ipam", "configure")).startswith("strictAffinity: false\nmaxBlocksPerHost: 0")
+
+
 # --------------------------------------------------------------------------------------------
 # 5. ipam check
 
