@@ -28,13 +28,13 @@ _FIELDS = {"asNumber", "nodeToNodeMeshEnabled", "listenPort", "communities",
            "nodeMeshPassword", "logSeverityScreen", "serviceLoadBalancerAggregation",
            "bindMode", *SERVICE_FIELDS}
 AGGREGATION = ("Enabled", "Disabled")  # serviceLoadBalancerAggregation (Calico's)
-_NO_WORKLOAD_PEERING = "Pipit does not peer with workloads (pods) yet."
+NO_WORKLOAD_PEERING = "Pipit does not peer with workloads (pods) yet."
 # Calico's fields Pipit does not do, and why (refused in that sentence)
 UNSUPPORTED = {
     "ignoredInterfaces": "Pipit reads no device routes to leave some out (a node announces "
                          "only its blocks, borrowed addresses and service ranges).",
-    "localWorkloadPeeringIPV4": _NO_WORKLOAD_PEERING,
-    "localWorkloadPeeringIPV6": _NO_WORKLOAD_PEERING,
+    "localWorkloadPeeringIPV4": NO_WORKLOAD_PEERING,
+    "localWorkloadPeeringIPV6": NO_WORKLOAD_PEERING,
     "programClusterRoutes": "pipit-agent programs every route to the other nodes' pods "
                             "itself, whatever the encapsulation (there is no Felix to leave "
                             "some to); leave it out.",

@@ -70,7 +70,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, ip_address
 
-from bgp_agent.bgp_config import check_hold_time, check_restart_time, parse_as_number
+from bgp_agent.bgp_config import (NO_WORKLOAD_PEERING, check_hold_time, check_restart_time,
+                                  parse_as_number)
 from bgp_agent.md5_password import PasswordRef, parse_password
 from bgp_agent.model import DEFAULT_HOLD_TIME, DEFAULT_RESTART_TIME
 from bgp_agent.node import NodeRecord
@@ -86,7 +87,7 @@ _FIELDS = {"peerIP", "asNumber", "node", "nodeSelector", "peerSelector", "revers
            "localASNumber", "sourceAddress", "reachableBy", "nextHopMode", "keepaliveTime"}
 REVERSE_PEERING = ("Auto", "Manual")
 # Calico's fields Pipit does not do, and why (refused in that sentence)
-UNSUPPORTED = {"localWorkloadSelector": "Pipit does not peer with workloads (pods) yet."}
+UNSUPPORTED = {"localWorkloadSelector": NO_WORKLOAD_PEERING}
 NEXT_HOP_MODES = ("Auto", "Self", "Keep")
 MAX_ALLOWED_LOCAL_AS = 10
 

@@ -645,13 +645,13 @@ class IPAM:
             plan.revisions.setdefault(keys.handle_key(request.handle_id), 0)
             return []  # unknown handle: nothing to free (the caller's DEL is idempotent)
         freed: list[IPv4Address] = []
+        now, cooldown = self.clock(), plan.view.config.ip_cooldown_seconds
         for cidr_text in plan.read_handle(request.handle_id).blocks:
             cidr = IPv4Network(cidr_text)
             block = plan.read_block(cidr) or plan.read_block(cidr, plan.foreign)
             if block is None:
                 continue
-            updated, done = blocks.release_handle(block, request.handle_id, self.clock(),
-                                                  plan.view.config.ip_cooldown_seconds)
+            updated, done = blocks.release_handle(block, request.handle_id, now, cooldown)
             if done:
                 plan.blocks[cidr] = updated
                 freed += done

@@ -31,6 +31,7 @@ ADDRESSES = "pipit.dev/ip-addrs"
 CALICO_POOLS = "cni.projectcalico.org/ipv4pools"
 CALICO_ADDRESSES = "cni.projectcalico.org/ipAddrs"
 CALICO_NO_IPAM = "cni.projectcalico.org/ipAddrsNoIpam"
+POOL_NAMES, ADDRESS_NAMES = (POOLS, CALICO_POOLS), (ADDRESSES, CALICO_ADDRESSES)  # by rank
 
 
 @dataclass(frozen=True)
@@ -76,13 +77,13 @@ def pod_request(namespace: str, pod: str, namespace_annotations: Mapping[str, st
     pools, pools_from = (), ""
     for on, carried in ((owner, pod_annotations),
                         (f"namespace {namespace}", namespace_annotations)):
-        chosen = annotation(carried, (POOLS, CALICO_POOLS), on)
+        chosen = annotation(carried, POOL_NAMES, on)
         if chosen:  # the pod's wins
             pools_from = f"annotation {chosen[0]} of {on}"
             pools = tuple(string_list(chosen[1], pools_from))
             break
     addresses, addresses_from = (), ""
-    chosen = annotation(pod_annotations, (ADDRESSES, CALICO_ADDRESSES), owner)
+    chosen = annotation(pod_annotations, ADDRESS_NAMES, owner)
     if chosen:
         addresses_from = f"annotation {chosen[0]} of {owner}"
         parsed = []

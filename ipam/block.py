@@ -140,7 +140,9 @@ def cooling(block: Block, now: float, cooldown: int) -> frozenset[int]:
     return frozenset(o for o, when in block.released_at.items() if when > since)
 
 
-def _without(released_at: Mapping[int, float], ordinals: Iterable[int]) -> dict[int, float]:
+def _without(released_at: Mapping[int, float], ordinals: Iterable[int]) -> Mapping[int, float]:
+    if not released_at:
+        return released_at
     kept = dict(released_at)
     for ordinal in ordinals:
         kept.pop(ordinal, None)
@@ -172,8 +174,7 @@ def assign(block: Block, count: int, handle_id: str,
         seq += 1
     updated = replace(block, allocations=tuple(allocations), unallocated=left,
                       attributes=attributes, sequence_number=seq, seq_for_allocation=seqs,
-                      released_at=(_without(block.released_at, take) if block.released_at
-                                   else block.released_at))
+                      released_at=_without(block.released_at, take))
     return updated, [block.address(o) for o in take]
 
 

@@ -34,6 +34,7 @@ from ipam.pool import LOAD_BALANCER, IPPool, pool_of
 ADDRESSES = "pipit.dev/loadBalancerIPs"
 # Calico's names for the annotations, read too
 CALICO_POOLS, CALICO_ADDRESSES = "projectcalico.org/ipv4pools", "projectcalico.org/loadBalancerIPs"
+POOL_NAMES, ADDRESS_NAMES = (POOLS, CALICO_POOLS), (ADDRESSES, CALICO_ADDRESSES)  # by rank
 CLASS = "pipit.dev/load-balancer"
 # Calico's class, Pipit's too: a Service's loadBalancerClass cannot change, so one made for
 # Calico's load-balancer IPAM is served as it was
@@ -72,9 +73,8 @@ def managed(service: Mapping, mode: str = ALL_SERVICES) -> bool:
     if mode == ALL_SERVICES or cls in CLASSES:
         return True
     annotations = _annotations(service)
-    return bool(any(annotations.get(name) for name in (POOLS, ADDRESSES, CALICO_POOLS,
-                                                          CALICO_ADDRESSES))
-                or spec.get("loadBalancerIP"))
+    return (any(annotations.get(name) for name in (*POOL_NAMES, *ADDRESS_NAMES))
+            or bool(spec.get("loadBalancerIP")))
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def wanted(service: Mapping, pools: Sequence[IPPool]) -> Wanted:
     metadata = service.get("metadata") or {}
     where = f"service {metadata.get('namespace')}/{metadata.get('name')}"
     annotations = _annotations(service)
-    asked = annotation(annotations, (ADDRESSES, CALICO_ADDRESSES), where)
+    asked = annotation(annotations, ADDRESS_NAMES, where)
     if asked:
         source = f"annotation {asked[0]} of {where}"
         texts = string_list(asked[1], source)
@@ -125,7 +125,7 @@ def wanted(service: Mapping, pools: Sequence[IPPool]) -> Wanted:
             raise InvalidResource(f"{source} must name exactly one IPv4 address, not "
                                   f"{len(parsed)}.")
         return Wanted(address=parsed[0])
-    named = annotation(annotations, (POOLS, CALICO_POOLS), where)
+    named = annotation(annotations, POOL_NAMES, where)
     if named:
         source = f"annotation {named[0]} of {where}"
         request = PodRequest(tuple(string_list(named[1], source)), pools_from=source)
