@@ -1,11 +1,12 @@
-"""The agent's side of encapsulation (IPIP, VXLAN), MTU and natOutgoing.
+"""The agent's side of encapsulation (IPIP, VXLAN), MTU, natOutgoing and floating IPs.
 
 Each routing pass asks `prepare()` for the next hop of every learned route. Before answering
 it makes this node match the pools: a tunnel address from an IPIP / VXLAN pool that selects
 the node (IPAM handle `ipip-tunnel-addr-<node>` / `vxlan-tunnel-addr-<node>`, recorded on the
 node record with the VTEP MAC, released when no such pool selects the node any more), the
-tunnel devices up with the right MTU and the other nodes' VTEPs, the natOutgoing table, and
-the pod MTU published for the CNI configuration. After the routes are in, `retire()` removes
+tunnel devices up with the right MTU and the other nodes' VTEPs, the NAT table (natOutgoing,
+and the floating IPs of its pods: DNAT to the pod), and the pod MTU published for the CNI
+configuration. After the routes are in, `retire()` removes
 devices no pool needs (never before: routes through a vanished device are dropped silently).
 The kernel work is ipip/'s; this module decides and keeps etcd up to date.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -61,7 +62,8 @@ class NodeDataplane:
         self._retired = False
         self._capability_kinds: frozenset[str] = frozenset()  # as of the last pass
         self._supported: dict[str, bool] = {}  # kernel probe per encapsulation in use
-        self._nat_pools: list[IPPool] | None = None
+        # the pools and floating IPs the NAT table was last made for
+        self._nat_applied: tuple[list[IPPool], dict[IPv4Address, IPv4Address]] | None = None
         self.on_pod_mtu: Callable[[int], None] | None = None  # told each new pod MTU
 
     async def _netlink(self):
@@ -76,11 +78,13 @@ class NodeDataplane:
         if self._ipr is not None:
             self._ipr.close()
 
-    async def prepare(self, me: NodeRecord, pools: list[IPPool],
-                      nodes: Iterable[NodeRecord]) -> Callable[[object], NextHop]:
-        """Make the node's encapsulation match the pools; the next hop of each learned route.
-        Whatever fails here (a missing module, no tunnel address, nft refusing the NAT table)
-        is reported in the status and never stops the routing pass: routes then go native."""
+    async def prepare(self, me: NodeRecord, pools: list[IPPool], nodes: Iterable[NodeRecord],
+                      floating: Mapping[IPv4Address, IPv4Address] | None = None
+                      ) -> Callable[[object], NextHop]:
+        """Make the node's encapsulation and NAT match the pools and its pods' `floating` IPs
+        (address -> the pod's own); the next hop of each learned route. Whatever fails here
+        (a missing module, no tunnel address, nft refusing the NAT table) is reported in the
+        status and never stops the routing pass: routes then go native."""
         if me.address is None:
             return native
         problems: list[str] = []
@@ -110,7 +114,7 @@ class NodeDataplane:
             problems += prepared.errors
         except (LookupError, ValueError, OSError) as error:  # no uplink, an MTU too small
             problems.append(f"the tunnel devices were not set up: {error}")
-        await self._apply_nat(pools, problems)
+        await self._apply_nat(pools, dict(floating or {}), problems)
         if pod_mtu and pod_mtu != self.status.pod_mtu:
             mtu.publish(self.mtu_path, pod_mtu)
             if self.on_pod_mtu is not None:
@@ -122,19 +126,22 @@ class NodeDataplane:
                                   str(vxlan_address or ""), pod_mtu, problems)
         return encap.route_next_hop(pools, me.address, devices, vteps)
 
-    async def _apply_nat(self, pools: list[IPPool], problems: list[str]) -> None:
-        """Rewrite the natOutgoing table when the pools changed (nft is not needed at all
-        while no pool ever asked for it)."""
-        if pools == self._nat_pools:
+    async def _apply_nat(self, pools: list[IPPool], floating: dict[IPv4Address, IPv4Address],
+                         problems: list[str]) -> None:
+        """Rewrite the NAT table (natOutgoing, floating IPs) when the pools or floating IPs
+        changed (nft is not needed at all while nothing ever asked for either)."""
+        wanted = (list(pools), floating)
+        if wanted == self._nat_applied:
             return
-        if self._nat_pools is None and not any(p.nat_outgoing for p in pools):
-            self._nat_pools = list(pools)
+        if self._nat_applied is None and not floating and not any(p.nat_outgoing
+                                                                   for p in pools):
+            self._nat_applied = wanted
             return
         try:
-            await asyncio.to_thread(nat.apply, pools)
-            self._nat_pools = list(pools)
+            await asyncio.to_thread(nat.apply, pools, floating=floating)
+            self._nat_applied = wanted
         except (OSError, RuntimeError) as error:
-            problems.append(f"natOutgoing is not in place: {error}")
+            problems.append(f"natOutgoing and floating IPs are not in place: {error}")
 
     async def _prepare_devices(self, desired: dataplane.Desired) -> dataplane.Prepared:
         """dataplane.prepare, when the wanted devices changed or a resync is due (someone may

@@ -421,6 +421,14 @@ def peer_routes(neighbors: Iterable[Neighbor]) -> dict[IPv4Network, Route]:
             for n in neighbors if n.reachable_by is not None}
 
 
+def floating_routes(floating: Mapping[IPv4Address, IPv4Address]) -> dict[IPv4Network, Route]:
+    """A /32 to each floating IP of this node's pods via the pod's own address, as Felix
+    routes one to its workload: the node's own processes look their route up before the DNAT
+    (ipip.nat), and the blackhole of the block holding it would refuse them."""
+    return {IPv4Network(a): Route(IPv4Network(a), (NextHop(pod),))
+            for a, pod in floating.items()}
+
+
 def kernel_routes(accepted: Mapping[IPv4Address, Mapping[IPv4Network, Path]],
                   own_blocks: Iterable[IPv4Network],
                   next_hop: Callable[[Path], NextHop] = native,

@@ -4,11 +4,14 @@ pod and its namespace up, see bgp_agent.kube_pods):
     pipit.dev/ipv4pools: '["blue", "10.250.0.0/16"]'   on the Namespace or the Pod (the Pod's
                                                         wins): pools by name or CIDR
     pipit.dev/ip-addrs:  '["10.250.3.7"]'              on the Pod: exactly these addresses
+    pipit.dev/floating-ips: '["10.250.9.9"]'           on the Pod: more addresses that reach
+                                                        it (DNAT on its node), held in IPAM
 
-Calico's names for the same, cni.projectcalico.org/ipv4pools and cni.projectcalico.org/ipAddrs,
-are read too (a cluster moving from Calico keeps its annotations); both names on one object
-with different values are refused. Calico's cni.projectcalico.org/ipAddrsNoIpam (an address
-outside IPAM) is refused: Pipit hands out addresses only through its IPAM.
+Calico's names for the same, cni.projectcalico.org/ipv4pools, cni.projectcalico.org/ipAddrs
+and cni.projectcalico.org/floatingIPs, are read too (a cluster moving from Calico keeps its
+annotations); both names on one object with different values are refused. Calico's
+cni.projectcalico.org/ipAddrsNoIpam (an address outside IPAM) is refused: Pipit hands out
+addresses only through its IPAM.
 
 Without them the CNI configuration's `pools` (or every pool selecting the node) apply. A pool
 named here serves the pod whatever its nodeSelector says (a `nodeSelector: "!all()"` pool is
@@ -31,7 +34,10 @@ ADDRESSES = "pipit.dev/ip-addrs"
 CALICO_POOLS = "cni.projectcalico.org/ipv4pools"
 CALICO_ADDRESSES = "cni.projectcalico.org/ipAddrs"
 CALICO_NO_IPAM = "cni.projectcalico.org/ipAddrsNoIpam"
+FLOATING = "pipit.dev/floating-ips"
+CALICO_FLOATING = "cni.projectcalico.org/floatingIPs"
 POOL_NAMES, ADDRESS_NAMES = (POOLS, CALICO_POOLS), (ADDRESSES, CALICO_ADDRESSES)  # by rank
+FLOATING_NAMES = (FLOATING, CALICO_FLOATING)
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,8 @@ class PodRequest:
     addresses: tuple[IPv4Address, ...] = ()
     pools_from: str = ""  # e.g. "annotation pipit.dev/ipv4pools of pod ns/web"
     addresses_from: str = ""
+    floating: tuple[IPv4Address, ...] = ()  # Calico's floating IPs: DNAT to the pod's address
+    floating_from: str = ""
     # the namespace's labels (for pools' namespaceSelector); None: not known (no Kubernetes)
     namespace_labels: Mapping[str, str] | None = field(default=None, hash=False)
 
@@ -82,19 +90,30 @@ def pod_request(namespace: str, pod: str, namespace_annotations: Mapping[str, st
             pools_from = f"annotation {chosen[0]} of {on}"
             pools = tuple(string_list(chosen[1], pools_from))
             break
-    addresses, addresses_from = (), ""
-    chosen = annotation(pod_annotations, ADDRESS_NAMES, owner)
-    if chosen:
-        addresses_from = f"annotation {chosen[0]} of {owner}"
-        parsed = []
-        for text in string_list(chosen[1], addresses_from):
-            try:
-                parsed.append(IPv4Address(text))
-            except ValueError:
-                raise InvalidResource(f"{addresses_from}: {text!r} is not an IPv4 "
-                                      "address.") from None
-        addresses = tuple(parsed)
-    return PodRequest(pools, addresses, pools_from, addresses_from)
+    addresses, addresses_from = address_list(pod_annotations, ADDRESS_NAMES, owner)
+    floating, floating_from = address_list(pod_annotations, FLOATING_NAMES, owner)
+    both = sorted(set(floating) & set(addresses))
+    if both:
+        raise InvalidResource(f"{floating_from}: {both[0]} is also the pod's own address "
+                              f"({addresses_from}): a floating IP must be another address.")
+    return PodRequest(pools, addresses, pools_from, addresses_from, floating, floating_from)
+
+
+def address_list(annotations: Mapping[str, str], names: Sequence[str],
+                 owner: str) -> tuple[tuple[IPv4Address, ...], str]:
+    """The IPv4 addresses of the first of `names` that `owner` carries, and where they came
+    from ("annotation NAME of OWNER"); none and "" if it carries none."""
+    chosen = annotation(annotations, names, owner)
+    if not chosen:
+        return (), ""
+    where = f"annotation {chosen[0]} of {owner}"
+    parsed = []
+    for text in string_list(chosen[1], where):
+        try:
+            parsed.append(IPv4Address(text))
+        except ValueError:
+            raise InvalidResource(f"{where}: {text!r} is not an IPv4 address.") from None
+    return tuple(parsed), where
 
 
 def pool_names(request: PodRequest, pools: Sequence[IPPool]) -> tuple[str, ...]:

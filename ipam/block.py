@@ -30,6 +30,11 @@ from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network
 
 
+# Secondary attributes of a pod's floating IP (Calico's floatingIPs): the pod's address it
+# leads to, and the handle of the pod's attachment (whose life it shares).
+FLOATING_FOR, ATTACHMENT = "floatingFor", "attachment"
+
+
 @dataclass(frozen=True)
 class Attribute:
     handle_id: str

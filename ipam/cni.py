@@ -170,6 +170,15 @@ def handle_id(network: str, container_id: str, ifname: str) -> str:
     return prefix + rest
 
 
+def floating_handle(handle: str) -> str:
+    """The handle of an attachment's floating IPs: its own with '.floating' after it (the
+    handle of no attachment), or, past HANDLE_MAX, a cut of it and a hash."""
+    name = f"{handle}.floating"
+    if len(name) > HANDLE_MAX:
+        name = f"{handle[:200]}::{_digest(handle)}.floating"
+    return name
+
+
 def check_network(network: str) -> None:
     if not _spec_id(network):
         raise CNIError(INVALID_CONFIG, f"the network name {network!r} is not valid: it must "

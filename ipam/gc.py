@@ -7,7 +7,8 @@ Calico's rules (kube-controllers' IPAM controller), which pipit-controller appli
   (`spec.orchRefs`) is outside Kubernetes and left alone; an allocation whose node has no
   record is taken to be on the Kubernetes Node of the same name.
 - A pod's allocation (attributes `namespace` and `pod`) is valid while its pod exists, is on
-  the allocation's node, and either has no IP reported yet or has this one. A pod evicted
+  the allocation's node, and either has no IP reported yet or has this one (for a floating
+  IP, the address it leads to). A pod evicted
   (phase Failed, reason Evicted) holds nothing. Any other allocation (no pod attributes, not
   a tunnel) is valid: its owner is unknown.
 - An invalid allocation is a candidate leak; it is confirmed once it has been a candidate for
@@ -29,7 +30,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
-from ipam.block import Release
+from ipam.block import FLOATING_FOR, Release
 from ipam.pool import LOAD_BALANCER_NODE
 from ipam.snapshot import Snapshot
 
@@ -47,6 +48,7 @@ class Allocation:
     namespace: str | None = None
     pod: str | None = None
     tunnel: bool = False  # a node's IPIP / VXLAN tunnel address
+    floating_for: IPv4Address | None = None  # a floating IP: the pod's address it leads to
 
     @property
     def key(self) -> tuple[str, IPv4Address, int | None]:
@@ -66,8 +68,16 @@ def allocations(snap: Snapshot) -> list[Allocation]:
                 block.address(ordinal), cidr, attribute.handle_id,
                 block.seq_for_allocation.get(ordinal), extra.get("node") or None,
                 extra.get("namespace") or None, extra.get("pod") or None,
-                str(extra.get("type", "")).endswith("-tunnel")))
+                str(extra.get("type", "")).endswith("-tunnel"),
+                _address(extra.get(FLOATING_FOR))))
     return found
+
+
+def _address(text: str | None) -> IPv4Address | None:
+    try:
+        return IPv4Address(text) if text else None
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -112,8 +122,9 @@ def invalid_reason(allocation: Allocation, pods: Mapping[tuple[str, str], Pod],
         return f"{where} was evicted"
     if not pod.ips:
         return None  # its IP is not reported yet
-    if allocation.address not in pod.ips:
-        return f"{where} has {', '.join(map(str, sorted(pod.ips)))}, not {allocation.address}"
+    own = allocation.floating_for or allocation.address  # a floating IP: the pod's it leads to
+    if own not in pod.ips:
+        return f"{where} has {', '.join(map(str, sorted(pod.ips)))}, not {own}"
     return None
 
 

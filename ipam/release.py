@@ -14,7 +14,7 @@ from ipaddress import IPv4Address, IPv4Network
 from ipam import block as blocks
 from ipam import handle as handles
 from ipam import keys
-from ipam.block import Block, Release
+from ipam.block import ATTACHMENT, Block, Release
 from ipam.errors import InUse
 from ipam.handle import Handle
 from ipam.store import Store
@@ -149,10 +149,11 @@ async def release_host_affinities(store: Store, node: str,
 def stale_attachments(found: Iterable[Block], node: str, prefix: str,
                       valid: Container[str]) -> list[str]:
     """The handles a CNI GC releases: held on `node`, of the network whose handles start with
-    `prefix` (ipam.cni.handle_prefix), and not among the runtime's `valid` attachments."""
+    `prefix` (ipam.cni.handle_prefix), and not among the runtime's `valid` attachments (a
+    pod's floating IPs go with the attachment they belong to)."""
     return sorted({a.handle_id for block in found for a in block.attributes
                    if a.secondary.get("node") == node and a.handle_id.startswith(prefix)
-                   and a.handle_id not in valid})
+                   and a.secondary.get(ATTACHMENT, a.handle_id) not in valid})
 
 
 async def release_leaks(store: Store, leaks: Iterable, budget: int = TXN_KEY_BUDGET // 2

@@ -43,7 +43,7 @@ from ipaddress import IPv4Address, IPv4Network
 from ipam import block as blocks
 from ipam import cni, keys
 from ipam.allocator import IPAM
-from ipam.block import block_capacity
+from ipam.block import ATTACHMENT, FLOATING_FOR, block_capacity
 from ipam.annotations import PodRequest, pool_names
 from ipam.errors import (Conflict, DatastoreUnavailable, InvalidResource, MalformedRequest,
                          PipitError)
@@ -94,6 +94,10 @@ class IPAMService:
         self._server: asyncio.base_events.Server | None = None
         self._known_pools: list[IPPool] = []  # for describing answers (see _describe)
         self._pools_read = float("-inf")
+        self._undoing: set[asyncio.Future] = set()  # releases outliving a cancelled ADD
+        # Attachments this agent gave addresses without floating IPs: their DEL need not look
+        # for a floating IP handle (an etcd read). Others' DELs, and all after a restart, do.
+        self._no_floating: set[str] = set()
 
     async def start(self) -> None:
         _take_over_stale_socket(self.path)
@@ -162,8 +166,14 @@ class IPAMService:
             if command == "ADD":
                 return {"ips": await self._describe(await self._add(request))}
             if command == "DEL":
-                released = await self.ipam.release(self.node, _handle(request))
-                return {"released": [str(a) for a in released]}
+                handle = _handle(request)
+                held = [handle]
+                if handle not in self._no_floating:  # or not known since this agent started
+                    held.append(cni.floating_handle(handle))
+                released = await asyncio.gather(*(self.ipam.release(self.node, h)
+                                                  for h in held))  # one batch
+                self._no_floating.discard(handle)
+                return {"released": [str(a) for a in sum(released, [])]}
             if command == "CHECK":
                 return {"ips": await self._describe(await self.ipam.addresses(_handle(request)))}
             if command == "STATUS":
@@ -192,17 +202,38 @@ class IPAMService:
         try:
             if chosen.pools:
                 pools = list(pool_names(chosen, await self._pools()))
-            return await self.ipam.assign(self.node, handle, attributes=attributes,
-                                          pools=pools, reuse=True,
-                                          addresses=chosen.addresses,
-                                          namespace_labels=chosen.namespace_labels)
-        except (DatastoreUnavailable, Conflict):
-            raise
+            addresses = await self.ipam.assign(self.node, handle, attributes=attributes,
+                                               pools=pools, reuse=True,
+                                               addresses=chosen.addresses,
+                                               namespace_labels=chosen.namespace_labels)
         except PipitError as error:
-            source = chosen.addresses_from if chosen.addresses else chosen.pools_from
-            if not source or str(error).startswith(source):
+            raise _named(error, chosen.addresses_from if chosen.addresses
+                         else chosen.pools_from) from None
+        if chosen.floating:
+            self._no_floating.discard(handle)
+            await self._add_floating(handle, attributes, chosen, addresses[0])
+        else:
+            self._no_floating.add(handle)
+        return addresses
+
+    async def _add_floating(self, handle: str, attributes: dict[str, str], chosen: PodRequest,
+                            target: IPv4Address) -> None:
+        """Hold the pod's floating IPs under a handle of their own (so its results and CHECK
+        name only its own addresses), each recording the address it leads to; if they cannot
+        be had, the pod's own addresses go too (the ADD is all or nothing)."""
+        try:
+            await self.ipam.assign(
+                self.node, cni.floating_handle(handle), reuse=True,
+                attributes={**attributes, FLOATING_FOR: str(target), ATTACHMENT: handle},
+                addresses=chosen.floating, namespace_labels=chosen.namespace_labels)
+        except BaseException as error:
+            undo = asyncio.ensure_future(self.ipam.release(self.node, handle))
+            if not isinstance(error, PipitError):  # cancelled: the release goes on without us
+                self._undoing.add(undo)  # (the loop keeps only a weak reference to a task)
+                undo.add_done_callback(self._undoing.discard)
                 raise
-            raise type(error)(f"{source}: {error}") from None
+            await undo
+            raise _named(error, chosen.floating_from) from None
 
     async def cni_call(self, request: dict) -> bytes:
         """A CNI call forwarded whole by the native plugin: the answer line it prints from
@@ -244,11 +275,21 @@ class IPAMService:
             raise InvalidResource("GC needs the handle prefix of the network (ending in '.').")
         found = [blocks.from_json(e.value) for e in await self.ipam.store.list(keys.BLOCKS)]
         stale = stale_attachments(found, self.node, prefix, valid)
+        self._no_floating.difference_update(stale)
         # all at once: the allocator's queue releases them in a few transactions
         await asyncio.gather(*(self.ipam.release(self.node, h) for h in stale))
         for handle_id in stale:
             log.info("GC released %s", handle_id)
         return stale
+
+
+def _named(error: PipitError, source: str) -> PipitError:
+    """`error` beginning with the annotation that caused it (`source`), unless it is etcd's
+    (nothing the annotation did) or names it already."""
+    if (isinstance(error, (DatastoreUnavailable, Conflict)) or not source
+            or str(error).startswith(source)):
+        return error
+    return type(error)(f"{source}: {error}")
 
 
 def _handle(request: dict) -> str:

@@ -17,6 +17,7 @@ from bgp_agent import health, kube_node
 from bgp_agent.agent import parse_args
 from bgp_agent.kube_api import KubeAPI
 from bgp_agent.node import InterfaceAddress
+from ipam import block as blocks
 from ipam import cni, keys
 from ipam.errors import InvalidResource
 from ipam.snapshot import load_snapshot
@@ -138,6 +139,44 @@ def test_a_pools_namespace_selector_picks_the_pods_of_the_namespaces_it_matches(
     assert added("plain") in IPv4Interface("10.30.0.0/24").network
 
 
+def delete(socket_path, ns: str, name: str) -> None:
+    config = {**NETWORK, "ipam": {**NETWORK["ipam"], "socket": str(socket_path)}}
+    cni.run("DEL", {"CNI_COMMAND": "DEL", "CNI_CONTAINERID": f"c-{ns}-{name}",
+                    "CNI_IFNAME": "eth0", "CNI_NETNS": "/var/run/netns/x"}, json.dumps(config))
+
+
+def test_floating_ips_are_held_for_the_pod_and_go_with_it(fakekube, etcd, kube_agent):
+    """Calico's floatingIPs (and Pipit's name): held in IPAM under a handle of their own,
+    recording the pod address they lead to; the CNI result names only the pod's own address;
+    a DEL frees both."""
+    fakekube.store.create(NAMESPACES, None, namespace("team"))
+    fakekube.store.create(PODS, "team", pod("web", {
+        "cni.projectcalico.org/floatingIPs": '["10.31.0.90", "10.31.0.91"]'}))
+    result = add(kube_agent.socket_path, "team", "web")
+    [own] = [IPv4Interface(ip["address"]).ip for ip in result["ips"]]
+    assert own in IPv4Interface("10.30.0.0/24").network
+    snap = with_store(etcd, load_snapshot)
+    attachment = cni.handle_id("pipit-net", "c-team-web", "eth0")
+    floating = cni.floating_handle(attachment)
+    held = {a.handle_id: a.secondary for b in snap.blocks.values() for a in b.attributes}
+    assert held[floating]["floatingFor"] == str(own)
+    assert held[floating]["attachment"] == attachment
+    assert held[floating]["node"] == "node-1" and held[floating]["pod"] == "web"
+    assert sorted(a for b in snap.blocks.values() for a in blocks.addresses_of(b, floating)) \
+        == [IPv4Address("10.31.0.90"), IPv4Address("10.31.0.91")]
+    assert add(kube_agent.socket_path, "team", "web") == result  # again: the same, nothing more
+    delete(kube_agent.socket_path, "team", "web")
+    assert handles(etcd) == set()
+    # a pod without floating IPs, and one with them whose DEL reaches an agent started since
+    fakekube.store.create(PODS, "team", pod("db"))
+    add(kube_agent.socket_path, "team", "db")
+    result = add(kube_agent.socket_path, "team", "web")
+    kube_agent.restart()
+    delete(kube_agent.socket_path, "team", "web")
+    delete(kube_agent.socket_path, "team", "db")
+    assert handles(etcd) == set()
+
+
 @pytest.mark.parametrize("annotations, code, words", [
     ({"pipit.dev/ipv4pools": "blue"}, 7, "annotation pipit.dev/ipv4pools of pod team/bad is "
                                          "not JSON"),
@@ -157,6 +196,21 @@ def test_a_pools_namespace_selector_picks_the_pods_of_the_namespaces_it_matches(
      "pod team/bad has both annotations pipit.dev/ipv4pools and cni.projectcalico.org/ipv4pools"),
     ({"cni.projectcalico.org/ipAddrsNoIpam": '["10.31.0.90"]'}, 7,
      "annotation cni.projectcalico.org/ipAddrsNoIpam of pod team/bad is not supported"),
+    # floating IPs: the pod's own address goes too when they cannot be had
+    ({"pipit.dev/floating-ips": '["10.40.0.1"]'}, 7, "annotation pipit.dev/floating-ips of "
+                                                     "pod team/bad: 10.40.0.1 is not in any "
+                                                     "IP pool"),
+    ({"cni.projectcalico.org/floatingIPs": '["10.31.0.77"]'}, 7,
+     "annotation cni.projectcalico.org/floatingIPs of pod team/bad: 10.31.0.77 is already in "
+     "use in block 10.31.0.64/28"),
+    ({"cni.projectcalico.org/floatingIPs": '["1.2.3"]'}, 7, "'1.2.3' is not an IPv4 address"),
+    ({"pipit.dev/ip-addrs": '["10.31.0.81"]', "pipit.dev/floating-ips": '["10.31.0.81"]'}, 7,
+     "annotation pipit.dev/floating-ips of pod team/bad: 10.31.0.81 is also the pod's own "
+     "address (annotation pipit.dev/ip-addrs of pod team/bad)"),
+    ({"pipit.dev/floating-ips": '["10.31.0.82"]',
+      "cni.projectcalico.org/floatingIPs": '["10.31.0.83"]'}, 7,
+     "pod team/bad has both annotations pipit.dev/floating-ips and "
+     "cni.projectcalico.org/floatingIPs"),
 ])
 def test_bad_annotations_fail_the_add_naming_them_and_leave_nothing(
         fakekube, etcd, kube_agent, annotations, code, words):

@@ -258,3 +258,17 @@ def test_cni_gc_picks_this_nodes_handles_of_the_network_that_the_runtime_no_long
                          ("net:2eblue.gone.eth0", "n1"), ("net.remote.eth0", "n2")):
         block, _ = assign(block, 1, handle, {"node": node})
     assert stale_attachments([block], "n1", "net.", {"net.keep.eth0"}) == ["net.gone.eth0"]
+
+
+def test_cni_gc_takes_floating_ips_with_their_attachment_only():
+    from ipaddress import IPv4Network
+
+    from ipam.block import ATTACHMENT, FLOATING_FOR, assign, new_block
+    from ipam.release import stale_attachments
+    block = new_block(IPv4Network("10.244.0.0/29"), "n1")
+    for handle in ("net.keep.eth0", "net.gone.eth0"):
+        block, [pod] = assign(block, 1, handle, {"node": "n1"})
+        block, _ = assign(block, 1, f"{handle}.floating",
+                          {"node": "n1", FLOATING_FOR: str(pod), ATTACHMENT: handle})
+    assert stale_attachments([block], "n1", "net.", {"net.keep.eth0"}) == [
+        "net.gone.eth0", "net.gone.eth0.floating"]

@@ -138,6 +138,19 @@ def test_two_attachments_never_share_a_handle(one, two):
     assert second.startswith(cni.handle_prefix(one[0])) == (one[0] == two[0])
 
 
+@settings(max_examples=400)
+@given(st.tuples(SPEC_ID, SPEC_ID, IFNAME), st.tuples(SPEC_ID, SPEC_ID, IFNAME))
+def test_floating_ip_handles_are_no_attachments_and_one_per_attachment(one, two):
+    """The handle of an attachment's floating IPs: a valid handle of the same network (GC's
+    prefix), never an attachment's, and different for different attachments."""
+    from ipam.handle import check_handle_id
+    floating = cni.floating_handle(handle_id(*one))
+    assert check_handle_id(floating) == floating
+    assert floating.startswith(cni.handle_prefix(one[0]))
+    assert floating != handle_id(*two)
+    assert (floating == cni.floating_handle(handle_id(*two))) == (one == two)
+
+
 @pytest.mark.parametrize("one,two", [
     (("net", "coll-a_b", "eth0"), ("net", "coll-a.b", "eth0")),  # folded alike before
     (("n.a", "b", "eth0"), ("n", "a.b", "eth0")),  # the separator inside a name

@@ -193,6 +193,32 @@ def test_a_pod_restarted_under_its_name_frees_its_old_address_only():
     assert "has 10.0.0.2, not 10.0.0.1" in second.leaks[0].reason
 
 
+def test_a_floating_ip_is_valid_while_its_pod_has_the_address_it_leads_to():
+    """A pod's floating IP is never the pod's reported IP: it is judged by the address it
+    leads to, and goes (after the grace) with the sandbox it was given to."""
+    snap = Snapshot(nodes={"n1"}, kubernetes_nodes={"n1": "n1"})
+    cidr = IPv4Network("10.0.0.0/29")
+    block = blocks.new_block(cidr, "n1")
+    attrs = {"node": "n1", "namespace": "ns", "pod": "web-0"}
+    block, [old] = blocks.assign(block, 1, "net.c1.eth0", attrs)
+    block, [old_floating] = blocks.assign(block, 1, "net.c1.eth0.floating", {
+        **attrs, blocks.FLOATING_FOR: str(old), blocks.ATTACHMENT: "net.c1.eth0"})
+    snap.blocks[cidr] = block
+    running = gc.Cluster(frozenset({"n1"}), {("ns", "web-0"): gc.Pod("ns", "web-0", "n1",
+                                                                     frozenset({old}))})
+    assert gc.plan(snap, running, gc.State(), now=0.0, grace=60).waiting == 0
+    block, [new] = blocks.assign(block, 1, "net.c2.eth0", attrs)  # restarted: a new sandbox
+    snap.blocks[cidr] = block
+    restarted = gc.Cluster(running.nodes, {("ns", "web-0"): gc.Pod("ns", "web-0", "n1",
+                                                                   frozenset({new}))})
+    first = gc.plan(snap, restarted, gc.State(), now=0.0, grace=60)
+    second = gc.plan(snap, restarted, first.state, now=60, grace=60)
+    assert {leak.handle_id: released for leak in second.leaks
+            for released in [{r.address for r in leak.releases}]} == {
+        "net.c1.eth0": {old}, "net.c1.eth0.floating": {old_floating}}
+    assert "has 10.0.0.3, not 10.0.0.1" in second.leaks[1].reason
+
+
 def test_load_balancer_addresses_are_left_to_their_controller(etcd):
     """Addresses on the virtual node `load-balancer` (controller.load_balancer's): no
     Kubernetes Node has that name and no record exists, yet the GC judges none of them and

@@ -191,6 +191,27 @@ def test_nat_ruleset_without_nat_pools_only_removes_the_table():
         "table ip pipit-nat\ndelete table ip pipit-nat\n"
 
 
+def test_nat_ruleset_lists_floating_ips_sorted_and_is_the_same_for_equal_inputs():
+    many = {IPv4Address(f"10.244.{9 + i % 3}.{200 - i}"): IPv4Address(f"10.244.1.{i % 4 + 1}")
+            for i in range(12)}
+    shuffled = dict(sorted(many.items(), key=lambda item: hash(str(item[0]))))
+    pods = [pool("pods", "10.244.0.0/16")]
+    text = nat.ruleset(pods, many)
+    assert text == nat.ruleset(pods, shuffled) == nat.ruleset(pods, dict(many))
+    lines = text.splitlines()
+    dnat = lines[lines.index("    map floating-ips {") + 2].strip()  # after its type line
+    listed = [IPv4Address(pair.split(" : ")[0]) for pair in
+              dnat.removeprefix("elements = { ").removesuffix(" }").split(", ")]
+    assert listed == sorted(many)  # address order: 10.244.9.x before 10.244.10.x
+    lowest = {pod: min(e for e, p in many.items() if p == pod) for pod in many.values()}
+    assert ("elements = { " + ", ".join(f"{pod} . {pod} : {lowest[pod]}" for pod in
+                                        sorted(lowest)) + " }") in text
+    assert "dnat to ip daddr map @floating-ips" in text and "masquerade" not in text
+    # floating IPs alone make the table; natOutgoing alone is as it always was
+    assert nat.ruleset(pods, {}) == "table ip pipit-nat\ndelete table ip pipit-nat\n"
+    assert "floating" not in nat.ruleset([pool("pods", "10.244.0.0/16", nat_outgoing=True)])
+
+
 # -- capability -------------------------------------------------------------------------------
 
 def test_capability_sentence_names_the_module_and_the_pools():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
@@ -18,8 +19,8 @@ from ipam.pool import IPPool
 from ipip import capability, dataplane, encap, links, nat, tunnel, vxlan
 from ipip.encap import IPIP, VXLAN, VXLAN_DEVICE, RemoteVTEP
 from ipip.mtu import uplink
-from lab.netns import Namespaces
-from tests.ipip_support import ip, run
+from lab.netns import Namespaces, ping
+from tests.ipip_support import forwarding, ip, run, veth
 
 pytestmark = pytest.mark.netns
 
@@ -165,6 +166,154 @@ def test_nat_table_is_rewritten_whole_and_nothing_else_is_touched(ipip_node_netn
     assert nft_tables(ipip_node_netns) == ["table inet someone-else"]
     nat.remove(netns=ipip_node_netns)  # already gone: fine
     assert nft_tables(ipip_node_netns) == ["table inet someone-else"]
+
+
+# -- floating IPs -----------------------------------------------------------------------------
+#
+#   client eth0 192.168.50.2/24 --- eth0 192.168.50.1/24 [node] cali-pod --- eth0 [pod]
+#   (routes the floating addresses                 (/32 route to the pod,    10.244.1.5/32,
+#    via the node)                                  proxy ARP, forwarding)   default via node
+#
+# Nothing holds the floating addresses: only the node's DNAT makes them answer. A UDP echo in
+# the pod answers each datagram with the source address it saw.
+
+POD, CLIENT, NODE_ADDRESS = IPv4Address("10.244.1.5"), "192.168.50.2", "192.168.50.1"
+FLOATING_LOW, FLOATING_HIGH = IPv4Address("10.244.9.8"), IPv4Address("10.244.9.9")
+FLOATING = {FLOATING_HIGH: POD, FLOATING_LOW: POD}
+ECHO_PORT = 7777
+ECHO_SERVER = f"""\
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", {ECHO_PORT}))
+print("ready", flush=True)
+while True:
+    data, peer = s.recvfrom(100)
+    s.sendto(peer[0].encode(), peer)
+"""
+ECHO_CLIENT = f"""\
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(0.5)
+deadline = time.monotonic() + 5
+while time.monotonic() < deadline:
+    s.sendto(b"?", (sys.argv[1], {ECHO_PORT}))
+    try:
+        data, peer = s.recvfrom(100)
+    except socket.timeout:
+        continue
+    print(peer[0], data.decode())
+    break
+"""
+
+
+@dataclass
+class FloatingLab:
+    node: str
+    pod: str
+    client: str
+
+
+@pytest.fixture
+def floating_lab():
+    with Namespaces() as namespaces:
+        lab = FloatingLab(namespaces.create("node"), namespaces.create("pod"),
+                          namespaces.create("client"))
+        forwarding(lab.node)
+        veth(lab.node, "eth0", lab.client, "eth0")
+        ip(lab.node, "addr", "add", f"{NODE_ADDRESS}/24", "dev", "eth0")
+        ip(lab.node, "route", "add", "default", "via", CLIENT)  # the node's way out
+        ip(lab.client, "addr", "add", f"{CLIENT}/24", "dev", "eth0")
+        for floating in FLOATING:
+            ip(lab.client, "route", "add", f"{floating}/32", "via", NODE_ADDRESS)
+        veth(lab.node, "cali-pod", lab.pod, "eth0")  # as Calico: no address on the node's end
+        run("ip", "netns", "exec", lab.node, "sysctl", "-qw", "net.ipv4.conf.cali-pod.proxy_arp=1")
+        ip(lab.node, "route", "add", f"{POD}/32", "dev", "cali-pod")
+        ip(lab.pod, "addr", "add", f"{POD}/32", "dev", "eth0")
+        ip(lab.pod, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link")
+        ip(lab.pod, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0")
+        server = subprocess.Popen(["ip", "netns", "exec", lab.pod, sys.executable, "-c",
+                                   ECHO_SERVER], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert server.stdout.readline() == "ready\n", server.stderr.read()
+            yield lab
+        finally:
+            server.kill()  # before its namespace goes
+            server.communicate(timeout=10)
+
+
+def echo(ns: str, target: object) -> tuple[str, str]:
+    """(the reply's source, the source the pod's echo saw) of one UDP exchange from `ns`."""
+    out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", ECHO_CLIENT,
+                          str(target)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout, f"no UDP echo from {target}: {out.stderr}"
+    replied_from, seen = out.stdout.split()
+    return replied_from, seen
+
+
+def answers(ns: str, target: object) -> bool:
+    """One ping, two seconds for the reply; the reply must come from `target` itself."""
+    result = ping(ns, target, reply_wait=2, timeout=10)
+    return result.returncode == 0 and f"from {target}:" in result.stdout
+
+
+PLAIN_POOL = IPPool("pods", IPv4Network("10.244.0.0/16"))
+NAT_POOL = IPPool("pods", IPv4Network("10.244.0.0/16"), nat_outgoing=True)
+
+
+def test_floating_ip_reaches_its_pod_from_outside_and_from_the_node(floating_lab):
+    lab = floating_lab
+    assert not answers(lab.client, FLOATING_HIGH)  # nothing holds it
+    nat.apply([PLAIN_POOL], floating=FLOATING, netns=lab.node)
+    assert nft_tables(lab.node) == ["table ip pipit-nat"]
+    # from elsewhere (prerouting): the pod sees the client itself, the client the floating IP
+    assert answers(lab.client, FLOATING_HIGH) and answers(lab.client, FLOATING_LOW)
+    assert echo(lab.client, FLOATING_HIGH) == (str(FLOATING_HIGH), CLIENT)
+    assert echo(lab.client, FLOATING_LOW) == (str(FLOATING_LOW), CLIENT)
+    # from the node's own processes (output)
+    assert answers(lab.node, FLOATING_HIGH)
+    assert echo(lab.node, FLOATING_HIGH) == (str(FLOATING_HIGH), NODE_ADDRESS)
+    # the pod's own traffic keeps its address: the client sees 10.244.1.5, which it cannot
+    # answer (no natOutgoing, and only the floating addresses route via the node)
+    assert not answers(lab.pod, CLIENT)
+
+
+def test_floating_ip_hairpin_comes_from_the_pods_lowest_floating_address(floating_lab):
+    lab = floating_lab
+    nat.apply([PLAIN_POOL], floating=FLOATING, netns=lab.node)
+    assert answers(lab.pod, FLOATING_HIGH) and answers(lab.pod, FLOATING_LOW)
+    assert echo(lab.pod, FLOATING_HIGH) == (str(FLOATING_HIGH), str(FLOATING_LOW))
+    assert echo(lab.pod, FLOATING_LOW) == (str(FLOATING_LOW), str(FLOATING_LOW))
+
+
+def test_floating_ips_go_with_the_rewrite_and_the_table_with_the_last(floating_lab):
+    lab = floating_lab
+    nat.apply([PLAIN_POOL], floating=FLOATING, netns=lab.node)
+    assert answers(lab.client, FLOATING_HIGH) and answers(lab.client, FLOATING_LOW)
+    nat.apply([PLAIN_POOL], floating={FLOATING_HIGH: POD}, netns=lab.node)
+    assert answers(lab.client, FLOATING_HIGH) and not answers(lab.client, FLOATING_LOW)
+    assert echo(lab.pod, FLOATING_HIGH) == (str(FLOATING_HIGH), str(FLOATING_HIGH))  # now lowest
+    nat.apply([PLAIN_POOL], floating={}, netns=lab.node)
+    assert nft_tables(lab.node) == []
+    assert not answers(lab.client, FLOATING_HIGH) and not answers(lab.node, FLOATING_HIGH)
+
+
+def test_floating_ips_and_nat_outgoing_together(floating_lab):
+    lab = floating_lab
+    nat.apply([NAT_POOL], floating=FLOATING, netns=lab.node)
+    table = nft_table(lab.node)
+    assert "ip saddr @nat-pools ip daddr != @all-pools masquerade" in table
+    assert "elements = { 10.244.0.0/16 }" in table and "@floating-ips" in table
+    # natOutgoing: the pod reaches the client as the node (the client has no route to the pod)
+    assert answers(lab.pod, CLIENT)
+    # floating IPs: still no SNAT on the way in, hairpin still the lowest floating address
+    assert echo(lab.client, FLOATING_HIGH) == (str(FLOATING_HIGH), CLIENT)
+    assert echo(lab.node, FLOATING_HIGH) == (str(FLOATING_HIGH), NODE_ADDRESS)
+    assert echo(lab.pod, FLOATING_HIGH) == (str(FLOATING_HIGH), str(FLOATING_LOW))
+    # no floating IPs left: natOutgoing's table as it always was
+    nat.apply([NAT_POOL], floating={}, netns=lab.node)
+    assert "floating" not in nft_table(lab.node) and answers(lab.pod, CLIENT)
+    assert not answers(lab.client, FLOATING_HIGH)
 
 
 def test_vxlan_is_supported_by_this_kernel():

@@ -5,8 +5,8 @@ restarted under its name keeps working while its old address is collected; a pod
 without a CNI DEL has its address freed; the controller killed mid-GC and restarted releases
 nothing twice and nothing live; a Local service's /32s come from the node holding its
 endpoint, at an edge router, and Calico's other service rules (single addresses,
-serviceLoadBalancerAggregation, the exclusion label) hold there; a deleted Node's blocks,
-addresses and record go."""
+serviceLoadBalancerAggregation, the exclusion label) hold there; a floating IP reaches its pod
+from everywhere and moves with it; a deleted Node's blocks, addresses and record go."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import pytest
 from ipam.snapshot import check, load_snapshot
 from ipam.store import EtcdConfig
 from lab import netns
-from lab.cluster import Lab
+from lab.cluster import Lab, Pod
 from lab.cni import Attachment
 from lab.kube import POD_NAMESPACE
 from lab.process import wait
@@ -98,7 +98,6 @@ def test_a_pod_restarted_under_its_name_keeps_working(lab):
     wait(lambda: handle("lab-n1-p1") not in snapshot(lab).handles, 60,
          "the old sandbox's address to be collected")
     assert handle("lab-n1-p1-again") in snapshot(lab).handles
-    from lab.cluster import Pod
     restarted = Pod("n1-p1", "n1", ns, new_address)
     wait(lambda: lab.ping(pod_by_name(lab, "n2-p1"), restarted), 30, "the restarted pod")
 
@@ -363,6 +362,38 @@ def test_a_load_balancer_service_gets_an_address_that_the_nodes_announce(lab, tm
             delete_services(kube, "cart")
             wait(lambda: handle not in snapshot(lab).handles, 60, "cart's address to be freed")
             lab.pipitctl("delete", "ippool", "public")
+
+
+def test_a_floating_ip_reaches_its_pod_from_everywhere_and_moves_with_it(lab):
+    """Calico's floatingIPs annotation: the address is held in IPAM for the pod, reached
+    (DNAT on its node) from a pod on another node, one on the same node, the node itself and
+    the pod itself; freed with the pod; and given to a pod on the other node next, reached
+    there (its /32 borrowed from the first node's block)."""
+    floating = "10.246.0.10"
+    annotations = {"cni.projectcalico.org/floatingIPs": f'["{floating}"]'}
+    near, far = pod_by_name(lab, "n1-p1"), pod_by_name(lab, "n2-p1")
+    apply(lab, {"apiVersion": "pipit.dev/v1", "kind": "IPPool", "metadata": {"name": "fip"},
+                "spec": {"cidr": "10.246.0.0/24", "blockSize": 28, "nodeSelector": "!all()"}})
+    try:
+        first = lab.add_pod("n1", "fip-1", annotations=annotations)
+        front = Pod("fip-1's floating IP", "n1", first.netns, floating)
+        for source in (far, near, first):  # the last: a pod reaching itself (hairpin)
+            wait(lambda: lab.ping(source, front), 30, f"{source.name} to reach {floating}")
+        wait(lambda: netns.ping(lab.node_ns("n1"), floating, "-q").returncode == 0, 30,
+             f"n1 itself to reach {floating}")  # past the blackhole of the block holding it
+        assert check(snapshot(lab)) == []
+        lab.remove_pod("fip-1")
+        wait(lambda: not lab.ping(far, front), 30, f"{floating} to stop answering")
+        second = lab.add_pod("n2", "fip-2", annotations=annotations)
+        for source in (near, far, second):
+            wait(lambda: lab.ping(source, front), 30, f"{source.name} to reach {floating} "
+                 "on n2")
+    finally:
+        lab.remove_pod("fip-1")
+        lab.remove_pod("fip-2")
+        wait(lambda: not any(h.startswith("pipit.lab-fip") for h in snapshot(lab).handles), 30,
+             "the floating IPs to be freed")
+        lab.pipitctl("delete", "ippool", "fip", "--force")
 
 
 def test_a_deleted_node_is_cleaned_up(lab):
