@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 # What each use of an address is called in a refusal
 _WHAT = {WORKLOAD: "pod", TUNNEL: "tunnel", LOAD_BALANCER: "load-balancer"}
+_SETTINGS_KEYS = 3  # what every batch's transaction compares: IPAM settings, fence, reservations
 # What a request is refused for that fresher pools or settings may grant (see _serve).
 REFUSALS = (NotFound, PoolExhausted)
 
@@ -113,6 +114,16 @@ class NodeView:
             name = next((p.name for p, _ in self.pools.values() if cidr.subnet_of(p.cidr)), None)
             self._block_pools[cidr] = name
         return name
+
+    def keys_of(self, addresses: Iterable[IPv4Address]) -> int:
+        """How many keys a request for `addresses` adds to a batch's transaction: each block
+        and pool they lie in, and the handle (those in no pool are refused, adding none)."""
+        found: set[tuple[str, IPv4Network]] = set()
+        for address in addresses:
+            pool = next((p for p, _ in self.pools.values() if address in p.cidr), None)
+            if pool is not None:
+                found.add((pool.name, IPv4Network((address, pool.block_size), strict=False)))
+        return len(found) + len({name for name, _ in found}) + 1
 
     def eligible_pools(self, names: Sequence[str], use: str = WORKLOAD,
                        namespace_labels: Mapping[str, str] | None = None) -> list[IPPool]:
@@ -352,7 +363,10 @@ class IPAM:
             decided: list[tuple[Item, object]] = []
             for item in live:
                 request = item[0]
-                if decided and len(plan.revisions) >= TXN_KEY_BUDGET:
+                # an address request may need many keys: then it waits for a batch of its own
+                wanted = (view.keys_of(request.addresses)
+                          if isinstance(request, AssignRequest) and request.addresses else 0)
+                if decided and len(plan.revisions) + wanted >= TXN_KEY_BUDGET:
                     break
                 try:
                     if isinstance(request, AssignRequest):
@@ -485,6 +499,11 @@ class IPAM:
     async def _plan_assign_addresses(self, plan: _Plan, request: AssignRequest
                                      ) -> list[IPv4Address]:
         view = plan.view
+        if view.keys_of(request.addresses) + _SETTINGS_KEYS > TXN_KEY_BUDGET:
+            raise InvalidResource(
+                f"the {len(request.addresses)} addresses asked for lie in more blocks than one "
+                f"etcd transaction can take at once (about {TXN_KEY_BUDGET - _SETTINGS_KEYS - 2} "
+                "of one pool): ask for fewer, or for addresses in fewer blocks.")
         taken: dict[IPv4Network, Block] = {}
         for address in request.addresses:
             pool = next((p for p, _ in view.pools.values() if address in p.cidr), None)

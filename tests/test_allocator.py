@@ -133,6 +133,41 @@ def test_request_larger_than_what_is_left_takes_nothing(etcd):
     with_store(etcd, scenario)
 
 
+def spread(count: int) -> list[IPv4Address]:
+    """`count` addresses of 10.50.0.0/16, each in a /29 block of its own."""
+    return [IPv4Address(f"10.50.{i // 32}.{(i % 32) * 8 + 1}") for i in range(count)]
+
+
+def test_addresses_in_more_blocks_than_a_transaction_takes_are_refused_claiming_nothing(etcd):
+    """Asked for by value (ip-addrs, floating IPs), addresses in a hundred blocks and more
+    would need a transaction etcd refuses (--max-txn-ops), after claiming every block: one
+    sentence instead, before anything is claimed."""
+    async def scenario(store):
+        await add_pool(store, "p", "10.50.0.0/16", blockSize=29)
+        ipam = IPAM(store)
+        with pytest.raises(InvalidResource, match="the 300 addresses asked for lie in more "
+                                                  "blocks than one etcd transaction can take"):
+            await ipam.assign("n1", "wide", addresses=spread(300))
+        snap = await load_snapshot(store)
+        assert snap.blocks == {} and snap.affinities == {} and snap.handles == {}
+        assert len(await ipam.assign("n1", "widest", addresses=spread(105))) == 105
+    with_store(etcd, scenario)
+
+
+def test_a_wide_address_request_among_others_waits_for_a_transaction_of_its_own(etcd):
+    async def scenario(store):
+        await add_pool(store, "p", "10.50.0.0/16", blockSize=29)
+        ipam = IPAM(store, batch_limit=100)
+        results = await asyncio.gather(  # one batch, but not one transaction
+            *(ipam.assign("n1", f"pod-{i}", addresses=spread(200)[104 + i:105 + i])
+              for i in range(40)),
+            ipam.assign("n1", "wide", addresses=spread(104)))
+        assert sorted(a for r in results for a in r) == spread(144)
+        assert ipam.transactions == 2
+        await assert_consistent(store)
+    with_store(etcd, scenario)
+
+
 def test_pool_choice_follows_node_selector_and_names(etcd):
     async def scenario(store):
         await add_pool(store, "rack-a", "10.16.0.0/24", nodeSelector="rack == 'a'")
