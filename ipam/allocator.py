@@ -125,6 +125,12 @@ class NodeView:
                 found.add((pool.name, IPv4Network((address, pool.block_size), strict=False)))
         return len(found) + len({name for name, _ in found}) + 1
 
+    def keys_to_release(self, handle_id: str) -> int:
+        """How many keys freeing a handle adds to a batch's transaction: its blocks and
+        itself (as last read)."""
+        held = self.handles.get(handle_id)
+        return len(held[0].blocks) + 1 if held else 1
+
     def eligible_pools(self, names: Sequence[str], use: str = WORKLOAD,
                        namespace_labels: Mapping[str, str] | None = None) -> list[IPPool]:
         """The pools a request for `use` (Workload, Tunnel, LoadBalancer) may use, or one
@@ -363,9 +369,12 @@ class IPAM:
             decided: list[tuple[Item, object]] = []
             for item in live:
                 request = item[0]
-                # an address request may need many keys: then it waits for a batch of its own
+                # a request for addresses, or to free a handle, in many blocks needs many
+                # keys: then it waits for a transaction of its own
                 wanted = (view.keys_of(request.addresses)
-                          if isinstance(request, AssignRequest) and request.addresses else 0)
+                          if isinstance(request, AssignRequest) and request.addresses
+                          else view.keys_to_release(request.handle_id)
+                          if isinstance(request, ReleaseRequest) else 0)
                 if decided and len(plan.revisions) + wanted >= TXN_KEY_BUDGET:
                     break
                 try:

@@ -154,7 +154,10 @@ def test_addresses_in_more_blocks_than_a_transaction_takes_are_refused_claiming_
     with_store(etcd, scenario)
 
 
-def test_a_wide_address_request_among_others_waits_for_a_transaction_of_its_own(etcd):
+def test_a_wide_request_among_others_waits_for_a_transaction_of_its_own(etcd):
+    """Addresses in a hundred blocks, asked for or freed in the same batch as many others:
+    the others go first, without overflowing the transaction (etcd refused it, failing
+    every request of the batch)."""
     async def scenario(store):
         await add_pool(store, "p", "10.50.0.0/16", blockSize=29)
         ipam = IPAM(store, batch_limit=100)
@@ -164,6 +167,14 @@ def test_a_wide_address_request_among_others_waits_for_a_transaction_of_its_own(
             ipam.assign("n1", "wide", addresses=spread(104)))
         assert sorted(a for r in results for a in r) == spread(144)
         assert ipam.transactions == 2
+        # and freeing it, among others asking: the same
+        results = await asyncio.gather(
+            *(ipam.assign("n1", f"pod-{i}", addresses=spread(200)[144 + i:145 + i])
+              for i in range(40)),
+            ipam.release("n1", "wide"))
+        assert sorted(a for r in results for a in r) == spread(184)[:104] + spread(184)[144:]
+        assert ipam.transactions == 4
+        await assert_consistent(store)
         await assert_consistent(store)
     with_store(etcd, scenario)
 
