@@ -55,6 +55,22 @@ class NodeRecord:
 _MAC = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
 
 
+# What calico-node writes about its own host on a Calico Node, left out of one applied to
+# Pipit: its agent finds the node's interfaces itself, and the tunnel addresses were Calico's
+# IPAM's, which no Pipit pool holds (its agent allocates its own).
+_CALICO_NODE_OWN = ("addresses", "interfaces", "wireguard", "ipv4VXLANTunnelAddr",
+                    "ipv6VXLANTunnelAddr", "vxlanTunnelMACAddr", "vxlanTunnelMACAddrV6")
+_CALICO_NODE_BGP_OWN = ("ipv4IPIPTunnelAddr", "ipv6Address")
+
+
+def from_calico_node(spec: Mapping) -> dict:
+    """A Calico Node's spec (calicoctl's), less what calico-node wrote about its host."""
+    kept = {k: v for k, v in spec.items() if k not in _CALICO_NODE_OWN}
+    if isinstance(kept.get("bgp"), dict):
+        kept["bgp"] = {k: v for k, v in kept["bgp"].items() if k not in _CALICO_NODE_BGP_OWN}
+    return kept
+
+
 def node_from_document(doc: Mapping) -> NodeRecord:
     document = read_document(doc)
     read = SpecReader(KIND, document.name, document.spec,

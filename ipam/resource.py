@@ -5,7 +5,9 @@
     metadata: {name: pool-a, labels: {...}, annotations: {...}}
     spec: {...camelCase fields...}
 
-The same shape is what etcd stores under /pipit/resources/<plural>/<name>. Labels and
+The same shape is what etcd stores under /pipit/resources/<plural>/<name>. Calico's documents
+(apiVersion projectcalico.org/v3, as calicoctl prints them) are read too, for the kinds
+Pipit shares (`CALICO_KINDS`). Labels and
 annotations follow Kubernetes' rules (`check_metadata`), checked where a resource comes in
 (pipitctl, the agent's own record); what is already stored is read as it is.
 """
@@ -24,6 +26,11 @@ import yaml
 from ipam.errors import InvalidResource
 
 API_VERSION = "pipit.dev/v1"
+# Calico's documents (`calicoctl get -o yaml`) are read too, for the kinds Pipit shares: the
+# same fields. What Calico's datastore set on them (status, its resourceVersion) is left out.
+CALICO_API_VERSION = "projectcalico.org/v3"
+CALICO_KINDS = ("IPPool", "IPReservation", "IPAMConfiguration", "BGPConfiguration", "BGPPeer",
+                "BGPFilter", "Node")
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 # Kubernetes: a qualified name is [DNS subdomain prefix/]name, the name at most 63 characters
 # of [A-Za-z0-9_.-] beginning and ending with a letter or digit; a label value is empty or the
@@ -81,6 +88,7 @@ class Document:
     annotations: Mapping[str, str] = field(default_factory=dict)
     # metadata.resourceVersion, as `get` showed it: the etcd mod_revision the object had
     resource_version: int | None = None
+    calico: bool = False  # written as Calico's (apiVersion projectcalico.org/v3)
 
 
 # -- reading YAML that may be hostile -------------------------------------------------------
@@ -224,9 +232,15 @@ def read_document(doc: Mapping) -> Document:
     if not isinstance(kind, str) or not kind:
         raise InvalidResource("a document has no kind.")
     api = doc.get("apiVersion")
-    if api != API_VERSION:
-        raise InvalidResource(f"{kind} has apiVersion {api!r}; Pipit reads {API_VERSION!r}.")
-    unknown = set(doc) - {"apiVersion", "kind", "metadata", "spec"}
+    calico = api == CALICO_API_VERSION
+    if api != API_VERSION and not calico:
+        raise InvalidResource(f"{kind} has apiVersion {api!r}; Pipit reads {API_VERSION!r} "
+                              f"(and Calico's {CALICO_API_VERSION!r}).")
+    if calico and kind not in CALICO_KINDS:
+        raise InvalidResource(f"Calico's {kind} is not a resource Pipit has; of Calico's "
+                              f"resources it takes {', '.join(CALICO_KINDS)}.")
+    unknown = set(doc) - {"apiVersion", "kind", "metadata", "spec"} - ({"status"} if calico
+                                                                        else set())
     if unknown:
         raise InvalidResource(f"{kind} has unknown top-level field {sorted(unknown)[0]!r}.")
     metadata = doc.get("metadata") or {}
@@ -235,7 +249,7 @@ def read_document(doc: Mapping) -> Document:
     name = check_name(kind, metadata.get("name"))
     labels = _string_map(metadata, "labels", kind, name)
     annotations = _string_map(metadata, "annotations", kind, name)
-    version = metadata.get("resourceVersion")
+    version = None if calico else metadata.get("resourceVersion")  # Calico's: not etcd's here
     if version is not None and version != "":
         if isinstance(version, bool) or not isinstance(version, (str, int)) \
                 or not str(version).isascii() or not str(version).isdigit() \
@@ -251,7 +265,7 @@ def read_document(doc: Mapping) -> Document:
         spec = {}
     if not isinstance(spec, dict):
         raise InvalidResource(f"{kind} {name!r}: spec must be a mapping.")
-    return Document(kind, name, spec, labels, annotations, version)
+    return Document(kind, name, spec, labels, annotations, version, calico)
 
 
 def _string_map(metadata: Mapping, field_name: str, kind: str, name: str) -> dict[str, str]:

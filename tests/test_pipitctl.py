@@ -224,6 +224,97 @@ def test_get_table_wide_yaml_json_and_the_output_applies_back_unchanged(etcd, ct
     assert snapshot(etcd) == before
 
 
+CALICOCTL_OUTPUT = """\
+apiVersion: projectcalico.org/v3
+items:
+- apiVersion: projectcalico.org/v3
+  kind: IPPool
+  metadata:
+    creationTimestamp: "2026-05-02T10:11:12Z"
+    name: default-ipv4-ippool
+    resourceVersion: "1043"
+    uid: 5b2c7a4e-1f0d-4a51-9d55-0c1b2a3d4e5f
+  spec:
+    allowedUses:
+    - Workload
+    - Tunnel
+    blockSize: 26
+    cidr: 10.244.0.0/16
+    ipipMode: Always
+    natOutgoing: true
+    nodeSelector: all()
+    vxlanMode: Never
+kind: IPPoolList
+metadata:
+  resourceVersion: "1100"
+---
+apiVersion: projectcalico.org/v3
+kind: BGPConfiguration
+metadata: {name: default, resourceVersion: "7"}
+spec: {asNumber: 64512, logSeverityScreen: Info, nodeToNodeMeshEnabled: false}
+---
+apiVersion: projectcalico.org/v3
+kind: BGPPeer
+metadata: {name: rack1-tor, resourceVersion: "55"}
+spec: {asNumber: 64513, nodeSelector: "rack == 'rack-1'", peerIP: 10.99.0.1}
+---
+apiVersion: projectcalico.org/v3
+kind: Node
+metadata:
+  annotations:
+    projectcalico.org/kube-labels: '{"kubernetes.io/hostname":"w1"}'
+  labels: {kubernetes.io/hostname: w1, route-reflector: "true"}
+  name: w1
+  resourceVersion: "987"
+spec:
+  addresses:
+  - {address: 10.99.0.11/24, type: CalicoNodeIP}
+  - {address: 10.99.0.11, type: InternalIP}
+  bgp:
+    ipv4Address: 10.99.0.11/24
+    ipv4IPIPTunnelAddr: 10.244.190.128
+    routeReflectorClusterID: 244.0.0.1
+  ipv4VXLANTunnelAddr: 10.244.190.129
+  vxlanTunnelMACAddr: 66:1f:4b:2a:7c:01
+  orchRefs:
+  - {nodeName: w1, orchestrator: k8s}
+status:
+  podCIDRs: [10.244.1.0/24]
+"""
+
+
+def test_calicos_documents_as_calicoctl_prints_them_apply(etcd, ctl):
+    """A cluster moving from Calico pipes `calicoctl get ... -o yaml` into `pipitctl apply`:
+    Calico's apiVersion, its List, what its datastore set (status, a resourceVersion of its
+    own, uid) and what calico-node wrote about its host (addresses, the tunnel addresses of
+    Calico's IPAM) are taken or left out; what is stored is Pipit's."""
+    assert ok(ctl("apply", "-f", "-", input=CALICOCTL_OUTPUT)).splitlines() == [
+        "ippool 'default-ipv4-ippool' created", "bgpconfiguration 'default' created",
+        "bgppeer 'rack1-tor' created", "node 'w1' created"]
+    before = snapshot(etcd)
+    assert ok(ctl("apply", "-f", "-", input=CALICOCTL_OUTPUT)).count(" unchanged") == 4
+    assert snapshot(etcd) == before
+    pool = before[keys.pool_key("default-ipv4-ippool")][1]
+    assert pool["apiVersion"] == "pipit.dev/v1"
+    assert (pool["spec"]["ipipMode"], pool["spec"]["natOutgoing"]) == ("Always", True)
+    node = yaml.safe_load(ok(ctl("get", "node", "w1", "-o", "yaml")))
+    assert node["apiVersion"] == "pipit.dev/v1"
+    assert node["spec"]["bgp"] == {"ipv4Address": "10.99.0.11/24",
+                                   "routeReflectorClusterID": "244.0.0.1"}
+    assert "ipv4VXLANTunnelAddr" not in node["spec"] and "addresses" not in node["spec"]
+    assert node["metadata"]["labels"]["route-reflector"] == "true"
+    # Calico's resources Pipit has no counterpart of: one sentence, nothing written
+    felix = ("apiVersion: projectcalico.org/v3\nkind: FelixConfiguration\n"
+             "metadata: {name: default}\nspec: {bpfEnabled: false}\n")
+    one_sentence(ctl("apply", "-f", "-", input=stream(CALICOCTL_OUTPUT.replace(
+        "10.244.0.0/16", "10.245.0.0/16"), felix)),
+        "Calico's FelixConfiguration is not a resource Pipit has", "IPPool")
+    one_sentence(ctl("apply", "-f", "-", input=ENVELOPE.replace(
+        "pipit.dev/v1", "crd.projectcalico.org/v1") + "spec: {cidr: 10.50.0.0/16}\n"),
+        "apiVersion 'crd.projectcalico.org/v1'", "'projectcalico.org/v3'")
+    assert snapshot(etcd) == before
+
+
 def test_get_of_a_missing_pool_or_unknown_kind_is_one_sentence(ctl):
     one_sentence(ctl("get", "ippools", "nope"), "'nope'", "not found")
     one_sentence(ctl("get", "widgets"), "'widgets'", "ippools")
