@@ -74,8 +74,8 @@ REJECTIONS = [
     ("bad-name", pool_yaml("Pool_A", cidr="10.50.0.0/16"), ["'Pool_A'", "lower-case"]),
     ("no-name", "apiVersion: pipit.dev/v1\nkind: IPPool\nspec: {cidr: 10.50.0.0/16}\n",
      ["no metadata.name"]),
-    ("api-version", ENVELOPE.replace("pipit.dev/v1", "projectcalico.org/v3")
-     + "spec: {cidr: 10.50.0.0/16}\n", ["'projectcalico.org/v3'", "'pipit.dev/v1'"]),
+    ("api-version", ENVELOPE.replace("pipit.dev/v1", "pipit.dev/v2")
+     + "spec: {cidr: 10.50.0.0/16}\n", ["'pipit.dev/v2'", "'pipit.dev/v1'"]),
     ("unknown-kind", ENVELOPE.replace("IPPool", "NetworkPolicy") + "spec: {}\n",
      ["'NetworkPolicy'", "ippools"]),
     ("invalid-yaml", ENVELOPE + "spec: {cidr: 10.50.0.0/16\n", ["not valid YAML", "line"]),
