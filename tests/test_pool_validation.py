@@ -301,7 +301,12 @@ def test_pool_of():
 
 
 @pytest.mark.parametrize("change, facts", [
-    ({"apiVersion": "projectcalico.org/v3"}, ["'projectcalico.org/v3'", "'pipit.dev/v1'"]),
+    ({"apiVersion": "crd.projectcalico.org/v1"}, ["'crd.projectcalico.org/v1'",
+                                                  "'pipit.dev/v1'", "'projectcalico.org/v3'"]),
+    ({"apiVersion": "projectcalico.org/v3", "kind": "FelixConfiguration"},
+     ["Calico's FelixConfiguration is not a resource Pipit has", "IPPool"]),
+    ({"apiVersion": "projectcalico.org/v3", "status": {}, "bogus": 1},
+     ["unknown top-level field 'bogus'"]),
     ({"apiVersion": None}, ["apiVersion None"]),
     ({"kind": None}, ["no kind"]),
     ({"metadata": {"name": "Pool_A"}}, ["'Pool_A'", "lower-case"]),
@@ -319,6 +324,14 @@ def test_invalid_envelopes_are_one_sentence(change, facts):
     with pytest.raises(InvalidResource) as caught:
         read_document({**DOC, **change})
     one_sentence(caught.value, *facts)
+
+
+def test_calicos_envelope_leaves_out_its_status_and_resource_version():
+    document = read_document({**DOC, "apiVersion": "projectcalico.org/v3", "status": {"x": 1},
+                              "metadata": {"name": "p", "resourceVersion": "1043",
+                                           "uid": "5b2c7a4e", "creationTimestamp": "2026"}})
+    assert (document.kind, document.name, document.resource_version, document.calico) == (
+        "IPPool", "p", None, True)
 
 
 def test_names_may_use_dots_and_dashes_and_labels_are_read():
