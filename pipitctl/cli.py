@@ -17,10 +17,11 @@ import click
 from bgp_agent.node import VERSION_ANNOTATION
 from bgp_agent.status import DEFAULT_STATUS_SOCKET, read_status
 from bgp_agent.version import software_version
-from ipam.errors import InvalidResource, PipitError
+from ipam.errors import InvalidResource, NotFound, PipitError
 from ipam.resource import load_documents
+from ipam.snapshot import load_snapshot
 from ipam.store import Store
-from pipitctl import output
+from pipitctl import output, workloads
 from pipitctl.ipam_cli import ipam
 from pipitctl.node_status import render as render_status
 from pipitctl.options import (complete_kinds, complete_names, echo_lines, etcd_options,
@@ -135,10 +136,12 @@ async def get(store: Store, kind: str | None, names: tuple[str, ...], fmt: str,
     """Show resources: `get ippools [NAME...] [-l SELECTOR] [-o FORMAT]`."""
     if not kind:
         raise InvalidResource(f"say which kind to get: {KINDS_HELP} (`pipitctl get ippools`).")
-    k = kind_named(kind)
     if fmt not in ("table", "ps", "wide", "yaml", "yml", "json", "name") \
             and not fmt.startswith("custom-columns="):
         raise InvalidResource(f"output format {fmt!r} is not one of {OUTPUTS}.")
+    if kind.lower() in workloads.WORDS:
+        return await _get_endpoints(store, names, fmt, selector)
+    k = kind_named(kind)
     found = await get_objects(store, k, names, selector)
     if fmt in ("yaml", "yml"):
         click.echo(output.documents_yaml([s.document() for s in found]))
@@ -158,6 +161,41 @@ async def get(store: Store, kind: str | None, names: tuple[str, ...], fmt: str,
         click.echo(output.table(k.wide_columns, [_row(k, s, wide=True) for s in found]))
     else:
         click.echo(output.table(k.columns, [_row(k, s) for s in found]))
+
+
+async def _get_endpoints(store: Store, names: tuple[str, ...], fmt: str,
+                         selector: str | None) -> None:
+    """`get workloadendpoints [NAME...]`: the pods IPAM holds addresses for (NAME: the
+    endpoint's or the pod's)."""
+    if selector:
+        raise InvalidResource("-l selects by labels, which workload endpoints do not carry "
+                              "here; name the pods instead.")
+    found = workloads.endpoints(await load_snapshot(store))
+    if names:
+        found = [e for e in found if e.name in names or e.pod in names]
+        missing = [n for n in names if not any(n in (e.name, e.pod) for e in found)]
+        if missing:
+            raise NotFound(f"workload endpoint {missing[0]!r} not found (no pod of that name "
+                           "holds addresses).")
+    if fmt in ("yaml", "yml"):
+        click.echo(output.documents_yaml([e.document() for e in found]))
+    elif fmt == "json":
+        click.echo(output.documents_json([e.document() for e in found], len(found) == 1
+                                         and len(names) == 1))
+    elif fmt == "name":
+        echo_lines([f"workloadendpoint/{e.name}" for e in found])
+    elif fmt.startswith("custom-columns="):
+        try:
+            headers, rows = output.pick_columns(workloads.WIDE_COLUMNS,
+                                                [e.row(wide=True) for e in found],
+                                                fmt.partition("=")[2].split(","))
+        except ValueError as error:
+            raise InvalidResource(f"custom-columns: {error}.") from None
+        click.echo(output.table(headers, rows))
+    else:
+        wide = fmt == "wide"
+        click.echo(output.table(workloads.WIDE_COLUMNS if wide else workloads.COLUMNS,
+                                [e.row(wide) for e in found]))
 
 
 def _row(kind, stored, wide: bool = False) -> tuple:

@@ -17,6 +17,7 @@ from ipam.errors import DatastoreUnavailable, InvalidResource
 from ipam.resource import MAX_INPUT_BYTES
 from ipam.store import ENV_CA, ENV_CERT, ENV_ENDPOINTS, ENV_KEY, EtcdConfig, Store
 from pipitctl.config import DEFAULT_CONFIG, read_config
+from pipitctl import workloads
 from pipitctl.resources import KINDS, kind_named
 
 
@@ -125,7 +126,8 @@ def _read_file_option(ctx, param, value):
 # -- shell completion: kinds, and the names etcd holds of one -------------------------------
 
 def complete_kinds(ctx, param, incomplete: str) -> list[str]:
-    return [k.plural for k in KINDS if k.plural.startswith(incomplete.lower())]
+    return [plural for plural in (*(k.plural for k in KINDS), workloads.WORDS[0])
+            if plural.startswith(incomplete.lower())]
 
 
 def complete_names(ctx, param, incomplete: str) -> list[str]:

@@ -36,6 +36,7 @@ from ipam.resource import (Document, check_metadata, make_document, parse_docume
 from ipam.selector import parse_selector
 from ipam.store import Store
 from ipam.txn import MAX_ATTEMPTS, Changes, transact
+from pipitctl import workloads
 from pipitctl.commit import Write, commit
 from pipitctl.output import yes_no
 
@@ -298,6 +299,10 @@ def kind_named(word: str) -> Kind:
     for kind in KINDS:
         if lowered in (kind.name.lower(), kind.plural, *kind.aliases):
             return kind
+    if lowered in workloads.WORDS:
+        raise InvalidResource("workload endpoints are what a pod's CNI ADD made, shown from "
+                              "IPAM by `pipitctl get workloadendpoints`; they are not applied, "
+                              "patched, labelled or deleted.")
     known = ", ".join(k.plural for k in KINDS)
     raise InvalidResource(f"unknown resource type {word!r}; Pipit knows: {known}.")
 

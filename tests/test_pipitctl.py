@@ -21,6 +21,7 @@ import yaml
 from ipam import block as blocks
 from ipam import handle as handles
 from ipam import keys
+from ipam.snapshot import load_snapshot
 from ipam.store import ENV_CA, ENV_CERT, ENV_KEY, EtcdConfig
 from lab.etcd import EtcdServer, free_port, make_tls_files
 from tests.helpers import add_pool, with_store
@@ -313,6 +314,41 @@ def test_calicos_documents_as_calicoctl_prints_them_apply(etcd, ctl):
         "pipit.dev/v1", "crd.projectcalico.org/v1") + "spec: {cidr: 10.50.0.0/16}\n"),
         "apiVersion 'crd.projectcalico.org/v1'", "'projectcalico.org/v3'")
     assert snapshot(etcd) == before
+
+
+def test_workload_endpoints_are_the_pods_ipam_holds_addresses_for(existing, ctl):
+    """calicoctl's `get wep`: each pod attachment with its node, addresses and floating IPs,
+    under Calico's names; tunnel addresses and others are no workload endpoints."""
+    pod = {"namespace": "shop", "pod": "cart-1", "ifname": "eth0", "containerID": "c1"}
+    [[cart], _, [other], _] = assign(
+        existing, ("node-a", "pipit.c1.eth0", 1, pod),
+        ("node-a", "ipip-tunnel-addr-node-a", 1, {"type": "ipip-tunnel"}),
+        ("node-b", "pipit.c2.eth0", 1, {**pod, "pod": "web", "containerID": "c2",
+                                        "namespace": "default"}),
+        ("node-a", "pipit.c1.eth0.floating", 2, {**pod, "floatingFor": "x",
+                                                 "attachment": "pipit.c1.eth0"}))
+    floating = sorted(a for b in with_store(existing, lambda s: load_snapshot(s)).blocks.values()
+                      for a in blocks.addresses_of(b, "pipit.c1.eth0.floating"))
+    assert [line.split() for line in ok(ctl("get", "workloadendpoints")).splitlines()] == [
+        ["NAMESPACE", "WORKLOAD", "NODE", "NETWORKS", "INTERFACE"],
+        ["default", "web", "node-b", f"{other}/32", "eth0"],
+        ["shop", "cart-1", "node-a", f"{cart}/32", "eth0"]]
+    wide = ok(ctl("get", "wep", "cart-1", "-o", "wide")).splitlines()
+    assert wide[1].split() == ["shop", "node--a-k8s-cart--1-eth0", "cart-1", "node-a",
+                               f"{cart}/32", "eth0", "c1",
+                               ",".join(f"{f}:{cart}" for f in floating)]
+    [document] = yaml.safe_load_all(ok(ctl("get", "wep", "node--a-k8s-cart--1-eth0",
+                                           "-o", "yaml")))
+    assert document["kind"] == "WorkloadEndpoint"
+    assert document["metadata"] == {"name": "node--a-k8s-cart--1-eth0", "namespace": "shop"}
+    assert document["spec"]["ipNetworks"] == [f"{cart}/32"]
+    assert document["spec"]["ipNATs"] == [{"internalIP": str(cart), "externalIP": str(f)}
+                                          for f in floating]
+    one_sentence(ctl("get", "wep", "nope"), "workload endpoint 'nope' not found")
+    one_sentence(ctl("get", "wep", "-l", "app == 'x'"), "-l selects by labels")
+    one_sentence(ctl("apply", "-f", "-", input=ok(ctl("get", "wep", "-o", "yaml"))),
+                 "workload endpoints are what a pod's CNI ADD made")
+    one_sentence(ctl("delete", "wep", "cart-1"), "are not applied, patched, labelled or deleted")
 
 
 def test_get_of_a_missing_pool_or_unknown_kind_is_one_sentence(ctl):
