@@ -28,7 +28,7 @@ from ipam.allocator import IPAM
 from ipam.errors import PipitError
 from ipam.pool import TUNNEL, IPPool
 from ipam.store import Store
-from ipip import capability, dataplane, encap, mtu, nat
+from ipip import capability, conntrack, dataplane, encap, mtu, nat
 
 log = logging.getLogger(__name__)
 RESYNC_SECONDS = 60.0  # look at the devices again even if nothing asked for a change
@@ -137,11 +137,20 @@ class NodeDataplane:
                                                                    for p in pools):
             self._nat_applied = wanted
             return
+        before = self._nat_applied[1] if self._nat_applied is not None else {}
         try:
             await asyncio.to_thread(nat.apply, pools, floating=floating)
             self._nat_applied = wanted
         except (OSError, RuntimeError) as error:
             problems.append(f"natOutgoing and floating IPs are not in place: {error}")
+            return
+        stale = conntrack.moved(before, floating)
+        if stale:  # flows already seen keep their NAT: their next packets are decided anew
+            try:
+                await asyncio.to_thread(conntrack.forget, stale)
+            except OSError as error:
+                problems.append(f"the flows to floating IPs {', '.join(map(str, stale))}, "
+                                f"which lead elsewhere now, were not forgotten: {error}")
 
     async def _prepare_devices(self, desired: dataplane.Desired) -> dataplane.Prepared:
         """dataplane.prepare, when the wanted devices changed or a resync is due (someone may

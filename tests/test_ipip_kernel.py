@@ -16,7 +16,7 @@ import pytest
 from pyroute2 import IPRoute
 
 from ipam.pool import IPPool
-from ipip import capability, dataplane, encap, links, nat, tunnel, vxlan
+from ipip import capability, conntrack, dataplane, encap, links, nat, tunnel, vxlan
 from ipip.encap import IPIP, VXLAN, VXLAN_DEVICE, RemoteVTEP
 from ipip.mtu import uplink
 from lab.netns import Namespaces, ping
@@ -296,6 +296,61 @@ def test_floating_ips_go_with_the_rewrite_and_the_table_with_the_last(floating_l
     nat.apply([PLAIN_POOL], floating={}, netns=lab.node)
     assert nft_tables(lab.node) == []
     assert not answers(lab.client, FLOATING_HIGH) and not answers(lab.node, FLOATING_HIGH)
+
+
+FLOW_PORT = 40000
+FLOW_CLIENT = f"""\
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", {FLOW_PORT}))  # the same flow every time: one conntrack entry
+s.settimeout(2)
+s.sendto(b"?", (sys.argv[1], {ECHO_PORT}))
+try:
+    data, peer = s.recvfrom(100)
+    print(peer[0], data.decode())
+except socket.timeout:
+    print("none")
+"""
+
+
+def flow(ns: str, target: object) -> str:
+    """One datagram of the same UDP flow (source port FLOW_PORT) to `target` and back: the
+    reply's source and what the pod saw, or "none"."""
+    out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", FLOW_CLIENT,
+                          str(target)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def entries_to(ns: str, address: IPv4Address) -> int:
+    from pyroute2.conntrack import Conntrack
+    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+    table = Conntrack(netns=ns, flags=0)
+    try:
+        return len(list(table.dump_entries(tuple_orig=NFCTAttrTuple(daddr=str(address)))))
+    finally:
+        table.close()
+
+
+def test_a_flow_to_a_floating_ip_that_leads_elsewhere_now_is_forgotten(floating_lab):
+    """The kernel keeps a flow's NAT in its conntrack entry: a UDP stream to a floating IP
+    taken away kept reaching the pod (and refreshed its entry with every datagram) until the
+    agent forgets the entries of the floating IPs that lead elsewhere; others are kept."""
+    lab = floating_lab
+    nat.apply([PLAIN_POOL], floating=FLOATING, netns=lab.node)
+    assert flow(lab.client, FLOATING_LOW) == f"{FLOATING_LOW} {CLIENT}"
+    assert flow(lab.client, FLOATING_HIGH) == f"{FLOATING_HIGH} {CLIENT}"
+    after = {FLOATING_HIGH: POD}
+    nat.apply([PLAIN_POOL], floating=after, netns=lab.node)
+    assert not answers(lab.client, FLOATING_LOW)  # a new flow: no longer rewritten
+    assert flow(lab.client, FLOATING_LOW) == f"{FLOATING_LOW} {CLIENT}"  # the old one: still
+    kept = entries_to(lab.node, FLOATING_HIGH)
+    assert conntrack.moved(FLOATING, after) == [FLOATING_LOW]
+    assert conntrack.forget([FLOATING_LOW], netns=lab.node) >= 1  # and the ping's
+    assert flow(lab.client, FLOATING_LOW) == "none"
+    assert entries_to(lab.node, FLOATING_HIGH) == kept >= 1
+    assert flow(lab.client, FLOATING_HIGH) == f"{FLOATING_HIGH} {CLIENT}"
 
 
 def test_floating_ips_and_nat_outgoing_together(floating_lab):
