@@ -264,7 +264,7 @@ _HELP_NOT_ERROR = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 @cli.group()
 def node() -> None:
-    """This node's agent: BGP sessions and routes."""
+    """This node: its agent's BGP sessions and routes, what its kernel can do."""
 
 
 @node.command(name="status")
@@ -273,6 +273,23 @@ def node() -> None:
 def node_status(path: str) -> None:
     """BGP sessions of the agent on this node (peers, state, routes received and exported)."""
     click.echo(render_status(read_status(path)))
+
+
+@node.command(name="checksystem")
+def node_checksystem() -> None:
+    """Whether this host's kernel does what Pipit asks of it (tunnels, NAT, conntrack, TCP
+    MD5), each check saying what needs it; exit 1 if any is missing."""
+    from pipitctl.checksystem import run_checks
+    checks = run_checks()
+    click.echo(output.table(("CHECK", "NEEDED FOR", "RESULT"),
+                            [(c.what, c.needed_for, "OK" if c.ok else f"MISSING: {c.problem}")
+                             for c in checks]))
+    missing = [c for c in checks if not c.ok]
+    if missing:
+        raise InvalidResource(f"this host lacks {', '.join(c.what for c in missing)}: "
+                              f"{'; '.join(c.needed_for for c in missing)} cannot be used on "
+                              "it.")
+    click.echo("This host's kernel does everything Pipit asks of it.")
 
 
 @cli.group()

@@ -6,6 +6,7 @@ kernel lacks: test_ipip_vm.py covers it, and here the missing module must be sai
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -369,6 +370,33 @@ def test_floating_ips_and_nat_outgoing_together(floating_lab):
     nat.apply([NAT_POOL], floating={}, netns=lab.node)
     assert "floating" not in nft_table(lab.node) and answers(lab.pod, CLIENT)
     assert not answers(lab.client, FLOATING_HIGH)
+
+
+def test_checksystem_says_what_this_kernel_does_and_what_needs_what_it_lacks():
+    """`pipitctl node checksystem`, run in a namespace of the test's own: every check done for
+    real and nothing left behind (no table, no device); what is missing named with what needs
+    it, and exit 1."""
+    with Namespaces() as namespaces:
+        ns = namespaces.create("host")
+        result = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "pipitctl",
+                                 "node", "checksystem"], cwd=Path(__file__).parent.parent,
+                                capture_output=True, text=True, timeout=60)
+        rows = {cells[0]: cells[2] for line in result.stdout.splitlines()[1:]
+                if len(cells := re.split(r"\s{2,}", line.strip())) == 3}
+        has_ipip = capability.kernel_supports(IPIP)
+        assert rows == {
+            "ipip tunnels": "OK" if has_ipip else
+            "MISSING: the ipip module is not available (modprobe ipip)",
+            "vxlan tunnels": "OK", "nftables NAT": "OK", "conntrack over netlink": "OK",
+            "TCP MD5 signatures": "OK"}, result.stdout
+        if has_ipip:
+            assert result.returncode == 0 and "does everything Pipit asks" in result.stdout
+        else:
+            assert result.returncode == 1
+            assert result.stderr == ("Error: this host lacks ipip tunnels: pools with ipipMode "
+                                     "Always or CrossSubnet cannot be used on it.\n")
+        assert nft_tables(ns) == []
+        assert [link["ifname"] for link in json.loads(ip(ns, "-j", "link", "show"))] == ["lo"]
 
 
 def test_vxlan_is_supported_by_this_kernel():
