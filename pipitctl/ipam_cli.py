@@ -10,6 +10,7 @@ from ipaddress import IPv4Address
 import click
 
 from bgp_agent.kube_api import KubernetesUnavailable
+from ipam import block as blocks
 from ipam import keys
 from ipam.config import (DEFAULT_MAX_BLOCKS_PER_HOST, MAX_IP_COOLDOWN_SECONDS, IPAMConfig,
                          config_from_document, config_from_spec, config_to_document)
@@ -107,8 +108,12 @@ def _holder_of(snap, address: IPv4Address) -> str:
     if info.holder is None:
         return f"{address} is free, in {where}."
     attrs = " ".join(f"{k}={v}" for k, v in sorted(info.holder.secondary.items()))
-    return (f"{address} is in use by handle {info.holder.handle_id} ({attrs}) in {where}, "
-            f"sequence {info.sequence}.")
+    secondary = info.holder.secondary
+    floating = (f", a floating IP of pod {secondary.get('namespace')}/{secondary.get('pod')} "
+                f"(leads to {secondary[blocks.FLOATING_FOR]})"
+                if secondary.get(blocks.FLOATING_FOR) else "")
+    return (f"{address} is in use by handle {info.holder.handle_id}{floating} ({attrs}) in "
+            f"{where}, sequence {info.sequence}.")
 
 
 CHECK_NOT_DONE = 3  # `ipam check`'s exit code when it could not read what it checks

@@ -344,6 +344,8 @@ def test_workload_endpoints_are_the_pods_ipam_holds_addresses_for(existing, ctl)
     assert document["spec"]["ipNetworks"] == [f"{cart}/32"]
     assert document["spec"]["ipNATs"] == [{"internalIP": str(cart), "externalIP": str(f)}
                                           for f in floating]
+    assert "is in use by handle pipit.c1.eth0.floating, a floating IP of pod shop/cart-1 " \
+        "(leads to x) (" in ok(ctl("ipam", "show", "--ip", str(floating[0])))
     one_sentence(ctl("get", "wep", "nope"), "workload endpoint 'nope' not found")
     one_sentence(ctl("get", "wep", "-l", "app == 'x'"), "-l selects by labels")
     one_sentence(ctl("apply", "-f", "-", input=ok(ctl("get", "wep", "-o", "yaml"))),
