@@ -37,10 +37,16 @@ def ipam() -> None:
 @click.option("--show-borrowed", is_flag=True,
               help="Also list the addresses nodes borrowed from other nodes' blocks.")
 @click.option("--ip", "address", metavar="ADDRESS", help="Say who holds one address.")
+@click.option("--show-configuration", is_flag=True,
+              help="Show the IPAM settings instead (as `ipam configure` with no change).")
 @etcd_options
 async def show(store: Store, show_blocks: bool, show_borrowed: bool,
-               address: str | None) -> None:
+               address: str | None, show_configuration: bool) -> None:
     """Pool usage: addresses in use and free, per pool (and per block)."""
+    if show_configuration:
+        entry = await store.get(keys.IPAM_CONFIG)
+        _echo_settings(config_from_document(entry.value) if entry else IPAMConfig())
+        return
     snap = await load_snapshot(store)
     if address:
         parsed = parse_address(address)
@@ -264,7 +270,10 @@ async def configure(store: Store, strict_affinity: str | None,
         if new != config:  # showing the settings writes nothing
             changes.put(keys.IPAM_CONFIG, config_to_document(new))
         return new
-    config = await transact(store, decide, "changing the IPAM settings")
+    _echo_settings(await transact(store, decide, "changing the IPAM settings"))
+
+
+def _echo_settings(config: IPAMConfig) -> None:
     limit = config.max_blocks_per_host
     click.echo(f"strictAffinity: {output.yes_no(config.strict_affinity)}")
     click.echo(f"maxBlocksPerHost: {limit}" + (f" (means {config.block_limit})" if not limit

@@ -573,6 +573,7 @@ def test_ipam_configure_shows_and_changes_the_settings(etcd, ctl):
     ok(ctl("ipam", "configure", "--strict-affinity", "true", "--max-blocks-per-host", "3"))
     assert ok(ctl("ipam", "configure")) == ("strictAffinity: true\nmaxBlocksPerHost: 3\n"
                                             "ipCooldownSeconds: 0\nautoAllocateBlocks: true\n")
+    assert ok(ctl("ipam", "show", "--show-configuration")) == ok(ctl("ipam", "configure"))
     stored = snapshot(etcd)[keys.IPAM_CONFIG][1]["spec"]
     assert stored == {"strictAffinity": True, "maxBlocksPerHost": 3}
 
