@@ -292,6 +292,25 @@ def node_checksystem() -> None:
     click.echo("This host's kernel does everything Pipit asks of it.")
 
 
+@node.command(name="diags")
+@click.option("--dir", "directory", default="/tmp", show_default=True,
+              type=click.Path(file_okay=False, exists=True), help="Where to write the archive.")
+@click.option("--state-dir", default="/run/pipit", show_default=True, metavar="DIR",
+              help="The agent's --state-dir (its ExaBGP configuration, the pod MTU).")
+@click.option("--socket", "status_socket", default=DEFAULT_STATUS_SOCKET, show_default=True,
+              metavar="PATH", help="The agent's status socket.")
+@etcd_options
+async def node_diags(store: Store, directory: str, state_dir: str, status_socket: str) -> None:
+    """Collect what support needs of this node and the cluster into one archive (calicoctl's
+    node diags): status, routes, NAT, links, sysctls, ExaBGP's configuration without its
+    passwords, every resource and the IPAM check."""
+    from pipitctl.diags import collect
+    path, errors = await collect(store, Path(directory), Path(state_dir), status_socket)
+    for error in errors:
+        click.echo(f"not collected: {error}", err=True)
+    click.echo(f"Diagnostics written to {path}")
+
+
 @cli.group()
 def lab() -> None:
     """A whole cluster on this machine: etcd, nodes and pods in network namespaces."""

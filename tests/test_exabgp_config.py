@@ -116,6 +116,18 @@ def test_exabgp_keeps_no_copy_of_received_routes(tmp_path):
     assert all(flags == ["False", "False", "True"] for flags in kept.values()), kept
 
 
+def test_diagnostics_carry_the_configuration_without_its_passwords(tmp_path):
+    """`pipitctl node diags` takes ExaBGP's configuration with every md5-password's value out,
+    and what is left still reads as ExaBGP's configuration."""
+    from pipitctl.diags import redacted
+    text = render(ME, ME, 64512, SEVERAL, BRIDGE)
+    assert "s3cret-key" in text
+    shown = redacted(text)
+    assert "s3cret-key" not in shown and 'md5-password "(removed)";' in shown
+    assert shown.replace('"(removed)"', '"s3cret-key"') == text
+    assert validate(tmp_path, shown).returncode == 0
+
+
 def test_validation_is_real(tmp_path):
     broken = render(ME, ME, 64512, SEVERAL, BRIDGE).replace("encoder json;", "")
     assert validate(tmp_path, broken).returncode != 0

@@ -14,7 +14,10 @@ import contextlib
 import ipaddress
 import json
 import os
+import sys
+import subprocess
 from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
 
 import pytest
 
@@ -394,6 +397,38 @@ def test_a_floating_ip_reaches_its_pod_from_everywhere_and_moves_with_it(lab):
         wait(lambda: not any(h.startswith("pipit.lab-fip") for h in snapshot(lab).handles), 30,
              "the floating IPs to be freed")
         lab.pipitctl("delete", "ippool", "fip", "--force")
+
+
+def test_node_diags_collects_the_node_and_the_cluster(lab, tmp_path):
+    """`pipitctl node diags` on n1, as an operator runs it on the host: one archive, only
+    root's to read, with the agent's status, Pipit's routes, ExaBGP's configuration, every
+    resource and a clean IPAM check; nothing missing."""
+    import tarfile
+    lab.wait_mesh()
+    node_dir = lab.node_dir("n1")
+    result = subprocess.run(
+        [*netns.exec_prefix(lab.node_ns("n1")), sys.executable, "-m", "pipitctl", "node",
+         "diags", "--dir", str(tmp_path), "--state-dir", str(node_dir),
+         "--socket", str(lab.status_socket("n1")), "--etcd-endpoints", lab.etcd_endpoint],
+        cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    [path] = tmp_path.glob("pipit-diags-*.tar.gz")
+    assert result.stdout == f"Diagnostics written to {path}\n"
+    assert path.stat().st_mode & 0o777 == 0o600
+    with tarfile.open(path) as archive:
+        files = {Path(m.name).name: archive.extractfile(m).read().decode()
+                 for m in archive.getmembers()}
+    assert {"version.txt", "node-status.json", "checksystem.txt", "sysctl.txt", "links.json",
+            "addresses.json", "routes.json", "neighbours.json", "nat.nft", "exabgp.conf",
+            "resources.yaml", "ipam-check.json"} <= set(files)
+    assert "errors.txt" not in files
+    status = json.loads(files["node-status.json"])
+    assert [(p["name"], p["state"]) for p in status["peers"]] == [("n2", "up")]
+    assert any(r.get("protocol") == "91" or r.get("protocol") == 91
+               for r in json.loads(files["routes.json"])), "no route of Pipit's"
+    assert "neighbor " in files["exabgp.conf"]
+    assert json.loads(files["ipam-check.json"])["problems"] == []
+    assert "kind: IPPool" in files["resources.yaml"]
 
 
 def test_a_deleted_node_is_cleaned_up(lab):
