@@ -271,6 +271,20 @@ def test_listen_port_communities_and_prefix_advertisements_reach_the_bgp_configu
             if i.kind.name == "BGPConfiguration"] == [(179, ())]
 
 
+def test_ipam_settings_reach_the_hook_only_when_asked_to():
+    """Opt-in: applied whole on every upgrade, they would undo `pipitctl ipam configure`."""
+    def ipam_configs(**values):
+        resources = read_objects(find(rendered("mesh", **values), "ConfigMap",
+                                      "pipit-config")["data"]["resources.yaml"])
+        return [i.obj for i in resources if i.kind.name == "IPAMConfiguration"]
+    assert ipam_configs() == []
+    [config] = ipam_configs(**{"ipam.configure": "true", "ipam.strictAffinity": "true",
+                               "ipam.maxBlocksPerHost": "4", "ipam.ipCooldownSeconds": "30",
+                               "ipam.autoAllocateBlocks": "false"})
+    assert (config.strict_affinity, config.max_blocks_per_host, config.ip_cooldown_seconds,
+            config.auto_allocate_blocks) == (True, 4, 30, False)
+
+
 # -- route reflectors, controller, RBAC, hooks ----------------------------------------------------
 
 def test_route_reflectors_run_apart_from_the_agents_with_a_disruption_budget():
@@ -425,6 +439,8 @@ def test_the_hook_resources_apply_twice_to_a_real_etcd(etcd, tmp_path):
     ({"controller.gcGracePeriod": "soon"}, "/controller/gcGracePeriod"),
     ({"bgp.listenPort": "0"}, "/bgp/listenPort"),
     ({"bgp.prefixAdvertisements[0].cidr": "10.0.0.0/8"}, "/bgp/prefixAdvertisements/0"),
+    ({"ipam.ipCooldownSeconds": "1201"}, "/ipam/ipCooldownSeconds"),
+    ({"ipam.autoAllocateBlocks": "false"}, "/ipam/strictAffinity"),
 ])
 def test_bad_values_are_refused_with_the_key_named(values, words):
     values = {**({} if values == {} else ENDPOINTS), **values}

@@ -242,6 +242,17 @@ spec:
   holdTime: {{ .Values.bgp.nodeMeshHoldTime }}
   maxRestartTime: {{ .Values.bgp.nodeMeshMaxRestartTime }}
 {{- end }}
+{{- if .Values.ipam.configure }}
+---
+apiVersion: pipit.dev/v1
+kind: IPAMConfiguration
+metadata: {name: default}
+spec:
+  strictAffinity: {{ .Values.ipam.strictAffinity }}
+  maxBlocksPerHost: {{ .Values.ipam.maxBlocksPerHost }}
+  ipCooldownSeconds: {{ .Values.ipam.ipCooldownSeconds }}
+  autoAllocateBlocks: {{ .Values.ipam.autoAllocateBlocks }}
+{{- end }}
 {{- range .Values.bgp.filters }}
 ---
 apiVersion: pipit.dev/v1
