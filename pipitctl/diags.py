@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bgp_agent.status import read_status
 from bgp_agent.version import software_version
-from ipam.errors import PipitError
+from ipam.errors import InvalidResource, PipitError
 from ipam.snapshot import load_snapshot
 from ipam.store import Store
 from ipip import nat
@@ -134,11 +134,21 @@ async def collect(store: Store, directory: Path, state_dir: Path, status_socket:
         parts["errors.txt"] = "\n".join(errors) + "\n"
 
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(clock()))
-    base = f"pipit-diags-{socket.gethostname()}-{stamp}"
-    path = Path(directory) / f"{base}.tar.gz"
-    # routes, addresses and the cluster's resources: its owner's to read, a new file
-    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as file, \
-            tarfile.open(fileobj=file, mode="w:gz") as archive:
+    for attempt in range(100):  # another run in the same second: the next free name
+        base = f"pipit-diags-{socket.gethostname()}-{stamp}" + (f"-{attempt}" if attempt
+                                                                 else "")
+        path = Path(directory) / f"{base}.tar.gz"
+        try:  # routes, addresses and the cluster's resources: its owner's to read, new
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            break
+        except FileExistsError:
+            continue
+        except OSError as error:
+            raise InvalidResource(f"cannot write {path}: {error.strerror.lower()}; name "
+                                  "another directory with --dir.") from None
+    else:
+        raise InvalidResource(f"{directory} holds 100 archives of this second already.")
+    with open(descriptor, "wb") as file, tarfile.open(fileobj=file, mode="w:gz") as archive:
         for name, text in parts.items():
             data = text.encode()
             info = tarfile.TarInfo(f"{base}/{name}")

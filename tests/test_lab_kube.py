@@ -29,6 +29,7 @@ from lab.cni import Attachment
 from lab.kube import POD_NAMESPACE
 from lab.process import wait
 from tests.helpers import with_store
+from tests.sentences import one_sentence
 
 pytestmark = [pytest.mark.slow, pytest.mark.lab]
 GRACE = "4s"
@@ -406,11 +407,15 @@ def test_node_diags_collects_the_node_and_the_cluster(lab, tmp_path):
     import tarfile
     lab.wait_mesh()
     node_dir = lab.node_dir("n1")
-    result = subprocess.run(
-        [*netns.exec_prefix(lab.node_ns("n1")), sys.executable, "-m", "pipitctl", "node",
-         "diags", "--dir", str(tmp_path), "--state-dir", str(node_dir),
-         "--socket", str(lab.status_socket("n1")), "--etcd-endpoints", lab.etcd_endpoint],
-        cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=120)
+
+    def diags(directory) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*netns.exec_prefix(lab.node_ns("n1")), sys.executable, "-m", "pipitctl", "node",
+             "diags", "--dir", str(directory), "--state-dir", str(node_dir),
+             "--socket", str(lab.status_socket("n1")), "--etcd-endpoints", lab.etcd_endpoint],
+            cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=120)
+    one_sentence(diags("/proc"), "cannot write /proc/pipit-diags-", "--dir")
+    result = diags(tmp_path)
     assert result.returncode == 0 and result.stderr == "", result.stderr
     [path] = tmp_path.glob("pipit-diags-*.tar.gz")
     assert result.stdout == f"Diagnostics written to {path}\n"
