@@ -31,7 +31,7 @@ from pipitctl.resources import (CREATE, REPLACE, apply_objects, delete_objects, 
                                 read_kind, read_objects, relabel)
 
 
-KINDS_HELP = "ippools, bgppeers, bgpconfigurations or nodes"
+KINDS_HELP = "ippools, bgppeers, bgpconfigurations, nodes or workloadendpoints"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -153,7 +153,8 @@ def test_get_several_names_and_output_formats(etcd, ctl):
     one_sentence(ctl("get", "ippools", "-o", "custom-columns=NAME,COLOUR"), "'COLOUR'",
                  "BLOCKSIZE")
     one_sentence(ctl("get", "ippools", "-o", "xml"), "'xml'", "custom-columns")
-    one_sentence(ctl("get"), "say which kind", "ippools, bgppeers, bgpconfigurations or nodes")
+    one_sentence(ctl("get"), "say which kind",
+                 "ippools, bgppeers, bgpconfigurations, nodes or workloadendpoints")
 
 
 def test_an_empty_kind_round_trips_as_a_no_op(etcd, ctl):
