@@ -11,7 +11,8 @@ Calico's names for the same, cni.projectcalico.org/ipv4pools, cni.projectcalico.
 and cni.projectcalico.org/floatingIPs, are read too (a cluster moving from Calico keeps its
 annotations); both names on one object with different values are refused. Calico's
 cni.projectcalico.org/ipAddrsNoIpam (an address outside IPAM) is refused: Pipit hands out
-addresses only through its IPAM.
+addresses only through its IPAM; so are ipv6pools, ipFamilies asking for more than IPv4,
+hwAddr and Calico's qos.projectcalico.org/* (refuse_unsupported).
 
 Without them the CNI configuration's `pools` (or every pool selecting the node) apply. A pool
 named here serves the pod whatever its nodeSelector says (a `nodeSelector: "!all()"` pool is
@@ -75,13 +76,39 @@ def annotation(annotations: Mapping[str, str], names: Sequence[str],
     return given[0] if given else None
 
 
+CALICO_V6_POOLS = "cni.projectcalico.org/ipv6pools"
+# Calico's annotations asking for what Pipit does not do, and why (refused in that sentence;
+# qos.projectcalico.org/* too): a pod must not start without what it asked for.
+UNSUPPORTED = {
+    CALICO_NO_IPAM: f"Pipit hands out addresses only through its IPAM (ask for them with "
+                    f"{ADDRESSES})",
+    CALICO_V6_POOLS: "Pipit is IPv4 only for now",
+    "cni.projectcalico.org/hwAddr": "Pipit does not set a pod's MAC address (the reference "
+                                    "plugin makes its interface)",
+}
+CALICO_FAMILIES = "cni.projectcalico.org/ipFamilies"
+QOS_PREFIX = "qos.projectcalico.org/"
+NO_QOS = ("Pipit does not shape pods' traffic (Calico's Felix does): chain the bandwidth CNI "
+          "plugin and use kubernetes.io/ingress-bandwidth and egress-bandwidth")
+
+
+def refuse_unsupported(annotations: Mapping[str, str], owner: str) -> None:
+    """One sentence for the first of Calico's annotations `owner` carries that asks for what
+    Pipit does not do."""
+    for name, value in annotations.items():
+        reason = UNSUPPORTED.get(name) or (NO_QOS if name.startswith(QOS_PREFIX) else None)
+        if name == CALICO_FAMILIES and value.replace(" ", "") not in ('["IPv4"]', ""):
+            reason = "Pipit gives pods IPv4 addresses only for now (ask for [\"IPv4\"])"
+        if reason and value:
+            raise InvalidResource(f"annotation {name} of {owner} is not supported: {reason}.")
+
+
 def pod_request(namespace: str, pod: str, namespace_annotations: Mapping[str, str],
                 pod_annotations: Mapping[str, str]) -> PodRequest:
     owner = f"pod {namespace}/{pod}"
-    if pod_annotations.get(CALICO_NO_IPAM):
-        raise InvalidResource(f"annotation {CALICO_NO_IPAM} of {owner} is not supported: Pipit "
-                              f"hands out addresses only through its IPAM (ask for them with "
-                              f"{ADDRESSES}).")
+    refuse_unsupported(pod_annotations, owner)
+    refuse_unsupported({k: v for k, v in namespace_annotations.items() if k == CALICO_V6_POOLS},
+                       f"namespace {namespace}")  # the one Calico reads on namespaces too
     pools, pools_from = (), ""
     for on, carried in ((owner, pod_annotations),
                         (f"namespace {namespace}", namespace_annotations)):

@@ -98,6 +98,9 @@ def test_annotations_choose_the_pool_and_the_address(fakekube, etcd, kube_agent)
     # a pod created just now (not yet in the agent's cache) is looked up directly
     store.create(PODS, "team", pod("late", {"pipit.dev/ipv4pools": '["green"]'}))
     assert address_of(add(socket, "team", "late")) in IPv4Interface("10.32.0.0/24").network
+    # IPv4 asked for by Calico's ipFamilies is what Pipit gives
+    store.create(PODS, "team", pod("four", {"cni.projectcalico.org/ipFamilies": '["IPv4"]'}))
+    assert address_of(add(socket, "team", "four")) in IPv4Interface("10.31.0.0/24").network
     # Calico's names for the annotations (a cluster moving from Calico keeps them)
     store.create(NAMESPACES, None, namespace("moved", {"cni.projectcalico.org/ipv4pools":
                                                        '["blue"]'}))
@@ -196,6 +199,16 @@ def test_floating_ips_are_held_for_the_pod_and_go_with_it(fakekube, etcd, kube_a
      "pod team/bad has both annotations pipit.dev/ipv4pools and cni.projectcalico.org/ipv4pools"),
     ({"cni.projectcalico.org/ipAddrsNoIpam": '["10.31.0.90"]'}, 7,
      "annotation cni.projectcalico.org/ipAddrsNoIpam of pod team/bad is not supported"),
+    # Calico's annotations asking for what Pipit does not do
+    ({"cni.projectcalico.org/ipv6pools": '["default-ipv6-ippool"]'}, 7,
+     "annotation cni.projectcalico.org/ipv6pools of pod team/bad is not supported: Pipit is "
+     "IPv4 only for now"),
+    ({"cni.projectcalico.org/ipFamilies": '["IPv4", "IPv6"]'}, 7,
+     "annotation cni.projectcalico.org/ipFamilies of pod team/bad is not supported"),
+    ({"cni.projectcalico.org/hwAddr": "02:00:00:00:00:01"}, 7, "does not set a pod's MAC"),
+    ({"qos.projectcalico.org/ingressBandwidth": "10M"}, 7,
+     "annotation qos.projectcalico.org/ingressBandwidth of pod team/bad is not supported: "
+     "Pipit does not shape pods' traffic"),
     # floating IPs: the pod's own address goes too when they cannot be had
     ({"pipit.dev/floating-ips": '["10.40.0.1"]'}, 7, "annotation pipit.dev/floating-ips of "
                                                      "pod team/bad: 10.40.0.1 is not in any "
@@ -222,6 +235,16 @@ def test_bad_annotations_fail_the_add_naming_them_and_leave_nothing(
     answer = add(kube_agent.socket_path, "team", "bad")
     assert answer["code"] == code and words in answer["msg"], answer
     assert handles(etcd) == before
+
+
+def test_a_namespace_asking_for_ipv6_pools_fails_its_pods_adds(fakekube, etcd, kube_agent):
+    fakekube.store.create(NAMESPACES, None, namespace("v6", {
+        "cni.projectcalico.org/ipv6pools": '["default-ipv6-ippool"]'}))
+    fakekube.store.create(PODS, "v6", pod("web"))
+    answer = add(kube_agent.socket_path, "v6", "web")
+    assert answer["code"] == 7 and answer["msg"].startswith(
+        "annotation cni.projectcalico.org/ipv6pools of namespace v6 is not supported"), answer
+    assert handles(etcd) == set()
 
 
 def test_the_node_name_comes_from_nodename_then_the_host_name(monkeypatch):
