@@ -7,9 +7,9 @@
 
 The same shape is what etcd stores under /pipit/resources/<plural>/<name>. Calico's documents
 (apiVersion projectcalico.org/v3, as calicoctl prints them) are read too, for the kinds
-Pipit shares (`CALICO_KINDS`). Labels and
-annotations follow Kubernetes' rules (`check_metadata`), checked where a resource comes in
-(pipitctl, the agent's own record); what is already stored is read as it is.
+Pipit shares (`CALICO_KINDS`). Labels and annotations follow Kubernetes' rules
+(`check_metadata`), checked where a resource comes in (pipitctl, the agent's own record);
+what is already stored is read as it is.
 """
 
 from __future__ import annotations
