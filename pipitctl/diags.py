@@ -36,8 +36,8 @@ from pipitctl.ipam_report import findings, report_document
 from pipitctl.resources import KINDS, get_objects
 
 SYSCTLS = ("net/ipv4/ip_forward", "net/ipv4/conf/all/rp_filter",
-           "net/ipv4/conf/default/rp_filter", "net/ipv4/tcp_l3mdev_accept",
-           "net/netfilter/nf_conntrack_count", "net/netfilter/nf_conntrack_max")
+           "net/ipv4/conf/default/rp_filter", "net/netfilter/nf_conntrack_count",
+           "net/netfilter/nf_conntrack_max")
 # what the host's tools say, as JSON where they can (argv, file name)
 COMMANDS = (
     (("ip", "-j", "-d", "link", "show"), "links.json"),
