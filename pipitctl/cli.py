@@ -130,18 +130,26 @@ OUTPUTS = "table, wide, yaml, json, name or custom-columns=COLUMN,..."
               help=f"{OUTPUTS} (the columns of -o wide).")
 @click.option("-l", "--selector", metavar="SELECTOR",
               help="Only resources whose labels match (Calico's syntax: rack == 'a').")
+@click.option("-n", "--namespace", metavar="NAMESPACE",
+              help="Workload endpoints of this namespace only (the others are not namespaced).")
+@click.option("-A", "--all-namespaces", is_flag=True,
+              help="Workload endpoints of every namespace (what get shows without -n).")
 @etcd_options
 async def get(store: Store, kind: str | None, names: tuple[str, ...], fmt: str,
-              selector: str | None) -> None:
+              selector: str | None, namespace: str | None, all_namespaces: bool) -> None:
     """Show resources: `get ippools [NAME...] [-l SELECTOR] [-o FORMAT]`."""
     if not kind:
         raise InvalidResource(f"say which kind to get: {KINDS_HELP} (`pipitctl get ippools`).")
     if fmt not in ("table", "ps", "wide", "yaml", "yml", "json", "name") \
             and not fmt.startswith("custom-columns="):
         raise InvalidResource(f"output format {fmt!r} is not one of {OUTPUTS}.")
+    if namespace and all_namespaces:
+        raise InvalidResource("give -n NAMESPACE or -A, not both.")
     if kind.lower() in workloads.WORDS:
-        return await _get_endpoints(store, names, fmt, selector)
+        return await _get_endpoints(store, names, fmt, selector, namespace)
     k = kind_named(kind)
+    if namespace or all_namespaces:
+        raise InvalidResource(f"{k.plural} are not namespaced: leave out -n and -A.")
     found = await get_objects(store, k, names, selector)
     if fmt in ("yaml", "yml"):
         click.echo(output.documents_yaml([s.document() for s in found]))
@@ -164,19 +172,20 @@ async def get(store: Store, kind: str | None, names: tuple[str, ...], fmt: str,
 
 
 async def _get_endpoints(store: Store, names: tuple[str, ...], fmt: str,
-                         selector: str | None) -> None:
-    """`get workloadendpoints [NAME...]`: the pods IPAM holds addresses for (NAME: the
-    endpoint's or the pod's)."""
+                         selector: str | None, namespace: str | None) -> None:
+    """`get workloadendpoints [NAME...] [-n NAMESPACE]`: the pods IPAM holds addresses for
+    (NAME: the endpoint's or the pod's), of every namespace unless one is named."""
     if selector:
         raise InvalidResource("-l selects by labels, which workload endpoints do not carry "
                               "here; name the pods instead.")
-    found = workloads.endpoints(await load_snapshot(store))
+    found = [e for e in workloads.endpoints(await load_snapshot(store))
+             if namespace is None or e.namespace == namespace]
     if names:
         found = [e for e in found if e.name in names or e.pod in names]
         missing = [n for n in names if not any(n in (e.name, e.pod) for e in found)]
         if missing:
             raise NotFound(f"workload endpoint {missing[0]!r} not found (no pod of that name "
-                           "holds addresses).")
+                           f"holds addresses{f' in namespace {namespace}' if namespace else ''}).")
     if fmt in ("yaml", "yml"):
         click.echo(output.documents_yaml([e.document() for e in found]))
     elif fmt == "json":

@@ -347,6 +347,13 @@ def test_workload_endpoints_are_the_pods_ipam_holds_addresses_for(existing, ctl)
     assert "is in use by handle pipit.c1.eth0.floating, a floating IP of pod shop/cart-1 " \
         "(leads to x) (" in ok(ctl("ipam", "show", "--ip", str(floating[0])))
     one_sentence(ctl("get", "wep", "nope"), "workload endpoint 'nope' not found")
+    assert [line.split()[:2] for line in ok(ctl("get", "wep", "-n", "shop")).splitlines()] == [
+        ["NAMESPACE", "WORKLOAD"], ["shop", "cart-1"]]
+    assert ok(ctl("get", "wep", "-A")) == ok(ctl("get", "wep"))
+    one_sentence(ctl("get", "wep", "web", "-n", "shop"),
+                 "workload endpoint 'web' not found", "in namespace shop")
+    one_sentence(ctl("get", "ippools", "-n", "shop"), "ippools are not namespaced")
+    one_sentence(ctl("get", "wep", "-n", "shop", "-A"), "-n NAMESPACE or -A, not both")
     one_sentence(ctl("get", "wep", "-l", "app == 'x'"), "-l selects by labels")
     one_sentence(ctl("apply", "-f", "-", input=ok(ctl("get", "wep", "-o", "yaml"))),
                  "workload endpoints are what a pod's CNI ADD made")
