@@ -12,11 +12,10 @@ snapshot arrives first), so a restart changes nothing that was right.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from types import MappingProxyType
 from typing import TYPE_CHECKING
@@ -79,8 +78,7 @@ class BlockSummary:
     node: str | None
     borrowers: Mapping[IPv4Address, str]
     held: Mapping[str, int]
-    floating: Mapping[IPv4Address, tuple[str, IPv4Address]] = field(
-        default_factory=lambda: _NO_FLOATING)
+    floating: Mapping[IPv4Address, tuple[str, IPv4Address]]
 
 
 def summarize(entry: Entry) -> BlockSummary:
@@ -96,10 +94,9 @@ def summarize(entry: Entry) -> BlockSummary:
                 held[holder] = held.get(holder, 0) + 1
             if holder and holder != block.node:
                 borrowers[block.address(ordinal)] = holder
-            target = secondary.get(blocks.FLOATING_FOR)
+            target = blocks.floating_target(secondary)
             if holder and target:
-                with contextlib.suppress(ValueError):  # written by hand: not Pipit's
-                    floating[block.address(ordinal)] = holder, IPv4Address(target)
+                floating[block.address(ordinal)] = holder, target
     return BlockSummary(block.cidr, block.node, borrowers, held, floating or _NO_FLOATING)
 
 

@@ -35,6 +35,16 @@ from ipaddress import IPv4Address, IPv4Network
 FLOATING_FOR, ATTACHMENT = "floatingFor", "attachment"
 
 
+def floating_target(secondary: Mapping[str, str]) -> IPv4Address | None:
+    """The pod address a floating IP's allocation leads to; None for any other allocation
+    (and for a value written by hand that is no address)."""
+    text = secondary.get(FLOATING_FOR)
+    try:
+        return IPv4Address(text) if text else None
+    except ValueError:
+        return None
+
+
 @dataclass(frozen=True)
 class Attribute:
     handle_id: str

@@ -8,9 +8,8 @@ Calico's rules (kube-controllers' IPAM controller), which pipit-controller appli
   record is taken to be on the Kubernetes Node of the same name.
 - A pod's allocation (attributes `namespace` and `pod`) is valid while its pod exists, is on
   the allocation's node, and either has no IP reported yet or has this one (for a floating
-  IP, the address it leads to). A pod evicted
-  (phase Failed, reason Evicted) holds nothing. Any other allocation (no pod attributes, not
-  a tunnel) is valid: its owner is unknown.
+  IP, the address it leads to). A pod evicted (phase Failed, reason Evicted) holds nothing.
+  Any other allocation (no pod attributes, not a tunnel) is valid: its owner is unknown.
 - An invalid allocation is a candidate leak; it is confirmed once it has been a candidate for
   the grace period, or at once when its node is gone from Kubernetes.
 - Tunnel addresses are judged only by their node: they go when the node is cleaned up.
@@ -30,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
-from ipam.block import FLOATING_FOR, Release
+from ipam.block import Release, floating_target
 from ipam.pool import LOAD_BALANCER_NODE
 from ipam.snapshot import Snapshot
 
@@ -69,15 +68,8 @@ def allocations(snap: Snapshot) -> list[Allocation]:
                 block.seq_for_allocation.get(ordinal), extra.get("node") or None,
                 extra.get("namespace") or None, extra.get("pod") or None,
                 str(extra.get("type", "")).endswith("-tunnel"),
-                _address(extra.get(FLOATING_FOR))))
+                floating_target(extra)))
     return found
-
-
-def _address(text: str | None) -> IPv4Address | None:
-    try:
-        return IPv4Address(text) if text else None
-    except ValueError:
-        return None
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from ipaddress import IPv4Address, IPv4Network
 from ipam.pool import IPPool
 from ipip import capability, nat
 from ipip.encap import IPIP, VXLAN
+from pipitctl import output
 
 TCP_MD5SIG = 14  # linux/tcp.h
 
@@ -102,3 +103,10 @@ def run_checks() -> list[Check]:
             problem = f"could not be checked: {error}"
         found.append(Check(what, needed_for, problem))
     return found
+
+
+def table(checks: list[Check]) -> str:
+    """The checks as `node checksystem` prints them."""
+    return output.table(("CHECK", "NEEDED FOR", "RESULT"),
+                        [(c.what, c.needed_for, "OK" if c.ok else f"MISSING: {c.problem}")
+                         for c in checks])

@@ -9,7 +9,7 @@ import logging
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
@@ -151,24 +151,31 @@ async def get(store: Store, kind: str | None, names: tuple[str, ...], fmt: str,
     if namespace or all_namespaces:
         raise InvalidResource(f"{k.plural} are not namespaced: leave out -n and -A.")
     found = await get_objects(store, k, names, selector)
+    _show(fmt, k.columns, k.wide_columns, lambda wide: [_row(k, s, wide) for s in found],
+          [s.document for s in found], [f"{k.word}/{s.name}" for s in found], len(names) == 1)
+
+
+def _show(fmt: str, columns, wide_columns, rows: Callable[[bool], list[tuple]],
+          documents: list[Callable[[], dict]], names: list[str], single: bool) -> None:
+    """What `get` prints in format `fmt`: the table of `rows(wide)`, the documents, or the
+    names (`single`: one JSON document rather than a List)."""
     if fmt in ("yaml", "yml"):
-        click.echo(output.documents_yaml([s.document() for s in found]))
+        click.echo(output.documents_yaml([document() for document in documents]))
     elif fmt == "json":
-        click.echo(output.documents_json([s.document() for s in found], len(names) == 1))
+        click.echo(output.documents_json([document() for document in documents], single))
     elif fmt == "name":
-        echo_lines([f"{k.word}/{s.name}" for s in found])
+        echo_lines(names)
     elif fmt.startswith("custom-columns="):
         try:
-            headers, rows = output.pick_columns(k.wide_columns, [_row(k, s, wide=True)
-                                                                 for s in found],
-                                                fmt.partition("=")[2].split(","))
+            headers, picked = output.pick_columns(wide_columns, rows(True),
+                                                  fmt.partition("=")[2].split(","))
         except ValueError as error:
             raise InvalidResource(f"custom-columns: {error}.") from None
-        click.echo(output.table(headers, rows))
+        click.echo(output.table(headers, picked))
     elif fmt == "wide":
-        click.echo(output.table(k.wide_columns, [_row(k, s, wide=True) for s in found]))
+        click.echo(output.table(wide_columns, rows(True)))
     else:
-        click.echo(output.table(k.columns, [_row(k, s) for s in found]))
+        click.echo(output.table(columns, rows(False)))
 
 
 async def _get_endpoints(store: Store, names: tuple[str, ...], fmt: str,
@@ -186,25 +193,9 @@ async def _get_endpoints(store: Store, names: tuple[str, ...], fmt: str,
         if missing:
             raise NotFound(f"workload endpoint {missing[0]!r} not found (no pod of that name "
                            f"holds addresses{f' in namespace {namespace}' if namespace else ''}).")
-    if fmt in ("yaml", "yml"):
-        click.echo(output.documents_yaml([e.document() for e in found]))
-    elif fmt == "json":
-        click.echo(output.documents_json([e.document() for e in found], len(found) == 1
-                                         and len(names) == 1))
-    elif fmt == "name":
-        echo_lines([f"workloadendpoint/{e.name}" for e in found])
-    elif fmt.startswith("custom-columns="):
-        try:
-            headers, rows = output.pick_columns(workloads.WIDE_COLUMNS,
-                                                [e.row(wide=True) for e in found],
-                                                fmt.partition("=")[2].split(","))
-        except ValueError as error:
-            raise InvalidResource(f"custom-columns: {error}.") from None
-        click.echo(output.table(headers, rows))
-    else:
-        wide = fmt == "wide"
-        click.echo(output.table(workloads.WIDE_COLUMNS if wide else workloads.COLUMNS,
-                                [e.row(wide) for e in found]))
+    _show(fmt, workloads.COLUMNS, workloads.WIDE_COLUMNS,
+          lambda wide: [e.row(wide) for e in found], [e.document for e in found],
+          [f"workloadendpoint/{e.name}" for e in found], len(found) == 1 and len(names) == 1)
 
 
 def _row(kind, stored, wide: bool = False) -> tuple:
@@ -288,11 +279,9 @@ def node_status(path: str) -> None:
 def node_checksystem() -> None:
     """Whether this host's kernel does what Pipit asks of it (tunnels, NAT, conntrack, TCP
     MD5), each check saying what needs it; exit 1 if any is missing."""
-    from pipitctl.checksystem import run_checks
+    from pipitctl.checksystem import run_checks, table
     checks = run_checks()
-    click.echo(output.table(("CHECK", "NEEDED FOR", "RESULT"),
-                            [(c.what, c.needed_for, "OK" if c.ok else f"MISSING: {c.problem}")
-                             for c in checks]))
+    click.echo(table(checks))
     missing = [c for c in checks if not c.ok]
     if missing:
         raise InvalidResource(f"this host lacks {', '.join(c.what for c in missing)}: "

@@ -30,8 +30,7 @@ from ipam.errors import InvalidResource, PipitError
 from ipam.snapshot import load_snapshot
 from ipam.store import Store
 from ipip import nat
-from pipitctl import output
-from pipitctl.checksystem import run_checks
+from pipitctl import checksystem, output
 from pipitctl.ipam_report import findings, report_document
 from pipitctl.resources import KINDS, get_objects
 
@@ -86,10 +85,7 @@ def _sysctls() -> str:
 
 
 def _checksystem() -> str:
-    checks = run_checks()
-    return output.table(("CHECK", "NEEDED FOR", "RESULT"),
-                        [(c.what, c.needed_for, "OK" if c.ok else f"MISSING: {c.problem}")
-                         for c in checks]) + "\n"
+    return checksystem.table(checksystem.run_checks()) + "\n"
 
 
 async def collect(store: Store, directory: Path, state_dir: Path, status_socket: str,

@@ -10,9 +10,12 @@ and process route) at the end of the test, also on failure.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import subprocess
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
@@ -195,3 +198,57 @@ def pipit_routes(ns: str) -> list[str]:
     """`ip route show proto 91`: the routes Pipit owns in a namespace, as iproute2 prints them."""
     return [" ".join(line.split()) for line in ip(ns, "route", "show", "proto", "91").splitlines()]
 
+
+# -- a UDP echo in a pod, and one flow to it ----------------------------------------------------
+# The echo answers each datagram with the source address it saw; the flow always leaves from
+# the same port, so the kernel tracks it as one connection (its conntrack entry).
+
+ECHO_PORT = 7777
+ECHO_SERVER = f"""\
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", {ECHO_PORT}))
+print("ready", flush=True)
+while True:
+    data, peer = s.recvfrom(100)
+    s.sendto(peer[0].encode(), peer)
+"""
+
+
+@contextlib.contextmanager
+def udp_echo(ns: str) -> Iterator[None]:
+    """The echo running in namespace `ns` (killed before the namespace goes)."""
+    server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", ECHO_SERVER],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline() == "ready\n", server.stderr.read()
+        yield
+    finally:
+        server.kill()
+        server.communicate(timeout=10)
+
+
+FLOW_PORT = 40000
+FLOW_CLIENT = f"""\
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", {FLOW_PORT}))  # the same flow every time: one conntrack entry
+s.settimeout(2)
+s.sendto(b"?", (sys.argv[1], {ECHO_PORT}))
+try:
+    data, peer = s.recvfrom(100)
+    print(peer[0], data.decode())
+except socket.timeout:
+    print("none")
+"""
+
+
+def flow(ns: str, target: object) -> str:
+    """One datagram of the same UDP flow (source port FLOW_PORT) to `target` and back: the
+    reply's source and what the pod saw, or "none"."""
+    out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", FLOW_CLIENT,
+                          str(target)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()

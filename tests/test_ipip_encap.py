@@ -219,30 +219,6 @@ def test_the_flows_forgotten_are_those_of_floating_ips_gone_or_moved_to_another_
     assert conntrack.moved({}, {a: pod1}) == [] and conntrack.moved({a: pod1}, {a: pod1}) == []
 
 
-def test_the_agent_forgets_flows_only_after_the_nat_table_changed(monkeypatch):
-    """NodeDataplane with nft and conntrack recorded (their kernel side: test_ipip_kernel)."""
-    import asyncio
-
-    from bgp_agent.node_dataplane import NodeDataplane
-    calls = []
-    monkeypatch.setattr(nat, "apply", lambda pools, floating: calls.append(("nft", floating)))
-    monkeypatch.setattr(conntrack, "forget", lambda gone: calls.append(("forget", gone)))
-    dataplane = NodeDataplane(None, None, "/nonexistent")
-    a, b = IPv4Address("10.244.9.1"), IPv4Address("10.244.9.2")
-    pod1, pod2 = IPv4Address("10.244.1.5"), IPv4Address("10.244.1.6")
-    pools = [pool("pods", "10.244.0.0/16")]
-
-    def apply(floating):
-        problems = []
-        asyncio.run(dataplane._apply_nat(pools, floating, problems))
-        assert problems == []
-    apply({})  # nothing ever asked for NAT: no nft at all
-    apply({a: pod1, b: pod1})
-    apply({a: pod1, b: pod1})  # unchanged: nothing
-    apply({a: pod2})
-    assert calls == [("nft", {a: pod1, b: pod1}), ("nft", {a: pod2}), ("forget", [a, b])]
-
-
 # -- capability -------------------------------------------------------------------------------
 
 def test_capability_sentence_names_the_module_and_the_pools():

@@ -21,7 +21,7 @@ from ipip import capability, conntrack, dataplane, encap, links, nat, tunnel, vx
 from ipip.encap import IPIP, VXLAN, VXLAN_DEVICE, RemoteVTEP
 from ipip.mtu import uplink
 from lab.netns import Namespaces, ping
-from tests.ipip_support import forwarding, ip, run, veth
+from tests.ipip_support import ECHO_PORT, flow, forwarding, ip, run, udp_echo, veth
 
 pytestmark = pytest.mark.netns
 
@@ -181,16 +181,6 @@ def test_nat_table_is_rewritten_whole_and_nothing_else_is_touched(ipip_node_netn
 POD, CLIENT, NODE_ADDRESS = IPv4Address("10.244.1.5"), "192.168.50.2", "192.168.50.1"
 FLOATING_LOW, FLOATING_HIGH = IPv4Address("10.244.9.8"), IPv4Address("10.244.9.9")
 FLOATING = {FLOATING_HIGH: POD, FLOATING_LOW: POD}
-ECHO_PORT = 7777
-ECHO_SERVER = f"""\
-import socket
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", {ECHO_PORT}))
-print("ready", flush=True)
-while True:
-    data, peer = s.recvfrom(100)
-    s.sendto(peer[0].encode(), peer)
-"""
 ECHO_CLIENT = f"""\
 import socket, sys, time
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -232,15 +222,8 @@ def floating_lab():
         ip(lab.pod, "addr", "add", f"{POD}/32", "dev", "eth0")
         ip(lab.pod, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link")
         ip(lab.pod, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0")
-        server = subprocess.Popen(["ip", "netns", "exec", lab.pod, sys.executable, "-c",
-                                   ECHO_SERVER], stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            assert server.stdout.readline() == "ready\n", server.stderr.read()
+        with udp_echo(lab.pod):
             yield lab
-        finally:
-            server.kill()  # before its namespace goes
-            server.communicate(timeout=10)
 
 
 def echo(ns: str, target: object) -> tuple[str, str]:
@@ -297,31 +280,6 @@ def test_floating_ips_go_with_the_rewrite_and_the_table_with_the_last(floating_l
     nat.apply([PLAIN_POOL], floating={}, netns=lab.node)
     assert nft_tables(lab.node) == []
     assert not answers(lab.client, FLOATING_HIGH) and not answers(lab.node, FLOATING_HIGH)
-
-
-FLOW_PORT = 40000
-FLOW_CLIENT = f"""\
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", {FLOW_PORT}))  # the same flow every time: one conntrack entry
-s.settimeout(2)
-s.sendto(b"?", (sys.argv[1], {ECHO_PORT}))
-try:
-    data, peer = s.recvfrom(100)
-    print(peer[0], data.decode())
-except socket.timeout:
-    print("none")
-"""
-
-
-def flow(ns: str, target: object) -> str:
-    """One datagram of the same UDP flow (source port FLOW_PORT) to `target` and back: the
-    reply's source and what the pod saw, or "none"."""
-    out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", FLOW_CLIENT,
-                          str(target)], capture_output=True, text=True, timeout=30)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
 
 
 def entries_to(ns: str, address: IPv4Address) -> int:

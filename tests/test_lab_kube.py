@@ -29,6 +29,7 @@ from lab.cni import Attachment
 from lab.kube import POD_NAMESPACE
 from lab.process import wait
 from tests.helpers import with_store
+from tests.ipip_support import flow, udp_echo
 from tests.sentences import one_sentence
 
 pytestmark = [pytest.mark.slow, pytest.mark.lab]
@@ -371,30 +372,40 @@ def test_a_load_balancer_service_gets_an_address_that_the_nodes_announce(lab, tm
 def test_a_floating_ip_reaches_its_pod_from_everywhere_and_moves_with_it(lab):
     """Calico's floatingIPs annotation: the address is held in IPAM for the pod, reached
     (DNAT on its node) from a pod on another node, one on the same node, the node itself and
-    the pod itself; freed with the pod; and given to a pod on the other node next, reached
-    there (its /32 borrowed from the first node's block)."""
+    the pod itself; freed with the pod; given to another pod of the same node, then to one on
+    the other node (its /32 borrowed from the first node's block), and reached there. One UDP
+    flow (the same source port throughout) follows it each time: the nodes forget what they
+    tracked of it when the floating IP leads elsewhere, or somewhere at last."""
     floating = "10.246.0.10"
     annotations = {"cni.projectcalico.org/floatingIPs": f'["{floating}"]'}
     near, far = pod_by_name(lab, "n1-p1"), pod_by_name(lab, "n2-p1")
+    answered = f"{floating} {far.address}"  # from the floating IP, which saw far's own address
     apply(lab, {"apiVersion": "pipit.dev/v1", "kind": "IPPool", "metadata": {"name": "fip"},
                 "spec": {"cidr": "10.246.0.0/24", "blockSize": 28, "nodeSelector": "!all()"}})
     try:
         first = lab.add_pod("n1", "fip-1", annotations=annotations)
-        front = Pod("fip-1's floating IP", "n1", first.netns, floating)
+        front = Pod("the floating IP", "n1", first.netns, floating)
         for source in (far, near, first):  # the last: a pod reaching itself (hairpin)
             wait(lambda: lab.ping(source, front), 30, f"{source.name} to reach {floating}")
         wait(lambda: netns.ping(lab.node_ns("n1"), floating, "-q").returncode == 0, 30,
              f"n1 itself to reach {floating}")  # past the blackhole of the block holding it
         assert check(snapshot(lab)) == []
+        with udp_echo(first.netns):
+            wait(lambda: flow(far.netns, floating) == answered, 30, "the flow to fip-1")
         lab.remove_pod("fip-1")
         wait(lambda: not lab.ping(far, front), 30, f"{floating} to stop answering")
-        second = lab.add_pod("n2", "fip-2", annotations=annotations)
-        for source in (near, far, second):
-            wait(lambda: lab.ping(source, front), 30, f"{source.name} to reach {floating} "
-                 "on n2")
+        assert flow(far.netns, floating) == "none"  # n1 tracks it now as leading nowhere
+        for name, node in (("fip-2", "n1"), ("fip-3", "n2")):  # another pod; another node
+            pod = lab.add_pod(node, name, annotations=annotations)
+            with udp_echo(pod.netns):
+                for source in (near, far, pod):
+                    wait(lambda: lab.ping(source, front), 30, f"{source.name} to reach "
+                         f"{floating} at {name}")
+                wait(lambda: flow(far.netns, floating) == answered, 30, f"the flow to {name}")
+            lab.remove_pod(name)
     finally:
-        lab.remove_pod("fip-1")
-        lab.remove_pod("fip-2")
+        for name in ("fip-1", "fip-2", "fip-3"):
+            lab.remove_pod(name)
         wait(lambda: not any(h.startswith("pipit.lab-fip") for h in snapshot(lab).handles), 30,
              "the floating IPs to be freed")
         lab.pipitctl("delete", "ippool", "fip", "--force")
