@@ -2,10 +2,12 @@
 
 The kernel decides a flow's NAT once, at its first packet, and keeps it in the flow's
 conntrack entry: when a floating IP (ipip.nat) stops leading to a pod, or leads to another
-pod of the same node, a flow already seen keeps going to the old pod, and a steady UDP stream
-(the protocols floating IPs are for) refreshes its entry forever. As kube-proxy clears UDP
-flows of a Service endpoint that went, the agent deletes the entries whose original
-destination is such a floating IP; their next packet is decided afresh.
+pod of the same node, a flow already seen keeps going to the old pod; when one starts leading
+to a pod of the node, a flow seen before (sent on to where the address was routed) keeps
+going there; and a steady UDP stream (the protocols floating IPs are for) refreshes its entry
+forever. As kube-proxy clears the UDP flows of a Service whose endpoints changed, the agent
+deletes the entries whose original destination is such a floating IP; their next packet is
+decided afresh.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from ipaddress import IPv4Address
 
 def moved(before: Mapping[IPv4Address, IPv4Address],
           after: Mapping[IPv4Address, IPv4Address]) -> list[IPv4Address]:
-    """The floating IPs whose flows lead somewhere else now (gone, or to another pod)."""
-    return sorted(a for a, pod in before.items() if after.get(a) != pod)
+    """The floating IPs whose flows lead somewhere else now (gone, to another pod, or to a
+    pod of this node at last)."""
+    return sorted(a for a in before.keys() | after.keys() if before.get(a) != after.get(a))
 
 
 def forget(destinations: Iterable[IPv4Address], netns: str | None = None) -> int:

@@ -212,11 +212,11 @@ def test_nat_ruleset_lists_floating_ips_sorted_and_is_the_same_for_equal_inputs(
     assert "floating" not in nat.ruleset([pool("pods", "10.244.0.0/16", nat_outgoing=True)])
 
 
-def test_the_flows_forgotten_are_those_of_floating_ips_gone_or_moved_to_another_pod():
-    a, b, c = (IPv4Address(f"10.244.9.{i}") for i in (1, 2, 3))
+def test_the_flows_forgotten_are_those_of_floating_ips_gone_moved_or_new():
+    a, b, c, d = (IPv4Address(f"10.244.9.{i}") for i in (1, 2, 3, 4))
     pod1, pod2 = IPv4Address("10.244.1.5"), IPv4Address("10.244.1.6")
-    assert conntrack.moved({a: pod1, b: pod1, c: pod1}, {a: pod1, b: pod2}) == [b, c]
-    assert conntrack.moved({}, {a: pod1}) == [] and conntrack.moved({a: pod1}, {a: pod1}) == []
+    assert conntrack.moved({a: pod1, b: pod1, c: pod1}, {a: pod1, b: pod2, d: pod2}) == [b, c, d]
+    assert conntrack.moved({}, {a: pod1}) == [a] and conntrack.moved({a: pod1}, {a: pod1}) == []
 
 
 # -- capability -------------------------------------------------------------------------------

@@ -294,8 +294,9 @@ def entries_to(ns: str, address: IPv4Address) -> int:
 
 def test_a_flow_to_a_floating_ip_that_leads_elsewhere_now_is_forgotten(floating_lab):
     """The kernel keeps a flow's NAT in its conntrack entry: a UDP stream to a floating IP
-    taken away kept reaching the pod (and refreshed its entry with every datagram) until the
-    agent forgets the entries of the floating IPs that lead elsewhere; others are kept."""
+    taken away kept reaching the pod (and refreshed its entry with every datagram), and one
+    seen before a floating IP came kept missing it, until the agent forgets the entries of the
+    floating IPs that lead elsewhere; others are kept."""
     lab = floating_lab
     nat.apply([PLAIN_POOL], floating=FLOATING, netns=lab.node)
     assert flow(lab.client, FLOATING_LOW) == f"{FLOATING_LOW} {CLIENT}"
@@ -310,6 +311,13 @@ def test_a_flow_to_a_floating_ip_that_leads_elsewhere_now_is_forgotten(floating_
     assert flow(lab.client, FLOATING_LOW) == "none"
     assert entries_to(lab.node, FLOATING_HIGH) == kept >= 1
     assert flow(lab.client, FLOATING_HIGH) == f"{FLOATING_HIGH} {CLIENT}"
+    # and the other way: the flow seen while the address led nowhere (sent back out) keeps
+    # going there once it leads to the pod again, until forgotten
+    nat.apply([PLAIN_POOL], floating=FLOATING, netns=lab.node)
+    assert flow(lab.client, FLOATING_LOW) == "none"
+    assert conntrack.moved(after, FLOATING) == [FLOATING_LOW]
+    assert conntrack.forget([FLOATING_LOW], netns=lab.node) >= 1
+    assert flow(lab.client, FLOATING_LOW) == f"{FLOATING_LOW} {CLIENT}"
 
 
 def test_floating_ips_and_nat_outgoing_together(floating_lab):
