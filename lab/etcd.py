@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -19,10 +20,34 @@ from lab.process import stop_group
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port nothing listens on, below the kernel's ephemeral range: a port the kernel chose
+    (bind to 0) can be taken by any outgoing connection before the server binds it, and the
+    server then exits ("address already in use"). Never the same one twice in one process."""
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(10000, low) if low > 11000 else 0
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            port = s.getsockname()[1]
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port on {host}")
 
 
 @dataclass
@@ -59,9 +84,10 @@ class EtcdServer:
         scheme = "https" if self.tls else "http"
         return f"{scheme}://{self.host}:{self.client_port}"
 
-    def start(self, timeout: float = 20.0, wait: bool = True) -> EtcdServer:
+    def start(self, timeout: float = 20.0, wait: bool = True, retries: int = 2) -> EtcdServer:
         """Start it; with `wait`, until it answers (a cluster's members answer only once a
         quorum runs: start them all without waiting, then wait)."""
+        chosen_here = not self.client_port and not self.peer_port
         if self.data_dir is None:
             self.data_dir = Path(tempfile.mkdtemp(prefix="pipit-etcd-"))
             self._own_dir = True
@@ -89,8 +115,20 @@ class EtcdServer:
                                         cwd=self.data_dir)
         log.close()
         if wait:
-            self._wait_ready(timeout)
+            try:
+                self._wait_ready(timeout)
+            except RuntimeError:
+                if not (chosen_here and retries and self._lost_its_port()):
+                    raise
+                self.client_port = self.peer_port = 0  # taken meanwhile: other ports
+                return self.start(timeout, wait, retries - 1)
         return self
+
+    def _lost_its_port(self) -> bool:
+        """It exited because another process bound its port after free_port chose it (etcd
+        binds before it writes anything in its data directory)."""
+        return self.process is not None and self.process.poll() is not None and \
+            b"address already in use" in self.log_path.read_bytes()
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

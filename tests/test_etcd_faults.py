@@ -151,3 +151,22 @@ def test_several_endpoints_that_do_not_answer_are_each_named_with_the_reason():
     assert result.returncode == 1 and result.stdout == ""
     one_sentence(result, "cannot reach etcd", f"{refused} (connection refused)",
                  f"{quiet} (no answer within")
+
+
+# --------------------------------------------------------------------------------------------
+# The tests' own etcd: a port chosen for it and taken by another process before etcd binds it
+
+def test_an_etcd_whose_chosen_port_is_taken_meanwhile_starts_on_other_ports(tmp_path,
+                                                                            monkeypatch):
+    import lab.etcd
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        ports = iter([busy])
+        chosen = lab.etcd.free_port
+        monkeypatch.setattr(lab.etcd, "free_port", lambda host: next(ports, None) or chosen(host))
+        with EtcdServer(data_dir=tmp_path / "etcd") as server:
+            assert server.client_port != busy
+            assert b"address already in use" in server.log_path.read_bytes()
+            with_store(EtcdConfig(endpoints=(server.endpoint,)), lambda store: store.get("/x"))
