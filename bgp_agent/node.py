@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 
 KIND = "Node"
 # Set on its record by the node's agent at registration, for `pipitctl version`.
-VERSION_ANNOTATION = "pipit.dev/agent-version"# Interfaces that never carry the node's address (Calico's list, plus Pipit's own devices).
+VERSION_ANNOTATION = "pipit.dev/agent-version"
+
+# Interfaces that never carry the node's address (Calico's list, plus Pipit's own devices).
 EXCLUDED_INTERFACES = re.compile(
     r"^(lo|docker.*|cbr.*|dummy.*|virbr.*|lxcbr.*|veth.*|cali.*|tunl.*|flannel.*|kube-ipvs.*|"
     r"cni.*|vxlan.*|wireguard.*|wg-.*|nodelocaldns.*|pipit.*)$")
@@ -69,6 +71,22 @@ def from_calico_node(spec: Mapping) -> dict:
     if isinstance(kept.get("bgp"), dict):
         kept["bgp"] = {k: v for k, v in kept["bgp"].items() if k not in _CALICO_NODE_BGP_OWN}
     return kept
+
+
+def keep_agent_fields(applied: NodeRecord, stored: NodeRecord) -> NodeRecord:
+    """A node record applied over a stored one, with what the node's agent wrote that the
+    document leaves out kept: its address, tunnel addresses and VTEP MAC, its Kubernetes Node
+    and its version. Without them the other nodes would drop their sessions and tunnels to
+    it until its agent wrote them again (a Calico document has none of them)."""
+    version = stored.annotations.get(VERSION_ANNOTATION)
+    return replace(
+        applied, address=applied.address or stored.address,
+        ipip_tunnel_address=applied.ipip_tunnel_address or stored.ipip_tunnel_address,
+        vxlan_tunnel_address=applied.vxlan_tunnel_address or stored.vxlan_tunnel_address,
+        vxlan_mac=applied.vxlan_mac or stored.vxlan_mac,
+        kubernetes_node=applied.kubernetes_node or stored.kubernetes_node,
+        annotations=({VERSION_ANNOTATION: version, **applied.annotations} if version
+                     else applied.annotations))
 
 
 def node_from_document(doc: Mapping) -> NodeRecord:

@@ -28,7 +28,8 @@ from bgp_agent.bgp_peer import check_peer, peer_from_spec, peer_to_document
 from bgp_agent.bgp_config import NodeBGPConfig, check_config_input, community_texts
 from bgp_agent.bgp_config import config_to_document as bgp_config_to_document
 from bgp_agent.name_claim import holder_of
-from bgp_agent.node import from_calico_node, node_from_document, node_to_document
+from bgp_agent.node import (from_calico_node, keep_agent_fields, node_from_document,
+                            node_to_document)
 from ipam.release import release_handle, release_host_affinities
 from ipam.reservation import reservation_from_spec, reservation_to_document
 from ipam.resource import (Document, check_metadata, make_document, parse_documents,
@@ -69,6 +70,8 @@ class Kind:
     depends_on: Callable[[Any], Iterable[str]] | None = None
     # refuses a delete before anything is deleted: (store, name, force, one of several)
     delete_check: Callable[[Store, str, bool, bool], Awaitable[None]] | None = None
+    # what an applied object takes over from the stored one it replaces: keeps(new, stored)
+    keeps: Callable[[Any, Any], Any] | None = None
 
     def key(self, name: str) -> str:
         return keys.resource_key(self.segment or self.plural, name)
@@ -163,7 +166,7 @@ NODE = Kind(
     wide_row=lambda n: (n.name, n.address or "-", n.as_number or "(cluster)",
                         n.route_reflector_cluster_id or "-",
                         ",".join(f"{k}={v}" for k, v in sorted(n.labels.items())) or "-"),
-    delete=delete_node, delete_check=_node_delete_check,
+    delete=delete_node, delete_check=_node_delete_check, keeps=keep_agent_fields,
 )
 
 BGP_CONFIGURATION = Kind(
@@ -487,6 +490,8 @@ def plan_writes(objects: Sequence[Incoming], listings: dict[Kind, Listing], mode
                 raise StaleVersion(f"{what} changed since resourceVersion "
                                f"{incoming.resource_version} ({now}); get it again, make your "
                                "change to that and apply it.")
+        if kind.keeps is not None and stored is not None and stored.obj is not None:
+            obj = kind.keeps(obj, stored.obj)
         same_kind = list(current[kind].values())
         try:
             kind.check(obj, same_kind)

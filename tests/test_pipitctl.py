@@ -316,6 +316,47 @@ def test_calicos_documents_as_calicoctl_prints_them_apply(etcd, ctl):
     assert snapshot(etcd) == before
 
 
+def test_a_node_applied_over_its_running_agents_record_keeps_what_the_agent_wrote(etcd, ctl):
+    """Applying a Node to set its labels or cluster id (a Calico document, or one written by
+    hand) leaves out the address, tunnel addresses, Kubernetes Node and version its agent
+    wrote: they stay, or the other nodes would drop their sessions and tunnels to it until
+    the agent wrote them again. What the document does say is taken."""
+    from ipaddress import IPv4Address, ip_interface
+
+    from bgp_agent.node import NodeRecord, register, set_tunnel_fields
+    from bgp_agent.version import software_version
+
+    async def running_agent(store):
+        await register(store, NodeRecord("w1", ip_interface("10.99.0.11/24"),
+                                         kubernetes_node="w1"))
+        await set_tunnel_fields(store, "w1", IPv4Address("10.244.190.128"),
+                                IPv4Address("10.244.190.129"), "66:1f:4b:2a:7c:01")
+    with_store(etcd, running_agent)
+    agents = yaml.safe_load(ok(ctl("get", "node", "w1", "-o", "yaml")))
+    by_hand = {"apiVersion": "pipit.dev/v1", "kind": "Node",
+               "metadata": {"name": "w1", "labels": {"rack": "r1"}}, "spec": {}}
+    assert ok(ctl("apply", "-f", "-", input=yaml.safe_dump(by_hand))) == \
+        "node 'w1' configured\n"
+    node = yaml.safe_load(ok(ctl("get", "node", "w1", "-o", "yaml")))
+    assert node["metadata"]["labels"] == {"rack": "r1"}
+    assert node["spec"] == agents["spec"]
+    assert node["metadata"]["annotations"] == {"pipit.dev/agent-version": software_version()}
+    assert f"Agent Versions:  {software_version()} (1 node: w1)" in ok(ctl("version"))
+
+    calicos = CALICOCTL_OUTPUT[CALICOCTL_OUTPUT.index("apiVersion: projectcalico.org/v3\n"
+                                                      "kind: Node"):]
+    assert ok(ctl("apply", "-f", "-", input=calicos)) == "node 'w1' configured\n"
+    node = yaml.safe_load(ok(ctl("get", "node", "w1", "-o", "yaml")))
+    assert node["spec"] == {**agents["spec"], "bgp": {**agents["spec"]["bgp"],
+                                                     "routeReflectorClusterID": "244.0.0.1"}}
+    assert node["metadata"]["annotations"]["pipit.dev/agent-version"] == software_version()
+    assert ok(ctl("apply", "-f", "-", input=calicos)) == "node 'w1' unchanged\n"
+    moved = yaml.safe_dump({**by_hand, "spec": {"bgp": {"ipv4Address": "10.99.0.12/24"}}})
+    ok(ctl("apply", "-f", "-", input=moved))
+    node = yaml.safe_load(ok(ctl("get", "node", "w1", "-o", "yaml")))
+    assert node["spec"]["bgp"] == {**agents["spec"]["bgp"], "ipv4Address": "10.99.0.12/24"}
+
+
 def test_workload_endpoints_are_the_pods_ipam_holds_addresses_for(existing, ctl):
     """calicoctl's `get wep`: each pod attachment with its node, addresses and floating IPs,
     under Calico's names; tunnel addresses and others are no workload endpoints."""
