@@ -34,6 +34,11 @@ Figures; every one is measured for both reflectors, turn about, `--repeat` times
 - node join at `--clients` clients, after the cold resync: one new block on one client (its
   static protocol enabled) until it is in every other client's table; `--joins` times.
 
+Beside each N-prefixes figure, `bench.exabgp_floor`'s time for the same routes: ExaBGP (with
+pipit-exabgp's changes) decoding each from its client's UPDATEs and encoding it into UPDATEs
+once, in this process, nothing else. It is the least any reflector that speaks BGP through
+ExaBGP spends, wherever its reflection runs; printed against BIRD's best.
+
 The blocks are in a pool and owned in etcd by the client announcing them, so Pipit's import
 policy accepts them (its per-route check against etcd is part of what is measured). CPU time
 of each reflector process over a figure is printed too (/proc, as bench.idle reads it).
@@ -58,7 +63,9 @@ from datetime import datetime
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
+from bench import exabgp_floor
 from bench.converge import percentile
+from bench.exabgp_floor import Floor
 from bench.idle import usage
 from bgp_agent.node import NodeRecord, node_to_document
 from bgp_agent.status import read_status
@@ -558,8 +565,10 @@ def cpu_text(trials: list[Trial]) -> str:
     return ", ".join(f"{name} {span([t.cpu[name] for t in trials], 1, 2)}" for name in names)
 
 
-def report(w: Workload, results: dict[str, list[Trial]]) -> list[float]:
-    """Print one workload's figures; the best-to-best ratio, and the pairwise ratios."""
+def report(w: Workload, results: dict[str, list[Trial]], floor: Floor | None = None
+           ) -> list[float]:
+    """Print one workload's figures; the best-to-best ratio, and the pairwise ratios. With
+    `floor`, ExaBGP's own work on the workload's routes against BIRD's best."""
     bird, pipit = results["bird"], results["pipit"]
     print(f"\n{w.title}: {w.deliveries:,} routes to deliver, {len(bird)} trials each")
     what = ("first session up -> complete" if w.at_open else "announce -> complete")
@@ -576,6 +585,12 @@ def report(w: Workload, results: dict[str, list[Trial]]) -> list[float]:
     best = min(t.seconds for t in pipit) / min(t.seconds for t in bird)
     print(f"  ratio Pipit / BIRD: {best:.1f}x best to best (trial by trial: "
           f"{', '.join(f'{r:.1f}x' for r in ratios)})")
+    if floor is not None:
+        least = floor.seconds / min(t.seconds for t in bird)
+        print(f"  ExaBGP alone, each route decoded and encoded once (bench.exabgp_floor): "
+              f"{floor.seconds * 1e3:.0f} ms, {least:.1f}x BIRD's best"
+              + (f": no reflector speaking through ExaBGP is within {GOAL_RATIO:g}x here"
+                 if least > GOAL_RATIO else ""))
     return [best, *ratios]
 
 
@@ -655,8 +670,10 @@ def main() -> None:
           f"{HOLD_TIME} s; load average {load:.1f} before, {load_after:.1f} after")
     ratios, p99 = [], None
     for w in workloads:
+        floor = None if w.at_open else exabgp_floor.measure(
+            w.base, [client_address(i).ip for i in range(1, w.clients + 1)])
         if w.key != "cold" or "cold" in only:
-            ratios.append(report(w, results[w.key])[0])
+            ratios.append(report(w, results[w.key], floor)[0])
         if w.joins:
             p99 = report_joins(w, results[w.key])
     goals = []
