@@ -281,6 +281,18 @@ def parse_explicit_address(text: str) -> IPv4Interface:
 
 # -- registration -----------------------------------------------------------------------------
 
+def check_address_free(node: NodeRecord, nodes: Iterable[NodeRecord]) -> None:
+    """Refuse an address another node's record holds: sessions to it, and the routes of the
+    blocks it owns, would be taken for either node's."""
+    if node.address is None:
+        return
+    for other in nodes:
+        if other.name != node.name and other.address and other.address.ip == node.address.ip:
+            raise InvalidResource(
+                f"node {other.name} already has the address {node.address.ip}; if that node "
+                f"is gone, remove its record with `pipitctl delete node {other.name}`.")
+
+
 async def register(store: Store, node: NodeRecord) -> NodeRecord:
     """Create or update this node's record with its current address (labels, AS and route
     reflector cluster id already stored are kept unless given). Refuses an address another
@@ -290,6 +302,7 @@ async def register(store: Store, node: NodeRecord) -> NodeRecord:
 
     async def decide(changes: Changes) -> NodeRecord:
         stored: NodeRecord | None = None
+        others = []
         for entry in await changes.store.list(keys.NODES):
             try:
                 other = node_from_document(entry.value)
@@ -298,10 +311,9 @@ async def register(store: Store, node: NodeRecord) -> NodeRecord:
             if other.name == node.name:
                 changes.saw(entry.key, entry.mod_revision)
                 stored = other
-            elif node.address and other.address and other.address.ip == node.address.ip:
-                raise InvalidResource(
-                    f"node {other.name} already has the address {node.address.ip}; if that node "
-                    f"is gone, remove its record with `pipitctl delete node {other.name}`.")
+            else:
+                others.append(other)
+        check_address_free(node, others)
         changes.saw(keys.node_key(node.name), changes.expect.get(keys.node_key(node.name), 0))
         pools = [pool for pool, _ in read_pools(await changes.store.list(keys.POOLS))]
         check_node_outside_pools(node, [stored] if stored else [], pools)

@@ -28,8 +28,8 @@ from bgp_agent.bgp_peer import check_peer, peer_from_spec, peer_to_document
 from bgp_agent.bgp_config import NodeBGPConfig, check_config_input, community_texts
 from bgp_agent.bgp_config import config_to_document as bgp_config_to_document
 from bgp_agent.name_claim import holder_of
-from bgp_agent.node import (from_calico_node, keep_agent_fields, node_from_document,
-                            node_to_document)
+from bgp_agent.node import (check_address_free, from_calico_node, keep_agent_fields,
+                            node_from_document, node_to_document)
 from ipam.release import release_handle, release_host_affinities
 from ipam.reservation import reservation_from_spec, reservation_to_document
 from ipam.resource import (Document, check_metadata, make_document, parse_documents,
@@ -157,7 +157,8 @@ NODE = Kind(
     parse=lambda d: node_from_document(make_document(
         "Node", d.name, from_calico_node(d.spec) if d.calico else d.spec, d.labels,
         d.annotations)),
-    to_document=node_to_document, check=_no_check, needs=("ippools",),
+    to_document=node_to_document, check=check_address_free, needs=("ippools",),
+    reads_all=True,  # an address is checked against every other node's
     check_with=lambda node, nodes, others: check_node_outside_pools(node, nodes,
                                                                     others["ippools"]),
     columns=("NAME", "ADDRESS", "AS"),

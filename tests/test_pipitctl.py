@@ -493,6 +493,24 @@ def test_a_pool_holding_a_node_and_a_node_inside_a_pool_are_refused(existing, ct
     assert snapshot(existing) == before
 
 
+def test_a_node_with_another_nodes_address_is_refused(etcd, ctl):
+    """As the agent refuses to register it: sessions to that address, and the routes of the
+    blocks either node owns, would be taken for the other's. Also two in one file; nothing
+    written."""
+    ok(ctl("apply", "-f", "-", input=node_yaml("n1", "10.99.0.11/24")))
+    before = snapshot(etcd)
+    refusal = ("node n1 already has the address 10.99.0.11", "pipitctl delete node n1")
+    one_sentence(ctl("apply", "-f", "-", input=node_yaml("n2", "10.99.0.11/16")), *refusal)
+    one_sentence(ctl("apply", "-f", "-", input=stream(node_yaml("n3", "10.99.0.13/24"),
+                                                       node_yaml("n4", "10.99.0.13/24"))),
+                 "node n3 already has the address 10.99.0.13")
+    assert snapshot(etcd) == before
+    assert ok(ctl("apply", "-f", "-", input=node_yaml("n1", "10.99.0.12/24"))) == \
+        "node 'n1' configured\n"  # moving to a free address
+    assert ok(ctl("apply", "-f", "-", input=node_yaml("n2", "10.99.0.11/24"))) == \
+        "node 'n2' created\n"  # the one it left
+
+
 def test_delete_node_releases_its_tunnel_addresses_and_block_claims(etcd, ctl):
     with_store(etcd, lambda s: add_pool(s, "default", "10.3.0.0/24", blockSize=28))
     ok(ctl("apply", "-f", "-", input=node_yaml("node-1")))
