@@ -8,13 +8,14 @@ refused there."""
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Network
 
 from bgp_agent.md5_password import PasswordRef, parse_password
 from bgp_agent.model import DEFAULT_AS, DEFAULT_HOLD_TIME, DEFAULT_RESTART_TIME, MAX_RESTART_TIME
 from ipam.errors import InvalidResource
+from ipam.pool import LOAD_BALANCER, IPPool
 from ipam.resource import SpecReader, check_name, make_document, shown
 
 KIND = "BGPConfiguration"
@@ -431,6 +432,46 @@ def config_to_document(config: BGPConfig | NodeBGPConfig) -> dict:
     if config.bind_node_ip:
         spec["bindMode"] = "NodeIP"
     return make_document(KIND, NAME, spec, config.labels, config.annotations)
+
+
+# Why a pool of pods must stay out of every service range, for the sentences below.
+_POOL_IN_SERVICES = ("no node takes a route inside a service range (kube-proxy serves it), so "
+                     "pods there could not be reached")
+
+
+def _overlap(config: BGPConfig, pool: IPPool) -> tuple[str, IPv4Network] | None:
+    """The service field and range of `config` that overlap `pool`, if the pool's addresses
+    are routed as node blocks (Workload, Tunnel: a LoadBalancer pool's are services')."""
+    if LOAD_BALANCER in pool.allowed_uses:
+        return None
+    for field_name, ranges in zip(SERVICE_FIELDS, config.service_ranges):
+        for service in ranges:
+            if service.overlaps(pool.cidr):
+                return field_name, service
+    return None
+
+
+def check_pool_clear_of_services(pool: IPPool, configs: Iterable[object]) -> None:
+    """Refuse a pool of pods or tunnels that overlaps a service range of the cluster's
+    BGPConfiguration."""
+    for config in configs:
+        found = _overlap(config, pool) if isinstance(config, BGPConfig) else None
+        if found:
+            raise InvalidResource(
+                f"IPPool {pool.name!r}: cidr {pool.cidr} overlaps service range {found[1]} "
+                f"(BGPConfiguration {config.name!r} {found[0]}): {_POOL_IN_SERVICES}.")
+
+
+def check_services_clear_of_pools(config: object, pools: Iterable[IPPool]) -> None:
+    """Refuse service ranges that overlap a pool of pods or tunnels."""
+    if not isinstance(config, BGPConfig):
+        return
+    for pool in pools:
+        found = _overlap(config, pool)
+        if found:
+            raise InvalidResource(
+                f"BGPConfiguration {config.name!r}: {found[0]} {found[1]} overlaps IPPool "
+                f"{pool.name!r} ({pool.cidr}): {_POOL_IN_SERVICES}.")
 
 
 def _named_community_specs(named: tuple[tuple[str, Community | LargeCommunity], ...]

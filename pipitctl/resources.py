@@ -25,7 +25,9 @@ from ipam.pool_delete import addresses_in_use, delete_pool, in_use_refusal
 from bgp_agent.bgp_config import config_from_spec as bgp_config_from_spec
 from bgp_agent.bgp_filter import filter_from_spec, filter_to_document, rule_counts
 from bgp_agent.bgp_peer import check_peer, peer_from_spec, peer_to_document
-from bgp_agent.bgp_config import NodeBGPConfig, check_config_input, community_texts
+from bgp_agent.bgp_config import (NodeBGPConfig, check_config_input,
+                                  check_pool_clear_of_services, check_services_clear_of_pools,
+                                  community_texts)
 from bgp_agent.bgp_config import config_to_document as bgp_config_to_document
 from bgp_agent.name_claim import holder_of
 from bgp_agent.node import (check_address_free, from_calico_node, keep_agent_fields,
@@ -96,9 +98,10 @@ IPPOOL = Kind(
     name="IPPool", plural="ippools", aliases=("ippool", "ipp", "pool", "pools"),
     parse=lambda d: with_metadata(pool_from_spec(d.name, dict(d.spec)), d),
     to_document=pool_to_document,
-    check=check_pool_fits, reads_all=True, needs=("nodes",),
-    check_with=lambda pool, pools, others: check_pool_holds_no_node(pool, pools,
-                                                                     others["nodes"]),
+    check=check_pool_fits, reads_all=True, needs=("nodes", "bgpconfigurations"),
+    check_with=lambda pool, pools, others: (
+        check_pool_holds_no_node(pool, pools, others["nodes"]),
+        check_pool_clear_of_services(pool, others["bgpconfigurations"])),
     columns=("NAME", "CIDR", "SELECTOR"),
     row=lambda p: (p.name, p.cidr, p.node_selector),
     wide_columns=("NAME", "CIDR", "BLOCKSIZE", "NAT", "IPIPMODE", "VXLANMODE", "DISABLED",
@@ -175,7 +178,9 @@ BGP_CONFIGURATION = Kind(
     aliases=("bgpconfiguration", "bgpconfig", "bgpconfigs"), segment="bgpconfig",
     parse=lambda d: with_metadata(bgp_config_from_spec(d.name, dict(d.spec)), d),
     to_document=bgp_config_to_document, check=_no_check, name_of=lambda c: c.name,
-    check_input=lambda d: check_config_input(d.spec),
+    check_input=lambda d: check_config_input(d.spec), needs=("ippools",),
+    check_with=lambda config, configs, others: check_services_clear_of_pools(
+        config, others["ippools"]),
     columns=("NAME", "ASNUMBER", "MESH", "LOGSEVERITY"),
     row=lambda c: _bgp_config_row(c)[:4],
     wide_columns=("NAME", "ASNUMBER", "MESH", "LOGSEVERITY", "LISTENPORT", "COMMUNITIES",

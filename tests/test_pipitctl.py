@@ -493,6 +493,37 @@ def test_a_pool_holding_a_node_and_a_node_inside_a_pool_are_refused(existing, ct
     assert snapshot(existing) == before
 
 
+def services_yaml(**ranges: str) -> str:
+    return yaml.safe_dump({"apiVersion": "pipit.dev/v1", "kind": "BGPConfiguration",
+                           "metadata": {"name": "default"},
+                           "spec": {field: [{"cidr": cidr}] for field, cidr in ranges.items()}})
+
+
+def test_a_pool_of_pods_and_a_service_range_that_overlap_are_refused(etcd, ctl):
+    """Either way round: no node takes a route inside a service range (kube-proxy serves
+    those), so the pods of the overlap would be unreachable. A LoadBalancer pool belongs
+    inside serviceLoadBalancerIPs. One sentence, nothing written."""
+    ok(ctl("apply", "-f", "-", input=pool_yaml("pods", cidr="10.50.0.0/16")))
+    ok(ctl("apply", "-f", "-", input=services_yaml(serviceClusterIPs="10.96.0.0/12",
+                                                   serviceLoadBalancerIPs="10.200.0.0/24")))
+    ok(ctl("apply", "-f", "-", input=pool_yaml("lb", cidr="10.200.0.0/24",
+                                               allowedUses=["LoadBalancer"])))
+    before = snapshot(etcd)
+    why = "no node takes a route inside a service range (kube-proxy serves it)"
+    one_sentence(ctl("apply", "-f", "-", input=pool_yaml("more", cidr="10.100.0.0/16")),
+                 "IPPool 'more': cidr 10.100.0.0/16 overlaps service range 10.96.0.0/12 "
+                 "(BGPConfiguration 'default' serviceClusterIPs)", why)
+    one_sentence(ctl("apply", "-f", "-", input=services_yaml(
+        serviceClusterIPs="10.96.0.0/12", serviceExternalIPs="10.50.7.0/24")),
+        "BGPConfiguration 'default': serviceExternalIPs 10.50.7.0/24 overlaps IPPool 'pods' "
+        "(10.50.0.0/16)", why)
+    one_sentence(ctl("apply", "-f", "-", input=stream(  # also within one file
+        services_yaml(serviceClusterIPs="10.96.0.0/12", serviceLoadBalancerIPs="10.60.0.0/16"),
+        pool_yaml("tunnels", cidr="10.60.0.0/24", allowedUses=["Tunnel"]))),
+        "IPPool 'tunnels': cidr 10.60.0.0/24 overlaps service range 10.60.0.0/16", why)
+    assert snapshot(etcd) == before
+
+
 def test_a_node_with_another_nodes_address_is_refused(etcd, ctl):
     """As the agent refuses to register it: sessions to that address, and the routes of the
     blocks either node owns, would be taken for the other's. Also two in one file; nothing
