@@ -70,8 +70,12 @@ def release_verdict(snap: Snapshot, address: IPv4Address,
     if live and not force:
         attributes = " ".join(f"{k}={v}" for k, v in sorted(info.holder.secondary.items()))
         held_by = f"handle {handle_id}" + (f" ({attributes})" if attributes else "")
-        return None, (f"{address} is in use by {held_by}; if its pod is gone, release it with "
-                      "--force")
+        secondary = info.holder.secondary
+        holder = ("its pod" if "pod" in secondary else "its service" if "service" in secondary
+                  else f"node {secondary['node']}" if "node" in secondary  # a tunnel's
+                  else "what holds it")
+        return None, (f"{address} is in use by {held_by}; if {holder} is gone, release it "
+                      "with --force")
     return Release(address, info.sequence, handle_id), None
 
 

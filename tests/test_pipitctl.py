@@ -634,7 +634,12 @@ def test_ipam_release_frees_an_address_once(etcd, ctl):
     [[address, other]] = assign(etcd, ("node-1", "pod-x", 2, {"pod": "x"}))
 
     one_sentence(ctl("ipam", "release", "--ip", str(address)), f"{address} is in use by "
-                 "handle pod-x (node=node-1 pod=x)", "--force", "nothing was released")
+                 "handle pod-x (node=node-1 pod=x); if its pod is gone", "--force",
+                 "nothing was released")
+    [[tunnel]] = assign(etcd, ("node-1", "ipip-tunnel-addr-node-1", 1,
+                               {"node": "node-1", "type": "ipipTunnelAddress"}))
+    one_sentence(ctl("ipam", "release", "--ip", str(tunnel)), f"{tunnel} is in use by handle "
+                 "ipip-tunnel-addr-node-1", "if node node-1 is gone", "--force")
     assert ok(ctl("ipam", "release", "--ip", str(address), "--force")) == \
         f"released {address}\n"
     assert f"{address} is free" in ok(ctl("ipam", "show", "--ip", str(address)))
