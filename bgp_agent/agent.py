@@ -45,7 +45,7 @@ from ipam.errors import InvalidResource, PipitError
 from ipam.pool import LOAD_BALANCER_NODE
 from ipam.resource import duration_argument
 from ipam.service import DEFAULT_SOCKET, IPAMService
-from ipam.store import ENV_CA, ENV_CERT, ENV_ENDPOINTS, ENV_KEY, EtcdConfig, Store
+from ipam.store import EtcdConfig, Store
 
 log = logging.getLogger("pipit-agent")
 DEFAULT_STATE_DIR = "/run/pipit"
@@ -107,11 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Where BGPPeer passwords given as secretKeyRef are: "
                              "DIR/<secret name>/<key>, as a mounted Kubernetes Secret volume "
                              "lays them out.")
-    parser.add_argument("--etcd-endpoints", metavar="URLS",
-                        help=f"Comma-separated etcd URLs [env {ENV_ENDPOINTS}].")
-    parser.add_argument("--etcd-ca-cert", metavar="FILE", help=f"[env {ENV_CA}]")
-    parser.add_argument("--etcd-cert", metavar="FILE", help=f"[env {ENV_CERT}]")
-    parser.add_argument("--etcd-key", metavar="FILE", help=f"[env {ENV_KEY}]")
+    EtcdConfig.add_arguments(parser)
     parser.add_argument("--metrics-address", type=_metrics_address, metavar="HOST:PORT",
                         help="Serve Prometheus metrics on http://HOST:PORT/metrics (off unless "
                              "given; :9091 for every address).")
@@ -175,8 +171,7 @@ def find_identity(args: argparse.Namespace, kube) -> NodeRecord:
 
 
 async def run(args: argparse.Namespace) -> None:
-    config = EtcdConfig.from_options(args.etcd_endpoints, args.etcd_ca_cert, args.etcd_cert,
-                                     args.etcd_key)
+    config = EtcdConfig.from_arguments(args)
     listen = health.parse_listen(args.health_listen) if args.health_listen else None
     conflist = cni_conflist.ConflistWriter.from_args(args)
     stop = asyncio.Event()

@@ -38,7 +38,7 @@ from ipam import gc
 from ipam import load_balancer as lb
 from ipam.errors import PipitError
 from ipam.resource import duration_argument
-from ipam.store import ENV_CA, ENV_CERT, ENV_ENDPOINTS, ENV_KEY, EtcdConfig, Store
+from ipam.store import EtcdConfig, Store
 
 log = logging.getLogger("pipit-controller")
 DEBOUNCE = 1.0  # seconds: deletions coming together make one pass
@@ -69,11 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="How long a Lease not renewed keeps others out (default 15s).")
     parser.add_argument("--identity", default=f"{socket.gethostname()}-{os.getpid()}",
                         help="This instance's name in the Lease (default HOSTNAME-PID).")
-    parser.add_argument("--etcd-endpoints", metavar="URLS",
-                        help=f"Comma-separated etcd URLs [env {ENV_ENDPOINTS}].")
-    parser.add_argument("--etcd-ca-cert", metavar="FILE", help=f"[env {ENV_CA}]")
-    parser.add_argument("--etcd-cert", metavar="FILE", help=f"[env {ENV_CERT}]")
-    parser.add_argument("--etcd-key", metavar="FILE", help=f"[env {ENV_KEY}]")
+    EtcdConfig.add_arguments(parser)
     parser.add_argument("--metrics-address", type=_metrics_address, metavar="HOST:PORT",
                         help="Serve Prometheus metrics on http://HOST:PORT/metrics (off "
                              "unless given).")
@@ -170,8 +166,7 @@ def _metrics_address(text: str) -> str:
 
 
 async def run(args: argparse.Namespace) -> None:
-    config = EtcdConfig.from_options(args.etcd_endpoints, args.etcd_ca_cert, args.etcd_cert,
-                                     args.etcd_key)
+    config = EtcdConfig.from_arguments(args)
     api = KubeAPI.connect(args.kubeconfig)
     if api is None:
         raise KubernetesUnavailable("pipit-controller needs the Kubernetes API: pass "

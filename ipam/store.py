@@ -10,12 +10,13 @@ never needs a separate read.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
 
 import aetcd
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 DEFAULT_ENDPOINTS = "http://127.0.0.1:2379"
 ENV_ENDPOINTS = "PIPIT_ETCD_ENDPOINTS"
 ENV_CA, ENV_CERT, ENV_KEY = "PIPIT_ETCD_CA_CERT_FILE", "PIPIT_ETCD_CERT_FILE", "PIPIT_ETCD_KEY_FILE"
+# etcd's own authentication (Calico's ETCD_USERNAME, ETCD_PASSWORD); the password only ever
+# from the environment or pipitctl's configuration file, never a command line
+ENV_USERNAME, ENV_PASSWORD = "PIPIT_ETCD_USERNAME", "PIPIT_ETCD_PASSWORD"
 PROBE_TIMEOUT = 3.0  # for asking each of several endpoints alone why it does not answer
 
 
@@ -40,11 +44,14 @@ class EtcdConfig:
     cert_file: str | None = None
     key_file: str | None = None
     timeout: float = 5.0
+    username: str | None = None  # etcd's authentication: a user and its password
+    password: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_options(cls, endpoints: str | None = None, ca_file: str | None = None,
                      cert_file: str | None = None, key_file: str | None = None,
-                     timeout: float = 5.0) -> EtcdConfig:
+                     timeout: float = 5.0, username: str | None = None,
+                     password: str | None = None) -> EtcdConfig:
         """Command-line values, else PIPIT_ETCD_* environment variables, else the default."""
         env = os.environ
         text = endpoints or env.get(ENV_ENDPOINTS) or DEFAULT_ENDPOINTS
@@ -54,9 +61,29 @@ class EtcdConfig:
             cert_file=cert_file or env.get(ENV_CERT) or None,
             key_file=key_file or env.get(ENV_KEY) or None,
             timeout=timeout,
+            username=username or env.get(ENV_USERNAME) or None,
+            password=password or env.get(ENV_PASSWORD) or None,
         )
         config.check()
         return config
+
+    @classmethod
+    def from_arguments(cls, args) -> EtcdConfig:
+        """From the options `add_arguments` put on a program's parser."""
+        return cls.from_options(args.etcd_endpoints, args.etcd_ca_cert, args.etcd_cert,
+                                args.etcd_key, username=args.etcd_username)
+
+    @staticmethod
+    def add_arguments(parser) -> None:
+        """The --etcd-* options of pipit-agent and pipit-controller (argparse)."""
+        parser.add_argument("--etcd-endpoints", metavar="URLS",
+                            help=f"Comma-separated etcd URLs [env {ENV_ENDPOINTS}].")
+        parser.add_argument("--etcd-ca-cert", metavar="FILE", help=f"[env {ENV_CA}]")
+        parser.add_argument("--etcd-cert", metavar="FILE", help=f"[env {ENV_CERT}]")
+        parser.add_argument("--etcd-key", metavar="FILE", help=f"[env {ENV_KEY}]")
+        parser.add_argument("--etcd-username", metavar="USER",
+                            help=f"etcd's user, with its password in {ENV_PASSWORD} [env "
+                                 f"{ENV_USERNAME}].")
 
     @property
     def uses_tls(self) -> bool:
@@ -76,6 +103,11 @@ class EtcdConfig:
         if bool(self.cert_file) != bool(self.key_file):
             raise InvalidResource("an etcd client certificate needs both --etcd-cert and "
                                   "--etcd-key.")
+        if bool(self.username) != bool(self.password):
+            raise InvalidResource(
+                f"etcd authentication needs both a user name ({ENV_USERNAME} or "
+                f"--etcd-username) and its password ({ENV_PASSWORD}); only the "
+                f"{'user name' if self.username else 'password'} is given.")
         for path in (self.ca_file, self.cert_file, self.key_file):
             if path and not os.path.isfile(path):
                 raise InvalidResource(f"etcd TLS file {path} does not exist.")
@@ -132,6 +164,39 @@ class _Client(aetcd.Client):
         self._current = 0
         self.unresolved: list[str] = []  # endpoints left out at the last connect
         self.generation = 0  # how many times the channels were made
+        self.token: str | None = None  # etcd's for our user ("": its authentication is off)
+        self._authenticating = asyncio.Lock()
+
+    @property
+    def auth_metadata(self) -> tuple[tuple[str, str], ...] | None:
+        """What every call carries: the user's token, once it has one."""
+        return (("token", self.token),) if self.token else None
+
+    async def authenticate(self, stale: str | None = None) -> None:
+        """Get a token for the configured user, if there is one and it has none yet, or
+        again if its token is still `stale` (etcd refused it: expired, or the users changed
+        since); the first group that answers gives it (a token is the cluster's)."""
+        config = self._config
+        if not config.username:
+            return
+        async with self._authenticating:
+            if self.token is not None and self.token != stale:
+                return  # another call got one meanwhile
+            request = rpc.AuthenticateRequest(name=config.username, password=config.password)
+            groups = self.groups_in_turn()
+            for index, _ in groups:
+                try:
+                    response = await rpc.AuthStub(self.channels[index]).Authenticate(
+                        request, timeout=config.timeout)
+                except grpc.aio.AioRpcError as error:
+                    if "authentication is not enabled" in (error.details() or ""):
+                        self.token = ""  # nothing to present: calls go without
+                        return
+                    if index == groups[-1][0] or not _never_sent(error):
+                        raise
+                    continue
+                self.token = response.token
+                return
 
     async def connect(self) -> None:  # replaces aetcd's insecure-only channel set-up
         if self._connected.is_set():
@@ -240,6 +305,13 @@ class _Client(aetcd.Client):
         self._connected.clear()
 
 
+def _token_refused(error: grpc.aio.AioRpcError) -> bool:
+    """etcd refused our token: expired (simple tokens lapse after --auth-token-ttl idle, JWTs
+    at their expiry), or issued before its users or roles changed. A new one is asked for."""
+    details = error.details() or ""
+    return "invalid auth token" in details or "revision of auth store is old" in details
+
+
 def _never_sent(error: grpc.aio.AioRpcError) -> bool:
     """gRPC failed the call before sending it: no connection to any endpoint was up."""
     return (error.code() == grpc.StatusCode.UNAVAILABLE
@@ -249,6 +321,21 @@ def _never_sent(error: grpc.aio.AioRpcError) -> bool:
 # What etcd answers before applying anything: a write answered so was not written.
 _REFUSED_UNAPPLIED = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT,
                       grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
+
+
+def _auth_hint(error: grpc.aio.AioRpcError, config: EtcdConfig) -> str:
+    """What to do about a refusal by etcd's authentication, if it is one."""
+    details = error.details() or ""
+    if "user name is empty" in details:
+        return (f" (its authentication is on: give a user and password, {ENV_USERNAME} and "
+                f"{ENV_PASSWORD})")
+    if "authentication failed" in details:
+        return f" (for user {config.username!r}: check {ENV_USERNAME} and {ENV_PASSWORD})"
+    if "permission denied" in details:
+        who = f"user {config.username!r}" if config.username else "the etcd user"
+        return (f" ({who} needs read and write on /pipit/: etcdctl role grant-permission "
+                "ROLE --prefix=true readwrite /pipit/)")
+    return ""
 
 
 def _reason(error: grpc.aio.AioRpcError, timeout: float) -> str:
@@ -269,11 +356,12 @@ async def _probe(config: EtcdConfig, endpoint: str) -> str:
     """Why `endpoint` alone does not answer (or that it does now)."""
     alone = EtcdConfig((endpoint,), config.ca_file, config.cert_file, config.key_file,
                        min(config.timeout, PROBE_TIMEOUT))
-    client = _Client(alone)
+    client = _Client(replace(alone, username=config.username, password=config.password))
     try:
         await client.connect()
+        await client.authenticate()
         await client.kvstub.Range(rpc.RangeRequest(key=b"/pipit/", limit=1, keys_only=True),
-                                  timeout=alone.timeout)
+                                  timeout=alone.timeout, metadata=client.auth_metadata)
         return "it answers when asked alone"
     except grpc.aio.AioRpcError as error:
         return _reason(error, alone.timeout)
@@ -349,20 +437,15 @@ class Store:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
-            groups = self._client.groups_in_turn()
-            for index, stub in groups:
-                if service != "KV":
-                    stub = getattr(rpc, f"{service}Stub")(self._client.channels[index])
-                try:
-                    response = await getattr(stub, method)(
-                        request, timeout=max(0.0, deadline - loop.time()))
-                except grpc.aio.AioRpcError as error:
-                    if (index == groups[-1][0] or not _never_sent(error)
-                            or loop.time() >= deadline):
-                        raise
-                    continue  # that group's members are all away: the next
-                self._client.answered(index)
-                return response
+            await self._client.authenticate()
+            token = self._client.token
+            try:
+                return await self._call_groups(method, request, service, deadline)
+            except grpc.aio.AioRpcError as error:
+                if not _token_refused(error):
+                    raise
+            await self._client.authenticate(stale=token)  # and once more with a new one
+            return await self._call_groups(method, request, service, deadline)
         except grpc.aio.AioRpcError as error:
             failure = await self._unavailable(error, timeout)
             failure.maybe_written = (writes and not _never_sent(error)
@@ -374,6 +457,25 @@ class Store:
                 f"etcd at {self.config.describe()} did not answer within {timeout:g} s.")
             failure.maybe_written = writes
         raise failure
+
+    async def _call_groups(self, method: str, request, service: str, deadline: float):
+        """The call on each group of endpoints in turn until one answers (or refuses)."""
+        loop = asyncio.get_running_loop()
+        groups = self._client.groups_in_turn()
+        for index, stub in groups:
+            if service != "KV":
+                stub = getattr(rpc, f"{service}Stub")(self._client.channels[index])
+            try:
+                response = await getattr(stub, method)(
+                    request, timeout=max(0.0, deadline - loop.time()),
+                    metadata=self._client.auth_metadata)
+            except grpc.aio.AioRpcError as error:
+                if (index == groups[-1][0] or not _never_sent(error)
+                        or loop.time() >= deadline):
+                    raise
+                continue  # that group's members are all away: the next
+            self._client.answered(index)
+            return response
 
     async def _unavailable(self, error: grpc.aio.AioRpcError,
                            timeout: float | None = None) -> DatastoreUnavailable:
@@ -398,7 +500,8 @@ class Store:
                 "(etcdctl compact, etcdctl defrag, etcdctl alarm disarm).")
         if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             refused = DatastoreUnavailable(
-                f"etcd at {where} refused the request: {error.details() or code.name}.")
+                f"etcd at {where} refused the request: {error.details() or code.name}"
+                f"{_auth_hint(error, self.config)}.")
             refused.refused = True
             return refused
         if single:
@@ -445,6 +548,10 @@ class Store:
         new entry) or (key, None) for a deletion. Ends with DatastoreUnavailable when the
         stream breaks (etcd restarted, revision compacted): list again and resume."""
         await self._client.connect()
+        try:
+            await self._client.authenticate()
+        except grpc.aio.AioRpcError as error:
+            raise await self._unavailable(error) from None
         raw = prefix.encode()
         create = rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
             key=raw, range_end=_range_end(raw), start_revision=start_revision))
@@ -454,7 +561,8 @@ class Store:
             yield create
             await closed.wait()  # half-closing the stream would end the watch
 
-        call = rpc.WatchStub(self._client.channel).Watch(requests())
+        call = rpc.WatchStub(self._client.channel).Watch(requests(),
+                                                         metadata=self._client.auth_metadata)
         try:
             async for response in call:
                 if response.compact_revision:
@@ -468,6 +576,11 @@ class Store:
                             _entry(e.kv) if e.type == rpc.Event.PUT else None)
                            for e in response.events]
         except grpc.aio.AioRpcError as error:
+            if _token_refused(error):  # a new token for the listing the caller does next
+                with contextlib.suppress(grpc.aio.AioRpcError):  # (that says why, if need be)
+                    await self._client.authenticate(stale=self._client.token)
+                raise DatastoreUnavailable(f"etcd refused the watch of {prefix}: "
+                                           f"{error.details()}.") from None
             raise await self._unavailable(error) from None
         finally:
             closed.set()
@@ -537,15 +650,27 @@ class Store:
     async def keep_lease_alive(self, lease: int) -> int:
         """Renew a lease: the seconds it has again, 0 if it has lapsed (its keys are gone)."""
         await self._client.connect()
-        stub = rpc.LeaseStub(self._client.channel)
-        call = stub.LeaseKeepAlive(iter([rpc.LeaseKeepAliveRequest(ID=lease)]),
-                                   timeout=self.config.timeout)
+        try:
+            await self._client.authenticate()
+            token = self._client.token
+            try:
+                return await self._keep_alive(lease)
+            except grpc.aio.AioRpcError as error:
+                if not _token_refused(error):
+                    raise
+            await self._client.authenticate(stale=token)
+            return await self._keep_alive(lease)
+        except grpc.aio.AioRpcError as error:
+            raise await self._unavailable(error) from None
+
+    async def _keep_alive(self, lease: int) -> int:
+        call = rpc.LeaseStub(self._client.channel).LeaseKeepAlive(
+            iter([rpc.LeaseKeepAliveRequest(ID=lease)]), timeout=self.config.timeout,
+            metadata=self._client.auth_metadata)
         try:
             async for response in call:
                 return response.TTL
             return 0
-        except grpc.aio.AioRpcError as error:
-            raise await self._unavailable(error) from None
         finally:
             call.cancel()
 

@@ -74,6 +74,7 @@ class EtcdServer:
     name: str = "pipit"
     initial_cluster: str = ""  # name=peer-url,... of every member (empty: a cluster of one)
     quota_bytes: int = 0  # --quota-backend-bytes (0: etcd's default, 2 GiB)
+    extra_args: tuple[str, ...] = ()  # more of etcd's flags
 
     @property
     def peer_url(self) -> str:
@@ -107,6 +108,7 @@ class EtcdServer:
         ]
         if self.quota_bytes:
             cmd += ["--quota-backend-bytes", str(self.quota_bytes)]
+        cmd += self.extra_args
         if self.tls:
             cmd += ["--cert-file", self.tls.server_cert, "--key-file", self.tls.server_key,
                     "--trusted-ca-file", self.tls.ca, "--client-cert-auth"]

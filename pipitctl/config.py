@@ -7,6 +7,8 @@
       etcdCACertFile: /etc/pipit/etcd-ca.pem      # relative paths: to the file's directory
       etcdCertFile: /etc/pipit/etcd-client.pem
       etcdKeyFile: /etc/pipit/etcd-client-key.pem
+      etcdUsername: pipit                          # etcd's authentication, if it is on
+      etcdPassword: ...                            # (keep the file unreadable to others)
 
 A value given as a flag wins over the environment, which wins over the file, which wins over
 the default (http://127.0.0.1:2379). The default file may be missing; a file named with
@@ -24,7 +26,8 @@ DEFAULT_CONFIG = "/etc/pipit/pipitctl.yaml"
 KIND = "PipitctlConfig"
 # spec field -> the option it stands for, and whether it is a file path
 FIELDS = {"etcdEndpoints": ("etcd_endpoints", False), "etcdCACertFile": ("etcd_ca_cert", True),
-          "etcdCertFile": ("etcd_cert", True), "etcdKeyFile": ("etcd_key", True)}
+          "etcdCertFile": ("etcd_cert", True), "etcdKeyFile": ("etcd_key", True),
+          "etcdUsername": ("etcd_username", False), "etcdPassword": ("etcd_password", False)}
 
 
 def read_config(path: str | None) -> dict[str, str]:

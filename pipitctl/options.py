@@ -15,7 +15,8 @@ import click
 
 from ipam.errors import DatastoreUnavailable, InvalidResource
 from ipam.resource import MAX_INPUT_BYTES
-from ipam.store import ENV_CA, ENV_CERT, ENV_ENDPOINTS, ENV_KEY, EtcdConfig, Store
+from ipam.store import (ENV_CA, ENV_CERT, ENV_ENDPOINTS, ENV_KEY, ENV_PASSWORD, ENV_USERNAME,
+                        EtcdConfig, Store)
 from pipitctl.config import DEFAULT_CONFIG, read_config
 from pipitctl import workloads
 from pipitctl.resources import KINDS, kind_named
@@ -29,13 +30,17 @@ _ETCD_OPTIONS = (
                  help=f"CA certificate to verify etcd with [env {ENV_CA}]."),
     click.option("--etcd-cert", metavar="FILE", help=f"Client certificate for etcd [env {ENV_CERT}]."),
     click.option("--etcd-key", metavar="FILE", help=f"Client key for etcd [env {ENV_KEY}]."),
+    click.option("--etcd-username", metavar="USER",
+                 help=f"etcd's user, when its authentication is on; its password from "
+                      f"{ENV_PASSWORD} or the config file [env {ENV_USERNAME}]."),
     click.option("-c", "--config", "config_file", metavar="FILE",
                  help=f"Where etcd is, as a PipitctlConfig [default {DEFAULT_CONFIG}, if it "
                       "exists]; flags and the environment win over it."),
 )
-_ETCD_NAMES = ("etcd_endpoints", "etcd_ca_cert", "etcd_cert", "etcd_key")
+_ETCD_NAMES = ("etcd_endpoints", "etcd_ca_cert", "etcd_cert", "etcd_key", "etcd_username",
+               "etcd_password")  # (no flag for the password: it would show in ps)
 _ETCD_ENV = {"etcd_endpoints": ENV_ENDPOINTS, "etcd_ca_cert": ENV_CA, "etcd_cert": ENV_CERT,
-             "etcd_key": ENV_KEY}
+             "etcd_key": ENV_KEY, "etcd_username": ENV_USERNAME, "etcd_password": ENV_PASSWORD}
 
 
 def with_etcd_options(function: Callable) -> Callable:
@@ -50,7 +55,8 @@ def etcd_config(given: Mapping[str, str | None]) -> tuple[EtcdConfig, bool]:
     from_file = read_config(given.get("config_file"))
     values = [given.get(n) or os.environ.get(_ETCD_ENV[n]) or from_file.get(n)
               for n in _ETCD_NAMES]
-    return EtcdConfig.from_options(*values), bool(values[0])
+    *where, username, password = values
+    return EtcdConfig.from_options(*where, username=username, password=password), bool(values[0])
 
 
 def etcd_options(command: Callable) -> Callable:
@@ -60,7 +66,7 @@ def etcd_options(command: Callable) -> Callable:
     @functools.wraps(command)
     def wrapper(**kwargs):
         parent = click.get_current_context().find_root().params
-        given = {n: kwargs.pop(n) or parent.get(n) for n in (*_ETCD_NAMES, "config_file")}
+        given = {n: kwargs.pop(n, None) or parent.get(n) for n in (*_ETCD_NAMES, "config_file")}
         config, named = etcd_config(given)
 
         async def main():

@@ -173,7 +173,7 @@ def test_a_changed_conflist_template_rolls_the_daemonset(tmp_path):
 
 # -- etcd TLS, BGP passwords ------------------------------------------------------------------
 
-def test_etcd_tls_from_values_is_a_secret_mounted_read_only_0400_in_every_component():
+def test_etcd_tls_from_values_and_a_user_are_in_every_component():
     objects = rendered("etcd-tls")
     secret = find(objects, "Secret", "pipit-etcd-tls")
     assert set(secret["data"]) == {"ca.crt", "tls.crt", "tls.key"}
@@ -189,12 +189,19 @@ def test_etcd_tls_from_values_is_a_secret_mounted_read_only_0400_in_every_compon
                 continue
             assert {"name": "etcd-tls", "mountPath": "/etc/pipit/etcd",
                     "readOnly": True} in entry["volumeMounts"]
-            assert env_of(entry)["PIPIT_ETCD_CERT_FILE"] == "/etc/pipit/etcd/tls.crt"
+            env = env_of(entry)
+            assert env["PIPIT_ETCD_CERT_FILE"] == "/etc/pipit/etcd/tls.crt"
+            # etcd's user and password, from the Secret named (its keys as given)
+            assert (env["PIPIT_ETCD_USERNAME"], env["PIPIT_ETCD_PASSWORD"]) == (
+                {"secretKeyRef": {"name": "etcd-user", "key": "username"}},
+                {"secretKeyRef": {"name": "etcd-user", "key": "secret"}})
 
 
 def test_an_existing_etcd_secret_is_used_and_none_is_made():
     objects = rendered("no-rbac")
     assert not of_kind(objects, "Secret")
+    assert not {"PIPIT_ETCD_USERNAME", "PIPIT_ETCD_PASSWORD"} & set(env_of(
+        pod(objects, "DaemonSet", "pipit-node")["containers"][0]))  # no etcd user given
     [volume] = [v for v in pod(objects, "DaemonSet", "pipit-node")["volumes"]
                 if v["name"] == "etcd-tls"]
     assert volume["secret"]["secretName"] == "etcd-client"

@@ -58,6 +58,12 @@ helm.sh/chart: {{ printf "%s-%s" (index . 0).Chart.Name (index . 0).Chart.Versio
 - name: PIPIT_ETCD_KEY_FILE
   value: {{ include "pipit.etcdDir" . }}/tls.key
 {{- end }}
+{{- with .Values.etcd.auth }}{{ if .existingSecret }}
+- name: PIPIT_ETCD_USERNAME
+  valueFrom: {secretKeyRef: {name: {{ .existingSecret | quote }}, key: {{ .usernameKey | quote }}}}
+- name: PIPIT_ETCD_PASSWORD
+  valueFrom: {secretKeyRef: {name: {{ .existingSecret | quote }}, key: {{ .passwordKey | quote }}}}
+{{- end }}{{ end }}
 {{- end -}}
 
 {{- define "pipit.etcdVolumeMount" -}}
