@@ -437,7 +437,8 @@ class Store:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
-            await self._client.authenticate()
+            if self.config.username:  # (most clusters' etcd has none: not a step for them)
+                await self._client.authenticate()
             token = self._client.token
             try:
                 return await self._call_groups(method, request, service, deadline)
