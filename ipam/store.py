@@ -305,11 +305,13 @@ class _Client(aetcd.Client):
         self._connected.clear()
 
 
-def _token_refused(error: grpc.aio.AioRpcError) -> bool:
+def _token_refused(error: grpc.aio.AioRpcError, config: EtcdConfig) -> bool:
     """etcd refused our token: expired (simple tokens lapse after --auth-token-ttl idle, JWTs
-    at their expiry), or issued before its users or roles changed. A new one is asked for."""
+    at their expiry), issued before its users or roles changed, or none while we have a
+    user (its authentication was turned on since). A new one is asked for."""
     details = error.details() or ""
-    return "invalid auth token" in details or "revision of auth store is old" in details
+    return ("invalid auth token" in details or "revision of auth store is old" in details
+            or bool(config.username) and "user name is empty" in details)
 
 
 def _never_sent(error: grpc.aio.AioRpcError) -> bool:
@@ -443,7 +445,7 @@ class Store:
             try:
                 return await self._call_groups(method, request, service, deadline)
             except grpc.aio.AioRpcError as error:
-                if not _token_refused(error):
+                if not _token_refused(error, self.config):
                     raise
             await self._client.authenticate(stale=token)  # and once more with a new one
             return await self._call_groups(method, request, service, deadline)
@@ -577,7 +579,7 @@ class Store:
                             _entry(e.kv) if e.type == rpc.Event.PUT else None)
                            for e in response.events]
         except grpc.aio.AioRpcError as error:
-            if _token_refused(error):  # a new token for the listing the caller does next
+            if _token_refused(error, self.config):  # a new token, for the caller's next listing
                 with contextlib.suppress(grpc.aio.AioRpcError):  # (that says why, if need be)
                     await self._client.authenticate(stale=self._client.token)
                 raise DatastoreUnavailable(f"etcd refused the watch of {prefix}: "
@@ -657,7 +659,7 @@ class Store:
             try:
                 return await self._keep_alive(lease)
             except grpc.aio.AioRpcError as error:
-                if not _token_refused(error):
+                if not _token_refused(error, self.config):
                     raise
             await self._client.authenticate(stale=token)
             return await self._keep_alive(lease)

@@ -101,6 +101,21 @@ def test_every_call_carries_the_users_token_and_a_lapsed_token_is_renewed(auth_e
     with_store(auth_etcd, scenario)
 
 
+def test_a_user_given_before_etcd_turns_its_authentication_on_logs_in_once_it_does(tmp_path):
+    with EtcdServer(data_dir=tmp_path / "etcd") as server:
+        config = EtcdConfig((server.endpoint,), username="root", password="root-secret")
+
+        async def scenario(store: Store):
+            await store.put("/pipit/test/a", {"n": 1})  # authentication off: no token needed
+            assert store._client.token == ""
+            etcdctl(server.endpoint, "user", "add", "root", "--new-user-password=root-secret")
+            etcdctl(server.endpoint, "user", "grant-role", "root", "root")
+            etcdctl(server.endpoint, "auth", "enable")
+            assert (await store.get("/pipit/test/a")).value == {"n": 1}
+            assert store._client.token
+        with_store(config, scenario)
+
+
 @pytest.mark.parametrize("user, password, sentence", [
     (None, None, ["refused the request: etcdserver: user name is empty", "its authentication "
                   f"is on: give a user and password, {ENV_USERNAME} and {ENV_PASSWORD}"]),
