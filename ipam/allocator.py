@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 # What each use of an address is called in a refusal
 _WHAT = {WORKLOAD: "pod", TUNNEL: "tunnel", LOAD_BALANCER: "load-balancer"}
+MAX_REASONS = 5  # pools a "no pool selects" sentence says why of
 _SETTINGS_KEYS = 3  # what every batch's transaction compares: IPAM settings, fence, reservations
 # What a request is refused for that fresher pools or settings may grant (see _serve).
 REFUSALS = (NotFound, PoolExhausted)
@@ -156,8 +157,13 @@ class NodeView:
         chosen = sorted((p for p, _ in self.pools.values()
                          if p.serves(use, self.labels, namespace_labels)), key=lambda p: p.name)
         if not chosen:
-            raise NotFound(f"no enabled IP pool selects node {self.node}; create one with "
-                           "`pipitctl apply`.")
+            why = [f"{name!r}: {pool.why_not(use, self.labels, namespace_labels)}"
+                   for name, (pool, _) in sorted(self.pools.items())][:MAX_REASONS]
+            raise NotFound(
+                f"no enabled IP pool selects node {self.node} for {_WHAT[use]} addresses"
+                + (f" (pool {'; '.join(why)}{'; ...' if len(self.pools) > MAX_REASONS else ''});"
+                   " change one with `pipitctl apply`." if why
+                   else "; create one with `pipitctl apply`."))
         return chosen
 
 

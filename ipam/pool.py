@@ -96,13 +96,25 @@ class IPPool:
         enabled, allowed that use, not Manual, its nodeSelector picks the node and, for a pod
         or a service, its namespaceSelector their namespace (whose labels, None when unknown,
         match no namespaceSelector)."""
-        if self.disabled or use not in self.allowed_uses or self.assignment_mode != "Automatic":
-            return False
+        return not self.why_not(use, labels, namespace_labels)
+
+    def why_not(self, use: str, labels: Mapping[str, str],
+                namespace_labels: Mapping[str, str] | None = None) -> str:
+        """Why an automatic assignment for `use` may not take from it ("" if it may: see
+        serves), in a few words."""
+        if self.disabled:
+            return "disabled"
+        if use not in self.allowed_uses:
+            return f"allowedUses {','.join(self.allowed_uses)}"
+        if self.assignment_mode != "Automatic":
+            return f"assignmentMode {self.assignment_mode}: only for those naming it"
         if use in (WORKLOAD, LOAD_BALANCER) and self.namespace_selector is not None and (
                 namespace_labels is None
                 or not parse_selector(self.namespace_selector).matches(namespace_labels)):
-            return False
-        return self.selects(labels)
+            return f"namespaceSelector {self.namespace_selector!r} does not select the namespace"
+        if not self.selects(labels):
+            return f"nodeSelector {self.node_selector!r} does not select the node"
+        return ""
 
 
 def pool_from_spec(name: str, spec: Mapping) -> IPPool:

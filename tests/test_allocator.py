@@ -17,6 +17,7 @@ from ipam.block import Release
 from ipam.snapshot import check, load_snapshot
 from ipam.store import Store
 from tests.helpers import add_pool, with_store
+from tests.sentences import one_sentence
 
 
 async def configure(store: Store, **settings) -> None:
@@ -194,8 +195,11 @@ def test_pool_choice_follows_node_selector_and_names(etcd):
         assert x in IPv4Network("10.16.1.0/24")
         with pytest.raises(NotFound, match="'nope' does not exist"):
             await ipam.assign("na", "py", pools=["nope"])
-        with pytest.raises(NotFound, match="no enabled IP pool selects node nc"):
+        with pytest.raises(NotFound) as refused:  # saying why each pool does not
             await ipam.assign("nc", "pz")
+        one_sentence(refused.value, "no enabled IP pool selects node nc for pod addresses "
+                     "(pool 'rack-a': nodeSelector \"rack == 'a'\" does not select the node; "
+                     "'rack-b': nodeSelector \"rack == 'b'\" does not select the node)")
     with_store(etcd, scenario)
 
 
