@@ -96,25 +96,36 @@ class IPPool:
         enabled, allowed that use, not Manual, its nodeSelector picks the node and, for a pod
         or a service, its namespaceSelector their namespace (whose labels, None when unknown,
         match no namespaceSelector)."""
-        return not self.why_not(use, labels, namespace_labels)
+        return self._refusal(use, labels, namespace_labels) is None
 
-    def why_not(self, use: str, labels: Mapping[str, str],
-                namespace_labels: Mapping[str, str] | None = None) -> str:
-        """Why an automatic assignment for `use` may not take from it ("" if it may: see
-        serves), in a few words."""
+    def _refusal(self, use: str, labels: Mapping[str, str],
+                 namespace_labels: Mapping[str, str] | None) -> str | None:
+        """The rule of serves() that keeps the assignment out (a field name), or None."""
         if self.disabled:
             return "disabled"
         if use not in self.allowed_uses:
-            return f"allowedUses {','.join(self.allowed_uses)}"
+            return "allowedUses"
         if self.assignment_mode != "Automatic":
-            return f"assignmentMode {self.assignment_mode}: only for those naming it"
+            return "assignmentMode"
         if use in (WORKLOAD, LOAD_BALANCER) and self.namespace_selector is not None and (
                 namespace_labels is None
                 or not parse_selector(self.namespace_selector).matches(namespace_labels)):
-            return f"namespaceSelector {self.namespace_selector!r} does not select the namespace"
-        if not self.selects(labels):
-            return f"nodeSelector {self.node_selector!r} does not select the node"
-        return ""
+            return "namespaceSelector"
+        return None if self.selects(labels) else "nodeSelector"
+
+    def why_not(self, use: str, labels: Mapping[str, str],
+                namespace_labels: Mapping[str, str] | None = None) -> str:
+        """Why an automatic assignment for `use` may not take from it, in a few words ("" if
+        it may)."""
+        return {
+            None: "",
+            "disabled": "disabled",
+            "allowedUses": f"allowedUses {','.join(self.allowed_uses)}",
+            "assignmentMode": f"assignmentMode {self.assignment_mode}: only for those naming it",
+            "namespaceSelector": f"namespaceSelector {self.namespace_selector!r} does not select "
+                                 "the namespace",
+            "nodeSelector": f"nodeSelector {self.node_selector!r} does not select the node",
+        }[self._refusal(use, labels, namespace_labels)]
 
 
 def pool_from_spec(name: str, spec: Mapping) -> IPPool:
