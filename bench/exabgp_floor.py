@@ -12,6 +12,7 @@ the same run.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -80,23 +81,18 @@ def _session():
         local_as=ASN(64512), peer_as=ASN(64512), cached_attributes=None, cached_wire=b"")
 
 
-_prepared = False
-
-
+@functools.cache
 def _prepare() -> None:
     """ExaBGP's logger as its start-up sets it, and pipit-exabgp's changes (its reactor's and
     fan-out's, as `pipit-exabgp` installs them), once."""
-    global _prepared
-    if not _prepared:
-        from exabgp.environment import getenv
-        from exabgp.logger import log
+    from exabgp.environment import getenv
+    from exabgp.logger import log
 
-        from bgp_agent import exabgp_fanout, exabgp_reactor
-        log.init(getenv())
-        for problem in (exabgp_reactor.apply(), exabgp_fanout.apply()):
-            if problem:
-                raise RuntimeError(f"pipit-exabgp's changes do not apply: {problem}")
-        _prepared = True
+    from bgp_agent import exabgp_fanout, exabgp_reactor
+    log.init(getenv())
+    for problem in (exabgp_reactor.apply(), exabgp_fanout.apply()):
+        if problem:
+            raise RuntimeError(f"pipit-exabgp's changes do not apply: {problem}")
 
 
 def measure(base: Sequence[Sequence[IPv4Network]], next_hops: Sequence[IPv4Address],

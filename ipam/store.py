@@ -15,8 +15,9 @@ import json
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import aetcd
@@ -27,6 +28,7 @@ from ipam.errors import DatastoreUnavailable, InvalidResource
 from ipam.metrics import ETCD_TRANSACTIONS, ETCD_UNAVAILABLE
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_ENDPOINTS = "http://127.0.0.1:2379"
 ENV_ENDPOINTS = "PIPIT_ETCD_ENDPOINTS"
@@ -356,9 +358,8 @@ def _reason(error: grpc.aio.AioRpcError, timeout: float) -> str:
 
 async def _probe(config: EtcdConfig, endpoint: str) -> str:
     """Why `endpoint` alone does not answer (or that it does now)."""
-    alone = EtcdConfig((endpoint,), config.ca_file, config.cert_file, config.key_file,
-                       min(config.timeout, PROBE_TIMEOUT))
-    client = _Client(replace(alone, username=config.username, password=config.password))
+    alone = replace(config, endpoints=(endpoint,), timeout=min(config.timeout, PROBE_TIMEOUT))
+    client = _Client(alone)
     try:
         await client.connect()
         await client.authenticate()
@@ -439,16 +440,8 @@ class Store:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
-            if self.config.username:  # (most clusters' etcd has none: not a step for them)
-                await self._client.authenticate()
-            token = self._client.token
-            try:
-                return await self._call_groups(method, request, service, deadline)
-            except grpc.aio.AioRpcError as error:
-                if not _token_refused(error, self.config):
-                    raise
-            await self._client.authenticate(stale=token)  # and once more with a new one
-            return await self._call_groups(method, request, service, deadline)
+            return await self._with_token(
+                lambda: self._call_groups(method, request, service, deadline))
         except grpc.aio.AioRpcError as error:
             failure = await self._unavailable(error, timeout)
             failure.maybe_written = (writes and not _never_sent(error)
@@ -460,6 +453,21 @@ class Store:
                 f"etcd at {self.config.describe()} did not answer within {timeout:g} s.")
             failure.maybe_written = writes
         raise failure
+
+    async def _with_token(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """attempt(), carrying the user's token (none without a user); once more with a new
+        token if etcd refused that one (_token_refused)."""
+        if not self.config.username:  # most clusters' etcd: not a step for them
+            return await attempt()
+        await self._client.authenticate()
+        token = self._client.token
+        try:
+            return await attempt()
+        except grpc.aio.AioRpcError as error:
+            if not _token_refused(error, self.config):
+                raise
+        await self._client.authenticate(stale=token)
+        return await attempt()
 
     async def _call_groups(self, method: str, request, service: str, deadline: float):
         """The call on each group of endpoints in turn until one answers (or refuses)."""
@@ -654,15 +662,7 @@ class Store:
         """Renew a lease: the seconds it has again, 0 if it has lapsed (its keys are gone)."""
         await self._client.connect()
         try:
-            await self._client.authenticate()
-            token = self._client.token
-            try:
-                return await self._keep_alive(lease)
-            except grpc.aio.AioRpcError as error:
-                if not _token_refused(error, self.config):
-                    raise
-            await self._client.authenticate(stale=token)
-            return await self._keep_alive(lease)
+            return await self._with_token(lambda: self._keep_alive(lease))
         except grpc.aio.AioRpcError as error:
             raise await self._unavailable(error) from None
 
